@@ -1,0 +1,179 @@
+//! A store's summary from its manifests: scenes, levels, patches, class balance per task.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use arrow_array::{
+    Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
+};
+use icefm_schemas::Task;
+use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
+use icefm_schemas::store::MANIFESTS_DIR;
+
+use crate::error::StoreError;
+use crate::manifest::read_parquet;
+use crate::store::Store;
+
+/// One scene as listed by `inspect`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SceneSummary {
+    /// Scene id.
+    pub scene_id: String,
+    /// `raw` / `rtt`.
+    pub kind: String,
+    /// Native rows × columns.
+    pub shape: (u32, u32),
+    /// Valid HH share of native pixels.
+    pub valid_fraction: f64,
+    /// Codes outside the tables.
+    pub unknown_codes: u32,
+}
+
+/// Summary of a store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreSummary {
+    /// Scenes, by id.
+    pub scenes: Vec<SceneSummary>,
+    /// Level name → (patches, patches with valid fraction ≥ 0.5).
+    pub patches_per_level: BTreeMap<String, (u64, u64)>,
+    /// Native class pixel counts per task, summed over scenes (classes, then 255).
+    pub class_pixels: [Vec<u64>; 3],
+    /// Level names in store order.
+    pub levels: Vec<String>,
+    /// Patch edge.
+    pub patch: u32,
+}
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T, StoreError> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            StoreError::parquet(path, format!("column {name} missing or of another type"))
+        })
+}
+
+/// Read a store's summary.
+pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
+    let store = Store::open(store_path)?;
+    let mut s = StoreSummary {
+        class_pixels: Task::ALL.map(|t| vec![0; t.hist_len()]),
+        levels: store.attrs.levels.iter().map(|l| l.name()).collect(),
+        patch: store.attrs.patch,
+        ..Default::default()
+    };
+    let dir = store_path.join(MANIFESTS_DIR);
+    let scenes_path = dir.join(SCENES_FILE);
+    if !scenes_path.exists() {
+        return Ok(s);
+    }
+    for b in read_parquet(&scenes_path)? {
+        let id: &StringArray = col(&b, "scene_id", &scenes_path)?;
+        let kind: &StringArray = col(&b, "kind", &scenes_path)?;
+        let h: &UInt32Array = col(&b, "height", &scenes_path)?;
+        let w: &UInt32Array = col(&b, "width", &scenes_path)?;
+        let valid: &UInt64Array = col(&b, "valid_pixels", &scenes_path)?;
+        let unknown: &UInt32Array = col(&b, "unknown_code_count", &scenes_path)?;
+        for i in 0..b.num_rows() {
+            let px = f64::from(h.value(i)) * f64::from(w.value(i));
+            s.scenes.push(SceneSummary {
+                scene_id: id.value(i).to_string(),
+                kind: kind.value(i).to_string(),
+                shape: (h.value(i), w.value(i)),
+                valid_fraction: valid.value(i) as f64 / px.max(1.0),
+                unknown_codes: unknown.value(i),
+            });
+        }
+        for t in Task::ALL {
+            let name = icefm_schemas::manifest::hist_column(t, "pixels");
+            let l: &FixedSizeListArray = col(&b, &name, &scenes_path)?;
+            let vals = l
+                .values()
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .ok_or_else(|| {
+                    StoreError::parquet(&scenes_path, format!("{name} is not a list of u64"))
+                })?;
+            let n = t.hist_len();
+            for i in 0..b.num_rows() {
+                for k in 0..n {
+                    s.class_pixels[t.channel()][k] += vals.value(i * n + k);
+                }
+            }
+        }
+    }
+    let patches_path = dir.join(PATCHES_FILE);
+    for b in read_parquet(&patches_path)? {
+        let level: &StringArray = col(&b, "level", &patches_path)?;
+        let vf: &Float32Array = col(&b, "valid_fraction", &patches_path)?;
+        for i in 0..b.num_rows() {
+            let e = s
+                .patches_per_level
+                .entry(level.value(i).to_string())
+                .or_default();
+            e.0 += 1;
+            if vf.value(i) >= 0.5 {
+                e.1 += 1;
+            }
+        }
+    }
+    Ok(s)
+}
+
+impl StoreSummary {
+    /// Human-readable report.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "{} scene(s); levels {}; patch {} px",
+            self.scenes.len(),
+            self.levels.join(", "),
+            self.patch
+        );
+        let _ = writeln!(
+            o,
+            "\nscene                      kind  native shape    valid HH  unknown codes"
+        );
+        for sc in &self.scenes {
+            let _ = writeln!(
+                o,
+                "{:<26} {:<5} {:>6} x {:<6} {:>7.1}%  {}",
+                sc.scene_id,
+                sc.kind,
+                sc.shape.0,
+                sc.shape.1,
+                100.0 * sc.valid_fraction,
+                sc.unknown_codes
+            );
+        }
+        let _ = writeln!(o, "\nlevel    patches  with >= 50% valid SAR");
+        let mut levels: Vec<_> = self.patches_per_level.iter().collect();
+        levels.sort_by_key(|(l, _)| l.trim_end_matches('m').parse::<u32>().unwrap_or(u32::MAX));
+        for (l, (n, good)) in levels {
+            let _ = writeln!(o, "{l:<8} {n:>7}  {good:>7}");
+        }
+        for t in Task::ALL {
+            let h = &self.class_pixels[t.channel()];
+            let total: u64 = h.iter().sum();
+            let valid: u64 = h[..t.n_classes()].iter().sum();
+            let _ = writeln!(
+                o,
+                "\n{} class balance (native pixels; {:.1}% of {} are 255):",
+                t.name(),
+                100.0 * h[t.n_classes()] as f64 / total.max(1) as f64,
+                total
+            );
+            for (k, name) in t.class_names().iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "  {k:>2} {name:<12} {:>12} {:>6.2}%{}",
+                    h[k],
+                    100.0 * h[k] as f64 / valid.max(1) as f64,
+                    if h[k] == 0 { "  (missing)" } else { "" }
+                );
+            }
+        }
+        o
+    }
+}

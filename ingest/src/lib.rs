@@ -1,0 +1,15 @@
+//! Ingest of AI4Arctic NetCDF scenes into the icefm Zarr v3 patch store with Parquet manifests.
+
+pub mod error;
+pub mod inspect;
+pub mod labels;
+pub mod manifest;
+pub mod names;
+pub mod netcdf_thread;
+pub mod pipeline;
+pub mod quicklook;
+pub mod reader;
+pub mod resample;
+pub mod store;
+
+pub use error::{IngestError, SceneError, StoreError};

@@ -1,0 +1,124 @@
+//! Scene identity from AI4Arctic file names and attributes.
+//!
+//! Raw: `S1A_EW_GRDM_1SDH_<start>_<stop>_<orbit>_<datatake>_<uid>_icechart_<dmi|cis>_…nc`;
+//! RTT: `<YYYYMMDDTHHMMSS>_<dmi|cis>_prep.nc`. Both map to the scene id `<start>_<service>`.
+
+/// Identity of a scene parsed from a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SceneName {
+    /// `20180124T194759_dmi`.
+    pub scene_id: String,
+    /// `dmi` or `cis`.
+    pub service: String,
+    /// `20180124T194759`.
+    pub start: String,
+    /// `S1A` / `S1B`, raw names only.
+    pub satellite: Option<String>,
+}
+
+fn is_timestamp(s: &str) -> bool {
+    s.len() == 15
+        && s.as_bytes()[8] == b'T'
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| i == 8 || b.is_ascii_digit())
+}
+
+/// Parse a raw (`S1…_icechart_<svc>_…`) or RTT (`<time>_<svc>[_prep…]`) name or a scene id;
+/// directories and `.nc` are ignored.
+pub fn parse_scene_name(name: &str) -> Option<SceneName> {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let stem = base.strip_suffix(".nc").unwrap_or(base);
+    let parts: Vec<&str> = stem.split('_').collect();
+    if parts.len() >= 11 && parts[0].starts_with("S1") && parts[9] == "icechart" {
+        let start = parts[4];
+        let service = parts[10].to_lowercase();
+        if is_timestamp(start) {
+            return Some(SceneName {
+                scene_id: format!("{start}_{service}"),
+                service,
+                start: start.to_string(),
+                satellite: Some(parts[0].to_string()),
+            });
+        }
+    }
+    if parts.len() >= 2 && is_timestamp(parts[0]) {
+        let service = parts[1].to_lowercase();
+        if service.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Some(SceneName {
+                scene_id: format!("{}_{service}", parts[0]),
+                service,
+                start: parts[0].to_string(),
+                satellite: None,
+            });
+        }
+    }
+    None
+}
+
+/// Microseconds since the Unix epoch of a `YYYYMMDDTHHMMSS` UTC timestamp.
+pub fn timestamp_micros(s: &str) -> Option<i64> {
+    if !is_timestamp(s) {
+        return None;
+    }
+    let n = |a: usize, b: usize| s[a..b].parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (
+        n(0, 4)?,
+        n(4, 6)?,
+        n(6, 8)?,
+        n(9, 11)?,
+        n(11, 13)?,
+        n(13, 15)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days from civil (proleptic Gregorian), H. Hinnant's algorithm.
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 3600 + mi * 60 + se) * 1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_and_rtt_names_map_to_one_id() {
+        let raw = "S1A_EW_GRDM_1SDH_20180124T194759_20180124T194859_020301_022AA4_1F75_icechart_dmi_201801241950_SouthEast_RIC.nc";
+        let r = parse_scene_name(raw).unwrap();
+        assert_eq!(r.scene_id, "20180124T194759_dmi");
+        assert_eq!(r.satellite.as_deref(), Some("S1A"));
+        // The reference's rule: characters 17..32 and 77..80 of the raw name.
+        assert_eq!(format!("{}_{}", &raw[17..32], &raw[77..80]), r.scene_id);
+        let t = parse_scene_name("/data/20180124T194759_dmi_prep.nc").unwrap();
+        assert_eq!(t.scene_id, r.scene_id);
+        assert_eq!(t.satellite, None);
+        assert_eq!(
+            parse_scene_name("20180124T194759_dmi").unwrap().scene_id,
+            r.scene_id
+        );
+        let cis = "S1B_EW_GRDM_1SDH_20190430T101830_20190430T101930_027018_030AD3_9C47_icechart_cis_SGRDIEA_20190430T1020Z_pl_a.nc";
+        assert_eq!(
+            parse_scene_name(cis).unwrap().scene_id,
+            "20190430T101830_cis"
+        );
+        assert_eq!(parse_scene_name("scene.nc"), None);
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp_micros("19700101T000000"), Some(0));
+        // 2018-01-24T19:47:59Z = 1516823279 s.
+        assert_eq!(
+            timestamp_micros("20180124T194759"),
+            Some(1_516_823_279_000_000)
+        );
+        assert_eq!(timestamp_micros("20181324T194759"), None);
+    }
+}

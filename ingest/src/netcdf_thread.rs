@@ -1,0 +1,63 @@
+//! All netCDF-C/HDF5 calls of the process run on one dedicated thread.
+//!
+//! netCDF-C and HDF5 are not thread-safe: the netcdf crate serialises calls behind a lock, but
+//! HDF5 keeps per-thread state (its error-stack printing is switched off only on the thread that
+//! initialised the library, so calls from other threads print diagnostic stacks). One thread
+//! loses no throughput — calls are serialised anyway — and scenes still interleave band by band,
+//! so one scene's reading overlaps the others' resampling, compression and writing.
+
+use std::sync::OnceLock;
+
+use crossbeam_channel::{Sender, bounded, unbounded};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+fn sender() -> &'static Sender<Job> {
+    static SENDER: OnceLock<Sender<Job>> = OnceLock::new();
+    SENDER.get_or_init(|| {
+        let (tx, rx) = unbounded::<Job>();
+        std::thread::Builder::new()
+            .name("netcdf".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("cannot start the netCDF thread: {e}"));
+        tx
+    })
+}
+
+/// Run `f` on the netCDF thread and wait for its result. Use it for every call into the netcdf
+/// crate, including opening, closing (dropping) and creating files.
+pub fn on_netcdf_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = bounded(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    if sender().send(job).is_err() {
+        panic!("the netCDF thread has stopped");
+    }
+    match rx.recv() {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("the netCDF thread has stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_jobs_on_one_named_thread_and_returns_results() {
+        let a = on_netcdf_thread(|| std::thread::current().id());
+        let b = std::thread::spawn(|| on_netcdf_thread(|| std::thread::current().id()))
+            .join()
+            .unwrap_or_else(|_| panic!("join"));
+        assert_eq!(a, b);
+        assert_ne!(a, std::thread::current().id());
+        assert_eq!(on_netcdf_thread(|| 6 * 7), 42);
+    }
+}

@@ -1,0 +1,664 @@
+//! Quicklook PNG of one scene: HH, HV, SIC, SOD and FLOE side by side, each with a title, the
+//! label panels with a legend, under a header line naming the scene and level.
+//!
+//! The machines that run icefm have no fonts, so text is drawn with an embedded 5×7 bitmap font
+//! (printable ASCII, with descenders) at twice its size.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::ops::Range;
+use std::path::Path;
+
+use icefm_schemas::store::SCENES_GROUP;
+use icefm_schemas::{IGNORE, Level, Task};
+
+use crate::error::StoreError;
+use crate::store::{Store, array_shape, read_f32, read_u8};
+
+/// Default [`QuicklookOptions::max_width`], pixels.
+pub const DEFAULT_MAX_WIDTH: usize = 600;
+/// HH grey scale: dB drawn black and white.
+pub const HH_DB_RANGE: (f32, f32) = (-30.0, 0.0);
+/// HV grey scale: dB drawn black and white (HV is ~10 dB darker than HH over ice).
+pub const HV_DB_RANGE: (f32, f32) = (-35.0, -10.0);
+
+/// Options of a quicklook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicklookOptions {
+    /// Greatest width of one panel, pixels: the level is subsampled (nearest, every `stride`-th
+    /// pixel) with the smallest whole stride that makes a panel at most this wide.
+    pub max_width: usize,
+}
+
+impl Default for QuicklookOptions {
+    fn default() -> Self {
+        Self {
+            max_width: DEFAULT_MAX_WIDTH,
+        }
+    }
+}
+
+/// Render the quicklook of `scene_id` at `level` from the store at `store` into the PNG file
+/// `out`. Returns (image width, image height).
+pub fn write_quicklook(
+    store: &Path,
+    scene_id: &str,
+    level: Level,
+    out: &Path,
+    options: &QuicklookOptions,
+) -> Result<(usize, usize), StoreError> {
+    let opened = Store::open(store)?;
+    let level_node = format!("/{SCENES_GROUP}/{scene_id}/{}", level.name());
+    let sar_node = format!("{level_node}/sar");
+    let labels_node = format!("{level_node}/labels");
+    let sar_shape = array_shape(store, &sar_node)?;
+    let labels_shape = array_shape(store, &labels_node)?;
+    let (height, width) = match (sar_shape.as_slice(), labels_shape.as_slice()) {
+        ([2, h, w], [3, lh, lw]) if (h, w) == (lh, lw) => (*h, *w),
+        _ => {
+            return Err(StoreError::Incompatible {
+                path: store.join(level_node.trim_start_matches('/')),
+                reason: format!(
+                    "expected sar [2, H, W] and labels [3, H, W], found {sar_shape:?} and {labels_shape:?}"
+                ),
+            });
+        }
+    };
+    let stride = stride_for(width as usize, options.max_width);
+    // Read one shard row (patch rows) at a time: memory stays bounded and no shard is decoded
+    // twice.
+    let band = u64::from(opened.attrs.patch);
+    let node_path = store.join(level_node.trim_start_matches('/'));
+    let mut raster = SceneRaster::empty((width as usize).div_ceil(stride));
+    for rows in read_bands(height, band, stride as u64) {
+        let n = (rows.end - rows.start) as usize;
+        let sar = read_f32(store, &sar_node, [0..2, rows.clone(), 0..width])?;
+        let labels = read_u8(store, &labels_node, [0..3, rows, 0..width])?;
+        let rows = SceneRaster::from_planes(n, width as usize, sar, labels)
+            .map_err(|reason| StoreError::zarr(&node_path, reason))?;
+        raster.append(rows.subsample(stride));
+    }
+    let header = format!("{scene_id}  {level}  {width}x{height} px, stride {stride}");
+    let canvas = render(&header, &raster);
+    write_png(out, &canvas)?;
+    Ok((canvas.width, canvas.height))
+}
+
+/// Colour of a class of a task (RGB); [`IGNORE`] and any value out of the task's range give a
+/// neutral dark grey. SIC is a ramp from dark blue (0 %) to white (100 %); SOD and FLOE have
+/// qualitative palettes (SOD after the WMO stage colours) sharing the dark blue of open water.
+pub fn class_colour(task: Task, class: u8) -> [u8; 3] {
+    const OPEN_WATER: [u8; 3] = [16, 40, 120];
+    #[rustfmt::skip]
+    const SOD: [[u8; 3]; 6] =
+        [OPEN_WATER, [240, 150, 230], [150, 60, 220], [70, 190, 60], [240, 220, 40], [150, 80, 30]];
+    #[rustfmt::skip]
+    const FLOE: [[u8; 3]; 7] = [
+        OPEN_WATER, [255, 127, 14], [214, 39, 40], [44, 160, 44], [148, 103, 189], [227, 119, 194],
+        [188, 189, 34],
+    ];
+    let k = usize::from(class);
+    if k >= task.n_classes() {
+        return IGNORE_COLOUR;
+    }
+    match task {
+        Task::Sic => {
+            let t = k as f32 / (task.n_classes() - 1) as f32;
+            OPEN_WATER.map(|c| (f32::from(c) + t * (255.0 - f32::from(c))).round() as u8)
+        }
+        Task::Sod => SOD[k],
+        Task::Floe => FLOE[k],
+    }
+}
+
+/// Map dB to grey: `lo` and below black, `hi` and above white, linear between; NaN → black.
+/// Quicklooks use [`HH_DB_RANGE`] for HH and [`HV_DB_RANGE`] for HV.
+pub fn db_to_grey(db: f32, lo: f32, hi: f32) -> u8 {
+    if db.is_nan() {
+        return 0;
+    }
+    (((db - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8
+}
+
+/// Colour of [`IGNORE`] labels.
+const IGNORE_COLOUR: [u8; 3] = [64, 64, 64];
+const WHITE: [u8; 3] = [255, 255, 255];
+const BLACK: [u8; 3] = [0, 0, 0];
+/// Frame around each panel, so white (SIC 100 %) stays visible on the white background.
+const FRAME_COLOUR: [u8; 3] = [128, 128, 128];
+const TITLES: [&str; 5] = ["HH (dB)", "HV (dB)", "SIC", "SOD", "FLOE"];
+
+/// Text is drawn at this multiple of the font's size.
+const TEXT_SCALE: usize = 2;
+/// Horizontal distance between glyph origins: 5 columns and 1 blank.
+const ADVANCE: usize = 6 * TEXT_SCALE;
+/// Height of drawn text, descenders included.
+const TEXT_HEIGHT: usize = 8 * TEXT_SCALE;
+/// Line height: 8 rows and 1 blank.
+const LINE_HEIGHT: usize = 9 * TEXT_SCALE;
+const MARGIN: usize = 16;
+const COLUMN_GAP: usize = 24;
+/// Legend swatches are as tall as capitals.
+const SWATCH: usize = 7 * TEXT_SCALE;
+const SWATCH_GAP: usize = 8;
+const LEGEND_ROW: usize = LINE_HEIGHT + 4;
+
+/// The font for ' ' (0x20) to '~' (0x7E), 5×7 glyphs (Hitachi HD44780 shapes) in 5×8 cells whose
+/// last row takes descenders: one u64 a glyph, its highest byte the top row; in each row bit 4
+/// is the left column.
+#[rustfmt::skip]
+const FONT: [u64; 95] = [
+    0x00_00_00_00_00_00_00_00, 0x04_04_04_04_00_00_04_00, 0x0A_0A_0A_00_00_00_00_00, //   ! "
+    0x0A_0A_1F_0A_1F_0A_0A_00, 0x04_0F_14_0E_05_1E_04_00, 0x18_19_02_04_08_13_03_00, // # $ %
+    0x0C_12_14_08_15_12_0D_00, 0x0C_04_08_00_00_00_00_00, 0x02_04_08_08_08_04_02_00, // & ' (
+    0x08_04_02_02_02_04_08_00, 0x00_04_15_0E_15_04_00_00, 0x00_04_04_1F_04_04_00_00, // ) * +
+    0x00_00_00_00_00_0C_04_08, 0x00_00_00_1F_00_00_00_00, 0x00_00_00_00_00_0C_0C_00, // , - .
+    0x00_01_02_04_08_10_00_00, 0x0E_11_13_15_19_11_0E_00, 0x04_0C_04_04_04_04_0E_00, // / 0 1
+    0x0E_11_01_02_04_08_1F_00, 0x1F_02_04_02_01_11_0E_00, 0x02_06_0A_12_1F_02_02_00, // 2 3 4
+    0x1F_10_1E_01_01_11_0E_00, 0x06_08_10_1E_11_11_0E_00, 0x1F_01_02_04_08_08_08_00, // 5 6 7
+    0x0E_11_11_0E_11_11_0E_00, 0x0E_11_11_0F_01_02_0C_00, 0x00_0C_0C_00_0C_0C_00_00, // 8 9 :
+    0x00_0C_0C_00_0C_04_08_00, 0x02_04_08_10_08_04_02_00, 0x00_00_1F_00_1F_00_00_00, // ; < =
+    0x08_04_02_01_02_04_08_00, 0x0E_11_01_02_04_00_04_00, 0x0E_11_01_0D_15_15_0E_00, // > ? @
+    0x0E_11_11_11_1F_11_11_00, 0x1E_11_11_1E_11_11_1E_00, 0x0E_11_10_10_10_11_0E_00, // A B C
+    0x1C_12_11_11_11_12_1C_00, 0x1F_10_10_1E_10_10_1F_00, 0x1F_10_10_1E_10_10_10_00, // D E F
+    0x0E_11_10_17_11_11_0F_00, 0x11_11_11_1F_11_11_11_00, 0x0E_04_04_04_04_04_0E_00, // G H I
+    0x07_02_02_02_02_12_0C_00, 0x11_12_14_18_14_12_11_00, 0x10_10_10_10_10_10_1F_00, // J K L
+    0x11_1B_15_15_11_11_11_00, 0x11_11_19_15_13_11_11_00, 0x0E_11_11_11_11_11_0E_00, // M N O
+    0x1E_11_11_1E_10_10_10_00, 0x0E_11_11_11_15_12_0D_00, 0x1E_11_11_1E_14_12_11_00, // P Q R
+    0x0F_10_10_0E_01_01_1E_00, 0x1F_04_04_04_04_04_04_00, 0x11_11_11_11_11_11_0E_00, // S T U
+    0x11_11_11_11_11_0A_04_00, 0x11_11_11_15_15_15_0A_00, 0x11_11_0A_04_0A_11_11_00, // V W X
+    0x11_11_11_0A_04_04_04_00, 0x1F_01_02_04_08_10_1F_00, 0x0E_08_08_08_08_08_0E_00, // Y Z [
+    0x00_10_08_04_02_01_00_00, 0x0E_02_02_02_02_02_0E_00, 0x04_0A_11_00_00_00_00_00, // \ ] ^
+    0x00_00_00_00_00_00_1F_00, 0x08_04_02_00_00_00_00_00, 0x00_00_0E_01_0F_11_0F_00, // _ ` a
+    0x10_10_16_19_11_11_1E_00, 0x00_00_0E_10_10_11_0E_00, 0x01_01_0D_13_11_11_0F_00, // b c d
+    0x00_00_0E_11_1F_10_0E_00, 0x06_09_08_1C_08_08_08_00, 0x00_00_0F_11_11_0F_01_0E, // e f g
+    0x10_10_16_19_11_11_11_00, 0x04_00_0C_04_04_04_0E_00, 0x02_00_06_02_02_02_12_0C, // h i j
+    0x10_10_12_14_18_14_12_00, 0x0C_04_04_04_04_04_0E_00, 0x00_00_1A_15_15_11_11_00, // k l m
+    0x00_00_16_19_11_11_11_00, 0x00_00_0E_11_11_11_0E_00, 0x00_00_1E_11_11_1E_10_10, // n o p
+    0x00_00_0F_11_11_0F_01_01, 0x00_00_16_19_10_10_10_00, 0x00_00_0E_10_0E_01_1E_00, // q r s
+    0x08_08_1C_08_08_09_06_00, 0x00_00_11_11_11_13_0D_00, 0x00_00_11_11_11_0A_04_00, // t u v
+    0x00_00_11_11_15_15_0A_00, 0x00_00_11_0A_04_0A_11_00, 0x00_00_11_11_11_0F_01_0E, // w x y
+    0x00_00_1F_02_04_08_1F_00, 0x02_04_04_08_04_04_02_00, 0x04_04_04_04_04_04_04_00, // z { |
+    0x08_04_04_02_04_04_08_00, 0x00_00_08_15_02_00_00_00, // } ~
+];
+
+/// The glyph of `c`; '?' for characters outside printable ASCII.
+fn glyph(c: char) -> u64 {
+    let question_mark = FONT[usize::from(b'?') - 0x20];
+    FONT.get((c as usize).wrapping_sub(0x20))
+        .copied()
+        .unwrap_or(question_mark)
+}
+
+/// Width in pixels of `text` drawn by [`Canvas::text`] (no blank after the last glyph).
+fn text_width(text: &str) -> usize {
+    (text.chars().count() * ADVANCE).saturating_sub(TEXT_SCALE)
+}
+
+/// The panels' inputs: HH and HV in dB and the three label planes (label-channel order), each
+/// `height × width`, row-major.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SceneRaster {
+    height: usize,
+    width: usize,
+    sar: [Vec<f32>; 2],
+    labels: [Vec<u8>; 3],
+}
+
+impl SceneRaster {
+    /// No rows yet, `width` columns.
+    fn empty(width: usize) -> Self {
+        Self {
+            width,
+            ..Self::default()
+        }
+    }
+
+    /// Split a `sar [2, H, W]` and a `labels [3, H, W]` read into planes.
+    fn from_planes(
+        height: usize,
+        width: usize,
+        sar: Vec<f32>,
+        labels: Vec<u8>,
+    ) -> Result<Self, String> {
+        let plane = height * width;
+        if sar.len() != 2 * plane || labels.len() != 3 * plane {
+            return Err(format!(
+                "read {} sar and {} label values for {height} x {width} pixels",
+                sar.len(),
+                labels.len()
+            ));
+        }
+        fn split<T: Copy, const N: usize>(v: &[T], plane: usize) -> [Vec<T>; N] {
+            std::array::from_fn(|c| v[c * plane..(c + 1) * plane].to_vec())
+        }
+        let (sar, labels) = (split(&sar, plane), split(&labels, plane));
+        Ok(Self {
+            height,
+            width,
+            sar,
+            labels,
+        })
+    }
+
+    /// Every `stride`-th row and column, starting with the first.
+    fn subsample(&self, stride: usize) -> Self {
+        let stride = stride.max(1);
+        let mut kept = vec![];
+        for y in (0..self.height).step_by(stride) {
+            kept.extend((0..self.width).step_by(stride).map(|x| y * self.width + x));
+        }
+        fn pick<T: Copy>(plane: &[T], kept: &[usize]) -> Vec<T> {
+            kept.iter().map(|&i| plane[i]).collect()
+        }
+        Self {
+            height: self.height.div_ceil(stride),
+            width: self.width.div_ceil(stride),
+            sar: self.sar.each_ref().map(|plane| pick(plane, &kept)),
+            labels: self.labels.each_ref().map(|plane| pick(plane, &kept)),
+        }
+    }
+
+    /// Append the rows of `below` (same width).
+    fn append(&mut self, below: Self) {
+        self.height += below.height;
+        for (plane, more) in self.sar.iter_mut().zip(below.sar) {
+            plane.extend(more);
+        }
+        for (plane, more) in self.labels.iter_mut().zip(below.labels) {
+            plane.extend(more);
+        }
+    }
+}
+
+/// Row ranges to read of a level `height` rows high in bands of `band` rows: each band from its
+/// first row that is a multiple of `stride`; bands without such a row are left out.
+fn read_bands(height: u64, band: u64, stride: u64) -> impl Iterator<Item = Range<u64>> {
+    let band = band.max(1);
+    (0..height.div_ceil(band)).filter_map(move |b| {
+        let (y0, y1) = (b * band, ((b + 1) * band).min(height));
+        let first = y0.div_ceil(stride) * stride;
+        (first < y1).then_some(first..y1)
+    })
+}
+
+/// Smallest stride that makes `width` at most `max_width` (at least 1).
+fn stride_for(width: usize, max_width: usize) -> usize {
+    width.div_ceil(max_width.max(1)).max(1)
+}
+
+/// Legend entries of a task: (class value, "value name"), then the ignore value.
+fn legend_entries(task: Task) -> Vec<(u8, String)> {
+    (0u8..)
+        .zip(task.class_names())
+        .map(|(k, name)| (k, format!("{k} {name}")))
+        .chain(std::iter::once((IGNORE, format!("{IGNORE} ignore"))))
+        .collect()
+}
+
+/// Where everything goes, for panels of `panel_width × panel_height`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    panel_width: usize,
+    panel_height: usize,
+    /// Left edge of each column's title, panel and legend.
+    column_x: [usize; 5],
+    title_y: usize,
+    panel_y: usize,
+    legend_y: usize,
+    width: usize,
+    height: usize,
+}
+
+impl Layout {
+    fn new(panel_width: usize, panel_height: usize, header: &str) -> Self {
+        let legend_width = Task::ALL
+            .iter()
+            .flat_map(|&t| legend_entries(t))
+            .map(|(_, label)| SWATCH + SWATCH_GAP + text_width(&label))
+            .max()
+            .unwrap_or(0);
+        let title_width = TITLES.iter().map(|t| text_width(t)).max().unwrap_or(0);
+        let column_width = panel_width.max(legend_width).max(title_width);
+        let column_x = std::array::from_fn(|i| MARGIN + i * (column_width + COLUMN_GAP));
+        // One legend row per class and one for 255, as many as histogram bins.
+        let legend_rows = Task::ALL.map(Task::hist_len).into_iter().max().unwrap_or(0);
+        let title_y = MARGIN + LINE_HEIGHT + 12;
+        let panel_y = title_y + TEXT_HEIGHT + 6;
+        let legend_y = panel_y + panel_height + 12;
+        let width =
+            (2 * MARGIN + 5 * column_width + 4 * COLUMN_GAP).max(2 * MARGIN + text_width(header));
+        let height = legend_y + legend_rows * LEGEND_ROW - (LEGEND_ROW - SWATCH) + MARGIN;
+        Self {
+            panel_width,
+            panel_height,
+            column_x,
+            title_y,
+            panel_y,
+            legend_y,
+            width,
+            height,
+        }
+    }
+}
+
+/// An RGB image, row-major, 3 bytes a pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Canvas {
+    width: usize,
+    height: usize,
+    rgb: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(width: usize, height: usize, colour: [u8; 3]) -> Self {
+        Self {
+            width,
+            height,
+            rgb: colour.repeat(width * height),
+        }
+    }
+
+    /// Set one pixel; pixels outside the canvas are dropped.
+    fn set(&mut self, x: usize, y: usize, colour: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let i = 3 * (y * self.width + x);
+            self.rgb[i..i + 3].copy_from_slice(&colour);
+        }
+    }
+
+    #[cfg(test)]
+    fn get(&self, x: usize, y: usize) -> [u8; 3] {
+        let i = 3 * (y * self.width + x);
+        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
+    }
+
+    fn fill_rect(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
+        for yy in y..y + h {
+            for xx in x..x + w {
+                self.set(xx, yy, colour);
+            }
+        }
+    }
+
+    /// Draw `text` with its top-left corner at (x, y).
+    fn text(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) {
+        for (n, c) in text.chars().enumerate() {
+            let g = glyph(c);
+            for row in 0..8 {
+                let bits = (g >> (8 * (7 - row))) & 0x1F;
+                for col in 0..5 {
+                    if bits & (1 << (4 - col)) != 0 {
+                        let (px, py) = (x + n * ADVANCE + col * TEXT_SCALE, y + row * TEXT_SCALE);
+                        self.fill_rect(px, py, TEXT_SCALE, TEXT_SCALE, colour);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Draw the quicklook of `raster` (already at panel resolution) under the line `header`.
+fn render(header: &str, raster: &SceneRaster) -> Canvas {
+    let layout = Layout::new(raster.width, raster.height, header);
+    let mut canvas = Canvas::new(layout.width, layout.height, WHITE);
+    canvas.text(MARGIN, MARGIN, header, BLACK);
+    for (title, &x) in TITLES.iter().zip(&layout.column_x) {
+        canvas.text(x, layout.title_y, title, BLACK);
+        // A 1-pixel frame just outside the panel.
+        let (w, h) = (layout.panel_width + 2, layout.panel_height + 2);
+        canvas.fill_rect(x - 1, layout.panel_y - 1, w, h, FRAME_COLOUR);
+    }
+    let ((hh_lo, hh_hi), (hv_lo, hv_hi)) = (HH_DB_RANGE, HV_DB_RANGE);
+    for y in 0..raster.height {
+        for x in 0..raster.width {
+            let i = y * raster.width + x;
+            let mut put = |column: usize, colour| {
+                canvas.set(layout.column_x[column] + x, layout.panel_y + y, colour);
+            };
+            put(0, [db_to_grey(raster.sar[0][i], hh_lo, hh_hi); 3]);
+            put(1, [db_to_grey(raster.sar[1][i], hv_lo, hv_hi); 3]);
+            for task in Task::ALL {
+                let c = task.channel();
+                put(2 + c, class_colour(task, raster.labels[c][i]));
+            }
+        }
+    }
+    for task in Task::ALL {
+        let x = layout.column_x[2 + task.channel()];
+        for (row, (class, label)) in legend_entries(task).iter().enumerate() {
+            let y = layout.legend_y + row * LEGEND_ROW;
+            canvas.fill_rect(x, y, SWATCH, SWATCH, BLACK);
+            let colour = class_colour(task, *class);
+            canvas.fill_rect(x + 1, y + 1, SWATCH - 2, SWATCH - 2, colour);
+            canvas.text(x + SWATCH + SWATCH_GAP, y, label, BLACK);
+        }
+    }
+    canvas
+}
+
+/// Encode `canvas` as an 8-bit RGB PNG at `path`.
+fn write_png(path: &Path, canvas: &Canvas) -> Result<(), StoreError> {
+    let png_error = |e: png::EncodingError| StoreError::io(path, std::io::Error::other(e));
+    let too_big = |_| StoreError::io(path, std::io::Error::other("image too large for PNG"));
+    let width = u32::try_from(canvas.width).map_err(too_big)?;
+    let height = u32::try_from(canvas.height).map_err(too_big)?;
+    let file = File::create(path).map_err(|e| StoreError::io(path, e))?;
+    let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(png_error)?;
+    writer.write_image_data(&canvas.rgb).map_err(png_error)?;
+    writer.finish().map_err(png_error)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A `height × width` scene: HH ramps left to right across its grey range, HV top to bottom,
+    /// a diagonal pattern of NaN; each label plane cycles through all classes and 255.
+    fn synthetic(height: usize, width: usize) -> SceneRaster {
+        let mut raster = SceneRaster::empty(width);
+        raster.height = height;
+        for (y, x) in (0..height).flat_map(|y| (0..width).map(move |x| (y, x))) {
+            let hh = -32.0 + 34.0 * x as f32 / width as f32;
+            let hh = if (x + y) % 17 == 0 { f32::NAN } else { hh };
+            let hv = -36.0 + 28.0 * y as f32 / height as f32;
+            for (plane, db) in raster.sar.iter_mut().zip([hh, hv]) {
+                plane.push(db);
+            }
+            for task in Task::ALL {
+                let n = task.n_classes();
+                let v = (x / 4 + 3 * (y / 5) + task.channel()) % (n + 1);
+                raster.labels[task.channel()].push(if v == n { IGNORE } else { v as u8 });
+            }
+        }
+        raster
+    }
+
+    #[test]
+    fn class_colours_are_distinct_per_task_and_grey_for_ignore() {
+        for task in Task::ALL {
+            let classes = (0..task.n_classes() as u8).chain([IGNORE]);
+            let colours: Vec<_> = classes.map(|k| class_colour(task, k)).collect();
+            for (i, a) in colours.iter().enumerate() {
+                assert!(!colours[i + 1..].contains(a), "{} class {i}", task.name());
+            }
+            assert_eq!(class_colour(task, IGNORE), [64, 64, 64]);
+            assert_eq!(class_colour(task, task.n_classes() as u8), IGNORE_COLOUR);
+        }
+        // Open water is the same dark blue in every task; SIC 100 % is white.
+        assert_eq!(class_colour(Task::Sod, 0), class_colour(Task::Sic, 0));
+        assert_eq!(class_colour(Task::Floe, 0), class_colour(Task::Sic, 0));
+        assert_eq!(class_colour(Task::Sic, 10), WHITE);
+    }
+
+    #[test]
+    fn db_to_grey_maps_endpoints_clamps_and_blacks_out_nan() {
+        let (lo, hi) = HH_DB_RANGE;
+        let grey = |db| db_to_grey(db, lo, hi);
+        assert_eq!(
+            [-30.0, 0.0, -15.0, -45.0, 12.0].map(grey),
+            [0, 255, 128, 0, 255]
+        );
+        let odd = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+        assert_eq!(odd.map(grey), [255, 0, 0]);
+        let (lo, hi) = HV_DB_RANGE;
+        let grey = |db| db_to_grey(db, lo, hi);
+        assert_eq!([-35.0, -10.0, -22.5].map(grey), [0, 255, 128]);
+    }
+
+    #[test]
+    fn font_glyphs_fit_5_columns_and_only_space_is_blank() {
+        for (c, &g) in (' '..='~').zip(&FONT) {
+            assert_eq!(g & !0x1F_1F_1F_1F_1F_1F_1F_1F, 0, "{c:?} too wide");
+            assert_eq!(g == 0, c == ' ', "{c:?}");
+        }
+        assert_eq!((' '..='~').count(), FONT.len());
+        assert_eq!(glyph('é'), glyph('?'));
+        assert_eq!(glyph('A'), 0x0E_11_11_11_1F_11_11_00);
+    }
+
+    #[test]
+    fn text_is_dark_inside_its_box_and_nowhere_else() {
+        let (x0, y0, text) = (5, 7, "Ab%9 (x)/.-_g");
+        let (xs, ys) = (x0..x0 + text_width(text), y0..y0 + TEXT_HEIGHT);
+        let mut canvas = Canvas::new(xs.end + 10, ys.end + 10, WHITE);
+        canvas.text(x0, y0, text, BLACK);
+        let mut dark = 0;
+        for (y, x) in (0..canvas.height).flat_map(|y| (0..canvas.width).map(move |x| (y, x))) {
+            let px = canvas.get(x, y);
+            assert!(px == WHITE || px == BLACK);
+            if px == BLACK {
+                assert!(xs.contains(&x) && ys.contains(&y), "({x}, {y})");
+                dark += 1;
+            }
+        }
+        assert!(dark > 100, "{dark}");
+        // The box is tight: 'A' reaches its left edge, 'b' its top, 'g' its bottom and right.
+        assert_eq!(canvas.get(x0, y0 + TEXT_HEIGHT / 2), BLACK);
+        assert!(xs.clone().any(|x| canvas.get(x, y0) == BLACK));
+        assert!(xs.clone().any(|x| canvas.get(x, ys.end - 1) == BLACK));
+        assert!(ys.clone().any(|y| canvas.get(xs.end - 1, y) == BLACK));
+        assert_eq!(text_width(""), 0);
+        assert_eq!(text_width("ab"), 2 * ADVANCE - TEXT_SCALE);
+    }
+
+    #[test]
+    fn stride_and_read_bands_follow_max_width_and_shard_rows() {
+        let cases = [(50, 20), (600, 600), (601, 600), (0, 600), (10, 0)];
+        assert_eq!(cases.map(|(w, m)| stride_for(w, m)), [3, 1, 2, 1, 10]);
+        assert_eq!(QuicklookOptions::default().max_width, DEFAULT_MAX_WIDTH);
+        let bands: Vec<_> = read_bands(40, 16, 3).collect();
+        assert_eq!(bands, [0..16, 18..32, 33..40]);
+        // A band holding no sampled row (8..10 with stride 6) is not read.
+        let bands: Vec<_> = read_bands(10, 4, 6).collect();
+        assert_eq!(bands, [0..4, 6..8]);
+        assert_eq!(read_bands(0, 4, 1).count(), 0);
+        assert!(SceneRaster::from_planes(2, 2, vec![0.0; 7], vec![0; 12]).is_err());
+    }
+
+    #[test]
+    fn render_draws_sampled_pixels_titles_and_legends_where_the_layout_says() {
+        let (full, width, stride) = (synthetic(40, 50), 50, 3);
+        let header = "S1A_TEST_scene  200m";
+        let canvas = render(header, &full.subsample(stride));
+        let layout = Layout::new(17, 14, header);
+        assert_eq!((canvas.width, canvas.height), (layout.width, layout.height));
+        assert_eq!(canvas.rgb.len(), 3 * layout.width * layout.height);
+        let ((hh_lo, hh_hi), (hv_lo, hv_hi)) = (HH_DB_RANGE, HV_DB_RANGE);
+        for (py, px) in (0..14).flat_map(|y| (0..17).map(move |x| (y, x))) {
+            let (i, y) = (py * stride * width + px * stride, layout.panel_y + py);
+            let hh = db_to_grey(full.sar[0][i], hh_lo, hh_hi);
+            let hv = db_to_grey(full.sar[1][i], hv_lo, hv_hi);
+            assert_eq!(canvas.get(layout.column_x[0] + px, y), [hh; 3]);
+            assert_eq!(canvas.get(layout.column_x[1] + px, y), [hv; 3]);
+            for task in Task::ALL {
+                let c = task.channel();
+                let want = class_colour(task, full.labels[c][i]);
+                let at = (layout.column_x[2 + c] + px, y);
+                assert_eq!(canvas.get(at.0, at.1), want, "{} {at:?}", task.name());
+            }
+        }
+        for &x in &layout.column_x {
+            assert_eq!(canvas.get(x - 1, layout.panel_y - 1), FRAME_COLOUR);
+            assert_eq!(canvas.get(x + 17, layout.panel_y + 14), FRAME_COLOUR);
+            assert!((0..TEXT_HEIGHT).any(|dy| canvas.get(x, layout.title_y + dy) == BLACK));
+        }
+        for task in Task::ALL {
+            let x = layout.column_x[2 + task.channel()];
+            let entries = legend_entries(task);
+            assert_eq!(entries.len(), task.n_classes() + 1);
+            assert_eq!(entries.last().unwrap(), &(IGNORE, "255 ignore".to_string()));
+            for (row, (class, _)) in entries.iter().enumerate() {
+                let (y, centre) = (layout.legend_y + row * LEGEND_ROW, SWATCH / 2);
+                assert_eq!(canvas.get(x, y), BLACK);
+                assert_eq!(
+                    canvas.get(x + centre, y + centre),
+                    class_colour(task, *class)
+                );
+            }
+        }
+        // The header's 'S' starts its left column in its second row; the bottom margin is blank.
+        assert_eq!(canvas.get(MARGIN, MARGIN + TEXT_SCALE - 1), WHITE);
+        assert_eq!(canvas.get(MARGIN, MARGIN + TEXT_SCALE), BLACK);
+        assert!((0..canvas.width).all(|x| canvas.get(x, canvas.height - 1) == WHITE));
+    }
+
+    /// Write `raster` as scene `s1` at `level` into a new store of 16-pixel patches.
+    fn write_store(path: &Path, raster: &SceneRaster, level: Level) {
+        use zarrs::array::ArraySubset;
+        let codec = icefm_schemas::store::Codec::Zstd { level: 1 };
+        let store = Store::open_or_create(path, crate::store::new_attrs(&[level], 16, codec));
+        let (store, node) = (store.unwrap(), format!("/{SCENES_GROUP}/s1/{level}"));
+        let (h, w) = (raster.height, raster.width);
+        let new = |name: &str, channels: &[&str], float| {
+            let node = format!("{node}/{name}");
+            store.create_level_array(&node, "channel", channels, h, w, float, Default::default())
+        };
+        let all = |c| ArraySubset::new_with_ranges(&[0..c, 0..h as u64, 0..w as u64]);
+        let sar = new("sar", &["HH", "HV"], true).unwrap();
+        sar.store_array_subset(&all(2), &raster.sar.concat()[..])
+            .unwrap();
+        let labels = new("labels", &["SIC", "SOD", "FLOE"], false).unwrap();
+        labels
+            .store_array_subset(&all(3), &raster.labels.concat()[..])
+            .unwrap();
+    }
+
+    #[test]
+    fn write_quicklook_reads_bands_of_the_store_and_writes_the_rendered_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, out) = (dir.path().join("store"), dir.path().join("quicklook.png"));
+        let (full, level) = (synthetic(40, 50), Level::new(200).unwrap());
+        write_store(&store, &full, level);
+        // Stride 3 over bands of 16 rows: the reads start at rows 0, 18 and 33.
+        let options = QuicklookOptions { max_width: 20 };
+        let size = write_quicklook(&store, "s1", level, &out, &options).unwrap();
+        let want = render("s1  200m  50x40 px, stride 3", &full.subsample(3));
+        assert_eq!(size, (want.width, want.height));
+        let file = std::io::BufReader::new(File::open(&out).unwrap());
+        let mut reader = png::Decoder::new(file).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width as usize, info.height as usize), size);
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        assert_eq!(&buf[..info.buffer_size()], &want.rgb[..]);
+        let run =
+            |store: &Path, scene, out: &Path| write_quicklook(store, scene, level, out, &options);
+        let no_scene = run(&store, "nope", &out);
+        assert!(
+            matches!(no_scene, Err(StoreError::Zarr { .. })),
+            "{no_scene:?}"
+        );
+        let no_store = run(dir.path(), "s1", &out);
+        assert!(
+            matches!(no_store, Err(StoreError::Incompatible { .. })),
+            "{no_store:?}"
+        );
+        let no_dir = run(&store, "s1", &dir.path().join("no/such/dir/q.png"));
+        assert!(matches!(no_dir, Err(StoreError::Io { .. })), "{no_dir:?}");
+    }
+}

@@ -1,0 +1,725 @@
+//! Reading AI4Arctic NetCDF scenes (raw 40 m and ready-to-train 80 m) in row bands.
+//!
+//! Every encoding a real file may use is accepted: any storage type (netCDF-C converts), `_FillValue`
+//! / `missing_value`, `scale_factor` / `add_offset`, polygon ids as float32-with-NaN or integers with
+//! a fill value, `polygon_codes` as variable-length strings or a char array, any chunking.
+//! SAR comes out in dB with NaN for invalid, whatever the input (RTT's standard scaling is undone).
+
+use std::path::{Path, PathBuf};
+
+use icefm_schemas::norm::{AMSR2_VARIABLES, ERA5_VARIABLES, mean_std};
+use icefm_schemas::sigrid::PolygonCode;
+use netcdf::types::NcVariableType;
+use netcdf::{AttributeValue, Variable};
+
+use crate::error::SceneError;
+use crate::names::{parse_scene_name, timestamp_micros};
+
+/// Which release a file belongs to, detected from its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// Raw 40 m scene: polygon chart + SIGRID-3 codes (or no chart, as in the raw test files).
+    Raw,
+    /// Ready-to-train 80 m scene: SIC/SOD/FLOE rasters, standard-scaled inputs.
+    Rtt,
+}
+
+impl InputKind {
+    /// `raw` or `rtt`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InputKind::Raw => "raw",
+            InputKind::Rtt => "rtt",
+        }
+    }
+}
+
+/// Tie-point grid of a raw scene (incidence angle at pixel rows/cols).
+#[derive(Debug, Clone)]
+pub struct TiePoints {
+    /// Distinct tie-point rows (ascending).
+    pub lines: Vec<f64>,
+    /// Distinct tie-point columns (ascending).
+    pub samples: Vec<f64>,
+    /// Incidence angle, `[lines.len() * samples.len()]` row-major.
+    pub incidence: Vec<f64>,
+}
+
+impl TiePoints {
+    /// Bilinear incidence angle at a native pixel position (row, col), clamped to the grid.
+    pub fn incidence_at(&self, row: f64, col: f64) -> f64 {
+        let (i, fy) = bracket(&self.lines, row);
+        let (j, fx) = bracket(&self.samples, col);
+        let n = self.samples.len();
+        let v = |a: usize, b: usize| self.incidence[a * n + b];
+        let top = v(i, j) * (1.0 - fx) + v(i, j + 1) * fx;
+        let bot = v(i + 1, j) * (1.0 - fx) + v(i + 1, j + 1) * fx;
+        top * (1.0 - fy) + bot * fy
+    }
+}
+
+fn bracket(axis: &[f64], x: f64) -> (usize, f64) {
+    let last = axis.len() - 2;
+    let i = axis
+        .partition_point(|&a| a <= x)
+        .saturating_sub(1)
+        .min(last);
+    let span = axis[i + 1] - axis[i];
+    let f = if span > 0.0 {
+        ((x - axis[i]) / span).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    (i, f)
+}
+
+/// AMSR2 / ERA5 variables on the 2 km grid, in raw units, NaN for missing.
+#[derive(Debug, Clone, Default)]
+pub struct Grid2km {
+    /// Variable names, in channel order.
+    pub variables: Vec<String>,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// `[variables, height, width]`.
+    pub data: Vec<f32>,
+    /// Native pixels per 2 km cell edge (50 raw, 25 RTT).
+    pub native_pixels_per_cell: usize,
+}
+
+/// Everything about a scene that is read once, before its bands.
+#[derive(Debug, Clone)]
+pub struct SceneInfo {
+    /// Input file.
+    pub path: PathBuf,
+    /// `<YYYYMMDDTHHMMSS>_<service>`, or the file stem if no name parses.
+    pub scene_id: String,
+    /// `dmi` / `cis`.
+    pub service: Option<String>,
+    /// Acquisition start, µs since the epoch (UTC).
+    pub acquired_us: Option<i64>,
+    /// `S1A` / `S1B`.
+    pub satellite: Option<String>,
+    /// Release kind.
+    pub kind: InputKind,
+    /// SAR-grid rows.
+    pub height: usize,
+    /// SAR-grid columns.
+    pub width: usize,
+    /// Ground spacing of the SAR grid in metres (40 raw, 80 RTT).
+    pub native_spacing_m: f64,
+    /// SIGRID-3 code rows (raw scenes with a chart).
+    pub polygons: Vec<PolygonCode>,
+    /// Whether the scene carries a chart at all.
+    pub has_chart: bool,
+    /// Tie points (raw).
+    pub tie_points: Option<TiePoints>,
+    /// The 2 km grids.
+    pub grid2km: Grid2km,
+    /// Rows per band that match the file's chunking.
+    pub band_rows: usize,
+}
+
+/// One band of rows, decoded.
+#[derive(Debug, Clone)]
+pub struct Band {
+    /// First row.
+    pub row0: usize,
+    /// Number of rows.
+    pub rows: usize,
+    /// HH in dB, NaN invalid.
+    pub hh: Vec<f32>,
+    /// HV in dB, NaN invalid.
+    pub hv: Vec<f32>,
+    /// Distance-to-land zone (0 = land), NaN invalid.
+    pub distance: Vec<f32>,
+    /// Incidence angle in degrees (RTT: full-resolution variable; raw: `None`, from tie points).
+    pub incidence: Option<Vec<f32>>,
+    /// Labels of the band.
+    pub labels: BandLabels,
+}
+
+impl Band {
+    /// A copy of rows `[r0, r1)` of the band (`width` columns).
+    pub fn slice_rows(&self, r0: usize, r1: usize, width: usize) -> Band {
+        let sl = |v: &[f32]| v[r0 * width..r1 * width].to_vec();
+        Band {
+            row0: self.row0 + r0,
+            rows: r1 - r0,
+            hh: sl(&self.hh),
+            hv: Vec::new(),
+            distance: Vec::new(),
+            incidence: None,
+            labels: match &self.labels {
+                BandLabels::PolygonIds(ids) => {
+                    BandLabels::PolygonIds(ids[r0 * width..r1 * width].to_vec())
+                }
+                BandLabels::Charts(c) => {
+                    BandLabels::Charts(c.clone().map(|v| v[r0 * width..r1 * width].to_vec()))
+                }
+                BandLabels::None => BandLabels::None,
+            },
+        }
+    }
+}
+
+/// Label information of a band.
+#[derive(Debug, Clone)]
+pub enum BandLabels {
+    /// Raw: polygon id per pixel (NaN = no polygon).
+    PolygonIds(Vec<f64>),
+    /// RTT: SIC, SOD, FLOE rasters (255 = ignore).
+    Charts([Vec<u8>; 3]),
+    /// No chart in the file.
+    None,
+}
+
+/// Default band height for unchunked (contiguous) variables.
+pub const DEFAULT_BAND_ROWS: usize = 512;
+
+/// An open scene file.
+pub struct SceneReader {
+    file: netcdf::File,
+    info: SceneInfo,
+}
+
+const RAW_REQUIRED: [&str; 3] = ["nersc_sar_primary", "nersc_sar_secondary", "distance_map"];
+const RTT_REQUIRED: [&str; 7] = [
+    "nersc_sar_primary",
+    "nersc_sar_secondary",
+    "sar_incidenceangle",
+    "distance_map",
+    "SIC",
+    "SOD",
+    "FLOE",
+];
+
+/// Decoding of one variable: fill values, then scale and offset, then (RTT) standard scaling.
+#[derive(Debug, Clone, Copy)]
+struct Decode {
+    fill: Option<f64>,
+    missing: Option<f64>,
+    scale: f64,
+    offset: f64,
+    /// RTT: `0.0` is invalid, then `x * std + mean`.
+    unscale: Option<(f64, f64)>,
+}
+
+fn attr_f64(var: &Variable<'_>, name: &str) -> Option<f64> {
+    match var.attribute_value(name)?.ok()? {
+        AttributeValue::Uchar(v) => Some(f64::from(v)),
+        AttributeValue::Schar(v) => Some(f64::from(v)),
+        AttributeValue::Ushort(v) => Some(f64::from(v)),
+        AttributeValue::Short(v) => Some(f64::from(v)),
+        AttributeValue::Uint(v) => Some(f64::from(v)),
+        AttributeValue::Int(v) => Some(f64::from(v)),
+        AttributeValue::Ulonglong(v) => Some(v as f64),
+        AttributeValue::Longlong(v) => Some(v as f64),
+        AttributeValue::Float(v) => Some(f64::from(v)),
+        AttributeValue::Double(v) => Some(v),
+        AttributeValue::Floats(v) => v.first().map(|&x| f64::from(x)),
+        AttributeValue::Doubles(v) => v.first().copied(),
+        AttributeValue::Shorts(v) => v.first().map(|&x| f64::from(x)),
+        AttributeValue::Ints(v) => v.first().map(|&x| f64::from(x)),
+        AttributeValue::Str(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn global_str(file: &netcdf::File, name: &str) -> Option<String> {
+    match file.attribute(name)?.value().ok()? {
+        AttributeValue::Str(s) => Some(s),
+        AttributeValue::Strs(v) => v.into_iter().next(),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn global_f64(file: &netcdf::File, name: &str) -> Option<f64> {
+    match file.attribute(name)?.value().ok()? {
+        AttributeValue::Str(s) => s.trim().trim_end_matches('m').trim().parse().ok(),
+        AttributeValue::Double(v) => Some(v),
+        AttributeValue::Float(v) => Some(f64::from(v)),
+        AttributeValue::Int(v) => Some(f64::from(v)),
+        AttributeValue::Short(v) => Some(f64::from(v)),
+        AttributeValue::Longlong(v) => Some(v as f64),
+        AttributeValue::Uint(v) => Some(f64::from(v)),
+        _ => None,
+    }
+}
+
+impl Decode {
+    fn of(var: &Variable<'_>, rtt_scaled: bool) -> Self {
+        let unscale = if rtt_scaled {
+            mean_std(&var.name()).map(|m| (m.mean, m.std))
+        } else {
+            None
+        };
+        Self {
+            fill: attr_f64(var, "_FillValue"),
+            missing: attr_f64(var, "missing_value"),
+            scale: attr_f64(var, "scale_factor").unwrap_or(1.0),
+            offset: attr_f64(var, "add_offset").unwrap_or(0.0),
+            unscale,
+        }
+    }
+
+    fn apply(&self, raw: f32) -> f32 {
+        self.apply_f64(f64::from(raw)) as f32
+    }
+
+    fn apply_f64(&self, x: f64) -> f64 {
+        if self.fill.is_some_and(|f| x == f) || self.missing.is_some_and(|m| x == m) {
+            return f64::NAN;
+        }
+        let v = x * self.scale + self.offset;
+        match self.unscale {
+            Some(_) if v == 0.0 => f64::NAN,
+            Some((mean, std)) => v * std + mean,
+            None => v,
+        }
+    }
+
+    fn is_identity(&self) -> bool {
+        self.fill.is_none()
+            && self.missing.is_none()
+            && self.scale == 1.0
+            && self.offset == 0.0
+            && self.unscale.is_none()
+    }
+}
+
+impl SceneReader {
+    /// Open a scene, validate its variables and shapes and read everything but the bands.
+    pub fn open(path: &Path) -> Result<Self, SceneError> {
+        let meta = std::fs::metadata(path).map_err(|e| SceneError::file(path, e.to_string()))?;
+        if meta.len() == 0 {
+            return Err(SceneError::file(path, "empty file"));
+        }
+        let file = netcdf::open(path).map_err(|e| {
+            SceneError::file(path, format!("not a readable NetCDF-4/HDF5 file ({e})"))
+        })?;
+        let kind = detect_kind(&file);
+        let required: &[&str] = match kind {
+            InputKind::Raw => &RAW_REQUIRED,
+            InputKind::Rtt => &RTT_REQUIRED,
+        };
+        for name in required {
+            if file.variable(name).is_none() {
+                return Err(SceneError::variable(
+                    path,
+                    *name,
+                    format!("missing (required in a {} scene)", kind.name()),
+                ));
+            }
+        }
+        let hh = file
+            .variable("nersc_sar_primary")
+            .ok_or_else(|| SceneError::variable(path, "nersc_sar_primary", "missing"))?;
+        let shape: Vec<usize> = hh.dimensions().iter().map(|d| d.len()).collect();
+        if shape.len() != 2 || shape[0] == 0 || shape[1] == 0 {
+            return Err(SceneError::variable(
+                path,
+                "nersc_sar_primary",
+                format!("expected a non-empty 2-D SAR grid, found shape {shape:?}"),
+            ));
+        }
+        let (height, width) = (shape[0], shape[1]);
+        let has_chart = match kind {
+            InputKind::Rtt => true,
+            InputKind::Raw => {
+                let ids = file.variable("polygon_icechart").is_some();
+                let codes = file.variable("polygon_codes").is_some();
+                match (ids, codes) {
+                    (true, true) => true,
+                    (false, false) => false,
+                    (true, false) => {
+                        return Err(SceneError::variable(
+                            path,
+                            "polygon_codes",
+                            "missing while polygon_icechart is present",
+                        ));
+                    }
+                    (false, true) => {
+                        return Err(SceneError::variable(
+                            path,
+                            "polygon_icechart",
+                            "missing while polygon_codes is present",
+                        ));
+                    }
+                }
+            }
+        };
+        let mut grid_vars: Vec<&str> = vec!["nersc_sar_secondary", "distance_map"];
+        match kind {
+            InputKind::Rtt => grid_vars.extend(["sar_incidenceangle", "SIC", "SOD", "FLOE"]),
+            InputKind::Raw if has_chart => grid_vars.push("polygon_icechart"),
+            InputKind::Raw => {}
+        }
+        for name in &grid_vars {
+            let var = file
+                .variable(name)
+                .ok_or_else(|| SceneError::variable(path, *name, "missing"))?;
+            let s: Vec<usize> = var.dimensions().iter().map(|d| d.len()).collect();
+            if s != shape {
+                return Err(SceneError::variable(
+                    path,
+                    *name,
+                    format!("shape {s:?} does not match nersc_sar_primary {shape:?}"),
+                ));
+            }
+        }
+        let polygons = if kind == InputKind::Raw && has_chart {
+            read_codes(&file, path)?
+        } else {
+            Vec::new()
+        };
+        let tie_points = if kind == InputKind::Raw {
+            Some(read_tie_points(&file, path)?)
+        } else {
+            None
+        };
+        let native_spacing_m = match kind {
+            InputKind::Raw => 40.0,
+            InputKind::Rtt => global_f64(&file, "pixel_spacing").unwrap_or(80.0),
+        };
+        let grid2km = read_grid2km(&file, path, kind)?;
+        let band_rows = band_rows_for(&hh, height);
+        let (scene_id, service, acquired_us, satellite) = identify(&file, path, kind);
+        let info = SceneInfo {
+            path: path.to_path_buf(),
+            scene_id,
+            service,
+            acquired_us,
+            satellite,
+            kind,
+            height,
+            width,
+            native_spacing_m,
+            polygons,
+            has_chart,
+            tie_points,
+            grid2km,
+            band_rows,
+        };
+        Ok(Self { file, info })
+    }
+
+    /// What was read at open.
+    pub fn info(&self) -> &SceneInfo {
+        &self.info
+    }
+
+    /// Read and decode rows `[row0, row0 + rows)` of every SAR-grid variable.
+    pub fn read_band(&self, row0: usize, rows: usize) -> Result<Band, SceneError> {
+        let rtt = self.info.kind == InputKind::Rtt;
+        let hh = self.read_f32("nersc_sar_primary", row0, rows, rtt)?;
+        let hv = self.read_f32("nersc_sar_secondary", row0, rows, rtt)?;
+        let distance = self.read_f32("distance_map", row0, rows, rtt)?;
+        let incidence = if rtt {
+            Some(self.read_f32("sar_incidenceangle", row0, rows, true)?)
+        } else {
+            None
+        };
+        let labels = match (self.info.kind, self.info.has_chart) {
+            (InputKind::Rtt, _) => BandLabels::Charts([
+                self.read_chart("SIC", row0, rows)?,
+                self.read_chart("SOD", row0, rows)?,
+                self.read_chart("FLOE", row0, rows)?,
+            ]),
+            (InputKind::Raw, true) => BandLabels::PolygonIds(self.read_ids(row0, rows)?),
+            (InputKind::Raw, false) => BandLabels::None,
+        };
+        Ok(Band {
+            row0,
+            rows,
+            hh,
+            hv,
+            distance,
+            incidence,
+            labels,
+        })
+    }
+
+    fn var(&self, name: &str) -> Result<Variable<'_>, SceneError> {
+        self.file
+            .variable(name)
+            .ok_or_else(|| SceneError::variable(&self.info.path, name, "missing"))
+    }
+
+    fn read_err(&self, name: &str, row0: usize, rows: usize, e: netcdf::Error) -> SceneError {
+        SceneError::variable(
+            &self.info.path,
+            name,
+            format!(
+                "reading rows {row0}..{} failed ({e}); the file may be truncated",
+                row0 + rows
+            ),
+        )
+    }
+
+    fn read_f32(
+        &self,
+        name: &str,
+        row0: usize,
+        rows: usize,
+        rtt: bool,
+    ) -> Result<Vec<f32>, SceneError> {
+        let var = self.var(name)?;
+        let ext = [row0..row0 + rows, 0..self.info.width];
+        let mut v: Vec<f32> = var
+            .get_values::<f32, _>(&ext)
+            .map_err(|e| self.read_err(name, row0, rows, e))?;
+        let d = Decode::of(&var, rtt);
+        if !d.is_identity() {
+            for x in &mut v {
+                *x = d.apply(*x);
+            }
+        }
+        Ok(v)
+    }
+
+    fn read_chart(&self, name: &str, row0: usize, rows: usize) -> Result<Vec<u8>, SceneError> {
+        let var = self.var(name)?;
+        let ext = [row0..row0 + rows, 0..self.info.width];
+        let mut v: Vec<u8> = var
+            .get_values::<u8, _>(&ext)
+            .map_err(|e| self.read_err(name, row0, rows, e))?;
+        let fill = attr_f64(&var, "chart_fill_value").or_else(|| attr_f64(&var, "_FillValue"));
+        if let Some(f) = fill.filter(|f| *f != 255.0) {
+            for x in &mut v {
+                if f64::from(*x) == f {
+                    *x = icefm_schemas::IGNORE;
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    fn read_ids(&self, row0: usize, rows: usize) -> Result<Vec<f64>, SceneError> {
+        let name = "polygon_icechart";
+        let var = self.var(name)?;
+        let ext = [row0..row0 + rows, 0..self.info.width];
+        let mut v: Vec<f64> = var
+            .get_values::<f64, _>(&ext)
+            .map_err(|e| self.read_err(name, row0, rows, e))?;
+        let d = Decode::of(&var, false);
+        for x in &mut v {
+            if d.fill.is_some_and(|f| *x == f) || d.missing.is_some_and(|m| *x == m) {
+                *x = f64::NAN;
+            } else if d.scale != 1.0 || d.offset != 0.0 {
+                *x = (*x * d.scale + d.offset).round();
+            }
+        }
+        Ok(v)
+    }
+}
+
+fn detect_kind(file: &netcdf::File) -> InputKind {
+    let rtt = file.variable("SIC").is_some()
+        || file.variable("sar_incidenceangle").is_some()
+        || file.attribute("pixel_spacing").is_some();
+    if rtt { InputKind::Rtt } else { InputKind::Raw }
+}
+
+fn band_rows_for(var: &Variable<'_>, height: usize) -> usize {
+    let chunk_rows = match var.chunking() {
+        Ok(Some(c)) if !c.is_empty() && c[0] > 0 => c[0],
+        _ => return DEFAULT_BAND_ROWS.min(height),
+    };
+    // A whole number of chunk rows, at least DEFAULT_BAND_ROWS, so no chunk is inflated twice.
+    let k = DEFAULT_BAND_ROWS.div_ceil(chunk_rows).max(1);
+    (chunk_rows * k).min(height)
+}
+
+fn identify(
+    file: &netcdf::File,
+    path: &Path,
+    kind: InputKind,
+) -> (String, Option<String>, Option<i64>, Option<String>) {
+    let fname = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut candidates = vec![fname.clone()];
+    if kind == InputKind::Rtt {
+        candidates.insert(0, global_str(file, "original_id").unwrap_or_default());
+        candidates.push(global_str(file, "scene_id").unwrap_or_default());
+    }
+    let parsed = candidates.iter().find_map(|c| parse_scene_name(c));
+    // The satellite is only in raw names; an RTT file may carry it in `original_id`.
+    let satellite = candidates
+        .iter()
+        .find_map(|c| parse_scene_name(c).and_then(|n| n.satellite));
+    match parsed {
+        Some(n) => {
+            let service = global_str(file, "ice_service")
+                .map(|s| s.to_lowercase())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(n.service.clone());
+            (
+                n.scene_id,
+                Some(service),
+                timestamp_micros(&n.start),
+                satellite,
+            )
+        }
+        None => {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or(fname);
+            let stem = stem.trim_end_matches("_prep").to_string();
+            (stem, global_str(file, "ice_service"), None, satellite)
+        }
+    }
+}
+
+fn read_codes(file: &netcdf::File, path: &Path) -> Result<Vec<PolygonCode>, SceneError> {
+    let name = "polygon_codes";
+    let var = file
+        .variable(name)
+        .ok_or_else(|| SceneError::variable(path, name, "missing"))?;
+    let dims: Vec<usize> = var.dimensions().iter().map(|d| d.len()).collect();
+    let bad = |reason: String| SceneError::variable(path, name, reason);
+    let rows: Vec<String> = match var.vartype() {
+        NcVariableType::String => (0..dims.first().copied().unwrap_or(0))
+            .map(|i| var.get_string(i).map_err(|e| bad(format!("row {i}: {e}"))))
+            .collect::<Result<_, _>>()?,
+        NcVariableType::Char => {
+            let (n, len) = match dims.as_slice() {
+                [n, len] => (*n, *len),
+                [len] => (1, *len),
+                other => return Err(bad(format!("char array of unexpected shape {other:?}"))),
+            };
+            let bytes = var.get_raw_values(..).map_err(|e| bad(e.to_string()))?;
+            (0..n)
+                .map(|i| {
+                    let row = &bytes[i * len..(i + 1) * len];
+                    let end = row.iter().position(|&b| b == 0).unwrap_or(len);
+                    String::from_utf8_lossy(&row[..end]).into_owned()
+                })
+                .collect()
+        }
+        other => return Err(bad(format!("expected strings or chars, found {other:?}"))),
+    };
+    let mut out = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let t = row.trim();
+        if t.is_empty() {
+            continue;
+        }
+        // Row 0 is the header (`poly_id;CT;…`, or `id;CT;…` in older files).
+        if i == 0 || t.to_ascii_lowercase().starts_with("poly_id") || t.starts_with("id;") {
+            continue;
+        }
+        out.push(PolygonCode::parse(t).map_err(|e| bad(format!("row {i}: {e}")))?);
+    }
+    Ok(out)
+}
+
+fn read_f64_all(file: &netcdf::File, path: &Path, name: &str) -> Result<Vec<f64>, SceneError> {
+    let var = file
+        .variable(name)
+        .ok_or_else(|| SceneError::variable(path, name, "missing"))?;
+    let mut v = var
+        .get_values::<f64, _>(..)
+        .map_err(|e| SceneError::variable(path, name, e.to_string()))?;
+    let d = Decode::of(&var, false);
+    if !d.is_identity() {
+        for x in &mut v {
+            *x = d.apply_f64(*x);
+        }
+    }
+    Ok(v)
+}
+
+fn read_tie_points(file: &netcdf::File, path: &Path) -> Result<TiePoints, SceneError> {
+    let line = read_f64_all(file, path, "sar_grid_line")?;
+    let sample = read_f64_all(file, path, "sar_grid_sample")?;
+    let inc = read_f64_all(file, path, "sar_grid_incidenceangle")?;
+    if line.len() != sample.len() || line.len() != inc.len() || line.len() < 4 {
+        return Err(SceneError::variable(
+            path,
+            "sar_grid_incidenceangle",
+            format!(
+                "tie points disagree in length (line {}, sample {}, incidence {})",
+                line.len(),
+                sample.len(),
+                inc.len()
+            ),
+        ));
+    }
+    let mut lines: Vec<f64> = line.clone();
+    lines.sort_by(f64::total_cmp);
+    lines.dedup();
+    let mut samples: Vec<f64> = sample.clone();
+    samples.sort_by(f64::total_cmp);
+    samples.dedup();
+    if lines.len() < 2 || samples.len() < 2 || lines.len() * samples.len() != inc.len() {
+        return Err(SceneError::variable(
+            path,
+            "sar_grid_line",
+            format!(
+                "tie points are not a regular grid ({} rows × {} columns for {} points)",
+                lines.len(),
+                samples.len(),
+                inc.len()
+            ),
+        ));
+    }
+    let mut incidence = vec![f64::NAN; inc.len()];
+    for k in 0..inc.len() {
+        let i = lines.partition_point(|&a| a < line[k]);
+        let j = samples.partition_point(|&a| a < sample[k]);
+        incidence[i * samples.len() + j] = inc[k];
+    }
+    Ok(TiePoints {
+        lines,
+        samples,
+        incidence,
+    })
+}
+
+fn read_grid2km(file: &netcdf::File, path: &Path, kind: InputKind) -> Result<Grid2km, SceneError> {
+    let mut g = Grid2km {
+        native_pixels_per_cell: if kind == InputKind::Raw { 50 } else { 25 },
+        ..Grid2km::default()
+    };
+    let mut shape: Option<(usize, usize)> = None;
+    for name in AMSR2_VARIABLES.iter().chain(ERA5_VARIABLES.iter()) {
+        let Some(var) = file.variable(name) else {
+            continue;
+        };
+        let s: Vec<usize> = var.dimensions().iter().map(|d| d.len()).collect();
+        let [h, w] = s.as_slice() else {
+            return Err(SceneError::variable(
+                path,
+                *name,
+                format!("expected 2-D, found {s:?}"),
+            ));
+        };
+        match shape {
+            None => shape = Some((*h, *w)),
+            Some(sh) if sh != (*h, *w) => {
+                return Err(SceneError::variable(
+                    path,
+                    *name,
+                    format!("shape {s:?} differs from the other 2 km variables {sh:?}"),
+                ));
+            }
+            Some(_) => {}
+        }
+        let raw: Vec<f32> = var
+            .get_values::<f32, _>(..)
+            .map_err(|e| SceneError::variable(path, *name, e.to_string()))?;
+        let d = Decode::of(&var, kind == InputKind::Rtt);
+        g.data.extend(raw.into_iter().map(|x| d.apply(x)));
+        g.variables.push((*name).to_string());
+    }
+    if let Some((h, w)) = shape {
+        g.height = h;
+        g.width = w;
+    }
+    Ok(g)
+}

@@ -1,0 +1,500 @@
+//! Streaming pyramid resampling from the native grid, one native row at a time.
+//!
+//! Continuous inputs: exact area-weighted, NaN-aware means, also for non-integer ratios (a native
+//! pixel straddling two cells is split by its overlap). Labels: per task, the area-weighted
+//! majority of valid native pixels; 255 where those cover less than half of the cell.
+//! Rows are consumed in order and each output row is finalised as soon as its last native row has
+//! arrived, so memory is a few rows per level plus one chunk-row of output.
+
+use icefm_schemas::{IGNORE, Task};
+
+use crate::labels::{PACKED_IGNORE, Packed, unpack};
+
+/// Offsets of each task's class bins in a cell histogram.
+const BIN_OFFSET: [usize; 3] = [0, 11, 17];
+/// Bins per cell (11 + 6 + 7 classes).
+const BINS: usize = 24;
+/// Fraction of a cell's area that valid pixels must cover for a label.
+pub const MIN_VALID_LABEL_FRACTION: f32 = 0.5;
+
+/// How native indices along one axis fall into output cells of `ratio` native pixels.
+#[derive(Debug, Clone)]
+pub struct AxisMap {
+    /// Output length, `ceil(native / ratio)`.
+    pub out_len: usize,
+    /// Native pixels per output cell.
+    pub ratio: f64,
+    integer: Option<usize>,
+    first: Vec<u32>,
+    w0: Vec<f32>,
+    w1: Vec<f32>,
+}
+
+impl AxisMap {
+    /// Map `native_len` pixels into cells of `ratio ≥ 1` pixels.
+    pub fn new(native_len: usize, ratio: f64) -> Self {
+        assert!(
+            ratio >= 1.0,
+            "levels finer than the native grid are rejected before this"
+        );
+        let rounded = ratio.round();
+        let integer = ((ratio - rounded).abs() < 1e-9).then_some(rounded as usize);
+        let out_len = if let Some(f) = integer {
+            native_len.div_ceil(f)
+        } else {
+            (native_len as f64 / ratio - 1e-9).ceil() as usize
+        };
+        let mut first = Vec::with_capacity(native_len);
+        let mut w0 = Vec::with_capacity(native_len);
+        let mut w1 = Vec::with_capacity(native_len);
+        for i in 0..native_len {
+            let a = match integer {
+                Some(f) => i / f,
+                None => ((i as f64 + 1e-9) / ratio).floor() as usize,
+            };
+            let boundary = (a + 1) as f64 * ratio;
+            let end = (i + 1) as f64;
+            if integer.is_none() && boundary < end - 1e-9 && a + 1 < out_len {
+                first.push(a as u32);
+                w0.push((boundary - i as f64) as f32);
+                w1.push((end - boundary) as f32);
+            } else {
+                first.push(a as u32);
+                w0.push(1.0);
+                w1.push(0.0);
+            }
+        }
+        Self {
+            out_len,
+            ratio,
+            integer,
+            first,
+            w0,
+            w1,
+        }
+    }
+
+    /// (first cell, weight in it, weight in the next cell).
+    #[inline]
+    pub fn at(&self, i: usize) -> (usize, f32, f32) {
+        (self.first[i] as usize, self.w0[i], self.w1[i])
+    }
+
+    /// Overlap of native span `[s, e)` with cell `k`.
+    #[inline]
+    fn overlap(&self, s: usize, e: usize, k: usize) -> f32 {
+        match self.integer {
+            Some(f) => (e.min((k + 1) * f) - s.max(k * f)) as f32,
+            None => {
+                let lo = (s as f64).max(k as f64 * self.ratio);
+                let hi = (e as f64).min((k + 1) as f64 * self.ratio);
+                (hi - lo).max(0.0) as f32
+            }
+        }
+    }
+
+    /// Cells touched by native span `[s, e)`.
+    #[inline]
+    fn cells(&self, s: usize, e: usize) -> std::ops::Range<usize> {
+        self.first[s] as usize..(self.first[e - 1] as usize + usize::from(self.w1[e - 1] > 0.0) + 1)
+    }
+}
+
+/// Runs of equal packed labels along a native row: `(start, len, value)`.
+pub type Run = (u32, u32, Packed);
+
+/// Run-length encode one row of packed labels.
+pub fn runs_of(row: &[Packed], out: &mut Vec<Run>) {
+    out.clear();
+    let mut i = 0;
+    while i < row.len() {
+        let v = row[i];
+        let mut j = i + 1;
+        while j < row.len() && row[j] == v {
+            j += 1;
+        }
+        out.push((i as u32, (j - i) as u32, v));
+        i = j;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RowAcc {
+    sum: Vec<f32>,
+    weight: Vec<f32>,
+    hist: Vec<f32>,
+}
+
+impl RowAcc {
+    fn new(channels: usize, width: usize) -> Self {
+        Self {
+            sum: vec![0.0; channels * width],
+            weight: vec![0.0; channels * width],
+            hist: vec![0.0; BINS * width],
+        }
+    }
+    fn clear(&mut self) {
+        self.sum.fill(0.0);
+        self.weight.fill(0.0);
+        self.hist.fill(0.0);
+    }
+}
+
+/// One chunk-row of a level (`P` output rows, padded to whole chunks), ready to be stored.
+#[derive(Debug, Clone)]
+pub struct ChunkRow {
+    /// Chunk-row index.
+    pub index: usize,
+    /// Output rows of the level in this chunk-row (< P for the last).
+    pub rows: usize,
+    /// Continuous channels, `[channels][P][padded_width]`, NaN padded.
+    pub values: Vec<f32>,
+    /// Labels, `[3][P][padded_width]`, 255 padded.
+    pub labels: Vec<u8>,
+}
+
+/// Streaming resampler of one level.
+#[derive(Debug)]
+pub struct LevelAccumulator {
+    rows: AxisMap,
+    cols: AxisMap,
+    channels: usize,
+    patch: usize,
+    padded_width: usize,
+    cur: usize,
+    acc: [RowAcc; 2],
+    chunk: ChunkRow,
+    out: Vec<ChunkRow>,
+}
+
+impl LevelAccumulator {
+    /// A level of `ratio` native pixels per cell over a `height × width` native grid with
+    /// `channels` continuous channels, emitting chunk-rows of `patch` rows.
+    pub fn new(height: usize, width: usize, ratio: f64, channels: usize, patch: usize) -> Self {
+        let rows = AxisMap::new(height, ratio);
+        let cols = AxisMap::new(width, ratio);
+        let w = cols.out_len;
+        let padded_width = w.div_ceil(patch) * patch;
+        Self {
+            chunk: Self::empty_chunk(0, channels, patch, padded_width),
+            rows,
+            cols,
+            channels,
+            patch,
+            padded_width,
+            cur: 0,
+            acc: [RowAcc::new(channels, w), RowAcc::new(channels, w)],
+            out: Vec::new(),
+        }
+    }
+
+    fn empty_chunk(index: usize, channels: usize, patch: usize, padded_width: usize) -> ChunkRow {
+        ChunkRow {
+            index,
+            rows: 0,
+            values: vec![f32::NAN; channels * patch * padded_width],
+            labels: vec![IGNORE; 3 * patch * padded_width],
+        }
+    }
+
+    /// Output shape (rows, columns).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows.out_len, self.cols.out_len)
+    }
+
+    /// Native pixels per cell.
+    pub fn ratio(&self) -> f64 {
+        self.rows.ratio
+    }
+
+    /// Width padded to whole patches.
+    pub fn padded_width(&self) -> usize {
+        self.padded_width
+    }
+
+    /// Add native row `i` (rows must come in order): `values[c]` is channel `c` of the row,
+    /// `runs` its packed labels run-length encoded.
+    pub fn push_row(&mut self, i: usize, values: &[&[f32]], runs: &[Run]) {
+        let (a, wa, wb) = self.rows.at(i);
+        while self.cur < a {
+            self.finish_row();
+        }
+        self.accumulate(0, wa, values, runs);
+        if wb > 0.0 {
+            self.accumulate(1, wb, values, runs);
+        }
+    }
+
+    /// Finalise every remaining output row (call once after the last native row).
+    pub fn finish(&mut self) {
+        while self.cur < self.rows.out_len {
+            self.finish_row();
+        }
+    }
+
+    /// Completed chunk-rows since the last call.
+    pub fn take_chunks(&mut self) -> Vec<ChunkRow> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn accumulate(&mut self, slot: usize, wy: f32, values: &[&[f32]], runs: &[Run]) {
+        let w = self.cols.out_len;
+        let acc = &mut self.acc[slot];
+        for (c, x) in values.iter().enumerate() {
+            let sum = &mut acc.sum[c * w..(c + 1) * w];
+            let weight = &mut acc.weight[c * w..(c + 1) * w];
+            match self.cols.integer {
+                Some(f) => {
+                    for (k, cell) in x.chunks(f).enumerate() {
+                        let (mut s, mut n) = (0.0f32, 0.0f32);
+                        for &v in cell {
+                            if !v.is_nan() {
+                                s += v;
+                                n += 1.0;
+                            }
+                        }
+                        sum[k] += wy * s;
+                        weight[k] += wy * n;
+                    }
+                }
+                None => {
+                    for (j, &v) in x.iter().enumerate() {
+                        if v.is_nan() {
+                            continue;
+                        }
+                        let (k, w0, w1) = self.cols.at(j);
+                        sum[k] += wy * w0 * v;
+                        weight[k] += wy * w0;
+                        if w1 > 0.0 {
+                            sum[k + 1] += wy * w1 * v;
+                            weight[k + 1] += wy * w1;
+                        }
+                    }
+                }
+            }
+        }
+        for &(s, len, p) in runs {
+            if p == PACKED_IGNORE {
+                continue;
+            }
+            let (s, e) = (s as usize, (s + len) as usize);
+            let bins: [Option<usize>; 3] = std::array::from_fn(|t| {
+                let v = unpack(p, t);
+                (v != IGNORE).then(|| BIN_OFFSET[t] + usize::from(v))
+            });
+            for k in self.cols.cells(s, e) {
+                let ov = wy * self.cols.overlap(s, e, k);
+                let h = &mut acc.hist[k * BINS..(k + 1) * BINS];
+                for b in bins.iter().flatten() {
+                    h[*b] += ov;
+                }
+            }
+        }
+    }
+
+    fn finish_row(&mut self) {
+        let k = self.cur;
+        let w = self.cols.out_len;
+        let p = self.patch;
+        let pw = self.padded_width;
+        let r = k % p;
+        let cell_area = (self.rows.ratio * self.cols.ratio) as f32;
+        let min_valid = MIN_VALID_LABEL_FRACTION * cell_area;
+        let acc = &self.acc[0];
+        for c in 0..self.channels {
+            let dst = &mut self.chunk.values[(c * p + r) * pw..(c * p + r) * pw + w];
+            let sum = &acc.sum[c * w..(c + 1) * w];
+            let weight = &acc.weight[c * w..(c + 1) * w];
+            for j in 0..w {
+                dst[j] = if weight[j] > 0.0 {
+                    sum[j] / weight[j]
+                } else {
+                    f32::NAN
+                };
+            }
+        }
+        for t in Task::ALL {
+            let ch = t.channel();
+            let dst = &mut self.chunk.labels[(ch * p + r) * pw..(ch * p + r) * pw + w];
+            for (j, d) in dst.iter_mut().enumerate() {
+                let h =
+                    &acc.hist[j * BINS + BIN_OFFSET[ch]..j * BINS + BIN_OFFSET[ch] + t.n_classes()];
+                let mut total = 0.0;
+                let mut best = 0;
+                for (b, &x) in h.iter().enumerate() {
+                    total += x;
+                    if x > h[best] {
+                        best = b;
+                    }
+                }
+                *d = if total > 0.0 && total >= min_valid - 1e-4 {
+                    best as u8
+                } else {
+                    IGNORE
+                };
+            }
+        }
+        self.chunk.rows = r + 1;
+        self.acc.swap(0, 1);
+        self.acc[1].clear();
+        self.cur += 1;
+        if r + 1 == p || self.cur == self.rows.out_len {
+            let next = Self::empty_chunk(self.chunk.index + 1, self.channels, p, pw);
+            self.out.push(std::mem::replace(&mut self.chunk, next));
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::labels::pack;
+
+    /// Brute-force reference: area-weighted mean and majority over the cell's footprint.
+    fn reference(
+        h: usize,
+        w: usize,
+        x: &[f32],
+        lab: &[Packed],
+        ratio: f64,
+    ) -> (Vec<f32>, Vec<u8>, usize, usize) {
+        let oh = (h as f64 / ratio - 1e-9).ceil() as usize;
+        let ow = (w as f64 / ratio - 1e-9).ceil() as usize;
+        let mut mean = vec![f32::NAN; oh * ow];
+        let mut sod = vec![IGNORE; oh * ow];
+        for a in 0..oh {
+            for b in 0..ow {
+                let (mut s, mut n) = (0.0f64, 0.0f64);
+                let mut votes = [0.0f64; 6];
+                for i in 0..h {
+                    let wy = ((i + 1) as f64).min((a + 1) as f64 * ratio)
+                        - (i as f64).max(a as f64 * ratio);
+                    if wy <= 0.0 {
+                        continue;
+                    }
+                    for j in 0..w {
+                        let wx = ((j + 1) as f64).min((b + 1) as f64 * ratio)
+                            - (j as f64).max(b as f64 * ratio);
+                        if wx <= 0.0 {
+                            continue;
+                        }
+                        let v = x[i * w + j];
+                        if !v.is_nan() {
+                            s += wy * wx * f64::from(v);
+                            n += wy * wx;
+                        }
+                        let l = unpack(lab[i * w + j], 1);
+                        if l != IGNORE {
+                            votes[l as usize] += wy * wx;
+                        }
+                    }
+                }
+                if n > 0.0 {
+                    mean[a * ow + b] = (s / n) as f32;
+                }
+                let total: f64 = votes.iter().sum();
+                if total > 0.0 && total >= 0.5 * ratio * ratio - 1e-4 {
+                    let mut best = 0;
+                    for c in 1..6 {
+                        if votes[c] > votes[best] {
+                            best = c;
+                        }
+                    }
+                    sod[a * ow + b] = best as u8;
+                }
+            }
+        }
+        (mean, sod, oh, ow)
+    }
+
+    fn run(h: usize, w: usize, ratio: f64, patch: usize) {
+        // Deterministic pseudo-random field with NaNs and label blocks.
+        let mut x = vec![0.0f32; h * w];
+        let mut lab = vec![PACKED_IGNORE; h * w];
+        let mut s = 12345u64;
+        for i in 0..h * w {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (s >> 33) as u32;
+            x[i] = if u.is_multiple_of(7) {
+                f32::NAN
+            } else {
+                (u % 1000) as f32 / 10.0 - 50.0
+            };
+            let (r, c) = (i / w, i % w);
+            let class = ((r / 3 + c / 4) % 7) as u8;
+            lab[i] = if class == 6 {
+                PACKED_IGNORE
+            } else {
+                pack(0, class, 0)
+            };
+        }
+        let mut acc = LevelAccumulator::new(h, w, ratio, 1, patch);
+        let mut runs = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..h {
+            runs_of(&lab[i * w..(i + 1) * w], &mut runs);
+            acc.push_row(i, &[&x[i * w..(i + 1) * w]], &runs);
+            chunks.extend(acc.take_chunks());
+        }
+        acc.finish();
+        chunks.extend(acc.take_chunks());
+        let (mean, sod, oh, ow) = reference(h, w, &x, &lab, ratio);
+        assert_eq!(acc.shape(), (oh, ow));
+        assert_eq!(chunks.len(), oh.div_ceil(patch));
+        let pw = acc.padded_width();
+        for a in 0..oh {
+            let c = &chunks[a / patch];
+            let r = a % patch;
+            for b in 0..ow {
+                let got = c.values[r * pw + b];
+                let want = mean[a * ow + b];
+                assert!(
+                    (got.is_nan() && want.is_nan()) || (got - want).abs() < 1e-3,
+                    "ratio {ratio} cell ({a},{b}): {got} vs {want}"
+                );
+                assert_eq!(
+                    c.labels[(patch + r) * pw + b],
+                    sod[a * ow + b],
+                    "ratio {ratio} ({a},{b})"
+                );
+            }
+            // Padding stays fill.
+            for b in ow..pw {
+                assert!(c.values[r * pw + b].is_nan());
+            }
+        }
+    }
+
+    #[test]
+    fn integer_ratios_match_brute_force() {
+        for ratio in [1.0, 2.0, 3.0, 5.0] {
+            run(37, 41, ratio, 4);
+        }
+    }
+
+    #[test]
+    fn fractional_ratios_match_brute_force() {
+        for ratio in [2.5, 1.5, 3.75] {
+            run(37, 41, ratio, 4);
+        }
+    }
+
+    #[test]
+    fn axis_map_weights_sum_to_one_per_pixel_and_ratio_per_cell() {
+        let m = AxisMap::new(10, 2.5);
+        assert_eq!(m.out_len, 4);
+        let mut per_cell = vec![0.0f32; 4];
+        for i in 0..10 {
+            let (a, w0, w1) = m.at(i);
+            assert!((w0 + w1 - 1.0).abs() < 1e-6);
+            per_cell[a] += w0;
+            if w1 > 0.0 {
+                per_cell[a + 1] += w1;
+            }
+        }
+        assert_eq!(per_cell, vec![2.5; 4]);
+    }
+}

@@ -1,0 +1,310 @@
+//! The Zarr v3 store: creation, compatibility checks, scene groups, level arrays.
+//!
+//! Layout (format version 1, `DESIGN.md`): `zarr.json` (attrs.icefm = [`StoreAttrs`]),
+//! `scenes/<id>/<level>/{sar,labels,aux}`, `scenes/<id>/grid2km`, `manifests/*.parquet`.
+//! Level arrays are `[C, H, W]` with chunk = patch `[C, P, P]`, sharded by chunk-row
+//! (`[C, P, W rounded up to P]`) so one chunk-row of output is written as one shard.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use icefm_schemas::norm::GLOBAL_MEAN_STD;
+use icefm_schemas::store::{
+    AUX_CHANNELS, CONTINUOUS_RULE, Codec, FORMAT_VERSION, LABEL_CHANNELS, LABEL_RULE, Level,
+    SAR_CHANNELS, SCENES_GROUP, StoreAttrs,
+};
+use icefm_schemas::{IGNORE, Task};
+use serde_json::{Map, Value, json};
+use zarrs::array::codec::{
+    BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode, ZstdCodec,
+};
+use zarrs::array::codec::{ShardingCodecOptions, SubchunkWriteOrder};
+use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
+use zarrs::array::{BytesToBytesCodecTraits, CodecSpecificOptions};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::{Group, GroupBuilder};
+
+use crate::error::StoreError;
+
+/// A store opened for writing.
+#[derive(Clone)]
+pub struct Store {
+    /// Root folder.
+    pub path: PathBuf,
+    /// zarrs filesystem store.
+    pub fs: Arc<FilesystemStore>,
+    /// Root attributes.
+    pub attrs: StoreAttrs,
+}
+
+/// The root attributes for new stores made with these options.
+pub fn new_attrs(levels: &[Level], patch: u32, codec: Codec) -> StoreAttrs {
+    let classes: Map<String, Value> = Task::ALL
+        .iter()
+        .map(|t| (t.name().to_string(), json!(t.class_names())))
+        .collect();
+    let normalisation: Map<String, Value> = GLOBAL_MEAN_STD
+        .iter()
+        .map(|(n, m)| ((*n).to_string(), json!({"mean": m.mean, "std": m.std})))
+        .collect();
+    StoreAttrs {
+        format_version: FORMAT_VERSION,
+        levels: levels.to_vec(),
+        patch,
+        sar_channels: SAR_CHANNELS.iter().map(|s| (*s).to_string()).collect(),
+        aux_channels: AUX_CHANNELS.iter().map(|s| (*s).to_string()).collect(),
+        label_channels: LABEL_CHANNELS.iter().map(|s| (*s).to_string()).collect(),
+        classes: Value::Object(classes),
+        normalisation: Value::Object(normalisation),
+        label_rule: LABEL_RULE.to_string(),
+        continuous_rule: CONTINUOUS_RULE.to_string(),
+        codec,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn codec_of(codec: Codec, type_size: usize) -> Result<Arc<dyn BytesToBytesCodecTraits>, String> {
+    Ok(match codec {
+        Codec::Zstd { level } => Arc::new(ZstdCodec::new(level, false)),
+        Codec::BloscZstd { level } => Arc::new(
+            BloscCodec::new(
+                BloscCompressor::Zstd,
+                BloscCompressionLevel::try_from(level)
+                    .map_err(|l| format!("blosc level {l} > 9"))?,
+                None,
+                if type_size > 1 {
+                    BloscShuffleMode::Shuffle
+                } else {
+                    BloscShuffleMode::NoShuffle
+                },
+                Some(type_size),
+            )
+            .map_err(|e| e.to_string())?,
+        ),
+    })
+}
+
+impl Store {
+    /// Open an existing icefm store, or create one with `attrs`. An existing store must have the
+    /// same levels, patch size and format version.
+    pub fn open_or_create(path: &Path, attrs: StoreAttrs) -> Result<Self, StoreError> {
+        let root_meta = path.join("zarr.json");
+        if root_meta.exists() {
+            let existing = Self::open(path)?;
+            if existing.attrs.levels != attrs.levels || existing.attrs.patch != attrs.patch {
+                return Err(StoreError::Incompatible {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "the store has levels {:?} and patch {}, this run asks for {:?} and {}; use another store",
+                        existing
+                            .attrs
+                            .levels
+                            .iter()
+                            .map(|l| l.name())
+                            .collect::<Vec<_>>(),
+                        existing.attrs.patch,
+                        attrs.levels.iter().map(|l| l.name()).collect::<Vec<_>>(),
+                        attrs.patch
+                    ),
+                });
+            }
+            return Ok(existing);
+        }
+        if path.exists()
+            && std::fs::read_dir(path)
+                .map_err(|e| StoreError::io(path, e))?
+                .next()
+                .is_some()
+        {
+            return Err(StoreError::Incompatible {
+                path: path.to_path_buf(),
+                reason: "exists, is not empty and is not a Zarr store".into(),
+            });
+        }
+        std::fs::create_dir_all(path).map_err(|e| StoreError::io(path, e))?;
+        let fs = Arc::new(FilesystemStore::new(path).map_err(|e| StoreError::zarr(path, e))?);
+        let mut root_attrs = Map::new();
+        root_attrs.insert(
+            "icefm".into(),
+            serde_json::to_value(&attrs).map_err(|e| StoreError::zarr(path, e))?,
+        );
+        let group: Group<FilesystemStore> = GroupBuilder::new()
+            .attributes(root_attrs)
+            .build(fs.clone(), "/")
+            .map_err(|e| StoreError::zarr(path, e))?;
+        group
+            .store_metadata()
+            .map_err(|e| StoreError::zarr(path, e))?;
+        let scenes = GroupBuilder::new()
+            .build(fs.clone(), &format!("/{SCENES_GROUP}"))
+            .map_err(|e| StoreError::zarr(path, e))?;
+        scenes
+            .store_metadata()
+            .map_err(|e| StoreError::zarr(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            fs,
+            attrs,
+        })
+    }
+
+    /// Open an existing store (read its root attributes).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let meta = path.join("zarr.json");
+        let text = std::fs::read_to_string(&meta).map_err(|e| StoreError::Incompatible {
+            path: path.to_path_buf(),
+            reason: format!("not an icefm store (cannot read zarr.json: {e})"),
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| StoreError::zarr(&meta, e))?;
+        let icefm =
+            v.pointer("/attributes/icefm")
+                .cloned()
+                .ok_or_else(|| StoreError::Incompatible {
+                    path: path.to_path_buf(),
+                    reason: "zarr.json has no attributes.icefm: not an icefm store".into(),
+                })?;
+        let attrs: StoreAttrs =
+            serde_json::from_value(icefm).map_err(|e| StoreError::Incompatible {
+                path: path.to_path_buf(),
+                reason: format!("unreadable icefm attributes: {e}"),
+            })?;
+        if attrs.format_version != FORMAT_VERSION {
+            return Err(StoreError::Incompatible {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "store format version {} (this icefm reads {FORMAT_VERSION})",
+                    attrs.format_version
+                ),
+            });
+        }
+        let fs = Arc::new(FilesystemStore::new(path).map_err(|e| StoreError::zarr(path, e))?);
+        Ok(Self {
+            path: path.to_path_buf(),
+            fs,
+            attrs,
+        })
+    }
+
+    /// Folder of a scene.
+    pub fn scene_dir(&self, scene_id: &str) -> PathBuf {
+        self.path.join(SCENES_GROUP).join(scene_id)
+    }
+
+    /// Write a group's metadata with attributes.
+    pub fn write_group(&self, node: &str, attrs: Map<String, Value>) -> Result<(), StoreError> {
+        let g = GroupBuilder::new()
+            .attributes(attrs)
+            .build(self.fs.clone(), node)
+            .map_err(|e| StoreError::zarr(self.path.join(node.trim_start_matches('/')), e))?;
+        g.store_metadata()
+            .map_err(|e| StoreError::zarr(&self.path, e))
+    }
+
+    /// Create a level array `[C, H, W]` (f32 or u8), chunk `[C, P, P]`, shard `[C, P, padded W]`.
+    /// `channel_dim` names the first dimension (distinct per array, so xarray can open a level
+    /// group as one dataset).
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_level_array(
+        &self,
+        node: &str,
+        channel_dim: &str,
+        channels: &[&str],
+        height: usize,
+        width: usize,
+        float: bool,
+        attrs: Map<String, Value>,
+    ) -> Result<Array<FilesystemStore>, StoreError> {
+        let p = u64::from(self.attrs.patch);
+        let c = channels.len() as u64;
+        let padded = (width as u64).div_ceil(p).max(1) * p;
+        let shape = vec![c, height as u64, width as u64];
+        let mut attrs = attrs;
+        attrs.insert("channels".into(), json!(channels));
+        let codec = codec_of(self.attrs.codec, if float { 4 } else { 1 })
+            .map_err(|e| StoreError::zarr(&self.path, e))?;
+        let mut builder = if float {
+            ArrayBuilder::new(shape, vec![c, p, padded], data_type::float32(), f32::NAN)
+        } else {
+            ArrayBuilder::new(shape, vec![c, p, padded], data_type::uint8(), IGNORE)
+        };
+        // Patches in C order inside each shard, so a store's bytes do not depend on thread timing
+        // (an interrupted and resumed ingest must write the same bytes as an uninterrupted one).
+        let ordered = CodecSpecificOptions::default().with_option(
+            ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
+        );
+        let array = builder
+            .subchunk_shape(vec![c, p, p])
+            .codec_specific_options(ordered)
+            .bytes_to_bytes_codecs(vec![codec])
+            .dimension_names(Some([channel_dim, "y", "x"]))
+            .attributes(attrs)
+            .build(self.fs.clone(), node)
+            .map_err(|e| StoreError::zarr(self.path.join(node.trim_start_matches('/')), e))?;
+        array
+            .store_metadata()
+            .map_err(|e| StoreError::zarr(&self.path, e))?;
+        Ok(array)
+    }
+
+    /// Write a small array in one chunk (the 2 km grids).
+    pub fn write_small_array(
+        &self,
+        node: &str,
+        shape: [usize; 3],
+        data: &[f32],
+        attrs: Map<String, Value>,
+    ) -> Result<(), StoreError> {
+        let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
+        let chunk: Vec<u64> = shape.iter().map(|&s| s.max(1)).collect();
+        let codec = codec_of(self.attrs.codec, 4).map_err(|e| StoreError::zarr(&self.path, e))?;
+        let array = ArrayBuilder::new(shape, chunk, data_type::float32(), f32::NAN)
+            .bytes_to_bytes_codecs(vec![codec])
+            .dimension_names(Some(["variable", "y", "x"]))
+            .attributes(attrs)
+            .build(self.fs.clone(), node)
+            .map_err(|e| StoreError::zarr(&self.path, e))?;
+        array
+            .store_metadata()
+            .map_err(|e| StoreError::zarr(&self.path, e))?;
+        if !data.is_empty() {
+            array
+                .store_chunk(&[0, 0, 0], data)
+                .map_err(|e| StoreError::zarr(self.path.join(node.trim_start_matches('/')), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Read a region `[c0..c1, y0..y1, x0..x1]` of a float level array (tests, inspect).
+pub fn read_f32(
+    store: &Path,
+    node: &str,
+    ranges: [std::ops::Range<u64>; 3],
+) -> Result<Vec<f32>, StoreError> {
+    let fs = Arc::new(FilesystemStore::new(store).map_err(|e| StoreError::zarr(store, e))?);
+    let a = Array::open(fs, node)
+        .map_err(|e| StoreError::zarr(store.join(node.trim_start_matches('/')), e))?;
+    a.retrieve_array_subset::<Vec<f32>>(&ArraySubset::new_with_ranges(&ranges))
+        .map_err(|e| StoreError::zarr(store.join(node.trim_start_matches('/')), e))
+}
+
+/// Read a region of a u8 level array.
+pub fn read_u8(
+    store: &Path,
+    node: &str,
+    ranges: [std::ops::Range<u64>; 3],
+) -> Result<Vec<u8>, StoreError> {
+    let fs = Arc::new(FilesystemStore::new(store).map_err(|e| StoreError::zarr(store, e))?);
+    let a = Array::open(fs, node)
+        .map_err(|e| StoreError::zarr(store.join(node.trim_start_matches('/')), e))?;
+    a.retrieve_array_subset::<Vec<u8>>(&ArraySubset::new_with_ranges(&ranges))
+        .map_err(|e| StoreError::zarr(store.join(node.trim_start_matches('/')), e))
+}
+
+/// Shape `[C, H, W]` of an array.
+pub fn array_shape(store: &Path, node: &str) -> Result<Vec<u64>, StoreError> {
+    let fs = Arc::new(FilesystemStore::new(store).map_err(|e| StoreError::zarr(store, e))?);
+    let a = Array::open(fs, node)
+        .map_err(|e| StoreError::zarr(store.join(node.trim_start_matches('/')), e))?;
+    Ok(a.shape().to_vec())
+}
