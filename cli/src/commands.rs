@@ -1,0 +1,413 @@
+//! Command definitions (clap) and their glue to the library crates.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use icefm_ingest::inspect::summarize;
+use icefm_ingest::netcdf_thread::on_netcdf_thread;
+use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
+use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
+use icefm_ingest::store::new_attrs;
+use icefm_schemas::Level;
+use icefm_schemas::sigrid::MergeMode;
+use icefm_schemas::store::{Codec, DEFAULT_PATCH};
+use icefm_synth::{Encoding, SceneKind, Service, SynthOptions, write_scene};
+
+use crate::progress::IngestBars;
+
+/// icefm: SAR sea-ice foundation models, data pipeline first.
+#[derive(Parser, Debug)]
+#[command(name = "icefm", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Convert AI4Arctic NetCDF scenes (raw 40 m or ready-to-train 80 m) into a Zarr patch store.
+    Ingest(IngestArgs),
+    /// Write AI4Arctic-format synthetic scenes through the NetCDF-4 library.
+    Synth(SynthArgs),
+    /// Print a store's scenes, levels, patches and class balance; optionally a PNG quicklook.
+    Inspect(InspectArgs),
+    /// Generate scenes, ingest them and inspect the store: the whole pipeline in a minute.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct IngestArgs {
+    /// NetCDF files or directories of them (`*.nc`, not recursive).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Store to create or add to.
+    #[arg(long)]
+    store: PathBuf,
+    /// Levels as ground spacings in metres [default: 80,120,160,200,240,280,320,360,400].
+    #[arg(long)]
+    levels: Option<String>,
+    /// Patch (= chunk) edge in pixels.
+    #[arg(long, default_value_t = DEFAULT_PATCH)]
+    patch: u32,
+    /// Scenes processed at once.
+    #[arg(long, default_value_t = DEFAULT_JOBS)]
+    jobs: usize,
+    /// Compression: `zstd:LEVEL` or `blosc-zstd:LEVEL` (byte shuffle).
+    #[arg(long, default_value = "zstd:3")]
+    codec: String,
+    /// Merge equal partial concentrations as the AI4Arctic toolbox does (assign, not add).
+    #[arg(long)]
+    toolbox_merge: bool,
+    /// Rows per band read from each file [default: follow the file's chunking].
+    #[arg(long)]
+    band_rows: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KindArg {
+    Raw,
+    Rtt,
+}
+
+#[derive(clap::Args, Debug)]
+struct SynthArgs {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of scenes.
+    #[arg(long, default_value_t = 4)]
+    count: u32,
+    /// Release format.
+    #[arg(long, value_enum, default_value = "raw")]
+    kind: KindArg,
+    /// Scene size ROWSxCOLS (a full raw scene is about 10000x10400).
+    #[arg(long, default_value = "1000x1040")]
+    size: String,
+    /// Seed of the first scene (scene i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Encoding name, `cycle` (scene i uses the i-th encoding) or `list` to print them.
+    #[arg(long, default_value = "default")]
+    encoding: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct InspectArgs {
+    /// Store to inspect.
+    store: PathBuf,
+    /// Write a quicklook PNG (HH, HV, SIC, SOD, FLOE with legends) of one scene.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// Scene of the quicklook [default: the first].
+    #[arg(long)]
+    scene: Option<String>,
+    /// Level of the quicklook [default: the coarsest].
+    #[arg(long)]
+    level: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Working directory (scenes, store, quicklook).
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Scenes to generate (raw and RTT alternate).
+    #[arg(long, default_value_t = 6)]
+    scenes: u32,
+    /// Raw scene size ROWSxCOLS (RTT scenes are half).
+    #[arg(long, default_value = "1200x1250")]
+    size: String,
+}
+
+/// Run a command; `Ok` carries the exit status (1 when some scenes failed).
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Ingest(a) => cmd_ingest(a),
+        Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),
+        Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
+        Command::Demo(a) => cmd_demo(a),
+    }
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("size {s:?} is not ROWSxCOLS"))?;
+    Ok((
+        h.trim().parse().with_context(|| format!("rows in {s:?}"))?,
+        w.trim()
+            .parse()
+            .with_context(|| format!("columns in {s:?}"))?,
+    ))
+}
+
+fn parse_codec(s: &str) -> Result<Codec> {
+    let (name, level) = s.split_once(':').unwrap_or((s, "3"));
+    let level: i32 = level
+        .parse()
+        .with_context(|| format!("codec level in {s:?}"))?;
+    Ok(match name {
+        "zstd" => Codec::Zstd { level },
+        "blosc-zstd" => Codec::BloscZstd {
+            level: u8::try_from(level)
+                .ok()
+                .filter(|l| *l <= 9)
+                .with_context(|| format!("blosc level must be 0-9 in {s:?}"))?,
+        },
+        other => bail!("unknown codec {other:?}: use zstd:LEVEL or blosc-zstd:LEVEL"),
+    })
+}
+
+/// Expand directories into their `*.nc` files (sorted); keep files as given.
+fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "nc") && f.is_file())
+                .collect();
+            if found.is_empty() {
+                bail!("{}: no .nc files in this directory", p.display());
+            }
+            found.sort();
+            out.extend(found);
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            bail!("{}: no such file or directory", p.display());
+        }
+    }
+    Ok(out)
+}
+
+fn print_summary(s: &Summary) {
+    eprintln!(
+        "\n{} done, {} skipped, {} failed; {:.1} Mpx from {:.1} MB in {:.1} s ({:.1} MB/s); {} scene(s) in the store",
+        s.done.len(),
+        s.skipped.len(),
+        s.failed.len(),
+        s.pixels as f64 / 1e6,
+        s.bytes as f64 / 1e6,
+        s.seconds,
+        s.bytes as f64 / 1e6 / s.seconds.max(1e-9),
+        s.scenes_in_store
+    );
+    for (path, reason) in &s.failed {
+        let _ = path;
+        eprintln!("failed: {reason}");
+    }
+}
+
+fn do_ingest(
+    inputs: &[PathBuf],
+    store: &Path,
+    levels: Vec<Level>,
+    patch: u32,
+    codec: Codec,
+    options: &IngestOptions,
+) -> Result<Summary> {
+    if patch < 16 {
+        bail!("--patch {patch} is too small (at least 16)");
+    }
+    let bars = IngestBars::new(inputs.len());
+    let summary = ingest(
+        inputs,
+        store,
+        new_attrs(&levels, patch, codec),
+        options,
+        &bars,
+    )
+    .with_context(|| format!("ingest into {}", store.display()))?;
+    bars.finish();
+    print_summary(&summary);
+    Ok(summary)
+}
+
+fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
+    let inputs = expand_inputs(&a.inputs)?;
+    let levels = match &a.levels {
+        Some(s) => Level::parse_list(s)?,
+        None => Level::defaults(),
+    };
+    let options = IngestOptions {
+        jobs: a.jobs.max(1),
+        merge_mode: if a.toolbox_merge {
+            MergeMode::ToolboxAssign
+        } else {
+            MergeMode::Sum
+        },
+        band_rows: a.band_rows,
+    };
+    let summary = do_ingest(
+        &inputs,
+        &a.store,
+        levels,
+        a.patch,
+        parse_codec(&a.codec)?,
+        &options,
+    )?;
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn synth_scenes(
+    out: &Path,
+    count: u32,
+    kind: Option<SceneKind>,
+    size: (usize, usize),
+    seed: u64,
+    encoding: &str,
+) -> Result<Vec<PathBuf>> {
+    let named = Encoding::all_named();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut paths = Vec::new();
+    for i in 0..count {
+        // Without a fixed kind, raw and RTT alternate and RTT scenes are half size (80 m).
+        let (kind, (h, w)) = match kind {
+            Some(k) => (k, size),
+            None if i % 2 == 0 => (SceneKind::Raw, size),
+            None => (SceneKind::Rtt, (size.0 / 2, size.1 / 2)),
+        };
+        let mut o = SynthOptions::new(kind, h, w, seed + u64::from(i));
+        o.index = i;
+        o.service = if i % 3 == 2 {
+            Service::Cis
+        } else {
+            Service::Dmi
+        };
+        o.encoding = match encoding {
+            "cycle" => named[i as usize % named.len()].1,
+            name => Encoding::named(name).with_context(|| {
+                format!(
+                    "unknown encoding {name:?}; known: cycle, {}",
+                    named.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                )
+            })?,
+        };
+        let started = Instant::now();
+        let dir = out.to_path_buf();
+        // Every netCDF call of the process runs on the netCDF thread (HDF5 is not thread-safe).
+        let p = on_netcdf_thread(move || write_scene(&dir, &o))
+            .with_context(|| format!("writing synthetic scene {i}"))?;
+        eprintln!(
+            "synth  {} ({h}x{w}, {:.1} s)",
+            p.display(),
+            started.elapsed().as_secs_f64()
+        );
+        paths.push(p);
+    }
+    Ok(paths)
+}
+
+fn cmd_synth(a: SynthArgs) -> Result<()> {
+    if a.encoding == "list" {
+        for (n, e) in Encoding::all_named() {
+            println!("{n:<26} {e:?}");
+        }
+        return Ok(());
+    }
+    let kind = match a.kind {
+        KindArg::Raw => SceneKind::Raw,
+        KindArg::Rtt => SceneKind::Rtt,
+    };
+    synth_scenes(
+        &a.out,
+        a.count,
+        Some(kind),
+        parse_size(&a.size)?,
+        a.seed,
+        &a.encoding,
+    )?;
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let s = summarize(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
+    print!("{}", s.render());
+    if let Some(png) = &a.png {
+        let scene = match &a.scene {
+            Some(id) => {
+                if !s.scenes.iter().any(|x| &x.scene_id == id) {
+                    bail!("scene {id:?} is not in {}", a.store.display());
+                }
+                id.clone()
+            }
+            None => s
+                .scenes
+                .first()
+                .map(|x| x.scene_id.clone())
+                .context("the store has no scenes")?,
+        };
+        let level: Level = match &a.level {
+            Some(l) => {
+                let l: Level = l.parse()?;
+                if !s.levels.contains(&l.name()) {
+                    bail!(
+                        "level {l} is not in the store (it has {})",
+                        s.levels.join(", ")
+                    );
+                }
+                l
+            }
+            None => s
+                .levels
+                .last()
+                .context("the store has no levels")?
+                .parse()?,
+        };
+        let (w, h) = write_quicklook(&a.store, &scene, level, png, &QuicklookOptions::default())?;
+        println!(
+            "\nquicklook of {scene} at {level}: {} ({w}x{h})",
+            png.display()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let size = parse_size(&a.size)?;
+    let scenes_dir = a.out.join("scenes");
+    let store = a.out.join("store.zarr");
+    eprintln!(
+        "1/3 generating {} AI4Arctic-format scenes in {}",
+        a.scenes,
+        scenes_dir.display()
+    );
+    let inputs = synth_scenes(&scenes_dir, a.scenes, None, size, 1, "cycle")?;
+    eprintln!("2/3 ingesting into {}", store.display());
+    let levels = Level::parse_list("80,200,400")?;
+    let summary = do_ingest(
+        &inputs,
+        &store,
+        levels,
+        256,
+        Codec::Zstd { level: 3 },
+        &IngestOptions::default(),
+    )?;
+    eprintln!("3/3 inspecting the store\n");
+    let png = a.out.join("quicklook.png");
+    cmd_inspect(InspectArgs {
+        store: store.clone(),
+        png: Some(png),
+        scene: None,
+        level: Some("200m".into()),
+    })?;
+    println!(
+        "\ndemo finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

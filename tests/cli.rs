@@ -1,0 +1,325 @@
+//! End-to-end tests of the `icefm` executable in temporary directories.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use icefm_ingest::store::{array_shape, read_f32, read_u8};
+
+fn icefm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_icefm"))
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn synth(dir: &Path, count: u32, size: &str, encoding: &str) {
+    ok(icefm()
+        .args([
+            "synth",
+            "--count",
+            &count.to_string(),
+            "--size",
+            size,
+            "--encoding",
+            encoding,
+            "--out",
+        ])
+        .arg(dir)
+        .output()
+        .unwrap());
+}
+
+fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn ingest_killed_at_any_moment_resumes_to_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 4, "700x760", "cycle");
+    let clean = dir.path().join("clean.zarr");
+    ok(icefm()
+        .args([
+            "ingest",
+            "--levels",
+            "80,160,400",
+            "--patch",
+            "128",
+            "--store",
+        ])
+        .arg(&clean)
+        .arg(&scenes)
+        .output()
+        .unwrap());
+    for (attempt, kill_after_ms) in [150u64, 600, 1200].into_iter().enumerate() {
+        let store = dir.path().join(format!("killed{attempt}.zarr"));
+        let mut child = icefm()
+            .args([
+                "ingest",
+                "--levels",
+                "80,160,400",
+                "--patch",
+                "128",
+                "--store",
+            ])
+            .arg(&store)
+            .arg(&scenes)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let out = ok(icefm()
+            .args([
+                "ingest",
+                "--levels",
+                "80,160,400",
+                "--patch",
+                "128",
+                "--store",
+            ])
+            .arg(&store)
+            .arg(&scenes)
+            .output()
+            .unwrap());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("0 failed"), "{stderr}");
+        // Temporary files of the killed run are the only thing allowed to differ.
+        let strip = |v: Vec<(PathBuf, Vec<u8>)>| -> Vec<(PathBuf, Vec<u8>)> {
+            v.into_iter()
+                .filter(|(p, _)| !p.to_string_lossy().ends_with(".tmp"))
+                .collect()
+        };
+        let (a, b) = (strip(tree_bytes(&clean)), strip(tree_bytes(&store)));
+        assert_eq!(
+            a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+            b.iter().map(|x| &x.0).collect::<Vec<_>>(),
+            "kill after {kill_after_ms} ms"
+        );
+        for ((p, x), (_, y)) in a.iter().zip(&b) {
+            assert!(
+                x == y,
+                "{} differs after a kill at {kill_after_ms} ms",
+                p.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_exit_non_zero_and_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = icefm()
+        .args(["ingest", "--store"])
+        .arg(dir.path().join("s.zarr"))
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no .nc files") && err.contains("empty"),
+        "{err}"
+    );
+
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 1, "300x320", "default");
+    std::fs::write(scenes.join("broken.nc"), b"CDF? no").unwrap();
+    let store = dir.path().join("s.zarr");
+    let out = icefm()
+        .args(["ingest", "--levels", "80", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 done, 0 skipped, 1 failed"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("failed:") && l.contains("broken.nc")),
+        "{err}"
+    );
+    // Re-running skips the complete scene and still reports the bad one.
+    let out = icefm()
+        .args(["ingest", "--levels", "80", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 done, 1 skipped, 1 failed"));
+    // A store made with other levels is refused with one line.
+    let out = icefm()
+        .args(["ingest", "--levels", "200", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use another store"));
+}
+
+#[test]
+fn inspect_prints_balance_and_writes_a_quicklook() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 2, "400x420", "default");
+    let store = dir.path().join("s.zarr");
+    ok(icefm()
+        .args(["ingest", "--levels", "80,200", "--patch", "64", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap());
+    let png = dir.path().join("q.png");
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("2 scene(s); levels 80m, 200m; patch 64 px"),
+        "{text}"
+    );
+    assert!(text.contains("SOD class balance"), "{text}");
+    assert!(text.contains("open water"), "{text}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let out = icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--png", "x.png", "--level", "120"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("level 120m is not in the store"));
+}
+
+/// zarr-python, xarray and pyarrow read the store with no icefm code and agree with icefm.
+#[test]
+fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
+    let have = Command::new("python3")
+        .args(["-c", "import zarr, xarray, pyarrow, numpy"])
+        .status();
+    assert!(
+        have.is_ok_and(|s| s.success()),
+        "python3 with zarr, xarray, pyarrow and numpy is needed: run `make deps`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 2, "300x340", "cycle");
+    let store = dir.path().join("s.zarr");
+    ok(icefm()
+        .args(["ingest", "--levels", "80,200", "--patch", "64", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap());
+    let ids: Vec<String> = std::fs::read_dir(store.join("scenes"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut arrays = Vec::new();
+    let mut patches = 0u64;
+    for id in &ids {
+        for level in ["80m", "200m"] {
+            for name in ["sar", "aux", "labels"] {
+                let node = format!("/scenes/{id}/{level}/{name}");
+                let shape = array_shape(&store, &node).unwrap();
+                let r = [0..shape[0], 0..shape[1], 0..shape[2]];
+                let (cy, cx) = (shape[1] / 2, shape[2] / 2);
+                let idx = |c: u64, y: u64, x: u64| ((c * shape[1] + y) * shape[2] + x) as usize;
+                let entry = if name == "labels" {
+                    let v = read_u8(&store, &node, r).unwrap();
+                    let mut hist = serde_json::Map::new();
+                    for k in 0..=255u8 {
+                        let n = v.iter().filter(|&&x| x == k).count();
+                        if n > 0 {
+                            hist.insert(k.to_string(), n.into());
+                        }
+                    }
+                    let window: Vec<serde_json::Value> = (0..4)
+                        .flat_map(|y| (0..4).map(move |x| (y, x)))
+                        .map(|(y, x)| v[idx(0, cy + y, cx + x)].into())
+                        .collect();
+                    serde_json::json!({"node": node, "shape": shape, "hist": hist, "window_at": [0, cy, cx], "window": window})
+                } else {
+                    let v = read_f32(&store, &node, r).unwrap();
+                    let nan = v.iter().filter(|x| x.is_nan()).count();
+                    let sum: f64 = v
+                        .iter()
+                        .filter(|x| !x.is_nan())
+                        .map(|&x| f64::from(x))
+                        .sum();
+                    let window: Vec<serde_json::Value> = (0..4)
+                        .flat_map(|y| (0..4).map(move |x| (y, x)))
+                        .map(|(y, x)| {
+                            let f = v[idx(1, cy + y, cx + x)];
+                            if f.is_nan() {
+                                serde_json::Value::Null
+                            } else {
+                                f64::from(f).into()
+                            }
+                        })
+                        .collect();
+                    serde_json::json!({"node": node, "shape": shape, "nan": nan, "sum": sum, "window_at": [1, cy, cx], "window": window})
+                };
+                arrays.push(entry);
+            }
+            let sh = array_shape(&store, &format!("/scenes/{id}/{level}/sar")).unwrap();
+            patches += sh[1].div_ceil(64) * sh[2].div_ceil(64);
+        }
+    }
+    let expected = serde_json::json!({
+        "levels": ["80m", "200m"],
+        "arrays": arrays,
+        "scene_ids": ids,
+        "manifest_rows": {"scenes": ids.len(), "patches": patches},
+    });
+    let exp = dir.path().join("expected.json");
+    std::fs::write(&exp, serde_json::to_vec(&expected).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/check_store.py");
+    let out = ok(Command::new("python3")
+        .arg(script)
+        .arg(&store)
+        .arg(&exp)
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Open an icefm store with zarr-python, xarray and pyarrow only (no icefm code) and compare
+with the values icefm itself reported (a JSON file written by the Rust test).
+
+Usage: check_store.py STORE EXPECTED.json
+Exit status 0 when every value agrees; prints one line per check.
+"""
+import json
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import xarray as xr
+import zarr
+
+
+def main() -> int:
+    store, expected_path = sys.argv[1], sys.argv[2]
+    expected = json.load(open(expected_path))
+    root = zarr.open_group(store, mode="r")
+    attrs = root.attrs["icefm"]
+    assert attrs["format_version"] == 1, attrs["format_version"]
+    assert attrs["levels"] == expected["levels"], (attrs["levels"], expected["levels"])
+    checks = 0
+    for e in expected["arrays"]:
+        arr = root[e["node"]]
+        data = arr[...]
+        assert list(data.shape) == e["shape"], (e["node"], data.shape, e["shape"])
+        if data.dtype == np.float32:
+            nan = int(np.isnan(data).sum())
+            total = float(np.nansum(data.astype(np.float64)))
+            assert nan == e["nan"], (e["node"], nan, e["nan"])
+            assert abs(total - e["sum"]) <= 1e-6 * max(1.0, abs(e["sum"])), (e["node"], total, e["sum"])
+        else:
+            hist = np.bincount(data.ravel(), minlength=256).tolist()
+            got = {str(k): v for k, v in enumerate(hist) if v}
+            assert got == e["hist"], (e["node"], got, e["hist"])
+        # One window, element by element.
+        c0, y0, x0 = e["window_at"]
+        win = data[c0, y0 : y0 + 4, x0 : x0 + 4].ravel().tolist()
+        want = [float("nan") if v is None else v for v in e["window"]]
+        assert np.allclose(win, want, equal_nan=True, rtol=0, atol=0), (e["node"], win, want)
+        checks += 1
+    # xarray opens a level group with named dimensions, without icefm.
+    first = expected["arrays"][0]["node"].rsplit("/", 1)[0]
+    ds = xr.open_zarr(store, group=first, consolidated=False)
+    assert set(ds.data_vars) >= {"sar", "labels", "aux"}, list(ds.data_vars)
+    assert ds["sar"].dims == ("sar_channel", "y", "x"), ds["sar"].dims
+    assert ds["labels"].dims == ("task", "y", "x"), ds["labels"].dims
+    assert ds.sizes["y"] == ds["labels"].shape[1], dict(ds.sizes)
+    checks += 1
+    # Manifests through pyarrow.
+    for name, rows in expected["manifest_rows"].items():
+        t = pq.read_table(f"{store}/manifests/{name}.parquet")
+        assert t.num_rows == rows, (name, t.num_rows, rows)
+        checks += 1
+    scenes = pq.read_table(f"{store}/manifests/scenes.parquet").to_pylist()
+    assert sorted(s["scene_id"] for s in scenes) == sorted(expected["scene_ids"])
+    for s in scenes:
+        assert sum(s["sic_pixels"]) == s["height"] * s["width"], s["scene_id"]
+    print(f"interop: {checks} checks passed (zarr {zarr.__version__}, xarray {xr.__version__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
