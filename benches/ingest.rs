@@ -13,7 +13,7 @@ use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
 use icefm_ingest::reader::SceneReader;
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
-use icefm_schemas::store::{Codec, DEFAULT_PATCH};
+use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH};
 use icefm_synth::{SceneKind, SynthOptions, write_scene};
 
 fn scale() -> f64 {
@@ -110,14 +110,14 @@ fn bench_scene(c: &mut Criterion, kind: SceneKind) {
     g.throughput(Throughput::Bytes(bytes));
     g.bench_function("netcdf_read_floor", |b| b.iter(|| read_floor(&path)));
     let levels = Level::defaults();
-    let size = ingest_once(&path, &levels, Codec::Zstd { level: 3 });
+    let size = ingest_once(&path, &levels, DEFAULT_CODEC);
     eprintln!(
-        "{name}: input {:.1} MB, store {:.1} MB (levels 80..400 m, zstd 3)",
+        "{name}: input {:.1} MB, store {:.1} MB (levels 80..400 m, default codec)",
         bytes as f64 / 1e6,
         size as f64 / 1e6
     );
     g.bench_function("ingest_all_levels", |b| {
-        b.iter(|| ingest_once(&path, &levels, Codec::Zstd { level: 3 }))
+        b.iter(|| ingest_once(&path, &levels, DEFAULT_CODEC))
     });
     g.finish();
 }
@@ -141,7 +141,7 @@ fn codecs(c: &mut Criterion) {
     for (name, codec) in [
         ("zstd1", Codec::Zstd { level: 1 }),
         ("zstd3", Codec::Zstd { level: 3 }),
-        ("zstd9", Codec::Zstd { level: 9 }),
+        ("blosc_zstd1_shuffle", Codec::BloscZstd { level: 1 }),
         ("blosc_zstd5_shuffle", Codec::BloscZstd { level: 5 }),
     ] {
         let size = ingest_once(&path, &levels, codec);

@@ -13,7 +13,7 @@ use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::sigrid::MergeMode;
-use icefm_schemas::store::{Codec, DEFAULT_PATCH};
+use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH};
 use icefm_synth::{Encoding, SceneKind, Service, SynthOptions, write_scene};
 
 use crate::progress::IngestBars;
@@ -55,8 +55,8 @@ struct IngestArgs {
     /// Scenes processed at once.
     #[arg(long, default_value_t = DEFAULT_JOBS)]
     jobs: usize,
-    /// Compression: `zstd:LEVEL` or `blosc-zstd:LEVEL` (byte shuffle).
-    #[arg(long, default_value = "zstd:3")]
+    /// Compression: `zstd:LEVEL` or `blosc-zstd:LEVEL` (zstd inside blosc, byte shuffle).
+    #[arg(long, default_value = "blosc-zstd:1")]
     codec: String,
     /// Merge equal partial concentrations as the AI4Arctic toolbox does (assign, not add).
     #[arg(long)]
@@ -390,7 +390,7 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         &store,
         levels,
         256,
-        Codec::Zstd { level: 3 },
+        DEFAULT_CODEC,
         &IngestOptions::default(),
     )?;
     eprintln!("3/3 inspecting the store\n");

@@ -83,11 +83,9 @@ impl PolygonTable {
     }
 }
 
-/// Native labels of one band with the counts ingest reports.
-#[derive(Debug, Clone)]
-pub struct NativeLabels {
-    /// Packed labels, `[rows * width]`.
-    pub packed: Vec<Packed>,
+/// Pixel counts found while deriving native labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelCounts {
     /// Pixels per polygon (code-table order).
     pub polygon_pixels: Vec<u64>,
     /// Pixels whose polygon id is not in the code table (become 255).
@@ -96,18 +94,37 @@ pub struct NativeLabels {
     pub out_of_table_pixels: u64,
 }
 
-/// Derive the band's packed labels. `table` is required for raw bands with a chart.
-pub fn native_labels(band: &Band, table: Option<&PolygonTable>) -> NativeLabels {
-    let n = band.hh.len();
-    let n_poly = table.map_or(0, |t| t.derived.len());
-    let mut out = NativeLabels {
-        packed: vec![PACKED_IGNORE; n],
-        polygon_pixels: vec![0; n_poly],
-        orphan_pixels: 0,
-        out_of_table_pixels: 0,
+impl LabelCounts {
+    /// Add another block's counts.
+    pub fn add(&mut self, other: &LabelCounts) {
+        if self.polygon_pixels.len() < other.polygon_pixels.len() {
+            self.polygon_pixels.resize(other.polygon_pixels.len(), 0);
+        }
+        for (a, b) in self.polygon_pixels.iter_mut().zip(&other.polygon_pixels) {
+            *a += b;
+        }
+        self.orphan_pixels += other.orphan_pixels;
+        self.out_of_table_pixels += other.out_of_table_pixels;
+    }
+}
+
+/// Derive the packed labels of the band's pixels `range` into `out` (`range.len()` long, filled
+/// with [`PACKED_IGNORE`] by the caller). `table` is required for raw bands with a chart.
+pub fn native_labels_into(
+    band: &Band,
+    range: std::ops::Range<usize>,
+    table: Option<&PolygonTable>,
+    out: &mut [Packed],
+) -> LabelCounts {
+    let hh = &band.hh[range.clone()];
+    let n = hh.len();
+    let mut counts = LabelCounts {
+        polygon_pixels: vec![0; table.map_or(0, |t| t.derived.len())],
+        ..LabelCounts::default()
     };
     match (&band.labels, table) {
         (BandLabels::PolygonIds(ids), Some(table)) => {
+            let ids = &ids[range];
             let lut: Vec<Packed> = table
                 .derived
                 .iter()
@@ -123,38 +140,46 @@ pub fn native_labels(band: &Band, table: Option<&PolygonTable>) -> NativeLabels 
                 }
                 match table.index_of(id) {
                     Some(p) => {
-                        out.polygon_pixels[p] += (j - i) as u64;
+                        counts.polygon_pixels[p] += (j - i) as u64;
                         let v = lut[p];
-                        for k in i..j {
-                            if !band.hh[k].is_nan() {
-                                out.packed[k] = v;
+                        for (o, h) in out[i..j].iter_mut().zip(&hh[i..j]) {
+                            if !h.is_nan() {
+                                *o = v;
                             }
                         }
                     }
-                    None if !id.is_nan() => out.orphan_pixels += (j - i) as u64,
+                    None if !id.is_nan() => counts.orphan_pixels += (j - i) as u64,
                     None => {}
                 }
                 i = j;
             }
         }
         (BandLabels::Charts([sic, sod, floe]), _) => {
+            let (sic, sod, floe) = (&sic[range.clone()], &sod[range.clone()], &floe[range]);
             for k in 0..n {
-                if band.hh[k].is_nan() {
+                if hh[k].is_nan() {
                     continue;
                 }
                 let mut v = [sic[k], sod[k], floe[k]];
                 for (t, x) in Task::ALL.iter().zip(v.iter_mut()) {
                     if *x != IGNORE && usize::from(*x) >= t.n_classes() {
                         *x = IGNORE;
-                        out.out_of_table_pixels += 1;
+                        counts.out_of_table_pixels += 1;
                     }
                 }
-                out.packed[k] = pack(v[0], v[1], v[2]);
+                out[k] = pack(v[0], v[1], v[2]);
             }
         }
         _ => {}
     }
-    out
+    counts
+}
+
+/// Packed labels of a whole band and its counts.
+pub fn native_labels(band: &Band, table: Option<&PolygonTable>) -> (Vec<Packed>, LabelCounts) {
+    let mut packed = vec![PACKED_IGNORE; band.hh.len()];
+    let counts = native_labels_into(band, 0..band.hh.len(), table, &mut packed);
+    (packed, counts)
 }
 
 /// Add a band's labels to per-task class histograms (bins: classes, then 255).
@@ -200,9 +225,9 @@ mod tests {
         let table = PolygonTable::new(&codes, MergeMode::Sum);
         let ids = vec![28.0, 28.0, 76.0, f64::NAN, 5.0, 76.0];
         let hh = vec![-10.0, f32::NAN, -20.0, -20.0, -20.0, -21.0];
-        let l = native_labels(&band(hh, BandLabels::PolygonIds(ids)), Some(&table));
+        let (packed, l) = native_labels(&band(hh, BandLabels::PolygonIds(ids)), Some(&table));
         assert_eq!(
-            l.packed,
+            packed,
             vec![
                 pack(9, 4, 5),
                 PACKED_IGNORE,
@@ -215,7 +240,7 @@ mod tests {
         assert_eq!(l.polygon_pixels, vec![2, 2]);
         assert_eq!(l.orphan_pixels, 1);
         let mut hist = [vec![0; 12], vec![0; 7], vec![0; 8]];
-        count_classes(&l.packed, &mut hist);
+        count_classes(&packed, &mut hist);
         assert_eq!(hist[0][9], 1);
         assert_eq!(hist[0][0], 2);
         assert_eq!(hist[0][11], 3);
@@ -225,9 +250,9 @@ mod tests {
     #[test]
     fn rtt_charts_out_of_table_values_become_ignore() {
         let charts = BandLabels::Charts([vec![10, 3, 12], vec![5, 6, 0], vec![6, 2, 0]]);
-        let l = native_labels(&band(vec![-10.0; 3], charts), None);
+        let (packed, l) = native_labels(&band(vec![-10.0; 3], charts), None);
         assert_eq!(
-            l.packed,
+            packed,
             vec![pack(10, 5, 6), pack(3, 255, 2), pack(255, 0, 0)]
         );
         assert_eq!(l.out_of_table_pixels, 2);

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod quicklook;
 pub mod reader;
 pub mod resample;
+mod scene_writer;
 pub mod store;
 
 pub use error::{IngestError, SceneError, StoreError};

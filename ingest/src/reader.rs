@@ -48,8 +48,21 @@ pub struct TiePoints {
 impl TiePoints {
     /// Bilinear incidence angle at a native pixel position (row, col), clamped to the grid.
     pub fn incidence_at(&self, row: f64, col: f64) -> f64 {
-        let (i, fy) = bracket(&self.lines, row);
-        let (j, fx) = bracket(&self.samples, col);
+        self.interpolate(self.row_bracket(row), self.col_bracket(col))
+    }
+
+    /// Tie-point row interval and fraction of a native row position.
+    pub fn row_bracket(&self, row: f64) -> (usize, f64) {
+        bracket(&self.lines, row)
+    }
+
+    /// Tie-point column interval and fraction of a native column position.
+    pub fn col_bracket(&self, col: f64) -> (usize, f64) {
+        bracket(&self.samples, col)
+    }
+
+    /// Bilinear interpolation between brackets (precompute them to interpolate whole rows fast).
+    pub fn interpolate(&self, (i, fy): (usize, f64), (j, fx): (usize, f64)) -> f64 {
         let n = self.samples.len();
         let v = |a: usize, b: usize| self.incidence[a * n + b];
         let top = v(i, j) * (1.0 - fx) + v(i, j + 1) * fx;
@@ -138,30 +151,6 @@ pub struct Band {
     pub incidence: Option<Vec<f32>>,
     /// Labels of the band.
     pub labels: BandLabels,
-}
-
-impl Band {
-    /// A copy of rows `[r0, r1)` of the band (`width` columns).
-    pub fn slice_rows(&self, r0: usize, r1: usize, width: usize) -> Band {
-        let sl = |v: &[f32]| v[r0 * width..r1 * width].to_vec();
-        Band {
-            row0: self.row0 + r0,
-            rows: r1 - r0,
-            hh: sl(&self.hh),
-            hv: Vec::new(),
-            distance: Vec::new(),
-            incidence: None,
-            labels: match &self.labels {
-                BandLabels::PolygonIds(ids) => {
-                    BandLabels::PolygonIds(ids[r0 * width..r1 * width].to_vec())
-                }
-                BandLabels::Charts(c) => {
-                    BandLabels::Charts(c.clone().map(|v| v[r0 * width..r1 * width].to_vec()))
-                }
-                BandLabels::None => BandLabels::None,
-            },
-        }
-    }
 }
 
 /// Label information of a band.

@@ -28,6 +28,9 @@ pub struct AxisMap {
     first: Vec<u32>,
     w0: Vec<f32>,
     w1: Vec<f32>,
+    /// Per output cell (fractional ratios): native span `[j0, j1)` and the overlap weights of its
+    /// first and last pixel (interior pixels weigh 1).
+    spans: Vec<(u32, u32, f32, f32)>,
 }
 
 impl AxisMap {
@@ -64,6 +67,20 @@ impl AxisMap {
                 w1.push(0.0);
             }
         }
+        let spans = if integer.is_some() {
+            Vec::new()
+        } else {
+            (0..out_len)
+                .map(|k| {
+                    let lo = k as f64 * ratio;
+                    let hi = ((k + 1) as f64 * ratio).min(native_len as f64);
+                    let j0 = (lo + 1e-9).floor() as usize;
+                    let j1 = ((hi - 1e-9).ceil() as usize).clamp(j0 + 1, native_len);
+                    let ov = |j: usize| ((j + 1) as f64).min(hi) - (j as f64).max(lo);
+                    (j0 as u32, j1 as u32, ov(j0) as f32, ov(j1 - 1) as f32)
+                })
+                .collect()
+        };
         Self {
             out_len,
             ratio,
@@ -71,6 +88,7 @@ impl AxisMap {
             first,
             w0,
             w1,
+            spans,
         }
     }
 
@@ -103,6 +121,35 @@ impl AxisMap {
 /// Runs of equal packed labels along a native row: `(start, len, value)`.
 pub type Run = (u32, u32, Packed);
 
+/// Runs of equal values of a piecewise-constant channel (distance zone, land): `(start, len, value)`.
+pub type PieceRun = (u32, u32, f32);
+
+/// Run-length encode one row of a piecewise-constant channel (NaN runs included).
+pub fn piece_runs_of(row: &[f32], out: &mut Vec<PieceRun>) {
+    out.clear();
+    let mut i = 0;
+    while i < row.len() {
+        let v = row[i];
+        let mut j = i + 1;
+        while j < row.len() && row[j].to_bits() == v.to_bits() {
+            j += 1;
+        }
+        out.push((i as u32, (j - i) as u32, v));
+        i = j;
+    }
+}
+
+/// One native row as the accumulator takes it. Channels are numbered dense first, then piecewise.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeRow<'a> {
+    /// Channels that change from pixel to pixel (SAR, incidence angle).
+    pub dense: &'a [&'a [f32]],
+    /// Piecewise-constant channels as runs (distance zone, land): cost follows runs, not pixels.
+    pub piecewise: &'a [&'a [PieceRun]],
+    /// Packed labels as runs.
+    pub labels: &'a [Run],
+}
+
 /// Run-length encode one row of packed labels.
 pub fn runs_of(row: &[Packed], out: &mut Vec<Run>) {
     out.clear();
@@ -118,10 +165,20 @@ pub fn runs_of(row: &[Packed], out: &mut Vec<Run>) {
     }
 }
 
+/// `RowAcc::mono` of a cell that has received no labels yet.
+const MONO_EMPTY: Packed = u32::MAX;
+/// `RowAcc::mono` of a cell whose labels differ: its votes are in `hist`.
+const MONO_MIXED: Packed = u32::MAX - 1;
+
+/// Accumulators of one output row. Most cells lie inside one polygon, so labels are first kept as
+/// one packed value with its weight (`mono`); only cells that receive a second value pay for the
+/// per-class histogram.
 #[derive(Debug, Clone)]
 struct RowAcc {
     sum: Vec<f32>,
     weight: Vec<f32>,
+    mono: Vec<Packed>,
+    mono_weight: Vec<f32>,
     hist: Vec<f32>,
 }
 
@@ -130,13 +187,46 @@ impl RowAcc {
         Self {
             sum: vec![0.0; channels * width],
             weight: vec![0.0; channels * width],
+            mono: vec![MONO_EMPTY; width],
+            mono_weight: vec![0.0; width],
             hist: vec![0.0; BINS * width],
         }
     }
+
     fn clear(&mut self) {
         self.sum.fill(0.0);
         self.weight.fill(0.0);
-        self.hist.fill(0.0);
+        self.mono.fill(MONO_EMPTY);
+        self.mono_weight.fill(0.0);
+    }
+
+    #[inline]
+    fn add_hist(hist: &mut [f32], p: Packed, w: f32) {
+        for (t, off) in BIN_OFFSET.iter().enumerate() {
+            let v = unpack(p, t);
+            if v != IGNORE {
+                hist[off + usize::from(v)] += w;
+            }
+        }
+    }
+
+    #[inline]
+    fn vote(&mut self, k: usize, p: Packed, w: f32) {
+        let m = self.mono[k];
+        if m == p {
+            self.mono_weight[k] += w;
+        } else if m == MONO_EMPTY {
+            self.mono[k] = p;
+            self.mono_weight[k] = w;
+        } else {
+            let h = &mut self.hist[k * BINS..(k + 1) * BINS];
+            if m != MONO_MIXED {
+                h.fill(0.0);
+                Self::add_hist(h, m, self.mono_weight[k]);
+                self.mono[k] = MONO_MIXED;
+            }
+            Self::add_hist(h, p, w);
+        }
     }
 }
 
@@ -212,16 +302,19 @@ impl LevelAccumulator {
         self.padded_width
     }
 
-    /// Add native row `i` (rows must come in order): `values[c]` is channel `c` of the row,
-    /// `runs` its packed labels run-length encoded.
-    pub fn push_row(&mut self, i: usize, values: &[&[f32]], runs: &[Run]) {
+    /// Add native row `i` (rows must come in order).
+    pub fn push_row(&mut self, i: usize, row: NativeRow<'_>) {
+        if self.rows.integer == Some(1) && self.cols.integer == Some(1) {
+            self.copy_row(i, row);
+            return;
+        }
         let (a, wa, wb) = self.rows.at(i);
         while self.cur < a {
             self.finish_row();
         }
-        self.accumulate(0, wa, values, runs);
+        self.accumulate(0, wa, row);
         if wb > 0.0 {
-            self.accumulate(1, wb, values, runs);
+            self.accumulate(1, wb, row);
         }
     }
 
@@ -237,38 +330,68 @@ impl LevelAccumulator {
         std::mem::take(&mut self.out)
     }
 
-    fn accumulate(&mut self, slot: usize, wy: f32, values: &[&[f32]], runs: &[Run]) {
+    fn accumulate(&mut self, slot: usize, wy: f32, row: NativeRow<'_>) {
         let w = self.cols.out_len;
         let acc = &mut self.acc[slot];
-        for (c, x) in values.iter().enumerate() {
+        let nd = row.dense.len();
+        for (c, runs) in row.piecewise.iter().enumerate() {
+            let c = nd + c;
+            let sum = &mut acc.sum[c * w..(c + 1) * w];
+            let weight = &mut acc.weight[c * w..(c + 1) * w];
+            for &(s, len, v) in runs.iter() {
+                if v.is_nan() {
+                    continue;
+                }
+                let (s, e) = (s as usize, (s + len) as usize);
+                for k in self.cols.cells(s, e) {
+                    let ov = wy * self.cols.overlap(s, e, k);
+                    sum[k] += ov * v;
+                    weight[k] += ov;
+                }
+            }
+        }
+        let runs = row.labels;
+        for (c, x) in row.dense.iter().enumerate() {
             let sum = &mut acc.sum[c * w..(c + 1) * w];
             let weight = &mut acc.weight[c * w..(c + 1) * w];
             match self.cols.integer {
                 Some(f) => {
-                    for (k, cell) in x.chunks(f).enumerate() {
+                    for ((cell, sk), wk) in x.chunks(f).zip(sum.iter_mut()).zip(weight.iter_mut()) {
+                        // Branch-free NaN skipping: NaN-heavy borders cost no mispredictions.
                         let (mut s, mut n) = (0.0f32, 0.0f32);
                         for &v in cell {
+                            let ok = !v.is_nan();
+                            s += if ok { v } else { 0.0 };
+                            n += f32::from(u8::from(ok));
+                        }
+                        *sk += wy * s;
+                        *wk += wy * n;
+                    }
+                }
+                None => {
+                    for (k, &(j0, j1, wf, wl)) in self.cols.spans.iter().enumerate() {
+                        let (j0, j1) = (j0 as usize, j1 as usize);
+                        let (mut s, mut n) = (0.0f32, 0.0f32);
+                        let v = x[j0];
+                        if !v.is_nan() {
+                            s += wf * v;
+                            n += wf;
+                        }
+                        if j1 - j0 > 1 {
+                            for &v in &x[j0 + 1..j1 - 1] {
+                                if !v.is_nan() {
+                                    s += v;
+                                    n += 1.0;
+                                }
+                            }
+                            let v = x[j1 - 1];
                             if !v.is_nan() {
-                                s += v;
-                                n += 1.0;
+                                s += wl * v;
+                                n += wl;
                             }
                         }
                         sum[k] += wy * s;
                         weight[k] += wy * n;
-                    }
-                }
-                None => {
-                    for (j, &v) in x.iter().enumerate() {
-                        if v.is_nan() {
-                            continue;
-                        }
-                        let (k, w0, w1) = self.cols.at(j);
-                        sum[k] += wy * w0 * v;
-                        weight[k] += wy * w0;
-                        if w1 > 0.0 {
-                            sum[k + 1] += wy * w1 * v;
-                            weight[k + 1] += wy * w1;
-                        }
                     }
                 }
             }
@@ -278,17 +401,45 @@ impl LevelAccumulator {
                 continue;
             }
             let (s, e) = (s as usize, (s + len) as usize);
-            let bins: [Option<usize>; 3] = std::array::from_fn(|t| {
-                let v = unpack(p, t);
-                (v != IGNORE).then(|| BIN_OFFSET[t] + usize::from(v))
-            });
             for k in self.cols.cells(s, e) {
-                let ov = wy * self.cols.overlap(s, e, k);
-                let h = &mut acc.hist[k * BINS..(k + 1) * BINS];
-                for b in bins.iter().flatten() {
-                    h[*b] += ov;
-                }
+                acc.vote(k, p, wy * self.cols.overlap(s, e, k));
             }
+        }
+    }
+
+    /// A level at the native spacing: the row is the output row.
+    fn copy_row(&mut self, i: usize, row: NativeRow<'_>) {
+        debug_assert_eq!(i, self.cur);
+        let (p, pw, w) = (self.patch, self.padded_width, self.cols.out_len);
+        let r = i % p;
+        for (c, x) in row.dense.iter().enumerate() {
+            self.chunk.values[(c * p + r) * pw..(c * p + r) * pw + w].copy_from_slice(x);
+        }
+        let nd = row.dense.len();
+        for (c, runs) in row.piecewise.iter().enumerate() {
+            let base = ((nd + c) * p + r) * pw;
+            for &(s, len, v) in runs.iter() {
+                self.chunk.values[base + s as usize..base + (s + len) as usize].fill(v);
+            }
+        }
+        for &(s, len, v) in row.labels {
+            let (s, e) = (s as usize, (s + len) as usize);
+            for t in 0..3 {
+                let row = (t * p + r) * pw;
+                self.chunk.labels[row + s..row + e].fill(unpack(v, t));
+            }
+        }
+        self.advance_row(r);
+    }
+
+    /// Count output row `r` of the chunk as done; emit the chunk when full or last.
+    fn advance_row(&mut self, r: usize) {
+        let (p, pw) = (self.patch, self.padded_width);
+        self.chunk.rows = r + 1;
+        self.cur += 1;
+        if r + 1 == p || self.cur == self.rows.out_len {
+            let next = Self::empty_chunk(self.chunk.index + 1, self.channels, p, pw);
+            self.out.push(std::mem::replace(&mut self.chunk, next));
         }
     }
 
@@ -317,31 +468,36 @@ impl LevelAccumulator {
             let ch = t.channel();
             let dst = &mut self.chunk.labels[(ch * p + r) * pw..(ch * p + r) * pw + w];
             for (j, d) in dst.iter_mut().enumerate() {
-                let h =
-                    &acc.hist[j * BINS + BIN_OFFSET[ch]..j * BINS + BIN_OFFSET[ch] + t.n_classes()];
-                let mut total = 0.0;
-                let mut best = 0;
-                for (b, &x) in h.iter().enumerate() {
-                    total += x;
-                    if x > h[best] {
-                        best = b;
+                let (best, total) = match acc.mono[j] {
+                    MONO_EMPTY => (IGNORE, 0.0),
+                    MONO_MIXED => {
+                        let off = j * BINS + BIN_OFFSET[ch];
+                        let h = &acc.hist[off..off + t.n_classes()];
+                        let mut total = 0.0;
+                        let mut best = 0;
+                        for (b, &x) in h.iter().enumerate() {
+                            total += x;
+                            if x > h[best] {
+                                best = b;
+                            }
+                        }
+                        (best as u8, total)
                     }
-                }
+                    m => match unpack(m, ch) {
+                        IGNORE => (IGNORE, 0.0),
+                        v => (v, acc.mono_weight[j]),
+                    },
+                };
                 *d = if total > 0.0 && total >= min_valid - 1e-4 {
-                    best as u8
+                    best
                 } else {
                     IGNORE
                 };
             }
         }
-        self.chunk.rows = r + 1;
         self.acc.swap(0, 1);
         self.acc[1].clear();
-        self.cur += 1;
-        if r + 1 == p || self.cur == self.rows.out_len {
-            let next = Self::empty_chunk(self.chunk.index + 1, self.channels, p, pw);
-            self.out.push(std::mem::replace(&mut self.chunk, next));
-        }
+        self.advance_row(r);
     }
 }
 
@@ -431,12 +587,24 @@ mod tests {
                 pack(0, class, 0)
             };
         }
-        let mut acc = LevelAccumulator::new(h, w, ratio, 1, patch);
+        let mut acc = LevelAccumulator::new(h, w, ratio, 2, patch);
         let mut runs = Vec::new();
+        let mut pieces = Vec::new();
         let mut chunks = Vec::new();
         for i in 0..h {
             runs_of(&lab[i * w..(i + 1) * w], &mut runs);
-            acc.push_row(i, &[&x[i * w..(i + 1) * w]], &runs);
+            // The same values as a piecewise channel must give the same means.
+            piece_runs_of(&x[i * w..(i + 1) * w], &mut pieces);
+            let dense = [&x[i * w..(i + 1) * w]];
+            let piecewise = [pieces.as_slice()];
+            acc.push_row(
+                i,
+                NativeRow {
+                    dense: &dense,
+                    piecewise: &piecewise,
+                    labels: &runs,
+                },
+            );
             chunks.extend(acc.take_chunks());
         }
         acc.finish();
@@ -454,6 +622,11 @@ mod tests {
                 assert!(
                     (got.is_nan() && want.is_nan()) || (got - want).abs() < 1e-3,
                     "ratio {ratio} cell ({a},{b}): {got} vs {want}"
+                );
+                let piece = c.values[(patch + r) * pw + b];
+                assert!(
+                    (piece.is_nan() && want.is_nan()) || (piece - want).abs() < 1e-3,
+                    "ratio {ratio} piecewise cell ({a},{b}): {piece} vs {want}"
                 );
                 assert_eq!(
                     c.labels[(patch + r) * pw + b],

@@ -1,0 +1,472 @@
+//! Writing one scene: the band loop (reader thread → native labels → level accumulators) and
+//! the level arrays with their patch statistics.
+
+use std::sync::Arc;
+
+use icefm_schemas::Task;
+use icefm_schemas::store::{
+    AUX_CHANNELS, GRID2KM_ARRAY, LABEL_CHANNELS, Level, SAR_CHANNELS, SCENES_GROUP,
+};
+use rayon::prelude::*;
+use serde_json::{Map, Value, json};
+use zarrs::array::Array;
+use zarrs::filesystem::FilesystemStore;
+
+use crate::error::{IngestError, SceneError, StoreError};
+use crate::labels::{
+    LabelCounts, PACKED_IGNORE, Packed, PolygonTable, count_classes, native_labels_into,
+};
+use crate::manifest::PatchRecord;
+use crate::netcdf_thread::on_netcdf_thread;
+use crate::pipeline::IngestOptions;
+use crate::reader::{Band, InputKind, SceneInfo, SceneReader, TiePoints};
+use crate::resample::{
+    ChunkRow, LevelAccumulator, NativeRow, PieceRun, Run, piece_runs_of, runs_of,
+};
+use crate::store::Store;
+
+/// What writing a scene produced besides its arrays.
+pub(crate) struct Written {
+    pub(crate) table: Option<PolygonTable>,
+    pub(crate) polygon_pixels: Vec<u64>,
+    pub(crate) class_pixels: [Vec<u64>; 3],
+    pub(crate) valid_pixels: u64,
+    pub(crate) level_shapes: Vec<(usize, usize)>,
+    pub(crate) patches: Vec<PatchRecord>,
+    pub(crate) unknown_count: u32,
+    pub(crate) unknown_text: String,
+    pub(crate) warnings: Vec<String>,
+}
+
+/// Continuous channels carried through the pyramid: dense ones first (HH, HV, and for RTT the
+/// incidence angle), then the piecewise-constant distance zone and land indicator.
+const CH_HH: usize = 0;
+/// RTT only; raw scenes take the incidence angle from their tie points.
+const CH_INC: usize = 2;
+
+/// Channel indices of (distance, land) for a scene with `dense` dense channels.
+fn piecewise_channels(dense: usize) -> (usize, usize) {
+    (dense, dense + 1)
+}
+
+struct LevelOut {
+    level: Level,
+    acc: LevelAccumulator,
+    /// Dense continuous channels (the piecewise ones follow).
+    dense: usize,
+    /// Tie-point column brackets of this level's cell centres (raw scenes), computed once.
+    incidence_cols: Vec<(usize, f64)>,
+    sar: Array<FilesystemStore>,
+    aux: Array<FilesystemStore>,
+    labels: Array<FilesystemStore>,
+    patches: Vec<PatchRecord>,
+    error: Option<StoreError>,
+}
+
+fn scene_attrs(info: &SceneInfo) -> Map<String, Value> {
+    let name = info
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let mut m = Map::new();
+    m.insert("scene_id".into(), json!(info.scene_id));
+    m.insert("ice_service".into(), json!(info.service));
+    m.insert("acquired_us".into(), json!(info.acquired_us));
+    m.insert("satellite".into(), json!(info.satellite));
+    m.insert("source_name".into(), json!(name));
+    m.insert("kind".into(), json!(info.kind.name()));
+    m.insert("native_spacing_m".into(), json!(info.native_spacing_m));
+    m.insert("native_shape".into(), json!([info.height, info.width]));
+    m
+}
+
+pub(crate) fn write_scene(
+    store: &Store,
+    reader: &Arc<SceneReader>,
+    options: &IngestOptions,
+    progress: impl Fn(usize),
+) -> Result<Written, IngestError> {
+    let info = reader.info().clone();
+    let path = info.path.clone();
+    let zerr = |e: StoreError| IngestError::Store(e);
+    let scene_node = format!("/{SCENES_GROUP}/{}", info.scene_id);
+    store
+        .write_group(&scene_node, scene_attrs(&info))
+        .map_err(zerr)?;
+    // 2 km grids, natively, with their pixel mapping.
+    let g = &info.grid2km;
+    let mut gattrs = Map::new();
+    gattrs.insert("variables".into(), json!(g.variables));
+    gattrs.insert("cell_size_m".into(), json!(2000));
+    gattrs.insert(
+        "native_pixels_per_cell".into(),
+        json!(g.native_pixels_per_cell),
+    );
+    gattrs.insert(
+        "pixel_mapping".into(),
+        json!(format!(
+            "cell (i, j) covers native pixels [{n}i, {n}i+{n}) x [{n}j, {n}j+{n}) of the {s} m SAR grid",
+            n = g.native_pixels_per_cell,
+            s = info.native_spacing_m
+        )),
+    );
+    store
+        .write_small_array(
+            &format!("{scene_node}/{GRID2KM_ARRAY}"),
+            [g.variables.len(), g.height, g.width],
+            &g.data,
+            gattrs,
+        )
+        .map_err(zerr)?;
+
+    let dense = if info.kind == InputKind::Rtt { 3 } else { 2 };
+    let channels = dense + 2;
+    let patch = store.attrs.patch as usize;
+    let mut levels = Vec::new();
+    for &level in &store.attrs.levels {
+        let ratio = f64::from(level.spacing_m()) / info.native_spacing_m;
+        let acc = LevelAccumulator::new(info.height, info.width, ratio, channels, patch);
+        let (h, w) = acc.shape();
+        let node = format!("{scene_node}/{}", level.name());
+        let mut la = Map::new();
+        la.insert("spacing_m".into(), json!(level.spacing_m()));
+        la.insert("ratio".into(), json!(ratio));
+        la.insert("shape".into(), json!([h, w]));
+        store.write_group(&node, la).map_err(zerr)?;
+        let attrs = |units: &str| {
+            let mut m = Map::new();
+            m.insert("units".into(), json!(units));
+            m
+        };
+        let sar = store
+            .create_level_array(
+                &format!("{node}/sar"),
+                "sar_channel",
+                &SAR_CHANNELS,
+                h,
+                w,
+                true,
+                attrs("dB"),
+            )
+            .map_err(zerr)?;
+        let aux = store
+            .create_level_array(
+                &format!("{node}/aux"),
+                "aux_channel",
+                &AUX_CHANNELS,
+                h,
+                w,
+                true,
+                attrs("degrees, zone"),
+            )
+            .map_err(zerr)?;
+        let labels = store
+            .create_level_array(
+                &format!("{node}/labels"),
+                "task",
+                &LABEL_CHANNELS,
+                h,
+                w,
+                false,
+                attrs("class"),
+            )
+            .map_err(zerr)?;
+        let incidence_cols = info
+            .tie_points
+            .as_ref()
+            .map(|t| {
+                (0..w)
+                    .map(|x| t.col_bracket((x as f64 + 0.5) * ratio - 0.5))
+                    .collect()
+            })
+            .unwrap_or_default();
+        levels.push(LevelOut {
+            level,
+            acc,
+            dense,
+            incidence_cols,
+            sar,
+            aux,
+            labels,
+            patches: Vec::new(),
+            error: None,
+        });
+    }
+
+    let table = (info.kind == InputKind::Raw && info.has_chart)
+        .then(|| PolygonTable::new(&info.polygons, options.merge_mode));
+    let mut label_counts = LabelCounts {
+        polygon_pixels: vec![0u64; info.polygons.len()],
+        ..LabelCounts::default()
+    };
+    let mut class_pixels: [Vec<u64>; 3] = Task::ALL.map(|t| vec![0u64; t.hist_len()]);
+    let mut valid_pixels = 0u64;
+
+    let band_rows = options.band_rows.unwrap_or(info.band_rows).max(1);
+    let (tx, rx) = crossbeam_channel::bounded::<Result<Band, SceneError>>(1);
+    let height = info.height;
+    std::thread::scope(|s| -> Result<(), IngestError> {
+        let reader = Arc::clone(reader);
+        s.spawn(move || {
+            let mut row0 = 0;
+            while row0 < height {
+                let rows = band_rows.min(height - row0);
+                let r = Arc::clone(&reader);
+                let band = on_netcdf_thread(move || r.read_band(row0, rows));
+                let failed = band.is_err();
+                if tx.send(band).is_err() || failed {
+                    break;
+                }
+                row0 += rows;
+            }
+        });
+        for band in rx.iter() {
+            let band = band?;
+            let w = info.width;
+            let (packed, counts) = labels_parallel(&band, table.as_ref(), w);
+            label_counts.add(&counts);
+            count_classes(&packed, &mut class_pixels);
+            valid_pixels += band.hh.iter().filter(|v| !v.is_nan()).count() as u64;
+            // Distance zones and land are piecewise constant: run-length encode them once.
+            let rows: Vec<(Vec<Run>, Vec<PieceRun>, Vec<PieceRun>)> = packed
+                .par_chunks(w)
+                .zip(band.distance.par_chunks(w))
+                .map(|(labels, distance)| {
+                    let mut r = Vec::new();
+                    runs_of(labels, &mut r);
+                    let mut d = Vec::new();
+                    piece_runs_of(distance, &mut d);
+                    let land = d.iter().map(|&(s, n, v)| (s, n, land_of(v))).collect();
+                    (r, d, land)
+                })
+                .collect();
+            let tie = info.tie_points.as_ref();
+            levels.par_iter_mut().for_each(|lv| {
+                if lv.error.is_some() {
+                    return;
+                }
+                for (r, (labels, distance, land)) in rows.iter().enumerate() {
+                    let span = r * w..(r + 1) * w;
+                    let hh = &band.hh[span.clone()];
+                    let hv = &band.hv[span.clone()];
+                    let with_inc;
+                    let without_inc;
+                    let dense: &[&[f32]] = match &band.incidence {
+                        Some(inc) => {
+                            with_inc = [hh, hv, &inc[span]];
+                            &with_inc
+                        }
+                        None => {
+                            without_inc = [hh, hv];
+                            &without_inc
+                        }
+                    };
+                    let piecewise = [distance.as_slice(), land.as_slice()];
+                    let row = NativeRow {
+                        dense,
+                        piecewise: &piecewise,
+                        labels,
+                    };
+                    lv.acc.push_row(band.row0 + r, row);
+                }
+                flush_level(lv, tie, patch);
+            });
+            if let Some(e) = levels.iter_mut().find_map(|l| l.error.take()) {
+                return Err(e.into());
+            }
+            progress(band.rows);
+        }
+        Ok(())
+    })?;
+    for lv in &mut levels {
+        lv.acc.finish();
+        flush_level(lv, info.tie_points.as_ref(), patch);
+        if let Some(e) = lv.error.take() {
+            return Err(e.into());
+        }
+    }
+    if valid_pixels == 0 {
+        return Err(SceneError::variable(
+            &path,
+            "nersc_sar_primary",
+            "every pixel is invalid (no valid HH)",
+        )
+        .into());
+    }
+    let mut warnings = Vec::new();
+    let mut unknown: Vec<String> = Vec::new();
+    let mut unknown_count = 0u32;
+    if let Some(t) = &table {
+        for (code, d) in info.polygons.iter().zip(&t.derived) {
+            for u in &d.unknown {
+                unknown_count += 1;
+                unknown.push(format!("polygon {}: {u}", code.poly_id));
+            }
+        }
+    }
+    let (orphans, out_of_table) = (label_counts.orphan_pixels, label_counts.out_of_table_pixels);
+    if orphans > 0 {
+        unknown_count += 1;
+        unknown.push(format!(
+            "{orphans} pixels with polygon ids not in polygon_codes"
+        ));
+    }
+    if out_of_table > 0 {
+        unknown_count += 1;
+        unknown.push(format!(
+            "{out_of_table} chart pixels with values in no class table"
+        ));
+    }
+    if !unknown.is_empty() {
+        warnings.push(format!(
+            "{} code(s) outside the SIGRID-3 tables set to 255: {}",
+            unknown_count,
+            unknown.join("; ")
+        ));
+    }
+    if !info.has_chart {
+        warnings.push("no ice chart in the file: labels are all 255".into());
+    }
+    let level_shapes = levels.iter().map(|l| l.acc.shape()).collect();
+    let patches = levels.into_iter().flat_map(|l| l.patches).collect();
+    Ok(Written {
+        table,
+        polygon_pixels: label_counts.polygon_pixels,
+        class_pixels,
+        valid_pixels,
+        level_shapes,
+        patches,
+        unknown_count,
+        unknown_text: unknown.join("; "),
+        warnings,
+    })
+}
+
+/// Land indicator of a distance zone: 1 on land (zone 0), 0 at sea, NaN where unknown.
+fn land_of(distance: f32) -> f32 {
+    if distance.is_nan() {
+        f32::NAN
+    } else if distance <= 0.0 {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// Native labels for a band, computed on all cores in row blocks.
+fn labels_parallel(
+    band: &Band,
+    table: Option<&PolygonTable>,
+    width: usize,
+) -> (Vec<Packed>, LabelCounts) {
+    let block = 64 * width;
+    let mut packed = vec![PACKED_IGNORE; band.hh.len()];
+    let parts: Vec<LabelCounts> = packed
+        .par_chunks_mut(block)
+        .enumerate()
+        .map(|(b, out)| native_labels_into(band, b * block..b * block + out.len(), table, out))
+        .collect();
+    let mut counts = LabelCounts::default();
+    for p in &parts {
+        counts.add(p);
+    }
+    (packed, counts)
+}
+
+fn flush_level(lv: &mut LevelOut, tie: Option<&TiePoints>, patch: usize) {
+    for chunk in lv.acc.take_chunks() {
+        if let Err(e) = store_chunk_row(lv, &chunk, tie, patch) {
+            lv.error = Some(e);
+            return;
+        }
+    }
+}
+
+fn store_chunk_row(
+    lv: &mut LevelOut,
+    chunk: &ChunkRow,
+    tie: Option<&TiePoints>,
+    p: usize,
+) -> Result<(), StoreError> {
+    let (h, w) = lv.acc.shape();
+    let pw = lv.acc.padded_width();
+    let plane = p * pw;
+    let ratio = lv.acc_ratio();
+    let idx = chunk.index as u64;
+    let zerr = |e: zarrs::array::ArrayError| StoreError::zarr(lv.sar.path().as_str(), e);
+    lv.sar
+        .store_chunk(&[0, idx, 0], &chunk.values[..2 * plane])
+        .map_err(zerr)?;
+    let mut aux = vec![f32::NAN; 2 * plane];
+    let (ch_dist, ch_land) = piecewise_channels(lv.dense);
+    match tie {
+        Some(t) => {
+            for r in 0..chunk.rows {
+                let y = (chunk.index * p + r) as f64;
+                let yb = t.row_bracket((y + 0.5) * ratio - 0.5);
+                for (x, &xb) in lv.incidence_cols.iter().enumerate() {
+                    if !chunk.values[r * pw + x].is_nan() {
+                        aux[r * pw + x] = t.interpolate(yb, xb) as f32;
+                    }
+                }
+            }
+        }
+        None => aux[..plane].copy_from_slice(&chunk.values[CH_INC * plane..(CH_INC + 1) * plane]),
+    }
+    aux[plane..].copy_from_slice(&chunk.values[ch_dist * plane..(ch_dist + 1) * plane]);
+    lv.aux.store_chunk(&[0, idx, 0], &aux[..]).map_err(zerr)?;
+    lv.labels
+        .store_chunk(&[0, idx, 0], &chunk.labels[..])
+        .map_err(zerr)?;
+    // Patch statistics for the manifest.
+    let name = lv.level.name();
+    let y0 = chunk.index * p;
+    for col in 0..pw / p {
+        let x0 = col * p;
+        let x1 = (x0 + p).min(w);
+        if x0 >= w {
+            break;
+        }
+        let mut valid = 0u32;
+        let mut land = 0.0f64;
+        let mut hist: [Vec<u32>; 3] = Task::ALL.map(|t| vec![0u32; t.hist_len()]);
+        for r in 0..chunk.rows {
+            let row = r * pw;
+            for x in x0..x1 {
+                if !chunk.values[CH_HH * plane + row + x].is_nan() {
+                    valid += 1;
+                }
+                let l = chunk.values[ch_land * plane + row + x];
+                if !l.is_nan() {
+                    land += f64::from(l);
+                }
+            }
+            for t in Task::ALL {
+                let c = t.channel();
+                for &v in &chunk.labels[c * plane + row + x0..c * plane + row + x1] {
+                    hist[c][t.hist_bin(v)] += 1;
+                }
+            }
+        }
+        let area = (p * p) as f64;
+        lv.patches.push(PatchRecord {
+            level: name.clone(),
+            row: chunk.index as u32,
+            col: col as u32,
+            y0: y0 as u32,
+            x0: x0 as u32,
+            height: chunk.rows.min(h - y0) as u32,
+            width: (x1 - x0) as u32,
+            valid_fraction: (f64::from(valid) / area) as f32,
+            land_fraction: (land / area) as f32,
+            hist,
+        });
+    }
+    Ok(())
+}
+
+impl LevelOut {
+    fn acc_ratio(&self) -> f64 {
+        self.acc.ratio()
+    }
+}
