@@ -165,6 +165,13 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("1 done, 0 skipped, 1 failed"), "{err}");
+    // Per-scene lines reach a log even where no progress bar is drawn (not a terminal).
+    assert!(err.lines().any(|l| l.starts_with("done ")), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("FAILED") && l.contains("broken.nc")),
+        "{err}"
+    );
     assert!(
         err.lines()
             .any(|l| l.starts_with("failed:") && l.contains("broken.nc")),

@@ -101,6 +101,11 @@ impl Reporter for IngestBars {
             }
             SceneOutcome::Failed(e) => format!("FAILED   {e}"),
         };
-        let _ = self.multi.println(line);
+        // Hidden bars (not a terminal: Slurm logs, pipes) drop println; the lines must not be lost.
+        if self.multi.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
     }
 }
