@@ -111,22 +111,6 @@ impl AxisMap {
         }
     }
 
-    /// Call `f(cell, wy × overlap)` for every cell touched by native span `[s, e)`. Cells strictly
-    /// inside the span are fully covered (overlap = ratio), so only the two end cells compute one.
-    #[inline]
-    fn for_each_overlap(&self, s: usize, e: usize, wy: f32, mut f: impl FnMut(usize, f32)) {
-        let cells = self.cells(s, e);
-        let (k0, k1) = (cells.start, cells.end);
-        f(k0, wy * self.overlap(s, e, k0));
-        if k1 - k0 > 1 {
-            let full = wy * self.ratio as f32;
-            for k in k0 + 1..k1 - 1 {
-                f(k, full);
-            }
-            f(k1 - 1, wy * self.overlap(s, e, k1 - 1));
-        }
-    }
-
     /// Cells touched by native span `[s, e)`.
     #[inline]
     fn cells(&self, s: usize, e: usize) -> std::ops::Range<usize> {
@@ -155,60 +139,11 @@ pub fn piece_runs_of(row: &[f32], out: &mut Vec<PieceRun>) {
     }
 }
 
-/// Prefix sums of one row of a dense channel: the sum (f64, so differences stay exact to well
-/// below f32 precision) and the count of valid values before each index.
-#[derive(Debug, Clone, Default)]
-pub struct RowPrefix {
-    sum: Vec<f64>,
-    count: Vec<u32>,
-}
-
-impl RowPrefix {
-    /// Prefix sums of `row`, NaN skipped.
-    pub fn of(row: &[f32]) -> Self {
-        let mut p = Self::default();
-        p.fill(row);
-        p
-    }
-
-    /// Recompute for `row`, reusing the buffers.
-    pub fn fill(&mut self, row: &[f32]) {
-        self.sum.clear();
-        self.count.clear();
-        self.sum.reserve(row.len() + 1);
-        self.count.reserve(row.len() + 1);
-        let (mut s, mut n) = (0.0f64, 0u32);
-        self.sum.push(s);
-        self.count.push(n);
-        for &v in row {
-            let ok = !v.is_nan();
-            s += if ok { f64::from(v) } else { 0.0 };
-            n += u32::from(ok);
-            self.sum.push(s);
-            self.count.push(n);
-        }
-    }
-
-    /// Sum of the valid values in `[a, b)`.
-    #[inline]
-    pub fn sum_between(&self, a: usize, b: usize) -> f32 {
-        (self.sum[b] - self.sum[a]) as f32
-    }
-
-    /// Number of valid values in `[a, b)`.
-    #[inline]
-    pub fn count_between(&self, a: usize, b: usize) -> f32 {
-        (self.count[b] - self.count[a]) as f32
-    }
-}
-
 /// One native row as the accumulator takes it. Channels are numbered dense first, then piecewise.
 #[derive(Debug, Clone, Copy)]
 pub struct NativeRow<'a> {
     /// Channels that change from pixel to pixel (SAR, incidence angle).
     pub dense: &'a [&'a [f32]],
-    /// Prefix sums of each dense channel (same order).
-    pub prefix: &'a [&'a RowPrefix],
     /// Piecewise-constant channels as runs (distance zone, land): cost follows runs, not pixels.
     pub piecewise: &'a [&'a [PieceRun]],
     /// Packed labels as runs.
@@ -408,25 +343,29 @@ impl LevelAccumulator {
                     continue;
                 }
                 let (s, e) = (s as usize, (s + len) as usize);
-                self.cols.for_each_overlap(s, e, wy, |k, ov| {
+                for k in self.cols.cells(s, e) {
+                    let ov = wy * self.cols.overlap(s, e, k);
                     sum[k] += ov * v;
                     weight[k] += ov;
-                });
+                }
             }
         }
         let runs = row.labels;
-        // Dense channels: cell sums from the row's prefix sums, so the cost per level is one
-        // subtraction per cell, not one addition per native pixel.
-        for (c, (x, pre)) in row.dense.iter().zip(row.prefix).enumerate() {
+        for (c, x) in row.dense.iter().enumerate() {
             let sum = &mut acc.sum[c * w..(c + 1) * w];
             let weight = &mut acc.weight[c * w..(c + 1) * w];
             match self.cols.integer {
                 Some(f) => {
-                    let n_native = x.len();
-                    for (k, (sk, wk)) in sum.iter_mut().zip(weight.iter_mut()).enumerate() {
-                        let (j0, j1) = (k * f, ((k + 1) * f).min(n_native));
-                        *sk += wy * pre.sum_between(j0, j1);
-                        *wk += wy * pre.count_between(j0, j1);
+                    for ((cell, sk), wk) in x.chunks(f).zip(sum.iter_mut()).zip(weight.iter_mut()) {
+                        // Branch-free NaN skipping: NaN-heavy borders cost no mispredictions.
+                        let (mut s, mut n) = (0.0f32, 0.0f32);
+                        for &v in cell {
+                            let ok = !v.is_nan();
+                            s += if ok { v } else { 0.0 };
+                            n += f32::from(u8::from(ok));
+                        }
+                        *sk += wy * s;
+                        *wk += wy * n;
                     }
                 }
                 None => {
@@ -439,8 +378,12 @@ impl LevelAccumulator {
                             n += wf;
                         }
                         if j1 - j0 > 1 {
-                            s += pre.sum_between(j0 + 1, j1 - 1);
-                            n += pre.count_between(j0 + 1, j1 - 1);
+                            for &v in &x[j0 + 1..j1 - 1] {
+                                if !v.is_nan() {
+                                    s += v;
+                                    n += 1.0;
+                                }
+                            }
                             let v = x[j1 - 1];
                             if !v.is_nan() {
                                 s += wl * v;
@@ -458,8 +401,9 @@ impl LevelAccumulator {
                 continue;
             }
             let (s, e) = (s as usize, (s + len) as usize);
-            self.cols
-                .for_each_overlap(s, e, wy, |k, ov| acc.vote(k, p, ov));
+            for k in self.cols.cells(s, e) {
+                acc.vote(k, p, wy * self.cols.overlap(s, e, k));
+            }
         }
     }
 
@@ -652,15 +596,15 @@ mod tests {
             // The same values as a piecewise channel must give the same means.
             piece_runs_of(&x[i * w..(i + 1) * w], &mut pieces);
             let dense = [&x[i * w..(i + 1) * w]];
-            let prefix = RowPrefix::of(dense[0]);
             let piecewise = [pieces.as_slice()];
-            let row = NativeRow {
-                dense: &dense,
-                prefix: &[&prefix],
-                piecewise: &piecewise,
-                labels: &runs,
-            };
-            acc.push_row(i, row);
+            acc.push_row(
+                i,
+                NativeRow {
+                    dense: &dense,
+                    piecewise: &piecewise,
+                    labels: &runs,
+                },
+            );
             chunks.extend(acc.take_chunks());
         }
         acc.finish();

@@ -21,7 +21,7 @@ use crate::netcdf_thread::on_netcdf_thread;
 use crate::pipeline::IngestOptions;
 use crate::reader::{Band, InputKind, SceneInfo, SceneReader, TiePoints};
 use crate::resample::{
-    ChunkRow, LevelAccumulator, NativeRow, PieceRun, RowPrefix, Run, piece_runs_of, runs_of,
+    ChunkRow, LevelAccumulator, NativeRow, PieceRun, Run, piece_runs_of, runs_of,
 };
 use crate::store::Store;
 
@@ -49,13 +49,9 @@ fn piecewise_channels(dense: usize) -> (usize, usize) {
     (dense, dense + 1)
 }
 
-/// The output side of a level, owned by the writer thread: its arrays and patch statistics.
-struct LevelArrays {
+struct LevelOut {
     level: Level,
-    /// Output rows and columns.
-    shape: (usize, usize),
-    padded_width: usize,
-    ratio: f64,
+    acc: LevelAccumulator,
     /// Dense continuous channels (the piecewise ones follow).
     dense: usize,
     /// Tie-point column brackets of this level's cell centres (raw scenes), computed once.
@@ -64,10 +60,8 @@ struct LevelArrays {
     aux: Array<FilesystemStore>,
     labels: Array<FilesystemStore>,
     patches: Vec<PatchRecord>,
+    error: Option<StoreError>,
 }
-
-/// Chunk-rows in flight between the accumulators and the writer thread (bounds memory).
-const WRITE_QUEUE: usize = 4;
 
 fn scene_attrs(info: &SceneInfo) -> Map<String, Value> {
     let name = info
@@ -128,8 +122,7 @@ pub(crate) fn write_scene(
     let dense = if info.kind == InputKind::Rtt { 3 } else { 2 };
     let channels = dense + 2;
     let patch = store.attrs.patch as usize;
-    let mut levels: Vec<LevelAccumulator> = Vec::new();
-    let mut arrays: Vec<LevelArrays> = Vec::new();
+    let mut levels = Vec::new();
     for &level in &store.attrs.levels {
         let ratio = f64::from(level.spacing_m()) / info.native_spacing_m;
         let acc = LevelAccumulator::new(info.height, info.width, ratio, channels, patch);
@@ -187,19 +180,17 @@ pub(crate) fn write_scene(
                     .collect()
             })
             .unwrap_or_default();
-        arrays.push(LevelArrays {
+        levels.push(LevelOut {
             level,
-            shape: (h, w),
-            padded_width: acc.padded_width(),
-            ratio,
+            acc,
             dense,
             incidence_cols,
             sar,
             aux,
             labels,
             patches: Vec::new(),
+            error: None,
         });
-        levels.push(acc);
     }
 
     let table = (info.kind == InputKind::Raw && info.has_chart)
@@ -214,18 +205,7 @@ pub(crate) fn write_scene(
     let band_rows = options.band_rows.unwrap_or(info.band_rows).max(1);
     let (tx, rx) = crossbeam_channel::bounded::<Result<Band, SceneError>>(1);
     let height = info.height;
-    let tie = info.tie_points.as_ref();
-    // Compression and writing run on their own thread, overlapping the next rows' resampling.
-    let (wtx, wrx) = crossbeam_channel::bounded::<(usize, ChunkRow)>(WRITE_QUEUE);
-    let arrays = std::thread::scope(|s| -> Result<Vec<LevelArrays>, IngestError> {
-        let writer = s.spawn(move || -> Result<Vec<LevelArrays>, StoreError> {
-            let mut arrays = arrays;
-            for (li, chunk) in wrx {
-                // On an error, return at once: the closed queue stops the producers.
-                store_chunk_row(&mut arrays[li], &chunk, tie, patch)?;
-            }
-            Ok(arrays)
-        });
+    std::thread::scope(|s| -> Result<(), IngestError> {
         let reader = Arc::clone(reader);
         s.spawn(move || {
             let mut row0 = 0;
@@ -248,63 +228,63 @@ pub(crate) fn write_scene(
             count_classes(&packed, &mut class_pixels);
             valid_pixels += band.hh.iter().filter(|v| !v.is_nan()).count() as u64;
             // Distance zones and land are piecewise constant: run-length encode them once.
-            // Blocks of rows: per-row preparation (label and distance runs, prefix sums of the
-            // dense channels) on all cores, then every level consumes the block on all cores.
-            for b0 in (0..band.rows).step_by(ROW_BLOCK) {
-                let b1 = (b0 + ROW_BLOCK).min(band.rows);
-                let prepared: Vec<PreparedRow> = (b0..b1)
-                    .into_par_iter()
-                    .map(|r| PreparedRow::new(&band, &packed, r, w))
-                    .collect();
-                levels.par_iter_mut().for_each(|acc| {
-                    for (r, prep) in (b0..b1).zip(&prepared) {
-                        let span = r * w..(r + 1) * w;
-                        let hh = &band.hh[span.clone()];
-                        let hv = &band.hv[span.clone()];
-                        let (with_inc, without_inc);
-                        let dense: &[&[f32]] = match &band.incidence {
-                            Some(inc) => {
-                                with_inc = [hh, hv, &inc[span]];
-                                &with_inc
-                            }
-                            None => {
-                                without_inc = [hh, hv];
-                                &without_inc
-                            }
-                        };
-                        let prefix: Vec<&RowPrefix> = prep.prefix.iter().collect();
-                        let piecewise = [prep.distance.as_slice(), prep.land.as_slice()];
-                        let row = NativeRow {
-                            dense,
-                            prefix: &prefix,
-                            piecewise: &piecewise,
-                            labels: &prep.labels,
-                        };
-                        acc.push_row(band.row0 + r, row);
-                    }
-                });
-                // Sent from this thread, never from a rayon worker: a worker blocked on a full
-                // queue would starve the writer's own parallel encoding (deadlock).
-                for (li, acc) in levels.iter_mut().enumerate() {
-                    send_chunks(li, acc, &wtx);
+            let rows: Vec<(Vec<Run>, Vec<PieceRun>, Vec<PieceRun>)> = packed
+                .par_chunks(w)
+                .zip(band.distance.par_chunks(w))
+                .map(|(labels, distance)| {
+                    let mut r = Vec::new();
+                    runs_of(labels, &mut r);
+                    let mut d = Vec::new();
+                    piece_runs_of(distance, &mut d);
+                    let land = d.iter().map(|&(s, n, v)| (s, n, land_of(v))).collect();
+                    (r, d, land)
+                })
+                .collect();
+            let tie = info.tie_points.as_ref();
+            levels.par_iter_mut().for_each(|lv| {
+                if lv.error.is_some() {
+                    return;
                 }
-            }
-            if writer.is_finished() {
-                // The writer stops early only on an error: stop reading and report it.
-                break;
+                for (r, (labels, distance, land)) in rows.iter().enumerate() {
+                    let span = r * w..(r + 1) * w;
+                    let hh = &band.hh[span.clone()];
+                    let hv = &band.hv[span.clone()];
+                    let with_inc;
+                    let without_inc;
+                    let dense: &[&[f32]] = match &band.incidence {
+                        Some(inc) => {
+                            with_inc = [hh, hv, &inc[span]];
+                            &with_inc
+                        }
+                        None => {
+                            without_inc = [hh, hv];
+                            &without_inc
+                        }
+                    };
+                    let piecewise = [distance.as_slice(), land.as_slice()];
+                    let row = NativeRow {
+                        dense,
+                        piecewise: &piecewise,
+                        labels,
+                    };
+                    lv.acc.push_row(band.row0 + r, row);
+                }
+                flush_level(lv, tie, patch);
+            });
+            if let Some(e) = levels.iter_mut().find_map(|l| l.error.take()) {
+                return Err(e.into());
             }
             progress(band.rows);
         }
-        for (li, acc) in levels.iter_mut().enumerate() {
-            acc.finish();
-            send_chunks(li, acc, &wtx);
-        }
-        drop(wtx);
-        match writer.join() {
-            Ok(r) => Ok(r?),
-            Err(p) => std::panic::resume_unwind(p),
-        }
+        Ok(())
     })?;
+    for lv in &mut levels {
+        lv.acc.finish();
+        flush_level(lv, info.tie_points.as_ref(), patch);
+        if let Some(e) = lv.error.take() {
+            return Err(e.into());
+        }
+    }
     if valid_pixels == 0 {
         return Err(SceneError::variable(
             &path,
@@ -347,8 +327,8 @@ pub(crate) fn write_scene(
     if !info.has_chart {
         warnings.push("no ice chart in the file: labels are all 255".into());
     }
-    let level_shapes = levels.iter().map(LevelAccumulator::shape).collect();
-    let patches = arrays.into_iter().flat_map(|l| l.patches).collect();
+    let level_shapes = levels.iter().map(|l| l.acc.shape()).collect();
+    let patches = levels.into_iter().flat_map(|l| l.patches).collect();
     Ok(Written {
         table,
         polygon_pixels: label_counts.polygon_pixels,
@@ -360,45 +340,6 @@ pub(crate) fn write_scene(
         unknown_text: unknown.join("; "),
         warnings,
     })
-}
-
-/// Native rows prepared together before the levels consume them.
-const ROW_BLOCK: usize = 64;
-
-/// What every level needs of one native row, computed once.
-struct PreparedRow {
-    labels: Vec<Run>,
-    distance: Vec<PieceRun>,
-    land: Vec<PieceRun>,
-    prefix: Vec<RowPrefix>,
-}
-
-impl PreparedRow {
-    fn new(band: &Band, packed: &[Packed], r: usize, w: usize) -> Self {
-        let span = r * w..(r + 1) * w;
-        let mut labels = Vec::new();
-        runs_of(&packed[span.clone()], &mut labels);
-        // Distance zones and land are piecewise constant: run-length encoded.
-        let mut distance = Vec::new();
-        piece_runs_of(&band.distance[span.clone()], &mut distance);
-        let land = distance
-            .iter()
-            .map(|&(s, n, v)| (s, n, land_of(v)))
-            .collect();
-        let mut prefix = vec![
-            RowPrefix::of(&band.hh[span.clone()]),
-            RowPrefix::of(&band.hv[span.clone()]),
-        ];
-        if let Some(inc) = &band.incidence {
-            prefix.push(RowPrefix::of(&inc[span]));
-        }
-        Self {
-            labels,
-            distance,
-            land,
-            prefix,
-        }
-    }
 }
 
 /// Land indicator of a distance zone: 1 on land (zone 0), 0 at sea, NaN where unknown.
@@ -432,30 +373,25 @@ fn labels_parallel(
     (packed, counts)
 }
 
-/// Hand a level's completed chunk-rows to the writer thread (a closed queue means the writer
-/// failed; its error is reported when it is joined).
-fn send_chunks(
-    li: usize,
-    acc: &mut LevelAccumulator,
-    tx: &crossbeam_channel::Sender<(usize, ChunkRow)>,
-) {
-    for chunk in acc.take_chunks() {
-        if tx.send((li, chunk)).is_err() {
+fn flush_level(lv: &mut LevelOut, tie: Option<&TiePoints>, patch: usize) {
+    for chunk in lv.acc.take_chunks() {
+        if let Err(e) = store_chunk_row(lv, &chunk, tie, patch) {
+            lv.error = Some(e);
             return;
         }
     }
 }
 
 fn store_chunk_row(
-    lv: &mut LevelArrays,
+    lv: &mut LevelOut,
     chunk: &ChunkRow,
     tie: Option<&TiePoints>,
     p: usize,
 ) -> Result<(), StoreError> {
-    let (h, w) = lv.shape;
-    let pw = lv.padded_width;
+    let (h, w) = lv.acc.shape();
+    let pw = lv.acc.padded_width();
     let plane = p * pw;
-    let ratio = lv.ratio;
+    let ratio = lv.acc_ratio();
     let idx = chunk.index as u64;
     let zerr = |e: zarrs::array::ArrayError| StoreError::zarr(lv.sar.path().as_str(), e);
     lv.sar
@@ -527,4 +463,10 @@ fn store_chunk_row(
         });
     }
     Ok(())
+}
+
+impl LevelOut {
+    fn acc_ratio(&self) -> f64 {
+        self.acc.ratio()
+    }
 }
