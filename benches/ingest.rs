@@ -40,9 +40,7 @@ fn scene(kind: SceneKind) -> PathBuf {
     }
     std::fs::create_dir_all(&dir).expect("bench data folder");
     let t = std::time::Instant::now();
-    let d = dir.clone();
-    let p = on_netcdf_thread(move || write_scene(&d, &SynthOptions::new(kind, h, w, 42)))
-        .expect("synthetic scene");
+    let p = write_scene(&dir, &SynthOptions::new(kind, h, w, 42)).expect("synthetic scene");
     eprintln!(
         "generated {} in {:.1} s",
         p.display(),

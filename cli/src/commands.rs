@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use icefm_ingest::inspect::summarize;
-use icefm_ingest::netcdf_thread::on_netcdf_thread;
 use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
 use icefm_ingest::store::new_attrs;
@@ -293,10 +292,7 @@ fn synth_scenes(
             })?,
         };
         let started = Instant::now();
-        let dir = out.to_path_buf();
-        // Every netCDF call of the process runs on the netCDF thread (HDF5 is not thread-safe).
-        let p = on_netcdf_thread(move || write_scene(&dir, &o))
-            .with_context(|| format!("writing synthetic scene {i}"))?;
+        let p = write_scene(out, &o).with_context(|| format!("writing synthetic scene {i}"))?;
         eprintln!(
             "synth  {} ({h}x{w}, {:.1} s)",
             p.display(),

@@ -5,7 +5,6 @@ pub mod inspect;
 pub mod labels;
 pub mod manifest;
 pub mod names;
-pub mod netcdf_thread;
 pub mod pipeline;
 pub mod quicklook;
 pub mod reader;
@@ -14,3 +13,5 @@ mod scene_writer;
 pub mod store;
 
 pub use error::{IngestError, SceneError, StoreError};
+/// Every netCDF call of the process runs on one thread (re-exported for callers of this crate).
+pub use icefm_netcdf_thread as netcdf_thread;

@@ -30,10 +30,8 @@ fn synth(dir: &Path, kind: SceneKind, seed: u64, index: u32, encoding: &str) -> 
     write(dir, o)
 }
 
-/// Every netCDF call runs on the netCDF thread, as in the binary.
 fn write(dir: &Path, o: SynthOptions) -> PathBuf {
-    let dir = dir.to_path_buf();
-    on_netcdf_thread(move || write_scene(&dir, &o)).unwrap()
+    write_scene(dir, &o).unwrap()
 }
 
 fn run(inputs: &[PathBuf], store: &Path, levels: &str, patch: u32) -> Summary {

@@ -41,6 +41,8 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
+use icefm_netcdf_thread::on_netcdf_thread;
+
 pub use encoding::{
     Chunking, CodesEncoding, DEFAULT_CHUNK, DEFAULT_DEFLATE, Encoding, POLYGON_ID_FILL,
     PolygonIdEncoding, SAR_ADD_OFFSET, SAR_FILL, SAR_SCALE_FACTOR, SarPacking,
@@ -50,7 +52,9 @@ pub use options::{DEFAULT_SERVICE, Defect, MIN_SIZE, SceneKind, Service, SynthOp
 
 /// Generate the scene `opts` describes and write it to `dir` (created if missing) under
 /// [`SynthOptions::file_name`]; returns the path written. The file appears only when complete
-/// (it is written under a temporary name, then renamed).
+/// (it is written under a temporary name, then renamed). The content is generated on the
+/// caller's thread (and rayon); the netCDF calls run on the process's netCDF thread
+/// ([`icefm_netcdf_thread`]).
 pub fn write_scene(dir: &Path, opts: &SynthOptions) -> Result<PathBuf, SynthError> {
     opts.validate()?;
     std::fs::create_dir_all(dir).map_err(|source| SynthError::Io {
@@ -61,10 +65,12 @@ pub fn write_scene(dir: &Path, opts: &SynthOptions) -> Result<PathBuf, SynthErro
     let path = dir.join(&name);
     let partial = dir.join(format!(".{name}.partial"));
     let scene = scene::Scene::build(opts);
-    let written = match opts.kind {
-        SceneKind::Raw => raw::write(&partial, opts, &scene),
-        SceneKind::Rtt => rtt::write(&partial, opts, &scene),
-    };
+    // netCDF-C/HDF5 are not thread-safe: every call of the process goes to one thread.
+    let (file, o) = (partial.clone(), opts.clone());
+    let written = on_netcdf_thread(move || match o.kind {
+        SceneKind::Raw => raw::write(&file, &o, &scene),
+        SceneKind::Rtt => rtt::write(&file, &o, &scene),
+    });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(e);

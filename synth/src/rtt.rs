@@ -181,42 +181,46 @@ mod tests {
     /// RTT files carry no polygon raster, so compare against the scene model directly.
     #[test]
     fn labels_are_the_derived_class_of_each_pixels_polygon() {
-        let dir = tempfile::tempdir().unwrap();
-        for (seed, service) in [(1, Service::Dmi), (2, Service::Cis)] {
-            let mut opts = SynthOptions::new(SceneKind::Rtt, 240, 260, seed);
-            opts.service = service;
-            let path = crate::write_scene(dir.path(), &opts).unwrap();
-            let scene = Scene::build(&opts);
-            let planes = scene.render(true);
-            let file = netcdf::open(&path).unwrap();
-            let read = |n: &str| file.variable(n).unwrap().get_values::<u8, _>(..).unwrap();
-            let (sic, sod, floe) = (read("SIC"), read("SOD"), read("FLOE"));
-            let hh = file
-                .variable("nersc_sar_primary")
-                .unwrap()
-                .get_values::<f32, _>(..)
-                .unwrap();
-            let mut labelled = 0;
-            for k in 0..planes.poly.len() {
-                let p = planes.poly[k];
-                let got = [sic[k], sod[k], floe[k]];
-                // Land has valid SAR but no polygon; the no-data border has polygons but no SAR.
-                assert_eq!(hh[k] == 0.0, planes.hh[k].is_nan(), "pixel {k}");
-                if p == NO_POLYGON || planes.hh[k].is_nan() {
-                    assert_eq!(got, [IGNORE; 3], "pixel {k}");
-                } else {
-                    assert_eq!(got, scene.polygons[usize::from(p)].labels, "pixel {k}");
-                    labelled += usize::from(got[0] != IGNORE);
+        icefm_netcdf_thread::on_netcdf_thread(|| {
+            let dir = tempfile::tempdir().unwrap();
+            for (seed, service) in [(1, Service::Dmi), (2, Service::Cis)] {
+                let mut opts = SynthOptions::new(SceneKind::Rtt, 240, 260, seed);
+                opts.service = service;
+                let path = crate::write_scene(dir.path(), &opts).unwrap();
+                let scene = Scene::build(&opts);
+                let planes = scene.render(true);
+                let file = netcdf::open(&path).unwrap();
+                let read = |n: &str| file.variable(n).unwrap().get_values::<u8, _>(..).unwrap();
+                let (sic, sod, floe) = (read("SIC"), read("SOD"), read("FLOE"));
+                let hh = file
+                    .variable("nersc_sar_primary")
+                    .unwrap()
+                    .get_values::<f32, _>(..)
+                    .unwrap();
+                let mut labelled = 0;
+                for k in 0..planes.poly.len() {
+                    let p = planes.poly[k];
+                    let got = [sic[k], sod[k], floe[k]];
+                    // Land has valid SAR but no polygon; the no-data border has polygons but no SAR.
+                    assert_eq!(hh[k] == 0.0, planes.hh[k].is_nan(), "pixel {k}");
+                    if p == NO_POLYGON || planes.hh[k].is_nan() {
+                        assert_eq!(got, [IGNORE; 3], "pixel {k}");
+                    } else {
+                        assert_eq!(got, scene.polygons[usize::from(p)].labels, "pixel {k}");
+                        labelled += usize::from(got[0] != IGNORE);
+                    }
                 }
+                assert!(labelled > planes.poly.len() / 3, "{labelled}");
             }
-            assert!(labelled > planes.poly.len() / 3, "{labelled}");
-        }
+        });
     }
 
     #[test]
     fn scaled_values_are_never_exactly_zero() {
-        let ms = mean_std("nersc_sar_primary").unwrap();
-        assert_eq!(scaled(ms, ms.mean), f32::EPSILON);
-        assert!((scaled(ms, -20.0) - ((-20.0 - ms.mean) / ms.std) as f32).abs() < 1e-6);
+        icefm_netcdf_thread::on_netcdf_thread(|| {
+            let ms = mean_std("nersc_sar_primary").unwrap();
+            assert_eq!(scaled(ms, ms.mean), f32::EPSILON);
+            assert!((scaled(ms, -20.0) - ((-20.0 - ms.mean) / ms.std) as f32).abs() < 1e-6);
+        });
     }
 }

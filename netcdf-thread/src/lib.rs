@@ -1,16 +1,26 @@
 //! All netCDF-C/HDF5 calls of the process run on one dedicated thread.
 //!
+//! ```
+//! let answer = icefm_netcdf_thread::on_netcdf_thread(|| 6 * 7);
+//! assert_eq!(answer, 42);
+//! ```
+//!
 //! netCDF-C and HDF5 are not thread-safe: the netcdf crate serialises calls behind a lock, but
 //! HDF5 keeps per-thread state (its error-stack printing is switched off only on the thread that
 //! initialised the library, so calls from other threads print diagnostic stacks). One thread
 //! loses no throughput — calls are serialised anyway — and scenes still interleave band by band,
 //! so one scene's reading overlaps the others' resampling, compression and writing.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use crossbeam_channel::{Sender, bounded, unbounded};
 
 type Job = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    static ON_NETCDF_THREAD: Cell<bool> = const { Cell::new(false) };
+}
 
 fn sender() -> &'static Sender<Job> {
     static SENDER: OnceLock<Sender<Job>> = OnceLock::new();
@@ -19,6 +29,7 @@ fn sender() -> &'static Sender<Job> {
         std::thread::Builder::new()
             .name("netcdf".into())
             .spawn(move || {
+                ON_NETCDF_THREAD.with(|t| t.set(true));
                 for job in rx {
                     job();
                 }
@@ -30,8 +41,12 @@ fn sender() -> &'static Sender<Job> {
 }
 
 /// Run `f` on the netCDF thread and wait for its result. Use it for every call into the netcdf
-/// crate, including opening, closing (dropping) and creating files.
+/// crate, including opening, closing (dropping) and creating files. Called from the netCDF thread
+/// itself, it runs `f` at once.
 pub fn on_netcdf_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    if ON_NETCDF_THREAD.with(Cell::get) {
+        return f();
+    }
     let (tx, rx) = bounded(1);
     let job: Job = Box::new(move || {
         let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
@@ -59,5 +74,7 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, std::thread::current().id());
         assert_eq!(on_netcdf_thread(|| 6 * 7), 42);
+        // Nested calls run inline instead of waiting on themselves.
+        assert_eq!(on_netcdf_thread(|| on_netcdf_thread(|| 7)), 7);
     }
 }
