@@ -560,3 +560,117 @@ fn bad_inputs_fail_alone_with_one_clear_line() {
         .count();
     assert_eq!(dirs, 1);
 }
+
+/// A code in no SIGRID-3 table (CT range code 12) becomes 255 for that polygon, and is counted
+/// and reported per scene instead of passed through.
+#[test]
+fn out_of_table_code_is_ignored_counted_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let nc = synth(dir.path(), SceneKind::Raw, 9, 0, "default");
+    // Rewrite the first ice polygon's CT to 12 in place.
+    let path = nc.clone();
+    let poly_id = on_netcdf_thread(move || {
+        let mut f = netcdf::append(&path).unwrap();
+        let mut v = f.variable_mut("polygon_codes").unwrap();
+        let n = v.dimensions()[0].len();
+        for i in 1..n {
+            let row = v.get_string(i).unwrap();
+            let fields: Vec<&str> = row.split(';').collect();
+            if fields[14].trim() == "I" && fields[1].trim() != "99" {
+                let mut new = fields.clone();
+                new[1] = "12";
+                v.put_string(&new.join(";"), i).unwrap();
+                return fields[0].trim().parse::<i64>().unwrap();
+            }
+        }
+        panic!("no ice polygon");
+    });
+    let store = dir.path().join("s.zarr");
+    let s = run(std::slice::from_ref(&nc), &store, "80", 64);
+    assert!(s.failed.is_empty(), "{:?}", s.failed);
+    let warning = &s
+        .warnings
+        .iter()
+        .find(|(_, w)| w.contains("outside the SIGRID-3 tables"))
+        .unwrap()
+        .1;
+    assert!(
+        warning.contains(&format!("polygon {poly_id}: CT=12")),
+        "{warning}"
+    );
+    let scenes = read_parquet(&store.join("manifests/scenes.parquet")).unwrap();
+    let count = scenes[0]
+        .column_by_name("unknown_code_count")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<UInt32Array>()
+        .unwrap();
+    assert_eq!(count.value(0), 1);
+    let polygons = read_parquet(&store.join("manifests/polygons.parquet")).unwrap();
+    let b = &polygons[0];
+    let ids = b
+        .column_by_name("poly_id")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow_array::Int64Array>()
+        .unwrap();
+    let sic = b
+        .column_by_name("sic")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow_array::UInt8Array>()
+        .unwrap();
+    let ct = b
+        .column_by_name("ct")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    let unknown = b
+        .column_by_name("unknown_codes")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    let i = (0..b.num_rows())
+        .find(|&i| ids.value(i) == poly_id)
+        .unwrap();
+    assert_eq!(
+        (sic.value(i), ct.value(i), unknown.value(i)),
+        (255, "12", "CT=12")
+    );
+    // Every pixel of that polygon is 255 for SIC: the scene's ignore bin holds at least them.
+    let px = b
+        .column_by_name("pixels")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .unwrap();
+    let sic_px = scenes[0]
+        .column_by_name("sic_pixels")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<FixedSizeListArray>()
+        .unwrap();
+    let sic_px = sic_px
+        .values()
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .unwrap();
+    assert!(px.value(i) > 0);
+    assert!(
+        sic_px.value(11) >= px.value(i),
+        "{} < {}",
+        sic_px.value(11),
+        px.value(i)
+    );
+    let id = &s.done[0];
+    let shape = array_shape(&store, &format!("/scenes/{id}/80m/labels")).unwrap();
+    let lab = read_u8(
+        &store,
+        &format!("/scenes/{id}/80m/labels"),
+        [0..1, 0..shape[1], 0..shape[2]],
+    )
+    .unwrap();
+    assert!(lab.iter().all(|&v| v <= 10 || v == IGNORE));
+}
