@@ -255,6 +255,7 @@ pub struct LevelAccumulator {
     acc: [RowAcc; 2],
     chunk: ChunkRow,
     out: Vec<ChunkRow>,
+    spare: Vec<ChunkRow>,
 }
 
 impl LevelAccumulator {
@@ -275,6 +276,7 @@ impl LevelAccumulator {
             cur: 0,
             acc: [RowAcc::new(channels, w), RowAcc::new(channels, w)],
             out: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -322,6 +324,14 @@ impl LevelAccumulator {
     pub fn finish(&mut self) {
         while self.cur < self.rows.out_len {
             self.finish_row();
+        }
+    }
+
+    /// Give back a chunk-row that has been stored, so the next one reuses its memory (fresh
+    /// allocations of this size cost page faults on every chunk-row).
+    pub fn recycle(&mut self, chunk: ChunkRow) {
+        if self.spare.is_empty() {
+            self.spare.push(chunk);
         }
     }
 
@@ -438,7 +448,16 @@ impl LevelAccumulator {
         self.chunk.rows = r + 1;
         self.cur += 1;
         if r + 1 == p || self.cur == self.rows.out_len {
-            let next = Self::empty_chunk(self.chunk.index + 1, self.channels, p, pw);
+            let next = match self.spare.pop() {
+                Some(mut c) => {
+                    c.index = self.chunk.index + 1;
+                    c.rows = 0;
+                    c.values.fill(f32::NAN);
+                    c.labels.fill(IGNORE);
+                    c
+                }
+                None => Self::empty_chunk(self.chunk.index + 1, self.channels, p, pw),
+            };
             self.out.push(std::mem::replace(&mut self.chunk, next));
         }
     }

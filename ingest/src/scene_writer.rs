@@ -61,6 +61,8 @@ struct LevelOut {
     labels: Array<FilesystemStore>,
     patches: Vec<PatchRecord>,
     error: Option<StoreError>,
+    /// The aux chunk-row buffer, reused.
+    aux_buf: Vec<f32>,
 }
 
 fn scene_attrs(info: &SceneInfo) -> Map<String, Value> {
@@ -190,6 +192,7 @@ pub(crate) fn write_scene(
             labels,
             patches: Vec::new(),
             error: None,
+            aux_buf: Vec::new(),
         });
     }
 
@@ -379,6 +382,7 @@ fn flush_level(lv: &mut LevelOut, tie: Option<&TiePoints>, patch: usize) {
             lv.error = Some(e);
             return;
         }
+        lv.acc.recycle(chunk);
     }
 }
 
@@ -397,7 +401,9 @@ fn store_chunk_row(
     lv.sar
         .store_chunk(&[0, idx, 0], &chunk.values[..2 * plane])
         .map_err(zerr)?;
-    let mut aux = vec![f32::NAN; 2 * plane];
+    let mut aux = std::mem::take(&mut lv.aux_buf);
+    aux.clear();
+    aux.resize(2 * plane, f32::NAN);
     let (ch_dist, ch_land) = piecewise_channels(lv.dense);
     match tie {
         Some(t) => {
@@ -415,6 +421,7 @@ fn store_chunk_row(
     }
     aux[plane..].copy_from_slice(&chunk.values[ch_dist * plane..(ch_dist + 1) * plane]);
     lv.aux.store_chunk(&[0, idx, 0], &aux[..]).map_err(zerr)?;
+    lv.aux_buf = aux;
     lv.labels
         .store_chunk(&[0, idx, 0], &chunk.labels[..])
         .map_err(zerr)?;
