@@ -111,6 +111,22 @@ impl AxisMap {
         }
     }
 
+    /// Call `f(cell, wy × overlap)` for every cell touched by native span `[s, e)`. Cells strictly
+    /// inside the span are fully covered (overlap = ratio), so only the two end cells compute one.
+    #[inline]
+    fn for_each_overlap(&self, s: usize, e: usize, wy: f32, mut f: impl FnMut(usize, f32)) {
+        let cells = self.cells(s, e);
+        let (k0, k1) = (cells.start, cells.end);
+        f(k0, wy * self.overlap(s, e, k0));
+        if k1 - k0 > 1 {
+            let full = wy * self.ratio as f32;
+            for k in k0 + 1..k1 - 1 {
+                f(k, full);
+            }
+            f(k1 - 1, wy * self.overlap(s, e, k1 - 1));
+        }
+    }
+
     /// Cells touched by native span `[s, e)`.
     #[inline]
     fn cells(&self, s: usize, e: usize) -> std::ops::Range<usize> {
@@ -353,11 +369,10 @@ impl LevelAccumulator {
                     continue;
                 }
                 let (s, e) = (s as usize, (s + len) as usize);
-                for k in self.cols.cells(s, e) {
-                    let ov = wy * self.cols.overlap(s, e, k);
+                self.cols.for_each_overlap(s, e, wy, |k, ov| {
                     sum[k] += ov * v;
                     weight[k] += ov;
-                }
+                });
             }
         }
         let runs = row.labels;
@@ -411,9 +426,8 @@ impl LevelAccumulator {
                 continue;
             }
             let (s, e) = (s as usize, (s + len) as usize);
-            for k in self.cols.cells(s, e) {
-                acc.vote(k, p, wy * self.cols.overlap(s, e, k));
-            }
+            self.cols
+                .for_each_overlap(s, e, wy, |k, ov| acc.vote(k, p, ov));
         }
     }
 

@@ -63,6 +63,10 @@ pub fn new_attrs(levels: &[Level], patch: u32, codec: Codec) -> StoreAttrs {
     }
 }
 
+/// Blosc block size: whole 1 MiB blocks. Blosc's automatic choice for level 1 is small, and each
+/// block pays zstd's context set-up (measured: `docs/benchmarks.md`).
+const BLOSC_BLOCK_BYTES: usize = 1 << 20;
+
 fn codec_of(codec: Codec, type_size: usize) -> Result<Arc<dyn BytesToBytesCodecTraits>, String> {
     Ok(match codec {
         Codec::Zstd { level } => Arc::new(ZstdCodec::new(level, false)),
@@ -71,7 +75,7 @@ fn codec_of(codec: Codec, type_size: usize) -> Result<Arc<dyn BytesToBytesCodecT
                 BloscCompressor::Zstd,
                 BloscCompressionLevel::try_from(level)
                     .map_err(|l| format!("blosc level {l} > 9"))?,
-                None,
+                Some(BLOSC_BLOCK_BYTES),
                 if type_size > 1 {
                     BloscShuffleMode::Shuffle
                 } else {
