@@ -130,7 +130,8 @@ pub enum Codec {
 }
 
 /// The default codec: byte-shuffled zstd (level 1) inside blosc. On synthetic SAR it was as fast
-/// as plain zstd and 9 % smaller (`docs/benchmarks.md`); SAR speckle leaves little to compress.
+/// as plain zstd and 14 % smaller with 1 MiB blocks (`docs/benchmarks.md`); SAR speckle leaves
+/// little to compress.
 pub const DEFAULT_CODEC: Codec = Codec::BloscZstd { level: 1 };
 
 /// icefm's root attributes, stored under `attributes.icefm` of the root `zarr.json`.
