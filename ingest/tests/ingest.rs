@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array, UInt64Array};
+use arrow_array::{
+    Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
+};
 use icefm_ingest::manifest::read_parquet;
 use icefm_ingest::netcdf_thread::on_netcdf_thread;
 use icefm_ingest::pipeline::{IngestOptions, NoReporter, Summary, ingest};
@@ -17,6 +19,15 @@ use icefm_synth::{Defect, Encoding, SceneKind, SynthOptions, write_scene};
 
 const H: usize = 260;
 const W: usize = 300;
+
+/// A manifest column of a given Arrow type.
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
+    b.column_by_name(name)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap()
+}
 
 fn synth(dir: &Path, kind: SceneKind, seed: u64, index: u32, encoding: &str) -> PathBuf {
     let (h, w) = if kind == SceneKind::Raw {
@@ -247,29 +258,14 @@ fn raw_scene_pyramid_matches_brute_force() {
     let m = store.join("manifests");
     let scenes = read_parquet(&m.join("scenes.parquet")).unwrap();
     assert_eq!(scenes[0].num_rows(), 1);
-    let kind = scenes[0]
-        .column_by_name("kind")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
+    let kind = col::<StringArray>(&scenes[0], "kind");
     assert_eq!(kind.value(0), "raw");
-    let valid = scenes[0]
-        .column_by_name("valid_pixels")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .unwrap();
+    let valid = col::<UInt64Array>(&scenes[0], "valid_pixels");
     assert_eq!(
         valid.value(0),
         hh.iter().filter(|v| !v.is_nan()).count() as u64
     );
-    let sod_px = scenes[0]
-        .column_by_name("sod_pixels")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<FixedSizeListArray>()
-        .unwrap();
+    let sod_px = col::<FixedSizeListArray>(&scenes[0], "sod_pixels");
     let sod_vals = sod_px
         .values()
         .as_any()
@@ -280,12 +276,7 @@ fn raw_scene_pyramid_matches_brute_force() {
         assert_eq!(sod_vals.value(c as usize), want, "SOD class {c}");
     }
     let polygons = read_parquet(&m.join("polygons.parquet")).unwrap();
-    let px = polygons[0]
-        .column_by_name("pixels")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .unwrap();
+    let px = col::<UInt64Array>(&polygons[0], "pixels");
     assert!(px.len() >= 5);
     let patches = read_parquet(&m.join("patches.parquet")).unwrap();
     let n: usize = patches.iter().map(|b| b.num_rows()).sum();
@@ -295,30 +286,10 @@ fn raw_scene_pyramid_matches_brute_force() {
         .sum();
     assert_eq!(n, want);
     let b = &patches[0];
-    let ph = b
-        .column_by_name("height")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt32Array>()
-        .unwrap();
-    let pw = b
-        .column_by_name("width")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt32Array>()
-        .unwrap();
-    let vf = b
-        .column_by_name("valid_fraction")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float32Array>()
-        .unwrap();
-    let hist = b
-        .column_by_name("sic_hist")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<FixedSizeListArray>()
-        .unwrap();
+    let ph = col::<UInt32Array>(b, "height");
+    let pw = col::<UInt32Array>(b, "width");
+    let vf = col::<Float32Array>(b, "valid_fraction");
+    let hist = col::<FixedSizeListArray>(b, "sic_hist");
     let hv = hist
         .values()
         .as_any()
@@ -417,12 +388,7 @@ fn rtt_scene_keeps_native_values_at_80m_and_resamples_fractionally() {
         ]
     );
     let scenes = read_parquet(&store.join("manifests/scenes.parquet")).unwrap();
-    let kind = scenes[0]
-        .column_by_name("kind")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
+    let kind = col::<StringArray>(&scenes[0], "kind");
     assert_eq!(kind.value(0), "rtt");
 }
 
@@ -599,39 +565,14 @@ fn out_of_table_code_is_ignored_counted_and_reported() {
         "{warning}"
     );
     let scenes = read_parquet(&store.join("manifests/scenes.parquet")).unwrap();
-    let count = scenes[0]
-        .column_by_name("unknown_code_count")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt32Array>()
-        .unwrap();
+    let count = col::<UInt32Array>(&scenes[0], "unknown_code_count");
     assert_eq!(count.value(0), 1);
     let polygons = read_parquet(&store.join("manifests/polygons.parquet")).unwrap();
     let b = &polygons[0];
-    let ids = b
-        .column_by_name("poly_id")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<arrow_array::Int64Array>()
-        .unwrap();
-    let sic = b
-        .column_by_name("sic")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<arrow_array::UInt8Array>()
-        .unwrap();
-    let ct = b
-        .column_by_name("ct")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
-    let unknown = b
-        .column_by_name("unknown_codes")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
+    let ids = col::<arrow_array::Int64Array>(b, "poly_id");
+    let sic = col::<arrow_array::UInt8Array>(b, "sic");
+    let ct = col::<StringArray>(b, "ct");
+    let unknown = col::<StringArray>(b, "unknown_codes");
     let i = (0..b.num_rows())
         .find(|&i| ids.value(i) == poly_id)
         .unwrap();
@@ -640,18 +581,8 @@ fn out_of_table_code_is_ignored_counted_and_reported() {
         (255, "12", "CT=12")
     );
     // Every pixel of that polygon is 255 for SIC: the scene's ignore bin holds at least them.
-    let px = b
-        .column_by_name("pixels")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .unwrap();
-    let sic_px = scenes[0]
-        .column_by_name("sic_pixels")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<FixedSizeListArray>()
-        .unwrap();
+    let px = col::<UInt64Array>(b, "pixels");
+    let sic_px = col::<FixedSizeListArray>(&scenes[0], "sic_pixels");
     let sic_px = sic_px
         .values()
         .as_any()
