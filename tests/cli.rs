@@ -59,57 +59,39 @@ fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// `icefm ingest` of the kill-and-resume test: three levels, small patches.
+fn ingest_80_160_400(store: &Path, scenes: &Path) -> Command {
+    let mut c = icefm();
+    c.args([
+        "ingest",
+        "--levels",
+        "80,160,400",
+        "--patch",
+        "128",
+        "--store",
+    ])
+    .arg(store)
+    .arg(scenes);
+    c
+}
+
 #[test]
 fn ingest_killed_at_any_moment_resumes_to_the_same_store() {
     let dir = tempfile::tempdir().unwrap();
     let scenes = dir.path().join("scenes");
     synth(&scenes, 4, "700x760", "cycle");
     let clean = dir.path().join("clean.zarr");
-    ok(icefm()
-        .args([
-            "ingest",
-            "--levels",
-            "80,160,400",
-            "--patch",
-            "128",
-            "--store",
-        ])
-        .arg(&clean)
-        .arg(&scenes)
-        .output()
-        .unwrap());
+    ok(ingest_80_160_400(&clean, &scenes).output().unwrap());
     for (attempt, kill_after_ms) in [150u64, 600, 1200].into_iter().enumerate() {
         let store = dir.path().join(format!("killed{attempt}.zarr"));
-        let mut child = icefm()
-            .args([
-                "ingest",
-                "--levels",
-                "80,160,400",
-                "--patch",
-                "128",
-                "--store",
-            ])
-            .arg(&store)
-            .arg(&scenes)
+        let mut child = ingest_80_160_400(&store, &scenes)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(kill_after_ms));
         let _ = child.kill();
         let _ = child.wait();
-        let out = ok(icefm()
-            .args([
-                "ingest",
-                "--levels",
-                "80,160,400",
-                "--patch",
-                "128",
-                "--store",
-            ])
-            .arg(&store)
-            .arg(&scenes)
-            .output()
-            .unwrap());
+        let out = ok(ingest_80_160_400(&store, &scenes).output().unwrap());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("0 failed"), "{stderr}");
         // Temporary files of the killed run are the only thing allowed to differ.
