@@ -118,16 +118,11 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
     )?;
 
     let dist = norm("distance_map")?;
-    let dist_rows = if short {
-        out.dim("distance_map_lines", h - 1)?;
-        h - 1
-    } else {
-        h
-    };
+    let (dist_rows, dist_dim) = out.distance_rows(short, h, SAR[0])?;
     out.grid(
         GridVar {
             name: "distance_map",
-            dims: [if short { "distance_map_lines" } else { SAR[0] }, SAR[1]],
+            dims: [dist_dim, SAR[1]],
             shape: [dist_rows, w],
             sar_grid: true,
             attrs: fill_attr(),

@@ -63,6 +63,22 @@ impl SceneWriter {
         self.skip == Some(name)
     }
 
+    /// Rows and row dimension of `distance_map`: one row short, on its own dimension, for the
+    /// [`crate::Defect::MismatchedShape`] defect.
+    pub(crate) fn distance_rows(
+        &mut self,
+        short: bool,
+        height: usize,
+        row_dim: &'static str,
+    ) -> Result<(usize, &'static str), SynthError> {
+        if short {
+            self.dim("distance_map_lines", height - 1)?;
+            Ok((height - 1, "distance_map_lines"))
+        } else {
+            Ok((height, row_dim))
+        }
+    }
+
     pub(crate) fn dim(&mut self, name: &str, len: usize) -> Result<(), SynthError> {
         let path = self.path.clone();
         self.file
