@@ -134,6 +134,28 @@ impl AxisMap {
     }
 }
 
+/// Sum `vs` and `vw` over consecutive groups of `F` columns into `sum` and `weight` (the last
+/// group may be shorter). `F` is a constant so the inner sums unroll.
+#[inline]
+fn reduce_fixed<const F: usize>(vs: &[f32], vw: &[f32], sum: &mut [f32], weight: &mut [f32]) {
+    let full = vs.len() / F;
+    for (((sk, wk), s), n) in sum
+        .iter_mut()
+        .zip(weight.iter_mut())
+        .zip(vs.chunks_exact(F))
+        .zip(vw.chunks_exact(F))
+    {
+        let s: &[f32; F] = s.try_into().unwrap_or(&[0.0; F]);
+        let n: &[f32; F] = n.try_into().unwrap_or(&[0.0; F]);
+        *sk += s.iter().sum::<f32>();
+        *wk += n.iter().sum::<f32>();
+    }
+    if full < sum.len() {
+        sum[full] += vs[full * F..].iter().sum::<f32>();
+        weight[full] += vw[full * F..].iter().sum::<f32>();
+    }
+}
+
 /// Runs of equal packed labels along a native row: `(start, len, value)`.
 pub type Run = (u32, u32, Packed);
 
@@ -193,16 +215,24 @@ const MONO_MIXED: Packed = u32::MAX - 1;
 struct RowAcc {
     sum: Vec<f32>,
     weight: Vec<f32>,
+    /// Dense channels summed down the native rows first, at native width (`[channel][native
+    /// column]`): a row-weighted add of whole rows, which vectorises; the sums across columns
+    /// are taken once per output row in `finish_row`.
+    vsum: Vec<f32>,
+    /// Valid (non-NaN) weight of `vsum`.
+    vweight: Vec<f32>,
     mono: Vec<Packed>,
     mono_weight: Vec<f32>,
     hist: Vec<f32>,
 }
 
 impl RowAcc {
-    fn new(channels: usize, width: usize) -> Self {
+    fn new(channels: usize, width: usize, native_width: usize) -> Self {
         Self {
             sum: vec![0.0; channels * width],
             weight: vec![0.0; channels * width],
+            vsum: vec![0.0; channels * native_width],
+            vweight: vec![0.0; channels * native_width],
             mono: vec![MONO_EMPTY; width],
             mono_weight: vec![0.0; width],
             hist: vec![0.0; BINS * width],
@@ -212,6 +242,8 @@ impl RowAcc {
     fn clear(&mut self) {
         self.sum.fill(0.0);
         self.weight.fill(0.0);
+        self.vsum.fill(0.0);
+        self.vweight.fill(0.0);
         self.mono.fill(MONO_EMPTY);
         self.mono_weight.fill(0.0);
     }
@@ -269,6 +301,8 @@ pub struct LevelAccumulator {
     padded_width: usize,
     cur: usize,
     acc: [RowAcc; 2],
+    /// Dense channels of the rows pushed so far.
+    dense: usize,
     chunk: ChunkRow,
     out: Vec<ChunkRow>,
     spare: Vec<ChunkRow>,
@@ -290,7 +324,11 @@ impl LevelAccumulator {
             patch,
             padded_width,
             cur: 0,
-            acc: [RowAcc::new(channels, w), RowAcc::new(channels, w)],
+            acc: [
+                RowAcc::new(channels, w, width),
+                RowAcc::new(channels, w, width),
+            ],
+            dense: 0,
             out: Vec::new(),
             spare: Vec::new(),
         }
@@ -326,6 +364,7 @@ impl LevelAccumulator {
             self.copy_row(i, row);
             return;
         }
+        self.dense = row.dense.len();
         let (a, wa, wb) = self.rows.at(i);
         while self.cur < a {
             self.finish_row();
@@ -375,52 +414,18 @@ impl LevelAccumulator {
                 });
             }
         }
-        let runs = row.labels;
+        let nw = self.cols.first.len();
         for (c, x) in row.dense.iter().enumerate() {
-            let sum = &mut acc.sum[c * w..(c + 1) * w];
-            let weight = &mut acc.weight[c * w..(c + 1) * w];
-            match self.cols.integer {
-                Some(f) => {
-                    for ((cell, sk), wk) in x.chunks(f).zip(sum.iter_mut()).zip(weight.iter_mut()) {
-                        // Branch-free NaN skipping: NaN-heavy borders cost no mispredictions.
-                        let (mut s, mut n) = (0.0f32, 0.0f32);
-                        for &v in cell {
-                            let ok = !v.is_nan();
-                            s += if ok { v } else { 0.0 };
-                            n += f32::from(u8::from(ok));
-                        }
-                        *sk += wy * s;
-                        *wk += wy * n;
-                    }
-                }
-                None => {
-                    for (k, &(j0, j1, wf, wl)) in self.cols.spans.iter().enumerate() {
-                        let (j0, j1) = (j0 as usize, j1 as usize);
-                        let (mut s, mut n) = (0.0f32, 0.0f32);
-                        let v = x[j0];
-                        if !v.is_nan() {
-                            s += wf * v;
-                            n += wf;
-                        }
-                        if j1 - j0 > 1 {
-                            for &v in &x[j0 + 1..j1 - 1] {
-                                if !v.is_nan() {
-                                    s += v;
-                                    n += 1.0;
-                                }
-                            }
-                            let v = x[j1 - 1];
-                            if !v.is_nan() {
-                                s += wl * v;
-                                n += wl;
-                            }
-                        }
-                        sum[k] += wy * s;
-                        weight[k] += wy * n;
-                    }
-                }
+            let vs = &mut acc.vsum[c * nw..(c + 1) * nw];
+            let vw = &mut acc.vweight[c * nw..(c + 1) * nw];
+            // Branch-free NaN skipping: NaN-heavy borders cost no mispredictions.
+            for ((s, n), &v) in vs.iter_mut().zip(vw.iter_mut()).zip(x.iter()) {
+                let ok = !v.is_nan();
+                *s += if ok { wy * v } else { 0.0 };
+                *n += if ok { wy } else { 0.0 };
             }
         }
+        let runs = row.labels;
         for &(s, len, p) in runs {
             if p == PACKED_IGNORE {
                 continue;
@@ -476,6 +481,47 @@ impl LevelAccumulator {
         }
     }
 
+    /// Add the column sums of the dense channels' vertical sums into the output row's cells.
+    fn reduce_columns(&mut self) {
+        let (w, nw) = (self.cols.out_len, self.cols.first.len());
+        let acc = &mut self.acc[0];
+        for c in 0..self.dense {
+            let vs = &acc.vsum[c * nw..(c + 1) * nw];
+            let vw = &acc.vweight[c * nw..(c + 1) * nw];
+            let sum = &mut acc.sum[c * w..(c + 1) * w];
+            let weight = &mut acc.weight[c * w..(c + 1) * w];
+            match self.cols.integer {
+                Some(2) => reduce_fixed::<2>(vs, vw, sum, weight),
+                Some(3) => reduce_fixed::<3>(vs, vw, sum, weight),
+                Some(4) => reduce_fixed::<4>(vs, vw, sum, weight),
+                Some(5) => reduce_fixed::<5>(vs, vw, sum, weight),
+                Some(f) => {
+                    for (((sk, wk), s), n) in sum
+                        .iter_mut()
+                        .zip(weight.iter_mut())
+                        .zip(vs.chunks(f))
+                        .zip(vw.chunks(f))
+                    {
+                        *sk += s.iter().sum::<f32>();
+                        *wk += n.iter().sum::<f32>();
+                    }
+                }
+                None => {
+                    for (k, &(j0, j1, wf, wl)) in self.cols.spans.iter().enumerate() {
+                        let (j0, j1) = (j0 as usize, j1 as usize);
+                        let (mut s, mut n) = (wf * vs[j0], wf * vw[j0]);
+                        if j1 - j0 > 1 {
+                            s += vs[j0 + 1..j1 - 1].iter().sum::<f32>() + wl * vs[j1 - 1];
+                            n += vw[j0 + 1..j1 - 1].iter().sum::<f32>() + wl * vw[j1 - 1];
+                        }
+                        sum[k] += s;
+                        weight[k] += n;
+                    }
+                }
+            }
+        }
+    }
+
     fn finish_row(&mut self) {
         let k = self.cur;
         let w = self.cols.out_len;
@@ -484,6 +530,7 @@ impl LevelAccumulator {
         let r = k % p;
         let cell_area = (self.rows.ratio * self.cols.ratio) as f32;
         let min_valid = MIN_VALID_LABEL_FRACTION * cell_area;
+        self.reduce_columns();
         let acc = &self.acc[0];
         for c in 0..self.channels {
             let dst = &mut self.chunk.values[(c * p + r) * pw..(c * p + r) * pw + w];
