@@ -62,7 +62,7 @@ fn read_floor_here(path: &Path) -> usize {
     let mut row0 = 0;
     while row0 < info.height {
         let rows = info.band_rows.min(info.height - row0);
-        let b = r.read_band(row0, rows).expect("band");
+        let b = r.read_band_netcdf(row0, rows).expect("band");
         n += b.hh.len();
         row0 += rows;
     }

@@ -10,7 +10,7 @@ fn main() {
         let mut row0 = 0;
         while row0 < info.height {
             let rows = info.band_rows.min(info.height - row0);
-            n += r.read_band(row0, rows).expect("band").hh.len();
+            n += r.read_band_netcdf(row0, rows).expect("band").hh.len();
             row0 += rows;
         }
         (n, info.band_rows)

@@ -5,12 +5,14 @@
 //! a fill value, `polygon_codes` as variable-length strings or a char array, any chunking.
 //! SAR comes out in dB with NaN for invalid, whatever the input (RTT's standard scaling is undone).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use icefm_schemas::norm::{AMSR2_VARIABLES, ERA5_VARIABLES, mean_std};
 use icefm_schemas::sigrid::PolygonCode;
 use netcdf::types::NcVariableType;
 use netcdf::{AttributeValue, Variable};
+use rayon::prelude::*;
 
 use crate::error::SceneError;
 use crate::names::{parse_scene_name, timestamp_micros};
@@ -169,8 +171,70 @@ pub const DEFAULT_BAND_ROWS: usize = 512;
 
 /// An open scene file.
 pub struct SceneReader {
+    /// Variables read as raw HDF5 chunks and inflated off the netCDF thread (declared before
+    /// `file` so these handles close first).
+    chunked: HashMap<&'static str, icefm_h5chunk::Dataset>,
+    /// The HDF5 handle those datasets belong to (none if the file could not be opened so).
+    _h5: Option<icefm_h5chunk::File>,
+    /// Decoding of each band variable (fill values, packing, RTT scaling), read at open.
+    decodes: HashMap<&'static str, Decode>,
+    /// Chart fill values other than 255, per chart variable.
+    chart_fills: HashMap<&'static str, f64>,
     file: netcdf::File,
     info: SceneInfo,
+}
+
+/// The bytes of one band as the netCDF thread hands them over: raw chunks where the variable
+/// takes the fast path, values read through netCDF-C where it does not.
+pub struct RawBand {
+    row0: usize,
+    rows: usize,
+    parts: Vec<(&'static str, RawPart)>,
+}
+
+enum RawPart {
+    Chunks(icefm_h5chunk::RawRows),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    U8(Vec<u8>),
+}
+
+/// The SAR-grid variables a band holds, by input kind (charts last).
+fn band_variables(kind: InputKind, has_chart: bool) -> &'static [&'static str] {
+    match (kind, has_chart) {
+        (InputKind::Rtt, _) => &[
+            "nersc_sar_primary",
+            "nersc_sar_secondary",
+            "distance_map",
+            "sar_incidenceangle",
+            "SIC",
+            "SOD",
+            "FLOE",
+        ],
+        (InputKind::Raw, true) => &[
+            "nersc_sar_primary",
+            "nersc_sar_secondary",
+            "distance_map",
+            "polygon_icechart",
+        ],
+        (InputKind::Raw, false) => &["nersc_sar_primary", "nersc_sar_secondary", "distance_map"],
+    }
+}
+
+/// Element type a band variable is read as.
+#[derive(Clone, Copy)]
+enum Want {
+    F32,
+    F64,
+    U8,
+}
+
+fn want_of(name: &str) -> Want {
+    match name {
+        "polygon_icechart" => Want::F64,
+        "SIC" | "SOD" | "FLOE" => Want::U8,
+        _ => Want::F32,
+    }
 }
 
 const RAW_REQUIRED: [&str; 3] = ["nersc_sar_primary", "nersc_sar_secondary", "distance_map"];
@@ -391,7 +455,57 @@ impl SceneReader {
             grid2km,
             band_rows,
         };
-        Ok(Self { file, info })
+        let rtt = kind == InputKind::Rtt;
+        let mut decodes = HashMap::new();
+        let mut chart_fills = HashMap::new();
+        for &name in band_variables(kind, has_chart) {
+            let var = file
+                .variable(name)
+                .ok_or_else(|| SceneError::variable(path, name, "missing"))?;
+            let scaled = rtt && !matches!(want_of(name), Want::U8);
+            decodes.insert(name, Decode::of(&var, scaled && name != "polygon_icechart"));
+            if matches!(want_of(name), Want::U8) {
+                let fill =
+                    attr_f64(&var, "chart_fill_value").or_else(|| attr_f64(&var, "_FillValue"));
+                if let Some(f) = fill.filter(|f| *f != 255.0) {
+                    chart_fills.insert(name, f);
+                }
+            }
+        }
+        // Raw-chunk path for every band variable HDF5 stores in a way decoded here; the rest
+        // (contiguous, other filters, big-endian, …) is read through netCDF-C.
+        let h5 = icefm_h5chunk::File::open(path).ok();
+        let mut chunked = HashMap::new();
+        if let Some(h) = &h5 {
+            for &name in band_variables(kind, has_chart) {
+                if let Ok(d) = h.dataset(name) {
+                    let accepts = match want_of(name) {
+                        Want::F32 => <f32 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
+                        Want::F64 => <f64 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
+                        Want::U8 => <u8 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
+                    };
+                    if accepts && d.layout().shape == [height, width] {
+                        chunked.insert(name, d);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            chunked,
+            _h5: h5,
+            decodes,
+            chart_fills,
+            file,
+            info,
+        })
+    }
+
+    /// Band variables read as raw chunks and inflated on all cores (the others go through
+    /// netCDF-C on its thread), sorted.
+    pub fn raw_chunk_variables(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.chunked.keys().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// What was read at open.
@@ -399,24 +513,105 @@ impl SceneReader {
         &self.info
     }
 
-    /// Read and decode rows `[row0, row0 + rows)` of every SAR-grid variable.
-    pub fn read_band(&self, row0: usize, rows: usize) -> Result<Band, SceneError> {
-        let rtt = self.info.kind == InputKind::Rtt;
-        let hh = self.read_f32("nersc_sar_primary", row0, rows, rtt)?;
-        let hv = self.read_f32("nersc_sar_secondary", row0, rows, rtt)?;
-        let distance = self.read_f32("distance_map", row0, rows, rtt)?;
-        let incidence = if rtt {
-            Some(self.read_f32("sar_incidenceangle", row0, rows, true)?)
-        } else {
-            None
-        };
+    /// Read and decode rows `[row0, row0 + rows)` of every SAR-grid variable through netCDF-C
+    /// alone, all on the calling thread (the netCDF thread). This is the ingest floor the
+    /// benchmark compares with; ingest itself uses [`Self::read_band_raw`] + [`Self::decode_band`].
+    pub fn read_band_netcdf(&self, row0: usize, rows: usize) -> Result<Band, SceneError> {
+        let raw = self.read_band_with(row0, rows, false)?;
+        self.decode_band(raw)
+    }
+
+    /// The netCDF-thread half of reading a band: the stored chunks of the fast-path variables
+    /// (a plain file read) and the netCDF-C read of the others. Call on the netCDF thread.
+    pub fn read_band_raw(&self, row0: usize, rows: usize) -> Result<RawBand, SceneError> {
+        self.read_band_with(row0, rows, true)
+    }
+
+    fn read_band_with(&self, row0: usize, rows: usize, raw: bool) -> Result<RawBand, SceneError> {
+        let names = band_variables(self.info.kind, self.info.has_chart);
+        let mut parts = Vec::with_capacity(names.len());
+        for &name in names {
+            let fast = raw
+                .then(|| self.chunked.get(name))
+                .flatten()
+                .and_then(|d| d.read_rows(row0, rows).ok());
+            let part = match (fast, want_of(name)) {
+                (Some(c), _) => RawPart::Chunks(c),
+                (None, Want::F32) => RawPart::F32(self.get_values(name, row0, rows)?),
+                (None, Want::F64) => RawPart::F64(self.get_values(name, row0, rows)?),
+                (None, Want::U8) => RawPart::U8(self.get_values(name, row0, rows)?),
+            };
+            parts.push((name, part));
+        }
+        Ok(RawBand { row0, rows, parts })
+    }
+
+    /// The other half: inflate raw chunks on the rayon pool and apply fill values, packing and
+    /// the RTT scaling. Runs on any thread; makes no netCDF call.
+    pub fn decode_band(&self, raw: RawBand) -> Result<Band, SceneError> {
+        let RawBand { row0, rows, parts } = raw;
+        let mut f32s: HashMap<&str, Vec<f32>> = HashMap::new();
+        let mut f64s: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut u8s: HashMap<&str, Vec<u8>> = HashMap::new();
+        let decoded: Vec<(&'static str, RawPart)> = parts
+            .into_par_iter()
+            .map(|(name, part)| {
+                let err = |e: icefm_h5chunk::DecodeError| {
+                    SceneError::variable(
+                        &self.info.path,
+                        name,
+                        format!("rows {row0}..{}: {e}; the file may be corrupt", row0 + rows),
+                    )
+                };
+                Ok((
+                    name,
+                    match (part, want_of(name)) {
+                        (RawPart::Chunks(c), Want::F32) => RawPart::F32(c.decode().map_err(err)?),
+                        (RawPart::Chunks(c), Want::F64) => RawPart::F64(c.decode().map_err(err)?),
+                        (RawPart::Chunks(c), Want::U8) => RawPart::U8(c.decode().map_err(err)?),
+                        (p, _) => p,
+                    },
+                ))
+            })
+            .collect::<Result<_, SceneError>>()?;
+        for (name, part) in decoded {
+            match part {
+                RawPart::F32(mut v) => {
+                    self.apply_f32(name, &mut v);
+                    f32s.insert(name, v);
+                }
+                RawPart::F64(mut v) => {
+                    self.apply_ids(name, &mut v);
+                    f64s.insert(name, v);
+                }
+                RawPart::U8(mut v) => {
+                    if let Some(&f) = self.chart_fills.get(name) {
+                        for x in &mut v {
+                            if f64::from(*x) == f {
+                                *x = icefm_schemas::IGNORE;
+                            }
+                        }
+                    }
+                    u8s.insert(name, v);
+                }
+                RawPart::Chunks(_) => unreachable!("every chunk part was decoded above"),
+            }
+        }
+        let mut take = |n: &str| f32s.remove(n).unwrap_or_default();
+        let (hh, hv, distance) = (
+            take("nersc_sar_primary"),
+            take("nersc_sar_secondary"),
+            take("distance_map"),
+        );
+        let incidence = f32s.remove("sar_incidenceangle");
         let labels = match (self.info.kind, self.info.has_chart) {
-            (InputKind::Rtt, _) => BandLabels::Charts([
-                self.read_chart("SIC", row0, rows)?,
-                self.read_chart("SOD", row0, rows)?,
-                self.read_chart("FLOE", row0, rows)?,
-            ]),
-            (InputKind::Raw, true) => BandLabels::PolygonIds(self.read_ids(row0, rows)?),
+            (InputKind::Rtt, _) => {
+                let mut chart = |n: &str| u8s.remove(n).unwrap_or_default();
+                BandLabels::Charts([chart("SIC"), chart("SOD"), chart("FLOE")])
+            }
+            (InputKind::Raw, true) => {
+                BandLabels::PolygonIds(f64s.remove("polygon_icechart").unwrap_or_default())
+            }
             (InputKind::Raw, false) => BandLabels::None,
         };
         Ok(Band {
@@ -447,20 +642,23 @@ impl SceneReader {
         )
     }
 
-    fn read_f32(
+    fn get_values<T: netcdf::NcTypeDescriptor + Copy>(
         &self,
         name: &str,
         row0: usize,
         rows: usize,
-        rtt: bool,
-    ) -> Result<Vec<f32>, SceneError> {
+    ) -> Result<Vec<T>, SceneError> {
         let var = self.var(name)?;
         let ext = [row0..row0 + rows, 0..self.info.width];
-        let mut v: Vec<f32> = var
-            .get_values::<f32, _>(&ext)
-            .map_err(|e| self.read_err(name, row0, rows, e))?;
-        let d = Decode::of(&var, rtt);
-        match d {
+        var.get_values::<T, _>(&ext)
+            .map_err(|e| self.read_err(name, row0, rows, e))
+    }
+
+    fn apply_f32(&self, name: &str, v: &mut [f32]) {
+        let Some(d) = self.decodes.get(name) else {
+            return;
+        };
+        match *d {
             d if d.is_identity() => {}
             // The RTT case (no fill value, no packing): a loop the compiler vectorises.
             Decode {
@@ -471,52 +669,31 @@ impl SceneReader {
                 unscale: Some((mean, std)),
             } if scale == 1.0 && offset == 0.0 => {
                 let (mean, std) = (mean as f32, std as f32);
-                for x in &mut v {
-                    *x = if *x == 0.0 { f32::NAN } else { *x * std + mean };
-                }
+                v.par_chunks_mut(1 << 16).for_each(|v| {
+                    for x in v {
+                        *x = if *x == 0.0 { f32::NAN } else { *x * std + mean };
+                    }
+                });
             }
-            d => {
-                for x in &mut v {
+            d => v.par_chunks_mut(1 << 16).for_each(|v| {
+                for x in v {
                     *x = d.apply(*x);
                 }
-            }
+            }),
         }
-        Ok(v)
     }
 
-    fn read_chart(&self, name: &str, row0: usize, rows: usize) -> Result<Vec<u8>, SceneError> {
-        let var = self.var(name)?;
-        let ext = [row0..row0 + rows, 0..self.info.width];
-        let mut v: Vec<u8> = var
-            .get_values::<u8, _>(&ext)
-            .map_err(|e| self.read_err(name, row0, rows, e))?;
-        let fill = attr_f64(&var, "chart_fill_value").or_else(|| attr_f64(&var, "_FillValue"));
-        if let Some(f) = fill.filter(|f| *f != 255.0) {
-            for x in &mut v {
-                if f64::from(*x) == f {
-                    *x = icefm_schemas::IGNORE;
-                }
-            }
-        }
-        Ok(v)
-    }
-
-    fn read_ids(&self, row0: usize, rows: usize) -> Result<Vec<f64>, SceneError> {
-        let name = "polygon_icechart";
-        let var = self.var(name)?;
-        let ext = [row0..row0 + rows, 0..self.info.width];
-        let mut v: Vec<f64> = var
-            .get_values::<f64, _>(&ext)
-            .map_err(|e| self.read_err(name, row0, rows, e))?;
-        let d = Decode::of(&var, false);
-        for x in &mut v {
+    fn apply_ids(&self, name: &str, v: &mut [f64]) {
+        let Some(d) = self.decodes.get(name) else {
+            return;
+        };
+        for x in v {
             if d.fill.is_some_and(|f| *x == f) || d.missing.is_some_and(|m| *x == m) {
                 *x = f64::NAN;
             } else if d.scale != 1.0 || d.offset != 0.0 {
                 *x = (*x * d.scale + d.offset).round();
             }
         }
-        Ok(v)
     }
 }
 

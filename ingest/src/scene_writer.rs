@@ -215,7 +215,9 @@ pub(crate) fn write_scene(
             while row0 < height {
                 let rows = band_rows.min(height - row0);
                 let r = Arc::clone(&reader);
-                let band = on_netcdf_thread(move || r.read_band(row0, rows));
+                // Stored chunks on the netCDF thread, inflated here on all cores.
+                let band = on_netcdf_thread(move || r.read_band_raw(row0, rows))
+                    .and_then(|raw| reader.decode_band(raw));
                 let failed = band.is_err();
                 if tx.send(band).is_err() || failed {
                     break;

@@ -11,6 +11,7 @@ use arrow_array::{
 use icefm_ingest::manifest::read_parquet;
 use icefm_ingest::netcdf_thread::on_netcdf_thread;
 use icefm_ingest::pipeline::{IngestOptions, NoReporter, Summary, ingest};
+use icefm_ingest::reader::{Band, BandLabels, SceneReader};
 use icefm_ingest::store::{array_shape, new_attrs, read_f32, read_u8};
 use icefm_schemas::sigrid::{MergeMode, PolygonCode};
 use icefm_schemas::store::Codec;
@@ -343,6 +344,59 @@ fn every_encoding_gives_the_same_store_content() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Bands read as raw HDF5 chunks inflated off the netCDF thread equal netCDF-C's own read,
+/// bit for bit, in every encoding and both releases; chunked deflate files take that path,
+/// contiguous ones do not.
+#[test]
+fn raw_chunk_reading_equals_netcdf_reading_in_every_encoding() {
+    fn bits(b: &Band) -> Vec<u64> {
+        let mut v: Vec<u64> = [&b.hh, &b.hv, &b.distance]
+            .into_iter()
+            .chain(b.incidence.as_ref())
+            .flat_map(|x| x.iter().map(|f| u64::from(f.to_bits())))
+            .collect();
+        match &b.labels {
+            BandLabels::PolygonIds(ids) => v.extend(ids.iter().map(|f| f.to_bits())),
+            BandLabels::Charts(c) => v.extend(c.iter().flatten().map(|&x| u64::from(x))),
+            BandLabels::None => {}
+        }
+        v
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [SceneKind::Raw, SceneKind::Rtt] {
+        for (name, _) in Encoding::all_named() {
+            let sub = dir.path().join(format!("{kind:?}-{name}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let nc = synth(&sub, kind, 5, 0, name);
+            let (fast, bands_equal) = on_netcdf_thread(move || {
+                let r = SceneReader::open(&nc).unwrap();
+                let h = r.info().height;
+                let mut equal = Vec::new();
+                // A chunk-aligned band, an unaligned one and the last rows.
+                for (row0, rows) in [(0, h.min(64)), (7, 50), (h - 3, 3)] {
+                    let netcdf = r.read_band_netcdf(row0, rows).unwrap();
+                    let raw = r.read_band_raw(row0, rows).unwrap();
+                    let chunks = r.decode_band(raw).unwrap();
+                    equal.push(
+                        bits(&netcdf) == bits(&chunks) && netcdf.hh.len() == rows * r.info().width,
+                    );
+                }
+                (r.raw_chunk_variables(), equal)
+            });
+            assert!(
+                bands_equal.iter().all(|&e| e),
+                "{kind:?} {name}: {bands_equal:?}"
+            );
+            let expected = match (name, kind) {
+                ("contiguous-uncompressed", _) => 0,
+                (_, SceneKind::Raw) => 4,
+                (_, SceneKind::Rtt) => 7,
+            };
+            assert_eq!(fast.len(), expected, "{kind:?} {name}: {fast:?}");
         }
     }
 }
