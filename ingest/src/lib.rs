@@ -4,7 +4,7 @@ pub mod error;
 pub mod inspect;
 pub mod labels;
 pub mod manifest;
-pub mod names;
+pub use icefm_schemas::names;
 pub mod pipeline;
 pub mod quicklook;
 pub mod reader;

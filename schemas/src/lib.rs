@@ -10,6 +10,7 @@
 
 pub mod classes;
 pub mod manifest;
+pub mod names;
 pub mod norm;
 pub mod sigrid;
 pub mod store;
