@@ -218,6 +218,118 @@ fn inspect_prints_balance_and_writes_a_quicklook() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("level 120m is not in the store"));
 }
 
+/// Regimes drawn from an ingested store: a ladder, an excluding pair, `check`, `inspect --regime`
+/// and the errors a researcher meets first.
+#[test]
+fn regimes_from_a_store_are_nested_disjoint_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 4, "200x220", "default");
+    let store = dir.path().join("s.zarr");
+    ok(icefm()
+        .args(["ingest", "--levels", "80,400", "--patch", "64", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap());
+    let regime = |args: &[&str]| {
+        icefm()
+            .arg("regime")
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .unwrap()
+    };
+    let out = ok(regime(&[
+        "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", "3",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("regime ft_25 (finetune, rule fraction 25 %, seed 3): 1 of 4 scenes"),
+        "{text}"
+    );
+    assert!(text.contains("of 4 scenes"), "{text}");
+    assert!(text.contains("patches"), "{text}");
+    let out = ok(regime(&[
+        "--name",
+        "pt",
+        "--rule",
+        "fraction",
+        "--percent",
+        "50",
+        "--role",
+        "pretrain",
+        "--exclude",
+        "ft_50",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 of 4 scenes"));
+    let check = |a: &str, b: &str| {
+        icefm()
+            .args(["regime", "check", a, b, "--store"])
+            .arg(&store)
+            .output()
+            .unwrap()
+    };
+    let out = check("ft_50", "pt");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("are disjoint"));
+    // The 25 % regime sits inside the 50 % one, so it overlaps itself-plus.
+    let out = check("ft_25", "ft_50");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("share 1 scene(s)"));
+    // Same store, rule and seed: the same bytes.
+    let first = std::fs::read(store.join("regimes/ft_50.parquet")).unwrap();
+    ok(regime(&[
+        "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", "3",
+    ]));
+    // Coverage takes as many scenes as holding every class needs, and says so.
+    let out = ok(regime(&[
+        "--name",
+        "cov",
+        "--rule",
+        "coverage",
+        "--percent",
+        "25",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("missing: none"), "{text}");
+    assert_eq!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        first
+    );
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--regime", "pt"])
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("regime pt (pretrain, rule fraction 50 %"),
+        "{text}"
+    );
+    assert!(
+        text.contains("regimes in the store: cov, ft_25, ft_50, pt"),
+        "{text}"
+    );
+    let out = check("ft_50", "nope");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown regime `nope`") && err.contains("known: cov, ft_25, ft_50, pt"),
+        "{err}"
+    );
+    let out = regime(&["--name", "x", "--rule", "fraction"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --percent"));
+}
+
 /// zarr-python, xarray and pyarrow read the store with no icefm code and agree with icefm.
 #[test]
 fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {

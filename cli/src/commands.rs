@@ -33,6 +33,8 @@ enum Command {
     Synth(SynthArgs),
     /// Print a store's scenes, levels, patches and class balance; optionally a PNG quicklook.
     Inspect(InspectArgs),
+    /// Write data-regime manifests (scene lists drawn by a rule) or check two for overlap.
+    Regime(crate::regime::RegimeArgs),
     /// Generate scenes, ingest them and inspect the store: the whole pipeline in a minute.
     Demo(DemoArgs),
 }
@@ -106,6 +108,9 @@ struct InspectArgs {
     /// Level of the quicklook [default: the coarsest].
     #[arg(long)]
     level: Option<String>,
+    /// Summarise this regime of the store instead (scenes, patches, class pixels, missing classes).
+    #[arg(long, conflicts_with_all = ["png", "scene", "level"])]
+    regime: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +132,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ingest(a) => cmd_ingest(a),
         Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),
         Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
+        Command::Regime(a) => crate::regime::cmd_regime(a),
         Command::Demo(a) => cmd_demo(a),
     }
 }
@@ -326,6 +332,9 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    if let Some(name) = &a.regime {
+        return crate::regime::inspect_regime(&a.store, name);
+    }
     let s = summarize(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
     print!("{}", s.render());
     if let Some(png) = &a.png {
@@ -396,7 +405,10 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         png: Some(png),
         scene: None,
         level: Some("200m".into()),
+        regime: None,
     })?;
+    eprintln!("\nregimes: a fine-tuning half by class coverage, pre-training on the rest\n");
+    crate::regime::demo_regimes(&store)?;
     println!(
         "\ndemo finished in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -2,6 +2,7 @@
 
 mod commands;
 mod progress;
+mod regime;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,215 @@
+//! `icefm regime` (draw, ladder, check) and `icefm inspect --regime`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use icefm_dataset::regime::{
+    Regime, RegimeSpec, Role, Rule, draw_ladder, list_regimes, shared_scenes, summary,
+};
+use icefm_dataset::table::SceneTable;
+
+/// Arguments of `icefm regime`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RegimeArgs {
+    #[command(subcommand)]
+    sub: Option<RegimeSub>,
+    #[command(flatten)]
+    draw: DrawArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum RegimeSub {
+    /// Exit non-zero (and list them) if two regimes share a scene.
+    Check {
+        /// First regime: a name in --store, or a .parquet path.
+        a: String,
+        /// Second regime.
+        b: String,
+        /// Store holding the regimes named.
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct DrawArgs {
+    /// Store to draw from; the regime is written to STORE/regimes/NAME.parquet.
+    #[arg(long, conflicts_with = "counts")]
+    store: Option<PathBuf>,
+    /// Plan from a per-scene class-count CSV (scene, chart, class, pixels) instead of a store.
+    #[arg(long, requires = "out")]
+    counts: Option<PathBuf>,
+    /// Output file with --counts (with --ladder: a folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Regime name (with --counts, default: the --out file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// all, fraction, stratified, coverage or import.
+    #[arg(long, default_value = "fraction")]
+    rule: String,
+    /// Share of all scenes, percent.
+    #[arg(long)]
+    percent: Option<f64>,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Scene list for --rule import (text, one name per line, or JSON array).
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// Leave out the scenes of these regimes (name in the store, or .parquet path).
+    #[arg(long, visible_alias = "disjoint-from")]
+    exclude: Vec<String>,
+    /// pretrain, finetune, val or test.
+    #[arg(long, default_value = "finetune")]
+    role: String,
+    /// Write nested regimes NAME_01, NAME_05, … for these percents in one go.
+    #[arg(long, value_delimiter = ',')]
+    ladder: Vec<f64>,
+}
+
+/// Run `icefm regime`.
+pub fn cmd_regime(a: RegimeArgs) -> Result<ExitCode> {
+    match a.sub {
+        Some(RegimeSub::Check { a, b, store }) => check(&a, &b, store.as_deref()),
+        None => draw(a.draw).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+fn check(a: &str, b: &str, store: Option<&Path>) -> Result<ExitCode> {
+    let ra = Regime::open(store, a)?;
+    let rb = Regime::open(store, b)?;
+    let shared = shared_scenes(&ra, &rb);
+    if shared.is_empty() {
+        println!(
+            "{} ({} scenes) and {} ({} scenes) are disjoint",
+            ra.name,
+            ra.scenes.len(),
+            rb.name,
+            rb.scenes.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "{} and {} share {} scene(s): {}",
+            ra.name,
+            rb.name,
+            shared.len(),
+            shared.join(", ")
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn draw(a: DrawArgs) -> Result<()> {
+    let (table, store) = match (&a.store, &a.counts) {
+        (Some(s), None) => (SceneTable::from_store(s)?, Some(s.as_path())),
+        (None, Some(c)) => (SceneTable::from_counts_csv(c)?, None),
+        _ => bail!("give --store STORE, or --counts CSV with --out FILE"),
+    };
+    let name = match (&a.name, &a.out) {
+        (Some(n), _) => n.clone(),
+        (None, Some(o)) if store.is_none() => o
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("--out has no file name")?
+            .to_string(),
+        _ => bail!("--name is required"),
+    };
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        bail!("regime name {name:?} must be a plain file name");
+    }
+    let exclude = a
+        .exclude
+        .iter()
+        .map(|e| Regime::open(store, e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let spec = RegimeSpec {
+        name,
+        rule: Rule::parse(&a.rule)?,
+        percent: a.percent,
+        seed: a.seed,
+        role: Role::parse(&a.role)?,
+        list: a.list.clone(),
+        exclude,
+    };
+    let percents: Vec<Option<f64>> = if a.ladder.is_empty() {
+        vec![a.percent]
+    } else {
+        if a.percent.is_some() {
+            bail!("give --percent or --ladder, not both");
+        }
+        a.ladder.iter().map(|&p| Some(p)).collect()
+    };
+    let regimes = draw_ladder(&table, &spec, &percents)?;
+    for r in &regimes {
+        let path = match (store, &a.out) {
+            (Some(s), _) => Regime::path_in(s, &r.name),
+            (None, Some(o)) if regimes.len() > 1 => o.join(format!("{}.parquet", r.name)),
+            (None, Some(o)) => o.clone(),
+            (None, None) => bail!("--out is required with --counts"),
+        };
+        r.write(&path)?;
+        print!("{}", summary(r, &table));
+        println!("  written: {}", path.display());
+    }
+    Ok(())
+}
+
+/// `icefm inspect STORE --regime NAME`: the regime's summary against its store.
+pub fn inspect_regime(store: &Path, name: &str) -> Result<()> {
+    let table = SceneTable::from_store(store)?;
+    let r = Regime::open(Some(store), name)?;
+    print!("{}", summary(&r, &table));
+    if r.source_hash != table.source_hash {
+        println!(
+            "  note: the store's manifests changed since this regime was drawn (scenes were added)"
+        );
+    }
+    let missing: Vec<&String> = r
+        .scenes
+        .iter()
+        .filter(|s| table.index_of(s).is_none())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "regime {name} names {} scene(s) not in the store: {:?}",
+            missing.len(),
+            missing
+        );
+    }
+    let others = list_regimes(store);
+    println!("  regimes in the store: {}", others.join(", "));
+    Ok(())
+}
+
+/// The demo's regimes: `ft50` by class coverage, `pt50` from the other scenes, checked disjoint.
+pub fn demo_regimes(store: &Path) -> Result<()> {
+    let table = SceneTable::from_store(store)?;
+    let mut spec = RegimeSpec {
+        name: "ft50".into(),
+        rule: Rule::Coverage,
+        percent: Some(50.0),
+        seed: 0,
+        role: Role::Finetune,
+        list: None,
+        exclude: vec![],
+    };
+    let ft = draw_ladder(&table, &spec, &[spec.percent])?.remove(0);
+    ft.write(&Regime::path_in(store, &ft.name))?;
+    print!("{}", summary(&ft, &table));
+    spec.name = "pt50".into();
+    spec.rule = Rule::Fraction;
+    spec.role = Role::Pretrain;
+    spec.exclude = vec![ft.clone()];
+    let pt = draw_ladder(&table, &spec, &[spec.percent])?.remove(0);
+    pt.write(&Regime::path_in(store, &pt.name))?;
+    print!("{}", summary(&pt, &table));
+    if !shared_scenes(&ft, &pt).is_empty() {
+        bail!("demo regimes overlap");
+    }
+    println!("  ft50 and pt50 are disjoint (icefm regime check ft50 pt50 --store …)");
+    Ok(())
+}

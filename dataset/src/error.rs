@@ -1,0 +1,64 @@
+//! Errors of the dataset crate: one line each, naming the file and what is wrong.
+
+use std::path::Path;
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A manifest that cannot be read.
+    #[error("{path}: {reason}")]
+    Manifest {
+        /// The Parquet file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A bad line in a class-count table or scene list.
+    #[error("{path}, line {line}: {reason}")]
+    Table {
+        /// The file.
+        path: String,
+        /// 1-based line (0: the file itself).
+        line: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The store is missing or not an icefm store.
+    #[error("{0}")]
+    Store(String),
+    /// A regime request that cannot be met.
+    #[error("{0}")]
+    Regime(String),
+    /// Writing a file failed.
+    #[error("{path}: {reason}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl DatasetError {
+    pub(crate) fn manifest(path: &Path, reason: String) -> Self {
+        Self::Manifest {
+            path: path.display().to_string(),
+            reason,
+        }
+    }
+
+    pub(crate) fn table(path: &Path, line: usize, reason: String) -> Self {
+        Self::Table {
+            path: path.display().to_string(),
+            line,
+            reason,
+        }
+    }
+
+    pub(crate) fn write(path: &Path, reason: impl std::fmt::Display) -> Self {
+        Self::Write {
+            path: path.display().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Data regimes and (next) the multi-scale patch loader of an icefm store. No candle here.
+//!
+//! ```
+//! use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw_ladder};
+//! use icefm_dataset::table::SceneTable;
+//! let ids = ["20180124T194759_dmi", "20190430T101830_cis", "20200626T104258_cis"];
+//! let table = SceneTable::from_ids(ids, std::path::Path::new("ids"));
+//! let spec = RegimeSpec {
+//!     name: "ft".into(), rule: Rule::Fraction, percent: None, seed: 1,
+//!     role: Role::Finetune, list: None, exclude: vec![],
+//! };
+//! let ladder = draw_ladder(&table, &spec, &[Some(34.0), Some(67.0)]).unwrap();
+//! assert_eq!(ladder[0].name, "ft_34");
+//! assert!(ladder[1].scenes.starts_with(&ladder[0].scenes)); // nested
+//! ```
+
+pub mod error;
+pub mod regime;
+pub mod rng;
+pub mod table;
+
+pub use error::DatasetError;

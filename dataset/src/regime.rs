@@ -1,0 +1,670 @@
+//! Data regimes: which scenes a run may use, drawn by a stated rule from a store (or a
+//! class-count table), written as `STORE/regimes/<name>.parquet`.
+//!
+//! Every rule first orders the candidate scenes; a regime of P % is the first
+//! `round(P / 100 × all scenes)` of that order. So the regimes of a ladder are nested by
+//! construction, and the same table, rule and seed give the same file, byte for byte.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
+use arrow_schema::{DataType, Field, Schema};
+use icefm_schemas::Task;
+use icefm_schemas::names::parse_scene_name;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::error::DatasetError;
+use crate::rng::Rng;
+use crate::table::SceneTable;
+
+/// Folder of a store that holds its regimes.
+pub const REGIMES_DIR: &str = "regimes";
+/// Parquet key-value metadata key holding a regime's description (JSON).
+pub const REGIME_META_KEY: &str = "icefm.regime";
+
+/// How scenes are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// Every candidate scene.
+    All,
+    /// A seeded random share of the scenes.
+    Fraction,
+    /// A seeded random share, balanced over ice service × season.
+    Stratified,
+    /// SAR-IceFM's greedy class coverage, then seeded random scenes up to the share.
+    Coverage,
+    /// The scenes of a list file (text, one name per line, or a JSON array).
+    Import,
+}
+
+impl Rule {
+    /// Parse a rule name.
+    pub fn parse(s: &str) -> Result<Self, DatasetError> {
+        Ok(match s.to_lowercase().as_str() {
+            "all" => Self::All,
+            "fraction" => Self::Fraction,
+            "stratified" => Self::Stratified,
+            "coverage" => Self::Coverage,
+            "import" => Self::Import,
+            other => {
+                return Err(DatasetError::Regime(format!(
+                    "unknown rule `{other}` (all, fraction, stratified, coverage, import)"
+                )));
+            }
+        })
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Fraction => "fraction",
+            Self::Stratified => "stratified",
+            Self::Coverage => "coverage",
+            Self::Import => "import",
+        }
+    }
+}
+
+/// What a regime is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Self-supervised pre-training.
+    Pretrain,
+    /// Supervised fine-tuning.
+    Finetune,
+    /// Validation (model selection).
+    Val,
+    /// Test.
+    Test,
+}
+
+impl Role {
+    /// Parse a role name.
+    pub fn parse(s: &str) -> Result<Self, DatasetError> {
+        Ok(match s.to_lowercase().as_str() {
+            "pretrain" => Self::Pretrain,
+            "finetune" => Self::Finetune,
+            "val" => Self::Val,
+            "test" => Self::Test,
+            other => {
+                return Err(DatasetError::Regime(format!(
+                    "unknown role `{other}` (pretrain, finetune, val, test)"
+                )));
+            }
+        })
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pretrain => "pretrain",
+            Self::Finetune => "finetune",
+            Self::Val => "val",
+            Self::Test => "test",
+        }
+    }
+}
+
+/// A request for a regime (or, with a ladder, a family of them).
+#[derive(Debug, Clone)]
+pub struct RegimeSpec {
+    /// Name (ladder members get `_<percent>` appended).
+    pub name: String,
+    /// The rule.
+    pub rule: Rule,
+    /// Share of all scenes of the table, in percent (fraction, stratified, coverage).
+    pub percent: Option<f64>,
+    /// Seed of the random choices.
+    pub seed: u64,
+    /// Role written into the regime.
+    pub role: Role,
+    /// Scene list (import).
+    pub list: Option<PathBuf>,
+    /// Regimes whose scenes are excluded from the candidates (disjoint by construction).
+    pub exclude: Vec<Regime>,
+}
+
+/// A regime: its scenes in the order the rule picked them, and how it was drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Regime {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Rule.
+    pub rule: Rule,
+    /// Share asked for, percent.
+    pub percent: Option<f64>,
+    /// Seed.
+    pub seed: u64,
+    /// Imported list file (as given).
+    pub list: Option<String>,
+    /// Names of the excluded regimes.
+    pub excluded: Vec<String>,
+    /// The store or table drawn from.
+    pub source: String,
+    /// BLAKE3 of the manifests (or table) drawn from.
+    pub source_hash: String,
+    /// Scene ids in pick order.
+    pub scenes: Vec<String>,
+    /// Remarks made while drawing (e.g. coverage needing more than the share).
+    pub notes: Vec<String>,
+}
+
+fn regime_error(msg: impl Into<String>) -> DatasetError {
+    DatasetError::Regime(msg.into())
+}
+
+/// The scene ids of a list file: text with one name per line (`#` comments and blank lines
+/// ignored) or a JSON array of names. Raw file names, RTT file names and scene ids are all
+/// accepted and mapped to scene ids.
+pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| DatasetError::table(path, 0, e.to_string()))?;
+    let names: Vec<(usize, String)> = if text.trim_start().starts_with('[') {
+        let v: Vec<String> = serde_json::from_str(&text).map_err(|e| {
+            DatasetError::table(path, e.line(), format!("not a JSON array of names ({e})"))
+        })?;
+        v.into_iter().map(|n| (0, n)).collect()
+    } else {
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.trim().to_string()))
+            .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+            .collect()
+    };
+    let mut seen = BTreeSet::new();
+    let mut ids = Vec::new();
+    for (line, n) in names {
+        let id = match parse_scene_name(&n) {
+            Some(p) => p.scene_id,
+            None => {
+                return Err(DatasetError::table(
+                    path,
+                    line,
+                    format!("`{n}` is not a raw or RTT file name or a scene id"),
+                ));
+            }
+        };
+        if seen.insert(id.clone()) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Candidate scene indices: the table minus the excluded regimes' scenes.
+fn pool(table: &SceneTable, exclude: &[Regime]) -> Vec<usize> {
+    let out: BTreeSet<&str> = exclude
+        .iter()
+        .flat_map(|r| r.scenes.iter().map(String::as_str))
+        .collect();
+    (0..table.scenes.len())
+        .filter(|&i| !out.contains(table.scenes[i].id.as_str()))
+        .collect()
+}
+
+/// Seeded random order.
+fn random_order(pool: &[usize], seed: u64) -> Vec<usize> {
+    let mut v = pool.to_vec();
+    Rng::new(seed, 0).shuffle(&mut v);
+    v
+}
+
+/// Seeded order whose every prefix is balanced over ice service × season: each step takes the
+/// next scene of the stratum furthest behind its proportional share.
+fn stratified_order(table: &SceneTable, pool: &[usize], seed: u64) -> Vec<usize> {
+    let mut strata: BTreeMap<(String, &'static str), Vec<usize>> = BTreeMap::new();
+    for &i in pool {
+        let e = &table.scenes[i];
+        strata
+            .entry((e.service.clone(), e.season()))
+            .or_default()
+            .push(i);
+    }
+    let mut lists: Vec<Vec<usize>> = strata
+        .into_values()
+        .enumerate()
+        .map(|(k, mut v)| {
+            Rng::new(seed, k as u64 + 1).shuffle(&mut v);
+            v
+        })
+        .collect();
+    let mut taken = vec![0usize; lists.len()];
+    let mut out = Vec::with_capacity(pool.len());
+    while out.len() < pool.len() {
+        let mut best: Option<(usize, f64)> = None;
+        for (k, l) in lists.iter().enumerate() {
+            if taken[k] < l.len() {
+                let ratio = (taken[k] as f64 + 1.0) / l.len() as f64;
+                if best.is_none_or(|(_, b)| ratio < b) {
+                    best = Some((k, ratio));
+                }
+            }
+        }
+        let Some((k, _)) = best else { break };
+        out.push(lists[k][taken[k]]);
+        taken[k] += 1;
+    }
+    lists.clear();
+    out
+}
+
+/// SAR-IceFM's greedy class coverage. Each round takes, for each task in turn, the rarest class
+/// (fewest pixels over the candidates) that the picked scenes do not hold yet, and adds the
+/// candidate holding it that also holds the most other uncovered classes (ties: seeded random
+/// order). Rounds stop when every class present among the candidates is held; the rest follow in
+/// seeded random order. Returns the order and the length of its coverage part.
+fn coverage_order(table: &SceneTable, pool: &[usize], seed: u64) -> (Vec<usize>, usize) {
+    let random = random_order(pool, seed);
+    let totals = table.class_totals(pool.iter().copied());
+    // Uncovered classes: (task, class) present among the candidates.
+    let mut uncovered: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for t in Task::ALL {
+        let ch = t.channel();
+        let present = totals[ch][..t.n_classes()].iter().enumerate();
+        uncovered.extend(present.filter(|(_, p)| **p > 0).map(|(c, _)| (ch, c)));
+    }
+    let mut picked: Vec<usize> = Vec::new();
+    let mut used = BTreeSet::new();
+    while !uncovered.is_empty() {
+        for t in Task::ALL {
+            let ch = t.channel();
+            let rarest = uncovered
+                .iter()
+                .filter(|(k, _)| *k == ch)
+                .min_by_key(|&&(k, c)| (totals[k][c], c))
+                .copied();
+            let Some((_, class)) = rarest else { continue };
+            let gain = |i: usize| {
+                uncovered
+                    .iter()
+                    .filter(|&&(k, c)| table.scenes[i].pixels[k][c] > 0)
+                    .count()
+            };
+            // First maximum in the random order: the seeded tie-break.
+            let mut best: Option<(usize, usize)> = None;
+            for &i in &random {
+                if !used.contains(&i) && table.scenes[i].holds(t, class) {
+                    let g = gain(i);
+                    if best.is_none_or(|(_, bg)| g > bg) {
+                        best = Some((i, g));
+                    }
+                }
+            }
+            if let Some((i, _)) = best {
+                used.insert(i);
+                picked.push(i);
+                uncovered.retain(|&(k, c)| table.scenes[i].pixels[k][c] == 0);
+            }
+        }
+    }
+    let n = picked.len();
+    picked.extend(random.into_iter().filter(|i| !used.contains(i)));
+    (picked, n)
+}
+
+/// Number of scenes for `percent` of `total` (at least one).
+pub fn share_count(percent: f64, total: usize) -> usize {
+    ((percent / 100.0 * total as f64).round() as usize).max(1)
+}
+
+fn check_percent(p: f64) -> Result<f64, DatasetError> {
+    if p.is_finite() && p > 0.0 && p <= 100.0 {
+        Ok(p)
+    } else {
+        Err(regime_error(format!("--percent {p} is not in (0, 100]")))
+    }
+}
+
+/// Draw a regime of `percent` (or the spec's own) from `table`.
+pub fn draw(table: &SceneTable, spec: &RegimeSpec) -> Result<Regime, DatasetError> {
+    Ok(draw_ladder(table, spec, &[spec.percent])?.remove(0))
+}
+
+/// Draw nested regimes, one per percent (`None`: the spec's rule without a share), from one
+/// order. Names get `_<percent>` appended when there is more than one.
+pub fn draw_ladder(
+    table: &SceneTable,
+    spec: &RegimeSpec,
+    percents: &[Option<f64>],
+) -> Result<Vec<Regime>, DatasetError> {
+    if table.scenes.is_empty() {
+        return Err(regime_error(format!(
+            "{}: no scenes to draw from",
+            table.source.display()
+        )));
+    }
+    let candidates = pool(table, &spec.exclude);
+    let mut notes = Vec::new();
+    let (order, coverage_len) = match spec.rule {
+        Rule::All => (candidates.clone(), 0),
+        Rule::Fraction => (random_order(&candidates, spec.seed), 0),
+        Rule::Stratified => (stratified_order(table, &candidates, spec.seed), 0),
+        Rule::Coverage => coverage_order(table, &candidates, spec.seed),
+        Rule::Import => {
+            let path = spec
+                .list
+                .as_deref()
+                .ok_or_else(|| regime_error("rule import needs --list FILE"))?;
+            let ids = read_scene_list(path)?;
+            let missing: Vec<&str> = ids
+                .iter()
+                .filter(|id| table.index_of(id).is_none())
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+                return Err(regime_error(format!(
+                    "{}: {} of {} listed scenes are not in {}: {}{}",
+                    path.display(),
+                    missing.len(),
+                    ids.len(),
+                    table.source.display(),
+                    shown.join(", "),
+                    if missing.len() > 10 { ", …" } else { "" }
+                )));
+            }
+            let allowed: BTreeSet<usize> = candidates.iter().copied().collect();
+            let mut order = Vec::new();
+            for id in &ids {
+                let i = table.index_of(id).unwrap_or(usize::MAX);
+                if allowed.contains(&i) {
+                    order.push(i);
+                } else {
+                    notes.push(format!("{id} is excluded"));
+                }
+            }
+            (order, 0)
+        }
+    };
+    let multiple = percents.len() > 1;
+    let mut out = Vec::new();
+    for &p in percents {
+        let mut notes = notes.clone();
+        let n = match (spec.rule, p) {
+            (Rule::All | Rule::Import, Some(_)) => {
+                return Err(regime_error(format!(
+                    "rule {} takes no --percent",
+                    spec.rule.name()
+                )));
+            }
+            (Rule::All | Rule::Import, None) => order.len(),
+            (_, None) => {
+                return Err(regime_error(format!(
+                    "rule {} needs --percent (or --ladder)",
+                    spec.rule.name()
+                )));
+            }
+            (_, Some(p)) => {
+                let p = check_percent(p)?;
+                let want = share_count(p, table.scenes.len());
+                if want > order.len() {
+                    notes.push(format!(
+                        "{p} % of {} scenes is {want}, but only {} are candidates",
+                        table.scenes.len(),
+                        order.len()
+                    ));
+                }
+                if coverage_len > want {
+                    notes.push(format!(
+                        "covering every class took {coverage_len} scenes, more than the {want} of {p} %"
+                    ));
+                }
+                want.max(coverage_len).min(order.len())
+            }
+        };
+        if n == 0 {
+            return Err(regime_error(format!(
+                "regime {} would be empty ({} candidate scenes)",
+                spec.name,
+                order.len()
+            )));
+        }
+        let name = match p {
+            Some(p) if multiple => format!("{}_{}", spec.name, percent_label(p)),
+            _ => spec.name.clone(),
+        };
+        out.push(Regime {
+            name,
+            role: spec.role,
+            rule: spec.rule,
+            percent: p,
+            seed: spec.seed,
+            list: spec.list.as_ref().map(|l| l.display().to_string()),
+            excluded: spec.exclude.iter().map(|r| r.name.clone()).collect(),
+            source: table.source.display().to_string(),
+            source_hash: table.source_hash.clone(),
+            scenes: order[..n]
+                .iter()
+                .map(|&i| table.scenes[i].id.clone())
+                .collect(),
+            notes,
+        });
+    }
+    Ok(out)
+}
+
+/// `1` → `01`, `5` → `05`, `40` → `40`, `0.5` → `0p5` (SAR-IceFM's list names use two digits).
+pub fn percent_label(p: f64) -> String {
+    if p.fract() == 0.0 {
+        format!("{:02}", p as u64)
+    } else {
+        p.to_string().replace('.', "p")
+    }
+}
+
+fn regime_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("scene_id", DataType::Utf8, false),
+        Field::new("rank", DataType::UInt32, false),
+        Field::new("role", DataType::Utf8, false),
+    ])
+}
+
+impl Regime {
+    /// Path of regime `name` in `store`.
+    pub fn path_in(store: &Path, name: &str) -> PathBuf {
+        store.join(REGIMES_DIR).join(format!("{name}.parquet"))
+    }
+
+    /// Write as Parquet (scene_id, rank, role; the description as key-value metadata), through a
+    /// temporary file and a rename, so a reader never sees half a regime.
+    pub fn write(&self, path: &Path) -> Result<(), DatasetError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DatasetError::write(dir, e))?;
+        }
+        let meta = serde_json::to_string(self).map_err(|e| DatasetError::write(path, e))?;
+        let n = self.scenes.len();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(&self.scenes)),
+            Arc::new(UInt32Array::from_iter_values(0..n as u32)),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                self.role.name(),
+                n,
+            ))),
+        ];
+        let batch = RecordBatch::try_new(Arc::new(regime_schema()), columns)
+            .map_err(|e| DatasetError::write(path, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(Default::default()))
+            .set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
+                REGIME_META_KEY.to_string(),
+                meta,
+            )]))
+            .build();
+        let tmp = path.with_extension("parquet.tmp");
+        let file = File::create(&tmp).map_err(|e| DatasetError::write(&tmp, e))?;
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
+            .map_err(|e| DatasetError::write(&tmp, e))?;
+        w.write(&batch).map_err(|e| DatasetError::write(&tmp, e))?;
+        w.close().map_err(|e| DatasetError::write(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| DatasetError::write(path, e))
+    }
+
+    /// Read a regime file written by [`Regime::write`]; the scene column is authoritative.
+    pub fn read(path: &Path) -> Result<Self, DatasetError> {
+        let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
+        let file = File::open(path).map_err(|e| err(&e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(&e))?;
+        let meta = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|k| k.key == REGIME_META_KEY))
+            .and_then(|k| k.value.clone())
+            .ok_or_else(|| err(&"not an icefm regime (no description)"))?;
+        let mut regime: Regime = serde_json::from_str(&meta).map_err(|e| err(&e))?;
+        let mut scenes = Vec::new();
+        for b in builder.build().map_err(|e| err(&e))? {
+            let b = b.map_err(|e| err(&e))?;
+            let ids = b
+                .column_by_name("scene_id")
+                .ok_or_else(|| err(&"no scene_id column"))?
+                .as_string::<i32>();
+            scenes.extend(ids.iter().flatten().map(str::to_string));
+        }
+        regime.scenes = scenes;
+        Ok(regime)
+    }
+
+    /// Find a regime by name in a store, or by path; the error lists the store's regimes.
+    pub fn open(store: Option<&Path>, name_or_path: &str) -> Result<Self, DatasetError> {
+        let as_path = Path::new(name_or_path);
+        if name_or_path.ends_with(".parquet") && as_path.exists() {
+            return Self::read(as_path);
+        }
+        let Some(store) = store else {
+            return Err(regime_error(format!(
+                "regime `{name_or_path}`: no such file (give a .parquet path or --store)"
+            )));
+        };
+        let path = Self::path_in(store, name_or_path);
+        if path.exists() {
+            return Self::read(&path);
+        }
+        let known = list_regimes(store);
+        Err(regime_error(format!(
+            "unknown regime `{name_or_path}` in {} (known: {})",
+            store.display(),
+            if known.is_empty() {
+                "none yet; create one with `icefm regime`".to_string()
+            } else {
+                known.join(", ")
+            }
+        )))
+    }
+}
+
+/// Names of the regimes of a store, sorted.
+pub fn list_regimes(store: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(store.join(REGIMES_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".parquet"))
+                .map(str::to_string)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Scenes two regimes share, sorted.
+pub fn shared_scenes(a: &Regime, b: &Regime) -> Vec<String> {
+    let sa: BTreeSet<&String> = a.scenes.iter().collect();
+    let mut v: Vec<String> = b
+        .scenes
+        .iter()
+        .filter(|s| sa.contains(s))
+        .cloned()
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A readable summary: scenes, patches, pixels per class per task, classes missing (classes the
+/// table has that the regime lacks).
+pub fn summary(regime: &Regime, table: &SceneTable) -> String {
+    let idx: Vec<usize> = regime
+        .scenes
+        .iter()
+        .filter_map(|s| table.index_of(s))
+        .collect();
+    let totals = table.class_totals(idx.iter().copied());
+    let all = table.class_totals(0..table.scenes.len());
+    let patches: u64 = idx.iter().map(|&i| table.scenes[i].patches).sum();
+    let mut s = format!(
+        "regime {} ({}, rule {}{}, seed {}): {} of {} scenes",
+        regime.name,
+        regime.role.name(),
+        regime.rule.name(),
+        regime
+            .percent
+            .map(|p| format!(" {p} %"))
+            .unwrap_or_default(),
+        regime.seed,
+        regime.scenes.len(),
+        table.scenes.len()
+    );
+    if table.has_patches {
+        s.push_str(&format!(", {patches} patches"));
+    }
+    s.push('\n');
+    for t in Task::ALL {
+        let ch = t.channel();
+        let cells: Vec<String> = (0..t.n_classes())
+            .map(|c| format!("{c}:{}", totals[ch][c]))
+            .collect();
+        let missing: Vec<String> = (0..t.n_classes())
+            .filter(|&c| all[ch][c] > 0 && totals[ch][c] == 0)
+            .map(|c| c.to_string())
+            .collect();
+        s.push_str(&format!(
+            "  {:<4} pixels per class {}; no label {}; missing: {}\n",
+            t.name(),
+            cells.join(" "),
+            totals[ch][t.n_classes()],
+            if missing.is_empty() {
+                "none".to_string()
+            } else {
+                missing.join(", ")
+            }
+        ));
+    }
+    for n in &regime.notes {
+        s.push_str(&format!("  note: {n}\n"));
+    }
+    s
+}
+
+/// Classes (task, class) the table has that the regime lacks.
+pub fn missing_classes(regime: &Regime, table: &SceneTable) -> Vec<(Task, usize)> {
+    let idx = regime.scenes.iter().filter_map(|s| table.index_of(s));
+    let totals = table.class_totals(idx);
+    let all = table.class_totals(0..table.scenes.len());
+    let mut v = Vec::new();
+    for t in Task::ALL {
+        for c in 0..t.n_classes() {
+            if all[t.channel()][c] > 0 && totals[t.channel()][c] == 0 {
+                v.push((t, c));
+            }
+        }
+    }
+    v
+}
