@@ -39,6 +39,20 @@ fn synth(dir: &Path, count: u32, size: &str, encoding: &str) {
         .unwrap());
 }
 
+/// Synthetic scenes ingested at `levels` with 64-px patches: the store path.
+fn synth_and_ingest(dir: &Path, count: u32, size: &str, encoding: &str, levels: &str) -> PathBuf {
+    let scenes = dir.join("scenes");
+    synth(&scenes, count, size, encoding);
+    let store = dir.join("s.zarr");
+    ok(icefm()
+        .args(["ingest", "--levels", levels, "--patch", "64", "--store"])
+        .arg(&store)
+        .arg(&scenes)
+        .output()
+        .unwrap());
+    store
+}
+
 fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -182,15 +196,7 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
 #[test]
 fn inspect_prints_balance_and_writes_a_quicklook() {
     let dir = tempfile::tempdir().unwrap();
-    let scenes = dir.path().join("scenes");
-    synth(&scenes, 2, "400x420", "default");
-    let store = dir.path().join("s.zarr");
-    ok(icefm()
-        .args(["ingest", "--levels", "80,200", "--patch", "64", "--store"])
-        .arg(&store)
-        .arg(&scenes)
-        .output()
-        .unwrap());
+    let store = synth_and_ingest(dir.path(), 2, "400x420", "default", "80,200");
     let png = dir.path().join("q.png");
     let out = ok(icefm()
         .arg("inspect")
@@ -223,15 +229,7 @@ fn inspect_prints_balance_and_writes_a_quicklook() {
 #[test]
 fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let scenes = dir.path().join("scenes");
-    synth(&scenes, 4, "200x220", "default");
-    let store = dir.path().join("s.zarr");
-    ok(icefm()
-        .args(["ingest", "--levels", "80,400", "--patch", "64", "--store"])
-        .arg(&store)
-        .arg(&scenes)
-        .output()
-        .unwrap());
+    let store = synth_and_ingest(dir.path(), 4, "200x220", "default", "80,400");
     let regime = |args: &[&str]| {
         icefm()
             .arg("regime")
@@ -341,15 +339,7 @@ fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
         "python3 with zarr, xarray, pyarrow and numpy is needed: run `make deps`"
     );
     let dir = tempfile::tempdir().unwrap();
-    let scenes = dir.path().join("scenes");
-    synth(&scenes, 2, "300x340", "cycle");
-    let store = dir.path().join("s.zarr");
-    ok(icefm()
-        .args(["ingest", "--levels", "80,200", "--patch", "64", "--store"])
-        .arg(&store)
-        .arg(&scenes)
-        .output()
-        .unwrap());
+    let store = synth_and_ingest(dir.path(), 2, "300x340", "cycle", "80,200");
     let ids: Vec<String> = std::fs::read_dir(store.join("scenes"))
         .unwrap()
         .filter_map(|e| e.ok())
