@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use icefm_dataset::regime::{
-    Regime, RegimeSpec, Role, Rule, draw_ladder, list_regimes, shared_scenes, summary,
+    Regime, RegimeSpec, Role, Rule, draw, draw_ladder, list_regimes, shared_scenes, summary,
 };
 use icefm_dataset::table::SceneTable;
 
@@ -74,7 +74,7 @@ struct DrawArgs {
 pub fn cmd_regime(a: RegimeArgs) -> Result<ExitCode> {
     match a.sub {
         Some(RegimeSub::Check { a, b, store }) => check(&a, &b, store.as_deref()),
-        None => draw(a.draw).map(|_| ExitCode::SUCCESS),
+        None => draw_args(a.draw).map(|_| ExitCode::SUCCESS),
     }
 }
 
@@ -103,7 +103,7 @@ fn check(a: &str, b: &str, store: Option<&Path>) -> Result<ExitCode> {
     }
 }
 
-fn draw(a: DrawArgs) -> Result<()> {
+fn draw_args(a: DrawArgs) -> Result<()> {
     let (table, store) = match (&a.store, &a.counts) {
         (Some(s), None) => (SceneTable::from_store(s)?, Some(s.as_path())),
         (None, Some(c)) => (SceneTable::from_counts_csv(c)?, None),
@@ -197,14 +197,14 @@ pub fn demo_regimes(store: &Path) -> Result<()> {
         list: None,
         exclude: vec![],
     };
-    let ft = draw_ladder(&table, &spec, &[spec.percent])?.remove(0);
+    let ft = draw(&table, &spec)?;
     ft.write(&Regime::path_in(store, &ft.name))?;
     print!("{}", summary(&ft, &table));
     spec.name = "pt50".into();
     spec.rule = Rule::Fraction;
     spec.role = Role::Pretrain;
     spec.exclude = vec![ft.clone()];
-    let pt = draw_ladder(&table, &spec, &[spec.percent])?.remove(0);
+    let pt = draw(&table, &spec)?;
     pt.write(&Regime::path_in(store, &pt.name))?;
     print!("{}", summary(&pt, &table));
     if !shared_scenes(&ft, &pt).is_empty() {

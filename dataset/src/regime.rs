@@ -233,7 +233,7 @@ fn stratified_order(table: &SceneTable, pool: &[usize], seed: u64) -> Vec<usize>
             .or_default()
             .push(i);
     }
-    let mut lists: Vec<Vec<usize>> = strata
+    let lists: Vec<Vec<usize>> = strata
         .into_values()
         .enumerate()
         .map(|(k, mut v)| {
@@ -257,7 +257,6 @@ fn stratified_order(table: &SceneTable, pool: &[usize], seed: u64) -> Vec<usize>
         out.push(lists[k][taken[k]]);
         taken[k] += 1;
     }
-    lists.clear();
     out
 }
 
