@@ -154,33 +154,10 @@ impl Store {
 
     /// Open an existing store (read its root attributes).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let meta = path.join("zarr.json");
-        let text = std::fs::read_to_string(&meta).map_err(|e| StoreError::Incompatible {
+        let attrs = StoreAttrs::read(path).map_err(|e| StoreError::Incompatible {
             path: path.to_path_buf(),
-            reason: format!("not an icefm store (cannot read zarr.json: {e})"),
+            reason: e.0,
         })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| StoreError::zarr(&meta, e))?;
-        let icefm =
-            v.pointer("/attributes/icefm")
-                .cloned()
-                .ok_or_else(|| StoreError::Incompatible {
-                    path: path.to_path_buf(),
-                    reason: "zarr.json has no attributes.icefm: not an icefm store".into(),
-                })?;
-        let attrs: StoreAttrs =
-            serde_json::from_value(icefm).map_err(|e| StoreError::Incompatible {
-                path: path.to_path_buf(),
-                reason: format!("unreadable icefm attributes: {e}"),
-            })?;
-        if attrs.format_version != FORMAT_VERSION {
-            return Err(StoreError::Incompatible {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "store format version {} (this icefm reads {FORMAT_VERSION})",
-                    attrs.format_version
-                ),
-            });
-        }
         let fs = Arc::new(FilesystemStore::new(path).map_err(|e| StoreError::zarr(path, e))?);
         Ok(Self {
             path: path.to_path_buf(),

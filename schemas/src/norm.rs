@@ -61,6 +61,33 @@ pub fn mean_std(variable: &str) -> Option<MeanStd> {
         .map(|(_, m)| *m)
 }
 
+/// The AI4Arctic variable behind each channel of a store's `sar` and `aux` arrays, whose
+/// constants normalise it.
+pub const CHANNEL_VARIABLES: [(&str, &str); 4] = [
+    ("HH", "nersc_sar_primary"),
+    ("HV", "nersc_sar_secondary"),
+    ("incidence_angle", "sar_incidenceangle"),
+    ("distance_map", "distance_map"),
+];
+
+/// The variable of a store channel (`HH` → `nersc_sar_primary`).
+pub fn channel_variable(channel: &str) -> Option<&'static str> {
+    CHANNEL_VARIABLES
+        .iter()
+        .find(|(c, _)| *c == channel)
+        .map(|(_, v)| *v)
+}
+
+/// The constants of a store channel as recorded in a store's root attributes
+/// (`normalisation`: variable → `{mean, std}`).
+pub fn mean_std_of_store(normalisation: &serde_json::Value, channel: &str) -> Option<MeanStd> {
+    let v = normalisation.get(channel_variable(channel)?)?;
+    Some(MeanStd {
+        mean: v.get("mean")?.as_f64()?,
+        std: v.get("std")?.as_f64()?,
+    })
+}
+
 /// AMSR2 brightness-temperature variables on the 2 km grid (underscore names of the 2023 release).
 pub const AMSR2_VARIABLES: [&str; 14] = [
     "btemp_6_9h",

@@ -164,6 +164,36 @@ pub struct StoreAttrs {
     pub tool_version: String,
 }
 
+/// Why a folder is not a readable icefm store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreAttrsError(pub String);
+
+impl StoreAttrs {
+    /// Read the root attributes of the store at `path` (`zarr.json`, `attributes.icefm`) and check
+    /// the format version.
+    pub fn read(path: &std::path::Path) -> Result<Self, StoreAttrsError> {
+        let meta = path.join("zarr.json");
+        let text = std::fs::read_to_string(&meta).map_err(|e| {
+            StoreAttrsError(format!("not an icefm store (cannot read zarr.json: {e})"))
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| StoreAttrsError(format!("zarr.json is not JSON: {e}")))?;
+        let icefm = v.pointer("/attributes/icefm").cloned().ok_or_else(|| {
+            StoreAttrsError("zarr.json has no attributes.icefm: not an icefm store".into())
+        })?;
+        let attrs: StoreAttrs = serde_json::from_value(icefm)
+            .map_err(|e| StoreAttrsError(format!("unreadable icefm attributes: {e}")))?;
+        if attrs.format_version != FORMAT_VERSION {
+            return Err(StoreAttrsError(format!(
+                "store format version {} (this icefm reads {FORMAT_VERSION})",
+                attrs.format_version
+            )));
+        }
+        Ok(attrs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
