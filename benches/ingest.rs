@@ -4,50 +4,21 @@
 //! Scenes are generated once into `target/bench-data/` (a full raw scene takes about a minute).
 //! `ICEFM_BENCH_SCALE=0.25` shrinks the scenes for a quick run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+#[path = "common.rs"]
+mod common;
+use common::scene;
 use icefm_ingest::netcdf_thread::on_netcdf_thread;
 use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
 use icefm_ingest::reader::SceneReader;
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH};
-use icefm_synth::{SceneKind, SynthOptions, write_scene};
-
-fn scale() -> f64 {
-    std::env::var("ICEFM_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
-/// A synthetic scene of full AI4Arctic size (raw 10,000 × 10,400; RTT half), generated once.
-fn scene(kind: SceneKind) -> PathBuf {
-    let s = scale();
-    let (h, w) = match kind {
-        SceneKind::Raw => ((10_000.0 * s) as usize, (10_400.0 * s) as usize),
-        SceneKind::Rtt => ((5_000.0 * s) as usize, (5_200.0 * s) as usize),
-    };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/bench-data")
-        .join(format!("{kind:?}-{h}x{w}"));
-    if let Ok(mut entries) = std::fs::read_dir(&dir)
-        && let Some(Ok(e)) = entries.next()
-    {
-        return e.path();
-    }
-    std::fs::create_dir_all(&dir).expect("bench data folder");
-    let t = std::time::Instant::now();
-    let p = write_scene(&dir, &SynthOptions::new(kind, h, w, 42)).expect("synthetic scene");
-    eprintln!(
-        "generated {} in {:.1} s",
-        p.display(),
-        t.elapsed().as_secs_f64()
-    );
-    p
-}
+use icefm_synth::SceneKind;
 
 /// The floor: read and decompress every SAR-grid variable ingest reads, band by band.
 fn read_floor(path: &Path) -> usize {

@@ -326,6 +326,45 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     let out = regime(&["--name", "x", "--rule", "fraction"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --percent"));
+    // A regime listing its 80 m patches at least half valid; inspect reads the list back.
+    let out = ok(regime(&[
+        "--name",
+        "pp",
+        "--rule",
+        "all",
+        "--patches",
+        "--min-valid",
+        "0.5",
+        "--levels",
+        "80",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let listed = text
+        .split("; lists ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(listed > 0, "{text}");
+    assert!(text.contains("(valid SAR ≥ 50 % at 80m)"), "{text}");
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--regime", "pp"])
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("; lists {listed} patches")));
+    let out = regime(&[
+        "--name",
+        "x",
+        "--rule",
+        "all",
+        "--patches",
+        "--levels",
+        "120",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no level 120m"));
 }
 
 /// zarr-python, xarray and pyarrow read the store with no icefm code and agree with icefm.

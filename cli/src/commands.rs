@@ -34,7 +34,7 @@ enum Command {
     /// Print a store's scenes, levels, patches and class balance; optionally a PNG quicklook.
     Inspect(InspectArgs),
     /// Write data-regime manifests (scene lists drawn by a rule) or check two for overlap.
-    Regime(crate::regime::RegimeArgs),
+    Regime(Box<crate::regime::RegimeArgs>),
     /// Generate scenes, ingest them and inspect the store: the whole pipeline in a minute.
     Demo(DemoArgs),
 }
@@ -132,7 +132,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ingest(a) => cmd_ingest(a),
         Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),
         Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
-        Command::Regime(a) => crate::regime::cmd_regime(a),
+        Command::Regime(a) => crate::regime::cmd_regime(*a),
         Command::Demo(a) => cmd_demo(a),
     }
 }

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use icefm_dataset::regime::{
-    Regime, RegimeSpec, Role, Rule, draw, draw_ladder, list_regimes, shared_scenes, summary,
+    Regime, RegimeSpec, Role, Rule, draw, draw_ladder, list_patches, list_regimes, shared_scenes,
+    summary,
 };
 use icefm_dataset::table::SceneTable;
+use icefm_schemas::Level;
 
 /// Arguments of `icefm regime`.
 #[derive(clap::Args, Debug)]
@@ -68,6 +70,15 @@ struct DrawArgs {
     /// Write nested regimes NAME_01, NAME_05, … for these percents in one go.
     #[arg(long, value_delimiter = ',')]
     ladder: Vec<f64>,
+    /// Also list the regime's patches (with --store): the loader then draws only these.
+    #[arg(long, requires = "store")]
+    patches: bool,
+    /// With --patches: least valid-SAR fraction of a listed patch (1.0 = no NaN, SAR-IceFM).
+    #[arg(long, default_value_t = 0.5, requires = "patches")]
+    min_valid: f32,
+    /// With --patches: levels to list (default: every level of the store), e.g. 80,200.
+    #[arg(long, requires = "patches")]
+    levels: Option<String>,
 }
 
 /// Run `icefm regime`.
@@ -143,7 +154,16 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         }
         a.ladder.iter().map(|&p| Some(p)).collect()
     };
-    let regimes = draw_ladder(&table, &spec, &percents)?;
+    let mut regimes = draw_ladder(&table, &spec, &percents)?;
+    if let (true, Some(s)) = (a.patches, store) {
+        let levels = match &a.levels {
+            Some(l) => Level::parse_list(l)?,
+            None => Vec::new(),
+        };
+        for r in &mut regimes {
+            list_patches(r, s, &levels, a.min_valid)?;
+        }
+    }
     for r in &regimes {
         let path = match (store, &a.out) {
             (Some(s), _) => Regime::path_in(s, &r.name),

@@ -29,6 +29,17 @@ pub enum DatasetError {
     /// A regime request that cannot be met.
     #[error("{0}")]
     Regime(String),
+    /// A loader request that cannot be met (levels, channels, sampler, options).
+    #[error("{0}")]
+    Loader(String),
+    /// Reading or decoding a store array failed.
+    #[error("{path}: {reason}")]
+    Read {
+        /// The array.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// Writing a file failed.
     #[error("{path}: {reason}")]
     Write {

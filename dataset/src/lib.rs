@@ -1,4 +1,4 @@
-//! Data regimes and (next) the multi-scale patch loader of an icefm store. No candle here.
+//! Data regimes and the multi-scale patch loader of an icefm store. No candle here.
 //!
 //! ```
 //! use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw_ladder};
@@ -14,9 +14,15 @@
 //! assert!(ladder[1].scenes.starts_with(&ladder[0].scenes)); // nested
 //! ```
 
+pub mod cache;
 pub mod error;
+pub mod loader;
 pub mod regime;
 pub mod rng;
+pub mod sampler;
+pub mod store;
 pub mod table;
 
 pub use error::DatasetError;
+pub use loader::{Batch, Batches, Loader, LoaderOptions, SampleInfo};
+pub use sampler::{Augment, Sampler, Transform};

@@ -10,11 +10,15 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow_array::builder::{ListBuilder, StringBuilder, UInt32Builder};
 use arrow_array::cast::AsArray;
-use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
+use arrow_array::types::{Float32Type, UInt32Type};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
-use icefm_schemas::Task;
+use icefm_schemas::manifest::PATCHES_FILE;
 use icefm_schemas::names::parse_scene_name;
+use icefm_schemas::store::{MANIFESTS_DIR, StoreAttrs};
+use icefm_schemas::{Level, Task};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -23,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DatasetError;
 use crate::rng::Rng;
-use crate::table::SceneTable;
+use crate::table::{SceneTable, read_batches};
 
 /// Folder of a store that holds its regimes.
 pub const REGIMES_DIR: &str = "regimes";
@@ -160,6 +164,107 @@ pub struct Regime {
     pub scenes: Vec<String>,
     /// Remarks made while drawing (e.g. coverage needing more than the share).
     pub notes: Vec<String>,
+    /// How the patches were chosen, when the regime lists patches ([`list_patches`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_filter: Option<PatchFilter>,
+    /// The listed patches of each scene (aligned with `scenes`), when asked; the loader's
+    /// random samplers then draw only these.
+    #[serde(skip)]
+    pub patches: Option<Vec<Vec<PatchKey>>>,
+}
+
+/// A patch (chunk) of a scene's level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PatchKey {
+    /// Level.
+    pub level: Level,
+    /// Chunk row.
+    pub row: u32,
+    /// Chunk column.
+    pub col: u32,
+}
+
+/// Which patches of its scenes a regime lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchFilter {
+    /// Levels listed.
+    pub levels: Vec<Level>,
+    /// Least valid-SAR fraction (manifest `valid_fraction`) of a listed patch.
+    pub min_valid: f32,
+}
+
+/// Make `regime` list the patches of its scenes at `levels` (empty: every level of the store)
+/// whose valid-SAR fraction is at least `min_valid`, from the store's patches manifest.
+pub fn list_patches(
+    regime: &mut Regime,
+    store: &Path,
+    levels: &[Level],
+    min_valid: f32,
+) -> Result<(), DatasetError> {
+    if !(0.0..=1.0).contains(&min_valid) {
+        return Err(regime_error(format!(
+            "--min-valid {min_valid} is not in 0–1"
+        )));
+    }
+    let attrs = StoreAttrs::read(store)
+        .map_err(|e| DatasetError::Store(format!("{}: {e}", store.display())))?;
+    let levels: Vec<Level> = if levels.is_empty() {
+        attrs.levels.clone()
+    } else {
+        levels.to_vec()
+    };
+    if let Some(l) = levels.iter().find(|l| !attrs.levels.contains(l)) {
+        return Err(regime_error(format!(
+            "{}: the store has no level {l}",
+            store.display()
+        )));
+    }
+    let index: BTreeMap<&str, usize> = regime
+        .scenes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.as_str(), i))
+        .collect();
+    let names: BTreeMap<String, Level> = levels.iter().map(|l| (l.name(), *l)).collect();
+    let path = store.join(MANIFESTS_DIR).join(PATCHES_FILE);
+    let mut lists: Vec<Vec<PatchKey>> = vec![Vec::new(); regime.scenes.len()];
+    let bad = |c: &str| DatasetError::manifest(&path, format!("column `{c}` has the wrong type"));
+    for b in read_batches(
+        &path,
+        &["scene_id", "level", "row", "col", "valid_fraction"],
+    )? {
+        let ids = b.column(0).as_string::<i32>();
+        let lv = b.column(1).as_string::<i32>();
+        let rows = b
+            .column(2)
+            .as_primitive_opt::<UInt32Type>()
+            .ok_or_else(|| bad("row"))?;
+        let cols = b
+            .column(3)
+            .as_primitive_opt::<UInt32Type>()
+            .ok_or_else(|| bad("col"))?;
+        let valid = b
+            .column(4)
+            .as_primitive_opt::<Float32Type>()
+            .ok_or_else(|| bad("valid_fraction"))?;
+        for i in 0..b.num_rows() {
+            if let (Some(&s), Some(&level)) = (index.get(ids.value(i)), names.get(lv.value(i)))
+                && valid.value(i) >= min_valid
+            {
+                lists[s].push(PatchKey {
+                    level,
+                    row: rows.value(i),
+                    col: cols.value(i),
+                });
+            }
+        }
+    }
+    for l in &mut lists {
+        l.sort_unstable();
+    }
+    regime.patches = Some(lists);
+    regime.patch_filter = Some(PatchFilter { levels, min_valid });
+    Ok(())
 }
 
 fn regime_error(msg: impl Into<String>) -> DatasetError {
@@ -450,6 +555,8 @@ pub fn draw_ladder(
                 .map(|&i| table.scenes[i].id.clone())
                 .collect(),
             notes,
+            patch_filter: None,
+            patches: None,
         });
     }
     Ok(out)
@@ -464,12 +571,22 @@ pub fn percent_label(p: f64) -> String {
     }
 }
 
-fn regime_schema() -> Schema {
-    Schema::new(vec![
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, true)))
+}
+
+fn regime_schema(with_patches: bool) -> Schema {
+    let mut f = vec![
         Field::new("scene_id", DataType::Utf8, false),
         Field::new("rank", DataType::UInt32, false),
         Field::new("role", DataType::Utf8, false),
-    ])
+    ];
+    if with_patches {
+        f.push(Field::new("patch_level", list_of(DataType::Utf8), false));
+        f.push(Field::new("patch_row", list_of(DataType::UInt32), false));
+        f.push(Field::new("patch_col", list_of(DataType::UInt32), false));
+    }
+    Schema::new(f)
 }
 
 impl Regime {
@@ -494,7 +611,26 @@ impl Regime {
                 n,
             ))),
         ];
-        let batch = RecordBatch::try_new(Arc::new(regime_schema()), columns)
+        let mut columns = columns;
+        if let Some(lists) = &self.patches {
+            let mut level = ListBuilder::new(StringBuilder::new());
+            let mut row = ListBuilder::new(UInt32Builder::new());
+            let mut col = ListBuilder::new(UInt32Builder::new());
+            for l in lists {
+                for p in l {
+                    level.values().append_value(p.level.name());
+                    row.values().append_value(p.row);
+                    col.values().append_value(p.col);
+                }
+                level.append(true);
+                row.append(true);
+                col.append(true);
+            }
+            columns.push(Arc::new(level.finish()));
+            columns.push(Arc::new(row.finish()));
+            columns.push(Arc::new(col.finish()));
+        }
+        let batch = RecordBatch::try_new(Arc::new(regime_schema(self.patches.is_some())), columns)
             .map_err(|e| DatasetError::write(path, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(Default::default()))
@@ -526,6 +662,7 @@ impl Regime {
             .ok_or_else(|| err(&"not an icefm regime (no description)"))?;
         let mut regime: Regime = serde_json::from_str(&meta).map_err(|e| err(&e))?;
         let mut scenes = Vec::new();
+        let mut patches: Option<Vec<Vec<PatchKey>>> = None;
         for b in builder.build().map_err(|e| err(&e))? {
             let b = b.map_err(|e| err(&e))?;
             let ids = b
@@ -533,8 +670,34 @@ impl Regime {
                 .ok_or_else(|| err(&"no scene_id column"))?
                 .as_string::<i32>();
             scenes.extend(ids.iter().flatten().map(str::to_string));
+            let lists = ["patch_level", "patch_row", "patch_col"].map(|c| b.column_by_name(c));
+            if let [Some(level), Some(row), Some(col)] = lists {
+                let bad = || err(&"malformed patch columns");
+                let (level, row, col) = (
+                    level.as_list_opt::<i32>().ok_or_else(bad)?,
+                    row.as_list_opt::<i32>().ok_or_else(bad)?,
+                    col.as_list_opt::<i32>().ok_or_else(bad)?,
+                );
+                let out = patches.get_or_insert_with(Vec::new);
+                for i in 0..b.num_rows() {
+                    let (l, r, c) = (level.value(i), row.value(i), col.value(i));
+                    let l = l.as_string_opt::<i32>().ok_or_else(bad)?;
+                    let r = r.as_primitive_opt::<UInt32Type>().ok_or_else(bad)?;
+                    let c = c.as_primitive_opt::<UInt32Type>().ok_or_else(bad)?;
+                    let mut v = Vec::with_capacity(l.len());
+                    for k in 0..l.len() {
+                        v.push(PatchKey {
+                            level: l.value(k).parse().map_err(|e| err(&e))?,
+                            row: r.value(k),
+                            col: c.value(k),
+                        });
+                    }
+                    out.push(v);
+                }
+            }
         }
         regime.scenes = scenes;
+        regime.patches = patches;
         Ok(regime)
     }
 
@@ -623,6 +786,18 @@ pub fn summary(regime: &Regime, table: &SceneTable) -> String {
     );
     if table.has_patches {
         s.push_str(&format!(", {patches} patches"));
+    }
+    if let (Some(lists), Some(f)) = (&regime.patches, &regime.patch_filter) {
+        s.push_str(&format!(
+            "; lists {} patches (valid SAR ≥ {:.0} % at {})",
+            lists.iter().map(Vec::len).sum::<usize>(),
+            100.0 * f.min_valid,
+            f.levels
+                .iter()
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     s.push('\n');
     for t in Task::ALL {

@@ -79,7 +79,10 @@ pub struct SceneTable {
     pub has_patches: bool,
 }
 
-fn read_batches(path: &Path, columns: &[&str]) -> Result<Vec<RecordBatch>, DatasetError> {
+pub(crate) fn read_batches(
+    path: &Path,
+    columns: &[&str],
+) -> Result<Vec<RecordBatch>, DatasetError> {
     let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
     let file = File::open(path).map_err(|e| err(&e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(&e))?;
