@@ -18,6 +18,7 @@ test: deps
 
 bench: deps
 	cargo bench -p icefm-ingest --bench ingest
+	cargo bench -p icefm-dataset --bench loader
 
 lint:
 	cargo fmt --all --check
