@@ -210,98 +210,15 @@ impl Loader {
                 opts.min_valid
             )));
         }
-        // Levels.
-        let weighted: Vec<(Level, f64)> = if opts.levels.is_empty() {
-            reader.attrs.levels.iter().map(|&l| (l, 1.0)).collect()
-        } else {
-            opts.levels.clone()
-        };
-        let missing: Vec<String> = weighted
-            .iter()
-            .filter(|(l, _)| !reader.attrs.levels.contains(l))
-            .map(|(l, _)| l.name())
-            .collect();
-        if !missing.is_empty() {
-            return Err(loader_error(format!(
-                "{}: the store has no level {} (it has {})",
-                store.display(),
-                missing.join(", "),
-                reader
-                    .attrs
-                    .levels
-                    .iter()
-                    .map(|l| l.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        let weighted = resolve_levels(&reader, store, &opts.levels)?;
         let levels: Vec<Level> = weighted.iter().map(|(l, _)| *l).collect();
-        // Channels.
-        let mut channels = Vec::new();
-        for name in &opts.channels {
-            let (kind, index) =
-                if let Some(i) = reader.attrs.sar_channels.iter().position(|c| c == name) {
-                    (ArrayKind::Sar, i)
-                } else if let Some(i) = reader.attrs.aux_channels.iter().position(|c| c == name) {
-                    (ArrayKind::Aux, i)
-                } else {
-                    return Err(loader_error(format!(
-                        "unknown input channel `{name}` (the store has {} and {})",
-                        reader.attrs.sar_channels.join(", "),
-                        reader.attrs.aux_channels.join(", ")
-                    )));
-                };
-            let (mean, std) = reader.mean_std(name)?;
-            channels.push(ChannelSource {
-                kind,
-                index,
-                mean,
-                inv_std: 1.0 / std,
-            });
-        }
-        if channels.is_empty() {
-            return Err(loader_error("no input channel asked for"));
-        }
+        let channels = resolve_channels(&reader, &opts.channels)?;
         let mut kinds: Vec<ArrayKind> = channels.iter().map(|c| c.kind).collect();
         kinds.push(ArrayKind::Labels);
         kinds.sort();
         kinds.dedup();
 
-        // Scenes: the regime's, in its order, all present in the store.
-        let complete = complete_scenes(store)?;
-        let scenes: Vec<Arc<str>> = match regime {
-            Some(r) => {
-                if r.scenes.is_empty() {
-                    return Err(loader_error(format!("regime `{}` has no scene", r.name)));
-                }
-                let known: std::collections::HashSet<&str> =
-                    complete.iter().map(String::as_str).collect();
-                let absent: Vec<&str> = r
-                    .scenes
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|s| !known.contains(s))
-                    .collect();
-                if !absent.is_empty() {
-                    return Err(loader_error(format!(
-                        "regime `{}`: {} of its scenes are not in {}: {}{}",
-                        r.name,
-                        absent.len(),
-                        store.display(),
-                        absent[..absent.len().min(5)].join(", "),
-                        if absent.len() > 5 { ", …" } else { "" }
-                    )));
-                }
-                r.scenes.iter().map(|s| Arc::from(s.as_str())).collect()
-            }
-            None => complete.iter().map(|s| Arc::from(s.as_str())).collect(),
-        };
-        if scenes.is_empty() {
-            return Err(loader_error(format!(
-                "{}: the store has no complete scene",
-                store.display()
-            )));
-        }
+        let scenes = resolve_scenes(store, regime)?;
 
         let balanced = match opts.sampler {
             Sampler::ClassBalanced(t) => Some(t),
@@ -355,61 +272,11 @@ impl Loader {
                 .map(|(p, (_, w))| if *w > 0.0 { p.len() as f64 } else { 0.0 }),
         );
         let patch_cum = match balanced {
-            Some(task) => {
-                let mut out = Vec::new();
-                for (li, h) in hists.iter().enumerate() {
-                    let n = task.n_classes();
-                    let mut total = vec![0u64; n];
-                    for ph in h {
-                        for (t, &c) in total.iter_mut().zip(ph.iter()) {
-                            *t += u64::from(c);
-                        }
-                    }
-                    let cum = cumulative(h.iter().map(|ph| {
-                        ph.iter()
-                            .zip(&total)
-                            .filter(|(_, t)| **t > 0)
-                            .map(|(&c, &t)| f64::from(c) / t as f64)
-                            .sum::<f64>()
-                    }));
-                    if weighted[li].1 > 0.0 && cum.last().is_none_or(|&t| t <= 0.0) {
-                        return Err(loader_error(format!(
-                            "level {}: no eligible patch has a {} label to balance",
-                            levels[li],
-                            task.name()
-                        )));
-                    }
-                    out.push(cum);
-                }
-                out
-            }
+            Some(task) => balanced_weights(&hists, &weighted, task)?,
             None => Vec::new(),
         };
         let tiles = match opts.sampler {
-            Sampler::Sequential { overlap } => {
-                if overlap >= crop {
-                    return Err(loader_error(format!(
-                        "overlap {overlap} must be smaller than the crop {crop}"
-                    )));
-                }
-                let mut t = Vec::new();
-                for (si, ext) in extents.iter().enumerate() {
-                    for (li, &(h, w)) in ext.iter().enumerate() {
-                        for y in tile_starts(h, crop, overlap) {
-                            for x in tile_starts(w, crop, overlap) {
-                                t.push(Window {
-                                    scene: si as u32,
-                                    level: li as u16,
-                                    y0: i64::from(y),
-                                    x0: i64::from(x),
-                                    transform: Transform::IDENTITY,
-                                });
-                            }
-                        }
-                    }
-                }
-                t
-            }
+            Sampler::Sequential { overlap } => tiles(&extents, crop, overlap)?,
             _ => Vec::new(),
         };
         let threads = if opts.threads == 0 {
@@ -573,6 +440,170 @@ fn cumulative(w: impl Iterator<Item = f64>) -> Vec<f64> {
         acc
     })
     .collect()
+}
+
+/// The levels asked for with their weights (every store level, equal weights, when none).
+fn resolve_levels(
+    reader: &StoreReader,
+    store: &Path,
+    asked: &[(Level, f64)],
+) -> Result<Vec<(Level, f64)>, DatasetError> {
+    let have = &reader.attrs.levels;
+    let weighted: Vec<(Level, f64)> = if asked.is_empty() {
+        have.iter().map(|&l| (l, 1.0)).collect()
+    } else {
+        asked.to_vec()
+    };
+    let missing: Vec<String> = weighted
+        .iter()
+        .filter(|(l, _)| !have.contains(l))
+        .map(|(l, _)| l.name())
+        .collect();
+    if !missing.is_empty() {
+        return Err(loader_error(format!(
+            "{}: the store has no level {} (it has {})",
+            store.display(),
+            missing.join(", "),
+            have.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(weighted)
+}
+
+/// Where each named input channel comes from, with its normalisation.
+fn resolve_channels(
+    reader: &StoreReader,
+    names: &[String],
+) -> Result<Vec<ChannelSource>, DatasetError> {
+    let attrs = &reader.attrs;
+    let mut channels = Vec::new();
+    for name in names {
+        let (kind, index) = if let Some(i) = attrs.sar_channels.iter().position(|c| c == name) {
+            (ArrayKind::Sar, i)
+        } else if let Some(i) = attrs.aux_channels.iter().position(|c| c == name) {
+            (ArrayKind::Aux, i)
+        } else {
+            return Err(loader_error(format!(
+                "unknown input channel `{name}` (the store has {} and {})",
+                attrs.sar_channels.join(", "),
+                attrs.aux_channels.join(", ")
+            )));
+        };
+        let (mean, std) = reader.mean_std(name)?;
+        channels.push(ChannelSource {
+            kind,
+            index,
+            mean,
+            inv_std: 1.0 / std,
+        });
+    }
+    if channels.is_empty() {
+        return Err(loader_error("no input channel asked for"));
+    }
+    Ok(channels)
+}
+
+/// The regime's scenes in its order, all complete in the store (every complete scene without a
+/// regime).
+fn resolve_scenes(store: &Path, regime: Option<&Regime>) -> Result<Vec<Arc<str>>, DatasetError> {
+    let complete = complete_scenes(store)?;
+    let scenes: Vec<Arc<str>> = match regime {
+        Some(r) => {
+            if r.scenes.is_empty() {
+                return Err(loader_error(format!("regime `{}` has no scene", r.name)));
+            }
+            let known: std::collections::HashSet<&str> =
+                complete.iter().map(String::as_str).collect();
+            let absent: Vec<&str> = r
+                .scenes
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !known.contains(s))
+                .collect();
+            if !absent.is_empty() {
+                return Err(loader_error(format!(
+                    "regime `{}`: {} of its scenes are not in {}: {}{}",
+                    r.name,
+                    absent.len(),
+                    store.display(),
+                    absent[..absent.len().min(5)].join(", "),
+                    if absent.len() > 5 { ", …" } else { "" }
+                )));
+            }
+            r.scenes.iter().map(|s| Arc::from(s.as_str())).collect()
+        }
+        None => complete.iter().map(|s| Arc::from(s.as_str())).collect(),
+    };
+    if scenes.is_empty() {
+        return Err(loader_error(format!(
+            "{}: the store has no complete scene",
+            store.display()
+        )));
+    }
+    Ok(scenes)
+}
+
+/// Cumulative class-balanced weights of each level's eligible patches (`hists[level][patch]`,
+/// the task's class counts): `Σ_c hist[c] / total[c]`.
+fn balanced_weights(
+    hists: &[Vec<Vec<u32>>],
+    weighted: &[(Level, f64)],
+    task: Task,
+) -> Result<Vec<Vec<f64>>, DatasetError> {
+    let mut out = Vec::new();
+    for (h, (level, weight)) in hists.iter().zip(weighted) {
+        let mut total = vec![0u64; task.n_classes()];
+        for ph in h {
+            for (t, &c) in total.iter_mut().zip(ph.iter()) {
+                *t += u64::from(c);
+            }
+        }
+        let cum = cumulative(h.iter().map(|ph| {
+            ph.iter()
+                .zip(&total)
+                .filter(|(_, t)| **t > 0)
+                .map(|(&c, &t)| f64::from(c) / t as f64)
+                .sum::<f64>()
+        }));
+        if *weight > 0.0 && cum.last().is_none_or(|&t| t <= 0.0) {
+            return Err(loader_error(format!(
+                "level {level}: no eligible patch has a {} label to balance",
+                task.name()
+            )));
+        }
+        out.push(cum);
+    }
+    Ok(out)
+}
+
+/// The sequential sampler's windows: every scene, level by level, row-major.
+fn tiles(
+    extents: &[Vec<(u32, u32)>],
+    crop: u32,
+    overlap: u32,
+) -> Result<Vec<Window>, DatasetError> {
+    if overlap >= crop {
+        return Err(loader_error(format!(
+            "overlap {overlap} must be smaller than the crop {crop}"
+        )));
+    }
+    let mut t = Vec::new();
+    for (si, ext) in extents.iter().enumerate() {
+        for (li, &(h, w)) in ext.iter().enumerate() {
+            for y in tile_starts(h, crop, overlap) {
+                for x in tile_starts(w, crop, overlap) {
+                    t.push(Window {
+                        scene: si as u32,
+                        level: li as u16,
+                        y0: i64::from(y),
+                        x0: i64::from(x),
+                        transform: Transform::IDENTITY,
+                    });
+                }
+            }
+        }
+    }
+    Ok(t)
 }
 
 /// Scene ids of the store's scenes manifest (complete scenes only are listed there).
