@@ -1,0 +1,19 @@
+//! icefm's models on candle: a ViT encoder and masked-autoencoder pre-training (segmentation
+//! heads, training loop and checkpoints come next). Every layer is composed of differentiable
+//! primitives: candle 0.11's fast norms and softmax record no backward ([`ops`]).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use icefm_model::vit::{Vit, VitConfig};
+//! let mut cfg = VitConfig::preset("tiny").unwrap();
+//! cfg.depth = 1; // a quick example
+//! let vars = VarMap::new();
+//! let vit = Vit::new(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), &cfg).unwrap();
+//! let x = Tensor::zeros((1, 2, 32, 32), DType::F32, &Device::Cpu).unwrap();
+//! assert_eq!(vit.forward(&x).unwrap().dims(), &[1, 1 + 4, 192]);
+//! ```
+
+pub mod mae;
+pub mod ops;
+pub mod vit;

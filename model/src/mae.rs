@@ -1,0 +1,247 @@
+//! Masked-autoencoder pre-training (He et al. 2022, as SAR-IceFM): per-sample random masking,
+//! the encoder on visible tokens only, a light decoder, and the norm-pix loss on masked patches,
+//! with invalid (no-data) pixels left out of the loss.
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::vit::{Block, Linear, Norm, Vit, VitConfig, patchify, sincos_2d};
+
+/// MAE shape and masking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaeConfig {
+    /// The encoder.
+    pub encoder: VitConfig,
+    /// Decoder width (512 in MAE and SAR-IceFM).
+    pub decoder_dim: usize,
+    /// Decoder blocks (8).
+    pub decoder_depth: usize,
+    /// Decoder heads (16).
+    pub decoder_heads: usize,
+    /// Share of patch tokens hidden from the encoder (0.75; 0.60–0.90 studied).
+    pub mask_ratio: f64,
+}
+
+impl MaeConfig {
+    /// SAR-IceFM's decoder (512 / 8 / 16) on an encoder.
+    pub fn new(encoder: VitConfig) -> Self {
+        Self {
+            encoder,
+            decoder_dim: 512,
+            decoder_depth: 8,
+            decoder_heads: 16,
+            mask_ratio: 0.75,
+        }
+    }
+}
+
+/// The model.
+#[derive(Debug, Clone)]
+pub struct Mae {
+    /// Shape.
+    pub cfg: MaeConfig,
+    /// Encoder.
+    pub encoder: Vit,
+    decoder_embed: Linear,
+    mask_token: Tensor,
+    decoder_blocks: Vec<Block>,
+    decoder_norm: Norm,
+    decoder_pred: Linear,
+}
+
+/// What a forward pass gives.
+#[derive(Debug, Clone)]
+pub struct MaeOutput {
+    /// Scalar loss.
+    pub loss: Tensor,
+    /// Predicted (normalised) patches `[B, N, C·p·p]`.
+    pub pred: Tensor,
+    /// 1 where a token was masked, `[B, N]` (host copy).
+    pub masked: Vec<Vec<bool>>,
+}
+
+/// The tokens each sample keeps: the first `keep` of a permutation ordered by the sample's noise
+/// (ascending, as MAE's `argsort(noise)`); `ids_restore` undoes the shuffle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Masking {
+    /// `[B][keep]` kept token indices.
+    pub ids_keep: Vec<Vec<u32>>,
+    /// `[B][N]` position of each token in the shuffled order.
+    pub ids_restore: Vec<Vec<u32>>,
+}
+
+impl Masking {
+    /// From per-sample noise `[B][N]` in `[0, 1)` and the mask ratio.
+    pub fn from_noise(noise: &[Vec<f32>], ratio: f64) -> Self {
+        let mut ids_keep = Vec::new();
+        let mut ids_restore = Vec::new();
+        for row in noise {
+            let n = row.len();
+            let keep = ((n as f64) * (1.0 - ratio)) as usize;
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]).then(a.cmp(&b)));
+            let mut restore = vec![0u32; n];
+            for (pos, &tok) in order.iter().enumerate() {
+                restore[tok as usize] = pos as u32;
+            }
+            ids_keep.push(order[..keep].to_vec());
+            ids_restore.push(restore);
+        }
+        Self {
+            ids_keep,
+            ids_restore,
+        }
+    }
+
+    /// Whether token `t` of sample `b` is masked.
+    pub fn is_masked(&self, b: usize, t: usize) -> bool {
+        self.ids_restore[b][t] as usize >= self.ids_keep[b].len()
+    }
+}
+
+/// `[B][M]` indices → a `[B, M, d]` gather index.
+fn gather_index(ids: &[Vec<u32>], d: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let b = ids.len();
+    let m = ids.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (b, m, 1), dev)?
+        .broadcast_as((b, m, d))?
+        .contiguous()
+}
+
+impl Mae {
+    /// A new model under `vb` (encoder under `encoder.`, decoder under `decoder.`).
+    pub fn new(vb: VarBuilder, cfg: &MaeConfig) -> Result<Self> {
+        let e = &cfg.encoder;
+        let dd = cfg.decoder_dim;
+        let decoder_blocks = (0..cfg.decoder_depth)
+            .map(|i| {
+                Block::new(
+                    vb.pp(format!("decoder.blocks.{i}")),
+                    dd,
+                    cfg.decoder_heads,
+                    e.mlp_ratio,
+                    e.ln_eps,
+                    0.0,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            encoder: Vit::new(vb.pp("encoder"), e)?,
+            decoder_embed: Linear::new(vb.pp("decoder.embed"), e.dim, dd)?,
+            mask_token: vb.get_with_hints(
+                (1, 1, dd),
+                "decoder.mask_token",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            decoder_blocks,
+            decoder_norm: Norm::new(vb.pp("decoder.norm"), dd, e.ln_eps)?,
+            decoder_pred: Linear::new(vb.pp("decoder.pred"), dd, e.patch_values())?,
+        })
+    }
+
+    /// Forward pass and loss. `images` `[B, C, H, W]` (normalised, 0 where invalid), `valid`
+    /// `[B, H, W]` (1 = valid pixel), `masking` from [`Masking::from_noise`], `keep` the
+    /// stochastic-depth draws (`None`: no drop-path).
+    pub fn forward(
+        &self,
+        images: &Tensor,
+        valid: &Tensor,
+        masking: &Masking,
+        keep: Option<&[(Vec<f32>, Vec<f32>)]>,
+    ) -> Result<MaeOutput> {
+        let enc = &self.encoder;
+        let (b, c, h, w) = images.dims4()?;
+        let p = enc.cfg.patch;
+        let (gh, gw) = (h / p, w / p);
+        let n = gh * gw;
+        let dev = images.device();
+        let dtype = images.dtype();
+
+        // Encoder on the kept tokens.
+        let tokens = enc.embed(images)?;
+        let kept = tokens
+            .contiguous()?
+            .gather(&gather_index(&masking.ids_keep, enc.cfg.dim, dev)?, 1)?;
+        let latent = enc.encode(&kept, keep)?;
+
+        // Decoder on all tokens: kept ones in their places, mask tokens elsewhere.
+        let x = self.decoder_embed.forward(&latent)?;
+        let dd = self.cfg.decoder_dim;
+        let k = kept.dim(1)?;
+        let mask_tokens = self.mask_token.broadcast_as((b, n - k, dd))?;
+        let shuffled = Tensor::cat(&[&x.narrow(1, 1, k)?, &mask_tokens], 1)?;
+        let restored = shuffled
+            .contiguous()?
+            .gather(&gather_index(&masking.ids_restore, dd, dev)?, 1)?;
+        let pos = Tensor::from_vec(sincos_2d(gh, gw, dd), (1, n, dd), dev)?.to_dtype(dtype)?;
+        let mut y = Tensor::cat(&[&x.narrow(1, 0, 1)?, &restored.broadcast_add(&pos)?], 1)?;
+        for blk in &self.decoder_blocks {
+            y = blk.forward(&y, None)?;
+        }
+        let y = self.decoder_norm.forward(&y)?;
+        let pred = self.decoder_pred.forward(&y)?.narrow(1, 1, n)?;
+
+        // Norm-pix targets over each patch's valid pixels; the loss over masked patches.
+        let target = patchify(images, p)?.detach();
+        let vmask = patchify(
+            &valid
+                .to_dtype(dtype)?
+                .unsqueeze(1)?
+                .broadcast_as((b, c, h, w))?
+                .contiguous()?,
+            p,
+        )?;
+        let (target, weight) = norm_pix(&target, &vmask)?;
+        let masked: Vec<Vec<bool>> = (0..b)
+            .map(|i| (0..n).map(|t| masking.is_masked(i, t)).collect())
+            .collect();
+        let m: Vec<f32> = masked
+            .iter()
+            .flatten()
+            .map(|&x| f32::from(u8::from(x)))
+            .collect();
+        let m = Tensor::from_vec(m, (b, n, 1), dev)?.to_dtype(dtype)?;
+        let loss = patch_loss(&pred, &target, &weight, &m)?;
+        Ok(MaeOutput { loss, pred, masked })
+    }
+}
+
+/// Normalise each patch of `target` `[B, N, P]` by the mean and unbiased variance of its valid
+/// values (`valid` 1/0, same shape; eps 1e-6). Returns the targets and the per-value weight:
+/// `valid`, zeroed for patches with fewer than 2 valid values.
+pub fn norm_pix(target: &Tensor, valid: &Tensor) -> Result<(Tensor, Tensor)> {
+    let cnt = valid.sum_keepdim(D::Minus1)?;
+    let enough = cnt.ge(2.0)?.to_dtype(target.dtype())?;
+    let safe = cnt.clamp(2.0, f64::MAX)?;
+    let mean = (target * valid)?.sum_keepdim(D::Minus1)?.div(&safe)?;
+    let centred = target.broadcast_sub(&mean)?;
+    let var = ((&centred * valid)?.sqr()?.sum_keepdim(D::Minus1)? / (safe - 1.0)?)?;
+    let t = centred.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+    let weight = valid.broadcast_mul(&enough)?;
+    Ok((t, weight))
+}
+
+/// MAE's loss: per patch, the mean squared error over its weighted values; then the mean over
+/// the masked patches (`masked` `[B, N, 1]`) that have any weighted value.
+pub fn patch_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    weight: &Tensor,
+    masked: &Tensor,
+) -> Result<Tensor> {
+    let se = ((pred - target)?.sqr()? * weight)?.sum_keepdim(D::Minus1)?;
+    let cnt = weight.sum_keepdim(D::Minus1)?;
+    let has = cnt.gt(0.0)?.to_dtype(pred.dtype())?;
+    let per_patch = se.div(&cnt.clamp(1.0, f64::MAX)?)?;
+    let w = (masked * has)?;
+    let den = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if den <= 0.0 {
+        return (per_patch * 0.0)?.sum_all();
+    }
+    (per_patch * w)?.sum_all()? / den
+}
