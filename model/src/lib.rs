@@ -16,4 +16,5 @@
 
 pub mod mae;
 pub mod ops;
+pub mod optim;
 pub mod vit;

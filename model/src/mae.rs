@@ -23,6 +23,27 @@ pub struct MaeConfig {
 }
 
 impl MaeConfig {
+    /// A micro model (width 16, 2 blocks, patch 4, 2 channels; decoder 8 wide, 1 block): the
+    /// model of the gradient tests and of the NumPy reference fixture.
+    pub fn micro() -> Self {
+        Self {
+            encoder: VitConfig {
+                dim: 16,
+                depth: 2,
+                heads: 2,
+                patch: 4,
+                in_channels: 2,
+                mlp_ratio: 2,
+                drop_path: 0.0,
+                ln_eps: 1e-6,
+            },
+            decoder_dim: 8,
+            decoder_depth: 1,
+            decoder_heads: 2,
+            mask_ratio: 0.75,
+        }
+    }
+
     /// SAR-IceFM's decoder (512 / 8 / 16) on an encoder.
     pub fn new(encoder: VitConfig) -> Self {
         Self {
@@ -56,6 +77,8 @@ pub struct MaeOutput {
     pub loss: Tensor,
     /// Predicted (normalised) patches `[B, N, C·p·p]`.
     pub pred: Tensor,
+    /// Encoder output on the kept tokens, class token first: `[B, 1 + K, D]`.
+    pub latent: Tensor,
     /// 1 where a token was masked, `[B, N]` (host copy).
     pub masked: Vec<Vec<bool>>,
 }
@@ -207,7 +230,12 @@ impl Mae {
             .collect();
         let m = Tensor::from_vec(m, (b, n, 1), dev)?.to_dtype(dtype)?;
         let loss = patch_loss(&pred, &target, &weight, &m)?;
-        Ok(MaeOutput { loss, pred, masked })
+        Ok(MaeOutput {
+            loss,
+            pred,
+            latent,
+            masked,
+        })
     }
 }
 

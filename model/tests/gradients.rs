@@ -7,26 +7,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_model::mae::{Mae, MaeConfig, Masking, norm_pix, patch_loss};
 use icefm_model::ops::{layer_norm, softmax};
-use icefm_model::vit::{Linear, VitConfig, patchify, sincos_2d};
+use icefm_model::vit::{Linear, patchify, sincos_2d};
 
 fn tiny(dtype: DType) -> (VarMap, Mae) {
-    let enc = VitConfig {
-        dim: 16,
-        depth: 2,
-        heads: 2,
-        patch: 4,
-        in_channels: 2,
-        mlp_ratio: 2,
-        drop_path: 0.0,
-        ln_eps: 1e-6,
-    };
-    let cfg = MaeConfig {
-        encoder: enc,
-        decoder_dim: 8,
-        decoder_depth: 1,
-        decoder_heads: 2,
-        mask_ratio: 0.75,
-    };
+    let cfg = MaeConfig::micro();
     let vars = VarMap::new();
     let mae = Mae::new(VarBuilder::from_varmap(&vars, dtype, &Device::Cpu), &cfg).unwrap();
     (vars, mae)

@@ -1,0 +1,315 @@
+//! AdamW with SAR-IceFM's parameter groups, the learning-rate schedule and gradient clipping.
+//! Written here rather than taken from candle-nn: candle's AdamW keeps its moments private, and
+//! an exact resume needs them in the checkpoint.
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, Var};
+
+/// Optimiser settings (MAE's defaults but the learning rate).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay (0.95 in MAE).
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay of the decay group.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+/// Whether a parameter is exempt from weight decay, as SAR-IceFM: norms and biases (1-D
+/// tensors) and the position, class and mask tokens.
+pub fn no_decay(name: &str, rank: usize) -> bool {
+    rank <= 1
+        || ["cls_token", "mask_token", "pos_embed"]
+            .iter()
+            .any(|t| name.ends_with(t))
+}
+
+struct Slot {
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW over named variables.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: BTreeMap<String, Slot>,
+    step: u64,
+}
+
+impl AdamW {
+    /// An optimiser for `vars` (name → variable), moments at zero.
+    pub fn new(vars: impl IntoIterator<Item = (String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut slots = BTreeMap::new();
+        for (name, var) in vars {
+            let t = var.as_tensor();
+            let m = t.zeros_like()?.to_dtype(DType::F32)?;
+            slots.insert(
+                name.clone(),
+                Slot {
+                    decay: !no_decay(&name, t.rank()),
+                    v: m.clone(),
+                    m,
+                    var,
+                },
+            );
+        }
+        Ok(Self {
+            cfg,
+            slots,
+            step: 0,
+        })
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Names of the parameters that get weight decay.
+    pub fn decayed(&self) -> Vec<&str> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.decay)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// One update with learning rate `lr`, the gradients scaled by `grad_scale` (clipping).
+    /// A parameter without a gradient is an error: it would silently never train.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let c1 = 1.0 - b1.powi(t);
+        let c2 = 1.0 - b2.powi(t);
+        for (name, s) in &mut self.slots {
+            let w = s.var.as_tensor();
+            let Some(g) = grads.get(w) else {
+                candle_core::bail!("parameter {name} received no gradient");
+            };
+            let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + self.cfg.eps)?)?;
+            let w32 = w.to_dtype(DType::F32)?;
+            let update = if s.decay {
+                (update + (&w32 * self.cfg.weight_decay)?)?
+            } else {
+                update
+            };
+            let next = (w32 - (update * lr)?)?.to_dtype(w.dtype())?;
+            s.var.set(&next)?;
+        }
+        Ok(())
+    }
+
+    /// The moments and step, for a checkpoint: `{name}.m`, `{name}.v`.
+    pub fn state(&self) -> (u64, Vec<(String, Tensor)>) {
+        let mut out = Vec::new();
+        for (n, s) in &self.slots {
+            out.push((format!("{n}.m"), s.m.clone()));
+            out.push((format!("{n}.v"), s.v.clone()));
+        }
+        (self.step, out)
+    }
+
+    /// Restore [`AdamW::state`]; every moment must be present with its shape.
+    pub fn load_state(&mut self, step: u64, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (n, s) in &mut self.slots {
+            for (suffix, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
+                let key = format!("{n}.{suffix}");
+                let t = tensors.get(&key).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("optimizer state has no {key}"))
+                })?;
+                if t.dims() != slot.dims() {
+                    candle_core::bail!(
+                        "optimizer state {key}: shape {:?}, want {:?}",
+                        t.dims(),
+                        slot.dims()
+                    );
+                }
+                *slot = t.to_dtype(DType::F32)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Global L2 norm of the gradients of `vars`, and the scale that clips it to `max_norm`
+/// (1 when under, or when `max_norm` ≤ 0).
+pub fn clip_scale<'a>(
+    grads: &GradStore,
+    vars: impl IntoIterator<Item = &'a Var>,
+    max_norm: f64,
+) -> Result<(f64, f64)> {
+    let mut sq = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = sq.sqrt();
+    let scale = if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    Ok((norm, scale))
+}
+
+/// Learning rate at `step` (0-based): linear warm-up from 0 to `base` over `warmup` steps, then
+/// a half cosine from `base` to `min_lr` at `total`.
+pub fn lr_at(step: u64, base: f64, warmup: u64, total: u64, min_lr: f64) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let t = ((step - warmup) as f64 / span).min(1.0);
+    min_lr + (base - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn adamw_matches_hand_computed_steps() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[1.0f32, -2.0]], &dev).unwrap(); // rank 2: decayed
+        let b = Var::new(&[0.5f32], &dev).unwrap(); // rank 1: not decayed
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(
+            [
+                ("l.weight".to_string(), w.clone()),
+                ("l.bias".to_string(), b.clone()),
+            ],
+            cfg,
+        )
+        .unwrap();
+        assert_eq!(opt.decayed(), vec!["l.weight"]);
+        // loss = 3·w0 + w1² + 4·b → grads (3, 2·w1, 4).
+        let lr = 0.01;
+        let mut expect_w = [1.0f64, -2.0];
+        let mut expect_b = 0.5f64;
+        let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+        for t in 1..=2 {
+            let loss = ((w.as_tensor().narrow(1, 0, 1).unwrap() * 3.0)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + w.as_tensor()
+                    .narrow(1, 1, 1)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                + (b.as_tensor() * 4.0).unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            opt.step(&grads, lr, 1.0).unwrap();
+            let g = [3.0, 2.0 * expect_w[1], 4.0];
+            let p = [expect_w[0], expect_w[1], expect_b];
+            let mut next = [0f64; 3];
+            for k in 0..3 {
+                m[k] = 0.9 * m[k] + 0.1 * g[k];
+                v[k] = 0.95 * v[k] + 0.05 * g[k] * g[k];
+                let mh = m[k] / (1.0 - 0.9f64.powi(t));
+                let vh = v[k] / (1.0 - 0.95f64.powi(t));
+                let decay = if k < 2 { 0.1 * p[k] } else { 0.0 };
+                next[k] = p[k] - lr * (mh / (vh.sqrt() + 1e-8) + decay);
+            }
+            expect_w = [next[0], next[1]];
+            expect_b = next[2];
+            let got: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                (f64::from(got[0]) - expect_w[0]).abs() < 1e-6,
+                "step {t}: {got:?}"
+            );
+            assert!(
+                (f64::from(got[1]) - expect_w[1]).abs() < 1e-6,
+                "step {t}: {got:?}"
+            );
+            let gb: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+            assert!((f64::from(gb[0]) - expect_b).abs() < 1e-6, "step {t}");
+        }
+        // The state round-trips.
+        let (step, tensors) = opt.state();
+        let map: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+        let mut again = AdamW::new(
+            [("l.weight".to_string(), w), ("l.bias".to_string(), b)],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        again.load_state(step, &map).unwrap();
+        assert_eq!(again.steps(), 2);
+        let (_, t2) = again.state();
+        for (k, t) in t2 {
+            let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = map[&k].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{k}");
+        }
+        let mut missing = map.clone();
+        missing.remove("l.bias.v");
+        assert!(again.load_state(2, &missing).is_err());
+    }
+
+    #[test]
+    fn groups_schedule_and_clipping() {
+        assert!(no_decay("encoder.cls_token", 3));
+        assert!(no_decay("decoder.mask_token", 3));
+        assert!(no_decay("encoder.blocks.0.ln1.weight", 1));
+        assert!(!no_decay("encoder.blocks.0.attn.qkv.weight", 2));
+        // Warm-up 10 steps to 1e-3, cosine to 0 at 110.
+        assert!((lr_at(0, 1e-3, 10, 110, 0.0) - 1e-4).abs() < 1e-12);
+        assert!((lr_at(9, 1e-3, 10, 110, 0.0) - 1e-3).abs() < 1e-12);
+        assert!((lr_at(10, 1e-3, 10, 110, 0.0) - 1e-3).abs() < 1e-12);
+        assert!((lr_at(60, 1e-3, 10, 110, 0.0) - 5e-4).abs() < 1e-12);
+        assert!(lr_at(110, 1e-3, 10, 110, 1e-5) - 1e-5 < 1e-12);
+        let dev = Device::Cpu;
+        let x = Var::new(&[3.0f32, 4.0], &dev).unwrap();
+        let grads = x
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap(); // (6, 8)
+        let (norm, scale) = clip_scale(&grads, [&x], 5.0).unwrap();
+        assert!((norm - 10.0).abs() < 1e-9);
+        assert!((scale - 0.5).abs() < 1e-6);
+        assert_eq!(clip_scale(&grads, [&x], 20.0).unwrap().1, 1.0);
+    }
+}
