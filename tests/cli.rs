@@ -453,3 +453,61 @@ fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
         .unwrap());
     assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
 }
+
+#[test]
+fn train_writes_a_run_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
+    let train = |steps: &str, resume: bool| {
+        let mut c = icefm();
+        c.arg("train")
+            .arg("--store")
+            .arg(&store)
+            .arg("--config")
+            .arg(&config);
+        c.arg("--out").arg(&run);
+        for s in [
+            "model.preset=micro",
+            "mae.decoder_dim=8",
+            "mae.decoder_depth=1",
+            "mae.decoder_heads=2",
+            "data.levels=80",
+            "data.crop=32",
+            "data.batch_size=2",
+            "train.checkpoint_every=2",
+            "train.warmup_steps=1",
+            steps,
+        ] {
+            c.args(["--set", s]);
+        }
+        if resume {
+            c.arg("--resume");
+        }
+        c.output().unwrap()
+    };
+    let out = ok(train("train.steps=3", false));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("trained 3 steps (now at 3 of 3)"), "{text}");
+    for f in [
+        "config.toml",
+        "log.txt",
+        "metrics.parquet",
+        "checkpoints/step_0000003/model.safetensors",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(resolved.contains("preset = \"micro\""), "{resolved}");
+    // Again without --resume: refused; with it and more steps: continues.
+    let out = train("train.steps=3", false);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let out = ok(train("train.steps=5", true));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trained 2 steps (now at 5 of 5)"));
+    // A typo in a key is one clear error.
+    let out = train("train.stesp=5", false);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stesp`"));
+}

@@ -35,6 +35,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Write data-regime manifests (scene lists drawn by a rule) or check two for overlap.
     Regime(Box<crate::regime::RegimeArgs>),
+    /// Pre-train a masked autoencoder from a store (`--config FILE`, `--set KEY=VALUE`, `--resume`).
+    Train(Box<crate::train::TrainArgs>),
     /// Generate scenes, ingest them and inspect the store: the whole pipeline in a minute.
     Demo(DemoArgs),
 }
@@ -133,6 +135,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),
         Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
         Command::Regime(a) => crate::regime::cmd_regime(*a),
+        Command::Train(a) => crate::train::cmd_train(*a).map(|_| ExitCode::SUCCESS),
         Command::Demo(a) => cmd_demo(a),
     }
 }

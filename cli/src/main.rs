@@ -3,6 +3,7 @@
 mod commands;
 mod progress;
 mod regime;
+mod train;
 
 use std::process::ExitCode;
 

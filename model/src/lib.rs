@@ -1,5 +1,5 @@
-//! icefm's models on candle: a ViT encoder and masked-autoencoder pre-training (segmentation
-//! heads, training loop and checkpoints come next). Every layer is composed of differentiable
+//! icefm's models on candle: a ViT encoder, masked-autoencoder pre-training, its training loop
+//! with checkpoints and exact resume (segmentation heads come next). Every layer is composed of differentiable
 //! primitives: candle 0.11's fast norms and softmax record no backward ([`ops`]).
 //!
 //! ```
@@ -14,7 +14,9 @@
 //! assert_eq!(vit.forward(&x).unwrap().dims(), &[1, 1 + 4, 192]);
 //! ```
 
+pub mod config;
 pub mod mae;
 pub mod ops;
 pub mod optim;
+pub mod train;
 pub mod vit;

@@ -1,0 +1,369 @@
+//! Training configuration: a TOML file with sections `[model]`, `[mae]`, `[data]`, `[train]`,
+//! and `--set section.key=value` overrides (as researchers do from Slurm scripts). Unknown keys
+//! are errors, so a typo cannot silently fall back to a default.
+
+use serde::{Deserialize, Serialize};
+
+use crate::mae::MaeConfig;
+use crate::vit::VitConfig;
+
+/// `[model]`: the encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `tiny`, `small`, `base`, `large`, `huge`, or `micro` (the 16-wide test model).
+    pub preset: String,
+    /// Input channels (must match `data.channels`).
+    pub in_channels: usize,
+    /// Patch edge.
+    pub patch: usize,
+    /// Stochastic depth of the last block.
+    pub drop_path: f64,
+    /// Override the preset's depth (0: keep).
+    pub depth: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "tiny".into(),
+            in_channels: 2,
+            patch: 16,
+            drop_path: 0.0,
+            depth: 0,
+        }
+    }
+}
+
+/// `[mae]`: masking and decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaeSection {
+    /// Share of tokens hidden from the encoder.
+    pub mask_ratio: f64,
+    /// Decoder width.
+    pub decoder_dim: usize,
+    /// Decoder blocks.
+    pub decoder_depth: usize,
+    /// Decoder heads.
+    pub decoder_heads: usize,
+}
+
+impl Default for MaeSection {
+    fn default() -> Self {
+        Self {
+            mask_ratio: 0.75,
+            decoder_dim: 512,
+            decoder_depth: 8,
+            decoder_heads: 16,
+        }
+    }
+}
+
+/// `[data]`: what the loader feeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Levels and weights, `80,200,400` (equal) or `80:2,200:1`; empty: every store level.
+    pub levels: String,
+    /// Crop edge (a multiple of the patch).
+    pub crop: u32,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Regime name in the store (or a .parquet path); empty: every scene.
+    pub regime: String,
+    /// Input channels.
+    pub channels: Vec<String>,
+    /// Least valid-SAR fraction of a drawn patch.
+    pub min_valid: f32,
+    /// Crop jitter, pixels.
+    pub jitter: u32,
+    /// Random flips.
+    pub flips: bool,
+    /// Random 90° rotations.
+    pub rot90: bool,
+    /// Loader threads (0: all cores).
+    pub threads: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            levels: String::new(),
+            crop: 384,
+            batch_size: 32,
+            regime: String::new(),
+            channels: vec!["HH".into(), "HV".into()],
+            min_valid: 0.5,
+            jitter: 0,
+            flips: true,
+            rot90: false,
+            threads: 0,
+        }
+    }
+}
+
+/// `[train]`: optimisation and bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Steps in the run.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine.
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
+    pub clip_grad: f64,
+    /// Seed of batches, masks and initialisation.
+    pub seed: u64,
+    /// Save a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest).
+    pub keep_last: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            lr: 2e-4,
+            min_lr: 0.0,
+            warmup_steps: 100,
+            weight_decay: 0.05,
+            clip_grad: 3.0,
+            seed: 0,
+            checkpoint_every: 500,
+            keep_last: 3,
+        }
+    }
+}
+
+/// A whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[mae]`.
+    pub mae: MaeSection,
+    /// `[data]`.
+    pub data: DataSection,
+    /// `[train]`.
+    pub train: TrainSection,
+}
+
+/// A configuration problem, one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl TrainConfig {
+    /// Parse TOML text, then apply `section.key=value` overrides (values in TOML syntax; bare
+    /// words are strings).
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config: {}", e.message())))?;
+        for o in overrides {
+            let (path, raw) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError(format!("--set {o}: expected section.key=value")))?;
+            let (section, key) = path.trim().split_once('.').ok_or_else(|| {
+                ConfigError(format!(
+                    "--set {o}: expected section.key=value (e.g. train.steps=40)"
+                ))
+            })?;
+            // Keys whose value is text take the raw text (`data.levels=80` is "80").
+            let text_key = toml::Value::try_from(TrainConfig::default())
+                .ok()
+                .and_then(|d| d.get(section)?.get(key).map(toml::Value::is_str))
+                .unwrap_or(false);
+            let raw = raw.trim();
+            let value = if text_key && !raw.starts_with(['"', '\'']) {
+                toml::Value::String(raw.to_string())
+            } else {
+                parse_value(raw)
+            };
+            let table = doc
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError(format!("--set {o}: `{section}` is not a section")))?;
+            table.insert(key.to_string(), value);
+        }
+        let cfg: TrainConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config: {}", e.message())))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The resolved configuration as TOML (written to the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The model shape this configuration asks for.
+    pub fn mae_config(&self) -> Result<MaeConfig, ConfigError> {
+        let m = &self.model;
+        let mut enc = if m.preset == "micro" {
+            MaeConfig::micro().encoder
+        } else {
+            VitConfig::preset(&m.preset).ok_or_else(|| {
+                ConfigError(format!(
+                    "model.preset `{}`: expected tiny, small, base, large, huge or micro",
+                    m.preset
+                ))
+            })?
+        };
+        if m.preset != "micro" {
+            enc.patch = m.patch;
+        }
+        enc.in_channels = m.in_channels;
+        enc.drop_path = m.drop_path;
+        if m.depth > 0 {
+            enc.depth = m.depth;
+        }
+        let a = &self.mae;
+        Ok(MaeConfig {
+            encoder: enc,
+            decoder_dim: a.decoder_dim,
+            decoder_depth: a.decoder_depth,
+            decoder_heads: a.decoder_heads,
+            mask_ratio: a.mask_ratio,
+        })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let e = |m: String| Err(ConfigError(m));
+        let mae = self.mae_config()?;
+        let p = mae.encoder.patch as u32;
+        if self.data.crop == 0 || !self.data.crop.is_multiple_of(p) {
+            return e(format!(
+                "data.crop {} must be a positive multiple of the patch {p}",
+                self.data.crop
+            ));
+        }
+        if self.data.channels.len() != self.model.in_channels {
+            return e(format!(
+                "data.channels has {} channels but model.in_channels is {}",
+                self.data.channels.len(),
+                self.model.in_channels
+            ));
+        }
+        if !(0.0..1.0).contains(&self.mae.mask_ratio) {
+            return e(format!(
+                "mae.mask_ratio {} is not in [0, 1)",
+                self.mae.mask_ratio
+            ));
+        }
+        if mae.encoder.dim % 4 != 0 || mae.encoder.dim % mae.encoder.heads.max(1) != 0 {
+            return e(format!(
+                "encoder width {} must be a multiple of 4 and of its {} heads",
+                mae.encoder.dim, mae.encoder.heads
+            ));
+        }
+        if !self
+            .mae
+            .decoder_dim
+            .is_multiple_of(self.mae.decoder_heads.max(1))
+            || !self.mae.decoder_dim.is_multiple_of(4)
+        {
+            return e(format!(
+                "mae.decoder_dim {} must be a multiple of 4 and of decoder_heads {}",
+                self.mae.decoder_dim, self.mae.decoder_heads
+            ));
+        }
+        if self.train.steps == 0 || self.data.batch_size == 0 {
+            return e("train.steps and data.batch_size must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    // A TOML literal (number, bool, array, quoted string), else a bare string.
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn shipped_presets_parse() {
+        let b = TrainConfig::parse(include_str!("../../configs/mae_vit_b.toml"), &[]).unwrap();
+        let m = b.mae_config().unwrap();
+        assert_eq!(
+            (m.encoder.dim, m.encoder.depth, m.encoder.heads),
+            (768, 12, 12)
+        );
+        assert_eq!(
+            (m.decoder_dim, m.decoder_depth, m.decoder_heads),
+            (512, 8, 16)
+        );
+        assert_eq!(
+            (b.train.steps, b.train.warmup_steps, b.data.crop),
+            (30_000, 3000, 384)
+        );
+        assert_eq!(b.data.levels.split(',').count(), 9);
+        let t = TrainConfig::parse(include_str!("../../configs/mae_vit_tiny.toml"), &[]).unwrap();
+        assert_eq!(t.mae_config().unwrap().encoder.dim, 192);
+    }
+
+    #[test]
+    fn parse_override_and_reject() {
+        let text = "[model]\npreset = \"small\"\n[train]\nsteps = 10\nlr = 1e-3\n";
+        let c = TrainConfig::parse(
+            text,
+            &[
+                "train.steps=40".into(),
+                "data.regime=pt80".into(),
+                "data.levels=80".into(),
+                "data.channels=[\"HH\", \"HV\"]".into(),
+                "mae.mask_ratio=0.6".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.model.preset, "small");
+        assert_eq!(c.train.steps, 40);
+        assert_eq!(c.train.lr, 1e-3);
+        assert_eq!(c.data.regime, "pt80");
+        assert_eq!(c.data.levels, "80");
+        assert_eq!(c.mae.mask_ratio, 0.6);
+        assert_eq!(c.mae_config().unwrap().encoder.dim, 384);
+        // The resolved TOML parses back to the same configuration.
+        assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+        for (text, set, want) in [
+            ("[train]\nstep = 3\n", "", "unknown field `step`"),
+            ("", "train.steps", "expected section.key=value"),
+            ("", "steps=3", "expected section.key=value"),
+            ("[model]\npreset = \"giant\"\n", "", "model.preset `giant`"),
+            ("[data]\ncrop = 100\n", "", "multiple of the patch 16"),
+            (
+                "[data]\nchannels = [\"HH\"]\n",
+                "",
+                "model.in_channels is 2",
+            ),
+            ("", "train.steps=\"many\"", "invalid type"),
+        ] {
+            let sets: Vec<String> = if set.is_empty() {
+                vec![]
+            } else {
+                vec![set.into()]
+            };
+            let e = TrainConfig::parse(text, &sets).err().unwrap().to_string();
+            assert!(e.contains(want), "{text:?} {set:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! MAE pre-training runs: the loop, checkpoints, exact resume, metrics.
+//!
+//! Everything random in step `s` (its batch, each sample's mask noise, the drop-path draws) is a
+//! function of the seed and `s` alone, and the initial weights of the seed alone. So a run
+//! stopped after a checkpoint and resumed gives the same losses as one that never stopped: a
+//! checkpoint holds the weights, the optimizer moments and the step, and nothing else is needed.
+//!
+//! Run directory: `config.toml` (as resolved), `log.txt`, `metrics.parquet` (step, loss, lr,
+//! grad_norm, images_per_s, levels), `checkpoints/step_NNNNNNN/{model,optimizer}.safetensors`
+//! with `state.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use icefm_dataset::regime::Regime;
+use icefm_dataset::rng::Rng;
+use icefm_dataset::sampler::parse_level_weights;
+use icefm_dataset::{Augment, Loader, LoaderOptions, Sampler};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::mae::{Mae, Masking};
+use crate::optim::{AdamW, AdamWConfig, clip_scale, lr_at};
+
+/// Random streams (xor-ed into the seed) of the things drawn per step.
+const MASK_STREAM: u64 = 0x4D41_534B;
+const DROP_STREAM: u64 = 0x4452_4F50;
+const INIT_STREAM: u64 = 0x494E_4954;
+
+/// A training failure, one line.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad configuration or run directory.
+    #[error("{0}")]
+    Setup(String),
+    /// The data.
+    #[error(transparent)]
+    Data(#[from] icefm_dataset::DatasetError),
+    /// The model.
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// Files.
+    #[error("{path}: {reason}")]
+    Io {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// One step's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// Step (0-based).
+    pub step: u64,
+    /// Masked-patch loss.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Images per second of this step.
+    pub images_per_s: f64,
+    /// Samples per level, `80m:12 200m:20`.
+    pub levels: String,
+}
+
+/// Checkpoint bookkeeping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    /// Steps done.
+    step: u64,
+    /// The run's seed.
+    seed: u64,
+    /// Loss of the last step.
+    loss: f32,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Steps done in total.
+    pub steps_done: u64,
+    /// Steps done by this call.
+    pub steps_run: u64,
+    /// Stopped early (Ctrl-C) after saving.
+    pub interrupted: bool,
+    /// The newest checkpoint.
+    pub checkpoint: Option<PathBuf>,
+    /// All records of the run so far.
+    pub records: Vec<StepRecord>,
+}
+
+/// Where to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The store.
+    pub store: PathBuf,
+    /// Run directory.
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint of `out`.
+    pub resume: bool,
+}
+
+/// Deterministic initial weights for `seed`, by name (candle's own initialisers draw from an
+/// unseeded generator): Xavier-uniform matrices, normal(0.02) tokens, unit norm scales, zero
+/// biases and shifts.
+pub fn init_weights(vars: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let mut named: Vec<(String, Var)> = vars
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("variable map poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    for (i, (name, var)) in named.iter().enumerate() {
+        let t = var.as_tensor();
+        let shape = t.shape().clone();
+        let n = shape.elem_count();
+        let mut rng = Rng::new(seed ^ INIT_STREAM, i as u64);
+        let values: Vec<f32> = if name.ends_with("_token") {
+            (0..n).map(|_| 0.02 * normal(&mut rng) as f32).collect()
+        } else if t.rank() == 2 {
+            let (out, inp) = (shape.dims()[0], shape.dims()[1]);
+            let a = (6.0 / (inp + out) as f64).sqrt();
+            (0..n)
+                .map(|_| ((rng.unit() * 2.0 - 1.0) * a) as f32)
+                .collect()
+        } else if name.ends_with(".weight") {
+            vec![1.0; n]
+        } else {
+            vec![0.0; n]
+        };
+        var.set(&Tensor::from_vec(values, shape, t.device())?.to_dtype(t.dtype())?)?;
+    }
+    Ok(())
+}
+
+fn normal(rng: &mut Rng) -> f64 {
+    let u1 = rng.unit().max(1e-300);
+    let u2 = rng.unit();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+fn named_vars(vars: &VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<(String, Var)> = vars
+        .data()
+        .lock()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("step_{step:07}"))
+}
+
+/// Checkpoints of a run directory, oldest first.
+pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step_")?.parse().ok()?;
+            e.path()
+                .join("state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Train (or resume) an MAE as `cfg` says. `stop` is checked at every step boundary: when set,
+/// the run saves a checkpoint and returns. `on_step` sees every record (progress bars).
+pub fn train_mae(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    on_step: &dyn Fn(&StepRecord),
+) -> Result<RunSummary, TrainError> {
+    let dev = Device::Cpu;
+    let mcfg = cfg.mae_config().map_err(|e| TrainError::Setup(e.0))?;
+    let resolved = cfg.to_toml();
+
+    // The run directory: new, or resumed with the same configuration (steps may grow).
+    let existing = checkpoints(&opts.out);
+    let config_path = opts.out.join("config.toml");
+    if opts.resume {
+        let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
+        let saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
+        let mut a = saved.clone();
+        let mut b = cfg.clone();
+        a.train.steps = 0;
+        b.train.steps = 0;
+        if a != b {
+            return Err(TrainError::Setup(format!(
+                "{}: the configuration differs from the run's config.toml (only train.steps may change on --resume)",
+                opts.out.display()
+            )));
+        }
+    } else if !existing.is_empty() {
+        return Err(TrainError::Setup(format!(
+            "{} already holds checkpoints: add --resume to continue it, or give another --out",
+            opts.out.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
+    std::fs::write(&config_path, &resolved).map_err(|e| io_err(&config_path, e))?;
+    let log_path = opts.out.join("log.txt");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io_err(&log_path, e))?;
+
+    // Model and optimizer.
+    let vars = VarMap::new();
+    let mae = Mae::new(VarBuilder::from_varmap(&vars, DType::F32, &dev), &mcfg)?;
+    init_weights(&vars, cfg.train.seed)?;
+    let named = named_vars(&vars);
+    let mut opt = AdamW::new(
+        named.clone(),
+        AdamWConfig {
+            weight_decay: cfg.train.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let mut records = Vec::new();
+    let mut start = 0;
+    if opts.resume {
+        if let Some((step, dir)) = existing.last() {
+            load_checkpoint(dir, &named, &mut opt)?;
+            start = *step;
+            records = read_metrics(&opts.out.join("metrics.parquet"))?
+                .into_iter()
+                .filter(|r| r.step < start)
+                .collect();
+            writeln!(log, "resumed from {} (step {start})", dir.display())
+                .map_err(|e| io_err(&log_path, e))?;
+        }
+    } else {
+        writeln!(
+            log,
+            "new run: {} parameters",
+            named
+                .iter()
+                .map(|(_, v)| v.as_tensor().elem_count())
+                .sum::<usize>()
+        )
+        .map_err(|e| io_err(&log_path, e))?;
+    }
+
+    // Data.
+    let regime = if cfg.data.regime.is_empty() {
+        None
+    } else {
+        Some(Regime::open(Some(&opts.store), &cfg.data.regime)?)
+    };
+    let levels = if cfg.data.levels.trim().is_empty() {
+        Vec::new()
+    } else {
+        parse_level_weights(&cfg.data.levels)?
+    };
+    let loader = Loader::open(
+        &opts.store,
+        regime.as_ref(),
+        LoaderOptions {
+            levels,
+            crop: cfg.data.crop,
+            batch_size: cfg.data.batch_size,
+            channels: cfg.data.channels.clone(),
+            seed: cfg.train.seed,
+            sampler: Sampler::LevelWeighted,
+            augment: Augment {
+                flips: cfg.data.flips,
+                rot90: cfg.data.rot90,
+                jitter: cfg.data.jitter,
+            },
+            min_valid: cfg.data.min_valid,
+            threads: cfg.data.threads,
+            ..LoaderOptions::default()
+        },
+    )?;
+
+    let total = cfg.train.steps;
+    let mut checkpoint = existing.last().map(|(_, p)| p.clone());
+    let mut interrupted = false;
+    let mut steps_run = 0;
+    let mut batches = loader.iter(start);
+    let p = mcfg.encoder.patch;
+    let n_tokens = (cfg.data.crop as usize / p).pow(2);
+    let vars_only: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    for step in start..total {
+        let t0 = Instant::now();
+        let batch = batches
+            .next()
+            .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
+        let (b, c, n) = (batch.len(), batch.channels, batch.size);
+        let images = Tensor::from_slice(&batch.inputs, (b, c, n, n), &dev)?;
+        let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
+        let valid = Tensor::from_vec(valid, (b, n, n), &dev)?;
+        let mut level_counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for s in &batch.samples {
+            *level_counts.entry(s.level.spacing_m()).or_default() += 1;
+        }
+        batches.recycle(batch);
+        let noise: Vec<Vec<f32>> = (0..b)
+            .map(|j| {
+                let mut r = Rng::new(cfg.train.seed ^ MASK_STREAM, step * b as u64 + j as u64);
+                (0..n_tokens).map(|_| r.unit() as f32).collect()
+            })
+            .collect();
+        let masking = Masking::from_noise(&noise, mcfg.mask_ratio);
+        let keep: Vec<(Vec<f32>, Vec<f32>)> = (0..mcfg.encoder.depth)
+            .map(|i| {
+                let mut r = Rng::new(cfg.train.seed ^ DROP_STREAM, step * 1024 + i as u64);
+                let mut draw = || (0..b).map(|_| r.unit() as f32).collect::<Vec<f32>>();
+                (draw(), draw())
+            })
+            .collect();
+        let out = mae.forward(&images, &valid, &masking, Some(&keep))?;
+        let loss = out.loss.to_scalar::<f32>()?;
+        if !loss.is_finite() {
+            return Err(TrainError::Setup(format!(
+                "step {step}: the loss is {loss}; lower train.lr or check the data"
+            )));
+        }
+        let grads = out.loss.backward()?;
+        let (grad_norm, scale) = clip_scale(&grads, vars_only.iter(), cfg.train.clip_grad)?;
+        let lr = lr_at(
+            step,
+            cfg.train.lr,
+            cfg.train.warmup_steps,
+            total,
+            cfg.train.min_lr,
+        );
+        opt.step(&grads, lr, scale)?;
+        let rec = StepRecord {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            images_per_s: b as f64 / t0.elapsed().as_secs_f64(),
+            levels: level_counts
+                .iter()
+                .map(|(m, k)| format!("{m}m:{k}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        on_step(&rec);
+        records.push(rec);
+        steps_run += 1;
+        let done = step + 1;
+        let stopping = stop.load(Ordering::SeqCst);
+        if done == total || stopping || done % cfg.train.checkpoint_every.max(1) == 0 {
+            checkpoint = Some(save_checkpoint(
+                &opts.out,
+                done,
+                cfg.train.seed,
+                loss,
+                &named,
+                &opt,
+            )?);
+            write_metrics(&opts.out.join("metrics.parquet"), &records)?;
+            prune(&opts.out, cfg.train.keep_last.max(1))?;
+            writeln!(log, "step {done}: loss {loss:.5}, checkpoint saved")
+                .map_err(|e| io_err(&log_path, e))?;
+        }
+        if stopping && done < total {
+            interrupted = true;
+            writeln!(log, "stopped at step {done} (interrupt)")
+                .map_err(|e| io_err(&log_path, e))?;
+            break;
+        }
+    }
+    Ok(RunSummary {
+        steps_done: records.last().map_or(start, |r| r.step + 1),
+        steps_run,
+        interrupted,
+        checkpoint,
+        records,
+    })
+}
+
+fn save_checkpoint(
+    out: &Path,
+    step: u64,
+    seed: u64,
+    loss: f32,
+    named: &[(String, Var)],
+    opt: &AdamW,
+) -> Result<PathBuf, TrainError> {
+    let dir = checkpoint_dir(out, step);
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let weights: HashMap<String, Tensor> = named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))?;
+    let (_, moments) = opt.state();
+    let moments: HashMap<String, Tensor> = moments.into_iter().collect();
+    candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+    let state = serde_json::to_string_pretty(&CheckpointState { step, seed, loss })
+        .map_err(|e| io_err(&tmp, e))?;
+    std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
+    Ok(dir)
+}
+
+fn load_checkpoint(dir: &Path, named: &[(String, Var)], opt: &mut AdamW) -> Result<(), TrainError> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    for (n, v) in named {
+        let t = weights
+            .get(n)
+            .ok_or_else(|| io_err(dir, format!("the checkpoint has no weight {n}")))?;
+        v.set(t)?;
+    }
+    let moments: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?
+            .into_iter()
+            .collect();
+    opt.load_state(state.step, &moments)?;
+    Ok(())
+}
+
+fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = checkpoints(out);
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(|e| io_err(p, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn metrics_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("step", DataType::UInt64, false),
+        Field::new("loss", DataType::Float32, false),
+        Field::new("lr", DataType::Float64, false),
+        Field::new("grad_norm", DataType::Float64, false),
+        Field::new("images_per_s", DataType::Float64, false),
+        Field::new("levels", DataType::Utf8, false),
+    ])
+}
+
+/// Write the records as `metrics.parquet` (through a temporary file).
+pub fn write_metrics(path: &Path, records: &[StepRecord]) -> Result<(), TrainError> {
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(
+            records.iter().map(|r| r.step),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            records.iter().map(|r| r.loss),
+        )),
+        Arc::new(Float64Array::from_iter_values(records.iter().map(|r| r.lr))),
+        Arc::new(Float64Array::from_iter_values(
+            records.iter().map(|r| r.grad_norm),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            records.iter().map(|r| r.images_per_s),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            records.iter().map(|r| r.levels.as_str()),
+        )),
+    ];
+    let batch =
+        RecordBatch::try_new(Arc::new(metrics_schema()), cols).map_err(|e| io_err(path, e))?;
+    let tmp = path.with_extension("parquet.tmp");
+    let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None).map_err(|e| io_err(&tmp, e))?;
+    w.write(&batch).map_err(|e| io_err(&tmp, e))?;
+    w.close().map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+/// Read `metrics.parquet` (empty when absent).
+pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, Float64Type, UInt64Type};
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| io_err(path, e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| io_err(path, e))?;
+        let col = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| io_err(path, format!("no column {name}")))
+        };
+        let (step, loss, lr) = (col("step")?, col("loss")?, col("lr")?);
+        let (gn, ips, lv) = (col("grad_norm")?, col("images_per_s")?, col("levels")?);
+        let bad = || io_err(path, "unexpected column types");
+        let step = step.as_primitive_opt::<UInt64Type>().ok_or_else(bad)?;
+        let loss = loss.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
+        let lr = lr.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
+        let gn = gn.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
+        let ips = ips.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
+        let lv = lv.as_string_opt::<i32>().ok_or_else(bad)?;
+        for i in 0..b.num_rows() {
+            out.push(StepRecord {
+                step: step.value(i),
+                loss: loss.value(i),
+                lr: lr.value(i),
+                grad_norm: gn.value(i),
+                images_per_s: ips.value(i),
+                levels: lv.value(i).to_string(),
+            });
+        }
+    }
+    Ok(out)
+}

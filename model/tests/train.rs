@@ -1,0 +1,174 @@
+//! MAE runs on a store ingested from generated scenes: a run stopped at a step boundary and
+//! resumed gives the same losses and weights as one that never stopped; run directories and
+//! bad resumes.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
+use icefm_ingest::store::new_attrs;
+use icefm_model::config::TrainConfig;
+use icefm_model::train::{RunOptions, checkpoints, read_metrics, train_mae};
+use icefm_schemas::Level;
+use icefm_schemas::store::DEFAULT_CODEC;
+use icefm_synth::{SceneKind, SynthOptions, write_scene};
+
+fn store() -> &'static Path {
+    static STORE: OnceLock<PathBuf> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-tests");
+        let _ = std::fs::remove_dir_all(&root);
+        let mut inputs = Vec::new();
+        for i in 0..2u32 {
+            let mut o = SynthOptions::new(SceneKind::Rtt, 260, 300, 21 + u64::from(i));
+            o.index = i;
+            inputs.push(write_scene(&root.join("scenes"), &o).unwrap());
+        }
+        let store = root.join("s.zarr");
+        let attrs = new_attrs(&Level::parse_list("80,160").unwrap(), 64, DEFAULT_CODEC);
+        ingest(
+            &inputs,
+            &store,
+            attrs,
+            &IngestOptions::default(),
+            &NoReporter,
+        )
+        .unwrap();
+        store
+    })
+}
+
+const CONFIG: &str = r#"
+[model]
+preset = "micro"
+[mae]
+decoder_dim = 8
+decoder_depth = 1
+decoder_heads = 2
+[data]
+levels = "80,160"
+crop = 32
+batch_size = 4
+min_valid = 0.3
+flips = true
+rot90 = true
+jitter = 8
+threads = 2
+[train]
+steps = 6
+lr = 1e-3
+warmup_steps = 2
+checkpoint_every = 3
+keep_last = 5
+seed = 3
+"#;
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let store = store();
+    let cfg = TrainConfig::parse(CONFIG, &[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    let quiet = |_: &icefm_model::train::StepRecord| {};
+
+    let a = RunOptions {
+        store: store.to_path_buf(),
+        out: tmp.path().join("a"),
+        resume: false,
+    };
+    let full = train_mae(&cfg, &a, &never, &quiet).unwrap();
+    assert_eq!(
+        (full.steps_done, full.steps_run, full.interrupted),
+        (6, 6, false)
+    );
+    assert!(
+        full.records
+            .iter()
+            .all(|r| r.loss.is_finite() && r.loss > 0.0)
+    );
+    assert!(full.records.iter().any(|r| r.levels.contains("160m")));
+
+    // Stopped after step 3 (as Ctrl-C does), then resumed.
+    let b = RunOptions {
+        store: store.to_path_buf(),
+        out: tmp.path().join("b"),
+        resume: false,
+    };
+    let stop = AtomicBool::new(false);
+    let part = train_mae(&cfg, &b, &stop, &|r| {
+        if r.step == 2 {
+            stop.store(true, Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    assert_eq!((part.steps_done, part.interrupted), (3, true));
+    assert_eq!(checkpoints(&b.out).last().unwrap().0, 3);
+    let resumed = train_mae(
+        &cfg,
+        &RunOptions {
+            resume: true,
+            ..b.clone()
+        },
+        &never,
+        &quiet,
+    )
+    .unwrap();
+    assert_eq!((resumed.steps_done, resumed.steps_run), (6, 3));
+    let losses = |r: &[icefm_model::train::StepRecord]| -> Vec<(u64, f32, f64)> {
+        r.iter().map(|x| (x.step, x.loss, x.lr)).collect()
+    };
+    assert_eq!(losses(&resumed.records), losses(&full.records));
+    // The same weights, bit for bit, and the same metrics on disk.
+    let last = |o: &Path| checkpoints(o).last().unwrap().1.clone();
+    assert_eq!(weights(&last(&a.out)), weights(&last(&b.out)));
+    let on_disk = read_metrics(&b.out.join("metrics.parquet")).unwrap();
+    assert_eq!(losses(&on_disk), losses(&full.records));
+    assert!(b.out.join("config.toml").exists() && b.out.join("log.txt").exists());
+    assert_eq!(
+        checkpoints(&a.out).iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![3, 6]
+    );
+
+    // A finished run asked for more steps continues; a new run into it is refused, and so is
+    // a resume with another configuration.
+    let more = TrainConfig::parse(CONFIG, &["train.steps=7".into()]).unwrap();
+    let r = train_mae(
+        &more,
+        &RunOptions {
+            resume: true,
+            ..a.clone()
+        },
+        &never,
+        &quiet,
+    )
+    .unwrap();
+    assert_eq!((r.steps_done, r.steps_run), (7, 1));
+    let e = train_mae(&cfg, &a, &never, &quiet)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("already holds checkpoints") && e.contains("--resume"),
+        "{e}"
+    );
+    let other = TrainConfig::parse(CONFIG, &["mae.mask_ratio=0.6".into()]).unwrap();
+    let e = train_mae(
+        &other,
+        &RunOptions {
+            resume: true,
+            ..a.clone()
+        },
+        &never,
+        &quiet,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("differs from the run's config.toml"), "{e}");
+}
