@@ -1,0 +1,163 @@
+//! One MAE training step (forward, backward, AdamW) on the CPU, for ViT-tiny and ViT-small at
+//! 96, 224 and 384 px, beside candle's own f32 matmul at the shapes of the step's largest layers.
+//! Reports images/s and the step's FLOP/s as a share of the matmul FLOP/s. Results:
+//! `docs/benchmarks.md`.
+//!
+//! The decoder is SAR-IceFM's (512 wide, 8 blocks, 16 heads); mask ratio 0.75; batch 8.
+//! `ICEFM_BENCH_QUICK=1` runs only the 96 px cases; 384 px steps are timed by hand (two steps)
+//! unless `ICEFM_BENCH_FULL=1`.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use icefm_dataset::rng::Rng;
+use icefm_model::mae::{Mae, MaeConfig, Masking};
+use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
+use icefm_model::vit::VitConfig;
+
+const BATCH: usize = 8;
+
+/// Forward FLOPs of one image (multiply-adds × 2); a training step is about 3 × this.
+fn forward_flops(cfg: &MaeConfig, px: usize) -> f64 {
+    let e = &cfg.encoder;
+    let n = (px / e.patch).pow(2) as f64;
+    let keep = (n * (1.0 - cfg.mask_ratio)).floor();
+    let p = e.patch_values() as f64;
+    let block = |tokens: f64, d: f64, ratio: f64| {
+        // qkv + proj + MLP, plus the two attention products.
+        2.0 * tokens * d * d * (4.0 + 2.0 * ratio) + 4.0 * tokens * tokens * d
+    };
+    let (d, dd) = (e.dim as f64, cfg.decoder_dim as f64);
+    let r = e.mlp_ratio as f64;
+    2.0 * n * p * d
+        + e.depth as f64 * block(keep + 1.0, d, r)
+        + 2.0 * (keep + 1.0) * d * dd
+        + cfg.decoder_depth as f64 * block(n + 1.0, dd, r)
+        + 2.0 * n * dd * p
+}
+
+struct Setup {
+    mae: Mae,
+    vars: Vec<(String, candle_core::Var)>,
+    opt: AdamW,
+    images: Tensor,
+    valid: Tensor,
+    masking: Masking,
+}
+
+fn setup(preset: &str, px: usize) -> Setup {
+    let dev = Device::Cpu;
+    let cfg = MaeConfig::new(VitConfig::preset(preset).expect("preset"));
+    let varmap = VarMap::new();
+    let mae = Mae::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).expect("model");
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .expect("vars")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let opt = AdamW::new(vars.clone(), AdamWConfig::default()).expect("optimizer");
+    let mut rng = Rng::new(1, 0);
+    let x: Vec<f32> = (0..BATCH * 2 * px * px)
+        .map(|_| rng.unit() as f32 * 2.0 - 1.0)
+        .collect();
+    let images = Tensor::from_vec(x, (BATCH, 2, px, px), &dev).expect("images");
+    let valid = Tensor::ones((BATCH, px, px), DType::F32, &dev).expect("valid");
+    let n = (px / 16).pow(2);
+    let noise: Vec<Vec<f32>> = (0..BATCH)
+        .map(|_| (0..n).map(|_| rng.unit() as f32).collect())
+        .collect();
+    let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+    Setup {
+        mae,
+        vars,
+        opt,
+        images,
+        valid,
+        masking,
+    }
+}
+
+fn step(s: &mut Setup) -> f32 {
+    let out = s
+        .mae
+        .forward(&s.images, &s.valid, &s.masking, None)
+        .expect("forward");
+    let grads = out.loss.backward().expect("backward");
+    let (_, scale) = clip_scale(&grads, s.vars.iter().map(|(_, v)| v), 3.0).expect("clip");
+    s.opt.step(&grads, 1e-4, scale).expect("step");
+    out.loss.to_scalar::<f32>().expect("loss")
+}
+
+/// candle's f32 matmul FLOP/s for `[m, k] × [k, n]`.
+fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
+    let dev = Device::Cpu;
+    let a = Tensor::ones((m, k), DType::F32, &dev).expect("a");
+    let b = Tensor::ones((k, n), DType::F32, &dev).expect("b");
+    let _ = a.matmul(&b).expect("warm");
+    let reps = 10;
+    let t = Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(a.matmul(&b).expect("matmul"));
+    }
+    2.0 * (m * k * n * reps) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn train_step(c: &mut Criterion) {
+    let quick = std::env::var("ICEFM_BENCH_QUICK").is_ok();
+    let mut g = c.benchmark_group("mae_train_step_b8");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .warm_up_time(Duration::from_secs(1));
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for preset in ["tiny", "small"] {
+        for px in [96, 224, 384] {
+            if quick && px != 96 {
+                continue;
+            }
+            let mut s = setup(preset, px);
+            let cfg = s.mae.cfg.clone();
+            let flops = 3.0 * forward_flops(&cfg, px) * BATCH as f64;
+            let t = Instant::now();
+            let loss = step(&mut s);
+            let once = t.elapsed().as_secs_f64();
+            // The decoder (all tokens, 512 wide) is the largest layer: its MLP matmul.
+            let tokens = BATCH * ((px / 16).pow(2) + 1);
+            let mm = matmul_flops(tokens, cfg.decoder_dim, cfg.decoder_dim * 4);
+            eprintln!(
+                "{preset} {px}px: {:.2} GFLOP/step, first step {:.3} s ({:.1} GFLOP/s), loss {loss:.3}; \
+                 matmul [{tokens}x{}]x[{}x{}] {:.1} GFLOP/s",
+                flops / 1e9,
+                once,
+                flops / once / 1e9,
+                cfg.decoder_dim,
+                cfg.decoder_dim,
+                cfg.decoder_dim * 4,
+                mm / 1e9
+            );
+            if px >= 384 && std::env::var("ICEFM_BENCH_FULL").is_err() {
+                // Tens of seconds a step on 2 cores: criterion's ten samples would take many
+                // minutes, so time two more steps by hand (ICEFM_BENCH_FULL=1 for criterion).
+                let t = Instant::now();
+                step(&mut s);
+                step(&mut s);
+                let per = t.elapsed().as_secs_f64() / 2.0;
+                eprintln!(
+                    "{preset} {px}px: {per:.2} s/step (mean of 2), {:.2} images/s, {:.1} GFLOP/s",
+                    BATCH as f64 / per,
+                    flops / per / 1e9
+                );
+                continue;
+            }
+            g.bench_function(format!("{preset}/{px}px"), |b| b.iter(|| step(&mut s)));
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, train_step);
+criterion_main!(benches);
