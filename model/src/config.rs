@@ -125,6 +125,8 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
     /// Checkpoints kept (the newest).
     pub keep_last: usize,
+    /// Write a PNG panel (inputs, masks, reconstructions) every this many steps (0: never).
+    pub panel_every: u64,
 }
 
 impl Default for TrainSection {
@@ -139,6 +141,7 @@ impl Default for TrainSection {
             seed: 0,
             checkpoint_every: 500,
             keep_last: 3,
+            panel_every: 500,
         }
     }
 }

@@ -18,5 +18,6 @@ pub mod config;
 pub mod mae;
 pub mod ops;
 pub mod optim;
+pub mod panel;
 pub mod train;
 pub mod vit;

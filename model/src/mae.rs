@@ -79,6 +79,9 @@ pub struct MaeOutput {
     pub pred: Tensor,
     /// Encoder output on the kept tokens, class token first: `[B, 1 + K, D]`.
     pub latent: Tensor,
+    /// The loss of predicting each patch's mean (0 in norm-pix units) on the same patches:
+    /// the baseline an MAE must beat (≈ 1).
+    pub baseline: f32,
     /// 1 where a token was masked, `[B, N]` (host copy).
     pub masked: Vec<Vec<bool>>,
 }
@@ -230,10 +233,14 @@ impl Mae {
             .collect();
         let m = Tensor::from_vec(m, (b, n, 1), dev)?.to_dtype(dtype)?;
         let loss = patch_loss(&pred, &target, &weight, &m)?;
+        let baseline = patch_loss(&target.zeros_like()?, &target, &weight, &m)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         Ok(MaeOutput {
             loss,
             pred,
             latent,
+            baseline,
             masked,
         })
     }

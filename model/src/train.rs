@@ -5,9 +5,9 @@
 //! stopped after a checkpoint and resumed gives the same losses as one that never stopped: a
 //! checkpoint holds the weights, the optimizer moments and the step, and nothing else is needed.
 //!
-//! Run directory: `config.toml` (as resolved), `log.txt`, `metrics.parquet` (step, loss, lr,
+//! Run directory: `config.toml` (as resolved), `log.txt`, `metrics.parquet` (step, loss, baseline, lr,
 //! grad_norm, images_per_s, levels), `checkpoints/step_NNNNNNN/{model,optimizer}.safetensors`
-//! with `state.json`.
+//! with `state.json`, `panels/step_NNNNNNN.png`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::mae::{Mae, Masking};
 use crate::optim::{AdamW, AdamWConfig, clip_scale, lr_at};
+use crate::panel::{panel, write_png};
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.
 const MASK_STREAM: u64 = 0x4D41_534B;
@@ -74,6 +75,8 @@ pub struct StepRecord {
     pub step: u64,
     /// Masked-patch loss.
     pub loss: f32,
+    /// The loss of predicting each patch's mean on the same batch (≈ 1): what the MAE beats.
+    pub baseline: f32,
     /// Learning rate used.
     pub lr: f64,
     /// Gradient norm before clipping.
@@ -344,6 +347,24 @@ pub fn train_mae(
             })
             .collect();
         let out = mae.forward(&images, &valid, &masking, Some(&keep))?;
+        let every = cfg.train.panel_every;
+        if every > 0 && (step + 1) % every == 0 {
+            let pred: Vec<Vec<Vec<f32>>> = out.pred.detach().to_vec3()?;
+            let (w, h, px) = panel(
+                &images.flatten_all()?.to_vec1::<f32>()?,
+                &valid.flatten_all()?.to_vec1::<f32>()?,
+                &pred,
+                &masking,
+                c,
+                n,
+                p,
+            );
+            let path = opts
+                .out
+                .join("panels")
+                .join(format!("step_{:07}.png", step + 1));
+            write_png(&path, w, h, &px).map_err(|e| io_err(&path, e))?;
+        }
         let loss = out.loss.to_scalar::<f32>()?;
         if !loss.is_finite() {
             return Err(TrainError::Setup(format!(
@@ -363,6 +384,7 @@ pub fn train_mae(
         let rec = StepRecord {
             step,
             loss,
+            baseline: out.baseline,
             lr,
             grad_norm,
             images_per_s: b as f64 / t0.elapsed().as_secs_f64(),
@@ -468,6 +490,7 @@ fn metrics_schema() -> Schema {
     Schema::new(vec![
         Field::new("step", DataType::UInt64, false),
         Field::new("loss", DataType::Float32, false),
+        Field::new("baseline", DataType::Float32, false),
         Field::new("lr", DataType::Float64, false),
         Field::new("grad_norm", DataType::Float64, false),
         Field::new("images_per_s", DataType::Float64, false),
@@ -483,6 +506,9 @@ pub fn write_metrics(path: &Path, records: &[StepRecord]) -> Result<(), TrainErr
         )),
         Arc::new(Float32Array::from_iter_values(
             records.iter().map(|r| r.loss),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            records.iter().map(|r| r.baseline),
         )),
         Arc::new(Float64Array::from_iter_values(records.iter().map(|r| r.lr))),
         Arc::new(Float64Array::from_iter_values(
@@ -524,10 +550,12 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
                 .ok_or_else(|| io_err(path, format!("no column {name}")))
         };
         let (step, loss, lr) = (col("step")?, col("loss")?, col("lr")?);
+        let base = col("baseline")?;
         let (gn, ips, lv) = (col("grad_norm")?, col("images_per_s")?, col("levels")?);
         let bad = || io_err(path, "unexpected column types");
         let step = step.as_primitive_opt::<UInt64Type>().ok_or_else(bad)?;
         let loss = loss.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
+        let base = base.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
         let lr = lr.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
         let gn = gn.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
         let ips = ips.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
@@ -536,6 +564,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
             out.push(StepRecord {
                 step: step.value(i),
                 loss: loss.value(i),
+                baseline: base.value(i),
                 lr: lr.value(i),
                 grad_norm: gn.value(i),
                 images_per_s: ips.value(i),
