@@ -212,6 +212,7 @@ fn op_gradients_match_finite_differences() {
     let vb = VarBuilder::from_varmap(&vars, DType::F64, &dev);
     let fc1 = Linear::new(vb.pp("fc1"), 4, 6).unwrap();
     let fc2 = Linear::new(vb.pp("fc2"), 6, 4).unwrap();
+    icefm_model::train::init_weights(&vars, 5).unwrap();
     let input = Tensor::from_vec(values(8, 9), (2, 4), &dev).unwrap();
     let f = || {
         fc2.forward(&fc1.forward(&input).unwrap().gelu_erf().unwrap())
