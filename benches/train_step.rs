@@ -15,6 +15,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use icefm_dataset::rng::Rng;
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
+use icefm_model::train::named_vars;
 use icefm_model::vit::VitConfig;
 
 const BATCH: usize = 8;
@@ -52,14 +53,7 @@ fn setup(preset: &str, px: usize) -> Setup {
     let cfg = MaeConfig::new(VitConfig::preset(preset).expect("preset"));
     let varmap = VarMap::new();
     let mae = Mae::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).expect("model");
-    let mut vars: Vec<(String, candle_core::Var)> = varmap
-        .data()
-        .lock()
-        .expect("vars")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let vars = named_vars(&varmap);
     let opt = AdamW::new(vars.clone(), AdamWConfig::default()).expect("optimizer");
     let mut rng = Rng::new(1, 0);
     let x: Vec<f32> = (0..BATCH * 2 * px * px)

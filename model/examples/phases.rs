@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig};
+use icefm_model::train::named_vars;
 use icefm_model::vit::VitConfig;
 use std::time::Instant;
 fn main() {
@@ -13,13 +14,7 @@ fn main() {
     let cfg = MaeConfig::new(VitConfig::preset("tiny").unwrap());
     let vm = VarMap::new();
     let mae = Mae::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg).unwrap();
-    let vars: Vec<_> = vm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let vars = named_vars(&vm);
     let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
     let images = Tensor::randn(0f32, 1.0, (8, 2, px, px), &dev).unwrap();
     let valid = Tensor::ones((8, px, px), DType::F32, &dev).unwrap();

@@ -128,15 +128,7 @@ pub struct RunOptions {
 /// unseeded generator): Xavier-uniform matrices, normal(0.02) tokens, unit norm scales, zero
 /// biases and shifts.
 pub fn init_weights(vars: &VarMap, seed: u64) -> candle_core::Result<()> {
-    let mut named: Vec<(String, Var)> = vars
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("variable map poisoned".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    for (i, (name, var)) in named.iter().enumerate() {
+    for (i, (name, var)) in named_vars(vars).iter().enumerate() {
         let t = var.as_tensor();
         let shape = t.shape().clone();
         let n = shape.elem_count();
@@ -165,12 +157,11 @@ fn normal(rng: &mut Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-fn named_vars(vars: &VarMap) -> Vec<(String, Var)> {
-    let mut v: Vec<(String, Var)> = vars
-        .data()
-        .lock()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
+/// The variables of a map, sorted by name (the order every pass over parameters uses).
+pub fn named_vars(vars: &VarMap) -> Vec<(String, Var)> {
+    // A panic elsewhere while the map was locked leaves it intact: read it anyway.
+    let map = vars.data().lock().unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<(String, Var)> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }

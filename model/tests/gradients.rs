@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_model::mae::{Mae, MaeConfig, Masking, norm_pix, patch_loss};
 use icefm_model::ops::{layer_norm, softmax};
+use icefm_model::train::named_vars;
 use icefm_model::vit::{Linear, patchify, sincos_2d};
 
 fn tiny(dtype: DType) -> (VarMap, Mae) {
@@ -53,18 +54,6 @@ fn inputs(dtype: DType) -> (Tensor, Tensor, Masking) {
         .map(|b| values(16, 10 + b).iter().map(|&x| x as f32).collect())
         .collect();
     (images, valid, Masking::from_noise(&noise, 0.75))
-}
-
-fn named_vars(vars: &VarMap) -> Vec<(String, Var)> {
-    let mut v: Vec<(String, Var)> = vars
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]
