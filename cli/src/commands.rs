@@ -39,6 +39,8 @@ enum Command {
     Train(Box<crate::train::TrainArgs>),
     /// Generate scenes, ingest them and inspect the store: the whole pipeline in a minute.
     Demo(DemoArgs),
+    /// Convert a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) into icefm safetensors.
+    Import(Box<crate::import::ImportArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -137,6 +139,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Regime(a) => crate::regime::cmd_regime(*a),
         Command::Train(a) => crate::train::cmd_train(*a).map(|_| ExitCode::SUCCESS),
         Command::Demo(a) => cmd_demo(a),
+        Command::Import(a) => crate::import::cmd_import(*a).map(|_| ExitCode::SUCCESS),
     }
 }
 

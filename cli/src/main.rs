@@ -1,6 +1,7 @@
 //! `icefm`: the command line of the icefm sea-ice foundation-model engine.
 
 mod commands;
+mod import;
 mod progress;
 mod regime;
 mod train;

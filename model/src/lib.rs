@@ -15,6 +15,7 @@
 //! ```
 
 pub mod config;
+pub mod import;
 pub mod mae;
 pub mod ops;
 pub mod optim;

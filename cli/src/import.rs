@@ -1,0 +1,110 @@
+//! `icefm import`: a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) to icefm safetensors.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use icefm_model::import::{ImportOptions, Imported, import_pth};
+
+/// Arguments of `icefm import`.
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// The checkpoint: an mmengine `.pth` (`state_dict` entry) or a bare state dict.
+    checkpoint: PathBuf,
+    /// Safetensors to write (the layout of a training checkpoint's `model.safetensors`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Encoder preset the checkpoint was trained as (`tiny`, `small`, `base`, `large`, `huge`,
+    /// `micro`): gives the heads and checks the width, depth, patch and MLP ratio.
+    #[arg(long, conflicts_with = "heads")]
+    preset: Option<String>,
+    /// Encoder attention heads [default: those of the preset of the checkpoint's width].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Decoder attention heads [default: 16 for a 512-wide decoder].
+    #[arg(long)]
+    decoder_heads: Option<usize>,
+    /// Import even if a position embedding is not the fixed sin-cos (the model will differ).
+    #[arg(long)]
+    allow_pos_embed_mismatch: bool,
+    /// Print every checkpoint key and its icefm name.
+    #[arg(long)]
+    show_map: bool,
+}
+
+/// Run `icefm import`.
+pub fn cmd_import(a: ImportArgs) -> Result<()> {
+    let opts = ImportOptions {
+        heads: a.heads,
+        decoder_heads: a.decoder_heads,
+        allow_pos_embed_mismatch: a.allow_pos_embed_mismatch,
+    };
+    let mut imported = import_pth(&a.checkpoint, &opts)
+        .with_context(|| format!("cannot import {}", a.checkpoint.display()))?;
+    if let Some(name) = &a.preset {
+        imported
+            .apply_preset(name)
+            .with_context(|| format!("--preset {name}"))?;
+    }
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    imported
+        .write_safetensors(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    print_summary(&a, &imported);
+    Ok(())
+}
+
+fn heads(h: Option<usize>) -> String {
+    h.map_or("unknown".into(), |h| h.to_string())
+}
+
+fn print_summary(a: &ImportArgs, im: &Imported) {
+    let total = im.mapping.len() + im.skipped.len();
+    println!(
+        "read {}: {}, {total} tensors",
+        a.checkpoint.display(),
+        im.layout
+    );
+    let e = &im.encoder;
+    println!(
+        "encoder: width {}, blocks {}, heads {}, patch {}, channels {}, MLP ratio {}{}",
+        e.dim,
+        e.depth,
+        heads(e.heads),
+        e.patch,
+        e.in_channels,
+        e.mlp_ratio,
+        e.pos_grid
+            .map(|g| format!(", trained on a {g}x{g} token grid ({} px)", g * e.patch))
+            .unwrap_or_default()
+    );
+    match &im.decoder {
+        Some(d) => println!(
+            "decoder: width {}, blocks {}, heads {}, {} values per patch",
+            d.dim,
+            d.depth,
+            heads(d.heads),
+            e.in_channels * e.patch * e.patch
+        ),
+        None => println!("decoder: absent (encoder only)"),
+    }
+    let (enc, dec) = im.counts();
+    println!(
+        "imported {} tensors ({enc} encoder, {dec} decoder); skipped {}",
+        im.tensors.len(),
+        im.skipped.len()
+    );
+    for s in &im.skipped {
+        println!("  skipped {}: {}", s.key, s.reason);
+    }
+    for n in &im.notes {
+        println!("  note: {n}");
+    }
+    if a.show_map {
+        for (key, name) in &im.mapping {
+            println!("  {key} -> {name}");
+        }
+    }
+    println!("wrote {}", a.out.display());
+}

@@ -1,0 +1,845 @@
+//! Import a SAR-IceFM / mmselfsup MAE checkpoint (PyTorch `.pth`) into icefm's variable names.
+//!
+//! SAR-IceFM pre-trains with mmselfsup 1.x: an `MAEViT` backbone (an mmcls `VisionTransformer`)
+//! and an `MAEPretrainDecoder` neck, saved by mmengine as `{"meta", "state_dict", "optimizer",
+//! …}`. This module reads the state dict (from that layout, a `model` entry, or a bare state
+//! dict; a `module.` prefix is stripped) and renames every tensor to icefm's layout, the one a
+//! training checkpoint's `model.safetensors` has (`encoder.*`, `decoder.*`):
+//!
+//! | mmselfsup | icefm |
+//! | --- | --- |
+//! | `backbone.patch_embed.projection.weight` `[D, C, p, p]` | `encoder.patch_embed.weight` `[D, C·p·p]` |
+//! | `backbone.patch_embed.projection.bias` | `encoder.patch_embed.bias` |
+//! | `backbone.cls_token` (+ `pos_embed` row 0) | `encoder.cls_token` |
+//! | `backbone.layers.{i}.ln1` / `ln2` | `encoder.blocks.{i}.ln1` / `ln2` |
+//! | `backbone.layers.{i}.attn.qkv` / `attn.proj` | `encoder.blocks.{i}.attn.qkv` / `attn.proj` |
+//! | `backbone.layers.{i}.ffn.layers.0.0` / `ffn.layers.1` | `encoder.blocks.{i}.mlp.fc1` / `mlp.fc2` |
+//! | `backbone.ln1` (final norm) | `encoder.norm` |
+//! | `neck.decoder_embed` | `decoder.embed` |
+//! | `neck.mask_token` | `decoder.mask_token` |
+//! | `neck.decoder_blocks.{i}.*` (block layout as above) | `decoder.blocks.{i}.*` |
+//! | `neck.ln1` (decoder norm) | `decoder.norm` |
+//! | `neck.decoder_pred` (rows in `(i, j, c)` order) | `decoder.pred` (rows in `(c, i, j)` order) |
+//!
+//! The fixed position embeddings (`backbone.pos_embed`, `neck.decoder_pos_embed`) are checked
+//! against icefm's sin-cos ([`sincos_2d`]) and skipped: icefm computes them. Nothing is dropped
+//! silently: a key is mapped, skipped with a reason, or the import fails naming it.
+//! `docs/import.md` has the whole story.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::pickle::PthTensors;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::mae::{Mae, MaeConfig};
+use crate::vit::{VitConfig, sincos_2d};
+
+/// Largest difference allowed between a checkpoint's position embedding and icefm's sin-cos.
+/// PyTorch computes it in f32 (`ω` by `pow`, then `r·ω` for `r` up to the grid edge), so a
+/// correct table differs from icefm's f64-then-rounded one by up to a few 1e-6 on large grids.
+pub const POS_EMBED_TOLERANCE: f32 = 1e-4;
+
+/// An import failure, one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The file could not be read as a PyTorch checkpoint.
+    #[error("{path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Keys this importer has no mapping for (listed, sorted).
+    #[error("{} unmapped key(s), not imported: {}", .0.len(), .0.join(", "))]
+    Unmapped(Vec<String>),
+    /// The tensors do not make an icefm model (missing, mis-shaped, unsupported).
+    #[error("{0}")]
+    Shape(String),
+    /// A tensor operation.
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Choices an import cannot infer from tensor shapes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImportOptions {
+    /// Encoder attention heads (not stored in a checkpoint). `None`: the heads of the preset of
+    /// the same width, if there is one ([`preset_heads`]).
+    pub heads: Option<usize>,
+    /// Decoder attention heads. `None`: 16 for a 512-wide decoder (MAE's and SAR-IceFM's), the
+    /// micro model's 2 for its 8-wide one.
+    pub decoder_heads: Option<usize>,
+    /// Import even if a position embedding is not icefm's sin-cos (a note instead of an
+    /// error). The imported model then differs from the checkpoint's.
+    pub allow_pos_embed_mismatch: bool,
+}
+
+/// The encoder's shape as read from the tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderShape {
+    /// Token width `D`.
+    pub dim: usize,
+    /// Blocks.
+    pub depth: usize,
+    /// Attention heads, when given or inferred from the width.
+    pub heads: Option<usize>,
+    /// Patch edge `p`.
+    pub patch: usize,
+    /// Input channels `C`.
+    pub in_channels: usize,
+    /// MLP hidden width / `D`.
+    pub mlp_ratio: usize,
+    /// Token grid edge of the checkpoint's position embedding (its training crop / `p`).
+    pub pos_grid: Option<usize>,
+}
+
+/// The decoder's shape as read from the tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderShape {
+    /// Width.
+    pub dim: usize,
+    /// Blocks.
+    pub depth: usize,
+    /// Attention heads, when given or inferred.
+    pub heads: Option<usize>,
+}
+
+/// A checkpoint key left out of the import, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    /// The checkpoint's key (after stripping `module.`).
+    pub key: String,
+    /// Why it is not imported.
+    pub reason: String,
+}
+
+/// An imported checkpoint: icefm-named f32 tensors and what was done to get them.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// Where the state dict was found: `state_dict`, `model`, or the whole file.
+    pub layout: String,
+    /// icefm name → tensor (f32, contiguous, on the CPU).
+    pub tensors: BTreeMap<String, Tensor>,
+    /// `(checkpoint key, icefm name)` for every imported tensor, sorted by icefm name.
+    pub mapping: Vec<(String, String)>,
+    /// Keys not imported, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// Things worth knowing (inferred heads, stripped prefixes, folded rows, …).
+    pub notes: Vec<String>,
+    /// Encoder shape.
+    pub encoder: EncoderShape,
+    /// Decoder shape; `None` when the checkpoint has no MAE decoder (e.g. a segmentation model).
+    pub decoder: Option<DecoderShape>,
+}
+
+/// The two block layouts: mmcls `TransformerEncoderLayer` suffix → icefm `Block` suffix.
+pub const BLOCK_KEYS: [(&str, &str); 12] = [
+    ("ln1.weight", "ln1.weight"),
+    ("ln1.bias", "ln1.bias"),
+    ("attn.qkv.weight", "attn.qkv.weight"),
+    ("attn.qkv.bias", "attn.qkv.bias"),
+    ("attn.proj.weight", "attn.proj.weight"),
+    ("attn.proj.bias", "attn.proj.bias"),
+    ("ln2.weight", "ln2.weight"),
+    ("ln2.bias", "ln2.bias"),
+    ("ffn.layers.0.0.weight", "mlp.fc1.weight"),
+    ("ffn.layers.0.0.bias", "mlp.fc1.bias"),
+    ("ffn.layers.1.weight", "mlp.fc2.weight"),
+    ("ffn.layers.1.bias", "mlp.fc2.bias"),
+];
+
+/// Keys outside the blocks: mmselfsup → icefm.
+pub const TOP_KEYS: [(&str, &str); 14] = [
+    (
+        "backbone.patch_embed.projection.weight",
+        "encoder.patch_embed.weight",
+    ),
+    (
+        "backbone.patch_embed.projection.bias",
+        "encoder.patch_embed.bias",
+    ),
+    ("backbone.cls_token", "encoder.cls_token"),
+    ("backbone.ln1.weight", "encoder.norm.weight"),
+    ("backbone.ln1.bias", "encoder.norm.bias"),
+    ("neck.decoder_embed.weight", "decoder.embed.weight"),
+    ("neck.decoder_embed.bias", "decoder.embed.bias"),
+    ("neck.mask_token", "decoder.mask_token"),
+    ("neck.ln1.weight", "decoder.norm.weight"),
+    ("neck.ln1.bias", "decoder.norm.bias"),
+    ("neck.decoder_pred.weight", "decoder.pred.weight"),
+    ("neck.decoder_pred.bias", "decoder.pred.bias"),
+    // mmcls names the final norm `ln2` instead when it pools (`out_type='avg_featmap'`); the
+    // tensor is the same layer norm after the last block.
+    ("backbone.ln2.weight", "encoder.norm.weight"),
+    ("backbone.ln2.bias", "encoder.norm.bias"),
+];
+
+const ENCODER_POS: &str = "backbone.pos_embed";
+const DECODER_POS: &str = "neck.decoder_pos_embed";
+/// Prefixes of a segmentation model's heads (mmseg: `decode_head.*`, `auxiliary_head.*`; a
+/// multi-task segmentor's `decode_heads.*`). Their presence marks a segmentation checkpoint,
+/// whose `neck.*` is then a feature pyramid, not the MAE decoder.
+const SEGMENTATION_PREFIXES: [&str; 2] = ["decode_head", "auxiliary_head"];
+
+/// icefm's name for a checkpoint key (after `module.` is stripped), if it has one. The fixed
+/// position embeddings have none (icefm computes them).
+pub fn icefm_name(key: &str) -> Option<String> {
+    if let Some((_, to)) = TOP_KEYS.iter().find(|(from, _)| *from == key) {
+        return Some((*to).to_string());
+    }
+    for (prefix, to) in [
+        ("backbone.layers.", "encoder.blocks."),
+        ("neck.decoder_blocks.", "decoder.blocks."),
+    ] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            let (index, suffix) = rest.split_once('.')?;
+            let index: usize = index.parse().ok()?;
+            let (_, mapped) = BLOCK_KEYS.iter().find(|(from, _)| *from == suffix)?;
+            return Some(format!("{to}{index}.{mapped}"));
+        }
+    }
+    None
+}
+
+/// Attention heads of the preset of width `dim` (`micro` 2, `tiny` 3, `small` 6, `base` 12,
+/// `large` 16, `huge` 16), with the preset's name.
+pub fn preset_heads(dim: usize) -> Option<(&'static str, usize)> {
+    if dim == MaeConfig::micro().encoder.dim {
+        return Some(("micro", MaeConfig::micro().encoder.heads));
+    }
+    ["tiny", "small", "base", "large", "huge"]
+        .into_iter()
+        .find_map(|name| {
+            VitConfig::preset(name)
+                .filter(|c| c.dim == dim)
+                .map(|c| (name, c.heads))
+        })
+}
+
+fn read_err(path: &Path, reason: impl std::fmt::Display) -> ImportError {
+    ImportError::Read {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Read a `.pth` file's state dict: the `state_dict` entry of an mmengine checkpoint, else a
+/// `model` entry, else the file as a bare state dict. Returns the layout found and the tensors
+/// sorted by key. Needs PyTorch's zip format (`torch.save` since 1.6).
+pub fn read_pth(path: &Path) -> Result<(String, Vec<(String, Tensor)>), ImportError> {
+    if !path.is_file() {
+        return Err(read_err(path, "no such file"));
+    }
+    let mut last = None;
+    for key in [Some("state_dict"), Some("model"), None] {
+        match PthTensors::new(path, key) {
+            Ok(pth) => {
+                let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+                if names.is_empty() {
+                    last = Some(read_err(
+                        path,
+                        "no tensors found (not a PyTorch checkpoint?)",
+                    ));
+                    continue;
+                }
+                names.sort();
+                let mut out = Vec::with_capacity(names.len());
+                for name in names {
+                    let t = pth
+                        .get(name)
+                        .map_err(|e| read_err(path, format!("tensor {name}: {e}")))?
+                        .ok_or_else(|| read_err(path, format!("tensor {name} vanished")))?;
+                    out.push((name.clone(), t));
+                }
+                let layout = key.map_or("bare state dict".to_string(), |k| format!("`{k}` entry"));
+                return Ok((layout, out));
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if key.is_some_and(|k| msg.contains(&format!("key {k} not found"))) {
+                    continue;
+                }
+                let hint = if msg.contains("zip") || msg.contains("op-code") {
+                    " (a PyTorch zip checkpoint is needed: in Python, \
+                     torch.save(torch.load(f, map_location='cpu')['state_dict'], 'sd.pth'))"
+                } else {
+                    ""
+                };
+                return Err(read_err(path, format!("{msg}{hint}")));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| read_err(path, "no state dict found")))
+}
+
+/// [`read_pth`] then [`import_state_dict`].
+pub fn import_pth(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
+    let (layout, entries) = read_pth(path)?;
+    let mut imported = import_state_dict(entries, opts)?;
+    imported.layout = layout;
+    Ok(imported)
+}
+
+/// Largest `|a − b|` over two equally long slices.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Check a `[1, 1 + g², dim]` fixed position embedding against icefm's sin-cos; returns the
+/// grid edge, the largest difference over the patch rows, and the class-token row.
+fn check_pos_embed(
+    t: &Tensor,
+    dim: usize,
+    what: &str,
+) -> Result<(usize, f32, Vec<f32>), ImportError> {
+    let bad = || {
+        ImportError::Shape(format!(
+            "{what} has shape {:?}, expected [1, 1 + N, {dim}] with a square token grid",
+            t.dims()
+        ))
+    };
+    let (one, n, d) = t.dims3().map_err(|_| bad())?;
+    if one != 1 || d != dim || n < 2 {
+        return Err(bad());
+    }
+    let tokens = n - 1;
+    let g = (tokens as f64).sqrt().round() as usize;
+    if g * g != tokens {
+        return Err(bad());
+    }
+    let rows: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let cls = rows[..dim].to_vec();
+    let diff = max_abs_diff(&rows[dim..], &sincos_2d(g, g, dim));
+    Ok((g, diff, cls))
+}
+
+/// The number of blocks under an icefm prefix (`encoder.blocks.` or `decoder.blocks.`): one
+/// more than the largest index present.
+fn block_count(tensors: &BTreeMap<String, Tensor>, prefix: &str) -> usize {
+    tensors
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split_once('.')?
+                .0
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+fn dims(tensors: &BTreeMap<String, Tensor>, name: &str) -> Result<Vec<usize>, ImportError> {
+    tensors
+        .get(name)
+        .map(|t| t.dims().to_vec())
+        .ok_or_else(|| ImportError::Shape(format!("the checkpoint has no tensor for {name}")))
+}
+
+/// The first dimension of a tensor (the output width of a linear layer's weight).
+fn lead(tensors: &BTreeMap<String, Tensor>, name: &str) -> Result<usize, ImportError> {
+    dims(tensors, name)?
+        .first()
+        .copied()
+        .ok_or_else(|| ImportError::Shape(format!("{name} is a scalar, expected a matrix")))
+}
+
+/// Rename a state dict's tensors (checkpoint key → tensor) to icefm's layout; see the module
+/// documentation for the mapping. Fails on any key it cannot place, listing them all.
+pub fn import_state_dict(
+    entries: Vec<(String, Tensor)>,
+    opts: &ImportOptions,
+) -> Result<Imported, ImportError> {
+    let mut notes = Vec::new();
+    let stripped = entries
+        .iter()
+        .filter(|(k, _)| k.starts_with("module."))
+        .count();
+    if stripped > 0 {
+        notes.push(format!(
+            "stripped the `module.` prefix of {stripped} key(s)"
+        ));
+    }
+    let entries: Vec<(String, Tensor)> = entries
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k.strip_prefix("module.").map_or(k.clone(), str::to_string),
+                t,
+            )
+        })
+        .collect();
+    let segmentation = entries
+        .iter()
+        .any(|(k, _)| SEGMENTATION_PREFIXES.iter().any(|p| k.starts_with(p)));
+
+    let mut tensors = BTreeMap::new();
+    let mut source_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut unmapped = Vec::new();
+    let mut duplicates = BTreeSet::new();
+    let mut encoder_pos = None;
+    let mut decoder_pos = None;
+    for (key, t) in entries {
+        if key == ENCODER_POS {
+            if encoder_pos.replace(t).is_some() {
+                duplicates.insert(format!("{key} twice"));
+            }
+            continue;
+        }
+        if key.starts_with("data_preprocessor.") {
+            skipped.push(Skipped {
+                key,
+                reason: "input normalisation buffer, not a weight (icefm normalises in its loader)"
+                    .into(),
+            });
+            continue;
+        }
+        if segmentation
+            && (key.starts_with("neck.")
+                || SEGMENTATION_PREFIXES.iter().any(|p| key.starts_with(p)))
+        {
+            skipped.push(Skipped {
+                key,
+                reason: "segmentation neck/head, not part of the MAE".into(),
+            });
+            continue;
+        }
+        if key == DECODER_POS {
+            if decoder_pos.replace(t).is_some() {
+                duplicates.insert(format!("{key} twice"));
+            }
+            continue;
+        }
+        match icefm_name(&key) {
+            Some(name) => {
+                if let Some(first) = source_of.get(&name) {
+                    duplicates.insert(format!("{first} and {key} both give {name}"));
+                    continue;
+                }
+                let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+                source_of.insert(name.clone(), key);
+                tensors.insert(name, t);
+            }
+            None => unmapped.push(key),
+        }
+    }
+    if !unmapped.is_empty() {
+        unmapped.sort();
+        return Err(ImportError::Unmapped(unmapped));
+    }
+    if !duplicates.is_empty() {
+        return Err(ImportError::Shape(format!(
+            "duplicate keys: {}",
+            duplicates.into_iter().collect::<Vec<_>>().join("; ")
+        )));
+    }
+
+    // Encoder shape from the patch embedding and the blocks.
+    let pw = dims(&tensors, "encoder.patch_embed.weight")?;
+    let [dim, in_channels, p, p2] = pw[..]
+        .try_into()
+        .ok()
+        .filter(|d: &[usize; 4]| d.iter().all(|&x| x > 0))
+        .ok_or_else(|| {
+            ImportError::Shape(format!(
+                "backbone.patch_embed.projection.weight has shape {pw:?}, expected a \
+                 convolution kernel [D, C, p, p]"
+            ))
+        })?;
+    if p != p2 {
+        return Err(ImportError::Shape(format!(
+            "non-square patches ({p} x {p2}) are not supported"
+        )));
+    }
+    let depth = block_count(&tensors, "encoder.blocks.");
+    if depth == 0 {
+        return Err(ImportError::Shape(
+            "the checkpoint has no backbone.layers.*".into(),
+        ));
+    }
+    let hidden = lead(&tensors, "encoder.blocks.0.mlp.fc1.weight")?;
+    if !hidden.is_multiple_of(dim) {
+        return Err(ImportError::Shape(format!(
+            "MLP hidden width {hidden} is not a multiple of the width {dim}"
+        )));
+    }
+    let mlp_ratio = hidden / dim;
+    let heads = resolve_heads(opts.heads, dim, "encoder", "--heads", &mut notes, |d| {
+        preset_heads(d).map(|(name, h)| (format!("the {name} preset"), h))
+    })?;
+
+    // Flatten the patch-embedding kernel: [D, C, p, p] → [D, C·p·p], values in (c, i, j) order,
+    // the order of icefm's patchify.
+    let name = "encoder.patch_embed.weight";
+    if let Some(w) = tensors.get(name) {
+        let w = w.reshape((dim, in_channels * p * p))?;
+        tensors.insert(name.to_string(), w);
+    }
+
+    // The encoder position embedding: icefm's sin-cos, class-token row folded into cls_token.
+    let mut pos_grid = None;
+    match encoder_pos {
+        Some(t) => {
+            let (g, diff, cls_row) = check_pos_embed(&t, dim, ENCODER_POS)?;
+            pos_grid = Some(g);
+            pos_check(diff, ENCODER_POS, g, opts, &mut notes)?;
+            if cls_row.iter().any(|v| *v != 0.0) {
+                let cls = tensors.get("encoder.cls_token").ok_or_else(|| {
+                    ImportError::Shape("the checkpoint has no backbone.cls_token".into())
+                })?;
+                let row = Tensor::from_vec(cls_row, (1, 1, dim), &Device::Cpu)?;
+                tensors.insert("encoder.cls_token".into(), cls.broadcast_add(&row)?);
+                notes.push(
+                    "added backbone.pos_embed's class-token row to cls_token (MAEViT adds it)"
+                        .into(),
+                );
+            }
+            skipped.push(Skipped {
+                key: ENCODER_POS.into(),
+                reason: format!(
+                    "fixed 2-D sin-cos ({g}x{g} tokens, max |diff| {diff:.1e} from icefm's): \
+                     icefm computes it"
+                ),
+            });
+        }
+        None => notes.push(format!(
+            "no {ENCODER_POS}: icefm's fixed sin-cos is assumed, as MAEViT's"
+        )),
+    }
+
+    // The decoder, if any.
+    let has_decoder = tensors.keys().any(|k| k.starts_with("decoder."));
+    let decoder = if has_decoder {
+        let dd = lead(&tensors, "decoder.embed.weight")?;
+        let ddepth = block_count(&tensors, "decoder.blocks.");
+        if ddepth > 0 {
+            let dhidden = lead(&tensors, "decoder.blocks.0.mlp.fc1.weight")?;
+            if dhidden != dd * mlp_ratio {
+                return Err(ImportError::Shape(format!(
+                    "decoder MLP hidden width {dhidden} is not {dd} x the encoder's MLP ratio \
+                     {mlp_ratio} (icefm's decoder shares the encoder's ratio)"
+                )));
+            }
+        }
+        let values = in_channels * p * p;
+        let pred = lead(&tensors, "decoder.pred.weight")?;
+        if pred != values {
+            return Err(ImportError::Shape(format!(
+                "neck.decoder_pred gives {} values per patch, expected C·p·p = {values} \
+                 (a feature-predicting decoder cannot be imported)",
+                pred
+            )));
+        }
+        // mmselfsup patchifies (i, j, c) ('nchpwq->nhwpqc'); icefm (c, i, j).
+        if let Some(w) = tensors.get("decoder.pred.weight") {
+            let w = w
+                .reshape((p, p, in_channels, dd))?
+                .permute((2, 0, 1, 3))?
+                .reshape((values, dd))?;
+            tensors.insert("decoder.pred.weight".into(), w);
+        }
+        if let Some(b) = tensors.get("decoder.pred.bias") {
+            let b = b
+                .reshape((p, p, in_channels))?
+                .permute((2, 0, 1))?
+                .reshape(values)?;
+            tensors.insert("decoder.pred.bias".into(), b);
+        }
+        let dheads = resolve_heads(
+            opts.decoder_heads,
+            dd,
+            "decoder",
+            "--decoder-heads",
+            &mut notes,
+            |d| match d {
+                512 => Some(("MAE's and SAR-IceFM's decoder".to_string(), 16)),
+                8 => Some(("the micro decoder".to_string(), 2)),
+                _ => None,
+            },
+        )?;
+        match decoder_pos {
+            Some(t) => {
+                let (g, diff, cls_row) = check_pos_embed(&t, dd, DECODER_POS)?;
+                let cls_diff = cls_row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                pos_check(diff.max(cls_diff), DECODER_POS, g, opts, &mut notes)?;
+                skipped.push(Skipped {
+                    key: DECODER_POS.into(),
+                    reason: format!(
+                        "fixed 2-D sin-cos ({g}x{g} tokens, max |diff| {:.1e} from icefm's): \
+                         icefm computes it",
+                        diff.max(cls_diff)
+                    ),
+                });
+            }
+            None => notes.push(format!(
+                "no {DECODER_POS}: icefm's fixed sin-cos is assumed"
+            )),
+        }
+        Some(DecoderShape {
+            dim: dd,
+            depth: ddepth,
+            heads: dheads,
+        })
+    } else {
+        if let Some(t) = decoder_pos {
+            skipped.push(Skipped {
+                key: DECODER_POS.into(),
+                reason: format!(
+                    "decoder position embedding {:?} without a decoder",
+                    t.dims()
+                ),
+            });
+        }
+        notes.push(if segmentation {
+            "a segmentation checkpoint: the encoder only, no MAE decoder".to_string()
+        } else {
+            "no MAE decoder (neck.*) in the checkpoint: the encoder only".to_string()
+        });
+        None
+    };
+
+    let tensors: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.contiguous()?)))
+        .collect::<Result<_, candle_core::Error>>()?;
+    let encoder = EncoderShape {
+        dim,
+        depth,
+        heads,
+        patch: p,
+        in_channels,
+        mlp_ratio,
+        pos_grid,
+    };
+    check_complete(&tensors, &encoder, decoder.as_ref())?;
+    skipped.sort_by(|a, b| a.key.cmp(&b.key));
+    let mapping = source_of
+        .into_iter()
+        .map(|(name, key)| (key, name))
+        .collect();
+    Ok(Imported {
+        layout: "state dict".into(),
+        tensors,
+        mapping,
+        skipped,
+        notes,
+        encoder,
+        decoder,
+    })
+}
+
+/// The heads given, or a default by width (with a note); `None` when neither.
+fn resolve_heads(
+    given: Option<usize>,
+    dim: usize,
+    what: &str,
+    flag: &str,
+    notes: &mut Vec<String>,
+    default: impl Fn(usize) -> Option<(String, usize)>,
+) -> Result<Option<usize>, ImportError> {
+    let heads = match given {
+        Some(h) => Some(h),
+        None => match default(dim) {
+            Some((from, h)) => {
+                notes.push(format!(
+                    "{what} heads {h}, from {from} (width {dim}): checkpoints do not store \
+                     heads, {flag} sets them"
+                ));
+                Some(h)
+            }
+            None => {
+                notes.push(format!(
+                    "{what} heads unknown for width {dim}: checkpoints do not store heads, \
+                     pass {flag}"
+                ));
+                None
+            }
+        },
+    };
+    if let Some(h) = heads
+        && (h == 0 || !dim.is_multiple_of(h))
+    {
+        return Err(ImportError::Shape(format!(
+            "{what} heads {h} do not divide the width {dim}"
+        )));
+    }
+    Ok(heads)
+}
+
+/// A position embedding's verdict: fine, a note (when allowed), or an error.
+fn pos_check(
+    diff: f32,
+    key: &str,
+    g: usize,
+    opts: &ImportOptions,
+    notes: &mut Vec<String>,
+) -> Result<(), ImportError> {
+    if diff <= POS_EMBED_TOLERANCE {
+        return Ok(());
+    }
+    let msg = format!(
+        "{key} ({g}x{g} tokens) is not the fixed 2-D sin-cos icefm computes (max |diff| {diff:.2e} \
+         > {POS_EMBED_TOLERANCE:.0e}): a learned or resized embedding cannot be represented"
+    );
+    if opts.allow_pos_embed_mismatch {
+        notes.push(format!("{msg}; imported anyway, the model will differ"));
+        Ok(())
+    } else {
+        Err(ImportError::Shape(format!(
+            "{msg} (--allow-pos-embed-mismatch imports it anyway)"
+        )))
+    }
+}
+
+/// Every tensor icefm's model needs is there, with its shape, and nothing more: the check builds
+/// the model on the tensors.
+fn check_complete(
+    tensors: &BTreeMap<String, Tensor>,
+    enc: &EncoderShape,
+    dec: Option<&DecoderShape>,
+) -> Result<(), ImportError> {
+    // Heads do not change shapes: any divisor builds the model.
+    let vit = VitConfig {
+        dim: enc.dim,
+        depth: enc.depth,
+        heads: 1,
+        patch: enc.patch,
+        in_channels: enc.in_channels,
+        mlp_ratio: enc.mlp_ratio,
+        drop_path: 0.0,
+        ln_eps: 1e-6,
+    };
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+    let built = match dec {
+        Some(d) => Mae::new(
+            vb,
+            &MaeConfig {
+                encoder: vit,
+                decoder_dim: d.dim,
+                decoder_depth: d.depth,
+                decoder_heads: 1,
+                mask_ratio: 0.75,
+            },
+        )
+        .map(|_| ()),
+        None => crate::vit::Vit::new(vb.pp("encoder"), &vit).map(|_| ()),
+    };
+    built
+        .map_err(|e| ImportError::Shape(format!("the tensors do not make an icefm model: {e}")))?;
+    // The model's variable count, to catch blocks beyond those it reads (never the case as
+    // depth is the largest index + 1, but a gap would leave a block short and fail above).
+    let expected = 5 + 12 * enc.depth + dec.map_or(0, |d| 7 + 12 * d.depth);
+    if tensors.len() != expected {
+        return Err(ImportError::Shape(format!(
+            "{} tensors, the model has {expected}",
+            tensors.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Imported {
+    /// The encoder configuration (`ln_eps` 1e-6 as mmselfsup's; no drop-path). Fails when the
+    /// heads are unknown.
+    pub fn vit_config(&self) -> Result<VitConfig, ImportError> {
+        let e = &self.encoder;
+        let heads = e.heads.ok_or_else(|| {
+            ImportError::Shape(format!(
+                "encoder heads unknown for width {} (pass them: --heads)",
+                e.dim
+            ))
+        })?;
+        Ok(VitConfig {
+            dim: e.dim,
+            depth: e.depth,
+            heads,
+            patch: e.patch,
+            in_channels: e.in_channels,
+            mlp_ratio: e.mlp_ratio,
+            drop_path: 0.0,
+            ln_eps: 1e-6,
+        })
+    }
+
+    /// The MAE configuration (mask ratio 0.75). Fails without a decoder or with unknown heads.
+    pub fn mae_config(&self) -> Result<MaeConfig, ImportError> {
+        let d = self
+            .decoder
+            .as_ref()
+            .ok_or_else(|| ImportError::Shape("the checkpoint has no MAE decoder".into()))?;
+        let heads = d.heads.ok_or_else(|| {
+            ImportError::Shape(format!(
+                "decoder heads unknown for width {} (pass them: --decoder-heads)",
+                d.dim
+            ))
+        })?;
+        Ok(MaeConfig {
+            encoder: self.vit_config()?,
+            decoder_dim: d.dim,
+            decoder_depth: d.depth,
+            decoder_heads: heads,
+            mask_ratio: 0.75,
+        })
+    }
+
+    /// Take the heads of a preset (`micro`, `tiny`, `small`, `base`, `large`, `huge`) after
+    /// checking that its width, depth, patch and MLP ratio are the checkpoint's.
+    pub fn apply_preset(&mut self, name: &str) -> Result<(), ImportError> {
+        let p = if name == "micro" {
+            Some(MaeConfig::micro().encoder)
+        } else {
+            VitConfig::preset(name)
+        }
+        .ok_or_else(|| {
+            ImportError::Shape(format!(
+                "preset {name}: expected micro, tiny, small, base, large or huge"
+            ))
+        })?;
+        let e = &mut self.encoder;
+        if (p.dim, p.depth, p.patch, p.mlp_ratio) != (e.dim, e.depth, e.patch, e.mlp_ratio) {
+            return Err(ImportError::Shape(format!(
+                "preset {name} is {} wide, {} blocks, patch {}, MLP ratio {}; the checkpoint is \
+                 {} wide, {} blocks, patch {}, MLP ratio {}",
+                p.dim, p.depth, p.patch, p.mlp_ratio, e.dim, e.depth, e.patch, e.mlp_ratio
+            )));
+        }
+        e.heads = Some(p.heads);
+        self.notes.retain(|n| !n.starts_with("encoder heads"));
+        self.notes
+            .push(format!("encoder heads {}, from the {name} preset", p.heads));
+        Ok(())
+    }
+
+    /// Tensors under `encoder.` and under `decoder.`.
+    pub fn counts(&self) -> (usize, usize) {
+        let enc = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with("encoder."))
+            .count();
+        (enc, self.tensors.len() - enc)
+    }
+
+    /// Write the tensors as safetensors, named as a training checkpoint's `model.safetensors`
+    /// (`encoder.*`, `decoder.*`; f32).
+    pub fn write_safetensors(&self, path: &Path) -> Result<(), ImportError> {
+        let map: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        candle_core::safetensors::save(&map, path).map_err(|e| read_err(path, e))
+    }
+}

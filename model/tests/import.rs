@@ -1,0 +1,328 @@
+//! `icefm import` on a tiny SAR-IceFM / mmselfsup checkpoint written by PyTorch
+//! (`model/tests/reference/make_mmselfsup_ckpt.py`, which wrote `model/tests/data/mmselfsup_tiny*.pth`
+//! and `mmselfsup_tiny_reference.npz`): the mapping covers every key, the imported encoder and
+//! MAE reproduce PyTorch's outputs within a relative error of 1e-4, unknown keys and foreign
+//! position embeddings are errors, and the written safetensors is a training checkpoint's layout.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use icefm_model::import::{ImportError, ImportOptions, import_pth, import_state_dict, read_pth};
+use icefm_model::mae::{Mae, Masking};
+use icefm_model::train::named_vars;
+use icefm_model::vit::Vit;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    Tensor::read_npz(data("mmselfsup_tiny_reference.npz"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest |got − want| over the largest |want|.
+fn max_rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims());
+    let (g, w) = (values(got), values(want));
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+    g.iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
+fn vb_of(tensors: &std::collections::BTreeMap<String, Tensor>) -> VarBuilder<'static> {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+}
+
+#[test]
+fn the_mapping_covers_every_key_of_the_mmengine_checkpoint() {
+    let (layout, entries) = read_pth(&data("mmselfsup_tiny.pth")).unwrap();
+    assert_eq!(layout, "`state_dict` entry");
+    assert_eq!(entries.len(), 50);
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    // Every key is either imported or skipped with a reason, once.
+    let mut seen: Vec<&str> = imported.mapping.iter().map(|(k, _)| k.as_str()).collect();
+    seen.extend(imported.skipped.iter().map(|s| s.key.as_str()));
+    let seen_set: BTreeSet<&str> = seen.iter().copied().collect();
+    let keys: BTreeSet<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(seen.len(), seen_set.len(), "a key counted twice");
+    assert_eq!(seen_set, keys);
+    let skipped: Vec<&str> = imported.skipped.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(skipped, ["backbone.pos_embed", "neck.decoder_pos_embed"]);
+    assert!(
+        imported
+            .skipped
+            .iter()
+            .all(|s| s.reason.contains("sin-cos"))
+    );
+    assert_eq!(imported.tensors.len(), 48);
+    assert_eq!(imported.counts(), (29, 19));
+    for (key, name) in [
+        (
+            "backbone.patch_embed.projection.weight",
+            "encoder.patch_embed.weight",
+        ),
+        ("backbone.ln1.weight", "encoder.norm.weight"),
+        (
+            "backbone.layers.1.ffn.layers.0.0.weight",
+            "encoder.blocks.1.mlp.fc1.weight",
+        ),
+        (
+            "backbone.layers.1.ffn.layers.1.bias",
+            "encoder.blocks.1.mlp.fc2.bias",
+        ),
+        ("neck.ln1.bias", "decoder.norm.bias"),
+        (
+            "neck.decoder_blocks.0.attn.qkv.weight",
+            "decoder.blocks.0.attn.qkv.weight",
+        ),
+        ("neck.decoder_pred.weight", "decoder.pred.weight"),
+    ] {
+        assert!(
+            imported
+                .mapping
+                .contains(&(key.to_string(), name.to_string())),
+            "{key} -> {name}"
+        );
+    }
+    // The shape, and the heads of the micro preset (the only 16-wide one).
+    let e = &imported.encoder;
+    assert_eq!(
+        (
+            e.dim,
+            e.depth,
+            e.heads,
+            e.patch,
+            e.in_channels,
+            e.mlp_ratio,
+            e.pos_grid
+        ),
+        (16, 2, Some(2), 4, 2, 2, Some(2))
+    );
+    let d = imported.decoder.as_ref().unwrap();
+    assert_eq!((d.dim, d.depth, d.heads), (8, 1, Some(2)));
+    assert_eq!(
+        imported.tensors["encoder.patch_embed.weight"].dims(),
+        &[16, 32]
+    );
+    assert!(
+        imported
+            .tensors
+            .values()
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+    );
+}
+
+#[test]
+fn the_imported_encoder_reproduces_pytorch() {
+    let reference = reference();
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let vit = Vit::new(
+        vb_of(&imported.tensors).pp("encoder"),
+        &imported.vit_config().unwrap(),
+    )
+    .unwrap();
+    let out = vit.forward(&reference["images"]).unwrap();
+    assert_eq!(out.dims(), &[2, 1 + 4, 16]);
+    let err = max_rel_err(&out, &reference["encoder_out"]);
+    assert!(err <= 1e-4, "encoder output: max relative error {err:.2e}");
+}
+
+#[test]
+fn the_imported_mae_reproduces_pytorch_latent_and_predictions() {
+    let reference = reference();
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let mut cfg = imported.mae_config().unwrap();
+    cfg.mask_ratio = 0.5;
+    let mae = Mae::new(vb_of(&imported.tensors), &cfg).unwrap();
+    let images = &reference["images"];
+    let (b, _, h, w) = images.dims4().unwrap();
+    let valid = Tensor::ones((b, h, w), DType::F32, &Device::Cpu).unwrap();
+    let noise: Vec<Vec<f32>> = reference["noise"].to_vec2().unwrap();
+    let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+    let out = mae.forward(images, &valid, &masking, None).unwrap();
+    let latent = max_rel_err(&out.latent, &reference["latent"]);
+    // `pred` in the fixture is re-ordered to icefm's (c, i, j) patch values: this checks the
+    // decoder_pred row permutation.
+    let pred = max_rel_err(&out.pred, &reference["pred"]);
+    assert!(latent <= 1e-4, "latent: max relative error {latent:.2e}");
+    assert!(pred <= 1e-4, "pred: max relative error {pred:.2e}");
+}
+
+#[test]
+fn a_bare_backbone_only_state_dict_with_module_prefix_imports_the_encoder() {
+    let reference = reference();
+    let imported = import_pth(
+        &data("mmselfsup_tiny_backbone.pth"),
+        &ImportOptions {
+            heads: Some(2),
+            ..ImportOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(imported.layout, "bare state dict");
+    assert!(imported.decoder.is_none());
+    assert_eq!(imported.counts(), (29, 0));
+    assert!(imported.notes.iter().any(|n| n.contains("`module.`")));
+    assert!(imported.notes.iter().any(|n| n.contains("encoder only")));
+    assert!(imported.mae_config().is_err());
+    let vit = Vit::new(
+        vb_of(&imported.tensors).pp("encoder"),
+        &imported.vit_config().unwrap(),
+    )
+    .unwrap();
+    let err = max_rel_err(
+        &vit.forward(&reference["images"]).unwrap(),
+        &reference["encoder_out"],
+    );
+    assert!(err <= 1e-4, "encoder output: max relative error {err:.2e}");
+}
+
+#[test]
+fn a_segmentation_checkpoint_imports_its_backbone_and_skips_its_heads() {
+    let (_, mut entries) = read_pth(&data("mmselfsup_tiny_backbone.pth")).unwrap();
+    let t = Tensor::zeros((3, 16, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    entries.push(("module.decode_head.conv_seg.weight".into(), t.clone()));
+    entries.push(("module.neck.lateral_convs.0.conv.weight".into(), t));
+    let imported = import_state_dict(entries, &ImportOptions::default()).unwrap();
+    assert!(imported.decoder.is_none());
+    let skipped: Vec<&str> = imported.skipped.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(
+        skipped,
+        [
+            "backbone.pos_embed",
+            "decode_head.conv_seg.weight",
+            "neck.lateral_convs.0.conv.weight"
+        ]
+    );
+    assert!(imported.notes.iter().any(|n| n.contains("segmentation")));
+}
+
+#[test]
+fn an_unknown_key_is_an_error_naming_it() {
+    let (_, mut entries) = read_pth(&data("mmselfsup_tiny.pth")).unwrap();
+    let t = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();
+    entries.push(("backbone.layers.0.attn.gamma1.weight".into(), t.clone()));
+    entries.push(("head.fc.weight".into(), t));
+    let err = import_state_dict(entries, &ImportOptions::default()).unwrap_err();
+    assert!(matches!(err, ImportError::Unmapped(_)));
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    assert!(
+        msg.contains("backbone.layers.0.attn.gamma1.weight"),
+        "{msg}"
+    );
+    assert!(msg.contains("head.fc.weight"), "{msg}");
+    assert!(msg.starts_with("2 unmapped key(s)"), "{msg}");
+}
+
+#[test]
+fn a_position_embedding_that_is_not_sincos_is_an_error_unless_allowed() {
+    let (_, entries) = read_pth(&data("mmselfsup_tiny.pth")).unwrap();
+    let perturbed: Vec<(String, Tensor)> = entries
+        .into_iter()
+        .map(|(k, t)| {
+            if k == "backbone.pos_embed" {
+                let t = (t + 0.01).unwrap();
+                (k, t)
+            } else {
+                (k, t)
+            }
+        })
+        .collect();
+    let err = import_state_dict(perturbed.clone(), &ImportOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("backbone.pos_embed"), "{msg}");
+    assert!(msg.contains("--allow-pos-embed-mismatch"), "{msg}");
+    let lenient = ImportOptions {
+        allow_pos_embed_mismatch: true,
+        ..ImportOptions::default()
+    };
+    let imported = import_state_dict(perturbed, &lenient).unwrap();
+    assert!(imported.notes.iter().any(|n| n.contains("imported anyway")));
+    // The shifted class-token row is folded into cls_token, as MAEViT adds it.
+    assert!(imported.notes.iter().any(|n| n.contains("class-token row")));
+}
+
+#[test]
+fn heads_that_do_not_divide_the_width_are_an_error() {
+    let opts = ImportOptions {
+        heads: Some(3),
+        ..ImportOptions::default()
+    };
+    let err = import_pth(&data("mmselfsup_tiny.pth"), &opts).unwrap_err();
+    assert!(err.to_string().contains("heads 3"), "{err}");
+}
+
+#[test]
+fn a_preset_gives_the_heads_only_if_its_shape_is_the_checkpoints() {
+    let mut imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let err = imported.apply_preset("base").unwrap_err().to_string();
+    assert!(err.contains("preset base is 768 wide"), "{err}");
+    assert!(err.contains("the checkpoint is 16 wide"), "{err}");
+    imported.apply_preset("micro").unwrap();
+    assert_eq!(imported.encoder.heads, Some(2));
+    assert!(
+        imported
+            .notes
+            .iter()
+            .any(|n| n == "encoder heads 2, from the micro preset")
+    );
+}
+
+#[test]
+fn a_missing_file_is_a_one_line_error() {
+    let err = import_pth(&data("nope.pth"), &ImportOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("nope.pth: no such file"), "{err}");
+}
+
+#[test]
+fn the_safetensors_round_trips_in_a_training_checkpoints_layout() {
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    imported.write_safetensors(&path).unwrap();
+    let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(back.len(), imported.tensors.len());
+    for (name, t) in &imported.tensors {
+        let u = &back[name];
+        assert_eq!(u.dims(), t.dims(), "{name}");
+        assert_eq!(values(u), values(t), "{name}");
+    }
+    // The names are exactly the variables of icefm's MAE, as train.rs saves and loads them.
+    let vars = VarMap::new();
+    Mae::new(
+        VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        &imported.mae_config().unwrap(),
+    )
+    .unwrap();
+    let names: BTreeSet<String> = named_vars(&vars).into_iter().map(|(n, _)| n).collect();
+    let written: BTreeSet<String> = back.keys().cloned().collect();
+    assert_eq!(names, written);
+    for (name, var) in named_vars(&vars) {
+        assert_eq!(back[&name].dims(), var.as_tensor().dims(), "{name}");
+        var.set(&back[&name]).unwrap();
+    }
+}
