@@ -15,6 +15,7 @@
 //! ```
 
 pub mod config;
+pub mod fused;
 pub mod import;
 pub mod mae;
 pub mod ops;

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::{drop_path, layer_norm, softmax};
+use crate::fused::{bias_add, fused, gelu, layer_norm, softmax, softmax_valid};
+use crate::ops::drop_path;
 
 /// Encoder shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,9 +78,23 @@ impl Linear {
     }
 
     /// Apply to `[..., in]`.
+    /// Weight and bias take `x`'s dtype (bf16 training keeps f32 master weights). The leading
+    /// dimensions are folded into one, so the product is a single `[rows, in] · [in, out]`
+    /// matrix product: a weight broadcast over the batch would make the backward pass build
+    /// one weight gradient per sample and sum them.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)
+        let dt = x.dtype();
+        let dims = x.dims();
+        let inp = dims.last().copied().unwrap_or(1);
+        let rows = x.elem_count() / inp.max(1);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        let y = x
+            .reshape((rows, inp))?
+            .matmul(&self.weight.to_dtype(dt)?.t()?)?;
+        bias_add(&y, &self.bias)?.reshape(out_dims)
     }
 }
 
@@ -131,17 +146,35 @@ impl Attention {
         let (b, n, d) = x.dims3()?;
         let h = self.heads;
         let hd = d / h;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, h, hd))?
+        let qkv = self.qkv.forward(x)?;
+        // With the fused kernels, the tokens are padded to a multiple of 8 (577 → 584): the
+        // attention products then have aligned leading dimensions (tensor-core GEMMs on a GPU).
+        // Padded keys are left out of the softmax, padded queries dropped after.
+        let padded = if fused() { n.div_ceil(8) * 8 } else { n };
+        let qkv = if padded > n {
+            qkv.pad_with_zeros(1, 0, padded - n)?
+        } else {
+            qkv
+        };
+        let qkv = qkv
+            .reshape((b, padded, 3, h, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
+        // The scale goes on q ([B, H, N, hd]), not on the [B, H, N, N] scores.
+        let q = (qkv.get(0)? * (hd as f64).powf(-0.5))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let att = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        let att = softmax(&att)?;
-        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let att = q.matmul(&k.t()?)?;
+        let att = if padded > n {
+            softmax_valid(&att, n)?
+        } else {
+            softmax(&att)?
+        };
+        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, padded, d))?;
+        let out = if padded > n {
+            out.narrow(1, 0, n)?
+        } else {
+            out
+        };
         self.proj.forward(&out)
     }
 }
@@ -163,7 +196,7 @@ impl Mlp {
 
     /// `[..., D]` → `[..., D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -317,7 +350,10 @@ impl Vit {
     /// norm: `[B, N, D]` → `[B, 1 + N, D]`. `keep` gives stochastic-depth draws per block.
     pub fn encode(&self, tokens: &Tensor, keep: Option<&[(Vec<f32>, Vec<f32>)]>) -> Result<Tensor> {
         let b = tokens.dim(0)?;
-        let cls = self.cls_token.broadcast_as((b, 1, self.cfg.dim))?;
+        let cls = self
+            .cls_token
+            .to_dtype(tokens.dtype())?
+            .broadcast_as((b, 1, self.cfg.dim))?;
         let mut x = Tensor::cat(&[&cls, tokens], 1)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let k = keep.and_then(|k| k.get(i)).map(|(a, b)| (&a[..], &b[..]));

@@ -1,0 +1,677 @@
+//! Fused layer norm and softmax as candle custom ops, each with its own backward.
+//!
+//! [`crate::ops`] composes both from differentiable primitives: about ten kernels (CPU passes or
+//! CUDA launches) and as many temporaries per call forward, more backward. The ops here do each
+//! in one pass per direction, on the CPU (rayon over rows, computed in f64) and, with feature
+//! `cuda`, with icefm's own kernels ([`crate::cuda`]: float and bf16 inputs, f32 arithmetic).
+//! Their backward passes are custom ops too, so gradients never fall back to the composition.
+//!
+//! The composed versions stay as the reference: the tests compare values and gradients of the
+//! two, and `ICEFM_FUSED=0` (or [`set_fused`]) switches the model back to them.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// 0: not yet read from the environment; 1: fused; 2: composed.
+static FUSED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
+/// off, for comparisons).
+pub fn fused() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("ICEFM_FUSED").map_or(true, |v| v != "0");
+            FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switch the fused ops on or off for the whole process.
+pub fn set_fused(on: bool) {
+    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Layer norm over the last dimension, `(x − mean) / sqrt(var + eps) · weight + bias` (biased
+/// variance, as PyTorch). `x` may be f32, f64 or (CUDA) bf16; the result has `x`'s dtype;
+/// `weight` and `bias` are `[D]` of any float dtype (the statistics are computed in f32 or
+/// wider). Falls back to [`crate::ops::layer_norm`] when fusion is off.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused() {
+        if x.dtype() != weight.dtype() {
+            // Statistics in the weights' (wider) dtype, as autocast does.
+            let y = crate::ops::layer_norm(&x.to_dtype(weight.dtype())?, weight, bias, eps)?;
+            return y.to_dtype(x.dtype());
+        }
+        return crate::ops::layer_norm(x, weight, bias, eps);
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    if weight.dims() != [d] || bias.dims() != [d] {
+        candle_core::bail!(
+            "layer_norm: weight {:?} and bias {:?} must be [{d}]",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps },
+    )
+}
+
+/// Softmax over the first `valid` entries of the last dimension; the others are padding and
+/// get probability 0 (and no gradient). Needs fusion (the model pads only when fused).
+pub fn softmax_valid(x: &Tensor, valid: usize) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if valid == 0 || valid > d {
+        candle_core::bail!("softmax_valid: {valid} valid entries in rows of {d}");
+    }
+    x.contiguous()?.apply_op1(Softmax { valid })
+}
+
+/// Softmax over the last dimension (the row maximum subtracted first). Falls back to
+/// [`crate::ops::softmax`] when fusion is off.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if !fused() {
+        if x.dtype() == DType::BF16 || x.dtype() == DType::F16 {
+            return crate::ops::softmax(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+        }
+        return crate::ops::softmax(x);
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    x.contiguous()?.apply_op1(Softmax { valid: d })
+}
+
+/// Rows and row length of a contiguous tensor.
+fn rows_cols(layout: &Layout) -> (usize, usize) {
+    let dims = layout.dims();
+    let d = dims.last().copied().unwrap_or(1).max(1);
+    (layout.shape().elem_count() / d, d)
+}
+
+/// The contiguous element range of `layout`, or an error naming the op.
+fn span(layout: &Layout, op: &str) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))
+}
+
+/// A CPU storage as f64 values over `layout` (contiguous).
+fn cpu_f64(s: &CpuStorage, layout: &Layout, op: &str) -> Result<Vec<f64>> {
+    let (a, b) = span(layout, op)?;
+    fn conv<T: WithDType>(v: &[T]) -> Vec<f64> {
+        v.iter().map(|x| x.to_f64()).collect()
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => conv(&v[a..b]),
+        CpuStorage::F64(v) => conv(&v[a..b]),
+        CpuStorage::BF16(v) => conv(&v[a..b]),
+        CpuStorage::F16(v) => conv(&v[a..b]),
+        _ => candle_core::bail!("{op}: a float tensor is needed, got {:?}", s.dtype()),
+    })
+}
+
+/// f64 values as a CPU storage of `dtype`.
+fn cpu_from_f64(v: Vec<f64>, dtype: DType) -> Result<CpuStorage> {
+    fn conv<T: WithDType>(v: &[f64]) -> Vec<T> {
+        v.iter().map(|&x| T::from_f64(x)).collect()
+    }
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(conv(&v)),
+        DType::F64 => CpuStorage::F64(v),
+        DType::BF16 => CpuStorage::BF16(conv(&v)),
+        DType::F16 => CpuStorage::F16(conv(&v)),
+        d => candle_core::bail!("fused ops: unsupported dtype {d:?}"),
+    })
+}
+
+/// Mean and `1 / sqrt(var + eps)` of a row.
+fn row_stats(row: &[f64], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().sum::<f64>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Rows per rayon task (a few thousand values each).
+fn rows_per_task(d: usize) -> usize {
+    (4096 / d.max(1)).max(1)
+}
+
+/// Fused layer norm (forward); its backward is [`LayerNormGradX`] and [`LayerNormGradWB`].
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNorm {
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "icefm-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_cols(l1);
+        let x = cpu_f64(s1, l1, self.name())?;
+        let w = cpu_f64(s2, l2, self.name())?;
+        let b = cpu_f64(s3, l3, self.name())?;
+        let mut y = vec![0f64; x.len()];
+        let chunk = rows_per_task(d) * d;
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for i in 0..d {
+                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((cpu_from_f64(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_cols(l1);
+        let out = crate::cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormGradX { eps: self.eps })?;
+        // [2, P, D] partial sums over row blocks → [2, D].
+        let wb = x
+            .apply_op3_no_bwd(&grad, w, &LayerNormGradWB { eps: self.eps })?
+            .sum(1)?
+            .to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(wb.get(0)?), Some(wb.get(1)?)))
+    }
+}
+
+/// Layer norm backward for the input: `(x, weight, dy) → dx`, with `x`'s dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNormGradX {
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl CustomOp3 for LayerNormGradX {
+    fn name(&self) -> &'static str {
+        "icefm-layer-norm-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_cols(l1);
+        let x = cpu_f64(s1, l1, self.name())?;
+        let w = cpu_f64(s2, l2, self.name())?;
+        let dy = cpu_f64(s3, l3, self.name())?;
+        let mut dx = vec![0f64; x.len()];
+        let chunk = rows_per_task(d) * d;
+        let n = d as f64;
+        dx.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .for_each(|(oc, (xc, gc))| {
+                for ((o, xr), gr) in oc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut a, mut bsum) = (0f64, 0f64);
+                    for i in 0..d {
+                        let g = gr[i] * w[i];
+                        a += g;
+                        bsum += g * (xr[i] - mean) * rstd;
+                    }
+                    let (a, bsum) = (a / n, bsum / n);
+                    for i in 0..d {
+                        let xhat = (xr[i] - mean) * rstd;
+                        o[i] = rstd * (gr[i] * w[i] - a - xhat * bsum);
+                    }
+                }
+            });
+        Ok((cpu_from_f64(dx, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_cols(l1);
+        let out = crate::cuda::layer_norm_grad_x(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Layer norm backward for scale and shift: `(x, dy, weight) → [2, P, D]` partial sums over
+/// `P` row blocks of `dy · x̂` (scale) and `dy` (shift), in f32 (f64 for f64 input); the caller
+/// sums over `P`. `weight` only sets nothing but the op's arity (its values are unused).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNormGradWB {
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl CustomOp3 for LayerNormGradWB {
+    fn name(&self) -> &'static str {
+        "icefm-layer-norm-grad-wb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = rows_cols(l1);
+        let x = cpu_f64(s1, l1, self.name())?;
+        let dy = cpu_f64(s2, l2, self.name())?;
+        let rows_block = rows.div_ceil(64).max(1);
+        let parts: Vec<Vec<f64>> = x
+            .par_chunks(rows_block * d)
+            .zip(dy.par_chunks(rows_block * d))
+            .map(|(xc, gc)| {
+                let mut acc = vec![0f64; 2 * d];
+                for (xr, gr) in xc.chunks(d).zip(gc.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for i in 0..d {
+                        acc[i] += gr[i] * (xr[i] - mean) * rstd;
+                        acc[d + i] += gr[i];
+                    }
+                }
+                acc
+            })
+            .collect();
+        let p = parts.len().max(1);
+        let mut out = vec![0f64; 2 * p * d];
+        for (j, acc) in parts.iter().enumerate() {
+            out[j * d..(j + 1) * d].copy_from_slice(&acc[..d]);
+            out[(p + j) * d..(p + j + 1) * d].copy_from_slice(&acc[d..]);
+        }
+        let dtype = if s1.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        Ok((cpu_from_f64(out, dtype)?, Shape::from((2, p, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_cols(l1);
+        let (out, p) = crate::cuda::layer_norm_grad_wb(s1, l1, s2, l2, rows, d, self.eps as f32)?;
+        Ok((out, Shape::from((2, p, d))))
+    }
+}
+
+/// Fused softmax over the first `valid` entries of the last dimension, 0 after them
+/// (forward); its backward is [`SoftmaxGrad`].
+#[derive(Debug, Clone, Copy)]
+pub struct Softmax {
+    /// Entries of each row that take part (the row length for a plain softmax).
+    pub valid: usize,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "icefm-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_cols(l);
+        let mut y = cpu_f64(s, l, self.name())?;
+        let valid = self.valid.clamp(1, d);
+        y.par_chunks_mut(rows_per_task(d) * d).for_each(|c| {
+            for r in c.chunks_mut(d) {
+                let (r, pad) = r.split_at_mut(valid);
+                let m = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for v in r.iter_mut() {
+                    *v = (*v - m).exp();
+                    sum += *v;
+                }
+                for v in r.iter_mut() {
+                    *v /= sum;
+                }
+                pad.fill(0.0);
+            }
+        });
+        Ok((cpu_from_f64(y, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_cols(l);
+        Ok((
+            crate::cuda::softmax_fwd(s, l, rows, d, self.valid)?,
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// Softmax backward: `(y, dy) → y · (dy − Σ dy·y)` per row.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "icefm-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_cols(l1);
+        let y = cpu_f64(s1, l1, self.name())?;
+        let mut g = cpu_f64(s2, l2, self.name())?;
+        let chunk = rows_per_task(d) * d;
+        g.par_chunks_mut(chunk)
+            .zip(y.par_chunks(chunk))
+            .for_each(|(gc, yc)| {
+                for (gr, yr) in gc.chunks_mut(d).zip(yc.chunks(d)) {
+                    let s: f64 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                    for (gv, yv) in gr.iter_mut().zip(yr) {
+                        *gv = yv * (*gv - s);
+                    }
+                }
+            });
+        Ok((cpu_from_f64(g, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_cols(l1);
+        Ok((
+            crate::cuda::softmax_grad(s1, l1, s2, l2, rows, d)?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// `x + bias` over the last dimension (`bias` `[C]` of any float dtype; the result has `x`'s
+/// dtype). Its backward sums the gradient over rows with a column reduction of its own:
+/// candle's broadcast-add backward reduces over the leading dimensions with one strided pass
+/// per column, the slowest part of a linear layer's backward on a GPU. Falls back to
+/// `broadcast_add` when fusion is off.
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused() {
+        return x.broadcast_add(&bias.to_dtype(x.dtype())?);
+    }
+    let c = x.dim(candle_core::D::Minus1)?;
+    if bias.dims() != [c] {
+        candle_core::bail!("bias_add: bias {:?} must be [{c}]", bias.dims());
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
+}
+
+/// Exact (erf) GELU, `x · Φ(x)`, forward and backward in one pass each. Falls back to
+/// candle's `gelu_erf` when fusion is off.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if !fused() {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// Fused bias add (forward); its backward is the gradient itself and [`ColumnSums`].
+#[derive(Debug, Clone, Copy)]
+pub struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "icefm-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c) = rows_cols(l1);
+        let mut y = cpu_f64(s1, l1, self.name())?;
+        let b = cpu_f64(s2, l2, self.name())?;
+        y.par_chunks_mut(rows_per_task(c) * c).for_each(|chunk| {
+            for row in chunk.chunks_mut(c) {
+                for (v, bv) in row.iter_mut().zip(&b) {
+                    *v += bv;
+                }
+            }
+        });
+        Ok((cpu_from_f64(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, c) = rows_cols(l1);
+        Ok((
+            crate::cuda::bias_add(s1, l1, s2, l2, rows, c)?,
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&ColumnSums)?
+            .sum(0)?
+            .to_dtype(b.dtype())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// Column sums of `[rows, C]` (C the last dimension) as `[P, C]` partial sums over `P` row
+/// blocks, in f32 (f64 for f64 input); the caller sums over `P`.
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "icefm-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, c) = rows_cols(l);
+        let x = cpu_f64(s, l, self.name())?;
+        let rows_block = rows.div_ceil(64).max(1);
+        let parts: Vec<Vec<f64>> = x
+            .par_chunks(rows_block * c)
+            .map(|chunk| {
+                let mut acc = vec![0f64; c];
+                for row in chunk.chunks(c) {
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let p = parts.len().max(1);
+        let mut out = vec![0f64; p * c];
+        for (j, acc) in parts.iter().enumerate() {
+            out[j * c..(j + 1) * c].copy_from_slice(acc);
+        }
+        let dtype = if s.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        Ok((cpu_from_f64(out, dtype)?, Shape::from((p, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, c) = rows_cols(l);
+        let (out, p) = crate::cuda::column_sums(s, l, rows, c)?;
+        Ok((out, Shape::from((p, c))))
+    }
+}
+
+/// `Φ(x)` and `φ(x)` of the standard normal.
+fn normal_cdf_pdf(x: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf, pdf)
+}
+
+/// Fused exact GELU (forward); its backward is [`GeluGrad`].
+#[derive(Debug, Clone, Copy)]
+pub struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "icefm-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut y = cpu_f64(s, l, self.name())?;
+        y.par_chunks_mut(4096).for_each(|c| {
+            for v in c {
+                *v *= normal_cdf_pdf(*v).0;
+            }
+        });
+        Ok((cpu_from_f64(y, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::gelu_fwd(s, l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// GELU backward: `(x, dy) → dy · (Φ(x) + x·φ(x))`.
+#[derive(Debug, Clone, Copy)]
+pub struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "icefm-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f64(s1, l1, self.name())?;
+        let mut g = cpu_f64(s2, l2, self.name())?;
+        g.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(gc, xc)| {
+                for (gv, &xv) in gc.iter_mut().zip(xc) {
+                    let (cdf, pdf) = normal_cdf_pdf(xv);
+                    *gv *= cdf + xv * pdf;
+                }
+            });
+        Ok((cpu_from_f64(g, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::gelu_grad(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}

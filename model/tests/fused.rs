@@ -1,0 +1,239 @@
+//! The fused layer norm and softmax ([`icefm_model::fused`]) against their compositions of
+//! candle primitives ([`icefm_model::ops`]): values and gradients, f32 and f64, on seeded
+//! random inputs with awkward row lengths.
+#![allow(clippy::unwrap_used)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use icefm_dataset::rng::Rng;
+use icefm_model::{fused, ops};
+
+fn random(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
+    let mut r = Rng::new(seed, 0);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| (r.unit() * 2.0 - 1.0) * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+/// Loss weights that make every output element matter differently.
+fn weights_like(t: &Tensor, seed: u64) -> Tensor {
+    random(t.dims(), seed, 1.0, t.dtype())
+}
+
+#[test]
+fn fused_layer_norm_equals_the_composition_with_gradients() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for (shape, d) in [
+            (vec![3, 5, 17], 17usize),
+            (vec![7, 96], 96),
+            (vec![2, 33, 200], 200),
+        ] {
+            let x =
+                Var::from_tensor(&random(&shape, 1, 3.0, dtype).affine(1.0, 0.5).unwrap()).unwrap();
+            let w = Var::from_tensor(&random(&[d], 2, 1.0, dtype)).unwrap();
+            let b = Var::from_tensor(&random(&[d], 3, 1.0, dtype)).unwrap();
+            let out_f =
+                fused::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+            let out_c = ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+            assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
+            let lw = weights_like(&out_c, 4);
+            let gf = (out_f * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (out_c * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+                let a = gf.get(v.as_tensor()).unwrap();
+                let e = gc.get(v.as_tensor()).unwrap();
+                assert_eq!(a.dims(), e.dims(), "{name}");
+                let err = max_rel(a, e);
+                assert!(err < tol * 10.0, "{dtype:?} {shape:?} d{name}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_softmax_equals_the_composition_with_gradients() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for shape in [vec![2, 3, 5, 145], vec![4, 577], vec![9, 1]] {
+            let x = Var::from_tensor(&random(&shape, 5, 8.0, dtype)).unwrap();
+            let out_f = fused::softmax(x.as_tensor()).unwrap();
+            let out_c = ops::softmax(x.as_tensor()).unwrap();
+            assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
+            // Rows sum to one.
+            let sums: Vec<f64> = out_f
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sum(candle_core::D::Minus1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+            let lw = weights_like(&out_c, 6);
+            let gf = (out_f * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (out_c * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let err = max_rel(
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            );
+            assert!(err < tol * 10.0, "{dtype:?} {shape:?} dx: {err}");
+        }
+    }
+}
+
+#[test]
+fn fused_bias_add_and_gelu_equal_candles_with_gradients() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for shape in [vec![3, 7, 33], vec![200, 64], vec![5, 1]] {
+            let c = *shape.last().unwrap();
+            let x = Var::from_tensor(&random(&shape, 11, 3.0, dtype)).unwrap();
+            let b = Var::from_tensor(&random(&[c], 12, 1.0, dtype)).unwrap();
+            // gelu(x + b), fused and candle's.
+            let out_f =
+                fused::gelu(&fused::bias_add(x.as_tensor(), b.as_tensor()).unwrap()).unwrap();
+            let out_c = x
+                .as_tensor()
+                .broadcast_add(b.as_tensor())
+                .unwrap()
+                .gelu_erf()
+                .unwrap();
+            assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
+            let lw = weights_like(&out_c, 13);
+            let gf = (out_f * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (out_c * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("bias", &b)] {
+                let a = gf.get(v.as_tensor()).unwrap();
+                let e = gc.get(v.as_tensor()).unwrap();
+                assert_eq!(a.dims(), e.dims(), "{name}");
+                // candle's GELU derivative rounds 1/sqrt(2 pi) to 0.398942 (4e-7 relative).
+                let err = max_rel(a, e);
+                assert!(
+                    err < tol.max(1e-6) * 10.0,
+                    "{dtype:?} {shape:?} d{name}: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_over_the_valid_entries_ignores_the_padding() {
+    for dtype in [DType::F64, DType::F32] {
+        let (rows, d, valid) = (6, 24, 17);
+        let x = Var::from_tensor(&random(&[rows, d], 21, 5.0, dtype)).unwrap();
+        let y = fused::softmax_valid(x.as_tensor(), valid).unwrap();
+        let head = ops::softmax(&x.as_tensor().narrow(1, 0, valid).unwrap()).unwrap();
+        assert!(max_rel(&y.narrow(1, 0, valid).unwrap(), &head) < 1e-6);
+        let pad: Vec<f64> = y
+            .narrow(1, valid, d - valid)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(pad.iter().all(|&v| v == 0.0));
+        // Gradients: the valid part as the plain softmax's, none into the padding.
+        let lw = weights_like(&y, 22);
+        let g = (&y * &lw).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap();
+        let xh = Var::from_tensor(&x.as_tensor().narrow(1, 0, valid).unwrap()).unwrap();
+        let gh = (ops::softmax(xh.as_tensor()).unwrap() * lw.narrow(1, 0, valid).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gh = gh.get(xh.as_tensor()).unwrap();
+        assert!(max_rel(&g.narrow(1, 0, valid).unwrap(), gh) < 1e-5);
+        let gpad: Vec<f64> = g
+            .narrow(1, valid, d - valid)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(gpad.iter().all(|&v| v == 0.0));
+    }
+    let x = random(&[2, 4], 23, 1.0, DType::F32);
+    assert!(fused::softmax_valid(&x, 5).is_err());
+    assert!(fused::softmax_valid(&x, 0).is_err());
+}
+
+#[test]
+fn a_non_contiguous_input_is_made_contiguous_first() {
+    let x = random(&[6, 10], 7, 2.0, DType::F32).t().unwrap();
+    assert!(!x.is_contiguous());
+    let w = Tensor::ones(6, DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros(6, DType::F32, &Device::Cpu).unwrap();
+    let f = fused::layer_norm(&x, &w, &b, 1e-6).unwrap();
+    let c = ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
+    assert!(max_rel(&f, &c) < 1e-5);
+    assert!(max_rel(&fused::softmax(&x).unwrap(), &ops::softmax(&x).unwrap()) < 1e-5);
+}
+
+#[test]
+fn a_weight_of_the_wrong_length_is_an_error() {
+    let x = random(&[2, 8], 8, 1.0, DType::F32);
+    let w = Tensor::ones(7, DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap();
+    let e = fused::layer_norm(&x, &w, &b, 1e-6).unwrap_err().to_string();
+    assert!(e.contains("[8]"), "{e}");
+}
