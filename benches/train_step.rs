@@ -20,25 +20,6 @@ use icefm_model::vit::VitConfig;
 
 const BATCH: usize = 8;
 
-/// Forward FLOPs of one image (multiply-adds × 2); a training step is about 3 × this.
-fn forward_flops(cfg: &MaeConfig, px: usize) -> f64 {
-    let e = &cfg.encoder;
-    let n = (px / e.patch).pow(2) as f64;
-    let keep = (n * (1.0 - cfg.mask_ratio)).floor();
-    let p = e.patch_values() as f64;
-    let block = |tokens: f64, d: f64, ratio: f64| {
-        // qkv + proj + MLP, plus the two attention products.
-        2.0 * tokens * d * d * (4.0 + 2.0 * ratio) + 4.0 * tokens * tokens * d
-    };
-    let (d, dd) = (e.dim as f64, cfg.decoder_dim as f64);
-    let r = e.mlp_ratio as f64;
-    2.0 * n * p * d
-        + e.depth as f64 * block(keep + 1.0, d, r)
-        + 2.0 * (keep + 1.0) * d * dd
-        + cfg.decoder_depth as f64 * block(n + 1.0, dd, r)
-        + 2.0 * n * dd * p
-}
-
 struct Setup {
     mae: Mae,
     vars: Vec<(String, candle_core::Var)>,
@@ -115,7 +96,7 @@ fn train_step(c: &mut Criterion) {
             }
             let mut s = setup(preset, px);
             let cfg = s.mae.cfg.clone();
-            let flops = 3.0 * forward_flops(&cfg, px) * BATCH as f64;
+            let flops = 3.0 * MaeConfig::forward_flops(&cfg, px) * BATCH as f64;
             let t = Instant::now();
             let loss = step(&mut s);
             let once = t.elapsed().as_secs_f64();

@@ -511,3 +511,30 @@ fn train_writes_a_run_and_resumes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stesp`"));
 }
+
+#[test]
+fn train_names_what_is_wrong_with_a_device_or_a_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
+    let run = |extra: &[&str]| {
+        let mut c = icefm();
+        c.args(["train", "--store"])
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(dir.path().join("run"));
+        c.args(extra);
+        c.output().unwrap()
+    };
+    // A CPU-only build: CUDA is a rebuild away, and the message says how.
+    let out = run(&["--device", "cuda:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features cuda"), "{err}");
+    let out = run(&["--device", "gpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
+    let out = run(&["--set", "train.precision=fp16"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or bf16"));
+}

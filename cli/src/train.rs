@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
-use icefm_model::train::{RunOptions, StepRecord, train_mae};
+use icefm_model::train::{RunOptions, StepRecord, parse_device, train_mae};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `icefm train`.
@@ -29,6 +29,9 @@ pub struct TrainArgs {
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Where to run: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// Run `icefm train`.
@@ -74,6 +77,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         ));
     };
     let opts = RunOptions {
+        device: parse_device(&a.device).map_err(anyhow::Error::msg)?,
         store: a.store,
         out: out.clone(),
         resume: a.resume,

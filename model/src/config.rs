@@ -127,6 +127,9 @@ pub struct TrainSection {
     pub keep_last: usize,
     /// Write a PNG panel (inputs, masks, reconstructions) every this many steps (0: never).
     pub panel_every: u64,
+    /// Arithmetic of the model: `f32`, or `bf16` (matrix products and activations in bf16,
+    /// master weights, optimizer, norms' statistics, softmax and the loss in f32).
+    pub precision: String,
 }
 
 impl Default for TrainSection {
@@ -142,6 +145,7 @@ impl Default for TrainSection {
             checkpoint_every: 500,
             keep_last: 3,
             panel_every: 500,
+            precision: "f32".into(),
         }
     }
 }
@@ -243,6 +247,12 @@ impl TrainConfig {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        if !matches!(self.train.precision.as_str(), "f32" | "bf16") {
+            return Err(ConfigError(format!(
+                "train.precision `{}`: expected f32 or bf16",
+                self.train.precision
+            )));
+        }
         let e = |m: String| Err(ConfigError(m));
         let mae = self.mae_config()?;
         let p = mae.encoder.patch as u32;

@@ -15,6 +15,8 @@
 //! ```
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fused;
 pub mod import;
 pub mod mae;

@@ -44,6 +44,27 @@ impl MaeConfig {
         }
     }
 
+    /// Matrix-product FLOPs of one forward pass for one `px × px` image (2·m·n·k per product:
+    /// patch embedding, qkv, projection, MLP and the two attention products of every block,
+    /// decoder embedding and prediction). A training step is about 3× this.
+    pub fn forward_flops(&self, px: usize) -> f64 {
+        let e = &self.encoder;
+        let n = (px / e.patch).pow(2) as f64;
+        let keep = (n * (1.0 - self.mask_ratio)).floor();
+        let p = e.patch_values() as f64;
+        let block = |tokens: f64, d: f64, ratio: f64| {
+            // qkv + proj + MLP, plus the two attention products.
+            2.0 * tokens * d * d * (4.0 + 2.0 * ratio) + 4.0 * tokens * tokens * d
+        };
+        let (d, dd) = (e.dim as f64, self.decoder_dim as f64);
+        let r = e.mlp_ratio as f64;
+        2.0 * n * p * d
+            + e.depth as f64 * block(keep + 1.0, d, r)
+            + 2.0 * (keep + 1.0) * d * dd
+            + self.decoder_depth as f64 * block(n + 1.0, dd, r)
+            + 2.0 * n * dd * p
+    }
+
     /// SAR-IceFM's decoder (512 / 8 / 16) on an encoder.
     pub fn new(encoder: VitConfig) -> Self {
         Self {
@@ -68,6 +89,9 @@ pub struct Mae {
     decoder_blocks: Vec<Block>,
     decoder_norm: Norm,
     decoder_pred: Linear,
+    /// Arithmetic of the forward pass: the variables' dtype (default) or `BF16` (see
+    /// `train.precision`).
+    pub compute_dtype: DType,
 }
 
 /// What a forward pass gives.
@@ -167,6 +191,7 @@ impl Mae {
             decoder_blocks,
             decoder_norm: Norm::new(vb.pp("decoder.norm"), dd, e.ln_eps)?,
             decoder_pred: Linear::new(vb.pp("decoder.pred"), dd, e.patch_values())?,
+            compute_dtype: vb.dtype(),
         })
     }
 
@@ -186,10 +211,10 @@ impl Mae {
         let (gh, gw) = (h / p, w / p);
         let n = gh * gw;
         let dev = images.device();
-        let dtype = images.dtype();
+        let dtype = self.compute_dtype;
 
         // Encoder on the kept tokens.
-        let tokens = enc.embed(images)?;
+        let tokens = enc.embed(&images.to_dtype(dtype)?)?;
         let kept = tokens
             .contiguous()?
             .gather(&gather_index(&masking.ids_keep, enc.cfg.dim, dev)?, 1)?;
@@ -199,7 +224,10 @@ impl Mae {
         let x = self.decoder_embed.forward(&latent)?;
         let dd = self.cfg.decoder_dim;
         let k = kept.dim(1)?;
-        let mask_tokens = self.mask_token.broadcast_as((b, n - k, dd))?;
+        let mask_tokens = self
+            .mask_token
+            .to_dtype(dtype)?
+            .broadcast_as((b, n - k, dd))?;
         let shuffled = Tensor::cat(&[&x.narrow(1, 1, k)?, &mask_tokens], 1)?;
         let restored = shuffled
             .contiguous()?
@@ -210,7 +238,13 @@ impl Mae {
             y = blk.forward(&y, None)?;
         }
         let y = self.decoder_norm.forward(&y)?;
-        let pred = self.decoder_pred.forward(&y)?.narrow(1, 1, n)?;
+        // The loss in f32 whatever the arithmetic before it.
+        let pred = self
+            .decoder_pred
+            .forward(&y)?
+            .narrow(1, 1, n)?
+            .to_dtype(images.dtype())?;
+        let dtype = images.dtype();
 
         // Norm-pix targets over each patch's valid pixels; the loss over masked patches.
         let target = patchify(images, p)?.detach();

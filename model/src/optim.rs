@@ -60,12 +60,14 @@ impl AdamW {
         let mut slots = BTreeMap::new();
         for (name, var) in vars {
             let t = var.as_tensor();
-            let m = t.zeros_like()?.to_dtype(DType::F32)?;
+            // Two buffers: the fused CUDA step updates the moments in place.
+            let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+            let v = Tensor::zeros(t.shape(), DType::F32, t.device())?;
             slots.insert(
                 name.clone(),
                 Slot {
                     decay: !no_decay(&name, t.rank()),
-                    v: m.clone(),
+                    v,
                     m,
                     var,
                 },
@@ -95,6 +97,16 @@ impl AdamW {
     /// One update with learning rate `lr`, the gradients scaled by `grad_scale` (clipping).
     /// A parameter without a gradient is an error: it would silently never train.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if crate::fused::fused()
+            && self
+                .slots
+                .values()
+                .next()
+                .is_some_and(|s| s.var.as_tensor().device().is_cuda())
+        {
+            return self.step_cuda(grads, lr, grad_scale);
+        }
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -119,6 +131,46 @@ impl AdamW {
             s.var.set(&next)?;
         }
         Ok(())
+    }
+
+    /// [`AdamW::step`] as one launch of icefm's fused kernel over every parameter (CUDA).
+    #[cfg(feature = "cuda")]
+    fn step_cuda(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let mut gs = Vec::with_capacity(self.slots.len());
+        for (name, s) in &self.slots {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                candle_core::bail!("parameter {name} received no gradient");
+            };
+            gs.push(g.to_dtype(DType::F32)?.contiguous()?);
+        }
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let slots: Vec<crate::cuda::AdamSlot<'_>> = self
+            .slots
+            .values()
+            .zip(&gs)
+            .map(|(s, g)| crate::cuda::AdamSlot {
+                w: s.var.as_tensor(),
+                m: &s.m,
+                v: &s.v,
+                g,
+                decay: s.decay,
+            })
+            .collect();
+        crate::cuda::adamw_step(
+            &slots,
+            crate::cuda::AdamStep {
+                lr: lr as f32,
+                b1: b1 as f32,
+                b2: b2 as f32,
+                c1: (1.0 - b1.powi(t)) as f32,
+                c2: (1.0 - b2.powi(t)) as f32,
+                eps: self.cfg.eps as f32,
+                wd: self.cfg.weight_decay as f32,
+                gscale: grad_scale as f32,
+            },
+        )
     }
 
     /// The moments and step, for a checkpoint: `{name}.m`, `{name}.v`.
@@ -146,7 +198,8 @@ impl AdamW {
                         slot.dims()
                     );
                 }
-                *slot = t.to_dtype(DType::F32)?;
+                // A copy of its own: the fused CUDA step updates the moments in place.
+                *slot = t.to_dtype(DType::F32)?.copy()?;
             }
         }
         self.step = step;
@@ -161,23 +214,44 @@ pub fn clip_scale<'a>(
     vars: impl IntoIterator<Item = &'a Var>,
     max_norm: f64,
 ) -> Result<(f64, f64)> {
-    let mut sq = 0f64;
+    let vars: Vec<&Var> = vars.into_iter().collect();
+    #[cfg(feature = "cuda")]
+    if crate::fused::fused()
+        && vars
+            .first()
+            .is_some_and(|v| v.as_tensor().device().is_cuda())
+    {
+        let gs: Vec<Tensor> = vars
+            .iter()
+            .filter_map(|v| grads.get(v.as_tensor()))
+            .map(|g| g.to_dtype(DType::F32)?.contiguous())
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = gs.iter().collect();
+        return Ok(scale_for(crate::cuda::sum_squares(&refs)?.sqrt(), max_norm));
+    }
+    // One device-to-host read for all parameters (a read per parameter stalls a GPU each time).
+    let mut parts = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            parts.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
     }
-    let norm = sq.sqrt();
+    let sq = if parts.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?
+    };
+    Ok(scale_for(sq.sqrt(), max_norm))
+}
+
+/// The norm and the clipping scale for it.
+fn scale_for(norm: f64, max_norm: f64) -> (f64, f64) {
     let scale = if max_norm > 0.0 && norm > max_norm {
         max_norm / (norm + 1e-6)
     } else {
         1.0
     };
-    Ok((norm, scale))
+    (norm, scale)
 }
 
 /// Learning rate at `step` (0-based): linear warm-up from 0 to `base` over `warmup` steps, then

@@ -122,6 +122,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Continue from the newest checkpoint of `out`.
     pub resume: bool,
+    /// Where the model runs (`Device::Cpu`, or a CUDA device with feature `cuda`).
+    pub device: Device,
 }
 
 /// Deterministic initial weights for `seed`, by name (candle's own initialisers draw from an
@@ -189,6 +191,25 @@ pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
+/// A device from its name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    let ordinal = match name.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| format!("--device `{s}`: expected cpu, cuda or cuda:N"))?,
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(format!(
+            "--device {name}: this icefm was built without CUDA; build it with `--features cuda` \
+             (scripts/cuda-env.sh sets up the toolchain)"
+        ));
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("--device {name}: {e}"))
+}
+
 /// Train (or resume) an MAE as `cfg` says. `stop` is checked at every step boundary: when set,
 /// the run saves a checkpoint and returns. `on_step` sees every record (progress bars).
 pub fn train_mae(
@@ -197,7 +218,7 @@ pub fn train_mae(
     stop: &AtomicBool,
     on_step: &dyn Fn(&StepRecord),
 ) -> Result<RunSummary, TrainError> {
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let mcfg = cfg.mae_config().map_err(|e| TrainError::Setup(e.0))?;
     let resolved = cfg.to_toml();
 
@@ -234,7 +255,10 @@ pub fn train_mae(
 
     // Model and optimizer.
     let vars = VarMap::new();
-    let mae = Mae::new(VarBuilder::from_varmap(&vars, DType::F32, &dev), &mcfg)?;
+    let mut mae = Mae::new(VarBuilder::from_varmap(&vars, DType::F32, &dev), &mcfg)?;
+    if cfg.train.precision == "bf16" {
+        mae.compute_dtype = DType::BF16;
+    }
     init_weights(&vars, cfg.train.seed)?;
     let named = named_vars(&vars);
     let mut opt = AdamW::new(
@@ -248,7 +272,7 @@ pub fn train_mae(
     let mut start = 0;
     if opts.resume {
         if let Some((step, dir)) = existing.last() {
-            load_checkpoint(dir, &named, &mut opt)?;
+            load_checkpoint(dir, &named, &mut opt, &dev)?;
             start = *step;
             records = read_metrics(&opts.out.join("metrics.parquet"))?
                 .into_iter()
@@ -448,11 +472,16 @@ fn save_checkpoint(
     Ok(dir)
 }
 
-fn load_checkpoint(dir: &Path, named: &[(String, Var)], opt: &mut AdamW) -> Result<(), TrainError> {
+fn load_checkpoint(
+    dir: &Path,
+    named: &[(String, Var)],
+    opt: &mut AdamW,
+    dev: &Device,
+) -> Result<(), TrainError> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
     let state: CheckpointState = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
-    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), dev)?;
     for (n, v) in named {
         let t = weights
             .get(n)
@@ -460,7 +489,7 @@ fn load_checkpoint(dir: &Path, named: &[(String, Var)], opt: &mut AdamW) -> Resu
         v.set(t)?;
     }
     let moments: BTreeMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?
+        candle_core::safetensors::load(dir.join("optimizer.safetensors"), dev)?
             .into_iter()
             .collect();
     opt.load_state(state.step, &moments)?;

@@ -79,6 +79,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let quiet = |_: &icefm_model::train::StepRecord| {};
 
     let a = RunOptions {
+        device: candle_core::Device::Cpu,
         store: store.to_path_buf(),
         out: tmp.path().join("a"),
         resume: false,
@@ -97,6 +98,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
 
     // Stopped after step 3 (as Ctrl-C does), then resumed.
     let b = RunOptions {
+        device: candle_core::Device::Cpu,
         store: store.to_path_buf(),
         out: tmp.path().join("b"),
         resume: false,
@@ -113,6 +115,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let resumed = train_mae(
         &cfg,
         &RunOptions {
+            device: candle_core::Device::Cpu,
             resume: true,
             ..b.clone()
         },
@@ -150,6 +153,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let r = train_mae(
         &more,
         &RunOptions {
+            device: candle_core::Device::Cpu,
             resume: true,
             ..a.clone()
         },
@@ -170,6 +174,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let e = train_mae(
         &other,
         &RunOptions {
+            device: candle_core::Device::Cpu,
             resume: true,
             ..a.clone()
         },
@@ -203,6 +208,7 @@ fn a_micro_mae_beats_predicting_each_patch_mean() {
     let run = train_mae(
         &cfg,
         &RunOptions {
+            device: candle_core::Device::Cpu,
             store: store().to_path_buf(),
             out: tmp.path().join("learn"),
             resume: false,

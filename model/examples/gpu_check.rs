@@ -1,0 +1,501 @@
+//! The GPU half of scripts/gpu-check.sh (feature `cuda`): benchmarks of the MAE training step
+//! and of icefm's kernels against the candle compositions they replace, and a resumed
+//! training run on the GPU. Each mode prints one JSON object per line (`"kind": …`), which
+//! the script turns into its table.
+//!
+//! ```text
+//! gpu_check step [--preset base] [--size 384] [--batch 64] [--mask 0.75] [--precision bf16]
+//!                [--steps 10] [--warmup 3] [--composed]
+//! gpu_check kernels
+//! gpu_check resume --store STORE
+//! gpu_check profile
+//! gpu_check profile-blocks      (under ncu --profile-from-start off)
+//! ```
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use icefm_dataset::rng::Rng;
+use icefm_model::config::TrainConfig;
+use icefm_model::fused::{self, LayerNormGradWB, LayerNormGradX};
+use icefm_model::mae::{Mae, MaeConfig, Masking};
+use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
+use icefm_model::train::{RunOptions, init_weights, named_vars, train_mae};
+use icefm_model::vit::VitConfig;
+use icefm_model::{cuda, ops};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn arg<T: std::str::FromStr>(args: &[String], key: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn random(shape: &[usize], seed: u64, dev: &Device, dtype: DType) -> Res<Tensor> {
+    let mut r = Rng::new(seed, 0);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| r.unit() as f32 * 2.0 - 1.0).collect();
+    Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
+}
+
+/// Milliseconds per call of `f`, after `warm` calls, over `n` calls, the device synchronised.
+fn time_ms(dev: &Device, warm: usize, n: usize, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+    for _ in 0..warm {
+        f()?;
+    }
+    dev.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3 / n as f64)
+}
+
+fn step_bench(args: &[String]) -> Res<()> {
+    let dev = Device::new_cuda(0)?;
+    let cd = dev.as_cuda_device()?.clone();
+    let preset: String = arg(args, "--preset", "base".to_string());
+    let px: usize = arg(args, "--size", 384);
+    let batch: usize = arg(args, "--batch", 64);
+    let steps: usize = arg(args, "--steps", 10);
+    let warmup: usize = arg(args, "--warmup", 3);
+    let precision: String = arg(args, "--precision", "bf16".to_string());
+    let composed = args.iter().any(|a| a == "--composed");
+    fused::set_fused(!composed);
+    let mut cfg = MaeConfig::new(VitConfig::preset(&preset).ok_or("preset")?);
+    cfg.mask_ratio = arg(args, "--mask", 0.75);
+    let varmap = VarMap::new();
+    let mut mae = Mae::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    if precision == "bf16" {
+        mae.compute_dtype = DType::BF16;
+    }
+    init_weights(&varmap, 0)?;
+    let vars = named_vars(&varmap);
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let just_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    let images = random(&[batch, 2, px, px], 1, &dev, DType::F32)?;
+    let valid = Tensor::ones((batch, px, px), DType::F32, &dev)?;
+    let n = (px / 16).pow(2);
+    let mut losses = Vec::new();
+    let mut step = |i: u64| -> Res<f32> {
+        let mut r = Rng::new(7, i);
+        let noise: Vec<Vec<f32>> = (0..batch)
+            .map(|_| (0..n).map(|_| r.unit() as f32).collect())
+            .collect();
+        let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+        let out = mae.forward(&images, &valid, &masking, None)?;
+        let loss = out.loss.to_scalar::<f32>()?;
+        let grads = out.loss.backward()?;
+        let (_, scale) = clip_scale(&grads, just_vars.iter(), 3.0)?;
+        opt.step(&grads, 1e-4, scale)?;
+        Ok(loss)
+    };
+    for i in 0..warmup {
+        losses.push(step(i as u64)?);
+    }
+    dev.synchronize()?;
+    cuda::pool_peak_reset(&cd)?;
+    let t = Instant::now();
+    for i in 0..steps {
+        losses.push(step((warmup + i) as u64)?);
+    }
+    dev.synchronize()?;
+    let s = t.elapsed().as_secs_f64() / steps as f64;
+    let peak = cuda::pool_peak(&cd)?;
+    // Where a step's time goes: three more steps, synchronised after each phase.
+    let mut phase = [0f64; 3];
+    for i in 0..3u64 {
+        let mut r = Rng::new(7, 1000 + i);
+        let noise: Vec<Vec<f32>> = (0..batch)
+            .map(|_| (0..n).map(|_| r.unit() as f32).collect())
+            .collect();
+        let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+        let t0 = Instant::now();
+        let out = mae.forward(&images, &valid, &masking, None)?;
+        out.loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = out.loss.backward()?;
+        let (_, scale) = clip_scale(&grads, just_vars.iter(), 3.0)?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4, scale)?;
+        dev.synchronize()?;
+        let t3 = Instant::now();
+        phase[0] += (t1 - t0).as_secs_f64() * 1e3 / 3.0;
+        phase[1] += (t2 - t1).as_secs_f64() * 1e3 / 3.0;
+        phase[2] += (t3 - t2).as_secs_f64() * 1e3 / 3.0;
+    }
+    let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
+    println!(
+        "{{\"kind\":\"step\",\"impl\":\"icefm{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
+        if composed { "-composed" } else { "" },
+        s * 1e3,
+        batch as f64 / s,
+        flops / s / 1e12,
+        peak as f64 / (1u64 << 30) as f64,
+        phase[0],
+        phase[1],
+        phase[2],
+        losses
+    );
+    Ok(())
+}
+
+fn kernel_line(name: &str, shape: &str, bytes: f64, fused_ms: f64, composed_ms: f64, copy: f64) {
+    let gbs = bytes / (fused_ms * 1e-3) / 1e9;
+    println!(
+        "{{\"kind\":\"kernel\",\"name\":\"{name}\",\"shape\":\"{shape}\",\"fused_ms\":{fused_ms:.4},\"composed_ms\":{composed_ms:.4},\"speedup\":{:.2},\"gb_per_s\":{gbs:.0},\"copy_gb_per_s\":{copy:.0},\"of_copy\":{:.2}}}",
+        composed_ms / fused_ms,
+        gbs / copy
+    );
+}
+
+fn kernels_bench() -> Res<()> {
+    let dev = Device::new_cuda(0)?;
+    // Copy bandwidth: the driver's device-to-device copy of 2 GiB, bytes read + written.
+    let copy = cuda::copy_bandwidth(dev.as_cuda_device()?, 1 << 31, 10)?;
+    println!("{{\"kind\":\"copy\",\"gib\":2,\"gb_per_s\":{copy:.0}}}");
+    let eps = 1e-6;
+    for (rows, d, what) in [
+        (64 * 145, 768usize, "ViT-B encoder"),
+        (64 * 577, 512, "decoder"),
+    ] {
+        let x = random(&[rows, d], 1, &dev, DType::BF16)?;
+        let dy = random(&[rows, d], 2, &dev, DType::BF16)?;
+        let w = random(&[d], 3, &dev, DType::F32)?;
+        let b = random(&[d], 4, &dev, DType::F32)?;
+        let shape = format!("{rows}x{d} bf16 ({what})");
+        let composed_fwd = |x: &Tensor| -> Res<Tensor> {
+            Ok(ops::layer_norm(&x.to_dtype(DType::F32)?, &w, &b, eps)?.to_dtype(DType::BF16)?)
+        };
+        let f = time_ms(&dev, 3, 20, || {
+            fused::layer_norm(&x, &w, &b, eps)?;
+            Ok(())
+        })?;
+        let c = time_ms(&dev, 3, 20, || {
+            composed_fwd(&x)?;
+            Ok(())
+        })?;
+        kernel_line(
+            "layer_norm fwd",
+            &shape,
+            2.0 * (rows * d * 2) as f64,
+            f,
+            c,
+            copy,
+        );
+        let f = time_ms(&dev, 3, 20, || {
+            x.apply_op3_no_bwd(&w, &dy, &LayerNormGradX { eps })?;
+            x.apply_op3_no_bwd(&dy, &w, &LayerNormGradWB { eps })?
+                .sum(1)?;
+            Ok(())
+        })?;
+        let xv = Var::from_tensor(&x)?;
+        let wv = Var::from_tensor(&w)?;
+        let bv = Var::from_tensor(&b)?;
+        let c = time_ms(&dev, 3, 20, || {
+            let y = ops::layer_norm(
+                &xv.as_tensor().to_dtype(DType::F32)?,
+                wv.as_tensor(),
+                bv.as_tensor(),
+                eps,
+            )?
+            .to_dtype(DType::BF16)?;
+            (y * &dy)?.backward()?;
+            Ok(())
+        })?;
+        // Fused backward: dx reads x, dy and writes dx; the scale/shift pass reads x and dy.
+        kernel_line(
+            "layer_norm bwd",
+            &shape,
+            5.0 * (rows * d * 2) as f64,
+            f,
+            c,
+            copy,
+        );
+    }
+    for (shape_v, what) in [
+        (vec![64usize, 12, 145, 145], "encoder attention"),
+        (vec![64, 16, 577, 577], "decoder attention"),
+    ] {
+        let el: usize = shape_v.iter().product();
+        let x = random(&shape_v, 5, &dev, DType::BF16)?;
+        let dy = random(&shape_v, 6, &dev, DType::BF16)?;
+        let shape = format!("{shape_v:?} bf16 ({what})");
+        let f = time_ms(&dev, 3, 20, || {
+            fused::softmax(&x)?;
+            Ok(())
+        })?;
+        let c = time_ms(&dev, 3, 20, || {
+            ops::softmax(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?;
+            Ok(())
+        })?;
+        kernel_line("softmax fwd", &shape, 2.0 * (el * 2) as f64, f, c, copy);
+        let y = fused::softmax(&x)?;
+        let f = time_ms(&dev, 3, 20, || {
+            y.apply_op2_no_bwd(&dy, &fused::SoftmaxGrad)?;
+            Ok(())
+        })?;
+        let xv = Var::from_tensor(&x)?;
+        let c = time_ms(&dev, 2, 10, || {
+            let y = ops::softmax(&xv.as_tensor().to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?;
+            (y * &dy)?.backward()?;
+            Ok(())
+        })?;
+        kernel_line("softmax bwd", &shape, 3.0 * (el * 2) as f64, f, c, copy);
+    }
+    // AdamW over ViT-B/16 MAE's parameters: fused (one launch) vs composed candle ops.
+    let cfg = MaeConfig::new(VitConfig::preset("base").ok_or("preset")?);
+    let varmap = VarMap::new();
+    let _mae = Mae::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    let vars = named_vars(&varmap);
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut loss = Tensor::zeros((), DType::F32, &dev)?;
+    for (_, v) in &vars {
+        loss = (loss + v.as_tensor().sum_all()?)?;
+    }
+    let grads = loss.backward()?;
+    let mut times = Vec::new();
+    for on in [true, false] {
+        fused::set_fused(on);
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+        times.push(time_ms(&dev, 2, 10, || {
+            opt.step(&grads, 1e-4, 1.0)?;
+            Ok(())
+        })?);
+    }
+    fused::set_fused(true);
+    kernel_line(
+        "adamw (all params)",
+        &format!("{params} f32 in {} tensors", vars.len()),
+        28.0 * params as f64,
+        times[0],
+        times[1],
+        copy,
+    );
+    Ok(())
+}
+
+fn resume_check(args: &[String]) -> Res<()> {
+    let store: String = arg(args, "--store", String::new());
+    let dir = std::env::temp_dir().join("icefm-gpu-resume");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = "[model]\npreset = \"tiny\"\ndepth = 2\n[mae]\ndecoder_dim = 64\ndecoder_depth = 1\ndecoder_heads = 4\n[data]\ncrop = 64\nbatch_size = 4\nlevels = \"\"\n[train]\nsteps = 4\nwarmup_steps = 1\ncheckpoint_every = 2\npanel_every = 0\nprecision = \"bf16\"\nlr = 1e-3\n";
+    let cfg = TrainConfig::parse(text, &[])?;
+    let dev = Device::new_cuda(0)?;
+    let run = |out: &str, steps: u64, resume: bool| -> Res<Vec<f32>> {
+        let mut c = cfg.clone();
+        c.train.steps = steps;
+        let opts = RunOptions {
+            store: store.clone().into(),
+            out: dir.join(out),
+            resume,
+            device: dev.clone(),
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let s = train_mae(&c, &opts, &stop, &|_| {})?;
+        Ok(s.records.iter().map(|r| r.loss).collect())
+    };
+    let whole = run("whole", 4, false)?;
+    run("split", 2, false)?;
+    let resumed = run("split", 4, true)?;
+    let diff = whole
+        .iter()
+        .zip(&resumed)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs() / a.abs().max(1e-6)));
+    let ok = whole.len() == 4 && resumed.len() == 4 && diff < 1e-3;
+    println!(
+        "{{\"kind\":\"resume\",\"ok\":{ok},\"whole\":{whole:?},\"resumed\":{resumed:?},\"max_rel_diff\":{diff:e}}}"
+    );
+    if !ok {
+        return Err("a resumed GPU run differs from an uninterrupted one".into());
+    }
+    Ok(())
+}
+
+/// Forward and forward+backward times of the pieces of a ViT-B/16 MAE step at batch 64,
+/// 384 px, bf16: where a step's time goes.
+fn profile() -> Res<()> {
+    let dev = Device::new_cuda(0)?;
+    let bf = DType::BF16;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let (b, keep, n) = (64usize, 145usize, 577usize);
+    let line = |name: &str, fwd: f64, both: f64| {
+        println!(
+            "{{\"kind\":\"profile\",\"name\":\"{name}\",\"fwd_ms\":{fwd:.3},\"fwd_bwd_ms\":{both:.3}}}"
+        );
+    };
+    // fwd, then fwd + backward of sum(y · r) (the product and sum are the same in every row).
+    let measure = |name: &str, x: &Tensor, f: &dyn Fn(&Tensor) -> Res<Tensor>| -> Res<()> {
+        let xv = Var::from_tensor(x)?;
+        let y0 = f(xv.as_tensor())?;
+        let r = random(y0.dims(), 9, &dev, y0.dtype())?;
+        let fwd = time_ms(&dev, 2, 5, || {
+            f(xv.as_tensor())?;
+            Ok(())
+        })?;
+        let both = time_ms(&dev, 2, 5, || {
+            let y = f(xv.as_tensor())?;
+            // Row sums first: candle's sum_all is one block over everything.
+            (y * &r)?
+                .to_dtype(DType::F32)?
+                .sum_keepdim(candle_core::D::Minus1)?
+                .sum_all()?
+                .backward()?;
+            Ok(())
+        })?;
+        line(name, fwd, both);
+        Ok(())
+    };
+    let enc_block = icefm_model::vit::Block::new(vb.pp("e"), 768, 12, 4, 1e-6, 0.0)?;
+    let dec_block = icefm_model::vit::Block::new(vb.pp("d"), 512, 16, 4, 1e-6, 0.0)?;
+    let fc1 = icefm_model::vit::Linear::new(vb.pp("fc1"), 512, 2048)?;
+    let norm = icefm_model::vit::Norm::new(vb.pp("n"), 512, 1e-6)?;
+    init_weights(&varmap, 3)?;
+    let xe = random(&[b, keep, 768], 1, &dev, bf)?;
+    let xd = random(&[b, n, 512], 2, &dev, bf)?;
+    measure("encoder block [64,145,768]", &xe, &|x| {
+        Ok(enc_block.forward(x, None)?)
+    })?;
+    measure("decoder block [64,577,512]", &xd, &|x| {
+        Ok(dec_block.forward(x, None)?)
+    })?;
+    measure("linear 512->2048 [64,577]", &xd, &|x| Ok(fc1.forward(x)?))?;
+    let w_bf = random(&[2048, 512], 10, &dev, bf)?;
+    measure("matmul only [36928,512]x[512,2048]", &xd, &|x| {
+        Ok(x.reshape((b * n, 512))?.matmul(&w_bf.t()?)?)
+    })?;
+    let bias = random(&[2048], 11, &dev, DType::F32)?;
+    measure(
+        "bias add [36928,2048]",
+        &random(&[b * n, 2048], 12, &dev, bf)?,
+        &|x| Ok(fused::bias_add(x, &bias)?),
+    )?;
+    measure(
+        "gelu [64,577,2048]",
+        &random(&[b, n, 2048], 3, &dev, bf)?,
+        &|x| Ok(fused::gelu(x)?),
+    )?;
+    measure(
+        "gelu candle [64,577,2048]",
+        &random(&[b, n, 2048], 3, &dev, bf)?,
+        &|x| Ok(x.gelu_erf()?),
+    )?;
+    measure("layer norm [64,577,512]", &xd, &|x| Ok(norm.forward(x)?))?;
+    let qkv = random(&[b, n, 3 * 512], 4, &dev, bf)?;
+    measure("attention core (dec)", &qkv, &|x| {
+        let t = x.reshape((b, n, 3, 16, 32))?.permute((2, 0, 3, 1, 4))?;
+        let q = (t.get(0)? * 0.17)?;
+        let k = t.get(1)?.contiguous()?;
+        let v = t.get(2)?.contiguous()?;
+        let a = fused::softmax(&q.matmul(&k.t()?)?)?;
+        Ok(a.matmul(&v)?.transpose(1, 2)?.reshape((b, n, 512))?)
+    })?;
+    let qkv_p = random(&[b, 584, 3 * 512], 4, &dev, bf)?;
+    measure("attention core (dec, padded to 584)", &qkv_p, &|x| {
+        let t = x.reshape((b, 584, 3, 16, 32))?.permute((2, 0, 3, 1, 4))?;
+        let q = (t.get(0)? * 0.17)?;
+        let k = t.get(1)?.contiguous()?;
+        let v = t.get(2)?.contiguous()?;
+        let a = fused::softmax_valid(&q.matmul(&k.t()?)?, 577)?;
+        Ok(a.matmul(&v)?.transpose(1, 2)?.reshape((b, 584, 512))?)
+    })?;
+    let scores = random(&[b * 16, 577, 577], 13, &dev, bf)?;
+    let vv = random(&[b * 16, 577, 32], 14, &dev, bf)?;
+    measure("batched matmul [1024,577,577]x[577,32]", &scores, &|a| {
+        Ok(a.matmul(&vv)?)
+    })?;
+    let scores_p = random(&[b * 16, 584, 584], 13, &dev, bf)?;
+    let vv_p = random(&[b * 16, 584, 32], 14, &dev, bf)?;
+    measure("batched matmul [1024,584,584]x[584,32]", &scores_p, &|a| {
+        Ok(a.matmul(&vv_p)?)
+    })?;
+    measure("residual add [64,577,512]", &xd, &|x| Ok((x + x)?))?;
+    let idx = Tensor::arange(0u32, keep as u32, &dev)?
+        .reshape((1, keep, 1))?
+        .broadcast_as((b, keep, 768))?
+        .contiguous()?;
+    measure(
+        "gather tokens [64,576,768]->145",
+        &random(&[b, 576, 768], 5, &dev, bf)?,
+        &|x| Ok(x.contiguous()?.gather(&idx, 1)?),
+    )?;
+    let images = random(&[b, 2, 384, 384], 6, &dev, DType::F32)?;
+    let valid = Tensor::ones((b, 384, 384), DType::F32, &dev)?;
+    let ones = Tensor::ones((b, 576, 1), DType::F32, &dev)?;
+    measure(
+        "norm-pix loss [64,576,512]",
+        &random(&[b, 576, 512], 7, &dev, DType::F32)?,
+        &|pred| {
+            let target = icefm_model::vit::patchify(&images, 16)?;
+            let vm = icefm_model::vit::patchify(
+                &valid
+                    .unsqueeze(1)?
+                    .broadcast_as((b, 2, 384, 384))?
+                    .contiguous()?,
+                16,
+            )?;
+            let (t, w) = icefm_model::mae::norm_pix(&target, &vm)?;
+            Ok(icefm_model::mae::patch_loss(pred, &t, &w, &ones)?.reshape((1, 1))?)
+        },
+    )?;
+    let w32 = random(&[3072, 768], 8, &dev, DType::F32)?;
+    measure("weight cast f32->bf16 [3072,768]", &w32, &|w| {
+        Ok(w.to_dtype(bf)?)
+    })?;
+    Ok(())
+}
+
+/// One encoder and one decoder block of ViT-B/16 MAE (batch 64, bf16), forward and backward,
+/// bracketed by cuProfilerStart/Stop for a kernel-level profile under
+/// `ncu --profile-from-start off` (the warm-up pass stays outside).
+#[allow(unsafe_code)]
+fn profile_blocks() -> Res<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let dev = Device::new_cuda(0)?;
+    let bf = DType::BF16;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let enc = icefm_model::vit::Block::new(vb.pp("e"), 768, 12, 4, 1e-6, 0.0)?;
+    let dec = icefm_model::vit::Block::new(vb.pp("d"), 512, 16, 4, 1e-6, 0.0)?;
+    init_weights(&varmap, 3)?;
+    let xe = Var::from_tensor(&random(&[64, 145, 768], 1, &dev, bf)?)?;
+    let xd = Var::from_tensor(&random(&[64, 577, 512], 2, &dev, bf)?)?;
+    let pass = || -> Res<()> {
+        let ye = enc.forward(xe.as_tensor(), None)?;
+        let yd = dec.forward(xd.as_tensor(), None)?;
+        let loss = (ye.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sum_all()?
+            + yd.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sum_all()?)?;
+        loss.backward()?;
+        Ok(())
+    };
+    pass()?;
+    dev.synchronize()?;
+    // SAFETY: profiler control calls on the current context; no arguments.
+    unsafe { sys::cuProfilerStart() };
+    pass()?;
+    dev.synchronize()?;
+    // SAFETY: as above.
+    unsafe { sys::cuProfilerStop() };
+    println!("{{\"kind\":\"profile_blocks\",\"ok\":true}}");
+    Ok(())
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("step") => step_bench(&args),
+        Some("kernels") => kernels_bench(),
+        Some("resume") => resume_check(&args),
+        Some("profile") => profile(),
+        Some("profile-blocks") => profile_blocks(),
+        _ => Err("usage: gpu_check step|kernels|resume [options]".into()),
+    }
+}

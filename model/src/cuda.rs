@@ -1,0 +1,1265 @@
+//! icefm's own CUDA kernels (feature `cuda`): fused layer norm, softmax and their backward
+//! passes, and a fused AdamW step over all parameters in one launch.
+//!
+//! The kernels are CUDA C compiled at run time by NVRTC for the device at hand (no toolkit is
+//! needed to build icefm, only the NVRTC library at run time), once per process. They take
+//! float or bf16 tensors (bf16 as raw 16-bit words, so no CUDA header is needed) and compute
+//! in f32. Each has a CPU reference ([`crate::fused`], [`crate::optim`]); the tests in
+//! `model/tests/cuda.rs` compare the two on random inputs.
+#![allow(unsafe_code)] // kernel launches and raw device pointers, each commented
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor};
+
+/// The kernels' source.
+pub const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p[i] = (bf16_t)(u >> 16);
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// One warp per row: mean, then the variance of the centred values (two passes, as the
+// reference), then the output.
+template <typename T>
+__device__ void ln_fwd(const T* x, const float* w, const float* b, T* y, int rows, int d,
+                       float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    T* yr = y + (long)row * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(xr, i);
+    float mean = warp_sum(s) / d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+    float rstd = rsqrtf(warp_sum(ss) / d + eps);
+    for (int i = lane; i < d; i += 32) st(yr, i, (ld(xr, i) - mean) * rstd * w[i] + b[i]);
+}
+
+// dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), g = dy · w.
+template <typename T>
+__device__ void ln_grad_x(const T* x, const float* w, const T* dy, T* dx, int rows, int d,
+                          float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    T* o = dx + (long)row * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(xr, i);
+    float mean = warp_sum(s) / d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+    float rstd = rsqrtf(warp_sum(ss) / d + eps);
+    float a = 0.f, bs = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        float g = ld(gr, i) * w[i];
+        a += g;
+        bs += g * (ld(xr, i) - mean) * rstd;
+    }
+    a = warp_sum(a) / d;
+    bs = warp_sum(bs) / d;
+    for (int i = lane; i < d; i += 32) {
+        float xh = (ld(xr, i) - mean) * rstd;
+        st(o, i, rstd * (ld(gr, i) * w[i] - a - xh * bs));
+    }
+}
+
+// Partial sums of dy·x̂ and dy over a block of rows: out[0][blockIdx][:], out[1][blockIdx][:].
+// Each warp takes rows of the block's range in turn; shared-memory accumulators.
+template <typename T>
+__device__ void ln_grad_wb(const T* x, const T* dy, float* out, int rows, int d, float eps,
+                           int rows_per_block) {
+    extern __shared__ float acc[];  // [2][d]
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int r0 = blockIdx.x * rows_per_block;
+    int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+    for (int row = r0 + warp; row < r1; row += warps) {
+        const T* xr = x + (long)row * d;
+        const T* gr = dy + (long)row * d;
+        float s = 0.f;
+        for (int i = lane; i < d; i += 32) s += ld(xr, i);
+        float mean = warp_sum(s) / d;
+        float ss = 0.f;
+        for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+        float rstd = rsqrtf(warp_sum(ss) / d + eps);
+        for (int i = lane; i < d; i += 32) {
+            float g = ld(gr, i);
+            atomicAdd(&acc[i], g * (ld(xr, i) - mean) * rstd);
+            atomicAdd(&acc[d + i], g);
+        }
+    }
+    __syncthreads();
+    long p = gridDim.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        out[(long)blockIdx.x * d + i] = acc[i];
+        out[(p + blockIdx.x) * d + i] = acc[d + i];
+    }
+}
+
+// Softmax over the first `valid` values of each row (the rest are padding: probability 0).
+template <typename T>
+__device__ void softmax_fwd(const T* x, T* y, int rows, int d, int valid) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    T* yr = y + (long)row * d;
+    float m = -__int_as_float(0x7f800000);
+    for (int i = lane; i < valid; i += 32) m = fmaxf(m, ld(xr, i));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int i = lane; i < valid; i += 32) s += __expf(ld(xr, i) - m);
+    float inv = 1.f / warp_sum(s);
+    for (int i = lane; i < d; i += 32) st(yr, i, i < valid ? __expf(ld(xr, i) - m) * inv : 0.f);
+}
+
+template <typename T>
+__device__ void softmax_grad(const T* y, const T* dy, T* dx, int rows, int d) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* yr = y + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    T* o = dx + (long)row * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(yr, i) * ld(gr, i);
+    s = warp_sum(s);
+    for (int i = lane; i < d; i += 32) st(o, i, ld(yr, i) * (ld(gr, i) - s));
+}
+
+#define INSTANCES(T, SUF)                                                                     \
+extern "C" __global__ void ln_fwd_##SUF(const T* x, const float* w, const float* b, T* y,    \
+        int rows, int d, float eps) { ln_fwd<T>(x, w, b, y, rows, d, eps); }                  \
+extern "C" __global__ void ln_grad_x_##SUF(const T* x, const float* w, const T* dy, T* dx,   \
+        int rows, int d, float eps) { ln_grad_x<T>(x, w, dy, dx, rows, d, eps); }             \
+extern "C" __global__ void ln_grad_wb_##SUF(const T* x, const T* dy, float* out, int rows,   \
+        int d, float eps, int rpb) { ln_grad_wb<T>(x, dy, out, rows, d, eps, rpb); }           \
+extern "C" __global__ void softmax_fwd_##SUF(const T* x, T* y, int rows, int d, int valid) {  \
+        softmax_fwd<T>(x, y, rows, d, valid); }                                                      \
+extern "C" __global__ void softmax_grad_##SUF(const T* y, const T* dy, T* dx, int rows,      \
+        int d) { softmax_grad<T>(y, dy, dx, rows, d); }
+
+INSTANCES(float, f32)
+INSTANCES(bf16_t, bf16)
+
+// ---- Register-resident variants: each lane holds its share of the row in registers, loaded
+// two values at a time (8-byte float2 / 4-byte bf16 pairs), so every load of a row is issued
+// before the first reduction. P = pairs per lane = d / 64.
+__device__ __forceinline__ void ld2(const float* p, int pair, float& a, float& b) {
+    float2 v = reinterpret_cast<const float2*>(p)[pair]; a = v.x; b = v.y;
+}
+__device__ __forceinline__ void ld2(const bf16_t* p, int pair, float& a, float& b) {
+    unsigned int u = reinterpret_cast<const unsigned int*>(p)[pair];
+    a = __uint_as_float(u << 16); b = __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ unsigned int bf16_bits(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ void st2(float* p, int pair, float a, float b) {
+    reinterpret_cast<float2*>(p)[pair] = make_float2(a, b);
+}
+__device__ __forceinline__ void st2(bf16_t* p, int pair, float a, float b) {
+    reinterpret_cast<unsigned int*>(p)[pair] = bf16_bits(a) | (bf16_bits(b) << 16);
+}
+
+template <typename T, int P>
+__device__ __forceinline__ void row_stats_reg(const float (&v)[2 * P], int d, float eps,
+                                              float& mean, float& rstd) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 2 * P; ++k) s += v[k];
+    mean = warp_sum(s) / d;
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 2 * P; ++k) { float c = v[k] - mean; ss += c * c; }
+    rstd = rsqrtf(warp_sum(ss) / d + eps);
+}
+
+template <typename T, int P>
+__device__ void ln_fwd_reg(const T* x, const float* w, const float* b, T* y, int rows, float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const int d = 64 * P;
+    const T* xr = x + (long)row * d;
+    float v[2 * P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
+    float mean, rstd;
+    row_stats_reg<T, P>(v, d, eps, mean, rstd);
+    T* yr = y + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        int q = lane + 32 * k;
+        float2 wv = reinterpret_cast<const float2*>(w)[q];
+        float2 bv = reinterpret_cast<const float2*>(b)[q];
+        st2(yr, q, (v[2 * k] - mean) * rstd * wv.x + bv.x, (v[2 * k + 1] - mean) * rstd * wv.y + bv.y);
+    }
+}
+
+template <typename T, int P>
+__device__ void ln_grad_x_reg(const T* x, const float* w, const T* dy, T* dx, int rows, float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const int d = 64 * P;
+    const T* xr = x + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    float v[2 * P], g[2 * P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
+        ld2(gr, lane + 32 * k, g[2 * k], g[2 * k + 1]);
+    }
+    float mean, rstd;
+    row_stats_reg<T, P>(v, d, eps, mean, rstd);
+    float a = 0.f, bs = 0.f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        float2 wv = reinterpret_cast<const float2*>(w)[lane + 32 * k];
+        g[2 * k] *= wv.x;
+        g[2 * k + 1] *= wv.y;
+        v[2 * k] = (v[2 * k] - mean) * rstd;
+        v[2 * k + 1] = (v[2 * k + 1] - mean) * rstd;
+        a += g[2 * k] + g[2 * k + 1];
+        bs += g[2 * k] * v[2 * k] + g[2 * k + 1] * v[2 * k + 1];
+    }
+    a = warp_sum(a) / d;
+    bs = warp_sum(bs) / d;
+    T* o = dx + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < P; ++k)
+        st2(o, lane + 32 * k, rstd * (g[2 * k] - a - v[2 * k] * bs),
+            rstd * (g[2 * k + 1] - a - v[2 * k + 1] * bs));
+}
+
+// Each warp accumulates its rows' dy·x̂ and dy in registers; the block's warps then add
+// theirs in shared memory once, and the block writes its partial sums.
+template <typename T, int P>
+__device__ void ln_grad_wb_reg(const T* x, const T* dy, float* out, int rows, float eps,
+                               int rows_per_block) {
+    const int d = 64 * P;
+    extern __shared__ float acc[];  // [2][d]
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int r0 = blockIdx.x * rows_per_block;
+    int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+    float dw[2 * P], db[2 * P];
+#pragma unroll
+    for (int k = 0; k < 2 * P; ++k) { dw[k] = 0.f; db[k] = 0.f; }
+    for (int row = r0 + warp; row < r1; row += warps) {
+        const T* xr = x + (long)row * d;
+        const T* gr = dy + (long)row * d;
+        float v[2 * P], g[2 * P];
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+            ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
+            ld2(gr, lane + 32 * k, g[2 * k], g[2 * k + 1]);
+        }
+        float mean, rstd;
+        row_stats_reg<T, P>(v, d, eps, mean, rstd);
+#pragma unroll
+        for (int k = 0; k < 2 * P; ++k) {
+            dw[k] += g[k] * (v[k] - mean) * rstd;
+            db[k] += g[k];
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        int i = 2 * (lane + 32 * k);
+        atomicAdd(&acc[i], dw[2 * k]);
+        atomicAdd(&acc[i + 1], dw[2 * k + 1]);
+        atomicAdd(&acc[d + i], db[2 * k]);
+        atomicAdd(&acc[d + i + 1], db[2 * k + 1]);
+    }
+    __syncthreads();
+    long p = gridDim.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        out[(long)blockIdx.x * d + i] = acc[i];
+        out[(p + blockIdx.x) * d + i] = acc[d + i];
+    }
+}
+
+// Softmax with the row in registers: V values per lane (V ≥ ceil(d / 32)), bounds-checked.
+template <typename T, int V>
+__device__ void softmax_fwd_reg(const T* x, T* y, int rows, int d, int valid) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    float v[V];
+    float m = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        v[k] = i < valid ? ld(xr, i) : -__int_as_float(0x7f800000);
+        m = fmaxf(m, v[k]);
+    }
+    m = warp_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) { v[k] = __expf(v[k] - m); s += v[k]; }
+    float inv = 1.f / warp_sum(s);
+    T* yr = y + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        if (i < d) st(yr, i, v[k] * inv);
+    }
+}
+
+template <typename T, int V>
+__device__ void softmax_grad_reg(const T* y, const T* dy, T* dx, int rows, int d) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* yr = y + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    float a[V], g[V];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        a[k] = i < d ? ld(yr, i) : 0.f;
+        g[k] = i < d ? ld(gr, i) : 0.f;
+        s += a[k] * g[k];
+    }
+    s = warp_sum(s);
+    T* o = dx + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        if (i < d) st(o, i, a[k] * (g[k] - s));
+    }
+}
+
+#define LN_REG(T, SUF, P)                                                                     \
+extern "C" __global__ void ln_fwd_##SUF##_p##P(const T* x, const float* w, const float* b,   \
+        T* y, int rows, int d, float eps) { ln_fwd_reg<T, P>(x, w, b, y, rows, eps); }         \
+extern "C" __global__ void ln_grad_x_##SUF##_p##P(const T* x, const float* w, const T* dy,   \
+        T* dx, int rows, int d, float eps) { ln_grad_x_reg<T, P>(x, w, dy, dx, rows, eps); }   \
+extern "C" __global__ void ln_grad_wb_##SUF##_p##P(const T* x, const T* dy, float* out,      \
+        int rows, int d, float eps, int rpb) { ln_grad_wb_reg<T, P>(x, dy, out, rows, eps, rpb); }
+#define SM_REG(T, SUF, V)                                                                     \
+extern "C" __global__ void softmax_fwd_##SUF##_v##V(const T* x, T* y, int rows, int d,       \
+        int valid) { softmax_fwd_reg<T, V>(x, y, rows, d, valid); }                                               \
+extern "C" __global__ void softmax_grad_##SUF##_v##V(const T* y, const T* dy, T* dx,         \
+        int rows, int d) { softmax_grad_reg<T, V>(y, dy, dx, rows, d); }
+#define REG_ALL(T, SUF)                                                                       \
+    LN_REG(T, SUF, 3) LN_REG(T, SUF, 4) LN_REG(T, SUF, 6) LN_REG(T, SUF, 8)                   \
+    LN_REG(T, SUF, 12) LN_REG(T, SUF, 16) LN_REG(T, SUF, 20)                                  \
+    SM_REG(T, SUF, 1) SM_REG(T, SUF, 2) SM_REG(T, SUF, 4) SM_REG(T, SUF, 5) SM_REG(T, SUF, 8)  \
+    SM_REG(T, SUF, 12) SM_REG(T, SUF, 16) SM_REG(T, SUF, 19) SM_REG(T, SUF, 20)               \
+    SM_REG(T, SUF, 24) SM_REG(T, SUF, 32)
+REG_ALL(float, f32)
+REG_ALL(bf16_t, bf16)
+
+
+// ---- Bias add, column sums, GELU, gradient norm.
+template <typename T>
+__device__ void bias_add_k(const T* x, const float* b, T* y, long n, int c) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(y, i, ld(x, i) + b[i % c]);
+}
+
+// Partial column sums: block (tile, chunk) sums 32 columns over a chunk of rows; its 8 warps
+// take rows in turn and meet in shared memory.
+template <typename T>
+__device__ void column_sums_k(const T* x, float* out, int rows, int c, int rows_per_block) {
+    __shared__ float acc[8][33];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int col = blockIdx.x * 32 + lane;
+    int r0 = blockIdx.y * rows_per_block;
+    int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+    float s = 0.f;
+    if (col < c)
+        for (int r = r0 + warp; r < r1; r += 8) s += ld(x, (long)r * c + col);
+    acc[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && col < c) {
+        float t = 0.f;
+        for (int w = 0; w < 8; ++w) t += acc[w][lane];
+        out[(long)blockIdx.y * c + col] = t;
+    }
+}
+
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_d(float x) {
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+}
+template <typename T>
+__device__ void gelu_fwd_k(const T* x, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(y, i, gelu_f(ld(x, i)));
+}
+template <typename T>
+__device__ void gelu_grad_k(const T* x, const T* g, T* dx, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(dx, i, ld(g, i) * gelu_d(ld(x, i)));
+}
+
+#define ELEM_INSTANCES(T, SUF)                                                                \
+extern "C" __global__ void bias_add_##SUF(const T* x, const float* b, T* y, long n, int c) {  \
+        bias_add_k<T>(x, b, y, n, c); }                                                       \
+extern "C" __global__ void column_sums_##SUF(const T* x, float* out, int rows, int c,        \
+        int rpb) { column_sums_k<T>(x, out, rows, c, rpb); }                                   \
+extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, long n) { gelu_fwd_k<T>(x, y, n); } \
+extern "C" __global__ void gelu_grad_##SUF(const T* x, const T* g, T* dx, long n) {           \
+        gelu_grad_k<T>(x, g, dx, n); }
+ELEM_INSTANCES(float, f32)
+ELEM_INSTANCES(bf16_t, bf16)
+
+// Sum of squares of many f32 tensors, table[t] = {ptr, n}; blockIdx.y = tensor. Each block
+// reduces its share and adds it to out[0] (double).
+extern "C" __global__ void sum_squares_multi(const unsigned long long* table, double* out) {
+    const float* g = (const float*)table[2 * blockIdx.y];
+    long n = (long)table[2 * blockIdx.y + 1];
+    float s = 0.f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        s += g[i] * g[i];
+    s = warp_sum(s);
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.f;
+        t = warp_sum(t);
+        if (lane == 0) atomicAdd(out, (double)t);
+    }
+}
+
+// AdamW over many tensors in one launch: table[t] = {w, m, v, g, n, decay} (6 words),
+// blockIdx.y = tensor. Same arithmetic, in the same order, as icefm_model::optim::AdamW.
+extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr, float b1,
+        float b2, float c1, float c2, float eps, float wd, float gscale) {
+    const unsigned long long* e = table + 6 * blockIdx.y;
+    float* w = (float*)e[0];
+    float* m = (float*)e[1];
+    float* v = (float*)e[2];
+    const float* g = (const float*)e[3];
+    long n = (long)e[4];
+    bool decay = e[5] != 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        float gi = g[i] * gscale;
+        float mi = m[i] * b1 + gi * (1.f - b1);
+        float vi = v[i] * b2 + gi * gi * (1.f - b2);
+        m[i] = mi;
+        v[i] = vi;
+        float u = (mi / c1) / (sqrtf(vi / c2) + eps);
+        if (decay) u += w[i] * wd;
+        w[i] = w[i] - u * lr;
+    }
+}
+"#;
+
+/// The PTX for this process's device, compiled once.
+fn ptx(dev: &CudaDevice) -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let r = PTX.get_or_init(|| {
+        let (major, minor) = dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .map_err(|e| e.to_string())?;
+        let arch = match (major, minor) {
+            (9, 0) => "compute_90",
+            (8, 9) => "compute_89",
+            (8, 6) => "compute_86",
+            (8, 0) => "compute_80",
+            (10, 0) => "compute_100",
+            (12, 0) => "compute_120",
+            _ => "compute_80",
+        };
+        let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            ..Default::default()
+        };
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("compiling icefm's CUDA kernels: {e}"))
+    });
+    r.as_deref().map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, "icefm_kernels", ptx(dev)?)?
+        .into_cuda_function())
+}
+
+/// The contiguous part of `s` that `l` describes.
+fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("icefm kernels need contiguous input".into()))?;
+    Ok(s.slice(a..b))
+}
+
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    match &s.slice {
+        CudaStorageSlice::F32(v) => view(v, l),
+        _ => candle_core::bail!("{what} must be f32, got {:?}", s.dtype()),
+    }
+}
+
+/// Pairs per lane of the register-resident layer-norm kernels for rows of `d` values starting
+/// at element `offset` (`None`: the general kernel).
+fn ln_pairs(d: usize, offset: usize) -> Option<usize> {
+    let p = d / 64;
+    (d.is_multiple_of(64) && offset.is_multiple_of(2) && [3, 4, 6, 8, 12, 16, 20].contains(&p))
+        .then_some(p)
+}
+
+/// Values per lane of the register-resident softmax kernels (`None`: the general kernel).
+fn softmax_values(d: usize) -> Option<usize> {
+    let need = d.div_ceil(32);
+    [1, 2, 4, 5, 8, 12, 16, 19, 20, 24, 32]
+        .into_iter()
+        .find(|&v| v >= need)
+}
+
+/// `base_SUFFIX`, or its register-resident variant `base_SUFFIX_{tag}`.
+fn kernel_name(base: &str, suffix: &str, variant: Option<String>) -> String {
+    match variant {
+        Some(v) => format!("{base}_{suffix}_{v}"),
+        None => format!("{base}_{suffix}"),
+    }
+}
+
+/// One warp per row, 8 rows per block.
+fn row_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn dims(rows: usize, d: usize) -> Result<(i32, i32)> {
+    let r = i32::try_from(rows).map_err(|_| candle_core::Error::Msg("too many rows".into()))?;
+    let c = i32::try_from(d).map_err(|_| candle_core::Error::Msg("rows too long".into()))?;
+    Ok((r, c))
+}
+
+/// Output storage of a dtype-generic row kernel.
+fn wrap(dev: &CudaDevice, slice: CudaStorageSlice) -> CudaStorage {
+    CudaStorage {
+        slice,
+        device: dev.clone(),
+    }
+}
+
+/// Typed access to a storage slice.
+trait Elem: DeviceRepr + Sized {
+    const SUFFIX: &'static str;
+    fn slice(s: &CudaStorageSlice) -> Result<&CudaSlice<Self>>;
+    fn wrap(s: CudaSlice<Self>) -> CudaStorageSlice;
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+    fn slice(s: &CudaStorageSlice) -> Result<&CudaSlice<f32>> {
+        match s {
+            CudaStorageSlice::F32(v) => Ok(v),
+            _ => candle_core::bail!("icefm kernels: operands' dtypes differ (expected f32)"),
+        }
+    }
+    fn wrap(s: CudaSlice<f32>) -> CudaStorageSlice {
+        CudaStorageSlice::F32(s)
+    }
+}
+
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    fn slice(s: &CudaStorageSlice) -> Result<&CudaSlice<half::bf16>> {
+        match s {
+            CudaStorageSlice::BF16(v) => Ok(v),
+            _ => candle_core::bail!("icefm kernels: operands' dtypes differ (expected bf16)"),
+        }
+    }
+    fn wrap(s: CudaSlice<half::bf16>) -> CudaStorageSlice {
+        CudaStorageSlice::BF16(s)
+    }
+}
+
+/// Run `f` with the element type of `s` (f32 or bf16).
+macro_rules! with_elem {
+    ($s:expr, $f:ident ( $($arg:expr),* )) => {
+        match &$s.slice {
+            CudaStorageSlice::F32(_) => $f::<f32>($($arg),*),
+            CudaStorageSlice::BF16(_) => $f::<half::bf16>($($arg),*),
+            _ => Err(candle_core::Error::Msg(format!(
+                "icefm kernels take f32 or bf16, got {:?}",
+                $s.dtype()
+            ))),
+        }
+    };
+}
+
+fn typed<'a, T: Elem>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    view(T::slice(&s.slice)?, l)
+}
+
+/// Fused layer-norm forward.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let w = f32_view(s2, l2, "layer norm weight")?;
+        let b = f32_view(s3, l3, "layer norm bias")?;
+        let (r, c) = dims(rows, d)?;
+        let aligned = l2.start_offset().is_multiple_of(2) && l3.start_offset().is_multiple_of(2);
+        let pairs = ln_pairs(d, l1.start_offset())
+            .filter(|_| aligned)
+            .map(|p| format!("p{p}"));
+        let f = func(dev, &kernel_name("ln_fwd", T::SUFFIX, pairs))?;
+        // SAFETY: every element is written by the kernel before it is read.
+        let y = unsafe { dev.alloc::<T>(rows * d)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&w).arg(&b).arg(&y).arg(&r).arg(&c).arg(&eps);
+        // SAFETY: arguments match the kernel's signature; sizes are rows × d.
+        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, d, eps))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Fused layer-norm backward for the input.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_grad_x(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let w = f32_view(s2, l2, "layer norm weight")?;
+        let dy = typed::<T>(s3, l3)?;
+        let (r, c) = dims(rows, d)?;
+        let pairs = (ln_pairs(d, l1.start_offset()).is_some()
+            && l2.start_offset().is_multiple_of(2)
+            && l3.start_offset().is_multiple_of(2))
+        .then(|| ln_pairs(d, 0))
+        .flatten()
+        .map(|p| format!("p{p}"));
+        let f = func(dev, &kernel_name("ln_grad_x", T::SUFFIX, pairs))?;
+        // SAFETY: every element is written by the kernel.
+        let dx = unsafe { dev.alloc::<T>(rows * d)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x)
+            .arg(&w)
+            .arg(&dy)
+            .arg(&dx)
+            .arg(&r)
+            .arg(&c)
+            .arg(&eps);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        Ok(T::wrap(dx))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, d, eps))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Fused layer-norm backward for scale and shift: `[2, P, d]` f32 partial sums and `P`.
+pub fn layer_norm_grad_wb(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(CudaStorage, usize)> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        rows: usize,
+        d: usize,
+        eps: f32,
+        out: &CudaSlice<f32>,
+        p: usize,
+    ) -> Result<()> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let dy = typed::<T>(s2, l2)?;
+        let (r, c) = dims(rows, d)?;
+        let rpb =
+            i32::try_from(rows.div_ceil(p)).map_err(|_| candle_core::Error::Msg("rows".into()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (p as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * d * 4) as u32,
+        };
+        let pairs = (ln_pairs(d, l1.start_offset()).is_some()
+            && l2.start_offset().is_multiple_of(2))
+        .then(|| ln_pairs(d, 0))
+        .flatten()
+        .map(|p| format!("p{p}"));
+        let f = func(dev, &kernel_name("ln_grad_wb", T::SUFFIX, pairs))?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x)
+            .arg(&dy)
+            .arg(out)
+            .arg(&r)
+            .arg(&c)
+            .arg(&eps)
+            .arg(&rpb);
+        // SAFETY: arguments match the kernel's signature; shared memory is 2·d floats, under
+        // 48 KiB for d ≤ 6144.
+        unsafe { lb.launch(cfg) }.w()?;
+        Ok(())
+    }
+    if d > 6144 {
+        candle_core::bail!("fused layer norm backward: rows of {d} values are over 6144");
+    }
+    let dev = &s1.device;
+    // Enough blocks to fill the device, each over at least 32 rows.
+    let p = rows.div_ceil(32).clamp(1, 1024);
+    let p = rows.div_ceil(rows.div_ceil(p)).max(1);
+    // SAFETY: every element is written by the kernel (each block writes its whole slice).
+    let out = unsafe { dev.alloc::<f32>(2 * p * d)? };
+    with_elem!(s1, go(s1, l1, s2, l2, rows, d, eps, &out, p))?;
+    Ok((wrap(dev, CudaStorageSlice::F32(out)), p))
+}
+
+/// Fused softmax forward over rows.
+/// Fused softmax forward over rows, over their first `valid` values (the rest get 0).
+pub fn softmax_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    rows: usize,
+    d: usize,
+    valid: usize,
+) -> Result<CudaStorage> {
+    fn go<T: Elem>(
+        s: &CudaStorage,
+        l: &Layout,
+        rows: usize,
+        d: usize,
+        valid: usize,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s.device;
+        let x = typed::<T>(s, l)?;
+        let (r, c) = dims(rows, d)?;
+        let v = i32::try_from(valid.clamp(1, d))
+            .map_err(|_| candle_core::Error::Msg("rows too long".into()))?;
+        let f = func(
+            dev,
+            &kernel_name(
+                "softmax_fwd",
+                T::SUFFIX,
+                softmax_values(d).map(|v| format!("v{v}")),
+            ),
+        )?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(rows * d)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&y).arg(&r).arg(&c).arg(&v);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s, go(s, l, rows, d, valid))?;
+    Ok(wrap(&s.device, slice))
+}
+
+/// Fused softmax backward: `(y, dy) → dx`.
+pub fn softmax_grad(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    rows: usize,
+    d: usize,
+) -> Result<CudaStorage> {
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        rows: usize,
+        d: usize,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let y = typed::<T>(s1, l1)?;
+        let dy = typed::<T>(s2, l2)?;
+        let (r, c) = dims(rows, d)?;
+        let f = func(
+            dev,
+            &kernel_name(
+                "softmax_grad",
+                T::SUFFIX,
+                softmax_values(d).map(|v| format!("v{v}")),
+            ),
+        )?;
+        // SAFETY: every element is written by the kernel.
+        let dx = unsafe { dev.alloc::<T>(rows * d)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&y).arg(&dy).arg(&dx).arg(&r).arg(&c);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        Ok(T::wrap(dx))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, rows, d))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Grid for an elementwise kernel over `n` values.
+fn elem_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Fused bias add over rows of `c`.
+pub fn bias_add(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    rows: usize,
+    c: usize,
+) -> Result<CudaStorage> {
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        rows: usize,
+        c: usize,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let b = f32_view(s2, l2, "bias")?;
+        let n = rows * c;
+        let (n_i, c_i) = (
+            n as i64,
+            i32::try_from(c).map_err(|_| candle_core::Error::Msg("rows too long".into()))?,
+        );
+        let f = func(dev, &format!("bias_add_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&b).arg(&y).arg(&n_i).arg(&c_i);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(elem_cfg(n)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, rows, c))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Partial column sums `[P, c]` (f32) of `[rows, c]`, and `P`.
+pub fn column_sums(
+    s: &CudaStorage,
+    l: &Layout,
+    rows: usize,
+    c: usize,
+) -> Result<(CudaStorage, usize)> {
+    fn go<T: Elem>(
+        s: &CudaStorage,
+        l: &Layout,
+        rows: usize,
+        c: usize,
+        out: &CudaSlice<f32>,
+        p: usize,
+    ) -> Result<()> {
+        let dev = &s.device;
+        let x = typed::<T>(s, l)?;
+        let (r, c_i) = dims(rows, c)?;
+        let rpb =
+            i32::try_from(rows.div_ceil(p)).map_err(|_| candle_core::Error::Msg("rows".into()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(32) as u32, p as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = func(dev, &format!("column_sums_{}", T::SUFFIX))?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(out).arg(&r).arg(&c_i).arg(&rpb);
+        // SAFETY: arguments match the kernel's signature; the grid covers every (P, c) output.
+        unsafe { lb.launch(cfg) }.w()?;
+        Ok(())
+    }
+    let dev = &s.device;
+    // About 64 rows per block, at most 256 row blocks.
+    let p = rows.div_ceil(64).clamp(1, 256);
+    let p = rows.div_ceil(rows.div_ceil(p)).max(1);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(p * c)? };
+    with_elem!(s, go(s, l, rows, c, &out, p))?;
+    Ok((wrap(dev, CudaStorageSlice::F32(out)), p))
+}
+
+/// Fused exact GELU.
+pub fn gelu_fwd(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    fn go<T: Elem>(s: &CudaStorage, l: &Layout) -> Result<CudaStorageSlice> {
+        let dev = &s.device;
+        let x = typed::<T>(s, l)?;
+        let n = l.shape().elem_count();
+        let n_i = n as i64;
+        let f = func(dev, &format!("gelu_fwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&y).arg(&n_i);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(elem_cfg(n)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s, go(s, l))?;
+    Ok(wrap(&s.device, slice))
+}
+
+/// Fused GELU backward: `(x, dy) → dx`.
+pub fn gelu_grad(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<CudaStorage> {
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let g = typed::<T>(s2, l2)?;
+        let n = l1.shape().elem_count();
+        let n_i = n as i64;
+        let f = func(dev, &format!("gelu_grad_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let dx = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&g).arg(&dx).arg(&n_i);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(elem_cfg(n)) }.w()?;
+        Ok(T::wrap(dx))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Sum of squares of many contiguous f32 tensors on one CUDA device, in one launch (the
+/// global gradient norm of clipping, with one read back).
+pub fn sum_squares(tensors: &[&Tensor]) -> Result<f64> {
+    let Some(first) = tensors.first() else {
+        return Ok(0.0);
+    };
+    let dev = first.device().as_cuda_device()?.clone();
+    let stream = dev.cuda_stream();
+    for t in tensors {
+        if t.dtype() != candle_core::DType::F32 || !t.is_contiguous() {
+            candle_core::bail!("sum_squares takes contiguous f32 tensors");
+        }
+    }
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut table = Vec::with_capacity(2 * tensors.len());
+    let mut syncs = Vec::new();
+    let mut largest = 0usize;
+    for ((storage, layout), t) in guards.iter().zip(tensors) {
+        let candle_core::Storage::Cuda(cs) = &**storage else {
+            candle_core::bail!("sum_squares: a tensor is not on the CUDA device");
+        };
+        let (ptr, sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+        syncs.push(sync);
+        table.push(ptr + (layout.start_offset() * 4) as u64);
+        table.push(t.elem_count() as u64);
+        largest = largest.max(t.elem_count());
+    }
+    let table_dev = dev.clone_htod(&table)?;
+    let out = dev.alloc_zeros::<f64>(1)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            largest.div_ceil(256 * 8).clamp(1, 128) as u32,
+            u32::try_from(tensors.len()).map_err(|_| candle_core::Error::Msg("tensors".into()))?,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = func(&dev, "sum_squares_multi")?;
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&table_dev).arg(&out);
+    // SAFETY: the table holds live device pointers (storages locked above) of `n` f32 each.
+    unsafe { lb.launch(cfg) }.w()?;
+    drop(syncs);
+    drop(guards);
+    let v = dev.clone_dtoh(&out)?;
+    Ok(v.first().copied().unwrap_or(0.0))
+}
+
+/// One tensor of a fused AdamW step: weight, moments and gradient (all f32, contiguous, on
+/// one CUDA device) and whether it is decayed.
+pub struct AdamSlot<'a> {
+    /// Weight, updated in place.
+    pub w: &'a Tensor,
+    /// First moment, updated in place.
+    pub m: &'a Tensor,
+    /// Second moment, updated in place.
+    pub v: &'a Tensor,
+    /// Gradient (read).
+    pub g: &'a Tensor,
+    /// Decoupled weight decay applies.
+    pub decay: bool,
+}
+
+/// AdamW hyper-parameters of one step (`c1`, `c2` the bias corrections).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub b1: f32,
+    /// Second-moment decay.
+    pub b2: f32,
+    /// `1 − b1^t`.
+    pub c1: f32,
+    /// `1 − b2^t`.
+    pub c2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Weight decay.
+    pub wd: f32,
+    /// Gradient scale (clipping).
+    pub gscale: f32,
+}
+
+/// Update every slot in place with one kernel launch.
+pub fn adamw_step(slots: &[AdamSlot<'_>], h: AdamStep) -> Result<()> {
+    let Some(first) = slots.first() else {
+        return Ok(());
+    };
+    let dev = first.w.device().as_cuda_device()?.clone();
+    let stream = dev.cuda_stream();
+    for s in slots {
+        for t in [s.w, s.m, s.v, s.g] {
+            if t.dtype() != candle_core::DType::F32 || !t.is_contiguous() {
+                candle_core::bail!("fused AdamW takes contiguous f32 tensors");
+            }
+            if t.elem_count() != s.w.elem_count() {
+                candle_core::bail!("fused AdamW: moment or gradient size differs from weight");
+            }
+        }
+    }
+    // Hold every storage's read lock while its raw pointer is in use.
+    let guards: Vec<_> = slots
+        .iter()
+        .map(|s| [s.w, s.m, s.v, s.g].map(|t| t.storage_and_layout()))
+        .collect();
+    let mut table: Vec<u64> = Vec::with_capacity(6 * slots.len());
+    let mut syncs = Vec::new();
+    let mut largest = 0usize;
+    for (s, g) in slots.iter().zip(&guards) {
+        for (storage, layout) in g {
+            let candle_core::Storage::Cuda(cs) = &**storage else {
+                candle_core::bail!("fused AdamW: a tensor is not on the CUDA device");
+            };
+            let slice = cs.as_cuda_slice::<f32>()?;
+            let (ptr, sync) = slice.device_ptr(&stream);
+            syncs.push(sync);
+            table.push(ptr + (layout.start_offset() * 4) as u64);
+        }
+        let n = s.w.elem_count();
+        largest = largest.max(n);
+        table.push(n as u64);
+        table.push(u64::from(s.decay));
+    }
+    // In-place updates need a buffer of their own per weight and moment.
+    let mut seen = std::collections::HashSet::new();
+    for e in table.chunks(6) {
+        for &ptr in &e[..3] {
+            if !seen.insert(ptr) {
+                candle_core::bail!("fused AdamW: two weights or moments share one buffer");
+            }
+        }
+    }
+    let table_dev = dev.clone_htod(&table)?;
+    let tensors = u32::try_from(slots.len())
+        .map_err(|_| candle_core::Error::Msg("too many tensors".into()))?;
+    let blocks = largest.div_ceil(256 * 4).clamp(1, 256) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, tensors, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = func(&dev, "adamw_multi")?;
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&table_dev)
+        .arg(&h.lr)
+        .arg(&h.b1)
+        .arg(&h.b2)
+        .arg(&h.c1)
+        .arg(&h.c2)
+        .arg(&h.eps)
+        .arg(&h.wd)
+        .arg(&h.gscale);
+    // SAFETY: the table holds live device pointers (their storages are locked above) of `n`
+    // f32 values each; weights and moments are owned by the optimizer and its variables and
+    // are not read by anything else while this stream runs the update.
+    unsafe { lb.launch(cfg) }.w()?;
+    drop(syncs);
+    drop(guards);
+    Ok(())
+}
+
+/// Free and total device memory in bytes.
+pub fn mem_info(dev: &CudaDevice) -> Result<(usize, usize)> {
+    dev.cuda_stream().context().mem_get_info().w()
+}
+
+/// The device's default memory pool (where candle's stream-ordered allocations come from).
+fn default_pool(
+    dev: &CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        candle_core::bail!("cuDeviceGetDefaultMemPool: {r:?}");
+    }
+    Ok(pool)
+}
+
+/// Reset the high-water mark of the device's memory pool (see [`pool_peak`]).
+pub fn pool_peak_reset(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
+    let mut zero: u64 = 0;
+    // SAFETY: the attribute takes a u64 by pointer; `pool` is the device's default pool.
+    let r = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        candle_core::bail!("cuMemPoolSetAttribute: {r:?}");
+    }
+    Ok(())
+}
+
+/// The most memory of the device's pool in use at once since the last reset, in bytes (the
+/// peak of candle's allocations; PyTorch's `max_memory_allocated` is the counterpart).
+pub fn pool_peak(dev: &CudaDevice) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
+    let mut v: u64 = 0;
+    // SAFETY: the attribute is a u64 written through the pointer.
+    let r = unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut v as *mut u64).cast(),
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        candle_core::bail!("cuMemPoolGetAttribute: {r:?}");
+    }
+    Ok(v)
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), copying `bytes` `reps`
+/// times with the driver's copy: the ceiling memory-bound kernels are measured against.
+pub fn copy_bandwidth(dev: &CudaDevice, bytes: usize, reps: usize) -> Result<f64> {
+    let stream = dev.cuda_stream();
+    let src = stream.alloc_zeros::<u8>(bytes).w()?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes).w()?;
+    stream.memcpy_dtod(&src, &mut dst).w()?;
+    stream.synchronize().w()?;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        stream.memcpy_dtod(&src, &mut dst).w()?;
+    }
+    stream.synchronize().w()?;
+    Ok(2.0 * (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9)
+}

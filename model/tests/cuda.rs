@@ -1,0 +1,363 @@
+//! icefm's CUDA kernels against their CPU references (feature `cuda`; needs a GPU, so CI does
+//! not run these: scripts/gpu-check.sh does). Random seeded inputs; values and gradients of the
+//! fused layer norm and softmax (f32 and bf16), the fused AdamW step against the composed one,
+//! and a whole micro MAE's loss and gradients on the GPU against the CPU. Run them on one thread
+//! (`--test-threads=1`): the AdamW test switches fusion off and on for the whole process.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use icefm_dataset::rng::Rng;
+use icefm_model::mae::{Mae, MaeConfig, Masking};
+use icefm_model::optim::{AdamW, AdamWConfig};
+use icefm_model::train::{init_weights, named_vars};
+use icefm_model::{fused, ops};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    let mut r = Rng::new(seed, 0);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| ((r.unit() * 2.0 - 1.0) * scale) as f32)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest absolute difference over the largest reference magnitude.
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (host(a), host(b));
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+#[test]
+fn layer_norm_kernels_match_the_cpu_reference() {
+    let g = gpu();
+    for (rows, d) in [
+        (37, 768),
+        (1000, 512),
+        (5, 17),
+        (64 * 145, 192),
+        (6, 1344),
+        (9, 1280),
+    ] {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let x = random(&[rows, d], 1, 2.0).affine(1.0, 0.3).unwrap();
+            let w = random(&[d], 2, 1.0);
+            let b = random(&[d], 3, 1.0);
+            let dy = random(&[rows, d], 4, 1.0);
+            // CPU reference in f64 on the same (rounded) inputs.
+            let xr = x.to_dtype(dtype).unwrap();
+            let dyr = dy.to_dtype(dtype).unwrap();
+            let xv = Var::from_tensor(&xr.to_dtype(DType::F64).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w.to_dtype(DType::F64).unwrap()).unwrap();
+            let bv = Var::from_tensor(&b.to_dtype(DType::F64).unwrap()).unwrap();
+            let yc = ops::layer_norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1e-6).unwrap();
+            let gc = (&yc * dyr.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            // GPU.
+            let xg = Var::from_tensor(&xr.to_device(&g).unwrap()).unwrap();
+            let wg = Var::from_tensor(&w.to_device(&g).unwrap()).unwrap();
+            let bg = Var::from_tensor(&b.to_device(&g).unwrap()).unwrap();
+            let yg =
+                fused::layer_norm(xg.as_tensor(), wg.as_tensor(), bg.as_tensor(), 1e-6).unwrap();
+            assert_eq!(yg.dtype(), dtype);
+            let gg = (yg.to_dtype(DType::F32).unwrap()
+                * dyr.to_dtype(DType::F32).unwrap().to_device(&g).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+            let e = max_rel(&yg, &yc);
+            assert!(e < tol, "forward {rows}x{d} {dtype:?}: {e}");
+            for (name, a, c) in [("x", &xg, &xv), ("weight", &wg, &wv), ("bias", &bg, &bv)] {
+                let e = max_rel(
+                    gg.get(a.as_tensor()).unwrap(),
+                    gc.get(c.as_tensor()).unwrap(),
+                );
+                // dw, db sum over rows: bf16 inputs, f32 sums.
+                assert!(e < tol * 2.0, "d{name} {rows}x{d} {dtype:?}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_kernels_match_the_cpu_reference() {
+    let g = gpu();
+    for shape in [
+        vec![2, 3, 145, 145],
+        vec![4, 577],
+        vec![3, 1],
+        vec![2, 2, 577, 577],
+    ] {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let x = random(&shape, 5, 6.0).to_dtype(dtype).unwrap();
+            let dy = random(&shape, 6, 1.0).to_dtype(dtype).unwrap();
+            let xv = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+            let yc = ops::softmax(xv.as_tensor()).unwrap();
+            let gc = (&yc * dy.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let xg = Var::from_tensor(&x.to_device(&g).unwrap()).unwrap();
+            let yg = fused::softmax(xg.as_tensor()).unwrap();
+            let gg = (&yg * dy.to_device(&g).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let e = max_rel(&yg, &yc);
+            assert!(e < tol, "forward {shape:?} {dtype:?}: {e}");
+            let e = max_rel(
+                gg.get(xg.as_tensor()).unwrap(),
+                gc.get(xv.as_tensor()).unwrap(),
+            );
+            assert!(e < tol * 2.0, "dx {shape:?} {dtype:?}: {e}");
+        }
+    }
+}
+
+/// A micro MAE on `dev` with seeded weights, its loss and named gradients for one batch.
+fn micro_grads(dev: &Device, dtype: DType) -> (f32, Vec<(String, Vec<f64>)>) {
+    let mut cfg = MaeConfig::micro();
+    cfg.encoder.dim = 32;
+    cfg.encoder.heads = 4;
+    cfg.decoder_dim = 16;
+    let vars = VarMap::new();
+    let mut mae = Mae::new(VarBuilder::from_varmap(&vars, DType::F32, dev), &cfg).unwrap();
+    mae.compute_dtype = dtype;
+    init_weights(&vars, 11).unwrap();
+    let (b, n) = (3usize, 16usize);
+    let images = random(&[b, 2, n, n], 12, 1.5).to_device(dev).unwrap();
+    let valid = Tensor::ones((b, n, n), DType::F32, dev).unwrap();
+    let mut r = Rng::new(13, 0);
+    let noise: Vec<Vec<f32>> = (0..b)
+        .map(|_| (0..16).map(|_| r.unit() as f32).collect())
+        .collect();
+    let masking = Masking::from_noise(&noise, 0.75);
+    let out = mae.forward(&images, &valid, &masking, None).unwrap();
+    let grads = out.loss.backward().unwrap();
+    let named = named_vars(&vars)
+        .into_iter()
+        .map(|(name, v)| {
+            let g = grads.get(v.as_tensor()).unwrap();
+            (name, host(g))
+        })
+        .collect();
+    (out.loss.to_scalar::<f32>().unwrap(), named)
+}
+
+#[test]
+fn a_micro_mae_has_the_same_loss_and_gradients_on_the_gpu() {
+    let (loss_c, grads_c) = micro_grads(&Device::Cpu, DType::F32);
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 5e-2)] {
+        let (loss_g, grads_g) = micro_grads(&gpu(), dtype);
+        assert!(
+            ((loss_g - loss_c) / loss_c).abs() < tol as f32,
+            "{dtype:?} loss {loss_g} vs {loss_c}"
+        );
+        for ((name, a), (_, c)) in grads_g.iter().zip(&grads_c) {
+            let scale = c.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+            let e = a
+                .iter()
+                .zip(c)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale));
+            // The key third of the qkv bias has no gradient by symmetry: its scale is ~0.
+            assert!(e < tol * 10.0, "{dtype:?} gradient of {name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn the_fused_adamw_step_matches_the_composed_one() {
+    let g = gpu();
+    let run = |fusion: bool| {
+        fused::set_fused(fusion);
+        let shapes: [&[usize]; 4] = [&[300, 70], &[70], &[1, 1, 16], &[1000, 3]];
+        let vars: Vec<(String, Var)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let name = format!("p{i}.{}", if s.len() == 1 { "bias" } else { "weight" });
+                (
+                    name,
+                    Var::from_tensor(&random(s, 20 + i as u64, 1.0).to_device(&g).unwrap())
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+        for step in 0..3u64 {
+            let mut loss = Tensor::zeros((), DType::F32, &g).unwrap();
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let t = random(v.dims(), 40 + step * 10 + i as u64, 1.0)
+                    .to_device(&g)
+                    .unwrap();
+                loss = (loss
+                    + (v.as_tensor() * t)
+                        .unwrap()
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap())
+                .unwrap();
+            }
+            let grads = loss.backward().unwrap();
+            opt.step(&grads, 1e-2, 0.7).unwrap();
+        }
+        let (_, moments) = opt.state();
+        let mut out: Vec<Vec<f64>> = vars.iter().map(|(_, v)| host(v.as_tensor())).collect();
+        out.extend(moments.iter().map(|(_, t)| host(t)));
+        out
+    };
+    let composed = run(false);
+    let fused_out = run(true);
+    fused::set_fused(true);
+    for (i, (a, c)) in fused_out.iter().zip(&composed).enumerate() {
+        let scale = c.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+        let e = a
+            .iter()
+            .zip(c)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale));
+        assert!(e < 1e-5, "tensor {i}: {e}");
+    }
+    // The update moved the weights.
+    assert!(
+        fused_out[0]
+            .iter()
+            .zip(&host(&random(&[300, 70], 20, 1.0)))
+            .any(|(a, b)| (a - b).abs() > 1e-3)
+    );
+}
+
+#[test]
+fn softmax_over_valid_entries_matches_the_cpu() {
+    let g = gpu();
+    for (shape, valid) in [
+        (vec![2, 3, 584, 584], 577usize),
+        (vec![5, 152], 145),
+        (vec![3, 1500], 1499),
+    ] {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let x = random(&shape, 41, 6.0).to_dtype(dtype).unwrap();
+            let yc = fused::softmax_valid(&x.to_dtype(DType::F64).unwrap(), valid).unwrap();
+            let yg = fused::softmax_valid(&x.to_device(&g).unwrap(), valid).unwrap();
+            let e = max_rel(&yg, &yc);
+            assert!(e < tol, "{shape:?} valid {valid} {dtype:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn bias_add_gelu_and_column_sums_match_the_cpu_reference() {
+    let g = gpu();
+    for (rows, c) in [(37, 2048), (1000, 513), (3, 1)] {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let x = random(&[rows, c], 31, 3.0).to_dtype(dtype).unwrap();
+            let b = random(&[c], 32, 1.0);
+            let dy = random(&[rows, c], 33, 1.0).to_dtype(dtype).unwrap();
+            let xv = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+            let bv = Var::from_tensor(&b.to_dtype(DType::F64).unwrap()).unwrap();
+            let yc = xv
+                .as_tensor()
+                .broadcast_add(bv.as_tensor())
+                .unwrap()
+                .gelu_erf()
+                .unwrap();
+            let gc = (&yc * dy.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let xg = Var::from_tensor(&x.to_device(&g).unwrap()).unwrap();
+            let bg = Var::from_tensor(&b.to_device(&g).unwrap()).unwrap();
+            let yg =
+                fused::gelu(&fused::bias_add(xg.as_tensor(), bg.as_tensor()).unwrap()).unwrap();
+            assert_eq!(yg.dtype(), dtype);
+            let gg = (&yg * dy.to_device(&g).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let e = max_rel(&yg, &yc);
+            assert!(e < tol, "forward {rows}x{c} {dtype:?}: {e}");
+            for (name, a, r) in [("x", &xg, &xv), ("bias", &bg, &bv)] {
+                let e = max_rel(
+                    gg.get(a.as_tensor()).unwrap(),
+                    gc.get(r.as_tensor()).unwrap(),
+                );
+                assert!(e < tol * 2.0, "d{name} {rows}x{c} {dtype:?}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_gradient_norm_in_one_launch_matches_the_host() {
+    let g = gpu();
+    let shapes: [&[usize]; 4] = [&[300, 70], &[70], &[2_000_000], &[1]];
+    let vars: Vec<Var> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Var::from_tensor(&random(s, 50 + i as u64, 1.0).to_device(&g).unwrap()).unwrap()
+        })
+        .collect();
+    let mut loss = Tensor::zeros((), DType::F32, &g).unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let t = random(v.dims(), 60 + i as u64, 1.0).to_device(&g).unwrap();
+        loss = (loss + (v.as_tensor() * t).unwrap().sum_all().unwrap()).unwrap();
+    }
+    let grads = loss.backward().unwrap();
+    fused::set_fused(true);
+    let (norm, scale) = icefm_model::optim::clip_scale(&grads, vars.iter(), 1.0).unwrap();
+    // The gradients are the random multipliers: their norm on the host, in f64.
+    let sq: f64 = vars
+        .iter()
+        .map(|v| {
+            host(grads.get(v.as_tensor()).unwrap())
+                .iter()
+                .map(|x| x * x)
+                .sum::<f64>()
+        })
+        .sum();
+    assert!(
+        (norm - sq.sqrt()).abs() / sq.sqrt() < 1e-5,
+        "{norm} vs {}",
+        sq.sqrt()
+    );
+    assert!((scale - 1.0 / (norm + 1e-6)).abs() < 1e-9);
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a machine with an NVIDIA GPU, CUDA 13 and PyTorch (no Rust
+# needed): run scripts/build-gpu-check.sh on the build machine first and bring .gpu/ along.
+#   1. the CUDA tests (kernels against their CPU references, gradients of a micro MAE on the
+#      GPU against the CPU, the fused AdamW against the composed one), then a resumed training
+#      run on the GPU against an uninterrupted one;
+#   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm with its kernels,
+#      icefm with candle's compositions, and PyTorch eager (+ SDPA) in the same run;
+#   3. each kernel against the candle composition it replaces, and its bandwidth against the
+#      measured copy bandwidth;
+#   4. one table, last.
+# Results land in $OUT (or /tmp/gpu-check); the whole run stays under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/gpu-check}"
+mkdir -p "$out"
+log="$out/gpu-check.jsonl"
+: >"$log"
+. scripts/gpu-env.sh
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+
+phase() { # name, limit in seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "== $name" >&2
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "{\"kind\":\"phase\",\"name\":\"$name\",\"rc\":$rc,\"s\":$((SECONDS - t0))}" >>"$log"
+    grep -h '^{"kind"' "$out/$name.log" >>"$log" || true
+}
+
+phase tests 150 .gpu/cuda_tests --test-threads=1
+grep -E "^test result" "$out/tests.log" | sed 's/^/# /' >>"$log"
+phase resume 60 .gpu/gpu_check resume --store .gpu/store
+phase kernels 90 .gpu/gpu_check kernels
+phase step 90 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 10 --warmup 3
+phase step_composed 60 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2 --composed
+phase profile 60 .gpu/gpu_check profile
+phase torch 90 $py scripts/torch_mae_bench.py --device cuda --preset base --size 384 --batch 64 --mask 0.75 --dtype bf16 --steps 10 --warmup 3 --json "$out/torch.json"
+if [ -f "$out/torch.json" ]; then
+    $py -c 'import json,sys; r=json.load(open(sys.argv[1])); r["kind"]="step"; r["impl"]="pytorch-eager"; print(json.dumps(r))' "$out/torch.json" >>"$log"
+fi
+phase ceilings 60 $py scripts/torch_mae_bench.py --device cuda --copy-bandwidth --json "$out/ceilings.json"
+
+$py - "$log" "$out/gpu.txt" "$out/ceilings.json" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print("\n### icefm GPU check on", open(sys.argv[2]).read().strip())
+print("| phase | exit | seconds |\n|---|---|---|")
+for r in rows:
+    if r["kind"] == "phase":
+        print(f"| {r['name']} | {r['rc']} | {r['s']} |")
+for l in open(sys.argv[1]):
+    if l.startswith("# "):
+        print(l[2:].strip())
+for r in rows:
+    if r["kind"] == "resume":
+        print(f"resumed run: ok={r['ok']} max rel. loss diff {r['max_rel_diff']}")
+steps = [r for r in rows if r["kind"] == "step"]
+if steps:
+    print("\n| MAE step (ViT-B/16, 384 px, b64, bf16) | ms/step | img/s | TFLOP/s | peak GiB |\n|---|---|---|---|---|")
+    ref = next((s for s in steps if s.get("impl") == "pytorch-eager"), None)
+    for s in steps:
+        peak = s.get("peak_mem_gib")
+        if peak is None and s.get("peak_mem_bytes"):
+            peak = s["peak_mem_bytes"] / 2**30
+        ratio = f" ({s['images_per_s'] / ref['images_per_s']:.2f}x torch)" if ref and s is not ref else ""
+        tf = s.get("tflops", s.get("achieved_tflops"))
+        print(f"| {s['impl']} | {s.get('ms_per_step', 0):.1f} | {s['images_per_s']:.1f}{ratio} | {tf if tf is None else round(tf, 1)} | {peak if peak is None else round(peak, 2)} |")
+        if "forward_ms" in s:
+            print(f"|   (forward / backward / AdamW, ms) | {s['forward_ms']} / {s['backward_ms']} / {s['optimizer_ms']} | | | |")
+ks = [r for r in rows if r["kind"] in ("kernel", "copy")]
+if ks:
+    print("\n| kernel | shape | fused ms | candle ms | speed-up | GB/s | of copy |\n|---|---|---|---|---|---|---|")
+    for k in ks:
+        if k["kind"] == "copy":
+            print(f"| driver copy (2 GiB) | | | | | {k['gb_per_s']} | 1.00 |")
+        else:
+            print(f"| {k['name']} | {k['shape']} | {k['fused_ms']} | {k['composed_ms']} | {k['speedup']} | {k['gb_per_s']} | {k['of_copy']} |")
+ps = [r for r in rows if r["kind"] == "profile"]
+if ps:
+    print("\n| piece (ViT-B MAE, b64, bf16) | forward ms | forward+backward ms |\n|---|---|---|")
+    for p in ps:
+        print(f"| {p['name']} | {p['fwd_ms']} | {p['fwd_bwd_ms']} |")
+try:
+    c = json.load(open(sys.argv[3]))
+    print(f"\nPyTorch ceilings: copy {c['copy_gb_per_s']:.0f} GB/s (read+write), bf16 matmul {c['matmul_n']}^3 {c['matmul_tflops']:.0f} TFLOP/s")
+except Exception as e:
+    print("no ceilings:", e)
+EOF
