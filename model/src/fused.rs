@@ -675,3 +675,160 @@ impl CustomOp2 for GeluGrad {
         Ok((crate::cuda::gelu_grad(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 }
+
+/// Multi-head self-attention core: `qkv` `[B, N, 3·D]` (queries, keys, values, heads
+/// interleaved as a `[3, H, D/H]` split of the last dimension) → `[B, N, D]`, heads merged.
+///
+/// Fused (the default), the whole core (head split, `softmax(q·kᵀ/√d)·v`, head merge) is one
+/// node of candle's autograd graph: its forward runs on a detached copy of `qkv`, and its
+/// backward recomputes the attention matrix and returns `dqkv` in one piece. Candle's
+/// gradient store then never holds the `[B, H, N, N]` matrices (it would zero-fill and add
+/// each one) nor the strided pieces of the head split, which took most of a GPU step. Tokens
+/// are padded to a multiple of 8 inside (aligned GEMMs; padded keys left out of the softmax).
+/// With fusion off, the same arithmetic composed of candle operations.
+pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (_, _, d3) = qkv.dims3()?;
+    if heads == 0 || d3 % (3 * heads) != 0 {
+        candle_core::bail!("attention: width {d3} is not 3 × a multiple of {heads} heads");
+    }
+    if !fused() {
+        return attention_forward(qkv, heads, false);
+    }
+    // A tensor of its own (the node's forward hands its storage on whole).
+    let out = attention_forward(&qkv.detach(), heads, true)?.contiguous()?;
+    qkv.apply_op2(&out, AttentionNode { heads })
+}
+
+/// [`attention`] differentiated by candle's autograd through its operations (no graph node of
+/// its own, no padding): the reference of the node's backward in the tests.
+pub fn attention_reference(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_forward(qkv, heads, false)
+}
+
+/// Queries (scaled), keys and values `[B, H, N', hd]` of `qkv` padded to `N'` tokens.
+fn split_heads(qkv: &Tensor, heads: usize, padded: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, d3) = qkv.dims3()?;
+    let hd = d3 / 3 / heads;
+    let qkv = if padded > n {
+        qkv.pad_with_zeros(1, 0, padded - n)?
+    } else {
+        qkv.clone()
+    };
+    let t = qkv
+        .reshape((b, padded, 3, heads, hd))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?;
+    let q = (t.get(0)? * (hd as f64).powf(-0.5))?;
+    Ok((q, t.get(1)?, t.get(2)?))
+}
+
+/// The attention core on `qkv`; `pad`: tokens padded to a multiple of 8 (fused kernels only).
+fn attention_forward(qkv: &Tensor, heads: usize, pad: bool) -> Result<Tensor> {
+    let (b, n, d3) = qkv.dims3()?;
+    let d = d3 / 3;
+    let padded = if pad { n.div_ceil(8) * 8 } else { n };
+    let (q, k, v) = split_heads(qkv, heads, padded)?;
+    let scores = q.matmul(&k.t()?)?;
+    let p = if padded > n {
+        softmax_valid(&scores, n)?
+    } else {
+        softmax(&scores)?
+    };
+    let out = p.matmul(&v)?.transpose(1, 2)?.reshape((b, padded, d))?;
+    if padded > n {
+        out.narrow(1, 0, n)
+    } else {
+        Ok(out)
+    }
+}
+
+/// `try_clone` copies a storage whole: the layout must cover it from its start.
+fn whole(l: &Layout) -> Result<()> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("attention node: the result must be a contiguous tensor of its own");
+    }
+    Ok(())
+}
+
+/// [`attention`]'s graph node: forward passes the detached result through; backward
+/// recomputes and differentiates the core.
+#[derive(Debug, Clone, Copy)]
+struct AttentionNode {
+    heads: usize,
+}
+
+impl CustomOp2 for AttentionNode {
+    fn name(&self) -> &'static str {
+        "icefm-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        whole(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        whole(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _out: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let qkv = qkv.detach();
+        let grad = grad.detach();
+        let (b, n, d3) = qkv.dims3()?;
+        let (h, d) = (self.heads, d3 / 3);
+        let hd = d / h;
+        let padded = n.div_ceil(8) * 8;
+        let (q, k, v) = split_heads(&qkv, h, padded)?;
+        let p = q.matmul(&k.t()?)?;
+        let p = if padded > n {
+            softmax_valid(&p, n)?
+        } else {
+            softmax(&p)?
+        };
+        let go = if padded > n {
+            grad.pad_with_zeros(1, 0, padded - n)?
+        } else {
+            grad
+        };
+        // dO [B, H, N', hd].
+        let go = go
+            .reshape((b, padded, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let dv = p.t()?.matmul(&go)?;
+        let dp = go.matmul(&v.t()?)?;
+        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad)?;
+        // Scores are (q·s)·kᵀ: d(q·s) = dS·k, dq = that · s; dk = dSᵀ·(q·s).
+        let dq = (ds.matmul(&k)? * (hd as f64).powf(-0.5))?;
+        let dk = ds.t()?.matmul(&q)?;
+        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((b, padded, d3))?;
+        let dqkv = if padded > n {
+            dqkv.narrow(1, 0, n)?
+        } else {
+            dqkv
+        };
+        Ok((Some(dqkv), None))
+    }
+}

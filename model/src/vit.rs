@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::fused::{bias_add, fused, gelu, layer_norm, softmax, softmax_valid};
+use crate::fused::{attention, bias_add, gelu, layer_norm};
 use crate::ops::drop_path;
 
 /// Encoder shape.
@@ -141,41 +141,10 @@ impl Attention {
         })
     }
 
-    /// `[B, N, D]` → `[B, N, D]`.
+    /// `[B, N, D]` → `[B, N, D]` ([`attention`] between the projections).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let h = self.heads;
-        let hd = d / h;
-        let qkv = self.qkv.forward(x)?;
-        // With the fused kernels, the tokens are padded to a multiple of 8 (577 → 584): the
-        // attention products then have aligned leading dimensions (tensor-core GEMMs on a GPU).
-        // Padded keys are left out of the softmax, padded queries dropped after.
-        let padded = if fused() { n.div_ceil(8) * 8 } else { n };
-        let qkv = if padded > n {
-            qkv.pad_with_zeros(1, 0, padded - n)?
-        } else {
-            qkv
-        };
-        let qkv = qkv
-            .reshape((b, padded, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        // The scale goes on q ([B, H, N, hd]), not on the [B, H, N, N] scores.
-        let q = (qkv.get(0)? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let att = q.matmul(&k.t()?)?;
-        let att = if padded > n {
-            softmax_valid(&att, n)?
-        } else {
-            softmax(&att)?
-        };
-        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, padded, d))?;
-        let out = if padded > n {
-            out.narrow(1, 0, n)?
-        } else {
-            out
-        };
-        self.proj.forward(&out)
+        self.proj
+            .forward(&attention(&self.qkv.forward(x)?, self.heads)?)
     }
 }
 

@@ -218,6 +218,33 @@ fn softmax_over_the_valid_entries_ignores_the_padding() {
 }
 
 #[test]
+fn the_attention_node_equals_the_composed_attention_with_gradients() {
+    // 5 and 16 tokens: padded to 8 and not padded.
+    for (b, n, heads, hd) in [(2usize, 5usize, 2usize, 3usize), (1, 16, 3, 4)] {
+        let d3 = 3 * heads * hd;
+        let qkv = Var::from_tensor(&random(&[b, n, d3], 31, 1.5, DType::F64)).unwrap();
+        let lw = random(&[b, n, heads * hd], 32, 1.0, DType::F64);
+        let run = |node: bool| {
+            let y = if node {
+                fused::attention(qkv.as_tensor(), heads).unwrap()
+            } else {
+                fused::attention_reference(qkv.as_tensor(), heads).unwrap()
+            };
+            let g = (&y * &lw).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(qkv.as_tensor()).unwrap().clone())
+        };
+        let (yc, gc) = run(false);
+        let (yf, gf) = run(true);
+        assert!(max_rel(&yf, &yc) < 1e-12, "forward n={n}");
+        assert!(
+            max_rel(&gf, &gc) < 1e-12,
+            "dqkv n={n}: {}",
+            max_rel(&gf, &gc)
+        );
+    }
+}
+
+#[test]
 fn a_non_contiguous_input_is_made_contiguous_first() {
     let x = random(&[6, 10], 7, 2.0, DType::F32).t().unwrap();
     assert!(!x.is_contiguous());
