@@ -133,11 +133,37 @@ fn cpu_from_f64(v: Vec<f64>, dtype: DType) -> Result<CpuStorage> {
     })
 }
 
-/// Mean and `1 / sqrt(var + eps)` of a row.
-fn row_stats(row: &[f64], eps: f64) -> (f64, f64) {
+/// Run `$f::<T>(…)` for the float dtype `$dt` (f32, f64, bf16, f16).
+macro_rules! by_dtype {
+    ($dt:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dt {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            d => Err(candle_core::Error::Msg(format!("fused ops: unsupported dtype {d:?}"))),
+        }
+    };
+}
+
+/// The values of a contiguous CPU storage, in its own dtype (no copy).
+fn typed<'a, T: WithDType>(s: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
+    let (a, b) = span(layout, op)?;
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// Mean and `1 / sqrt(var + eps)` of a row (f64 arithmetic).
+fn row_stats_t<T: WithDType>(row: &[T], eps: f64) -> (f64, f64) {
     let n = row.len() as f64;
-    let mean = row.iter().sum::<f64>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = row
+        .iter()
+        .map(|v| {
+            let c = v.to_f64() - mean;
+            c * c
+        })
+        .sum::<f64>()
+        / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -167,23 +193,33 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_cols(l1);
-        let x = cpu_f64(s1, l1, self.name())?;
+        fn go<T: WithDType>(
+            s: &CpuStorage,
+            l: &Layout,
+            w: &[f64],
+            b: &[f64],
+            eps: f64,
+        ) -> Result<CpuStorage> {
+            let (_, d) = rows_cols(l);
+            let x = typed::<T>(s, l, "layer norm")?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            let chunk = rows_per_task(d) * d;
+            y.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(yc, xc)| {
+                    for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                        let (mean, rstd) = row_stats_t(xr, eps);
+                        for i in 0..d {
+                            yr[i] = T::from_f64((xr[i].to_f64() - mean) * rstd * w[i] + b[i]);
+                        }
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(y))
+        }
         let w = cpu_f64(s2, l2, self.name())?;
         let b = cpu_f64(s3, l3, self.name())?;
-        let mut y = vec![0f64; x.len()];
-        let chunk = rows_per_task(d) * d;
-        y.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for i in 0..d {
-                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                    }
-                }
-            });
-        Ok((cpu_from_f64(y, s1.dtype())?, l1.shape().clone()))
+        let out = by_dtype!(s1.dtype(), go(s1, l1, &w, &b, self.eps))?;
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -241,32 +277,43 @@ impl CustomOp3 for LayerNormGradX {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_cols(l1);
-        let x = cpu_f64(s1, l1, self.name())?;
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            w: &[f64],
+            s3: &CpuStorage,
+            l3: &Layout,
+            eps: f64,
+        ) -> Result<CpuStorage> {
+            let (_, d) = rows_cols(l1);
+            let x = typed::<T>(s1, l1, "layer norm backward")?;
+            let dy = typed::<T>(s3, l3, "layer norm backward")?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            let chunk = rows_per_task(d) * d;
+            let n = d as f64;
+            dx.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+                .for_each(|(oc, (xc, gc))| {
+                    for ((o, xr), gr) in oc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                        let (mean, rstd) = row_stats_t(xr, eps);
+                        let (mut a, mut bsum) = (0f64, 0f64);
+                        for i in 0..d {
+                            let g = gr[i].to_f64() * w[i];
+                            a += g;
+                            bsum += g * (xr[i].to_f64() - mean) * rstd;
+                        }
+                        let (a, bsum) = (a / n, bsum / n);
+                        for i in 0..d {
+                            let xhat = (xr[i].to_f64() - mean) * rstd;
+                            o[i] = T::from_f64(rstd * (gr[i].to_f64() * w[i] - a - xhat * bsum));
+                        }
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
         let w = cpu_f64(s2, l2, self.name())?;
-        let dy = cpu_f64(s3, l3, self.name())?;
-        let mut dx = vec![0f64; x.len()];
-        let chunk = rows_per_task(d) * d;
-        let n = d as f64;
-        dx.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-            .for_each(|(oc, (xc, gc))| {
-                for ((o, xr), gr) in oc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    let (mut a, mut bsum) = (0f64, 0f64);
-                    for i in 0..d {
-                        let g = gr[i] * w[i];
-                        a += g;
-                        bsum += g * (xr[i] - mean) * rstd;
-                    }
-                    let (a, bsum) = (a / n, bsum / n);
-                    for i in 0..d {
-                        let xhat = (xr[i] - mean) * rstd;
-                        o[i] = rstd * (gr[i] * w[i] - a - xhat * bsum);
-                    }
-                }
-            });
-        Ok((cpu_from_f64(dx, s1.dtype())?, l1.shape().clone()))
+        let out = by_dtype!(s1.dtype(), go(s1, l1, &w, s3, l3, self.eps))?;
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -308,31 +355,43 @@ impl CustomOp3 for LayerNormGradWB {
         _s3: &CpuStorage,
         _l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, d) = rows_cols(l1);
-        let x = cpu_f64(s1, l1, self.name())?;
-        let dy = cpu_f64(s2, l2, self.name())?;
-        let rows_block = rows.div_ceil(64).max(1);
-        let parts: Vec<Vec<f64>> = x
-            .par_chunks(rows_block * d)
-            .zip(dy.par_chunks(rows_block * d))
-            .map(|(xc, gc)| {
-                let mut acc = vec![0f64; 2 * d];
-                for (xr, gr) in xc.chunks(d).zip(gc.chunks(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for i in 0..d {
-                        acc[i] += gr[i] * (xr[i] - mean) * rstd;
-                        acc[d + i] += gr[i];
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            eps: f64,
+        ) -> Result<(Vec<f64>, usize)> {
+            let (rows, d) = rows_cols(l1);
+            let x = typed::<T>(s1, l1, "layer norm backward")?;
+            let dy = typed::<T>(s2, l2, "layer norm backward")?;
+            let rows_block = rows.div_ceil(64).max(1);
+            let parts: Vec<Vec<f64>> = x
+                .par_chunks(rows_block * d)
+                .zip(dy.par_chunks(rows_block * d))
+                .map(|(xc, gc)| {
+                    let mut acc = vec![0f64; 2 * d];
+                    for (xr, gr) in xc.chunks(d).zip(gc.chunks(d)) {
+                        let (mean, rstd) = row_stats_t(xr, eps);
+                        for i in 0..d {
+                            let g = gr[i].to_f64();
+                            acc[i] += g * (xr[i].to_f64() - mean) * rstd;
+                            acc[d + i] += g;
+                        }
                     }
-                }
-                acc
-            })
-            .collect();
-        let p = parts.len().max(1);
-        let mut out = vec![0f64; 2 * p * d];
-        for (j, acc) in parts.iter().enumerate() {
-            out[j * d..(j + 1) * d].copy_from_slice(&acc[..d]);
-            out[(p + j) * d..(p + j + 1) * d].copy_from_slice(&acc[d..]);
+                    acc
+                })
+                .collect();
+            let p = parts.len().max(1);
+            let mut out = vec![0f64; 2 * p * d];
+            for (j, acc) in parts.iter().enumerate() {
+                out[j * d..(j + 1) * d].copy_from_slice(&acc[..d]);
+                out[(p + j) * d..(p + j + 1) * d].copy_from_slice(&acc[d..]);
+            }
+            Ok((out, p))
         }
+        let (_, d) = rows_cols(l1);
+        let (out, p) = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, self.eps))?;
         let dtype = if s1.dtype() == DType::F64 {
             DType::F64
         } else {
@@ -371,25 +430,35 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_cols(l);
-        let mut y = cpu_f64(s, l, self.name())?;
-        let valid = self.valid.clamp(1, d);
-        y.par_chunks_mut(rows_per_task(d) * d).for_each(|c| {
-            for r in c.chunks_mut(d) {
-                let (r, pad) = r.split_at_mut(valid);
-                let m = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let mut sum = 0.0;
-                for v in r.iter_mut() {
-                    *v = (*v - m).exp();
-                    sum += *v;
-                }
-                for v in r.iter_mut() {
-                    *v /= sum;
-                }
-                pad.fill(0.0);
-            }
-        });
-        Ok((cpu_from_f64(y, s.dtype())?, l.shape().clone()))
+        fn go<T: WithDType>(s: &CpuStorage, l: &Layout, valid: usize) -> Result<CpuStorage> {
+            let (_, d) = rows_cols(l);
+            let x = typed::<T>(s, l, "softmax")?;
+            let valid = valid.clamp(1, d);
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            let chunk = rows_per_task(d) * d;
+            y.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(yc, xc)| {
+                    let mut e = vec![0f64; valid];
+                    for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                        let m = xr[..valid]
+                            .iter()
+                            .map(|v| v.to_f64())
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        let mut sum = 0.0;
+                        for (ev, xv) in e.iter_mut().zip(&xr[..valid]) {
+                            *ev = (xv.to_f64() - m).exp();
+                            sum += *ev;
+                        }
+                        for (yv, ev) in yr.iter_mut().zip(&e) {
+                            *yv = T::from_f64(ev / sum);
+                        }
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let out = by_dtype!(s.dtype(), go(s, l, self.valid))?;
+        Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -426,21 +495,35 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_cols(l1);
-        let y = cpu_f64(s1, l1, self.name())?;
-        let mut g = cpu_f64(s2, l2, self.name())?;
-        let chunk = rows_per_task(d) * d;
-        g.par_chunks_mut(chunk)
-            .zip(y.par_chunks(chunk))
-            .for_each(|(gc, yc)| {
-                for (gr, yr) in gc.chunks_mut(d).zip(yc.chunks(d)) {
-                    let s: f64 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
-                    for (gv, yv) in gr.iter_mut().zip(yr) {
-                        *gv = yv * (*gv - s);
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (_, d) = rows_cols(l1);
+            let y = typed::<T>(s1, l1, "softmax backward")?;
+            let g = typed::<T>(s2, l2, "softmax backward")?;
+            let mut dx = vec![T::from_f64(0.0); y.len()];
+            let chunk = rows_per_task(d) * d;
+            dx.par_chunks_mut(chunk)
+                .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                .for_each(|(oc, (yc, gc))| {
+                    for ((o, yr), gr) in oc.chunks_mut(d).zip(yc.chunks(d)).zip(gc.chunks(d)) {
+                        let s: f64 = gr
+                            .iter()
+                            .zip(yr)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
+                            .sum();
+                        for ((ov, yv), gv) in o.iter_mut().zip(yr).zip(gr) {
+                            *ov = T::from_f64(yv.to_f64() * (gv.to_f64() - s));
+                        }
                     }
-                }
-            });
-        Ok((cpu_from_f64(g, s1.dtype())?, l1.shape().clone()))
+                });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2))?;
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -500,17 +583,25 @@ impl CustomOp2 for BiasAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c) = rows_cols(l1);
-        let mut y = cpu_f64(s1, l1, self.name())?;
+        fn go<T: WithDType>(s: &CpuStorage, l: &Layout, b: &[f64]) -> Result<CpuStorage> {
+            let (_, c) = rows_cols(l);
+            let x = typed::<T>(s, l, "bias add")?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            let chunk = rows_per_task(c) * c;
+            y.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(yc, xc)| {
+                    for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
+                        for ((yv, xv), bv) in yr.iter_mut().zip(xr).zip(b) {
+                            *yv = T::from_f64(xv.to_f64() + bv);
+                        }
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(y))
+        }
         let b = cpu_f64(s2, l2, self.name())?;
-        y.par_chunks_mut(rows_per_task(c) * c).for_each(|chunk| {
-            for row in chunk.chunks_mut(c) {
-                for (v, bv) in row.iter_mut().zip(&b) {
-                    *v += bv;
-                }
-            }
-        });
-        Ok((cpu_from_f64(y, s1.dtype())?, l1.shape().clone()))
+        let out = by_dtype!(s1.dtype(), go(s1, l1, &b))?;
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -555,26 +646,31 @@ impl CustomOp1 for ColumnSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, c) = rows_cols(l);
-        let x = cpu_f64(s, l, self.name())?;
-        let rows_block = rows.div_ceil(64).max(1);
-        let parts: Vec<Vec<f64>> = x
-            .par_chunks(rows_block * c)
-            .map(|chunk| {
-                let mut acc = vec![0f64; c];
-                for row in chunk.chunks(c) {
-                    for (a, v) in acc.iter_mut().zip(row) {
-                        *a += v;
+        fn go<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<(Vec<f64>, usize)> {
+            let (rows, c) = rows_cols(l);
+            let x = typed::<T>(s, l, "column sums")?;
+            let rows_block = rows.div_ceil(64).max(1);
+            let parts: Vec<Vec<f64>> = x
+                .par_chunks(rows_block * c)
+                .map(|chunk| {
+                    let mut acc = vec![0f64; c];
+                    for row in chunk.chunks(c) {
+                        for (a, v) in acc.iter_mut().zip(row) {
+                            *a += v.to_f64();
+                        }
                     }
-                }
-                acc
-            })
-            .collect();
-        let p = parts.len().max(1);
-        let mut out = vec![0f64; p * c];
-        for (j, acc) in parts.iter().enumerate() {
-            out[j * c..(j + 1) * c].copy_from_slice(acc);
+                    acc
+                })
+                .collect();
+            let p = parts.len().max(1);
+            let mut out = vec![0f64; p * c];
+            for (j, acc) in parts.iter().enumerate() {
+                out[j * c..(j + 1) * c].copy_from_slice(acc);
+            }
+            Ok((out, p))
         }
+        let (_, c) = rows_cols(l);
+        let (out, p) = by_dtype!(s.dtype(), go(s, l))?;
         let dtype = if s.dtype() == DType::F64 {
             DType::F64
         } else {
@@ -612,13 +708,21 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut y = cpu_f64(s, l, self.name())?;
-        y.par_chunks_mut(4096).for_each(|c| {
-            for v in c {
-                *v *= normal_cdf_pdf(*v).0;
-            }
-        });
-        Ok((cpu_from_f64(y, s.dtype())?, l.shape().clone()))
+        fn go<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            let x = typed::<T>(s, l, "gelu")?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            y.par_chunks_mut(4096)
+                .zip(x.par_chunks(4096))
+                .for_each(|(yc, xc)| {
+                    for (yv, xv) in yc.iter_mut().zip(xc) {
+                        let v = xv.to_f64();
+                        *yv = T::from_f64(v * normal_cdf_pdf(v).0);
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let out = by_dtype!(s.dtype(), go(s, l))?;
+        Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -651,17 +755,28 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_f64(s1, l1, self.name())?;
-        let mut g = cpu_f64(s2, l2, self.name())?;
-        g.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(gc, xc)| {
-                for (gv, &xv) in gc.iter_mut().zip(xc) {
-                    let (cdf, pdf) = normal_cdf_pdf(xv);
-                    *gv *= cdf + xv * pdf;
-                }
-            });
-        Ok((cpu_from_f64(g, s1.dtype())?, l1.shape().clone()))
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let x = typed::<T>(s1, l1, "gelu backward")?;
+            let g = typed::<T>(s2, l2, "gelu backward")?;
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            dx.par_chunks_mut(4096)
+                .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+                .for_each(|(oc, (xc, gc))| {
+                    for ((ov, xv), gv) in oc.iter_mut().zip(xc).zip(gc) {
+                        let v = xv.to_f64();
+                        let (cdf, pdf) = normal_cdf_pdf(v);
+                        *ov = T::from_f64(gv.to_f64() * (cdf + v * pdf));
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2))?;
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
