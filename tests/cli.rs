@@ -538,3 +538,92 @@ fn train_names_what_is_wrong_with_a_device_or_a_precision() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or bf16"));
 }
+
+#[test]
+fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 1, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
+    let train = |steps: &str, resume: bool| {
+        let mut c = icefm();
+        c.arg("train")
+            .arg("--store")
+            .arg(&store)
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&run);
+        for s in [
+            "model.preset=micro",
+            "mae.decoder_dim=8",
+            "mae.decoder_depth=1",
+            "mae.decoder_heads=2",
+            "data.levels=80",
+            "data.crop=32",
+            "data.batch_size=2",
+            "train.checkpoint_every=1000000",
+            "train.panel_every=0",
+            steps,
+        ] {
+            c.args(["--set", s]);
+        }
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let child = train("train.steps=1000000", false)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it trains, then send SIGINT as a terminal's Ctrl-C does.
+    let log = run.join("log.txt");
+    let t0 = std::time::Instant::now();
+    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("stopped after"), "{text}");
+    assert!(
+        text.contains("continue with: icefm train --resume"),
+        "{text}"
+    );
+    // The checkpoint of the step it stopped at, and a resume that continues from it.
+    let ckpts: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            name.strip_prefix("step_")?.parse().ok()
+        })
+        .collect();
+    assert_eq!(ckpts.len(), 1, "{ckpts:?}");
+    let done = ckpts[0];
+    assert!((1..1_000_000).contains(&done), "{done}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("(interrupt)")
+    );
+    let out = ok(train(&format!("train.steps={}", done + 2), true)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "trained 2 steps (now at {} of {})",
+            done + 2,
+            done + 2
+        )),
+        "{text}"
+    );
+}
