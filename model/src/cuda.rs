@@ -452,6 +452,65 @@ extern "C" __global__ void sum_squares_multi(const unsigned long long* table, do
     }
 }
 
+
+// ---- MAE's masked norm-pix loss: one warp per patch row of p values; w = valid · masked.
+template <typename T>
+__device__ bool npx_stats(const T* t, const T* w, int p, int lane, float& mean, float& rstd,
+                          float& cnt) {
+    float c = 0.f, s = 0.f;
+    for (int i = lane; i < p; i += 32) { float wi = ld(w, i); c += wi; s += wi * ld(t, i); }
+    c = warp_sum(c);
+    s = warp_sum(s);
+    if (c < 2.f) return false;
+    mean = s / c;
+    float v = 0.f;
+    for (int i = lane; i < p; i += 32) { float d = (ld(t, i) - mean) * ld(w, i); v += d * d; }
+    v = warp_sum(v) / (c - 1.f);
+    rstd = rsqrtf(v + 1e-6f);
+    cnt = c;
+    return true;
+}
+template <typename T>
+__device__ void npx_loss(const T* pred, const T* t, const T* w, T* out, int rows, int p) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long o = (long)row * p;
+    float mean, rstd, cnt;
+    if (!npx_stats(t + o, w + o, p, lane, mean, rstd, cnt)) { if (lane == 0) st(out, row, 0.f); return; }
+    float se = 0.f;
+    for (int i = lane; i < p; i += 32) {
+        float e = ld(pred + o, i) - (ld(t + o, i) - mean) * rstd;
+        se += e * e * ld(w + o, i);
+    }
+    se = warp_sum(se);
+    if (lane == 0) st(out, row, se / cnt);
+}
+// wg rows hold p weights, then the patch's incoming gradient.
+template <typename T>
+__device__ void npx_grad(const T* pred, const T* t, const T* wg, T* dp, int rows, int p) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long o = (long)row * p;
+    const T* w = wg + (long)row * (p + 1);
+    float mean, rstd, cnt;
+    if (!npx_stats(t + o, w, p, lane, mean, rstd, cnt)) {
+        for (int i = lane; i < p; i += 32) st(dp + o, i, 0.f);
+        return;
+    }
+    float g = ld(w, p);
+    for (int i = lane; i < p; i += 32) {
+        float e = ld(pred + o, i) - (ld(t + o, i) - mean) * rstd;
+        st(dp + o, i, 2.f * e * ld(w, i) * g / cnt);
+    }
+}
+#define NPX_INSTANCES(T, SUF)                                                                 \
+extern "C" __global__ void norm_pix_loss_##SUF(const T* pred, const T* t, const T* w, T* out, \
+        int rows, int p) { npx_loss<T>(pred, t, w, out, rows, p); }                           \
+extern "C" __global__ void norm_pix_loss_grad_##SUF(const T* pred, const T* t, const T* wg,  \
+        T* dp, int rows, int p) { npx_grad<T>(pred, t, wg, dp, rows, p); }
+NPX_INSTANCES(float, f32)
+NPX_INSTANCES(bf16_t, bf16)
+
 // AdamW over many tensors in one launch: table[t] = {w, m, v, g, n, decay} (6 words),
 // blockIdx.y = tensor. Same arithmetic, in the same order, as icefm_model::optim::AdamW.
 extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr, float b1,
@@ -1070,6 +1129,93 @@ pub fn sum_squares(tensors: &[&Tensor]) -> Result<f64> {
     drop(guards);
     let v = dev.clone_dtoh(&out)?;
     Ok(v.first().copied().unwrap_or(0.0))
+}
+
+/// Per-patch masked norm-pix loss `[rows]` of `[rows, p]` predictions, targets and weights.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_pix_loss(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    p: usize,
+) -> Result<CudaStorage> {
+    npx_launch(s1, l1, s2, l2, s3, l3, rows, p, "norm_pix_loss", rows)
+}
+
+/// Gradient of [`norm_pix_loss`] for the predictions, `[rows, p]`; `s3` holds `[rows, p + 1]`
+/// weights followed by each patch's incoming gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_pix_loss_grad(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    p: usize,
+) -> Result<CudaStorage> {
+    npx_launch(
+        s1,
+        l1,
+        s2,
+        l2,
+        s3,
+        l3,
+        rows,
+        p,
+        "norm_pix_loss_grad",
+        rows * p,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn npx_launch(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    p: usize,
+    kernel: &str,
+    out_len: usize,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        rows: usize,
+        p: usize,
+        kernel: &str,
+        out_len: usize,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let pred = typed::<T>(s1, l1)?;
+        let t = typed::<T>(s2, l2)?;
+        let w = typed::<T>(s3, l3)?;
+        let (r, c) = dims(rows, p)?;
+        let f = func(dev, &format!("{kernel}_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(out_len)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&pred).arg(&t).arg(&w).arg(&out).arg(&r).arg(&c);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        Ok(T::wrap(out))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, p, kernel, out_len))?;
+    Ok(wrap(&s1.device, slice))
 }
 
 /// One tensor of a fused AdamW step: weight, moments and gradient (all f32, contiguous, on

@@ -5,6 +5,7 @@
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::fused::masked_norm_pix_loss;
 use crate::vit::{Block, Linear, Norm, Vit, VitConfig, patchify, sincos_2d};
 
 /// MAE shape and masking.
@@ -256,7 +257,6 @@ impl Mae {
                 .contiguous()?,
             p,
         )?;
-        let (target, weight) = norm_pix(&target, &vmask)?;
         let masked: Vec<Vec<bool>> = (0..b)
             .map(|i| (0..n).map(|t| masking.is_masked(i, t)).collect())
             .collect();
@@ -266,10 +266,10 @@ impl Mae {
             .map(|&x| f32::from(u8::from(x)))
             .collect();
         let m = Tensor::from_vec(m, (b, n, 1), dev)?.to_dtype(dtype)?;
-        let loss = patch_loss(&pred, &target, &weight, &m)?;
-        let baseline = patch_loss(&target.zeros_like()?, &target, &weight, &m)?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        // Valid pixels of masked patches.
+        let weight = vmask.broadcast_mul(&m)?;
+        let (loss, baseline) = masked_norm_pix_loss(&pred, &target, &weight)?;
+        let baseline = baseline.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         Ok(MaeOutput {
             loss,
             pred,

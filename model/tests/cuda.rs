@@ -361,3 +361,48 @@ fn the_gradient_norm_in_one_launch_matches_the_host() {
     );
     assert!((scale - 1.0 / (norm + 1e-6)).abs() < 1e-9);
 }
+
+#[test]
+fn the_norm_pix_loss_kernels_match_the_cpu() {
+    let g = gpu();
+    let (b, n, p) = (4usize, 37usize, 512usize);
+    let pred = random(&[b, n, p], 71, 1.0);
+    let target = random(&[b, n, p], 72, 2.0);
+    let mut r = Rng::new(73, 0);
+    let weight: Vec<f32> = (0..b * n * p)
+        .map(|i| {
+            // Unmasked patches (every fourth), invalid pixels, a patch with one valid pixel.
+            let patch = i / p;
+            if patch % 4 == 0 || patch == 5 && i % p > 0 || r.unit() < 0.2 {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let weight = Tensor::from_vec(weight, (b, n, p), &Device::Cpu).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+        let run = |dev: &Device| {
+            let pv =
+                Var::from_tensor(&pred.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap();
+            let t = target.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+            let w = weight.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+            let (loss, base) = fused::masked_norm_pix_loss(pv.as_tensor(), &t, &w).unwrap();
+            let grads = loss.backward().unwrap();
+            (
+                host(&loss)[0],
+                host(&base)[0],
+                grads.get(pv.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (lc, bc, gc) = run(&Device::Cpu);
+        let (lg, bg, gg) = run(&g);
+        assert!((lg - lc).abs() / lc < tol, "{dtype:?} loss {lg} vs {lc}");
+        assert!(
+            (bg - bc).abs() / bc < tol,
+            "{dtype:?} baseline {bg} vs {bc}"
+        );
+        let e = max_rel(&gg, &gc);
+        assert!(e < tol * 3.0, "{dtype:?} dpred: {e}");
+    }
+}

@@ -245,6 +245,50 @@ fn the_attention_node_equals_the_composed_attention_with_gradients() {
 }
 
 #[test]
+fn the_fused_norm_pix_loss_equals_the_composition_with_gradients() {
+    let (b, n, p) = (3usize, 7usize, 20usize);
+    for dtype in [DType::F64, DType::F32] {
+        let pred = Var::from_tensor(&random(&[b, n, p], 41, 1.0, dtype)).unwrap();
+        let target = random(&[b, n, p], 42, 2.0, dtype).affine(1.0, 0.3).unwrap();
+        // Invalid pixels (about a third), one patch with a single valid pixel, and a mask.
+        let mut r = icefm_dataset::rng::Rng::new(43, 0);
+        let mut valid: Vec<f64> = (0..b * n * p)
+            .map(|_| if r.unit() < 0.35 { 0.0 } else { 1.0 })
+            .collect();
+        for v in &mut valid[p + 1..2 * p] {
+            *v = 0.0;
+        }
+        let masked: Vec<f64> = (0..b * n)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 })
+            .collect();
+        let valid = Tensor::from_vec(valid, (b, n, p), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let masked = Tensor::from_vec(masked, (b, n, 1), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let weight = valid.broadcast_mul(&masked).unwrap();
+        let (loss, base) = fused::masked_norm_pix_loss(pred.as_tensor(), &target, &weight).unwrap();
+        let (t, w) = icefm_model::mae::norm_pix(&target, &valid).unwrap();
+        let loss_c = icefm_model::mae::patch_loss(pred.as_tensor(), &t, &w, &masked).unwrap();
+        let base_c =
+            icefm_model::mae::patch_loss(&t.zeros_like().unwrap(), &t, &w, &masked).unwrap();
+        let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        assert!(max_rel(&loss, &loss_c) < tol, "{dtype:?} loss");
+        assert!(max_rel(&base, &base_c) < tol, "{dtype:?} baseline");
+        let g = loss.backward().unwrap();
+        let gc = loss_c.backward().unwrap();
+        let e = max_rel(
+            g.get(pred.as_tensor()).unwrap(),
+            gc.get(pred.as_tensor()).unwrap(),
+        );
+        assert!(e < tol * 10.0, "{dtype:?} dpred {e}");
+    }
+}
+
+#[test]
 fn a_non_contiguous_input_is_made_contiguous_first() {
     let x = random(&[6, 10], 7, 2.0, DType::F32).t().unwrap();
     assert!(!x.is_contiguous());
