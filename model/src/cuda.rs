@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor};
@@ -511,6 +512,27 @@ extern "C" __global__ void norm_pix_loss_grad_##SUF(const T* pred, const T* t, c
 NPX_INSTANCES(float, f32)
 NPX_INSTANCES(bf16_t, bf16)
 
+
+// ---- Token gather / scatter: out[b, dst][:] = in[b, src][:] for each index j of a sample;
+// gather: src = ids[j], dst = j; scatter: src = j, dst = ids[j] (distinct ids: no atomics).
+// One block per (sample, j); out is zero-filled first for a scatter.
+template <typename T>
+__device__ void move_tokens_k(const T* in, const unsigned int* ids, T* out, int k, int n, int d,
+                              int scatter) {
+    int b = blockIdx.y, j = blockIdx.x;
+    int t = (int)ids[(long)b * k + j];
+    int rows_in = scatter ? k : n, rows_out = scatter ? n : k;
+    int src = scatter ? j : t, dst = scatter ? t : j;
+    const T* f = in + ((long)b * rows_in + src) * d;
+    T* o = out + ((long)b * rows_out + dst) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = f[i];
+}
+#define MOVE_INSTANCES(T, SUF)                                                                \
+extern "C" __global__ void move_tokens_##SUF(const T* in, const unsigned int* ids, T* out,   \
+        int k, int n, int d, int scatter) { move_tokens_k<T>(in, ids, out, k, n, d, scatter); }
+MOVE_INSTANCES(float, f32)
+MOVE_INSTANCES(bf16_t, bf16)
+
 // AdamW over many tensors in one launch: table[t] = {w, m, v, g, n, decay} (6 words),
 // blockIdx.y = tensor. Same arithmetic, in the same order, as icefm_model::optim::AdamW.
 extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr, float b1,
@@ -634,7 +656,7 @@ fn wrap(dev: &CudaDevice, slice: CudaStorageSlice) -> CudaStorage {
 }
 
 /// Typed access to a storage slice.
-trait Elem: DeviceRepr + Sized {
+trait Elem: DeviceRepr + ValidAsZeroBits + Sized {
     const SUFFIX: &'static str;
     fn slice(s: &CudaStorageSlice) -> Result<&CudaSlice<Self>>;
     fn wrap(s: CudaSlice<Self>) -> CudaStorageSlice;
@@ -1215,6 +1237,65 @@ fn npx_launch(
         Ok(T::wrap(out))
     }
     let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, p, kernel, out_len))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Token gather (`scatter` false: `[B, N, D]` → `[B, K, D]`) or its backward scatter
+/// (`[B, K, D]` → zero-filled `[B, N, D]`) by `ids` `[B, K]` (u32, distinct per sample).
+pub fn move_tokens(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    (b, k, d): (usize, usize, usize),
+    n: usize,
+    scatter: bool,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        ids: &CudaView<'_, u32>,
+        (b, k, d): (usize, usize, usize),
+        n: usize,
+        scatter: bool,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let out_len = b * if scatter { n } else { k } * d;
+        // Zeros where no token lands (a scatter); a gather writes every element.
+        let out = dev.alloc_zeros::<T>(out_len)?;
+        let (k_i, n_i) = dims(k, n)?;
+        let d_i = i32::try_from(d).map_err(|_| candle_core::Error::Msg("width".into()))?;
+        let sc = i32::from(scatter);
+        let f = func(dev, &format!("move_tokens_{}", T::SUFFIX))?;
+        let cfg = LaunchConfig {
+            grid_dim: (k as u32, b as u32, 1),
+            block_dim: (d.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x)
+            .arg(ids)
+            .arg(&out)
+            .arg(&k_i)
+            .arg(&n_i)
+            .arg(&d_i)
+            .arg(&sc);
+        // SAFETY: arguments match the kernel's signature; the ids are below n (checked where
+        // the index tensor is made).
+        unsafe { lb.launch(cfg) }.w()?;
+        Ok(T::wrap(out))
+    }
+    let ids = match &s2.slice {
+        CudaStorageSlice::U32(v) => view(v, l2)?,
+        _ => candle_core::bail!("token indices must be u32"),
+    };
+    if k == 0 || b == 0 {
+        candle_core::bail!("move_tokens: no tokens");
+    }
+    let slice = with_elem!(s1, go(s1, l1, &ids, (b, k, d), n, scatter))?;
     Ok(wrap(&s1.device, slice))
 }
 

@@ -1180,3 +1180,185 @@ impl CustomOp3 for NormPixLossGrad {
         Ok((out, l1.shape().clone()))
     }
 }
+
+/// Tokens of each sample by index: `x` `[B, N, D]`, `ids` `[B][K]` (each row's indices
+/// distinct, below N) → `[B, K, D]`. Its backward writes each gradient row back to its token
+/// (zeros elsewhere) with no atomic adds, since a sample's indices are distinct. Falls back
+/// to candle's `gather` (an index tensor as wide as the tokens) when fusion is off.
+pub fn gather_tokens(x: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let k = ids.first().map_or(0, Vec::len);
+    if ids.len() != b || ids.iter().any(|r| r.len() != k) {
+        candle_core::bail!(
+            "gather_tokens: {} index rows of unequal length for {b} samples",
+            ids.len()
+        );
+    }
+    for row in ids {
+        let mut seen = vec![false; n];
+        for &i in row {
+            let i = i as usize;
+            if i >= n || std::mem::replace(&mut seen[i], true) {
+                candle_core::bail!("gather_tokens: index {i} repeated or not below {n}");
+            }
+        }
+    }
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let idx = Tensor::from_vec(flat, (b, k), x.device())?;
+    if !fused() {
+        let wide = idx.unsqueeze(2)?.broadcast_as((b, k, d))?.contiguous()?;
+        return x.contiguous()?.gather(&wide, 1);
+    }
+    x.contiguous()?.apply_op2(&idx, GatherTokens)
+}
+
+/// [`gather_tokens`]'s op: `(x [B, N, D], ids [B, K] u32) → [B, K, D]`.
+#[derive(Debug, Clone, Copy)]
+pub struct GatherTokens;
+
+/// [`GatherTokens`] backward: `(grad [B, K, D], ids [B, K])` → `[B, N, D]`, `N` given.
+#[derive(Debug, Clone, Copy)]
+pub struct ScatterTokens {
+    /// Tokens per sample of the result.
+    pub n: usize,
+}
+
+/// Copy rows between `[B, ·, D]` buffers: `to[b, dst(j)] = from[b, src(j)]` for each index `j`
+/// of a sample (`gather`: src = ids[j], dst = j; scatter: src = j, dst = ids[j]).
+fn move_rows<T: WithDType>(
+    from: &[T],
+    ids: &[u32],
+    (b, k, d): (usize, usize, usize),
+    n: usize,
+    scatter: bool,
+) -> Vec<T> {
+    let (rows_in, rows_out) = if scatter { (k, n) } else { (n, k) };
+    let mut out = vec![T::from_f64(0.0); b * rows_out * d];
+    out.par_chunks_mut(rows_out * d)
+        .zip(from.par_chunks(rows_in * d))
+        .zip(ids.par_chunks(k))
+        .for_each(|((o, f), id)| {
+            for (j, &t) in id.iter().enumerate() {
+                let t = t as usize;
+                let (src, dst) = if scatter { (j, t) } else { (t, j) };
+                o[dst * d..(dst + 1) * d].copy_from_slice(&f[src * d..(src + 1) * d]);
+            }
+        });
+    out
+}
+
+impl CustomOp2 for GatherTokens {
+    fn name(&self) -> &'static str {
+        "icefm-gather-tokens"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            ids: &[u32],
+            k: usize,
+        ) -> Result<CpuStorage> {
+            let dims = l1.dims();
+            let (b, n, d) = (dims[0], dims[1], dims[2]);
+            let x = typed::<T>(s1, l1, "gather tokens")?;
+            Ok(T::to_cpu_storage_owned(move_rows(
+                x,
+                ids,
+                (b, k, d),
+                n,
+                false,
+            )))
+        }
+        let ids = typed::<u32>(s2, l2, self.name())?;
+        let k = l2.dims()[1];
+        let (b, d) = (l1.dims()[0], l1.dims()[2]);
+        let out = by_dtype!(s1.dtype(), go(s1, l1, ids, k))?;
+        Ok((out, Shape::from((b, k, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l1.dims();
+        let (b, n, d) = (dims[0], dims[1], dims[2]);
+        let k = l2.dims()[1];
+        let out = crate::cuda::move_tokens(s1, l1, s2, l2, (b, k, d), n, false)?;
+        Ok((out, Shape::from((b, k, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.dim(1)?;
+        let dx = grad
+            .contiguous()?
+            .apply_op2_no_bwd(ids, &ScatterTokens { n })?;
+        Ok((Some(dx), None))
+    }
+}
+
+impl CustomOp2 for ScatterTokens {
+    fn name(&self) -> &'static str {
+        "icefm-scatter-tokens"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            ids: &[u32],
+            n: usize,
+        ) -> Result<CpuStorage> {
+            let dims = l1.dims();
+            let (b, k, d) = (dims[0], dims[1], dims[2]);
+            let g = typed::<T>(s1, l1, "scatter tokens")?;
+            Ok(T::to_cpu_storage_owned(move_rows(
+                g,
+                ids,
+                (b, k, d),
+                n,
+                true,
+            )))
+        }
+        let ids = typed::<u32>(s2, l2, self.name())?;
+        let (b, d) = (l1.dims()[0], l1.dims()[2]);
+        let out = by_dtype!(s1.dtype(), go(s1, l1, ids, self.n))?;
+        Ok((out, Shape::from((b, self.n, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l1.dims();
+        let (b, k, d) = (dims[0], dims[1], dims[2]);
+        let out = crate::cuda::move_tokens(s1, l1, s2, l2, (b, k, d), self.n, true)?;
+        Ok((out, Shape::from((b, self.n, d))))
+    }
+}

@@ -5,7 +5,7 @@
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::fused::masked_norm_pix_loss;
+use crate::fused::{gather_tokens, masked_norm_pix_loss};
 use crate::vit::{Block, Linear, Norm, Vit, VitConfig, patchify, sincos_2d};
 
 /// MAE shape and masking.
@@ -150,16 +150,6 @@ impl Masking {
     }
 }
 
-/// `[B][M]` indices → a `[B, M, d]` gather index.
-fn gather_index(ids: &[Vec<u32>], d: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let b = ids.len();
-    let m = ids.first().map_or(0, Vec::len);
-    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-    Tensor::from_vec(flat, (b, m, 1), dev)?
-        .broadcast_as((b, m, d))?
-        .contiguous()
-}
-
 impl Mae {
     /// A new model under `vb` (encoder under `encoder.`, decoder under `decoder.`).
     pub fn new(vb: VarBuilder, cfg: &MaeConfig) -> Result<Self> {
@@ -216,9 +206,7 @@ impl Mae {
 
         // Encoder on the kept tokens.
         let tokens = enc.embed(&images.to_dtype(dtype)?)?;
-        let kept = tokens
-            .contiguous()?
-            .gather(&gather_index(&masking.ids_keep, enc.cfg.dim, dev)?, 1)?;
+        let kept = gather_tokens(&tokens, &masking.ids_keep)?;
         let latent = enc.encode(&kept, keep)?;
 
         // Decoder on all tokens: kept ones in their places, mask tokens elsewhere.
@@ -230,9 +218,7 @@ impl Mae {
             .to_dtype(dtype)?
             .broadcast_as((b, n - k, dd))?;
         let shuffled = Tensor::cat(&[&x.narrow(1, 1, k)?, &mask_tokens], 1)?;
-        let restored = shuffled
-            .contiguous()?
-            .gather(&gather_index(&masking.ids_restore, dd, dev)?, 1)?;
+        let restored = gather_tokens(&shuffled, &masking.ids_restore)?;
         let pos = Tensor::from_vec(sincos_2d(gh, gw, dd), (1, n, dd), dev)?.to_dtype(dtype)?;
         let mut y = Tensor::cat(&[&x.narrow(1, 0, 1)?, &restored.broadcast_add(&pos)?], 1)?;
         for blk in &self.decoder_blocks {

@@ -406,3 +406,37 @@ fn the_norm_pix_loss_kernels_match_the_cpu() {
         assert!(e < tol * 3.0, "{dtype:?} dpred: {e}");
     }
 }
+
+#[test]
+fn the_token_gather_and_scatter_kernels_match_the_cpu() {
+    let g = gpu();
+    let (b, n, d) = (3usize, 577usize, 512usize);
+    let mut r = Rng::new(81, 0);
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            let noise: Vec<Vec<f32>> = vec![(0..n).map(|_| r.unit() as f32).collect()];
+            Masking::from_noise(&noise, 0.75).ids_restore[0].clone()
+        })
+        .collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = random(&[b, n, d], 82, 1.0).to_dtype(dtype).unwrap();
+        let lw = random(&[b, n, d], 83, 1.0).to_dtype(dtype).unwrap();
+        let run = |dev: &Device| {
+            let xv = Var::from_tensor(&x.to_device(dev).unwrap()).unwrap();
+            let y = fused::gather_tokens(xv.as_tensor(), &ids).unwrap();
+            let gr = (&y * lw.to_device(dev).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (y, gr.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (yc, gc) = run(&Device::Cpu);
+        let (yg, gg) = run(&g);
+        assert_eq!(max_rel(&yg, &yc), 0.0, "{dtype:?} gather");
+        assert_eq!(max_rel(&gg, &gc), 0.0, "{dtype:?} scatter");
+    }
+}

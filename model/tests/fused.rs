@@ -289,6 +289,37 @@ fn the_fused_norm_pix_loss_equals_the_composition_with_gradients() {
 }
 
 #[test]
+fn token_gather_equals_candles_gather_with_gradients() {
+    let (b, n, d) = (2usize, 9usize, 5usize);
+    let ids = vec![vec![4u32, 0, 7], vec![8, 2, 1]];
+    let x = Var::from_tensor(&random(&[b, n, d], 51, 1.0, DType::F64)).unwrap();
+    let y = fused::gather_tokens(x.as_tensor(), &ids).unwrap();
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let wide = Tensor::from_vec(flat, (b, 3, 1), &Device::Cpu)
+        .unwrap()
+        .broadcast_as((b, 3, d))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let yc = x.as_tensor().gather(&wide, 1).unwrap();
+    assert_eq!(y.dims(), &[b, 3, d]);
+    assert!(max_rel(&y, &yc) == 0.0);
+    let lw = weights_like(&y, 52);
+    let g = (&y * &lw).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (&yc * &lw).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(
+        max_rel(
+            g.get(x.as_tensor()).unwrap(),
+            gc.get(x.as_tensor()).unwrap()
+        ) == 0.0
+    );
+    // Repeated or out-of-range indices are refused.
+    assert!(fused::gather_tokens(x.as_tensor(), &[vec![1, 1, 2], vec![0, 1, 2]]).is_err());
+    assert!(fused::gather_tokens(x.as_tensor(), &[vec![1, 9, 2], vec![0, 1, 2]]).is_err());
+    assert!(fused::gather_tokens(x.as_tensor(), &[vec![1, 2]]).is_err());
+}
+
+#[test]
 fn a_non_contiguous_input_is_made_contiguous_first() {
     let x = random(&[6, 10], 7, 2.0, DType::F32).t().unwrap();
     assert!(!x.is_contiguous());
