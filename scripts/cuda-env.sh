@@ -21,7 +21,11 @@ _stub="$ICEFM_CUDA_DIR/stub"
 if [ ! -e "$_stub/libcuda.so" ]; then
     mkdir -p "$_stub"
     # Every driver entry point cudarc declares, as an empty function, under the real soname.
-    _cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)"
+    _cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1)"
+    if [ -z "$_cudarc" ]; then
+        (cd "$_icefm_root" && cargo fetch -q) || return 1
+        _cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)"
+    fi
     grep -ohE '^\s+fn (cu[A-Za-z0-9_]+)\(' "$_cudarc/src/driver/sys/mod.rs" |
         sed -E 's/^\s+fn ([A-Za-z0-9_]+)\(/void \1(void){}/' | sort -u >"$_stub/libcuda_stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$_stub/libcuda.so" "$_stub/libcuda_stub.c" || return 1
