@@ -5,7 +5,8 @@
 //!
 //! The decoder is SAR-IceFM's (512 wide, 8 blocks, 16 heads); mask ratio 0.75; batch 8.
 //! `ICEFM_BENCH_QUICK=1` runs only the 96 px cases; 384 px steps are timed by hand (two steps)
-//! unless `ICEFM_BENCH_FULL=1`.
+//! unless `ICEFM_BENCH_FULL=1`. Run it with glibc's default allocator settings: the loader
+//! bench's fixed `MALLOC_MMAP_THRESHOLD_` makes every large tensor a fresh mapping here.
 
 use std::time::{Duration, Instant};
 
