@@ -14,38 +14,16 @@ use icefm_model::optim::{AdamW, AdamWConfig};
 use icefm_model::train::{init_weights, named_vars};
 use icefm_model::{fused, ops};
 
+mod common;
+use common::{max_rel, values as host};
+
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device")
 }
 
+/// A seeded f32 tensor on the CPU.
 fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-    let mut r = Rng::new(seed, 0);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| ((r.unit() * 2.0 - 1.0) * scale) as f32)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn host(t: &Tensor) -> Vec<f64> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest absolute difference over the largest reference magnitude.
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (host(a), host(b));
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
+    common::random(shape, seed, scale, DType::F32)
 }
 
 #[test]

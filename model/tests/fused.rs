@@ -4,40 +4,10 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor, Var};
-use icefm_dataset::rng::Rng;
 use icefm_model::{fused, ops};
 
-fn random(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
-    let mut r = Rng::new(seed, 0);
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| (r.unit() * 2.0 - 1.0) * scale).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
-}
+mod common;
+use common::{max_rel, random};
 
 /// Loss weights that make every output element matter differently.
 fn weights_like(t: &Tensor, seed: u64) -> Tensor {

@@ -15,6 +15,9 @@ use icefm_model::mae::{Mae, Masking};
 use icefm_model::train::named_vars;
 use icefm_model::vit::Vit;
 
+mod common;
+use common::{max_rel, values};
+
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
@@ -26,26 +29,6 @@ fn reference() -> HashMap<String, Tensor> {
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest |got − want| over the largest |want|.
-fn max_rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (values(got), values(want));
-    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-    g.iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs() / scale)
-        .fold(0.0, f64::max)
 }
 
 fn vb_of(tensors: &std::collections::BTreeMap<String, Tensor>) -> VarBuilder<'static> {
@@ -146,7 +129,7 @@ fn the_imported_encoder_reproduces_pytorch() {
     .unwrap();
     let out = vit.forward(&reference["images"]).unwrap();
     assert_eq!(out.dims(), &[2, 1 + 4, 16]);
-    let err = max_rel_err(&out, &reference["encoder_out"]);
+    let err = max_rel(&out, &reference["encoder_out"]);
     assert!(err <= 1e-4, "encoder output: max relative error {err:.2e}");
 }
 
@@ -163,10 +146,10 @@ fn the_imported_mae_reproduces_pytorch_latent_and_predictions() {
     let noise: Vec<Vec<f32>> = reference["noise"].to_vec2().unwrap();
     let masking = Masking::from_noise(&noise, cfg.mask_ratio);
     let out = mae.forward(images, &valid, &masking, None).unwrap();
-    let latent = max_rel_err(&out.latent, &reference["latent"]);
+    let latent = max_rel(&out.latent, &reference["latent"]);
     // `pred` in the fixture is re-ordered to icefm's (c, i, j) patch values: this checks the
     // decoder_pred row permutation.
-    let pred = max_rel_err(&out.pred, &reference["pred"]);
+    let pred = max_rel(&out.pred, &reference["pred"]);
     assert!(latent <= 1e-4, "latent: max relative error {latent:.2e}");
     assert!(pred <= 1e-4, "pred: max relative error {pred:.2e}");
 }
@@ -193,7 +176,7 @@ fn a_bare_backbone_only_state_dict_with_module_prefix_imports_the_encoder() {
         &imported.vit_config().unwrap(),
     )
     .unwrap();
-    let err = max_rel_err(
+    let err = max_rel(
         &vit.forward(&reference["images"]).unwrap(),
         &reference["encoder_out"],
     );

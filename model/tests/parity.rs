@@ -10,24 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let (g, w) = (values(got), values(want));
-    assert_eq!(g.len(), w.len());
-    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-    g.iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs() / scale)
-        .fold(0.0, f64::max)
-}
+mod common;
+use common::max_rel;
 
 #[test]
 fn mae_forward_matches_the_numpy_reference() {
@@ -67,8 +51,8 @@ fn mae_forward_matches_the_numpy_reference() {
         );
     }
     let out = mae.forward(images, valid, &masking, None).unwrap();
-    let latent = max_rel_err(&out.latent, &data["latent"]);
-    let pred = max_rel_err(&out.pred, &data["pred"]);
+    let latent = max_rel(&out.latent, &data["latent"]);
+    let pred = max_rel(&out.pred, &data["pred"]);
     let loss = out
         .loss
         .to_dtype(DType::F64)
