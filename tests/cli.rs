@@ -454,38 +454,43 @@ fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
 }
 
+/// `icefm train` of the micro MAE (tests' size) on `store` into `run`, with more `--set`s.
+fn micro_train(store: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
+    let mut c = icefm();
+    c.arg("train")
+        .arg("--store")
+        .arg(store)
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(run);
+    let micro = [
+        "model.preset=micro",
+        "mae.decoder_dim=8",
+        "mae.decoder_depth=1",
+        "mae.decoder_heads=2",
+        "data.levels=80",
+        "data.crop=32",
+        "data.batch_size=2",
+    ];
+    for s in micro.iter().chain(sets) {
+        c.args(["--set", s]);
+    }
+    if resume {
+        c.arg("--resume");
+    }
+    c
+}
+
 #[test]
 fn train_writes_a_run_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
     let run = dir.path().join("run");
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
     let train = |steps: &str, resume: bool| {
-        let mut c = icefm();
-        c.arg("train")
-            .arg("--store")
-            .arg(&store)
-            .arg("--config")
-            .arg(&config);
-        c.arg("--out").arg(&run);
-        for s in [
-            "model.preset=micro",
-            "mae.decoder_dim=8",
-            "mae.decoder_depth=1",
-            "mae.decoder_heads=2",
-            "data.levels=80",
-            "data.crop=32",
-            "data.batch_size=2",
-            "train.checkpoint_every=2",
-            "train.warmup_steps=1",
-            steps,
-        ] {
-            c.args(["--set", s]);
-        }
-        if resume {
-            c.arg("--resume");
-        }
-        c.output().unwrap()
+        let sets = ["train.checkpoint_every=2", "train.warmup_steps=1", steps];
+        micro_train(&store, &run, &sets, resume).output().unwrap()
     };
     let out = ok(train("train.steps=3", false));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -544,34 +549,13 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
     let dir = tempfile::tempdir().unwrap();
     let store = synth_and_ingest(dir.path(), 1, "200x220", "default", "80");
     let run = dir.path().join("run");
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
     let train = |steps: &str, resume: bool| {
-        let mut c = icefm();
-        c.arg("train")
-            .arg("--store")
-            .arg(&store)
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(&run);
-        for s in [
-            "model.preset=micro",
-            "mae.decoder_dim=8",
-            "mae.decoder_depth=1",
-            "mae.decoder_heads=2",
-            "data.levels=80",
-            "data.crop=32",
-            "data.batch_size=2",
+        let sets = [
             "train.checkpoint_every=1000000",
             "train.panel_every=0",
             steps,
-        ] {
-            c.args(["--set", s]);
-        }
-        if resume {
-            c.arg("--resume");
-        }
-        c
+        ];
+        micro_train(&store, &run, &sets, resume)
     };
     let child = train("train.steps=1000000", false)
         .stdout(std::process::Stdio::piped())
