@@ -1209,18 +1209,18 @@ pub fn gather_tokens(x: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
         let wide = idx.unsqueeze(2)?.broadcast_as((b, k, d))?.contiguous()?;
         return x.contiguous()?.gather(&wide, 1);
     }
-    x.contiguous()?.apply_op2(&idx, GatherTokens)
+    x.contiguous()?
+        .apply_op2(&idx, TokenRows { n, scatter: false })
 }
 
-/// [`gather_tokens`]'s op: `(x [B, N, D], ids [B, K] u32) → [B, K, D]`.
+/// [`gather_tokens`]'s op and its backward: `(x [B, N, D], ids [B, K] u32) → [B, K, D]`
+/// (gather), or `(grad [B, K, D], ids) → [B, n, D]` with zeros where no index points (scatter).
 #[derive(Debug, Clone, Copy)]
-pub struct GatherTokens;
-
-/// [`GatherTokens`] backward: `(grad [B, K, D], ids [B, K])` → `[B, N, D]`, `N` given.
-#[derive(Debug, Clone, Copy)]
-pub struct ScatterTokens {
-    /// Tokens per sample of the result.
+pub struct TokenRows {
+    /// Tokens per sample of a scatter's result (unused by a gather).
     pub n: usize,
+    /// Scatter (the gather's backward) rather than gather.
+    pub scatter: bool,
 }
 
 /// Copy rows between `[B, ·, D]` buffers: `to[b, dst(j)] = from[b, src(j)]` for each index `j`
@@ -1247,9 +1247,13 @@ fn move_rows<T: WithDType>(
     out
 }
 
-impl CustomOp2 for GatherTokens {
+impl CustomOp2 for TokenRows {
     fn name(&self) -> &'static str {
-        "icefm-gather-tokens"
+        if self.scatter {
+            "icefm-scatter-tokens"
+        } else {
+            "icefm-gather-tokens"
+        }
     }
 
     fn cpu_fwd(
@@ -1263,24 +1267,17 @@ impl CustomOp2 for GatherTokens {
             s1: &CpuStorage,
             l1: &Layout,
             ids: &[u32],
-            k: usize,
+            bkd: (usize, usize, usize),
+            n: usize,
+            scatter: bool,
         ) -> Result<CpuStorage> {
-            let dims = l1.dims();
-            let (b, n, d) = (dims[0], dims[1], dims[2]);
-            let x = typed::<T>(s1, l1, "gather tokens")?;
-            Ok(T::to_cpu_storage_owned(move_rows(
-                x,
-                ids,
-                (b, k, d),
-                n,
-                false,
-            )))
+            let x = typed::<T>(s1, l1, "token rows")?;
+            Ok(T::to_cpu_storage_owned(move_rows(x, ids, bkd, n, scatter)))
         }
         let ids = typed::<u32>(s2, l2, self.name())?;
-        let k = l2.dims()[1];
-        let (b, d) = (l1.dims()[0], l1.dims()[2]);
-        let out = by_dtype!(s1.dtype(), go(s1, l1, ids, k))?;
-        Ok((out, Shape::from((b, k, d))))
+        let (bkd, n, shape) = self.shapes(l1, l2);
+        let out = by_dtype!(s1.dtype(), go(s1, l1, ids, bkd, n, self.scatter))?;
+        Ok((out, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -1291,11 +1288,9 @@ impl CustomOp2 for GatherTokens {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = l1.dims();
-        let (b, n, d) = (dims[0], dims[1], dims[2]);
-        let k = l2.dims()[1];
-        let out = crate::cuda::move_tokens(s1, l1, s2, l2, (b, k, d), n, false)?;
-        Ok((out, Shape::from((b, k, d))))
+        let (bkd, n, shape) = self.shapes(l1, l2);
+        let out = crate::cuda::move_tokens(s1, l1, s2, l2, bkd, n, self.scatter)?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -1305,60 +1300,27 @@ impl CustomOp2 for GatherTokens {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.dim(1)?;
-        let dx = grad
-            .contiguous()?
-            .apply_op2_no_bwd(ids, &ScatterTokens { n })?;
-        Ok((Some(dx), None))
+        if self.scatter {
+            candle_core::bail!("the token scatter is a backward pass and has none of its own");
+        }
+        let back = TokenRows {
+            n: x.dim(1)?,
+            scatter: true,
+        };
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(ids, &back)?), None))
     }
 }
 
-impl CustomOp2 for ScatterTokens {
-    fn name(&self) -> &'static str {
-        "icefm-scatter-tokens"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn go<T: WithDType>(
-            s1: &CpuStorage,
-            l1: &Layout,
-            ids: &[u32],
-            n: usize,
-        ) -> Result<CpuStorage> {
-            let dims = l1.dims();
-            let (b, k, d) = (dims[0], dims[1], dims[2]);
-            let g = typed::<T>(s1, l1, "scatter tokens")?;
-            Ok(T::to_cpu_storage_owned(move_rows(
-                g,
-                ids,
-                (b, k, d),
-                n,
-                true,
-            )))
-        }
-        let ids = typed::<u32>(s2, l2, self.name())?;
-        let (b, d) = (l1.dims()[0], l1.dims()[2]);
-        let out = by_dtype!(s1.dtype(), go(s1, l1, ids, self.n))?;
-        Ok((out, Shape::from((b, self.n, d))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+impl TokenRows {
+    /// `(B, K, D)`, the token count `N` and the result's shape, from the input's layout
+    /// (`[B, N, D]` for a gather, `[B, K, D]` for a scatter) and the ids' (`[B, K]`).
+    fn shapes(&self, l1: &Layout, l2: &Layout) -> ((usize, usize, usize), usize, Shape) {
         let dims = l1.dims();
-        let (b, k, d) = (dims[0], dims[1], dims[2]);
-        let out = crate::cuda::move_tokens(s1, l1, s2, l2, (b, k, d), self.n, true)?;
-        Ok((out, Shape::from((b, self.n, d))))
+        let (b, d, k) = (dims[0], dims[2], l2.dims()[1]);
+        if self.scatter {
+            ((b, k, d), self.n, Shape::from((b, self.n, d)))
+        } else {
+            ((b, k, d), dims[1], Shape::from((b, k, d)))
+        }
     }
 }
