@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod fused;
 pub mod import;
 pub mod mae;
+pub mod metrics;
 pub mod ops;
 pub mod optim;
 pub mod panel;
