@@ -11,6 +11,7 @@ pub mod reader;
 pub mod resample;
 mod scene_writer;
 pub mod store;
+pub mod submission;
 
 pub use error::{IngestError, SceneError, StoreError};
 /// Every netCDF call of the process runs on one thread (re-exported for callers of this crate).

@@ -1,5 +1,7 @@
-//! Quicklook PNG of one scene: HH, HV, SIC, SOD and FLOE side by side, each with a title, the
-//! label panels with a legend, under a header line naming the scene and level.
+//! PNG renderings of scenes and evaluations: the quicklook of one stored scene (HH, HV, SIC, SOD
+//! and FLOE side by side), the evaluation panel of one scene (HH, HV, then truth and prediction of
+//! each chart) and the confusion matrix of one chart. Panels have titles, label panels a legend,
+//! under a header line.
 //!
 //! The machines that run icefm have no fonts, so text is drawn with an embedded 5×7 bitmap font
 //! (printable ASCII, with descenders) at twice its size.
@@ -21,8 +23,12 @@ pub const DEFAULT_MAX_WIDTH: usize = 600;
 pub const HH_DB_RANGE: (f32, f32) = (-30.0, 0.0);
 /// HV grey scale: dB drawn black and white (HV is ~10 dB darker than HH over ice).
 pub const HV_DB_RANGE: (f32, f32) = (-35.0, -10.0);
+/// Confusion-matrix colour of a cell holding its whole row (the ramp starts at white).
+pub const CONFUSION_DARKEST: [u8; 3] = [8, 48, 107];
+/// Confusion-matrix colour of the cells of a row without support (no pixel of that class).
+pub const NO_SUPPORT_COLOUR: [u8; 3] = [176, 176, 176];
 
-/// Options of a quicklook.
+/// Options of a quicklook or an evaluation panel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuicklookOptions {
     /// Greatest width of one panel, pixels: the level is subsampled (nearest, every `stride`-th
@@ -84,6 +90,76 @@ pub fn write_quicklook(
     Ok((canvas.width, canvas.height))
 }
 
+/// Render the evaluation panel of one scene into the PNG file `out`: the line `header`, then
+/// eight titled panels — HH, HV, and the truth and prediction of SIC, SOD and FLOE — with one
+/// legend per chart under its pair. Every plane is `height × width`, row-major, on one grid:
+/// HH and HV in dB (NaN where invalid), `truth` and `pred` label planes in chart order (SIC,
+/// SOD, FLOE) with [`IGNORE`] for ignored truth or no prediction. Panels are subsampled as in
+/// the quicklook ([`QuicklookOptions::max_width`]). Returns (image width, image height).
+///
+/// A plane of another length is an [`StoreError::Io`] of kind `InvalidInput` naming the plane;
+/// nothing is written then.
+#[allow(clippy::too_many_arguments)] // one scene's planes, as `icefm eval` holds them
+pub fn write_eval_panel(
+    out: &Path,
+    header: &str,
+    height: usize,
+    width: usize,
+    hh_db: &[f32],
+    hv_db: &[f32],
+    truth: [&[u8]; 3],
+    pred: [&[u8]; 3],
+    options: &QuicklookOptions,
+) -> Result<(usize, usize), StoreError> {
+    let planes = EvalPlanes {
+        height,
+        width,
+        sar: [hh_db, hv_db],
+        truth,
+        pred,
+    };
+    planes
+        .validate()
+        .map_err(|reason| invalid_input(out, reason))?;
+    let canvas = render_eval(header, &planes, stride_for(width, options.max_width));
+    write_png(out, &canvas)?;
+    Ok((canvas.width, canvas.height))
+}
+
+/// Render the confusion matrix of `task` into the PNG file `out`. `counts` is row-major
+/// `[true class][predicted column]`, `classes` rows of `columns` counts; `columns` is `classes`
+/// or `classes + 1`, the last then counting pixels without a prediction ("none"). Each row is
+/// normalised by its support: cells run from white (0 %) to [`CONFUSION_DARKEST`] (100 %) and
+/// show their percentage of the row; rows without support are [`NO_SUPPORT_COLOUR`]. The support
+/// of each row is written beside it, the class names in a key. Returns (image width, image
+/// height).
+///
+/// Counts of another shape are an [`StoreError::Io`] of kind `InvalidInput`; nothing is
+/// written then.
+pub fn write_confusion_png(
+    out: &Path,
+    task: Task,
+    counts: &[u64],
+    classes: usize,
+    columns: usize,
+) -> Result<(usize, usize), StoreError> {
+    let extra = columns.checked_sub(classes);
+    if !matches!(extra, Some(0 | 1)) || classes.checked_mul(columns) != Some(counts.len()) {
+        return Err(invalid_input(
+            out,
+            format!(
+                "{} confusion: {} counts for {classes} classes x {columns} columns \
+                 (columns must be classes or classes + 1)",
+                task.name(),
+                counts.len()
+            ),
+        ));
+    }
+    let canvas = render_confusion(task, counts, classes, columns);
+    write_png(out, &canvas)?;
+    Ok((canvas.width, canvas.height))
+}
+
 /// Colour of a class of a task (RGB); [`IGNORE`] and any value out of the task's range give a
 /// neutral dark grey. SIC is a ramp from dark blue (0 %) to white (100 %); SOD and FLOE have
 /// qualitative palettes (SOD after the WMO stage colours) sharing the dark blue of open water.
@@ -120,13 +196,37 @@ pub fn db_to_grey(db: f32, lo: f32, hi: f32) -> u8 {
     (((db - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8
 }
 
+/// Confusion-matrix colour of a cell holding `share` (0–1, clamped) of its row: linear from
+/// white to [`CONFUSION_DARKEST`].
+pub fn confusion_colour(share: f64) -> [u8; 3] {
+    let t = if share.is_nan() {
+        0.0
+    } else {
+        share.clamp(0.0, 1.0)
+    };
+    CONFUSION_DARKEST.map(|c| (255.0 - t * (255.0 - f64::from(c))).round() as u8)
+}
+
 /// Colour of [`IGNORE`] labels.
 const IGNORE_COLOUR: [u8; 3] = [64, 64, 64];
 const WHITE: [u8; 3] = [255, 255, 255];
 const BLACK: [u8; 3] = [0, 0, 0];
 /// Frame around each panel, so white (SIC 100 %) stays visible on the white background.
 const FRAME_COLOUR: [u8; 3] = [128, 128, 128];
+/// Lines between confusion cells, so white (0 %) cells stay apart.
+const GRID_COLOUR: [u8; 3] = [224, 224, 224];
 const TITLES: [&str; 5] = ["HH (dB)", "HV (dB)", "SIC", "SOD", "FLOE"];
+/// Evaluation-panel columns: HH, HV, then truth and prediction of each chart in channel order.
+const EVAL_TITLES: [&str; 8] = [
+    "HH (dB)",
+    "HV (dB)",
+    "SIC truth",
+    "SIC pred",
+    "SOD truth",
+    "SOD pred",
+    "FLOE truth",
+    "FLOE pred",
+];
 
 /// Text is drawn at this multiple of the font's size.
 const TEXT_SCALE: usize = 2;
@@ -138,10 +238,14 @@ const TEXT_HEIGHT: usize = 8 * TEXT_SCALE;
 const LINE_HEIGHT: usize = 9 * TEXT_SCALE;
 const MARGIN: usize = 16;
 const COLUMN_GAP: usize = 24;
+/// Between the truth and prediction columns of one chart in the evaluation panel.
+const PAIR_GAP: usize = 16;
 /// Legend swatches are as tall as capitals.
 const SWATCH: usize = 7 * TEXT_SCALE;
 const SWATCH_GAP: usize = 8;
 const LEGEND_ROW: usize = LINE_HEIGHT + 4;
+/// Side of a confusion cell, grid line included: room for "100" or "none" and a border.
+const CELL: usize = 48;
 
 /// The font for ' ' (0x20) to '~' (0x7E), 5×7 glyphs (Hitachi HD44780 shapes) in 5×8 cells whose
 /// last row takes descenders: one u64 a glyph, its highest byte the top row; in each row bit 4
@@ -193,6 +297,14 @@ fn glyph(c: char) -> u64 {
 /// Width in pixels of `text` drawn by [`Canvas::text`] (no blank after the last glyph).
 fn text_width(text: &str) -> usize {
     (text.chars().count() * ADVANCE).saturating_sub(TEXT_SCALE)
+}
+
+/// An `InvalidInput` error about the rendering to `out`.
+fn invalid_input(out: &Path, reason: String) -> StoreError {
+    StoreError::io(
+        out,
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+    )
 }
 
 /// The panels' inputs: HH and HV in dB and the three label planes (label-channel order), each
@@ -271,6 +383,38 @@ impl SceneRaster {
     }
 }
 
+/// The evaluation panel's inputs at full resolution, borrowed: HH and HV in dB, truth and
+/// prediction label planes in channel order, each `height × width`, row-major.
+#[derive(Debug, Clone, Copy)]
+struct EvalPlanes<'a> {
+    height: usize,
+    width: usize,
+    sar: [&'a [f32]; 2],
+    truth: [&'a [u8]; 3],
+    pred: [&'a [u8]; 3],
+}
+
+impl EvalPlanes<'_> {
+    /// Check that every plane holds `height × width` values; the error names the first that
+    /// does not.
+    fn validate(&self) -> Result<(), String> {
+        let (h, w) = (self.height, self.width);
+        let expected = h
+            .checked_mul(w)
+            .ok_or_else(|| format!("{h} x {w} pixels overflow"))?;
+        let sar = self.sar.iter().map(|p| p.len());
+        let labels = self.truth.iter().chain(&self.pred).map(|p| p.len());
+        for (title, len) in EVAL_TITLES.iter().zip(sar.chain(labels)) {
+            if len != expected {
+                return Err(format!(
+                    "plane `{title}` has {len} values, expected {h} x {w} = {expected}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Row ranges to read of a level `height` rows high in bands of `band` rows: each band from its
 /// first row that is a multiple of `stride`; bands without such a row are left out.
 fn read_bands(height: u64, band: u64, stride: u64) -> impl Iterator<Item = Range<u64>> {
@@ -289,20 +433,43 @@ fn stride_for(width: usize, max_width: usize) -> usize {
 
 /// Legend entries of a task: (class value, "value name"), then the ignore value.
 fn legend_entries(task: Task) -> Vec<(u8, String)> {
+    legend_entries_with(task, "ignore")
+}
+
+/// Legend entries of a task, the ignore value's named `ignore_label`.
+fn legend_entries_with(task: Task, ignore_label: &str) -> Vec<(u8, String)> {
     (0u8..)
         .zip(task.class_names())
         .map(|(k, name)| (k, format!("{k} {name}")))
-        .chain(std::iter::once((IGNORE, format!("{IGNORE} ignore"))))
+        .chain(std::iter::once((
+            IGNORE,
+            format!("{IGNORE} {ignore_label}"),
+        )))
         .collect()
 }
 
-/// Where everything goes, for panels of `panel_width × panel_height`.
+/// Evaluation-panel legend entries: 255 is ignored truth or no prediction.
+fn eval_legend_entries(task: Task) -> Vec<(u8, String)> {
+    legend_entries_with(task, "ignore / none")
+}
+
+/// Width in pixels of the widest legend line of `entries`, swatch included.
+fn legend_width(entries: &[(u8, String)]) -> usize {
+    entries
+        .iter()
+        .map(|(_, label)| SWATCH + SWATCH_GAP + text_width(label))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Where everything goes, for columns of `panel_width × panel_height` panels under a header
+/// line: titles above the panels, legends below.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Layout {
     panel_width: usize,
     panel_height: usize,
     /// Left edge of each column's title, panel and legend.
-    column_x: [usize; 5],
+    column_x: Vec<usize>,
     title_y: usize,
     panel_y: usize,
     legend_y: usize,
@@ -311,23 +478,63 @@ struct Layout {
 }
 
 impl Layout {
+    /// The quicklook's: [`TITLES`], each column as wide as the widest legend.
     fn new(panel_width: usize, panel_height: usize, header: &str) -> Self {
-        let legend_width = Task::ALL
+        let legend = Task::ALL
             .iter()
-            .flat_map(|&t| legend_entries(t))
-            .map(|(_, label)| SWATCH + SWATCH_GAP + text_width(&label))
+            .map(|&t| legend_width(&legend_entries(t)))
             .max()
             .unwrap_or(0);
-        let title_width = TITLES.iter().map(|t| text_width(t)).max().unwrap_or(0);
-        let column_width = panel_width.max(legend_width).max(title_width);
-        let column_x = std::array::from_fn(|i| MARGIN + i * (column_width + COLUMN_GAP));
+        let gaps = [COLUMN_GAP; TITLES.len() - 1];
+        Self::columns(panel_width, panel_height, header, &TITLES, legend, &gaps)
+    }
+
+    /// The evaluation panel's: [`EVAL_TITLES`], each chart's truth and prediction columns
+    /// [`PAIR_GAP`] apart and together as wide as its legend.
+    fn eval(panel_width: usize, panel_height: usize, header: &str) -> Self {
+        let legend = Task::ALL
+            .iter()
+            .map(|&t| legend_width(&eval_legend_entries(t)))
+            .max()
+            .unwrap_or(0);
+        let min_width = legend.saturating_sub(PAIR_GAP).div_ceil(2);
+        #[rustfmt::skip]
+        let gaps = [COLUMN_GAP, COLUMN_GAP, PAIR_GAP, COLUMN_GAP, PAIR_GAP, COLUMN_GAP, PAIR_GAP];
+        Self::columns(
+            panel_width,
+            panel_height,
+            header,
+            &EVAL_TITLES,
+            min_width,
+            &gaps,
+        )
+    }
+
+    /// Columns titled `titles`, all equally wide — at least `min_width`, the panel and every
+    /// title — with `gaps[i]` pixels between column `i` and the next.
+    fn columns(
+        panel_width: usize,
+        panel_height: usize,
+        header: &str,
+        titles: &[&str],
+        min_width: usize,
+        gaps: &[usize],
+    ) -> Self {
+        let title_width = titles.iter().map(|t| text_width(t)).max().unwrap_or(0);
+        let column_width = panel_width.max(min_width).max(title_width);
+        let mut column_x = Vec::with_capacity(titles.len());
+        let mut x = MARGIN;
+        for i in 0..titles.len() {
+            column_x.push(x);
+            x += column_width + gaps.get(i).copied().unwrap_or(0);
+        }
+        let right = column_x.last().map_or(MARGIN, |&x| x + column_width);
         // One legend row per class and one for 255, as many as histogram bins.
         let legend_rows = Task::ALL.map(Task::hist_len).into_iter().max().unwrap_or(0);
         let title_y = MARGIN + LINE_HEIGHT + 12;
         let panel_y = title_y + TEXT_HEIGHT + 6;
         let legend_y = panel_y + panel_height + 12;
-        let width =
-            (2 * MARGIN + 5 * column_width + 4 * COLUMN_GAP).max(2 * MARGIN + text_width(header));
+        let width = (right + MARGIN).max(2 * MARGIN + text_width(header));
         let height = legend_y + legend_rows * LEGEND_ROW - (LEGEND_ROW - SWATCH) + MARGIN;
         Self {
             panel_width,
@@ -396,6 +603,47 @@ impl Canvas {
             }
         }
     }
+
+    /// Draw `text` downwards, one character a line, the first with its top-left corner at
+    /// (x, y) (the font has no rotated glyphs).
+    fn text_down(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) {
+        let mut buf = [0; 4];
+        for (n, c) in text.chars().enumerate() {
+            self.text(x, y + n * LINE_HEIGHT, c.encode_utf8(&mut buf), colour);
+        }
+    }
+
+    /// Titles above and a 1-pixel frame just outside each panel of `layout`.
+    fn titles_and_frames(&mut self, layout: &Layout, titles: &[&str]) {
+        for (title, &x) in titles.iter().zip(&layout.column_x) {
+            self.text(x, layout.title_y, title, BLACK);
+            let (w, h) = (layout.panel_width + 2, layout.panel_height + 2);
+            self.fill_rect(x - 1, layout.panel_y - 1, w, h, FRAME_COLOUR);
+        }
+    }
+
+    /// Fill the panel of `column` of `layout`; `colour(x, y)` is the colour of its pixel (x, y).
+    fn panel(&mut self, layout: &Layout, column: usize, colour: impl Fn(usize, usize) -> [u8; 3]) {
+        let Some(&x0) = layout.column_x.get(column) else {
+            return;
+        };
+        for y in 0..layout.panel_height {
+            for x in 0..layout.panel_width {
+                self.set(x0 + x, layout.panel_y + y, colour(x, y));
+            }
+        }
+    }
+
+    /// A legend of `task` with its top-left corner at (x, y): a framed swatch and a label a row.
+    fn legend(&mut self, x: usize, y: usize, task: Task, entries: &[(u8, String)]) {
+        for (row, (class, label)) in entries.iter().enumerate() {
+            let y = y + row * LEGEND_ROW;
+            self.fill_rect(x, y, SWATCH, SWATCH, BLACK);
+            let colour = class_colour(task, *class);
+            self.fill_rect(x + 1, y + 1, SWATCH - 2, SWATCH - 2, colour);
+            self.text(x + SWATCH + SWATCH_GAP, y, label, BLACK);
+        }
+    }
 }
 
 /// Draw the quicklook of `raster` (already at panel resolution) under the line `header`.
@@ -403,36 +651,244 @@ fn render(header: &str, raster: &SceneRaster) -> Canvas {
     let layout = Layout::new(raster.width, raster.height, header);
     let mut canvas = Canvas::new(layout.width, layout.height, WHITE);
     canvas.text(MARGIN, MARGIN, header, BLACK);
-    for (title, &x) in TITLES.iter().zip(&layout.column_x) {
-        canvas.text(x, layout.title_y, title, BLACK);
-        // A 1-pixel frame just outside the panel.
-        let (w, h) = (layout.panel_width + 2, layout.panel_height + 2);
-        canvas.fill_rect(x - 1, layout.panel_y - 1, w, h, FRAME_COLOUR);
-    }
+    canvas.titles_and_frames(&layout, &TITLES);
+    let at = |x: usize, y: usize| y * raster.width + x;
     let ((hh_lo, hh_hi), (hv_lo, hv_hi)) = (HH_DB_RANGE, HV_DB_RANGE);
-    for y in 0..raster.height {
-        for x in 0..raster.width {
-            let i = y * raster.width + x;
-            let mut put = |column: usize, colour| {
-                canvas.set(layout.column_x[column] + x, layout.panel_y + y, colour);
-            };
-            put(0, [db_to_grey(raster.sar[0][i], hh_lo, hh_hi); 3]);
-            put(1, [db_to_grey(raster.sar[1][i], hv_lo, hv_hi); 3]);
-            for task in Task::ALL {
-                let c = task.channel();
-                put(2 + c, class_colour(task, raster.labels[c][i]));
+    canvas.panel(&layout, 0, |x, y| {
+        [db_to_grey(raster.sar[0][at(x, y)], hh_lo, hh_hi); 3]
+    });
+    canvas.panel(&layout, 1, |x, y| {
+        [db_to_grey(raster.sar[1][at(x, y)], hv_lo, hv_hi); 3]
+    });
+    for task in Task::ALL {
+        let c = task.channel();
+        canvas.panel(&layout, 2 + c, |x, y| {
+            class_colour(task, raster.labels[c][at(x, y)])
+        });
+        let x = layout.column_x[2 + c];
+        canvas.legend(x, layout.legend_y, task, &legend_entries(task));
+    }
+    canvas
+}
+
+/// Draw the evaluation panel of `planes`, every `stride`-th pixel, under the line `header`.
+fn render_eval(header: &str, planes: &EvalPlanes<'_>, stride: usize) -> Canvas {
+    let stride = stride.max(1);
+    let (width, height) = (
+        planes.width.div_ceil(stride),
+        planes.height.div_ceil(stride),
+    );
+    let layout = Layout::eval(width, height, header);
+    let mut canvas = Canvas::new(layout.width, layout.height, WHITE);
+    canvas.text(MARGIN, MARGIN, header, BLACK);
+    canvas.titles_and_frames(&layout, &EVAL_TITLES);
+    let at = |x: usize, y: usize| y * stride * planes.width + x * stride;
+    let ((hh_lo, hh_hi), (hv_lo, hv_hi)) = (HH_DB_RANGE, HV_DB_RANGE);
+    canvas.panel(&layout, 0, |x, y| {
+        [db_to_grey(planes.sar[0][at(x, y)], hh_lo, hh_hi); 3]
+    });
+    canvas.panel(&layout, 1, |x, y| {
+        [db_to_grey(planes.sar[1][at(x, y)], hv_lo, hv_hi); 3]
+    });
+    for task in Task::ALL {
+        let c = task.channel();
+        let (truth, pred) = (planes.truth[c], planes.pred[c]);
+        canvas.panel(&layout, 2 + 2 * c, |x, y| {
+            class_colour(task, truth[at(x, y)])
+        });
+        canvas.panel(&layout, 3 + 2 * c, |x, y| {
+            class_colour(task, pred[at(x, y)])
+        });
+        let x = layout.column_x[2 + 2 * c];
+        canvas.legend(x, layout.legend_y, task, &eval_legend_entries(task));
+    }
+    canvas
+}
+
+/// `n` in at most 4 characters: 999, 1.2k, 12k, 123k, 1.2M, …
+fn compact_count(n: u64) -> String {
+    if n < 1000 {
+        return n.to_string();
+    }
+    let mut value = n as f64;
+    for unit in ["k", "M", "G", "T", "P", "E"] {
+        value /= 1000.0;
+        // Rounding may carry into the next unit (999.6k is 1.0M).
+        if value < 9.95 {
+            return format!("{value:.1}{unit}");
+        }
+        if value < 999.5 {
+            return format!("{value:.0}{unit}");
+        }
+    }
+    format!("{value:.0}E")
+}
+
+/// Text of a confusion cell holding `count` of a row's `support` pixels: the rounded
+/// percentage, "<1" and ">99" where rounding would hide that the share is not 0 or all.
+fn percent_label(count: u64, support: u64) -> String {
+    if count == 0 || support == 0 {
+        return String::new();
+    }
+    let percent = 100.0 * count as f64 / support as f64;
+    match percent {
+        p if p < 0.5 => "<1".into(),
+        p if p >= 99.5 && count < support => ">99".into(),
+        p => format!("{p:.0}"),
+    }
+}
+
+/// Where everything of a confusion matrix of `classes` rows and `columns` columns goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConfusionLayout {
+    /// "prediction", centred over the matrix.
+    axis_title_y: usize,
+    /// Column labels (predicted class, "none", "support").
+    column_label_y: usize,
+    /// "truth", written downwards left of the row labels.
+    truth_x: usize,
+    truth_y: usize,
+    /// Right edge of the row labels (true class).
+    row_label_right: usize,
+    /// Top-left corner of the matrix: the grid line above and left of cell (0, 0).
+    matrix_x: usize,
+    matrix_y: usize,
+    support_x: usize,
+    key_x: usize,
+    width: usize,
+    height: usize,
+}
+
+impl ConfusionLayout {
+    const SUPPORT: &str = "support";
+    const NONE: &str = "none";
+
+    fn new(title: &str, classes: usize, columns: usize, key: &[String]) -> Self {
+        let axis_title_y = MARGIN + LINE_HEIGHT + 12;
+        let column_label_y = axis_title_y + LINE_HEIGHT;
+        let matrix_y = column_label_y + LINE_HEIGHT;
+        let truth_x = MARGIN;
+        let row_label_width = text_width(&classes.saturating_sub(1).to_string());
+        let row_label_right = truth_x + 5 * TEXT_SCALE + 12 + row_label_width;
+        let matrix_x = row_label_right + 8;
+        let matrix_height = classes * CELL + 1;
+        let truth_height = "truth".len() * LINE_HEIGHT;
+        let truth_y = matrix_y + matrix_height.saturating_sub(truth_height) / 2;
+        let support_x = matrix_x + columns * CELL + 1 + 12;
+        let key_x = support_x + text_width(Self::SUPPORT) + COLUMN_GAP;
+        let key_width = key.iter().map(|k| text_width(k)).max().unwrap_or(0);
+        let width = (key_x + key_width + MARGIN).max(2 * MARGIN + text_width(title));
+        let bottom = (matrix_y + matrix_height)
+            .max(truth_y + truth_height)
+            .max(matrix_y + key.len() * LINE_HEIGHT);
+        Self {
+            axis_title_y,
+            column_label_y,
+            truth_x,
+            truth_y,
+            row_label_right,
+            matrix_x,
+            matrix_y,
+            support_x,
+            key_x,
+            width,
+            height: bottom + MARGIN,
+        }
+    }
+
+    /// Top-left pixel of cell (row, column), inside the grid lines; cells are `CELL - 1` wide.
+    fn cell(&self, row: usize, column: usize) -> (usize, usize) {
+        (
+            self.matrix_x + column * CELL + 1,
+            self.matrix_y + row * CELL + 1,
+        )
+    }
+}
+
+/// The title line and the class key of a confusion matrix.
+fn confusion_text(
+    task: Task,
+    counts: &[u64],
+    classes: usize,
+    columns: usize,
+) -> (String, Vec<String>) {
+    let total: u64 = counts.iter().sum();
+    let title = format!(
+        "{} confusion: % of each truth row, {} px",
+        task.name(),
+        compact_count(total)
+    );
+    let names = task.class_names();
+    let mut key: Vec<String> = (0..classes)
+        .map(|k| format!("{k} {}", names.get(k).copied().unwrap_or("")))
+        .collect();
+    if columns > classes {
+        key.push(format!("{}: no prediction", ConfusionLayout::NONE));
+    }
+    (title, key)
+}
+
+/// Draw the confusion matrix of `task` (see [`write_confusion_png`]; the shape is checked).
+fn render_confusion(task: Task, counts: &[u64], classes: usize, columns: usize) -> Canvas {
+    let (title, key) = confusion_text(task, counts, classes, columns);
+    let layout = ConfusionLayout::new(&title, classes, columns, &key);
+    let mut canvas = Canvas::new(layout.width, layout.height, WHITE);
+    canvas.text(MARGIN, MARGIN, &title, BLACK);
+    let prediction = "prediction";
+    let matrix_width = columns * CELL + 1;
+    let x = layout.matrix_x + matrix_width.saturating_sub(text_width(prediction)) / 2;
+    canvas.text(x, layout.axis_title_y, prediction, BLACK);
+    canvas.text_down(layout.truth_x, layout.truth_y, "truth", BLACK);
+    let inside = CELL - 1;
+    let centred = |text: &str| inside.saturating_sub(text_width(text)) / 2;
+    let middle = inside.saturating_sub(7 * TEXT_SCALE) / 2;
+    for column in 0..columns {
+        let label = if column < classes {
+            column.to_string()
+        } else {
+            ConfusionLayout::NONE.to_string()
+        };
+        let (x, _) = layout.cell(0, column);
+        canvas.text(x + centred(&label), layout.column_label_y, &label, BLACK);
+    }
+    canvas.text(
+        layout.support_x,
+        layout.column_label_y,
+        ConfusionLayout::SUPPORT,
+        BLACK,
+    );
+    canvas.fill_rect(
+        layout.matrix_x,
+        layout.matrix_y,
+        matrix_width,
+        classes * CELL + 1,
+        GRID_COLOUR,
+    );
+    for (row, counts) in counts.chunks_exact(columns.max(1)).enumerate() {
+        let support: u64 = counts.iter().sum();
+        let (_, y) = layout.cell(row, 0);
+        let label = row.to_string();
+        let x = layout.row_label_right.saturating_sub(text_width(&label));
+        canvas.text(x, y + middle, &label, BLACK);
+        canvas.text(layout.support_x, y + middle, &compact_count(support), BLACK);
+        for (column, &count) in counts.iter().enumerate() {
+            let (x, y) = layout.cell(row, column);
+            if support == 0 {
+                canvas.fill_rect(x, y, inside, inside, NO_SUPPORT_COLOUR);
+                continue;
+            }
+            let share = count as f64 / support as f64;
+            canvas.fill_rect(x, y, inside, inside, confusion_colour(share));
+            let text = percent_label(count, support);
+            if text_width(&text) + 4 <= inside {
+                let ink = if share > 0.5 { WHITE } else { BLACK };
+                canvas.text(x + centred(&text), y + middle, &text, ink);
             }
         }
     }
-    for task in Task::ALL {
-        let x = layout.column_x[2 + task.channel()];
-        for (row, (class, label)) in legend_entries(task).iter().enumerate() {
-            let y = layout.legend_y + row * LEGEND_ROW;
-            canvas.fill_rect(x, y, SWATCH, SWATCH, BLACK);
-            let colour = class_colour(task, *class);
-            canvas.fill_rect(x + 1, y + 1, SWATCH - 2, SWATCH - 2, colour);
-            canvas.text(x + SWATCH + SWATCH_GAP, y, label, BLACK);
-        }
+    for (line, text) in key.iter().enumerate() {
+        let y = layout.matrix_y + line * LINE_HEIGHT;
+        canvas.text(layout.key_x, y, text, BLACK);
     }
     canvas
 }
@@ -660,5 +1116,207 @@ mod tests {
         );
         let no_dir = run(&store, "s1", &dir.path().join("no/such/dir/q.png"));
         assert!(matches!(no_dir, Err(StoreError::Io { .. })), "{no_dir:?}");
+    }
+
+    /// `raster`'s labels with every class moved to the next (the last to 0) and 255 to 0.
+    fn shifted_labels(raster: &SceneRaster) -> [Vec<u8>; 3] {
+        Task::ALL.map(|task| {
+            let n = task.n_classes();
+            let next = |v: &u8| match usize::from(*v) {
+                v if v < n => ((v + 1) % n) as u8,
+                _ => 0,
+            };
+            raster.labels[task.channel()].iter().map(next).collect()
+        })
+    }
+
+    #[test]
+    fn eval_panel_draws_truth_and_pred_pairs_with_one_legend_per_chart() {
+        let (full, width, stride) = (synthetic(40, 50), 50, 3);
+        let pred = shifted_labels(&full);
+        let planes = EvalPlanes {
+            height: 40,
+            width,
+            sar: [&full.sar[0], &full.sar[1]],
+            truth: full.labels.each_ref().map(Vec::as_slice),
+            pred: pred.each_ref().map(Vec::as_slice),
+        };
+        assert_eq!(planes.validate(), Ok(()));
+        let header = "S1A_TEST_scene  80m  eval";
+        let canvas = render_eval(header, &planes, stride);
+        let layout = Layout::eval(17, 14, header);
+        assert_eq!((canvas.width, canvas.height), (layout.width, layout.height));
+        // Equal columns; pairs PAIR_GAP apart, everything else COLUMN_GAP.
+        let x = &layout.column_x;
+        let column_width = x[1] - x[0] - COLUMN_GAP;
+        let gaps: Vec<_> = x.windows(2).map(|p| p[1] - p[0] - column_width).collect();
+        let (g, p) = (COLUMN_GAP, PAIR_GAP);
+        assert_eq!(gaps, [g, g, p, g, p, g, p]);
+        assert_eq!(layout.width, x[7] + column_width + MARGIN);
+        let ((hh_lo, hh_hi), (hv_lo, hv_hi)) = (HH_DB_RANGE, HV_DB_RANGE);
+        for (py, px) in (0..14).flat_map(|y| (0..17).map(move |x| (y, x))) {
+            let (i, y) = (py * stride * width + px * stride, layout.panel_y + py);
+            let hh = db_to_grey(full.sar[0][i], hh_lo, hh_hi);
+            let hv = db_to_grey(full.sar[1][i], hv_lo, hv_hi);
+            assert_eq!(canvas.get(x[0] + px, y), [hh; 3]);
+            assert_eq!(canvas.get(x[1] + px, y), [hv; 3]);
+            for task in Task::ALL {
+                let c = task.channel();
+                let truth = class_colour(task, full.labels[c][i]);
+                let predicted = class_colour(task, pred[c][i]);
+                assert_eq!(canvas.get(x[2 + 2 * c] + px, y), truth, "{}", task.name());
+                assert_eq!(
+                    canvas.get(x[3 + 2 * c] + px, y),
+                    predicted,
+                    "{}",
+                    task.name()
+                );
+            }
+        }
+        for &x in x {
+            assert_eq!(canvas.get(x - 1, layout.panel_y - 1), FRAME_COLOUR);
+            assert_eq!(canvas.get(x + 17, layout.panel_y + 14), FRAME_COLOUR);
+            assert!((0..TEXT_HEIGHT).any(|dy| canvas.get(x, layout.title_y + dy) == BLACK));
+        }
+        for task in Task::ALL {
+            let (truth_x, pred_x) = (x[2 + 2 * task.channel()], x[3 + 2 * task.channel()]);
+            let entries = eval_legend_entries(task);
+            assert_eq!(entries.last().unwrap().1, "255 ignore / none");
+            // The legend stays under its pair; none is drawn under the prediction column.
+            assert!(truth_x + legend_width(&entries) <= pred_x + column_width);
+            for (row, (class, _)) in entries.iter().enumerate() {
+                let (y, centre) = (layout.legend_y + row * LEGEND_ROW, SWATCH / 2);
+                assert_eq!(canvas.get(truth_x, y), BLACK);
+                let colour = class_colour(task, *class);
+                assert_eq!(canvas.get(truth_x + centre, y + centre), colour);
+                assert_eq!(canvas.get(pred_x + column_width - 1, y + centre), WHITE);
+            }
+        }
+        assert!((0..canvas.width).all(|x| canvas.get(x, canvas.height - 1) == WHITE));
+    }
+
+    #[test]
+    fn eval_planes_of_the_wrong_length_are_named() {
+        let (sar, labels, short) = (vec![0.0; 6], vec![0; 6], vec![0; 5]);
+        let planes = EvalPlanes {
+            height: 2,
+            width: 3,
+            sar: [&sar, &sar],
+            truth: [&labels, &labels, &labels],
+            pred: [&labels, &labels, &short],
+        };
+        let err = planes.validate().unwrap_err();
+        assert_eq!(err, "plane `FLOE pred` has 5 values, expected 2 x 3 = 6");
+        let planes = EvalPlanes {
+            sar: [&sar, &sar[..4]],
+            ..planes
+        };
+        assert!(planes.validate().unwrap_err().contains("`HV (dB)` has 4"));
+    }
+
+    #[test]
+    fn confusion_cells_shade_by_row_share_and_rows_without_support_are_grey() {
+        // SOD-like, 3 classes and "none": row 0 all right, row 1 empty, row 2 split 1:2:0:1.
+        let counts = [10, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 1];
+        let canvas = render_confusion(Task::Sod, &counts, 3, 4);
+        let (title, key) = confusion_text(Task::Sod, &counts, 3, 4);
+        assert_eq!(title, "SOD confusion: % of each truth row, 14 px");
+        assert_eq!(
+            key,
+            [
+                "0 open water",
+                "1 new ice",
+                "2 young ice",
+                "none: no prediction"
+            ]
+        );
+        let layout = ConfusionLayout::new(&title, 3, 4, &key);
+        assert_eq!((canvas.width, canvas.height), (layout.width, layout.height));
+        let cell = |row, column| {
+            let (x, y) = layout.cell(row, column);
+            let pixels = (y..y + CELL - 1).flat_map(|y| (x..x + CELL - 1).map(move |x| (x, y)));
+            pixels.map(|(x, y)| canvas.get(x, y)).collect::<Vec<_>>()
+        };
+        // A cell is its share's colour at the corner, with text only where the count is not 0.
+        let share = [[1.0, 0.0, 0.0, 0.0], [0.0; 4], [0.25, 0.5, 0.0, 0.25]];
+        for (row, shares) in share.iter().enumerate() {
+            for (column, &s) in shares.iter().enumerate() {
+                let pixels = cell(row, column);
+                let fill = match row {
+                    1 => NO_SUPPORT_COLOUR,
+                    _ => confusion_colour(s),
+                };
+                assert_eq!(pixels[0], fill, "cell ({row}, {column})");
+                let ink = if s > 0.5 { WHITE } else { BLACK };
+                let inked = pixels.iter().filter(|&&p| p == ink).count();
+                assert_eq!(
+                    inked > 0,
+                    s > 0.0,
+                    "cell ({row}, {column}): {inked} px of text"
+                );
+                assert!(pixels.iter().all(|&p| p == fill || p == ink));
+            }
+        }
+        assert_eq!(cell(0, 0)[0], CONFUSION_DARKEST);
+        // Grid lines around and between cells.
+        assert_eq!(canvas.get(layout.matrix_x, layout.matrix_y), GRID_COLOUR);
+        let (x, y) = layout.cell(2, 3);
+        assert_eq!(canvas.get(x - 1, y + 5), GRID_COLOUR);
+        assert_eq!(canvas.get(x + CELL - 1, y + CELL - 1), GRID_COLOUR);
+        // "truth" runs down the left; row labels, "none" and "support" are drawn.
+        let inked = |xs: Range<usize>, ys: Range<usize>| {
+            ys.flat_map(|y| xs.clone().map(move |x| (x, y)))
+                .any(|(x, y)| canvas.get(x, y) == BLACK)
+        };
+        let (tx, ty) = (layout.truth_x, layout.truth_y);
+        assert!(inked(tx..tx + 10, ty..ty + TEXT_HEIGHT));
+        assert!(inked(
+            tx..tx + 10,
+            ty + 4 * LINE_HEIGHT..ty + 5 * LINE_HEIGHT
+        ));
+        let label_y = layout.column_label_y..layout.column_label_y + TEXT_HEIGHT;
+        let none_x = layout.cell(0, 3).0;
+        assert!(inked(none_x..none_x + CELL - 1, label_y.clone()));
+        assert!(inked(layout.support_x..layout.key_x, label_y));
+        assert!(inked(
+            layout.matrix_x - 20..layout.matrix_x,
+            y..y + CELL - 1
+        ));
+    }
+
+    #[test]
+    fn confusion_colours_labels_and_counts_round_as_documented() {
+        assert_eq!(confusion_colour(0.0), WHITE);
+        assert_eq!(confusion_colour(1.0), CONFUSION_DARKEST);
+        assert_eq!(confusion_colour(f64::NAN), WHITE);
+        assert_eq!(confusion_colour(2.0), CONFUSION_DARKEST);
+        assert_eq!(confusion_colour(0.5), [132, 152, 181]);
+        let labels = [
+            (0, 10),
+            (1, 1000),
+            (1, 3),
+            (2, 3),
+            (999, 1000),
+            (1000, 1000),
+            (1, 0),
+        ];
+        let labels = labels.map(|(c, s)| percent_label(c, s));
+        assert_eq!(labels, ["", "<1", "33", "67", ">99", "100", ""]);
+        let counts = [
+            0,
+            999,
+            1000,
+            1_234,
+            9_960,
+            123_456,
+            999_600,
+            13_100_000_000,
+            u64::MAX,
+        ];
+        let counts = counts.map(compact_count);
+        let want = [
+            "0", "999", "1.0k", "1.2k", "10k", "123k", "1.0M", "13G", "18E",
+        ];
+        assert_eq!(counts, want);
     }
 }
