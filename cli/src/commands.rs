@@ -12,7 +12,7 @@ use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::sigrid::MergeMode;
-use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH};
+use icefm_schemas::store::{Codec, DEFAULT_PATCH};
 use icefm_synth::{Encoding, SceneKind, Service, SynthOptions, write_scene};
 
 use crate::progress::IngestBars;
@@ -35,10 +35,17 @@ enum Command {
     Inspect(InspectArgs),
     /// Write data-regime manifests (scene lists drawn by a rule) or check two for overlap.
     Regime(Box<crate::regime::RegimeArgs>),
-    /// Pre-train a masked autoencoder from a store (`--config FILE`, `--set KEY=VALUE`, `--resume`).
+    /// Pre-train an MAE, or fine-tune SIC/SOD/FLOE with a `[seg]` config (`--config FILE`,
+    /// `--set KEY=VALUE`, `--init CKPT`, `--regime NAME`, `--resume`).
     Train(Box<crate::train::TrainArgs>),
-    /// Generate scenes, ingest them and inspect the store: the whole pipeline in a minute.
-    Demo(DemoArgs),
+    /// The whole pipeline on generated scenes: ingest, regimes, MAE pre-training, fine-tuning
+    /// from it and from scratch, held-out scores.
+    Demo(crate::demo::DemoArgs),
+    /// AutoICE metrics of a fine-tuned model on whole scenes: metrics.json, per-scene table,
+    /// confusion matrices, panels.
+    Eval(Box<crate::eval::EvalArgs>),
+    /// Charts of new NetCDF scenes as an AutoICE submission file.
+    Predict(Box<crate::eval::PredictArgs>),
     /// Convert a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) into icefm safetensors.
     Import(Box<crate::import::ImportArgs>),
 }
@@ -100,34 +107,21 @@ struct SynthArgs {
 }
 
 #[derive(clap::Args, Debug)]
-struct InspectArgs {
+pub(crate) struct InspectArgs {
     /// Store to inspect.
-    store: PathBuf,
+    pub store: PathBuf,
     /// Write a quicklook PNG (HH, HV, SIC, SOD, FLOE with legends) of one scene.
     #[arg(long)]
-    png: Option<PathBuf>,
+    pub png: Option<PathBuf>,
     /// Scene of the quicklook [default: the first].
     #[arg(long)]
-    scene: Option<String>,
+    pub scene: Option<String>,
     /// Level of the quicklook [default: the coarsest].
     #[arg(long)]
-    level: Option<String>,
+    pub level: Option<String>,
     /// Summarise this regime of the store instead (scenes, patches, class pixels, missing classes).
     #[arg(long, conflicts_with_all = ["png", "scene", "level"])]
-    regime: Option<String>,
-}
-
-#[derive(clap::Args, Debug)]
-struct DemoArgs {
-    /// Working directory (scenes, store, quicklook).
-    #[arg(long, default_value = "demo-out")]
-    out: PathBuf,
-    /// Scenes to generate (raw and RTT alternate).
-    #[arg(long, default_value_t = 6)]
-    scenes: u32,
-    /// Raw scene size ROWSxCOLS (RTT scenes are half).
-    #[arg(long, default_value = "1200x1250")]
-    size: String,
+    pub regime: Option<String>,
 }
 
 /// Run a command; `Ok` carries the exit status (1 when some scenes failed).
@@ -138,12 +132,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
         Command::Regime(a) => crate::regime::cmd_regime(*a),
         Command::Train(a) => crate::train::cmd_train(*a).map(|_| ExitCode::SUCCESS),
-        Command::Demo(a) => cmd_demo(a),
+        Command::Demo(a) => crate::demo::cmd_demo(a),
+        Command::Eval(a) => crate::eval::cmd_eval(*a).map(|_| ExitCode::SUCCESS),
+        Command::Predict(a) => crate::eval::cmd_predict(*a).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => crate::import::cmd_import(*a).map(|_| ExitCode::SUCCESS),
     }
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize)> {
+pub(crate) fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (h, w) = s
         .split_once(['x', 'X'])
         .with_context(|| format!("size {s:?} is not ROWSxCOLS"))?;
@@ -214,7 +210,7 @@ fn print_summary(s: &Summary) {
     }
 }
 
-fn do_ingest(
+pub(crate) fn do_ingest(
     inputs: &[PathBuf],
     store: &Path,
     levels: Vec<Level>,
@@ -269,7 +265,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
     })
 }
 
-fn synth_scenes(
+pub(crate) fn synth_scenes(
     out: &Path,
     count: u32,
     kind: Option<SceneKind>,
@@ -337,7 +333,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_inspect(a: InspectArgs) -> Result<()> {
+pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if let Some(name) = &a.regime {
         return crate::regime::inspect_regime(&a.store, name);
     }
@@ -381,47 +377,4 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
-    let started = Instant::now();
-    let size = parse_size(&a.size)?;
-    let scenes_dir = a.out.join("scenes");
-    let store = a.out.join("store.zarr");
-    eprintln!(
-        "1/3 generating {} AI4Arctic-format scenes in {}",
-        a.scenes,
-        scenes_dir.display()
-    );
-    let inputs = synth_scenes(&scenes_dir, a.scenes, None, size, 1, "cycle")?;
-    eprintln!("2/3 ingesting into {}", store.display());
-    let levels = Level::parse_list("80,200,400")?;
-    let summary = do_ingest(
-        &inputs,
-        &store,
-        levels,
-        256,
-        DEFAULT_CODEC,
-        &IngestOptions::default(),
-    )?;
-    eprintln!("3/3 inspecting the store\n");
-    let png = a.out.join("quicklook.png");
-    cmd_inspect(InspectArgs {
-        store: store.clone(),
-        png: Some(png),
-        scene: None,
-        level: Some("200m".into()),
-        regime: None,
-    })?;
-    eprintln!("\nregimes: a fine-tuning half by class coverage, pre-training on the rest\n");
-    crate::regime::demo_regimes(&store)?;
-    println!(
-        "\ndemo finished in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(if summary.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
 }

@@ -1,6 +1,8 @@
 //! `icefm`: the command line of the icefm sea-ice foundation-model engine.
 
 mod commands;
+mod demo;
+mod eval;
 mod import;
 mod progress;
 mod regime;

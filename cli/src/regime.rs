@@ -205,31 +205,39 @@ pub fn inspect_regime(store: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The demo's regimes: `ft50` by class coverage, `pt50` from the other scenes, checked disjoint.
+/// The demo's regimes, pairwise disjoint: `test` (a quarter of the scenes, held out), `val`
+/// (a sixth, for model selection), `ft` (a quarter by SAR-IceFM's class coverage: the labelled
+/// scenes) and `pt` (the rest, for pre-training).
 pub fn demo_regimes(store: &Path) -> Result<()> {
     let table = SceneTable::from_store(store)?;
-    let mut spec = RegimeSpec {
-        name: "ft50".into(),
-        rule: Rule::Coverage,
-        percent: Some(50.0),
-        seed: 0,
-        role: Role::Finetune,
-        list: None,
-        exclude: vec![],
-    };
-    let ft = draw(&table, &spec)?;
-    ft.write(&Regime::path_in(store, &ft.name))?;
-    print!("{}", summary(&ft, &table));
-    spec.name = "pt50".into();
-    spec.rule = Rule::Fraction;
-    spec.role = Role::Pretrain;
-    spec.exclude = vec![ft.clone()];
-    let pt = draw(&table, &spec)?;
-    pt.write(&Regime::path_in(store, &pt.name))?;
-    print!("{}", summary(&pt, &table));
-    if !shared_scenes(&ft, &pt).is_empty() {
-        bail!("demo regimes overlap");
+    let mut drawn: Vec<Regime> = Vec::new();
+    for (name, rule, percent, role) in [
+        ("test", Rule::Fraction, Some(25.0), Role::Test),
+        ("val", Rule::Fraction, Some(17.0), Role::Val),
+        ("ft", Rule::Coverage, Some(25.0), Role::Finetune),
+        ("pt", Rule::All, None, Role::Pretrain),
+    ] {
+        let spec = RegimeSpec {
+            name: name.into(),
+            rule,
+            percent,
+            seed: 0,
+            role,
+            list: None,
+            exclude: drawn.clone(),
+        };
+        let r = draw(&table, &spec)?;
+        r.write(&Regime::path_in(store, &r.name))?;
+        print!("{}", summary(&r, &table));
+        drawn.push(r);
     }
-    println!("  ft50 and pt50 are disjoint (icefm regime check ft50 pt50 --store …)");
+    for (i, a) in drawn.iter().enumerate() {
+        for b in &drawn[i + 1..] {
+            if !shared_scenes(a, b).is_empty() {
+                bail!("demo regimes {} and {} overlap", a.name, b.name);
+            }
+        }
+    }
+    println!("  test, val, ft and pt are pairwise disjoint (icefm regime check A B --store …)");
     Ok(())
 }

@@ -1,14 +1,14 @@
-//! `icefm train`: MAE pre-training from a store, with a progress bar and Ctrl-C at a step
-//! boundary.
+//! `icefm train`: MAE pre-training, or fine-tuning for SIC / SOD / FLOE when the configuration
+//! has a `[seg]` section, from a store, with a progress bar and Ctrl-C at a step boundary.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
-use icefm_model::train::{RunOptions, StepRecord, parse_device, train_mae};
+use icefm_model::finetune::{ValRecord, train_seg};
+use icefm_model::train::{RunOptions, RunSummary, StepRecord, parse_device, train_mae};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `icefm train`.
@@ -32,14 +32,34 @@ pub struct TrainArgs {
     /// Where to run: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Fine-tuning: encoder weights to start from (an MAE run or checkpoint, or an
+    /// `icefm import` output); sets `seg.init`.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// The regime of training scenes; sets `data.regime`.
+    #[arg(long)]
+    regime: Option<String>,
 }
 
 /// Run `icefm train`.
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("cannot read {}", a.config.display()))?;
+    let mut set = a.set.clone();
+    if let Some(r) = &a.regime {
+        set.push(format!("data.regime={r}"));
+    }
+    if let Some(i) = &a.init {
+        if !text.contains("[seg]") && !set.iter().any(|s| s.starts_with("seg.")) {
+            anyhow::bail!(
+                "--init is for fine-tuning: {} has no [seg] section (MAE pre-training starts from scratch)",
+                a.config.display()
+            );
+        }
+        set.push(format!("seg.init=\"{}\"", i.display()));
+    }
     let cfg =
-        TrainConfig::parse(&text, &a.set).with_context(|| format!("in {}", a.config.display()))?;
+        TrainConfig::parse(&text, &set).with_context(|| format!("in {}", a.config.display()))?;
     let out = match a.out {
         Some(o) => o,
         None => PathBuf::from("runs").join(
@@ -49,42 +69,13 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 .context("--config has no file name")?,
         ),
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while saving still ends the process the usual way.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
-    let bar = ProgressBar::new(cfg.train.steps);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta_precise}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("train");
-    bar.enable_steady_tick(Duration::from_millis(500));
-    let on_step = |r: &StepRecord| {
-        bar.set_position(r.step + 1);
-        bar.set_message(format!(
-            "loss {:.4}  {:.1} img/s  lr {:.2e}",
-            r.loss, r.images_per_s, r.lr
-        ));
-    };
     let opts = RunOptions {
         device: parse_device(&a.device).map_err(anyhow::Error::msg)?,
         store: a.store,
         out: out.clone(),
         resume: a.resume,
     };
-    let summary = train_mae(&cfg, &opts, &stop, &on_step);
-    bar.finish_and_clear();
-    let summary = summary?;
+    let summary = run_with_bar(&cfg, &opts, "train")?;
     let last = summary.records.last();
     println!(
         "{} {} steps (now at {} of {}); last loss {}; run: {}",
@@ -102,6 +93,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     if let Some(c) = &summary.checkpoint {
         println!("checkpoint: {}", c.display());
     }
+    if let Some(best) = summary
+        .validation
+        .iter()
+        .filter(|v| v.score.is_finite())
+        .max_by(|a, b| a.score.total_cmp(&b.score))
+    {
+        println!(
+            "best validation: step {}, combined {:.2} (checkpoints/best)",
+            best.step, best.combined
+        );
+    }
     if summary.interrupted {
         println!(
             "continue with: icefm train --resume --out {} …",
@@ -109,4 +111,63 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Set by Ctrl-C: runs stop at their next step boundary and save.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The Ctrl-C flag, with its handler installed once per process.
+pub fn stop_flag() -> &'static AtomicBool {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // A second Ctrl-C while saving still ends the process the usual way.
+        let _ = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    });
+    &STOP
+}
+
+/// Run `cfg` (MAE, or fine-tuning with a `[seg]` section) with a progress bar labelled
+/// `prefix`; validation passes are printed above the bar.
+pub fn run_with_bar(cfg: &TrainConfig, opts: &RunOptions, prefix: &str) -> Result<RunSummary> {
+    let stop = stop_flag();
+    let bar = ProgressBar::new(cfg.train.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let on_step = |r: &StepRecord| {
+        bar.set_position(r.step + 1);
+        bar.set_message(format!(
+            "loss {:.4}  {:.1} img/s  lr {:.2e}",
+            r.loss, r.images_per_s, r.lr
+        ));
+    };
+    let on_val = |v: &ValRecord| {
+        let line = format!(
+            "step {}: validation SIC R² {:.3}  SOD F1 {:.3}  FLOE F1 {:.3}  combined {:.1}  ({:.0} s)",
+            v.step, v.sic_r2, v.sod_f1, v.floe_f1, v.combined, v.seconds
+        );
+        // Without a terminal the bar is hidden and prints nothing: say it on stderr.
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let summary = if cfg.is_seg() {
+        train_seg(cfg, opts, stop, &on_step, &on_val)
+    } else {
+        train_mae(cfg, opts, stop, &on_step)
+    };
+    bar.finish_and_clear();
+    Ok(summary?)
 }

@@ -20,9 +20,11 @@ pub mod loader;
 pub mod regime;
 pub mod rng;
 pub mod sampler;
+pub mod scene;
 pub mod store;
 pub mod table;
 
 pub use error::DatasetError;
 pub use loader::{Batch, Batches, Loader, LoaderOptions, SampleInfo};
 pub use sampler::{Augment, Sampler, Transform};
+pub use scene::{SceneLevel, SceneReader};

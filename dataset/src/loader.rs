@@ -140,11 +140,11 @@ struct Window {
 
 /// Where each input channel comes from.
 #[derive(Debug, Clone, Copy)]
-struct ChannelSource {
-    kind: ArrayKind,
-    index: usize,
-    mean: f32,
-    inv_std: f32,
+pub(crate) struct ChannelSource {
+    pub(crate) kind: ArrayKind,
+    pub(crate) index: usize,
+    pub(crate) mean: f32,
+    pub(crate) inv_std: f32,
 }
 
 /// The loader. Cheap to share: [`Loader::iter`] runs on a clone of the inner state.
@@ -471,7 +471,7 @@ fn resolve_levels(
 }
 
 /// Where each named input channel comes from, with its normalisation.
-fn resolve_channels(
+pub(crate) fn resolve_channels(
     reader: &StoreReader,
     names: &[String],
 ) -> Result<Vec<ChannelSource>, DatasetError> {
@@ -505,7 +505,10 @@ fn resolve_channels(
 
 /// The regime's scenes in its order, all complete in the store (every complete scene without a
 /// regime).
-fn resolve_scenes(store: &Path, regime: Option<&Regime>) -> Result<Vec<Arc<str>>, DatasetError> {
+pub(crate) fn resolve_scenes(
+    store: &Path,
+    regime: Option<&Regime>,
+) -> Result<Vec<Arc<str>>, DatasetError> {
     let complete = complete_scenes(store)?;
     let scenes: Vec<Arc<str>> = match regime {
         Some(r) => {
@@ -1044,7 +1047,7 @@ impl Inner {
 
 /// `dst = (x − mean) · inv_std` for the native-endian f32 bytes `src`, 0 where `x` is not finite;
 /// `valid &= finite(x)`. Blocks of 16 so the compiler turns it into vector code.
-fn normalise(src: &[u8], dst: &mut [f32], valid: &mut [u8], mean: f32, inv_std: f32) {
+pub(crate) fn normalise(src: &[u8], dst: &mut [f32], valid: &mut [u8], mean: f32, inv_std: f32) {
     const K: usize = 16;
     let one = |b: &[u8], d: &mut f32, v: &mut u8| {
         let x = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);

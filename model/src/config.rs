@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use icefm_schemas::Task;
+
 use crate::mae::MaeConfig;
+use crate::seg::{HeadKind, SegConfig, SicLoss};
 use crate::vit::VitConfig;
 
 /// `[model]`: the encoder.
@@ -150,6 +153,63 @@ impl Default for TrainSection {
     }
 }
 
+/// `[seg]`: fine-tuning for SIC, SOD and FLOE. A configuration with this section fine-tunes a
+/// segmentation model; one without it pre-trains an MAE.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegSection {
+    /// Head per task: `upernet` (SAR-IceFM) or `fcn` (light, for CPU runs).
+    pub head: String,
+    /// Head width (channels).
+    pub channels: usize,
+    /// Tasks trained, any of `SIC`, `SOD`, `FLOE` (one = single-task).
+    pub tasks: Vec<String>,
+    /// SIC loss: `mse` (regression on the class index, SAR-IceFM) or `ce` (11 classes).
+    pub sic_loss: String,
+    /// Loss weights of SIC, SOD, FLOE (SAR-IceFM: 1, 3, 3).
+    pub task_weights: [f64; 3],
+    /// The four encoder blocks (0-based) feeding the pyramid; empty = evenly spaced
+    /// (2, 5, 8, 11 for 12 blocks).
+    pub layers: Vec<usize>,
+    /// Train only the neck and heads (linear probing).
+    pub freeze_encoder: bool,
+    /// Encoder weights to start from: an MAE run, checkpoint folder or `.safetensors` file
+    /// (`icefm import` output); empty = from scratch. `--init` sets it.
+    pub init: String,
+    /// Regime of validation scenes; empty = no validation during training.
+    pub val_regime: String,
+    /// Validate every this many steps (0: only after the last step).
+    pub val_every: u64,
+    /// Level of sliding-window inference (validation and `icefm eval`); empty = the finest
+    /// level of `data.levels`.
+    pub eval_level: String,
+    /// Window stride of sliding-window inference in pixels; 0 = half the crop.
+    pub eval_stride: u32,
+    /// Blending of overlapping windows: `mean` or `taper` (weights falling towards the
+    /// window edges).
+    pub eval_blend: String,
+}
+
+impl Default for SegSection {
+    fn default() -> Self {
+        Self {
+            head: "upernet".into(),
+            channels: 256,
+            tasks: vec!["SIC".into(), "SOD".into(), "FLOE".into()],
+            sic_loss: "mse".into(),
+            task_weights: [1.0, 3.0, 3.0],
+            layers: Vec::new(),
+            freeze_encoder: false,
+            init: String::new(),
+            val_regime: String::new(),
+            val_every: 0,
+            eval_level: String::new(),
+            eval_stride: 0,
+            eval_blend: "taper".into(),
+        }
+    }
+}
+
 /// A whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -162,6 +222,9 @@ pub struct TrainConfig {
     pub data: DataSection,
     /// `[train]`.
     pub train: TrainSection,
+    /// Fine-tuning (absent: MAE pre-training).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seg: Option<SegSection>,
 }
 
 /// A configuration problem, one line.
@@ -186,7 +249,11 @@ impl TrainConfig {
                 ))
             })?;
             // Keys whose value is text take the raw text (`data.levels=80` is "80").
-            let text_key = toml::Value::try_from(TrainConfig::default())
+            let all = TrainConfig {
+                seg: Some(SegSection::default()),
+                ..TrainConfig::default()
+            };
+            let text_key = toml::Value::try_from(all)
                 .ok()
                 .and_then(|d| d.get(section)?.get(key).map(toml::Value::is_str))
                 .unwrap_or(false);
@@ -246,7 +313,92 @@ impl TrainConfig {
         })
     }
 
+    /// Whether this configuration fine-tunes (has a `[seg]` section).
+    pub fn is_seg(&self) -> bool {
+        self.seg.is_some()
+    }
+
+    /// The segmentation model of a `[seg]` configuration.
+    pub fn seg_config(&self) -> Result<SegConfig, ConfigError> {
+        let s = self
+            .seg
+            .as_ref()
+            .ok_or_else(|| ConfigError("the configuration has no [seg] section".into()))?;
+        let encoder = self.mae_config()?.encoder;
+        let head = HeadKind::parse(&s.head).ok_or_else(|| {
+            ConfigError(format!("seg.head `{}`: expected upernet or fcn", s.head))
+        })?;
+        let sic_loss = match s.sic_loss.as_str() {
+            "mse" => SicLoss::Mse,
+            "ce" => SicLoss::CrossEntropy,
+            o => {
+                return Err(ConfigError(format!(
+                    "seg.sic_loss `{o}`: expected mse or ce"
+                )));
+            }
+        };
+        let mut tasks = Vec::new();
+        for name in &s.tasks {
+            let t = Task::ALL
+                .into_iter()
+                .find(|t| t.name().eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    ConfigError(format!("seg.tasks: `{name}` is not SIC, SOD or FLOE"))
+                })?;
+            if tasks.contains(&t) {
+                return Err(ConfigError(format!("seg.tasks names {name} twice")));
+            }
+            tasks.push(t);
+        }
+        if tasks.is_empty() {
+            return Err(ConfigError("seg.tasks is empty".into()));
+        }
+        let layers = match s.layers.as_slice() {
+            [] => SegConfig::default_layers(encoder.depth),
+            [a, b, c, d] => [*a, *b, *c, *d],
+            l => {
+                return Err(ConfigError(format!(
+                    "seg.layers has {} entries; give four block indices or none",
+                    l.len()
+                )));
+            }
+        };
+        if let Some(l) = layers.iter().find(|&&l| l >= encoder.depth) {
+            return Err(ConfigError(format!(
+                "seg.layers: block {l} is not below the encoder's {} blocks",
+                encoder.depth
+            )));
+        }
+        if s.task_weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+            return Err(ConfigError(format!(
+                "seg.task_weights {:?} must be finite and not negative",
+                s.task_weights
+            )));
+        }
+        if s.channels == 0 {
+            return Err(ConfigError("seg.channels must be at least 1".into()));
+        }
+        if !matches!(s.eval_blend.as_str(), "mean" | "taper") {
+            return Err(ConfigError(format!(
+                "seg.eval_blend `{}`: expected mean or taper",
+                s.eval_blend
+            )));
+        }
+        Ok(SegConfig {
+            encoder,
+            layers,
+            head,
+            channels: s.channels,
+            tasks,
+            sic_loss,
+            task_weights: s.task_weights,
+        })
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
+        if self.is_seg() {
+            self.seg_config()?;
+        }
         if !matches!(self.train.precision.as_str(), "f32" | "bf16") {
             return Err(ConfigError(format!(
                 "train.precision `{}`: expected f32 or bf16",
@@ -332,6 +484,54 @@ mod tests {
         assert_eq!(b.data.levels.split(',').count(), 9);
         let t = TrainConfig::parse(include_str!("../../configs/mae_vit_tiny.toml"), &[]).unwrap();
         assert_eq!(t.mae_config().unwrap().encoder.dim, 192);
+    }
+
+    #[test]
+    fn shipped_fine_tuning_presets_parse() {
+        let b = TrainConfig::parse(include_str!("../../configs/seg_vit_b.toml"), &[]).unwrap();
+        let s = b.seg_config().unwrap();
+        assert_eq!((s.encoder.dim, s.layers), (768, [2, 5, 8, 11]));
+        assert_eq!(
+            (s.head, s.channels, s.sic_loss),
+            (HeadKind::UperNet, 512, SicLoss::Mse)
+        );
+        assert_eq!(s.tasks, Task::ALL.to_vec());
+        assert_eq!(s.task_weights, [1.0, 3.0, 3.0]);
+        let t = TrainConfig::parse(
+            include_str!("../../configs/seg_vit_tiny.toml"),
+            &["seg.tasks=[\"sod\"]".into(), "seg.eval_level=200".into()],
+        )
+        .unwrap();
+        let s = t.seg_config().unwrap();
+        assert_eq!((s.head, s.tasks.clone()), (HeadKind::Fcn, vec![Task::Sod]));
+        assert_eq!(s.layers, SegConfig::default_layers(12));
+        assert_eq!(SegConfig::default_layers(12), [2, 5, 8, 11]);
+        assert_eq!(SegConfig::default_layers(2), [0, 0, 0, 1]);
+        assert_eq!(t.seg.unwrap().eval_level, "200");
+        // The MAE presets have no [seg] section and stay MAE runs.
+        let m = TrainConfig::parse(include_str!("../../configs/mae_vit_tiny.toml"), &[]).unwrap();
+        assert!(!m.is_seg() && !m.to_toml().contains("[seg]"));
+    }
+
+    #[test]
+    fn bad_fine_tuning_keys_are_one_line_errors() {
+        let base = include_str!("../../configs/seg_vit_tiny.toml");
+        for (set, want) in [
+            ("seg.head=unet", "seg.head `unet`"),
+            (
+                "seg.tasks=[\"SIC\", \"ICE\"]",
+                "`ICE` is not SIC, SOD or FLOE",
+            ),
+            ("seg.tasks=[\"SOD\", \"SOD\"]", "names SOD twice"),
+            ("seg.layers=[1, 2]", "seg.layers has 2 entries"),
+            ("seg.layers=[1, 2, 3, 12]", "block 12 is not below"),
+            ("seg.sic_loss=huber", "seg.sic_loss `huber`"),
+            ("seg.eval_blend=max", "seg.eval_blend `max`"),
+            ("seg.colour=1", "unknown field `colour`"),
+        ] {
+            let e = TrainConfig::parse(base, &[set.to_string()]).unwrap_err().0;
+            assert!(e.contains(want), "{set}: {e}");
+        }
     }
 
     #[test]

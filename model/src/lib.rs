@@ -1,6 +1,8 @@
-//! icefm's models on candle: a ViT encoder, masked-autoencoder pre-training, its training loop
-//! with checkpoints and exact resume (segmentation heads come next). Every layer is composed of differentiable
-//! primitives: candle 0.11's fast norms and softmax record no backward ([`ops`]).
+//! icefm's models on candle: a ViT encoder, masked-autoencoder pre-training ([`mae`]), the
+//! segmentation model for SIC, SOD and FLOE ([`seg`]: feature pyramid, UPerNet or FCN heads),
+//! training loops with checkpoints and exact resume ([`train`], [`finetune`]), full-scene
+//! sliding-window evaluation ([`evaluate`]) and the AutoICE metrics ([`metrics`]). Every layer
+//! records its backward: candle 0.11's fast norms and softmax do not ([`ops`], [`fused`]).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -17,6 +19,8 @@
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod evaluate;
+pub mod finetune;
 pub mod fused;
 pub mod import;
 pub mod mae;
@@ -24,5 +28,6 @@ pub mod metrics;
 pub mod ops;
 pub mod optim;
 pub mod panel;
+pub mod seg;
 pub mod train;
 pub mod vit;

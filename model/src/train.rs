@@ -61,7 +61,7 @@ pub enum TrainError {
     },
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -73,10 +73,8 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 pub struct StepRecord {
     /// Step (0-based).
     pub step: u64,
-    /// Masked-patch loss.
+    /// The training loss (MAE: masked-patch loss; fine-tuning: the weighted task sum).
     pub loss: f32,
-    /// The loss of predicting each patch's mean on the same batch (≈ 1): what the MAE beats.
-    pub baseline: f32,
     /// Learning rate used.
     pub lr: f64,
     /// Gradient norm before clipping.
@@ -85,6 +83,17 @@ pub struct StepRecord {
     pub images_per_s: f64,
     /// Samples per level, `80m:12 200m:20`.
     pub levels: String,
+    /// Further named values, one `metrics.parquet` column each: MAE's `baseline` (the loss of
+    /// predicting each patch's mean on the same batch, ≈ 1: what the MAE beats), fine-tuning's
+    /// `loss_SIC`, `loss_SOD`, `loss_FLOE`.
+    pub extra: Vec<(String, f32)>,
+}
+
+impl StepRecord {
+    /// A named extra value.
+    pub fn value(&self, name: &str) -> Option<f32> {
+        self.extra.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
 }
 
 /// Checkpoint bookkeeping.
@@ -111,6 +120,8 @@ pub struct RunSummary {
     pub checkpoint: Option<PathBuf>,
     /// All records of the run so far.
     pub records: Vec<StepRecord>,
+    /// Validation passes so far (fine-tuning with a validation regime).
+    pub validation: Vec<crate::finetune::ValRecord>,
 }
 
 /// Where to run.
@@ -127,7 +138,7 @@ pub struct RunOptions {
 }
 
 /// Deterministic initial weights for `seed`, by name (candle's own initialisers draw from an
-/// unseeded generator): Xavier-uniform matrices, normal(0.02) tokens, unit norm scales, zero
+/// unseeded generator): Xavier-uniform matrices and kernels, normal(0.02) tokens, unit norm scales, zero
 /// biases and shifts.
 pub fn init_weights(vars: &VarMap, seed: u64) -> candle_core::Result<()> {
     for (i, (name, var)) in named_vars(vars).iter().enumerate() {
@@ -137,8 +148,11 @@ pub fn init_weights(vars: &VarMap, seed: u64) -> candle_core::Result<()> {
         let mut rng = Rng::new(seed ^ INIT_STREAM, i as u64);
         let values: Vec<f32> = if name.ends_with("_token") {
             (0..n).map(|_| 0.02 * normal(&mut rng) as f32).collect()
-        } else if t.rank() == 2 {
-            let (out, inp) = (shape.dims()[0], shape.dims()[1]);
+        } else if t.rank() >= 2 {
+            // Matrices `[out, in]` and convolution kernels `[out, in, k, k]`.
+            let d = shape.dims();
+            let field: usize = d[2..].iter().product();
+            let (out, inp) = (d[0] * field, d[1] * field);
             let a = (6.0 / (inp + out) as f64).sqrt();
             (0..n)
                 .map(|_| ((rng.unit() * 2.0 - 1.0) * a) as f32)
@@ -220,38 +234,9 @@ pub fn train_mae(
 ) -> Result<RunSummary, TrainError> {
     let dev = opts.device.clone();
     let mcfg = cfg.mae_config().map_err(|e| TrainError::Setup(e.0))?;
-    let resolved = cfg.to_toml();
 
-    // The run directory: new, or resumed with the same configuration (steps may grow).
-    let existing = checkpoints(&opts.out);
-    let config_path = opts.out.join("config.toml");
-    if opts.resume {
-        let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
-        let saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
-        let mut a = saved.clone();
-        let mut b = cfg.clone();
-        a.train.steps = 0;
-        b.train.steps = 0;
-        if a != b {
-            return Err(TrainError::Setup(format!(
-                "{}: the configuration differs from the run's config.toml (only train.steps may change on --resume)",
-                opts.out.display()
-            )));
-        }
-    } else if !existing.is_empty() {
-        return Err(TrainError::Setup(format!(
-            "{} already holds checkpoints: add --resume to continue it, or give another --out",
-            opts.out.display()
-        )));
-    }
-    std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
-    std::fs::write(&config_path, &resolved).map_err(|e| io_err(&config_path, e))?;
-    let log_path = opts.out.join("log.txt");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| io_err(&log_path, e))?;
+    let mut run = open_run(cfg, opts)?;
+    let existing = run.existing.clone();
 
     // Model and optimizer.
     let vars = VarMap::new();
@@ -278,52 +263,19 @@ pub fn train_mae(
                 .into_iter()
                 .filter(|r| r.step < start)
                 .collect();
-            writeln!(log, "resumed from {} (step {start})", dir.display())
-                .map_err(|e| io_err(&log_path, e))?;
+            run.log(&format!("resumed from {} (step {start})", dir.display()))?;
         }
     } else {
-        writeln!(
-            log,
+        run.log(&format!(
             "new run: {} parameters",
             named
                 .iter()
                 .map(|(_, v)| v.as_tensor().elem_count())
                 .sum::<usize>()
-        )
-        .map_err(|e| io_err(&log_path, e))?;
+        ))?;
     }
 
-    // Data.
-    let regime = if cfg.data.regime.is_empty() {
-        None
-    } else {
-        Some(Regime::open(Some(&opts.store), &cfg.data.regime)?)
-    };
-    let levels = if cfg.data.levels.trim().is_empty() {
-        Vec::new()
-    } else {
-        parse_level_weights(&cfg.data.levels)?
-    };
-    let loader = Loader::open(
-        &opts.store,
-        regime.as_ref(),
-        LoaderOptions {
-            levels,
-            crop: cfg.data.crop,
-            batch_size: cfg.data.batch_size,
-            channels: cfg.data.channels.clone(),
-            seed: cfg.train.seed,
-            sampler: Sampler::LevelWeighted,
-            augment: Augment {
-                flips: cfg.data.flips,
-                rot90: cfg.data.rot90,
-                jitter: cfg.data.jitter,
-            },
-            min_valid: cfg.data.min_valid,
-            threads: cfg.data.threads,
-            ..LoaderOptions::default()
-        },
-    )?;
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted)?;
 
     let total = cfg.train.steps;
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());
@@ -342,10 +294,7 @@ pub fn train_mae(
         let images = Tensor::from_slice(&batch.inputs, (b, c, n, n), &dev)?;
         let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
         let valid = Tensor::from_vec(valid, (b, n, n), &dev)?;
-        let mut level_counts: BTreeMap<u32, usize> = BTreeMap::new();
-        for s in &batch.samples {
-            *level_counts.entry(s.level.spacing_m()).or_default() += 1;
-        }
+        let levels = crate::finetune::level_mix(&batch.samples);
         batches.recycle(batch);
         let noise: Vec<Vec<f32>> = (0..b)
             .map(|j| {
@@ -354,13 +303,7 @@ pub fn train_mae(
             })
             .collect();
         let masking = Masking::from_noise(&noise, mcfg.mask_ratio);
-        let keep: Vec<(Vec<f32>, Vec<f32>)> = (0..mcfg.encoder.depth)
-            .map(|i| {
-                let mut r = Rng::new(cfg.train.seed ^ DROP_STREAM, step * 1024 + i as u64);
-                let mut draw = || (0..b).map(|_| r.unit() as f32).collect::<Vec<f32>>();
-                (draw(), draw())
-            })
-            .collect();
+        let keep = drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b);
         let out = mae.forward(&images, &valid, &masking, Some(&keep))?;
         let every = cfg.train.panel_every;
         if every > 0 && (step + 1) % every == 0 {
@@ -386,52 +329,33 @@ pub fn train_mae(
                 "step {step}: the loss is {loss}; lower train.lr or check the data"
             )));
         }
-        let grads = out.loss.backward()?;
-        let (grad_norm, scale) = clip_scale(&grads, vars_only.iter(), cfg.train.clip_grad)?;
-        let lr = lr_at(
-            step,
-            cfg.train.lr,
-            cfg.train.warmup_steps,
-            total,
-            cfg.train.min_lr,
-        );
-        opt.step(&grads, lr, scale)?;
+        let (grad_norm, lr) = optimise(&out.loss, &vars_only, &mut opt, cfg, step)?;
         let rec = StepRecord {
             step,
             loss,
-            baseline: out.baseline,
             lr,
             grad_norm,
             images_per_s: b as f64 / t0.elapsed().as_secs_f64(),
-            levels: level_counts
-                .iter()
-                .map(|(m, k)| format!("{m}m:{k}"))
-                .collect::<Vec<_>>()
-                .join(" "),
+            levels,
+            extra: vec![("baseline".into(), out.baseline)],
         };
         on_step(&rec);
         records.push(rec);
         steps_run += 1;
         let done = step + 1;
         let stopping = stop.load(Ordering::SeqCst);
-        if done == total || stopping || done % cfg.train.checkpoint_every.max(1) == 0 {
-            checkpoint = Some(save_checkpoint(
-                &opts.out,
-                done,
-                cfg.train.seed,
-                loss,
-                &named,
-                &opt,
-            )?);
-            write_metrics(&opts.out.join("metrics.parquet"), &records)?;
-            prune(&opts.out, cfg.train.keep_last.max(1))?;
-            writeln!(log, "step {done}: loss {loss:.5}, checkpoint saved")
-                .map_err(|e| io_err(&log_path, e))?;
-        }
-        if stopping && done < total {
+        if end_step(
+            &mut run,
+            cfg,
+            &opts.out,
+            done,
+            stopping,
+            &records,
+            &named,
+            &opt,
+            &mut checkpoint,
+        )? {
             interrupted = true;
-            writeln!(log, "stopped at step {done} (interrupt)")
-                .map_err(|e| io_err(&log_path, e))?;
             break;
         }
     }
@@ -441,10 +365,177 @@ pub fn train_mae(
         interrupted,
         checkpoint,
         records,
+        validation: Vec::new(),
     })
 }
 
-fn save_checkpoint(
+/// An opened run directory: its checkpoints when it opened, and its log.
+pub(crate) struct RunDir {
+    /// Checkpoints found, oldest first.
+    pub existing: Vec<(u64, PathBuf)>,
+    log: File,
+    log_path: PathBuf,
+}
+
+impl RunDir {
+    /// Append a line to `log.txt`.
+    pub fn log(&mut self, line: &str) -> Result<(), TrainError> {
+        writeln!(self.log, "{line}").map_err(|e| io_err(&self.log_path, e))
+    }
+}
+
+/// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
+/// configuration (only `train.steps` may change). Writes `config.toml` as resolved.
+pub(crate) fn open_run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunDir, TrainError> {
+    let resolved = cfg.to_toml();
+    // The run directory: new, or resumed with the same configuration (steps may grow).
+    let existing = checkpoints(&opts.out);
+    let config_path = opts.out.join("config.toml");
+    if opts.resume {
+        let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
+        let saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
+        let mut a = saved.clone();
+        let mut b = cfg.clone();
+        a.train.steps = 0;
+        b.train.steps = 0;
+        if a != b {
+            return Err(TrainError::Setup(format!(
+                "{}: the configuration differs from the run's config.toml (only train.steps may change on --resume)",
+                opts.out.display()
+            )));
+        }
+    } else if !existing.is_empty() {
+        return Err(TrainError::Setup(format!(
+            "{} already holds checkpoints: add --resume to continue it, or give another --out",
+            opts.out.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
+    std::fs::write(&config_path, &resolved).map_err(|e| io_err(&config_path, e))?;
+    let log_path = opts.out.join("log.txt");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io_err(&log_path, e))?;
+    Ok(RunDir {
+        existing,
+        log,
+        log_path,
+    })
+}
+
+/// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
+/// `cfg`, seeded by `train.seed`.
+pub(crate) fn open_loader(
+    cfg: &TrainConfig,
+    store: &Path,
+    sampler: Sampler,
+) -> Result<Loader, TrainError> {
+    let regime = if cfg.data.regime.is_empty() {
+        None
+    } else {
+        Some(Regime::open(Some(store), &cfg.data.regime)?)
+    };
+    let levels = if cfg.data.levels.trim().is_empty() {
+        Vec::new()
+    } else {
+        parse_level_weights(&cfg.data.levels)?
+    };
+    Ok(Loader::open(
+        store,
+        regime.as_ref(),
+        LoaderOptions {
+            levels,
+            crop: cfg.data.crop,
+            batch_size: cfg.data.batch_size,
+            channels: cfg.data.channels.clone(),
+            seed: cfg.train.seed,
+            sampler,
+            augment: Augment {
+                flips: cfg.data.flips,
+                rot90: cfg.data.rot90,
+                jitter: cfg.data.jitter,
+            },
+            min_valid: cfg.data.min_valid,
+            threads: cfg.data.threads,
+            ..LoaderOptions::default()
+        },
+    )?)
+}
+
+/// Stochastic-depth draws of step `step` for `depth` blocks and `b` samples (a function of the
+/// seed and the step alone, so a resumed run draws the same).
+pub(crate) fn drop_draws(
+    seed: u64,
+    step: u64,
+    depth: usize,
+    b: usize,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (0..depth)
+        .map(|i| {
+            let mut r = Rng::new(seed ^ DROP_STREAM, step * 1024 + i as u64);
+            let mut draw = || (0..b).map(|_| r.unit() as f32).collect::<Vec<f32>>();
+            (draw(), draw())
+        })
+        .collect()
+}
+
+/// Backward pass, clipping and one AdamW update of step `step`; returns the gradient norm
+/// before clipping and the learning rate.
+pub(crate) fn optimise(
+    loss: &Tensor,
+    vars: &[Var],
+    opt: &mut AdamW,
+    cfg: &TrainConfig,
+    step: u64,
+) -> Result<(f64, f64), TrainError> {
+    let grads = loss.backward()?;
+    let (grad_norm, scale) = clip_scale(&grads, vars.iter(), cfg.train.clip_grad)?;
+    let t = &cfg.train;
+    let lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr);
+    opt.step(&grads, lr, scale)?;
+    Ok((grad_norm, lr))
+}
+
+/// The end of a step: a checkpoint (with the metrics so far) when one is due, every
+/// `checkpoint_every` steps, after the last step, or when stopping. Returns `true` when the
+/// run stops here early.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn end_step(
+    run: &mut RunDir,
+    cfg: &TrainConfig,
+    out: &Path,
+    done: u64,
+    stopping: bool,
+    records: &[StepRecord],
+    named: &[(String, Var)],
+    opt: &AdamW,
+    checkpoint: &mut Option<PathBuf>,
+) -> Result<bool, TrainError> {
+    let total = cfg.train.steps;
+    let loss = records.last().map_or(f32::NAN, |r| r.loss);
+    if done == total || stopping || done.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
+        *checkpoint = Some(save_checkpoint(
+            out,
+            done,
+            cfg.train.seed,
+            loss,
+            named,
+            opt,
+        )?);
+        write_metrics(&out.join("metrics.parquet"), records)?;
+        prune(out, cfg.train.keep_last.max(1))?;
+        run.log(&format!("step {done}: loss {loss:.5}, checkpoint saved"))?;
+    }
+    if stopping && done < total {
+        run.log(&format!("stopped at step {done} (interrupt)"))?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+pub(crate) fn save_checkpoint(
     out: &Path,
     step: u64,
     seed: u64,
@@ -472,7 +563,7 @@ fn save_checkpoint(
     Ok(dir)
 }
 
-fn load_checkpoint(
+pub(crate) fn load_checkpoint(
     dir: &Path,
     named: &[(String, Var)],
     opt: &mut AdamW,
@@ -496,7 +587,7 @@ fn load_checkpoint(
     Ok(())
 }
 
-fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
+pub(crate) fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
     let all = checkpoints(out);
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
@@ -506,29 +597,28 @@ fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn metrics_schema() -> Schema {
-    Schema::new(vec![
+/// Write the records as `metrics.parquet` (through a temporary file): `step`, `loss`, `lr`,
+/// `grad_norm`, `images_per_s`, `levels` and one `f32` column per extra value of the first
+/// record.
+pub fn write_metrics(path: &Path, records: &[StepRecord]) -> Result<(), TrainError> {
+    let names: Vec<String> = records
+        .first()
+        .map(|r| r.extra.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    let mut fields = vec![
         Field::new("step", DataType::UInt64, false),
         Field::new("loss", DataType::Float32, false),
-        Field::new("baseline", DataType::Float32, false),
         Field::new("lr", DataType::Float64, false),
         Field::new("grad_norm", DataType::Float64, false),
         Field::new("images_per_s", DataType::Float64, false),
         Field::new("levels", DataType::Utf8, false),
-    ])
-}
-
-/// Write the records as `metrics.parquet` (through a temporary file).
-pub fn write_metrics(path: &Path, records: &[StepRecord]) -> Result<(), TrainError> {
-    let cols: Vec<ArrayRef> = vec![
+    ];
+    let mut cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(
             records.iter().map(|r| r.step),
         )),
         Arc::new(Float32Array::from_iter_values(
             records.iter().map(|r| r.loss),
-        )),
-        Arc::new(Float32Array::from_iter_values(
-            records.iter().map(|r| r.baseline),
         )),
         Arc::new(Float64Array::from_iter_values(records.iter().map(|r| r.lr))),
         Arc::new(Float64Array::from_iter_values(
@@ -541,12 +631,23 @@ pub fn write_metrics(path: &Path, records: &[StepRecord]) -> Result<(), TrainErr
             records.iter().map(|r| r.levels.as_str()),
         )),
     ];
+    for n in &names {
+        fields.push(Field::new(n, DataType::Float32, false));
+        cols.push(Arc::new(Float32Array::from_iter_values(
+            records.iter().map(|r| r.value(n).unwrap_or(f32::NAN)),
+        )));
+    }
     let batch =
-        RecordBatch::try_new(Arc::new(metrics_schema()), cols).map_err(|e| io_err(path, e))?;
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| io_err(path, e))?;
+    write_parquet(path, &batch)
+}
+
+/// Write one record batch as a Parquet file, through a temporary file renamed into place.
+pub(crate) fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), TrainError> {
     let tmp = path.with_extension("parquet.tmp");
     let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
     let mut w = ArrowWriter::try_new(file, batch.schema(), None).map_err(|e| io_err(&tmp, e))?;
-    w.write(&batch).map_err(|e| io_err(&tmp, e))?;
+    w.write(batch).map_err(|e| io_err(&tmp, e))?;
     w.close().map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
@@ -570,12 +671,24 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
                 .ok_or_else(|| io_err(path, format!("no column {name}")))
         };
         let (step, loss, lr) = (col("step")?, col("loss")?, col("lr")?);
-        let base = col("baseline")?;
         let (gn, ips, lv) = (col("grad_norm")?, col("images_per_s")?, col("levels")?);
         let bad = || io_err(path, "unexpected column types");
         let step = step.as_primitive_opt::<UInt64Type>().ok_or_else(bad)?;
         let loss = loss.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
-        let base = base.as_primitive_opt::<Float32Type>().ok_or_else(bad)?;
+        let fixed = ["step", "loss", "lr", "grad_norm", "images_per_s", "levels"];
+        let extra: Vec<(String, &arrow_array::Float32Array)> = b
+            .schema()
+            .fields()
+            .iter()
+            .filter(|f| !fixed.contains(&f.name().as_str()))
+            .map(|f| {
+                let c = col(f.name())?;
+                Ok((
+                    f.name().clone(),
+                    c.as_primitive_opt::<Float32Type>().ok_or_else(bad)?,
+                ))
+            })
+            .collect::<Result<_, TrainError>>()?;
         let lr = lr.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
         let gn = gn.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
         let ips = ips.as_primitive_opt::<Float64Type>().ok_or_else(bad)?;
@@ -584,11 +697,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
             out.push(StepRecord {
                 step: step.value(i),
                 loss: loss.value(i),
-                baseline: base.value(i),
                 lr: lr.value(i),
                 grad_norm: gn.value(i),
                 images_per_s: ips.value(i),
                 levels: lv.value(i).to_string(),
+                extra: extra.iter().map(|(n, c)| (n.clone(), c.value(i))).collect(),
             });
         }
     }

@@ -318,17 +318,58 @@ impl Vit {
     /// Prepend the class token (its position embedding is 0) and run the blocks and the final
     /// norm: `[B, N, D]` → `[B, 1 + N, D]`. `keep` gives stochastic-depth draws per block.
     pub fn encode(&self, tokens: &Tensor, keep: Option<&[(Vec<f32>, Vec<f32>)]>) -> Result<Tensor> {
-        let b = tokens.dim(0)?;
-        let cls = self
-            .cls_token
-            .to_dtype(tokens.dtype())?
-            .broadcast_as((b, 1, self.cfg.dim))?;
-        let mut x = Tensor::cat(&[&cls, tokens], 1)?;
+        let mut x = self.with_cls(tokens)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let k = keep.and_then(|k| k.get(i)).map(|(a, b)| (&a[..], &b[..]));
             x = blk.forward(&x, k)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// `[B, N, D]` → `[B, 1 + N, D]` with the class token first.
+    fn with_cls(&self, tokens: &Tensor) -> Result<Tensor> {
+        let b = tokens.dim(0)?;
+        let cls = self
+            .cls_token
+            .to_dtype(tokens.dtype())?
+            .broadcast_as((b, 1, self.cfg.dim))?;
+        Tensor::cat(&[&cls, tokens], 1)
+    }
+
+    /// The outputs of the blocks listed in `layers` (0-based, ascending), each `[B, 1 + N, D]`,
+    /// for a segmentation neck. The output of the last block, if listed, passes the final norm
+    /// (the norm MAE pre-training trained on it). Blocks after the last listed one are not run.
+    pub fn features(
+        &self,
+        tokens: &Tensor,
+        layers: &[usize],
+        keep: Option<&[(Vec<f32>, Vec<f32>)]>,
+    ) -> Result<Vec<Tensor>> {
+        let mut x = self.with_cls(tokens)?;
+        let last = layers.iter().copied().max().unwrap_or(0);
+        let mut outs: Vec<Option<Tensor>> = vec![None; self.blocks.len()];
+        for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
+            let k = keep.and_then(|k| k.get(i)).map(|(a, b)| (&a[..], &b[..]));
+            x = blk.forward(&x, k)?;
+            if layers.contains(&i) {
+                outs[i] = Some(if i + 1 == self.blocks.len() {
+                    self.norm.forward(&x)?
+                } else {
+                    x.clone()
+                });
+            }
+        }
+        layers
+            .iter()
+            .map(|&i| {
+                outs.get(i).cloned().flatten().ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "feature layer {i} is not below the depth {}",
+                        self.blocks.len()
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Inference: images → `[B, 1 + N, D]`.

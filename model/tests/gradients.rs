@@ -4,7 +4,10 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use candle_core::{DType, Device, Tensor, Var};
+
+mod common;
 use candle_nn::{VarBuilder, VarMap};
+use common::check_var;
 use icefm_model::mae::{Mae, MaeConfig, Masking, norm_pix, patch_loss};
 use icefm_model::ops::{layer_norm, softmax};
 use icefm_model::train::named_vars;
@@ -114,49 +117,6 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         .unwrap();
     assert!(fast.backward().unwrap().get(w.as_tensor()).is_none());
     assert!(ours.backward().unwrap().get(w.as_tensor()).is_some());
-}
-
-/// Central differences of `f` at every element of `var` (or the first `limit`), against the
-/// analytic gradient; f64 throughout.
-fn check_var(name: &str, var: &Var, f: &dyn Fn() -> Tensor, limit: usize) {
-    let loss = f();
-    let grads = loss.backward().unwrap();
-    let g: Vec<f64> = grads
-        .get(var.as_tensor())
-        .unwrap_or_else(|| panic!("{name}: no gradient"))
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    let shape = var.as_tensor().shape().clone();
-    let h = 1e-6;
-    let n = base.len();
-    let step = (n / limit).max(1);
-    let mut worst = 0f64;
-    for i in (0..n).step_by(step) {
-        let at = |d: f64| {
-            let mut v = base.clone();
-            v[i] += d;
-            var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
-                .unwrap();
-            f().to_scalar::<f64>().unwrap()
-        };
-        let numeric = (at(h) - at(-h)) / (2.0 * h);
-        // Relative, with a floor of 1e-4 for tiny gradients (e.g. key biases, zero by symmetry:
-        // softmax ignores a shift shared by all keys), where both sides are rounding noise
-        // (about 1e-9 with h = 1e-6).
-        let err = (numeric - g[i]).abs() / (numeric.abs() + g[i].abs()).max(1e-4);
-        worst = worst.max(err);
-        assert!(
-            err < 1e-4,
-            "{name}[{i}]: analytic {} vs numeric {numeric}",
-            g[i]
-        );
-    }
-    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
-        .unwrap();
-    assert!(worst.is_finite());
 }
 
 #[test]

@@ -219,7 +219,11 @@ fn a_micro_mae_beats_predicting_each_patch_mean() {
     .unwrap();
     let last = &run.records[run.records.len() - 10..];
     let loss = last.iter().map(|r| f64::from(r.loss)).sum::<f64>() / 10.0;
-    let baseline = last.iter().map(|r| f64::from(r.baseline)).sum::<f64>() / 10.0;
+    let baseline = last
+        .iter()
+        .map(|r| f64::from(r.value("baseline").unwrap_or(f32::NAN)))
+        .sum::<f64>()
+        / 10.0;
     let first = f64::from(run.records[0].loss);
     eprintln!(
         "micro MAE: first loss {first:.3}, last-10 loss {loss:.3}, patch-mean baseline {baseline:.3}"

@@ -1,7 +1,7 @@
 //! Helpers shared by icefm-model's test files (`mod common;` in each).
 #![allow(dead_code, clippy::unwrap_used)]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use icefm_dataset::rng::Rng;
 
 /// A seeded tensor on the CPU, uniform in `[-scale, scale)`, of `dtype`.
@@ -35,4 +35,47 @@ pub fn max_rel(got: &Tensor, want: &Tensor) -> f64 {
     g.iter()
         .zip(&w)
         .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+/// Central differences of `f` at every element of `var` (or the first `limit`), against the
+/// analytic gradient; f64 throughout.
+pub fn check_var(name: &str, var: &Var, f: &dyn Fn() -> Tensor, limit: usize) {
+    let loss = f();
+    let grads = loss.backward().unwrap();
+    let g: Vec<f64> = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("{name}: no gradient"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let shape = var.as_tensor().shape().clone();
+    let h = 1e-6;
+    let n = base.len();
+    let step = (n / limit).max(1);
+    let mut worst = 0f64;
+    for i in (0..n).step_by(step) {
+        let at = |d: f64| {
+            let mut v = base.clone();
+            v[i] += d;
+            var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            f().to_scalar::<f64>().unwrap()
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h);
+        // Relative, with a floor of 1e-4 for tiny gradients (e.g. key biases, zero by symmetry:
+        // softmax ignores a shift shared by all keys), where both sides are rounding noise
+        // (about 1e-9 with h = 1e-6).
+        let err = (numeric - g[i]).abs() / (numeric.abs() + g[i].abs()).max(1e-4);
+        worst = worst.max(err);
+        assert!(
+            err < 1e-4,
+            "{name}[{i}]: analytic {} vs numeric {numeric}",
+            g[i]
+        );
+    }
+    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
+        .unwrap();
+    assert!(worst.is_finite());
 }

@@ -1,0 +1,411 @@
+//! `icefm eval` (AutoICE metrics of a fine-tuned model on whole scenes of a store) and
+//! `icefm predict` (charts of new NetCDF scenes in the AutoICE submission format).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use icefm_dataset::SceneReader;
+use icefm_dataset::store::ArrayKind;
+use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
+use icefm_ingest::quicklook::{QuicklookOptions, write_confusion_png, write_eval_panel};
+use icefm_ingest::store::new_attrs;
+use icefm_ingest::submission::{SceneMaps, write_submission};
+use icefm_model::evaluate::{
+    Blend, SceneResult, ScoredMaps, predict_level, upsample_nearest, write_scene_table,
+};
+use icefm_model::finetune::{
+    EvalOverrides, eval_level, evaluate_run, infer_options, load_seg_model, run_config,
+};
+use icefm_model::metrics::Scores;
+use icefm_model::train::{TrainError, parse_device};
+use icefm_schemas::store::DEFAULT_CODEC;
+use icefm_schemas::{Level, Task};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Panel width per image column in evaluation PNGs (eight columns per panel).
+const PANEL_WIDTH: usize = 300;
+
+/// Arguments of `icefm eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Fine-tuning run (its best checkpoint, else its newest), or a checkpoint folder in one.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Store holding the scenes.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Regime of the scenes to score [default: every scene of the store].
+    #[arg(long)]
+    pub regime: Option<String>,
+    /// Inference level, e.g. 200m [default: the run's seg.eval_level, else its finest level].
+    #[arg(long)]
+    pub level: Option<String>,
+    /// Window stride in pixels [default: the run's seg.eval_stride, else half the crop].
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Blending of overlapping windows: mean or taper [default: the run's seg.eval_blend].
+    #[arg(long)]
+    pub blend: Option<String>,
+    /// Output folder [default: RUN/eval-<regime or all>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Skip the per-scene PNG panels.
+    #[arg(long)]
+    pub no_panels: bool,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn overrides(
+    level: Option<&str>,
+    stride: Option<usize>,
+    blend: Option<&str>,
+) -> Result<EvalOverrides> {
+    let level = match level {
+        Some(l) => Some(
+            *Level::parse_list(l)?
+                .first()
+                .with_context(|| format!("--level {l}: no level"))?,
+        ),
+        None => None,
+    };
+    let blend = match blend {
+        Some(b) => {
+            Some(Blend::parse(b).with_context(|| format!("--blend {b}: expected mean or taper"))?)
+        }
+        None => None,
+    };
+    Ok(EvalOverrides {
+        level,
+        stride,
+        blend,
+        batch: None,
+    })
+}
+
+fn scene_bar(n: usize, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} scenes  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
+/// Peak resident memory of this process so far, MiB (Linux; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn fmt_score(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "-".into()
+    }
+}
+
+/// Run `icefm eval`.
+pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
+    let dev = parse_device(&a.device).map_err(anyhow::Error::msg)?;
+    let ov = overrides(a.level.as_deref(), a.stride, a.blend.as_deref())?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.run
+            .join(format!("eval-{}", a.regime.as_deref().unwrap_or("all")))
+    });
+    std::fs::create_dir_all(out.join("panels"))
+        .with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let cfg = run_config(&a.run)?;
+    let reader = SceneReader::open(&a.store, &cfg.data.channels)?;
+    let regime = a
+        .regime
+        .as_deref()
+        .map(|r| icefm_dataset::regime::Regime::open(Some(&a.store), r))
+        .transpose()?;
+    let n = reader.scenes(regime.as_ref())?.len();
+    let bar = scene_bar(n, "eval");
+    let panels = !a.no_panels;
+    let mut on_scene = |r: &SceneResult, maps: &ScoredMaps| -> Result<(), TrainError> {
+        bar.inc(1);
+        bar.set_message(format!("{} ({} windows)", r.scene, r.windows));
+        if panels {
+            let path = out.join("panels").join(format!("{}.png", r.scene));
+            write_panel(&reader, &path, r, maps).map_err(|e| TrainError::Io {
+                path: path.display().to_string(),
+                reason: format!("{e:#}"),
+            })?;
+        }
+        Ok(())
+    };
+    let ev = evaluate_run(
+        &a.run,
+        &a.store,
+        a.regime.as_deref(),
+        &ov,
+        &dev,
+        &mut on_scene,
+    );
+    bar.finish_and_clear();
+    let ev = ev?;
+    let s = ev.pooled.scores();
+    write_scene_table(&out.join("scenes.parquet"), &ev.scenes)?;
+    for (task, conf) in [
+        (Task::Sic, &ev.pooled.sic_confusion),
+        (Task::Sod, &ev.pooled.sod),
+        (Task::Floe, &ev.pooled.floe),
+    ] {
+        let csv = out.join(format!("confusion_{}.csv", task.name()));
+        std::fs::write(&csv, conf.to_csv())
+            .with_context(|| format!("writing {}", csv.display()))?;
+        let png = out.join(format!("confusion_{}.png", task.name()));
+        write_confusion_png(
+            &png,
+            task,
+            conf.counts(),
+            conf.classes(),
+            conf.classes() + 1,
+        )?;
+    }
+    let windows: usize = ev.scenes.iter().map(|r| r.windows).sum();
+    let seconds = started.elapsed().as_secs_f64();
+    let unpredicted = [
+        ev.pooled
+            .sic_confusion
+            .predicted(ev.pooled.sic_confusion.classes()),
+        ev.pooled.sod.predicted(ev.pooled.sod.classes()),
+        ev.pooled.floe.predicted(ev.pooled.floe.classes()),
+    ];
+    let json = serde_json::json!({
+        "scores": s,
+        "tasks": ev.cfg.seg_config()?.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "weights": ev.weights.display().to_string(),
+        "store": a.store.display().to_string(),
+        "regime": a.regime,
+        "scenes": ev.scenes.len(),
+        "level": ev.opts.level.name(),
+        "score_level": ev.score_level.name(),
+        "crop": ev.opts.crop,
+        "stride": ev.opts.stride,
+        "blend": format!("{:?}", ev.opts.blend).to_lowercase(),
+        "windows": windows,
+        "windows_per_scene": windows as f64 / ev.scenes.len().max(1) as f64,
+        "seconds": seconds,
+        "seconds_per_scene": ev.scenes.iter().map(|r| r.seconds).sum::<f64>() / ev.scenes.len().max(1) as f64,
+        "peak_rss_mib": peak_rss_mib(),
+        "unpredicted_labelled_pixels": unpredicted,
+    });
+    let path = out.join("metrics.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "scored {} scenes at {} (crop {}, stride {}, {:?} blending): {} windows, {:.1} s, peak memory {}",
+        ev.scenes.len(),
+        ev.opts.level,
+        ev.opts.crop,
+        ev.opts.stride,
+        ev.opts.blend,
+        windows,
+        seconds,
+        peak_rss_mib().map_or("-".into(), |m| format!("{m:.0} MiB"))
+    );
+    println!(
+        "SIC R² {}  SOD F1 {}  FLOE F1 {}  combined {}",
+        fmt_score(s.sic_r2),
+        fmt_score(s.sod_f1),
+        fmt_score(s.floe_f1),
+        if s.combined.is_finite() {
+            format!("{:.2}", s.combined)
+        } else {
+            "-".into()
+        }
+    );
+    println!("outputs: {}", out.display());
+    Ok(s)
+}
+
+fn write_panel(
+    reader: &SceneReader,
+    path: &Path,
+    r: &SceneResult,
+    maps: &ScoredMaps,
+) -> Result<()> {
+    let level = Level::new(
+        reader
+            .levels()
+            .first()
+            .map(|l| l.spacing_m())
+            .context("the store has no level")?,
+    )?;
+    let (sar, [c, h, w]) = reader.read_f32(&r.scene, level, ArrayKind::Sar)?;
+    if c < 2 || (h, w) != maps.size {
+        bail!("{}: SAR at {level} is {c} x {h} x {w}", r.scene);
+    }
+    let plane = h * w;
+    let truth: [&[u8]; 3] = std::array::from_fn(|t| &maps.truth[t * plane..(t + 1) * plane]);
+    let pred: [&[u8]; 3] = std::array::from_fn(|t| &maps.pred[t][..]);
+    let header = format!(
+        "{}  at {level}: SIC R2 {}  SOD F1 {}  FLOE F1 {}",
+        r.scene,
+        fmt_score(r.scores.sic_r2),
+        fmt_score(r.scores.sod_f1),
+        fmt_score(r.scores.floe_f1)
+    );
+    write_eval_panel(
+        path,
+        &header,
+        h,
+        w,
+        &sar[..plane],
+        &sar[plane..2 * plane],
+        truth,
+        pred,
+        &QuicklookOptions {
+            max_width: PANEL_WIDTH,
+        },
+    )?;
+    Ok(())
+}
+
+/// Arguments of `icefm predict`.
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    /// AI4Arctic NetCDF scenes (raw 40 m or ready-to-train 80 m; charts not needed).
+    #[arg(required = true)]
+    pub scenes: Vec<PathBuf>,
+    /// Fine-tuning run (its best checkpoint, else its newest), or a checkpoint folder in one.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The submission file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Inference level [default: the run's].
+    #[arg(long)]
+    pub level: Option<String>,
+    /// Window stride in pixels [default: the run's].
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Blending: mean or taper [default: the run's].
+    #[arg(long)]
+    pub blend: Option<String>,
+    /// Keep the scenes' store here (by default a temporary store is removed afterwards).
+    #[arg(long)]
+    pub keep_store: Option<PathBuf>,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// The variable prefix of a scene in the submission: the input file's stem, without the
+/// ready-to-train release's `_prep` suffix.
+pub fn submission_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    stem.strip_suffix("_prep")
+        .map(str::to_string)
+        .unwrap_or(stem)
+}
+
+/// Run `icefm predict`.
+pub fn cmd_predict(a: PredictArgs) -> Result<()> {
+    let dev = parse_device(&a.device).map_err(anyhow::Error::msg)?;
+    let ov = overrides(a.level.as_deref(), a.stride, a.blend.as_deref())?;
+    let (cfg, model) = load_seg_model(&a.run, &dev)?;
+    let score = Level::new(80)?;
+    let tmp = tempfile_dir(&a.out)?;
+    let store = a
+        .keep_store
+        .clone()
+        .unwrap_or_else(|| tmp.join("scenes.zarr"));
+    // The inference level: as asked, else the run's rule.
+    let level = match ov.level {
+        Some(l) => l,
+        None => eval_level(&cfg, &[score])?,
+    };
+    let mut levels = vec![score];
+    if level != score {
+        levels.push(level);
+    }
+    let bar = scene_bar(a.scenes.len(), "predict");
+    let mut maps = Vec::new();
+    let started = Instant::now();
+    for path in &a.scenes {
+        bar.set_message(path.display().to_string());
+        let patch = (cfg.data.crop).max(64);
+        let summary = ingest(
+            std::slice::from_ref(path),
+            &store,
+            new_attrs(&levels, patch, DEFAULT_CODEC),
+            &IngestOptions::default(),
+            &NoReporter,
+        )
+        .with_context(|| format!("reading {}", path.display()))?;
+        if let Some((p, why)) = summary.failed.first() {
+            bail!("{}: {why}", p.display());
+        }
+        let id = summary
+            .done
+            .first()
+            .or(summary.skipped.first())
+            .with_context(|| format!("{}: not ingested", path.display()))?
+            .clone();
+        let reader = SceneReader::open(&store, &cfg.data.channels)?;
+        let data = reader.read(&id, level)?;
+        let mut opts = infer_options(&cfg, level);
+        if let Some(s) = ov.stride {
+            opts.stride = s.max(1);
+        }
+        if let Some(b) = ov.blend {
+            opts.blend = b;
+        }
+        let m = predict_level(&model, &data, &opts, &dev)?;
+        let (_, (h, w)) = reader.read_labels(&id, score)?;
+        let up: [Vec<u8>; 3] = std::array::from_fn(|t| {
+            upsample_nearest(&m.maps[t], (m.height, m.width), level, (h, w), score)
+        });
+        let [sic, sod, floe] = up;
+        maps.push(SceneMaps {
+            scene: submission_name(path),
+            height: h,
+            width: w,
+            sic,
+            sod,
+            floe,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    write_submission(&a.out, &maps)?;
+    if a.keep_store.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    println!(
+        "predicted {} scenes at {level} in {:.1} s: {}",
+        maps.len(),
+        started.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// A fresh scratch folder beside `out`.
+fn tempfile_dir(out: &Path) -> Result<PathBuf> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".icefm-predict-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

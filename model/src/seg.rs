@@ -1,0 +1,588 @@
+//! Segmentation for SIC, SOD and FLOE: a ViT encoder, a feature pyramid made from four of its
+//! blocks, and one head per task: UPerNet (as SAR-IceFM) or a light FCN head for CPU runs.
+//!
+//! Feature maps are channels-last (`[B, H, W, C]`, the token layout), so every 1 × 1
+//! convolution is one matrix product ([`Linear`]). Resizing is a product with fixed
+//! interpolation matrices on each axis ([`resize`]): bilinear (PyTorch's `align_corners=False`)
+//! or adaptive average pooling, exact for any size and differentiable on every device.
+//!
+//! The pyramid follows mmsegmentation's `Feature2Pyramid` for ViT/MAE backbones: block outputs
+//! at ×4 (two 2 × 2 transposed convolutions with a norm and GELU between), ×2 (one), ×1 and ×0.5
+//! (2 × 2 average pooling; mmsegmentation takes the maximum). mmsegmentation's batch norms are
+//! layer norms over channels here: a batch of 8 crops gives poor batch statistics, and a layer
+//! norm behaves the same in training and inference.
+//!
+//! Variables: `encoder.*` (the names of MAE checkpoints and imported SAR-IceFM encoders, so
+//! `--init` maps one to one), `neck.*`, `heads.{sic,sod,floe}.*`.
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use icefm_schemas::{IGNORE, Task};
+
+use crate::fused::gelu;
+use crate::vit::{Linear, Norm, Vit, VitConfig};
+
+/// Which head each task gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// Lateral 1 × 1 projections of the four levels summed at ×4, norm, GELU, classifier.
+    Fcn,
+    /// UPerNet: pyramid pooling on the coarsest level, a top-down path, 3 × 3 convolutions.
+    UperNet,
+}
+
+impl HeadKind {
+    /// From its config name, `fcn` or `upernet`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fcn" => Some(Self::Fcn),
+            "upernet" => Some(Self::UperNet),
+            _ => None,
+        }
+    }
+}
+
+/// How SIC is learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SicLoss {
+    /// Regression on the class index 0–10 (mean squared error), as SAR-IceFM.
+    Mse,
+    /// 11-class cross-entropy.
+    CrossEntropy,
+}
+
+/// Shape of a segmentation model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegConfig {
+    /// The encoder.
+    pub encoder: VitConfig,
+    /// The four blocks (0-based) whose outputs feed the pyramid.
+    pub layers: [usize; 4],
+    /// Head kind.
+    pub head: HeadKind,
+    /// Head width (channels).
+    pub channels: usize,
+    /// Tasks, each with its own head.
+    pub tasks: Vec<Task>,
+    /// SIC loss.
+    pub sic_loss: SicLoss,
+    /// Loss weight per task, indexed by [`Task::channel`] (SAR-IceFM: 1, 3, 3).
+    pub task_weights: [f64; 3],
+}
+
+impl SegConfig {
+    /// Blocks evenly spaced over the encoder, ending at the last (12 blocks: 2, 5, 8, 11, as
+    /// SAR-IceFM's ViT-B).
+    pub fn default_layers(depth: usize) -> [usize; 4] {
+        [1, 2, 3, 4].map(|k| (k * depth / 4).max(1) - 1)
+    }
+
+    /// Output channels of a task's head: 1 for SIC regression, else its class count.
+    pub fn outputs(&self, task: Task) -> usize {
+        match (task, self.sic_loss) {
+            (Task::Sic, SicLoss::Mse) => 1,
+            _ => task.n_classes(),
+        }
+    }
+}
+
+/// Resampling of a feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// Bilinear, half-pixel centres (PyTorch `align_corners=False`, no antialiasing).
+    Bilinear,
+    /// Adaptive average pooling (PyTorch `adaptive_avg_pool2d`).
+    AreaMean,
+}
+
+/// Row-major `[out, inp]` matrix mapping `inp` samples to `out` along one axis.
+pub fn resample_matrix(kind: Resample, out: usize, inp: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * inp];
+    if inp == 0 {
+        return m;
+    }
+    for i in 0..out {
+        let row = &mut m[i * inp..(i + 1) * inp];
+        match kind {
+            Resample::Bilinear => {
+                let scale = inp as f64 / out as f64;
+                let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (src.floor() as usize).min(inp - 1);
+                let i1 = (i0 + 1).min(inp - 1);
+                let l = (src - i0 as f64) as f32;
+                row[i0] += 1.0 - l;
+                row[i1] += l;
+            }
+            Resample::AreaMean => {
+                let a = i * inp / out;
+                let b = ((i + 1) * inp).div_ceil(out).max(a + 1);
+                for v in &mut row[a..b] {
+                    *v = 1.0 / (b - a) as f32;
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Resize a channels-last map `[B, H, W, C]` to `[B, h, w, C]`: a product with a fixed matrix
+/// along each axis.
+pub fn resize(x: &Tensor, h: usize, w: usize, kind: Resample) -> Result<Tensor> {
+    let (b, h0, w0, c) = x.dims4()?;
+    if (h0, w0) == (h, w) {
+        return Ok(x.clone());
+    }
+    let (dev, dt) = (x.device(), x.dtype());
+    let mh = Tensor::from_vec(resample_matrix(kind, h, h0), (h, h0), dev)?.to_dtype(dt)?;
+    let mw = Tensor::from_vec(resample_matrix(kind, w, w0), (w, w0), dev)?.to_dtype(dt)?;
+    // Rows: [B, H, W·C] → [B·W·C, H] · Mhᵀ → [B, h, W·C].
+    let y = x
+        .reshape((b, h0, w0 * c))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * w0 * c, h0))?
+        .matmul(&mh.t()?)?
+        .reshape((b, w0 * c, h))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    // Columns: [B·h, W, C] → [B·h·C, W] · Mwᵀ → [B, h, w, C].
+    y.reshape((b * h, w0, c))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * h * c, w0))?
+        .matmul(&mw.t()?)?
+        .reshape((b * h, c, w))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, h, w, c))
+}
+
+/// A 2 × 2, stride-2 transposed convolution on a channels-last map: one matrix product to
+/// `4·C_out` channels, then each pixel's four outputs moved to their 2 × 2 cell.
+#[derive(Debug, Clone)]
+struct Up2 {
+    lin: Linear,
+    out: usize,
+}
+
+impl Up2 {
+    fn new(vb: VarBuilder, inp: usize, out: usize) -> Result<Self> {
+        Ok(Self {
+            lin: Linear::new(vb, inp, 4 * out)?,
+            out,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, _) = x.dims4()?;
+        self.lin
+            .forward(x)?
+            .reshape((b, h, w, 2, 2, self.out))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .reshape((b, 2 * h, 2 * w, self.out))
+    }
+}
+
+/// A 3 × 3 convolution (padding 1) on a channels-last map.
+#[derive(Debug, Clone)]
+struct Conv3 {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv3 {
+    fn new(vb: VarBuilder, inp: usize, out: usize) -> Result<Self> {
+        let a = (6.0 / (9 * (inp + out)) as f64).sqrt();
+        Ok(Self {
+            weight: vb.get_with_hints(
+                (out, inp, 3, 3),
+                "weight",
+                Init::Uniform { lo: -a, up: a },
+            )?,
+            bias: vb.get_with_hints(out, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let y = x
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .conv2d(&self.weight.to_dtype(dt)?, 1, 1, 1, 1)?
+            .permute((0, 2, 3, 1))?;
+        y.broadcast_add(&self.bias.to_dtype(dt)?)
+    }
+}
+
+/// A convolution (1 × 1 or 3 × 3), a layer norm over channels and a ReLU: mmsegmentation's
+/// `ConvModule` with its batch norm as a layer norm.
+#[derive(Debug, Clone)]
+struct ConvNorm {
+    conv: Kernel,
+    norm: Norm,
+}
+
+#[derive(Debug, Clone)]
+enum Kernel {
+    One(Linear),
+    Three(Conv3),
+}
+
+impl ConvNorm {
+    fn new(vb: VarBuilder, inp: usize, out: usize, k3: bool, eps: f64) -> Result<Self> {
+        let conv = if k3 {
+            Kernel::Three(Conv3::new(vb.pp("conv"), inp, out)?)
+        } else {
+            Kernel::One(Linear::new(vb.pp("conv"), inp, out)?)
+        };
+        Ok(Self {
+            conv,
+            norm: Norm::new(vb.pp("norm"), out, eps)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.conv {
+            Kernel::One(l) => l.forward(x)?,
+            Kernel::Three(c) => c.forward(x)?,
+        };
+        self.norm.forward(&y.contiguous()?)?.relu()
+    }
+}
+
+/// The pyramid: four block outputs `[B, h, w, D]` → ×4, ×2, ×1, ×0.5.
+#[derive(Debug, Clone)]
+struct Neck {
+    up4a: Up2,
+    up4_norm: Norm,
+    up4b: Up2,
+    up2: Up2,
+}
+
+impl Neck {
+    fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            up4a: Up2::new(vb.pp("up4.0"), dim, dim)?,
+            up4_norm: Norm::new(vb.pp("up4.norm"), dim, eps)?,
+            up4b: Up2::new(vb.pp("up4.1"), dim, dim)?,
+            up2: Up2::new(vb.pp("up2"), dim, dim)?,
+        })
+    }
+
+    fn forward(&self, f: &[Tensor]) -> Result<Vec<Tensor>> {
+        let p4 = self
+            .up4b
+            .forward(&gelu(&self.up4_norm.forward(&self.up4a.forward(&f[0])?)?)?)?;
+        let p8 = self.up2.forward(&f[1])?;
+        let p16 = f[2].clone();
+        let (_, h, w, _) = f[3].dims4()?;
+        let p32 = resize(&f[3], h.div_ceil(2), w.div_ceil(2), Resample::AreaMean)?;
+        Ok(vec![p4, p8, p16, p32])
+    }
+}
+
+/// The light head: lateral projections of the four levels summed at ×4, norm, GELU,
+/// classifier.
+#[derive(Debug, Clone)]
+struct FcnHead {
+    lateral: Vec<Linear>,
+    norm: Norm,
+    cls: Linear,
+}
+
+impl FcnHead {
+    fn new(vb: VarBuilder, dim: usize, ch: usize, out: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            lateral: (0..4)
+                .map(|i| Linear::new(vb.pp(format!("lateral.{i}")), dim, ch))
+                .collect::<Result<_>>()?,
+            norm: Norm::new(vb.pp("norm"), ch, eps)?,
+            cls: Linear::new(vb.pp("cls"), ch, out)?,
+        })
+    }
+
+    fn forward(&self, pyr: &[Tensor]) -> Result<Tensor> {
+        let (_, h, w, _) = pyr[0].dims4()?;
+        let mut s = self.lateral[0].forward(&pyr[0])?;
+        for (lat, p) in self.lateral.iter().zip(pyr).skip(1) {
+            s = (s + resize(&lat.forward(p)?, h, w, Resample::Bilinear)?)?;
+        }
+        self.cls.forward(&gelu(&self.norm.forward(&s)?)?)
+    }
+}
+
+/// UPerNet (mmsegmentation's `UPerHead`, pool scales 1, 2, 3, 6).
+#[derive(Debug, Clone)]
+struct UperHead {
+    ppm: Vec<(usize, ConvNorm)>,
+    bottleneck: ConvNorm,
+    lateral: Vec<ConvNorm>,
+    fpn: Vec<ConvNorm>,
+    fuse: ConvNorm,
+    cls: Linear,
+}
+
+impl UperHead {
+    const POOL_SCALES: [usize; 4] = [1, 2, 3, 6];
+
+    fn new(vb: VarBuilder, dim: usize, ch: usize, out: usize, eps: f64) -> Result<Self> {
+        let ppm = Self::POOL_SCALES
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                Ok((
+                    s,
+                    ConvNorm::new(vb.pp(format!("ppm.{i}")), dim, ch, false, eps)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            ppm,
+            bottleneck: ConvNorm::new(vb.pp("bottleneck"), dim + 4 * ch, ch, true, eps)?,
+            lateral: (0..3)
+                .map(|i| ConvNorm::new(vb.pp(format!("lateral.{i}")), dim, ch, false, eps))
+                .collect::<Result<_>>()?,
+            fpn: (0..3)
+                .map(|i| ConvNorm::new(vb.pp(format!("fpn.{i}")), ch, ch, true, eps))
+                .collect::<Result<_>>()?,
+            fuse: ConvNorm::new(vb.pp("fuse"), 4 * ch, ch, true, eps)?,
+            cls: Linear::new(vb.pp("cls"), ch, out)?,
+        })
+    }
+
+    fn forward(&self, pyr: &[Tensor]) -> Result<Tensor> {
+        let top = &pyr[3];
+        let (_, th, tw, _) = top.dims4()?;
+        let mut parts = vec![top.clone()];
+        for (s, conv) in &self.ppm {
+            let pooled = resize(top, *s, *s, Resample::AreaMean)?;
+            parts.push(resize(&conv.forward(&pooled)?, th, tw, Resample::Bilinear)?);
+        }
+        let mut lat: Vec<Tensor> = self
+            .lateral
+            .iter()
+            .zip(pyr)
+            .map(|(l, p)| l.forward(p))
+            .collect::<Result<_>>()?;
+        lat.push(self.bottleneck.forward(&Tensor::cat(&parts, 3)?)?);
+        for i in (1..4).rev() {
+            let (_, h, w, _) = lat[i - 1].dims4()?;
+            let up = resize(&lat[i], h, w, Resample::Bilinear)?;
+            lat[i - 1] = (&lat[i - 1] + up)?;
+        }
+        let (_, h, w, _) = lat[0].dims4()?;
+        let mut outs = Vec::with_capacity(4);
+        for (i, l) in lat.iter().enumerate() {
+            let o = if i < 3 {
+                self.fpn[i].forward(l)?
+            } else {
+                l.clone()
+            };
+            outs.push(resize(&o, h, w, Resample::Bilinear)?);
+        }
+        self.cls
+            .forward(&self.fuse.forward(&Tensor::cat(&outs, 3)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Head {
+    Fcn(FcnHead),
+    UperNet(UperHead),
+}
+
+/// Encoder, pyramid and heads.
+#[derive(Debug, Clone)]
+pub struct SegModel {
+    /// Shape.
+    pub cfg: SegConfig,
+    /// The encoder (`encoder.*`).
+    pub encoder: Vit,
+    neck: Neck,
+    heads: Vec<(Task, Head)>,
+    /// Arithmetic dtype of the forward pass (weights stay in the variables' dtype).
+    pub compute_dtype: DType,
+    /// Cut the graph after the encoder (linear probing: only the neck and heads train).
+    pub freeze_encoder: bool,
+}
+
+impl SegModel {
+    /// A new model under `vb`.
+    pub fn new(vb: VarBuilder, cfg: &SegConfig) -> Result<Self> {
+        let e = &cfg.encoder;
+        if cfg.layers.iter().any(|&l| l >= e.depth) {
+            candle_core::bail!(
+                "feature layers {:?} must be below the encoder depth {}",
+                cfg.layers,
+                e.depth
+            );
+        }
+        let heads = cfg
+            .tasks
+            .iter()
+            .map(|&t| {
+                let vb = vb.pp(format!("heads.{}", t.name().to_lowercase()));
+                let out = cfg.outputs(t);
+                Ok((
+                    t,
+                    match cfg.head {
+                        HeadKind::Fcn => {
+                            Head::Fcn(FcnHead::new(vb, e.dim, cfg.channels, out, e.ln_eps)?)
+                        }
+                        HeadKind::UperNet => {
+                            Head::UperNet(UperHead::new(vb, e.dim, cfg.channels, out, e.ln_eps)?)
+                        }
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            encoder: Vit::new(vb.pp("encoder"), e)?,
+            neck: Neck::new(vb.pp("neck"), e.dim, e.ln_eps)?,
+            heads,
+            compute_dtype: vb.dtype(),
+            freeze_encoder: false,
+        })
+    }
+
+    /// `images` `[B, C, H, W]` (H, W multiples of the patch) → per task, outputs
+    /// `[B, H, W, K]` in the images' dtype (logits, or the SIC class index for regression).
+    /// `keep`: stochastic-depth draws (training only).
+    pub fn forward(
+        &self,
+        images: &Tensor,
+        keep: Option<&[(Vec<f32>, Vec<f32>)]>,
+    ) -> Result<Vec<(Task, Tensor)>> {
+        let (b, _, h, w) = images.dims4()?;
+        let p = self.cfg.encoder.patch;
+        let (gh, gw) = (h / p, w / p);
+        let enc = &self.encoder;
+        let tokens = enc.embed(&images.to_dtype(self.compute_dtype)?)?;
+        let feats = enc.features(&tokens, &self.cfg.layers, keep)?;
+        let feats: Vec<Tensor> = feats
+            .iter()
+            .map(|f| {
+                let f = f.narrow(1, 1, gh * gw)?.reshape((b, gh, gw, enc.cfg.dim))?;
+                Ok(if self.freeze_encoder { f.detach() } else { f })
+            })
+            .collect::<Result<_>>()?;
+        let pyr = self.neck.forward(&feats)?;
+        self.heads
+            .iter()
+            .map(|(t, head)| {
+                let y = match head {
+                    Head::Fcn(f) => f.forward(&pyr)?,
+                    Head::UperNet(u) => u.forward(&pyr)?,
+                };
+                let y = resize(&y, h, w, Resample::Bilinear)?.to_dtype(images.dtype())?;
+                Ok((*t, y))
+            })
+            .collect()
+    }
+}
+
+/// Log-softmax over the last dimension, shifted by the (constant) row maximum.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let d = x.broadcast_sub(&max)?;
+    let lse = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    d.broadcast_sub(&lse)
+}
+
+/// A training loss and its parts.
+#[derive(Debug, Clone)]
+pub struct SegLoss {
+    /// `Σ weight_t · loss_t`, differentiable.
+    pub total: Tensor,
+    /// Per task: its unweighted loss and the labelled pixels it saw.
+    pub parts: Vec<(Task, f32, usize)>,
+}
+
+/// The multi-task loss of `outputs` ([`SegModel::forward`]) against `labels` `u8 [B, 3, H, W]`
+/// (SIC, SOD, FLOE; 255 ignored): mean squared error on the SIC class index (one output) or
+/// cross-entropy, averaged over each task's labelled pixels. A task without a labelled pixel
+/// in the batch contributes 0.
+pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> Result<SegLoss> {
+    let mut total: Option<Tensor> = None;
+    let mut parts = Vec::new();
+    for (task, y) in outputs {
+        let (b, h, w, k) = y.dims4()?;
+        let plane = h * w;
+        if labels.len() != b * 3 * plane {
+            candle_core::bail!(
+                "labels hold {} values, expected {}",
+                labels.len(),
+                b * 3 * plane
+            );
+        }
+        let lab = |i: usize| {
+            let (s, px) = (i / plane, i % plane);
+            labels[(s * 3 + task.channel()) * plane + px]
+        };
+        let n = (0..b * plane).filter(|&i| lab(i) != IGNORE).count();
+        let (dev, dt) = (y.device(), y.dtype());
+        let loss = if n == 0 {
+            (y.sum_all()? * 0.0)?
+        } else if k == 1 {
+            let mut target = vec![0f32; b * plane];
+            let mut mask = vec![0f32; b * plane];
+            for i in 0..b * plane {
+                let v = lab(i);
+                if v != IGNORE {
+                    target[i] = f32::from(v);
+                    mask[i] = 1.0;
+                }
+            }
+            let t = Tensor::from_vec(target, (b, h, w, 1), dev)?.to_dtype(dt)?;
+            let m = Tensor::from_vec(mask, (b, h, w, 1), dev)?.to_dtype(dt)?;
+            (((y - t)?.sqr()? * m)?.sum_all()? / n as f64)?
+        } else {
+            let mut onehot = vec![0f32; b * plane * k];
+            for i in 0..b * plane {
+                let v = lab(i);
+                if v != IGNORE {
+                    if usize::from(v) >= k {
+                        candle_core::bail!(
+                            "{} label {v} is not below its {k} classes",
+                            task.name()
+                        );
+                    }
+                    onehot[i * k + usize::from(v)] = 1.0;
+                }
+            }
+            let t = Tensor::from_vec(onehot, (b, h, w, k), dev)?.to_dtype(dt)?;
+            ((log_softmax(y)? * t)?.sum_all()? / -(n as f64))?
+        };
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        parts.push((*task, value, n));
+        let weighted = (loss * cfg.task_weights[task.channel()])?;
+        total = Some(match total {
+            Some(t) => t.add(&weighted)?,
+            None => weighted,
+        });
+    }
+    let total = match total {
+        Some(t) => t,
+        None => candle_core::bail!("the model has no task"),
+    };
+    Ok(SegLoss { total, parts })
+}
+
+/// The class of one pixel from its outputs: the argmax of `K > 1` scores (first wins ties),
+/// or one SIC regression value rounded and clamped to 0–10.
+pub fn class_of(values: &[f32], task: Task) -> u8 {
+    match values {
+        [] => IGNORE,
+        [v] => v.round().clamp(0.0, (task.n_classes() - 1) as f32) as u8,
+        _ => {
+            let mut best = 0;
+            for (j, &v) in values.iter().enumerate() {
+                if v > values[best] {
+                    best = j;
+                }
+            }
+            best as u8
+        }
+    }
+}
