@@ -19,6 +19,8 @@ test: deps
 bench: deps
 	cargo bench -p icefm-ingest --bench ingest
 	cargo bench -p icefm-dataset --bench loader
+	cargo bench -p icefm-model --bench train_step
+	cargo bench -p icefm-model --bench eval_scene
 
 lint:
 	cargo fmt --all --check

@@ -48,6 +48,9 @@ enum Command {
     Predict(Box<crate::eval::PredictArgs>),
     /// Convert a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) into icefm safetensors.
     Import(Box<crate::import::ImportArgs>),
+    /// Run a data-regime ablation grid (regimes × init × tasks × levels) from a TOML file:
+    /// fine-tune, score, tabulate and plot; re-running resumes a half-done grid.
+    Ablate(Box<crate::ablate::AblateArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -136,6 +139,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => crate::eval::cmd_eval(*a).map(|_| ExitCode::SUCCESS),
         Command::Predict(a) => crate::eval::cmd_predict(*a).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => crate::import::cmd_import(*a).map(|_| ExitCode::SUCCESS),
+        Command::Ablate(a) => crate::ablate::cmd_ablate(*a),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `icefm`: the command line of the icefm sea-ice foundation-model engine.
 
+mod ablate;
 mod commands;
 mod demo;
 mod eval;

@@ -6,6 +6,7 @@ pub mod labels;
 pub mod manifest;
 pub use icefm_schemas::names;
 pub mod pipeline;
+pub mod plot;
 pub mod quicklook;
 pub mod reader;
 pub mod resample;

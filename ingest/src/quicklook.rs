@@ -209,12 +209,12 @@ pub fn confusion_colour(share: f64) -> [u8; 3] {
 
 /// Colour of [`IGNORE`] labels.
 const IGNORE_COLOUR: [u8; 3] = [64, 64, 64];
-const WHITE: [u8; 3] = [255, 255, 255];
-const BLACK: [u8; 3] = [0, 0, 0];
+pub(crate) const WHITE: [u8; 3] = [255, 255, 255];
+pub(crate) const BLACK: [u8; 3] = [0, 0, 0];
 /// Frame around each panel, so white (SIC 100 %) stays visible on the white background.
-const FRAME_COLOUR: [u8; 3] = [128, 128, 128];
+pub(crate) const FRAME_COLOUR: [u8; 3] = [128, 128, 128];
 /// Lines between confusion cells, so white (0 %) cells stay apart.
-const GRID_COLOUR: [u8; 3] = [224, 224, 224];
+pub(crate) const GRID_COLOUR: [u8; 3] = [224, 224, 224];
 const TITLES: [&str; 5] = ["HH (dB)", "HV (dB)", "SIC", "SOD", "FLOE"];
 /// Evaluation-panel columns: HH, HV, then truth and prediction of each chart in channel order.
 const EVAL_TITLES: [&str; 8] = [
@@ -231,19 +231,19 @@ const EVAL_TITLES: [&str; 8] = [
 /// Text is drawn at this multiple of the font's size.
 const TEXT_SCALE: usize = 2;
 /// Horizontal distance between glyph origins: 5 columns and 1 blank.
-const ADVANCE: usize = 6 * TEXT_SCALE;
+pub(crate) const ADVANCE: usize = 6 * TEXT_SCALE;
 /// Height of drawn text, descenders included.
-const TEXT_HEIGHT: usize = 8 * TEXT_SCALE;
+pub(crate) const TEXT_HEIGHT: usize = 8 * TEXT_SCALE;
 /// Line height: 8 rows and 1 blank.
-const LINE_HEIGHT: usize = 9 * TEXT_SCALE;
-const MARGIN: usize = 16;
+pub(crate) const LINE_HEIGHT: usize = 9 * TEXT_SCALE;
+pub(crate) const MARGIN: usize = 16;
 const COLUMN_GAP: usize = 24;
 /// Between the truth and prediction columns of one chart in the evaluation panel.
 const PAIR_GAP: usize = 16;
 /// Legend swatches are as tall as capitals.
 const SWATCH: usize = 7 * TEXT_SCALE;
 const SWATCH_GAP: usize = 8;
-const LEGEND_ROW: usize = LINE_HEIGHT + 4;
+pub(crate) const LEGEND_ROW: usize = LINE_HEIGHT + 4;
 /// Side of a confusion cell, grid line included: room for "100" or "none" and a border.
 const CELL: usize = 48;
 
@@ -295,7 +295,7 @@ fn glyph(c: char) -> u64 {
 }
 
 /// Width in pixels of `text` drawn by [`Canvas::text`] (no blank after the last glyph).
-fn text_width(text: &str) -> usize {
+pub(crate) fn text_width(text: &str) -> usize {
     (text.chars().count() * ADVANCE).saturating_sub(TEXT_SCALE)
 }
 
@@ -551,14 +551,14 @@ impl Layout {
 
 /// An RGB image, row-major, 3 bytes a pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Canvas {
-    width: usize,
-    height: usize,
-    rgb: Vec<u8>,
+pub(crate) struct Canvas {
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) rgb: Vec<u8>,
 }
 
 impl Canvas {
-    fn new(width: usize, height: usize, colour: [u8; 3]) -> Self {
+    pub(crate) fn new(width: usize, height: usize, colour: [u8; 3]) -> Self {
         Self {
             width,
             height,
@@ -567,7 +567,7 @@ impl Canvas {
     }
 
     /// Set one pixel; pixels outside the canvas are dropped.
-    fn set(&mut self, x: usize, y: usize, colour: [u8; 3]) {
+    pub(crate) fn set(&mut self, x: usize, y: usize, colour: [u8; 3]) {
         if x < self.width && y < self.height {
             let i = 3 * (y * self.width + x);
             self.rgb[i..i + 3].copy_from_slice(&colour);
@@ -575,12 +575,12 @@ impl Canvas {
     }
 
     #[cfg(test)]
-    fn get(&self, x: usize, y: usize) -> [u8; 3] {
+    pub(crate) fn get(&self, x: usize, y: usize) -> [u8; 3] {
         let i = 3 * (y * self.width + x);
         [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
     }
 
-    fn fill_rect(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
+    pub(crate) fn fill_rect(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
         for yy in y..y + h {
             for xx in x..x + w {
                 self.set(xx, yy, colour);
@@ -589,7 +589,7 @@ impl Canvas {
     }
 
     /// Draw `text` with its top-left corner at (x, y).
-    fn text(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) {
+    pub(crate) fn text(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) {
         for (n, c) in text.chars().enumerate() {
             let g = glyph(c);
             for row in 0..8 {
@@ -894,7 +894,7 @@ fn render_confusion(task: Task, counts: &[u64], classes: usize, columns: usize) 
 }
 
 /// Encode `canvas` as an 8-bit RGB PNG at `path`.
-fn write_png(path: &Path, canvas: &Canvas) -> Result<(), StoreError> {
+pub(crate) fn write_png(path: &Path, canvas: &Canvas) -> Result<(), StoreError> {
     let png_error = |e: png::EncodingError| StoreError::io(path, std::io::Error::other(e));
     let too_big = |_| StoreError::io(path, std::io::Error::other("image too large for PNG"));
     let width = u32::try_from(canvas.width).map_err(too_big)?;

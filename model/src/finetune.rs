@@ -103,6 +103,31 @@ pub fn load_init(
 ) -> Result<(PathBuf, usize), TrainError> {
     let file = resolve_weights(path)?;
     let weights = candle_core::safetensors::load(&file, dev).map_err(|e| io_err(&file, e))?;
+    // Blocks of an encoder's variable names (`encoder.blocks.{i}.…`).
+    let blocks = |names: &mut dyn Iterator<Item = &String>| {
+        names
+            .filter_map(|n| {
+                n.strip_prefix("encoder.blocks.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1)
+    };
+    let (have, want) = (
+        blocks(&mut weights.keys()),
+        blocks(&mut named.iter().map(|(n, _)| n)),
+    );
+    if have > 0 && have != want {
+        return Err(io_err(
+            &file,
+            format!(
+                "its encoder has {have} blocks, the model {want}: make model.preset / model.depth match it"
+            ),
+        ));
+    }
     let mut set = 0;
     for (name, var) in named.iter().filter(|(n, _)| n.starts_with("encoder.")) {
         let t = weights.get(name).ok_or_else(|| {

@@ -523,7 +523,9 @@ pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> R
         let n = (0..b * plane).filter(|&i| lab(i) != IGNORE).count();
         let (dev, dt) = (y.device(), y.dtype());
         let loss = if n == 0 {
-            (y.sum_all()? * 0.0)?
+            // Zero, with a zero gradient for the head: candle's backward skips a product with
+            // the constant 0, which would leave the head without a gradient at all.
+            (y - y.detach())?.sqr()?.sum_all()?
         } else if k == 1 {
             let mut target = vec![0f32; b * plane];
             let mut mask = vec![0f32; b * plane];

@@ -68,6 +68,31 @@ fn labels(b: usize, h: usize, w: usize) -> Vec<u8> {
     out
 }
 
+/// The tensors of a micro MAE with `depth` encoder blocks and seeded weights, by name.
+fn mae_weights(depth: usize, seed: u64) -> std::collections::HashMap<String, Tensor> {
+    let vars = VarMap::new();
+    let mut c = MaeConfig::micro();
+    c.encoder.depth = depth;
+    Mae::new(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), &c).unwrap();
+    init_weights(&vars, seed).unwrap();
+    named_vars(&vars)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect()
+}
+
+/// A whole fine-tuning run of [`CONFIG`] with `sets` into `out`.
+fn fine_tune(sets: &[String], out: &Path) {
+    let cfg = TrainConfig::parse(CONFIG, sets).unwrap();
+    let opts = RunOptions {
+        device: Device::Cpu,
+        store: store().to_path_buf(),
+        out: out.to_path_buf(),
+        resume: false,
+    };
+    train_seg(&cfg, &opts, &AtomicBool::new(false), &|_| {}, &|_| {}).unwrap();
+}
+
 #[test]
 fn every_parameter_of_both_heads_gets_a_finite_nonzero_gradient() {
     for head in [HeadKind::Fcn, HeadKind::UperNet] {
@@ -100,6 +125,34 @@ fn every_parameter_of_both_heads_gets_a_finite_nonzero_gradient() {
                     "{head:?}: {name} zero gradient"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn a_batch_without_labels_of_a_task_gives_its_head_zero_gradients() {
+    let cfg = micro(HeadKind::Fcn, SicLoss::Mse);
+    let (vars, m) = model(DType::F32, &cfg, 6);
+    let images = random(&[2, 2, 16, 16], 3, 1.0, DType::F32);
+    let mut lab = labels(2, 16, 16);
+    let plane = 16 * 16;
+    for s in 0..2 {
+        let sod = (s * 3 + Task::Sod.channel()) * plane;
+        lab[sod..sod + plane].fill(IGNORE);
+    }
+    let loss = seg_loss(&m.forward(&images, None).unwrap(), &lab, &cfg).unwrap();
+    assert_eq!(loss.parts[1], (Task::Sod, 0.0, 0));
+    let grads = loss.total.backward().unwrap();
+    for (name, var) in named_vars(&vars) {
+        let g = values(
+            grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} has no gradient")),
+        );
+        if name.starts_with("heads.sod.") {
+            assert!(g.iter().all(|&x| x == 0.0), "{name}");
+        } else {
+            assert!(g.iter().all(|x| x.is_finite()), "{name}");
         }
     }
 }
@@ -199,17 +252,7 @@ fn init_sets_every_encoder_weight_and_names_a_missing_one() {
     let cfg = micro(HeadKind::Fcn, SicLoss::Mse);
     let (vars, _) = model(DType::F32, &cfg, 1);
     // An MAE with other weights, saved as its checkpoints are.
-    let mvars = VarMap::new();
-    Mae::new(
-        VarBuilder::from_varmap(&mvars, DType::F32, &Device::Cpu),
-        &MaeConfig::micro(),
-    )
-    .unwrap();
-    init_weights(&mvars, 99).unwrap();
-    let mae: std::collections::HashMap<String, Tensor> = named_vars(&mvars)
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let mae = mae_weights(2, 99);
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("model.safetensors");
     candle_core::safetensors::save(&mae, &file).unwrap();
@@ -248,6 +291,14 @@ fn init_sets_every_encoder_weight_and_names_a_missing_one() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("encoder.blocks.1.mlp.fc2.weight"), "{e}");
+
+    // An encoder of another depth is named as such.
+    let t = mae_weights(3, 1);
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let e = load_init(&file, &named, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has 3 blocks, the model 2"), "{e}");
 }
 
 #[test]
@@ -501,40 +552,21 @@ fn a_resumed_fine_tuning_equals_an_uninterrupted_one_and_keeps_the_best() {
 
 #[test]
 fn fine_tuning_starts_from_the_mae_encoder_it_is_given() {
-    let store = store();
     let tmp = tempfile::tempdir().unwrap();
-    let mvars = VarMap::new();
-    Mae::new(
-        VarBuilder::from_varmap(&mvars, DType::F32, &Device::Cpu),
-        &MaeConfig::micro(),
-    )
-    .unwrap();
-    init_weights(&mvars, 77).unwrap();
-    let mae: std::collections::HashMap<String, Tensor> = named_vars(&mvars)
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let mae = mae_weights(2, 77);
     let file = tmp.path().join("mae.safetensors");
     candle_core::safetensors::save(&mae, &file).unwrap();
     // A step with learning rate 0 changes nothing: the checkpoint holds the initial weights.
-    let cfg = TrainConfig::parse(
-        CONFIG,
+    let out = tmp.path().join("run");
+    fine_tune(
         &[
             format!("seg.init=\"{}\"", file.display()),
             "seg.val_regime=\"\"".into(),
             "train.steps=1".into(),
             "train.lr=0".into(),
         ],
-    )
-    .unwrap();
-    let out = tmp.path().join("run");
-    let opts = RunOptions {
-        device: Device::Cpu,
-        store: store.to_path_buf(),
-        out: out.clone(),
-        resume: false,
-    };
-    train_seg(&cfg, &opts, &AtomicBool::new(false), &|_| {}, &|_| {}).unwrap();
+        &out,
+    );
     let saved = candle_core::safetensors::load(
         checkpoints(&out)
             .last()
@@ -590,4 +622,50 @@ fn a_scene_level_reads_as_the_loader_normalises_it() {
         }
     }
     assert!(s.valid.iter().all(|&v| v <= 1) && s.valid.contains(&1));
+}
+
+#[test]
+fn a_frozen_encoder_stays_as_initialised_while_the_heads_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("probe");
+    fine_tune(
+        &[
+            "seg.freeze_encoder=true".into(),
+            "seg.val_regime=\"\"".into(),
+            "train.steps=2".into(),
+            "train.checkpoint_every=1".into(),
+        ],
+        &out,
+    );
+    let load = |step: u64| {
+        let dir = checkpoints(&out)
+            .into_iter()
+            .find(|(s, _)| *s == step)
+            .unwrap()
+            .1;
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (a, b) = (load(1), load(2));
+    let (mut frozen, mut moved) = (0, 0);
+    for (k, t) in &a {
+        let same = max_rel(t, &b[k]) == 0.0;
+        if k.starts_with("encoder.") {
+            assert!(same, "{k} moved");
+            frozen += 1;
+        } else if !same {
+            moved += 1;
+        }
+    }
+    assert!(frozen > 10 && moved > 10, "{frozen} frozen, {moved} moved");
+    // The optimizer holds moments for the trained tensors only.
+    let moments = candle_core::safetensors::load(
+        checkpoints(&out)
+            .last()
+            .unwrap()
+            .1
+            .join("optimizer.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(moments.keys().all(|k| !k.starts_with("encoder.")));
 }

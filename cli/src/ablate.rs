@@ -1,0 +1,375 @@
+//! `icefm ablate`: the data-regime ablation grid. Regimes × init (scratch / MAE) × tasks
+//! (multi / single) × levels, each cell fine-tuned from one base configuration, scored on whole
+//! test scenes, written to one Parquet table and one PNG plot. Cells with a result are skipped
+//! and runs with checkpoints resume, so re-running the same command finishes a half-done grid.
+//!
+//! Output folder: `grid.toml` (the grid as given), `runs/<key>/` (a cell: its run, or for a
+//! single-task cell one run per task in `runs/<key>/<TASK>/`, and `result.json`),
+//! `ablation.parquet` and `ablation.png`.
+
+mod grid;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use icefm_dataset::regime::Regime;
+use icefm_model::finetune::{EvalOverrides, evaluate_run};
+use icefm_model::metrics::combined;
+use icefm_model::train::{RunOptions, checkpoints, parse_device};
+use icefm_schemas::Task;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use grid::{Cell, Run, TaskMode, levels_text, plan};
+use report::{CellResult, PLOT_FILE, TABLE_FILE, write_outputs};
+
+/// A cell's (or a single-task run's) result; its presence marks the cell done.
+pub const RESULT_FILE: &str = "result.json";
+/// Wall seconds a run has trained so far, summed over interrupted invocations.
+const SECONDS_FILE: &str = "train_seconds.txt";
+
+/// Arguments of `icefm ablate`.
+#[derive(clap::Args, Debug)]
+pub struct AblateArgs {
+    /// Store to fine-tune and score from (it holds the regimes the grid names).
+    #[arg(long)]
+    store: PathBuf,
+    /// Grid file (TOML): base config, MAE run, test regime, overrides and the axes.
+    #[arg(long)]
+    grid: PathBuf,
+    /// Output folder [default: runs/<grid file stem>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where to run: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Check the grid, list its cells (done, to resume or new) and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// A cell's state on disk.
+#[derive(Debug, Clone)]
+enum State {
+    /// Its result is there for the steps asked.
+    Done(Box<CellResult>),
+    /// Some run has checkpoints; it continues from the newest (step given).
+    Partial(u64),
+    /// Nothing yet.
+    New,
+}
+
+/// Run `icefm ablate`.
+pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
+    let out = match &a.out {
+        Some(o) => o.clone(),
+        None => PathBuf::from("runs").join(
+            a.grid
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .context("--grid has no file name")?,
+        ),
+    };
+    let grid_text = std::fs::read_to_string(&a.grid)
+        .map_err(|e| anyhow!("cannot read {}: {e}", a.grid.display()))?;
+    let plan = plan(&a.grid, &grid_text, &a.store, &out)?;
+    let states: Vec<State> = plan.cells.iter().map(state).collect();
+    let n = plan.cells.len();
+    if a.dry_run {
+        println!(
+            "{n} cells, scored on regime {}; output {}",
+            plan.test_regime,
+            out.display()
+        );
+        for (i, (c, s)) in plan.cells.iter().zip(&states).enumerate() {
+            let what = match s {
+                State::Done(r) => format!("done, combined {:.2}", r.combined()),
+                State::Partial(step) => format!("resumes at step {step}"),
+                State::New => "new".into(),
+            };
+            println!(
+                "cell {}/{n} {}: regime {} ({} scenes, {:.1} % of the pool), init {}, tasks {}, levels {}, {} steps, {} run(s): {what}",
+                i + 1,
+                c.key,
+                c.regime,
+                c.scenes,
+                100.0 * c.fraction,
+                c.init.name(),
+                c.tasks.name(),
+                levels_text(&c.levels),
+                c.steps,
+                c.runs.len(),
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Store and device of every run; each run sets its own folder.
+    let where_ = RunOptions {
+        device: parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        store: a.store.clone(),
+        out: out.clone(),
+        resume: false,
+    };
+    std::fs::create_dir_all(out.join("runs"))
+        .with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("grid.toml"), &grid_text)
+        .with_context(|| format!("writing {}", out.join("grid.toml").display()))?;
+
+    let stop = crate::train::stop_flag();
+    let mut results: Vec<Option<CellResult>> = vec![None; n];
+    let mut skipped = 0;
+    let mut trained = 0;
+    let mut failed: Vec<String> = Vec::new();
+    for (i, (cell, s)) in plan.cells.iter().zip(states).enumerate() {
+        let head = format!("cell {}/{n} {}", i + 1, cell.key);
+        if let State::Done(r) = s {
+            println!(
+                "{head}: skipped, done before (combined {:.2})",
+                r.combined()
+            );
+            results[i] = Some(*r);
+            skipped += 1;
+            continue;
+        }
+        // Ctrl-C while a run was being scored: stop before the next cell trains a step.
+        if stop.load(Ordering::SeqCst) {
+            write_outputs(&out, &plan, &results)?;
+            println!(
+                "{head}: not started (interrupted); run the same command again to resume the grid"
+            );
+            return Ok(ExitCode::from(130));
+        }
+        println!(
+            "{head}: started (regime {}, {} scenes, {:.1} % of the pool, init {}, tasks {}, levels {}, {} steps{})",
+            cell.regime,
+            cell.scenes,
+            100.0 * cell.fraction,
+            cell.init.name(),
+            cell.tasks.name(),
+            levels_text(&cell.levels),
+            cell.steps,
+            match s {
+                State::Partial(step) => format!(", resuming at step {step}"),
+                _ => String::new(),
+            }
+        );
+        match run_cell(cell, &plan.test_regime, &where_, stop) {
+            Ok(Some(r)) => {
+                println!(
+                    "{head}: finished, combined {:.2} (SIC R2 {:.3}, SOD F1 {:.3}, FLOE F1 {:.3}) in {:.1} s",
+                    r.combined(),
+                    r.sic_r2.unwrap_or(f64::NAN),
+                    r.sod_f1.unwrap_or(f64::NAN),
+                    r.floe_f1.unwrap_or(f64::NAN),
+                    r.seconds
+                );
+                results[i] = Some(r);
+                trained += 1;
+                write_outputs(&out, &plan, &results)?;
+            }
+            // A cell fails alone (a diverging loss, unreadable weights): the grid goes on, and
+            // a re-run tries the cell again.
+            Err(e) => {
+                let causes: Vec<String> = e.chain().map(ToString::to_string).collect();
+                println!("{head}: FAILED: {}", causes.join(": "));
+                failed.push(cell.key.clone());
+            }
+            Ok(None) => {
+                write_outputs(&out, &plan, &results)?;
+                println!(
+                    "{head}: stopped (checkpoint saved); run the same command again to resume the grid"
+                );
+                return Ok(ExitCode::from(130));
+            }
+        }
+    }
+    write_outputs(&out, &plan, &results)?;
+    println!(
+        "{n} cells ({trained} trained, {skipped} skipped, {} failed): {} and {}",
+        failed.len(),
+        out.join(TABLE_FILE).display(),
+        out.join(PLOT_FILE).display()
+    );
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "failed: {}; run the same command again to retry them",
+            failed.join(", ")
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Whether `dir`'s result is there for `steps`.
+fn done_result(dir: &Path, steps: u64) -> Option<CellResult> {
+    CellResult::read(&dir.join(RESULT_FILE)).filter(|r| r.steps == steps)
+}
+
+/// What is on disk of `cell`.
+fn state(cell: &Cell) -> State {
+    if let Some(r) = done_result(&cell.dir, cell.steps) {
+        return State::Done(Box::new(r));
+    }
+    let newest = cell
+        .runs
+        .iter()
+        .filter_map(|r| checkpoints(&r.dir).last().map(|(s, _)| *s))
+        .max();
+    newest.map_or(State::New, State::Partial)
+}
+
+/// A progress bar style from `template`.
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// Train (or resume) and score every run of `cell`; `None` when Ctrl-C stopped it.
+fn run_cell(
+    cell: &Cell,
+    test_regime: &str,
+    where_: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<Option<CellResult>> {
+    let mut parts = Vec::new();
+    for run in &cell.runs {
+        if run.task.is_some()
+            && let Some(r) = done_result(&run.dir, cell.steps)
+        {
+            parts.push(r);
+            continue;
+        }
+        match run_one(cell, run, test_regime, where_, stop)? {
+            Some(r) => parts.push(r),
+            None => return Ok(None),
+        }
+    }
+    let pick = |t: Task, f: fn(&CellResult) -> Option<f64>| {
+        parts
+            .iter()
+            .zip(&cell.runs)
+            .find(|(_, run)| run.task.is_none_or(|x| x == t))
+            .and_then(|(r, _)| f(r))
+    };
+    let (sic, sod, floe) = (
+        pick(Task::Sic, |r| r.sic_r2),
+        pick(Task::Sod, |r| r.sod_f1),
+        pick(Task::Floe, |r| r.floe_f1),
+    );
+    let total = match (sic, sod, floe) {
+        (Some(a), Some(b), Some(c)) => Some(combined(a, b, c)).filter(|v| v.is_finite()),
+        _ => None,
+    };
+    let result = CellResult {
+        key: cell.key.clone(),
+        regime: cell.regime.clone(),
+        labelled_fraction: cell.fraction,
+        scenes: cell.scenes as u64,
+        init: cell.init.name().into(),
+        tasks: cell.tasks.name().into(),
+        levels: cell.levels.clone(),
+        steps: cell.steps,
+        test_regime: test_regime.into(),
+        sic_r2: sic,
+        sod_f1: sod,
+        floe_f1: floe,
+        combined: total,
+        seconds: parts.iter().map(|r| r.seconds).sum(),
+        weights: parts.iter().flat_map(|r| r.weights.clone()).collect(),
+    };
+    if cell.tasks == TaskMode::Single {
+        result.write(&cell.dir.join(RESULT_FILE))?;
+    }
+    Ok(Some(result))
+}
+
+/// Train (or resume) one run, then score it on the test regime and write its `result.json`;
+/// `None` when Ctrl-C stopped it.
+fn run_one(
+    cell: &Cell,
+    run: &Run,
+    test_regime: &str,
+    where_: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<Option<CellResult>> {
+    let store = where_.store.as_path();
+    let resume = !checkpoints(&run.dir).is_empty();
+    let prefix = match run.task {
+        Some(t) => format!("{}/{}", cell.key, t.name()),
+        None => cell.key.clone(),
+    };
+    let opts = RunOptions {
+        out: run.dir.clone(),
+        resume,
+        ..where_.clone()
+    };
+    let seconds_path = run.dir.join(SECONDS_FILE);
+    let before: f64 = std::fs::read_to_string(&seconds_path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0.0);
+    let t0 = Instant::now();
+    let summary = crate::train::run_with_bar(&run.cfg, &opts, &prefix)
+        .with_context(|| format!("cell {prefix}: training in {}", run.dir.display()))?;
+    let train_seconds = before + t0.elapsed().as_secs_f64();
+    std::fs::write(&seconds_path, format!("{train_seconds:.3}\n"))
+        .with_context(|| format!("writing {}", seconds_path.display()))?;
+    if summary.interrupted || stop.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+
+    let t1 = Instant::now();
+    let bar = ProgressBar::new(regime_scenes(store, test_regime));
+    bar.set_style(bar_style(
+        "{prefix} [{bar:30}] {pos}/{len} test scenes  {msg}",
+    ));
+    bar.set_prefix(prefix.clone());
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let eval = evaluate_run(
+        &run.dir,
+        store,
+        Some(test_regime),
+        &EvalOverrides::default(),
+        &where_.device,
+        &mut |s, _| {
+            bar.inc(1);
+            bar.set_message(s.scene.clone());
+            Ok(())
+        },
+    );
+    bar.finish_and_clear();
+    let eval = eval.with_context(|| format!("cell {prefix}: scoring on regime {test_regime}"))?;
+    let s = eval.pooled.scores();
+    let finite = |v: f64| Some(v).filter(|v| v.is_finite());
+    let result = CellResult {
+        key: prefix,
+        regime: cell.regime.clone(),
+        labelled_fraction: cell.fraction,
+        scenes: cell.scenes as u64,
+        init: cell.init.name().into(),
+        tasks: run
+            .task
+            .map_or(cell.tasks.name().to_string(), |t| t.name().to_string()),
+        levels: cell.levels.clone(),
+        steps: cell.steps,
+        test_regime: test_regime.into(),
+        sic_r2: finite(s.sic_r2),
+        sod_f1: finite(s.sod_f1),
+        floe_f1: finite(s.floe_f1),
+        combined: finite(s.combined),
+        seconds: train_seconds + t1.elapsed().as_secs_f64(),
+        weights: vec![eval.weights.display().to_string()],
+    };
+    result.write(&run.dir.join(RESULT_FILE))?;
+    Ok(Some(result))
+}
+
+/// Scenes of the test regime (for the scoring bar; 0 when unreadable).
+fn regime_scenes(store: &Path, regime: &str) -> u64 {
+    Regime::open(Some(store), regime).map_or(0, |r| r.scenes.len() as u64)
+}
