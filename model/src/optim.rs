@@ -107,6 +107,14 @@ impl AdamW {
         {
             return self.step_cuda(grads, lr, grad_scale);
         }
+        if crate::fused::fused() && self.cpu_f32() {
+            return self.step_cpu(grads, lr, grad_scale);
+        }
+        self.step_composed(grads, lr, grad_scale)
+    }
+
+    /// [`AdamW::step`] as candle tensor operations (any device and dtype; `ICEFM_FUSED=0`).
+    fn step_composed(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -129,6 +137,53 @@ impl AdamW {
             };
             let next = (w32 - (update * lr)?)?.to_dtype(w.dtype())?;
             s.var.set(&next)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every parameter is an f32 CPU tensor (the fused CPU step's case).
+    fn cpu_f32(&self) -> bool {
+        self.slots.values().all(|s| {
+            let w = s.var.as_tensor();
+            w.device().is_cpu() && w.dtype() == DType::F32
+        })
+    }
+
+    /// [`AdamW::step`] in place on the CPU: per parameter, the two moments and then the weights
+    /// in one pass each over their memory (rayon), instead of a dozen whole-tensor operations
+    /// with their allocations. The same f32 arithmetic as the CUDA kernel.
+    fn step_cpu(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let update = |decay: bool| crate::fused::AdamUpdate {
+            lr: lr as f32,
+            c1: (1.0 - b1.powi(t)) as f32,
+            c2: (1.0 - b2.powi(t)) as f32,
+            eps: self.cfg.eps as f32,
+            wd: if decay {
+                self.cfg.weight_decay as f32
+            } else {
+                0.0
+            },
+        };
+        for (name, s) in &self.slots {
+            let w = s.var.as_tensor();
+            let Some(g) = grads.get(w) else {
+                candle_core::bail!("parameter {name} received no gradient");
+            };
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            for (m, beta, square) in [(&s.m, b1, false), (&s.v, b2, true)] {
+                m.inplace_op2(
+                    &g,
+                    &crate::fused::AdamMoment {
+                        beta: beta as f32,
+                        scale: grad_scale as f32,
+                        square,
+                    },
+                )?;
+            }
+            w.inplace_op3(&s.m, &s.v, &update(s.decay))?;
         }
         Ok(())
     }
@@ -229,6 +284,20 @@ pub fn clip_scale<'a>(
         let refs: Vec<&Tensor> = gs.iter().collect();
         return Ok(scale_for(crate::cuda::sum_squares(&refs)?.sqrt(), max_norm));
     }
+    if crate::fused::fused()
+        && vars
+            .first()
+            .is_some_and(|v| v.as_tensor().device().is_cpu())
+    {
+        let gs: Vec<&Tensor> = vars
+            .iter()
+            .filter_map(|v| grads.get(v.as_tensor()))
+            .collect();
+        return Ok(scale_for(
+            crate::fused::sum_squares_cpu(&gs)?.sqrt(),
+            max_norm,
+        ));
+    }
     // One device-to-host read for all parameters (a read per parameter stalls a GPU each time).
     let mut parts = Vec::new();
     for v in vars {
@@ -274,6 +343,27 @@ mod tests {
 
     #[test]
     fn adamw_matches_hand_computed_steps() {
+        // The fused CPU step and the composed one, each against f64 by hand.
+        for fused in [true, false] {
+            hand_computed_steps(fused);
+        }
+    }
+
+    #[test]
+    fn the_cpu_gradient_norm_is_the_composed_one() {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(-3f32, 5.0, &dev)
+            .unwrap()
+            .reshape((2, 4))
+            .unwrap();
+        let b = Tensor::new(&[0.5f64, -1.5], &dev).unwrap();
+        let t = a.t().unwrap(); // non-contiguous
+        let want = 2.0 * (9.0 + 4.0 + 1.0 + 0.0 + 1.0 + 4.0 + 9.0 + 16.0) + 0.25 + 2.25;
+        let got = crate::fused::sum_squares_cpu(&[&a, &b, &t]).unwrap();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+
+    fn hand_computed_steps(fused: bool) {
         let dev = Device::Cpu;
         let w = Var::new(&[[1.0f32, -2.0]], &dev).unwrap(); // rank 2: decayed
         let b = Var::new(&[0.5f32], &dev).unwrap(); // rank 1: not decayed
@@ -312,7 +402,11 @@ mod tests {
                 + (b.as_tensor() * 4.0).unwrap().sum_all().unwrap())
             .unwrap();
             let grads = loss.backward().unwrap();
-            opt.step(&grads, lr, 1.0).unwrap();
+            if fused {
+                opt.step_cpu(&grads, lr, 1.0).unwrap();
+            } else {
+                opt.step_composed(&grads, lr, 1.0).unwrap();
+            }
             let g = [3.0, 2.0 * expect_w[1], 4.0];
             let p = [expect_w[0], expect_w[1], expect_b];
             let mut next = [0f64; 3];
