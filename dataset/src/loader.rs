@@ -54,6 +54,12 @@ pub struct LoaderOptions {
     pub prefetch: usize,
     /// Decoded-chunk cache, bytes.
     pub cache_bytes: usize,
+    /// Leave `inputs` raw: the store's values (NaN where invalid, also outside the scene) in
+    /// the scene's orientation, for a device that normalises and turns the batch itself
+    /// (`icefm_model::fused::normalise_augment`, with [`Loader::channel_norms`] and each
+    /// sample's transform). Labels are still turned on the host; `valid` then marks only the
+    /// pixels inside the scene.
+    pub raw_inputs: bool,
 }
 
 impl Default for LoaderOptions {
@@ -70,6 +76,7 @@ impl Default for LoaderOptions {
             threads: 0,
             prefetch: 2,
             cache_bytes: 512 << 20,
+            raw_inputs: false,
         }
     }
 }
@@ -310,6 +317,16 @@ impl Loader {
                 spare: std::sync::Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Mean and inverse standard deviation of each input channel (the normalisation of
+    /// [`LoaderOptions::raw_inputs`] batches).
+    pub fn channel_norms(&self) -> Vec<(f32, f32)> {
+        self.inner
+            .channels
+            .iter()
+            .map(|c| (c.mean, c.inv_std))
+            .collect()
     }
 
     /// Batches in one pass: `Some` for the sequential sampler, `None` (endless) otherwise.
@@ -929,6 +946,7 @@ impl Inner {
         lab: &mut [u8],
         val: &mut [u8],
     ) -> Result<(), DatasetError> {
+        let raw = self.opts.raw_inputs;
         if w.transform.is_identity() {
             return self.cut_plain(w, inp, lab, val);
         }
@@ -943,8 +961,12 @@ impl Inner {
             tl.resize(lab.len(), IGNORE);
             tv.resize(val.len(), 0);
             self.cut_plain(w, ti, tl, tv)?;
-            for (s, d) in ti.chunks(plane).zip(inp.chunks_mut(plane)) {
-                w.transform.apply(s, d, n);
+            if raw {
+                inp.copy_from_slice(ti);
+            } else {
+                for (s, d) in ti.chunks(plane).zip(inp.chunks_mut(plane)) {
+                    w.transform.apply(s, d, n);
+                }
             }
             for (s, d) in tl.chunks(plane).zip(lab.chunks_mut(plane)) {
                 w.transform.apply(s, d, n);
@@ -969,8 +991,9 @@ impl Inner {
         let (h, wd) = self.extents[w.scene as usize][w.level as usize];
         // Pixels outside the scene are written by no chunk: fill the slot first, unless the
         // window lies inside the scene (every pixel is then written below).
+        let raw = self.opts.raw_inputs;
         if w.y0 < 0 || w.x0 < 0 || w.y0 + n > i64::from(h) || w.x0 + n > i64::from(wd) {
-            inp.fill(0.0);
+            inp.fill(if raw { f32::NAN } else { 0.0 });
             lab.fill(IGNORE);
             val.fill(0);
         }
@@ -1014,12 +1037,18 @@ impl Inner {
                         let d = &mut dst[dy * nu + dx..dy * nu + dx + len];
                         let v = &mut val[dy * nu + dx..dy * nu + dx + len];
                         let Some(src) = src else {
-                            d.fill(0.0);
+                            d.fill(if raw { f32::NAN } else { 0.0 });
                             v.fill(0);
                             continue;
                         };
                         let s = &src[(sy * pu + sx) * 4..(sy * pu + sx + len) * 4];
-                        normalise(s, d, v, ch.mean, ch.inv_std);
+                        if raw {
+                            for (d, b) in d.iter_mut().zip(s.chunks_exact(4)) {
+                                *d = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+                            }
+                        } else {
+                            normalise(s, d, v, ch.mean, ch.inv_std);
+                        }
                     }
                 }
                 let labels = got[ArrayKind::Labels as usize]

@@ -556,6 +556,33 @@ extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr
         w[i] = w[i] - u * lr;
     }
 }
+
+// The loader's batch preparation on the device (icefm_model::fused::NormaliseAugment):
+// raw [B, C, n, n] (NaN invalid) and prm = {mean[C], inv_std[C], code[B]} → out [B, C+1, n, n],
+// inputs normalised (0 where invalid), each sample turned by its transform code (bit 0
+// transpose, 1 flip rows, 2 flip columns), channel C the validity mask. One thread per output
+// pixel (grid-stride); `v - v == 0` is false exactly for NaN and infinities.
+extern "C" __global__ void normalise_augment(const float* raw, const float* prm, float* out,
+        int B, int C, int n) {
+    long plane = (long)n * n;
+    for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < B * plane;
+         idx += (long)gridDim.x * blockDim.x) {
+        int b = (int)(idx / plane);
+        long p = idx % plane;
+        int i = (int)(p / n), j = (int)(p % n);
+        int code = (int)prm[2 * C + b];
+        int a = (code & 1) ? j : i, c2 = (code & 1) ? i : j;
+        int y = (code & 2) ? n - 1 - a : a, x = (code & 4) ? n - 1 - c2 : c2;
+        float ok = 1.f;
+        for (int c = 0; c < C; ++c) {
+            float v = raw[((long)b * C + c) * plane + (long)y * n + x];
+            bool finite = (v - v) == 0.f;
+            out[((long)b * (C + 1) + c) * plane + p] = finite ? (v - prm[c]) * prm[C + c] : 0.f;
+            if (!finite) ok = 0.f;
+        }
+        out[((long)b * (C + 1) + C) * plane + p] = ok;
+    }
+}
 "#;
 
 /// The PTX for this process's device, compiled once.
@@ -1489,4 +1516,36 @@ pub fn copy_bandwidth(dev: &CudaDevice, bytes: usize, reps: usize) -> Result<f64
     }
     stream.synchronize().w()?;
     Ok(2.0 * (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+/// [`crate::fused::NormaliseAugment`] on the device: raw windows `[B, C, n, n]` and the
+/// parameter vector → `[B, C + 1, n, n]`.
+pub fn normalise_augment(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    (b, c, n): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let raw = f32_view(s1, l1, "raw windows")?;
+    let prm = f32_view(s2, l2, "normalisation parameters")?;
+    let total = b * (c + 1) * n * n;
+    let int =
+        |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg("batch too large".into()));
+    let (b_i, c_i, n_i) = (int(b)?, int(c)?, int(n)?);
+    let f = func(dev, "normalise_augment")?;
+    // SAFETY: every element is written by the kernel (each pixel writes its C + 1 channels).
+    let out = unsafe { dev.alloc::<f32>(total)? };
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&raw)
+        .arg(&prm)
+        .arg(&out)
+        .arg(&b_i)
+        .arg(&c_i)
+        .arg(&n_i);
+    // SAFETY: arguments match the kernel's signature; sizes were checked by the caller.
+    unsafe { lb.launch(elem_cfg(b * n * n)) }.w()?;
+    Ok(wrap(dev, CudaStorageSlice::F32(out)))
 }

@@ -28,8 +28,8 @@ use crate::metrics::{Evaluation, Scores};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, seg_loss};
 use crate::train::{
-    RunOptions, RunSummary, StepRecord, TrainError, checkpoints, drop_draws, end_step,
-    init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, optimise,
+    RunOptions, RunSummary, StepRecord, TrainError, batch_tensors, checkpoints, drop_draws,
+    end_step, init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, optimise,
     read_metrics, write_parquet,
 };
 
@@ -512,7 +512,7 @@ pub fn train_seg(
         }
     }
 
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted)?;
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev)?;
     let val = if seg.val_regime.is_empty() {
         None
     } else {
@@ -539,8 +539,8 @@ pub fn train_seg(
         let batch = batches
             .next()
             .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
-        let (b, c, n) = (batch.len(), batch.channels, batch.size);
-        let images = Tensor::from_slice(&batch.inputs, (b, c, n, n), &dev)?;
+        let b = batch.len();
+        let (images, _) = batch_tensors(&batch, &loader, &dev)?;
         let labels = batch.labels.clone();
         let levels = level_mix(&batch.samples);
         batches.recycle(batch);

@@ -30,6 +30,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
 use crate::optim::{AdamW, AdamWConfig, clip_scale, lr_at};
 use crate::panel::{panel, write_png};
@@ -275,7 +276,7 @@ pub fn train_mae(
         ))?;
     }
 
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted)?;
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev)?;
 
     let total = cfg.train.steps;
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());
@@ -291,9 +292,7 @@ pub fn train_mae(
             .next()
             .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
         let (b, c, n) = (batch.len(), batch.channels, batch.size);
-        let images = Tensor::from_slice(&batch.inputs, (b, c, n, n), &dev)?;
-        let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
-        let valid = Tensor::from_vec(valid, (b, n, n), &dev)?;
+        let (images, valid) = batch_tensors(&batch, &loader, &dev)?;
         let levels = crate::finetune::level_mix(&batch.samples);
         batches.recycle(batch);
         let noise: Vec<Vec<f32>> = (0..b)
@@ -431,6 +430,7 @@ pub(crate) fn open_loader(
     cfg: &TrainConfig,
     store: &Path,
     sampler: Sampler,
+    dev: &Device,
 ) -> Result<Loader, TrainError> {
     let regime = if cfg.data.regime.is_empty() {
         None
@@ -459,9 +459,35 @@ pub(crate) fn open_loader(
             },
             min_valid: cfg.data.min_valid,
             threads: cfg.data.threads,
+            raw_inputs: device_prepares(dev),
             ..LoaderOptions::default()
         },
     )?)
+}
+
+/// Whether batches are normalised and turned on the device ([`normalise_augment`]) rather
+/// than on the host: on a GPU with icefm's kernels.
+fn device_prepares(dev: &Device) -> bool {
+    dev.is_cuda() && crate::fused::fused()
+}
+
+/// A batch's images `[B, C, n, n]` and validity `[B, n, n]` on `dev`: copied as the loader made
+/// them, or (a [`LoaderOptions::raw_inputs`] loader) as raw windows normalised and turned on
+/// the device.
+pub(crate) fn batch_tensors(
+    batch: &icefm_dataset::Batch,
+    loader: &Loader,
+    dev: &Device,
+) -> Result<(Tensor, Tensor), TrainError> {
+    let (b, c, n) = (batch.len(), batch.channels, batch.size);
+    let images = Tensor::from_slice(&batch.inputs, (b, c, n, n), dev)?;
+    if device_prepares(dev) {
+        let (mean, inv): (Vec<f32>, Vec<f32>) = loader.channel_norms().into_iter().unzip();
+        let tf: Vec<icefm_dataset::Transform> = batch.samples.iter().map(|s| s.transform).collect();
+        return Ok(normalise_augment(&images, &mean, &inv, &tf)?);
+    }
+    let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
+    Ok((images, Tensor::from_vec(valid, (b, n, n), dev)?))
 }
 
 /// Stochastic-depth draws of step `step` for `depth` blocks and `b` samples (a function of the

@@ -418,3 +418,34 @@ fn the_token_gather_and_scatter_kernels_match_the_cpu() {
         assert_eq!(max_rel(&gg, &gc), 0.0, "{dtype:?} scatter");
     }
 }
+
+#[test]
+fn the_device_batch_preparation_matches_the_cpu_reference() {
+    let g = gpu();
+    let (b, c, n) = (8, 2, 37);
+    // Values around the SAR means with NaN holes, one whole channel invalid in a sample.
+    let mut v: Vec<f32> = host(&random(&[b, c, n, n], 91, 10.0))
+        .iter()
+        .map(|&x| x as f32 - 15.0)
+        .collect();
+    for (i, x) in v.iter_mut().enumerate() {
+        if i % 11 == 3 || (i / (n * n) == 5 && i % 2 == 0) {
+            *x = f32::NAN;
+        }
+    }
+    v[7] = f32::INFINITY;
+    let raw = Tensor::from_vec(v, (b, c, n, n), &Device::Cpu).unwrap();
+    let tf: Vec<icefm_dataset::Transform> = (0..8u8)
+        .map(|k| icefm_dataset::Transform {
+            transpose: k & 1 != 0,
+            flip_y: k & 2 != 0,
+            flip_x: k & 4 != 0,
+        })
+        .collect();
+    let (mean, inv) = ([-14.5f32, -24.7], [1.0 / 5.66f32, 1.0 / 4.75]);
+    let (ci, cv) = fused::normalise_augment(&raw, &mean, &inv, &tf).unwrap();
+    let (gi, gv) = fused::normalise_augment(&raw.to_device(&g).unwrap(), &mean, &inv, &tf).unwrap();
+    assert_eq!(host(&gi), host(&ci));
+    assert_eq!(host(&gv), host(&cv));
+    assert!(host(&cv).contains(&0.0) && host(&cv).contains(&1.0));
+}

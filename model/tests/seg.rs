@@ -669,3 +669,49 @@ fn a_frozen_encoder_stays_as_initialised_while_the_heads_train() {
     .unwrap();
     assert!(moments.keys().all(|k| !k.starts_with("encoder.")));
 }
+
+#[test]
+fn raw_windows_normalised_and_turned_by_the_op_equal_the_loaders_batches() {
+    use icefm_dataset::{Augment, Loader, LoaderOptions};
+    use icefm_model::fused::normalise_augment;
+    let opts = |raw_inputs| LoaderOptions {
+        levels: vec![
+            (Level::new(80).unwrap(), 1.0),
+            (Level::new(160).unwrap(), 1.0),
+        ],
+        crop: 48,
+        batch_size: 8,
+        seed: 5,
+        augment: Augment {
+            flips: true,
+            rot90: true,
+            jitter: 24,
+        },
+        min_valid: 0.2,
+        threads: 2,
+        raw_inputs,
+        ..LoaderOptions::default()
+    };
+    let host = Loader::open(store(), None, opts(false)).unwrap();
+    let raw = Loader::open(store(), None, opts(true)).unwrap();
+    let (mean, inv): (Vec<f32>, Vec<f32>) = raw.channel_norms().into_iter().unzip();
+    let mut turned = 0;
+    for index in 0..4 {
+        let (h, r) = (host.batch(index).unwrap(), raw.batch(index).unwrap());
+        assert_eq!(h.samples, r.samples);
+        assert_eq!(h.labels, r.labels);
+        // Raw windows keep NaN (no-data and outside the scene).
+        assert!(r.inputs.iter().any(|v| v.is_nan()));
+        let (b, n) = (r.len(), r.size);
+        let t = Tensor::from_vec(r.inputs.clone(), (b, 2, n, n), &Device::Cpu).unwrap();
+        let tf: Vec<_> = r.samples.iter().map(|s| s.transform).collect();
+        turned += tf.iter().filter(|t| !t.is_identity()).count();
+        let (inputs, valid) = normalise_augment(&t, &mean, &inv, &tf).unwrap();
+        let inputs: Vec<f32> = inputs.flatten_all().unwrap().to_vec1().unwrap();
+        let valid: Vec<f32> = valid.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(inputs, h.inputs, "batch {index}");
+        let host_valid: Vec<f32> = h.valid.iter().map(|&v| f32::from(v)).collect();
+        assert_eq!(valid, host_valid, "batch {index}");
+    }
+    assert!(turned > 8, "{turned} turned samples");
+}
