@@ -17,7 +17,7 @@ use icefm_schemas::store::DEFAULT_CODEC;
 use icefm_schemas::{Level, Task};
 
 use crate::commands::{InspectArgs, cmd_inspect, do_ingest, parse_size, synth_scenes};
-use crate::eval::{EvalArgs, cmd_eval};
+use crate::eval::{EvalArgs, InferArgs, cmd_eval};
 use crate::train::run_with_bar;
 
 /// The shipped configurations the demo starts from.
@@ -167,12 +167,9 @@ pub fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
             run: run.clone(),
             store: store.clone(),
             regime: Some("test".into()),
-            level: None,
-            stride: None,
-            blend: None,
             out: None,
             no_panels: false,
-            device: "cpu".into(),
+            infer: InferArgs::default(),
         })?;
         scored.push(Outcome { init, scores, run });
     }

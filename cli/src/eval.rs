@@ -38,6 +38,20 @@ pub struct EvalArgs {
     /// Regime of the scenes to score [default: every scene of the store].
     #[arg(long)]
     pub regime: Option<String>,
+    /// Output folder [default: RUN/eval-<regime or all>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Skip the per-scene PNG panels.
+    #[arg(long)]
+    pub no_panels: bool,
+    /// Inference settings.
+    #[command(flatten)]
+    pub infer: InferArgs,
+}
+
+/// Sliding-window settings shared by `icefm eval` and `icefm predict`.
+#[derive(clap::Args, Debug, Default)]
+pub struct InferArgs {
     /// Inference level, e.g. 200m [default: the run's seg.eval_level, else its finest level].
     #[arg(long)]
     pub level: Option<String>,
@@ -47,15 +61,21 @@ pub struct EvalArgs {
     /// Blending of overlapping windows: mean or taper [default: the run's seg.eval_blend].
     #[arg(long)]
     pub blend: Option<String>,
-    /// Output folder [default: RUN/eval-<regime or all>].
+    /// Where to run: cpu, cuda or cuda:N [default: cpu].
     #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Skip the per-scene PNG panels.
-    #[arg(long)]
-    pub no_panels: bool,
-    /// Where to run: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Option<String>,
+}
+
+impl InferArgs {
+    /// The device and the run's settings as overridden here.
+    fn resolve(&self) -> Result<(icefm_model::Device, EvalOverrides)> {
+        let dev =
+            parse_device(self.device.as_deref().unwrap_or("cpu")).map_err(anyhow::Error::msg)?;
+        Ok((
+            dev,
+            overrides(self.level.as_deref(), self.stride, self.blend.as_deref())?,
+        ))
+    }
 }
 
 fn overrides(
@@ -115,8 +135,7 @@ fn fmt_score(v: f64) -> String {
 
 /// Run `icefm eval`.
 pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
-    let dev = parse_device(&a.device).map_err(anyhow::Error::msg)?;
-    let ov = overrides(a.level.as_deref(), a.stride, a.blend.as_deref())?;
+    let (dev, ov) = a.infer.resolve()?;
     let out = a.out.clone().unwrap_or_else(|| {
         a.run
             .join(format!("eval-{}", a.regime.as_deref().unwrap_or("all")))
@@ -287,21 +306,12 @@ pub struct PredictArgs {
     /// The submission file to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// Inference level [default: the run's].
-    #[arg(long)]
-    pub level: Option<String>,
-    /// Window stride in pixels [default: the run's].
-    #[arg(long)]
-    pub stride: Option<usize>,
-    /// Blending: mean or taper [default: the run's].
-    #[arg(long)]
-    pub blend: Option<String>,
     /// Keep the scenes' store here (by default a temporary store is removed afterwards).
     #[arg(long)]
     pub keep_store: Option<PathBuf>,
-    /// Where to run: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Inference settings.
+    #[command(flatten)]
+    pub infer: InferArgs,
 }
 
 /// The variable prefix of a scene in the submission: the input file's stem, without the
@@ -318,8 +328,7 @@ pub fn submission_name(path: &Path) -> String {
 
 /// Run `icefm predict`.
 pub fn cmd_predict(a: PredictArgs) -> Result<()> {
-    let dev = parse_device(&a.device).map_err(anyhow::Error::msg)?;
-    let ov = overrides(a.level.as_deref(), a.stride, a.blend.as_deref())?;
+    let (dev, ov) = a.infer.resolve()?;
     let (cfg, model) = load_seg_model(&a.run, &dev)?;
     let score = Level::new(80)?;
     let tmp = tempfile_dir(&a.out)?;

@@ -16,6 +16,9 @@
 //! assert_eq!(vit.forward(&x).unwrap().dims(), &[1, 1 + 4, 192]);
 //! ```
 
+/// The device a model runs on (candle's), for callers that do not depend on candle.
+pub use candle_core::Device;
+
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
