@@ -29,8 +29,8 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, seg_loss};
 use crate::train::{
     RunOptions, RunSummary, StepRecord, TrainError, batch_tensors, checkpoints, drop_draws,
-    end_step, init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, optimise,
-    read_metrics, write_parquet,
+    end_step, init_weights, io_err, level_mix, load_checkpoint, named_vars, open_loader, open_run,
+    optimise, read_metrics, write_parquet,
 };
 
 /// One validation pass.
@@ -635,17 +635,4 @@ pub fn train_seg(
         records,
         validation,
     })
-}
-
-/// Samples per level of a batch, `80m:12 200m:20`.
-pub(crate) fn level_mix(samples: &[icefm_dataset::SampleInfo]) -> String {
-    let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
-    for s in samples {
-        *counts.entry(s.level.spacing_m()).or_default() += 1;
-    }
-    counts
-        .iter()
-        .map(|(m, k)| format!("{m}m:{k}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }

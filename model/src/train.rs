@@ -293,7 +293,7 @@ pub fn train_mae(
             .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
         let (b, c, n) = (batch.len(), batch.channels, batch.size);
         let (images, valid) = batch_tensors(&batch, &loader, &dev)?;
-        let levels = crate::finetune::level_mix(&batch.samples);
+        let levels = level_mix(&batch.samples);
         batches.recycle(batch);
         let noise: Vec<Vec<f32>> = (0..b)
             .map(|j| {
@@ -732,4 +732,17 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
         }
     }
     Ok(out)
+}
+
+/// Samples per level of a batch, `80m:12 200m:20`.
+pub(crate) fn level_mix(samples: &[icefm_dataset::SampleInfo]) -> String {
+    let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    for s in samples {
+        *counts.entry(s.level.spacing_m()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(m, k)| format!("{m}m:{k}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -13,8 +13,6 @@ use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw};
 use icefm_dataset::table::SceneTable;
 use icefm_dataset::{SceneLevel, SceneReader};
-use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
-use icefm_ingest::store::new_attrs;
 use icefm_model::config::TrainConfig;
 use icefm_model::evaluate::{Blend, InferOptions, predict_level, upsample_nearest, window_starts};
 use icefm_model::finetune::{load_init, read_validation, train_seg};
@@ -23,9 +21,7 @@ use icefm_model::seg::{
     HeadKind, Resample, SegConfig, SegModel, SicLoss, class_of, resize, seg_loss,
 };
 use icefm_model::train::{RunOptions, StepRecord, checkpoints, init_weights, named_vars};
-use icefm_schemas::store::DEFAULT_CODEC;
 use icefm_schemas::{IGNORE, Level, Task};
-use icefm_synth::{SceneKind, SynthOptions, write_scene};
 
 mod common;
 use common::{check_var, max_rel, random, values};
@@ -410,24 +406,7 @@ fn nearest_upsampling_maps_80m_pixels_into_their_coarse_cells() {
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seg-tests");
-        let _ = std::fs::remove_dir_all(&root);
-        let mut inputs = Vec::new();
-        for i in 0..3u32 {
-            let mut o = SynthOptions::new(SceneKind::Rtt, 200, 240, 31 + u64::from(i));
-            o.index = i;
-            inputs.push(write_scene(&root.join("scenes"), &o).unwrap());
-        }
-        let store = root.join("s.zarr");
-        let attrs = new_attrs(&Level::parse_list("80,160").unwrap(), 64, DEFAULT_CODEC);
-        ingest(
-            &inputs,
-            &store,
-            attrs,
-            &IngestOptions::default(),
-            &NoReporter,
-        )
-        .unwrap();
+        let store = common::rtt_store("seg-tests", 3, (200, 240), 31);
         let table = SceneTable::from_store(&store).unwrap();
         let val = draw(
             &table,

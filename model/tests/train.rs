@@ -7,37 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
-use icefm_ingest::store::new_attrs;
+mod common;
+
 use icefm_model::config::TrainConfig;
 use icefm_model::train::{RunOptions, checkpoints, read_metrics, train_mae};
-use icefm_schemas::Level;
-use icefm_schemas::store::DEFAULT_CODEC;
-use icefm_synth::{SceneKind, SynthOptions, write_scene};
 
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-tests");
-        let _ = std::fs::remove_dir_all(&root);
-        let mut inputs = Vec::new();
-        for i in 0..2u32 {
-            let mut o = SynthOptions::new(SceneKind::Rtt, 260, 300, 21 + u64::from(i));
-            o.index = i;
-            inputs.push(write_scene(&root.join("scenes"), &o).unwrap());
-        }
-        let store = root.join("s.zarr");
-        let attrs = new_attrs(&Level::parse_list("80,160").unwrap(), 64, DEFAULT_CODEC);
-        ingest(
-            &inputs,
-            &store,
-            attrs,
-            &IngestOptions::default(),
-            &NoReporter,
-        )
-        .unwrap();
-        store
-    })
+    STORE.get_or_init(|| common::rtt_store("train-tests", 2, (260, 300), 21))
 }
 
 const CONFIG: &str = r#"

@@ -79,3 +79,35 @@ pub fn check_var(name: &str, var: &Var, f: &dyn Fn() -> Tensor, limit: usize) {
         .unwrap();
     assert!(worst.is_finite());
 }
+
+/// A store of `count` generated ready-to-train scenes of `h × w` (seeds `seed`, `seed + 1`, …)
+/// ingested at 80 and 160 m with 64-px patches, under the tests' temporary folder `name`
+/// (made afresh).
+pub fn rtt_store(name: &str, count: u32, (h, w): (usize, usize), seed: u64) -> std::path::PathBuf {
+    use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
+    use icefm_synth::{SceneKind, SynthOptions, write_scene};
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs: Vec<_> = (0..count)
+        .map(|i| {
+            let mut o = SynthOptions::new(SceneKind::Rtt, h, w, seed + u64::from(i));
+            o.index = i;
+            write_scene(&root.join("scenes"), &o).unwrap()
+        })
+        .collect();
+    let store = root.join("s.zarr");
+    let attrs = icefm_ingest::store::new_attrs(
+        &icefm_schemas::Level::parse_list("80,160").unwrap(),
+        64,
+        icefm_schemas::store::DEFAULT_CODEC,
+    );
+    ingest(
+        &inputs,
+        &store,
+        attrs,
+        &IngestOptions::default(),
+        &NoReporter,
+    )
+    .unwrap();
+    store
+}
