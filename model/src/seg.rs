@@ -19,7 +19,7 @@ use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use icefm_schemas::{IGNORE, Task};
 
-use crate::fused::gelu;
+use crate::fused::{bias_add, gelu};
 use crate::vit::{Linear, Norm, Vit, VitConfig};
 
 /// Which head each task gets.
@@ -204,14 +204,38 @@ impl Conv3 {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let y = x
-            .permute((0, 3, 1, 2))?
-            .contiguous()?
-            .conv2d(&self.weight.to_dtype(dt)?, 1, 1, 1, 1)?
-            .permute((0, 2, 3, 1))?;
-        y.broadcast_add(&self.bias.to_dtype(dt)?)
+        conv3x3(x, &self.weight, &self.bias)
     }
+}
+
+/// A 3 × 3 convolution, stride 1, zero padding 1, on a channels-last map `x` `[B, H, W, C]`
+/// with PyTorch's weight layout `[C_out, C, 3, 3]` and bias `[C_out]` (cast to `x`'s dtype):
+/// the nine shifted copies of `x` side by side (`[B, H, W, 9·C]`, im2col), then one matrix
+/// product. Candle's `conv2d` computes the same, but its backward (a transposed convolution,
+/// and a convolution with the whole map as its kernel) is orders of magnitude slower on a GPU.
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (out, inp, kh, kw) = weight.dims4()?;
+    if (inp, kh, kw) != (c, 3, 3) {
+        candle_core::bail!("conv3x3: weight {:?} for {c} input channels", weight.dims());
+    }
+    let dt = x.dtype();
+    let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let mut cols = Vec::with_capacity(9);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            cols.push(xp.narrow(1, dy, h)?.narrow(2, dx, w)?);
+        }
+    }
+    let cols = Tensor::cat(&cols, 3)?.reshape((b * h * w, 9 * c))?;
+    // [C_out, C, 3, 3] → [3, 3, C, C_out] → [9·C, C_out]: row (dy·3 + dx)·C + c.
+    let k = weight
+        .to_dtype(dt)?
+        .permute((2, 3, 1, 0))?
+        .contiguous()?
+        .reshape((9 * c, out))?;
+    let y = cols.matmul(&k)?.reshape((b, h, w, out))?;
+    bias_add(&y, bias)
 }
 
 /// A convolution (1 × 1 or 3 × 3), a layer norm over channels and a ReLU: mmsegmentation's
@@ -505,7 +529,10 @@ pub struct SegLoss {
 /// in the batch contributes 0.
 pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> Result<SegLoss> {
     let mut total: Option<Tensor> = None;
-    let mut parts = Vec::new();
+    let (mut values, mut counts) = (Vec::new(), Vec::new());
+    // The labels go to the outputs' device once; masks, targets and one-hot codes are made
+    // there (on a GPU the host would otherwise build and copy B·H·W·K floats per task).
+    let mut on_device: Option<Tensor> = None;
     for (task, y) in outputs {
         let (b, h, w, k) = y.dims4()?;
         let plane = h * w;
@@ -516,48 +543,45 @@ pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> R
                 b * 3 * plane
             );
         }
-        let lab = |i: usize| {
-            let (s, px) = (i / plane, i % plane);
-            labels[(s * 3 + task.channel()) * plane + px]
-        };
-        let n = (0..b * plane).filter(|&i| lab(i) != IGNORE).count();
+        let ch = task.channel();
+        let task_labels = || (0..b).flat_map(|s| &labels[(s * 3 + ch) * plane..][..plane]);
+        let n = task_labels().filter(|&&v| v != IGNORE).count();
+        if k > 1
+            && let Some(&v) = task_labels().find(|&&v| v != IGNORE && usize::from(v) >= k)
+        {
+            candle_core::bail!("{} label {v} is not below its {k} classes", task.name());
+        }
         let (dev, dt) = (y.device(), y.dtype());
         let loss = if n == 0 {
             // Zero, with a zero gradient for the head: candle's backward skips a product with
             // the constant 0, which would leave the head without a gradient at all.
             (y - y.detach())?.sqr()?.sum_all()?
-        } else if k == 1 {
-            let mut target = vec![0f32; b * plane];
-            let mut mask = vec![0f32; b * plane];
-            for i in 0..b * plane {
-                let v = lab(i);
-                if v != IGNORE {
-                    target[i] = f32::from(v);
-                    mask[i] = 1.0;
-                }
-            }
-            let t = Tensor::from_vec(target, (b, h, w, 1), dev)?.to_dtype(dt)?;
-            let m = Tensor::from_vec(mask, (b, h, w, 1), dev)?.to_dtype(dt)?;
-            (((y - t)?.sqr()? * m)?.sum_all()? / n as f64)?
         } else {
-            let mut onehot = vec![0f32; b * plane * k];
-            for i in 0..b * plane {
-                let v = lab(i);
-                if v != IGNORE {
-                    if usize::from(v) >= k {
-                        candle_core::bail!(
-                            "{} label {v} is not below its {k} classes",
-                            task.name()
-                        );
-                    }
-                    onehot[i * k + usize::from(v)] = 1.0;
+            let all = match &on_device {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Tensor::from_slice(labels, (b, 3, plane), dev)?;
+                    on_device = Some(t.clone());
+                    t
                 }
+            };
+            let lab = all
+                .narrow(1, ch, 1)?
+                .to_dtype(DType::F32)?
+                .reshape((b, h, w, 1))?;
+            if k == 1 {
+                let m = lab.ne(f64::from(IGNORE))?.to_dtype(dt)?;
+                let t = (lab.to_dtype(dt)? * &m)?;
+                (((y - t)?.sqr()? * m)?.sum_all()? / n as f64)?
+            } else {
+                // Ignored pixels (255) match no class: an all-zero row.
+                let classes = Tensor::arange(0u32, k as u32, dev)?.to_dtype(DType::F32)?;
+                let t = lab.broadcast_eq(&classes)?.to_dtype(dt)?;
+                ((log_softmax(y)? * t)?.sum_all()? / -(n as f64))?
             }
-            let t = Tensor::from_vec(onehot, (b, h, w, k), dev)?.to_dtype(dt)?;
-            ((log_softmax(y)? * t)?.sum_all()? / -(n as f64))?
         };
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        parts.push((*task, value, n));
+        values.push(loss.to_dtype(DType::F32)?);
+        counts.push((*task, n));
         let weighted = (loss * cfg.task_weights[task.channel()])?;
         total = Some(match total {
             Some(t) => t.add(&weighted)?,
@@ -568,6 +592,13 @@ pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> R
         Some(t) => t,
         None => candle_core::bail!("the model has no task"),
     };
+    // One read back for all tasks' values.
+    let values = Tensor::stack(&values, 0)?.to_vec1::<f32>()?;
+    let parts = counts
+        .into_iter()
+        .zip(values)
+        .map(|((t, n), v)| (t, v, n))
+        .collect();
     Ok(SegLoss { total, parts })
 }
 

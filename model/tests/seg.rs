@@ -238,6 +238,113 @@ fn resampling_matches_pytorch() {
     assert!(max_abs(&y, &want) < 1e-5);
 }
 
+#[test]
+fn the_3x3_convolution_equals_candles_conv2d_with_its_gradients() {
+    use candle_core::Var;
+    // Odd sizes, more output than input channels, f64 for exact comparisons.
+    let (b, h, w, c, o) = (2, 5, 7, 3, 4);
+    let x = Var::from_tensor(&random(&[b, h, w, c], 301, 1.0, DType::F64)).unwrap();
+    let k = Var::from_tensor(&random(&[o, c, 3, 3], 302, 0.5, DType::F64)).unwrap();
+    let bias = Var::from_tensor(&random(&[o], 303, 0.5, DType::F64)).unwrap();
+    let probe = random(&[b, h, w, o], 304, 1.0, DType::F64);
+    let ours = icefm_model::seg::conv3x3(x.as_tensor(), k.as_tensor(), bias.as_tensor()).unwrap();
+    // PyTorch's layout through candle's conv2d: NCHW, weight [O, C, 3, 3], padding 1.
+    let theirs = x
+        .as_tensor()
+        .permute((0, 3, 1, 2))
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .conv2d(k.as_tensor(), 1, 1, 1, 1)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .broadcast_add(bias.as_tensor())
+        .unwrap();
+    assert!(max_rel(&ours, &theirs) < 1e-12);
+    // A corner pixel by hand: only the kernel's lower-right 2 × 2 taps see the image.
+    let (xv, kv, bv) = (
+        values(x.as_tensor()),
+        values(k.as_tensor()),
+        values(bias.as_tensor()),
+    );
+    let mut want = bv[1];
+    for ci in 0..c {
+        for (dy, dx) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            let px = ((dy - 1) * w + (dx - 1)) * c + ci;
+            want += kv[((c + ci) * 3 + dy) * 3 + dx] * xv[px]; // output channel 1
+        }
+    }
+    assert!((values(&ours)[1] - want).abs() < 1e-12);
+    let g1 = (ours * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g2 = (theirs * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &k, &bias] {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert!(max_rel(a, b) < 1e-12, "{:?}", v.dims());
+    }
+}
+
+#[test]
+fn the_loss_is_mse_on_sic_and_cross_entropy_elsewhere_over_labelled_pixels() {
+    let dev = Device::Cpu;
+    let cfg = micro(HeadKind::Fcn, SicLoss::Mse);
+    let sic = Tensor::from_vec(vec![1f32, 2.0, 3.0, 4.0], (1, 2, 2, 1), &dev).unwrap();
+    let logits: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.0).collect();
+    let sod = Tensor::from_vec(logits.clone(), (1, 2, 2, 6), &dev).unwrap();
+    let floe = Tensor::zeros((1, 2, 2, 7), DType::F32, &dev).unwrap();
+    // [B = 1, 3, 2, 2]: SIC 0, ignored, 3, 10; SOD 5, 0, ignored, 2; FLOE all ignored.
+    let mut lab = vec![0u8, IGNORE, 3, 10, 5, 0, IGNORE, 2];
+    lab.extend([IGNORE; 4]);
+    let outs = vec![
+        (Task::Sic, sic),
+        (Task::Sod, sod.clone()),
+        (Task::Floe, floe),
+    ];
+    let loss = seg_loss(&outs, &lab, &cfg).unwrap();
+    let mse = (1.0 + 0.0 + 36.0) / 3.0;
+    let ce = [(0usize, 5usize), (1, 0), (3, 2)]
+        .iter()
+        .map(|&(px, class)| {
+            let row: Vec<f64> = logits[px * 6..][..6]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+            lse - row[class]
+        })
+        .sum::<f64>()
+        / 3.0;
+    let parts: Vec<(Task, f64, usize)> = loss
+        .parts
+        .iter()
+        .map(|&(t, v, n)| (t, f64::from(v), n))
+        .collect();
+    assert_eq!(parts[0].0, Task::Sic);
+    assert!((parts[0].1 - mse).abs() < 1e-5 && parts[0].2 == 3);
+    assert!((parts[1].1 - ce).abs() < 1e-5 && parts[1].2 == 3);
+    assert_eq!((parts[2].1, parts[2].2), (0.0, 0));
+    let total = f64::from(loss.total.to_scalar::<f32>().unwrap());
+    assert!((total - (mse + 3.0 * ce)).abs() < 1e-4, "{total}");
+    // A class beyond the task's is an error naming it.
+    lab[4] = 6;
+    let outs = vec![(Task::Sod, sod)];
+    let err = seg_loss(&outs, &lab, &cfg).unwrap_err().to_string();
+    assert!(err.contains("SOD label 6"), "{err}");
+}
+
 fn max_abs(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()))
