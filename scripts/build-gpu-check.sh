@@ -27,10 +27,18 @@ if [ ! -d .gpu/store ]; then
     cargo run --release -q -- ingest .gpu/scenes --store .gpu/store --levels 80,160 --patch 64
     rm -rf .gpu/scenes
 fi
+# A store of 384-px patches for the end-to-end training benchmark.
+if [ ! -d .gpu/store384 ]; then
+    unset CARGO_TARGET_DIR
+    rm -rf .gpu/scenes
+    cargo run --release -q -- synth --out .gpu/scenes --count 2 --kind rtt --size 1536x1536
+    cargo run --release -q -- ingest .gpu/scenes --store .gpu/store384 --levels 80 --patch 384
+    rm -rf .gpu/scenes
+fi
 for b in .gpu/gpu_check .gpu/cuda_tests; do
     if ldd "$b" | grep -q netcdf; then echo "$b links netCDF: it would not run there" >&2; exit 1; fi
 done
 # One compressed bundle (the candle kernels' PTX makes the binaries large; it packs about 6:1).
-tar -C .gpu -cf - gpu_check cuda_tests store | xz -T0 -6 >.gpu/bundle.tar.xz
+tar -C .gpu -cf - gpu_check cuda_tests store store384 | xz -T0 -6 >.gpu/bundle.tar.xz
 du -sh .gpu/*
 echo "carry .gpu/bundle.tar.xz; on the GPU machine: scripts/gpu-check.sh"

@@ -5,7 +5,9 @@
 #      GPU against the CPU, the fused AdamW against the composed one), then a resumed training
 #      run on the GPU against an uninterrupted one;
 #   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm with its kernels,
-#      icefm with candle's compositions, and PyTorch eager (+ SDPA) in the same run;
+#      icefm without the flash attention forward, icefm with candle's compositions, and
+#      PyTorch eager (+ SDPA) in the same run; end-to-end training from a store with
+#      page-locked and with pageable uploads; a ViT-B/16 + UPerNet fine-tuning step (b16);
 #   3. each kernel against the candle composition it replaces, and its bandwidth against the
 #      measured copy bandwidth;
 #   4. one table, last.
@@ -33,10 +35,14 @@ phase() { # name, limit in seconds, command...
 phase tests 150 .gpu/cuda_tests --test-threads=1
 grep -E "^test result" "$out/tests.log" | sed 's/^/# /' >>"$log"
 phase resume 60 .gpu/gpu_check resume --store .gpu/store
-phase kernels 90 .gpu/gpu_check kernels
+phase kernels 150 .gpu/gpu_check kernels
 phase step 90 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 10 --warmup 3
+phase step_noflash 60 env ICEFM_FLASH=0 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_composed 60 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2 --composed
 phase profile 60 .gpu/gpu_check profile
+phase train 120 .gpu/gpu_check train --store .gpu/store384 --steps 12
+phase train_pageable 120 env ICEFM_UPLOAD=pageable .gpu/gpu_check train --store .gpu/store384 --steps 12
+phase seg 90 .gpu/gpu_check seg --preset base --size 384 --batch 16 --precision bf16 --steps 8 --warmup 2
 phase torch 90 $py scripts/torch_mae_bench.py --device cuda --preset base --size 384 --batch 64 --mask 0.75 --dtype bf16 --steps 10 --warmup 3 --json "$out/torch.json"
 if [ -f "$out/torch.json" ]; then
     $py -c 'import json,sys; r=json.load(open(sys.argv[1])); r["kind"]="step"; r["impl"]="pytorch-eager"; print(json.dumps(r))' "$out/torch.json" >>"$log"
@@ -70,6 +76,10 @@ if steps:
         print(f"| {s['impl']} | {s.get('ms_per_step', 0):.1f} | {s['images_per_s']:.1f}{ratio} | {tf if tf is None else round(tf, 1)} | {peak if peak is None else round(peak, 2)} |")
         if "forward_ms" in s:
             print(f"|   (forward / backward / AdamW, ms) | {s['forward_ms']} / {s['backward_ms']} / {s['optimizer_ms']} | | | |")
+for s in (r for r in rows if r["kind"] == "train"):
+    print(f"training from the store (ViT-B/16 MAE, 384 px, b{s['batch']}, bf16, {s['upload']} uploads): {s['images_per_s']:.1f} img/s over steps 3-{s['steps']}, {s['wall_s']:.0f} s in all")
+for s in (r for r in rows if r["kind"] == "seg_step"):
+    print(f"\nfine-tuning step, {s['impl']}, {s['size']} px, b{s['batch']}, {s['precision']}: {s['ms_per_step']:.1f} ms/step, {s['images_per_s']:.1f} img/s, peak {s['peak_mem_gib']:.2f} GiB, loss falls: {s['loss_falls']}; forward+loss / backward / AdamW {s.get('forward_ms')} / {s.get('backward_ms')} / {s.get('optimizer_ms')} ms")
 ks = [r for r in rows if r["kind"] in ("kernel", "copy")]
 if ks:
     print("\n| kernel | shape | fused ms | candle ms | speed-up | GB/s | of copy |\n|---|---|---|---|---|---|---|")
@@ -77,7 +87,7 @@ if ks:
         if k["kind"] == "copy":
             print(f"| driver copy (2 GiB) | | | | | {k['gb_per_s']} | 1.00 |")
         else:
-            print(f"| {k['name']} | {k['shape']} | {k['fused_ms']} | {k['composed_ms']} | {k['speedup']} | {k['gb_per_s']} | {k['of_copy']} |")
+            print(f"| {k['name']} | {k['shape']} | {k['fused_ms']} | {k['composed_ms']} | {k['speedup']} | {k['gb_per_s'] or '–'} | {k['of_copy'] or '–'} |")
 ps = [r for r in rows if r["kind"] == "profile"]
 if ps:
     print("\n| piece (ViT-B MAE, b64, bf16) | forward ms | forward+backward ms |\n|---|---|---|")

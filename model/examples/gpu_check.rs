@@ -9,6 +9,8 @@
 //! gpu_check kernels
 //! gpu_check resume --store STORE
 //! gpu_check profile
+//! gpu_check train --store STORE [--steps 12] [--batch 64]   (ICEFM_UPLOAD=pageable to compare)
+//! gpu_check seg [--preset base] [--size 384] [--batch 16] [--precision bf16] [--steps 8]
 //! gpu_check profile-blocks      (under ncu --profile-from-start off)
 //! ```
 
@@ -21,9 +23,11 @@ use icefm_model::config::TrainConfig;
 use icefm_model::fused::{self, LayerNormGradWB, LayerNormGradX};
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
+use icefm_model::seg::{HeadKind, SegConfig, SegModel, SicLoss, seg_loss};
 use icefm_model::train::{RunOptions, init_weights, named_vars, train_mae};
 use icefm_model::vit::VitConfig;
 use icefm_model::{cuda, ops};
+use icefm_schemas::Task;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -57,7 +61,7 @@ fn time_ms(dev: &Device, warm: usize, n: usize, mut f: impl FnMut() -> Res<()>) 
 }
 
 fn step_bench(args: &[String]) -> Res<()> {
-    let dev = Device::new_cuda(0)?;
+    let dev = cuda::device(0)?;
     let cd = dev.as_cuda_device()?.clone();
     let preset: String = arg(args, "--preset", "base".to_string());
     let px: usize = arg(args, "--size", 384);
@@ -109,32 +113,35 @@ fn step_bench(args: &[String]) -> Res<()> {
     let s = t.elapsed().as_secs_f64() / steps as f64;
     let peak = cuda::pool_peak(&cd)?;
     // Where a step's time goes: three more steps, synchronised after each phase.
-    let mut phase = [0f64; 3];
-    for i in 0..3u64 {
+    let phase = phase_ms(&dev, 3, &just_vars, &mut opt, |i| {
         let mut r = Rng::new(7, 1000 + i);
         let noise: Vec<Vec<f32>> = (0..batch)
             .map(|_| (0..n).map(|_| r.unit() as f32).collect())
             .collect();
         let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-        let t0 = Instant::now();
-        let out = mae.forward(&images, &valid, &masking, None)?;
-        out.loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let grads = out.loss.backward()?;
-        let (_, scale) = clip_scale(&grads, just_vars.iter(), 3.0)?;
-        dev.synchronize()?;
-        let t2 = Instant::now();
-        opt.step(&grads, 1e-4, scale)?;
-        dev.synchronize()?;
-        let t3 = Instant::now();
-        phase[0] += (t1 - t0).as_secs_f64() * 1e3 / 3.0;
-        phase[1] += (t2 - t1).as_secs_f64() * 1e3 / 3.0;
-        phase[2] += (t3 - t2).as_secs_f64() * 1e3 / 3.0;
-    }
+        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
+    })?;
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
-    println!(
-        "{{\"kind\":\"step\",\"impl\":\"icefm{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
+    // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
+    // accumulation (vendor/README.md), cudarc's event tracking, no flash attention.
+    let label = format!(
+        "icefm{}{}{}{}",
         if composed { "-composed" } else { "" },
+        if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
+            "-zerofill"
+        } else {
+            ""
+        },
+        if cuda::event_tracking_requested() {
+            "-tracking"
+        } else {
+            ""
+        },
+        if fused::flash() { "" } else { "-noflash" }
+    );
+    println!(
+        "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
+        label,
         s * 1e3,
         batch as f64 / s,
         flops / s / 1e12,
@@ -147,17 +154,148 @@ fn step_bench(args: &[String]) -> Res<()> {
     Ok(())
 }
 
+/// One kernel's line; `bytes` 0 for a compute-bound one (no bandwidth figure).
+/// Mean milliseconds of a training step's phases over `reps` steps, the device synchronised
+/// after each: `forward(i)` (to the loss), backward with clipping, and the AdamW update.
+fn phase_ms(
+    dev: &Device,
+    reps: u64,
+    vars: &[Var],
+    opt: &mut AdamW,
+    mut forward: impl FnMut(u64) -> Res<Tensor>,
+) -> Res<[f64; 3]> {
+    let mut phase = [0f64; 3];
+    for i in 0..reps {
+        let t0 = Instant::now();
+        let loss = forward(i)?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let (_, scale) = clip_scale(&grads, vars.iter(), 3.0)?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4, scale)?;
+        dev.synchronize()?;
+        let t3 = Instant::now();
+        for (p, (a, b)) in phase.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+            *p += (b - a).as_secs_f64() * 1e3 / reps as f64;
+        }
+    }
+    Ok(phase)
+}
+
+/// A fine-tuning step on the GPU: SAR-IceFM's ViT-B/16 + UPerNet (512 channels), three tasks
+/// (SIC as MSE, SOD and FLOE cross-entropy, weights 1, 3, 3), AdamW, on one random batch with
+/// random labels (a tenth ignored). Prints the step's time, peak memory and the losses (which
+/// must fall on a repeated batch).
+fn seg_bench(args: &[String]) -> Res<()> {
+    let dev = cuda::device(0)?;
+    let cd = dev.as_cuda_device()?.clone();
+    let preset: String = arg(args, "--preset", "base".to_string());
+    let px: usize = arg(args, "--size", 384);
+    let batch: usize = arg(args, "--batch", 16);
+    let steps: usize = arg(args, "--steps", 8);
+    let warmup: usize = arg(args, "--warmup", 2);
+    let precision: String = arg(args, "--precision", "bf16".to_string());
+    let encoder = VitConfig::preset(&preset).ok_or("preset")?;
+    let cfg = SegConfig {
+        layers: SegConfig::default_layers(encoder.depth),
+        encoder,
+        head: HeadKind::UperNet,
+        channels: 512,
+        tasks: vec![Task::Sic, Task::Sod, Task::Floe],
+        sic_loss: SicLoss::Mse,
+        task_weights: [1.0, 3.0, 3.0],
+    };
+    let varmap = VarMap::new();
+    let mut model = SegModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    if precision == "bf16" {
+        model.compute_dtype = DType::BF16;
+    }
+    init_weights(&varmap, 0)?;
+    let vars = named_vars(&varmap);
+    let just_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    let images = random(&[batch, 2, px, px], 1, &dev, DType::F32)?;
+    let mut r = Rng::new(3, 0);
+    let plane = px * px;
+    let labels: Vec<u8> = (0..batch * 3 * plane)
+        .map(|i| {
+            let classes = [11u64, 6, 7][(i / plane) % 3];
+            if r.unit() < 0.1 {
+                255
+            } else {
+                (r.below(classes)) as u8
+            }
+        })
+        .collect();
+    let mut losses = Vec::new();
+    let mut step = || -> Res<f32> {
+        let outs = model.forward(&images, None)?;
+        let loss = seg_loss(&outs, &labels, &cfg)?;
+        let value = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let grads = loss.total.backward()?;
+        let (_, scale) = clip_scale(&grads, just_vars.iter(), 3.0)?;
+        opt.step(&grads, 1e-4, scale)?;
+        Ok(value)
+    };
+    for _ in 0..warmup {
+        losses.push(step()?);
+    }
+    dev.synchronize()?;
+    cuda::pool_peak_reset(&cd)?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        losses.push(step()?);
+    }
+    dev.synchronize()?;
+    let s = t.elapsed().as_secs_f64() / steps as f64;
+    let peak = cuda::pool_peak(&cd)?;
+    // Where a step's time goes: two more steps, synchronised after each phase.
+    let phase = phase_ms(&dev, 2, &just_vars, &mut opt, |_| {
+        let outs = model.forward(&images, None)?;
+        Ok(seg_loss(&outs, &labels, &cfg)?.total)
+    })?;
+    let ok = losses.iter().all(|l| l.is_finite()) && losses.last() < losses.first();
+    println!(
+        "{{\"kind\":\"seg_step\",\"impl\":\"icefm ViT-{preset}/16 + UPerNet\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"loss_falls\":{ok},\"losses\":{losses:?}}}",
+        s * 1e3,
+        batch as f64 / s,
+        peak as f64 / (1u64 << 30) as f64,
+        phase[0],
+        phase[1],
+        phase[2],
+    );
+    if !ok {
+        return Err("the fine-tuning loss did not fall on a repeated batch".into());
+    }
+    Ok(())
+}
+
 fn kernel_line(name: &str, shape: &str, bytes: f64, fused_ms: f64, composed_ms: f64, copy: f64) {
     let gbs = bytes / (fused_ms * 1e-3) / 1e9;
+    let (gbs, of) = if bytes > 0.0 {
+        (format!("{gbs:.0}"), format!("{:.2}", gbs / copy))
+    } else {
+        ("null".into(), "null".into())
+    };
     println!(
-        "{{\"kind\":\"kernel\",\"name\":\"{name}\",\"shape\":\"{shape}\",\"fused_ms\":{fused_ms:.4},\"composed_ms\":{composed_ms:.4},\"speedup\":{:.2},\"gb_per_s\":{gbs:.0},\"copy_gb_per_s\":{copy:.0},\"of_copy\":{:.2}}}",
+        "{{\"kind\":\"kernel\",\"name\":\"{name}\",\"shape\":\"{shape}\",\"fused_ms\":{fused_ms:.4},\"composed_ms\":{composed_ms:.4},\"speedup\":{:.2},\"gb_per_s\":{gbs},\"copy_gb_per_s\":{copy:.0},\"of_copy\":{of}}}",
         composed_ms / fused_ms,
-        gbs / copy
     );
 }
 
+/// Milliseconds of `f` with icefm's fused ops, then with candle's compositions.
+fn fused_vs_composed(dev: &Device, mut f: impl FnMut() -> Res<()>) -> Res<(f64, f64)> {
+    let fused_ms = time_ms(dev, 3, 20, &mut f)?;
+    fused::set_fused(false);
+    let composed = time_ms(dev, 2, 10, &mut f);
+    fused::set_fused(true);
+    Ok((fused_ms, composed?))
+}
+
 fn kernels_bench() -> Res<()> {
-    let dev = Device::new_cuda(0)?;
+    let dev = cuda::device(0)?;
     // Copy bandwidth: the driver's device-to-device copy of 2 GiB, bytes read + written.
     let copy = cuda::copy_bandwidth(dev.as_cuda_device()?, 1 << 31, 10)?;
     println!("{{\"kind\":\"copy\",\"gib\":2,\"gb_per_s\":{copy:.0}}}");
@@ -250,6 +388,169 @@ fn kernels_bench() -> Res<()> {
         })?;
         kernel_line("softmax bwd", &shape, 3.0 * (el * 2) as f64, f, c, copy);
     }
+    // The MLP's pieces in a ViT-B encoder block, forward + backward, fused vs candle's.
+    let (rows, d) = (64 * 145, 3072usize);
+    let x = random(&[rows, d], 10, &dev, DType::BF16)?;
+    let dy = random(&[rows, d], 11, &dev, DType::BF16)?;
+    let bias = random(&[d], 12, &dev, DType::F32)?;
+    let el = (rows * d) as f64;
+    let xv = Var::from_tensor(&x)?;
+    let bv = Var::from_tensor(&bias)?;
+    let shape = format!("{rows}x{d} bf16 (MLP)");
+    // Forward reads x and writes y; backward reads dy (the gradient passes through) and sums
+    // its columns: 3 bf16 passes.
+    let (f, c) = fused_vs_composed(&dev, || {
+        let y = fused::bias_add(xv.as_tensor(), bv.as_tensor())?;
+        (y * &dy)?.backward()?;
+        Ok(())
+    })?;
+    kernel_line("bias add fwd+bwd", &shape, 3.0 * el * 2.0, f, c, copy);
+    // Forward reads x, writes y; backward reads x and dy, writes dx: 5 passes.
+    let (f, c) = fused_vs_composed(&dev, || {
+        let y = fused::gelu(xv.as_tensor())?;
+        (y * &dy)?.backward()?;
+        Ok(())
+    })?;
+    kernel_line("gelu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, copy);
+    // The attention core (head split, q·kᵀ, softmax, ·v, head merge), forward + backward: one
+    // autograd node against candle's autograd through its operations. Compute-bound: no
+    // bandwidth figure.
+    for (n, heads, dim, what) in [
+        (145usize, 12usize, 768usize, "encoder"),
+        (577, 16, 512, "decoder"),
+    ] {
+        let qkv = random(&[64, n, 3 * dim], 13, &dev, DType::BF16)?;
+        let dy = random(&[64, n, dim], 14, &dev, DType::BF16)?;
+        let qv = Var::from_tensor(&qkv)?;
+        let (f, c) = fused_vs_composed(&dev, || {
+            let y = fused::attention(qv.as_tensor(), heads)?;
+            (y * &dy)?.backward()?;
+            Ok(())
+        })?;
+        kernel_line(
+            "attention core fwd+bwd",
+            &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),
+            0.0,
+            f,
+            c,
+            copy,
+        );
+    }
+    // The attention core's forward: the flash kernel against the materialised scores (split
+    // heads, q·kᵀ, softmax, ·v, merge) it replaces.
+    for (n, heads, dim, what) in [
+        (145usize, 12usize, 768usize, "encoder"),
+        (577, 16, 512, "decoder"),
+    ] {
+        let qkv = random(&[64, n, 3 * dim], 22, &dev, DType::BF16)?;
+        let f = time_ms(&dev, 3, 20, || {
+            fused::attention(&qkv, heads)?;
+            Ok(())
+        })?;
+        fused::set_flash(false);
+        let c = time_ms(&dev, 3, 20, || {
+            fused::attention(&qkv, heads)?;
+            Ok(())
+        });
+        fused::set_flash(true);
+        kernel_line(
+            "flash attention fwd (vs materialised)",
+            &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),
+            0.0,
+            f,
+            c?,
+            copy,
+        );
+    }
+    // MAE's masked norm-pix loss, forward + backward: pred, target, weight [64, 432, 512] f32
+    // (432 masked patches of 16 x 16 x 2 values). Forward reads three tensors; backward reads
+    // three and writes the gradient.
+    let shape_v = [64usize, 432, 512];
+    let el = shape_v.iter().product::<usize>() as f64;
+    let pred = Var::from_tensor(&random(&shape_v, 15, &dev, DType::F32)?)?;
+    let target = random(&shape_v, 16, &dev, DType::F32)?;
+    let weight = random(&shape_v, 17, &dev, DType::F32)?
+        .ge(-0.8)?
+        .to_dtype(DType::F32)?;
+    let (f, c) = fused_vs_composed(&dev, || {
+        let (loss, _) = fused::masked_norm_pix_loss(pred.as_tensor(), &target, &weight)?;
+        loss.backward()?;
+        Ok(())
+    })?;
+    kernel_line(
+        "norm-pix loss fwd+bwd",
+        &format!("{shape_v:?} f32"),
+        7.0 * el * 4.0,
+        f,
+        c,
+        copy,
+    );
+    // Masking: the 144 kept tokens of 576 per sample, [64, 576, 768] bf16, forward (gather) and
+    // backward (rows written back, zeros elsewhere).
+    let (b, n, d, k) = (64usize, 576usize, 768usize, 144usize);
+    let xv = Var::from_tensor(&random(&[b, n, d], 18, &dev, DType::BF16)?)?;
+    let dy = random(&[b, k, d], 19, &dev, DType::BF16)?;
+    let mut r = Rng::new(20, 0);
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            let noise: Vec<f32> = (0..n).map(|_| r.unit() as f32).collect();
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.sort_by(|&i, &j| noise[i as usize].total_cmp(&noise[j as usize]));
+            order.truncate(k);
+            order
+        })
+        .collect();
+    let (f, c) = fused_vs_composed(&dev, || {
+        let y = fused::gather_tokens(xv.as_tensor(), &ids)?;
+        (y * &dy)?.backward()?;
+        Ok(())
+    })?;
+    // Gather reads and writes K rows; scatter reads K rows and writes all N.
+    kernel_line(
+        "token gather fwd+bwd",
+        &format!("[{b}, {n}, {d}] bf16, keep {k}"),
+        ((3 * k + n) * b * d * 2) as f64,
+        f,
+        c,
+        copy,
+    );
+    // Batch preparation: raw windows [64, 2, 384, 384] f32 → inputs and validity mask,
+    // flipped and turned, against the same op on the host (what the loader did before).
+    let (b, ch, px) = (64usize, 2usize, 384usize);
+    let mut r = Rng::new(21, 0);
+    let raw: Vec<f32> = (0..b * ch * px * px)
+        .map(|_| {
+            let u = r.unit() as f32;
+            if u < 0.01 { f32::NAN } else { u * 40.0 - 30.0 }
+        })
+        .collect();
+    let raw_cpu = Tensor::from_vec(raw, (b, ch, px, px), &Device::Cpu)?;
+    let raw_gpu = raw_cpu.to_device(&dev)?;
+    let transforms: Vec<icefm_dataset::Transform> = (0..b)
+        .map(|i| icefm_dataset::Transform {
+            transpose: i % 2 == 1,
+            flip_y: i % 4 >= 2,
+            flip_x: i % 8 >= 4,
+        })
+        .collect();
+    let (mean, inv_std) = ([-20.0f32, -25.0], [0.2f32, 0.25]);
+    let f = time_ms(&dev, 3, 20, || {
+        fused::normalise_augment(&raw_gpu, &mean, &inv_std, &transforms)?;
+        Ok(())
+    })?;
+    let c = time_ms(&Device::Cpu, 1, 3, || {
+        fused::normalise_augment(&raw_cpu, &mean, &inv_std, &transforms)?;
+        Ok(())
+    })?;
+    let el = (b * px * px) as f64;
+    kernel_line(
+        "batch preparation (vs host)",
+        &format!("[{b}, {ch}, {px}, {px}] f32"),
+        (2.0 + 3.0) * el * 4.0,
+        f,
+        c,
+        copy,
+    );
     // AdamW over ViT-B/16 MAE's parameters: fused (one launch) vs composed candle ops.
     let cfg = MaeConfig::new(VitConfig::preset("base").ok_or("preset")?);
     let varmap = VarMap::new();
@@ -288,7 +589,7 @@ fn resume_check(args: &[String]) -> Res<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let text = "[model]\npreset = \"tiny\"\ndepth = 2\n[mae]\ndecoder_dim = 64\ndecoder_depth = 1\ndecoder_heads = 4\n[data]\ncrop = 64\nbatch_size = 4\nlevels = \"\"\n[train]\nsteps = 4\nwarmup_steps = 1\ncheckpoint_every = 2\npanel_every = 0\nprecision = \"bf16\"\nlr = 1e-3\n";
     let cfg = TrainConfig::parse(text, &[])?;
-    let dev = Device::new_cuda(0)?;
+    let dev = cuda::device(0)?;
     let run = |out: &str, steps: u64, resume: bool| -> Res<Vec<f32>> {
         let mut c = cfg.clone();
         c.train.steps = steps;
@@ -319,10 +620,49 @@ fn resume_check(args: &[String]) -> Res<()> {
     Ok(())
 }
 
+/// End-to-end MAE training from a store on the GPU (`icefm train`'s loop: loader, uploads,
+/// step, metrics): ViT-B/16, 384 px, batch 64, bf16. Prints the mean images/s of the steps
+/// after the first two, and whether the uploads were page-locked and overlapped (the
+/// default) or pageable (`ICEFM_UPLOAD=pageable`).
+fn train_bench(args: &[String]) -> Res<()> {
+    let store: String = arg(args, "--store", String::new());
+    let steps: u64 = arg(args, "--steps", 12);
+    let batch: usize = arg(args, "--batch", 64);
+    let dir = std::env::temp_dir().join("icefm-gpu-train");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "[model]\npreset = \"base\"\n[data]\ncrop = 384\nbatch_size = {batch}\nlevels = \"\"\n[train]\nsteps = {steps}\nwarmup_steps = 1\ncheckpoint_every = 100000\npanel_every = 0\nprecision = \"bf16\"\n"
+    );
+    let cfg = TrainConfig::parse(&text, &[])?;
+    let opts = RunOptions {
+        store: store.into(),
+        out: dir.clone(),
+        resume: false,
+        device: cuda::device(0)?,
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let t = Instant::now();
+    let s = train_mae(&cfg, &opts, &stop, &|_| {})?;
+    let wall = t.elapsed().as_secs_f64();
+    let timed: Vec<f64> = s.records.iter().skip(2).map(|r| r.images_per_s).collect();
+    let mean = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+    let upload = if std::env::var("ICEFM_UPLOAD").is_ok_and(|v| v == "pageable") {
+        "pageable"
+    } else {
+        "pinned, overlapped"
+    };
+    println!(
+        "{{\"kind\":\"train\",\"upload\":\"{upload}\",\"batch\":{batch},\"steps\":{steps},\"images_per_s\":{mean:.1},\"wall_s\":{wall:.1},\"losses\":{:?}}}",
+        s.records.iter().map(|r| r.loss).collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// Forward and forward+backward times of the pieces of a ViT-B/16 MAE step at batch 64,
 /// 384 px, bf16: where a step's time goes.
 fn profile() -> Res<()> {
-    let dev = Device::new_cuda(0)?;
+    let dev = cuda::device(0)?;
     let bf = DType::BF16;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -459,7 +799,7 @@ fn profile() -> Res<()> {
 #[allow(unsafe_code)]
 fn profile_blocks() -> Res<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let dev = Device::new_cuda(0)?;
+    let dev = cuda::device(0)?;
     let bf = DType::BF16;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -495,7 +835,9 @@ fn main() -> Res<()> {
         Some("kernels") => kernels_bench(),
         Some("resume") => resume_check(&args),
         Some("profile") => profile(),
+        Some("seg") => seg_bench(&args),
+        Some("train") => train_bench(&args),
         Some("profile-blocks") => profile_blocks(),
-        _ => Err("usage: gpu_check step|kernels|resume [options]".into()),
+        _ => Err("usage: gpu_check step|kernels|resume|profile|seg|train [options]".into()),
     }
 }

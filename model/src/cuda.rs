@@ -583,6 +583,139 @@ extern "C" __global__ void normalise_augment(const float* raw, const float* prm,
         out[((long)b * (C + 1) + C) * plane + p] = ok;
     }
 }
+// Flash attention forward (icefm_model::fused::FlashAttention): bf16 in and out, f32
+// arithmetic on tensor cores (mma.sync m16n8k16, sm_80+). qkv [B, N, 3, H, HD] (the qkv
+// projection's layout: queries, keys, values, heads interleaved) → out [B, N, H·HD], heads
+// merged, softmax(q·kᵀ·scale)·v with no N × N matrix in memory. One block of 4 warps per 64
+// queries of one (sample, head); each warp keeps 16 queries' scores and outputs in registers
+// (online softmax in the log2 domain) while keys and values pass through shared memory 64 at
+// a time (values transposed); keys past N are masked, queries past N not written.
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+// Two consecutive bf16 values (an even element index: 4-byte aligned).
+__device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
+
+#define FA_KT 64
+template <int HD>
+__device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int N, int H,
+                                            float scale_log2) {
+    __shared__ unsigned ks[FA_KT][HD / 2 + 4];  // keys: rows, dims in pairs (padded: no bank conflicts)
+    __shared__ unsigned vt[HD][FA_KT / 2 + 4];  // values transposed: dims, keys in pairs
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long stride = 3L * H * HD;
+    const bf16_t* base = qkv + (long)b * N * stride;
+    const int r0 = blockIdx.x * 64 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qa[HD / 16][4];
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int c = h * HD + kk * 16 + t * 2;
+        qa[kk][0] = r0 < N ? ld_pair(base + r0 * stride + c) : 0u;
+        qa[kk][1] = r1 < N ? ld_pair(base + r1 * stride + c) : 0u;
+        qa[kk][2] = r0 < N ? ld_pair(base + r0 * stride + c + 8) : 0u;
+        qa[kk][3] = r1 < N ? ld_pair(base + r1 * stride + c + 8) : 0u;
+    }
+    float m0 = -__int_as_float(0x7f800000), m1 = m0, l0 = 0.f, l1 = 0.f;
+    float o[HD / 8][4];
+    for (int u = 0; u < HD / 8; ++u) o[u][0] = o[u][1] = o[u][2] = o[u][3] = 0.f;
+    for (int j0 = 0; j0 < N; j0 += FA_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
+            int key = i / (HD / 2), pr = i % (HD / 2);
+            int row = j0 + key;
+            ks[key][pr] = row < N ? ld_pair(base + row * stride + (H + h) * HD + pr * 2) : 0u;
+        }
+        for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
+            int kp = i / HD, dim = i % HD;
+            int row = j0 + kp * 2;
+            const bf16_t* v = base + (2 * H + h) * HD + dim;
+            unsigned lo = row < N ? v[row * stride] : 0u;
+            unsigned hi = row + 1 < N ? v[(row + 1) * stride] : 0u;
+            vt[dim][kp] = lo | (hi << 16);
+        }
+        __syncthreads();
+        float s[FA_KT / 8][4];
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            for (int kk = 0; kk < HD / 16; ++kk)
+                mma_bf16(s[nt], qa[kk], ks[nt * 8 + g][kk * 8 + t], ks[nt * 8 + g][kk * 8 + 4 + t]);
+        }
+        float mx0 = m0, mx1 = m1;
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            for (int e = 0; e < 4; ++e) {
+                int key = j0 + nt * 8 + t * 2 + (e & 1);
+                float v = key < N ? s[nt][e] * scale_log2 : -__int_as_float(0x7f800000);
+                s[nt][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+        float p0 = 0.f, p1 = 0.f;
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - m0);
+            s[nt][1] = exp2f(s[nt][1] - m0);
+            s[nt][2] = exp2f(s[nt][2] - m1);
+            s[nt][3] = exp2f(s[nt][3] - m1);
+            p0 += s[nt][0] + s[nt][1];
+            p1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + p0;
+        l1 = l1 * c1 + p1;
+        for (int u = 0; u < HD / 8; ++u) {
+            o[u][0] *= c0;
+            o[u][1] *= c0;
+            o[u][2] *= c1;
+            o[u][3] *= c1;
+        }
+        for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
+            unsigned pa[4] = {pack_bf16(s[2 * kstep][0], s[2 * kstep][1]),
+                              pack_bf16(s[2 * kstep][2], s[2 * kstep][3]),
+                              pack_bf16(s[2 * kstep + 1][0], s[2 * kstep + 1][1]),
+                              pack_bf16(s[2 * kstep + 1][2], s[2 * kstep + 1][3])};
+            for (int u = 0; u < HD / 8; ++u)
+                mma_bf16(o[u], pa, vt[u * 8 + g][kstep * 8 + t], vt[u * 8 + g][kstep * 8 + 4 + t]);
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.f / l0, i1 = 1.f / l1;
+    const long ostride = (long)H * HD;
+    for (int u = 0; u < HD / 8; ++u) {
+        int c = h * HD + u * 8 + t * 2;
+        if (r0 < N)
+            *(unsigned*)(out + ((long)b * N + r0) * ostride + c) = pack_bf16(o[u][0] * i0, o[u][1] * i0);
+        if (r1 < N)
+            *(unsigned*)(out + ((long)b * N + r1) * ostride + c) = pack_bf16(o[u][2] * i1, o[u][3] * i1);
+    }
+}
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_32(const bf16_t* qkv, bf16_t* out,
+        int N, int H, float scale_log2) {
+    flash_fwd_k<32>(qkv, out, N, H, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_64(const bf16_t* qkv, bf16_t* out,
+        int N, int H, float scale_log2) {
+    flash_fwd_k<64>(qkv, out, N, H, scale_log2);
+}
 "#;
 
 /// The PTX for this process's device, compiled once.
@@ -1548,4 +1681,165 @@ pub fn normalise_augment(
     // SAFETY: arguments match the kernel's signature; sizes were checked by the caller.
     unsafe { lb.launch(elem_cfg(b * n * n)) }.w()?;
     Ok(wrap(dev, CudaStorageSlice::F32(out)))
+}
+
+/// CUDA device `ordinal` as icefm uses it: candle's device with cudarc's per-launch event
+/// tracking turned off.
+///
+/// With tracking on (cudarc's default once a context has a stream of its own, as candle's
+/// does), every kernel launch records and waits on two events per buffer argument, host-side
+/// driver work that a step of thousands of small launches pays for nothing: candle queues all
+/// its work, and icefm all its kernels, on the device's one stream, in order. The one other
+/// stream icefm uses, [`Uploader`]'s, is ordered by explicit events. `ICEFM_CUDA_EVENT_TRACKING=1`
+/// leaves tracking on (for comparisons).
+pub fn device(ordinal: usize) -> Result<candle_core::Device> {
+    let dev = candle_core::Device::new_cuda(ordinal)?;
+    if !event_tracking_requested() {
+        // SAFETY: all of candle's and icefm's kernels run on the device's single stream, in
+        // order, so no buffer needs cross-stream events; the uploader's copy stream orders
+        // its buffers with its own events.
+        unsafe { dev.as_cuda_device()?.disable_event_tracking() };
+    }
+    Ok(dev)
+}
+
+/// Whether `ICEFM_CUDA_EVENT_TRACKING=1` asks [`device`] to leave cudarc's tracking on.
+pub fn event_tracking_requested() -> bool {
+    std::env::var("ICEFM_CUDA_EVENT_TRACKING").is_ok_and(|v| v == "1")
+}
+
+/// Host-to-device copies of training batches that overlap the step running on the device.
+///
+/// Each upload copies the host data into a page-locked buffer (a fast host copy), then queues
+/// the transfer on a stream of the uploader's own into a device staging buffer, and on the
+/// device's stream a wait for that transfer and a device-to-device copy into a fresh tensor.
+/// It returns at once: issued while a step is queued, the transfer runs beside the step's
+/// kernels. Two slots alternate, so the batch of step s + 1 is copied while step s still reads
+/// its own; a slot is reused only after the device's copy out of it (an event) and the
+/// transfer out of its page-locked buffer (cudarc's event on that buffer) are done.
+pub struct Uploader {
+    dev: CudaDevice,
+    copy: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    slots: [Option<Slot>; 2],
+    next: usize,
+}
+
+struct Slot {
+    pinned: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>,
+    staging: CudaSlice<f32>,
+    /// Recorded on the device's stream after its copy out of `staging`.
+    released: candle_core::cuda_backend::cudarc::driver::CudaEvent,
+}
+
+impl Uploader {
+    /// An uploader for `dev` (creates its copy stream).
+    pub fn new(dev: &CudaDevice) -> Result<Self> {
+        let copy = dev.cuda_stream().context().new_stream().w()?;
+        Ok(Self {
+            dev: dev.clone(),
+            copy,
+            slots: [None, None],
+            next: 0,
+        })
+    }
+
+    /// `data` as an f32 tensor of `shape` on the device; the copy is queued, not waited for
+    /// (work queued on the device afterwards sees the data).
+    pub fn upload(&mut self, data: &[f32], shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != data.len() {
+            candle_core::bail!(
+                "upload: {} values for shape {shape:?} ({} elements)",
+                data.len(),
+                shape.elem_count()
+            );
+        }
+        let n = data.len();
+        let compute = self.dev.cuda_stream();
+        let i = self.next;
+        self.next = 1 - i;
+        if self.slots[i].as_ref().is_none_or(|s| s.staging.len() != n) {
+            // A batch of another size (a short last batch): new buffers for this slot, after
+            // the old ones are out of use.
+            if let Some(old) = self.slots[i].take() {
+                old.released.synchronize().w()?;
+            }
+            let ctx = compute.context();
+            // SAFETY: both buffers are written (the host copy below, then the transfer)
+            // before anything reads them.
+            let pinned = unsafe { ctx.alloc_pinned::<f32>(n) }.w()?;
+            // SAFETY: as above.
+            let staging = unsafe { self.copy.alloc::<f32>(n) }.w()?;
+            let released = compute.record_event(None).w()?;
+            self.slots[i] = Some(Slot {
+                pinned,
+                staging,
+                released,
+            });
+        }
+        let Some(slot) = self.slots[i].as_mut() else {
+            candle_core::bail!("upload: slot {i} missing");
+        };
+        // Waits for this buffer's previous transfer (two uploads ago) before writing it.
+        slot.pinned.as_mut_slice().w()?.copy_from_slice(data);
+        // The staging buffer is free once the device has copied the previous batch out of it.
+        self.copy.wait(&slot.released).w()?;
+        self.copy.memcpy_htod(&slot.pinned, &mut slot.staging).w()?;
+        let copied = self.copy.record_event(None).w()?;
+        compute.wait(&copied).w()?;
+        // SAFETY: the copy below writes all `n` values before any use.
+        let mut out = unsafe { compute.alloc::<f32>(n) }.w()?;
+        compute.memcpy_dtod(&slot.staging, &mut out).w()?;
+        slot.released.record(&compute).w()?;
+        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
+        Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        // The slots' buffers are freed on the copy stream: let both streams finish with them.
+        let _ = self.dev.cuda_stream().synchronize();
+        let _ = self.copy.synchronize();
+    }
+}
+
+/// [`crate::fused::FlashAttention`] on the device: `qkv` bf16 `[B, N, 3·H·hd]` (contiguous, at an
+/// even element offset) → `[B, N, H·hd]` bf16. `hd` is 32 or 64.
+pub fn flash_attention(
+    s: &CudaStorage,
+    l: &Layout,
+    (b, n, heads, hd): (usize, usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let qkv = typed::<half::bf16>(s, l)?;
+    if !l.start_offset().is_multiple_of(2) || !matches!(hd, 32 | 64) {
+        candle_core::bail!("flash attention: head width {hd} or an odd offset");
+    }
+    let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg("too large".into()));
+    let (n_i, h_i) = (int(n)?, int(heads)?);
+    let scale_log2 = (hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
+    let f = func(dev, &format!("flash_fwd_{hd}"))?;
+    // SAFETY: every element is written: each (sample, head, query) by its warp.
+    let out = unsafe { dev.alloc::<half::bf16>(b * n * heads * hd)? };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            n.div_ceil(64) as u32,
+            heads as u32,
+            u32::try_from(b).map_err(|_| candle_core::Error::Msg("batch too large".into()))?,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&qkv).arg(&out).arg(&n_i).arg(&h_i).arg(&scale_log2);
+    // SAFETY: the arguments match the kernel's signature; `qkv` holds B·N·3·H·hd values.
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(wrap(dev, CudaStorageSlice::BF16(out)))
 }

@@ -28,9 +28,9 @@ use crate::metrics::{Evaluation, Scores};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, seg_loss};
 use crate::train::{
-    RunOptions, RunSummary, StepRecord, TrainError, batch_tensors, checkpoints, drop_draws,
-    end_step, init_weights, io_err, level_mix, load_checkpoint, named_vars, open_loader, open_run,
-    optimise, read_metrics, write_parquet,
+    Feeder, RunOptions, RunSummary, StepRecord, TrainError, checkpoints, drop_draws, end_step,
+    init_weights, io_err, level_mix, load_checkpoint, named_vars, open_loader, open_run, optimise,
+    read_metrics, write_parquet,
 };
 
 /// One validation pass.
@@ -532,21 +532,20 @@ pub fn train_seg(
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());
     let mut interrupted = false;
     let mut steps_run = 0;
-    let mut batches = loader.iter(start);
+    let mut feeder = Feeder::new(&loader, start, &dev)?;
     let trained_vars: Vec<Var> = trained.iter().map(|(_, v)| v.clone()).collect();
     for step in start..total {
         let t0 = Instant::now();
-        let batch = batches
-            .next()
-            .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
+        let batch = feeder.next()?;
         let b = batch.len();
-        let (images, _) = batch_tensors(&batch, &loader, &dev)?;
-        let labels = batch.labels.clone();
         let levels = level_mix(&batch.samples);
-        batches.recycle(batch);
         let keep = drop_draws(cfg.train.seed, step, scfg.encoder.depth, b);
-        let outs = model.forward(&images, Some(&keep))?;
-        let loss = seg_loss(&outs, &labels, &scfg)?;
+        let outs = model.forward(&batch.images, Some(&keep))?;
+        if step + 1 < total {
+            // The next batch's copy runs beside this step's queued work.
+            feeder.prefetch()?;
+        }
+        let loss = seg_loss(&outs, &batch.labels, &scfg)?;
         let value = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(TrainError::Setup(format!(

@@ -17,26 +17,50 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// 0: not yet read from the environment; 1: fused; 2: composed.
-static FUSED: AtomicU8 = AtomicU8::new(0);
+/// A process-wide switch, on unless its environment variable says `0`; settable.
+struct Switch {
+    /// 0: not yet read from the environment; 1: on; 2: off.
+    state: AtomicU8,
+    var: &'static str,
+}
+
+impl Switch {
+    const fn new(var: &'static str) -> Self {
+        Self {
+            state: AtomicU8::new(0),
+            var,
+        }
+    }
+
+    fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = std::env::var(self.var).map_or(true, |v| v != "0");
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
+static FUSED: Switch = Switch::new("ICEFM_FUSED");
+static FLASH: Switch = Switch::new("ICEFM_FLASH");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
 pub fn fused() -> bool {
-    match FUSED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("ICEFM_FUSED").map_or(true, |v| v != "0");
-            FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    FUSED.get()
 }
 
 /// Switch the fused ops on or off for the whole process.
 pub fn set_fused(on: bool) {
-    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    FUSED.set(on);
 }
 
 /// Layer norm over the last dimension, `(x − mean) / sqrt(var + eps) · weight + bias` (biased
@@ -901,8 +925,117 @@ pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
         return attention_forward(qkv, heads, false);
     }
     // A tensor of its own (the node's forward hands its storage on whole).
-    let out = attention_forward(&qkv.detach(), heads, true)?.contiguous()?;
+    let out = if flash_applies(qkv, heads) {
+        qkv.detach()
+            .contiguous()?
+            .apply_op1_no_bwd(&FlashAttention { heads })?
+    } else {
+        attention_forward(&qkv.detach(), heads, true)?.contiguous()?
+    };
     qkv.apply_op2(&out, AttentionNode { heads })
+}
+
+/// Whether [`attention`]'s forward pass may use the flash kernel (default; `ICEFM_FLASH=0`
+/// turns it off, for comparisons).
+pub fn flash() -> bool {
+    FLASH.get()
+}
+
+/// Switch the flash attention forward on or off for the whole process.
+pub fn set_flash(on: bool) {
+    FLASH.set(on);
+}
+
+/// Whether the flash kernel runs [`attention`]'s forward pass: bf16 on a GPU, heads 32 or 64
+/// wide (ViT-B/16's encoder and MAE decoder), and not switched off.
+fn flash_applies(qkv: &Tensor, heads: usize) -> bool {
+    let hd = qkv.dim(2).map_or(0, |d3| d3 / 3 / heads.max(1));
+    flash() && qkv.device().is_cuda() && qkv.dtype() == DType::BF16 && matches!(hd, 32 | 64)
+}
+
+/// The attention core's forward pass in one kernel, with no `[N, N]` matrix in memory:
+/// `qkv` `[B, N, 3·H·hd]` (queries, keys, values, heads interleaved) → `softmax(q·kᵀ/√hd)·v`
+/// `[B, N, H·hd]`, heads merged. On a GPU (bf16, hd 32 or 64) a flash-attention kernel on
+/// tensor cores ([`crate::cuda::flash_attention`]); on the CPU the same arithmetic in f64 per
+/// query, its reference. No backward of its own: [`attention`]'s node recomputes.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashAttention {
+    /// Attention heads.
+    pub heads: usize,
+}
+
+impl FlashAttention {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, n, d3) = l.shape().dims3()?;
+        let h = self.heads;
+        if h == 0 || d3 % (3 * h) != 0 {
+            candle_core::bail!("flash attention: width {d3} is not 3 × a multiple of {h} heads");
+        }
+        Ok((b, n, h, d3 / 3 / h))
+    }
+}
+
+impl CustomOp1 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "icefm-flash-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, n, h, hd) = self.dims(l)?;
+        fn go<T: WithDType>(
+            s: &CpuStorage,
+            l: &Layout,
+            (b, n, h, hd): (usize, usize, usize, usize),
+        ) -> Result<CpuStorage> {
+            let x = typed::<T>(s, l, "flash attention")?;
+            let (d, stride) = (h * hd, 3 * h * hd);
+            let scale = (hd as f64).powf(-0.5);
+            let mut out = vec![T::from_f64(0.0); b * n * d];
+            // One (sample, query) row of the output per task: every head of it.
+            out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+                let (bi, qi) = (row / n, row % n);
+                let tok = |j: usize| &x[(bi * n + j) * stride..][..stride];
+                let mut p = vec![0f64; n];
+                for head in 0..h {
+                    let q = &tok(qi)[head * hd..][..hd];
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        let k = &tok(j)[(h + head) * hd..][..hd];
+                        *pj = q
+                            .iter()
+                            .zip(k)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
+                            .sum::<f64>()
+                            * scale;
+                    }
+                    let m = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    p.iter_mut().for_each(|v| *v = (*v - m).exp());
+                    let z: f64 = p.iter().sum();
+                    for c in 0..hd {
+                        let acc: f64 = p
+                            .iter()
+                            .enumerate()
+                            .map(|(j, pj)| pj * tok(j)[(2 * h + head) * hd + c].to_f64())
+                            .sum();
+                        o[head * hd + c] = T::from_f64(acc / z);
+                    }
+                }
+            });
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let out = by_dtype!(s.dtype(), go(s, l, (b, n, h, hd)))?;
+        Ok((out, Shape::from((b, n, h * hd))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, n, h, hd) = self.dims(l)?;
+        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd))?;
+        Ok((out, Shape::from((b, n, h * hd))))
+    }
 }
 
 /// [`attention`] differentiated by candle's autograd through its operations (no graph node of

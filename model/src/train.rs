@@ -216,13 +216,13 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| format!("--device `{s}`: expected cpu, cuda or cuda:N"))?,
     };
-    if !cfg!(feature = "cuda") {
-        return Err(format!(
-            "--device {name}: this icefm was built without CUDA; build it with `--features cuda` \
-             (scripts/cuda-env.sh sets up the toolchain)"
-        ));
-    }
-    Device::new_cuda(ordinal).map_err(|e| format!("--device {name}: {e}"))
+    #[cfg(feature = "cuda")]
+    return crate::cuda::device(ordinal).map_err(|e| format!("--device {name}: {e}"));
+    #[cfg(not(feature = "cuda"))]
+    Err(format!(
+        "--device {name}: this icefm was built without CUDA ({ordinal}); build it with \
+         `--features cuda` (scripts/cuda-env.sh sets up the toolchain)"
+    ))
 }
 
 /// Train (or resume) an MAE as `cfg` says. `stop` is checked at every step boundary: when set,
@@ -282,19 +282,16 @@ pub fn train_mae(
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());
     let mut interrupted = false;
     let mut steps_run = 0;
-    let mut batches = loader.iter(start);
+    let mut feeder = Feeder::new(&loader, start, &dev)?;
     let p = mcfg.encoder.patch;
     let n_tokens = (cfg.data.crop as usize / p).pow(2);
     let vars_only: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     for step in start..total {
         let t0 = Instant::now();
-        let batch = batches
-            .next()
-            .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
+        let batch = feeder.next()?;
         let (b, c, n) = (batch.len(), batch.channels, batch.size);
-        let (images, valid) = batch_tensors(&batch, &loader, &dev)?;
+        let (images, valid) = (&batch.images, &batch.valid);
         let levels = level_mix(&batch.samples);
-        batches.recycle(batch);
         let noise: Vec<Vec<f32>> = (0..b)
             .map(|j| {
                 let mut r = Rng::new(cfg.train.seed ^ MASK_STREAM, step * b as u64 + j as u64);
@@ -303,7 +300,11 @@ pub fn train_mae(
             .collect();
         let masking = Masking::from_noise(&noise, mcfg.mask_ratio);
         let keep = drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b);
-        let out = mae.forward(&images, &valid, &masking, Some(&keep))?;
+        let out = mae.forward(images, valid, &masking, Some(&keep))?;
+        if step + 1 < total {
+            // The next batch's copy runs beside this step's queued work.
+            feeder.prefetch()?;
+        }
         let every = cfg.train.panel_every;
         if every > 0 && (step + 1) % every == 0 {
             let pred: Vec<Vec<Vec<f32>>> = out.pred.detach().to_vec3()?;
@@ -471,23 +472,118 @@ fn device_prepares(dev: &Device) -> bool {
     dev.is_cuda() && crate::fused::fused()
 }
 
-/// A batch's images `[B, C, n, n]` and validity `[B, n, n]` on `dev`: copied as the loader made
-/// them, or (a [`LoaderOptions::raw_inputs`] loader) as raw windows normalised and turned on
-/// the device.
-pub(crate) fn batch_tensors(
-    batch: &icefm_dataset::Batch,
-    loader: &Loader,
-    dev: &Device,
-) -> Result<(Tensor, Tensor), TrainError> {
-    let (b, c, n) = (batch.len(), batch.channels, batch.size);
-    let images = Tensor::from_slice(&batch.inputs, (b, c, n, n), dev)?;
-    if device_prepares(dev) {
-        let (mean, inv): (Vec<f32>, Vec<f32>) = loader.channel_norms().into_iter().unzip();
-        let tf: Vec<icefm_dataset::Transform> = batch.samples.iter().map(|s| s.transform).collect();
-        return Ok(normalise_augment(&images, &mean, &inv, &tf)?);
+/// A training batch on the device: images `[B, C, n, n]` and validity `[B, n, n]`, with the
+/// host-side facts the step needs.
+pub(crate) struct DeviceBatch {
+    pub images: Tensor,
+    pub valid: Tensor,
+    /// `u8 [B, 3, n, n]` (the loader's labels).
+    pub labels: Vec<u8>,
+    pub samples: Vec<icefm_dataset::SampleInfo>,
+    pub channels: usize,
+    pub size: usize,
+}
+
+impl DeviceBatch {
+    pub fn len(&self) -> usize {
+        self.samples.len()
     }
-    let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
-    Ok((images, Tensor::from_vec(valid, (b, n, n), dev)?))
+}
+
+/// A training loop's batches on its device, in the loader's order.
+///
+/// On the CPU a batch is made when [`Feeder::next`] asks for it. On a GPU (feature `cuda`),
+/// [`Feeder::prefetch`], called once a step's forward pass is queued, takes the next batch
+/// from the loader and starts its copy through page-locked buffers on a stream of its own
+/// ([`crate::cuda::Uploader`]), so that the copy runs beside the step; with icefm's kernels
+/// the loader ships raw windows, normalised and turned on the device ([`normalise_augment`]).
+/// `ICEFM_UPLOAD=pageable` copies from pageable memory when asked for (for comparisons).
+pub(crate) struct Feeder<'a> {
+    batches: icefm_dataset::Batches,
+    loader: &'a Loader,
+    dev: Device,
+    staged: Option<DeviceBatch>,
+    #[cfg(feature = "cuda")]
+    uploader: Option<crate::cuda::Uploader>,
+}
+
+impl<'a> Feeder<'a> {
+    /// Batches of `loader` from batch index `start`, for `dev`.
+    pub fn new(loader: &'a Loader, start: u64, dev: &Device) -> Result<Self, TrainError> {
+        #[cfg(feature = "cuda")]
+        let uploader = match dev {
+            Device::Cuda(cd) if !std::env::var("ICEFM_UPLOAD").is_ok_and(|v| v == "pageable") => {
+                Some(crate::cuda::Uploader::new(cd)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            batches: loader.iter(start),
+            loader,
+            dev: dev.clone(),
+            staged: None,
+            #[cfg(feature = "cuda")]
+            uploader,
+        })
+    }
+
+    /// The next batch: the one [`Feeder::prefetch`] started, or a new one.
+    pub fn next(&mut self) -> Result<DeviceBatch, TrainError> {
+        match self.staged.take() {
+            Some(b) => Ok(b),
+            None => self.fetch(),
+        }
+    }
+
+    /// Start the next batch's copy now (a GPU with page-locked uploads; elsewhere nothing, the
+    /// batch is made when asked for).
+    pub fn prefetch(&mut self) -> Result<(), TrainError> {
+        #[cfg(feature = "cuda")]
+        if self.uploader.is_some() && self.staged.is_none() {
+            self.staged = Some(self.fetch()?);
+        }
+        Ok(())
+    }
+
+    fn fetch(&mut self) -> Result<DeviceBatch, TrainError> {
+        let batch = self
+            .batches
+            .next()
+            .ok_or_else(|| TrainError::Setup("the loader stopped".into()))??;
+        let (b, c, n) = (batch.len(), batch.channels, batch.size);
+        let images = self.upload(&batch.inputs, (b, c, n, n))?;
+        let (images, valid) = if device_prepares(&self.dev) {
+            let (mean, inv): (Vec<f32>, Vec<f32>) = self.loader.channel_norms().into_iter().unzip();
+            let tf: Vec<icefm_dataset::Transform> =
+                batch.samples.iter().map(|s| s.transform).collect();
+            normalise_augment(&images, &mean, &inv, &tf)?
+        } else {
+            let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
+            (images, Tensor::from_vec(valid, (b, n, n), &self.dev)?)
+        };
+        let out = DeviceBatch {
+            images,
+            valid,
+            labels: batch.labels.clone(),
+            samples: batch.samples.clone(),
+            channels: c,
+            size: n,
+        };
+        self.batches.recycle(batch);
+        Ok(out)
+    }
+
+    fn upload(
+        &mut self,
+        data: &[f32],
+        shape: (usize, usize, usize, usize),
+    ) -> Result<Tensor, TrainError> {
+        #[cfg(feature = "cuda")]
+        if let Some(up) = self.uploader.as_mut() {
+            return Ok(up.upload(data, shape)?);
+        }
+        Ok(Tensor::from_slice(data, shape, &self.dev)?)
+    }
 }
 
 /// Stochastic-depth draws of step `step` for `depth` blocks and `b` samples (a function of the

@@ -1,8 +1,9 @@
 //! icefm's CUDA kernels against their CPU references (feature `cuda`; needs a GPU, so CI does
 //! not run these: scripts/gpu-check.sh does). Random seeded inputs; values and gradients of the
 //! fused layer norm and softmax (f32 and bf16), the fused AdamW step against the composed one,
-//! and a whole micro MAE's loss and gradients on the GPU against the CPU. Run them on one thread
-//! (`--test-threads=1`): the AdamW test switches fusion off and on for the whole process.
+//! a whole micro MAE's loss and gradients on the GPU against the CPU, and the page-locked
+//! uploader. Run them on one thread (`--test-threads=1`): the AdamW test switches fusion off
+//! and on for the whole process.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -18,7 +19,7 @@ mod common;
 use common::{max_rel, values as host};
 
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("a CUDA device")
+    icefm_model::cuda::device(0).expect("a CUDA device")
 }
 
 /// A seeded f32 tensor on the CPU.
@@ -448,4 +449,70 @@ fn the_device_batch_preparation_matches_the_cpu_reference() {
     assert_eq!(host(&gi), host(&ci));
     assert_eq!(host(&gv), host(&cv));
     assert!(host(&cv).contains(&0.0) && host(&cv).contains(&1.0));
+}
+
+#[test]
+fn the_uploader_delivers_every_batch_intact() {
+    let g = gpu();
+    let mut up = icefm_model::cuda::Uploader::new(g.as_cuda_device().unwrap()).unwrap();
+    // Two slots, reused; a short batch in between (new buffers for its slot); each tensor kept
+    // alive while later uploads reuse the slots, and work queued on each before the next.
+    let sizes = [6 * 1000, 6 * 1000, 6 * 1000, 6 * 500, 6 * 1000, 6 * 1000];
+    let mut kept = Vec::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        let data: Vec<f32> = host(&random(&[len], 200 + i as u64, 3.0))
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        let t = up.upload(&data, (len / 6, 6)).unwrap();
+        let doubled = (&t * 2.0).unwrap();
+        kept.push((data, t, doubled));
+    }
+    for (data, t, doubled) in &kept {
+        assert_eq!(t.dims(), &[data.len() / 6, 6]);
+        let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&got, data);
+        let twice: Vec<f32> = doubled.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(twice.iter().zip(data).all(|(a, b)| *a == 2.0 * b));
+    }
+    assert!(up.upload(&[1.0, 2.0, 3.0], (2, 2)).is_err());
+}
+
+#[test]
+fn the_flash_attention_kernel_matches_the_cpu_reference() {
+    let g = gpu();
+    // ViT-B/16's encoder (hd 64) and MAE decoder (hd 32) shapes, token counts off the tiles.
+    for (b, n, heads, hd, seed) in [(2, 145, 12, 64, 71), (3, 77, 16, 32, 72), (1, 5, 2, 64, 73)] {
+        let qkv = random(&[b, n, 3 * heads * hd], seed, 2.0)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let op = fused::FlashAttention { heads };
+        let cpu = qkv.apply_op1_no_bwd(&op).unwrap();
+        let gpu_out = qkv.to_device(&g).unwrap().apply_op1_no_bwd(&op).unwrap();
+        assert_eq!(gpu_out.dims(), cpu.dims());
+        let e = max_rel(&gpu_out, &cpu);
+        assert!(e < 1.5e-2, "n = {n}, hd = {hd}: {e}");
+        // The model's attention: flash forward against the materialised one, same backward.
+        let q = Var::from_tensor(&qkv.to_device(&g).unwrap()).unwrap();
+        let probe = random(&[b, n, heads * hd], seed + 10, 1.0)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&g)
+            .unwrap();
+        let mut outs = Vec::new();
+        for on in [true, false] {
+            fused::set_flash(on);
+            let y = fused::attention(q.as_tensor(), heads).unwrap();
+            let gr = (y.to_dtype(DType::F32).unwrap() * probe.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            outs.push((y, gr.get(q.as_tensor()).unwrap().clone()));
+        }
+        fused::set_flash(true);
+        assert!(max_rel(&outs[0].0, &outs[1].0) < 1.5e-2);
+        assert_eq!(host(&outs[0].1), host(&outs[1].1));
+    }
 }

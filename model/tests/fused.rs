@@ -215,6 +215,26 @@ fn the_attention_node_equals_the_composed_attention_with_gradients() {
 }
 
 #[test]
+fn the_flash_attention_reference_equals_the_composed_attention() {
+    // Token counts around and off the GPU kernel's 64-token tiles; any head width on the CPU.
+    for (b, n, heads, hd, seed) in [(2, 13, 3, 4, 61), (1, 70, 2, 8, 62)] {
+        let qkv = random(&[b, n, 3 * heads * hd], seed, 1.5, DType::F64);
+        let flash = qkv
+            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .unwrap();
+        let want = fused::attention_reference(&qkv, heads).unwrap();
+        assert_eq!(flash.dims(), &[b, n, heads * hd]);
+        assert!(max_rel(&flash, &want) < 1e-12, "n = {n}");
+    }
+    // A width that is not 3 × heads is an error.
+    let qkv = random(&[1, 4, 10], 63, 1.0, DType::F32);
+    assert!(
+        qkv.apply_op1_no_bwd(&fused::FlashAttention { heads: 2 })
+            .is_err()
+    );
+}
+
+#[test]
 fn the_fused_norm_pix_loss_equals_the_composition_with_gradients() {
     let (b, n, p) = (3usize, 7usize, 20usize);
     for dtype in [DType::F64, DType::F32] {
