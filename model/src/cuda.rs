@@ -716,6 +716,56 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_64(const bf16_t* qkv
         int N, int H, float scale_log2) {
     flash_fwd_k<64>(qkv, out, N, H, scale_log2);
 }
+// 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
+// cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
+// and its adjoint: each input value the sum of the nine places it was copied to. One thread
+// per output value (grid-stride), consecutive threads on consecutive channels.
+template <typename T>
+__device__ void im2col3_k(const T* x, T* cols, int B, int H, int W, int C) {
+    long total = (long)B * H * W * 9 * C;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        int c = (int)(i % C);
+        long r = i / C;
+        int tap = (int)(r % 9);
+        long p = r / 9;
+        int px = (int)(p % W), py = (int)((p / W) % H);
+        long b = p / ((long)W * H);
+        int sy = py + tap / 3 - 1, sx = px + tap % 3 - 1;
+        float v = (sy >= 0 && sy < H && sx >= 0 && sx < W) ? ld(x, ((b * H + sy) * W + sx) * C + c) : 0.f;
+        st(cols, i, v);
+    }
+}
+template <typename T>
+__device__ void col2im3_k(const T* g, T* dx, int B, int H, int W, int C) {
+    long total = (long)B * H * W * C;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        int c = (int)(i % C);
+        long p = i / C;
+        int px = (int)(p % W), py = (int)((p / W) % H);
+        long b = p / ((long)W * H);
+        float acc = 0.f;
+        for (int tap = 0; tap < 9; ++tap) {
+            int ty = py - tap / 3 + 1, tx = px - tap % 3 + 1;
+            if (ty >= 0 && ty < H && tx >= 0 && tx < W)
+                acc += ld(g, (((b * H + ty) * W + tx) * 9 + tap) * C + c);
+        }
+        st(dx, i, acc);
+    }
+}
+extern "C" __global__ void im2col3_f32(const float* x, float* y, int B, int H, int W, int C) {
+    im2col3_k<float>(x, y, B, H, W, C);
+}
+extern "C" __global__ void im2col3_bf16(const bf16_t* x, bf16_t* y, int B, int H, int W, int C) {
+    im2col3_k<bf16_t>(x, y, B, H, W, C);
+}
+extern "C" __global__ void col2im3_f32(const float* g, float* y, int B, int H, int W, int C) {
+    col2im3_k<float>(g, y, B, H, W, C);
+}
+extern "C" __global__ void col2im3_bf16(const bf16_t* g, bf16_t* y, int B, int H, int W, int C) {
+    col2im3_k<bf16_t>(g, y, B, H, W, C);
+}
 "#;
 
 /// The PTX for this process's device, compiled once.
@@ -1842,4 +1892,46 @@ pub fn flash_attention(
     // SAFETY: the arguments match the kernel's signature; `qkv` holds B·N·3·H·hd values.
     unsafe { lb.launch(cfg) }.w()?;
     Ok(wrap(dev, CudaStorageSlice::BF16(out)))
+}
+
+/// [`crate::seg::Im2col3`] on the device (`adjoint` false: `[B, H, W, C]` → `[B, H, W, 9·C]`)
+/// and its backward (`adjoint` true: `[B, H, W, 9·C]` → `[B, H, W, C]`); `(b, h, w, c)` are the
+/// map's dimensions.
+pub fn im2col3(
+    s: &CudaStorage,
+    l: &Layout,
+    (b, h, w, c): (usize, usize, usize, usize),
+    adjoint: bool,
+) -> Result<CudaStorage> {
+    fn go<T: Elem>(
+        s: &CudaStorage,
+        l: &Layout,
+        (b, h, w, c): (usize, usize, usize, usize),
+        adjoint: bool,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s.device;
+        let x = typed::<T>(s, l)?;
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| candle_core::Error::Msg("map too large".into()))
+        };
+        let dims = (int(b)?, int(h)?, int(w)?, int(c)?);
+        let n = b * h * w * c * if adjoint { 1 } else { 9 };
+        let name = if adjoint { "col2im3" } else { "im2col3" };
+        let f = func(dev, &format!("{name}_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x)
+            .arg(&y)
+            .arg(&dims.0)
+            .arg(&dims.1)
+            .arg(&dims.2)
+            .arg(&dims.3);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(elem_cfg(n)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s, go(s, l, (b, h, w, c), adjoint))?;
+    Ok(wrap(&s.device, slice))
 }

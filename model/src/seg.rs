@@ -15,9 +15,10 @@
 //! Variables: `encoder.*` (the names of MAE checkpoints and imported SAR-IceFM encoders, so
 //! `--init` maps one to one), `neck.*`, `heads.{sic,sod,floe}.*`.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 use icefm_schemas::{IGNORE, Task};
+use rayon::prelude::*;
 
 use crate::fused::{bias_add, gelu};
 use crate::vit::{Linear, Norm, Vit, VitConfig};
@@ -210,32 +211,144 @@ impl Conv3 {
 
 /// A 3 × 3 convolution, stride 1, zero padding 1, on a channels-last map `x` `[B, H, W, C]`
 /// with PyTorch's weight layout `[C_out, C, 3, 3]` and bias `[C_out]` (cast to `x`'s dtype):
-/// the nine shifted copies of `x` side by side (`[B, H, W, 9·C]`, im2col), then one matrix
-/// product. Candle's `conv2d` computes the same, but its backward (a transposed convolution,
-/// and a convolution with the whole map as its kernel) is orders of magnitude slower on a GPU.
+/// the nine shifted copies of `x` side by side ([`Im2col3`]), then one matrix product.
+/// Candle's `conv2d` computes the same, but its backward (a transposed convolution, and a
+/// convolution with the whole map as its kernel) is orders of magnitude slower on a GPU.
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     let (out, inp, kh, kw) = weight.dims4()?;
     if (inp, kh, kw) != (c, 3, 3) {
         candle_core::bail!("conv3x3: weight {:?} for {c} input channels", weight.dims());
     }
-    let dt = x.dtype();
-    let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let mut cols = Vec::with_capacity(9);
-    for dy in 0..3 {
-        for dx in 0..3 {
-            cols.push(xp.narrow(1, dy, h)?.narrow(2, dx, w)?);
-        }
-    }
-    let cols = Tensor::cat(&cols, 3)?.reshape((b * h * w, 9 * c))?;
+    let cols = x
+        .contiguous()?
+        .apply_op1(Im2col3 { adjoint: false })?
+        .reshape((b * h * w, 9 * c))?;
     // [C_out, C, 3, 3] → [3, 3, C, C_out] → [9·C, C_out]: row (dy·3 + dx)·C + c.
     let k = weight
-        .to_dtype(dt)?
+        .to_dtype(x.dtype())?
         .permute((2, 3, 1, 0))?
         .contiguous()?
         .reshape((9 * c, out))?;
     let y = cols.matmul(&k)?.reshape((b, h, w, out))?;
     bias_add(&y, bias)
+}
+
+/// 3 × 3 im2col of a channels-last map with zero padding 1: `[B, H, W, C]` → `[B, H, W, 9·C]`,
+/// value `(dy·3 + dx)·C + c` of pixel `(y, x)` = `x[y + dy − 1, x + dx − 1, c]` (0 outside the
+/// map), in one pass; its backward is the adjoint (`adjoint: true`: `[B, H, W, 9·C]` →
+/// `[B, H, W, C]`, each pixel the sum of its nine copies' gradients). CPU (rayon over pixels)
+/// and CUDA ([`crate::cuda::im2col3`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Im2col3 {
+    /// The backward direction.
+    pub adjoint: bool,
+}
+
+impl Im2col3 {
+    /// The map's `(B, H, W, C)` from the input's layout.
+    fn map(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, h, w, c) = l.shape().dims4()?;
+        if self.adjoint {
+            if c % 9 != 0 {
+                candle_core::bail!("col2im: {c} channels are not 9 × C");
+            }
+            return Ok((b, h, w, c / 9));
+        }
+        Ok((b, h, w, c))
+    }
+
+    fn out_shape(&self, (b, h, w, c): (usize, usize, usize, usize)) -> Shape {
+        Shape::from((b, h, w, if self.adjoint { c } else { 9 * c }))
+    }
+}
+
+impl CustomOp1 for Im2col3 {
+    fn name(&self) -> &'static str {
+        "icefm-im2col3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = self.map(l)?;
+        let (a, z) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("im2col needs a contiguous map".into()))?;
+        fn go<T: WithDType>(
+            x: &[T],
+            (b, h, w, c): (usize, usize, usize, usize),
+            adjoint: bool,
+        ) -> CpuStorage {
+            let pixel = |p: usize| (p / (h * w), (p / w) % h, p % w);
+            let inside =
+                |y: isize, x: isize| y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w;
+            let mut out = vec![T::zero(); b * h * w * if adjoint { c } else { 9 * c }];
+            if adjoint {
+                out.par_chunks_mut(c).enumerate().for_each(|(p, o)| {
+                    let (bi, y, xx) = pixel(p);
+                    let mut acc = vec![0f64; c];
+                    for tap in 0..9 {
+                        let ty = y as isize - (tap / 3) as isize + 1;
+                        let tx = xx as isize - (tap % 3) as isize + 1;
+                        if inside(ty, tx) {
+                            let src = (((bi * h + ty as usize) * w + tx as usize) * 9 + tap) * c;
+                            for (a, gv) in acc.iter_mut().zip(&x[src..src + c]) {
+                                *a += gv.to_f64();
+                            }
+                        }
+                    }
+                    for (ov, a) in o.iter_mut().zip(acc) {
+                        *ov = T::from_f64(a);
+                    }
+                });
+            } else {
+                out.par_chunks_mut(9 * c).enumerate().for_each(|(p, o)| {
+                    let (bi, y, xx) = pixel(p);
+                    for (tap, ot) in o.chunks_mut(c).enumerate() {
+                        let sy = y as isize + (tap / 3) as isize - 1;
+                        let sx = xx as isize + (tap % 3) as isize - 1;
+                        if inside(sy, sx) {
+                            let src = ((bi * h + sy as usize) * w + sx as usize) * c;
+                            ot.copy_from_slice(&x[src..src + c]);
+                        }
+                    }
+                });
+            }
+            T::to_cpu_storage_owned(out)
+        }
+        let dims = (b, h, w, c);
+        let out = match s {
+            CpuStorage::F32(v) => go(&v[a..z], dims, self.adjoint),
+            CpuStorage::F64(v) => go(&v[a..z], dims, self.adjoint),
+            CpuStorage::BF16(v) => go(&v[a..z], dims, self.adjoint),
+            CpuStorage::F16(v) => go(&v[a..z], dims, self.adjoint),
+            _ => candle_core::bail!(
+                "im2col: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(s)
+            ),
+        };
+        Ok((out, self.out_shape(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.map(l)?;
+        let out = crate::cuda::im2col3(s, l, dims, self.adjoint)?;
+        Ok((out, self.out_shape(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if self.adjoint {
+            candle_core::bail!("col2im has no backward (second derivatives are not used)");
+        }
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&Im2col3 { adjoint: true })?,
+        ))
+    }
 }
 
 /// A convolution (1 × 1 or 3 × 3), a layer norm over channels and a ReLU: mmsegmentation's

@@ -516,3 +516,24 @@ fn the_flash_attention_kernel_matches_the_cpu_reference() {
         assert_eq!(host(&outs[0].1), host(&outs[1].1));
     }
 }
+
+#[test]
+fn the_im2col_kernels_match_the_cpu() {
+    use icefm_model::seg::Im2col3;
+    let g = gpu();
+    for dt in [DType::F32, DType::BF16] {
+        let x = random(&[2, 5, 7, 6], 81, 2.0).to_dtype(dt).unwrap();
+        let fwd = Im2col3 { adjoint: false };
+        let cpu = x.apply_op1_no_bwd(&fwd).unwrap();
+        let gpu_cols = x.to_device(&g).unwrap().apply_op1_no_bwd(&fwd).unwrap();
+        assert_eq!(gpu_cols.dims(), &[2, 5, 7, 54]);
+        assert_eq!(host(&gpu_cols), host(&cpu));
+        let gr = random(&[2, 5, 7, 54], 82, 1.0).to_dtype(dt).unwrap();
+        let adj = Im2col3 { adjoint: true };
+        let cpu = gr.apply_op1_no_bwd(&adj).unwrap();
+        let gpu_dx = gr.to_device(&g).unwrap().apply_op1_no_bwd(&adj).unwrap();
+        assert_eq!(gpu_dx.dims(), &[2, 5, 7, 6]);
+        let tol = if dt == DType::BF16 { 1e-2 } else { 1e-6 };
+        assert!(max_rel(&gpu_dx, &cpu) < tol, "{dt:?}");
+    }
+}

@@ -298,6 +298,33 @@ fn the_3x3_convolution_equals_candles_conv2d_with_its_gradients() {
 }
 
 #[test]
+fn im2col_places_each_neighbour_and_its_adjoint_sums_them_back() {
+    use icefm_model::seg::Im2col3;
+    // A 3 × 4 map, 2 channels: value = 100·y + 10·x + c.
+    let (h, w, c) = (3usize, 4usize, 2usize);
+    let v: Vec<f64> = (0..h * w * c)
+        .map(|i| (100 * (i / (w * c)) + 10 * ((i / c) % w) + i % c) as f64)
+        .collect();
+    let x = Tensor::from_vec(v, (1, h, w, c), &Device::Cpu).unwrap();
+    let cols = values(&x.apply_op1_no_bwd(&Im2col3 { adjoint: false }).unwrap());
+    let at = |y: usize, xx: usize, tap: usize, ch: usize| cols[((y * w + xx) * 9 + tap) * c + ch];
+    // Pixel (1, 2): tap (dy, dx) reads (y + dy − 1, x + dx − 1).
+    assert_eq!(at(1, 2, 0, 1), 11.0);
+    assert_eq!(at(1, 2, 4, 0), 120.0);
+    assert_eq!(at(1, 2, 8, 1), 231.0);
+    // The corner (0, 0) sees zeros above and left.
+    assert_eq!(at(0, 0, 0, 0), 0.0);
+    assert_eq!(at(0, 0, 2, 0), 0.0);
+    assert_eq!(at(0, 0, 8, 1), 111.0);
+    // Adjoint of ones: each pixel counts the neighbourhoods it is in (4 in a corner, 9 inside).
+    let ones = Tensor::ones((1, h, w, 9 * c), DType::F64, &Device::Cpu).unwrap();
+    let back = values(&ones.apply_op1_no_bwd(&Im2col3 { adjoint: true }).unwrap());
+    assert_eq!(back[0], 4.0);
+    assert_eq!(back[(w + 1) * c], 9.0);
+    assert_eq!(back[c], 6.0);
+}
+
+#[test]
 fn the_loss_is_mse_on_sic_and_cross_entropy_elsewhere_over_labelled_pixels() {
     let dev = Device::Cpu;
     let cfg = micro(HeadKind::Fcn, SicLoss::Mse);
