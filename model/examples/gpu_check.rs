@@ -123,9 +123,10 @@ fn step_bench(args: &[String]) -> Res<()> {
     })?;
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
-    // accumulation (vendor/README.md), cudarc's event tracking, no flash attention.
+    // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
+    // backward (off by default until it has run on a GPU).
     let label = format!(
-        "icefm{}{}{}{}",
+        "icefm{}{}{}{}{}",
         if composed { "-composed" } else { "" },
         if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
             "-zerofill"
@@ -137,7 +138,8 @@ fn step_bench(args: &[String]) -> Res<()> {
         } else {
             ""
         },
-        if fused::flash() { "" } else { "-noflash" }
+        if fused::flash() { "" } else { "-noflash" },
+        if fused::flash_bwd() { "-flashbwd" } else { "" }
     );
     println!(
         "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
@@ -438,6 +440,7 @@ fn kernels_bench() -> Res<()> {
     }
     // The attention core's forward: the flash kernel against the materialised scores (split
     // heads, q·kᵀ, softmax, ·v, merge) it replaces.
+    let flash_bwd_env = fused::flash_bwd();
     for (n, heads, dim, what) in [
         (145usize, 12usize, 768usize, "encoder"),
         (577, 16, 512, "decoder"),
@@ -453,6 +456,27 @@ fn kernels_bench() -> Res<()> {
             Ok(())
         });
         fused::set_flash(true);
+        // The node's backward: the two flash kernels against the materialised recompute.
+        let qv = Var::from_tensor(&qkv)?;
+        let dy = random(&[64, n, dim], 23, &dev, DType::BF16)?;
+        let mut bwd = [0f64; 2];
+        for (i, on) in [true, false].into_iter().enumerate() {
+            fused::set_flash_bwd(on);
+            bwd[i] = time_ms(&dev, 2, 10, || {
+                let y = fused::attention(qv.as_tensor(), heads)?;
+                (y * &dy)?.backward()?;
+                Ok(())
+            })?;
+        }
+        fused::set_flash_bwd(flash_bwd_env);
+        kernel_line(
+            "attention node fwd+bwd: flash bwd (vs materialised)",
+            &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),
+            0.0,
+            bwd[0],
+            bwd[1],
+            copy,
+        );
         kernel_line(
             "flash attention fwd (vs materialised)",
             &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),

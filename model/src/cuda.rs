@@ -716,6 +716,265 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_64(const bf16_t* qkv
         int N, int H, float scale_log2) {
     flash_fwd_k<64>(qkv, out, N, H, scale_log2);
 }
+// Flash attention backward (icefm_model::fused::FlashAttentionGrad): from qkv, the forward's
+// output O and its gradient dO ([B, N, H·HD], bf16) to dqkv in qkv's own layout, with no N × N
+// matrix in memory and no atomics, in two kernels on the forward's tiling:
+//   flash_bwd_dq: per 64 queries (4 warps × 16 in registers): a first pass over the keys for
+//     each query's log-sum-exp (log2 domain; written for the second kernel with D = Σ dO·O),
+//     a second for dP = dO·vᵀ, dS = P ∘ (dP − D) and dq = scale · dS·k;
+//   flash_bwd_dkv: per 64 keys (4 warps × 16 in registers), over all queries: Pᵀ from the
+//     saved log-sum-exp, dv = Pᵀ·dO, dPᵀ = v·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D), dk = scale · dSᵀ·q.
+// Products on tensor cores (bf16 operands, f32 accumulators) with the C-to-A register reuse of
+// the forward; the operands that enter as B go through shared memory, row-major when their
+// pairs run along the head width and transposed when they run along the tokens.
+__device__ __forceinline__ float2 unpack_bf16(unsigned u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+
+template <int HD>
+__device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* o, const bf16_t* dout,
+        bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
+    __shared__ unsigned ks[FA_KT][HD / 2 + 4];  // keys: rows, dims in pairs
+    __shared__ unsigned vs[FA_KT][HD / 2 + 4];  // values: rows, dims in pairs
+    __shared__ unsigned kt[HD][FA_KT / 2 + 4];  // keys transposed: dims, keys in pairs
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long stride = 3L * H * HD, ostride = (long)H * HD;
+    const bf16_t* base = qkv + (long)b * N * stride;
+    const bf16_t* obase = o + (long)b * N * ostride + h * HD;
+    const bf16_t* gbase = dout + (long)b * N * ostride + h * HD;
+    const int r0 = blockIdx.x * 64 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qa[HD / 16][4], da[HD / 16][4];
+    float d0 = 0.f, d1 = 0.f;
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int c = kk * 16 + t * 2;
+        for (int half = 0; half < 2; ++half) {
+            int cc = c + 8 * half;
+            qa[kk][2 * half] = r0 < N ? ld_pair(base + r0 * stride + h * HD + cc) : 0u;
+            qa[kk][2 * half + 1] = r1 < N ? ld_pair(base + r1 * stride + h * HD + cc) : 0u;
+            da[kk][2 * half] = r0 < N ? ld_pair(gbase + r0 * ostride + cc) : 0u;
+            da[kk][2 * half + 1] = r1 < N ? ld_pair(gbase + r1 * ostride + cc) : 0u;
+            float2 o0 = unpack_bf16(r0 < N ? ld_pair(obase + r0 * ostride + cc) : 0u);
+            float2 o1 = unpack_bf16(r1 < N ? ld_pair(obase + r1 * ostride + cc) : 0u);
+            float2 g0 = unpack_bf16(da[kk][2 * half]), g1 = unpack_bf16(da[kk][2 * half + 1]);
+            d0 += o0.x * g0.x + o0.y * g0.y;
+            d1 += o1.x * g1.x + o1.y * g1.y;
+        }
+    }
+    d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+    d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+    d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+    d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+    // Pass 1: each query's log-sum-exp of its scaled scores (log2 domain).
+    float m0 = -__int_as_float(0x7f800000), m1 = m0, l0 = 0.f, l1 = 0.f;
+    for (int j0 = 0; j0 < N; j0 += FA_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
+            int key = i / (HD / 2), pr = i % (HD / 2);
+            int row = j0 + key;
+            ks[key][pr] = row < N ? ld_pair(base + row * stride + (H + h) * HD + pr * 2) : 0u;
+        }
+        __syncthreads();
+        float s[FA_KT / 8][4];
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            for (int kk = 0; kk < HD / 16; ++kk)
+                mma_bf16(s[nt], qa[kk], ks[nt * 8 + g][kk * 8 + t], ks[nt * 8 + g][kk * 8 + 4 + t]);
+        }
+        float mx0 = m0, mx1 = m1;
+        for (int nt = 0; nt < FA_KT / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                int key = j0 + nt * 8 + t * 2 + (e & 1);
+                float v = key < N ? s[nt][e] * scale_log2 : -__int_as_float(0x7f800000);
+                s[nt][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float p0 = 0.f, p1 = 0.f;
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            p0 += exp2f(s[nt][0] - mx0) + exp2f(s[nt][1] - mx0);
+            p1 += exp2f(s[nt][2] - mx1) + exp2f(s[nt][3] - mx1);
+        }
+        l0 = l0 * exp2f(m0 - mx0) + p0;
+        l1 = l1 * exp2f(m1 - mx1) + p1;
+        m0 = mx0;
+        m1 = mx1;
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float lse0 = m0 + log2f(l0), lse1 = m1 + log2f(l1);
+    const long row_at = ((long)b * H + h) * N;
+    if (t == 0) {
+        if (r0 < N) { lse[row_at + r0] = lse0; dvec[row_at + r0] = d0; }
+        if (r1 < N) { lse[row_at + r1] = lse1; dvec[row_at + r1] = d1; }
+    }
+    // Pass 2: dq = scale · Σ_keys P ∘ (dO·vᵀ − D) · k.
+    float dq[HD / 8][4];
+    for (int u = 0; u < HD / 8; ++u) dq[u][0] = dq[u][1] = dq[u][2] = dq[u][3] = 0.f;
+    for (int j0 = 0; j0 < N; j0 += FA_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
+            int key = i / (HD / 2), pr = i % (HD / 2);
+            int row = j0 + key;
+            ks[key][pr] = row < N ? ld_pair(base + row * stride + (H + h) * HD + pr * 2) : 0u;
+            vs[key][pr] = row < N ? ld_pair(base + row * stride + (2 * H + h) * HD + pr * 2) : 0u;
+        }
+        for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
+            int kp = i / HD, dim = i % HD;
+            int row = j0 + kp * 2;
+            const bf16_t* k = base + (H + h) * HD + dim;
+            unsigned lo = row < N ? k[row * stride] : 0u;
+            unsigned hi = row + 1 < N ? k[(row + 1) * stride] : 0u;
+            kt[dim][kp] = lo | (hi << 16);
+        }
+        __syncthreads();
+        float s[FA_KT / 8][4], dp[FA_KT / 8][4];
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                mma_bf16(s[nt], qa[kk], ks[nt * 8 + g][kk * 8 + t], ks[nt * 8 + g][kk * 8 + 4 + t]);
+                mma_bf16(dp[nt], da[kk], vs[nt * 8 + g][kk * 8 + t], vs[nt * 8 + g][kk * 8 + 4 + t]);
+            }
+            for (int e = 0; e < 4; ++e) {
+                int key = j0 + nt * 8 + t * 2 + (e & 1);
+                float p = key < N ? exp2f(s[nt][e] * scale_log2 - (e < 2 ? lse0 : lse1)) : 0.f;
+                s[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));  // dS
+            }
+        }
+        for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
+            unsigned sa[4] = {pack_bf16(s[2 * kstep][0], s[2 * kstep][1]),
+                              pack_bf16(s[2 * kstep][2], s[2 * kstep][3]),
+                              pack_bf16(s[2 * kstep + 1][0], s[2 * kstep + 1][1]),
+                              pack_bf16(s[2 * kstep + 1][2], s[2 * kstep + 1][3])};
+            for (int u = 0; u < HD / 8; ++u)
+                mma_bf16(dq[u], sa, kt[u * 8 + g][kstep * 8 + t], kt[u * 8 + g][kstep * 8 + 4 + t]);
+        }
+    }
+    bf16_t* dbase = dqkv + (long)b * N * stride + h * HD;
+    for (int u = 0; u < HD / 8; ++u) {
+        int c = u * 8 + t * 2;
+        if (r0 < N) *(unsigned*)(dbase + r0 * stride + c) = pack_bf16(dq[u][0] * scale, dq[u][1] * scale);
+        if (r1 < N) *(unsigned*)(dbase + r1 * stride + c) = pack_bf16(dq[u][2] * scale, dq[u][3] * scale);
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t* dout,
+        const float* lse, const float* dvec, bf16_t* dqkv, int N, int H, float scale_log2,
+        float scale) {
+    __shared__ unsigned qs[FA_KT][HD / 2 + 4];  // queries: rows, dims in pairs
+    __shared__ unsigned qt[HD][FA_KT / 2 + 4];  // queries transposed
+    __shared__ unsigned gs[FA_KT][HD / 2 + 4];  // dO: rows, dims in pairs
+    __shared__ unsigned gt[HD][FA_KT / 2 + 4];  // dO transposed
+    __shared__ float ls[FA_KT], dl[FA_KT];
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long stride = 3L * H * HD, ostride = (long)H * HD;
+    const bf16_t* base = qkv + (long)b * N * stride;
+    const bf16_t* gbase = dout + (long)b * N * ostride + h * HD;
+    const long row_at = ((long)b * H + h) * N;
+    const int k0 = blockIdx.x * 64 + warp * 16 + g, k1 = k0 + 8;
+    unsigned ka[HD / 16][4], va[HD / 16][4];
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int c = kk * 16 + t * 2;
+        for (int half = 0; half < 2; ++half) {
+            int cc = c + 8 * half;
+            ka[kk][2 * half] = k0 < N ? ld_pair(base + k0 * stride + (H + h) * HD + cc) : 0u;
+            ka[kk][2 * half + 1] = k1 < N ? ld_pair(base + k1 * stride + (H + h) * HD + cc) : 0u;
+            va[kk][2 * half] = k0 < N ? ld_pair(base + k0 * stride + (2 * H + h) * HD + cc) : 0u;
+            va[kk][2 * half + 1] = k1 < N ? ld_pair(base + k1 * stride + (2 * H + h) * HD + cc) : 0u;
+        }
+    }
+    float dk[HD / 8][4], dv[HD / 8][4];
+    for (int u = 0; u < HD / 8; ++u)
+        for (int e = 0; e < 4; ++e) dk[u][e] = dv[u][e] = 0.f;
+    for (int q0 = 0; q0 < N; q0 += FA_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
+            int q = i / (HD / 2), pr = i % (HD / 2);
+            int row = q0 + q;
+            qs[q][pr] = row < N ? ld_pair(base + row * stride + h * HD + pr * 2) : 0u;
+            gs[q][pr] = row < N ? ld_pair(gbase + row * ostride + pr * 2) : 0u;
+        }
+        for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
+            int qp = i / HD, dim = i % HD;
+            int row = q0 + qp * 2;
+            const bf16_t* q = base + h * HD + dim;
+            const bf16_t* gq = gbase + dim;
+            unsigned lo = row < N ? q[row * stride] : 0u;
+            unsigned hi = row + 1 < N ? q[(row + 1) * stride] : 0u;
+            qt[dim][qp] = lo | (hi << 16);
+            lo = row < N ? gq[row * ostride] : 0u;
+            hi = row + 1 < N ? gq[(row + 1) * ostride] : 0u;
+            gt[dim][qp] = lo | (hi << 16);
+        }
+        for (int i = threadIdx.x; i < FA_KT; i += blockDim.x) {
+            bool ok = q0 + i < N;
+            ls[i] = ok ? lse[row_at + q0 + i] : __int_as_float(0x7f800000);
+            dl[i] = ok ? dvec[row_at + q0 + i] : 0.f;
+        }
+        __syncthreads();
+        float p[FA_KT / 8][4], ds[FA_KT / 8][4];
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.f;
+            ds[nt][0] = ds[nt][1] = ds[nt][2] = ds[nt][3] = 0.f;
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                mma_bf16(p[nt], ka[kk], qs[nt * 8 + g][kk * 8 + t], qs[nt * 8 + g][kk * 8 + 4 + t]);
+                mma_bf16(ds[nt], va[kk], gs[nt * 8 + g][kk * 8 + t], gs[nt * 8 + g][kk * 8 + 4 + t]);
+            }
+            for (int e = 0; e < 4; ++e) {
+                int q = nt * 8 + t * 2 + (e & 1);
+                p[nt][e] = exp2f(p[nt][e] * scale_log2 - ls[q]);  // Pᵀ; 0 past N (ls = inf)
+                ds[nt][e] = p[nt][e] * (ds[nt][e] - dl[q]);       // dSᵀ
+            }
+        }
+        for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
+            unsigned pa[4] = {pack_bf16(p[2 * kstep][0], p[2 * kstep][1]),
+                              pack_bf16(p[2 * kstep][2], p[2 * kstep][3]),
+                              pack_bf16(p[2 * kstep + 1][0], p[2 * kstep + 1][1]),
+                              pack_bf16(p[2 * kstep + 1][2], p[2 * kstep + 1][3])};
+            unsigned sa[4] = {pack_bf16(ds[2 * kstep][0], ds[2 * kstep][1]),
+                              pack_bf16(ds[2 * kstep][2], ds[2 * kstep][3]),
+                              pack_bf16(ds[2 * kstep + 1][0], ds[2 * kstep + 1][1]),
+                              pack_bf16(ds[2 * kstep + 1][2], ds[2 * kstep + 1][3])};
+            for (int u = 0; u < HD / 8; ++u) {
+                mma_bf16(dv[u], pa, gt[u * 8 + g][kstep * 8 + t], gt[u * 8 + g][kstep * 8 + 4 + t]);
+                mma_bf16(dk[u], sa, qt[u * 8 + g][kstep * 8 + t], qt[u * 8 + g][kstep * 8 + 4 + t]);
+            }
+        }
+    }
+    bf16_t* dbase = dqkv + (long)b * N * stride;
+    for (int u = 0; u < HD / 8; ++u) {
+        int c = u * 8 + t * 2;
+        if (k0 < N) {
+            *(unsigned*)(dbase + k0 * stride + (H + h) * HD + c) = pack_bf16(dk[u][0] * scale, dk[u][1] * scale);
+            *(unsigned*)(dbase + k0 * stride + (2 * H + h) * HD + c) = pack_bf16(dv[u][0], dv[u][1]);
+        }
+        if (k1 < N) {
+            *(unsigned*)(dbase + k1 * stride + (H + h) * HD + c) = pack_bf16(dk[u][2] * scale, dk[u][3] * scale);
+            *(unsigned*)(dbase + k1 * stride + (2 * H + h) * HD + c) = pack_bf16(dv[u][2], dv[u][3]);
+        }
+    }
+}
+#define FLASH_BWD(HD)                                                                         \
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_##HD(const bf16_t* qkv,        \
+        const bf16_t* o, const bf16_t* dout, bf16_t* dqkv, float* lse, float* dvec, int N,    \
+        int H, float scale_log2, float scale) {                                               \
+    flash_bwd_dq_k<HD>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }             \
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv_##HD(const bf16_t* qkv,       \
+        const bf16_t* dout, const float* lse, const float* dvec, bf16_t* dqkv, int N, int H,  \
+        float scale_log2, float scale) {                                                      \
+    flash_bwd_dkv_k<HD>(qkv, dout, lse, dvec, dqkv, N, H, scale_log2, scale); }
+FLASH_BWD(32)
+FLASH_BWD(64)
 // 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
 // cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
 // and its adjoint: each input value the sum of the nine places it was copied to. One thread
@@ -1934,4 +2193,76 @@ pub fn im2col3(
     }
     let slice = with_elem!(s, go(s, l, (b, h, w, c), adjoint))?;
     Ok(wrap(&s.device, slice))
+}
+
+/// [`crate::fused::FlashAttentionGrad`] on the device: `qkv` `[B, N, 3·H·hd]`, the forward's
+/// output `o` and its gradient `dout` `[B, N, H·hd]`, all bf16 contiguous at even offsets →
+/// `dqkv` in `qkv`'s layout. `hd` is 32 or 64.
+pub fn flash_attention_bwd(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    (b, n, heads, hd): (usize, usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let qkv = typed::<half::bf16>(s1, l1)?;
+    let o = typed::<half::bf16>(s2, l2)?;
+    let dout = typed::<half::bf16>(s3, l3)?;
+    if [l1, l2, l3]
+        .iter()
+        .any(|l| !l.start_offset().is_multiple_of(2))
+        || !matches!(hd, 32 | 64)
+    {
+        candle_core::bail!("flash attention backward: head width {hd} or an odd offset");
+    }
+    let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg("too large".into()));
+    let (n_i, h_i) = (int(n)?, int(heads)?);
+    let scale = (hd as f32).powf(-0.5);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let rows = b * heads * n;
+    // SAFETY: every element is written: the q slots by the first kernel, k and v by the
+    // second; the log-sum-exp and D of each (sample, head, query) by the first.
+    let dqkv = unsafe { dev.alloc::<half::bf16>(b * n * 3 * heads * hd)? };
+    // SAFETY: as above.
+    let lse = unsafe { dev.alloc::<f32>(rows)? };
+    // SAFETY: as above.
+    let dvec = unsafe { dev.alloc::<f32>(rows)? };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            n.div_ceil(64) as u32,
+            heads as u32,
+            u32::try_from(b).map_err(|_| candle_core::Error::Msg("batch too large".into()))?,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let f = func(dev, &format!("flash_bwd_dq_{hd}"))?;
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&qkv)
+        .arg(&o)
+        .arg(&dout)
+        .arg(&dqkv)
+        .arg(&lse)
+        .arg(&dvec)
+        .arg(&n_i)
+        .arg(&h_i)
+        .arg(&scale_log2)
+        .arg(&scale);
+    // SAFETY: the arguments match the kernel's signature and sizes.
+    unsafe { lb.launch(cfg) }.w()?;
+    let f = func(dev, &format!("flash_bwd_dkv_{hd}"))?;
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&qkv)
+        .arg(&dout)
+        .arg(&lse)
+        .arg(&dvec)
+        .arg(&dqkv)
+        .arg(&n_i)
+        .arg(&h_i)
+        .arg(&scale_log2)
+        .arg(&scale);
+    // SAFETY: as above; it runs after the first kernel on the same stream.
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(wrap(dev, CudaStorageSlice::BF16(dqkv)))
 }

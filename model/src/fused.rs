@@ -17,9 +17,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// A process-wide switch, on unless its environment variable says `0`; settable.
+/// A process-wide switch read once from its environment variable; settable.
 struct Switch {
-    /// 0: not yet read from the environment; 1: on; 2: off.
+    /// 0 (3): not yet read from the environment, on (off) by default; 1: on; 2: off.
     state: AtomicU8,
     var: &'static str,
 }
@@ -32,10 +32,23 @@ impl Switch {
         }
     }
 
+    /// A switch that is off unless its variable says `1`.
+    const fn off_by_default(var: &'static str) -> Self {
+        Self {
+            state: AtomicU8::new(3),
+            var,
+        }
+    }
+
     fn get(&self) -> bool {
         match self.state.load(Ordering::Relaxed) {
             1 => true,
             2 => false,
+            3 => {
+                let on = std::env::var(self.var).is_ok_and(|v| v == "1");
+                self.set(on);
+                on
+            }
             _ => {
                 let on = std::env::var(self.var).map_or(true, |v| v != "0");
                 self.set(on);
@@ -51,6 +64,7 @@ impl Switch {
 
 static FUSED: Switch = Switch::new("ICEFM_FUSED");
 static FLASH: Switch = Switch::new("ICEFM_FLASH");
+static FLASH_BWD: Switch = Switch::off_by_default("ICEFM_FLASH_BWD");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
@@ -946,6 +960,17 @@ pub fn set_flash(on: bool) {
     FLASH.set(on);
 }
 
+/// Whether [`attention`]'s backward pass may use the flash kernels. Off by default until they
+/// have run on a GPU (`ICEFM_FLASH_BWD=1` turns them on; `model/tests/cuda.rs` checks them).
+pub fn flash_bwd() -> bool {
+    FLASH_BWD.get()
+}
+
+/// Switch the flash attention backward on or off for the whole process.
+pub fn set_flash_bwd(on: bool) {
+    FLASH_BWD.set(on);
+}
+
 /// Whether the flash kernel runs [`attention`]'s forward pass: bf16 on a GPU, heads 32 or 64
 /// wide (ViT-B/16's encoder and MAE decoder), and not switched off.
 fn flash_applies(qkv: &Tensor, heads: usize) -> bool {
@@ -1081,6 +1106,122 @@ fn attention_forward(qkv: &Tensor, heads: usize, pad: bool) -> Result<Tensor> {
     }
 }
 
+/// The attention core's backward with no `[N, N]` matrix in memory: `(qkv [B, N, 3·H·hd], o,
+/// dout [B, N, H·hd])` → `dqkv` in `qkv`'s layout, where `o` is the forward's output and `dout`
+/// its gradient: `D = Σ dout·o` per query, `P` recomputed, `dv = Pᵀ·dout`,
+/// `dS = P ∘ (dout·vᵀ − D)`, `dq = dS·k/√hd`, `dk = dSᵀ·q/√hd`. On a GPU (bf16, hd 32 or 64)
+/// two flash kernels ([`crate::cuda::flash_attention_bwd`]); on the CPU the same arithmetic in
+/// f64, its reference.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashAttentionGrad {
+    /// Attention heads.
+    pub heads: usize,
+}
+
+impl CustomOp3 for FlashAttentionGrad {
+    fn name(&self) -> &'static str {
+        "icefm-flash-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = FlashAttention { heads: self.heads }.dims(l1)?;
+        let (b, n, h, hd) = dims;
+        for l in [l2, l3] {
+            if l.shape().dims() != [b, n, h * hd] {
+                candle_core::bail!(
+                    "flash attention backward: output or gradient {:?}, expected [{b}, {n}, {}]",
+                    l.shape().dims(),
+                    h * hd
+                );
+            }
+        }
+        fn go<T: WithDType>(
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+            (b, n, h, hd): (usize, usize, usize, usize),
+        ) -> Result<CpuStorage> {
+            let x = typed::<T>(s1, l1, "flash attention backward")?;
+            let o = typed::<T>(s2, l2, "flash attention backward")?;
+            let go_ = typed::<T>(s3, l3, "flash attention backward")?;
+            let (d, stride) = (h * hd, 3 * h * hd);
+            let scale = (hd as f64).powf(-0.5);
+            let f = |v: &T| v.to_f64();
+            // One (sample, head) per task, in f64; then written into qkv's layout.
+            let parts: Vec<(usize, usize, Vec<f64>)> = (0..b * h)
+                .into_par_iter()
+                .map(|bh| {
+                    let (bi, head) = (bh / h, bh % h);
+                    let at = |j: usize, slot: usize, c: usize| {
+                        f(&x[(bi * n + j) * stride + (slot * h + head) * hd + c])
+                    };
+                    let row = |t: &[T], j: usize, c: usize| f(&t[(bi * n + j) * d + head * hd + c]);
+                    // dq, dk, dv of this head: [3][n][hd].
+                    let mut g = vec![0f64; 3 * n * hd];
+                    let mut p = vec![0f64; n];
+                    for i in 0..n {
+                        for (j, pj) in p.iter_mut().enumerate() {
+                            *pj = (0..hd).map(|c| at(i, 0, c) * at(j, 1, c)).sum::<f64>() * scale;
+                        }
+                        let m = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        p.iter_mut().for_each(|v| *v = (*v - m).exp());
+                        let z: f64 = p.iter().sum();
+                        p.iter_mut().for_each(|v| *v /= z);
+                        let dd: f64 = (0..hd).map(|c| row(go_, i, c) * row(o, i, c)).sum();
+                        for (j, &pj) in p.iter().enumerate() {
+                            let dp: f64 = (0..hd).map(|c| row(go_, i, c) * at(j, 2, c)).sum();
+                            let ds = pj * (dp - dd) * scale;
+                            for c in 0..hd {
+                                g[i * hd + c] += ds * at(j, 1, c);
+                                g[(n + j) * hd + c] += ds * at(i, 0, c);
+                                g[(2 * n + j) * hd + c] += pj * row(go_, i, c);
+                            }
+                        }
+                    }
+                    (bi, head, g)
+                })
+                .collect();
+            let mut out = vec![T::from_f64(0.0); b * n * stride];
+            for (bi, head, g) in parts {
+                for slot in 0..3 {
+                    for j in 0..n {
+                        for c in 0..hd {
+                            out[(bi * n + j) * stride + (slot * h + head) * hd + c] =
+                                T::from_f64(g[(slot * n + j) * hd + c]);
+                        }
+                    }
+                }
+            }
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let out = by_dtype!(s1.dtype(), go((s1, l1), (s2, l2), (s3, l3), dims))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = FlashAttention { heads: self.heads }.dims(l1)?;
+        let out = crate::cuda::flash_attention_bwd((s1, l1), (s2, l2), (s3, l3), dims)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 /// `try_clone` copies a storage whole: the layout must cover it from its start.
 fn whole(l: &Layout) -> Result<()> {
     if !l.is_contiguous() || l.start_offset() != 0 {
@@ -1127,12 +1268,20 @@ impl CustomOp2 for AttentionNode {
     fn bwd(
         &self,
         qkv: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let qkv = qkv.detach();
         let grad = grad.detach();
+        if flash_bwd() && flash_applies(&qkv, self.heads) && grad.dtype() == DType::BF16 {
+            let dqkv = qkv.contiguous()?.apply_op3_no_bwd(
+                &out.detach().contiguous()?,
+                &grad.contiguous()?,
+                &FlashAttentionGrad { heads: self.heads },
+            )?;
+            return Ok((Some(dqkv), None));
+        }
         let (b, n, d3) = qkv.dims3()?;
         let (h, d) = (self.heads, d3 / 3);
         let hd = d / h;

@@ -537,3 +537,40 @@ fn the_im2col_kernels_match_the_cpu() {
         assert!(max_rel(&gpu_dx, &cpu) < tol, "{dt:?}");
     }
 }
+
+#[test]
+fn the_flash_attention_backward_kernels_match_the_cpu_reference() {
+    let g = gpu();
+    for (b, n, heads, hd, seed) in [(2, 145, 12, 64, 91), (3, 77, 16, 32, 92), (1, 5, 2, 64, 93)] {
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let qkv = bf(random(&[b, n, 3 * heads * hd], seed, 2.0));
+        let o = qkv
+            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .unwrap();
+        let dout = bf(random(&[b, n, heads * hd], seed + 1, 1.0));
+        let op = fused::FlashAttentionGrad { heads };
+        let cpu = qkv.apply_op3_no_bwd(&o, &dout, &op).unwrap();
+        let on = |t: &Tensor| t.to_device(&g).unwrap();
+        let gpu_out = on(&qkv).apply_op3_no_bwd(&on(&o), &on(&dout), &op).unwrap();
+        assert_eq!(gpu_out.dims(), cpu.dims());
+        let e = max_rel(&gpu_out, &cpu);
+        assert!(e < 2e-2, "n = {n}, hd = {hd}: {e}");
+        // Through the model's attention node: flash backward on against off.
+        let q = Var::from_tensor(&on(&qkv)).unwrap();
+        let mut grads = Vec::new();
+        for flash_bwd in [true, false] {
+            fused::set_flash_bwd(flash_bwd);
+            let y = fused::attention(q.as_tensor(), heads).unwrap();
+            let gr = (y.to_dtype(DType::F32).unwrap() * on(&dout).to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            grads.push(gr.get(q.as_tensor()).unwrap().clone());
+        }
+        fused::set_flash_bwd(false);
+        let e = max_rel(&grads[0], &grads[1]);
+        assert!(e < 2e-2, "through the node, n = {n}: {e}");
+    }
+}

@@ -235,6 +235,38 @@ fn the_flash_attention_reference_equals_the_composed_attention() {
 }
 
 #[test]
+fn the_flash_attention_backward_reference_equals_autograd() {
+    for (b, n, heads, hd, seed) in [(2, 9, 3, 4, 64), (1, 70, 2, 8, 65)] {
+        let qkv =
+            Var::from_tensor(&random(&[b, n, 3 * heads * hd], seed, 1.5, DType::F64)).unwrap();
+        let probe = random(&[b, n, heads * hd], seed + 100, 1.0, DType::F64);
+        let o = fused::attention_reference(qkv.as_tensor(), heads).unwrap();
+        let want = (&o * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(qkv.as_tensor())
+            .unwrap()
+            .clone();
+        let got = qkv
+            .as_tensor()
+            .apply_op3_no_bwd(&o.detach(), &probe, &fused::FlashAttentionGrad { heads })
+            .unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert!(max_rel(&got, &want) < 1e-10, "n = {n}");
+    }
+    // An output of the wrong shape is an error.
+    let qkv = random(&[1, 4, 12], 66, 1.0, DType::F32);
+    let o = random(&[1, 4, 5], 67, 1.0, DType::F32);
+    assert!(
+        qkv.apply_op3_no_bwd(&o, &o, &fused::FlashAttentionGrad { heads: 2 })
+            .is_err()
+    );
+}
+
+#[test]
 fn the_fused_norm_pix_loss_equals_the_composition_with_gradients() {
     let (b, n, p) = (3usize, 7usize, 20usize);
     for dtype in [DType::F64, DType::F32] {
