@@ -5,8 +5,10 @@
 //!
 //! The decoder is SAR-IceFM's (512 wide, 8 blocks, 16 heads); mask ratio 0.75; batch 8.
 //! `ICEFM_BENCH_QUICK=1` runs only the 96 px cases; 384 px steps are timed by hand (two steps)
-//! unless `ICEFM_BENCH_FULL=1`. Run it with glibc's default allocator settings: the loader
-//! bench's fixed `MALLOC_MMAP_THRESHOLD_` makes every large tensor a fresh mapping here.
+//! unless `ICEFM_BENCH_FULL=1`. It keeps freed memory as `icefm train` does
+//! ([`icefm_model::alloc::keep_freed_memory`]; `ICEFM_MALLOC=default` for glibc's defaults). Do
+//! not run it under the loader bench's fixed `MALLOC_MMAP_THRESHOLD_`: every large tensor would
+//! be a fresh mapping.
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +86,8 @@ fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
 }
 
 fn train_step(c: &mut Criterion) {
+    let kept = icefm_model::alloc::keep_freed_memory();
+    eprintln!("allocator: freed memory kept for reuse: {kept}");
     let quick = std::env::var("ICEFM_BENCH_QUICK").is_ok();
     let mut g = c.benchmark_group("mae_train_step_b8");
     g.sample_size(10)

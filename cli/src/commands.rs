@@ -129,6 +129,17 @@ pub(crate) struct InspectArgs {
 
 /// Run a command; `Ok` carries the exit status (1 when some scenes failed).
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    if matches!(
+        cli.command,
+        Command::Train(_)
+            | Command::Demo(_)
+            | Command::Eval(_)
+            | Command::Predict(_)
+            | Command::Ablate(_)
+    ) {
+        // Model work reuses the same large buffers every step: keep freed memory for reuse.
+        icefm_model::alloc::keep_freed_memory();
+    }
     match cli.command {
         Command::Ingest(a) => cmd_ingest(a),
         Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),

@@ -19,6 +19,7 @@
 /// The device a model runs on (candle's), for callers that do not depend on candle.
 pub use candle_core::Device;
 
+pub mod alloc;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
