@@ -10,6 +10,8 @@ use icefm_model::vit::VitConfig;
 use std::time::Instant;
 fn main() {
     let px: usize = std::env::args().nth(1).unwrap().parse().unwrap();
+    // As `icefm train` runs (ICEFM_MALLOC=default for glibc's defaults).
+    icefm_model::alloc::keep_freed_memory();
     let dev = Device::Cpu;
     let cfg = MaeConfig::new(VitConfig::preset("tiny").unwrap());
     let vm = VarMap::new();
