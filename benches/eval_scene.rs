@@ -93,6 +93,8 @@ fn status_mib(key: &str) -> f64 {
 }
 
 fn eval_scene(c: &mut Criterion) {
+    // As `icefm eval` runs (ICEFM_MALLOC=default for glibc's defaults).
+    icefm_model::alloc::keep_freed_memory();
     let dev = Device::Cpu;
     let tmp = tempfile::tempdir().expect("tmp");
     let full = common::scene(SceneKind::Rtt);
