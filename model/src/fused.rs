@@ -1223,9 +1223,9 @@ impl CustomOp3 for FlashAttentionGrad {
 }
 
 /// `try_clone` copies a storage whole: the layout must cover it from its start.
-fn whole(l: &Layout) -> Result<()> {
+pub(crate) fn whole(l: &Layout) -> Result<()> {
     if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("attention node: the result must be a contiguous tensor of its own");
+        candle_core::bail!("graph node: the result must be a contiguous tensor of its own");
     }
     Ok(())
 }

@@ -15,7 +15,10 @@
 //! Variables: `encoder.*` (the names of MAE checkpoints and imported SAR-IceFM encoders, so
 //! `--init` maps one to one), `neck.*`, `heads.{sic,sod,floe}.*`.
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use candle_nn::{Init, VarBuilder};
 use icefm_schemas::{IGNORE, Task};
 use rayon::prelude::*;
@@ -211,7 +214,8 @@ impl Conv3 {
 
 /// A 3 × 3 convolution, stride 1, zero padding 1, on a channels-last map `x` `[B, H, W, C]`
 /// with PyTorch's weight layout `[C_out, C, 3, 3]` and bias `[C_out]` (cast to `x`'s dtype):
-/// the nine shifted copies of `x` side by side ([`Im2col3`]), then one matrix product.
+/// the nine shifted copies of `x` side by side ([`Im2col3`]), then one matrix product, as one
+/// graph node whose backward recomputes the copies (they are never kept).
 /// Candle's `conv2d` computes the same, but its backward (a transposed convolution, and a
 /// convolution with the whole map as its kernel) is orders of magnitude slower on a GPU.
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -220,18 +224,86 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if (inp, kh, kw) != (c, 3, 3) {
         candle_core::bail!("conv3x3: weight {:?} for {c} input channels", weight.dims());
     }
-    let cols = x
-        .contiguous()?
-        .apply_op1(Im2col3 { adjoint: false })?
-        .reshape((b * h * w, 9 * c))?;
     // [C_out, C, 3, 3] → [3, 3, C, C_out] → [9·C, C_out]: row (dy·3 + dx)·C + c.
     let k = weight
         .to_dtype(x.dtype())?
         .permute((2, 3, 1, 0))?
         .contiguous()?
         .reshape((9 * c, out))?;
-    let y = cols.matmul(&k)?.reshape((b, h, w, out))?;
+    let x = x.contiguous()?;
+    // The product on detached inputs, then one graph node whose backward recomputes the
+    // columns: the [B·H·W, 9·C] columns are never kept for the backward pass.
+    let y = im2col3(&x.detach())?
+        .matmul(&k.detach())?
+        .reshape((b, h, w, out))?
+        .contiguous()?;
+    let y = x.apply_op3(&k, &y, Conv3Node)?;
     bias_add(&y, bias)
+}
+
+/// [`Im2col3`] of a contiguous `[B, H, W, C]` map as `[B·H·W, 9·C]` rows.
+fn im2col3(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    x.apply_op1_no_bwd(&Im2col3 { adjoint: false })?
+        .reshape((b * h * w, 9 * c))
+}
+
+/// [`conv3x3`]'s graph node `(x [B, H, W, C], k [9·C, C_out], y)`: forward passes the product
+/// `y` through; backward recomputes the columns of `x` for `dk = colsᵀ·dy` and returns
+/// `dx = col2im(dy·kᵀ)`. Peak memory is then one layer's columns, not every layer's.
+#[derive(Debug, Clone, Copy)]
+struct Conv3Node;
+
+impl CustomOp3 for Conv3Node {
+    fn name(&self) -> &'static str {
+        "icefm-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::fused::whole(l3)?;
+        Ok((s3.try_clone(l3)?, l3.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::fused::whole(l3)?;
+        Ok((s3.try_clone(l3)?, l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, w, c) = x.dims4()?;
+        let out = k.dim(1)?;
+        let g = grad.contiguous()?.reshape((b * h * w, out))?;
+        let dk = im2col3(&x.detach())?.t()?.matmul(&g)?;
+        let dx = g
+            .matmul(&k.detach().t()?)?
+            .reshape((b, h, w, 9 * c))?
+            .apply_op1_no_bwd(&Im2col3 { adjoint: true })?;
+        Ok((Some(dx), Some(dk), None))
+    }
 }
 
 /// 3 × 3 im2col of a channels-last map with zero padding 1: `[B, H, W, C]` → `[B, H, W, 9·C]`,
@@ -321,10 +393,7 @@ impl CustomOp1 for Im2col3 {
             CpuStorage::F64(v) => go(&v[a..z], dims, self.adjoint),
             CpuStorage::BF16(v) => go(&v[a..z], dims, self.adjoint),
             CpuStorage::F16(v) => go(&v[a..z], dims, self.adjoint),
-            _ => candle_core::bail!(
-                "im2col: unsupported dtype {:?}",
-                candle_core::backend::BackendStorage::dtype(s)
-            ),
+            _ => candle_core::bail!("im2col: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, self.out_shape(dims)))
     }
