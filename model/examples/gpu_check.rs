@@ -23,11 +23,10 @@ use icefm_model::config::TrainConfig;
 use icefm_model::fused::{self, LayerNormGradWB, LayerNormGradX};
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
-use icefm_model::seg::{HeadKind, SegConfig, SegModel, SicLoss, seg_loss};
+use icefm_model::seg::{SegConfig, SegModel, seg_loss};
 use icefm_model::train::{RunOptions, init_weights, named_vars, train_mae};
 use icefm_model::vit::VitConfig;
 use icefm_model::{cuda, ops};
-use icefm_schemas::Task;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -200,15 +199,7 @@ fn seg_bench(args: &[String]) -> Res<()> {
     let warmup: usize = arg(args, "--warmup", 2);
     let precision: String = arg(args, "--precision", "bf16".to_string());
     let encoder = VitConfig::preset(&preset).ok_or("preset")?;
-    let cfg = SegConfig {
-        layers: SegConfig::default_layers(encoder.depth),
-        encoder,
-        head: HeadKind::UperNet,
-        channels: 512,
-        tasks: vec![Task::Sic, Task::Sod, Task::Floe],
-        sic_loss: SicLoss::Mse,
-        task_weights: [1.0, 3.0, 3.0],
-    };
+    let cfg = SegConfig::sar_icefm(encoder);
     let varmap = VarMap::new();
     let mut model = SegModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
     if precision == "bf16" {

@@ -5,10 +5,9 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use icefm_model::seg::{HeadKind, SegConfig, SegModel, SicLoss, seg_loss};
+use icefm_model::seg::{SegConfig, SegModel, seg_loss};
 use icefm_model::train::init_weights;
 use icefm_model::vit::VitConfig;
-use icefm_schemas::Task;
 use std::time::Instant;
 fn hwm() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -21,15 +20,7 @@ fn main() {
     let b: usize = std::env::args().nth(1).unwrap().parse().unwrap();
     let px = 384;
     let encoder = VitConfig::preset("base").unwrap();
-    let cfg = SegConfig {
-        layers: SegConfig::default_layers(encoder.depth),
-        encoder,
-        head: HeadKind::UperNet,
-        channels: 512,
-        tasks: vec![Task::Sic, Task::Sod, Task::Floe],
-        sic_loss: SicLoss::Mse,
-        task_weights: [1.0, 3.0, 3.0],
-    };
+    let cfg = SegConfig::sar_icefm(encoder);
     let vm = VarMap::new();
     let m = SegModel::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
     init_weights(&vm, 0).unwrap();

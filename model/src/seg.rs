@@ -75,6 +75,21 @@ pub struct SegConfig {
 }
 
 impl SegConfig {
+    /// SAR-IceFM's fine-tuning model on `encoder`: features of the default four blocks, one
+    /// UPerNet head of 512 channels per task (SIC, SOD, FLOE), SIC as MSE, weights 1, 3, 3
+    /// (what `configs/seg_vit_b.toml` sets).
+    pub fn sar_icefm(encoder: VitConfig) -> Self {
+        Self {
+            layers: Self::default_layers(encoder.depth),
+            encoder,
+            head: HeadKind::UperNet,
+            channels: 512,
+            tasks: Task::ALL.to_vec(),
+            sic_loss: SicLoss::Mse,
+            task_weights: [1.0, 3.0, 3.0],
+        }
+    }
+
     /// Blocks evenly spaced over the encoder, ending at the last (12 blocks: 2, 5, 8, 11, as
     /// SAR-IceFM's ViT-B).
     pub fn default_layers(depth: usize) -> [usize; 4] {
