@@ -193,6 +193,10 @@ pub trait UnaryOpT {
     const NAME: &'static str;
     const KERNEL: &'static str;
     const V: Self;
+    /// icefm patch: whether the op is defined on floating-point values only. `Tensor`'s unary
+    /// methods return an error for such an op on an integer tensor (upstream panicked on
+    /// them), so its integer functions are never called.
+    const FLOAT_ONLY: bool = false;
     fn bf16(v1: bf16) -> bf16;
     fn f16(v1: f16) -> f16;
     fn f32(v1: f32) -> f32;
@@ -467,6 +471,7 @@ macro_rules! unary_op {
             const NAME: &'static str = $name;
             const KERNEL: &'static str = concat!("u", $name);
             const V: Self = $op;
+            const FLOAT_ONLY: bool = true;
             #[inline(always)]
             fn bf16($a: bf16) -> bf16 {
                 $e
@@ -485,23 +490,23 @@ macro_rules! unary_op {
             }
             #[inline(always)]
             fn u8(_: u8) -> u8 {
-                todo!("no unary function for u8")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn u32(_: u32) -> u32 {
-                todo!("no unary function for u32")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn i16(_: i16) -> i16 {
-                todo!("no unary function for i16")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn i32(_: i32) -> i32 {
-                todo!("no unary function for i32")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn i64(_: i64) -> i64 {
-                todo!("no unary function for i64")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn f8e4m3($a: f8e4m3) -> f8e4m3 {
@@ -515,6 +520,7 @@ macro_rules! unary_op {
             const NAME: &'static str = $name;
             const KERNEL: &'static str = concat!("u", $name);
             const V: Self = $op;
+            const FLOAT_ONLY: bool = true;
             #[inline(always)]
             fn bf16($a: bf16) -> bf16 {
                 $e
@@ -533,23 +539,23 @@ macro_rules! unary_op {
             }
             #[inline(always)]
             fn u8(_: u8) -> u8 {
-                todo!("no unary function for u8")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn u32(_: u32) -> u32 {
-                todo!("no unary function for u32")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn i16(_: i16) -> i16 {
-                todo!("no unary function for i16")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn i32(_: i32) -> i32 {
-                todo!("no unary function for i32")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn i64(_: i64) -> i64 {
-                todo!("no unary function for i64")
+                unreachable!(concat!($name, ": integer tensors are rejected by Tensor (FLOAT_ONLY)"))
             }
             #[inline(always)]
             fn f8e4m3($a: f8e4m3) -> f8e4m3 {

@@ -80,6 +80,15 @@ impl std::ops::Deref for Tensor {
 macro_rules! unary_op {
     ($fn_name:ident, $op_name:ident) => {
         pub fn $fn_name(&self) -> Result<Self> {
+            // icefm patch: float-only ops on integer tensors are an error, not a panic.
+            if <crate::op::$op_name as crate::op::UnaryOpT>::FLOAT_ONLY && !self.dtype().is_float()
+            {
+                crate::bail!(
+                    "{} is defined for floating-point tensors only, got {:?}",
+                    stringify!($fn_name),
+                    self.dtype()
+                )
+            }
             let shape = self.shape();
             if shape.elem_count() == 0 {
                 return Ok(self.clone());
