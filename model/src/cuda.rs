@@ -608,11 +608,125 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
 
 #define FA_KT 64
+#define FA_NEG_INF (-__int_as_float(0x7f800000))
+// Shared-memory tiles of FA_KT tokens: rows with head-width values in pairs (padded: no bank
+// conflicts), and transposed, head-width rows with tokens in pairs.
+template <int HD> using fa_rows = unsigned[FA_KT][HD / 2 + 4];
+template <int HD> using fa_cols = unsigned[HD][FA_KT / 2 + 4];
+
+// Sum and maximum over the four lanes that hold one row of an mma fragment.
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Tokens j0 .. j0 + FA_KT of one head (`src`: token 0's first value, `stride` between tokens)
+// into a row tile and a transposed tile; tokens past N read as 0. All threads of the block.
+template <int HD>
+__device__ __forceinline__ void fa_load_rows(fa_rows<HD>& dst, const bf16_t* src, long stride,
+                                             int j0, int N) {
+    for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
+        int key = i / (HD / 2), pr = i % (HD / 2);
+        int row = j0 + key;
+        dst[key][pr] = row < N ? ld_pair(src + row * stride + pr * 2) : 0u;
+    }
+}
+template <int HD>
+__device__ __forceinline__ void fa_load_cols(fa_cols<HD>& dst, const bf16_t* src, long stride,
+                                             int j0, int N) {
+    for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
+        int kp = i / HD, dim = i % HD;
+        int row = j0 + kp * 2;
+        unsigned lo = row < N ? src[row * stride + dim] : 0u;
+        unsigned hi = row + 1 < N ? src[(row + 1) * stride + dim] : 0u;
+        dst[dim][kp] = lo | (hi << 16);
+    }
+}
+
+// A warp's 16 rows (fragments `a`) against the FA_KT rows of a tile: c[nt] = a·tileᵀ.
+template <int HD>
+__device__ __forceinline__ void fa_products(float (&c)[FA_KT / 8][4], const unsigned (&a)[HD / 16][4],
+                                            const fa_rows<HD>& tile, int g, int t) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt) {
+        c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+        for (int kk = 0; kk < HD / 16; ++kk)
+            mma_bf16(c[nt], a[kk], tile[nt * 8 + g][kk * 8 + t], tile[nt * 8 + g][kk * 8 + 4 + t]);
+    }
+}
+
+// Scores in the log2 domain, keys (columns) past N masked to -inf.
+__device__ __forceinline__ void fa_scale_mask(float (&s)[FA_KT / 8][4], int j0, int N, int t,
+                                              float scale_log2) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt)
+        for (int e = 0; e < 4; ++e) {
+            int key = j0 + nt * 8 + t * 2 + (e & 1);
+            s[nt][e] = key < N ? s[nt][e] * scale_log2 : FA_NEG_INF;
+        }
+}
+
+// The maxima of a warp's two rows (at least mx0, mx1 on entry) over the whole row.
+__device__ __forceinline__ void fa_row_max(const float (&s)[FA_KT / 8][4], float& mx0, float& mx1) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt) {
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
+}
+
+// Columns 16·kstep .. 16·kstep + 16 of an accumulator as the A operand of the next product.
+__device__ __forceinline__ void fa_as_a(const float (&c)[FA_KT / 8][4], int kstep, unsigned (&a)[4]) {
+    a[0] = pack_bf16(c[2 * kstep][0], c[2 * kstep][1]);
+    a[1] = pack_bf16(c[2 * kstep][2], c[2 * kstep][3]);
+    a[2] = pack_bf16(c[2 * kstep + 1][0], c[2 * kstep + 1][1]);
+    a[3] = pack_bf16(c[2 * kstep + 1][2], c[2 * kstep + 1][3]);
+}
+
+// acc[u] += A·tile for the u-th 8 head-width columns, over the tile's FA_KT tokens.
+template <int HD>
+__device__ __forceinline__ void fa_accumulate(float (&acc)[HD / 8][4], const float (&c)[FA_KT / 8][4],
+                                              const fa_cols<HD>& tile, int g, int t) {
+    for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
+        unsigned a[4];
+        fa_as_a(c, kstep, a);
+        for (int u = 0; u < HD / 8; ++u)
+            mma_bf16(acc[u], a, tile[u * 8 + g][kstep * 8 + t], tile[u * 8 + g][kstep * 8 + 4 + t]);
+    }
+}
+
+// A warp's 16 rows r0 = first + g, r1 = r0 + 8 of one head as A fragments (rows past N: 0).
+template <int HD>
+__device__ __forceinline__ void fa_load_a(unsigned (&a)[HD / 16][4], const bf16_t* src, long stride,
+                                          int r0, int r1, int N, int t) {
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int c = kk * 16 + t * 2;
+        a[kk][0] = r0 < N ? ld_pair(src + r0 * stride + c) : 0u;
+        a[kk][1] = r1 < N ? ld_pair(src + r1 * stride + c) : 0u;
+        a[kk][2] = r0 < N ? ld_pair(src + r0 * stride + c + 8) : 0u;
+        a[kk][3] = r1 < N ? ld_pair(src + r1 * stride + c + 8) : 0u;
+    }
+}
+
+// An accumulator's rows r0, r1 (those below N) times `scale`, into a head's columns.
+template <int HD>
+__device__ __forceinline__ void fa_store(bf16_t* dst, long stride, const float (&acc)[HD / 8][4],
+                                         int r0, int r1, int N, int t, float s0, float s1) {
+    for (int u = 0; u < HD / 8; ++u) {
+        int c = u * 8 + t * 2;
+        if (r0 < N) *(unsigned*)(dst + r0 * stride + c) = pack_bf16(acc[u][0] * s0, acc[u][1] * s0);
+        if (r1 < N) *(unsigned*)(dst + r1 * stride + c) = pack_bf16(acc[u][2] * s1, acc[u][3] * s1);
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int N, int H,
                                             float scale_log2) {
-    __shared__ unsigned ks[FA_KT][HD / 2 + 4];  // keys: rows, dims in pairs (padded: no bank conflicts)
-    __shared__ unsigned vt[HD][FA_KT / 2 + 4];  // values transposed: dims, keys in pairs
+    __shared__ fa_rows<HD> ks;  // keys
+    __shared__ fa_cols<HD> vt;  // values, transposed
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -620,51 +734,20 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int 
     const bf16_t* base = qkv + (long)b * N * stride;
     const int r0 = blockIdx.x * 64 + warp * 16 + g, r1 = r0 + 8;
     unsigned qa[HD / 16][4];
-    for (int kk = 0; kk < HD / 16; ++kk) {
-        int c = h * HD + kk * 16 + t * 2;
-        qa[kk][0] = r0 < N ? ld_pair(base + r0 * stride + c) : 0u;
-        qa[kk][1] = r1 < N ? ld_pair(base + r1 * stride + c) : 0u;
-        qa[kk][2] = r0 < N ? ld_pair(base + r0 * stride + c + 8) : 0u;
-        qa[kk][3] = r1 < N ? ld_pair(base + r1 * stride + c + 8) : 0u;
-    }
-    float m0 = -__int_as_float(0x7f800000), m1 = m0, l0 = 0.f, l1 = 0.f;
+    fa_load_a<HD>(qa, base + h * HD, stride, r0, r1, N, t);
+    float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
     float o[HD / 8][4];
     for (int u = 0; u < HD / 8; ++u) o[u][0] = o[u][1] = o[u][2] = o[u][3] = 0.f;
     for (int j0 = 0; j0 < N; j0 += FA_KT) {
         __syncthreads();
-        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
-            int key = i / (HD / 2), pr = i % (HD / 2);
-            int row = j0 + key;
-            ks[key][pr] = row < N ? ld_pair(base + row * stride + (H + h) * HD + pr * 2) : 0u;
-        }
-        for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
-            int kp = i / HD, dim = i % HD;
-            int row = j0 + kp * 2;
-            const bf16_t* v = base + (2 * H + h) * HD + dim;
-            unsigned lo = row < N ? v[row * stride] : 0u;
-            unsigned hi = row + 1 < N ? v[(row + 1) * stride] : 0u;
-            vt[dim][kp] = lo | (hi << 16);
-        }
+        fa_load_rows<HD>(ks, base + (H + h) * HD, stride, j0, N);
+        fa_load_cols<HD>(vt, base + (2 * H + h) * HD, stride, j0, N);
         __syncthreads();
         float s[FA_KT / 8][4];
-        for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            for (int kk = 0; kk < HD / 16; ++kk)
-                mma_bf16(s[nt], qa[kk], ks[nt * 8 + g][kk * 8 + t], ks[nt * 8 + g][kk * 8 + 4 + t]);
-        }
+        fa_products<HD>(s, qa, ks, g, t);
         float mx0 = m0, mx1 = m1;
-        for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            for (int e = 0; e < 4; ++e) {
-                int key = j0 + nt * 8 + t * 2 + (e & 1);
-                float v = key < N ? s[nt][e] * scale_log2 : -__int_as_float(0x7f800000);
-                s[nt][e] = v;
-                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-            }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        fa_scale_mask(s, j0, N, t, scale_log2);
+        fa_row_max(s, mx0, mx1);
         float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
         m0 = mx0;
         m1 = mx1;
@@ -685,28 +768,11 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int 
             o[u][2] *= c1;
             o[u][3] *= c1;
         }
-        for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
-            unsigned pa[4] = {pack_bf16(s[2 * kstep][0], s[2 * kstep][1]),
-                              pack_bf16(s[2 * kstep][2], s[2 * kstep][3]),
-                              pack_bf16(s[2 * kstep + 1][0], s[2 * kstep + 1][1]),
-                              pack_bf16(s[2 * kstep + 1][2], s[2 * kstep + 1][3])};
-            for (int u = 0; u < HD / 8; ++u)
-                mma_bf16(o[u], pa, vt[u * 8 + g][kstep * 8 + t], vt[u * 8 + g][kstep * 8 + 4 + t]);
-        }
+        fa_accumulate<HD>(o, s, vt, g, t);
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = 1.f / l0, i1 = 1.f / l1;
-    const long ostride = (long)H * HD;
-    for (int u = 0; u < HD / 8; ++u) {
-        int c = h * HD + u * 8 + t * 2;
-        if (r0 < N)
-            *(unsigned*)(out + ((long)b * N + r0) * ostride + c) = pack_bf16(o[u][0] * i0, o[u][1] * i0);
-        if (r1 < N)
-            *(unsigned*)(out + ((long)b * N + r1) * ostride + c) = pack_bf16(o[u][2] * i1, o[u][3] * i1);
-    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    fa_store<HD>(out + (long)b * N * H * HD + h * HD, (long)H * HD, o, r0, r1, N, t, 1.f / l0, 1.f / l1);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_fwd_32(const bf16_t* qkv, bf16_t* out,
         int N, int H, float scale_log2) {
@@ -734,9 +800,9 @@ __device__ __forceinline__ float2 unpack_bf16(unsigned u) {
 template <int HD>
 __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* o, const bf16_t* dout,
         bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
-    __shared__ unsigned ks[FA_KT][HD / 2 + 4];  // keys: rows, dims in pairs
-    __shared__ unsigned vs[FA_KT][HD / 2 + 4];  // values: rows, dims in pairs
-    __shared__ unsigned kt[HD][FA_KT / 2 + 4];  // keys transposed: dims, keys in pairs
+    __shared__ fa_rows<HD> ks;  // keys
+    __shared__ fa_rows<HD> vs;  // values
+    __shared__ fa_cols<HD> kt;  // keys, transposed
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -745,55 +811,30 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
     const bf16_t* obase = o + (long)b * N * ostride + h * HD;
     const bf16_t* gbase = dout + (long)b * N * ostride + h * HD;
     const int r0 = blockIdx.x * 64 + warp * 16 + g, r1 = r0 + 8;
-    unsigned qa[HD / 16][4], da[HD / 16][4];
+    unsigned qa[HD / 16][4], da[HD / 16][4], oa[HD / 16][4];
+    fa_load_a<HD>(qa, base + h * HD, stride, r0, r1, N, t);
+    fa_load_a<HD>(da, gbase, ostride, r0, r1, N, t);
+    fa_load_a<HD>(oa, obase, ostride, r0, r1, N, t);
+    // D = Σ dO·O of each row: the four lanes of a row hold all its values between them.
     float d0 = 0.f, d1 = 0.f;
-    for (int kk = 0; kk < HD / 16; ++kk) {
-        int c = kk * 16 + t * 2;
-        for (int half = 0; half < 2; ++half) {
-            int cc = c + 8 * half;
-            qa[kk][2 * half] = r0 < N ? ld_pair(base + r0 * stride + h * HD + cc) : 0u;
-            qa[kk][2 * half + 1] = r1 < N ? ld_pair(base + r1 * stride + h * HD + cc) : 0u;
-            da[kk][2 * half] = r0 < N ? ld_pair(gbase + r0 * ostride + cc) : 0u;
-            da[kk][2 * half + 1] = r1 < N ? ld_pair(gbase + r1 * ostride + cc) : 0u;
-            float2 o0 = unpack_bf16(r0 < N ? ld_pair(obase + r0 * ostride + cc) : 0u);
-            float2 o1 = unpack_bf16(r1 < N ? ld_pair(obase + r1 * ostride + cc) : 0u);
-            float2 g0 = unpack_bf16(da[kk][2 * half]), g1 = unpack_bf16(da[kk][2 * half + 1]);
-            d0 += o0.x * g0.x + o0.y * g0.y;
-            d1 += o1.x * g1.x + o1.y * g1.y;
+    for (int kk = 0; kk < HD / 16; ++kk)
+        for (int r = 0; r < 4; ++r) {
+            float2 ov = unpack_bf16(oa[kk][r]), gv = unpack_bf16(da[kk][r]);
+            if (r % 2 == 0) d0 += ov.x * gv.x + ov.y * gv.y; else d1 += ov.x * gv.x + ov.y * gv.y;
         }
-    }
-    d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
-    d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
-    d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
-    d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+    d0 = quad_sum(d0);
+    d1 = quad_sum(d1);
     // Pass 1: each query's log-sum-exp of its scaled scores (log2 domain).
-    float m0 = -__int_as_float(0x7f800000), m1 = m0, l0 = 0.f, l1 = 0.f;
+    float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
     for (int j0 = 0; j0 < N; j0 += FA_KT) {
         __syncthreads();
-        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
-            int key = i / (HD / 2), pr = i % (HD / 2);
-            int row = j0 + key;
-            ks[key][pr] = row < N ? ld_pair(base + row * stride + (H + h) * HD + pr * 2) : 0u;
-        }
+        fa_load_rows<HD>(ks, base + (H + h) * HD, stride, j0, N);
         __syncthreads();
         float s[FA_KT / 8][4];
-        for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            for (int kk = 0; kk < HD / 16; ++kk)
-                mma_bf16(s[nt], qa[kk], ks[nt * 8 + g][kk * 8 + t], ks[nt * 8 + g][kk * 8 + 4 + t]);
-        }
+        fa_products<HD>(s, qa, ks, g, t);
         float mx0 = m0, mx1 = m1;
-        for (int nt = 0; nt < FA_KT / 8; ++nt)
-            for (int e = 0; e < 4; ++e) {
-                int key = j0 + nt * 8 + t * 2 + (e & 1);
-                float v = key < N ? s[nt][e] * scale_log2 : -__int_as_float(0x7f800000);
-                s[nt][e] = v;
-                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-            }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        fa_scale_mask(s, j0, N, t, scale_log2);
+        fa_row_max(s, mx0, mx1);
         float p0 = 0.f, p1 = 0.f;
         for (int nt = 0; nt < FA_KT / 8; ++nt) {
             p0 += exp2f(s[nt][0] - mx0) + exp2f(s[nt][1] - mx0);
@@ -804,11 +845,7 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
         m0 = mx0;
         m1 = mx1;
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float lse0 = m0 + log2f(l0), lse1 = m1 + log2f(l1);
+    const float lse0 = m0 + log2f(quad_sum(l0)), lse1 = m1 + log2f(quad_sum(l1));
     const long row_at = ((long)b * H + h) * N;
     if (t == 0) {
         if (r0 < N) { lse[row_at + r0] = lse0; dvec[row_at + r0] = d0; }
@@ -819,60 +856,30 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
     for (int u = 0; u < HD / 8; ++u) dq[u][0] = dq[u][1] = dq[u][2] = dq[u][3] = 0.f;
     for (int j0 = 0; j0 < N; j0 += FA_KT) {
         __syncthreads();
-        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
-            int key = i / (HD / 2), pr = i % (HD / 2);
-            int row = j0 + key;
-            ks[key][pr] = row < N ? ld_pair(base + row * stride + (H + h) * HD + pr * 2) : 0u;
-            vs[key][pr] = row < N ? ld_pair(base + row * stride + (2 * H + h) * HD + pr * 2) : 0u;
-        }
-        for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
-            int kp = i / HD, dim = i % HD;
-            int row = j0 + kp * 2;
-            const bf16_t* k = base + (H + h) * HD + dim;
-            unsigned lo = row < N ? k[row * stride] : 0u;
-            unsigned hi = row + 1 < N ? k[(row + 1) * stride] : 0u;
-            kt[dim][kp] = lo | (hi << 16);
-        }
+        fa_load_rows<HD>(ks, base + (H + h) * HD, stride, j0, N);
+        fa_load_rows<HD>(vs, base + (2 * H + h) * HD, stride, j0, N);
+        fa_load_cols<HD>(kt, base + (H + h) * HD, stride, j0, N);
         __syncthreads();
         float s[FA_KT / 8][4], dp[FA_KT / 8][4];
-        for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                mma_bf16(s[nt], qa[kk], ks[nt * 8 + g][kk * 8 + t], ks[nt * 8 + g][kk * 8 + 4 + t]);
-                mma_bf16(dp[nt], da[kk], vs[nt * 8 + g][kk * 8 + t], vs[nt * 8 + g][kk * 8 + 4 + t]);
-            }
-            for (int e = 0; e < 4; ++e) {
-                int key = j0 + nt * 8 + t * 2 + (e & 1);
-                float p = key < N ? exp2f(s[nt][e] * scale_log2 - (e < 2 ? lse0 : lse1)) : 0.f;
-                s[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));  // dS
-            }
-        }
-        for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
-            unsigned sa[4] = {pack_bf16(s[2 * kstep][0], s[2 * kstep][1]),
-                              pack_bf16(s[2 * kstep][2], s[2 * kstep][3]),
-                              pack_bf16(s[2 * kstep + 1][0], s[2 * kstep + 1][1]),
-                              pack_bf16(s[2 * kstep + 1][2], s[2 * kstep + 1][3])};
-            for (int u = 0; u < HD / 8; ++u)
-                mma_bf16(dq[u], sa, kt[u * 8 + g][kstep * 8 + t], kt[u * 8 + g][kstep * 8 + 4 + t]);
-        }
+        fa_products<HD>(s, qa, ks, g, t);
+        fa_products<HD>(dp, da, vs, g, t);
+        fa_scale_mask(s, j0, N, t, scale_log2);
+        for (int nt = 0; nt < FA_KT / 8; ++nt)
+            for (int e = 0; e < 4; ++e)  // dS; masked keys have P = exp2(-inf) = 0
+                s[nt][e] = exp2f(s[nt][e] - (e < 2 ? lse0 : lse1)) * (dp[nt][e] - (e < 2 ? d0 : d1));
+        fa_accumulate<HD>(dq, s, kt, g, t);
     }
-    bf16_t* dbase = dqkv + (long)b * N * stride + h * HD;
-    for (int u = 0; u < HD / 8; ++u) {
-        int c = u * 8 + t * 2;
-        if (r0 < N) *(unsigned*)(dbase + r0 * stride + c) = pack_bf16(dq[u][0] * scale, dq[u][1] * scale);
-        if (r1 < N) *(unsigned*)(dbase + r1 * stride + c) = pack_bf16(dq[u][2] * scale, dq[u][3] * scale);
-    }
+    fa_store<HD>(dqkv + (long)b * N * stride + h * HD, stride, dq, r0, r1, N, t, scale, scale);
 }
 
 template <int HD>
 __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t* dout,
         const float* lse, const float* dvec, bf16_t* dqkv, int N, int H, float scale_log2,
         float scale) {
-    __shared__ unsigned qs[FA_KT][HD / 2 + 4];  // queries: rows, dims in pairs
-    __shared__ unsigned qt[HD][FA_KT / 2 + 4];  // queries transposed
-    __shared__ unsigned gs[FA_KT][HD / 2 + 4];  // dO: rows, dims in pairs
-    __shared__ unsigned gt[HD][FA_KT / 2 + 4];  // dO transposed
+    __shared__ fa_rows<HD> qs;  // queries
+    __shared__ fa_cols<HD> qt;  // queries, transposed
+    __shared__ fa_rows<HD> gs;  // dO
+    __shared__ fa_cols<HD> gt;  // dO, transposed
     __shared__ float ls[FA_KT], dl[FA_KT];
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -883,39 +890,17 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
     const long row_at = ((long)b * H + h) * N;
     const int k0 = blockIdx.x * 64 + warp * 16 + g, k1 = k0 + 8;
     unsigned ka[HD / 16][4], va[HD / 16][4];
-    for (int kk = 0; kk < HD / 16; ++kk) {
-        int c = kk * 16 + t * 2;
-        for (int half = 0; half < 2; ++half) {
-            int cc = c + 8 * half;
-            ka[kk][2 * half] = k0 < N ? ld_pair(base + k0 * stride + (H + h) * HD + cc) : 0u;
-            ka[kk][2 * half + 1] = k1 < N ? ld_pair(base + k1 * stride + (H + h) * HD + cc) : 0u;
-            va[kk][2 * half] = k0 < N ? ld_pair(base + k0 * stride + (2 * H + h) * HD + cc) : 0u;
-            va[kk][2 * half + 1] = k1 < N ? ld_pair(base + k1 * stride + (2 * H + h) * HD + cc) : 0u;
-        }
-    }
+    fa_load_a<HD>(ka, base + (H + h) * HD, stride, k0, k1, N, t);
+    fa_load_a<HD>(va, base + (2 * H + h) * HD, stride, k0, k1, N, t);
     float dk[HD / 8][4], dv[HD / 8][4];
     for (int u = 0; u < HD / 8; ++u)
         for (int e = 0; e < 4; ++e) dk[u][e] = dv[u][e] = 0.f;
     for (int q0 = 0; q0 < N; q0 += FA_KT) {
         __syncthreads();
-        for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
-            int q = i / (HD / 2), pr = i % (HD / 2);
-            int row = q0 + q;
-            qs[q][pr] = row < N ? ld_pair(base + row * stride + h * HD + pr * 2) : 0u;
-            gs[q][pr] = row < N ? ld_pair(gbase + row * ostride + pr * 2) : 0u;
-        }
-        for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
-            int qp = i / HD, dim = i % HD;
-            int row = q0 + qp * 2;
-            const bf16_t* q = base + h * HD + dim;
-            const bf16_t* gq = gbase + dim;
-            unsigned lo = row < N ? q[row * stride] : 0u;
-            unsigned hi = row + 1 < N ? q[(row + 1) * stride] : 0u;
-            qt[dim][qp] = lo | (hi << 16);
-            lo = row < N ? gq[row * ostride] : 0u;
-            hi = row + 1 < N ? gq[(row + 1) * ostride] : 0u;
-            gt[dim][qp] = lo | (hi << 16);
-        }
+        fa_load_rows<HD>(qs, base + h * HD, stride, q0, N);
+        fa_load_rows<HD>(gs, gbase, ostride, q0, N);
+        fa_load_cols<HD>(qt, base + h * HD, stride, q0, N);
+        fa_load_cols<HD>(gt, gbase, ostride, q0, N);
         for (int i = threadIdx.x; i < FA_KT; i += blockDim.x) {
             bool ok = q0 + i < N;
             ls[i] = ok ? lse[row_at + q0 + i] : __int_as_float(0x7f800000);
@@ -923,46 +908,20 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
         }
         __syncthreads();
         float p[FA_KT / 8][4], ds[FA_KT / 8][4];
-        for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.f;
-            ds[nt][0] = ds[nt][1] = ds[nt][2] = ds[nt][3] = 0.f;
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                mma_bf16(p[nt], ka[kk], qs[nt * 8 + g][kk * 8 + t], qs[nt * 8 + g][kk * 8 + 4 + t]);
-                mma_bf16(ds[nt], va[kk], gs[nt * 8 + g][kk * 8 + t], gs[nt * 8 + g][kk * 8 + 4 + t]);
-            }
+        fa_products<HD>(p, ka, qs, g, t);
+        fa_products<HD>(ds, va, gs, g, t);
+        for (int nt = 0; nt < FA_KT / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 int q = nt * 8 + t * 2 + (e & 1);
                 p[nt][e] = exp2f(p[nt][e] * scale_log2 - ls[q]);  // Pᵀ; 0 past N (ls = inf)
                 ds[nt][e] = p[nt][e] * (ds[nt][e] - dl[q]);       // dSᵀ
             }
-        }
-        for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
-            unsigned pa[4] = {pack_bf16(p[2 * kstep][0], p[2 * kstep][1]),
-                              pack_bf16(p[2 * kstep][2], p[2 * kstep][3]),
-                              pack_bf16(p[2 * kstep + 1][0], p[2 * kstep + 1][1]),
-                              pack_bf16(p[2 * kstep + 1][2], p[2 * kstep + 1][3])};
-            unsigned sa[4] = {pack_bf16(ds[2 * kstep][0], ds[2 * kstep][1]),
-                              pack_bf16(ds[2 * kstep][2], ds[2 * kstep][3]),
-                              pack_bf16(ds[2 * kstep + 1][0], ds[2 * kstep + 1][1]),
-                              pack_bf16(ds[2 * kstep + 1][2], ds[2 * kstep + 1][3])};
-            for (int u = 0; u < HD / 8; ++u) {
-                mma_bf16(dv[u], pa, gt[u * 8 + g][kstep * 8 + t], gt[u * 8 + g][kstep * 8 + 4 + t]);
-                mma_bf16(dk[u], sa, qt[u * 8 + g][kstep * 8 + t], qt[u * 8 + g][kstep * 8 + 4 + t]);
-            }
-        }
+        fa_accumulate<HD>(dv, p, gt, g, t);
+        fa_accumulate<HD>(dk, ds, qt, g, t);
     }
     bf16_t* dbase = dqkv + (long)b * N * stride;
-    for (int u = 0; u < HD / 8; ++u) {
-        int c = u * 8 + t * 2;
-        if (k0 < N) {
-            *(unsigned*)(dbase + k0 * stride + (H + h) * HD + c) = pack_bf16(dk[u][0] * scale, dk[u][1] * scale);
-            *(unsigned*)(dbase + k0 * stride + (2 * H + h) * HD + c) = pack_bf16(dv[u][0], dv[u][1]);
-        }
-        if (k1 < N) {
-            *(unsigned*)(dbase + k1 * stride + (H + h) * HD + c) = pack_bf16(dk[u][2] * scale, dk[u][3] * scale);
-            *(unsigned*)(dbase + k1 * stride + (2 * H + h) * HD + c) = pack_bf16(dv[u][2], dv[u][3]);
-        }
-    }
+    fa_store<HD>(dbase + (H + h) * HD, stride, dk, k0, k1, N, t, scale, scale);
+    fa_store<HD>(dbase + (2 * H + h) * HD, stride, dv, k0, k1, N, t, 1.f, 1.f);
 }
 #define FLASH_BWD(HD)                                                                         \
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_##HD(const bf16_t* qkv,        \
