@@ -1222,12 +1222,14 @@ impl CustomOp3 for FlashAttentionGrad {
     }
 }
 
-/// `try_clone` copies a storage whole: the layout must cover it from its start.
-pub(crate) fn whole(l: &Layout) -> Result<()> {
+/// The forward of a graph node that hands on a result computed outside it (the node only
+/// attaches a backward): the storage copied as it is. `try_clone` copies a storage whole, so
+/// the result must be a contiguous tensor of its own.
+pub(crate) fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
     if !l.is_contiguous() || l.start_offset() != 0 {
         candle_core::bail!("graph node: the result must be a contiguous tensor of its own");
     }
-    Ok(())
+    Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
 /// [`attention`]'s graph node: forward passes the detached result through; backward
@@ -1249,8 +1251,7 @@ impl CustomOp2 for AttentionNode {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        whole(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+        pass_through(s2, l2)
     }
 
     #[cfg(feature = "cuda")]
@@ -1261,8 +1262,7 @@ impl CustomOp2 for AttentionNode {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        whole(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+        pass_through(s2, l2)
     }
 
     fn bwd(
