@@ -2,7 +2,8 @@
 """Warp-level emulation of icefm's flash attention kernels (model/src/cuda.rs: flash_fwd,
 flash_bwd_dq, flash_bwd_dkv), for checking their index logic on a machine without a GPU.
 
-Each kernel is ported line by line: lanes are numpy arrays of 32, `mma.sync m16n8k16` is
+Each kernel's arithmetic is ported step by step (the CUDA source now factors it into shared
+fa_* helpers; the port keeps each kernel whole): lanes are numpy arrays of 32, `mma.sync m16n8k16` is
 emulated with the fragment layouts the GPU-verified forward kernel relies on, shared-memory
 tiles are filled as the kernels fill them, and shuffles exchange lanes. The results are
 compared with a float64 numpy reference at bf16 precision. It is a port, not the kernels
