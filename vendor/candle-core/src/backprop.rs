@@ -443,7 +443,15 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        // icefm patch: when `rhs` is a transposed view (a linear layer's
+                        // `w.t()`), compute its gradient as the transpose of `grad^T lhs`, so
+                        // that the transpose's backward hands `w` a contiguous gradient instead
+                        // of a strided view that `accumulate` has to copy element by element.
+                        let rhs_grad = if !zero_fill() && is_last_two_transpose(rhs) {
+                            grad.t()?.matmul(lhs)?.t()?
+                        } else {
+                            lhs.t()?.matmul(&grad)?
+                        };
                         grads.accumulate(rhs, &rhs_grad)?;
                     }
                     Op::Cat(args, dim) => {
@@ -746,7 +754,14 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                // A transpose node's backward transposes its gradient back: keeping a strided
+                // view here lets a view of a contiguous tensor reach the transpose's argument
+                // contiguous, with no copy (see the `Op::Matmul` arm).
+                if is_last_two_transpose(tensor) && !tensor.is_variable() {
+                    entry.insert(grad.clone());
+                } else {
+                    entry.insert(grad.contiguous()?);
+                }
             }
         }
         Ok(())
@@ -807,4 +822,16 @@ impl GradStore {
 fn zero_fill() -> bool {
     static ZERO_FILL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ZERO_FILL.get_or_init(|| std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1"))
+}
+
+/// icefm patch: whether `t` is a transpose of its last two dimensions (as `Tensor::t` makes).
+fn is_last_two_transpose(t: &Tensor) -> bool {
+    let rank = t.rank();
+    match t.op() {
+        Some(Op::Transpose(_, d1, d2)) if rank >= 2 => {
+            let (a, b) = if d1 < d2 { (*d1, *d2) } else { (*d2, *d1) };
+            a == rank - 2 && b == rank - 1
+        }
+        _ => false,
+    }
 }
