@@ -4,11 +4,14 @@
 //! `docs/benchmarks.md`.
 //!
 //! The decoder is SAR-IceFM's (512 wide, 8 blocks, 16 heads); mask ratio 0.75; batch 8.
-//! `ICEFM_BENCH_QUICK=1` runs only the 96 px cases; 384 px steps are timed by hand (two steps)
-//! unless `ICEFM_BENCH_FULL=1`. It keeps freed memory as `icefm train` does
+//! Each case also times single steps right after a matmul reference (5 pairs, 3 at 384 px) and
+//! prints the median share; the VM's speed drifts too much for one reference per case.
+//! `ICEFM_BENCH_QUICK=1` runs only the 96 px cases; 384 px cases skip criterion (the paired
+//! steps are the measurement) unless `ICEFM_BENCH_FULL=1`. It keeps freed memory as `icefm train` does
 //! ([`icefm_model::alloc::keep_freed_memory`]; `ICEFM_MALLOC=default` for glibc's defaults). Do
 //! not run it under the loader bench's fixed `MALLOC_MMAP_THRESHOLD_`: every large tensor would
-//! be a fresh mapping.
+//! be a fresh mapping. Steps run on a rayon worker, as in `icefm train` (`ICEFM_ON_WORKER=0`:
+//! on the bench's thread).
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use icefm_dataset::rng::Rng;
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
+use icefm_model::threads::on_worker;
 use icefm_model::train::named_vars;
 use icefm_model::vit::VitConfig;
 
@@ -60,19 +64,32 @@ fn setup(preset: &str, px: usize) -> Setup {
     }
 }
 
+/// One step, on a rayon worker as `icefm train` runs it ([`on_worker`]).
 fn step(s: &mut Setup) -> f32 {
-    let out = s
-        .mae
-        .forward(&s.images, &s.valid, &s.masking, None)
-        .expect("forward");
-    let grads = out.loss.backward().expect("backward");
-    let (_, scale) = clip_scale(&grads, s.vars.iter().map(|(_, v)| v), 3.0).expect("clip");
-    s.opt.step(&grads, 1e-4, scale).expect("step");
-    out.loss.to_scalar::<f32>().expect("loss")
+    on_worker(true, || {
+        let out = s
+            .mae
+            .forward(&s.images, &s.valid, &s.masking, None)
+            .expect("forward");
+        let grads = out.loss.backward().expect("backward");
+        let (_, scale) = clip_scale(&grads, s.vars.iter().map(|(_, v)| v), 3.0).expect("clip");
+        s.opt.step(&grads, 1e-4, scale).expect("step");
+        out.loss.to_scalar::<f32>().expect("loss")
+    })
 }
 
-/// candle's f32 matmul FLOP/s for `[m, k] × [k, n]`.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// candle's f32 matmul FLOP/s for `[m, k] × [k, n]`, on a rayon worker like the step.
 fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
+    on_worker(true, || matmul_flops_here(m, k, n))
+}
+
+fn matmul_flops_here(m: usize, k: usize, n: usize) -> f64 {
     let dev = Device::Cpu;
     let a = Tensor::ones((m, k), DType::F32, &dev).expect("a");
     let b = Tensor::ones((k, n), DType::F32, &dev).expect("b");
@@ -119,18 +136,32 @@ fn train_step(c: &mut Criterion) {
                 cfg.decoder_dim * 4,
                 mm / 1e9
             );
-            if px >= 384 && std::env::var("ICEFM_BENCH_FULL").is_err() {
-                // Tens of seconds a step on 2 cores: criterion's ten samples would take many
-                // minutes, so time two more steps by hand (ICEFM_BENCH_FULL=1 for criterion).
+            // The VM's speed drifts by up to 2× within a run, so the share of the matmul's
+            // FLOP/s is taken over pairs: the reference, then one step right after it.
+            let pairs = if px >= 384 { 3 } else { 5 };
+            let mut shares = Vec::new();
+            let mut times = Vec::new();
+            for _ in 0..pairs {
+                let mm = matmul_flops(tokens, cfg.decoder_dim, cfg.decoder_dim * 4);
                 let t = Instant::now();
                 step(&mut s);
-                step(&mut s);
-                let per = t.elapsed().as_secs_f64() / 2.0;
-                eprintln!(
-                    "{preset} {px}px: {per:.2} s/step (mean of 2), {:.2} images/s, {:.1} GFLOP/s",
-                    BATCH as f64 / per,
-                    flops / per / 1e9
-                );
+                let per = t.elapsed().as_secs_f64();
+                times.push(per);
+                shares.push(flops / per / mm);
+            }
+            eprintln!(
+                "{preset} {px}px: paired over {pairs} steps: median {:.3} s/step, {:.2} images/s, \
+                 median share of the matmul reference {:.0} % (range {:.0}–{:.0} %)",
+                median(&times),
+                BATCH as f64 / median(&times),
+                100.0 * median(&shares),
+                100.0 * shares.iter().copied().fold(f64::INFINITY, f64::min),
+                100.0 * shares.iter().copied().fold(0.0, f64::max),
+            );
+            if px >= 384 && std::env::var("ICEFM_BENCH_FULL").is_err() {
+                // Tens of seconds a step on 2 cores: criterion's ten samples would take many
+                // minutes; the paired steps above are the measurement (ICEFM_BENCH_FULL=1 for
+                // criterion as well).
                 continue;
             }
             g.bench_function(format!("{preset}/{px}px"), |b| b.iter(|| step(&mut s)));

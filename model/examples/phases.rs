@@ -1,10 +1,12 @@
 //! Time the phases of one MAE step (ViT-tiny, batch 8): forward, backward, AdamW.
-//! `cargo run --release -p icefm-model --example phases -- 224` (the input size in pixels).
+//! `cargo run --release -p icefm-model --example phases -- 224 [STEPS]` (the input size in
+//! pixels; 3 steps unless given).
 #![allow(missing_docs, clippy::unwrap_used)]
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig};
+use icefm_model::threads::on_worker;
 use icefm_model::train::named_vars;
 use icefm_model::vit::VitConfig;
 use std::time::Instant;
@@ -29,14 +31,19 @@ fn main() {
         })
         .collect();
     let m = Masking::from_noise(&noise, 0.75);
-    for _ in 0..3 {
+    let steps: usize = std::env::args().nth(2).map_or(3, |s| s.parse().unwrap());
+    for _ in 0..steps {
         let t0 = Instant::now();
-        let out = mae.forward(&images, &valid, &m, None).unwrap();
-        let _ = out.loss.to_scalar::<f32>().unwrap();
+        // As `icefm train` runs a CPU step: on a rayon worker (`ICEFM_ON_WORKER=0`: not).
+        let out = on_worker(true, || {
+            let o = mae.forward(&images, &valid, &m, None).unwrap();
+            let _ = o.loss.to_scalar::<f32>().unwrap();
+            o
+        });
         let t1 = Instant::now();
-        let g = out.loss.backward().unwrap();
+        let g = on_worker(true, || out.loss.backward().unwrap());
         let t2 = Instant::now();
-        opt.step(&g, 1e-4, 1.0).unwrap();
+        on_worker(true, || opt.step(&g, 1e-4, 1.0).unwrap());
         let t3 = Instant::now();
         println!(
             "{px}px: forward {:.3} s, backward {:.3} s, adamw {:.3} s",

@@ -7,16 +7,21 @@
 //! other threads a TLB shootdown. perf put that at about 15 % of a CPU step. Keeping freed
 //! memory in the heap removes it: the ViT-tiny MAE step at 384 px went from 12.4 to 8.7 s
 //! (docs/benchmarks.md), with the same peak memory, since the next step reuses the same blocks.
+//!
+//! One arena: a CPU step runs on rayon's worker threads ([`crate::threads`]), and glibc gives
+//! each thread that allocates its own arena. A secondary arena's heaps are at most 64 MiB
+//! mappings, and with mmap off its large blocks fall back to the main arena while its small
+//! ones fragment: the 384-px step was 40 % slower on a worker than on the main thread until
+//! every thread shared the main arena.
 #![allow(unsafe_code)] // one libc call per setting
 
 /// Make glibc keep freed memory for reuse (no mmap for large blocks, no trimming below 2 GiB
-/// of free heap), for a process about to train or run a model on the CPU. Left alone where
-/// the environment already sets `MALLOC_MMAP_MAX_` or `MALLOC_TRIM_THRESHOLD_`, or where
+/// of free heap, one arena for all threads), for a process about to train or run a model on
+/// the CPU; call it before starting threads. Left alone where the environment already sets
+/// `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_` or `MALLOC_ARENA_MAX`, or where
 /// `ICEFM_MALLOC=default`; a no-op off glibc. Returns whether the settings were applied.
 pub fn keep_freed_memory() -> bool {
-    let user = ["MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
+    let user = USER_SETTINGS.iter().any(|v| std::env::var_os(v).is_some())
         || std::env::var("ICEFM_MALLOC").is_ok_and(|v| v == "default");
     if user {
         return false;
@@ -24,12 +29,20 @@ pub fn keep_freed_memory() -> bool {
     apply()
 }
 
+/// glibc's environment variables for the settings [`keep_freed_memory`] makes.
+const USER_SETTINGS: [&str; 3] = [
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+];
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn apply() -> bool {
     // SAFETY: mallopt only changes the allocator's parameters; it is safe to call at any time.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+            && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
     }
 }
 
@@ -42,7 +55,7 @@ fn apply() -> bool {
 mod tests {
     #[test]
     fn the_settings_apply_on_glibc_unless_the_environment_sets_them() {
-        let user = ["MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"]
+        let user = super::USER_SETTINGS
             .iter()
             .any(|v| std::env::var_os(v).is_some())
             || std::env::var("ICEFM_MALLOC").is_ok_and(|v| v == "default");

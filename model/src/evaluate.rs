@@ -18,6 +18,7 @@ use icefm_schemas::{IGNORE, Level, Task};
 
 use crate::metrics::{Evaluation, Scores};
 use crate::seg::{SegModel, class_of};
+use crate::threads::on_worker;
 
 /// Blending of overlapping windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +175,7 @@ pub fn predict_level(
                 }
             }
             let images = Tensor::from_vec(input, (b, c, crop, crop), dev)?;
-            let outs = model.forward(&images, None)?;
+            let outs = on_worker(dev.is_cpu(), || model.forward(&images, None))?;
             let mut off = 0;
             for ((_, y), (_, k)) in outs.iter().zip(&ks) {
                 let y = if *k > 1 {

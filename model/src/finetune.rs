@@ -27,6 +27,7 @@ use crate::evaluate::{Blend, InferOptions, SceneResult, evaluate_scene, selectio
 use crate::metrics::{Evaluation, Scores};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, seg_loss};
+use crate::threads::on_worker;
 use crate::train::{
     Feeder, RunOptions, RunSummary, StepRecord, TrainError, checkpoints, drop_draws, end_step,
     init_weights, io_err, level_mix, load_checkpoint, named_vars, open_loader, open_run, optimise,
@@ -540,12 +541,12 @@ pub fn train_seg(
         let b = batch.len();
         let levels = level_mix(&batch.samples);
         let keep = drop_draws(cfg.train.seed, step, scfg.encoder.depth, b);
-        let outs = model.forward(&batch.images, Some(&keep))?;
+        let outs = on_worker(dev.is_cpu(), || model.forward(&batch.images, Some(&keep)))?;
         if step + 1 < total {
             // The next batch's copy runs beside this step's queued work.
             feeder.prefetch()?;
         }
-        let loss = seg_loss(&outs, &batch.labels, &scfg)?;
+        let loss = on_worker(dev.is_cpu(), || seg_loss(&outs, &batch.labels, &scfg))?;
         let value = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(TrainError::Setup(format!(

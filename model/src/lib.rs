@@ -33,5 +33,6 @@ pub mod ops;
 pub mod optim;
 pub mod panel;
 pub mod seg;
+pub mod threads;
 pub mod train;
 pub mod vit;

@@ -34,6 +34,7 @@ use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
 use crate::optim::{AdamW, AdamWConfig, clip_scale, lr_at};
 use crate::panel::{panel, write_png};
+use crate::threads::on_worker;
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.
 const MASK_STREAM: u64 = 0x4D41_534B;
@@ -300,7 +301,9 @@ pub fn train_mae(
             .collect();
         let masking = Masking::from_noise(&noise, mcfg.mask_ratio);
         let keep = drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b);
-        let out = mae.forward(images, valid, &masking, Some(&keep))?;
+        let out = on_worker(dev.is_cpu(), || {
+            mae.forward(images, valid, &masking, Some(&keep))
+        })?;
         if step + 1 < total {
             // The next batch's copy runs beside this step's queued work.
             feeder.prefetch()?;
@@ -612,12 +615,14 @@ pub(crate) fn optimise(
     cfg: &TrainConfig,
     step: u64,
 ) -> Result<(f64, f64), TrainError> {
-    let grads = loss.backward()?;
-    let (grad_norm, scale) = clip_scale(&grads, vars.iter(), cfg.train.clip_grad)?;
     let t = &cfg.train;
     let lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr);
-    opt.step(&grads, lr, scale)?;
-    Ok((grad_norm, lr))
+    on_worker(loss.device().is_cpu(), || {
+        let grads = loss.backward()?;
+        let (grad_norm, scale) = clip_scale(&grads, vars.iter(), t.clip_grad)?;
+        opt.step(&grads, lr, scale)?;
+        Ok((grad_norm, lr))
+    })
 }
 
 /// The end of a step: a checkpoint (with the metrics so far) when one is due, every
