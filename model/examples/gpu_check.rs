@@ -123,9 +123,9 @@ fn step_bench(args: &[String]) -> Res<()> {
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
     // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
-    // backward (off by default until it has run on a GPU).
+    // backward and the fused bias + GELU (both off by default until they have run on a GPU).
     let label = format!(
-        "icefm{}{}{}{}{}",
+        "icefm{}{}{}{}{}{}",
         if composed { "-composed" } else { "" },
         if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
             "-zerofill"
@@ -138,7 +138,12 @@ fn step_bench(args: &[String]) -> Res<()> {
             ""
         },
         if fused::flash() { "" } else { "-noflash" },
-        if fused::flash_bwd() { "-flashbwd" } else { "" }
+        if fused::flash_bwd() { "-flashbwd" } else { "" },
+        if std::env::var("ICEFM_BIAS_GELU_CUDA").is_ok_and(|v| v == "1") {
+            "-biasgelu"
+        } else {
+            ""
+        }
     );
     println!(
         "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
@@ -405,6 +410,26 @@ fn kernels_bench() -> Res<()> {
         Ok(())
     })?;
     kernel_line("gelu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, copy);
+    // gelu(x + b) as one op against the two fused ops above (the "candle" column here):
+    // forward reads x, writes y; backward reads x and dy, writes dx, sums dx's columns.
+    let one = time_ms(&dev, 3, 20, || {
+        let y = xv.as_tensor().apply_op2(bv.as_tensor(), fused::BiasGelu)?;
+        (y * &dy)?.backward()?;
+        Ok(())
+    })?;
+    let two = time_ms(&dev, 3, 20, || {
+        let y = fused::gelu(&fused::bias_add(xv.as_tensor(), bv.as_tensor())?)?;
+        (y * &dy)?.backward()?;
+        Ok(())
+    })?;
+    kernel_line(
+        "bias+gelu one op fwd+bwd (vs bias add, gelu)",
+        &shape,
+        6.0 * el * 2.0,
+        one,
+        two,
+        copy,
+    );
     // The attention core (head split, q·kᵀ, softmax, ·v, head merge), forward + backward: one
     // autograd node against candle's autograd through its operations. Compute-bound: no
     // bandwidth figure.

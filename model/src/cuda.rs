@@ -422,6 +422,25 @@ __device__ void gelu_grad_k(const T* x, const T* g, T* dx, long n) {
         st(dx, i, ld(g, i) * gelu_d(ld(x, i)));
 }
 
+// gelu(x + b) and its backward over rows of c: blocks take rows in turn, threads the columns
+// (no 64-bit modulo per element); the pre-activation stays in a register, in f32.
+template <typename T>
+__device__ void bias_gelu_fwd_k(const T* x, const float* b, T* y, int rows, int c) {
+    for (int r = blockIdx.y; r < rows; r += gridDim.y)
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
+            long i = (long)r * c + j;
+            st(y, i, gelu_f(ld(x, i) + b[j]));
+        }
+}
+template <typename T>
+__device__ void bias_gelu_grad_k(const T* x, const float* b, const T* g, T* dx, int rows, int c) {
+    for (int r = blockIdx.y; r < rows; r += gridDim.y)
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
+            long i = (long)r * c + j;
+            st(dx, i, ld(g, i) * gelu_d(ld(x, i) + b[j]));
+        }
+}
+
 #define ELEM_INSTANCES(T, SUF)                                                                \
 extern "C" __global__ void bias_add_##SUF(const T* x, const float* b, T* y, long n, int c) {  \
         bias_add_k<T>(x, b, y, n, c); }                                                       \
@@ -429,7 +448,11 @@ extern "C" __global__ void column_sums_##SUF(const T* x, float* out, int rows, i
         int rpb) { column_sums_k<T>(x, out, rows, c, rpb); }                                   \
 extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, long n) { gelu_fwd_k<T>(x, y, n); } \
 extern "C" __global__ void gelu_grad_##SUF(const T* x, const T* g, T* dx, long n) {           \
-        gelu_grad_k<T>(x, g, dx, n); }
+        gelu_grad_k<T>(x, g, dx, n); }                                                        \
+extern "C" __global__ void bias_gelu_fwd_##SUF(const T* x, const float* b, T* y, int rows,   \
+        int c) { bias_gelu_fwd_k<T>(x, b, y, rows, c); }                                       \
+extern "C" __global__ void bias_gelu_grad_##SUF(const T* x, const float* b, const T* g,      \
+        T* dx, int rows, int c) { bias_gelu_grad_k<T>(x, b, g, dx, rows, c); }
 ELEM_INSTANCES(float, f32)
 ELEM_INSTANCES(bf16_t, bf16)
 
@@ -1529,6 +1552,96 @@ pub fn gelu_grad(
         Ok(T::wrap(dx))
     }
     let slice = with_elem!(s1, go(s1, l1, s2, l2))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Grid of the row × column element kernels: 256 columns per block, blocks over rows in turn.
+fn rowcol_cfg(rows: usize, c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            c.div_ceil(256).clamp(1, 65535) as u32,
+            rows.clamp(1, 8192) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Fused `gelu(x + b)` over rows of `c` (`b` f32).
+pub fn bias_gelu_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    rows: usize,
+    c: usize,
+) -> Result<CudaStorage> {
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        rows: usize,
+        c: usize,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let b = f32_view(s2, l2, "bias")?;
+        let (r, c_i) = dims(rows, c)?;
+        let f = func(dev, &format!("bias_gelu_fwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(rows * c)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&b).arg(&y).arg(&r).arg(&c_i);
+        // SAFETY: arguments match the kernel's signature; the grid strides over every row.
+        unsafe { lb.launch(rowcol_cfg(rows, c)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, rows, c))?;
+    Ok(wrap(&s1.device, slice))
+}
+
+/// Fused backward of `gelu(x + b)`: `(x, b, dy) → dx` (`b` f32, `dy` in `x`'s dtype).
+#[allow(clippy::too_many_arguments)]
+pub fn bias_gelu_grad(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    c: usize,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: Elem>(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        rows: usize,
+        c: usize,
+    ) -> Result<CudaStorageSlice> {
+        let dev = &s1.device;
+        let x = typed::<T>(s1, l1)?;
+        let b = f32_view(s2, l2, "bias")?;
+        let g = typed::<T>(s3, l3)?;
+        let (r, c_i) = dims(rows, c)?;
+        let f = func(dev, &format!("bias_gelu_grad_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let dx = unsafe { dev.alloc::<T>(rows * c)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&b).arg(&g).arg(&dx).arg(&r).arg(&c_i);
+        // SAFETY: arguments match the kernel's signature; the grid strides over every row.
+        unsafe { lb.launch(rowcol_cfg(rows, c)) }.w()?;
+        Ok(T::wrap(dx))
+    }
+    let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, c))?;
     Ok(wrap(&s1.device, slice))
 }
 

@@ -65,6 +65,7 @@ impl Switch {
 static FUSED: Switch = Switch::new("ICEFM_FUSED");
 static FLASH: Switch = Switch::new("ICEFM_FLASH");
 static FLASH_BWD: Switch = Switch::off_by_default("ICEFM_FLASH_BWD");
+static BIAS_GELU_CUDA: Switch = Switch::off_by_default("ICEFM_BIAS_GELU_CUDA");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
@@ -208,6 +209,62 @@ fn row_stats_t<T: WithDType>(row: &[T], eps: f64) -> (f64, f64) {
 /// Rows per rayon task (a few thousand values each).
 fn rows_per_task(d: usize) -> usize {
     (4096 / d.max(1)).max(1)
+}
+
+/// `f(x, b)` for every element of the rows of `x` (`c` wide) and its column's `b`, rows split
+/// into parallel tasks.
+fn map_rows_bias<X, B, Y>(
+    x: &[X],
+    b: &[B],
+    c: usize,
+    zero: Y,
+    f: impl Fn(X, B) -> Y + Sync,
+) -> Vec<Y>
+where
+    X: Copy + Sync,
+    B: Copy + Sync,
+    Y: Copy + Send + Sync,
+{
+    let mut y = vec![zero; x.len()];
+    let chunk = rows_per_task(c) * c;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
+                for ((yv, &xv), &bv) in yr.iter_mut().zip(xr).zip(b) {
+                    *yv = f(xv, bv);
+                }
+            }
+        });
+    y
+}
+
+/// [`map_rows_bias`] over two inputs of the same shape: `f(x, g, b)`.
+fn map_rows_bias2<X, B, Y>(
+    x: &[X],
+    g: &[X],
+    b: &[B],
+    c: usize,
+    zero: Y,
+    f: impl Fn(X, X, B) -> Y + Sync,
+) -> Vec<Y>
+where
+    X: Copy + Sync,
+    B: Copy + Sync,
+    Y: Copy + Send + Sync,
+{
+    let mut y = vec![zero; x.len()];
+    let chunk = rows_per_task(c) * c;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .for_each(|(yc, (xc, gc))| {
+            for ((yr, xr), gr) in yc.chunks_mut(c).zip(xc.chunks(c)).zip(gc.chunks(c)) {
+                for (((yv, &xv), &gv), &bv) in yr.iter_mut().zip(xr).zip(gr).zip(b) {
+                    *yv = f(xv, gv, bv);
+                }
+            }
+        });
+    y
 }
 
 /// Fused layer norm (forward); its backward is [`LayerNormGradX`] and [`LayerNormGradWB`].
@@ -627,17 +684,9 @@ impl CustomOp2 for BiasAdd {
         fn go<T: WithDType>(s: &CpuStorage, l: &Layout, b: &[f64]) -> Result<CpuStorage> {
             let (_, c) = rows_cols(l);
             let x = typed::<T>(s, l, "bias add")?;
-            let mut y = vec![T::from_f64(0.0); x.len()];
-            let chunk = rows_per_task(c) * c;
-            y.par_chunks_mut(chunk)
-                .zip(x.par_chunks(chunk))
-                .for_each(|(yc, xc)| {
-                    for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
-                        for ((yv, xv), bv) in yr.iter_mut().zip(xr).zip(b) {
-                            *yv = T::from_f64(xv.to_f64() + bv);
-                        }
-                    }
-                });
+            let y = map_rows_bias(x, b, c, T::from_f64(0.0), |xv, bv| {
+                T::from_f64(xv.to_f64() + bv)
+            });
             Ok(T::to_cpu_storage_owned(y))
         }
         let b = cpu_f64(s2, l2, self.name())?;
@@ -917,6 +966,179 @@ impl CustomOp2 for GeluGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((crate::cuda::gelu_grad(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
+/// `gelu(x + b)` over the rows of `x` `[..., C]`, `b` `[C]`: a linear layer's bias add and the
+/// MLP's exact GELU as one op ([`BiasGelu`]). The forward reads `x` and writes the result once;
+/// the backward reads `x` and `dy` and writes `dx` once ([`BiasGeluGrad`]), then sums `dx`'s
+/// columns for `b`. The pre-activation `x + b` is never stored: one `[rows, C]` pass and one
+/// saved activation fewer per MLP than [`bias_add`] then [`gelu`], which is what this is with
+/// fusion off (and on a GPU until `ICEFM_BIAS_GELU_CUDA=1`: its kernels have not yet run on
+/// one, `model/tests/cuda.rs`).
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused() || (x.device().is_cuda() && !BIAS_GELU_CUDA.get()) {
+        return gelu(&bias_add(x, bias)?);
+    }
+    let c = x.dim(candle_core::D::Minus1)?;
+    if bias.dims() != [c] {
+        candle_core::bail!("bias_gelu: bias {:?} must be [{c}]", bias.dims());
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
+}
+
+/// Switch [`bias_gelu`]'s fused kernels on or off on GPUs for the whole process.
+pub fn set_bias_gelu_cuda(on: bool) {
+    BIAS_GELU_CUDA.set(on);
+}
+
+/// `gelu(x + b)` (forward of [`bias_gelu`]); its backward is [`BiasGeluGrad`] and
+/// [`ColumnSums`].
+#[derive(Debug, Clone, Copy)]
+pub struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "icefm-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(s: &CpuStorage, l: &Layout, b: &[f64]) -> Result<CpuStorage> {
+            let (_, c) = rows_cols(l);
+            let x = typed::<T>(s, l, "bias gelu")?;
+            let y = map_rows_bias(x, b, c, T::from_f64(0.0), |xv, bv| {
+                let h = xv.to_f64() + bv;
+                T::from_f64(h * normal_cdf_pdf(h).0)
+            });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) {
+            let (_, c) = rows_cols(l1);
+            let x = typed::<f32>(s1, l1, "bias gelu")?;
+            let b = typed::<f32>(s2, l2, "bias gelu")?;
+            let y = map_rows_bias(x, b, c, 0f32, |xv, bv| {
+                let h = xv + bv;
+                h * normal_cdf_pdf_f32(h).0
+            });
+            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+        }
+        let b = cpu_f64(s2, l2, self.name())?;
+        let out = by_dtype!(s1.dtype(), go(s1, l1, &b))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, c) = rows_cols(l1);
+        Ok((
+            crate::cuda::bias_gelu_fwd(s1, l1, s2, l2, rows, c)?,
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluGrad)?;
+        let db = dx
+            .apply_op1_no_bwd(&ColumnSums)?
+            .sum(0)?
+            .to_dtype(b.dtype())?;
+        Ok((Some(dx), Some(db)))
+    }
+}
+
+/// [`BiasGelu`]'s backward: `(x, b, dy) → dy · (Φ(h) + h·φ(h))` with `h = x + b`, in `x`'s
+/// dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct BiasGeluGrad;
+
+impl CustomOp3 for BiasGeluGrad {
+    fn name(&self) -> &'static str {
+        "icefm-bias-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            b: &[f64],
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let (_, c) = rows_cols(l1);
+            let x = typed::<T>(s1, l1, "bias gelu backward")?;
+            let g = typed::<T>(s3, l3, "bias gelu backward")?;
+            let dx = map_rows_bias2(x, g, b, c, T::from_f64(0.0), |xv, gv, bv| {
+                let h = xv.to_f64() + bv;
+                let (cdf, pdf) = normal_cdf_pdf(h);
+                T::from_f64(gv.to_f64() * (cdf + h * pdf))
+            });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        if let (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2, s3) {
+            let (_, c) = rows_cols(l1);
+            let x = typed::<f32>(s1, l1, "bias gelu backward")?;
+            let b = typed::<f32>(s2, l2, "bias gelu backward")?;
+            let g = typed::<f32>(s3, l3, "bias gelu backward")?;
+            let dx = map_rows_bias2(x, g, b, c, 0f32, |xv, gv, bv| {
+                let h = xv + bv;
+                let (cdf, pdf) = normal_cdf_pdf_f32(h);
+                gv * (cdf + h * pdf)
+            });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
+        if s1.dtype() != s3.dtype() {
+            candle_core::bail!(
+                "bias gelu backward: x is {:?}, its gradient {:?}",
+                s1.dtype(),
+                s3.dtype()
+            );
+        }
+        let b = cpu_f64(s2, l2, self.name())?;
+        let out = by_dtype!(s1.dtype(), go(s1, l1, &b, s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, c) = rows_cols(l1);
+        Ok((
+            crate::cuda::bias_gelu_grad(s1, l1, s2, l2, s3, l3, rows, c)?,
+            l1.shape().clone(),
+        ))
     }
 }
 

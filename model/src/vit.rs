@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::fused::{attention, bias_add, gelu, layer_norm};
+use crate::fused::{attention, bias_add, bias_gelu, layer_norm};
 use crate::ops::drop_path;
 
 /// Encoder shape.
@@ -83,6 +83,18 @@ impl Linear {
     /// matrix product: a weight broadcast over the batch would make the backward pass build
     /// one weight gradient per sample and sum them.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, out_dims) = self.product(x)?;
+        bias_add(&y, &self.bias)?.reshape(out_dims)
+    }
+
+    /// `gelu(forward(x))`, the bias add and GELU fused ([`bias_gelu`]).
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, out_dims) = self.product(x)?;
+        bias_gelu(&y, &self.bias)?.reshape(out_dims)
+    }
+
+    /// `x · wᵀ` as `[rows, out]`, and the output's dimensions.
+    fn product(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
         let dt = x.dtype();
         let dims = x.dims();
         let inp = dims.last().copied().unwrap_or(1);
@@ -94,7 +106,7 @@ impl Linear {
         let y = x
             .reshape((rows, inp))?
             .matmul(&self.weight.to_dtype(dt)?.t()?)?;
-        bias_add(&y, &self.bias)?.reshape(out_dims)
+        Ok((y, out_dims))
     }
 }
 
@@ -165,7 +177,7 @@ impl Mlp {
 
     /// `[..., D]` → `[..., D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&self.fc1.forward_gelu(x)?)
     }
 }
 

@@ -97,44 +97,50 @@ fn fused_softmax_equals_the_composition_with_gradients() {
 
 #[test]
 fn fused_bias_add_and_gelu_equal_candles_with_gradients() {
-    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-        for shape in [vec![3, 7, 33], vec![200, 64], vec![5, 1]] {
-            let c = *shape.last().unwrap();
-            let x = Var::from_tensor(&random(&shape, 11, 3.0, dtype)).unwrap();
-            let b = Var::from_tensor(&random(&[c], 12, 1.0, dtype)).unwrap();
-            // gelu(x + b), fused and candle's.
-            let out_f =
-                fused::gelu(&fused::bias_add(x.as_tensor(), b.as_tensor()).unwrap()).unwrap();
-            let out_c = x
-                .as_tensor()
-                .broadcast_add(b.as_tensor())
-                .unwrap()
-                .gelu_erf()
-                .unwrap();
-            assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
-            let lw = weights_like(&out_c, 13);
-            let gf = (out_f * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (out_c * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("x", &x), ("bias", &b)] {
-                let a = gf.get(v.as_tensor()).unwrap();
-                let e = gc.get(v.as_tensor()).unwrap();
-                assert_eq!(a.dims(), e.dims(), "{name}");
-                // candle's GELU derivative rounds 1/sqrt(2 pi) to 0.398942 (4e-7 relative).
-                let err = max_rel(a, e);
-                assert!(
-                    err < tol.max(1e-6) * 10.0,
-                    "{dtype:?} {shape:?} d{name}: {err}"
-                );
+    // Two ops (bias add, then GELU) and one (bias_gelu), against candle's composition.
+    for one_op in [false, true] {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            for shape in [vec![3, 7, 33], vec![200, 64], vec![5, 1]] {
+                let c = *shape.last().unwrap();
+                let x = Var::from_tensor(&random(&shape, 11, 3.0, dtype)).unwrap();
+                let b = Var::from_tensor(&random(&[c], 12, 1.0, dtype)).unwrap();
+                // gelu(x + b), fused and candle's.
+                let out_f = if one_op {
+                    fused::bias_gelu(x.as_tensor(), b.as_tensor()).unwrap()
+                } else {
+                    fused::gelu(&fused::bias_add(x.as_tensor(), b.as_tensor()).unwrap()).unwrap()
+                };
+                let out_c = x
+                    .as_tensor()
+                    .broadcast_add(b.as_tensor())
+                    .unwrap()
+                    .gelu_erf()
+                    .unwrap();
+                assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
+                let lw = weights_like(&out_c, 13);
+                let gf = (out_f * &lw)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gc = (out_c * &lw)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, v) in [("x", &x), ("bias", &b)] {
+                    let a = gf.get(v.as_tensor()).unwrap();
+                    let e = gc.get(v.as_tensor()).unwrap();
+                    assert_eq!(a.dims(), e.dims(), "{name}");
+                    // candle's GELU derivative rounds 1/sqrt(2 pi) to 0.398942 (4e-7 relative).
+                    let err = max_rel(a, e);
+                    assert!(
+                        err < tol.max(1e-6) * 10.0,
+                        "one op {one_op}, {dtype:?} {shape:?} d{name}: {err}"
+                    );
+                }
             }
         }
     }
