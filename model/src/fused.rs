@@ -212,7 +212,7 @@ fn rows_per_task(d: usize) -> usize {
 }
 
 /// `f(x, b)` for every element of the rows of `x` (`c` wide) and its column's `b`, rows split
-/// into parallel tasks.
+/// into parallel tasks, each compiled for the CPU's widest vectors ([`RowsWithBias`]).
 fn map_rows_bias<X, B, Y>(
     x: &[X],
     b: &[B],
@@ -225,18 +225,7 @@ where
     B: Copy + Sync,
     Y: Copy + Send + Sync,
 {
-    let mut y = vec![zero; x.len()];
-    let chunk = rows_per_task(c) * c;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
-                for ((yv, &xv), &bv) in yr.iter_mut().zip(xr).zip(b) {
-                    *yv = f(xv, bv);
-                }
-            }
-        });
-    y
+    map_rows_bias2(x, x, b, c, zero, |xv, _, bv| f(xv, bv))
 }
 
 /// [`map_rows_bias`] over two inputs of the same shape: `f(x, g, b)`.
@@ -257,14 +246,48 @@ where
     let chunk = rows_per_task(c) * c;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .for_each(|(yc, (xc, gc))| {
-            for ((yr, xr), gr) in yc.chunks_mut(c).zip(xc.chunks(c)).zip(gc.chunks(c)) {
-                for (((yv, &xv), &gv), &bv) in yr.iter_mut().zip(xr).zip(gr).zip(b) {
-                    *yv = f(xv, gv, bv);
-                }
-            }
+        .for_each(|(y, (x, g))| {
+            pulp::Arch::new().dispatch(RowsWithBias {
+                y,
+                x,
+                g,
+                b,
+                c,
+                f: &f,
+            });
         });
     y
+}
+
+/// One task of [`map_rows_bias2`]: a [`pulp::WithSimd`], so that its loop (and the inlined
+/// `f`) is compiled for AVX2 + FMA where the CPU has them; a closure handed to pulp's dispatch
+/// is not inlined into it, and the default target vectorises 4 wide (SSE2) only.
+struct RowsWithBias<'a, X, B, Y, F> {
+    y: &'a mut [Y],
+    x: &'a [X],
+    g: &'a [X],
+    b: &'a [B],
+    c: usize,
+    f: &'a F,
+}
+
+impl<X: Copy, B: Copy, Y, F: Fn(X, X, B) -> Y> pulp::WithSimd for RowsWithBias<'_, X, B, Y, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let c = self.c;
+        for ((yr, xr), gr) in self
+            .y
+            .chunks_mut(c)
+            .zip(self.x.chunks(c))
+            .zip(self.g.chunks(c))
+        {
+            for (((yv, &xv), &gv), &bv) in yr.iter_mut().zip(xr).zip(gr).zip(self.b) {
+                *yv = (self.f)(xv, gv, bv);
+            }
+        }
+    }
 }
 
 /// Fused layer norm (forward); its backward is [`LayerNormGradX`] and [`LayerNormGradWB`].
@@ -620,6 +643,19 @@ impl CustomOp2 for SoftmaxGrad {
                 });
             Ok(T::to_cpu_storage_owned(dx))
         }
+        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) {
+            let (_, d) = rows_cols(l1);
+            let y = typed::<f32>(s1, l1, "softmax backward")?;
+            let g = typed::<f32>(s2, l2, "softmax backward")?;
+            let mut dx = vec![0f32; y.len()];
+            let chunk = rows_per_task(d) * d;
+            dx.par_chunks_mut(chunk)
+                .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                .for_each(|(dx, (y, g))| {
+                    pulp::Arch::new().dispatch(SoftmaxGradRows { dx, y, g, d });
+                });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
         let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2))?;
         Ok((out, l1.shape().clone()))
     }
@@ -781,6 +817,61 @@ impl CustomOp1 for ColumnSums {
     }
 }
 
+/// Independent accumulators of the row reductions below: a single running maximum or sum is
+/// one dependent chain of 4-cycle operations per value; 16 lanes let them vectorise.
+const LANES: usize = 16;
+
+/// Largest value of `v` (−∞ for an empty slice; NaN ignored as `f32::max` does).
+#[inline(always)]
+fn max_f32(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    acc.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// `Σ v` in f64.
+#[inline(always)]
+fn sum_f64(v: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f64::from(x);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| f64::from(x)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `Σ a·b` in f64.
+#[inline(always)]
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += f64::from(u) * f64::from(v);
+        }
+    }
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&u, &v)| f64::from(u) * f64::from(v))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// `Φ(x)` and `φ(x)` of the standard normal.
 fn normal_cdf_pdf(x: f64) -> (f64, f64) {
     let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
@@ -833,21 +924,67 @@ fn softmax_f32(s: &CpuStorage, l: &Layout, valid: usize) -> Result<CpuStorage> {
     let chunk = rows_per_task(d) * d;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                let (yv, xv) = (&mut yr[..valid], &xr[..valid]);
-                let m = xv.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                for (o, &v) in yv.iter_mut().zip(xv) {
-                    *o = exp_f32(v - m);
-                }
-                let sum: f64 = yv.iter().map(|&v| f64::from(v)).sum();
-                let inv = (1.0 / sum) as f32;
-                for o in yv.iter_mut() {
-                    *o *= inv;
-                }
-            }
+        .for_each(|(y, x)| {
+            pulp::Arch::new().dispatch(SoftmaxRows { y, x, d, valid });
         });
     Ok(CpuStorage::F32(y))
+}
+
+/// Rows of [`softmax_f32`]: a [`pulp::WithSimd`] so that the loop is compiled for the CPU's
+/// widest vectors (a closure would not be inlined into pulp's dispatch).
+struct SoftmaxRows<'a> {
+    y: &'a mut [f32],
+    x: &'a [f32],
+    d: usize,
+    valid: usize,
+}
+
+impl pulp::WithSimd for SoftmaxRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let (d, valid) = (self.d, self.valid);
+        for (yr, xr) in self.y.chunks_mut(d).zip(self.x.chunks(d)) {
+            let (yv, xv) = (&mut yr[..valid], &xr[..valid]);
+            let m = max_f32(xv);
+            for (o, &v) in yv.iter_mut().zip(xv) {
+                *o = exp_f32(v - m);
+            }
+            let inv = (1.0 / sum_f64(yv)) as f32;
+            for o in yv.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+/// Rows of [`SoftmaxGrad`] in f32 (a [`pulp::WithSimd`], as [`SoftmaxRows`]).
+struct SoftmaxGradRows<'a> {
+    dx: &'a mut [f32],
+    y: &'a [f32],
+    g: &'a [f32],
+    d: usize,
+}
+
+impl pulp::WithSimd for SoftmaxGradRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let d = self.d;
+        for ((o, yr), gr) in self
+            .dx
+            .chunks_mut(d)
+            .zip(self.y.chunks(d))
+            .zip(self.g.chunks(d))
+        {
+            let s = dot_f64(gr, yr) as f32;
+            for ((ov, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                *ov = yv * (gv - s);
+            }
+        }
+    }
 }
 
 /// Fused exact GELU (forward); its backward is [`GeluGrad`].
@@ -875,14 +1012,11 @@ impl CustomOp1 for Gelu {
         }
         if s.dtype() == DType::F32 {
             let x = typed::<f32>(s, l, "gelu")?;
-            let mut y = vec![0f32; x.len()];
-            y.par_chunks_mut(4096)
-                .zip(x.par_chunks(4096))
-                .for_each(|(yc, xc)| {
-                    for (yv, &v) in yc.iter_mut().zip(xc) {
-                        *yv = v * normal_cdf_pdf_f32(v).0;
-                    }
-                });
+            // Element-wise: any row length serves.
+            let c = x.len().clamp(1, 4096);
+            let y = map_rows_bias(x, &vec![(); c], c, 0f32, |v, ()| {
+                v * normal_cdf_pdf_f32(v).0
+            });
             return Ok((CpuStorage::F32(y), l.shape().clone()));
         }
         let out = by_dtype!(s.dtype(), go(s, l))?;
@@ -942,15 +1076,11 @@ impl CustomOp2 for GeluGrad {
         if s1.dtype() == DType::F32 && s2.dtype() == DType::F32 {
             let x = typed::<f32>(s1, l1, "gelu backward")?;
             let g = typed::<f32>(s2, l2, "gelu backward")?;
-            let mut dx = vec![0f32; x.len()];
-            dx.par_chunks_mut(4096)
-                .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(oc, (xc, gc))| {
-                    for ((ov, &v), &gv) in oc.iter_mut().zip(xc).zip(gc) {
-                        let (cdf, pdf) = normal_cdf_pdf_f32(v);
-                        *ov = gv * (cdf + v * pdf);
-                    }
-                });
+            let c = x.len().clamp(1, 4096);
+            let dx = map_rows_bias2(x, g, &vec![(); c], c, 0f32, |v, gv, ()| {
+                let (cdf, pdf) = normal_cdf_pdf_f32(v);
+                gv * (cdf + v * pdf)
+            });
             return Ok((CpuStorage::F32(dx), l1.shape().clone()));
         }
         let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2))?;
