@@ -2090,14 +2090,10 @@ impl candle_core::InplaceOp2 for AdamMoment {
         if m.len() != g.len() {
             candle_core::bail!("adam-moment: {} moments, {} gradients", m.len(), g.len());
         }
-        let (b, s, sq) = (self.beta, self.scale, self.square);
         m.par_chunks_mut(OPT_CHUNK)
             .zip(g.par_chunks(OPT_CHUNK))
             .for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    let g = g * s;
-                    *m = *m * b + if sq { g * g } else { g } * (1.0 - b);
-                }
+                pulp::Arch::new().dispatch(AdamMomentChunk { m, g, op: self });
             });
         Ok(())
     }
@@ -2138,19 +2134,56 @@ impl candle_core::InplaceOp3 for AdamUpdate {
         if m.len() != w.len() || v.len() != w.len() {
             candle_core::bail!("adam-update: moments do not match the weights");
         }
-        let p = self;
         w.par_chunks_mut(OPT_CHUNK)
             .zip(m.par_chunks(OPT_CHUNK).zip(v.par_chunks(OPT_CHUNK)))
             .for_each(|(w, (m, v))| {
-                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                    let mut u = (m / p.c1) / ((v / p.c2).sqrt() + p.eps);
-                    if p.wd != 0.0 {
-                        u += *w * p.wd;
-                    }
-                    *w -= u * p.lr;
-                }
+                pulp::Arch::new().dispatch(AdamUpdateChunk { w, m, v, op: self });
             });
         Ok(())
+    }
+}
+
+/// One task of [`AdamMoment`], compiled for the CPU's widest vectors ([`pulp::WithSimd`]).
+struct AdamMomentChunk<'a> {
+    m: &'a mut [f32],
+    g: &'a [f32],
+    op: &'a AdamMoment,
+}
+
+impl pulp::WithSimd for AdamMomentChunk<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let (b, s, sq) = (self.op.beta, self.op.scale, self.op.square);
+        for (m, &g) in self.m.iter_mut().zip(self.g) {
+            let g = g * s;
+            *m = *m * b + if sq { g * g } else { g } * (1.0 - b);
+        }
+    }
+}
+
+/// One task of [`AdamUpdate`], compiled for the CPU's widest vectors ([`pulp::WithSimd`]).
+struct AdamUpdateChunk<'a> {
+    w: &'a mut [f32],
+    m: &'a [f32],
+    v: &'a [f32],
+    op: &'a AdamUpdate,
+}
+
+impl pulp::WithSimd for AdamUpdateChunk<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let p = self.op;
+        for ((w, &m), &v) in self.w.iter_mut().zip(self.m).zip(self.v) {
+            let mut u = (m / p.c1) / ((v / p.c2).sqrt() + p.eps);
+            if p.wd != 0.0 {
+                u += *w * p.wd;
+            }
+            *w -= u * p.lr;
+        }
     }
 }
 
