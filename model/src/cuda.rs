@@ -423,22 +423,45 @@ __device__ void gelu_grad_k(const T* x, const T* g, T* dx, long n) {
 }
 
 // gelu(x + b) and its backward over rows of c: blocks take rows in turn, threads the columns
-// (no 64-bit modulo per element); the pre-activation stays in a register, in f32.
+// (no 64-bit modulo per element); the pre-activation stays in a register, in f32. With
+// `pairs` (c even, inputs starting at even elements: the host checks) each thread moves two
+// values per load and store (ld2/st2, as the register-resident row kernels).
 template <typename T>
-__device__ void bias_gelu_fwd_k(const T* x, const float* b, T* y, int rows, int c) {
-    for (int r = blockIdx.y; r < rows; r += gridDim.y)
-        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
-            long i = (long)r * c + j;
-            st(y, i, gelu_f(ld(x, i) + b[j]));
+__device__ void bias_gelu_fwd_k(const T* x, const float* b, T* y, int rows, int c, int pairs) {
+    int step = gridDim.x * blockDim.x, j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + (long)r * c;
+        T* yr = y + (long)r * c;
+        if (pairs) {
+            for (int j = j0; j < (c >> 1); j += step) {
+                float a, e;
+                ld2(xr, j, a, e);
+                st2(yr, j, gelu_f(a + b[2 * j]), gelu_f(e + b[2 * j + 1]));
+            }
+        } else {
+            for (int j = j0; j < c; j += step) st(yr, j, gelu_f(ld(xr, j) + b[j]));
         }
+    }
 }
 template <typename T>
-__device__ void bias_gelu_grad_k(const T* x, const float* b, const T* g, T* dx, int rows, int c) {
-    for (int r = blockIdx.y; r < rows; r += gridDim.y)
-        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
-            long i = (long)r * c + j;
-            st(dx, i, ld(g, i) * gelu_d(ld(x, i) + b[j]));
+__device__ void bias_gelu_grad_k(const T* x, const float* b, const T* g, T* dx, int rows, int c,
+                                 int pairs) {
+    int step = gridDim.x * blockDim.x, j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + (long)r * c;
+        const T* gr = g + (long)r * c;
+        T* dr = dx + (long)r * c;
+        if (pairs) {
+            for (int j = j0; j < (c >> 1); j += step) {
+                float a, e, ga, ge;
+                ld2(xr, j, a, e);
+                ld2(gr, j, ga, ge);
+                st2(dr, j, ga * gelu_d(a + b[2 * j]), ge * gelu_d(e + b[2 * j + 1]));
+            }
+        } else {
+            for (int j = j0; j < c; j += step) st(dr, j, ld(gr, j) * gelu_d(ld(xr, j) + b[j]));
         }
+    }
 }
 
 #define ELEM_INSTANCES(T, SUF)                                                                \
@@ -450,9 +473,9 @@ extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, long n) { gelu_fwd_k
 extern "C" __global__ void gelu_grad_##SUF(const T* x, const T* g, T* dx, long n) {           \
         gelu_grad_k<T>(x, g, dx, n); }                                                        \
 extern "C" __global__ void bias_gelu_fwd_##SUF(const T* x, const float* b, T* y, int rows,   \
-        int c) { bias_gelu_fwd_k<T>(x, b, y, rows, c); }                                       \
+        int c, int pairs) { bias_gelu_fwd_k<T>(x, b, y, rows, c, pairs); }                     \
 extern "C" __global__ void bias_gelu_grad_##SUF(const T* x, const float* b, const T* g,      \
-        T* dx, int rows, int c) { bias_gelu_grad_k<T>(x, b, g, dx, rows, c); }
+        T* dx, int rows, int c, int pairs) { bias_gelu_grad_k<T>(x, b, g, dx, rows, c, pairs); }
 ELEM_INSTANCES(float, f32)
 ELEM_INSTANCES(bf16_t, bf16)
 
@@ -1555,11 +1578,13 @@ pub fn gelu_grad(
     Ok(wrap(&s1.device, slice))
 }
 
-/// Grid of the row × column element kernels: 256 columns per block, blocks over rows in turn.
-fn rowcol_cfg(rows: usize, c: usize) -> LaunchConfig {
+/// Grid of the row × column element kernels: 256 columns (or column pairs) per block, blocks
+/// over rows in turn.
+fn rowcol_cfg(rows: usize, c: usize, pairs: bool) -> LaunchConfig {
+    let per_thread = if pairs { 2 } else { 1 };
     LaunchConfig {
         grid_dim: (
-            c.div_ceil(256).clamp(1, 65535) as u32,
+            c.div_ceil(256 * per_thread).clamp(1, 65535) as u32,
             rows.clamp(1, 8192) as u32,
             1,
         ),
@@ -1590,13 +1615,17 @@ pub fn bias_gelu_fwd(
         let b = f32_view(s2, l2, "bias")?;
         let (r, c_i) = dims(rows, c)?;
         let f = func(dev, &format!("bias_gelu_fwd_{}", T::SUFFIX))?;
+        let pairs = c.is_multiple_of(2) && l1.start_offset().is_multiple_of(2);
+        let pairs_i = i32::from(pairs);
         // SAFETY: every element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(rows * c)? };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&x).arg(&b).arg(&y).arg(&r).arg(&c_i);
-        // SAFETY: arguments match the kernel's signature; the grid strides over every row.
-        unsafe { lb.launch(rowcol_cfg(rows, c)) }.w()?;
+        lb.arg(&x).arg(&b).arg(&y).arg(&r).arg(&c_i).arg(&pairs_i);
+        // SAFETY: arguments match the kernel's signature; the grid strides over every row;
+        // pairs only where every row of x and y starts at an even element (8- or 4-byte
+        // aligned: allocations are 256-byte aligned).
+        unsafe { lb.launch(rowcol_cfg(rows, c, pairs)) }.w()?;
         Ok(T::wrap(y))
     }
     let slice = with_elem!(s1, go(s1, l1, s2, l2, rows, c))?;
@@ -1632,13 +1661,23 @@ pub fn bias_gelu_grad(
         let g = typed::<T>(s3, l3)?;
         let (r, c_i) = dims(rows, c)?;
         let f = func(dev, &format!("bias_gelu_grad_{}", T::SUFFIX))?;
+        let pairs = c.is_multiple_of(2)
+            && l1.start_offset().is_multiple_of(2)
+            && l3.start_offset().is_multiple_of(2);
+        let pairs_i = i32::from(pairs);
         // SAFETY: every element is written by the kernel.
         let dx = unsafe { dev.alloc::<T>(rows * c)? };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&x).arg(&b).arg(&g).arg(&dx).arg(&r).arg(&c_i);
-        // SAFETY: arguments match the kernel's signature; the grid strides over every row.
-        unsafe { lb.launch(rowcol_cfg(rows, c)) }.w()?;
+        lb.arg(&x)
+            .arg(&b)
+            .arg(&g)
+            .arg(&dx)
+            .arg(&r)
+            .arg(&c_i)
+            .arg(&pairs_i);
+        // SAFETY: as in `bias_gelu_fwd`, with `dy` checked as well.
+        unsafe { lb.launch(rowcol_cfg(rows, c, pairs)) }.w()?;
         Ok(T::wrap(dx))
     }
     let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, c))?;
