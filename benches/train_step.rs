@@ -123,37 +123,36 @@ fn train_step(c: &mut Criterion) {
             let loss = step(&mut s);
             let once = t.elapsed().as_secs_f64();
             // The decoder (all tokens, 512 wide) is the largest layer: its MLP matmul.
-            let tokens = BATCH * ((px / 16).pow(2) + 1);
-            let mm = matmul_flops(tokens, cfg.decoder_dim, cfg.decoder_dim * 4);
+            let (tokens, d) = (BATCH * ((px / 16).pow(2) + 1), cfg.decoder_dim);
             eprintln!(
-                "{preset} {px}px: {:.2} GFLOP/step, first step {:.3} s ({:.1} GFLOP/s), loss {loss:.3}; \
-                 matmul [{tokens}x{}]x[{}x{}] {:.1} GFLOP/s",
+                "{preset} {px}px: {:.2} GFLOP/step, first step {:.3} s ({:.1} GFLOP/s), loss {loss:.3}",
                 flops / 1e9,
                 once,
                 flops / once / 1e9,
-                cfg.decoder_dim,
-                cfg.decoder_dim,
-                cfg.decoder_dim * 4,
-                mm / 1e9
             );
             // The VM's speed drifts by up to 2× within a run, so the share of the matmul's
             // FLOP/s is taken over pairs: the reference, then one step right after it.
             let pairs = if px >= 384 { 3 } else { 5 };
             let mut shares = Vec::new();
             let mut times = Vec::new();
+            let mut refs = Vec::new();
             for _ in 0..pairs {
-                let mm = matmul_flops(tokens, cfg.decoder_dim, cfg.decoder_dim * 4);
+                let mm = matmul_flops(tokens, d, d * 4);
                 let t = Instant::now();
                 step(&mut s);
                 let per = t.elapsed().as_secs_f64();
                 times.push(per);
+                refs.push(mm);
                 shares.push(flops / per / mm);
             }
             eprintln!(
-                "{preset} {px}px: paired over {pairs} steps: median {:.3} s/step, {:.2} images/s, \
-                 median share of the matmul reference {:.0} % (range {:.0}–{:.0} %)",
+                "{preset} {px}px: paired over {pairs} steps: median {:.3} s/step, {:.2} images/s; \
+                 matmul [{tokens}x{d}]x[{d}x{}] median {:.1} GFLOP/s; median share {:.0} % \
+                 (range {:.0}–{:.0} %)",
                 median(&times),
                 BATCH as f64 / median(&times),
+                d * 4,
+                median(&refs) / 1e9,
                 100.0 * median(&shares),
                 100.0 * shares.iter().copied().fold(f64::INFINITY, f64::min),
                 100.0 * shares.iter().copied().fold(0.0, f64::max),

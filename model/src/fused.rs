@@ -752,13 +752,17 @@ impl CustomOp2 for BiasAdd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&ColumnSums)?
-            .sum(0)?
-            .to_dtype(b.dtype())?;
-        Ok((Some(grad.clone()), Some(db)))
+        Ok((Some(grad.clone()), Some(bias_grad(grad, b)?)))
     }
+}
+
+/// The gradient of a bias `b` `[C]` added to every row: the column sums of `d` `[..., C]`
+/// ([`ColumnSums`]), in `b`'s dtype.
+fn bias_grad(d: &Tensor, b: &Tensor) -> Result<Tensor> {
+    d.contiguous()?
+        .apply_op1_no_bwd(&ColumnSums)?
+        .sum(0)?
+        .to_dtype(b.dtype())
 }
 
 /// Column sums of `[rows, C]` (C the last dimension) as `[P, C]` partial sums over `P` row
@@ -1186,10 +1190,7 @@ impl CustomOp2 for BiasGelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluGrad)?;
-        let db = dx
-            .apply_op1_no_bwd(&ColumnSums)?
-            .sum(0)?
-            .to_dtype(b.dtype())?;
+        let db = bias_grad(&dx, b)?;
         Ok((Some(dx), Some(db)))
     }
 }

@@ -757,7 +757,7 @@ impl GradStore {
                 // A transpose node's backward transposes its gradient back: keeping a strided
                 // view here lets a view of a contiguous tensor reach the transpose's argument
                 // contiguous, with no copy (see the `Op::Matmul` arm).
-                if is_last_two_transpose(tensor) && !tensor.is_variable() {
+                if is_last_two_transpose(tensor) {
                     entry.insert(grad.clone());
                 } else {
                     entry.insert(grad.contiguous()?);
