@@ -5,7 +5,9 @@ flash_bwd_dq, flash_bwd_dkv), for checking their index logic on a machine withou
 Each kernel's arithmetic is ported step by step (the CUDA source now factors it into shared
 fa_* helpers; the port keeps each kernel whole): lanes are numpy arrays of 32, `mma.sync m16n8k16` is
 emulated with the fragment layouts the GPU-verified forward kernel relies on, shared-memory
-tiles are filled as the kernels fill them, and shuffles exchange lanes. The results are
+tiles are filled as the kernels fill them (each thread's fetched units, then
+the row and transposed stores; the prefetching variants `*_pf` fetch the same units one tile
+earlier, so one emulation covers both), and shuffles exchange lanes. The results are
 compared with a float64 numpy reference at bf16 precision. It is a port, not the kernels
 themselves: keep it in step with the CUDA source when that changes.
     python3 scripts/emulate_flash.py        # about 20 s
@@ -54,25 +56,46 @@ def mma(d, a, b0, b1):
 def zeros4():
     return [np.zeros(32, np.float32) for _ in range(4)]
 
-def load_rows(mem, base_fn, j0, N, HD):
-    """smem[key][pr] = pair at row j0+key (rows past N zero)."""
+THREADS = 128
+def fetch(mem, base_fn, j0, N, HD):
+    """fa_fetch: thread x, unit it: token pair x // (HD/2) + it * KPI, column pair x % (HD/2);
+    a = the pair at the even token, b at the odd one (0 past N). Returns (a, b), [THREADS, U]."""
+    U = KT // 2 * (HD // 2) // THREADS
+    KPI = THREADS // (HD // 2)
+    a = np.zeros((THREADS, U), np.uint32); b = np.zeros((THREADS, U), np.uint32)
+    for x in range(THREADS):
+        for it in range(U):
+            row = j0 + 2 * (x // (HD // 2) + it * KPI)
+            c = (x % (HD // 2)) * 2
+            if row < N:
+                i = base_fn(row) + c; a[x, it] = int(mem[i]) | (int(mem[i + 1]) << 16)
+            if row + 1 < N:
+                i = base_fn(row + 1) + c; b[x, it] = int(mem[i]) | (int(mem[i + 1]) << 16)
+    return a, b
+def byte_perm(x, y, sel):
+    """CUDA __byte_perm: bytes of y:x (x low), selected by the four nibbles of sel."""
+    v = (int(y) << 32) | int(x)
+    return sum(((v >> (8 * ((sel >> (4 * k)) & 7))) & 0xff) << (8 * k) for k in range(4))
+def put_rows(stage, HD):
+    """fa_put_rows: smem[token][pair]."""
+    a, b = stage
+    U = a.shape[1]; KPI = THREADS // (HD // 2)
     s = np.zeros((KT, HD // 2 + 4), np.uint32)
-    for key in range(KT):
-        row = j0 + key
-        if row < N:
-            for pr in range(HD // 2):
-                i = base_fn(row) + pr * 2
-                s[key, pr] = int(mem[i]) | (int(mem[i + 1]) << 16)
+    for x in range(THREADS):
+        kp, dp = x // (HD // 2), x % (HD // 2)
+        for it in range(U):
+            s[2 * (kp + it * KPI), dp] = a[x, it]; s[2 * (kp + it * KPI) + 1, dp] = b[x, it]
     return s
-def load_cols(mem, base_fn, j0, N, HD):
-    """smem[dim][kp] = (row j0+2kp, row j0+2kp+1) at dim."""
+def put_cols(stage, HD):
+    """fa_put_cols: smem[dim][token pair], through __byte_perm as the kernel does."""
+    a, b = stage
+    U = a.shape[1]; KPI = THREADS // (HD // 2)
     s = np.zeros((HD, KT // 2 + 4), np.uint32)
-    for kp in range(KT // 2):
-        row = j0 + 2 * kp
-        for dim in range(HD):
-            lo = int(mem[base_fn(row) + dim]) if row < N else 0
-            hi = int(mem[base_fn(row + 1) + dim]) if row + 1 < N else 0
-            s[dim, kp] = lo | (hi << 16)
+    for x in range(THREADS):
+        kp, dp = x // (HD // 2), x % (HD // 2)
+        for it in range(U):
+            s[2 * dp, kp + it * KPI] = byte_perm(a[x, it], b[x, it], 0x5410)
+            s[2 * dp + 1, kp + it * KPI] = byte_perm(a[x, it], b[x, it], 0x7632)
     return s
 NEG = np.float32(-np.inf)
 
@@ -95,8 +118,8 @@ def fwd(qkv, B, N, H, HD):
                     W.append(dict(r0=r0, r1=r1, qa=qa, m0=np.full(32, NEG), m1=np.full(32, NEG), l0=np.zeros(32, np.float32),
                                   l1=np.zeros(32, np.float32), o=[zeros4() for _ in range(HD // 8)]))
                 for j0 in range(0, N, KT):
-                    ks = load_rows(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD)
-                    vt = load_cols(qkv, lambda row: base + row * stride + (2 * H + h) * HD, j0, N, HD)
+                    ks = put_rows(fetch(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD), HD)
+                    vt = put_cols(fetch(qkv, lambda row: base + row * stride + (2 * H + h) * HD, j0, N, HD), HD)
                     for st in W:
                         s = []
                         for nt in range(KT // 8):
@@ -184,7 +207,7 @@ def bwd(qkv, o, dout, B, N, H, HD):
                     W.append(dict(r0=r0, r1=r1, qa=qa, da=da, d0=d0, d1=d1, m0=np.full(32, NEG), m1=np.full(32, NEG),
                                   l0=np.zeros(32, np.float32), l1=np.zeros(32, np.float32)))
                 for j0 in range(0, N, KT):
-                    ks = load_rows(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD)
+                    ks = put_rows(fetch(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD), HD)
                     for st in W:
                         s = []
                         for nt in range(KT // 8):
@@ -221,9 +244,9 @@ def bwd(qkv, o, dout, B, N, H, HD):
                             if st['r1'][lane] < N: lse[row_at + st['r1'][lane]] = st['lse1'][lane]; dvec[row_at + st['r1'][lane]] = st['d1'][lane]
                     st['dq'] = [zeros4() for _ in range(HD // 8)]
                 for j0 in range(0, N, KT):
-                    ks = load_rows(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD)
-                    vs = load_rows(qkv, lambda row: base + row * stride + (2 * H + h) * HD, j0, N, HD)
-                    kt = load_cols(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD)
+                    sk = fetch(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD)
+                    ks, kt = put_rows(sk, HD), put_cols(sk, HD)
+                    vs = put_rows(fetch(qkv, lambda row: base + row * stride + (2 * H + h) * HD, j0, N, HD), HD)
                     for st in W:
                         s = []
                         for nt in range(KT // 8):
@@ -273,10 +296,10 @@ def bwd(qkv, o, dout, B, N, H, HD):
                         ka.append(a_); va.append(v_)
                     W.append(dict(k0=k0, k1=k1, ka=ka, va=va, dk=[zeros4() for _ in range(HD // 8)], dv=[zeros4() for _ in range(HD // 8)]))
                 for q0 in range(0, N, KT):
-                    qs = load_rows(qkv, lambda row: base + row * stride + h * HD, q0, N, HD)
-                    gs = load_rows(dout, lambda row: gbase + row * ostride, q0, N, HD)
-                    qt = load_cols(qkv, lambda row: base + row * stride + h * HD, q0, N, HD)
-                    gt = load_cols(dout, lambda row: gbase + row * ostride, q0, N, HD)
+                    sq = fetch(qkv, lambda row: base + row * stride + h * HD, q0, N, HD)
+                    sg = fetch(dout, lambda row: gbase + row * ostride, q0, N, HD)
+                    qs, qt = put_rows(sq, HD), put_cols(sq, HD)
+                    gs, gt = put_rows(sg, HD), put_cols(sg, HD)
                     ls = np.array([lse[row_at + q0 + i] if q0 + i < N else np.inf for i in range(KT)], np.float32)
                     dl = np.array([dvec[row_at + q0 + i] if q0 + i < N else 0 for i in range(KT)], np.float32)
                     for st in W:

@@ -123,9 +123,10 @@ fn step_bench(args: &[String]) -> Res<()> {
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
     // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
-    // backward and the fused bias + GELU (both off by default until they have run on a GPU).
+    // backward, the fused bias + GELU and the flash kernels' prefetching (off by default until
+    // they have run on a GPU).
     let label = format!(
-        "icefm{}{}{}{}{}{}",
+        "icefm{}{}{}{}{}{}{}",
         if composed { "-composed" } else { "" },
         if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
             "-zerofill"
@@ -141,6 +142,11 @@ fn step_bench(args: &[String]) -> Res<()> {
         if fused::flash_bwd() { "-flashbwd" } else { "" },
         if std::env::var("ICEFM_BIAS_GELU_CUDA").is_ok_and(|v| v == "1") {
             "-biasgelu"
+        } else {
+            ""
+        },
+        if fused::flash_prefetch() {
+            "-prefetch"
         } else {
             ""
         }
@@ -457,6 +463,7 @@ fn kernels_bench() -> Res<()> {
     // The attention core's forward: the flash kernel against the materialised scores (split
     // heads, q·kᵀ, softmax, ·v, merge) it replaces.
     let flash_bwd_env = fused::flash_bwd();
+    let prefetch_env = fused::flash_prefetch();
     for (n, heads, dim, what) in [
         (145usize, 12usize, 768usize, "encoder"),
         (577, 16, 512, "decoder"),
@@ -466,18 +473,29 @@ fn kernels_bench() -> Res<()> {
             fused::attention(&qkv, heads)?;
             Ok(())
         })?;
+        fused::set_flash_prefetch(true);
+        let fpf = time_ms(&dev, 3, 20, || {
+            fused::attention(&qkv, heads)?;
+            Ok(())
+        });
+        fused::set_flash_prefetch(prefetch_env);
         fused::set_flash(false);
         let c = time_ms(&dev, 3, 20, || {
             fused::attention(&qkv, heads)?;
             Ok(())
         });
         fused::set_flash(true);
-        // The node's backward: the two flash kernels against the materialised recompute.
+        // The node's backward: the two flash kernels against the materialised recompute, and
+        // the flash kernels with prefetching against without.
         let qv = Var::from_tensor(&qkv)?;
         let dy = random(&[64, n, dim], 23, &dev, DType::BF16)?;
-        let mut bwd = [0f64; 2];
-        for (i, on) in [true, false].into_iter().enumerate() {
+        let mut bwd = [0f64; 3];
+        for (i, (on, prefetch)) in [(true, false), (false, false), (true, true)]
+            .into_iter()
+            .enumerate()
+        {
             fused::set_flash_bwd(on);
+            fused::set_flash_prefetch(prefetch);
             bwd[i] = time_ms(&dev, 2, 10, || {
                 let y = fused::attention(qv.as_tensor(), heads)?;
                 (y * &dy)?.backward()?;
@@ -485,6 +503,23 @@ fn kernels_bench() -> Res<()> {
             })?;
         }
         fused::set_flash_bwd(flash_bwd_env);
+        fused::set_flash_prefetch(prefetch_env);
+        kernel_line(
+            "attention node fwd+bwd, flash: prefetching (vs not)",
+            &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),
+            0.0,
+            bwd[2],
+            bwd[0],
+            copy,
+        );
+        kernel_line(
+            "flash attention fwd: prefetching (vs not)",
+            &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),
+            0.0,
+            fpf?,
+            f,
+            copy,
+        );
         kernel_line(
             "attention node fwd+bwd: flash bwd (vs materialised)",
             &format!("[64, {n}, 3x{dim}] bf16, {heads} heads ({what})"),

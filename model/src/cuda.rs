@@ -670,26 +670,52 @@ __device__ __forceinline__ float quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-// Tokens j0 .. j0 + FA_KT of one head (`src`: token 0's first value, `stride` between tokens)
-// into a row tile and a transposed tile; tokens past N read as 0. All threads of the block.
+// Tile loading in two steps, so that all of a thread's global loads for a tile are in flight at
+// once (and, with the next tile fetched before this one's products, hidden behind them):
+// fa_fetch reads tokens j0 .. j0 + FA_KT of one head (`src`: token 0's first value, `stride`
+// between tokens) into registers, one unit being the same pair of head-width columns of two
+// consecutive tokens (a: even, b: odd; tokens past N read as 0); fa_put_rows writes a stage as a
+// row tile, fa_put_cols as a transposed tile. All FA_THREADS threads of the block.
+#define FA_THREADS 128
+template <int HD> struct fa_stage {
+    static constexpr int U = FA_KT / 2 * (HD / 2) / FA_THREADS;  // units per thread
+    static constexpr int KPI = FA_THREADS / (HD / 2);              // token pairs per round
+    unsigned a[U], b[U];
+};
+// Unit threadIdx.x + it · FA_THREADS: token pair threadIdx.x / (HD/2) + it · KPI, column pair
+// threadIdx.x % (HD/2) (addresses stepped from one base, not one register pair per unit).
 template <int HD>
-__device__ __forceinline__ void fa_load_rows(fa_rows<HD>& dst, const bf16_t* src, long stride,
-                                             int j0, int N) {
-    for (int i = threadIdx.x; i < FA_KT * HD / 2; i += blockDim.x) {
-        int key = i / (HD / 2), pr = i % (HD / 2);
-        int row = j0 + key;
-        dst[key][pr] = row < N ? ld_pair(src + row * stride + pr * 2) : 0u;
+__device__ __forceinline__ void fa_fetch(fa_stage<HD>& st, const bf16_t* src, long stride, int j0,
+                                         int N) {
+    constexpr int KPI = fa_stage<HD>::KPI;
+    int row = j0 + 2 * (threadIdx.x / (HD / 2));
+    const bf16_t* p = src + row * stride + (threadIdx.x % (HD / 2)) * 2;
+    const long step = 2L * KPI * stride;
+#pragma unroll
+    for (int it = 0; it < fa_stage<HD>::U; ++it, row += 2 * KPI, p += step) {
+        st.a[it] = row < N ? ld_pair(p) : 0u;
+        st.b[it] = row + 1 < N ? ld_pair(p + stride) : 0u;
     }
 }
 template <int HD>
-__device__ __forceinline__ void fa_load_cols(fa_cols<HD>& dst, const bf16_t* src, long stride,
-                                             int j0, int N) {
-    for (int i = threadIdx.x; i < FA_KT / 2 * HD; i += blockDim.x) {
-        int kp = i / HD, dim = i % HD;
-        int row = j0 + kp * 2;
-        unsigned lo = row < N ? src[row * stride + dim] : 0u;
-        unsigned hi = row + 1 < N ? src[(row + 1) * stride + dim] : 0u;
-        dst[dim][kp] = lo | (hi << 16);
+__device__ __forceinline__ void fa_put_rows(fa_rows<HD>& dst, const fa_stage<HD>& st) {
+    constexpr int KPI = fa_stage<HD>::KPI;
+    const int kp = threadIdx.x / (HD / 2), dp = threadIdx.x % (HD / 2);
+#pragma unroll
+    for (int it = 0; it < fa_stage<HD>::U; ++it) {
+        dst[2 * (kp + it * KPI)][dp] = st.a[it];
+        dst[2 * (kp + it * KPI) + 1][dp] = st.b[it];
+    }
+}
+template <int HD>
+__device__ __forceinline__ void fa_put_cols(fa_cols<HD>& dst, const fa_stage<HD>& st) {
+    constexpr int KPI = fa_stage<HD>::KPI;
+    const int kp = threadIdx.x / (HD / 2), dp = threadIdx.x % (HD / 2);
+#pragma unroll
+    for (int it = 0; it < fa_stage<HD>::U; ++it) {
+        // low halves: head-width column 2·dp; high halves: column 2·dp + 1
+        dst[2 * dp][kp + it * KPI] = __byte_perm(st.a[it], st.b[it], 0x5410);
+        dst[2 * dp + 1][kp + it * KPI] = __byte_perm(st.a[it], st.b[it], 0x7632);
     }
 }
 
@@ -768,7 +794,9 @@ __device__ __forceinline__ void fa_store(bf16_t* dst, long stride, const float (
     }
 }
 
-template <int HD>
+// PF: fetch the next tile during this tile's products (more registers, fewer warps per SM);
+// otherwise each tile's loads are all issued at once at the top of its step.
+template <int HD, bool PF>
 __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int N, int H,
                                             float scale_log2) {
     __shared__ fa_rows<HD> ks;  // keys
@@ -784,11 +812,26 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int 
     float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
     float o[HD / 8][4];
     for (int u = 0; u < HD / 8; ++u) o[u][0] = o[u][1] = o[u][2] = o[u][3] = 0.f;
+    const bf16_t* kbase = base + (H + h) * HD;
+    const bf16_t* vbase = base + (2 * H + h) * HD;
+    fa_stage<HD> sk, sv;
+    if (PF) {
+        fa_fetch<HD>(sk, kbase, stride, 0, N);
+        fa_fetch<HD>(sv, vbase, stride, 0, N);
+    }
     for (int j0 = 0; j0 < N; j0 += FA_KT) {
         __syncthreads();
-        fa_load_rows<HD>(ks, base + (H + h) * HD, stride, j0, N);
-        fa_load_cols<HD>(vt, base + (2 * H + h) * HD, stride, j0, N);
+        if (!PF) {
+            fa_fetch<HD>(sk, kbase, stride, j0, N);
+            fa_fetch<HD>(sv, vbase, stride, j0, N);
+        }
+        fa_put_rows<HD>(ks, sk);
+        fa_put_cols<HD>(vt, sv);
         __syncthreads();
+        if (PF && j0 + FA_KT < N) {  // the next tile's loads, in flight during this tile's products
+            fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
+            fa_fetch<HD>(sv, vbase, stride, j0 + FA_KT, N);
+        }
         float s[FA_KT / 8][4];
         fa_products<HD>(s, qa, ks, g, t);
         float mx0 = m0, mx1 = m1;
@@ -820,14 +863,14 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int 
     l1 = quad_sum(l1);
     fa_store<HD>(out + (long)b * N * H * HD + h * HD, (long)H * HD, o, r0, r1, N, t, 1.f / l0, 1.f / l1);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_fwd_32(const bf16_t* qkv, bf16_t* out,
-        int N, int H, float scale_log2) {
-    flash_fwd_k<32>(qkv, out, N, H, scale_log2);
-}
-extern "C" __global__ void __launch_bounds__(128) flash_fwd_64(const bf16_t* qkv, bf16_t* out,
-        int N, int H, float scale_log2) {
-    flash_fwd_k<64>(qkv, out, N, H, scale_log2);
-}
+#define FLASH_FWD(NAME, HD, PF)                                                                \
+extern "C" __global__ void __launch_bounds__(FA_THREADS) NAME(const bf16_t* qkv, bf16_t* out,  \
+        int N, int H, float scale_log2) {                                                      \
+    flash_fwd_k<HD, PF>(qkv, out, N, H, scale_log2); }
+FLASH_FWD(flash_fwd_32, 32, false)
+FLASH_FWD(flash_fwd_64, 64, false)
+FLASH_FWD(flash_fwd_32_pf, 32, true)
+FLASH_FWD(flash_fwd_64_pf, 64, true)
 // Flash attention backward (icefm_model::fused::FlashAttentionGrad): from qkv, the forward's
 // output O and its gradient dO ([B, N, H·HD], bf16) to dqkv in qkv's own layout, with no N × N
 // matrix in memory and no atomics, in two kernels on the forward's tiling:
@@ -843,7 +886,7 @@ __device__ __forceinline__ float2 unpack_bf16(unsigned u) {
     return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
 
-template <int HD>
+template <int HD, bool PF>
 __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* o, const bf16_t* dout,
         bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
     __shared__ fa_rows<HD> ks;  // keys
@@ -871,11 +914,17 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
     d0 = quad_sum(d0);
     d1 = quad_sum(d1);
     // Pass 1: each query's log-sum-exp of its scaled scores (log2 domain).
+    const bf16_t* kbase = base + (H + h) * HD;
+    const bf16_t* vbase = base + (2 * H + h) * HD;
+    fa_stage<HD> sk, sv;
+    if (PF) fa_fetch<HD>(sk, kbase, stride, 0, N);
     float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
     for (int j0 = 0; j0 < N; j0 += FA_KT) {
         __syncthreads();
-        fa_load_rows<HD>(ks, base + (H + h) * HD, stride, j0, N);
+        if (!PF) fa_fetch<HD>(sk, kbase, stride, j0, N);
+        fa_put_rows<HD>(ks, sk);
         __syncthreads();
+        if (PF && j0 + FA_KT < N) fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
         float s[FA_KT / 8][4];
         fa_products<HD>(s, qa, ks, g, t);
         float mx0 = m0, mx1 = m1;
@@ -900,12 +949,24 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
     // Pass 2: dq = scale · Σ_keys P ∘ (dO·vᵀ − D) · k.
     float dq[HD / 8][4];
     for (int u = 0; u < HD / 8; ++u) dq[u][0] = dq[u][1] = dq[u][2] = dq[u][3] = 0.f;
+    if (PF) {
+        fa_fetch<HD>(sk, kbase, stride, 0, N);
+        fa_fetch<HD>(sv, vbase, stride, 0, N);
+    }
     for (int j0 = 0; j0 < N; j0 += FA_KT) {
         __syncthreads();
-        fa_load_rows<HD>(ks, base + (H + h) * HD, stride, j0, N);
-        fa_load_rows<HD>(vs, base + (2 * H + h) * HD, stride, j0, N);
-        fa_load_cols<HD>(kt, base + (H + h) * HD, stride, j0, N);
+        if (!PF) {
+            fa_fetch<HD>(sk, kbase, stride, j0, N);
+            fa_fetch<HD>(sv, vbase, stride, j0, N);
+        }
+        fa_put_rows<HD>(ks, sk);
+        fa_put_cols<HD>(kt, sk);
+        fa_put_rows<HD>(vs, sv);
         __syncthreads();
+        if (PF && j0 + FA_KT < N) {
+            fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
+            fa_fetch<HD>(sv, vbase, stride, j0 + FA_KT, N);
+        }
         float s[FA_KT / 8][4], dp[FA_KT / 8][4];
         fa_products<HD>(s, qa, ks, g, t);
         fa_products<HD>(dp, da, vs, g, t);
@@ -918,7 +979,18 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
     fa_store<HD>(dqkv + (long)b * N * stride + h * HD, stride, dq, r0, r1, N, t, scale, scale);
 }
 
-template <int HD>
+// The forward's log-sum-exp and D of query q0 + threadIdx.x (threads below FA_KT; a query past N
+// gets an infinite log-sum-exp, so that its P is 0).
+__device__ __forceinline__ void fa_fetch_stats(float& l, float& d, const float* lse,
+                                               const float* dvec, long row_at, int q0, int N) {
+    if (threadIdx.x < FA_KT) {
+        bool ok = q0 + (int)threadIdx.x < N;
+        l = ok ? lse[row_at + q0 + threadIdx.x] : __int_as_float(0x7f800000);
+        d = ok ? dvec[row_at + q0 + threadIdx.x] : 0.f;
+    }
+}
+
+template <int HD, bool PF>
 __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t* dout,
         const float* lse, const float* dvec, bf16_t* dqkv, int N, int H, float scale_log2,
         float scale) {
@@ -941,18 +1013,35 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
     float dk[HD / 8][4], dv[HD / 8][4];
     for (int u = 0; u < HD / 8; ++u)
         for (int e = 0; e < 4; ++e) dk[u][e] = dv[u][e] = 0.f;
+    const bf16_t* qbase = base + h * HD;
+    fa_stage<HD> sq, sg;
+    float lnext = 0.f, dnext = 0.f;  // this thread's entry of the next tile's statistics
+    if (PF) {
+        fa_fetch<HD>(sq, qbase, stride, 0, N);
+        fa_fetch<HD>(sg, gbase, ostride, 0, N);
+        fa_fetch_stats(lnext, dnext, lse, dvec, row_at, 0, N);
+    }
     for (int q0 = 0; q0 < N; q0 += FA_KT) {
         __syncthreads();
-        fa_load_rows<HD>(qs, base + h * HD, stride, q0, N);
-        fa_load_rows<HD>(gs, gbase, ostride, q0, N);
-        fa_load_cols<HD>(qt, base + h * HD, stride, q0, N);
-        fa_load_cols<HD>(gt, gbase, ostride, q0, N);
-        for (int i = threadIdx.x; i < FA_KT; i += blockDim.x) {
-            bool ok = q0 + i < N;
-            ls[i] = ok ? lse[row_at + q0 + i] : __int_as_float(0x7f800000);
-            dl[i] = ok ? dvec[row_at + q0 + i] : 0.f;
+        if (!PF) {
+            fa_fetch<HD>(sq, qbase, stride, q0, N);
+            fa_fetch<HD>(sg, gbase, ostride, q0, N);
+            fa_fetch_stats(lnext, dnext, lse, dvec, row_at, q0, N);
+        }
+        fa_put_rows<HD>(qs, sq);
+        fa_put_cols<HD>(qt, sq);
+        fa_put_rows<HD>(gs, sg);
+        fa_put_cols<HD>(gt, sg);
+        if (threadIdx.x < FA_KT) {
+            ls[threadIdx.x] = lnext;
+            dl[threadIdx.x] = dnext;
         }
         __syncthreads();
+        if (PF && q0 + FA_KT < N) {
+            fa_fetch<HD>(sq, qbase, stride, q0 + FA_KT, N);
+            fa_fetch<HD>(sg, gbase, ostride, q0 + FA_KT, N);
+            fa_fetch_stats(lnext, dnext, lse, dvec, row_at, q0 + FA_KT, N);
+        }
         float p[FA_KT / 8][4], ds[FA_KT / 8][4];
         fa_products<HD>(p, ka, qs, g, t);
         fa_products<HD>(ds, va, gs, g, t);
@@ -969,17 +1058,19 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
     fa_store<HD>(dbase + (H + h) * HD, stride, dk, k0, k1, N, t, scale, scale);
     fa_store<HD>(dbase + (2 * H + h) * HD, stride, dv, k0, k1, N, t, 1.f, 1.f);
 }
-#define FLASH_BWD(HD)                                                                         \
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_##HD(const bf16_t* qkv,        \
-        const bf16_t* o, const bf16_t* dout, bf16_t* dqkv, float* lse, float* dvec, int N,    \
-        int H, float scale_log2, float scale) {                                               \
-    flash_bwd_dq_k<HD>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }             \
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv_##HD(const bf16_t* qkv,       \
-        const bf16_t* dout, const float* lse, const float* dvec, bf16_t* dqkv, int N, int H,  \
-        float scale_log2, float scale) {                                                      \
-    flash_bwd_dkv_k<HD>(qkv, dout, lse, dvec, dqkv, N, H, scale_log2, scale); }
-FLASH_BWD(32)
-FLASH_BWD(64)
+#define FLASH_BWD(SUFFIX, HD, PF)                                                             \
+extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dq_##SUFFIX(                \
+        const bf16_t* qkv, const bf16_t* o, const bf16_t* dout, bf16_t* dqkv, float* lse,      \
+        float* dvec, int N, int H, float scale_log2, float scale) {                            \
+    flash_bwd_dq_k<HD, PF>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }          \
+extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dkv_##SUFFIX(               \
+        const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dvec,            \
+        bf16_t* dqkv, int N, int H, float scale_log2, float scale) {                           \
+    flash_bwd_dkv_k<HD, PF>(qkv, dout, lse, dvec, dqkv, N, H, scale_log2, scale); }
+FLASH_BWD(32, 32, false)
+FLASH_BWD(64, 64, false)
+FLASH_BWD(32_pf, 32, true)
+FLASH_BWD(64_pf, 64, true)
 // 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
 // cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
 // and its adjoint: each input value the sum of the nine places it was copied to. One thread
@@ -2229,6 +2320,15 @@ impl Drop for Uploader {
     }
 }
 
+/// The kernel-name suffix of the flash kernels that fetch the next tile during the current one.
+fn prefetch_suffix() -> &'static str {
+    if crate::fused::flash_prefetch() {
+        "_pf"
+    } else {
+        ""
+    }
+}
+
 /// [`crate::fused::FlashAttention`] on the device: `qkv` bf16 `[B, N, 3·H·hd]` (contiguous, at an
 /// even element offset) → `[B, N, H·hd]` bf16. `hd` is 32 or 64.
 pub fn flash_attention(
@@ -2244,7 +2344,7 @@ pub fn flash_attention(
     let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg("too large".into()));
     let (n_i, h_i) = (int(n)?, int(heads)?);
     let scale_log2 = (hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
-    let f = func(dev, &format!("flash_fwd_{hd}"))?;
+    let f = func(dev, &format!("flash_fwd_{hd}{}", prefetch_suffix()))?;
     // SAFETY: every element is written: each (sample, head, query) by its warp.
     let out = unsafe { dev.alloc::<half::bf16>(b * n * heads * hd)? };
     let cfg = LaunchConfig {
@@ -2348,7 +2448,7 @@ pub fn flash_attention_bwd(
         shared_mem_bytes: 0,
     };
     let stream = dev.cuda_stream();
-    let f = func(dev, &format!("flash_bwd_dq_{hd}"))?;
+    let f = func(dev, &format!("flash_bwd_dq_{hd}{}", prefetch_suffix()))?;
     let mut lb = stream.launch_builder(&f);
     lb.arg(&qkv)
         .arg(&o)
@@ -2362,7 +2462,7 @@ pub fn flash_attention_bwd(
         .arg(&scale);
     // SAFETY: the arguments match the kernel's signature and sizes.
     unsafe { lb.launch(cfg) }.w()?;
-    let f = func(dev, &format!("flash_bwd_dkv_{hd}"))?;
+    let f = func(dev, &format!("flash_bwd_dkv_{hd}{}", prefetch_suffix()))?;
     let mut lb = stream.launch_builder(&f);
     lb.arg(&qkv)
         .arg(&dout)

@@ -66,6 +66,7 @@ static FUSED: Switch = Switch::new("ICEFM_FUSED");
 static FLASH: Switch = Switch::new("ICEFM_FLASH");
 static FLASH_BWD: Switch = Switch::off_by_default("ICEFM_FLASH_BWD");
 static BIAS_GELU_CUDA: Switch = Switch::off_by_default("ICEFM_BIAS_GELU_CUDA");
+static FLASH_PREFETCH: Switch = Switch::off_by_default("ICEFM_FLASH_PREFETCH");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
@@ -1322,6 +1323,18 @@ pub fn flash_bwd() -> bool {
 /// Switch the flash attention backward on or off for the whole process.
 pub fn set_flash_bwd(on: bool) {
     FLASH_BWD.set(on);
+}
+
+/// Whether the flash kernels fetch the next key (or query) tile into registers while they
+/// compute on the current one: fewer stalls on memory, more registers and so fewer warps per
+/// SM. Off by default until the GPU check has compared the two (`ICEFM_FLASH_PREFETCH=1`).
+pub fn flash_prefetch() -> bool {
+    FLASH_PREFETCH.get()
+}
+
+/// Switch the flash kernels' prefetching on or off for the whole process.
+pub fn set_flash_prefetch(on: bool) {
+    FLASH_PREFETCH.set(on);
 }
 
 /// Whether the flash kernel runs [`attention`]'s forward pass: bf16 on a GPU, heads 32 or 64

@@ -503,10 +503,21 @@ fn the_flash_attention_kernel_matches_the_cpu_reference() {
             .unwrap();
         let op = fused::FlashAttention { heads };
         let cpu = qkv.apply_op1_no_bwd(&op).unwrap();
-        let gpu_out = qkv.to_device(&g).unwrap().apply_op1_no_bwd(&op).unwrap();
-        assert_eq!(gpu_out.dims(), cpu.dims());
-        let e = max_rel(&gpu_out, &cpu);
-        assert!(e < 1.5e-2, "n = {n}, hd = {hd}: {e}");
+        // Both tile-loading variants: the same loads at other times, so the same bits.
+        let mut variants = Vec::new();
+        for prefetch in [false, true] {
+            fused::set_flash_prefetch(prefetch);
+            let gpu_out = qkv.to_device(&g).unwrap().apply_op1_no_bwd(&op).unwrap();
+            assert_eq!(gpu_out.dims(), cpu.dims());
+            let e = max_rel(&gpu_out, &cpu);
+            assert!(e < 1.5e-2, "n = {n}, hd = {hd}, prefetch {prefetch}: {e}");
+            variants.push(host(&gpu_out));
+        }
+        fused::set_flash_prefetch(false);
+        assert_eq!(
+            variants[0], variants[1],
+            "n = {n}, hd = {hd}: prefetch changed the output"
+        );
         // The model's attention: flash forward against the materialised one, same backward.
         let q = Var::from_tensor(&qkv.to_device(&g).unwrap()).unwrap();
         let probe = random(&[b, n, heads * hd], seed + 10, 1.0)
@@ -566,10 +577,20 @@ fn the_flash_attention_backward_kernels_match_the_cpu_reference() {
         let op = fused::FlashAttentionGrad { heads };
         let cpu = qkv.apply_op3_no_bwd(&o, &dout, &op).unwrap();
         let on = |t: &Tensor| t.to_device(&g).unwrap();
-        let gpu_out = on(&qkv).apply_op3_no_bwd(&on(&o), &on(&dout), &op).unwrap();
-        assert_eq!(gpu_out.dims(), cpu.dims());
-        let e = max_rel(&gpu_out, &cpu);
-        assert!(e < 2e-2, "n = {n}, hd = {hd}: {e}");
+        let mut variants = Vec::new();
+        for prefetch in [false, true] {
+            fused::set_flash_prefetch(prefetch);
+            let gpu_out = on(&qkv).apply_op3_no_bwd(&on(&o), &on(&dout), &op).unwrap();
+            assert_eq!(gpu_out.dims(), cpu.dims());
+            let e = max_rel(&gpu_out, &cpu);
+            assert!(e < 2e-2, "n = {n}, hd = {hd}, prefetch {prefetch}: {e}");
+            variants.push(host(&gpu_out));
+        }
+        fused::set_flash_prefetch(false);
+        assert_eq!(
+            variants[0], variants[1],
+            "n = {n}, hd = {hd}: prefetch changed dqkv"
+        );
         // Through the model's attention node: flash backward on against off.
         let q = Var::from_tensor(&on(&qkv)).unwrap();
         let mut grads = Vec::new();
