@@ -4,12 +4,13 @@
 #   1. the CUDA tests (kernels against their CPU references, gradients of a micro MAE on the
 #      GPU against the CPU, the fused AdamW against the composed one), then a resumed training
 #      run on the GPU against an uninterrupted one;
-#   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm with its kernels,
-#      icefm with the flash attention backward, with the fused bias + GELU, with both, and with
-#      both and the flash kernels' prefetching (each off by default until verified here), icefm
-#      without the flash attention forward, icefm with candle's compositions, and PyTorch eager
-#      (+ SDPA) in the same run; end-to-end training from a store with page-locked and with
-#      pageable uploads; a ViT-B/16 + UPerNet fine-tuning step (b16);
+#   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm with its kernels;
+#      with each change that is off by default until verified here (the flash attention
+#      backward, the fused bias + GELU, the cuBLASLt bias epilogue), with the first two, with
+#      them and the flash kernels' prefetching, and with all; without the flash attention
+#      forward; with candle's compositions; and PyTorch eager (+ SDPA), in the same run;
+#      end-to-end training from a store with page-locked and with pageable uploads; a
+#      ViT-B/16 + UPerNet fine-tuning step (b16);
 #   3. each kernel against the candle composition it replaces, and its bandwidth against the
 #      measured copy bandwidth;
 #   4. one table, last.
@@ -41,8 +42,10 @@ phase kernels 150 .gpu/gpu_check kernels
 phase step 90 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 10 --warmup 3
 phase step_flashbwd 60 env ICEFM_FLASH_BWD=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_biasgelu 60 env ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
+phase step_ltbias 60 env ICEFM_LT_BIAS=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_new 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_newpf 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
+phase step_all 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 ICEFM_LT_BIAS=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_noflash 60 env ICEFM_FLASH=0 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_composed 60 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2 --composed
 phase profile 60 .gpu/gpu_check profile

@@ -123,10 +123,10 @@ fn step_bench(args: &[String]) -> Res<()> {
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
     // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
-    // backward, the fused bias + GELU and the flash kernels' prefetching (off by default until
-    // they have run on a GPU).
+    // backward, the fused bias + GELU, the flash kernels' prefetching and the cuBLASLt bias
+    // epilogue (off by default until they have run on a GPU).
     let label = format!(
-        "icefm{}{}{}{}{}{}{}",
+        "icefm{}{}{}{}{}{}{}{}",
         if composed { "-composed" } else { "" },
         if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
             "-zerofill"
@@ -149,7 +149,8 @@ fn step_bench(args: &[String]) -> Res<()> {
             "-prefetch"
         } else {
             ""
-        }
+        },
+        if fused::lt_bias() { "-ltbias" } else { "" }
     );
     println!(
         "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
@@ -397,6 +398,7 @@ fn kernels_bench() -> Res<()> {
     let x = random(&[rows, d], 10, &dev, DType::BF16)?;
     let dy = random(&[rows, d], 11, &dev, DType::BF16)?;
     let bias = random(&[d], 12, &dev, DType::F32)?;
+    let lt_env = fused::lt_bias();
     let el = (rows * d) as f64;
     let xv = Var::from_tensor(&x)?;
     let bv = Var::from_tensor(&bias)?;
@@ -436,6 +438,33 @@ fn kernels_bench() -> Res<()> {
         two,
         copy,
     );
+    // A linear layer's forward, x · wᵀ + b: one cuBLASLt product with the bias in its epilogue
+    // against candle's product and the bias add (ViT-B's encoder qkv and decoder fc1 shapes).
+    for (m, k, n, what) in [
+        (64 * 145usize, 768usize, 2304usize, "encoder qkv"),
+        (64 * 577, 512, 2048, "decoder fc1"),
+    ] {
+        let x = random(&[m, k], 18, &dev, DType::BF16)?;
+        let w = random(&[n, k], 19, &dev, DType::BF16)?;
+        let b = random(&[n], 20, &dev, DType::F32)?;
+        let mut ms = [0f64; 2];
+        for (i, lt) in [true, false].into_iter().enumerate() {
+            fused::set_lt_bias(lt);
+            ms[i] = time_ms(&dev, 3, 20, || {
+                fused::linear(&x, &w, &b)?;
+                Ok(())
+            })?;
+        }
+        fused::set_lt_bias(lt_env);
+        kernel_line(
+            "linear fwd: bias in cuBLASLt epilogue (vs product + bias add)",
+            &format!("[{m}, {k}] x [{n}, {k}]^T bf16 ({what})"),
+            0.0,
+            ms[0],
+            ms[1],
+            copy,
+        );
+    }
     // The attention core (head split, q·kᵀ, softmax, ·v, head merge), forward + backward: one
     // autograd node against candle's autograd through its operations. Compute-bound: no
     // bandwidth figure.

@@ -67,6 +67,7 @@ static FLASH: Switch = Switch::new("ICEFM_FLASH");
 static FLASH_BWD: Switch = Switch::off_by_default("ICEFM_FLASH_BWD");
 static BIAS_GELU_CUDA: Switch = Switch::off_by_default("ICEFM_BIAS_GELU_CUDA");
 static FLASH_PREFETCH: Switch = Switch::off_by_default("ICEFM_FLASH_PREFETCH");
+static LT_BIAS: Switch = Switch::off_by_default("ICEFM_LT_BIAS");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
@@ -754,6 +755,147 @@ impl CustomOp2 for BiasAdd {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.clone()), Some(bias_grad(grad, b)?)))
+    }
+}
+
+/// A linear layer's `x · wᵀ + b` for `x` `[rows, in]`, `w` `[out, in]` in `x`'s dtype and `b`
+/// `[out]` (any float dtype): candle's matrix product then [`bias_add`]; or, on a GPU in bf16
+/// with `ICEFM_LT_BIAS=1`, one cuBLASLt product with the bias added in its epilogue
+/// ([`LinearBias`]: no pass of its own over the output). Off by default until the GPU check has
+/// run it.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if lt_bias_applies(x) {
+        return linear_bias(x, w, b);
+    }
+    bias_add(&x.matmul(&w.t()?)?, b)
+}
+
+/// `gelu(linear(x, w, b))`: the matrix product then [`bias_gelu`], or, where [`linear`] adds
+/// the bias in the product's epilogue, that then [`gelu`].
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if lt_bias_applies(x) {
+        return gelu(&linear_bias(x, w, b)?);
+    }
+    bias_gelu(&x.matmul(&w.t()?)?, b)
+}
+
+fn lt_bias_applies(x: &Tensor) -> bool {
+    fused() && LT_BIAS.get() && x.device().is_cuda() && x.dtype() == DType::BF16
+}
+
+/// Whether [`linear`] adds biases in cuBLASLt's epilogue on GPUs (`ICEFM_LT_BIAS=1`).
+pub fn lt_bias() -> bool {
+    LT_BIAS.get()
+}
+
+/// Switch [`linear`]'s cuBLASLt bias epilogue on or off for the whole process.
+pub fn set_lt_bias(on: bool) {
+    LT_BIAS.set(on);
+}
+
+/// [`LinearBias`] applied, with its shapes checked.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    if kw != k || b.dims() != [n] {
+        candle_core::bail!(
+            "linear: x {:?}, w {:?}, b {:?} do not fit [rows, in], [out, in], [out]",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)
+}
+
+/// `x · wᵀ + b` as one op: `x` `[m, k]`, `w` `[n, k]` (same dtype), `b` `[n]` → `[m, n]` in
+/// `x`'s dtype. On the GPU (bf16) one cuBLASLt product with the bias in its epilogue
+/// ([`crate::cuda::linear_bias`]); on the CPU a reference in f64 (for the tests, not for
+/// training: [`linear`] takes candle's product there). Backward: `dx = dy · w`,
+/// `dw = dyᵀ · x` (candle's products) and the bias's column sums ([`ColumnSums`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "icefm-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            b: &[f64],
+        ) -> Result<CpuStorage> {
+            let (_, k) = rows_cols(l1);
+            let x = typed::<T>(s1, l1, "linear")?;
+            let w: Vec<f64> = typed::<T>(s2, l2, "linear")?
+                .iter()
+                .map(|v| v.to_f64())
+                .collect();
+            let n = b.len();
+            let y: Vec<T> = x
+                .par_chunks(k)
+                .flat_map_iter(|row| {
+                    let row: Vec<f64> = row.iter().map(|v| v.to_f64()).collect();
+                    w.chunks(k)
+                        .zip(b)
+                        .map(move |(wr, bv)| {
+                            T::from_f64(row.iter().zip(wr).map(|(a, c)| a * c).sum::<f64>() + bv)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            debug_assert_eq!(y.len(), x.len() / k.max(1) * n);
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let (m, _) = rows_cols(l1);
+        let b = cpu_f64(s3, l3, self.name())?;
+        let n = b.len();
+        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, &b))?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = rows_cols(l1);
+        let (n, _) = rows_cols(l2);
+        Ok((
+            crate::cuda::linear_bias(s1, l1, s2, l2, s3, l3, (m, k, n))?,
+            Shape::from((m, n)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.matmul(w)?;
+        let dw = grad.t()?.matmul(x)?;
+        Ok((Some(dx), Some(dw), Some(bias_grad(grad, b)?)))
     }
 }
 

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::fused::{attention, bias_add, bias_gelu, layer_norm};
+use crate::fused::{attention, layer_norm, linear, linear_gelu};
 use crate::ops::drop_path;
 
 /// Encoder shape.
@@ -83,19 +83,18 @@ impl Linear {
     /// matrix product: a weight broadcast over the batch would make the backward pass build
     /// one weight gradient per sample and sum them.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, out_dims) = self.product(x)?;
-        bias_add(&y, &self.bias)?.reshape(out_dims)
+        let (x2, w, out_dims) = self.operands(x)?;
+        linear(&x2, &w, &self.bias)?.reshape(out_dims)
     }
 
-    /// `gelu(forward(x))`, the bias add and GELU fused ([`bias_gelu`]).
+    /// `gelu(forward(x))`, the bias add and GELU fused ([`linear_gelu`]).
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, out_dims) = self.product(x)?;
-        bias_gelu(&y, &self.bias)?.reshape(out_dims)
+        let (x2, w, out_dims) = self.operands(x)?;
+        linear_gelu(&x2, &w, &self.bias)?.reshape(out_dims)
     }
 
-    /// `x · wᵀ` as `[rows, out]`, and the output's dimensions.
-    fn product(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
-        let dt = x.dtype();
+    /// `x` as `[rows, in]`, the weight in `x`'s dtype, and the output's dimensions.
+    fn operands(&self, x: &Tensor) -> Result<(Tensor, Tensor, Vec<usize>)> {
         let dims = x.dims();
         let inp = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / inp.max(1);
@@ -103,10 +102,8 @@ impl Linear {
         if let Some(last) = out_dims.last_mut() {
             *last = self.weight.dim(0)?;
         }
-        let y = x
-            .reshape((rows, inp))?
-            .matmul(&self.weight.to_dtype(dt)?.t()?)?;
-        Ok((y, out_dims))
+        let w = self.weight.to_dtype(x.dtype())?;
+        Ok((x.reshape((rows, inp))?, w, out_dims))
     }
 }
 

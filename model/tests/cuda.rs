@@ -494,6 +494,67 @@ fn the_uploader_delivers_every_batch_intact() {
 }
 
 #[test]
+fn the_cublaslt_bias_epilogue_matches_the_cpu_reference() {
+    let g = gpu();
+    // ViT-B/16's qkv and fc1 shapes at a few rows, and a small odd one.
+    for (m, k, n) in [(300, 768, 2304), (577, 512, 2048), (16, 64, 24)] {
+        let x = random(&[m, k], 101, 2.0).to_dtype(DType::BF16).unwrap();
+        let w = random(&[n, k], 102, 0.1).to_dtype(DType::BF16).unwrap();
+        let b = random(&[n], 103, 1.0);
+        let cpu = x.apply_op3_no_bwd(&w, &b, &fused::LinearBias).unwrap();
+        let on = |t: &Tensor| t.to_device(&g).unwrap();
+        let gpu_y = on(&x)
+            .apply_op3_no_bwd(&on(&w), &on(&b), &fused::LinearBias)
+            .unwrap();
+        assert_eq!(gpu_y.dims(), &[m, n]);
+        let e = max_rel(&gpu_y, &cpu);
+        assert!(e < 2e-2, "{m}x{k}x{n}: {e}");
+        // An operand off cuBLASLt's 256-byte alignment takes candle's product + bias add.
+        let xs = on(&random(&[m + 1, k], 104, 2.0).to_dtype(DType::BF16).unwrap())
+            .narrow(0, 1, m)
+            .unwrap();
+        let shifted = xs
+            .apply_op3_no_bwd(&on(&w), &on(&b), &fused::LinearBias)
+            .unwrap();
+        let cpu_s = xs
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .apply_op3_no_bwd(&w, &b, &fused::LinearBias)
+            .unwrap();
+        assert!(max_rel(&shifted, &cpu_s) < 2e-2, "{m}x{k}x{n}, offset");
+        // Through `linear`: epilogue on against off, values and gradients.
+        let (xv, wv, bv) = (
+            Var::from_tensor(&on(&x)).unwrap(),
+            Var::from_tensor(&on(&w)).unwrap(),
+            Var::from_tensor(&on(&b)).unwrap(),
+        );
+        let dy = on(&random(&[m, n], 105, 1.0));
+        let mut runs = Vec::new();
+        for lt in [true, false] {
+            fused::set_lt_bias(lt);
+            let y = fused::linear(xv.as_tensor(), wv.as_tensor(), bv.as_tensor()).unwrap();
+            let gr = (y.to_dtype(DType::F32).unwrap() * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Tensor> = [&xv, &wv, &bv]
+                .iter()
+                .map(|v| gr.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            runs.push((y, grads));
+        }
+        fused::set_lt_bias(false);
+        assert!(max_rel(&runs[0].0, &runs[1].0) < 2e-2, "{m}x{k}x{n}: y");
+        for (i, name) in ["x", "w", "b"].iter().enumerate() {
+            let e = max_rel(&runs[0].1[i], &runs[1].1[i]);
+            assert!(e < 2e-2, "{m}x{k}x{n}: d{name} {e}");
+        }
+    }
+}
+
+#[test]
 fn the_flash_attention_kernel_matches_the_cpu_reference() {
     let g = gpu();
     // ViT-B/16's encoder (hd 64) and MAE decoder (hd 32) shapes, token counts off the tiles.

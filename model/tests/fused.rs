@@ -147,6 +147,53 @@ fn fused_bias_add_and_gelu_equal_candles_with_gradients() {
 }
 
 #[test]
+fn the_linear_op_equals_candles_product_and_bias_with_gradients() {
+    // LinearBias (the CPU reference of the cuBLASLt bias epilogue) against x · wᵀ + b.
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for (m, k, n) in [(37, 24, 40), (1, 5, 3), (64, 96, 1)] {
+            let x = Var::from_tensor(&random(&[m, k], 21, 2.0, dtype)).unwrap();
+            let w = Var::from_tensor(&random(&[n, k], 22, 1.0, dtype)).unwrap();
+            let b = Var::from_tensor(&random(&[n], 23, 1.0, dtype)).unwrap();
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let out_f = fused::linear_bias(xt, wt, bt).unwrap();
+            let out_c = xt
+                .matmul(&wt.t().unwrap())
+                .unwrap()
+                .broadcast_add(bt)
+                .unwrap();
+            assert_eq!(out_f.dims(), &[m, n]);
+            assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {m}x{k}x{n}");
+            // `linear` on the CPU is candle's product and the fused bias add.
+            assert!(max_rel(&fused::linear(xt, wt, bt).unwrap(), &out_c) < tol);
+            let lw = weights_like(&out_c, 24);
+            let gf = (out_f * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (out_c * &lw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("w", &w), ("bias", &b)] {
+                let a = gf.get(v.as_tensor()).unwrap();
+                let e = gc.get(v.as_tensor()).unwrap();
+                assert_eq!(a.dims(), e.dims(), "{name}");
+                let err = max_rel(a, e);
+                assert!(err < tol, "{dtype:?} {m}x{k}x{n} d{name}: {err}");
+            }
+        }
+    }
+    let x = random(&[4, 6], 25, 1.0, DType::F32);
+    let w = random(&[3, 5], 26, 1.0, DType::F32);
+    let b = random(&[3], 27, 1.0, DType::F32);
+    assert!(fused::linear_bias(&x, &w, &b).is_err(), "in-widths differ");
+}
+
+#[test]
 fn softmax_over_the_valid_entries_ignores_the_padding() {
     for dtype in [DType::F64, DType::F32] {
         let (rows, d, valid) = (6, 24, 17);
