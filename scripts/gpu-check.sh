@@ -7,8 +7,9 @@
 #   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm with its kernels;
 #      with each change that is off by default until verified here (the flash attention
 #      backward, the fused bias + GELU, the cuBLASLt bias epilogue), with the first two, with
-#      them and the flash kernels' prefetching, and with all; without the flash attention
-#      forward; with candle's compositions; and PyTorch eager (+ SDPA), in the same run;
+#      them and the flash kernels' prefetching, and with all (and the wide-load layer norm);
+#      without the flash attention forward; with candle's compositions; and PyTorch eager
+#      (+ SDPA), in the same run;
 #      end-to-end training from a store with page-locked and with pageable uploads; a
 #      ViT-B/16 + UPerNet fine-tuning step (b16);
 #   3. each kernel against the candle composition it replaces, and its bandwidth against the
@@ -45,7 +46,7 @@ phase step_biasgelu 60 env ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset b
 phase step_ltbias 60 env ICEFM_LT_BIAS=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_new 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_newpf 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
-phase step_all 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 ICEFM_LT_BIAS=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
+phase step_all 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 ICEFM_LT_BIAS=1 ICEFM_LN_V8=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_noflash 60 env ICEFM_FLASH=0 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_composed 60 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2 --composed
 phase profile 60 .gpu/gpu_check profile

@@ -126,7 +126,7 @@ fn step_bench(args: &[String]) -> Res<()> {
     // backward, the fused bias + GELU, the flash kernels' prefetching and the cuBLASLt bias
     // epilogue (off by default until they have run on a GPU).
     let label = format!(
-        "icefm{}{}{}{}{}{}{}{}",
+        "icefm{}{}{}{}{}{}{}{}{}",
         if composed { "-composed" } else { "" },
         if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
             "-zerofill"
@@ -150,7 +150,8 @@ fn step_bench(args: &[String]) -> Res<()> {
         } else {
             ""
         },
-        if fused::lt_bias() { "-ltbias" } else { "" }
+        if fused::lt_bias() { "-ltbias" } else { "" },
+        if fused::ln_v8() { "-lnv8" } else { "" }
     );
     println!(
         "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
@@ -317,7 +318,7 @@ fn kernels_bench() -> Res<()> {
         let composed_fwd = |x: &Tensor| -> Res<Tensor> {
             Ok(ops::layer_norm(&x.to_dtype(DType::F32)?, &w, &b, eps)?.to_dtype(DType::BF16)?)
         };
-        let f = time_ms(&dev, 3, 20, || {
+        let f_fwd = time_ms(&dev, 3, 20, || {
             fused::layer_norm(&x, &w, &b, eps)?;
             Ok(())
         })?;
@@ -329,7 +330,7 @@ fn kernels_bench() -> Res<()> {
             "layer_norm fwd",
             &shape,
             2.0 * (rows * d * 2) as f64,
-            f,
+            f_fwd,
             c,
             copy,
         );
@@ -360,6 +361,39 @@ fn kernels_bench() -> Res<()> {
             5.0 * (rows * d * 2) as f64,
             f,
             c,
+            copy,
+        );
+        // The wide-access kernels (16-byte loads, warps striding over rows) against the
+        // register-resident ones timed above: forward, and the dx kernel alone.
+        let dx_only = || -> Res<f64> {
+            time_ms(&dev, 3, 20, || {
+                x.apply_op3_no_bwd(&w, &dy, &LayerNormGradX { eps })?;
+                Ok(())
+            })
+        };
+        let dx_reg = dx_only()?;
+        let ln_v8_env = fused::ln_v8();
+        fused::set_ln_v8(true);
+        let fwd_v8 = time_ms(&dev, 3, 20, || {
+            fused::layer_norm(&x, &w, &b, eps)?;
+            Ok(())
+        });
+        let dx_v8 = dx_only();
+        fused::set_ln_v8(ln_v8_env);
+        kernel_line(
+            "layer_norm fwd, wide loads (vs register-resident)",
+            &shape,
+            2.0 * (rows * d * 2) as f64,
+            fwd_v8?,
+            f_fwd,
+            copy,
+        );
+        kernel_line(
+            "layer_norm bwd dx, wide loads (vs register-resident)",
+            &shape,
+            3.0 * (rows * d * 2) as f64,
+            dx_v8?,
+            dx_reg,
             copy,
         );
     }

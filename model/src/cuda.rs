@@ -379,6 +379,140 @@ extern "C" __global__ void softmax_grad_##SUF##_v##V(const T* y, const T* dy, T*
 REG_ALL(float, f32)
 REG_ALL(bf16_t, bf16)
 
+// ---- bf16 layer norm with 16-byte accesses (8 values per load) and persistent warps: a warp
+// takes rows row, row + warps, ... (as many blocks as fit on the device at once) and issues the
+// next row's loads before it reduces the current one, so loads stay in flight between rows.
+// Q = 16-byte loads per lane and row = d / 256. w and b: f32, 16-byte aligned.
+__device__ __forceinline__ void bf8_unpack(uint4 u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ uint4 bf8_pack(const float* f) {
+    return make_uint4(bf16_bits(f[0]) | (bf16_bits(f[1]) << 16), bf16_bits(f[2]) | (bf16_bits(f[3]) << 16),
+                      bf16_bits(f[4]) | (bf16_bits(f[5]) << 16), bf16_bits(f[6]) | (bf16_bits(f[7]) << 16));
+}
+// A row's Q 16-byte pieces of this lane: elements (lane + 32·q)·8 .. + 8.
+template <int Q>
+__device__ __forceinline__ void ld_row8(const bf16_t* p, int lane, uint4 (&u)[Q]) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) u[q] = reinterpret_cast<const uint4*>(p)[lane + 32 * q];
+}
+// Eight consecutive f32 values from element e (a multiple of 8).
+__device__ __forceinline__ void ld_f8(const float* p, int e, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(p + e)[0];
+    const float4 b = reinterpret_cast<const float4*>(p + e)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+template <int Q>
+__device__ void ln_fwd_v8(const bf16_t* x, const float* w, const float* b, bf16_t* y, int rows,
+                          float eps) {
+    const int lane = threadIdx.x & 31, warps = (gridDim.x * blockDim.x) >> 5;
+    const int d = 256 * Q;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    uint4 cur[Q];
+    if (row < rows) ld_row8<Q>(x + (long)row * d, lane, cur);
+    for (; row < rows; row += warps) {
+        const int next = row + warps;
+        uint4 nxt[Q];
+        if (next < rows) ld_row8<Q>(x + (long)next * d, lane, nxt);
+        float v[8 * Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) bf8_unpack(cur[q], v + 8 * q);
+        float mean, rstd;
+        row_stats_reg<bf16_t, 4 * Q>(v, d, eps, mean, rstd);
+        uint4* yr = reinterpret_cast<uint4*>(y + (long)row * d);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const int e = (lane + 32 * q) * 8;
+            float wv[8], bv[8], o[8];
+            ld_f8(w, e, wv);
+            ld_f8(b, e, bv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = (v[8 * q + i] - mean) * rstd * wv[i] + bv[i];
+            yr[lane + 32 * q] = bf8_pack(o);
+        }
+        if (next < rows) {
+#pragma unroll
+            for (int q = 0; q < Q; ++q) cur[q] = nxt[q];
+        }
+    }
+}
+
+template <int Q>
+__device__ void ln_grad_x_v8(const bf16_t* x, const float* w, const bf16_t* dy, bf16_t* dx,
+                             int rows, float eps) {
+    const int lane = threadIdx.x & 31, warps = (gridDim.x * blockDim.x) >> 5;
+    const int d = 256 * Q;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    uint4 cx[Q], cg[Q];
+    if (row < rows) {
+        ld_row8<Q>(x + (long)row * d, lane, cx);
+        ld_row8<Q>(dy + (long)row * d, lane, cg);
+    }
+    for (; row < rows; row += warps) {
+        const int next = row + warps;
+        uint4 nx[Q], ng[Q];
+        if (next < rows) {
+            ld_row8<Q>(x + (long)next * d, lane, nx);
+            ld_row8<Q>(dy + (long)next * d, lane, ng);
+        }
+        float v[8 * Q], g[8 * Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            bf8_unpack(cx[q], v + 8 * q);
+            bf8_unpack(cg[q], g + 8 * q);
+        }
+        float mean, rstd;
+        row_stats_reg<bf16_t, 4 * Q>(v, d, eps, mean, rstd);
+        float a = 0.f, bs = 0.f;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            float wv[8];
+            ld_f8(w, (lane + 32 * q) * 8, wv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int k = 8 * q + i;
+                g[k] *= wv[i];
+                v[k] = (v[k] - mean) * rstd;
+                a += g[k];
+                bs += g[k] * v[k];
+            }
+        }
+        a = warp_sum(a) / d;
+        bs = warp_sum(bs) / d;
+        uint4* o = reinterpret_cast<uint4*>(dx + (long)row * d);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            float r[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) r[i] = rstd * (g[8 * q + i] - a - v[8 * q + i] * bs);
+            o[lane + 32 * q] = bf8_pack(r);
+        }
+        if (next < rows) {
+#pragma unroll
+            for (int q = 0; q < Q; ++q) {
+                cx[q] = nx[q];
+                cg[q] = ng[q];
+            }
+        }
+    }
+}
+#define LN_V8(Q)                                                                              \
+extern "C" __global__ void ln_fwd_bf16_q##Q(const bf16_t* x, const float* w, const float* b,  \
+        bf16_t* y, int rows, int d, float eps) { ln_fwd_v8<Q>(x, w, b, y, rows, eps); }        \
+extern "C" __global__ void ln_grad_x_bf16_q##Q(const bf16_t* x, const float* w,               \
+        const bf16_t* dy, bf16_t* dx, int rows, int d, float eps) {                            \
+    ln_grad_x_v8<Q>(x, w, dy, dx, rows, eps); }
+LN_V8(2)
+LN_V8(3)
+LN_V8(4)
+LN_V8(5)
+
 
 // ---- Bias add, column sums, GELU, gradient norm.
 template <typename T>
@@ -1182,6 +1316,64 @@ fn ln_pairs(d: usize, offset: usize) -> Option<usize> {
         .then_some(p)
 }
 
+/// 16-byte loads per lane of the bf16 layer-norm kernels with wide accesses (`ln_*_bf16_q{Q}`),
+/// where they are switched on (`fused::ln_v8`) and apply: bf16 rows of 512 to 1280 values in
+/// steps of 256, the bf16 operands (`halves`) at multiples of 8 elements, the f32 ones
+/// (`floats`) at multiples of 4.
+fn ln_quads<T: Elem>(d: usize, halves: &[&Layout], floats: &[&Layout]) -> Option<usize> {
+    let q = d / 256;
+    (crate::fused::ln_v8()
+        && T::SUFFIX == "bf16"
+        && d.is_multiple_of(256)
+        && (2..=5).contains(&q)
+        && halves.iter().all(|l| l.start_offset().is_multiple_of(8))
+        && floats.iter().all(|l| l.start_offset().is_multiple_of(4)))
+    .then_some(q)
+}
+
+/// A layer-norm kernel `base` and its launch: the wide-access one where [`ln_quads`] allows,
+/// else the register-resident one (`pairs`) or the general one, a warp per row.
+fn ln_kernel<T: Elem>(
+    dev: &CudaDevice,
+    base: &str,
+    pairs: Option<String>,
+    (rows, d): (usize, usize),
+    halves: &[&Layout],
+    floats: &[&Layout],
+) -> Result<(CudaFunction, LaunchConfig)> {
+    Ok(match ln_quads::<T>(d, halves, floats) {
+        Some(q) => {
+            let f = func(dev, &format!("{base}_bf16_q{q}"))?;
+            let cfg = persistent_row_cfg(dev, &f, rows)?;
+            (f, cfg)
+        }
+        None => (
+            func(dev, &kernel_name(base, T::SUFFIX, pairs))?,
+            row_cfg(rows),
+        ),
+    })
+}
+
+/// Blocks of 256 threads (8 warps) for a kernel whose warps stride over `rows` rows: as many
+/// as are resident on the device at once, and no more than the rows need.
+fn persistent_row_cfg(dev: &CudaDevice, f: &CudaFunction, rows: usize) -> Result<LaunchConfig> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+        .w()?;
+    let blocks = (sms.max(1) as usize * per_sm.max(1) as usize).min(rows.div_ceil(8).max(1));
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// Values per lane of the register-resident softmax kernels (`None`: the general kernel).
 fn softmax_values(d: usize) -> Option<usize> {
     let need = d.div_ceil(32);
@@ -1306,14 +1498,14 @@ pub fn layer_norm_fwd(
         let pairs = ln_pairs(d, l1.start_offset())
             .filter(|_| aligned)
             .map(|p| format!("p{p}"));
-        let f = func(dev, &kernel_name("ln_fwd", T::SUFFIX, pairs))?;
+        let (f, cfg) = ln_kernel::<T>(dev, "ln_fwd", pairs, (rows, d), &[l1], &[l2, l3])?;
         // SAFETY: every element is written by the kernel before it is read.
         let y = unsafe { dev.alloc::<T>(rows * d)? };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&x).arg(&w).arg(&b).arg(&y).arg(&r).arg(&c).arg(&eps);
         // SAFETY: arguments match the kernel's signature; sizes are rows × d.
-        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        unsafe { lb.launch(cfg) }.w()?;
         Ok(T::wrap(y))
     }
     let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, d, eps))?;
@@ -1356,7 +1548,7 @@ pub fn layer_norm_grad_x(
         .then(|| ln_pairs(d, 0))
         .flatten()
         .map(|p| format!("p{p}"));
-        let f = func(dev, &kernel_name("ln_grad_x", T::SUFFIX, pairs))?;
+        let (f, cfg) = ln_kernel::<T>(dev, "ln_grad_x", pairs, (rows, d), &[l1, l3], &[l2])?;
         // SAFETY: every element is written by the kernel.
         let dx = unsafe { dev.alloc::<T>(rows * d)? };
         let stream = dev.cuda_stream();
@@ -1369,7 +1561,7 @@ pub fn layer_norm_grad_x(
             .arg(&c)
             .arg(&eps);
         // SAFETY: arguments match the kernel's signature.
-        unsafe { lb.launch(row_cfg(rows)) }.w()?;
+        unsafe { lb.launch(cfg) }.w()?;
         Ok(T::wrap(dx))
     }
     let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, d, eps))?;

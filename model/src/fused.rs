@@ -68,6 +68,7 @@ static FLASH_BWD: Switch = Switch::off_by_default("ICEFM_FLASH_BWD");
 static BIAS_GELU_CUDA: Switch = Switch::off_by_default("ICEFM_BIAS_GELU_CUDA");
 static FLASH_PREFETCH: Switch = Switch::off_by_default("ICEFM_FLASH_PREFETCH");
 static LT_BIAS: Switch = Switch::off_by_default("ICEFM_LT_BIAS");
+static LN_V8: Switch = Switch::off_by_default("ICEFM_LN_V8");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
@@ -791,6 +792,19 @@ pub fn lt_bias() -> bool {
 /// Switch [`linear`]'s cuBLASLt bias epilogue on or off for the whole process.
 pub fn set_lt_bias(on: bool) {
     LT_BIAS.set(on);
+}
+
+/// Whether the bf16 layer norm on GPUs uses its kernels with 16-byte accesses and warps that
+/// stride over rows, fetching the next row while they reduce the current one (rows of 512 to
+/// 1280 values in steps of 256). Off by default until the GPU check has compared them with the
+/// register-resident ones (`ICEFM_LN_V8=1`).
+pub fn ln_v8() -> bool {
+    LN_V8.get()
+}
+
+/// Switch the layer norm's wide-access GPU kernels on or off for the whole process.
+pub fn set_ln_v8(on: bool) {
+    LN_V8.set(on);
 }
 
 /// [`LinearBias`] applied, with its shapes checked.

@@ -37,6 +37,7 @@ fn layer_norm_kernels_match_the_cpu_reference() {
         (64 * 145, 192),
         (6, 1344),
         (9, 1280),
+        (12_000, 1024), // more rows than the wide kernels have resident warps
     ] {
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             let x = random(&[rows, d], 1, 2.0).affine(1.0, 0.3).unwrap();
@@ -56,30 +57,35 @@ fn layer_norm_kernels_match_the_cpu_reference() {
                 .unwrap()
                 .backward()
                 .unwrap();
-            // GPU.
-            let xg = Var::from_tensor(&xr.to_device(&g).unwrap()).unwrap();
-            let wg = Var::from_tensor(&w.to_device(&g).unwrap()).unwrap();
-            let bg = Var::from_tensor(&b.to_device(&g).unwrap()).unwrap();
-            let yg =
-                fused::layer_norm(xg.as_tensor(), wg.as_tensor(), bg.as_tensor(), 1e-6).unwrap();
-            assert_eq!(yg.dtype(), dtype);
-            let gg = (yg.to_dtype(DType::F32).unwrap()
-                * dyr.to_dtype(DType::F32).unwrap().to_device(&g).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-            let e = max_rel(&yg, &yc);
-            assert!(e < tol, "forward {rows}x{d} {dtype:?}: {e}");
-            for (name, a, c) in [("x", &xg, &xv), ("weight", &wg, &wv), ("bias", &bg, &bv)] {
-                let e = max_rel(
-                    gg.get(a.as_tensor()).unwrap(),
-                    gc.get(c.as_tensor()).unwrap(),
-                );
-                // dw, db sum over rows: bf16 inputs, f32 sums.
-                assert!(e < tol * 2.0, "d{name} {rows}x{d} {dtype:?}: {e}");
+            // GPU, with the register-resident kernels and (bf16 rows of 512 to 1280 in steps
+            // of 256) the wide-access ones.
+            for v8 in [false, true] {
+                fused::set_ln_v8(v8);
+                let xg = Var::from_tensor(&xr.to_device(&g).unwrap()).unwrap();
+                let wg = Var::from_tensor(&w.to_device(&g).unwrap()).unwrap();
+                let bg = Var::from_tensor(&b.to_device(&g).unwrap()).unwrap();
+                let yg = fused::layer_norm(xg.as_tensor(), wg.as_tensor(), bg.as_tensor(), 1e-6)
+                    .unwrap();
+                assert_eq!(yg.dtype(), dtype);
+                let gg = (yg.to_dtype(DType::F32).unwrap()
+                    * dyr.to_dtype(DType::F32).unwrap().to_device(&g).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+                let e = max_rel(&yg, &yc);
+                assert!(e < tol, "forward {rows}x{d} {dtype:?} v8 {v8}: {e}");
+                for (name, a, c) in [("x", &xg, &xv), ("weight", &wg, &wv), ("bias", &bg, &bv)] {
+                    let e = max_rel(
+                        gg.get(a.as_tensor()).unwrap(),
+                        gc.get(c.as_tensor()).unwrap(),
+                    );
+                    // dw, db sum over rows: bf16 inputs, f32 sums.
+                    assert!(e < tol * 2.0, "d{name} {rows}x{d} {dtype:?} v8 {v8}: {e}");
+                }
             }
+            fused::set_ln_v8(false);
         }
     }
 }
