@@ -782,8 +782,16 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b
     __trap();
 #endif
 }
+// Two f32 as a bf16 pair (round to nearest even): one cvt on sm_80+ (a in the upper half), in
+// place of two software roundings, which were most of the flash kernels' non-mma instructions.
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
     return bf16_bits(lo) | (bf16_bits(hi) << 16);
+#endif
 }
 // Two consecutive bf16 values (an even element index: 4-byte aligned).
 __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
@@ -865,7 +873,13 @@ __device__ __forceinline__ void fa_products(float (&c)[FA_KT / 8][4], const unsi
     }
 }
 
-// Scores in the log2 domain, keys (columns) past N masked to -inf.
+// Scores in the log2 domain, keys (columns) past N masked to -inf (only the last tile has any:
+// the forward scales the others with fa_scale; in the backward kernels that branch cost 40-50
+// registers, by ptxas).
+__device__ __forceinline__ void fa_scale(float (&s)[FA_KT / 8][4], float scale_log2) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt)
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+}
 __device__ __forceinline__ void fa_scale_mask(float (&s)[FA_KT / 8][4], int j0, int N, int t,
                                               float scale_log2) {
     for (int nt = 0; nt < FA_KT / 8; ++nt)
@@ -970,7 +984,10 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int 
         float s[FA_KT / 8][4];
         fa_products<HD>(s, qa, ks, g, t);
         float mx0 = m0, mx1 = m1;
-        fa_scale_mask(s, j0, N, t, scale_log2);
+        if (j0 + FA_KT <= N)
+            fa_scale(s, scale_log2);
+        else
+            fa_scale_mask(s, j0, N, t, scale_log2);
         fa_row_max(s, mx0, mx1);
         float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
         m0 = mx0;
