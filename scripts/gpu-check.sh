@@ -70,22 +70,29 @@ for r in rows:
 for l in open(sys.argv[1]):
     if l.startswith("# "):
         print(l[2:].strip())
+import os, re
+tests_log = os.path.join(os.path.dirname(sys.argv[1]), "tests.log")
+if os.path.exists(tests_log):
+    failed = sorted(set(re.findall(r"^test (\S+) \.\.\. FAILED", open(tests_log).read(), re.M)))
+    print("failed CUDA tests:", ", ".join(failed) if failed else "none")
 for r in rows:
     if r["kind"] == "resume":
         print(f"resumed run: ok={r['ok']} max rel. loss diff {r['max_rel_diff']}")
 steps = [r for r in rows if r["kind"] == "step"]
 if steps:
-    print("\n| MAE step (ViT-B/16, 384 px, b64, bf16) | ms/step | img/s | TFLOP/s | peak GiB |\n|---|---|---|---|---|")
+    print("\n| MAE step (ViT-B/16, 384 px, b64, bf16) | ms/step | img/s | x default icefm | TFLOP/s | peak GiB |\n|---|---|---|---|---|---|")
     ref = next((s for s in steps if s.get("impl") == "pytorch-eager"), None)
+    base = next((s for s in steps if s.get("impl") == "icefm"), None)
     for s in steps:
         peak = s.get("peak_mem_gib")
         if peak is None and s.get("peak_mem_bytes"):
             peak = s["peak_mem_bytes"] / 2**30
         ratio = f" ({s['images_per_s'] / ref['images_per_s']:.2f}x torch)" if ref and s is not ref else ""
+        vs = f"{s['images_per_s'] / base['images_per_s']:.2f}" if base else ""
         tf = s.get("tflops", s.get("achieved_tflops"))
-        print(f"| {s['impl']} | {s.get('ms_per_step', 0):.1f} | {s['images_per_s']:.1f}{ratio} | {tf if tf is None else round(tf, 1)} | {peak if peak is None else round(peak, 2)} |")
+        print(f"| {s['impl']} | {s.get('ms_per_step', 0):.1f} | {s['images_per_s']:.1f}{ratio} | {vs} | {tf if tf is None else round(tf, 1)} | {peak if peak is None else round(peak, 2)} |")
         if "forward_ms" in s:
-            print(f"|   (forward / backward / AdamW, ms) | {s['forward_ms']} / {s['backward_ms']} / {s['optimizer_ms']} | | | |")
+            print(f"|   (forward / backward / AdamW, ms) | {s['forward_ms']} / {s['backward_ms']} / {s['optimizer_ms']} | | | | |")
 for s in (r for r in rows if r["kind"] == "train"):
     print(f"training from the store (ViT-B/16 MAE, 384 px, b{s['batch']}, bf16, {s['upload']} uploads): {s['images_per_s']:.1f} img/s over steps 3-{s['steps']}, {s['wall_s']:.0f} s in all")
 for s in (r for r in rows if r["kind"] == "seg_step"):
