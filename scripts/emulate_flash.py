@@ -103,6 +103,7 @@ def fwd(qkv, B, N, H, HD):
     scale_log2 = np.float32(HD ** -0.5 * np.log2(np.e))
     stride = 3 * H * HD
     out = np.zeros(B * N * H * HD, np.uint16)
+    lse = np.full(B * H * N, np.nan, np.float32)
     for b in range(B):
         base = b * N * stride
         for h in range(H):
@@ -158,6 +159,10 @@ def fwd(qkv, B, N, H, HD):
                     for m in (1, 2):
                         l0 = l0 + shfl_xor(l0, m); l1 = l1 + shfl_xor(l1, m)
                     i0, i1 = 1 / l0, 1 / l1
+                    for lane in range(32):  # the log-sum-exp, for the backward's dq kernel
+                        for r, (m, l) in ((st['r0'], (st['m0'], l0)), (st['r1'], (st['m1'], l1))):
+                            if T[lane] == 0 and r[lane] < N:
+                                lse[(b * H + h) * N + r[lane]] = m[lane] + np.log2(l[lane])
                     ostride = H * HD
                     for u in range(HD // 8):
                         c = h * HD + u * 8 + T * 2
@@ -166,14 +171,16 @@ def fwd(qkv, B, N, H, HD):
                                 if r[lane] < N:
                                     i = (b * N + r[lane]) * ostride + c[lane]
                                     out[i] = f2bf(st['o'][u][x][lane] * inv[lane]); out[i + 1] = f2bf(st['o'][u][y][lane] * inv[lane])
-    return out
+    return out, lse
 
-def bwd(qkv, o, dout, B, N, H, HD):
+def bwd(qkv, o, dout, B, N, H, HD, saved_lse=None):
+    """saved_lse: the forward's log-sum-exp (the `flash_bwd_dq_lse_*` kernels: no first pass)."""
     scale = np.float32(HD ** -0.5)
     scale_log2 = np.float32(scale * np.log2(np.e))
     stride = 3 * H * HD; ostride = H * HD
     dqkv = np.full(B * N * stride, 0xffff, np.uint16)  # NaN-ish marker: every element must be written
-    lse = np.full(B * H * N, np.nan, np.float32); dvec = np.full(B * H * N, np.nan, np.float32)
+    lse = np.full(B * H * N, np.nan, np.float32) if saved_lse is None else saved_lse.copy()
+    dvec = np.full(B * H * N, np.nan, np.float32)
     # ---- flash_bwd_dq
     for b in range(B):
         base = b * N * stride
@@ -206,7 +213,7 @@ def bwd(qkv, o, dout, B, N, H, HD):
                         d0 = d0 + shfl_xor(d0, m); d1 = d1 + shfl_xor(d1, m)
                     W.append(dict(r0=r0, r1=r1, qa=qa, da=da, d0=d0, d1=d1, m0=np.full(32, NEG), m1=np.full(32, NEG),
                                   l0=np.zeros(32, np.float32), l1=np.zeros(32, np.float32)))
-                for j0 in range(0, N, KT):
+                for j0 in (range(0, N, KT) if saved_lse is None else ()):
                     ks = put_rows(fetch(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD), HD)
                     for st in W:
                         s = []
@@ -234,14 +241,22 @@ def bwd(qkv, o, dout, B, N, H, HD):
                             st['l1'] = st['l1'] * np.exp2(st['m1'] - mx1) + p1
                         st['m0'], st['m1'] = mx0, mx1
                 for st in W:
-                    l0, l1 = st['l0'], st['l1']
-                    for m in (1, 2):
-                        l0 = l0 + shfl_xor(l0, m); l1 = l1 + shfl_xor(l1, m)
-                    st['lse0'] = st['m0'] + np.log2(l0); st['lse1'] = st['m1'] + np.log2(l1)
+                    if saved_lse is None:
+                        l0, l1 = st['l0'], st['l1']
+                        for m in (1, 2):
+                            l0 = l0 + shfl_xor(l0, m); l1 = l1 + shfl_xor(l1, m)
+                        st['lse0'] = st['m0'] + np.log2(l0); st['lse1'] = st['m1'] + np.log2(l1)
+                    else:
+                        st['lse0'] = np.where(st['r0'] < N, lse[row_at + np.minimum(st['r0'], N - 1)], 0).astype(np.float32)
+                        st['lse1'] = np.where(st['r1'] < N, lse[row_at + np.minimum(st['r1'], N - 1)], 0).astype(np.float32)
                     for lane in range(32):
                         if T[lane] == 0:
-                            if st['r0'][lane] < N: lse[row_at + st['r0'][lane]] = st['lse0'][lane]; dvec[row_at + st['r0'][lane]] = st['d0'][lane]
-                            if st['r1'][lane] < N: lse[row_at + st['r1'][lane]] = st['lse1'][lane]; dvec[row_at + st['r1'][lane]] = st['d1'][lane]
+                            if st['r0'][lane] < N:
+                                if saved_lse is None: lse[row_at + st['r0'][lane]] = st['lse0'][lane]
+                                dvec[row_at + st['r0'][lane]] = st['d0'][lane]
+                            if st['r1'][lane] < N:
+                                if saved_lse is None: lse[row_at + st['r1'][lane]] = st['lse1'][lane]
+                                dvec[row_at + st['r1'][lane]] = st['d1'][lane]
                     st['dq'] = [zeros4() for _ in range(HD // 8)]
                 for j0 in range(0, N, KT):
                     sk = fetch(qkv, lambda row: base + row * stride + (H + h) * HD, j0, N, HD)
@@ -341,7 +356,7 @@ def main():
     for (B, N, H, HD) in [(1, 77, 2, 32), (2, 5, 1, 64), (1, 130, 1, 64)]:
         x = rng.uniform(-2, 2, (B, N, 3, H, HD)).astype(np.float32)
         qkv = f2bf(x.ravel()).astype(np.uint16)
-        o = fwd(qkv, B, N, H, HD)
+        o, fwd_lse = fwd(qkv, B, N, H, HD)
         dout = f2bf(rng.uniform(-1, 1, B * N * H * HD).astype(np.float32)).astype(np.uint16)
         xb = bf2f(qkv.astype(np.uint32)).reshape(B, N, 3, H, HD).astype(np.float64)
         ob = bf2f(o.astype(np.uint32)).reshape(B, N, H, HD).astype(np.float64)
@@ -358,12 +373,16 @@ def main():
         dk = np.einsum('bhij,bihd->bjhd', ds, q) * sc
         ref = np.stack([dq, dk, dv], 2)
         got = bwd(qkv, o, dout, B, N, H, HD)
-        assert not (got == 0xffff).any(), "unwritten elements"
-        g = bf2f(got.astype(np.uint32)).reshape(B, N, 3, H, HD)
-        for i, name in enumerate("qkv"):
-            e = np.abs(g[:, :, i] - ref[:, :, i]).max() / np.abs(ref[:, :, i]).max()
-            print((B, N, H, HD), "d" + name, "max rel err %.4f" % e)
-            assert e < 1e-2, name
+        # The same with the forward's log-sum-exp (no first pass in the dq kernel).
+        got_lse = bwd(qkv, o, dout, B, N, H, HD, saved_lse=fwd_lse)
+        for run, res in (("", got), ("saved lse, ", got_lse)):
+            assert not (res == 0xffff).any(), "unwritten elements"
+            g = bf2f(res.astype(np.uint32)).reshape(B, N, 3, H, HD)
+            for i, name in enumerate("qkv"):
+                e = np.abs(g[:, :, i] - ref[:, :, i]).max() / np.abs(ref[:, :, i]).max()
+                print((B, N, H, HD), run + "d" + name, "max rel err %.4f" % e)
+                assert e < 1e-2, name
+        print((B, N, H, HD), "saved lse gives the same bits:", bool((got == got_lse).all()))
     # The forward against the reference (its output fed the backward above).
     B, N, H, HD = 1, 77, 2, 32
     x = rng.uniform(-2, 2, (B, N, 3, H, HD)).astype(np.float32)
@@ -373,7 +392,7 @@ def main():
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum('bhij,bjhd->bihd', p, xb[:, :, 2]).reshape(B, N, H * HD)
-    out = bf2f(fwd(qkv, B, N, H, HD).astype(np.uint32)).reshape(B, N, H * HD)
+    out = bf2f(fwd(qkv, B, N, H, HD)[0].astype(np.uint32)).reshape(B, N, H * HD)
     e = np.abs(out - ref).max() / np.abs(ref).max()
     print((B, N, H, HD), "forward max rel err %.4f" % e)
     assert e < 1e-2

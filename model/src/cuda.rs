@@ -946,8 +946,8 @@ __device__ __forceinline__ void fa_store(bf16_t* dst, long stride, const float (
 // PF: fetch the next tile during this tile's products (more registers, fewer warps per SM);
 // otherwise each tile's loads are all issued at once at the top of its step.
 template <int HD, bool PF>
-__device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int N, int H,
-                                            float scale_log2) {
+__device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, float* lse, int N,
+                                            int H, float scale_log2) {
     __shared__ fa_rows<HD> ks;  // keys
     __shared__ fa_cols<HD> vt;  // values, transposed
     const int b = blockIdx.z, h = blockIdx.y;
@@ -1014,15 +1014,24 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, int 
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
     fa_store<HD>(out + (long)b * N * H * HD + h * HD, (long)H * HD, o, r0, r1, N, t, 1.f / l0, 1.f / l1);
+    // Each query's log-sum-exp (log2 domain, [B, H, N]), for the backward's dq kernel.
+    if (t == 0) {
+        const long row_at = ((long)b * H + h) * N;
+        if (r0 < N) lse[row_at + r0] = m0 + log2f(l0);
+        if (r1 < N) lse[row_at + r1] = m1 + log2f(l1);
+    }
 }
-#define FLASH_FWD(NAME, HD, PF)                                                                \
-extern "C" __global__ void __launch_bounds__(FA_THREADS) NAME(const bf16_t* qkv, bf16_t* out,  \
-        int N, int H, float scale_log2) {                                                      \
-    flash_fwd_k<HD, PF>(qkv, out, N, H, scale_log2); }
-FLASH_FWD(flash_fwd_32, 32, false)
-FLASH_FWD(flash_fwd_64, 64, false)
-FLASH_FWD(flash_fwd_32_pf, 32, true)
-FLASH_FWD(flash_fwd_64_pf, 64, true)
+// The launch bounds last: ptxas's own choice of registers for all but flash_fwd_32_pf, which
+// spilled 8 bytes at the 96 it chose (with 4 blocks per SM asked: 121, no spill). Asking for 1
+// block per SM is not the same as asking nothing: flash_fwd_32 then took 109 registers, not 80.
+#define FLASH_FWD(NAME, HD, PF, ...)                                                           \
+extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(const bf16_t* qkv,              \
+        bf16_t* out, float* lse, int N, int H, float scale_log2) {                             \
+    flash_fwd_k<HD, PF>(qkv, out, lse, N, H, scale_log2); }
+FLASH_FWD(flash_fwd_32, 32, false, FA_THREADS)
+FLASH_FWD(flash_fwd_64, 64, false, FA_THREADS)
+FLASH_FWD(flash_fwd_32_pf, 32, true, FA_THREADS, 4)
+FLASH_FWD(flash_fwd_64_pf, 64, true, FA_THREADS)
 // Flash attention backward (icefm_model::fused::FlashAttentionGrad): from qkv, the forward's
 // output O and its gradient dO ([B, N, H·HD], bf16) to dqkv in qkv's own layout, with no N × N
 // matrix in memory and no atomics, in two kernels on the forward's tiling:
@@ -1038,7 +1047,8 @@ __device__ __forceinline__ float2 unpack_bf16(unsigned u) {
     return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
 
-template <int HD, bool PF>
+// LSE: the forward's log-sum-exp is in `lse` already, so pass 1 is skipped.
+template <int HD, bool PF, bool LSE>
 __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* o, const bf16_t* dout,
         bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
     __shared__ fa_rows<HD> ks;  // keys
@@ -1065,38 +1075,51 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
         }
     d0 = quad_sum(d0);
     d1 = quad_sum(d1);
-    // Pass 1: each query's log-sum-exp of its scaled scores (log2 domain).
     const bf16_t* kbase = base + (H + h) * HD;
     const bf16_t* vbase = base + (2 * H + h) * HD;
     fa_stage<HD> sk, sv;
-    if (PF) fa_fetch<HD>(sk, kbase, stride, 0, N);
-    float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
-    for (int j0 = 0; j0 < N; j0 += FA_KT) {
-        __syncthreads();
-        if (!PF) fa_fetch<HD>(sk, kbase, stride, j0, N);
-        fa_put_rows<HD>(ks, sk);
-        __syncthreads();
-        if (PF && j0 + FA_KT < N) fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
-        float s[FA_KT / 8][4];
-        fa_products<HD>(s, qa, ks, g, t);
-        float mx0 = m0, mx1 = m1;
-        fa_scale_mask(s, j0, N, t, scale_log2);
-        fa_row_max(s, mx0, mx1);
-        float p0 = 0.f, p1 = 0.f;
-        for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            p0 += exp2f(s[nt][0] - mx0) + exp2f(s[nt][1] - mx0);
-            p1 += exp2f(s[nt][2] - mx1) + exp2f(s[nt][3] - mx1);
-        }
-        l0 = l0 * exp2f(m0 - mx0) + p0;
-        l1 = l1 * exp2f(m1 - mx1) + p1;
-        m0 = mx0;
-        m1 = mx1;
-    }
-    const float lse0 = m0 + log2f(quad_sum(l0)), lse1 = m1 + log2f(quad_sum(l1));
     const long row_at = ((long)b * H + h) * N;
+    float lse0, lse1;
+    if (LSE) {
+        lse0 = r0 < N ? lse[row_at + r0] : 0.f;
+        lse1 = r1 < N ? lse[row_at + r1] : 0.f;
+    } else {
+        // Pass 1: each query's log-sum-exp of its scaled scores (log2 domain).
+        if (PF) fa_fetch<HD>(sk, kbase, stride, 0, N);
+        float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
+        for (int j0 = 0; j0 < N; j0 += FA_KT) {
+            __syncthreads();
+            if (!PF) fa_fetch<HD>(sk, kbase, stride, j0, N);
+            fa_put_rows<HD>(ks, sk);
+            __syncthreads();
+            if (PF && j0 + FA_KT < N) fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
+            float s[FA_KT / 8][4];
+            fa_products<HD>(s, qa, ks, g, t);
+            float mx0 = m0, mx1 = m1;
+            fa_scale_mask(s, j0, N, t, scale_log2);
+            fa_row_max(s, mx0, mx1);
+            float p0 = 0.f, p1 = 0.f;
+            for (int nt = 0; nt < FA_KT / 8; ++nt) {
+                p0 += exp2f(s[nt][0] - mx0) + exp2f(s[nt][1] - mx0);
+                p1 += exp2f(s[nt][2] - mx1) + exp2f(s[nt][3] - mx1);
+            }
+            l0 = l0 * exp2f(m0 - mx0) + p0;
+            l1 = l1 * exp2f(m1 - mx1) + p1;
+            m0 = mx0;
+            m1 = mx1;
+        }
+        lse0 = m0 + log2f(quad_sum(l0));
+        lse1 = m1 + log2f(quad_sum(l1));
+    }
     if (t == 0) {
-        if (r0 < N) { lse[row_at + r0] = lse0; dvec[row_at + r0] = d0; }
-        if (r1 < N) { lse[row_at + r1] = lse1; dvec[row_at + r1] = d1; }
+        if (r0 < N) {
+            if (!LSE) lse[row_at + r0] = lse0;
+            dvec[row_at + r0] = d0;
+        }
+        if (r1 < N) {
+            if (!LSE) lse[row_at + r1] = lse1;
+            dvec[row_at + r1] = d1;
+        }
     }
     // Pass 2: dq = scale · Σ_keys P ∘ (dO·vᵀ − D) · k.
     float dq[HD / 8][4];
@@ -1210,11 +1233,14 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
     fa_store<HD>(dbase + (H + h) * HD, stride, dk, k0, k1, N, t, scale, scale);
     fa_store<HD>(dbase + (2 * H + h) * HD, stride, dv, k0, k1, N, t, 1.f, 1.f);
 }
-#define FLASH_BWD(SUFFIX, HD, PF)                                                             \
+#define FLASH_BWD_DQ(SUFFIX, HD, PF, LSE)                                                     \
 extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dq_##SUFFIX(                \
         const bf16_t* qkv, const bf16_t* o, const bf16_t* dout, bf16_t* dqkv, float* lse,      \
         float* dvec, int N, int H, float scale_log2, float scale) {                            \
-    flash_bwd_dq_k<HD, PF>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }          \
+    flash_bwd_dq_k<HD, PF, LSE>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }
+#define FLASH_BWD(SUFFIX, HD, PF)                                                             \
+FLASH_BWD_DQ(SUFFIX, HD, PF, false)                                                           \
+FLASH_BWD_DQ(lse_##SUFFIX, HD, PF, true)                                                      \
 extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dkv_##SUFFIX(               \
         const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dvec,            \
         bf16_t* dqkv, int N, int H, float scale_log2, float scale) {                           \
@@ -2530,6 +2556,13 @@ impl Drop for Uploader {
     }
 }
 
+/// Where the flash forward leaves its log-sum-exp for the backward of the same attention node.
+pub type LseSlot = std::sync::Mutex<Option<CudaSlice<f32>>>;
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("flash attention: a thread panicked holding the log-sum-exp".into())
+}
+
 /// The kernel-name suffix of the flash kernels that fetch the next tile during the current one.
 fn prefetch_suffix() -> &'static str {
     if crate::fused::flash_prefetch() {
@@ -2541,10 +2574,13 @@ fn prefetch_suffix() -> &'static str {
 
 /// [`crate::fused::FlashAttention`] on the device: `qkv` bf16 `[B, N, 3·H·hd]` (contiguous, at an
 /// even element offset) → `[B, N, H·hd]` bf16. `hd` is 32 or 64.
+/// The kernel also writes each query's log-sum-exp (f32 `[B, H, N]`); `keep` receives it for
+/// the backward ([`flash_attention_bwd`]), else it is dropped.
 pub fn flash_attention(
     s: &CudaStorage,
     l: &Layout,
     (b, n, heads, hd): (usize, usize, usize, usize),
+    keep: Option<&LseSlot>,
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let qkv = typed::<half::bf16>(s, l)?;
@@ -2557,6 +2593,8 @@ pub fn flash_attention(
     let f = func(dev, &format!("flash_fwd_{hd}{}", prefetch_suffix()))?;
     // SAFETY: every element is written: each (sample, head, query) by its warp.
     let out = unsafe { dev.alloc::<half::bf16>(b * n * heads * hd)? };
+    // SAFETY: as above.
+    let lse = unsafe { dev.alloc::<f32>(b * heads * n)? };
     let cfg = LaunchConfig {
         grid_dim: (
             n.div_ceil(64) as u32,
@@ -2568,9 +2606,17 @@ pub fn flash_attention(
     };
     let stream = dev.cuda_stream();
     let mut lb = stream.launch_builder(&f);
-    lb.arg(&qkv).arg(&out).arg(&n_i).arg(&h_i).arg(&scale_log2);
+    lb.arg(&qkv)
+        .arg(&out)
+        .arg(&lse)
+        .arg(&n_i)
+        .arg(&h_i)
+        .arg(&scale_log2);
     // SAFETY: the arguments match the kernel's signature; `qkv` holds B·N·3·H·hd values.
     unsafe { lb.launch(cfg) }.w()?;
+    if let Some(slot) = keep {
+        *slot.lock().map_err(|_| poisoned())? = Some(lse);
+    }
     Ok(wrap(dev, CudaStorageSlice::BF16(out)))
 }
 
@@ -2619,11 +2665,14 @@ pub fn im2col3(
 /// [`crate::fused::FlashAttentionGrad`] on the device: `qkv` `[B, N, 3·H·hd]`, the forward's
 /// output `o` and its gradient `dout` `[B, N, H·hd]`, all bf16 contiguous at even offsets →
 /// `dqkv` in `qkv`'s layout. `hd` is 32 or 64.
+/// `saved`: the forward's log-sum-exp ([`flash_attention`]'s `keep`), taken if it is there, so
+/// that the dq kernel skips its first pass over the keys.
 pub fn flash_attention_bwd(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     (s3, l3): (&CudaStorage, &Layout),
     (b, n, heads, hd): (usize, usize, usize, usize),
+    saved: Option<&LseSlot>,
 ) -> Result<CudaStorage> {
     let dev = &s1.device;
     let qkv = typed::<half::bf16>(s1, l1)?;
@@ -2642,10 +2691,20 @@ pub fn flash_attention_bwd(
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let rows = b * heads * n;
     // SAFETY: every element is written: the q slots by the first kernel, k and v by the
-    // second; the log-sum-exp and D of each (sample, head, query) by the first.
+    // second; the log-sum-exp (unless saved by the forward) and D of each (sample, head,
+    // query) by the first.
     let dqkv = unsafe { dev.alloc::<half::bf16>(b * n * 3 * heads * hd)? };
-    // SAFETY: as above.
-    let lse = unsafe { dev.alloc::<f32>(rows)? };
+    let saved = match saved {
+        Some(slot) => slot.lock().map_err(|_| poisoned())?.take(),
+        None => None,
+    }
+    .filter(|lse| lse.len() == rows);
+    let have_lse = saved.is_some();
+    let lse = match saved {
+        Some(lse) => lse,
+        // SAFETY: as above.
+        None => unsafe { dev.alloc::<f32>(rows)? },
+    };
     // SAFETY: as above.
     let dvec = unsafe { dev.alloc::<f32>(rows)? };
     let cfg = LaunchConfig {
@@ -2658,7 +2717,14 @@ pub fn flash_attention_bwd(
         shared_mem_bytes: 0,
     };
     let stream = dev.cuda_stream();
-    let f = func(dev, &format!("flash_bwd_dq_{hd}{}", prefetch_suffix()))?;
+    let f = func(
+        dev,
+        &format!(
+            "flash_bwd_dq_{}{hd}{}",
+            if have_lse { "lse_" } else { "" },
+            prefetch_suffix()
+        ),
+    )?;
     let mut lb = stream.launch_builder(&f);
     lb.arg(&qkv)
         .arg(&o)

@@ -1448,15 +1448,20 @@ pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     if !fused() {
         return attention_forward(qkv, heads, false);
     }
-    // A tensor of its own (the node's forward hands its storage on whole).
+    // A tensor of its own (the node's forward hands its storage on whole). On the GPU the flash
+    // forward leaves each query's log-sum-exp for the node's flash backward.
+    let lse = LseSlot::default();
     let out = if flash_applies(qkv, heads) {
         qkv.detach()
             .contiguous()?
-            .apply_op1_no_bwd(&FlashAttention { heads })?
+            .apply_op1_no_bwd(&FlashAttentionKeep {
+                heads,
+                lse: lse.clone(),
+            })?
     } else {
         attention_forward(&qkv.detach(), heads, true)?.contiguous()?
     };
-    qkv.apply_op2(&out, AttentionNode { heads })
+    qkv.apply_op2(&out, AttentionNode { heads, lse })
 }
 
 /// Whether [`attention`]'s forward pass may use the flash kernel (default; `ICEFM_FLASH=0`
@@ -1580,7 +1585,7 @@ impl CustomOp1 for FlashAttention {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, n, h, hd) = self.dims(l)?;
-        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd))?;
+        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd), None)?;
         Ok((out, Shape::from((b, n, h * hd))))
     }
 }
@@ -1739,7 +1744,92 @@ impl CustomOp3 for FlashAttentionGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = FlashAttention { heads: self.heads }.dims(l1)?;
-        let out = crate::cuda::flash_attention_bwd((s1, l1), (s2, l2), (s3, l3), dims)?;
+        let out = crate::cuda::flash_attention_bwd((s1, l1), (s2, l2), (s3, l3), dims, None)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Where [`attention`]'s flash forward leaves each query's log-sum-exp for the flash backward
+/// of the same node, which then skips recomputing it (a pass over all keys). Filled on GPUs
+/// only; shared between the node's forward and backward ops.
+#[derive(Debug, Clone, Default)]
+struct LseSlot {
+    #[cfg(feature = "cuda")]
+    inner: std::sync::Arc<crate::cuda::LseSlot>,
+}
+
+/// [`FlashAttention`] that keeps its log-sum-exp in `lse`.
+#[derive(Debug, Clone)]
+struct FlashAttentionKeep {
+    heads: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: LseSlot,
+}
+
+impl CustomOp1 for FlashAttentionKeep {
+    fn name(&self) -> &'static str {
+        "icefm-flash-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        FlashAttention { heads: self.heads }.cpu_fwd(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, n, h, hd) = FlashAttention { heads: self.heads }.dims(l)?;
+        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd), Some(&self.lse.inner))?;
+        Ok((out, Shape::from((b, n, h * hd))))
+    }
+}
+
+/// [`FlashAttentionGrad`] that uses the forward's log-sum-exp from `lse` where it is there.
+#[derive(Debug, Clone)]
+struct FlashAttentionGradKeep {
+    heads: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: LseSlot,
+}
+
+impl CustomOp3 for FlashAttentionGradKeep {
+    fn name(&self) -> &'static str {
+        "icefm-flash-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        FlashAttentionGrad { heads: self.heads }.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = FlashAttention { heads: self.heads }.dims(l1)?;
+        let out = crate::cuda::flash_attention_bwd(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            dims,
+            Some(&self.lse.inner),
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -1756,9 +1846,10 @@ pub(crate) fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, S
 
 /// [`attention`]'s graph node: forward passes the detached result through; backward
 /// recomputes and differentiates the core.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct AttentionNode {
     heads: usize,
+    lse: LseSlot,
 }
 
 impl CustomOp2 for AttentionNode {
@@ -1800,7 +1891,10 @@ impl CustomOp2 for AttentionNode {
             let dqkv = qkv.contiguous()?.apply_op3_no_bwd(
                 &out.detach().contiguous()?,
                 &grad.contiguous()?,
-                &FlashAttentionGrad { heads: self.heads },
+                &FlashAttentionGradKeep {
+                    heads: self.heads,
+                    lse: self.lse.clone(),
+                },
             )?;
             return Ok((Some(dqkv), None));
         }

@@ -658,11 +658,13 @@ fn the_flash_attention_backward_kernels_match_the_cpu_reference() {
             variants[0], variants[1],
             "n = {n}, hd = {hd}: prefetch changed dqkv"
         );
-        // Through the model's attention node: flash backward on against off.
+        // Through the model's attention node: flash backward on (using the flash forward's
+        // log-sum-exp), on without it (materialised forward), and off.
         let q = Var::from_tensor(&on(&qkv)).unwrap();
         let mut grads = Vec::new();
-        for flash_bwd in [true, false] {
+        for (flash_bwd, flash_fwd) in [(true, true), (false, true), (true, false)] {
             fused::set_flash_bwd(flash_bwd);
+            fused::set_flash(flash_fwd);
             let y = fused::attention(q.as_tensor(), heads).unwrap();
             let gr = (y.to_dtype(DType::F32).unwrap() * on(&dout).to_dtype(DType::F32).unwrap())
                 .unwrap()
@@ -673,7 +675,13 @@ fn the_flash_attention_backward_kernels_match_the_cpu_reference() {
             grads.push(gr.get(q.as_tensor()).unwrap().clone());
         }
         fused::set_flash_bwd(false);
+        fused::set_flash(true);
         let e = max_rel(&grads[0], &grads[1]);
         assert!(e < 2e-2, "through the node, n = {n}: {e}");
+        let e = max_rel(&grads[2], &grads[1]);
+        assert!(
+            e < 2e-2,
+            "through the node, no saved log-sum-exp, n = {n}: {e}"
+        );
     }
 }
