@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Kernel-level profile of one ViT-B/16 MAE encoder block and one decoder block (batch 64,
-# bf16), forward and backward, with Nsight Compute's per-kernel durations (one metric, no
-# replay of clocks). Needs .gpu/bundle.tar.xz (scripts/build-gpu-check.sh) and ncu.
+# bf16), forward and backward, with Nsight Compute's per-kernel durations, achieved occupancy
+# and registers per thread (clocks not locked). Needs .gpu/bundle.tar.xz
+# (scripts/build-gpu-check.sh) and ncu. The switches of docs/gpu.md apply, e.g.
+#   ICEFM_FLASH_BWD=1 ICEFM_LT_BIAS=1 scripts/gpu-profile.sh
 # Writes $OUT/ncu.csv and prints the kernels by total time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +11,7 @@ out="${OUT:-/tmp/gpu-profile}"
 mkdir -p "$out"
 . scripts/gpu-env.sh
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-timeout 150 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum \
+timeout 150 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread \
     --csv --page raw --log-file "$out/ncu.csv" .gpu/gpu_check profile-blocks
 echo "ncu exit $?"
 $py - "$out/ncu.csv" <<'PY'
@@ -18,18 +20,31 @@ rows = list(csv.reader(open(sys.argv[1])))
 head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
 cols = rows[head]
 k, t = cols.index("Kernel Name"), cols.index("gpu__time_duration.sum")
+extra = [c for c in ("sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread") if c in cols]
 unit = rows[head + 1][t]
 scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(unit, 1e-6)
 tot = collections.defaultdict(float); cnt = collections.Counter()
+ext = collections.defaultdict(lambda: collections.defaultdict(float))
+def num(v):
+    try:
+        return float(v.replace(",", ""))
+    except ValueError:
+        return 0.0
 for r in rows[head + 2:]:
     if len(r) <= max(k, t) or not r[t]:
         continue
     name = r[k].split("(")[0][:70]
-    tot[name] += float(r[t].replace(",", "")) * scale
+    tot[name] += num(r[t]) * scale
     cnt[name] += 1
+    for c in extra:
+        ext[name][c] += num(r[cols.index(c)])
 all_ms = sum(tot.values())
 print(f"{sum(cnt.values())} kernels, {all_ms:.2f} ms in all (unit {unit})")
-print("| kernel | launches | ms | share |\n|---|---|---|---|")
+print("| kernel | launches | ms | share | occupancy % | registers |\n|---|---|---|---|---|---|")
 for name, ms in sorted(tot.items(), key=lambda x: -x[1])[:30]:
-    print(f"| {name} | {cnt[name]} | {ms:.3f} | {ms / all_ms:.1%} |")
+    occ = ext[name].get("sm__warps_active.avg.pct_of_peak_sustained_active")
+    regs = ext[name].get("launch__registers_per_thread")
+    occ = f"{occ / cnt[name]:.0f}" if occ is not None else ""
+    regs = f"{regs / cnt[name]:.0f}" if regs is not None else ""
+    print(f"| {name} | {cnt[name]} | {ms:.3f} | {ms / all_ms:.1%} | {occ} | {regs} |")
 PY
