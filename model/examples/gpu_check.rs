@@ -140,7 +140,7 @@ fn step_bench(args: &[String]) -> Res<()> {
         },
         if fused::flash() { "" } else { "-noflash" },
         if fused::flash_bwd() { "-flashbwd" } else { "" },
-        if std::env::var("ICEFM_BIAS_GELU_CUDA").is_ok_and(|v| v == "1") {
+        if fused::bias_gelu_cuda() {
             "-biasgelu"
         } else {
             ""

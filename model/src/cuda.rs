@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor};
 
 /// The kernels' source.
@@ -1301,6 +1301,30 @@ extern "C" __global__ void col2im3_bf16(const bf16_t* g, bf16_t* y, int B, int H
 }
 "#;
 
+/// Values made on first use and kept for the process, by key (a device, a kernel).
+struct Memo<K, V>(OnceLock<std::sync::Mutex<Vec<(K, V)>>>);
+
+impl<K: PartialEq, V: Clone> Memo<K, V> {
+    const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    /// The value for `key`, made by `make` the first time (an error is returned, not kept).
+    fn get_or_make(&self, key: K, make: impl FnOnce() -> Result<V>) -> Result<V> {
+        let mut memo = self
+            .0
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("icefm kernels: a thread panicked".into()))?;
+        if let Some((_, v)) = memo.iter().find(|(k, _)| *k == key) {
+            return Ok(v.clone());
+        }
+        let v = make()?;
+        memo.push((key, v.clone()));
+        Ok(v)
+    }
+}
+
 /// The PTX for this process's device, compiled once.
 fn ptx(dev: &CudaDevice) -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -1386,8 +1410,9 @@ fn ln_kernel<T: Elem>(
 ) -> Result<(CudaFunction, LaunchConfig)> {
     Ok(match ln_quads::<T>(d, halves, floats) {
         Some(q) => {
-            let f = func(dev, &format!("{base}_bf16_q{q}"))?;
-            let cfg = persistent_row_cfg(dev, &f, rows)?;
+            let name = format!("{base}_bf16_q{q}");
+            let f = func(dev, &name)?;
+            let cfg = persistent_row_cfg(dev, &f, &name, rows)?;
             (f, cfg)
         }
         None => (
@@ -1397,19 +1422,29 @@ fn ln_kernel<T: Elem>(
     })
 }
 
-/// Blocks of 256 threads (8 warps) for a kernel whose warps stride over `rows` rows: as many
-/// as are resident on the device at once, and no more than the rows need.
-fn persistent_row_cfg(dev: &CudaDevice, f: &CudaFunction, rows: usize) -> Result<LaunchConfig> {
+/// Blocks of 256 threads (8 warps) for kernel `name` (`f`), whose warps stride over `rows`
+/// rows: as many as are resident on the device at once (asked of the driver once per kernel
+/// and device), and no more than the rows need.
+fn persistent_row_cfg(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    name: &str,
+    rows: usize,
+) -> Result<LaunchConfig> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()?;
-    let per_sm = f
-        .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
-        .w()?;
-    let blocks = (sms.max(1) as usize * per_sm.max(1) as usize).min(rows.div_ceil(8).max(1));
+    static RESIDENT: Memo<(DeviceId, String), usize> = Memo::new();
+    let resident = RESIDENT.get_or_make((dev.id(), name.to_string()), || {
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()?;
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+            .w()?;
+        Ok(sms.max(1) as usize * per_sm.max(1) as usize)
+    })?;
+    let blocks = resident.min(rows.div_ceil(8).max(1));
     Ok(LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -2557,7 +2592,7 @@ impl Drop for Uploader {
 }
 
 /// Where the flash forward leaves its log-sum-exp for the backward of the same attention node.
-pub type LseSlot = std::sync::Mutex<Option<CudaSlice<f32>>>;
+pub type SavedLse = std::sync::Mutex<Option<CudaSlice<f32>>>;
 
 fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("flash attention: a thread panicked holding the log-sum-exp".into())
@@ -2580,7 +2615,7 @@ pub fn flash_attention(
     s: &CudaStorage,
     l: &Layout,
     (b, n, heads, hd): (usize, usize, usize, usize),
-    keep: Option<&LseSlot>,
+    keep: Option<&SavedLse>,
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let qkv = typed::<half::bf16>(s, l)?;
@@ -2672,7 +2707,7 @@ pub fn flash_attention_bwd(
     (s2, l2): (&CudaStorage, &Layout),
     (s3, l3): (&CudaStorage, &Layout),
     (b, n, heads, hd): (usize, usize, usize, usize),
-    saved: Option<&LseSlot>,
+    saved: Option<&SavedLse>,
 ) -> Result<CudaStorage> {
     let dev = &s1.device;
     let qkv = typed::<half::bf16>(s1, l1)?;
@@ -2756,22 +2791,12 @@ pub fn flash_attention_bwd(
 
 /// One cuBLASLt handle (with its 32 MiB workspace on Hopper) per device, made on first use.
 fn blas_lt(dev: &CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
-    use std::sync::{Arc, Mutex};
-    type Handles = Mutex<Vec<(candle_core::cuda_backend::DeviceId, Arc<CudaBlasLT>)>>;
-    static HANDLES: OnceLock<Handles> = OnceLock::new();
-    let mut handles = HANDLES
-        .get_or_init(|| Mutex::new(Vec::new()))
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("cuBLASLt handles: a thread panicked".into()))?;
-    if let Some((_, h)) = handles.iter().find(|(id, _)| *id == dev.id()) {
-        return Ok(h.clone());
-    }
-    let h = Arc::new(
+    static HANDLES: Memo<DeviceId, std::sync::Arc<CudaBlasLT>> = Memo::new();
+    HANDLES.get_or_make(dev.id(), || {
         CudaBlasLT::new(dev.cuda_stream())
-            .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))?,
-    );
-    handles.push((dev.id(), h.clone()));
-    Ok(h)
+            .map(std::sync::Arc::new)
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))
+    })
 }
 
 /// Byte offsets of a view into its allocation that cuBLASLt's default algorithm choice allows

@@ -1278,6 +1278,11 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
 }
 
+/// Whether [`bias_gelu`] uses its fused kernels on GPUs (`ICEFM_BIAS_GELU_CUDA=1`).
+pub fn bias_gelu_cuda() -> bool {
+    BIAS_GELU_CUDA.get()
+}
+
 /// Switch [`bias_gelu`]'s fused kernels on or off on GPUs for the whole process.
 pub fn set_bias_gelu_cuda(on: bool) {
     BIAS_GELU_CUDA.set(on);
@@ -1755,7 +1760,7 @@ impl CustomOp3 for FlashAttentionGrad {
 #[derive(Debug, Clone, Default)]
 struct LseSlot {
     #[cfg(feature = "cuda")]
-    inner: std::sync::Arc<crate::cuda::LseSlot>,
+    inner: std::sync::Arc<crate::cuda::SavedLse>,
 }
 
 /// [`FlashAttention`] that keeps its log-sum-exp in `lse`.
