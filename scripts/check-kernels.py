@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compile icefm's CUDA kernels (model/src/cuda.rs, `SOURCE`) with NVRTC as the program does at
+"""Compile icefm's CUDA kernels (model/src/kernels.cu) with NVRTC as the program does at
 run time, then assemble them with ptxas for a GPU architecture and print each kernel's
 registers, spills and shared memory: a check of the kernels on a machine without a GPU.
 
@@ -57,12 +57,9 @@ def main():
     ap.add_argument("words", nargs="*", help="only kernels whose names contain one of these")
     ap.add_argument("--arch", default="90", help="compute capability without the dot (90)")
     args = ap.parse_args()
-    text = open(os.path.join(ROOT, "model/src/cuda.rs")).read()
-    m = re.search(r'pub const SOURCE: &str = r#"(.*?)"#;', text, re.S)
-    if not m:
-        sys.exit("no SOURCE in model/src/cuda.rs")
+    source = open(os.path.join(ROOT, "model/src/kernels.cu")).read()
     cu = cuda_lib_dir()
-    ptx = nvrtc_ptx(m.group(1), args.arch, cu)
+    ptx = nvrtc_ptx(source, args.arch, cu)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "icefm.ptx")
         open(path, "w").write(ptx)

@@ -1,0 +1,1288 @@
+// icefm's CUDA kernels. NVRTC compiles this file at first use (model/src/cuda.rs, `SOURCE`);
+// the tests' CPU emulator (model/tests/emulator/) compiles it as C++ with ICEFM_EMULATOR defined,
+// which supplies the CUDA built-ins and replaces the two inline-PTX instructions below.
+#ifndef ICEFM_EMULATOR
+#define ICEFM_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p[i] = (bf16_t)(u >> 16);
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// One warp per row: mean, then the variance of the centred values (two passes, as the
+// reference), then the output.
+template <typename T>
+__device__ void ln_fwd(const T* x, const float* w, const float* b, T* y, int rows, int d,
+                       float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    T* yr = y + (long)row * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(xr, i);
+    float mean = warp_sum(s) / d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+    float rstd = rsqrtf(warp_sum(ss) / d + eps);
+    for (int i = lane; i < d; i += 32) st(yr, i, (ld(xr, i) - mean) * rstd * w[i] + b[i]);
+}
+
+// dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), g = dy · w.
+template <typename T>
+__device__ void ln_grad_x(const T* x, const float* w, const T* dy, T* dx, int rows, int d,
+                          float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    T* o = dx + (long)row * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(xr, i);
+    float mean = warp_sum(s) / d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+    float rstd = rsqrtf(warp_sum(ss) / d + eps);
+    float a = 0.f, bs = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        float g = ld(gr, i) * w[i];
+        a += g;
+        bs += g * (ld(xr, i) - mean) * rstd;
+    }
+    a = warp_sum(a) / d;
+    bs = warp_sum(bs) / d;
+    for (int i = lane; i < d; i += 32) {
+        float xh = (ld(xr, i) - mean) * rstd;
+        st(o, i, rstd * (ld(gr, i) * w[i] - a - xh * bs));
+    }
+}
+
+// Partial sums of dy·x̂ and dy over a block of rows: out[0][blockIdx][:], out[1][blockIdx][:].
+// Each warp takes rows of the block's range in turn; shared-memory accumulators.
+template <typename T>
+__device__ void ln_grad_wb(const T* x, const T* dy, float* out, int rows, int d, float eps,
+                           int rows_per_block) {
+    ICEFM_DYNAMIC_SHARED(float, acc);  // [2][d]
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int r0 = blockIdx.x * rows_per_block;
+    int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+    for (int row = r0 + warp; row < r1; row += warps) {
+        const T* xr = x + (long)row * d;
+        const T* gr = dy + (long)row * d;
+        float s = 0.f;
+        for (int i = lane; i < d; i += 32) s += ld(xr, i);
+        float mean = warp_sum(s) / d;
+        float ss = 0.f;
+        for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+        float rstd = rsqrtf(warp_sum(ss) / d + eps);
+        for (int i = lane; i < d; i += 32) {
+            float g = ld(gr, i);
+            atomicAdd(&acc[i], g * (ld(xr, i) - mean) * rstd);
+            atomicAdd(&acc[d + i], g);
+        }
+    }
+    __syncthreads();
+    long p = gridDim.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        out[(long)blockIdx.x * d + i] = acc[i];
+        out[(p + blockIdx.x) * d + i] = acc[d + i];
+    }
+}
+
+// Softmax over the first `valid` values of each row (the rest are padding: probability 0).
+template <typename T>
+__device__ void softmax_fwd(const T* x, T* y, int rows, int d, int valid) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    T* yr = y + (long)row * d;
+    float m = -__int_as_float(0x7f800000);
+    for (int i = lane; i < valid; i += 32) m = fmaxf(m, ld(xr, i));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int i = lane; i < valid; i += 32) s += __expf(ld(xr, i) - m);
+    float inv = 1.f / warp_sum(s);
+    for (int i = lane; i < d; i += 32) st(yr, i, i < valid ? __expf(ld(xr, i) - m) * inv : 0.f);
+}
+
+template <typename T>
+__device__ void softmax_grad(const T* y, const T* dy, T* dx, int rows, int d) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* yr = y + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    T* o = dx + (long)row * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(yr, i) * ld(gr, i);
+    s = warp_sum(s);
+    for (int i = lane; i < d; i += 32) st(o, i, ld(yr, i) * (ld(gr, i) - s));
+}
+
+#define INSTANCES(T, SUF)                                                                     \
+extern "C" __global__ void ln_fwd_##SUF(const T* x, const float* w, const float* b, T* y,    \
+        int rows, int d, float eps) { ln_fwd<T>(x, w, b, y, rows, d, eps); }                  \
+extern "C" __global__ void ln_grad_x_##SUF(const T* x, const float* w, const T* dy, T* dx,   \
+        int rows, int d, float eps) { ln_grad_x<T>(x, w, dy, dx, rows, d, eps); }             \
+extern "C" __global__ void ln_grad_wb_##SUF(const T* x, const T* dy, float* out, int rows,   \
+        int d, float eps, int rpb) { ln_grad_wb<T>(x, dy, out, rows, d, eps, rpb); }           \
+extern "C" __global__ void softmax_fwd_##SUF(const T* x, T* y, int rows, int d, int valid) {  \
+        softmax_fwd<T>(x, y, rows, d, valid); }                                                      \
+extern "C" __global__ void softmax_grad_##SUF(const T* y, const T* dy, T* dx, int rows,      \
+        int d) { softmax_grad<T>(y, dy, dx, rows, d); }
+
+INSTANCES(float, f32)
+INSTANCES(bf16_t, bf16)
+
+// ---- Register-resident variants: each lane holds its share of the row in registers, loaded
+// two values at a time (8-byte float2 / 4-byte bf16 pairs), so every load of a row is issued
+// before the first reduction. P = pairs per lane = d / 64.
+__device__ __forceinline__ void ld2(const float* p, int pair, float& a, float& b) {
+    float2 v = reinterpret_cast<const float2*>(p)[pair]; a = v.x; b = v.y;
+}
+__device__ __forceinline__ void ld2(const bf16_t* p, int pair, float& a, float& b) {
+    unsigned int u = reinterpret_cast<const unsigned int*>(p)[pair];
+    a = __uint_as_float(u << 16); b = __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ unsigned int bf16_bits(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ void st2(float* p, int pair, float a, float b) {
+    reinterpret_cast<float2*>(p)[pair] = make_float2(a, b);
+}
+__device__ __forceinline__ void st2(bf16_t* p, int pair, float a, float b) {
+    reinterpret_cast<unsigned int*>(p)[pair] = bf16_bits(a) | (bf16_bits(b) << 16);
+}
+
+template <typename T, int P>
+__device__ __forceinline__ void row_stats_reg(const float (&v)[2 * P], int d, float eps,
+                                              float& mean, float& rstd) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 2 * P; ++k) s += v[k];
+    mean = warp_sum(s) / d;
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 2 * P; ++k) { float c = v[k] - mean; ss += c * c; }
+    rstd = rsqrtf(warp_sum(ss) / d + eps);
+}
+
+template <typename T, int P>
+__device__ void ln_fwd_reg(const T* x, const float* w, const float* b, T* y, int rows, float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const int d = 64 * P;
+    const T* xr = x + (long)row * d;
+    float v[2 * P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
+    float mean, rstd;
+    row_stats_reg<T, P>(v, d, eps, mean, rstd);
+    T* yr = y + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        int q = lane + 32 * k;
+        float2 wv = reinterpret_cast<const float2*>(w)[q];
+        float2 bv = reinterpret_cast<const float2*>(b)[q];
+        st2(yr, q, (v[2 * k] - mean) * rstd * wv.x + bv.x, (v[2 * k + 1] - mean) * rstd * wv.y + bv.y);
+    }
+}
+
+template <typename T, int P>
+__device__ void ln_grad_x_reg(const T* x, const float* w, const T* dy, T* dx, int rows, float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const int d = 64 * P;
+    const T* xr = x + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    float v[2 * P], g[2 * P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
+        ld2(gr, lane + 32 * k, g[2 * k], g[2 * k + 1]);
+    }
+    float mean, rstd;
+    row_stats_reg<T, P>(v, d, eps, mean, rstd);
+    float a = 0.f, bs = 0.f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        float2 wv = reinterpret_cast<const float2*>(w)[lane + 32 * k];
+        g[2 * k] *= wv.x;
+        g[2 * k + 1] *= wv.y;
+        v[2 * k] = (v[2 * k] - mean) * rstd;
+        v[2 * k + 1] = (v[2 * k + 1] - mean) * rstd;
+        a += g[2 * k] + g[2 * k + 1];
+        bs += g[2 * k] * v[2 * k] + g[2 * k + 1] * v[2 * k + 1];
+    }
+    a = warp_sum(a) / d;
+    bs = warp_sum(bs) / d;
+    T* o = dx + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < P; ++k)
+        st2(o, lane + 32 * k, rstd * (g[2 * k] - a - v[2 * k] * bs),
+            rstd * (g[2 * k + 1] - a - v[2 * k + 1] * bs));
+}
+
+// Each warp accumulates its rows' dy·x̂ and dy in registers; the block's warps then add
+// theirs in shared memory once, and the block writes its partial sums.
+template <typename T, int P>
+__device__ void ln_grad_wb_reg(const T* x, const T* dy, float* out, int rows, float eps,
+                               int rows_per_block) {
+    const int d = 64 * P;
+    ICEFM_DYNAMIC_SHARED(float, acc);  // [2][d]
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int r0 = blockIdx.x * rows_per_block;
+    int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+    float dw[2 * P], db[2 * P];
+#pragma unroll
+    for (int k = 0; k < 2 * P; ++k) { dw[k] = 0.f; db[k] = 0.f; }
+    for (int row = r0 + warp; row < r1; row += warps) {
+        const T* xr = x + (long)row * d;
+        const T* gr = dy + (long)row * d;
+        float v[2 * P], g[2 * P];
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+            ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
+            ld2(gr, lane + 32 * k, g[2 * k], g[2 * k + 1]);
+        }
+        float mean, rstd;
+        row_stats_reg<T, P>(v, d, eps, mean, rstd);
+#pragma unroll
+        for (int k = 0; k < 2 * P; ++k) {
+            dw[k] += g[k] * (v[k] - mean) * rstd;
+            db[k] += g[k];
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        int i = 2 * (lane + 32 * k);
+        atomicAdd(&acc[i], dw[2 * k]);
+        atomicAdd(&acc[i + 1], dw[2 * k + 1]);
+        atomicAdd(&acc[d + i], db[2 * k]);
+        atomicAdd(&acc[d + i + 1], db[2 * k + 1]);
+    }
+    __syncthreads();
+    long p = gridDim.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        out[(long)blockIdx.x * d + i] = acc[i];
+        out[(p + blockIdx.x) * d + i] = acc[d + i];
+    }
+}
+
+// Softmax with the row in registers: V values per lane (V ≥ ceil(d / 32)), bounds-checked.
+template <typename T, int V>
+__device__ void softmax_fwd_reg(const T* x, T* y, int rows, int d, int valid) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * d;
+    float v[V];
+    float m = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        v[k] = i < valid ? ld(xr, i) : -__int_as_float(0x7f800000);
+        m = fmaxf(m, v[k]);
+    }
+    m = warp_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) { v[k] = __expf(v[k] - m); s += v[k]; }
+    float inv = 1.f / warp_sum(s);
+    T* yr = y + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        if (i < d) st(yr, i, v[k] * inv);
+    }
+}
+
+template <typename T, int V>
+__device__ void softmax_grad_reg(const T* y, const T* dy, T* dx, int rows, int d) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* yr = y + (long)row * d;
+    const T* gr = dy + (long)row * d;
+    float a[V], g[V];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        a[k] = i < d ? ld(yr, i) : 0.f;
+        g[k] = i < d ? ld(gr, i) : 0.f;
+        s += a[k] * g[k];
+    }
+    s = warp_sum(s);
+    T* o = dx + (long)row * d;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        int i = lane + 32 * k;
+        if (i < d) st(o, i, a[k] * (g[k] - s));
+    }
+}
+
+#define LN_REG(T, SUF, P)                                                                     \
+extern "C" __global__ void ln_fwd_##SUF##_p##P(const T* x, const float* w, const float* b,   \
+        T* y, int rows, int d, float eps) { ln_fwd_reg<T, P>(x, w, b, y, rows, eps); }         \
+extern "C" __global__ void ln_grad_x_##SUF##_p##P(const T* x, const float* w, const T* dy,   \
+        T* dx, int rows, int d, float eps) { ln_grad_x_reg<T, P>(x, w, dy, dx, rows, eps); }   \
+extern "C" __global__ void ln_grad_wb_##SUF##_p##P(const T* x, const T* dy, float* out,      \
+        int rows, int d, float eps, int rpb) { ln_grad_wb_reg<T, P>(x, dy, out, rows, eps, rpb); }
+#define SM_REG(T, SUF, V)                                                                     \
+extern "C" __global__ void softmax_fwd_##SUF##_v##V(const T* x, T* y, int rows, int d,       \
+        int valid) { softmax_fwd_reg<T, V>(x, y, rows, d, valid); }                                               \
+extern "C" __global__ void softmax_grad_##SUF##_v##V(const T* y, const T* dy, T* dx,         \
+        int rows, int d) { softmax_grad_reg<T, V>(y, dy, dx, rows, d); }
+#define REG_ALL(T, SUF)                                                                       \
+    LN_REG(T, SUF, 3) LN_REG(T, SUF, 4) LN_REG(T, SUF, 6) LN_REG(T, SUF, 8)                   \
+    LN_REG(T, SUF, 12) LN_REG(T, SUF, 16) LN_REG(T, SUF, 20)                                  \
+    SM_REG(T, SUF, 1) SM_REG(T, SUF, 2) SM_REG(T, SUF, 4) SM_REG(T, SUF, 5) SM_REG(T, SUF, 8)  \
+    SM_REG(T, SUF, 12) SM_REG(T, SUF, 16) SM_REG(T, SUF, 19) SM_REG(T, SUF, 20)               \
+    SM_REG(T, SUF, 24) SM_REG(T, SUF, 32)
+REG_ALL(float, f32)
+REG_ALL(bf16_t, bf16)
+
+// ---- bf16 layer norm with 16-byte accesses (8 values per load) and persistent warps: a warp
+// takes rows row, row + warps, ... (as many blocks as fit on the device at once) and issues the
+// next row's loads before it reduces the current one, so loads stay in flight between rows.
+// Q = 16-byte loads per lane and row = d / 256. w and b: f32, 16-byte aligned.
+__device__ __forceinline__ void bf8_unpack(uint4 u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ uint4 bf8_pack(const float* f) {
+    return make_uint4(bf16_bits(f[0]) | (bf16_bits(f[1]) << 16), bf16_bits(f[2]) | (bf16_bits(f[3]) << 16),
+                      bf16_bits(f[4]) | (bf16_bits(f[5]) << 16), bf16_bits(f[6]) | (bf16_bits(f[7]) << 16));
+}
+// A row's Q 16-byte pieces of this lane: elements (lane + 32·q)·8 .. + 8.
+template <int Q>
+__device__ __forceinline__ void ld_row8(const bf16_t* p, int lane, uint4 (&u)[Q]) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) u[q] = reinterpret_cast<const uint4*>(p)[lane + 32 * q];
+}
+// Eight consecutive f32 values from element e (a multiple of 8).
+__device__ __forceinline__ void ld_f8(const float* p, int e, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(p + e)[0];
+    const float4 b = reinterpret_cast<const float4*>(p + e)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+template <int Q>
+__device__ void ln_fwd_v8(const bf16_t* x, const float* w, const float* b, bf16_t* y, int rows,
+                          float eps) {
+    const int lane = threadIdx.x & 31, warps = (gridDim.x * blockDim.x) >> 5;
+    const int d = 256 * Q;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    uint4 cur[Q];
+    if (row < rows) ld_row8<Q>(x + (long)row * d, lane, cur);
+    for (; row < rows; row += warps) {
+        const int next = row + warps;
+        uint4 nxt[Q];
+        if (next < rows) ld_row8<Q>(x + (long)next * d, lane, nxt);
+        float v[8 * Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) bf8_unpack(cur[q], v + 8 * q);
+        float mean, rstd;
+        row_stats_reg<bf16_t, 4 * Q>(v, d, eps, mean, rstd);
+        uint4* yr = reinterpret_cast<uint4*>(y + (long)row * d);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const int e = (lane + 32 * q) * 8;
+            float wv[8], bv[8], o[8];
+            ld_f8(w, e, wv);
+            ld_f8(b, e, bv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = (v[8 * q + i] - mean) * rstd * wv[i] + bv[i];
+            yr[lane + 32 * q] = bf8_pack(o);
+        }
+        if (next < rows) {
+#pragma unroll
+            for (int q = 0; q < Q; ++q) cur[q] = nxt[q];
+        }
+    }
+}
+
+template <int Q>
+__device__ void ln_grad_x_v8(const bf16_t* x, const float* w, const bf16_t* dy, bf16_t* dx,
+                             int rows, float eps) {
+    const int lane = threadIdx.x & 31, warps = (gridDim.x * blockDim.x) >> 5;
+    const int d = 256 * Q;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    uint4 cx[Q], cg[Q];
+    if (row < rows) {
+        ld_row8<Q>(x + (long)row * d, lane, cx);
+        ld_row8<Q>(dy + (long)row * d, lane, cg);
+    }
+    for (; row < rows; row += warps) {
+        const int next = row + warps;
+        uint4 nx[Q], ng[Q];
+        if (next < rows) {
+            ld_row8<Q>(x + (long)next * d, lane, nx);
+            ld_row8<Q>(dy + (long)next * d, lane, ng);
+        }
+        float v[8 * Q], g[8 * Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            bf8_unpack(cx[q], v + 8 * q);
+            bf8_unpack(cg[q], g + 8 * q);
+        }
+        float mean, rstd;
+        row_stats_reg<bf16_t, 4 * Q>(v, d, eps, mean, rstd);
+        float a = 0.f, bs = 0.f;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            float wv[8];
+            ld_f8(w, (lane + 32 * q) * 8, wv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int k = 8 * q + i;
+                g[k] *= wv[i];
+                v[k] = (v[k] - mean) * rstd;
+                a += g[k];
+                bs += g[k] * v[k];
+            }
+        }
+        a = warp_sum(a) / d;
+        bs = warp_sum(bs) / d;
+        uint4* o = reinterpret_cast<uint4*>(dx + (long)row * d);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            float r[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) r[i] = rstd * (g[8 * q + i] - a - v[8 * q + i] * bs);
+            o[lane + 32 * q] = bf8_pack(r);
+        }
+        if (next < rows) {
+#pragma unroll
+            for (int q = 0; q < Q; ++q) {
+                cx[q] = nx[q];
+                cg[q] = ng[q];
+            }
+        }
+    }
+}
+#define LN_V8(Q)                                                                              \
+extern "C" __global__ void ln_fwd_bf16_q##Q(const bf16_t* x, const float* w, const float* b,  \
+        bf16_t* y, int rows, int d, float eps) { ln_fwd_v8<Q>(x, w, b, y, rows, eps); }        \
+extern "C" __global__ void ln_grad_x_bf16_q##Q(const bf16_t* x, const float* w,               \
+        const bf16_t* dy, bf16_t* dx, int rows, int d, float eps) {                            \
+    ln_grad_x_v8<Q>(x, w, dy, dx, rows, eps); }
+LN_V8(2)
+LN_V8(3)
+LN_V8(4)
+LN_V8(5)
+
+
+// ---- Bias add, column sums, GELU, gradient norm.
+template <typename T>
+__device__ void bias_add_k(const T* x, const float* b, T* y, long n, int c) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(y, i, ld(x, i) + b[i % c]);
+}
+
+// Partial column sums: block (tile, chunk) sums 32 columns over a chunk of rows; its 8 warps
+// take rows in turn and meet in shared memory.
+template <typename T>
+__device__ void column_sums_k(const T* x, float* out, int rows, int c, int rows_per_block) {
+    __shared__ float acc[8][33];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int col = blockIdx.x * 32 + lane;
+    int r0 = blockIdx.y * rows_per_block;
+    int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+    float s = 0.f;
+    if (col < c)
+        for (int r = r0 + warp; r < r1; r += 8) s += ld(x, (long)r * c + col);
+    acc[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && col < c) {
+        float t = 0.f;
+        for (int w = 0; w < 8; ++w) t += acc[w][lane];
+        out[(long)blockIdx.y * c + col] = t;
+    }
+}
+
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_d(float x) {
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+}
+template <typename T>
+__device__ void gelu_fwd_k(const T* x, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(y, i, gelu_f(ld(x, i)));
+}
+template <typename T>
+__device__ void gelu_grad_k(const T* x, const T* g, T* dx, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(dx, i, ld(g, i) * gelu_d(ld(x, i)));
+}
+
+// gelu(x + b) and its backward over rows of c: blocks take rows in turn, threads the columns
+// (no 64-bit modulo per element); the pre-activation stays in a register, in f32. With
+// `pairs` (c even, inputs starting at even elements: the host checks) each thread moves two
+// values per load and store (ld2/st2, as the register-resident row kernels).
+template <typename T>
+__device__ void bias_gelu_fwd_k(const T* x, const float* b, T* y, int rows, int c, int pairs) {
+    int step = gridDim.x * blockDim.x, j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + (long)r * c;
+        T* yr = y + (long)r * c;
+        if (pairs) {
+            for (int j = j0; j < (c >> 1); j += step) {
+                float a, e;
+                ld2(xr, j, a, e);
+                st2(yr, j, gelu_f(a + b[2 * j]), gelu_f(e + b[2 * j + 1]));
+            }
+        } else {
+            for (int j = j0; j < c; j += step) st(yr, j, gelu_f(ld(xr, j) + b[j]));
+        }
+    }
+}
+template <typename T>
+__device__ void bias_gelu_grad_k(const T* x, const float* b, const T* g, T* dx, int rows, int c,
+                                 int pairs) {
+    int step = gridDim.x * blockDim.x, j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + (long)r * c;
+        const T* gr = g + (long)r * c;
+        T* dr = dx + (long)r * c;
+        if (pairs) {
+            for (int j = j0; j < (c >> 1); j += step) {
+                float a, e, ga, ge;
+                ld2(xr, j, a, e);
+                ld2(gr, j, ga, ge);
+                st2(dr, j, ga * gelu_d(a + b[2 * j]), ge * gelu_d(e + b[2 * j + 1]));
+            }
+        } else {
+            for (int j = j0; j < c; j += step) st(dr, j, ld(gr, j) * gelu_d(ld(xr, j) + b[j]));
+        }
+    }
+}
+
+#define ELEM_INSTANCES(T, SUF)                                                                \
+extern "C" __global__ void bias_add_##SUF(const T* x, const float* b, T* y, long n, int c) {  \
+        bias_add_k<T>(x, b, y, n, c); }                                                       \
+extern "C" __global__ void column_sums_##SUF(const T* x, float* out, int rows, int c,        \
+        int rpb) { column_sums_k<T>(x, out, rows, c, rpb); }                                   \
+extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, long n) { gelu_fwd_k<T>(x, y, n); } \
+extern "C" __global__ void gelu_grad_##SUF(const T* x, const T* g, T* dx, long n) {           \
+        gelu_grad_k<T>(x, g, dx, n); }                                                        \
+extern "C" __global__ void bias_gelu_fwd_##SUF(const T* x, const float* b, T* y, int rows,   \
+        int c, int pairs) { bias_gelu_fwd_k<T>(x, b, y, rows, c, pairs); }                     \
+extern "C" __global__ void bias_gelu_grad_##SUF(const T* x, const float* b, const T* g,      \
+        T* dx, int rows, int c, int pairs) { bias_gelu_grad_k<T>(x, b, g, dx, rows, c, pairs); }
+ELEM_INSTANCES(float, f32)
+ELEM_INSTANCES(bf16_t, bf16)
+
+// Sum of squares of many f32 tensors, table[t] = {ptr, n}; blockIdx.y = tensor. Each block
+// reduces its share and adds it to out[0] (double).
+extern "C" __global__ void sum_squares_multi(const unsigned long long* table, double* out) {
+    const float* g = (const float*)table[2 * blockIdx.y];
+    long n = (long)table[2 * blockIdx.y + 1];
+    float s = 0.f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        s += g[i] * g[i];
+    s = warp_sum(s);
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.f;
+        t = warp_sum(t);
+        if (lane == 0) atomicAdd(out, (double)t);
+    }
+}
+
+
+// ---- MAE's masked norm-pix loss: one warp per patch row of p values; w = valid · masked.
+template <typename T>
+__device__ bool npx_stats(const T* t, const T* w, int p, int lane, float& mean, float& rstd,
+                          float& cnt) {
+    float c = 0.f, s = 0.f;
+    for (int i = lane; i < p; i += 32) { float wi = ld(w, i); c += wi; s += wi * ld(t, i); }
+    c = warp_sum(c);
+    s = warp_sum(s);
+    if (c < 2.f) return false;
+    mean = s / c;
+    float v = 0.f;
+    for (int i = lane; i < p; i += 32) { float d = (ld(t, i) - mean) * ld(w, i); v += d * d; }
+    v = warp_sum(v) / (c - 1.f);
+    rstd = rsqrtf(v + 1e-6f);
+    cnt = c;
+    return true;
+}
+template <typename T>
+__device__ void npx_loss(const T* pred, const T* t, const T* w, T* out, int rows, int p) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long o = (long)row * p;
+    float mean, rstd, cnt;
+    if (!npx_stats(t + o, w + o, p, lane, mean, rstd, cnt)) { if (lane == 0) st(out, row, 0.f); return; }
+    float se = 0.f;
+    for (int i = lane; i < p; i += 32) {
+        float e = ld(pred + o, i) - (ld(t + o, i) - mean) * rstd;
+        se += e * e * ld(w + o, i);
+    }
+    se = warp_sum(se);
+    if (lane == 0) st(out, row, se / cnt);
+}
+// wg rows hold p weights, then the patch's incoming gradient.
+template <typename T>
+__device__ void npx_grad(const T* pred, const T* t, const T* wg, T* dp, int rows, int p) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long o = (long)row * p;
+    const T* w = wg + (long)row * (p + 1);
+    float mean, rstd, cnt;
+    if (!npx_stats(t + o, w, p, lane, mean, rstd, cnt)) {
+        for (int i = lane; i < p; i += 32) st(dp + o, i, 0.f);
+        return;
+    }
+    float g = ld(w, p);
+    for (int i = lane; i < p; i += 32) {
+        float e = ld(pred + o, i) - (ld(t + o, i) - mean) * rstd;
+        st(dp + o, i, 2.f * e * ld(w, i) * g / cnt);
+    }
+}
+#define NPX_INSTANCES(T, SUF)                                                                 \
+extern "C" __global__ void norm_pix_loss_##SUF(const T* pred, const T* t, const T* w, T* out, \
+        int rows, int p) { npx_loss<T>(pred, t, w, out, rows, p); }                           \
+extern "C" __global__ void norm_pix_loss_grad_##SUF(const T* pred, const T* t, const T* wg,  \
+        T* dp, int rows, int p) { npx_grad<T>(pred, t, wg, dp, rows, p); }
+NPX_INSTANCES(float, f32)
+NPX_INSTANCES(bf16_t, bf16)
+
+
+// ---- Token gather / scatter: out[b, dst][:] = in[b, src][:] for each index j of a sample;
+// gather: src = ids[j], dst = j; scatter: src = j, dst = ids[j] (distinct ids: no atomics).
+// One block per (sample, j); out is zero-filled first for a scatter.
+template <typename T>
+__device__ void move_tokens_k(const T* in, const unsigned int* ids, T* out, int k, int n, int d,
+                              int scatter) {
+    int b = blockIdx.y, j = blockIdx.x;
+    int t = (int)ids[(long)b * k + j];
+    int rows_in = scatter ? k : n, rows_out = scatter ? n : k;
+    int src = scatter ? j : t, dst = scatter ? t : j;
+    const T* f = in + ((long)b * rows_in + src) * d;
+    T* o = out + ((long)b * rows_out + dst) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = f[i];
+}
+#define MOVE_INSTANCES(T, SUF)                                                                \
+extern "C" __global__ void move_tokens_##SUF(const T* in, const unsigned int* ids, T* out,   \
+        int k, int n, int d, int scatter) { move_tokens_k<T>(in, ids, out, k, n, d, scatter); }
+MOVE_INSTANCES(float, f32)
+MOVE_INSTANCES(bf16_t, bf16)
+
+// AdamW over many tensors in one launch: table[t] = {w, m, v, g, n, decay} (6 words),
+// blockIdx.y = tensor. Same arithmetic, in the same order, as icefm_model::optim::AdamW.
+extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr, float b1,
+        float b2, float c1, float c2, float eps, float wd, float gscale) {
+    const unsigned long long* e = table + 6 * blockIdx.y;
+    float* w = (float*)e[0];
+    float* m = (float*)e[1];
+    float* v = (float*)e[2];
+    const float* g = (const float*)e[3];
+    long n = (long)e[4];
+    bool decay = e[5] != 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        float gi = g[i] * gscale;
+        float mi = m[i] * b1 + gi * (1.f - b1);
+        float vi = v[i] * b2 + gi * gi * (1.f - b2);
+        m[i] = mi;
+        v[i] = vi;
+        float u = (mi / c1) / (sqrtf(vi / c2) + eps);
+        if (decay) u += w[i] * wd;
+        w[i] = w[i] - u * lr;
+    }
+}
+
+// The loader's batch preparation on the device (icefm_model::fused::NormaliseAugment):
+// raw [B, C, n, n] (NaN invalid) and prm = {mean[C], inv_std[C], code[B]} → out [B, C+1, n, n],
+// inputs normalised (0 where invalid), each sample turned by its transform code (bit 0
+// transpose, 1 flip rows, 2 flip columns), channel C the validity mask. One thread per output
+// pixel (grid-stride); `v - v == 0` is false exactly for NaN and infinities.
+extern "C" __global__ void normalise_augment(const float* raw, const float* prm, float* out,
+        int B, int C, int n) {
+    long plane = (long)n * n;
+    for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < B * plane;
+         idx += (long)gridDim.x * blockDim.x) {
+        int b = (int)(idx / plane);
+        long p = idx % plane;
+        int i = (int)(p / n), j = (int)(p % n);
+        int code = (int)prm[2 * C + b];
+        int a = (code & 1) ? j : i, c2 = (code & 1) ? i : j;
+        int y = (code & 2) ? n - 1 - a : a, x = (code & 4) ? n - 1 - c2 : c2;
+        float ok = 1.f;
+        for (int c = 0; c < C; ++c) {
+            float v = raw[((long)b * C + c) * plane + (long)y * n + x];
+            bool finite = (v - v) == 0.f;
+            out[((long)b * (C + 1) + c) * plane + p] = finite ? (v - prm[c]) * prm[C + c] : 0.f;
+            if (!finite) ok = 0.f;
+        }
+        out[((long)b * (C + 1) + C) * plane + p] = ok;
+    }
+}
+// Flash attention forward (icefm_model::fused::FlashAttention): bf16 in and out, f32
+// arithmetic on tensor cores (mma.sync m16n8k16, sm_80+). qkv [B, N, 3, H, HD] (the qkv
+// projection's layout: queries, keys, values, heads interleaved) → out [B, N, H·HD], heads
+// merged, softmax(q·kᵀ·scale)·v with no N × N matrix in memory. One block of 4 warps per 64
+// queries of one (sample, head); each warp keeps 16 queries' scores and outputs in registers
+// (online softmax in the log2 domain) while keys and values pass through shared memory 64 at
+// a time (values transposed); keys past N are masked, queries past N not written.
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+#if defined(ICEFM_EMULATOR)
+    emu_mma_m16n8k16_row_col_f32_bf16(d, a, b0, b1);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+// Two f32 as a bf16 pair (round to nearest even): one cvt on sm_80+ (a in the upper half), in
+// place of two software roundings, which were most of the flash kernels' non-mma instructions.
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+#if defined(ICEFM_EMULATOR)
+    return emu_cvt_rn_bf16x2_f32(hi, lo);  // the cvt below, operands in its order
+#elif __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+#endif
+}
+// Two consecutive bf16 values (an even element index: 4-byte aligned).
+__device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
+
+#define FA_KT 64
+#define FA_NEG_INF (-__int_as_float(0x7f800000))
+// Shared-memory tiles of FA_KT tokens: rows with head-width values in pairs (padded: no bank
+// conflicts), and transposed, head-width rows with tokens in pairs.
+template <int HD> using fa_rows = unsigned[FA_KT][HD / 2 + 4];
+template <int HD> using fa_cols = unsigned[HD][FA_KT / 2 + 4];
+
+// Sum and maximum over the four lanes that hold one row of an mma fragment.
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Tile loading in two steps, so that all of a thread's global loads for a tile are in flight at
+// once (and, with the next tile fetched before this one's products, hidden behind them):
+// fa_fetch reads tokens j0 .. j0 + FA_KT of one head (`src`: token 0's first value, `stride`
+// between tokens) into registers, one unit being the same pair of head-width columns of two
+// consecutive tokens (a: even, b: odd; tokens past N read as 0); fa_put_rows writes a stage as a
+// row tile, fa_put_cols as a transposed tile. All FA_THREADS threads of the block.
+#define FA_THREADS 128
+template <int HD> struct fa_stage {
+    static constexpr int U = FA_KT / 2 * (HD / 2) / FA_THREADS;  // units per thread
+    static constexpr int KPI = FA_THREADS / (HD / 2);              // token pairs per round
+    unsigned a[U], b[U];
+};
+// Unit threadIdx.x + it · FA_THREADS: token pair threadIdx.x / (HD/2) + it · KPI, column pair
+// threadIdx.x % (HD/2) (addresses stepped from one base, not one register pair per unit).
+template <int HD>
+__device__ __forceinline__ void fa_fetch(fa_stage<HD>& st, const bf16_t* src, long stride, int j0,
+                                         int N) {
+    constexpr int KPI = fa_stage<HD>::KPI;
+    int row = j0 + 2 * (threadIdx.x / (HD / 2));
+    const bf16_t* p = src + row * stride + (threadIdx.x % (HD / 2)) * 2;
+    const long step = 2L * KPI * stride;
+#pragma unroll
+    for (int it = 0; it < fa_stage<HD>::U; ++it, row += 2 * KPI, p += step) {
+        st.a[it] = row < N ? ld_pair(p) : 0u;
+        st.b[it] = row + 1 < N ? ld_pair(p + stride) : 0u;
+    }
+}
+template <int HD>
+__device__ __forceinline__ void fa_put_rows(fa_rows<HD>& dst, const fa_stage<HD>& st) {
+    constexpr int KPI = fa_stage<HD>::KPI;
+    const int kp = threadIdx.x / (HD / 2), dp = threadIdx.x % (HD / 2);
+#pragma unroll
+    for (int it = 0; it < fa_stage<HD>::U; ++it) {
+        dst[2 * (kp + it * KPI)][dp] = st.a[it];
+        dst[2 * (kp + it * KPI) + 1][dp] = st.b[it];
+    }
+}
+template <int HD>
+__device__ __forceinline__ void fa_put_cols(fa_cols<HD>& dst, const fa_stage<HD>& st) {
+    constexpr int KPI = fa_stage<HD>::KPI;
+    const int kp = threadIdx.x / (HD / 2), dp = threadIdx.x % (HD / 2);
+#pragma unroll
+    for (int it = 0; it < fa_stage<HD>::U; ++it) {
+        // low halves: head-width column 2·dp; high halves: column 2·dp + 1
+        dst[2 * dp][kp + it * KPI] = __byte_perm(st.a[it], st.b[it], 0x5410);
+        dst[2 * dp + 1][kp + it * KPI] = __byte_perm(st.a[it], st.b[it], 0x7632);
+    }
+}
+
+// A warp's 16 rows (fragments `a`) against the FA_KT rows of a tile: c[nt] = a·tileᵀ.
+template <int HD>
+__device__ __forceinline__ void fa_products(float (&c)[FA_KT / 8][4], const unsigned (&a)[HD / 16][4],
+                                            const fa_rows<HD>& tile, int g, int t) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt) {
+        c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+        for (int kk = 0; kk < HD / 16; ++kk)
+            mma_bf16(c[nt], a[kk], tile[nt * 8 + g][kk * 8 + t], tile[nt * 8 + g][kk * 8 + 4 + t]);
+    }
+}
+
+// Scores in the log2 domain, keys (columns) past N masked to -inf (only the last tile has any:
+// the forward scales the others with fa_scale; in the backward kernels that branch cost 40-50
+// registers, by ptxas).
+__device__ __forceinline__ void fa_scale(float (&s)[FA_KT / 8][4], float scale_log2) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt)
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+}
+__device__ __forceinline__ void fa_scale_mask(float (&s)[FA_KT / 8][4], int j0, int N, int t,
+                                              float scale_log2) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt)
+        for (int e = 0; e < 4; ++e) {
+            int key = j0 + nt * 8 + t * 2 + (e & 1);
+            s[nt][e] = key < N ? s[nt][e] * scale_log2 : FA_NEG_INF;
+        }
+}
+
+// The maxima of a warp's two rows (at least mx0, mx1 on entry) over the whole row.
+__device__ __forceinline__ void fa_row_max(const float (&s)[FA_KT / 8][4], float& mx0, float& mx1) {
+    for (int nt = 0; nt < FA_KT / 8; ++nt) {
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
+}
+
+// Columns 16·kstep .. 16·kstep + 16 of an accumulator as the A operand of the next product.
+__device__ __forceinline__ void fa_as_a(const float (&c)[FA_KT / 8][4], int kstep, unsigned (&a)[4]) {
+    a[0] = pack_bf16(c[2 * kstep][0], c[2 * kstep][1]);
+    a[1] = pack_bf16(c[2 * kstep][2], c[2 * kstep][3]);
+    a[2] = pack_bf16(c[2 * kstep + 1][0], c[2 * kstep + 1][1]);
+    a[3] = pack_bf16(c[2 * kstep + 1][2], c[2 * kstep + 1][3]);
+}
+
+// acc[u] += A·tile for the u-th 8 head-width columns, over the tile's FA_KT tokens.
+template <int HD>
+__device__ __forceinline__ void fa_accumulate(float (&acc)[HD / 8][4], const float (&c)[FA_KT / 8][4],
+                                              const fa_cols<HD>& tile, int g, int t) {
+    for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
+        unsigned a[4];
+        fa_as_a(c, kstep, a);
+        for (int u = 0; u < HD / 8; ++u)
+            mma_bf16(acc[u], a, tile[u * 8 + g][kstep * 8 + t], tile[u * 8 + g][kstep * 8 + 4 + t]);
+    }
+}
+
+// A warp's 16 rows r0 = first + g, r1 = r0 + 8 of one head as A fragments (rows past N: 0).
+template <int HD>
+__device__ __forceinline__ void fa_load_a(unsigned (&a)[HD / 16][4], const bf16_t* src, long stride,
+                                          int r0, int r1, int N, int t) {
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int c = kk * 16 + t * 2;
+        a[kk][0] = r0 < N ? ld_pair(src + r0 * stride + c) : 0u;
+        a[kk][1] = r1 < N ? ld_pair(src + r1 * stride + c) : 0u;
+        a[kk][2] = r0 < N ? ld_pair(src + r0 * stride + c + 8) : 0u;
+        a[kk][3] = r1 < N ? ld_pair(src + r1 * stride + c + 8) : 0u;
+    }
+}
+
+// An accumulator's rows r0, r1 (those below N) times `scale`, into a head's columns.
+template <int HD>
+__device__ __forceinline__ void fa_store(bf16_t* dst, long stride, const float (&acc)[HD / 8][4],
+                                         int r0, int r1, int N, int t, float s0, float s1) {
+    for (int u = 0; u < HD / 8; ++u) {
+        int c = u * 8 + t * 2;
+        if (r0 < N) *(unsigned*)(dst + r0 * stride + c) = pack_bf16(acc[u][0] * s0, acc[u][1] * s0);
+        if (r1 < N) *(unsigned*)(dst + r1 * stride + c) = pack_bf16(acc[u][2] * s1, acc[u][3] * s1);
+    }
+}
+
+// PF: fetch the next tile during this tile's products (more registers, fewer warps per SM);
+// otherwise each tile's loads are all issued at once at the top of its step.
+template <int HD, bool PF>
+__device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, float* lse, int N,
+                                            int H, float scale_log2) {
+    __shared__ fa_rows<HD> ks;  // keys
+    __shared__ fa_cols<HD> vt;  // values, transposed
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long stride = 3L * H * HD;
+    const bf16_t* base = qkv + (long)b * N * stride;
+    const int r0 = blockIdx.x * 64 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qa[HD / 16][4];
+    fa_load_a<HD>(qa, base + h * HD, stride, r0, r1, N, t);
+    float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
+    float o[HD / 8][4];
+    for (int u = 0; u < HD / 8; ++u) o[u][0] = o[u][1] = o[u][2] = o[u][3] = 0.f;
+    const bf16_t* kbase = base + (H + h) * HD;
+    const bf16_t* vbase = base + (2 * H + h) * HD;
+    fa_stage<HD> sk, sv;
+    if (PF) {
+        fa_fetch<HD>(sk, kbase, stride, 0, N);
+        fa_fetch<HD>(sv, vbase, stride, 0, N);
+    }
+    for (int j0 = 0; j0 < N; j0 += FA_KT) {
+        __syncthreads();
+        if (!PF) {
+            fa_fetch<HD>(sk, kbase, stride, j0, N);
+            fa_fetch<HD>(sv, vbase, stride, j0, N);
+        }
+        fa_put_rows<HD>(ks, sk);
+        fa_put_cols<HD>(vt, sv);
+        __syncthreads();
+        if (PF && j0 + FA_KT < N) {  // the next tile's loads, in flight during this tile's products
+            fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
+            fa_fetch<HD>(sv, vbase, stride, j0 + FA_KT, N);
+        }
+        float s[FA_KT / 8][4];
+        fa_products<HD>(s, qa, ks, g, t);
+        float mx0 = m0, mx1 = m1;
+        if (j0 + FA_KT <= N)
+            fa_scale(s, scale_log2);
+        else
+            fa_scale_mask(s, j0, N, t, scale_log2);
+        fa_row_max(s, mx0, mx1);
+        float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+        float p0 = 0.f, p1 = 0.f;
+        for (int nt = 0; nt < FA_KT / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - m0);
+            s[nt][1] = exp2f(s[nt][1] - m0);
+            s[nt][2] = exp2f(s[nt][2] - m1);
+            s[nt][3] = exp2f(s[nt][3] - m1);
+            p0 += s[nt][0] + s[nt][1];
+            p1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + p0;
+        l1 = l1 * c1 + p1;
+        for (int u = 0; u < HD / 8; ++u) {
+            o[u][0] *= c0;
+            o[u][1] *= c0;
+            o[u][2] *= c1;
+            o[u][3] *= c1;
+        }
+        fa_accumulate<HD>(o, s, vt, g, t);
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    fa_store<HD>(out + (long)b * N * H * HD + h * HD, (long)H * HD, o, r0, r1, N, t, 1.f / l0, 1.f / l1);
+    // Each query's log-sum-exp (log2 domain, [B, H, N]), for the backward's dq kernel.
+    if (t == 0) {
+        const long row_at = ((long)b * H + h) * N;
+        if (r0 < N) lse[row_at + r0] = m0 + log2f(l0);
+        if (r1 < N) lse[row_at + r1] = m1 + log2f(l1);
+    }
+}
+// The launch bounds last: ptxas's own choice of registers for all but flash_fwd_32_pf, which
+// spilled 8 bytes at the 96 it chose (with 4 blocks per SM asked: 121, no spill). Asking for 1
+// block per SM is not the same as asking nothing: flash_fwd_32 then took 109 registers, not 80.
+#define FLASH_FWD(NAME, HD, PF, ...)                                                           \
+extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(const bf16_t* qkv,              \
+        bf16_t* out, float* lse, int N, int H, float scale_log2) {                             \
+    flash_fwd_k<HD, PF>(qkv, out, lse, N, H, scale_log2); }
+FLASH_FWD(flash_fwd_32, 32, false, FA_THREADS)
+FLASH_FWD(flash_fwd_64, 64, false, FA_THREADS)
+FLASH_FWD(flash_fwd_32_pf, 32, true, FA_THREADS, 4)
+FLASH_FWD(flash_fwd_64_pf, 64, true, FA_THREADS)
+// Flash attention backward (icefm_model::fused::FlashAttentionGrad): from qkv, the forward's
+// output O and its gradient dO ([B, N, H·HD], bf16) to dqkv in qkv's own layout, with no N × N
+// matrix in memory and no atomics, in two kernels on the forward's tiling:
+//   flash_bwd_dq: per 64 queries (4 warps × 16 in registers): a first pass over the keys for
+//     each query's log-sum-exp (log2 domain; written for the second kernel with D = Σ dO·O),
+//     a second for dP = dO·vᵀ, dS = P ∘ (dP − D) and dq = scale · dS·k;
+//   flash_bwd_dkv: per 64 keys (4 warps × 16 in registers), over all queries: Pᵀ from the
+//     saved log-sum-exp, dv = Pᵀ·dO, dPᵀ = v·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D), dk = scale · dSᵀ·q.
+// Products on tensor cores (bf16 operands, f32 accumulators) with the C-to-A register reuse of
+// the forward; the operands that enter as B go through shared memory, row-major when their
+// pairs run along the head width and transposed when they run along the tokens.
+__device__ __forceinline__ float2 unpack_bf16(unsigned u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+
+// LSE: the forward's log-sum-exp is in `lse` already, so pass 1 is skipped.
+template <int HD, bool PF, bool LSE>
+__device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* o, const bf16_t* dout,
+        bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
+    __shared__ fa_rows<HD> ks;  // keys
+    __shared__ fa_rows<HD> vs;  // values
+    __shared__ fa_cols<HD> kt;  // keys, transposed
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long stride = 3L * H * HD, ostride = (long)H * HD;
+    const bf16_t* base = qkv + (long)b * N * stride;
+    const bf16_t* obase = o + (long)b * N * ostride + h * HD;
+    const bf16_t* gbase = dout + (long)b * N * ostride + h * HD;
+    const int r0 = blockIdx.x * 64 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qa[HD / 16][4], da[HD / 16][4], oa[HD / 16][4];
+    fa_load_a<HD>(qa, base + h * HD, stride, r0, r1, N, t);
+    fa_load_a<HD>(da, gbase, ostride, r0, r1, N, t);
+    fa_load_a<HD>(oa, obase, ostride, r0, r1, N, t);
+    // D = Σ dO·O of each row: the four lanes of a row hold all its values between them.
+    float d0 = 0.f, d1 = 0.f;
+    for (int kk = 0; kk < HD / 16; ++kk)
+        for (int r = 0; r < 4; ++r) {
+            float2 ov = unpack_bf16(oa[kk][r]), gv = unpack_bf16(da[kk][r]);
+            if (r % 2 == 0) d0 += ov.x * gv.x + ov.y * gv.y; else d1 += ov.x * gv.x + ov.y * gv.y;
+        }
+    d0 = quad_sum(d0);
+    d1 = quad_sum(d1);
+    const bf16_t* kbase = base + (H + h) * HD;
+    const bf16_t* vbase = base + (2 * H + h) * HD;
+    fa_stage<HD> sk, sv;
+    const long row_at = ((long)b * H + h) * N;
+    float lse0, lse1;
+    if (LSE) {
+        lse0 = r0 < N ? lse[row_at + r0] : 0.f;
+        lse1 = r1 < N ? lse[row_at + r1] : 0.f;
+    } else {
+        // Pass 1: each query's log-sum-exp of its scaled scores (log2 domain).
+        if (PF) fa_fetch<HD>(sk, kbase, stride, 0, N);
+        float m0 = FA_NEG_INF, m1 = m0, l0 = 0.f, l1 = 0.f;
+        for (int j0 = 0; j0 < N; j0 += FA_KT) {
+            __syncthreads();
+            if (!PF) fa_fetch<HD>(sk, kbase, stride, j0, N);
+            fa_put_rows<HD>(ks, sk);
+            __syncthreads();
+            if (PF && j0 + FA_KT < N) fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
+            float s[FA_KT / 8][4];
+            fa_products<HD>(s, qa, ks, g, t);
+            float mx0 = m0, mx1 = m1;
+            fa_scale_mask(s, j0, N, t, scale_log2);
+            fa_row_max(s, mx0, mx1);
+            float p0 = 0.f, p1 = 0.f;
+            for (int nt = 0; nt < FA_KT / 8; ++nt) {
+                p0 += exp2f(s[nt][0] - mx0) + exp2f(s[nt][1] - mx0);
+                p1 += exp2f(s[nt][2] - mx1) + exp2f(s[nt][3] - mx1);
+            }
+            l0 = l0 * exp2f(m0 - mx0) + p0;
+            l1 = l1 * exp2f(m1 - mx1) + p1;
+            m0 = mx0;
+            m1 = mx1;
+        }
+        lse0 = m0 + log2f(quad_sum(l0));
+        lse1 = m1 + log2f(quad_sum(l1));
+    }
+    if (t == 0) {
+        if (r0 < N) {
+            if (!LSE) lse[row_at + r0] = lse0;
+            dvec[row_at + r0] = d0;
+        }
+        if (r1 < N) {
+            if (!LSE) lse[row_at + r1] = lse1;
+            dvec[row_at + r1] = d1;
+        }
+    }
+    // Pass 2: dq = scale · Σ_keys P ∘ (dO·vᵀ − D) · k.
+    float dq[HD / 8][4];
+    for (int u = 0; u < HD / 8; ++u) dq[u][0] = dq[u][1] = dq[u][2] = dq[u][3] = 0.f;
+    if (PF) {
+        fa_fetch<HD>(sk, kbase, stride, 0, N);
+        fa_fetch<HD>(sv, vbase, stride, 0, N);
+    }
+    for (int j0 = 0; j0 < N; j0 += FA_KT) {
+        __syncthreads();
+        if (!PF) {
+            fa_fetch<HD>(sk, kbase, stride, j0, N);
+            fa_fetch<HD>(sv, vbase, stride, j0, N);
+        }
+        fa_put_rows<HD>(ks, sk);
+        fa_put_cols<HD>(kt, sk);
+        fa_put_rows<HD>(vs, sv);
+        __syncthreads();
+        if (PF && j0 + FA_KT < N) {
+            fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
+            fa_fetch<HD>(sv, vbase, stride, j0 + FA_KT, N);
+        }
+        float s[FA_KT / 8][4], dp[FA_KT / 8][4];
+        fa_products<HD>(s, qa, ks, g, t);
+        fa_products<HD>(dp, da, vs, g, t);
+        fa_scale_mask(s, j0, N, t, scale_log2);
+        for (int nt = 0; nt < FA_KT / 8; ++nt)
+            for (int e = 0; e < 4; ++e)  // dS; masked keys have P = exp2(-inf) = 0
+                s[nt][e] = exp2f(s[nt][e] - (e < 2 ? lse0 : lse1)) * (dp[nt][e] - (e < 2 ? d0 : d1));
+        fa_accumulate<HD>(dq, s, kt, g, t);
+    }
+    fa_store<HD>(dqkv + (long)b * N * stride + h * HD, stride, dq, r0, r1, N, t, scale, scale);
+}
+
+// The forward's log-sum-exp and D of query q0 + threadIdx.x (threads below FA_KT; a query past N
+// gets an infinite log-sum-exp, so that its P is 0).
+__device__ __forceinline__ void fa_fetch_stats(float& l, float& d, const float* lse,
+                                               const float* dvec, long row_at, int q0, int N) {
+    if (threadIdx.x < FA_KT) {
+        bool ok = q0 + (int)threadIdx.x < N;
+        l = ok ? lse[row_at + q0 + threadIdx.x] : __int_as_float(0x7f800000);
+        d = ok ? dvec[row_at + q0 + threadIdx.x] : 0.f;
+    }
+}
+
+template <int HD, bool PF>
+__device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t* dout,
+        const float* lse, const float* dvec, bf16_t* dqkv, int N, int H, float scale_log2,
+        float scale) {
+    __shared__ fa_rows<HD> qs;  // queries
+    __shared__ fa_cols<HD> qt;  // queries, transposed
+    __shared__ fa_rows<HD> gs;  // dO
+    __shared__ fa_cols<HD> gt;  // dO, transposed
+    __shared__ float ls[FA_KT], dl[FA_KT];
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long stride = 3L * H * HD, ostride = (long)H * HD;
+    const bf16_t* base = qkv + (long)b * N * stride;
+    const bf16_t* gbase = dout + (long)b * N * ostride + h * HD;
+    const long row_at = ((long)b * H + h) * N;
+    const int k0 = blockIdx.x * 64 + warp * 16 + g, k1 = k0 + 8;
+    unsigned ka[HD / 16][4], va[HD / 16][4];
+    fa_load_a<HD>(ka, base + (H + h) * HD, stride, k0, k1, N, t);
+    fa_load_a<HD>(va, base + (2 * H + h) * HD, stride, k0, k1, N, t);
+    float dk[HD / 8][4], dv[HD / 8][4];
+    for (int u = 0; u < HD / 8; ++u)
+        for (int e = 0; e < 4; ++e) dk[u][e] = dv[u][e] = 0.f;
+    const bf16_t* qbase = base + h * HD;
+    fa_stage<HD> sq, sg;
+    float lnext = 0.f, dnext = 0.f;  // this thread's entry of the next tile's statistics
+    if (PF) {
+        fa_fetch<HD>(sq, qbase, stride, 0, N);
+        fa_fetch<HD>(sg, gbase, ostride, 0, N);
+        fa_fetch_stats(lnext, dnext, lse, dvec, row_at, 0, N);
+    }
+    for (int q0 = 0; q0 < N; q0 += FA_KT) {
+        __syncthreads();
+        if (!PF) {
+            fa_fetch<HD>(sq, qbase, stride, q0, N);
+            fa_fetch<HD>(sg, gbase, ostride, q0, N);
+            fa_fetch_stats(lnext, dnext, lse, dvec, row_at, q0, N);
+        }
+        fa_put_rows<HD>(qs, sq);
+        fa_put_cols<HD>(qt, sq);
+        fa_put_rows<HD>(gs, sg);
+        fa_put_cols<HD>(gt, sg);
+        if (threadIdx.x < FA_KT) {
+            ls[threadIdx.x] = lnext;
+            dl[threadIdx.x] = dnext;
+        }
+        __syncthreads();
+        if (PF && q0 + FA_KT < N) {
+            fa_fetch<HD>(sq, qbase, stride, q0 + FA_KT, N);
+            fa_fetch<HD>(sg, gbase, ostride, q0 + FA_KT, N);
+            fa_fetch_stats(lnext, dnext, lse, dvec, row_at, q0 + FA_KT, N);
+        }
+        float p[FA_KT / 8][4], ds[FA_KT / 8][4];
+        fa_products<HD>(p, ka, qs, g, t);
+        fa_products<HD>(ds, va, gs, g, t);
+        for (int nt = 0; nt < FA_KT / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                int q = nt * 8 + t * 2 + (e & 1);
+                p[nt][e] = exp2f(p[nt][e] * scale_log2 - ls[q]);  // Pᵀ; 0 past N (ls = inf)
+                ds[nt][e] = p[nt][e] * (ds[nt][e] - dl[q]);       // dSᵀ
+            }
+        fa_accumulate<HD>(dv, p, gt, g, t);
+        fa_accumulate<HD>(dk, ds, qt, g, t);
+    }
+    bf16_t* dbase = dqkv + (long)b * N * stride;
+    fa_store<HD>(dbase + (H + h) * HD, stride, dk, k0, k1, N, t, scale, scale);
+    fa_store<HD>(dbase + (2 * H + h) * HD, stride, dv, k0, k1, N, t, 1.f, 1.f);
+}
+#define FLASH_BWD_DQ(SUFFIX, HD, PF, LSE)                                                     \
+extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dq_##SUFFIX(                \
+        const bf16_t* qkv, const bf16_t* o, const bf16_t* dout, bf16_t* dqkv, float* lse,      \
+        float* dvec, int N, int H, float scale_log2, float scale) {                            \
+    flash_bwd_dq_k<HD, PF, LSE>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }
+#define FLASH_BWD(SUFFIX, HD, PF)                                                             \
+FLASH_BWD_DQ(SUFFIX, HD, PF, false)                                                           \
+FLASH_BWD_DQ(lse_##SUFFIX, HD, PF, true)                                                      \
+extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dkv_##SUFFIX(               \
+        const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dvec,            \
+        bf16_t* dqkv, int N, int H, float scale_log2, float scale) {                           \
+    flash_bwd_dkv_k<HD, PF>(qkv, dout, lse, dvec, dqkv, N, H, scale_log2, scale); }
+FLASH_BWD(32, 32, false)
+FLASH_BWD(64, 64, false)
+FLASH_BWD(32_pf, 32, true)
+FLASH_BWD(64_pf, 64, true)
+// 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
+// cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
+// and its adjoint: each input value the sum of the nine places it was copied to. One thread
+// per output value (grid-stride), consecutive threads on consecutive channels.
+template <typename T>
+__device__ void im2col3_k(const T* x, T* cols, int B, int H, int W, int C) {
+    long total = (long)B * H * W * 9 * C;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        int c = (int)(i % C);
+        long r = i / C;
+        int tap = (int)(r % 9);
+        long p = r / 9;
+        int px = (int)(p % W), py = (int)((p / W) % H);
+        long b = p / ((long)W * H);
+        int sy = py + tap / 3 - 1, sx = px + tap % 3 - 1;
+        float v = (sy >= 0 && sy < H && sx >= 0 && sx < W) ? ld(x, ((b * H + sy) * W + sx) * C + c) : 0.f;
+        st(cols, i, v);
+    }
+}
+template <typename T>
+__device__ void col2im3_k(const T* g, T* dx, int B, int H, int W, int C) {
+    long total = (long)B * H * W * C;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
+         i += (long)gridDim.x * blockDim.x) {
+        int c = (int)(i % C);
+        long p = i / C;
+        int px = (int)(p % W), py = (int)((p / W) % H);
+        long b = p / ((long)W * H);
+        float acc = 0.f;
+        for (int tap = 0; tap < 9; ++tap) {
+            int ty = py - tap / 3 + 1, tx = px - tap % 3 + 1;
+            if (ty >= 0 && ty < H && tx >= 0 && tx < W)
+                acc += ld(g, (((b * H + ty) * W + tx) * 9 + tap) * C + c);
+        }
+        st(dx, i, acc);
+    }
+}
+extern "C" __global__ void im2col3_f32(const float* x, float* y, int B, int H, int W, int C) {
+    im2col3_k<float>(x, y, B, H, W, C);
+}
+extern "C" __global__ void im2col3_bf16(const bf16_t* x, bf16_t* y, int B, int H, int W, int C) {
+    im2col3_k<bf16_t>(x, y, B, H, W, C);
+}
+extern "C" __global__ void col2im3_f32(const float* g, float* y, int B, int H, int W, int C) {
+    col2im3_k<float>(g, y, B, H, W, C);
+}
+extern "C" __global__ void col2im3_bf16(const bf16_t* g, bf16_t* y, int B, int H, int W, int C) {
+    col2im3_k<bf16_t>(g, y, B, H, W, C);
+}

@@ -1,0 +1,797 @@
+//! icefm's CUDA kernels (`model/src/kernels.cu`) run on the CPU by the emulator in
+//! `tests/emulator/`, against the CPU references of their ops: the kernels' own source, so that
+//! a kernel written on a machine without a GPU has its indexing, tiling, barriers and
+//! warp-level arithmetic checked before any GPU time is spent on it. Every launch mirrors the
+//! configuration `model/src/cuda.rs` uses (or a smaller one that exercises the same loops);
+//! buffers carry NaN guard zones and outputs start as NaN, so reads past an end, writes past an
+//! end and elements never written all fail. Kernels that have no atomics are also run with
+//! their threads in other orders between barriers, and must give the same bits.
+//!
+//! Needs a C++17 compiler (`$CXX` or `c++`); no CUDA toolkit, no GPU.
+#![allow(clippy::unwrap_used)]
+#![allow(unsafe_code)] // calls into the kernel emulator (FFI); each block states its contract
+
+use candle_core::{DType, Device, Tensor, Var};
+use icefm_model::{fused, ops};
+
+mod common;
+mod emulator;
+use common::max_rel;
+use emulator::{Buffer, Elem, Order, emulator};
+
+/// Host element types of the kernels' buffers.
+trait Host: Elem {
+    const DTYPE: DType;
+    fn of(t: &Tensor) -> Vec<Self>;
+    fn tensor(v: &[Self], shape: &[usize]) -> Tensor;
+}
+impl Host for f32 {
+    const DTYPE: DType = DType::F32;
+    fn of(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+    fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+}
+/// bf16, as its bits.
+impl Host for u16 {
+    const DTYPE: DType = DType::BF16;
+    fn of(t: &Tensor) -> Vec<u16> {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .into_iter()
+            .map(half::bf16::to_bits)
+            .collect()
+    }
+    fn tensor(v: &[u16], shape: &[usize]) -> Tensor {
+        let h: Vec<half::bf16> = v.iter().map(|&b| half::bf16::from_bits(b)).collect();
+        Tensor::from_vec(h, shape, &Device::Cpu).unwrap()
+    }
+}
+
+/// A seeded CPU tensor of `dtype`, uniform in `[-scale, scale)`.
+fn random(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
+    common::random(shape, seed, scale, dtype)
+}
+
+/// `got` has no NaN or infinity and is within `tol` of `want` (relative to `want`'s largest).
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    let g = common::values(got);
+    if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: element {i} of {} is {}", g.len(), g[i]);
+    }
+    let e = max_rel(got, want);
+    assert!(e < tol, "{what}: off by {e:.3e} (limit {tol:.1e})");
+}
+
+// ---- The emulator itself.
+
+type ProbeFn = unsafe extern "C" fn() -> u32;
+type SyncFn = unsafe extern "C" fn();
+type ShflFn = unsafe extern "C" fn(f32, i32) -> f32;
+
+/// The emulated thread's block index (x).
+fn emu_block() -> u32 {
+    // SAFETY: the probe's C signature; called only inside launches.
+    let f: ProbeFn = unsafe { emulator().kernel("emu_probe_block") };
+    // SAFETY: as above.
+    unsafe { f() }
+}
+
+#[test]
+fn the_emulator_runs_threads_to_their_barriers_and_completes_shuffles() {
+    let emu = emulator();
+    // SAFETY: the probes' C signatures (emu.cpp), called only inside launches.
+    let (thread, sync, shfl): (ProbeFn, SyncFn, ShflFn) = unsafe {
+        (
+            emu.kernel("emu_probe_thread"),
+            emu.kernel("emu_probe_syncthreads"),
+            emu.kernel("emu_probe_shfl_xor"),
+        )
+    };
+    // Each thread writes its slot of a block-shared array, then reads its neighbour's. With the
+    // barrier, every order gives the neighbour's value. Without it, some thread always reads
+    // its neighbour's slot before the write (the neighbours form a cycle): all but the last in
+    // index order, only the last in reverse order.
+    let n = 64usize;
+    for barrier in [true, false] {
+        for order in [Order::Forward, Order::Reverse, Order::Random(7)] {
+            let mut shared = vec![0u32; n];
+            let mut out = vec![0u32; n];
+            let (s, o) = (shared.as_mut_ptr(), out.as_mut_ptr());
+            emu.launch((1, 1, 1), (n as u32, 1, 1), 0, order, &|| {
+                // SAFETY: each thread writes its own slots; the emulator runs one at a time.
+                unsafe {
+                    let i = thread() as usize;
+                    *s.add(i) = i as u32 + 1;
+                    if barrier {
+                        sync();
+                    }
+                    *o.add(i) = *s.add((i + 1) % n);
+                }
+            })
+            .unwrap();
+            let stale: Vec<usize> = (0..n)
+                .filter(|&i| out[i] != ((i + 1) % n) as u32 + 1)
+                .collect();
+            let expected: Vec<usize> = match (barrier, order) {
+                (true, _) => vec![],
+                (false, Order::Forward) => (0..n - 1).collect(),
+                (false, Order::Reverse) => vec![n - 1],
+                (false, Order::Random(_)) => stale.clone(),
+            };
+            assert_eq!(stale, expected, "barrier {barrier}, {order:?}");
+            if !barrier {
+                assert!(!stale.is_empty(), "{order:?}: the race does not show");
+            }
+            drop(shared);
+        }
+    }
+    // A butterfly of shuffles sums the warp's lanes in every lane.
+    let mut out = vec![0f32; 64];
+    let o = out.as_mut_ptr();
+    emu.launch((1, 1, 1), (64, 1, 1), 0, Order::Random(3), &|| {
+        // SAFETY: as above.
+        unsafe {
+            let i = thread();
+            let mut v = i as f32;
+            for m in [16, 8, 4, 2, 1] {
+                v += shfl(v, m);
+            }
+            *o.add(i as usize) = v;
+        }
+    })
+    .unwrap();
+    assert!(out[..32].iter().all(|&v| v == 496.0), "{out:?}"); // 0 + … + 31
+    assert!(out[32..].iter().all(|&v| v == 1520.0), "{out:?}"); // 32 + … + 63
+    // Shared memory no thread of the block has written reads as NaN bytes, whatever an
+    // earlier block left there.
+    // SAFETY: the probes' C signatures.
+    let (read, write): (ProbeFn, unsafe extern "C" fn(u32)) = unsafe {
+        (
+            emu.kernel("emu_probe_shared_read"),
+            emu.kernel("emu_probe_shared_write"),
+        )
+    };
+    let mut seen = vec![0u32; 3];
+    let sp = seen.as_mut_ptr();
+    emu.launch((3, 1, 1), (32, 1, 1), 0, Order::Forward, &|| {
+        // SAFETY: as above; thread 0 of each block records what it read first.
+        unsafe {
+            if thread() == 0 {
+                *sp.add(emu_block() as usize) = read();
+                write(12345);
+            }
+        }
+    })
+    .unwrap();
+    assert_eq!(seen, vec![u32::MAX; 3]);
+    // Half a warp at a barrier while the other half waits for it at a shuffle is a deadlock,
+    // reported as one. (Threads that have exited do not hold a barrier, as on the GPU.)
+    let e = emu
+        .launch((2, 1, 1), (32, 1, 1), 0, Order::Forward, &|| {
+            // SAFETY: as above.
+            unsafe {
+                if thread() < 16 {
+                    sync();
+                } else {
+                    shfl(1.0, 1);
+                }
+            }
+        })
+        .unwrap_err();
+    assert!(e.contains("deadlock"), "{e}");
+    // So is a shuffle that half a warp never reaches.
+    let e = emu
+        .launch((1, 1, 1), (32, 1, 1), 0, Order::Forward, &|| {
+            // SAFETY: as above.
+            unsafe {
+                if thread() < 16 {
+                    shfl(1.0, 1);
+                }
+            }
+        })
+        .unwrap_err();
+    assert!(e.contains("exited"), "{e}");
+}
+
+// ---- Layer norm.
+
+type LnFwd = unsafe extern "C" fn(*const u16, *const f32, *const f32, *mut u16, i32, i32, f32);
+type LnGradX = unsafe extern "C" fn(*const u16, *const f32, *const u16, *mut u16, i32, i32, f32);
+type LnGradWb = unsafe extern "C" fn(*const u16, *const u16, *mut f32, i32, i32, f32, i32);
+
+/// Layer norm of bf16 rows in f64 (ops::layer_norm and candle's autograd): y, dx, dw, db.
+fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, dy: &Tensor) -> [Tensor; 4] {
+    let f64v = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+    let (xv, wv, bv) = (f64v(x), f64v(w), f64v(b));
+    let y = ops::layer_norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1e-6).unwrap();
+    let g = (&y * dy.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+    [y, grad(&xv), grad(&wv), grad(&bv)]
+}
+
+/// The kernels of `ICEFM_LN_V8` (16-byte accesses, warps striding over rows) on grids of fewer
+/// warps than rows, one warp per row, and more warps than rows; and, as a check of the
+/// emulator, the register-resident and general kernels that passed on an H200.
+#[test]
+fn layer_norm_kernels_match_the_reference_in_the_emulator() {
+    let emu = emulator();
+    for (rows, d, seed) in [
+        (37usize, 512usize, 1u64),
+        (21, 768, 2),
+        (9, 1024, 3),
+        (13, 1280, 4),
+    ] {
+        let x = random(&[rows, d], seed, 2.0, DType::BF16)
+            .affine(1.0, 0.3)
+            .unwrap();
+        let w = random(&[d], seed + 10, 1.0, DType::F32);
+        let b = random(&[d], seed + 20, 1.0, DType::F32);
+        let dy = random(&[rows, d], seed + 30, 1.0, DType::BF16);
+        let [y_ref, dx_ref, dw_ref, db_ref] = layer_norm_reference(&x, &w, &b, &dy);
+        let (xb, wb, bb, gb) = (
+            Buffer::from(&u16::of(&x)),
+            Buffer::from(&f32::of(&w)),
+            Buffer::from(&f32::of(&b)),
+            Buffer::from(&u16::of(&dy)),
+        );
+        let (ri, di) = (rows as i32, d as i32);
+        let q = d / 256;
+        // (kernel suffix, grid): the wide kernels with 1 and 2 blocks of 8 warps (rows per warp
+        // 2–5) and with a block per 8 rows (cuda.rs's cap); the others one warp per row.
+        let mut runs: Vec<(String, u32)> = [1, 2, rows.div_ceil(8) as u32]
+            .into_iter()
+            .map(|g| (format!("bf16_q{q}"), g))
+            .collect();
+        runs.push((format!("bf16_p{}", d / 64), rows.div_ceil(8) as u32));
+        runs.push(("bf16".into(), rows.div_ceil(8) as u32));
+        for (suffix, grid) in runs {
+            let mut outs = Vec::new();
+            for order in [Order::Forward, Order::Reverse, Order::Random(seed)] {
+                // SAFETY: the kernels' C signatures (kernels.cu).
+                let (fwd, bwd): (LnFwd, LnGradX) = unsafe {
+                    (
+                        emu.kernel(&format!("ln_fwd_{suffix}")),
+                        emu.kernel(&format!("ln_grad_x_{suffix}")),
+                    )
+                };
+                let mut y = Buffer::<u16>::output(rows * d);
+                let mut dx = Buffer::<u16>::output(rows * d);
+                let (yp, dxp) = (y.mut_ptr(), dx.mut_ptr());
+                emu.launch((grid, 1, 1), (256, 1, 1), 0, order, &|| {
+                    // SAFETY: buffers of rows × d (x, y) and d (w, b), as the kernel reads.
+                    unsafe { fwd(xb.ptr(), wb.ptr(), bb.ptr(), yp, ri, di, 1e-6) }
+                })
+                .unwrap();
+                emu.launch((grid, 1, 1), (256, 1, 1), 0, order, &|| {
+                    // SAFETY: as above.
+                    unsafe { bwd(xb.ptr(), wb.ptr(), gb.ptr(), dxp, ri, di, 1e-6) }
+                })
+                .unwrap();
+                let what = format!("{suffix} {rows}×{d} grid {grid} {order:?}");
+                let y_t = u16::tensor(y.values(), &[rows, d]);
+                let dx_t = u16::tensor(dx.values(), &[rows, d]);
+                assert_close(&y_t, &y_ref, 1e-2, &format!("forward {what}"));
+                assert_close(&dx_t, &dx_ref, 2e-2, &format!("dx {what}"));
+                outs.push((y.values().to_vec(), dx.values().to_vec()));
+            }
+            assert!(
+                outs.iter().all(|o| *o == outs[0]),
+                "{suffix}: the thread order changed the bits"
+            );
+        }
+        // dw, db: per-block partial sums in shared memory (atomics), as cuda.rs launches them.
+        let p = rows.div_ceil(32).clamp(1, 1024);
+        let p = rows.div_ceil(rows.div_ceil(p)).max(1);
+        let rpb = rows.div_ceil(p) as i32;
+        for suffix in [format!("bf16_p{}", d / 64), "bf16".into()] {
+            // SAFETY: the kernel's C signature.
+            let k: LnGradWb = unsafe { emu.kernel(&format!("ln_grad_wb_{suffix}")) };
+            for order in [Order::Forward, Order::Reverse] {
+                let mut out = Buffer::<f32>::output(2 * p * d);
+                let op = out.mut_ptr();
+                emu.launch((p as u32, 1, 1), (256, 1, 1), 2 * d * 4, order, &|| {
+                    // SAFETY: out holds 2 × p × d partial sums.
+                    unsafe { k(xb.ptr(), gb.ptr(), op, ri, di, 1e-6, rpb) }
+                })
+                .unwrap();
+                let parts = f32::tensor(out.values(), &[2, p, d]).sum(1).unwrap();
+                let what = format!("ln_grad_wb_{suffix} {rows}×{d} {order:?}");
+                assert_close(&parts.get(0).unwrap(), &dw_ref, 1e-3, &format!("dw {what}"));
+                assert_close(&parts.get(1).unwrap(), &db_ref, 1e-3, &format!("db {what}"));
+            }
+        }
+    }
+}
+
+// ---- Bias + GELU, column sums, bias add.
+
+type BiasGeluFwd<T> = unsafe extern "C" fn(*const T, *const f32, *mut T, i32, i32, i32);
+type BiasGeluBwd<T> = unsafe extern "C" fn(*const T, *const f32, *const T, *mut T, i32, i32, i32);
+type ColumnSums<T> = unsafe extern "C" fn(*const T, *mut f32, i32, i32, i32);
+
+fn bias_gelu_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
+    let emu = emulator();
+    let suffix = if T::DTYPE == DType::F32 {
+        "f32"
+    } else {
+        "bf16"
+    };
+    let x = random(&[rows, c], seed, 3.0, T::DTYPE);
+    let b = random(&[c], seed + 1, 1.0, DType::F32);
+    let g = random(&[rows, c], seed + 2, 1.0, T::DTYPE);
+    let y_ref = x.apply_op2_no_bwd(&b, &fused::BiasGelu).unwrap();
+    let dx_ref = x.apply_op3_no_bwd(&b, &g, &fused::BiasGeluGrad).unwrap();
+    let (xb, bb, gb) = (
+        Buffer::from(&T::of(&x)),
+        Buffer::from(&f32::of(&b)),
+        Buffer::from(&T::of(&g)),
+    );
+    // SAFETY: the kernels' C signatures.
+    let (fwd, bwd): (BiasGeluFwd<T>, BiasGeluBwd<T>) = unsafe {
+        (
+            emu.kernel(&format!("bias_gelu_fwd_{suffix}")),
+            emu.kernel(&format!("bias_gelu_grad_{suffix}")),
+        )
+    };
+    // cuda.rs's rowcol_cfg, with pairs where c is even; and a smaller grid (rows and columns
+    // strided) for both.
+    let pair_modes: &[bool] = if c.is_multiple_of(2) {
+        &[true, false]
+    } else {
+        &[false]
+    };
+    for &pairs in pair_modes {
+        let per = if pairs { 2 } else { 1 };
+        for grid in [
+            ((c.div_ceil(256 * per)) as u32, rows as u32, 1),
+            (1, 3.min(rows) as u32, 1),
+        ] {
+            for order in [Order::Forward, Order::Reverse] {
+                let mut y = Buffer::<T>::output(rows * c);
+                let mut dx = Buffer::<T>::output(rows * c);
+                let (yp, dxp) = (y.mut_ptr(), dx.mut_ptr());
+                let (r, ci, pi) = (rows as i32, c as i32, i32::from(pairs));
+                emu.launch(grid, (256, 1, 1), 0, order, &|| {
+                    // SAFETY: rows × c values (x, y), c (b).
+                    unsafe { fwd(xb.ptr(), bb.ptr(), yp, r, ci, pi) }
+                })
+                .unwrap();
+                emu.launch(grid, (256, 1, 1), 0, order, &|| {
+                    // SAFETY: as above.
+                    unsafe { bwd(xb.ptr(), bb.ptr(), gb.ptr(), dxp, r, ci, pi) }
+                })
+                .unwrap();
+                let what = format!("{suffix} {rows}×{c} pairs {pairs} grid {grid:?} {order:?}");
+                assert_close(&T::tensor(y.values(), &[rows, c]), &y_ref, tol, &what);
+                assert_close(&T::tensor(dx.values(), &[rows, c]), &dx_ref, tol, &what);
+            }
+        }
+    }
+    // Column sums (the bias's gradient): partial sums over blocks of rows, as cuda.rs; rows
+    // enough for every warp of a block to have some.
+    let rows = 70;
+    let x = random(&[rows, c], seed + 3, 3.0, T::DTYPE);
+    let xb = Buffer::from(&T::of(&x));
+    // SAFETY: the kernel's C signature.
+    let sums: ColumnSums<T> = unsafe { emu.kernel(&format!("column_sums_{suffix}")) };
+    for (p, order) in [
+        (1usize, Order::Forward),
+        (1, Order::Reverse),
+        (3, Order::Forward),
+    ] {
+        let rpb = rows.div_ceil(p) as i32;
+        let mut out = Buffer::<f32>::output(p * c);
+        let op = out.mut_ptr();
+        let (r, ci) = (rows as i32, c as i32);
+        let grid = (c.div_ceil(32) as u32, p as u32, 1);
+        emu.launch(grid, (256, 1, 1), 0, order, &|| {
+            // SAFETY: out holds p × c partial sums.
+            unsafe { sums(xb.ptr(), op, r, ci, rpb) }
+        })
+        .unwrap();
+        let got = f32::tensor(out.values(), &[p, c]).sum(0).unwrap();
+        let want = x.to_dtype(DType::F64).unwrap().sum(0).unwrap();
+        assert_close(
+            &got,
+            &want,
+            1e-5,
+            &format!("column sums {suffix} {rows}×{c} p {p} {order:?}"),
+        );
+    }
+}
+
+/// The kernels of `ICEFM_BIAS_GELU_CUDA` and the bias gradient's column sums.
+#[test]
+fn bias_gelu_and_column_sums_match_the_cpu_in_the_emulator() {
+    bias_gelu_case::<f32>(5, 3072, 11, 1e-5);
+    bias_gelu_case::<u16>(6, 768, 12, 1e-2);
+    bias_gelu_case::<f32>(3, 77, 13, 1e-5); // odd width: one value per thread
+    bias_gelu_case::<u16>(4, 45, 14, 1e-2);
+}
+
+// ---- Flash attention.
+
+type FlashFwd = unsafe extern "C" fn(*const u16, *mut u16, *mut f32, i32, i32, f32);
+type FlashDq = unsafe extern "C" fn(
+    *const u16,
+    *const u16,
+    *const u16,
+    *mut u16,
+    *mut f32,
+    *mut f32,
+    i32,
+    i32,
+    f32,
+    f32,
+);
+type FlashDkv = unsafe extern "C" fn(
+    *const u16,
+    *const u16,
+    *const f32,
+    *const f32,
+    *mut u16,
+    i32,
+    i32,
+    f32,
+    f32,
+);
+
+/// Attention shapes: (batch, tokens, heads, head width), token counts on and off the 64-token
+/// tiles.
+const FLASH_SHAPES: [(usize, usize, usize, usize); 4] = [
+    (2, 145, 2, 64),
+    (1, 77, 3, 32),
+    (1, 5, 2, 64),
+    (1, 128, 1, 32),
+];
+
+fn flash_grid(b: usize, n: usize, heads: usize) -> (u32, u32, u32) {
+    (n.div_ceil(64) as u32, heads as u32, b as u32)
+}
+
+/// Each query's log-sum-exp of its scaled scores in the log2 domain, in f64: [B, H, N].
+fn lse_reference(qkv: &[u16], (b, n, heads, hd): (usize, usize, usize, usize)) -> Vec<f64> {
+    let v = |i: usize| f64::from(half::bf16::from_bits(qkv[i]).to_f32());
+    let scale_log2 = (hd as f64).powf(-0.5) * std::f64::consts::LOG2_E;
+    let at = |s: usize, t: usize, part: usize, h: usize, e: usize| {
+        (((s * n + t) * 3 + part) * heads + h) * hd + e
+    };
+    let mut out = Vec::with_capacity(b * heads * n);
+    for s in 0..b {
+        for h in 0..heads {
+            for i in 0..n {
+                let scores: Vec<f64> = (0..n)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|e| v(at(s, i, 0, h, e)) * v(at(s, j, 1, h, e)))
+                            .sum::<f64>()
+                            * scale_log2
+                    })
+                    .collect();
+                let m = scores.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                out.push(m + scores.iter().map(|x| (x - m).exp2()).sum::<f64>().log2());
+            }
+        }
+    }
+    out
+}
+
+/// The flash forward (the default path, with its new tile loading, one-instruction bf16 packing
+/// and saved log-sum-exp) and its prefetching variant (`ICEFM_FLASH_PREFETCH`).
+#[test]
+fn the_flash_forward_kernels_match_the_cpu_in_the_emulator() {
+    let emu = emulator();
+    for (i, &(b, n, heads, hd)) in FLASH_SHAPES.iter().enumerate() {
+        let qkv = random(&[b, n, 3 * heads * hd], 70 + i as u64, 2.0, DType::BF16);
+        let want = qkv
+            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .unwrap();
+        let qb = Buffer::from(&u16::of(&qkv));
+        let lse_want = lse_reference(&u16::of(&qkv), (b, n, heads, hd));
+        let scale_log2 = (hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
+        let mut bits = Vec::new();
+        for (pf, order) in [
+            ("", Order::Forward),
+            ("", Order::Reverse),
+            ("", Order::Random(5)),
+            ("_pf", Order::Forward),
+            ("_pf", Order::Reverse),
+        ] {
+            // SAFETY: the kernel's C signature.
+            let k: FlashFwd = unsafe { emu.kernel(&format!("flash_fwd_{hd}{pf}")) };
+            let mut out = Buffer::<u16>::output(b * n * heads * hd);
+            let mut lse = Buffer::<f32>::output(b * heads * n);
+            let (op, lp) = (out.mut_ptr(), lse.mut_ptr());
+            let (ni, hi) = (n as i32, heads as i32);
+            emu.launch(flash_grid(b, n, heads), (128, 1, 1), 0, order, &|| {
+                // SAFETY: qkv [B, N, 3·H·hd], out [B, N, H·hd], lse [B, H, N].
+                unsafe { k(qb.ptr(), op, lp, ni, hi, scale_log2) }
+            })
+            .unwrap();
+            let what = format!("flash_fwd_{hd}{pf} {b}×{n}×{heads} {order:?}");
+            assert_close(
+                &u16::tensor(out.values(), want.dims()),
+                &want,
+                1.5e-2,
+                &what,
+            );
+            for (j, (&got, &w)) in lse.values().iter().zip(&lse_want).enumerate() {
+                assert!(
+                    (f64::from(got) - w).abs() < 1e-4 * w.abs().max(1.0),
+                    "{what}: log-sum-exp {j} is {got}, not {w}"
+                );
+            }
+            bits.push((out.values().to_vec(), lse.values().to_vec()));
+        }
+        assert!(
+            bits.iter().all(|v| *v == bits[0]),
+            "{b}×{n}×{heads}×{hd}: the thread order or prefetching changed the bits"
+        );
+    }
+}
+
+/// The flash backward (`ICEFM_FLASH_BWD`): the dq kernel with its own log-sum-exp pass and with
+/// the forward's saved one, the dk/dv kernel, and their prefetching variants.
+#[test]
+fn the_flash_backward_kernels_match_the_cpu_in_the_emulator() {
+    let emu = emulator();
+    for (i, &(b, n, heads, hd)) in FLASH_SHAPES.iter().enumerate() {
+        let seed = 90 + 2 * i as u64;
+        let qkv = random(&[b, n, 3 * heads * hd], seed, 2.0, DType::BF16);
+        let o = qkv
+            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .unwrap();
+        let dout = random(&[b, n, heads * hd], seed + 1, 1.0, DType::BF16);
+        let want = qkv
+            .apply_op3_no_bwd(&o, &dout, &fused::FlashAttentionGrad { heads })
+            .unwrap();
+        let (qb, ob, gb) = (
+            Buffer::from(&u16::of(&qkv)),
+            Buffer::from(&u16::of(&o)),
+            Buffer::from(&u16::of(&dout)),
+        );
+        let scale = (hd as f32).powf(-0.5);
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let (ni, hi) = (n as i32, heads as i32);
+        let grid = flash_grid(b, n, heads);
+        // The forward's log-sum-exp, for the dq kernel that takes it.
+        let saved = {
+            // SAFETY: the kernel's C signature.
+            let k: FlashFwd = unsafe { emu.kernel(&format!("flash_fwd_{hd}")) };
+            let mut out = Buffer::<u16>::output(b * n * heads * hd);
+            let mut lse = Buffer::<f32>::output(b * heads * n);
+            let (op, lp) = (out.mut_ptr(), lse.mut_ptr());
+            emu.launch(grid, (128, 1, 1), 0, Order::Forward, &|| {
+                // SAFETY: as in the forward test.
+                unsafe { k(qb.ptr(), op, lp, ni, hi, scale_log2) }
+            })
+            .unwrap();
+            lse.values().to_vec()
+        };
+        let mut bits = Vec::new();
+        for (lse_kind, pf, order) in [
+            ("", "", Order::Forward),
+            ("", "", Order::Reverse),
+            ("lse_", "", Order::Forward),
+            ("lse_", "", Order::Random(seed)),
+            ("", "_pf", Order::Reverse),
+            ("lse_", "_pf", Order::Forward),
+        ] {
+            // SAFETY: the kernels' C signatures.
+            let (dq, dkv): (FlashDq, FlashDkv) = unsafe {
+                (
+                    emu.kernel(&format!("flash_bwd_dq_{lse_kind}{hd}{pf}")),
+                    emu.kernel(&format!("flash_bwd_dkv_{hd}{pf}")),
+                )
+            };
+            let mut dqkv = Buffer::<u16>::output(b * n * 3 * heads * hd);
+            let mut lse = if lse_kind.is_empty() {
+                Buffer::<f32>::output(b * heads * n)
+            } else {
+                Buffer::from(&saved)
+            };
+            let mut dvec = Buffer::<f32>::output(b * heads * n);
+            let (dp, lp, vp) = (dqkv.mut_ptr(), lse.mut_ptr(), dvec.mut_ptr());
+            emu.launch(grid, (128, 1, 1), 0, order, &|| {
+                // SAFETY: qkv and dqkv [B, N, 3·H·hd], o and dout [B, N, H·hd], lse and
+                // dvec [B, H, N].
+                unsafe {
+                    dq(
+                        qb.ptr(),
+                        ob.ptr(),
+                        gb.ptr(),
+                        dp,
+                        lp,
+                        vp,
+                        ni,
+                        hi,
+                        scale_log2,
+                        scale,
+                    )
+                }
+            })
+            .unwrap();
+            emu.launch(grid, (128, 1, 1), 0, order, &|| {
+                // SAFETY: as above.
+                unsafe { dkv(qb.ptr(), gb.ptr(), lp, vp, dp, ni, hi, scale_log2, scale) }
+            })
+            .unwrap();
+            let what = format!("flash_bwd_*_{lse_kind}{hd}{pf} {b}×{n}×{heads} {order:?}");
+            assert_close(&u16::tensor(dqkv.values(), want.dims()), &want, 2e-2, &what);
+            for (j, (&got, &w)) in lse.values().iter().zip(&saved).enumerate() {
+                assert!(
+                    (got - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{what}: log-sum-exp {j} is {got}, the forward's {w}"
+                );
+            }
+            bits.push(dqkv.values().to_vec());
+        }
+        assert!(
+            bits.iter().all(|v| *v == bits[0]),
+            "{b}×{n}×{heads}×{hd}: the variants or the thread order changed dqkv's bits"
+        );
+    }
+}
+
+// ---- im2col.
+
+type Im2col<T> = unsafe extern "C" fn(*const T, *mut T, i32, i32, i32, i32);
+
+fn im2col_case<T: Host>(tol: f64) {
+    use icefm_model::seg::Im2col3;
+    let emu = emulator();
+    let suffix = if T::DTYPE == DType::F32 {
+        "f32"
+    } else {
+        "bf16"
+    };
+    let (b, h, w, c) = (2usize, 5usize, 7usize, 6usize);
+    let dims = (b as i32, h as i32, w as i32, c as i32);
+    for (adjoint, name, seed) in [(false, "im2col3", 81), (true, "col2im3", 82)] {
+        let shape_in = if adjoint {
+            [b, h, w, 9 * c]
+        } else {
+            [b, h, w, c]
+        };
+        let x = random(&shape_in, seed, 2.0, T::DTYPE);
+        let want = x.apply_op1_no_bwd(&Im2col3 { adjoint }).unwrap();
+        let xb = Buffer::from(&T::of(&x));
+        // SAFETY: the kernel's C signature.
+        let k: Im2col<T> = unsafe { emu.kernel(&format!("{name}_{suffix}")) };
+        let n = want.elem_count();
+        // cuda.rs's elem_cfg, and one block striding over everything.
+        for grid in [n.div_ceil(256) as u32, 1] {
+            let mut y = Buffer::<T>::output(n);
+            let yp = y.mut_ptr();
+            emu.launch((grid, 1, 1), (256, 1, 1), 0, Order::Forward, &|| {
+                // SAFETY: x and y of the map's sizes.
+                unsafe { k(xb.ptr(), yp, dims.0, dims.1, dims.2, dims.3) }
+            })
+            .unwrap();
+            let got = T::tensor(y.values(), want.dims());
+            assert_close(&got, &want, tol, &format!("{name}_{suffix} grid {grid}"));
+        }
+    }
+}
+
+/// The fine-tuning step's 3 × 3 im2col and its adjoint.
+#[test]
+fn the_im2col_kernels_match_the_cpu_in_the_emulator() {
+    im2col_case::<f32>(1e-6);
+    im2col_case::<u16>(1e-2);
+}
+
+// ---- Kernels that passed on an H200, as a check of the emulator.
+
+type SoftmaxFwd = unsafe extern "C" fn(*const u16, *mut u16, i32, i32, i32);
+type SoftmaxGrad = unsafe extern "C" fn(*const u16, *const u16, *mut u16, i32, i32);
+type SumSquares = unsafe extern "C" fn(*const u64, *mut f64);
+
+#[test]
+fn kernels_verified_on_a_gpu_also_pass_in_the_emulator() {
+    let emu = emulator();
+    // Softmax over rows of 145 (the encoder's attention), register-resident (5 values a lane).
+    let (rows, d) = (20usize, 145usize);
+    let x = random(&[rows, d], 31, 6.0, DType::BF16);
+    let dy = random(&[rows, d], 32, 1.0, DType::BF16);
+    let xv = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+    let y_ref = ops::softmax(xv.as_tensor()).unwrap();
+    let g = (&y_ref * dy.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx_ref = g.get(xv.as_tensor()).unwrap();
+    let (xb, gb) = (Buffer::from(&u16::of(&x)), Buffer::from(&u16::of(&dy)));
+    // SAFETY: the kernels' C signatures.
+    let (fwd, bwd): (SoftmaxFwd, SoftmaxGrad) = unsafe {
+        (
+            emu.kernel("softmax_fwd_bf16_v5"),
+            emu.kernel("softmax_grad_bf16_v5"),
+        )
+    };
+    let mut y = Buffer::<u16>::output(rows * d);
+    let mut dx = Buffer::<u16>::output(rows * d);
+    let (yp, dxp) = (y.mut_ptr(), dx.mut_ptr());
+    let (r, di) = (rows as i32, d as i32);
+    emu.launch(
+        (rows.div_ceil(8) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        Order::Reverse,
+        &|| {
+            // SAFETY: rows × d values each.
+            unsafe { fwd(xb.ptr(), yp, r, di, di) }
+        },
+    )
+    .unwrap();
+    let y_t = u16::tensor(y.values(), &[rows, d]);
+    let yb = Buffer::from(y.values());
+    emu.launch(
+        (rows.div_ceil(8) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        Order::Forward,
+        &|| {
+            // SAFETY: as above.
+            unsafe { bwd(yb.ptr(), gb.ptr(), dxp, r, di) }
+        },
+    )
+    .unwrap();
+    assert_close(&y_t, &y_ref, 1e-2, "softmax forward");
+    assert_close(
+        &u16::tensor(dx.values(), &[rows, d]),
+        dx_ref,
+        2e-2,
+        "softmax backward",
+    );
+    // The gradient norm's sum of squares over two tensors in one launch (shared memory, warp
+    // sums, a double atomic).
+    let a: Vec<f32> = (0..5000)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+        .collect();
+    let c: Vec<f32> = (0..300).map(|i| (i as f32).sin()).collect();
+    let want: f64 = a
+        .iter()
+        .chain(&c)
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    let (ab, cb) = (Buffer::from(&a), Buffer::from(&c));
+    let table = [
+        ab.ptr() as u64,
+        a.len() as u64,
+        cb.ptr() as u64,
+        c.len() as u64,
+    ];
+    let mut out = 0f64;
+    let op: *mut f64 = &mut out;
+    // SAFETY: the kernel's C signature.
+    let k: SumSquares = unsafe { emu.kernel("sum_squares_multi") };
+    emu.launch((2, 2, 1), (256, 1, 1), 0, Order::Random(9), &|| {
+        // SAFETY: the table names two live f32 buffers and their lengths.
+        unsafe { k(table.as_ptr(), op) }
+    })
+    .unwrap();
+    assert!(
+        (out - want).abs() < 1e-5 * want,
+        "sum of squares {out}, not {want}"
+    );
+}
