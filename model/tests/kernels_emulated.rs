@@ -763,6 +763,27 @@ fn kernels_verified_on_a_gpu_also_pass_in_the_emulator() {
         2e-2,
         "softmax backward",
     );
+    // The general softmax (rows over 1,024 values), over the first 1,000 of 1,100 (the rest
+    // padding: 0).
+    let (rows, d, valid) = (3usize, 1100usize, 1000usize);
+    let x = random(&[rows, d], 33, 6.0, DType::BF16);
+    let want = fused::softmax_valid(&x.to_dtype(DType::F32).unwrap(), valid).unwrap();
+    let xb = Buffer::from(&u16::of(&x));
+    // SAFETY: the kernel's C signature.
+    let general: SoftmaxFwd = unsafe { emu.kernel("softmax_fwd_bf16") };
+    let mut y = Buffer::<u16>::output(rows * d);
+    let yp = y.mut_ptr();
+    emu.launch((1, 1, 1), (256, 1, 1), 0, Order::Forward, &|| {
+        // SAFETY: rows × d values each.
+        unsafe { general(xb.ptr(), yp, rows as i32, d as i32, valid as i32) }
+    })
+    .unwrap();
+    assert_close(
+        &u16::tensor(y.values(), &[rows, d]),
+        &want,
+        1e-2,
+        "softmax over valid values",
+    );
     // The gradient norm's sum of squares over two tensors in one launch (shared memory, warp
     // sums, a double atomic).
     let a: Vec<f32> = (0..5000)
@@ -794,4 +815,302 @@ fn kernels_verified_on_a_gpu_also_pass_in_the_emulator() {
         (out - want).abs() < 1e-5 * want,
         "sum of squares {out}, not {want}"
     );
+}
+
+// ---- Element-wise kernels, the MAE loss, masking, the optimizer and batch preparation.
+
+type BiasAdd<T> = unsafe extern "C" fn(*const T, *const f32, *mut T, i64, i32);
+type GeluFwd<T> = unsafe extern "C" fn(*const T, *mut T, i64);
+type GeluGrad<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i64);
+
+fn elementwise_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
+    let emu = emulator();
+    let suffix = if T::DTYPE == DType::F32 {
+        "f32"
+    } else {
+        "bf16"
+    };
+    let n = rows * c;
+    let x = random(&[rows, c], seed, 3.0, T::DTYPE);
+    let b = random(&[c], seed + 1, 1.0, DType::F32);
+    let g = random(&[rows, c], seed + 2, 1.0, T::DTYPE);
+    let add_ref = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .broadcast_add(&b.to_dtype(DType::F64).unwrap())
+        .unwrap();
+    let gelu_ref = x.apply_op1_no_bwd(&fused::Gelu).unwrap();
+    let grad_ref = x.apply_op2_no_bwd(&g, &fused::GeluGrad).unwrap();
+    let (xb, bb, gb) = (
+        Buffer::from(&T::of(&x)),
+        Buffer::from(&f32::of(&b)),
+        Buffer::from(&T::of(&g)),
+    );
+    // SAFETY: the kernels' C signatures.
+    let (add, fwd, bwd): (BiasAdd<T>, GeluFwd<T>, GeluGrad<T>) = unsafe {
+        (
+            emu.kernel(&format!("bias_add_{suffix}")),
+            emu.kernel(&format!("gelu_fwd_{suffix}")),
+            emu.kernel(&format!("gelu_grad_{suffix}")),
+        )
+    };
+    // cuda.rs's elem_cfg, and two blocks striding over everything.
+    for grid in [n.div_ceil(256) as u32, 2] {
+        let mut outs: Vec<Buffer<T>> = (0..3).map(|_| Buffer::output(n)).collect();
+        let ptrs: Vec<*mut T> = outs.iter_mut().map(Buffer::mut_ptr).collect();
+        let (ni, ci) = (n as i64, c as i32);
+        for (k, ptr) in ptrs.into_iter().enumerate() {
+            emu.launch((grid, 1, 1), (256, 1, 1), 0, Order::Reverse, &|| {
+                // SAFETY: n values each; b holds c.
+                unsafe {
+                    match k {
+                        0 => add(xb.ptr(), bb.ptr(), ptr, ni, ci),
+                        1 => fwd(xb.ptr(), ptr, ni),
+                        _ => bwd(xb.ptr(), gb.ptr(), ptr, ni),
+                    }
+                }
+            })
+            .unwrap();
+        }
+        let what = |name: &str| format!("{name}_{suffix} {rows}×{c} grid {grid}");
+        let t = |i: usize| T::tensor(outs[i].values(), &[rows, c]);
+        assert_close(&t(0), &add_ref, tol, &what("bias_add"));
+        assert_close(&t(1), &gelu_ref, tol, &what("gelu_fwd"));
+        assert_close(&t(2), &grad_ref, tol, &what("gelu_grad"));
+    }
+}
+
+#[test]
+fn elementwise_kernels_match_the_cpu_in_the_emulator() {
+    elementwise_case::<f32>(7, 300, 41, 1e-5);
+    elementwise_case::<u16>(9, 768, 42, 1e-2);
+}
+
+type NpxLoss<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
+type NpxGrad<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
+type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32, i32, i32);
+type AdamWMulti = unsafe extern "C" fn(*const u64, f32, f32, f32, f32, f32, f32, f32, f32);
+type NormaliseAugment = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32, i32, i32);
+
+fn norm_pix_case<T: Host>(tol: f64) {
+    let emu = emulator();
+    let suffix = if T::DTYPE == DType::F32 {
+        "f32"
+    } else {
+        "bf16"
+    };
+    // 2 samples × 9 patches of 70 values; weights 0/1 (invalid pixels and kept patches 0),
+    // one patch with a single weighted pixel (too few: loss 0).
+    let (b, n, p) = (2usize, 9usize, 70usize);
+    let rows = b * n;
+    let pred = random(&[b, n, p], 51, 1.0, T::DTYPE);
+    let target = random(&[b, n, p], 52, 2.0, T::DTYPE);
+    let w: Vec<f32> = (0..rows * p)
+        .map(|i| {
+            let (row, j) = (i / p, i % p);
+            let keep = row % 4 != 1 && (i * 7919) % 5 != 0;
+            f32::from(u8::from(if row == 5 { j == 3 } else { keep }))
+        })
+        .collect();
+    let weight = f32::tensor(&w, &[b, n, p]).to_dtype(T::DTYPE).unwrap();
+    let loss_ref = pred
+        .apply_op3_no_bwd(&target, &weight, &fused::NormPixLoss)
+        .unwrap();
+    let up = random(&[rows, 1], 53, 1.0, T::DTYPE);
+    let wg = Tensor::cat(&[weight.reshape((rows, p)).unwrap(), up], 1).unwrap();
+    let grad_ref = pred
+        .reshape((rows, p))
+        .unwrap()
+        .apply_op3_no_bwd(
+            &target.reshape((rows, p)).unwrap(),
+            &wg,
+            &fused::NormPixLossGrad,
+        )
+        .unwrap();
+    let (pb, tb, wb, wgb) = (
+        Buffer::from(&T::of(&pred)),
+        Buffer::from(&T::of(&target)),
+        Buffer::from(&T::of(&weight)),
+        Buffer::from(&T::of(&wg)),
+    );
+    // SAFETY: the kernels' C signatures.
+    let (loss, grad): (NpxLoss<T>, NpxGrad<T>) = unsafe {
+        (
+            emu.kernel(&format!("norm_pix_loss_{suffix}")),
+            emu.kernel(&format!("norm_pix_loss_grad_{suffix}")),
+        )
+    };
+    let mut out = Buffer::<T>::output(rows);
+    let mut dp = Buffer::<T>::output(rows * p);
+    let (op, dpp) = (out.mut_ptr(), dp.mut_ptr());
+    let (ri, pi) = (rows as i32, p as i32);
+    let grid = (rows.div_ceil(8) as u32, 1, 1);
+    emu.launch(grid, (256, 1, 1), 0, Order::Reverse, &|| {
+        // SAFETY: rows × p values (pred, target, weight), rows (out).
+        unsafe { loss(pb.ptr(), tb.ptr(), wb.ptr(), op, ri, pi) }
+    })
+    .unwrap();
+    emu.launch(grid, (256, 1, 1), 0, Order::Forward, &|| {
+        // SAFETY: wg holds rows × (p + 1).
+        unsafe { grad(pb.ptr(), tb.ptr(), wgb.ptr(), dpp, ri, pi) }
+    })
+    .unwrap();
+    let what = format!("norm_pix_loss_{suffix}");
+    assert_close(&T::tensor(out.values(), &[b, n]), &loss_ref, tol, &what);
+    assert_close(&T::tensor(dp.values(), &[rows, p]), &grad_ref, tol, &what);
+    // The patch with one weighted pixel has too few for statistics: loss 0, gradient 0.
+    assert_eq!(common::values(&T::tensor(out.values(), &[b, n]))[5], 0.0);
+    assert!(
+        common::values(&T::tensor(dp.values(), &[rows, p]))[5 * p..6 * p]
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+}
+
+#[test]
+fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulator() {
+    let emu = emulator();
+    norm_pix_case::<f32>(1e-5);
+    norm_pix_case::<u16>(2e-2);
+    // Token gather and scatter: 3 samples of 10 tokens of 40 values, 4 kept.
+    let (b, n, k, d) = (3usize, 10usize, 4usize, 40usize);
+    let x: Vec<f32> = (0..b * n * d).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let ids: Vec<u32> = vec![7, 0, 3, 9, 1, 2, 8, 5, 6, 4, 0, 9];
+    // SAFETY: the kernel's C signature.
+    let moves: MoveTokens<f32> = unsafe { emu.kernel("move_tokens_f32") };
+    let (xb, ib) = (Buffer::from(&x), Buffer::from(&ids));
+    let mut kept = Buffer::<f32>::output(b * k * d);
+    let kp = kept.mut_ptr();
+    let block = (d.next_power_of_two().clamp(32, 256) as u32, 1, 1);
+    let (ki, ni, di) = (k as i32, n as i32, d as i32);
+    emu.launch((k as u32, b as u32, 1), block, 0, Order::Forward, &|| {
+        // SAFETY: x [b, n, d], ids [b, k], kept [b, k, d].
+        unsafe { moves(xb.ptr(), ib.ptr(), kp, ki, ni, di, 0) }
+    })
+    .unwrap();
+    let want: Vec<f32> = (0..b * k * d)
+        .map(|i| {
+            let (s, j, e) = (i / (k * d), (i / d) % k, i % d);
+            x[(s * n + ids[s * k + j] as usize) * d + e]
+        })
+        .collect();
+    assert_eq!(kept.values(), &want[..], "gather");
+    // Scatter back into zeros: the kept rows in place, the others 0.
+    let mut back = Buffer::from(&vec![0f32; b * n * d]);
+    let (kb, bp) = (Buffer::from(kept.values()), back.mut_ptr());
+    emu.launch((k as u32, b as u32, 1), block, 0, Order::Reverse, &|| {
+        // SAFETY: as above, the other way.
+        unsafe { moves(kb.ptr(), ib.ptr(), bp, ki, ni, di, 1) }
+    })
+    .unwrap();
+    let want: Vec<f32> = (0..b * n * d)
+        .map(|i| {
+            let (s, t) = (i / (n * d), (i / d) % n);
+            let kept = ids[s * k..(s + 1) * k].contains(&(t as u32));
+            if kept { x[i] } else { 0.0 }
+        })
+        .collect();
+    assert_eq!(back.values(), &want[..], "scatter");
+    // AdamW over two tensors in one launch, one of them without weight decay.
+    let sizes = [1000usize, 37];
+    let mk = |n: usize, s: u64, scale: f64| f32::of(&random(&[n], s, scale, DType::F32));
+    let mut bufs: Vec<[Buffer<f32>; 4]> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let s = 60 + 4 * i as u64;
+            let v: Vec<f32> = mk(n, s + 2, 1.0).iter().map(|x| x * x).collect();
+            [
+                Buffer::from(&mk(n, s, 1.0)),
+                Buffer::from(&mk(n, s + 1, 0.1)),
+                Buffer::from(&v),
+                Buffer::from(&mk(n, s + 3, 2.0)),
+            ]
+        })
+        .collect();
+    let before: Vec<[Vec<f32>; 4]> = bufs
+        .iter()
+        .map(|b| std::array::from_fn(|j| b[j].values().to_vec()))
+        .collect();
+    let table: Vec<u64> = bufs
+        .iter_mut()
+        .zip(&sizes)
+        .enumerate()
+        .flat_map(|(i, (b, &n))| {
+            let [w, m, v, g] = b;
+            [
+                w.mut_ptr() as u64,
+                m.mut_ptr() as u64,
+                v.mut_ptr() as u64,
+                g.ptr() as u64,
+                n as u64,
+                u64::from(i == 0),
+            ]
+        })
+        .collect();
+    let (lr, b1, b2, c1, c2, eps, wd, gs) = (
+        1e-3f32, 0.9f32, 0.95f32, 0.19f32, 0.0975f32, 1e-8f32, 0.05f32, 0.7f32,
+    );
+    // SAFETY: the kernel's C signature.
+    let adamw: AdamWMulti = unsafe { emu.kernel("adamw_multi") };
+    let tp = table.as_ptr();
+    emu.launch((2, 2, 1), (256, 1, 1), 0, Order::Random(4), &|| {
+        // SAFETY: the table names live buffers of the sizes it gives.
+        unsafe { adamw(tp, lr, b1, b2, c1, c2, eps, wd, gs) }
+    })
+    .unwrap();
+    for (t, (b, [w0, m0, v0, g])) in bufs.iter().zip(&before).enumerate() {
+        for i in 0..sizes[t] {
+            let f = |x: f32| f64::from(x);
+            let gi = f(g[i]) * f(gs);
+            let m = f(m0[i]) * f(b1) + gi * (1.0 - f(b1));
+            let v = f(v0[i]) * f(b2) + gi * gi * (1.0 - f(b2));
+            let mut u = (m / f(c1)) / ((v / f(c2)).sqrt() + f(eps));
+            if t == 0 {
+                u += f(w0[i]) * f(wd);
+            }
+            let w = f(w0[i]) - u * f(lr);
+            for (name, got, want) in [
+                ("w", b[0].values()[i], w),
+                ("m", b[1].values()[i], m),
+                ("v", b[2].values()[i], v),
+            ] {
+                assert!(
+                    (f(got) - want).abs() <= 2e-6 * want.abs().max(0.1), // f32 arithmetic, cancellation
+                    "adamw tensor {t} {name}[{i}]: {got}, not {want}"
+                );
+            }
+        }
+    }
+    // Batch preparation: 2 samples of 2 channels of 5 × 5, NaN and infinite pixels invalid,
+    // all eight transforms across two launches.
+    let (bsz, c, side) = (2usize, 2usize, 5usize);
+    let mut raw = f32::of(&random(&[bsz, c, side, side], 71, 3.0, DType::F32));
+    raw[3] = f32::NAN;
+    raw[31] = f32::INFINITY;
+    let raw_t = f32::tensor(&raw, &[bsz, c, side, side]);
+    let rb = Buffer::from(&raw);
+    // SAFETY: the kernel's C signature.
+    let prep: NormaliseAugment = unsafe { emu.kernel("normalise_augment") };
+    for codes in [[0f32, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]] {
+        let prm = [0.5f32, -1.0, 2.0, 0.25, codes[0], codes[1]];
+        let want = raw_t
+            .apply_op2_no_bwd(&f32::tensor(&prm, &[6]), &fused::NormaliseAugment)
+            .unwrap();
+        let pb = Buffer::from(&prm);
+        let mut out = Buffer::<f32>::output(bsz * (c + 1) * side * side);
+        let op = out.mut_ptr();
+        emu.launch((1, 1, 1), (256, 1, 1), 0, Order::Reverse, &|| {
+            // SAFETY: raw [b, c, n, n], prm [2c + b], out [b, c + 1, n, n].
+            unsafe { prep(rb.ptr(), pb.ptr(), op, bsz as i32, c as i32, side as i32) }
+        })
+        .unwrap();
+        let got = f32::tensor(out.values(), want.dims());
+        assert_close(
+            &got,
+            &want,
+            1e-6,
+            &format!("normalise_augment codes {codes:?}"),
+        );
+    }
 }
