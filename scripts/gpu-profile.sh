@@ -4,7 +4,10 @@
 # and registers per thread (clocks not locked). Needs .gpu/bundle.tar.xz
 # (scripts/build-gpu-check.sh) and ncu. The switches of docs/gpu.md apply, e.g.
 #   ICEFM_FLASH_BWD=1 ICEFM_LT_BIAS=1 scripts/gpu-profile.sh
-# Writes $OUT/ncu.csv and prints the kernels by total time.
+# Writes $OUT/ncu.csv and prints the kernels by total time; then, for icefm's flash attention and
+# layer-norm kernels only, a second pass with Nsight Compute's speed-of-light, warp-state and
+# pipe sections ($OUT/ncu-stalls.csv): what bounds each (tensor pipe, the exp unit, shared or
+# global memory latency, barriers). ICEFM_PROFILE_KERNELS (a regex) picks other kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-profile}"
@@ -48,3 +51,12 @@ for name, ms in sorted(tot.items(), key=lambda x: -x[1])[:30]:
     regs = f"{regs / cnt[name]:.0f}" if regs is not None else ""
     print(f"| {name} | {cnt[name]} | {ms:.3f} | {ms / all_ms:.1%} | {occ} | {regs} |")
 PY
+
+# What bounds the attention and layer-norm kernels: the top stall reasons per issued
+# instruction and the busiest pipes, from sections (their metric names vary less than raw ones).
+timeout 120 "$ncu" --profile-from-start off --clock-control none \
+    --kernel-name "regex:${ICEFM_PROFILE_KERNELS:-flash|ln_}" \
+    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --csv --page raw --log-file "$out/ncu-stalls.csv" .gpu/gpu_check profile-blocks
+echo "ncu (stalls) exit $?"
+$py scripts/ncu_stalls.py "$out/ncu-stalls.csv"
