@@ -860,19 +860,29 @@ __device__ __forceinline__ void fa_products(float (&c)[FA_KT / 8][4], const unsi
     }
 }
 
-// Scores in the log2 domain, keys (columns) past N masked to -inf (only the last tile has any:
-// the forward scales the others with fa_scale; in the backward kernels that branch cost 40-50
-// registers, by ptxas).
-__device__ __forceinline__ void fa_scale(float (&s)[FA_KT / 8][4], float scale_log2) {
-    for (int nt = 0; nt < FA_KT / 8; ++nt)
-        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+// 2^x for the softmax: one ex2.approx.ftz (MUFU.EX2 alone). exp2f is four instructions a value
+// on sm_90 (it rescales inputs below -126 to keep denormal results), a third of the flash
+// kernels' floating-point instructions; here results below 2^-126 flush to 0 instead.
+__device__ __forceinline__ float fa_exp2(float x) {
+#if defined(ICEFM_EMULATOR)
+    return emu_ex2_approx_ftz_f32(x);
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
 }
-__device__ __forceinline__ void fa_scale_mask(float (&s)[FA_KT / 8][4], int j0, int N, int t,
-                                              float scale_log2) {
+
+// Raw scores of keys (columns) at or past N set to -inf. Scores stay unscaled: the softmax scale
+// (in the log2 domain) enters each exponent's FFMA, exp2(s·scale − max·scale), and the running
+// maxima are of raw scores (the scale is positive). Only the last tile has keys past N: the
+// forward masks that one alone; the backward kernels mask every tile, since the branch cost them
+// 40-50 registers, by ptxas.
+__device__ __forceinline__ void fa_mask(float (&s)[FA_KT / 8][4], int j0, int N, int t) {
     for (int nt = 0; nt < FA_KT / 8; ++nt)
         for (int e = 0; e < 4; ++e) {
             int key = j0 + nt * 8 + t * 2 + (e & 1);
-            s[nt][e] = key < N ? s[nt][e] * scale_log2 : FA_NEG_INF;
+            s[nt][e] = key < N ? s[nt][e] : FA_NEG_INF;
         }
 }
 
@@ -970,21 +980,19 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
         }
         float s[FA_KT / 8][4];
         fa_products<HD>(s, qa, ks, g, t);
+        if (j0 + FA_KT > N) fa_mask(s, j0, N, t);
         float mx0 = m0, mx1 = m1;
-        if (j0 + FA_KT <= N)
-            fa_scale(s, scale_log2);
-        else
-            fa_scale_mask(s, j0, N, t, scale_log2);
         fa_row_max(s, mx0, mx1);
-        float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+        float c0 = fa_exp2((m0 - mx0) * scale_log2), c1 = fa_exp2((m1 - mx1) * scale_log2);
         m0 = mx0;
         m1 = mx1;
+        const float ms0 = m0 * scale_log2, ms1 = m1 * scale_log2;
         float p0 = 0.f, p1 = 0.f;
         for (int nt = 0; nt < FA_KT / 8; ++nt) {
-            s[nt][0] = exp2f(s[nt][0] - m0);
-            s[nt][1] = exp2f(s[nt][1] - m0);
-            s[nt][2] = exp2f(s[nt][2] - m1);
-            s[nt][3] = exp2f(s[nt][3] - m1);
+            s[nt][0] = fa_exp2(fmaf(s[nt][0], scale_log2, -ms0));
+            s[nt][1] = fa_exp2(fmaf(s[nt][1], scale_log2, -ms0));
+            s[nt][2] = fa_exp2(fmaf(s[nt][2], scale_log2, -ms1));
+            s[nt][3] = fa_exp2(fmaf(s[nt][3], scale_log2, -ms1));
             p0 += s[nt][0] + s[nt][1];
             p1 += s[nt][2] + s[nt][3];
         }
@@ -1004,8 +1012,8 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
     // Each query's log-sum-exp (log2 domain, [B, H, N]), for the backward's dq kernel.
     if (t == 0) {
         const long row_at = ((long)b * H + h) * N;
-        if (r0 < N) lse[row_at + r0] = m0 + log2f(l0);
-        if (r1 < N) lse[row_at + r1] = m1 + log2f(l1);
+        if (r0 < N) lse[row_at + r0] = m0 * scale_log2 + log2f(l0);
+        if (r1 < N) lse[row_at + r1] = m1 * scale_log2 + log2f(l1);
     }
 }
 // The launch bounds last: ptxas's own choice of registers for all but flash_fwd_32_pf, which
@@ -1082,21 +1090,22 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
             if (PF && j0 + FA_KT < N) fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
             float s[FA_KT / 8][4];
             fa_products<HD>(s, qa, ks, g, t);
+            fa_mask(s, j0, N, t);
             float mx0 = m0, mx1 = m1;
-            fa_scale_mask(s, j0, N, t, scale_log2);
             fa_row_max(s, mx0, mx1);
+            const float ms0 = mx0 * scale_log2, ms1 = mx1 * scale_log2;
             float p0 = 0.f, p1 = 0.f;
             for (int nt = 0; nt < FA_KT / 8; ++nt) {
-                p0 += exp2f(s[nt][0] - mx0) + exp2f(s[nt][1] - mx0);
-                p1 += exp2f(s[nt][2] - mx1) + exp2f(s[nt][3] - mx1);
+                p0 += fa_exp2(fmaf(s[nt][0], scale_log2, -ms0)) + fa_exp2(fmaf(s[nt][1], scale_log2, -ms0));
+                p1 += fa_exp2(fmaf(s[nt][2], scale_log2, -ms1)) + fa_exp2(fmaf(s[nt][3], scale_log2, -ms1));
             }
-            l0 = l0 * exp2f(m0 - mx0) + p0;
-            l1 = l1 * exp2f(m1 - mx1) + p1;
+            l0 = l0 * fa_exp2((m0 - mx0) * scale_log2) + p0;
+            l1 = l1 * fa_exp2((m1 - mx1) * scale_log2) + p1;
             m0 = mx0;
             m1 = mx1;
         }
-        lse0 = m0 + log2f(quad_sum(l0));
-        lse1 = m1 + log2f(quad_sum(l1));
+        lse0 = m0 * scale_log2 + log2f(quad_sum(l0));
+        lse1 = m1 * scale_log2 + log2f(quad_sum(l1));
     }
     if (t == 0) {
         if (r0 < N) {
@@ -1132,10 +1141,11 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
         float s[FA_KT / 8][4], dp[FA_KT / 8][4];
         fa_products<HD>(s, qa, ks, g, t);
         fa_products<HD>(dp, da, vs, g, t);
-        fa_scale_mask(s, j0, N, t, scale_log2);
+        fa_mask(s, j0, N, t);
         for (int nt = 0; nt < FA_KT / 8; ++nt)
             for (int e = 0; e < 4; ++e)  // dS; masked keys have P = exp2(-inf) = 0
-                s[nt][e] = exp2f(s[nt][e] - (e < 2 ? lse0 : lse1)) * (dp[nt][e] - (e < 2 ? d0 : d1));
+                s[nt][e] = fa_exp2(fmaf(s[nt][e], scale_log2, -(e < 2 ? lse0 : lse1))) *
+                           (dp[nt][e] - (e < 2 ? d0 : d1));
         fa_accumulate<HD>(dq, s, kt, g, t);
     }
     fa_store<HD>(dqkv + (long)b * N * stride + h * HD, stride, dq, r0, r1, N, t, scale, scale);
@@ -1210,7 +1220,7 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
         for (int nt = 0; nt < FA_KT / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 int q = nt * 8 + t * 2 + (e & 1);
-                p[nt][e] = exp2f(p[nt][e] * scale_log2 - ls[q]);  // Pᵀ; 0 past N (ls = inf)
+                p[nt][e] = fa_exp2(fmaf(p[nt][e], scale_log2, -ls[q]));  // Pᵀ; 0 past N (ls = inf)
                 ds[nt][e] = p[nt][e] * (ds[nt][e] - dl[q]);       // dSᵀ
             }
         fa_accumulate<HD>(dv, p, gt, g, t);

@@ -218,6 +218,14 @@ static inline unsigned emu_cvt_rn_bf16x2_f32(float a, float b) {
     return (emu_bf16_rn(a) << 16) | emu_bf16_rn(b);
 }
 
+// ex2.approx.ftz.f32: 2^x with denormal inputs and results flushed to zero (the hardware's
+// approximation is within 2 ulp; this is exact before the flush).
+static inline float emu_ex2_approx_ftz_f32(float x) {
+    if (fabsf(x) < 1.17549435e-38f) x = 0.f;
+    float r = exp2f(x);
+    return r < 1.17549435e-38f ? 0.f : r;
+}
+
 #include "../../src/kernels.cu"
 
 // ---- The scheduler.
