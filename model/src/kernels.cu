@@ -849,14 +849,37 @@ __device__ __forceinline__ void fa_put_cols(fa_cols<HD>& dst, const fa_stage<HD>
     }
 }
 
-// A warp's 16 rows (fragments `a`) against the FA_KT rows of a tile: c[nt] = a·tileᵀ.
+// Four 8 × 8 matrices of bf16 from shared memory in one instruction (ldmatrix .x4): lane
+// 8·i + j gives the address of matrix i's row j (16 bytes, 16-byte aligned), and register i of
+// lane l receives matrix i's row l / 4, values 2·(l % 4) and 2·(l % 4) + 1. With a matrix's
+// rows along an mma's n and its columns along k, that register is the B fragment's b0 (k 0-7)
+// or b1 (k 8-15): one instruction where four 4-byte shared loads were.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const unsigned* row) {
+#if defined(ICEFM_EMULATOR)
+    emu_ldmatrix_m8n8_x4_b16(r, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+// A warp's 16 rows (fragments `a`) against the FA_KT rows of a tile: c[nt] = a·tileᵀ. The B
+// fragments of two k-steps come in one ldmatrix: matrices (k-step kk, columns 0-7), (kk, 8-15),
+// (kk + 1, 0-7), (kk + 1, 8-15) of the tile's rows nt·8 .. nt·8 + 7.
 template <int HD>
 __device__ __forceinline__ void fa_products(float (&c)[FA_KT / 8][4], const unsigned (&a)[HD / 16][4],
-                                            const fa_rows<HD>& tile, int g, int t) {
+                                            const fa_rows<HD>& tile, int lane) {
+    const int row = lane & 7, m = lane >> 3;
     for (int nt = 0; nt < FA_KT / 8; ++nt) {
         c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
-        for (int kk = 0; kk < HD / 16; ++kk)
-            mma_bf16(c[nt], a[kk], tile[nt * 8 + g][kk * 8 + t], tile[nt * 8 + g][kk * 8 + 4 + t]);
+        for (int kk = 0; kk < HD / 16; kk += 2) {
+            unsigned b[4];
+            ldsm_x4(b, &tile[nt * 8 + row][(kk + (m >> 1)) * 8 + (m & 1) * 4]);
+            mma_bf16(c[nt], a[kk], b[0], b[1]);
+            mma_bf16(c[nt], a[kk + 1], b[2], b[3]);
+        }
     }
 }
 
@@ -904,15 +927,21 @@ __device__ __forceinline__ void fa_as_a(const float (&c)[FA_KT / 8][4], int kste
     a[3] = pack_bf16(c[2 * kstep + 1][2], c[2 * kstep + 1][3]);
 }
 
-// acc[u] += A·tile for the u-th 8 head-width columns, over the tile's FA_KT tokens.
+// acc[u] += A·tile for the u-th 8 head-width columns, over the tile's FA_KT tokens; the B
+// fragments of two column groups u, u + 1 in one ldmatrix.
 template <int HD>
 __device__ __forceinline__ void fa_accumulate(float (&acc)[HD / 8][4], const float (&c)[FA_KT / 8][4],
-                                              const fa_cols<HD>& tile, int g, int t) {
+                                              const fa_cols<HD>& tile, int lane) {
+    const int row = lane & 7, m = lane >> 3;
     for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
         unsigned a[4];
         fa_as_a(c, kstep, a);
-        for (int u = 0; u < HD / 8; ++u)
-            mma_bf16(acc[u], a, tile[u * 8 + g][kstep * 8 + t], tile[u * 8 + g][kstep * 8 + 4 + t]);
+        for (int u = 0; u < HD / 8; u += 2) {
+            unsigned b[4];
+            ldsm_x4(b, &tile[(u + (m >> 1)) * 8 + row][kstep * 8 + (m & 1) * 4]);
+            mma_bf16(acc[u], a, b[0], b[1]);
+            mma_bf16(acc[u + 1], a, b[2], b[3]);
+        }
     }
 }
 
@@ -945,8 +974,8 @@ __device__ __forceinline__ void fa_store(bf16_t* dst, long stride, const float (
 template <int HD, bool PF>
 __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, float* lse, int N,
                                             int H, float scale_log2) {
-    __shared__ fa_rows<HD> ks;  // keys
-    __shared__ fa_cols<HD> vt;  // values, transposed
+    __shared__ __align__(16) fa_rows<HD> ks;  // keys
+    __shared__ __align__(16) fa_cols<HD> vt;  // values, transposed
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -979,7 +1008,7 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
             fa_fetch<HD>(sv, vbase, stride, j0 + FA_KT, N);
         }
         float s[FA_KT / 8][4];
-        fa_products<HD>(s, qa, ks, g, t);
+        fa_products<HD>(s, qa, ks, lane);
         if (j0 + FA_KT > N) fa_mask(s, j0, N, t);
         float mx0 = m0, mx1 = m1;
         fa_row_max(s, mx0, mx1);
@@ -1004,7 +1033,7 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
             o[u][2] *= c1;
             o[u][3] *= c1;
         }
-        fa_accumulate<HD>(o, s, vt, g, t);
+        fa_accumulate<HD>(o, s, vt, lane);
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
@@ -1017,15 +1046,16 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
     }
 }
 // The launch bounds last: ptxas's own choice of registers for all but flash_fwd_32_pf, which
-// spilled 8 bytes at the 96 it chose (with 4 blocks per SM asked: 121, no spill). Asking for 1
+// spilled 8 bytes at the 96 it chose (with 4 blocks per SM asked: 121, no spill; with ldmatrix
+// that spilled too, so 3 are asked: 141, no spill). Asking for 1
 // block per SM is not the same as asking nothing: flash_fwd_32 then took 109 registers, not 80.
 #define FLASH_FWD(NAME, HD, PF, ...)                                                           \
 extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(const bf16_t* qkv,              \
         bf16_t* out, float* lse, int N, int H, float scale_log2) {                             \
     flash_fwd_k<HD, PF>(qkv, out, lse, N, H, scale_log2); }
 FLASH_FWD(flash_fwd_32, 32, false, FA_THREADS)
-FLASH_FWD(flash_fwd_64, 64, false, FA_THREADS)
-FLASH_FWD(flash_fwd_32_pf, 32, true, FA_THREADS, 4)
+FLASH_FWD(flash_fwd_64, 64, false, FA_THREADS, 4)
+FLASH_FWD(flash_fwd_32_pf, 32, true, FA_THREADS, 3)
 FLASH_FWD(flash_fwd_64_pf, 64, true, FA_THREADS)
 // Flash attention backward (icefm_model::fused::FlashAttentionGrad): from qkv, the forward's
 // output O and its gradient dO ([B, N, H·HD], bf16) to dqkv in qkv's own layout, with no N × N
@@ -1046,9 +1076,9 @@ __device__ __forceinline__ float2 unpack_bf16(unsigned u) {
 template <int HD, bool PF, bool LSE>
 __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* o, const bf16_t* dout,
         bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
-    __shared__ fa_rows<HD> ks;  // keys
-    __shared__ fa_rows<HD> vs;  // values
-    __shared__ fa_cols<HD> kt;  // keys, transposed
+    __shared__ __align__(16) fa_rows<HD> ks;  // keys
+    __shared__ __align__(16) fa_rows<HD> vs;  // values
+    __shared__ __align__(16) fa_cols<HD> kt;  // keys, transposed
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -1089,7 +1119,7 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
             __syncthreads();
             if (PF && j0 + FA_KT < N) fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
             float s[FA_KT / 8][4];
-            fa_products<HD>(s, qa, ks, g, t);
+            fa_products<HD>(s, qa, ks, lane);
             fa_mask(s, j0, N, t);
             float mx0 = m0, mx1 = m1;
             fa_row_max(s, mx0, mx1);
@@ -1139,14 +1169,14 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
             fa_fetch<HD>(sv, vbase, stride, j0 + FA_KT, N);
         }
         float s[FA_KT / 8][4], dp[FA_KT / 8][4];
-        fa_products<HD>(s, qa, ks, g, t);
-        fa_products<HD>(dp, da, vs, g, t);
+        fa_products<HD>(s, qa, ks, lane);
+        fa_products<HD>(dp, da, vs, lane);
         fa_mask(s, j0, N, t);
         for (int nt = 0; nt < FA_KT / 8; ++nt)
             for (int e = 0; e < 4; ++e)  // dS; masked keys have P = exp2(-inf) = 0
                 s[nt][e] = fa_exp2(fmaf(s[nt][e], scale_log2, -(e < 2 ? lse0 : lse1))) *
                            (dp[nt][e] - (e < 2 ? d0 : d1));
-        fa_accumulate<HD>(dq, s, kt, g, t);
+        fa_accumulate<HD>(dq, s, kt, lane);
     }
     fa_store<HD>(dqkv + (long)b * N * stride + h * HD, stride, dq, r0, r1, N, t, scale, scale);
 }
@@ -1166,10 +1196,10 @@ template <int HD, bool PF>
 __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t* dout,
         const float* lse, const float* dvec, bf16_t* dqkv, int N, int H, float scale_log2,
         float scale) {
-    __shared__ fa_rows<HD> qs;  // queries
-    __shared__ fa_cols<HD> qt;  // queries, transposed
-    __shared__ fa_rows<HD> gs;  // dO
-    __shared__ fa_cols<HD> gt;  // dO, transposed
+    __shared__ __align__(16) fa_rows<HD> qs;  // queries
+    __shared__ __align__(16) fa_cols<HD> qt;  // queries, transposed
+    __shared__ __align__(16) fa_rows<HD> gs;  // dO
+    __shared__ __align__(16) fa_cols<HD> gt;  // dO, transposed
     __shared__ float ls[FA_KT], dl[FA_KT];
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1215,16 +1245,16 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
             fa_fetch_stats(lnext, dnext, lse, dvec, row_at, q0 + FA_KT, N);
         }
         float p[FA_KT / 8][4], ds[FA_KT / 8][4];
-        fa_products<HD>(p, ka, qs, g, t);
-        fa_products<HD>(ds, va, gs, g, t);
+        fa_products<HD>(p, ka, qs, lane);
+        fa_products<HD>(ds, va, gs, lane);
         for (int nt = 0; nt < FA_KT / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 int q = nt * 8 + t * 2 + (e & 1);
                 p[nt][e] = fa_exp2(fmaf(p[nt][e], scale_log2, -ls[q]));  // Pᵀ; 0 past N (ls = inf)
                 ds[nt][e] = p[nt][e] * (ds[nt][e] - dl[q]);       // dSᵀ
             }
-        fa_accumulate<HD>(dv, p, gt, g, t);
-        fa_accumulate<HD>(dk, ds, qt, g, t);
+        fa_accumulate<HD>(dv, p, gt, lane);
+        fa_accumulate<HD>(dk, ds, qt, lane);
     }
     bf16_t* dbase = dqkv + (long)b * N * stride;
     fa_store<HD>(dbase + (H + h) * HD, stride, dk, k0, k1, N, t, scale, scale);

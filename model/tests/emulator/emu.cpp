@@ -47,6 +47,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
 #define ICEFM_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(emu_dynamic_shared())
 
 struct uint3 {
@@ -107,7 +108,7 @@ static inline double atomicAdd(double* p, double v) {
 namespace emu {
 
 enum class State { Ready, AtBarrier, AtWarp, Done };
-enum class Op { ShflXor, ShflIdx, Mma };
+enum class Op { ShflXor, ShflIdx, Mma, Ldsm };
 
 struct Thread {
     ucontext_t ctx;
@@ -122,6 +123,8 @@ struct Thread {
     float* d;
     const unsigned* a;
     unsigned b0, b1;
+    unsigned* r;          // ldmatrix: this lane's four registers
+    const unsigned* row;  // ldmatrix: the row this lane addresses
 };
 
 struct Block {
@@ -155,13 +158,19 @@ inline void yield() { swapcontext(&cur->ctx, &block->sched); }
     abort();  // never resumed
 }
 
+// The calling thread, marked as waiting at warp collective `op` over the lanes of `mask`; the
+// caller sets the collective's operands, then yields.
+inline Thread* arrive(Op op, unsigned mask) {
+    cur->state = State::AtWarp;
+    cur->op = op;
+    cur->mask = mask;
+    return cur;
+}
+
 template <typename T>
 T warp_op(Op op, unsigned mask, T v, int arg) {
     static_assert(sizeof(T) == 4, "32-bit shuffles only");
-    Thread* me = cur;
-    me->state = State::AtWarp;
-    me->op = op;
-    me->mask = mask;
+    Thread* me = arrive(op, mask);
     memcpy(&me->in, &v, 4);
     me->arg = arg;
     yield();
@@ -197,14 +206,20 @@ static inline void* emu_dynamic_shared() { return emu::block->dynamic_shared.dat
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, d: a warp collective.
 static inline void emu_mma_m16n8k16_row_col_f32_bf16(float* d, const unsigned* a, unsigned b0,
                                                      unsigned b1) {
-    emu::Thread* me = emu::cur;
-    me->state = emu::State::AtWarp;
-    me->op = emu::Op::Mma;
-    me->mask = 0xffffffffu;
+    emu::Thread* me = emu::arrive(emu::Op::Mma, 0xffffffffu);
     me->d = d;
     me->a = a;
     me->b0 = b0;
     me->b1 = b1;
+    emu::yield();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 {r0..r3}, [row]: a warp collective.
+static inline void emu_ldmatrix_m8n8_x4_b16(unsigned (&r)[4], const unsigned* row) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) emu::fail("ldmatrix row address not 16-byte aligned");
+    emu::Thread* me = emu::arrive(emu::Op::Ldsm, 0xffffffffu);
+    me->r = r;
+    me->row = row;
     emu::yield();
 }
 
@@ -302,12 +317,22 @@ bool resolve_warp(Block& b, unsigned w) {
             return false;
         }
     }
-    if (lead->op == Op::Mma) {
+    if (lead->op == Op::Mma || lead->op == Op::Ldsm) {
         if (mask != 0xffffffffu) {
-            b.error = "mma.sync needs the whole warp";
+            b.error = "mma.sync and ldmatrix need the whole warp";
             return false;
         }
-        mma(lanes);
+        if (lead->op == Op::Mma) {
+            mma(lanes);
+        } else {
+            // Register i of lane l: matrix i's row l / 4 (addressed by lane 8·i + l / 4), its
+            // 32-bit word l % 4.
+            unsigned out[32][4];
+            for (unsigned l = 0; l < 32; ++l)
+                for (unsigned i = 0; i < 4; ++i) out[l][i] = lanes[8 * i + l / 4]->row[l % 4];
+            for (unsigned l = 0; l < 32; ++l)
+                for (unsigned i = 0; i < 4; ++i) lanes[l]->r[i] = out[l][i];
+        }
     } else {
         for (unsigned l = 0; l < 32; ++l) {
             if (!((mask >> l) & 1u)) continue;
