@@ -932,10 +932,16 @@ pub fn move_tokens(
         let (k_i, n_i) = dims(k, n)?;
         let d_i = i32::try_from(d).map_err(|_| candle_core::Error::Msg("width".into()))?;
         let sc = i32::from(scatter);
+        // 16-byte moves where every row starts 16-byte aligned (allocations are 256-byte
+        // aligned; the input view may start further in).
+        let size = std::mem::size_of::<T>();
+        let vec = i32::from(
+            (d * size).is_multiple_of(16) && (l1.start_offset() * size).is_multiple_of(16),
+        );
         let f = func(dev, &format!("move_tokens_{}", T::SUFFIX))?;
         let cfg = LaunchConfig {
-            grid_dim: (k as u32, b as u32, 1),
-            block_dim: (d.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+            grid_dim: (k.div_ceil(8) as u32, b as u32, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let stream = dev.cuda_stream();
@@ -946,9 +952,10 @@ pub fn move_tokens(
             .arg(&k_i)
             .arg(&n_i)
             .arg(&d_i)
-            .arg(&sc);
+            .arg(&sc)
+            .arg(&vec);
         // SAFETY: arguments match the kernel's signature; the ids are below n (checked where
-        // the index tensor is made).
+        // the index tensor is made); `vec` only with 16-byte aligned rows.
         unsafe { lb.launch(cfg) }.w()?;
         Ok(T::wrap(out))
     }

@@ -679,21 +679,31 @@ NPX_INSTANCES(bf16_t, bf16)
 
 // ---- Token gather / scatter: out[b, dst][:] = in[b, src][:] for each index j of a sample;
 // gather: src = ids[j], dst = j; scatter: src = j, dst = ids[j] (distinct ids: no atomics).
-// One block per (sample, j); out is zero-filled first for a scatter.
+// One warp per (sample, j), 8 per block (blockIdx.x · 8 + warp = j); out is zero-filled first
+// for a scatter. With `vec` (the host checks: rows of a multiple of 16 bytes, both buffers
+// 16-byte aligned) each lane moves 16 bytes at a time; otherwise one value.
 template <typename T>
 __device__ void move_tokens_k(const T* in, const unsigned int* ids, T* out, int k, int n, int d,
-                              int scatter) {
-    int b = blockIdx.y, j = blockIdx.x;
+                              int scatter, int vec) {
+    const int b = blockIdx.y, j = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (j >= k) return;
     int t = (int)ids[(long)b * k + j];
     int rows_in = scatter ? k : n, rows_out = scatter ? n : k;
     int src = scatter ? j : t, dst = scatter ? t : j;
     const T* f = in + ((long)b * rows_in + src) * d;
     T* o = out + ((long)b * rows_out + dst) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = f[i];
+    if (vec) {
+        const int pieces = d * (int)sizeof(T) / 16;
+        for (int i = lane; i < pieces; i += 32)
+            reinterpret_cast<uint4*>(o)[i] = reinterpret_cast<const uint4*>(f)[i];
+    } else {
+        for (int i = lane; i < d; i += 32) o[i] = f[i];
+    }
 }
 #define MOVE_INSTANCES(T, SUF)                                                                \
 extern "C" __global__ void move_tokens_##SUF(const T* in, const unsigned int* ids, T* out,   \
-        int k, int n, int d, int scatter) { move_tokens_k<T>(in, ids, out, k, n, d, scatter); }
+        int k, int n, int d, int scatter, int vec) {                                          \
+    move_tokens_k<T>(in, ids, out, k, n, d, scatter, vec); }
 MOVE_INSTANCES(float, f32)
 MOVE_INSTANCES(bf16_t, bf16)
 

@@ -888,7 +888,7 @@ fn elementwise_kernels_match_the_cpu_in_the_emulator() {
 
 type NpxLoss<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
 type NpxGrad<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
-type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32, i32, i32);
+type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32, i32, i32, i32);
 type AdamWMulti = unsafe extern "C" fn(*const u64, f32, f32, f32, f32, f32, f32, f32, f32);
 type NormaliseAugment = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32, i32, i32);
 
@@ -972,45 +972,49 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
     let emu = emulator();
     norm_pix_case::<f32>(1e-5);
     norm_pix_case::<u16>(2e-2);
-    // Token gather and scatter: 3 samples of 10 tokens of 40 values, 4 kept.
-    let (b, n, k, d) = (3usize, 10usize, 4usize, 40usize);
-    let x: Vec<f32> = (0..b * n * d).map(|i| i as f32 * 0.5 - 7.0).collect();
-    let ids: Vec<u32> = vec![7, 0, 3, 9, 1, 2, 8, 5, 6, 4, 0, 9];
+    // Token gather and scatter: 3 samples of 10 tokens, 4 kept (one block of 8 warps, half of
+    // them idle); rows of 40 f32 moved 16 bytes at a time and one value at a time, rows of 6
+    // (24 bytes) one value at a time, as cuda.rs decides.
     // SAFETY: the kernel's C signature.
     let moves: MoveTokens<f32> = unsafe { emu.kernel("move_tokens_f32") };
-    let (xb, ib) = (Buffer::from(&x), Buffer::from(&ids));
-    let mut kept = Buffer::<f32>::output(b * k * d);
-    let kp = kept.mut_ptr();
-    let block = (d.next_power_of_two().clamp(32, 256) as u32, 1, 1);
-    let (ki, ni, di) = (k as i32, n as i32, d as i32);
-    emu.launch((k as u32, b as u32, 1), block, 0, Order::Forward, &|| {
-        // SAFETY: x [b, n, d], ids [b, k], kept [b, k, d].
-        unsafe { moves(xb.ptr(), ib.ptr(), kp, ki, ni, di, 0) }
-    })
-    .unwrap();
-    let want: Vec<f32> = (0..b * k * d)
-        .map(|i| {
-            let (s, j, e) = (i / (k * d), (i / d) % k, i % d);
-            x[(s * n + ids[s * k + j] as usize) * d + e]
+    for (d, vec) in [(40usize, 1), (40, 0), (6, 0)] {
+        let (b, n, k) = (3usize, 10usize, 4usize);
+        let x: Vec<f32> = (0..b * n * d).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let ids: Vec<u32> = vec![7, 0, 3, 9, 1, 2, 8, 5, 6, 4, 0, 9];
+        let (xb, ib) = (Buffer::from(&x), Buffer::from(&ids));
+        let mut kept = Buffer::<f32>::output(b * k * d);
+        let kp = kept.mut_ptr();
+        let grid = (k.div_ceil(8) as u32, b as u32, 1);
+        let (ki, ni, di) = (k as i32, n as i32, d as i32);
+        emu.launch(grid, (256, 1, 1), 0, Order::Forward, &|| {
+            // SAFETY: x [b, n, d], ids [b, k], kept [b, k, d], 16-byte aligned (Buffer).
+            unsafe { moves(xb.ptr(), ib.ptr(), kp, ki, ni, di, 0, vec) }
         })
-        .collect();
-    assert_eq!(kept.values(), &want[..], "gather");
-    // Scatter back into zeros: the kept rows in place, the others 0.
-    let mut back = Buffer::from(&vec![0f32; b * n * d]);
-    let (kb, bp) = (Buffer::from(kept.values()), back.mut_ptr());
-    emu.launch((k as u32, b as u32, 1), block, 0, Order::Reverse, &|| {
-        // SAFETY: as above, the other way.
-        unsafe { moves(kb.ptr(), ib.ptr(), bp, ki, ni, di, 1) }
-    })
-    .unwrap();
-    let want: Vec<f32> = (0..b * n * d)
-        .map(|i| {
-            let (s, t) = (i / (n * d), (i / d) % n);
-            let kept = ids[s * k..(s + 1) * k].contains(&(t as u32));
-            if kept { x[i] } else { 0.0 }
+        .unwrap();
+        let want: Vec<f32> = (0..b * k * d)
+            .map(|i| {
+                let (s, j, e) = (i / (k * d), (i / d) % k, i % d);
+                x[(s * n + ids[s * k + j] as usize) * d + e]
+            })
+            .collect();
+        assert_eq!(kept.values(), &want[..], "gather, rows of {d}, vec {vec}");
+        // Scatter back into zeros: the kept rows in place, the others 0.
+        let mut back = Buffer::from(&vec![0f32; b * n * d]);
+        let (kb, bp) = (Buffer::from(kept.values()), back.mut_ptr());
+        emu.launch(grid, (256, 1, 1), 0, Order::Reverse, &|| {
+            // SAFETY: as above, the other way.
+            unsafe { moves(kb.ptr(), ib.ptr(), bp, ki, ni, di, 1, vec) }
         })
-        .collect();
-    assert_eq!(back.values(), &want[..], "scatter");
+        .unwrap();
+        let want: Vec<f32> = (0..b * n * d)
+            .map(|i| {
+                let (s, t) = (i / (n * d), (i / d) % n);
+                let kept = ids[s * k..(s + 1) * k].contains(&(t as u32));
+                if kept { x[i] } else { 0.0 }
+            })
+            .collect();
+        assert_eq!(back.values(), &want[..], "scatter, rows of {d}, vec {vec}");
+    }
     // AdamW over two tensors in one launch, one of them without weight decay.
     let sizes = [1000usize, 37];
     let mk = |n: usize, s: u64, scale: f64| f32::of(&random(&[n], s, scale, DType::F32));

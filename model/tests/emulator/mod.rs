@@ -230,36 +230,38 @@ const GUARD: usize = 256;
 
 /// A kernel operand with NaN guard zones on both sides: reads past its ends put NaN into the
 /// results, and [`Buffer::values`] fails if the kernel wrote into a guard zone. Outputs start
-/// as NaN too, so an element the kernel never writes shows.
+/// as NaN too, so an element the kernel never writes shows. Its first element is 256-byte
+/// aligned, as a CUDA allocation's is.
 pub struct Buffer<T: Elem> {
     data: Vec<T>,
+    start: usize,
     len: usize,
 }
 
 impl<T: Elem> Buffer<T> {
     pub fn from(values: &[T]) -> Self {
-        let mut data = vec![T::GUARD; values.len() + 2 * GUARD];
-        data[GUARD..GUARD + values.len()].copy_from_slice(values);
-        Self {
-            data,
-            len: values.len(),
-        }
+        let mut b = Self::output(values.len());
+        let start = b.start;
+        b.data[start..start + values.len()].copy_from_slice(values);
+        b
     }
     pub fn output(len: usize) -> Self {
-        Self {
-            data: vec![T::GUARD; len + 2 * GUARD],
-            len,
-        }
+        let size = std::mem::size_of::<T>();
+        let data = vec![T::GUARD; len + 2 * GUARD + 256 / size];
+        let misaligned = (data.as_ptr() as usize + GUARD * size) % 256;
+        let start = GUARD + (256 - misaligned) % 256 / size;
+        assert_eq!((data.as_ptr() as usize + start * size) % 256, 0);
+        Self { data, start, len }
     }
     pub fn ptr(&self) -> *const T {
-        self.data[GUARD..].as_ptr()
+        self.data[self.start..].as_ptr()
     }
     pub fn mut_ptr(&mut self) -> *mut T {
-        self.data[GUARD..].as_mut_ptr()
+        self.data[self.start..].as_mut_ptr()
     }
     /// The contents, after checking the guard zones are as they were.
     pub fn values(&self) -> &[T] {
-        let (head, rest) = self.data.split_at(GUARD);
+        let (head, rest) = self.data.split_at(self.start);
         let tail = &rest[self.len..];
         for (side, zone) in [("before", head), ("after", tail)] {
             if let Some(i) = zone.iter().position(|v| v.bits() != T::GUARD.bits()) {
