@@ -182,6 +182,12 @@ fn softmax_values(d: usize) -> Option<usize> {
         .find(|&v| v >= need)
 }
 
+/// Values per lane of the register-resident norm-pix loss kernels (`None`: the general ones).
+fn npx_values(p: usize) -> Option<usize> {
+    let need = p.div_ceil(32);
+    [4, 8, 12, 16, 24, 32].into_iter().find(|&v| v >= need)
+}
+
 /// `base_SUFFIX`, or its register-resident variant `base_SUFFIX_{tag}`.
 fn kernel_name(base: &str, suffix: &str, variant: Option<String>) -> String {
     match variant {
@@ -890,7 +896,8 @@ fn npx_launch(
         let t = typed::<T>(s2, l2)?;
         let w = typed::<T>(s3, l3)?;
         let (r, c) = dims(rows, p)?;
-        let f = func(dev, &format!("{kernel}_{}", T::SUFFIX))?;
+        let variant = npx_values(p).map(|v| format!("v{v}"));
+        let f = func(dev, &kernel_name(kernel, T::SUFFIX, variant))?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(out_len)? };
         let stream = dev.cuda_stream();

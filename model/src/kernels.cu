@@ -668,6 +668,86 @@ __device__ void npx_grad(const T* pred, const T* t, const T* wg, T* dp, int rows
         st(dp + o, i, 2.f * e * ld(w, i) * g / cnt);
     }
 }
+// Register-resident variants for rows of p ≤ 32·V: each lane loads its V values of the target,
+// the weights and the predictions at once (lanes strided, as above; values past p read as 0 and
+// weigh nothing), then the statistics and the loss or its gradient come from registers: each
+// array read once instead of two or three times, with all of a lane's loads in flight together.
+template <int V>
+__device__ __forceinline__ bool npx_stats_reg(const float (&t)[V], const float (&w)[V], float& mean,
+                                              float& rstd, float& cnt) {
+    float c = 0.f, s = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) { c += w[k]; s += w[k] * t[k]; }
+    c = warp_sum(c);
+    s = warp_sum(s);
+    if (c < 2.f) return false;
+    mean = s / c;
+    float v = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) { float d = (t[k] - mean) * w[k]; v += d * d; }
+    v = warp_sum(v) / (c - 1.f);
+    rstd = rsqrtf(v + 1e-6f);
+    cnt = c;
+    return true;
+}
+template <typename T, int V>
+__device__ __forceinline__ void npx_load_reg(const T* pred, const T* t, const T* w, int p, int lane,
+                                             float (&pv)[V], float (&tv)[V], float (&wv)[V]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const int i = lane + 32 * k;
+        const bool in = i < p;
+        pv[k] = in ? ld(pred, i) : 0.f;
+        tv[k] = in ? ld(t, i) : 0.f;
+        wv[k] = in ? ld(w, i) : 0.f;
+    }
+}
+template <typename T, int V>
+__device__ void npx_loss_reg(const T* pred, const T* t, const T* w, T* out, int rows, int p) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long o = (long)row * p;
+    float pv[V], tv[V], wv[V];
+    npx_load_reg<T, V>(pred + o, t + o, w + o, p, lane, pv, tv, wv);
+    float mean, rstd, cnt;
+    if (!npx_stats_reg<V>(tv, wv, mean, rstd, cnt)) { if (lane == 0) st(out, row, 0.f); return; }
+    float se = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        float e = pv[k] - (tv[k] - mean) * rstd;
+        se += e * e * wv[k];
+    }
+    se = warp_sum(se);
+    if (lane == 0) st(out, row, se / cnt);
+}
+template <typename T, int V>
+__device__ void npx_grad_reg(const T* pred, const T* t, const T* wg, T* dp, int rows, int p) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long o = (long)row * p;
+    const T* w = wg + (long)row * (p + 1);
+    float pv[V], tv[V], wv[V];
+    npx_load_reg<T, V>(pred + o, t + o, w, p, lane, pv, tv, wv);
+    const float g = ld(w, p);
+    float mean, rstd, cnt;
+    const bool ok = npx_stats_reg<V>(tv, wv, mean, rstd, cnt);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const int i = lane + 32 * k;
+        if (i < p) st(dp + o, i, ok ? 2.f * (pv[k] - (tv[k] - mean) * rstd) * wv[k] * g / cnt : 0.f);
+    }
+}
+#define NPX_REG(T, SUF, V)                                                                    \
+extern "C" __global__ void norm_pix_loss_##SUF##_v##V(const T* pred, const T* t, const T* w,  \
+        T* out, int rows, int p) { npx_loss_reg<T, V>(pred, t, w, out, rows, p); }             \
+extern "C" __global__ void norm_pix_loss_grad_##SUF##_v##V(const T* pred, const T* t,         \
+        const T* wg, T* dp, int rows, int p) { npx_grad_reg<T, V>(pred, t, wg, dp, rows, p); }
+#define NPX_REG_ALL(T, SUF)                                                                   \
+    NPX_REG(T, SUF, 4) NPX_REG(T, SUF, 8) NPX_REG(T, SUF, 12) NPX_REG(T, SUF, 16)             \
+    NPX_REG(T, SUF, 24) NPX_REG(T, SUF, 32)
+NPX_REG_ALL(float, f32)
+NPX_REG_ALL(bf16_t, bf16)
+
 #define NPX_INSTANCES(T, SUF)                                                                 \
 extern "C" __global__ void norm_pix_loss_##SUF(const T* pred, const T* t, const T* w, T* out, \
         int rows, int p) { npx_loss<T>(pred, t, w, out, rows, p); }                           \

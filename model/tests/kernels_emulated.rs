@@ -892,16 +892,18 @@ type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32
 type AdamWMulti = unsafe extern "C" fn(*const u64, f32, f32, f32, f32, f32, f32, f32, f32);
 type NormaliseAugment = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32, i32, i32);
 
-fn norm_pix_case<T: Host>(tol: f64) {
+/// The norm-pix loss kernels for rows of `p`: the general ones and, for `p` up to 1,024, the
+/// register-resident ones of `v` values a lane that cuda.rs picks (the smallest that holds `p`).
+fn norm_pix_case<T: Host>(p: usize, v: usize, tol: f64) {
     let emu = emulator();
     let suffix = if T::DTYPE == DType::F32 {
         "f32"
     } else {
         "bf16"
     };
-    // 2 samples × 9 patches of 70 values; weights 0/1 (invalid pixels and kept patches 0),
-    // one patch with a single weighted pixel (too few: loss 0).
-    let (b, n, p) = (2usize, 9usize, 70usize);
+    // 2 samples × 9 patches; weights 0/1 (invalid pixels and kept patches 0), one patch with a
+    // single weighted pixel (too few: loss 0).
+    let (b, n) = (2usize, 9usize);
     let rows = b * n;
     let pred = random(&[b, n, p], 51, 1.0, T::DTYPE);
     let target = random(&[b, n, p], 52, 2.0, T::DTYPE);
@@ -933,45 +935,54 @@ fn norm_pix_case<T: Host>(tol: f64) {
         Buffer::from(&T::of(&weight)),
         Buffer::from(&T::of(&wg)),
     );
-    // SAFETY: the kernels' C signatures.
-    let (loss, grad): (NpxLoss<T>, NpxGrad<T>) = unsafe {
-        (
-            emu.kernel(&format!("norm_pix_loss_{suffix}")),
-            emu.kernel(&format!("norm_pix_loss_grad_{suffix}")),
-        )
-    };
-    let mut out = Buffer::<T>::output(rows);
-    let mut dp = Buffer::<T>::output(rows * p);
-    let (op, dpp) = (out.mut_ptr(), dp.mut_ptr());
-    let (ri, pi) = (rows as i32, p as i32);
-    let grid = (rows.div_ceil(8) as u32, 1, 1);
-    emu.launch(grid, (256, 1, 1), 0, Order::Reverse, &|| {
-        // SAFETY: rows × p values (pred, target, weight), rows (out).
-        unsafe { loss(pb.ptr(), tb.ptr(), wb.ptr(), op, ri, pi) }
-    })
-    .unwrap();
-    emu.launch(grid, (256, 1, 1), 0, Order::Forward, &|| {
-        // SAFETY: wg holds rows × (p + 1).
-        unsafe { grad(pb.ptr(), tb.ptr(), wgb.ptr(), dpp, ri, pi) }
-    })
-    .unwrap();
-    let what = format!("norm_pix_loss_{suffix}");
-    assert_close(&T::tensor(out.values(), &[b, n]), &loss_ref, tol, &what);
-    assert_close(&T::tensor(dp.values(), &[rows, p]), &grad_ref, tol, &what);
-    // The patch with one weighted pixel has too few for statistics: loss 0, gradient 0.
-    assert_eq!(common::values(&T::tensor(out.values(), &[b, n]))[5], 0.0);
-    assert!(
-        common::values(&T::tensor(dp.values(), &[rows, p]))[5 * p..6 * p]
-            .iter()
-            .all(|&v| v == 0.0)
-    );
+    for variant in [String::new(), format!("_v{v}")] {
+        // SAFETY: the kernels' C signatures.
+        let (loss, grad): (NpxLoss<T>, NpxGrad<T>) = unsafe {
+            (
+                emu.kernel(&format!("norm_pix_loss_{suffix}{variant}")),
+                emu.kernel(&format!("norm_pix_loss_grad_{suffix}{variant}")),
+            )
+        };
+        let mut out = Buffer::<T>::output(rows);
+        let mut dp = Buffer::<T>::output(rows * p);
+        let (op, dpp) = (out.mut_ptr(), dp.mut_ptr());
+        let (ri, pi) = (rows as i32, p as i32);
+        let grid = (rows.div_ceil(8) as u32, 1, 1);
+        emu.launch(grid, (256, 1, 1), 0, Order::Reverse, &|| {
+            // SAFETY: rows × p values (pred, target, weight), rows (out).
+            unsafe { loss(pb.ptr(), tb.ptr(), wb.ptr(), op, ri, pi) }
+        })
+        .unwrap();
+        emu.launch(grid, (256, 1, 1), 0, Order::Forward, &|| {
+            // SAFETY: wg holds rows × (p + 1).
+            unsafe { grad(pb.ptr(), tb.ptr(), wgb.ptr(), dpp, ri, pi) }
+        })
+        .unwrap();
+        let what = format!("norm_pix_loss_{suffix}{variant}, rows of {p}");
+        let (loss_t, grad_t) = (
+            T::tensor(out.values(), &[b, n]),
+            T::tensor(dp.values(), &[rows, p]),
+        );
+        assert_close(&loss_t, &loss_ref, tol, &what);
+        assert_close(&grad_t, &grad_ref, tol, &what);
+        // The patch with one weighted pixel has too few for statistics: loss 0, gradient 0.
+        assert_eq!(common::values(&loss_t)[5], 0.0, "{what}");
+        assert!(
+            common::values(&grad_t)[5 * p..6 * p]
+                .iter()
+                .all(|&x| x == 0.0),
+            "{what}"
+        );
+    }
 }
 
 #[test]
 fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulator() {
     let emu = emulator();
-    norm_pix_case::<f32>(1e-5);
-    norm_pix_case::<u16>(2e-2);
+    norm_pix_case::<f32>(70, 4, 1e-5);
+    norm_pix_case::<u16>(70, 4, 2e-2);
+    norm_pix_case::<f32>(512, 16, 1e-5); // MAE's patches: 2 channels of 16 × 16
+    norm_pix_case::<u16>(768, 24, 2e-2);
     // Token gather and scatter: 3 samples of 10 tokens, 4 kept (one block of 8 warps, half of
     // them idle); rows of 40 f32 moved 16 bytes at a time and one value at a time, rows of 6
     // (24 bytes) one value at a time, as cuda.rs decides.
