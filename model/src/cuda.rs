@@ -1355,8 +1355,9 @@ pub fn flash_attention(
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let qkv = typed::<half::bf16>(s, l)?;
-    if !l.start_offset().is_multiple_of(2) || !matches!(hd, 32 | 64) {
-        candle_core::bail!("flash attention: head width {hd} or an odd offset");
+    // The kernels read 16 bytes (8 values) at a time: rows of 3·H·hd values are 16-byte multiples.
+    if !l.start_offset().is_multiple_of(8) || !matches!(hd, 32 | 64) {
+        candle_core::bail!("flash attention: head width {hd}, or an offset off 16 bytes");
     }
     let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg("too large".into()));
     let (n_i, h_i) = (int(n)?, int(heads)?);
@@ -1434,7 +1435,7 @@ pub fn im2col3(
 }
 
 /// [`crate::fused::FlashAttentionGrad`] on the device: `qkv` `[B, N, 3·H·hd]`, the forward's
-/// output `o` and its gradient `dout` `[B, N, H·hd]`, all bf16 contiguous at even offsets →
+/// output `o` and its gradient `dout` `[B, N, H·hd]`, all bf16 contiguous from 16-byte boundaries →
 /// `dqkv` in `qkv`'s layout. `hd` is 32 or 64.
 /// `saved`: the forward's log-sum-exp ([`flash_attention`]'s `keep`), taken if it is there, so
 /// that the dq kernel skips its first pass over the keys.
@@ -1451,10 +1452,10 @@ pub fn flash_attention_bwd(
     let dout = typed::<half::bf16>(s3, l3)?;
     if [l1, l2, l3]
         .iter()
-        .any(|l| !l.start_offset().is_multiple_of(2))
+        .any(|l| !l.start_offset().is_multiple_of(8))
         || !matches!(hd, 32 | 64)
     {
-        candle_core::bail!("flash attention backward: head width {hd} or an odd offset");
+        candle_core::bail!("flash attention backward: head width {hd}, or an offset off 16 bytes");
     }
     let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg("too large".into()));
     let (n_i, h_i) = (int(n)?, int(heads)?);
@@ -1493,7 +1494,8 @@ pub fn flash_attention_bwd(
         &format!(
             "flash_bwd_dq_{}{hd}{}",
             if have_lse { "lse_" } else { "" },
-            prefetch_suffix()
+            // No prefetching dq kernel at head width 64: it ran out of registers (spills).
+            if hd == 32 { prefetch_suffix() } else { "" }
         ),
     )?;
     let mut lb = stream.launch_builder(&f);

@@ -1457,12 +1457,10 @@ pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     // forward leaves each query's log-sum-exp for the node's flash backward.
     let lse = LseSlot::default();
     let out = if flash_applies(qkv, heads) {
-        qkv.detach()
-            .contiguous()?
-            .apply_op1_no_bwd(&FlashAttentionKeep {
-                heads,
-                lse: lse.clone(),
-            })?
+        flash_operand(&qkv.detach())?.apply_op1_no_bwd(&FlashAttentionKeep {
+            heads,
+            lse: lse.clone(),
+        })?
     } else {
         attention_forward(&qkv.detach(), heads, true)?.contiguous()?
     };
@@ -1505,6 +1503,17 @@ pub fn set_flash_prefetch(on: bool) {
 
 /// Whether the flash kernel runs [`attention`]'s forward pass: bf16 on a GPU, heads 32 or 64
 /// wide (ViT-B/16's encoder and MAE decoder), and not switched off.
+/// `t` contiguous from a 16-byte boundary of its storage (the flash kernels read their operands
+/// 16 bytes at a time): `t` itself, or a copy when it starts elsewhere.
+fn flash_operand(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
 fn flash_applies(qkv: &Tensor, heads: usize) -> bool {
     let hd = qkv.dim(2).map_or(0, |d3| d3 / 3 / heads.max(1));
     flash() && qkv.device().is_cuda() && qkv.dtype() == DType::BF16 && matches!(hd, 32 | 64)
@@ -1893,9 +1902,9 @@ impl CustomOp2 for AttentionNode {
         let qkv = qkv.detach();
         let grad = grad.detach();
         if flash_bwd() && flash_applies(&qkv, self.heads) && grad.dtype() == DType::BF16 {
-            let dqkv = qkv.contiguous()?.apply_op3_no_bwd(
-                &out.detach().contiguous()?,
-                &grad.contiguous()?,
+            let dqkv = flash_operand(&qkv)?.apply_op3_no_bwd(
+                &flash_operand(&out.detach())?,
+                &flash_operand(&grad)?,
                 &FlashAttentionGradKeep {
                     heads: self.heads,
                     lse: self.lse.clone(),

@@ -843,7 +843,7 @@ extern "C" __global__ void normalise_augment(const float* raw, const float* prm,
 // merged, softmax(q·kᵀ·scale)·v with no N × N matrix in memory. One block of 4 warps per 64
 // queries of one (sample, head); each warp keeps 16 queries' scores and outputs in registers
 // (online softmax in the log2 domain) while keys and values pass through shared memory 64 at
-// a time (values transposed); keys past N are masked, queries past N not written.
+// a time; keys past N are masked, queries past N not written.
 __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
 #if defined(ICEFM_EMULATOR)
     emu_mma_m16n8k16_row_col_f32_bf16(d, a, b0, b1);
@@ -875,10 +875,11 @@ __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const un
 
 #define FA_KT 64
 #define FA_NEG_INF (-__int_as_float(0x7f800000))
-// Shared-memory tiles of FA_KT tokens: rows with head-width values in pairs (padded: no bank
-// conflicts), and transposed, head-width rows with tokens in pairs.
+// Shared-memory tiles of FA_KT tokens: a row per token, its head-width values in pairs, padded by
+// 16 bytes (rows of 80 or 144 bytes: 16-byte aligned, and the 8 rows an ldmatrix reads fall in
+// distinct banks). Products over the head width read them with ldmatrix, products over the tokens
+// with ldmatrix .trans: no transposed copies.
 template <int HD> using fa_rows = unsigned[FA_KT][HD / 2 + 4];
-template <int HD> using fa_cols = unsigned[HD][FA_KT / 2 + 4];
 
 // Sum and maximum over the four lanes that hold one row of an mma fragment.
 __device__ __forceinline__ float quad_sum(float v) {
@@ -893,50 +894,36 @@ __device__ __forceinline__ float quad_max(float v) {
 // Tile loading in two steps, so that all of a thread's global loads for a tile are in flight at
 // once (and, with the next tile fetched before this one's products, hidden behind them):
 // fa_fetch reads tokens j0 .. j0 + FA_KT of one head (`src`: token 0's first value, `stride`
-// between tokens) into registers, one unit being the same pair of head-width columns of two
-// consecutive tokens (a: even, b: odd; tokens past N read as 0); fa_put_rows writes a stage as a
-// row tile, fa_put_cols as a transposed tile. All FA_THREADS threads of the block.
+// between tokens, both 16-byte aligned: the host checks) into registers, 16 bytes (8 values of
+// one token) at a time, tokens past N as 0; fa_put_rows stores them as a row tile. All
+// FA_THREADS threads of the block.
 #define FA_THREADS 128
 template <int HD> struct fa_stage {
-    static constexpr int U = FA_KT / 2 * (HD / 2) / FA_THREADS;  // units per thread
-    static constexpr int KPI = FA_THREADS / (HD / 2);              // token pairs per round
-    unsigned a[U], b[U];
+    static constexpr int PIECES = HD / 8;                  // 16-byte pieces per token
+    static constexpr int U = FA_KT * PIECES / FA_THREADS;  // pieces per thread
+    static constexpr int TPI = FA_THREADS / PIECES;        // tokens per round
+    uint4 v[U];
 };
-// Unit threadIdx.x + it · FA_THREADS: token pair threadIdx.x / (HD/2) + it · KPI, column pair
-// threadIdx.x % (HD/2) (addresses stepped from one base, not one register pair per unit).
+// Piece threadIdx.x + it · FA_THREADS: token threadIdx.x / PIECES + it · TPI, piece
+// threadIdx.x % PIECES (addresses stepped from one base).
 template <int HD>
 __device__ __forceinline__ void fa_fetch(fa_stage<HD>& st, const bf16_t* src, long stride, int j0,
                                          int N) {
-    constexpr int KPI = fa_stage<HD>::KPI;
-    int row = j0 + 2 * (threadIdx.x / (HD / 2));
-    const bf16_t* p = src + row * stride + (threadIdx.x % (HD / 2)) * 2;
-    const long step = 2L * KPI * stride;
+    constexpr int P = fa_stage<HD>::PIECES, TPI = fa_stage<HD>::TPI;
+    int row = j0 + threadIdx.x / P;
+    const bf16_t* p = src + row * stride + (threadIdx.x % P) * 8;
+    const long step = (long)TPI * stride;
 #pragma unroll
-    for (int it = 0; it < fa_stage<HD>::U; ++it, row += 2 * KPI, p += step) {
-        st.a[it] = row < N ? ld_pair(p) : 0u;
-        st.b[it] = row + 1 < N ? ld_pair(p + stride) : 0u;
-    }
+    for (int it = 0; it < fa_stage<HD>::U; ++it, row += TPI, p += step)
+        st.v[it] = row < N ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 template <int HD>
 __device__ __forceinline__ void fa_put_rows(fa_rows<HD>& dst, const fa_stage<HD>& st) {
-    constexpr int KPI = fa_stage<HD>::KPI;
-    const int kp = threadIdx.x / (HD / 2), dp = threadIdx.x % (HD / 2);
+    constexpr int P = fa_stage<HD>::PIECES, TPI = fa_stage<HD>::TPI;
+    const int tok = threadIdx.x / P, piece = threadIdx.x % P;
 #pragma unroll
-    for (int it = 0; it < fa_stage<HD>::U; ++it) {
-        dst[2 * (kp + it * KPI)][dp] = st.a[it];
-        dst[2 * (kp + it * KPI) + 1][dp] = st.b[it];
-    }
-}
-template <int HD>
-__device__ __forceinline__ void fa_put_cols(fa_cols<HD>& dst, const fa_stage<HD>& st) {
-    constexpr int KPI = fa_stage<HD>::KPI;
-    const int kp = threadIdx.x / (HD / 2), dp = threadIdx.x % (HD / 2);
-#pragma unroll
-    for (int it = 0; it < fa_stage<HD>::U; ++it) {
-        // low halves: head-width column 2·dp; high halves: column 2·dp + 1
-        dst[2 * dp][kp + it * KPI] = __byte_perm(st.a[it], st.b[it], 0x5410);
-        dst[2 * dp + 1][kp + it * KPI] = __byte_perm(st.a[it], st.b[it], 0x7632);
-    }
+    for (int it = 0; it < fa_stage<HD>::U; ++it)
+        *reinterpret_cast<uint4*>(&dst[tok + it * TPI][piece * 4]) = st.v[it];
 }
 
 // Four 8 × 8 matrices of bf16 from shared memory in one instruction (ldmatrix .x4): lane
@@ -950,6 +937,19 @@ __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const unsigned* row) {
 #else
     const unsigned a = (unsigned)__cvta_generic_to_shared(row);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+// The same, transposed (.trans): register i of lane l receives matrix i's values at rows
+// 2·(l % 4) and 2·(l % 4) + 1 of column l / 4. With a matrix's rows along an mma's k and its
+// columns along n, that is the B fragment's b0 or b1.
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const unsigned* row) {
+#if defined(ICEFM_EMULATOR)
+    emu_ldmatrix_m8n8_x4_trans_b16(r, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 #endif
@@ -1017,18 +1017,19 @@ __device__ __forceinline__ void fa_as_a(const float (&c)[FA_KT / 8][4], int kste
     a[3] = pack_bf16(c[2 * kstep + 1][2], c[2 * kstep + 1][3]);
 }
 
-// acc[u] += A·tile for the u-th 8 head-width columns, over the tile's FA_KT tokens; the B
-// fragments of two column groups u, u + 1 in one ldmatrix.
+// acc[u] += A·tile for the u-th 8 head-width columns, over the tile's FA_KT tokens (k). The B
+// fragments of two column groups u, u + 1 in one ldmatrix .trans of the row tile: matrices
+// (tokens 16·kstep + 0-7, columns of u), (tokens + 8-15, u), (0-7, u + 1), (8-15, u + 1).
 template <int HD>
 __device__ __forceinline__ void fa_accumulate(float (&acc)[HD / 8][4], const float (&c)[FA_KT / 8][4],
-                                              const fa_cols<HD>& tile, int lane) {
+                                              const fa_rows<HD>& tile, int lane) {
     const int row = lane & 7, m = lane >> 3;
     for (int kstep = 0; kstep < FA_KT / 16; ++kstep) {
         unsigned a[4];
         fa_as_a(c, kstep, a);
         for (int u = 0; u < HD / 8; u += 2) {
             unsigned b[4];
-            ldsm_x4(b, &tile[(u + (m >> 1)) * 8 + row][kstep * 8 + (m & 1) * 4]);
+            ldsm_x4_trans(b, &tile[kstep * 16 + (m & 1) * 8 + row][(u + (m >> 1)) * 4]);
             mma_bf16(acc[u], a, b[0], b[1]);
             mma_bf16(acc[u + 1], a, b[2], b[3]);
         }
@@ -1065,7 +1066,7 @@ template <int HD, bool PF>
 __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, float* lse, int N,
                                             int H, float scale_log2) {
     __shared__ __align__(16) fa_rows<HD> ks;  // keys
-    __shared__ __align__(16) fa_cols<HD> vt;  // values, transposed
+    __shared__ __align__(16) fa_rows<HD> vs;  // values
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -1091,7 +1092,7 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
             fa_fetch<HD>(sv, vbase, stride, j0, N);
         }
         fa_put_rows<HD>(ks, sk);
-        fa_put_cols<HD>(vt, sv);
+        fa_put_rows<HD>(vs, sv);
         __syncthreads();
         if (PF && j0 + FA_KT < N) {  // the next tile's loads, in flight during this tile's products
             fa_fetch<HD>(sk, kbase, stride, j0 + FA_KT, N);
@@ -1123,7 +1124,7 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
             o[u][2] *= c1;
             o[u][3] *= c1;
         }
-        fa_accumulate<HD>(o, s, vt, lane);
+        fa_accumulate<HD>(o, s, vs, lane);
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
@@ -1143,7 +1144,7 @@ __device__ __forceinline__ void flash_fwd_k(const bf16_t* qkv, bf16_t* out, floa
 extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(const bf16_t* qkv,              \
         bf16_t* out, float* lse, int N, int H, float scale_log2) {                             \
     flash_fwd_k<HD, PF>(qkv, out, lse, N, H, scale_log2); }
-FLASH_FWD(flash_fwd_32, 32, false, FA_THREADS)
+FLASH_FWD(flash_fwd_32, 32, false, FA_THREADS, 6)
 FLASH_FWD(flash_fwd_64, 64, false, FA_THREADS, 4)
 FLASH_FWD(flash_fwd_32_pf, 32, true, FA_THREADS, 3)
 FLASH_FWD(flash_fwd_64_pf, 64, true, FA_THREADS)
@@ -1156,8 +1157,9 @@ FLASH_FWD(flash_fwd_64_pf, 64, true, FA_THREADS)
 //   flash_bwd_dkv: per 64 keys (4 warps × 16 in registers), over all queries: Pᵀ from the
 //     saved log-sum-exp, dv = Pᵀ·dO, dPᵀ = v·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D), dk = scale · dSᵀ·q.
 // Products on tensor cores (bf16 operands, f32 accumulators) with the C-to-A register reuse of
-// the forward; the operands that enter as B go through shared memory, row-major when their
-// pairs run along the head width and transposed when they run along the tokens.
+// the forward; the operands that enter as B go through shared memory as row tiles, read with
+// ldmatrix where the product runs over the head width and with ldmatrix .trans where it runs
+// over the tokens.
 __device__ __forceinline__ float2 unpack_bf16(unsigned u) {
     return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
@@ -1168,7 +1170,6 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
         bf16_t* dqkv, float* lse, float* dvec, int N, int H, float scale_log2, float scale) {
     __shared__ __align__(16) fa_rows<HD> ks;  // keys
     __shared__ __align__(16) fa_rows<HD> vs;  // values
-    __shared__ __align__(16) fa_cols<HD> kt;  // keys, transposed
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -1251,7 +1252,6 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
             fa_fetch<HD>(sv, vbase, stride, j0, N);
         }
         fa_put_rows<HD>(ks, sk);
-        fa_put_cols<HD>(kt, sk);
         fa_put_rows<HD>(vs, sv);
         __syncthreads();
         if (PF && j0 + FA_KT < N) {
@@ -1266,7 +1266,7 @@ __device__ __forceinline__ void flash_bwd_dq_k(const bf16_t* qkv, const bf16_t* 
             for (int e = 0; e < 4; ++e)  // dS; masked keys have P = exp2(-inf) = 0
                 s[nt][e] = fa_exp2(fmaf(s[nt][e], scale_log2, -(e < 2 ? lse0 : lse1))) *
                            (dp[nt][e] - (e < 2 ? d0 : d1));
-        fa_accumulate<HD>(dq, s, kt, lane);
+        fa_accumulate<HD>(dq, s, ks, lane);
     }
     fa_store<HD>(dqkv + (long)b * N * stride + h * HD, stride, dq, r0, r1, N, t, scale, scale);
 }
@@ -1287,9 +1287,7 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
         const float* lse, const float* dvec, bf16_t* dqkv, int N, int H, float scale_log2,
         float scale) {
     __shared__ __align__(16) fa_rows<HD> qs;  // queries
-    __shared__ __align__(16) fa_cols<HD> qt;  // queries, transposed
     __shared__ __align__(16) fa_rows<HD> gs;  // dO
-    __shared__ __align__(16) fa_cols<HD> gt;  // dO, transposed
     __shared__ float ls[FA_KT], dl[FA_KT];
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1321,9 +1319,7 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
             fa_fetch_stats(lnext, dnext, lse, dvec, row_at, q0, N);
         }
         fa_put_rows<HD>(qs, sq);
-        fa_put_cols<HD>(qt, sq);
         fa_put_rows<HD>(gs, sg);
-        fa_put_cols<HD>(gt, sg);
         if (threadIdx.x < FA_KT) {
             ls[threadIdx.x] = lnext;
             dl[threadIdx.x] = dnext;
@@ -1343,29 +1339,33 @@ __device__ __forceinline__ void flash_bwd_dkv_k(const bf16_t* qkv, const bf16_t*
                 p[nt][e] = fa_exp2(fmaf(p[nt][e], scale_log2, -ls[q]));  // Pᵀ; 0 past N (ls = inf)
                 ds[nt][e] = p[nt][e] * (ds[nt][e] - dl[q]);       // dSᵀ
             }
-        fa_accumulate<HD>(dv, p, gt, lane);
-        fa_accumulate<HD>(dk, ds, qt, lane);
+        fa_accumulate<HD>(dv, p, gs, lane);
+        fa_accumulate<HD>(dk, ds, qs, lane);
     }
     bf16_t* dbase = dqkv + (long)b * N * stride;
     fa_store<HD>(dbase + (H + h) * HD, stride, dk, k0, k1, N, t, scale, scale);
     fa_store<HD>(dbase + (2 * H + h) * HD, stride, dv, k0, k1, N, t, 1.f, 1.f);
 }
-#define FLASH_BWD_DQ(SUFFIX, HD, PF, LSE)                                                     \
-extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dq_##SUFFIX(                \
+#define FLASH_BWD_DQ(SUFFIX, HD, PF, LSE, ...)                                                \
+extern "C" __global__ void __launch_bounds__(__VA_ARGS__) flash_bwd_dq_##SUFFIX(               \
         const bf16_t* qkv, const bf16_t* o, const bf16_t* dout, bf16_t* dqkv, float* lse,      \
         float* dvec, int N, int H, float scale_log2, float scale) {                            \
     flash_bwd_dq_k<HD, PF, LSE>(qkv, o, dout, dqkv, lse, dvec, N, H, scale_log2, scale); }
-#define FLASH_BWD(SUFFIX, HD, PF)                                                             \
-FLASH_BWD_DQ(SUFFIX, HD, PF, false)                                                           \
-FLASH_BWD_DQ(lse_##SUFFIX, HD, PF, true)                                                      \
-extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_dkv_##SUFFIX(               \
+#define FLASH_BWD_DKV(SUFFIX, HD, PF, ...)                                                     \
+extern "C" __global__ void __launch_bounds__(__VA_ARGS__) flash_bwd_dkv_##SUFFIX(              \
         const bf16_t* qkv, const bf16_t* dout, const float* lse, const float* dvec,            \
         bf16_t* dqkv, int N, int H, float scale_log2, float scale) {                           \
     flash_bwd_dkv_k<HD, PF>(qkv, dout, lse, dvec, dqkv, N, H, scale_log2, scale); }
-FLASH_BWD(32, 32, false)
-FLASH_BWD(64, 64, false)
-FLASH_BWD(32_pf, 32, true)
-FLASH_BWD(64_pf, 64, true)
+FLASH_BWD_DQ(32, 32, false, false, FA_THREADS, 7)
+FLASH_BWD_DQ(lse_32, 32, false, true, FA_THREADS, 7)
+FLASH_BWD_DQ(64, 64, false, false, FA_THREADS)
+FLASH_BWD_DQ(lse_64, 64, false, true, FA_THREADS)
+FLASH_BWD_DQ(32_pf, 32, true, false, FA_THREADS)
+FLASH_BWD_DQ(lse_32_pf, 32, true, true, FA_THREADS)
+FLASH_BWD_DKV(32, 32, false, FA_THREADS)
+FLASH_BWD_DKV(64, 64, false, FA_THREADS)
+FLASH_BWD_DKV(32_pf, 32, true, FA_THREADS)
+FLASH_BWD_DKV(64_pf, 64, true, FA_THREADS, 1)
 // 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
 // cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
 // and its adjoint: each input value the sum of the nine places it was copied to. One thread

@@ -108,7 +108,7 @@ static inline double atomicAdd(double* p, double v) {
 namespace emu {
 
 enum class State { Ready, AtBarrier, AtWarp, Done };
-enum class Op { ShflXor, ShflIdx, Mma, Ldsm };
+enum class Op { ShflXor, ShflIdx, Mma, Ldsm, LdsmTrans };
 
 struct Thread {
     ucontext_t ctx;
@@ -223,6 +223,15 @@ static inline void emu_ldmatrix_m8n8_x4_b16(unsigned (&r)[4], const unsigned* ro
     emu::yield();
 }
 
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {r0..r3}, [row]: a warp collective.
+static inline void emu_ldmatrix_m8n8_x4_trans_b16(unsigned (&r)[4], const unsigned* row) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) emu::fail("ldmatrix row address not 16-byte aligned");
+    emu::Thread* me = emu::arrive(emu::Op::LdsmTrans, 0xffffffffu);
+    me->r = r;
+    me->row = row;
+    emu::yield();
+}
+
 // cvt.rn.bf16x2.f32 d, a, b: a rounded to nearest even into the upper half of d, b the lower.
 static inline unsigned emu_bf16_rn(float f) {
     unsigned u = __float_as_uint(f);
@@ -317,13 +326,25 @@ bool resolve_warp(Block& b, unsigned w) {
             return false;
         }
     }
-    if (lead->op == Op::Mma || lead->op == Op::Ldsm) {
+    if (lead->op == Op::Mma || lead->op == Op::Ldsm || lead->op == Op::LdsmTrans) {
         if (mask != 0xffffffffu) {
             b.error = "mma.sync and ldmatrix need the whole warp";
             return false;
         }
         if (lead->op == Op::Mma) {
             mma(lanes);
+        } else if (lead->op == Op::LdsmTrans) {
+            // Register i of lane l: matrix i's column l / 4 at rows 2·(l % 4) (low half) and
+            // 2·(l % 4) + 1 (high half); row r of matrix i is addressed by lane 8·i + r.
+            unsigned out[32][4];
+            for (unsigned l = 0; l < 32; ++l)
+                for (unsigned i = 0; i < 4; ++i) {
+                    const auto* lo = reinterpret_cast<const uint16_t*>(lanes[8 * i + 2 * (l % 4)]->row);
+                    const auto* hi = reinterpret_cast<const uint16_t*>(lanes[8 * i + 2 * (l % 4) + 1]->row);
+                    out[l][i] = (unsigned)lo[l / 4] | ((unsigned)hi[l / 4] << 16);
+                }
+            for (unsigned l = 0; l < 32; ++l)
+                for (unsigned i = 0; i < 4; ++i) lanes[l]->r[i] = out[l][i];
         } else {
             // Register i of lane l: matrix i's row l / 4 (addressed by lane 8·i + l / 4), its
             // 32-bit word l % 4.
