@@ -520,12 +520,15 @@ fn the_flash_forward_kernels_match_the_cpu_in_the_emulator() {
             let mut lse = Buffer::<f32>::output(b * heads * n);
             let (op, lp) = (out.mut_ptr(), lse.mut_ptr());
             let (ni, hi) = (n as i32, heads as i32);
-            emu.launch(flash_grid(b, n, heads), (128, 1, 1), 0, order, &|| {
-                // SAFETY: qkv [B, N, 3·H·hd], out [B, N, H·hd], lse [B, H, N].
-                unsafe { k(qb.ptr(), op, lp, ni, hi, scale_log2) }
-            })
-            .unwrap();
+            let conflict = emu.ldmatrix_conflict(|| {
+                emu.launch(flash_grid(b, n, heads), (128, 1, 1), 0, order, &|| {
+                    // SAFETY: qkv [B, N, 3·H·hd], out [B, N, H·hd], lse [B, H, N].
+                    unsafe { k(qb.ptr(), op, lp, ni, hi, scale_log2) }
+                })
+                .unwrap()
+            });
             let what = format!("flash_fwd_{hd}{pf} {b}×{n}×{heads} {order:?}");
+            assert_eq!(conflict, 1, "{what}: ldmatrix bank conflicts");
             assert_close(
                 &u16::tensor(out.values(), want.dims()),
                 &want,
@@ -613,31 +616,34 @@ fn the_flash_backward_kernels_match_the_cpu_in_the_emulator() {
             };
             let mut dvec = Buffer::<f32>::output(b * heads * n);
             let (dp, lp, vp) = (dqkv.mut_ptr(), lse.mut_ptr(), dvec.mut_ptr());
-            emu.launch(grid, (128, 1, 1), 0, order, &|| {
-                // SAFETY: qkv and dqkv [B, N, 3·H·hd], o and dout [B, N, H·hd], lse and
-                // dvec [B, H, N].
-                unsafe {
-                    dq(
-                        qb.ptr(),
-                        ob.ptr(),
-                        gb.ptr(),
-                        dp,
-                        lp,
-                        vp,
-                        ni,
-                        hi,
-                        scale_log2,
-                        scale,
-                    )
-                }
-            })
-            .unwrap();
-            emu.launch(grid, (128, 1, 1), 0, order, &|| {
-                // SAFETY: as above.
-                unsafe { dkv(qb.ptr(), gb.ptr(), lp, vp, dp, ni, hi, scale_log2, scale) }
-            })
-            .unwrap();
+            let conflict = emu.ldmatrix_conflict(|| {
+                emu.launch(grid, (128, 1, 1), 0, order, &|| {
+                    // SAFETY: qkv and dqkv [B, N, 3·H·hd], o and dout [B, N, H·hd], lse and
+                    // dvec [B, H, N].
+                    unsafe {
+                        dq(
+                            qb.ptr(),
+                            ob.ptr(),
+                            gb.ptr(),
+                            dp,
+                            lp,
+                            vp,
+                            ni,
+                            hi,
+                            scale_log2,
+                            scale,
+                        )
+                    }
+                })
+                .unwrap();
+                emu.launch(grid, (128, 1, 1), 0, order, &|| {
+                    // SAFETY: as above.
+                    unsafe { dkv(qb.ptr(), gb.ptr(), lp, vp, dp, ni, hi, scale_log2, scale) }
+                })
+                .unwrap();
+            });
             let what = format!("flash_bwd_*_{lse_kind}{hd}{pf} {b}×{n}×{heads} {order:?}");
+            assert_eq!(conflict, 1, "{what}: ldmatrix bank conflicts");
             assert_close(&u16::tensor(dqkv.values(), want.dims()), &want, 2e-2, &what);
             for (j, (&got, &w)) in lse.values().iter().zip(&saved).enumerate() {
                 assert!(

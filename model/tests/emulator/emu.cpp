@@ -47,7 +47,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
-#define __align__(n) __attribute__((aligned(n)))
+// At least 128-byte alignment, so that a shared array's offsets modulo 128 (and so its banks) are
+// those of the GPU, where the kernels' shared arrays start on 128-byte multiples.
+#define __align__(n) __attribute__((aligned((n) > 128 ? (n) : 128)))
 #define ICEFM_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(emu_dynamic_shared())
 
 struct uint3 {
@@ -140,6 +142,10 @@ struct Block {
 constexpr size_t STACK = 256 * 1024;
 
 thread_local Block* block;
+// The worst ldmatrix bank conflict since the last emu_stats_reset on this OS thread: the most
+// rows of one 8 × 8 matrix (one shared-memory wavefront of 128 bytes) that fall in the same four
+// banks at distinct addresses. 1 is conflict-free.
+thread_local unsigned ldmatrix_conflict;
 thread_local Thread* cur;
 thread_local uint3 block_idx, block_dim, grid_dim;
 
@@ -326,6 +332,18 @@ bool resolve_warp(Block& b, unsigned w) {
             return false;
         }
     }
+    if (lead->op == Op::Ldsm || lead->op == Op::LdsmTrans) {
+        for (unsigned i = 0; i < 4; ++i) {
+            unsigned hits[8] = {};
+            for (unsigned j = 0; j < 8; ++j) {
+                const uintptr_t a = reinterpret_cast<uintptr_t>(lanes[8 * i + j]->row);
+                bool repeat = false;  // the same row twice is a broadcast, not a conflict
+                for (unsigned k = 0; k < j; ++k)
+                    repeat |= reinterpret_cast<uintptr_t>(lanes[8 * i + k]->row) == a;
+                if (!repeat) ldmatrix_conflict = std::max(ldmatrix_conflict, ++hits[(a / 16) % 8]);
+            }
+        }
+    }
     if (lead->op == Op::Mma || lead->op == Op::Ldsm || lead->op == Op::LdsmTrans) {
         if (mask != 0xffffffffu) {
             b.error = "mma.sync and ldmatrix need the whole warp";
@@ -412,15 +430,18 @@ void poison_shared() {
     Span s;
     dl_iterate_phdr(find_tls, &s);
     if (!s.at) return;
+    // Every thread_local of the emulator itself (namespace emu, above) is kept.
     Block* b = block;
     Thread* c = cur;
     uint3 bi = block_idx, bd = block_dim, gd = grid_dim;
+    unsigned conflict = ldmatrix_conflict;
     memset(s.at, 0xff, s.len);
     block = b;
     cur = c;
     block_idx = bi;
     block_dim = bd;
     grid_dim = gd;
+    ldmatrix_conflict = conflict;
 }
 
 // Runs one block; false (with b.error) on a deadlock, a failed collective or a trap.
@@ -537,3 +558,7 @@ __shared__ unsigned emu_probe_word;
 extern "C" unsigned emu_probe_shared_read() { return emu_probe_word; }
 extern "C" void emu_probe_shared_write(unsigned v) { emu_probe_word = v; }
 extern "C" unsigned emu_probe_block() { return blockIdx.x; }
+
+// Statistics for tests: reset, and the worst ldmatrix bank conflict since (1: none).
+extern "C" void emu_stats_reset() { emu::ldmatrix_conflict = 0; }
+extern "C" unsigned emu_stats_ldmatrix_conflict() { return emu::ldmatrix_conflict; }

@@ -200,6 +200,26 @@ impl Emulator {
     }
 }
 
+impl Emulator {
+    /// Runs `f` and returns the worst `ldmatrix` bank conflict of the launches it made on this
+    /// thread: the most rows of one 8 × 8 matrix that fall in the same four banks (1: none).
+    pub fn ldmatrix_conflict(&self, f: impl FnOnce()) -> u32 {
+        // SAFETY: the emulator's statistics functions take no arguments and touch only its
+        // thread-local counters.
+        let (reset, read): (unsafe extern "C" fn(), unsafe extern "C" fn() -> u32) = unsafe {
+            (
+                self.kernel("emu_stats_reset"),
+                self.kernel("emu_stats_ldmatrix_conflict"),
+            )
+        };
+        // SAFETY: as above.
+        unsafe { reset() };
+        f();
+        // SAFETY: as above.
+        unsafe { read() }
+    }
+}
+
 /// Element types of kernel buffers, with the bit pattern their guard zones hold.
 pub trait Elem: Copy + std::fmt::Debug {
     /// A NaN, so that a value read past either end of a buffer shows in the results.
