@@ -6,8 +6,10 @@
 #      run on the GPU against an uninterrupted one;
 #   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm with its kernels;
 #      with each change that is off by default until verified here (the flash attention
-#      backward, the fused bias + GELU, the cuBLASLt bias epilogue), with the first two, with
-#      them and the flash kernels' prefetching, and with all (and the wide-load layer norm);
+#      backward, the fused bias + GELU, the cuBLASLt bias epilogue, the wide-load layer norm),
+#      with the first two, with them and the flash kernels' prefetching, and with all; then
+#      with the switches that passed their tests and sped the step up (gpu_best_switches.py),
+#      timed as the default step is: the candidate new default;
 #      without the flash attention forward; with candle's compositions; and PyTorch eager
 #      (+ SDPA), in the same run;
 #      end-to-end training from a store with page-locked and with pageable uploads; a
@@ -50,11 +52,19 @@ phase step 90 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.7
 phase step_flashbwd 60 env ICEFM_FLASH_BWD=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_biasgelu 60 env ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_ltbias 60 env ICEFM_LT_BIAS=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
+phase step_lnv8 60 env ICEFM_LN_V8=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_new 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_newpf 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_all 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 ICEFM_LT_BIAS=1 ICEFM_LN_V8=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_noflash 60 env ICEFM_FLASH=0 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_composed 60 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2 --composed
+# The switches whose CUDA tests passed and whose own phase beat the step they change, together,
+# timed like the default step: the step the defaults would give if those switches were flipped.
+best=$($py scripts/gpu_best_switches.py "$out")
+echo "# switches that passed their tests and sped up the step: ${best:-none}" | tee -a "$log" >&2
+if [ -n "$best" ]; then
+    phase step_best 90 env $best .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 10 --warmup 3
+fi
 phase profile 60 .gpu/gpu_check profile
 phase train 120 .gpu/gpu_check train --store .gpu/store384 --steps 12
 phase train_pageable 120 env ICEFM_UPLOAD=pageable .gpu/gpu_check train --store .gpu/store384 --steps 12
