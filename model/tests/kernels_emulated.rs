@@ -5,7 +5,8 @@
 //! configuration `model/src/cuda.rs` uses (or a smaller one that exercises the same loops);
 //! buffers carry NaN guard zones and outputs start as NaN, so reads past an end, writes past an
 //! end and elements never written all fail. Kernels that have no atomics are also run with
-//! their threads in other orders between barriers, and must give the same bits.
+//! their threads in other orders between barriers, and must give the same bits. The flash
+//! kernels' `ldmatrix` loads must be free of shared-memory bank conflicts.
 //!
 //! Needs a C++17 compiler (`$CXX` or `c++`); no CUDA toolkit, no GPU.
 #![allow(clippy::unwrap_used)]
