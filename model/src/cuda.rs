@@ -1169,6 +1169,25 @@ pub fn copy_bandwidth(dev: &CudaDevice, bytes: usize, reps: usize) -> Result<f64
     Ok(2.0 * (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9)
 }
 
+/// The words `ptx_probe` (kernels.cu) writes on this device: the flash kernels' inline-PTX
+/// primitives (`ldmatrix`, `ldmatrix .trans`, the bf16 pair conversion, `ex2.approx.ftz`) on
+/// known inputs, one warp, 320 words. Tests compare them with the PTX ISA's definitions.
+pub fn ptx_probe(dev: &CudaDevice) -> Result<Vec<u32>> {
+    let f = func(dev, "ptx_probe")?;
+    let stream = dev.cuda_stream();
+    let out = stream.alloc_zeros::<u32>(320).w()?;
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&out);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: one warp writes the 320 words of `out`, the kernel's only argument.
+    unsafe { lb.launch(cfg) }.w()?;
+    stream.clone_dtoh(&out).w()
+}
+
 /// [`crate::fused::NormaliseAugment`] on the device: raw windows `[B, C, n, n]` and the
 /// parameter vector → `[B, C + 1, n, n]`.
 pub fn normalise_augment(

@@ -1366,6 +1366,30 @@ FLASH_BWD_DKV(32, 32, false, FA_THREADS)
 FLASH_BWD_DKV(64, 64, false, FA_THREADS)
 FLASH_BWD_DKV(32_pf, 32, true, FA_THREADS)
 FLASH_BWD_DKV(64_pf, 64, true, FA_THREADS, 1)
+// The inline-PTX primitives of the flash kernels, each on known inputs, for one warp (a CUDA test
+// and the CPU emulator's test compare the words with what the PTX ISA defines, so a GPU that
+// disagrees with the emulator shows which primitive): out[0..128) ldmatrix .x4 and
+// out[128..256) ldmatrix .x4.trans of a 16 × 16 tile whose value (r, c) is the bf16 bit pattern
+// r·16 + c, four registers per lane; out[256..288) pack_bf16(1 + lane / 8, −2 − lane / 4);
+// out[288..320) fa_exp2(−lane · 4.25 − 100) as f32 bits (below −126: flushed to 0).
+extern "C" __global__ void ptx_probe(unsigned* out) {
+    __shared__ __align__(16) unsigned tile[16][8];
+    const int lane = threadIdx.x & 31;
+    for (int w = lane; w < 128; w += 32) {
+        const int r = w / 8, c = 2 * (w % 8);
+        tile[r][w % 8] = (unsigned)(r * 16 + c) | ((unsigned)(r * 16 + c + 1) << 16);
+    }
+    __syncthreads();
+    const int m = lane >> 3, row = (m & 1) * 8 + (lane & 7);
+    unsigned r[4];
+    ldsm_x4(r, &tile[row][(m >> 1) * 4]);
+    for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+    ldsm_x4_trans(r, &tile[row][(m >> 1) * 4]);
+    for (int i = 0; i < 4; ++i) out[128 + lane * 4 + i] = r[i];
+    out[256 + lane] = pack_bf16(1.f + lane / 8, -2.f - lane / 4);
+    out[288 + lane] = __float_as_uint(fa_exp2(-lane * 4.25f - 100.f));
+}
+
 // 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
 // cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
 // and its adjoint: each input value the sum of the nine places it was copied to. One thread

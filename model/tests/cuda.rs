@@ -685,3 +685,13 @@ fn the_flash_attention_backward_kernels_match_the_cpu_reference() {
         );
     }
 }
+
+/// The flash kernels' inline-PTX primitives (`ldmatrix`, `ldmatrix .trans`, the bf16 pair
+/// conversion, `ex2.approx.ftz`) on this GPU, against the PTX ISA's definitions that the CPU
+/// emulator also follows: if the flash tests fail and this passes, the fault is not in them.
+#[test]
+fn the_ptx_primitives_behave_as_the_emulator_assumes() {
+    let g = gpu();
+    let words = icefm_model::cuda::ptx_probe(g.as_cuda_device().unwrap()).unwrap();
+    common::check_ptx_probe(&words).unwrap();
+}

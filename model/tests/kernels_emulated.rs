@@ -1140,3 +1140,21 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
         );
     }
 }
+
+/// The flash kernels' inline-PTX primitives as the emulator runs them, against the PTX ISA's
+/// definitions (the CUDA test `the_ptx_primitives_behave_as_the_emulator_assumes` checks the
+/// same words on a GPU).
+#[test]
+fn the_emulated_ptx_primitives_follow_the_ptx_isa() {
+    let emu = emulator();
+    // SAFETY: the kernel's C signature.
+    let probe: unsafe extern "C" fn(*mut u32) = unsafe { emu.kernel("ptx_probe") };
+    let mut out = Buffer::<u32>::output(320);
+    let op = out.mut_ptr();
+    emu.launch((1, 1, 1), (32, 1, 1), 0, Order::Reverse, &|| {
+        // SAFETY: 320 words.
+        unsafe { probe(op) }
+    })
+    .unwrap();
+    common::check_ptx_probe(out.values()).unwrap();
+}

@@ -111,3 +111,57 @@ pub fn rtt_store(name: &str, count: u32, (h, w): (usize, usize), seed: u64) -> s
     .unwrap();
     store
 }
+
+/// Checks the 320 words of the `ptx_probe` kernel (model/src/kernels.cu) against the PTX ISA's
+/// definitions of the flash kernels' inline-PTX primitives; an error names the first primitive
+/// that disagrees, its lane and register.
+pub fn check_ptx_probe(words: &[u32]) -> Result<(), String> {
+    if words.len() != 320 {
+        return Err(format!("{} words, not 320", words.len()));
+    }
+    let pair = |a: u32, b: u32| a | (b << 16);
+    for l in 0..32u32 {
+        for i in 0..4u32 {
+            // ldmatrix: register i = matrix i (rows (i & 1)·8.., columns (i >> 1)·8..), its row
+            // l / 4, values 2·(l % 4) and the next.
+            let (r, c) = ((i & 1) * 8 + l / 4, (i >> 1) * 8 + 2 * (l % 4));
+            let want = pair(r * 16 + c, r * 16 + c + 1);
+            let got = words[(l * 4 + i) as usize];
+            if got != want {
+                return Err(format!(
+                    "ldmatrix: lane {l} register {i} is {got:#010x}, not {want:#010x}"
+                ));
+            }
+            // .trans: matrix i's column l / 4 at rows 2·(l % 4) and the next.
+            let (r0, c) = ((i & 1) * 8 + 2 * (l % 4), (i >> 1) * 8 + l / 4);
+            let want = pair(r0 * 16 + c, (r0 + 1) * 16 + c);
+            let got = words[(128 + l * 4 + i) as usize];
+            if got != want {
+                return Err(format!(
+                    "ldmatrix .trans: lane {l} register {i} is {got:#010x}, not {want:#010x}"
+                ));
+            }
+        }
+        // cvt.rn.bf16x2.f32 via pack_bf16(lo, hi): lo in the low half (small integers: exact).
+        let bf = |v: f32| v.to_bits() >> 16;
+        let want = pair(bf(1.0 + (l / 8) as f32), bf(-2.0 - (l / 4) as f32));
+        let got = words[(256 + l) as usize];
+        if got != want {
+            return Err(format!(
+                "bf16 pair: lane {l} is {got:#010x}, not {want:#010x}"
+            ));
+        }
+        // ex2.approx.ftz.f32: within 2 ulp; results below 2^-126 flushed to 0.
+        let x = -(l as f64) * 4.25 - 100.0;
+        let got = f32::from_bits(words[(288 + l) as usize]);
+        let ok = if x < -126.0 {
+            got == 0.0
+        } else {
+            (f64::from(got) / x.exp2() - 1.0).abs() < 5e-7
+        };
+        if !ok {
+            return Err(format!("ex2.approx.ftz: lane {l}, 2^{x} came out {got:e}"));
+        }
+    }
+    Ok(())
+}
