@@ -1457,9 +1457,9 @@ pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     // forward leaves each query's log-sum-exp for the node's flash backward.
     let lse = LseSlot::default();
     let out = if flash_applies(qkv, heads) {
-        flash_operand(&qkv.detach())?.apply_op1_no_bwd(&FlashAttentionKeep {
+        flash_operand(&qkv.detach())?.apply_op1_no_bwd(&FlashAttention {
             heads,
-            lse: lse.clone(),
+            lse: Some(lse.clone()),
         })?
     } else {
         attention_forward(&qkv.detach(), heads, true)?.contiguous()?
@@ -1524,13 +1524,22 @@ fn flash_applies(qkv: &Tensor, heads: usize) -> bool {
 /// `[B, N, H·hd]`, heads merged. On a GPU (bf16, hd 32 or 64) a flash-attention kernel on
 /// tensor cores ([`crate::cuda::flash_attention`]); on the CPU the same arithmetic in f64 per
 /// query, its reference. No backward of its own: [`attention`]'s node recomputes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FlashAttention {
     /// Attention heads.
     pub heads: usize,
+    /// Where the GPU kernel leaves each query's log-sum-exp ([`attention`]'s node); none for
+    /// [`FlashAttention::new`].
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: Option<LseSlot>,
 }
 
 impl FlashAttention {
+    /// The op over `heads` heads.
+    pub fn new(heads: usize) -> Self {
+        Self { heads, lse: None }
+    }
+
     fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
         let (b, n, d3) = l.shape().dims3()?;
         let h = self.heads;
@@ -1599,7 +1608,8 @@ impl CustomOp1 for FlashAttention {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, n, h, hd) = self.dims(l)?;
-        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd), None)?;
+        let keep = self.lse.as_ref().map(|slot| &*slot.inner);
+        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd), keep)?;
         Ok((out, Shape::from((b, n, h * hd))))
     }
 }
@@ -1653,10 +1663,21 @@ fn attention_forward(qkv: &Tensor, heads: usize, pad: bool) -> Result<Tensor> {
 /// `dS = P ∘ (dout·vᵀ − D)`, `dq = dS·k/√hd`, `dk = dSᵀ·q/√hd`. On a GPU (bf16, hd 32 or 64)
 /// two flash kernels ([`crate::cuda::flash_attention_bwd`]); on the CPU the same arithmetic in
 /// f64, its reference.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FlashAttentionGrad {
     /// Attention heads.
     pub heads: usize,
+    /// The forward's log-sum-exp, used where it is there ([`attention`]'s node): the `dq`
+    /// kernel then skips its first pass over the keys. None for [`FlashAttentionGrad::new`].
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: Option<LseSlot>,
+}
+
+impl FlashAttentionGrad {
+    /// The op over `heads` heads.
+    pub fn new(heads: usize) -> Self {
+        Self { heads, lse: None }
+    }
 }
 
 impl CustomOp3 for FlashAttentionGrad {
@@ -1673,7 +1694,7 @@ impl CustomOp3 for FlashAttentionGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = FlashAttention { heads: self.heads }.dims(l1)?;
+        let dims = FlashAttention::new(self.heads).dims(l1)?;
         let (b, n, h, hd) = dims;
         for l in [l2, l3] {
             if l.shape().dims() != [b, n, h * hd] {
@@ -1757,8 +1778,9 @@ impl CustomOp3 for FlashAttentionGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = FlashAttention { heads: self.heads }.dims(l1)?;
-        let out = crate::cuda::flash_attention_bwd((s1, l1), (s2, l2), (s3, l3), dims, None)?;
+        let dims = FlashAttention::new(self.heads).dims(l1)?;
+        let saved = self.lse.as_ref().map(|slot| &*slot.inner);
+        let out = crate::cuda::flash_attention_bwd((s1, l1), (s2, l2), (s3, l3), dims, saved)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -1770,82 +1792,6 @@ impl CustomOp3 for FlashAttentionGrad {
 struct LseSlot {
     #[cfg(feature = "cuda")]
     inner: std::sync::Arc<crate::cuda::SavedLse>,
-}
-
-/// [`FlashAttention`] that keeps its log-sum-exp in `lse`.
-#[derive(Debug, Clone)]
-struct FlashAttentionKeep {
-    heads: usize,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    lse: LseSlot,
-}
-
-impl CustomOp1 for FlashAttentionKeep {
-    fn name(&self) -> &'static str {
-        "icefm-flash-attention"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        FlashAttention { heads: self.heads }.cpu_fwd(s, l)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, n, h, hd) = FlashAttention { heads: self.heads }.dims(l)?;
-        let out = crate::cuda::flash_attention(s, l, (b, n, h, hd), Some(&self.lse.inner))?;
-        Ok((out, Shape::from((b, n, h * hd))))
-    }
-}
-
-/// [`FlashAttentionGrad`] that uses the forward's log-sum-exp from `lse` where it is there.
-#[derive(Debug, Clone)]
-struct FlashAttentionGradKeep {
-    heads: usize,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    lse: LseSlot,
-}
-
-impl CustomOp3 for FlashAttentionGradKeep {
-    fn name(&self) -> &'static str {
-        "icefm-flash-attention-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        FlashAttentionGrad { heads: self.heads }.cpu_fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = FlashAttention { heads: self.heads }.dims(l1)?;
-        let out = crate::cuda::flash_attention_bwd(
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-            dims,
-            Some(&self.lse.inner),
-        )?;
-        Ok((out, l1.shape().clone()))
-    }
 }
 
 /// The forward of a graph node that hands on a result computed outside it (the node only
@@ -1905,9 +1851,9 @@ impl CustomOp2 for AttentionNode {
             let dqkv = flash_operand(&qkv)?.apply_op3_no_bwd(
                 &flash_operand(&out.detach())?,
                 &flash_operand(&grad)?,
-                &FlashAttentionGradKeep {
+                &FlashAttentionGrad {
                     heads: self.heads,
-                    lse: self.lse.clone(),
+                    lse: Some(self.lse.clone()),
                 },
             )?;
             return Ok((Some(dqkv), None));

@@ -568,7 +568,7 @@ fn the_flash_attention_kernel_matches_the_cpu_reference() {
         let qkv = random(&[b, n, 3 * heads * hd], seed, 2.0)
             .to_dtype(DType::BF16)
             .unwrap();
-        let op = fused::FlashAttention { heads };
+        let op = fused::FlashAttention::new(heads);
         let cpu = qkv.apply_op1_no_bwd(&op).unwrap();
         // Both tile-loading variants: the same loads at other times, so the same bits.
         let mut variants = Vec::new();
@@ -638,10 +638,10 @@ fn the_flash_attention_backward_kernels_match_the_cpu_reference() {
         let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
         let qkv = bf(random(&[b, n, 3 * heads * hd], seed, 2.0));
         let o = qkv
-            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .apply_op1_no_bwd(&fused::FlashAttention::new(heads))
             .unwrap();
         let dout = bf(random(&[b, n, heads * hd], seed + 1, 1.0));
-        let op = fused::FlashAttentionGrad { heads };
+        let op = fused::FlashAttentionGrad::new(heads);
         let cpu = qkv.apply_op3_no_bwd(&o, &dout, &op).unwrap();
         let on = |t: &Tensor| t.to_device(&g).unwrap();
         let mut variants = Vec::new();

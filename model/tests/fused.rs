@@ -273,7 +273,7 @@ fn the_flash_attention_reference_equals_the_composed_attention() {
     for (b, n, heads, hd, seed) in [(2, 13, 3, 4, 61), (1, 70, 2, 8, 62)] {
         let qkv = random(&[b, n, 3 * heads * hd], seed, 1.5, DType::F64);
         let flash = qkv
-            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .apply_op1_no_bwd(&fused::FlashAttention::new(heads))
             .unwrap();
         let want = fused::attention_reference(&qkv, heads).unwrap();
         assert_eq!(flash.dims(), &[b, n, heads * hd]);
@@ -282,7 +282,7 @@ fn the_flash_attention_reference_equals_the_composed_attention() {
     // A width that is not 3 × heads is an error.
     let qkv = random(&[1, 4, 10], 63, 1.0, DType::F32);
     assert!(
-        qkv.apply_op1_no_bwd(&fused::FlashAttention { heads: 2 })
+        qkv.apply_op1_no_bwd(&fused::FlashAttention::new(2))
             .is_err()
     );
 }
@@ -305,7 +305,7 @@ fn the_flash_attention_backward_reference_equals_autograd() {
             .clone();
         let got = qkv
             .as_tensor()
-            .apply_op3_no_bwd(&o.detach(), &probe, &fused::FlashAttentionGrad { heads })
+            .apply_op3_no_bwd(&o.detach(), &probe, &fused::FlashAttentionGrad::new(heads))
             .unwrap();
         assert_eq!(got.dims(), want.dims());
         assert!(max_rel(&got, &want) < 1e-10, "n = {n}");
@@ -314,7 +314,7 @@ fn the_flash_attention_backward_reference_equals_autograd() {
     let qkv = random(&[1, 4, 12], 66, 1.0, DType::F32);
     let o = random(&[1, 4, 5], 67, 1.0, DType::F32);
     assert!(
-        qkv.apply_op3_no_bwd(&o, &o, &fused::FlashAttentionGrad { heads: 2 })
+        qkv.apply_op3_no_bwd(&o, &o, &fused::FlashAttentionGrad::new(2))
             .is_err()
     );
 }

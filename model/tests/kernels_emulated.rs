@@ -502,7 +502,7 @@ fn the_flash_forward_kernels_match_the_cpu_in_the_emulator() {
     for (i, &(b, n, heads, hd)) in FLASH_SHAPES.iter().enumerate() {
         let qkv = random(&[b, n, 3 * heads * hd], 70 + i as u64, 2.0, DType::BF16);
         let want = qkv
-            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .apply_op1_no_bwd(&fused::FlashAttention::new(heads))
             .unwrap();
         let qb = Buffer::from(&u16::of(&qkv));
         let lse_want = lse_reference(&u16::of(&qkv), (b, n, heads, hd));
@@ -560,11 +560,11 @@ fn the_flash_backward_kernels_match_the_cpu_in_the_emulator() {
         let seed = 90 + 2 * i as u64;
         let qkv = random(&[b, n, 3 * heads * hd], seed, 2.0, DType::BF16);
         let o = qkv
-            .apply_op1_no_bwd(&fused::FlashAttention { heads })
+            .apply_op1_no_bwd(&fused::FlashAttention::new(heads))
             .unwrap();
         let dout = random(&[b, n, heads * hd], seed + 1, 1.0, DType::BF16);
         let want = qkv
-            .apply_op3_no_bwd(&o, &dout, &fused::FlashAttentionGrad { heads })
+            .apply_op3_no_bwd(&o, &dout, &fused::FlashAttentionGrad::new(heads))
             .unwrap();
         let (qb, ob, gb) = (
             Buffer::from(&u16::of(&qkv)),
