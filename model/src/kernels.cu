@@ -26,8 +26,20 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// One warp per row: mean, then the variance of the centred values (two passes, as the
-// reference), then the output.
+// A row's mean, then the variance of the centred values (two passes, as the reference), by
+// one warp.
+template <typename T>
+__device__ __forceinline__ void row_stats(const T* xr, int d, int lane, float eps, float& mean,
+                                          float& rstd) {
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += ld(xr, i);
+    mean = warp_sum(s) / d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
+    rstd = rsqrtf(warp_sum(ss) / d + eps);
+}
+
+// One warp per row: its statistics, then the output.
 template <typename T>
 __device__ void ln_fwd(const T* x, const float* w, const float* b, T* y, int rows, int d,
                        float eps) {
@@ -35,12 +47,8 @@ __device__ void ln_fwd(const T* x, const float* w, const float* b, T* y, int row
     if (row >= rows) return;
     const T* xr = x + (long)row * d;
     T* yr = y + (long)row * d;
-    float s = 0.f;
-    for (int i = lane; i < d; i += 32) s += ld(xr, i);
-    float mean = warp_sum(s) / d;
-    float ss = 0.f;
-    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
-    float rstd = rsqrtf(warp_sum(ss) / d + eps);
+    float mean, rstd;
+    row_stats(xr, d, lane, eps, mean, rstd);
     for (int i = lane; i < d; i += 32) st(yr, i, (ld(xr, i) - mean) * rstd * w[i] + b[i]);
 }
 
@@ -53,12 +61,8 @@ __device__ void ln_grad_x(const T* x, const float* w, const T* dy, T* dx, int ro
     const T* xr = x + (long)row * d;
     const T* gr = dy + (long)row * d;
     T* o = dx + (long)row * d;
-    float s = 0.f;
-    for (int i = lane; i < d; i += 32) s += ld(xr, i);
-    float mean = warp_sum(s) / d;
-    float ss = 0.f;
-    for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
-    float rstd = rsqrtf(warp_sum(ss) / d + eps);
+    float mean, rstd;
+    row_stats(xr, d, lane, eps, mean, rstd);
     float a = 0.f, bs = 0.f;
     for (int i = lane; i < d; i += 32) {
         float g = ld(gr, i) * w[i];
@@ -87,12 +91,8 @@ __device__ void ln_grad_wb(const T* x, const T* dy, float* out, int rows, int d,
     for (int row = r0 + warp; row < r1; row += warps) {
         const T* xr = x + (long)row * d;
         const T* gr = dy + (long)row * d;
-        float s = 0.f;
-        for (int i = lane; i < d; i += 32) s += ld(xr, i);
-        float mean = warp_sum(s) / d;
-        float ss = 0.f;
-        for (int i = lane; i < d; i += 32) { float c = ld(xr, i) - mean; ss += c * c; }
-        float rstd = rsqrtf(warp_sum(ss) / d + eps);
+        float mean, rstd;
+        row_stats(xr, d, lane, eps, mean, rstd);
         for (int i = lane; i < d; i += 32) {
             float g = ld(gr, i);
             atomicAdd(&acc[i], g * (ld(xr, i) - mean) * rstd);
