@@ -220,22 +220,20 @@ static inline void emu_mma_m16n8k16_row_col_f32_bf16(float* d, const unsigned* a
     emu::yield();
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16 {r0..r3}, [row]: a warp collective.
-static inline void emu_ldmatrix_m8n8_x4_b16(unsigned (&r)[4], const unsigned* row) {
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {r0..r3}, [row]: a warp collective (`op`
+// Ldsm or LdsmTrans).
+static inline void emu_ldmatrix(emu::Op op, unsigned (&r)[4], const unsigned* row) {
     if (reinterpret_cast<uintptr_t>(row) % 16) emu::fail("ldmatrix row address not 16-byte aligned");
-    emu::Thread* me = emu::arrive(emu::Op::Ldsm, 0xffffffffu);
+    emu::Thread* me = emu::arrive(op, 0xffffffffu);
     me->r = r;
     me->row = row;
     emu::yield();
 }
-
-// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {r0..r3}, [row]: a warp collective.
+static inline void emu_ldmatrix_m8n8_x4_b16(unsigned (&r)[4], const unsigned* row) {
+    emu_ldmatrix(emu::Op::Ldsm, r, row);
+}
 static inline void emu_ldmatrix_m8n8_x4_trans_b16(unsigned (&r)[4], const unsigned* row) {
-    if (reinterpret_cast<uintptr_t>(row) % 16) emu::fail("ldmatrix row address not 16-byte aligned");
-    emu::Thread* me = emu::arrive(emu::Op::LdsmTrans, 0xffffffffu);
-    me->r = r;
-    me->row = row;
-    emu::yield();
+    emu_ldmatrix(emu::Op::LdsmTrans, r, row);
 }
 
 // cvt.rn.bf16x2.f32 d, a, b: a rounded to nearest even into the upper half of d, b the lower.
