@@ -3,6 +3,7 @@
 //! random inputs with awkward row lengths.
 #![allow(clippy::unwrap_used)]
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use icefm_model::{fused, ops};
 
@@ -12,6 +13,13 @@ use common::{max_rel, random};
 /// Loss weights that make every output element matter differently.
 fn weights_like(t: &Tensor, seed: u64) -> Tensor {
     random(t.dims(), seed, 1.0, t.dtype())
+}
+
+/// The gradients of `Σ w·fused` and `Σ w·composed` for one seeded probe `w` shaped like them.
+fn probed_grads(fused: Tensor, composed: Tensor, seed: u64) -> (GradStore, GradStore) {
+    let w = weights_like(&composed, seed);
+    let grads = |y: Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    (grads(fused), grads(composed))
 }
 
 #[test]
@@ -30,19 +38,7 @@ fn fused_layer_norm_equals_the_composition_with_gradients() {
                 fused::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
             let out_c = ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
             assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
-            let lw = weights_like(&out_c, 4);
-            let gf = (out_f * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (out_c * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = probed_grads(out_f, out_c, 4);
             for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
                 let a = gf.get(v.as_tensor()).unwrap();
                 let e = gc.get(v.as_tensor()).unwrap();
@@ -73,19 +69,7 @@ fn fused_softmax_equals_the_composition_with_gradients() {
                 .to_vec1()
                 .unwrap();
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
-            let lw = weights_like(&out_c, 6);
-            let gf = (out_f * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (out_c * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = probed_grads(out_f, out_c, 6);
             let err = max_rel(
                 gf.get(x.as_tensor()).unwrap(),
                 gc.get(x.as_tensor()).unwrap(),
@@ -117,19 +101,7 @@ fn fused_bias_add_and_gelu_equal_candles_with_gradients() {
                     .gelu_erf()
                     .unwrap();
                 assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {shape:?} forward");
-                let lw = weights_like(&out_c, 13);
-                let gf = (out_f * &lw)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let gc = (out_c * &lw)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let (gf, gc) = probed_grads(out_f, out_c, 13);
                 for (name, v) in [("x", &x), ("bias", &b)] {
                     let a = gf.get(v.as_tensor()).unwrap();
                     let e = gc.get(v.as_tensor()).unwrap();
@@ -165,19 +137,7 @@ fn the_linear_op_equals_candles_product_and_bias_with_gradients() {
             assert!(max_rel(&out_f, &out_c) < tol, "{dtype:?} {m}x{k}x{n}");
             // `linear` on the CPU is candle's product and the fused bias add.
             assert!(max_rel(&fused::linear(xt, wt, bt).unwrap(), &out_c) < tol);
-            let lw = weights_like(&out_c, 24);
-            let gf = (out_f * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (out_c * &lw)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = probed_grads(out_f, out_c, 24);
             for (name, v) in [("x", &x), ("w", &w), ("bias", &b)] {
                 let a = gf.get(v.as_tensor()).unwrap();
                 let e = gc.get(v.as_tensor()).unwrap();
