@@ -69,6 +69,7 @@ static BIAS_GELU_CUDA: Switch = Switch::off_by_default("ICEFM_BIAS_GELU_CUDA");
 static FLASH_PREFETCH: Switch = Switch::off_by_default("ICEFM_FLASH_PREFETCH");
 static LT_BIAS: Switch = Switch::off_by_default("ICEFM_LT_BIAS");
 static LN_V8: Switch = Switch::off_by_default("ICEFM_LN_V8");
+static GPU_ROUTES: Switch = Switch::off_by_default("ICEFM_GPU_ROUTES");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
 /// off, for comparisons).
@@ -79,6 +80,25 @@ pub fn fused() -> bool {
 /// Switch the fused ops on or off for the whole process.
 pub fn set_fused(on: bool) {
     FUSED.set(on);
+}
+
+/// Whether the ops take their GPU routes on every device (`ICEFM_GPU_ROUTES=1`; off by
+/// default): where an op chooses its path by device (the flash attention, the fused bias +
+/// GELU, the cuBLASLt bias epilogue), the CPU then runs the GPU's choice through its CPU
+/// reference. For counting on the CPU the operations a GPU step runs (`examples/census.rs`);
+/// slow (the references compute in f64), not for training.
+pub fn gpu_routes() -> bool {
+    GPU_ROUTES.get()
+}
+
+/// Switch [`gpu_routes`] on or off for the whole process.
+pub fn set_gpu_routes(on: bool) {
+    GPU_ROUTES.set(on);
+}
+
+/// Whether `t`'s ops take their GPU routes: on a GPU, or everywhere under [`gpu_routes`].
+fn gpu_route(t: &Tensor) -> bool {
+    t.device().is_cuda() || gpu_routes()
 }
 
 /// Layer norm over the last dimension, `(x − mean) / sqrt(var + eps) · weight + bias` (biased
@@ -781,7 +801,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 fn lt_bias_applies(x: &Tensor) -> bool {
-    fused() && LT_BIAS.get() && x.device().is_cuda() && x.dtype() == DType::BF16
+    fused() && LT_BIAS.get() && gpu_route(x) && x.dtype() == DType::BF16
 }
 
 /// Whether [`linear`] adds biases in cuBLASLt's epilogue on GPUs (`ICEFM_LT_BIAS=1`).
@@ -874,9 +894,10 @@ impl CustomOp3 for LinearBias {
             debug_assert_eq!(y.len(), x.len() / k.max(1) * n);
             Ok(T::to_cpu_storage_owned(y))
         }
-        let (m, _) = rows_cols(l1);
+        let (m, k) = rows_cols(l1);
         let b = cpu_f64(s3, l3, self.name())?;
         let n = b.len();
+        candle_core::census::flops(2 * (m * k * n) as u64);
         let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, &b))?;
         Ok((out, Shape::from((m, n))))
     }
@@ -893,6 +914,7 @@ impl CustomOp3 for LinearBias {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (m, k) = rows_cols(l1);
         let (n, _) = rows_cols(l2);
+        candle_core::census::flops(2 * (m * k * n) as u64);
         Ok((
             crate::cuda::linear_bias(s1, l1, s2, l2, s3, l3, (m, k, n))?,
             Shape::from((m, n)),
@@ -1268,7 +1290,7 @@ impl CustomOp2 for GeluGrad {
 /// fusion off (and on a GPU until `ICEFM_BIAS_GELU_CUDA=1`: its kernels have not yet run on
 /// one, `model/tests/cuda.rs`).
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !fused() || (x.device().is_cuda() && !BIAS_GELU_CUDA.get()) {
+    if !fused() || (gpu_route(x) && !BIAS_GELU_CUDA.get()) {
         return gelu(&bias_add(x, bias)?);
     }
     let c = x.dim(candle_core::D::Minus1)?;
@@ -1516,7 +1538,7 @@ fn flash_operand(t: &Tensor) -> Result<Tensor> {
 
 fn flash_applies(qkv: &Tensor, heads: usize) -> bool {
     let hd = qkv.dim(2).map_or(0, |d3| d3 / 3 / heads.max(1));
-    flash() && qkv.device().is_cuda() && qkv.dtype() == DType::BF16 && matches!(hd, 32 | 64)
+    flash() && gpu_route(qkv) && qkv.dtype() == DType::BF16 && matches!(hd, 32 | 64)
 }
 
 /// The attention core's forward pass in one kernel, with no `[N, N]` matrix in memory:
@@ -1548,6 +1570,13 @@ impl FlashAttention {
         }
         Ok((b, n, h, d3 / 3 / h))
     }
+
+    /// Tell a census ([`candle_core::census`]) the products' operations of attention over
+    /// `dims`, `matmuls` `[N, N] × [N, hd]`-sized products per head: 2 forward (`q·kᵀ`, `p·v`),
+    /// 5 backward (`q·kᵀ` again, `dv`, `dp`, `dq`, `dk`).
+    fn declare_flops((b, n, h, hd): (usize, usize, usize, usize), matmuls: usize) {
+        candle_core::census::flops((2 * matmuls * b * h * n * n * hd) as u64);
+    }
 }
 
 impl CustomOp1 for FlashAttention {
@@ -1557,6 +1586,7 @@ impl CustomOp1 for FlashAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, n, h, hd) = self.dims(l)?;
+        Self::declare_flops((b, n, h, hd), 2);
         fn go<T: WithDType>(
             s: &CpuStorage,
             l: &Layout,
@@ -1608,6 +1638,7 @@ impl CustomOp1 for FlashAttention {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, n, h, hd) = self.dims(l)?;
+        FlashAttention::declare_flops((b, n, h, hd), 2);
         let keep = self.lse.as_ref().map(|slot| &*slot.inner);
         let out = crate::cuda::flash_attention(s, l, (b, n, h, hd), keep)?;
         Ok((out, Shape::from((b, n, h * hd))))
@@ -1695,6 +1726,7 @@ impl CustomOp3 for FlashAttentionGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = FlashAttention::new(self.heads).dims(l1)?;
+        FlashAttention::declare_flops(dims, 5);
         let (b, n, h, hd) = dims;
         for l in [l2, l3] {
             if l.shape().dims() != [b, n, h * hd] {
@@ -1779,6 +1811,7 @@ impl CustomOp3 for FlashAttentionGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = FlashAttention::new(self.heads).dims(l1)?;
+        FlashAttention::declare_flops(dims, 5);
         let saved = self.lse.as_ref().map(|slot| &*slot.inner);
         let out = crate::cuda::flash_attention_bwd((s1, l1), (s2, l2), (s3, l3), dims, saved)?;
         Ok((out, l1.shape().clone()))

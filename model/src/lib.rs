@@ -20,6 +20,7 @@
 pub use candle_core::Device;
 
 pub mod alloc;
+pub mod census;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;

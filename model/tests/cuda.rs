@@ -2,8 +2,9 @@
 //! not run these: scripts/gpu-check.sh does). Random seeded inputs; values and gradients of the
 //! fused layer norm and softmax (f32 and bf16), the fused AdamW step against the composed one,
 //! a whole micro MAE's loss and gradients on the GPU against the CPU, and the page-locked
-//! uploader. Run them on one thread (`--test-threads=1`): the AdamW test switches fusion off
-//! and on for the whole process.
+//! uploader, and a step's census on the GPU against the CPU's. Run them on one thread
+//! (`--test-threads=1`): the AdamW test switches fusion off and on for the whole process, and a
+//! census counts every thread's operations.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -694,4 +695,18 @@ fn the_ptx_primitives_behave_as_the_emulator_assumes() {
     let g = gpu();
     let words = icefm_model::cuda::ptx_probe(g.as_cuda_device().unwrap()).unwrap();
     common::check_ptx_probe(&words).unwrap();
+}
+
+#[test]
+fn the_gpu_step_census_is_the_cpu_census_with_gpu_routes() {
+    // What examples/census.rs counts on the CPU is what a GPU step runs: the same operations,
+    // bytes and products, under whatever switches the process has (the partial sums of
+    // parameter gradients aside: the kernels choose their own row blocks).
+    use icefm_model::census::{mae_step, rows};
+    let cfg = common::census_mae();
+    let on_gpu = rows(&mae_step(&cfg, 64, 3, DType::BF16, &gpu(), false).unwrap());
+    fused::set_gpu_routes(true);
+    let on_cpu = mae_step(&cfg, 64, 3, DType::BF16, &Device::Cpu, false);
+    fused::set_gpu_routes(false);
+    common::assert_same_census(&on_gpu, &rows(&on_cpu.unwrap()));
 }

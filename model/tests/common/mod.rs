@@ -3,6 +3,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use icefm_dataset::rng::Rng;
+use icefm_model::census::Row;
+use icefm_model::mae::MaeConfig;
+use icefm_model::vit::VitConfig;
 
 /// A seeded tensor on the CPU, uniform in `[-scale, scale)`, of `dtype`.
 pub fn random(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
@@ -164,4 +167,43 @@ pub fn check_ptx_probe(words: &[u32]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A one-block MAE whose attention takes both flash kernels' head widths (64 in the encoder,
+/// 32 in the decoder): the model of the census tests.
+pub fn census_mae() -> MaeConfig {
+    let mut encoder = VitConfig::preset("tiny").unwrap(); // 3 heads of 64
+    encoder.depth = 1;
+    MaeConfig {
+        decoder_dim: 64,
+        decoder_depth: 1,
+        decoder_heads: 2, // heads of 32
+        ..MaeConfig::new(encoder)
+    }
+}
+
+/// `a` equals `b` row by row, exactly but for the partial sums of the bias and layer-norm
+/// parameter gradients (written, then summed): their row blocks are the batch's rows rounded
+/// up, so their size is affine in the batch only up to a block (their calls match, their
+/// bytes to 60 %).
+pub fn assert_same_census(a: &[Row], b: &[Row]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            (&x.phase, &x.op, &x.dtype, x.calls),
+            (&y.phase, &y.op, &y.dtype, y.calls)
+        );
+        // The partial sums (bias and layer-norm gradients), and the sums over them.
+        let blocks = x.phase.starts_with("backward: icefm-")
+            && [
+                "custom icefm-column-sums",
+                "custom icefm-layer-norm-grad-wb",
+                "reduce Sum",
+            ]
+            .contains(&x.op.as_str());
+        for (u, v) in [(x.read, y.read), (x.written, y.written), (x.flops, y.flops)] {
+            let tol = if blocks { 0.6 * v } else { 1e-6 * v.max(1.0) };
+            assert!((u - v).abs() <= tol, "{x:?} against {y:?}");
+        }
+    }
 }

@@ -180,6 +180,10 @@ impl Tensor {
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
+            if crate::census::on() {
+                // icefm patch: the census names the node whose gradient follows.
+                crate::census::node(node.op().as_ref());
+            }
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
@@ -685,6 +689,9 @@ impl Tensor {
                     }
                 };
             }
+        }
+        if crate::census::on() {
+            crate::census::node(None);
         }
         Ok(grads)
     }

@@ -429,6 +429,10 @@ impl Device {
     }
 
     pub(crate) fn zeros(&self, shape: &Shape, dtype: DType) -> Result<Storage> {
+        if crate::census::on() {
+            let written = crate::census::shape_bytes(shape, dtype);
+            crate::census::record("fill", dtype, shape, 0, written, 0);
+        }
         match self {
             Device::Cpu => {
                 let storage = CpuDevice.zeros_impl(shape, dtype)?;

@@ -54,6 +54,7 @@
 mod accelerate;
 pub mod backend;
 pub mod backprop;
+pub mod census;
 pub mod conv;
 mod convert;
 pub mod cpu;

@@ -20,6 +20,11 @@ pub type StorageMutRef<'a> = RwLockWriteGuard<'a, Storage>;
 
 impl Storage {
     pub fn try_clone(&self, layout: &Layout) -> Result<Self> {
+        if crate::census::on() {
+            let dt = self.dtype();
+            let b = crate::census::layout_bytes(layout, dt);
+            crate::census::record("clone", dt, layout.shape(), b, b, 0);
+        }
         match self {
             Self::Cpu(storage) => Ok(Self::Cpu(storage.clone())),
             Self::Cuda(storage) => {
@@ -80,6 +85,10 @@ impl Storage {
     }
 
     pub(crate) fn const_set(&mut self, v: Scalar, l: &Layout) -> Result<()> {
+        if crate::census::on() {
+            let b = crate::census::layout_bytes(l, self.dtype());
+            crate::census::record("fill", self.dtype(), l.shape(), 0, b, 0);
+        }
         match self {
             Storage::Cpu(storage) => storage.const_set(v, l),
             Storage::Cuda(storage) => storage.const_set(v, l),
@@ -88,6 +97,9 @@ impl Storage {
     }
 
     pub(crate) fn affine(&self, layout: &Layout, mul: f64, add: f64) -> Result<Self> {
+        if crate::census::on() {
+            self.census_map("affine", layout, self.dtype());
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.affine(layout, mul, add)?;
@@ -105,6 +117,9 @@ impl Storage {
     }
 
     pub(crate) fn powf(&self, layout: &Layout, alpha: f64) -> Result<Self> {
+        if crate::census::on() {
+            self.census_map("powf", layout, self.dtype());
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.powf(layout, alpha)?;
@@ -122,6 +137,9 @@ impl Storage {
     }
 
     pub(crate) fn elu(&self, layout: &Layout, alpha: f64) -> Result<Self> {
+        if crate::census::on() {
+            self.census_map("elu", layout, self.dtype());
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.elu(layout, alpha)?;
@@ -145,6 +163,21 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, shape) = (self.dtype(), lhs_layout.shape());
+            let read = crate::census::layout_bytes(lhs_layout, dt)
+                + crate::census::layout_bytes(rhs_layout, dt);
+            let written = crate::census::shape_bytes(shape, DType::U8);
+            let name = match op {
+                CmpOp::Eq => "cmp eq",
+                CmpOp::Ne => "cmp ne",
+                CmpOp::Le => "cmp le",
+                CmpOp::Ge => "cmp ge",
+                CmpOp::Lt => "cmp lt",
+                CmpOp::Gt => "cmp gt",
+            };
+            crate::census::record(name, DType::U8, shape, read, written, 0);
+        }
         self.same_device(rhs, "cmp")?;
         self.same_dtype(rhs, "cmp")?;
         match (self, rhs) {
@@ -174,6 +207,16 @@ impl Storage {
     }
 
     pub(crate) fn reduce_op(&self, op: ReduceOp, layout: &Layout, s: &[usize]) -> Result<Self> {
+        if crate::census::on() {
+            let mut dims = layout.dims().to_vec();
+            for &d in s {
+                dims[d] = 1;
+            }
+            let (dt, out) = (self.dtype(), Shape::from(dims));
+            let read = crate::census::layout_bytes(layout, dt);
+            let written = crate::census::shape_bytes(&out, dt);
+            crate::census::record(&format!("reduce {op:?}"), dt, &out, read, written, 0);
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.reduce_op(op, layout, s)?;
@@ -191,6 +234,13 @@ impl Storage {
     }
 
     pub(crate) fn to_dtype(&self, layout: &Layout, dtype: DType) -> Result<Self> {
+        if crate::census::on() {
+            let from = self.dtype();
+            let name = format!("cast {from:?}→{dtype:?}").to_lowercase();
+            let read = crate::census::layout_bytes(layout, from);
+            let written = crate::census::shape_bytes(layout.shape(), dtype);
+            crate::census::record(&name, dtype, layout.shape(), read, written, 0);
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.to_dtype(layout, dtype)?;
@@ -208,7 +258,7 @@ impl Storage {
     }
 
     pub(crate) fn apply_op1(&self, l: &Layout, c: &dyn CustomOp1) -> Result<(Self, Shape)> {
-        match self {
+        let out = match self {
             Self::Cpu(storage) => {
                 let (storage, shape) = c.cpu_fwd(storage, l)?;
                 Ok((Self::Cpu(storage), shape))
@@ -221,7 +271,16 @@ impl Storage {
                 let (storage, shape) = c.metal_fwd(storage, l)?;
                 Ok((Self::Metal(storage), shape))
             }
+        };
+        if crate::census::on() {
+            if let Ok((r, shape)) = &out {
+                let read = crate::census::layout_bytes(l, self.dtype());
+                let written = crate::census::shape_bytes(shape, r.dtype());
+                let name = format!("custom {}", c.name());
+                crate::census::record(&name, r.dtype(), shape, read, written, 0);
+            }
         }
+        out
     }
 
     pub(crate) fn apply_op2(
@@ -232,7 +291,7 @@ impl Storage {
         c: &dyn CustomOp2,
     ) -> Result<(Self, Shape)> {
         self.same_device(t2, c.name())?;
-        match (self, t2) {
+        let out = match (self, t2) {
             (Self::Cpu(s1), Self::Cpu(s2)) => {
                 let (s, shape) = c.cpu_fwd(s1, l1, s2, l2)?;
                 Ok((Self::Cpu(s), shape))
@@ -246,7 +305,17 @@ impl Storage {
                 Ok((Self::Metal(s), shape))
             }
             _ => unreachable!(),
+        };
+        if crate::census::on() {
+            if let Ok((r, shape)) = &out {
+                let read = crate::census::layout_bytes(l1, self.dtype())
+                    + crate::census::layout_bytes(l2, t2.dtype());
+                let written = crate::census::shape_bytes(shape, r.dtype());
+                let name = format!("custom {}", c.name());
+                crate::census::record(&name, r.dtype(), shape, read, written, 0);
+            }
         }
+        out
     }
 
     pub(crate) fn apply_op3(
@@ -260,7 +329,7 @@ impl Storage {
     ) -> Result<(Self, Shape)> {
         self.same_device(t2, c.name())?;
         self.same_device(t3, c.name())?;
-        match (self, t2, t3) {
+        let out = match (self, t2, t3) {
             (Self::Cpu(s1), Self::Cpu(s2), Self::Cpu(s3)) => {
                 let (s, shape) = c.cpu_fwd(s1, l1, s2, l2, s3, l3)?;
                 Ok((Self::Cpu(s), shape))
@@ -274,7 +343,18 @@ impl Storage {
                 Ok((Self::Metal(s), shape))
             }
             _ => unreachable!(),
+        };
+        if crate::census::on() {
+            if let Ok((r, shape)) = &out {
+                let read = crate::census::layout_bytes(l1, self.dtype())
+                    + crate::census::layout_bytes(l2, t2.dtype())
+                    + crate::census::layout_bytes(l3, t3.dtype());
+                let written = crate::census::shape_bytes(shape, r.dtype());
+                let name = format!("custom {}", c.name());
+                crate::census::record(&name, r.dtype(), shape, read, written, 0);
+            }
         }
+        out
     }
 
     /// Applies an custom in-place op for the `self` tensor.
@@ -288,6 +368,19 @@ impl Storage {
         srcs: [(Src<'_, Storage>, &Layout); N],
         c: &C,
     ) -> Result<()> {
+        if crate::census::on() {
+            let dt = self.dtype();
+            let read: u64 = srcs
+                .iter()
+                .map(|(src, l)| match src {
+                    Src::Distinct(src) => crate::census::layout_bytes(l, src.dtype()),
+                    Src::Aliased(_) => crate::census::layout_bytes(l, dt),
+                })
+                .sum();
+            let written = crate::census::layout_bytes(dst_l, dt);
+            let name = format!("custom {} (in place)", c.name());
+            crate::census::record(&name, dt, dst_l.shape(), read, written, 0);
+        }
         // Aliased sources are `self`. Only distinct needs checking.
         for (s, _) in srcs.iter() {
             if let Src::Distinct(s) = s {
@@ -324,6 +417,9 @@ impl Storage {
     }
 
     pub(crate) fn unary_impl<B: op::UnaryOpT>(&self, layout: &Layout) -> Result<Self> {
+        if crate::census::on() {
+            self.census_map(&format!("unary {}", B::NAME), layout, self.dtype());
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.unary_impl::<B>(layout)?;
@@ -346,6 +442,13 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, shape) = (self.dtype(), lhs_layout.shape());
+            let read = crate::census::layout_bytes(lhs_layout, dt)
+                + crate::census::layout_bytes(rhs_layout, dt);
+            let written = crate::census::shape_bytes(shape, dt);
+            crate::census::record(&format!("binary {}", B::NAME), dt, shape, read, written, 0);
+        }
         self.same_device(rhs, B::NAME)?;
         self.same_dtype(rhs, B::NAME)?;
         match (self, rhs) {
@@ -381,6 +484,13 @@ impl Storage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConv1D,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, out) = (self.dtype(), Shape::from(params.out_dims()));
+            let read =
+                crate::census::layout_bytes(l, dt) + crate::census::layout_bytes(kernel_l, dt);
+            let written = crate::census::shape_bytes(&out, dt);
+            crate::census::record("conv1d", dt, &out, read, written, 0);
+        }
         self.same_device(kernel, "conv1d")?;
         self.same_dtype(kernel, "conv1d")?;
         match (self, &kernel) {
@@ -412,6 +522,13 @@ impl Storage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConvTranspose1D,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, out) = (self.dtype(), Shape::from(params.out_dims()));
+            let read =
+                crate::census::layout_bytes(l, dt) + crate::census::layout_bytes(kernel_l, dt);
+            let written = crate::census::shape_bytes(&out, dt);
+            crate::census::record("conv-transpose1d", dt, &out, read, written, 0);
+        }
         self.same_device(kernel, "conv-transpose1d")?;
         self.same_dtype(kernel, "conv-transpose1d")?;
         match (self, &kernel) {
@@ -443,6 +560,13 @@ impl Storage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConv2D,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, out) = (self.dtype(), Shape::from(params.out_dims()));
+            let read =
+                crate::census::layout_bytes(l, dt) + crate::census::layout_bytes(kernel_l, dt);
+            let written = crate::census::shape_bytes(&out, dt);
+            crate::census::record("conv2d", dt, &out, read, written, 0);
+        }
         self.same_device(kernel, "conv2d")?;
         self.same_dtype(kernel, "conv2d")?;
         match (self, &kernel) {
@@ -474,6 +598,13 @@ impl Storage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConvTranspose2D,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, out) = (self.dtype(), Shape::from(params.out_dims()));
+            let read =
+                crate::census::layout_bytes(l, dt) + crate::census::layout_bytes(kernel_l, dt);
+            let written = crate::census::shape_bytes(&out, dt);
+            crate::census::record("conv-transpose2d", dt, &out, read, written, 0);
+        }
         self.same_device(kernel, "conv_transpose2d")?;
         self.same_dtype(kernel, "conv_transpose2d")?;
         match (self, &kernel) {
@@ -504,6 +635,15 @@ impl Storage {
         kernel_size: (usize, usize),
         stride: (usize, usize),
     ) -> Result<Self> {
+        if crate::census::on() {
+            let d = layout.dims();
+            let mut out = d.to_vec();
+            if d.len() == 4 {
+                out[2] = d[2].saturating_sub(kernel_size.0) / stride.0.max(1) + 1;
+                out[3] = d[3].saturating_sub(kernel_size.1) / stride.1.max(1) + 1;
+            }
+            self.census_to("avg-pool2d", layout, &Shape::from(out));
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.avg_pool2d(layout, kernel_size, stride)?;
@@ -526,6 +666,15 @@ impl Storage {
         kernel_size: (usize, usize),
         stride: (usize, usize),
     ) -> Result<Self> {
+        if crate::census::on() {
+            let d = layout.dims();
+            let mut out = d.to_vec();
+            if d.len() == 4 {
+                out[2] = d[2].saturating_sub(kernel_size.0) / stride.0.max(1) + 1;
+                out[3] = d[3].saturating_sub(kernel_size.1) / stride.1.max(1) + 1;
+            }
+            self.census_to("max-pool2d", layout, &Shape::from(out));
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.max_pool2d(layout, kernel_size, stride)?;
@@ -543,6 +692,13 @@ impl Storage {
     }
 
     pub(crate) fn upsample_nearest1d(&self, layout: &Layout, sz: usize) -> Result<Self> {
+        if crate::census::on() {
+            let mut out = layout.dims().to_vec();
+            if let Some(last) = out.last_mut() {
+                *last = sz;
+            }
+            self.census_to("upsample-nearest1d", layout, &Shape::from(out));
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.upsample_nearest1d(layout, sz)?;
@@ -560,6 +716,9 @@ impl Storage {
     }
 
     pub(crate) fn upsample_nearest2d(&self, layout: &Layout, h: usize, w: usize) -> Result<Self> {
+        if crate::census::on() {
+            self.census_to("upsample-nearest2d", layout, &Self::census_hw(layout, h, w));
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.upsample_nearest2d(layout, h, w)?;
@@ -585,6 +744,13 @@ impl Storage {
         scale_h: Option<f64>,
         scale_w: Option<f64>,
     ) -> Result<Self> {
+        if crate::census::on() {
+            self.census_to(
+                "upsample-bilinear2d",
+                layout,
+                &Self::census_hw(layout, h, w),
+            );
+        }
         match self {
             Storage::Cpu(storage) => {
                 let storage =
@@ -612,6 +778,14 @@ impl Storage {
         f: &Self,
         layout_f: &Layout,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, shape) = (t.dtype(), layout.shape());
+            let read = crate::census::layout_bytes(layout, self.dtype())
+                + crate::census::layout_bytes(layout_t, dt)
+                + crate::census::layout_bytes(layout_f, dt);
+            let written = crate::census::shape_bytes(shape, dt);
+            crate::census::record("where", dt, shape, read, written, 0);
+        }
         self.same_device(t, "where")?;
         self.same_device(f, "where")?;
         t.same_dtype(f, "where")?;
@@ -644,6 +818,13 @@ impl Storage {
         indexes_l: &Layout,
         d: usize,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, shape) = (self.dtype(), indexes_l.shape());
+            let read = crate::census::shape_bytes(shape, dt)
+                + crate::census::layout_bytes(indexes_l, indexes.dtype());
+            let written = crate::census::shape_bytes(shape, dt);
+            crate::census::record("gather", dt, shape, read, written, 0);
+        }
         self.same_device(indexes, "index-add")?;
         match (self, indexes) {
             (Self::Cpu(s), Self::Cpu(indexes)) => {
@@ -671,6 +852,13 @@ impl Storage {
         source_l: &Layout,
         d: usize,
     ) -> Result<()> {
+        if crate::census::on() {
+            let (dt, shape) = (source.dtype(), source_l.shape());
+            let read = crate::census::layout_bytes(source_l, dt)
+                + crate::census::layout_bytes(indexes_l, indexes.dtype());
+            let written = crate::census::shape_bytes(shape, dt);
+            crate::census::record("scatter-set", dt, shape, read, written, 0);
+        }
         self.same_device(indexes, "scatter-set")?;
         self.same_device(source, "scatter-set")?;
         match (self, indexes, source) {
@@ -697,6 +885,13 @@ impl Storage {
         source_l: &Layout,
         d: usize,
     ) -> Result<()> {
+        if crate::census::on() {
+            let (dt, shape) = (source.dtype(), source_l.shape());
+            let read = crate::census::layout_bytes(source_l, dt)
+                + crate::census::layout_bytes(indexes_l, indexes.dtype());
+            let written = crate::census::shape_bytes(shape, dt);
+            crate::census::record("scatter-add", dt, shape, read, written, 0);
+        }
         self.same_device(indexes, "scatter-add")?;
         self.same_device(source, "scatter-add")?;
         match (self, indexes, source) {
@@ -723,6 +918,16 @@ impl Storage {
         source_l: &Layout,
         d: usize,
     ) -> Result<Self> {
+        if crate::census::on() {
+            // A copy of `self`, then the source added into it.
+            let dt = self.dtype();
+            let (whole, src) = (
+                crate::census::layout_bytes(l, dt),
+                crate::census::layout_bytes(source_l, dt),
+            );
+            let read = whole + src + crate::census::layout_bytes(indexes_l, indexes.dtype());
+            crate::census::record("index-add", dt, l.shape(), read, whole + src, 0);
+        }
         self.same_device(indexes, "index-add")?;
         self.same_device(source, "index-add")?;
         match (self, indexes, source) {
@@ -749,6 +954,15 @@ impl Storage {
         rhs_l: &Layout,
         d: usize,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let dt = self.dtype();
+            let mut dims = lhs_l.dims().to_vec();
+            dims[d] = rhs_l.shape().elem_count();
+            let out = Shape::from(dims);
+            let b = crate::census::shape_bytes(&out, dt);
+            let read = b + crate::census::layout_bytes(rhs_l, rhs.dtype());
+            crate::census::record("index-select", dt, &out, read, b, 0);
+        }
         self.same_device(rhs, "index-select")?;
         match (self, rhs) {
             (Self::Cpu(lhs), Self::Cpu(rhs)) => {
@@ -779,6 +993,15 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
+        if crate::census::on() {
+            let (dt, (b, m, n, k)) = (self.dtype(), bmnk);
+            let out = Shape::from((b, m, n));
+            let read = crate::census::layout_bytes(lhs_layout, dt)
+                + crate::census::layout_bytes(rhs_layout, dt);
+            let written = crate::census::shape_bytes(&out, dt);
+            let flops = 2 * (b * m * n * k) as u64;
+            crate::census::record("matmul", dt, &out, read, written, flops);
+        }
         self.same_device(rhs, "matmul")?;
         self.same_dtype(rhs, "matmul")?;
         match (self, rhs) {
@@ -810,6 +1033,14 @@ impl Storage {
         dst_offset: usize,
         src_l: &Layout,
     ) -> Result<()> {
+        if crate::census::on() {
+            let kind = if src_l.is_contiguous() {
+                "copy (contiguous)"
+            } else {
+                "copy (strided)"
+            };
+            self.census_to(kind, src_l, src_l.shape());
+        }
         match (self, dst) {
             (Self::Cpu(src), Self::Cpu(dst)) => src.copy_strided_src(dst, dst_offset, src_l),
             (Self::Cuda(src), Self::Cuda(dst)) => Ok(src.copy_strided_src(dst, dst_offset, src_l)?),
@@ -836,6 +1067,11 @@ impl Storage {
         src_o: usize,
         dst_o: usize,
     ) -> Result<()> {
+        if crate::census::on() {
+            let (dt, shape) = (self.dtype(), Shape::from((d1, d2)));
+            let b = crate::census::shape_bytes(&shape, dt);
+            crate::census::record("copy2d", dt, &shape, b, b, 0);
+        }
         match (self, dst) {
             (Self::Cpu(src), Self::Cpu(dst)) => src.copy2d(dst, d1, d2, src_s, dst_s, src_o, dst_o),
             (Self::Cuda(src), Self::Cuda(dst)) => {
@@ -851,5 +1087,32 @@ impl Storage {
             }
             .bt()),
         }
+    }
+
+    /// icefm patch: record an operation reading `layout` of this storage and writing a
+    /// contiguous `out` of its dtype ([`crate::census`]).
+    fn census_to(&self, op: &str, layout: &Layout, out: &Shape) {
+        let dt = self.dtype();
+        let read = crate::census::layout_bytes(layout, dt);
+        let written = crate::census::shape_bytes(out, dt);
+        crate::census::record(op, dt, out, read, written, 0);
+    }
+
+    /// icefm patch: [`Self::census_to`] for an elementwise map to `dtype`.
+    fn census_map(&self, op: &str, layout: &Layout, dtype: DType) {
+        let read = crate::census::layout_bytes(layout, self.dtype());
+        let written = crate::census::shape_bytes(layout.shape(), dtype);
+        crate::census::record(op, dtype, layout.shape(), read, written, 0);
+    }
+
+    /// icefm patch: `layout`'s shape with its last two dimensions `h`, `w`.
+    fn census_hw(layout: &Layout, h: usize, w: usize) -> Shape {
+        let mut out = layout.dims().to_vec();
+        let n = out.len();
+        if n >= 2 {
+            out[n - 2] = h;
+            out[n - 1] = w;
+        }
+        Shape::from(out)
     }
 }

@@ -1,0 +1,116 @@
+//! The vendored candle-core's census (`candle_core::census`, vendor/README.md) and icefm's
+//! count of an MAE step built on it (`icefm_model::census`). One test binary of its own: a
+//! census is process-wide, and other tests' operations would land in it.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use candle_core::census::{self, Entry};
+use candle_core::{DType, Device, Tensor, Var};
+use icefm_model::census::{Row, extrapolate, mae_step, rows};
+use icefm_model::fused;
+use std::sync::Mutex;
+
+mod common;
+
+/// Censuses are process-wide: the tests take turns.
+static TURN: Mutex<()> = Mutex::new(());
+
+fn find<'a>(entries: &'a [Entry], phase: &str, op: &str) -> &'a Entry {
+    entries
+        .iter()
+        .find(|e| e.phase == phase && e.op == op)
+        .unwrap_or_else(|| panic!("no {phase} / {op} in {entries:#?}"))
+}
+
+#[test]
+fn the_census_counts_each_operation_with_its_bytes_and_phase() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    let a = Var::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
+    let b = Tensor::new(&[10f32, 20.0, 30.0], &dev).unwrap();
+    // Nothing is counted before a census opens.
+    let _ = (a.as_tensor() * 2.0).unwrap();
+    census::start(Some("census"));
+    census::phase("forward");
+    let sum = a.as_tensor().broadcast_add(&b).unwrap(); // [2, 3] + [3]
+    let t = a.as_tensor().t().unwrap().contiguous().unwrap(); // a strided copy
+    let p = a.as_tensor().matmul(&t).unwrap(); // [2, 3] · [3, 2]
+    let h = sum.to_dtype(DType::BF16).unwrap();
+    let loss = (p.sum_all().unwrap() + h.to_dtype(DType::F32).unwrap().sum_all().unwrap()).unwrap();
+    census::phase("backward");
+    loss.backward().unwrap();
+    let entries = census::finish();
+    // Closed again: this is not counted.
+    let _ = (a.as_tensor() * 2.0).unwrap();
+    assert!(census::finish().is_empty());
+
+    let add = find(&entries, "forward", "binary add");
+    // The broadcast operand counts once: 6 + 3 values read, 6 written.
+    assert_eq!((add.calls, add.bytes_read, add.bytes_written), (1, 36, 24));
+    assert_eq!(add.shape, "[2, 3]");
+    assert!(add.site.contains("census"), "{}", add.site);
+    let copy = find(&entries, "forward", "copy (strided)");
+    assert_eq!(
+        (copy.calls, copy.bytes_read, copy.bytes_written),
+        (1, 24, 24)
+    );
+    let mm = find(&entries, "forward", "matmul");
+    assert_eq!(
+        (mm.calls, mm.flops, mm.bytes_written),
+        (1, 2 * 2 * 2 * 3, 16)
+    );
+    let cast = find(&entries, "forward", "cast f32→bf16");
+    assert_eq!((cast.bytes_read, cast.bytes_written), (24, 12));
+    // The backward's operations carry the node whose gradient they compute.
+    let dmm: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.phase == "backward: matmul" && e.op == "matmul")
+        .collect();
+    assert_eq!(dmm.iter().map(|e| e.calls).sum::<u64>(), 2, "{entries:#?}");
+    find(&entries, "backward: to_dtype", "cast bf16→f32");
+    // No operation is lost to the phases: the forward's are all here.
+    let forward: u64 = entries
+        .iter()
+        .filter(|e| e.phase == "forward")
+        .map(|e| e.calls)
+        .sum();
+    assert!(forward >= 7, "{entries:#?}");
+}
+
+#[test]
+fn an_mae_step_census_extrapolates_exactly_and_takes_the_gpu_routes() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = common::census_mae();
+    let dev = Device::Cpu;
+    let at = |b| rows(&mae_step(&cfg, 64, b, DType::BF16, &dev, false).unwrap());
+
+    fused::set_flash_bwd(false);
+    fused::set_gpu_routes(true);
+    let (two, three, five) = (at(2), at(3), at(5));
+    // Batch 5 from batches 2 and 3, and batch 2 back from 3 and 5.
+    common::assert_same_census(&extrapolate((2, &two), (3, &three), 5).unwrap(), &five);
+    common::assert_same_census(&extrapolate((3, &three), (5, &five), 2).unwrap(), &two);
+    // The GPU's path: the flash kernel's op for both attentions, with its products declared.
+    let flash = three
+        .iter()
+        .find(|r| r.op == "custom icefm-flash-attention")
+        .unwrap();
+    assert_eq!(flash.calls, 2.0);
+    // 2 products of N² · hd per head: encoder 5 tokens (4 kept + cls) × 3 heads of 64,
+    // decoder 17 tokens × 2 heads of 32, 3 images.
+    let want = 3.0 * 2.0 * 2.0 * (3.0 * 25.0 * 64.0 + 2.0 * 289.0 * 32.0);
+    assert_eq!(flash.flops, want);
+
+    fused::set_gpu_routes(false);
+    let cpu = at(3);
+    assert!(cpu.iter().all(|r| !r.op.contains("flash")));
+    // The CPU route's forward materialises the scores over tokens padded to multiples of 8
+    // (5 → 8, 17 → 24): its 2 products per head are that much larger; the rest is the same
+    // (the backward, without ICEFM_FLASH_BWD, pads on both routes).
+    let mm = |rs: &[Row]| -> f64 { rs.iter().map(|r| r.flops).sum() };
+    let padding = 3.0 * 2.0 * 2.0 * (3.0 * (64.0 - 25.0) * 64.0 + 2.0 * (576.0 - 289.0) * 32.0);
+    assert_eq!(mm(&cpu) - mm(&three), padding);
+    // Two batch sizes are needed.
+    assert!(extrapolate((3, &three), (3, &three), 4).is_err());
+    // Different graphs are refused.
+    assert!(extrapolate((2, &two), (3, &cpu), 4).is_err());
+}
