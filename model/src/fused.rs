@@ -1461,8 +1461,9 @@ impl CustomOp3 for BiasGeluGrad {
 /// interleaved as a `[3, H, D/H]` split of the last dimension) → `[B, N, D]`, heads merged.
 ///
 /// Fused (the default), the whole core (head split, `softmax(q·kᵀ/√d)·v`, head merge) is one
-/// node of candle's autograd graph: its forward runs on a detached copy of `qkv`, and its
-/// backward recomputes the attention matrix and returns `dqkv` in one piece. Candle's
+/// node of candle's autograd graph: its forward is the flash kernel where that applies (GPU,
+/// bf16, heads 32 or 64 wide), else candle's operations on a detached `qkv`, and its backward
+/// recomputes the attention matrix and returns `dqkv` in one piece. Candle's
 /// gradient store then never holds the `[B, H, N, N]` matrices (it would zero-fill and add
 /// each one) nor the strided pieces of the head split, which took most of a GPU step. Tokens
 /// are padded to a multiple of 8 inside (aligned GEMMs; padded keys left out of the softmax).
@@ -1475,18 +1476,15 @@ pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     if !fused() {
         return attention_forward(qkv, heads, false);
     }
-    // A tensor of its own (the node's forward hands its storage on whole). On the GPU the flash
-    // forward leaves each query's log-sum-exp for the node's flash backward.
-    let lse = LseSlot::default();
-    let out = if flash_applies(qkv, heads) {
-        flash_operand(&qkv.detach())?.apply_op1_no_bwd(&FlashAttention {
-            heads,
-            lse: Some(lse.clone()),
-        })?
-    } else {
-        attention_forward(&qkv.detach(), heads, true)?.contiguous()?
-    };
-    qkv.apply_op2(&out, AttentionNode { heads, lse })
+    if flash_applies(qkv, heads) {
+        // The flash kernel is the node's forward; on the GPU it leaves each query's
+        // log-sum-exp for the node's flash backward.
+        let lse = LseSlot::default();
+        return flash_operand(qkv)?.apply_op1(FlashAttentionNode { heads, lse });
+    }
+    // A tensor of its own (the node's forward hands its storage on whole).
+    let out = attention_forward(&qkv.detach(), heads, true)?.contiguous()?;
+    qkv.apply_op2(&out, AttentionNode { heads })
 }
 
 /// Whether [`attention`]'s forward pass may use the flash kernel (default; `ICEFM_FLASH=0`
@@ -1837,12 +1835,11 @@ pub(crate) fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, S
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
-/// [`attention`]'s graph node: forward passes the detached result through; backward
-/// recomputes and differentiates the core.
+/// [`attention`]'s graph node where the flash kernel does not apply: forward passes the
+/// detached result through; backward recomputes and differentiates the core.
 #[derive(Debug, Clone)]
 struct AttentionNode {
     heads: usize,
-    lse: LseSlot,
 }
 
 impl CustomOp2 for AttentionNode {
@@ -1878,55 +1875,109 @@ impl CustomOp2 for AttentionNode {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let qkv = qkv.detach();
-        let grad = grad.detach();
-        if flash_bwd() && flash_applies(&qkv, self.heads) && grad.dtype() == DType::BF16 {
-            let dqkv = flash_operand(&qkv)?.apply_op3_no_bwd(
-                &flash_operand(&out.detach())?,
-                &flash_operand(&grad)?,
-                &FlashAttentionGrad {
-                    heads: self.heads,
-                    lse: Some(self.lse.clone()),
-                },
-            )?;
-            return Ok((Some(dqkv), None));
-        }
-        let (b, n, d3) = qkv.dims3()?;
-        let (h, d) = (self.heads, d3 / 3);
-        let hd = d / h;
-        let padded = n.div_ceil(8) * 8;
-        let (q, k, v) = split_heads(&qkv, h, padded)?;
-        let p = q.matmul(&k.t()?)?;
-        let p = if padded > n {
-            softmax_valid(&p, n)?
-        } else {
-            softmax(&p)?
-        };
-        let go = if padded > n {
-            grad.pad_with_zeros(1, 0, padded - n)?
-        } else {
-            grad
-        };
-        // dO [B, H, N', hd].
-        let go = go
-            .reshape((b, padded, h, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let dv = p.t()?.matmul(&go)?;
-        let dp = go.matmul(&v.t()?)?;
-        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad)?;
-        // Scores are (q·s)·kᵀ: d(q·s) = dS·k, dq = that · s; dk = dSᵀ·(q·s).
-        let dq = (ds.matmul(&k)? * (hd as f64).powf(-0.5))?;
-        let dk = ds.t()?.matmul(&q)?;
-        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
-            .permute((1, 3, 0, 2, 4))?
-            .reshape((b, padded, d3))?;
-        let dqkv = if padded > n {
-            dqkv.narrow(1, 0, n)?
-        } else {
-            dqkv
-        };
+        let dqkv = attention_backward(self.heads, None, qkv, out, grad)?;
         Ok((Some(dqkv), None))
+    }
+}
+
+/// [`attention`]'s graph node where the flash kernel runs the forward: the node's forward is
+/// [`FlashAttention`]'s (no result computed outside and copied in), its backward
+/// [`AttentionNode`]'s.
+#[derive(Debug, Clone)]
+struct FlashAttentionNode {
+    heads: usize,
+    lse: LseSlot,
+}
+
+impl FlashAttentionNode {
+    fn op(&self) -> FlashAttention {
+        FlashAttention {
+            heads: self.heads,
+            lse: Some(self.lse.clone()),
+        }
+    }
+}
+
+impl CustomOp1 for FlashAttentionNode {
+    fn name(&self) -> &'static str {
+        "icefm-flash-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.op().cpu_fwd(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.op().cuda_fwd(s, l)
+    }
+
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        attention_backward(self.heads, Some(&self.lse), qkv, out, grad).map(Some)
+    }
+}
+
+/// The gradient of [`attention`]'s core for `qkv`, given its output `out` and that output's
+/// gradient `grad`: the flash kernels where they apply ([`flash_bwd`]; with the forward's
+/// log-sum-exp where `lse` holds it), else the scores recomputed and differentiated with a
+/// materialised softmax.
+fn attention_backward(
+    heads: usize,
+    lse: Option<&LseSlot>,
+    qkv: &Tensor,
+    out: &Tensor,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let qkv = qkv.detach();
+    let grad = grad.detach();
+    if flash_bwd() && flash_applies(&qkv, heads) && grad.dtype() == DType::BF16 {
+        return flash_operand(&qkv)?.apply_op3_no_bwd(
+            &flash_operand(&out.detach())?,
+            &flash_operand(&grad)?,
+            &FlashAttentionGrad {
+                heads,
+                lse: lse.cloned(),
+            },
+        );
+    }
+    let (b, n, d3) = qkv.dims3()?;
+    let (h, d) = (heads, d3 / 3);
+    let hd = d / h;
+    let padded = n.div_ceil(8) * 8;
+    let (q, k, v) = split_heads(&qkv, h, padded)?;
+    let p = q.matmul(&k.t()?)?;
+    let p = if padded > n {
+        softmax_valid(&p, n)?
+    } else {
+        softmax(&p)?
+    };
+    let go = if padded > n {
+        grad.pad_with_zeros(1, 0, padded - n)?
+    } else {
+        grad
+    };
+    // dO [B, H, N', hd].
+    let go = go
+        .reshape((b, padded, h, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let dv = p.t()?.matmul(&go)?;
+    let dp = go.matmul(&v.t()?)?;
+    let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad)?;
+    // Scores are (q·s)·kᵀ: d(q·s) = dS·k, dq = that · s; dk = dSᵀ·(q·s).
+    let dq = (ds.matmul(&k)? * (hd as f64).powf(-0.5))?;
+    let dk = ds.t()?.matmul(&q)?;
+    let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
+        .permute((1, 3, 0, 2, 4))?
+        .reshape((b, padded, d3))?;
+    if padded > n {
+        dqkv.narrow(1, 0, n)
+    } else {
+        Ok(dqkv)
     }
 }
 

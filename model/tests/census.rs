@@ -1,10 +1,12 @@
-//! The vendored candle-core's census (`candle_core::census`, vendor/README.md) and icefm's
-//! count of an MAE step built on it (`icefm_model::census`). One test binary of its own: a
-//! census is process-wide, and other tests' operations would land in it.
+//! The vendored candle-core's census (`candle_core::census`, vendor/README.md), icefm's count
+//! of an MAE step built on it (`icefm_model::census`), and the GPU routes it counts on the CPU
+//! (`fused::set_gpu_routes`). One test binary of its own: a census and the routes are
+//! process-wide, and other tests' operations would land in it.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use candle_core::census::{self, Entry};
 use candle_core::{DType, Device, Tensor, Var};
+use common::{max_rel, random};
 use icefm_model::census::{Row, extrapolate, mae_step, rows};
 use icefm_model::fused;
 use std::sync::Mutex;
@@ -113,4 +115,56 @@ fn an_mae_step_census_extrapolates_exactly_and_takes_the_gpu_routes() {
     assert!(extrapolate((3, &three), (3, &three), 4).is_err());
     // Different graphs are refused.
     assert!(extrapolate((2, &two), (3, &cpu), 4).is_err());
+}
+
+#[test]
+fn the_flash_node_on_gpu_routes_equals_the_composed_attention_with_gradients() {
+    // bf16 with heads 32 and 64 wide: the GPU's path, the flash kernel as the attention node's
+    // forward (no result copied into the graph), run through its CPU reference.
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    fused::set_gpu_routes(true);
+    for flash_bwd in [false, true] {
+        fused::set_flash_bwd(flash_bwd);
+        for (b, n, heads, hd, seed) in [(2, 13, 2, 32, 71), (1, 70, 1, 64, 72)] {
+            let x = random(&[b, n, 3 * heads * hd], seed, 1.5, DType::F64);
+            let probe = random(&[b, n, heads * hd], seed + 1, 1.0, DType::F64);
+            let run = |dtype: DType, node: bool| {
+                let qkv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                census::start(None);
+                let y = if node {
+                    fused::attention(qkv.as_tensor(), heads).unwrap()
+                } else {
+                    fused::attention_reference(qkv.as_tensor(), heads).unwrap()
+                };
+                let ops = census::finish();
+                let p = probe.to_dtype(dtype).unwrap();
+                let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = g
+                    .get(qkv.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
+                (y.to_dtype(DType::F64).unwrap(), g, ops)
+            };
+            let (yr, gr, _) = run(DType::F64, false);
+            let (yf, gf, ops) = run(DType::BF16, true);
+            // One operation in the forward: the flash node itself, nothing copied after it.
+            assert_eq!(ops.len(), 1, "{ops:#?}");
+            assert_eq!(ops[0].op, "custom icefm-flash-attention");
+            // bf16 inputs and outputs (the reference rounds once, the kernel's inputs too).
+            // Measured: forward 3.1–3.4e-3, dqkv 3.6–6.1e-3.
+            assert!(
+                max_rel(&yf, &yr) < 6e-3,
+                "forward n = {n}: {}",
+                max_rel(&yf, &yr)
+            );
+            assert!(
+                max_rel(&gf, &gr) < 1.2e-2,
+                "dqkv n = {n}, flash backward {flash_bwd}: {}",
+                max_rel(&gf, &gr)
+            );
+        }
+    }
+    fused::set_flash_bwd(false);
+    fused::set_gpu_routes(false);
 }
