@@ -109,6 +109,9 @@ if steps:
         print(f"| {s['impl']} | {s.get('ms_per_step', 0):.1f} | {s['images_per_s']:.1f}{ratio} | {vs} | {tf if tf is None else round(tf, 1)} | {peak if peak is None else round(peak, 2)} |")
         if "forward_ms" in s:
             print(f"|   (forward / backward / AdamW, ms) | {s['forward_ms']} / {s['backward_ms']} / {s['optimizer_ms']} | | | | |")
+        if "bound_ms" in s:
+            # docs/gpu.md, "Counting a step's work": forward + backward against their bound.
+            print(f"|   (census: launches, GB, bound ms, of bound) | {s['launches']:.0f}, {s['census_gb']}, {s['bound_ms']}, {s['of_bound']:.2f} | | | | |")
 for s in (r for r in rows if r["kind"] == "train"):
     print(f"training from the store (ViT-B/16 MAE, 384 px, b{s['batch']}, bf16, {s['upload']} uploads): {s['images_per_s']:.1f} img/s over steps 3-{s['steps']}, {s['wall_s']:.0f} s in all")
 for s in (r for r in rows if r["kind"] == "seg_step"):

@@ -121,6 +121,31 @@ fn step_bench(args: &[String]) -> Res<()> {
         Ok(mae.forward(&images, &valid, &masking, None)?.loss)
     })?;
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
+    // What the step asks of the card (icefm_model::census): one more forward and backward
+    // counted, and the bound of their time at the card's copy bandwidth (measured here) and
+    // 600 TFLOP/s of products.
+    let copy = cuda::copy_bandwidth(&cd, 1 << 30, 5)?;
+    let census = {
+        let mut r = Rng::new(7, 2000);
+        let noise: Vec<Vec<f32>> = (0..batch)
+            .map(|_| (0..n).map(|_| r.unit() as f32).collect())
+            .collect();
+        let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+        candle_core::census::start(None);
+        candle_core::census::phase("forward");
+        let counted = mae
+            .forward(&images, &valid, &masking, None)
+            .and_then(|out| {
+                candle_core::census::phase("backward");
+                out.loss.backward()
+            });
+        let entries = candle_core::census::finish();
+        counted?;
+        icefm_model::census::rows(&entries)
+    };
+    let bound_s: f64 = census.iter().map(|r| r.seconds(copy * 1e9, 600e12)).sum();
+    let census_gb: f64 = census.iter().map(|r| r.bytes()).sum::<f64>() / 1e9;
+    let launches: f64 = census.iter().map(|r| r.calls).sum();
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
     // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
     // backward, the fused bias + GELU, the flash kernels' prefetching and the cuBLASLt bias
@@ -154,7 +179,7 @@ fn step_bench(args: &[String]) -> Res<()> {
         if fused::ln_v8() { "-lnv8" } else { "" }
     );
     println!(
-        "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"losses\":{:?}}}",
+        "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"launches\":{launches},\"census_gb\":{census_gb:.2},\"bound_ms\":{:.2},\"of_bound\":{:.3},\"losses\":{:?}}}",
         label,
         s * 1e3,
         batch as f64 / s,
@@ -163,6 +188,8 @@ fn step_bench(args: &[String]) -> Res<()> {
         phase[0],
         phase[1],
         phase[2],
+        bound_s * 1e3,
+        bound_s / (phase[0] + phase[1]) * 1e3,
         losses
     );
     Ok(())
