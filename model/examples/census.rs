@@ -3,18 +3,22 @@
 //! extrapolated to the batch asked for from batches 2 and 3, with a lower bound of each one's
 //! time at a card's copy bandwidth and matrix rate.
 //!
-//! `cargo run --release -p icefm-model --example census -- [--preset base] [--size 384]
-//! [--mask 0.75] [--batch 64] [--dtype bf16] [--routes gpu|cpu] [--sites] [--top 40]
-//! [--bandwidth 4267] [--tflops 600]`
+//! `cargo run --release -p icefm-model --example census -- [--model mae|seg] [--preset base]
+//! [--size 384] [--mask 0.75] [--batch 64] [--dtype bf16] [--routes gpu|cpu] [--sites]
+//! [--top 40] [--bandwidth 4267] [--tflops 600]`
+//!
+//! `--model seg` counts the fine-tuning step instead (SAR-IceFM's UPerNet head and three tasks;
+//! `--batch` 16 is the GPU check's).
 //!
 //! `--routes gpu` (default) takes the GPU's path where an op chooses by device; the switches
 //! of `fused` read their variables as in training (`ICEFM_FLASH_BWD=1`, …). Bandwidth in GB/s
 //! and the matrix rate in TFLOP/s default to what the H200 measured (docs/benchmarks.md).
 #![allow(missing_docs, clippy::unwrap_used)]
 use candle_core::{DType, Device};
-use icefm_model::census::{Row, extrapolate, mae_step, rows};
+use icefm_model::census::{Row, extrapolate, mae_step, rows, seg_step};
 use icefm_model::fused;
 use icefm_model::mae::MaeConfig;
+use icefm_model::seg::SegConfig;
 use icefm_model::vit::VitConfig;
 use std::collections::BTreeMap;
 
@@ -44,16 +48,30 @@ fn main() {
     let routes: String = arg(&args, "--routes", "gpu".to_string());
     fused::set_gpu_routes(routes == "gpu");
     let sites = args.iter().any(|a| a == "--sites");
-    let mut cfg = MaeConfig::new(VitConfig::preset(&preset).expect("--preset"));
+    let model: String = arg(&args, "--model", "mae".to_string());
+    let encoder = VitConfig::preset(&preset).expect("--preset");
+    let mut cfg = MaeConfig::new(encoder.clone());
     cfg.mask_ratio = arg(&args, "--mask", 0.75);
-    let census = |b| rows(&mae_step(&cfg, px, b, dtype, &Device::Cpu, sites).unwrap());
+    let seg = SegConfig::sar_icefm(encoder);
+    let census = |b| {
+        let entries = match model.as_str() {
+            "mae" => mae_step(&cfg, px, b, dtype, &Device::Cpu, sites),
+            "seg" => seg_step(&seg, px, b, dtype, &Device::Cpu, sites),
+            m => panic!("--model: mae or seg, not {m}"),
+        };
+        rows(&entries.unwrap())
+    };
     let rows = extrapolate((2, &census(2)), (3, &census(3)), batch).unwrap();
 
+    let what = if model == "seg" {
+        "fine-tuning step (UPerNet, 3 tasks)".to_string()
+    } else {
+        format!("MAE step, mask {}", cfg.mask_ratio)
+    };
     println!(
-        "MAE step census: {preset}/{}, {px} px, mask {}, batch {batch}, {dtype:?}, {routes} routes; \
+        "{what} census: {preset}/{}, {px} px, batch {batch}, {dtype:?}, {routes} routes; \
          flash {}, flash backward {}, bias+GELU {}, cuBLASLt bias {}",
         cfg.encoder.patch,
-        cfg.mask_ratio,
         fused::flash(),
         fused::flash_bwd(),
         fused::bias_gelu_cuda(),

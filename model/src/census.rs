@@ -10,6 +10,8 @@
 //! `examples/census.rs` prints the result; docs/gpu.md reads it.
 
 use crate::mae::{Mae, MaeConfig, Masking};
+use crate::seg::{SegConfig, SegModel, seg_loss};
+use crate::vit::VitConfig;
 use candle_core::census::Entry;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -141,6 +143,34 @@ pub fn extrapolate(a: (usize, &[Row]), b: (usize, &[Row]), batch: usize) -> Resu
     Ok(out)
 }
 
+/// Count the forward pass `forward` (to a scalar loss) and its backward: phases `forward` and
+/// `backward: <node>`.
+fn count(sites: bool, forward: impl FnOnce() -> Result<Tensor>) -> Result<Vec<Entry>> {
+    candle_core::census::start(sites.then_some("icefm"));
+    let counted = (|| {
+        candle_core::census::phase("forward");
+        let loss = forward()?;
+        candle_core::census::phase("backward");
+        loss.backward()?;
+        Ok(())
+    })();
+    let entries = candle_core::census::finish();
+    counted.map(|()| entries)
+}
+
+/// Fresh f32 variables (a model's initial weights) and `batch` random images of `px` pixels for
+/// `encoder` on `dev`.
+fn weights_and_images(
+    encoder: &VitConfig,
+    px: usize,
+    batch: usize,
+    dev: &Device,
+) -> Result<(VarBuilder<'static>, Tensor)> {
+    let vars = VarBuilder::from_varmap(&VarMap::new(), DType::F32, dev);
+    let c = encoder.in_channels;
+    Ok((vars, Tensor::randn(0f32, 1.0, (batch, c, px, px), dev)?))
+}
+
 /// The census of one MAE step's forward pass and backward pass (no optimizer step: its
 /// kernels differ by device) on `dev`: random weights and images of `px` pixels, `batch` of
 /// them, arithmetic in `dtype` (f32 master weights, as training keeps). `sites`: also take each
@@ -153,11 +183,9 @@ pub fn mae_step(
     dev: &Device,
     sites: bool,
 ) -> Result<Vec<Entry>> {
-    let varmap = VarMap::new();
-    let mut mae = Mae::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), cfg)?;
+    let (vars, images) = weights_and_images(&cfg.encoder, px, batch, dev)?;
+    let mut mae = Mae::new(vars, cfg)?;
     mae.compute_dtype = dtype;
-    let c = cfg.encoder.in_channels;
-    let images = Tensor::randn(0f32, 1.0, (batch, c, px, px), dev)?;
     let valid = Tensor::ones((batch, px, px), DType::F32, dev)?;
     let n = (px / cfg.encoder.patch).pow(2);
     // The same masking for every batch size: each sample's noise depends on its index only.
@@ -169,14 +197,40 @@ pub fn mae_step(
         })
         .collect();
     let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-    candle_core::census::start(sites.then_some("icefm"));
-    let counted = (|| {
-        candle_core::census::phase("forward");
-        let out = mae.forward(&images, &valid, &masking, None)?;
-        candle_core::census::phase("backward");
-        out.loss.backward()?;
-        Ok(())
-    })();
-    let entries = candle_core::census::finish();
-    counted.map(|()| entries)
+    count(sites, || {
+        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
+    })
+}
+
+/// The census of one fine-tuning step's forward pass (encoder, head, the three tasks' losses)
+/// and backward pass, as [`mae_step`]: random weights, images of `px` pixels and labels (a
+/// tenth of them ignored), `batch` of them, arithmetic in `dtype`.
+pub fn seg_step(
+    cfg: &SegConfig,
+    px: usize,
+    batch: usize,
+    dtype: DType,
+    dev: &Device,
+    sites: bool,
+) -> Result<Vec<Entry>> {
+    let (vars, images) = weights_and_images(&cfg.encoder, px, batch, dev)?;
+    let mut model = SegModel::new(vars, cfg)?;
+    model.compute_dtype = dtype;
+    let plane = px * px;
+    // Each label depends on its sample's index and place only, the same for every batch size.
+    let labels: Vec<u8> = (0..batch * 3 * plane)
+        .map(|i| {
+            let classes = [11, 6, 7][(i / plane) % 3];
+            let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            if h.is_multiple_of(10) {
+                255
+            } else {
+                (h % classes) as u8
+            }
+        })
+        .collect();
+    count(sites, || {
+        let outs = model.forward(&images, None)?;
+        Ok(seg_loss(&outs, &labels, cfg)?.total)
+    })
 }

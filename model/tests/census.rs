@@ -7,7 +7,7 @@
 use candle_core::census::{self, Entry};
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_rel, random};
-use icefm_model::census::{Row, extrapolate, mae_step, rows};
+use icefm_model::census::{Row, extrapolate, mae_step, rows, seg_step};
 use icefm_model::fused;
 use std::sync::Mutex;
 
@@ -167,4 +167,35 @@ fn the_flash_node_on_gpu_routes_equals_the_composed_attention_with_gradients() {
     }
     fused::set_flash_bwd(false);
     fused::set_gpu_routes(false);
+}
+
+#[test]
+fn a_fine_tuning_step_census_extrapolates_exactly() {
+    // The UPerNet step's sizes are affine in the batch too, so examples/census.rs may count it
+    // at batches 2 and 3 for any other.
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut encoder = icefm_model::vit::VitConfig::preset("tiny").unwrap();
+    encoder.depth = 4;
+    let cfg = icefm_model::seg::SegConfig {
+        channels: 32,
+        ..icefm_model::seg::SegConfig::sar_icefm(encoder)
+    };
+    let at = |b| rows(&seg_step(&cfg, 32, b, DType::F32, &Device::Cpu, false).unwrap());
+    let (two, three, four) = (at(2), at(3), at(4));
+    common::assert_same_census(&extrapolate((2, &two), (3, &three), 4).unwrap(), &four);
+    // Three UPerNet heads of five 3 × 3 convolutions each (three pyramid levels, the pooling
+    // module's and the fusion's): one im2col forward and a graph node each; the backward
+    // recomputes the columns and applies the adjoint.
+    let calls = |phase: &str, op: &str| -> f64 {
+        four.iter()
+            .filter(|r| r.phase == phase && r.op == op)
+            .map(|r| r.calls)
+            .sum()
+    };
+    assert_eq!(calls("forward", "custom icefm-im2col3"), 15.0);
+    assert_eq!(calls("forward", "custom icefm-conv3x3"), 15.0);
+    assert_eq!(
+        calls("backward: icefm-conv3x3", "custom icefm-im2col3"),
+        30.0
+    );
 }
