@@ -479,6 +479,14 @@ fn kernels_bench() -> Res<()> {
         Ok(())
     })?;
     kernel_line("gelu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, copy);
+    // ReLU: forward reads x, writes y; backward reads y and dy, writes dx: 5 passes (candle's
+    // backward takes six launches).
+    let (f, c) = fused_vs_composed(&dev, || {
+        let y = fused::relu(xv.as_tensor())?;
+        (y * &dy)?.backward()?;
+        Ok(())
+    })?;
+    kernel_line("relu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, copy);
     // gelu(x + b) as one op against the two fused ops above (the "candle" column here):
     // forward reads x, writes y; backward reads x and dy, writes dx, sums dx's columns.
     let one = time_ms(&dev, 3, 20, || {

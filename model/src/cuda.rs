@@ -615,25 +615,9 @@ pub fn column_sums(
     Ok((wrap(dev, CudaStorageSlice::F32(out)), p))
 }
 
-/// Fused exact GELU.
+/// Fused GELU forward.
 pub fn gelu_fwd(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
-    fn go<T: Elem>(s: &CudaStorage, l: &Layout) -> Result<CudaStorageSlice> {
-        let dev = &s.device;
-        let x = typed::<T>(s, l)?;
-        let n = l.shape().elem_count();
-        let n_i = n as i64;
-        let f = func(dev, &format!("gelu_fwd_{}", T::SUFFIX))?;
-        // SAFETY: every element is written by the kernel.
-        let y = unsafe { dev.alloc::<T>(n)? };
-        let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
-        lb.arg(&x).arg(&y).arg(&n_i);
-        // SAFETY: arguments match the kernel's signature.
-        unsafe { lb.launch(elem_cfg(n)) }.w()?;
-        Ok(T::wrap(y))
-    }
-    let slice = with_elem!(s, go(s, l))?;
-    Ok(wrap(&s.device, slice))
+    map1("gelu_fwd", s, l)
 }
 
 /// Fused GELU backward: `(x, dy) → dx`.
@@ -643,28 +627,77 @@ pub fn gelu_grad(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<CudaStorage> {
+    map2("gelu_grad", s1, l1, s2, l2)
+}
+
+/// ReLU forward (NaN passes through, as in PyTorch).
+pub fn relu_fwd(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    map1("relu_fwd", s, l)
+}
+
+/// ReLU backward from the forward's output: `(y, dy) → dy where y > 0, else 0`.
+pub fn relu_grad(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<CudaStorage> {
+    map2("relu_grad", s1, l1, s2, l2)
+}
+
+/// One element-wise kernel `{name}_{f32,bf16}(x, y, n)` over a contiguous `s`.
+fn map1(name: &str, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    fn go<T: Elem>(name: &str, s: &CudaStorage, l: &Layout) -> Result<CudaStorageSlice> {
+        let dev = &s.device;
+        let x = typed::<T>(s, l)?;
+        let n = l.shape().elem_count();
+        let n_i = n as i64;
+        let f = func(dev, &format!("{name}_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&y).arg(&n_i);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { lb.launch(elem_cfg(n)) }.w()?;
+        Ok(T::wrap(y))
+    }
+    let slice = with_elem!(s, go(name, s, l))?;
+    Ok(wrap(&s.device, slice))
+}
+
+/// One element-wise kernel `{name}_{f32,bf16}(a, b, out, n)` over two contiguous operands of
+/// one shape and dtype.
+fn map2(
+    name: &str,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<CudaStorage> {
     fn go<T: Elem>(
+        name: &str,
         s1: &CudaStorage,
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<CudaStorageSlice> {
         let dev = &s1.device;
-        let x = typed::<T>(s1, l1)?;
-        let g = typed::<T>(s2, l2)?;
+        let a = typed::<T>(s1, l1)?;
+        let b = typed::<T>(s2, l2)?;
         let n = l1.shape().elem_count();
         let n_i = n as i64;
-        let f = func(dev, &format!("gelu_grad_{}", T::SUFFIX))?;
+        let f = func(dev, &format!("{name}_{}", T::SUFFIX))?;
         // SAFETY: every element is written by the kernel.
-        let dx = unsafe { dev.alloc::<T>(n)? };
+        let out = unsafe { dev.alloc::<T>(n)? };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&x).arg(&g).arg(&dx).arg(&n_i);
+        lb.arg(&a).arg(&b).arg(&out).arg(&n_i);
         // SAFETY: arguments match the kernel's signature.
         unsafe { lb.launch(elem_cfg(n)) }.w()?;
-        Ok(T::wrap(dx))
+        Ok(T::wrap(out))
     }
-    let slice = with_elem!(s1, go(s1, l1, s2, l2))?;
+    let slice = with_elem!(s1, go(name, s1, l1, s2, l2))?;
     Ok(wrap(&s1.device, slice))
 }
 

@@ -1282,6 +1282,130 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+/// ReLU, `max(x, 0)` with NaN passed through, forward and backward in one pass each
+/// ([`Relu`], [`ReluGrad`]): the gradient passes where the output is positive, as PyTorch's
+/// does (none at 0; candle's `relu` passes it at 0 too). Candle's own backward is six launches
+/// (a zero tensor, a comparison, a cast, a product, a zero-filled gradient and an add); the
+/// UPerNet heads run 36 ReLUs on maps of up to `[B, 96, 96, 512]` (docs/benchmarks.md). Falls
+/// back to candle's `relu` when fusion is off.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if !fused() {
+        return x.relu();
+    }
+    x.contiguous()?.apply_op1(Relu)
+}
+
+/// `(x, f)` → `f(v)` for every value `v` of `x` in `T`, in parallel chunks.
+fn map_values<T: WithDType>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    y.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(yc, xc)| {
+            for (yv, &xv) in yc.iter_mut().zip(xc) {
+                *yv = f(xv);
+            }
+        });
+    y
+}
+
+/// Fused ReLU forward ([`relu`]); backward [`ReluGrad`] on its output.
+#[derive(Debug, Clone, Copy)]
+pub struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "icefm-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            let zero = T::from_f64(0.0);
+            let x = typed::<T>(s, l, "relu")?;
+            // `v < 0` is false for NaN: it passes through.
+            let y = map_values(x, |v| if v.to_f64() < 0.0 { zero } else { v });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let out = by_dtype!(s.dtype(), go(s, l))?;
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::relu_fwd(s, l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &ReluGrad)?))
+    }
+}
+
+/// ReLU backward from the forward's output: `(y, dy) → dy` where `y > 0`, else 0.
+#[derive(Debug, Clone, Copy)]
+pub struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "icefm-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let y = typed::<T>(s1, l1, "relu backward")?;
+            let g = typed::<T>(s2, l2, "relu backward")?;
+            let zero = T::from_f64(0.0);
+            let mut dx = vec![zero; y.len()];
+            dx.par_chunks_mut(4096)
+                .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
+                .for_each(|(oc, (yc, gc))| {
+                    for ((ov, yv), &gv) in oc.iter_mut().zip(yc).zip(gc) {
+                        *ov = if yv.to_f64() > 0.0 { gv } else { zero };
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        if l1.shape() != l2.shape() || s1.dtype() != s2.dtype() {
+            candle_core::bail!(
+                "relu backward: output {:?} {:?} and gradient {:?} {:?} differ",
+                l1.dims(),
+                s1.dtype(),
+                l2.dims(),
+                s2.dtype()
+            );
+        }
+        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("relu backward: {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        Ok((crate::cuda::relu_grad(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
 /// `gelu(x + b)` over the rows of `x` `[..., C]`, `b` `[C]`: a linear layer's bias add and the
 /// MLP's exact GELU as one op ([`BiasGelu`]). The forward reads `x` and writes the result once;
 /// the backward reads `x` and `dy` and writes `dx` once ([`BiasGeluGrad`]), then sums `dx`'s

@@ -540,6 +540,21 @@ __device__ void gelu_grad_k(const T* x, const T* g, T* dx, long n) {
         st(dx, i, ld(g, i) * gelu_d(ld(x, i)));
 }
 
+// ReLU as PyTorch computes it: NaN passes through (x < 0 is false for it), and the backward
+// passes the gradient where the output is positive (none at 0, none at NaN).
+template <typename T>
+__device__ void relu_fwd_k(const T* x, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = ld(x, i);
+        st(y, i, v < 0.f ? 0.f : v);
+    }
+}
+template <typename T>
+__device__ void relu_grad_k(const T* y, const T* g, T* dx, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(dx, i, ld(y, i) > 0.f ? ld(g, i) : 0.f);
+}
+
 // gelu(x + b) and its backward over rows of c: blocks take rows in turn, threads the columns
 // (no 64-bit modulo per element); the pre-activation stays in a register, in f32. With
 // `pairs` (c even, inputs starting at even elements: the host checks) each thread moves two
@@ -590,6 +605,9 @@ extern "C" __global__ void column_sums_##SUF(const T* x, float* out, int rows, i
 extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, long n) { gelu_fwd_k<T>(x, y, n); } \
 extern "C" __global__ void gelu_grad_##SUF(const T* x, const T* g, T* dx, long n) {           \
         gelu_grad_k<T>(x, g, dx, n); }                                                        \
+extern "C" __global__ void relu_fwd_##SUF(const T* x, T* y, long n) { relu_fwd_k<T>(x, y, n); } \
+extern "C" __global__ void relu_grad_##SUF(const T* y, const T* g, T* dx, long n) {           \
+        relu_grad_k<T>(y, g, dx, n); }                                                        \
 extern "C" __global__ void bias_gelu_fwd_##SUF(const T* x, const float* b, T* y, int rows,   \
         int c, int pairs) { bias_gelu_fwd_k<T>(x, b, y, rows, c, pairs); }                     \
 extern "C" __global__ void bias_gelu_grad_##SUF(const T* x, const float* b, const T* g,      \

@@ -465,7 +465,7 @@ impl ConvNorm {
             Kernel::One(l) => l.forward(x)?,
             Kernel::Three(c) => c.forward(x)?,
         };
-        self.norm.forward(&y.contiguous()?)?.relu()
+        crate::fused::relu(&self.norm.forward(&y.contiguous()?)?)
     }
 }
 

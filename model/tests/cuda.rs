@@ -327,6 +327,28 @@ fn bias_add_gelu_and_column_sums_match_the_cpu_reference() {
 }
 
 #[test]
+fn the_relu_kernels_match_the_cpu() {
+    let g = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        // Sizes off the launch's 256 threads; values moved, not computed: equal to the bit.
+        for (rows, c) in [(37, 513), (3, 1)] {
+            let x =
+                Var::from_tensor(&random(&[rows, c], 61, 2.0).to_dtype(dtype).unwrap()).unwrap();
+            let dy = random(&[rows, c], 62, 1.0).to_dtype(dtype).unwrap();
+            let xg = Var::from_tensor(&x.as_tensor().to_device(&g).unwrap()).unwrap();
+            let dyg = dy.to_device(&g).unwrap();
+            let mut got = Vec::new();
+            for (v, d) in [(&x, &dy), (&xg, &dyg)] {
+                let y = fused::relu(v.as_tensor()).unwrap();
+                let gr = (&y * d).unwrap().sum_all().unwrap().backward().unwrap();
+                got.push((host(&y), host(gr.get(v.as_tensor()).unwrap())));
+            }
+            assert_eq!(got[0], got[1], "{rows}x{c} {dtype:?}");
+        }
+    }
+}
+
+#[test]
 fn the_gradient_norm_in_one_launch_matches_the_host() {
     let g = gpu();
     let shapes: [&[usize]; 4] = [&[300, 70], &[70], &[2_000_000], &[1]];

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use icefm_model::{fused, ops};
 
 mod common;
-use common::{max_rel, random};
+use common::{max_rel, random, values};
 
 /// Loss weights that make every output element matter differently.
 fn weights_like(t: &Tensor, seed: u64) -> Tensor {
@@ -198,6 +198,47 @@ fn softmax_over_the_valid_entries_ignores_the_padding() {
     let x = random(&[2, 4], 23, 1.0, DType::F32);
     assert!(fused::softmax_valid(&x, 5).is_err());
     assert!(fused::softmax_valid(&x, 0).is_err());
+}
+
+#[test]
+fn the_fused_relu_equals_candles_with_gradients_and_follows_pytorch_at_zero_and_nan() {
+    for dtype in [DType::F64, DType::F32, DType::BF16] {
+        // No value is exactly 0 here: there the two backward passes differ on purpose.
+        let x = Var::from_tensor(&random(&[7, 33], 51, 2.0, dtype)).unwrap();
+        let probe = random(&[7, 33], 52, 1.0, dtype);
+        // Candle's own relu (what `fused::relu` is with fusion off; switching fusion here would
+        // reach the tests running beside this one).
+        let run = |fusion: bool| {
+            let y = if fusion {
+                fused::relu(x.as_tensor()).unwrap()
+            } else {
+                x.as_tensor().relu().unwrap()
+            };
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (values(&y), values(g.get(x.as_tensor()).unwrap()))
+        };
+        let (yf, gf) = run(true);
+        let (yc, gc) = run(false);
+        assert_eq!(yf, yc, "{dtype:?}");
+        assert_eq!(gf, gc, "{dtype:?}");
+        assert!(yf.contains(&0.0) && yf.iter().any(|&v| v > 0.0));
+    }
+    // PyTorch's rules: NaN passes through, and no gradient at 0 or at NaN.
+    let x = Var::new(&[-1f32, 0.0, 2.0, f32::NAN], &Device::Cpu).unwrap();
+    let y = fused::relu(x.as_tensor()).unwrap();
+    let v = y.to_vec1::<f32>().unwrap();
+    assert_eq!(&v[..3], &[0.0, 0.0, 2.0]);
+    assert!(v[3].is_nan());
+    let dy = Tensor::new(&[5f32, 6.0, 7.0, 8.0], &Device::Cpu).unwrap();
+    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+    // The NaN output makes the sum NaN, but its gradient to x is still 0 where y is not > 0.
+    let d = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(d, [0.0, 0.0, 7.0, 0.0]);
 }
 
 #[test]

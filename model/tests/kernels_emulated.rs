@@ -828,11 +828,13 @@ fn kernels_verified_on_a_gpu_also_pass_in_the_emulator() {
     );
 }
 
-// ---- Element-wise kernels, the MAE loss, masking, the optimizer and batch preparation.
+// ---- Element-wise kernels (bias add, GELU, ReLU), the MAE loss, masking, the optimizer and batch preparation.
 
 type BiasAdd<T> = unsafe extern "C" fn(*const T, *const f32, *mut T, i64, i32);
-type GeluFwd<T> = unsafe extern "C" fn(*const T, *mut T, i64);
-type GeluGrad<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i64);
+/// `(x, y, n)`: GELU and ReLU forward.
+type Map1<T> = unsafe extern "C" fn(*const T, *mut T, i64);
+/// `(x or y, dy, dx, n)`: GELU and ReLU backward.
+type Map2<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i64);
 
 fn elementwise_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
     let emu = emulator();
@@ -852,22 +854,24 @@ fn elementwise_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
         .unwrap();
     let gelu_ref = x.apply_op1_no_bwd(&fused::Gelu).unwrap();
     let grad_ref = x.apply_op2_no_bwd(&g, &fused::GeluGrad).unwrap();
+    // ReLU's backward reads the forward's output.
+    let relu_ref = x.apply_op1_no_bwd(&fused::Relu).unwrap();
+    let relu_grad_ref = relu_ref.apply_op2_no_bwd(&g, &fused::ReluGrad).unwrap();
+    let yb = Buffer::from(&T::of(&relu_ref));
     let (xb, bb, gb) = (
         Buffer::from(&T::of(&x)),
         Buffer::from(&f32::of(&b)),
         Buffer::from(&T::of(&g)),
     );
-    // SAFETY: the kernels' C signatures.
-    let (add, fwd, bwd): (BiasAdd<T>, GeluFwd<T>, GeluGrad<T>) = unsafe {
-        (
-            emu.kernel(&format!("bias_add_{suffix}")),
-            emu.kernel(&format!("gelu_fwd_{suffix}")),
-            emu.kernel(&format!("gelu_grad_{suffix}")),
-        )
-    };
+    // SAFETY (these three): the kernels' C signatures.
+    let add: BiasAdd<T> = unsafe { emu.kernel(&format!("bias_add_{suffix}")) };
+    let [fwd, relu]: [Map1<T>; 2] =
+        ["gelu_fwd", "relu_fwd"].map(|k| unsafe { emu.kernel(&format!("{k}_{suffix}")) });
+    let [bwd, relu_bwd]: [Map2<T>; 2] =
+        ["gelu_grad", "relu_grad"].map(|k| unsafe { emu.kernel(&format!("{k}_{suffix}")) });
     // cuda.rs's elem_cfg, and two blocks striding over everything.
     for grid in [n.div_ceil(256) as u32, 2] {
-        let mut outs: Vec<Buffer<T>> = (0..3).map(|_| Buffer::output(n)).collect();
+        let mut outs: Vec<Buffer<T>> = (0..5).map(|_| Buffer::output(n)).collect();
         let ptrs: Vec<*mut T> = outs.iter_mut().map(Buffer::mut_ptr).collect();
         let (ni, ci) = (n as i64, c as i32);
         for (k, ptr) in ptrs.into_iter().enumerate() {
@@ -877,7 +881,9 @@ fn elementwise_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
                     match k {
                         0 => add(xb.ptr(), bb.ptr(), ptr, ni, ci),
                         1 => fwd(xb.ptr(), ptr, ni),
-                        _ => bwd(xb.ptr(), gb.ptr(), ptr, ni),
+                        2 => bwd(xb.ptr(), gb.ptr(), ptr, ni),
+                        3 => relu(xb.ptr(), ptr, ni),
+                        _ => relu_bwd(yb.ptr(), gb.ptr(), ptr, ni),
                     }
                 }
             })
@@ -888,6 +894,19 @@ fn elementwise_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
         assert_close(&t(0), &add_ref, tol, &what("bias_add"));
         assert_close(&t(1), &gelu_ref, tol, &what("gelu_fwd"));
         assert_close(&t(2), &grad_ref, tol, &what("gelu_grad"));
+        // ReLU moves values, it computes none: the same values.
+        assert_eq!(
+            common::values(&t(3)),
+            common::values(&relu_ref),
+            "{}",
+            what("relu_fwd")
+        );
+        assert_eq!(
+            common::values(&t(4)),
+            common::values(&relu_grad_ref),
+            "{}",
+            what("relu_grad")
+        );
     }
 }
 
