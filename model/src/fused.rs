@@ -1182,15 +1182,10 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn go<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
             let x = typed::<T>(s, l, "gelu")?;
-            let mut y = vec![T::from_f64(0.0); x.len()];
-            y.par_chunks_mut(4096)
-                .zip(x.par_chunks(4096))
-                .for_each(|(yc, xc)| {
-                    for (yv, xv) in yc.iter_mut().zip(xc) {
-                        let v = xv.to_f64();
-                        *yv = T::from_f64(v * normal_cdf_pdf(v).0);
-                    }
-                });
+            let y = map_values(x, |xv| {
+                let v = xv.to_f64();
+                T::from_f64(v * normal_cdf_pdf(v).0)
+            });
             Ok(T::to_cpu_storage_owned(y))
         }
         if s.dtype() == DType::F32 {
@@ -1244,16 +1239,11 @@ impl CustomOp2 for GeluGrad {
         ) -> Result<CpuStorage> {
             let x = typed::<T>(s1, l1, "gelu backward")?;
             let g = typed::<T>(s2, l2, "gelu backward")?;
-            let mut dx = vec![T::from_f64(0.0); x.len()];
-            dx.par_chunks_mut(4096)
-                .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(oc, (xc, gc))| {
-                    for ((ov, xv), gv) in oc.iter_mut().zip(xc).zip(gc) {
-                        let v = xv.to_f64();
-                        let (cdf, pdf) = normal_cdf_pdf(v);
-                        *ov = T::from_f64(gv.to_f64() * (cdf + v * pdf));
-                    }
-                });
+            let dx = map_pairs(x, g, |xv, gv| {
+                let v = xv.to_f64();
+                let (cdf, pdf) = normal_cdf_pdf(v);
+                T::from_f64(gv.to_f64() * (cdf + v * pdf))
+            });
             Ok(T::to_cpu_storage_owned(dx))
         }
         if s1.dtype() == DType::F32 && s2.dtype() == DType::F32 {
@@ -1303,6 +1293,19 @@ fn map_values<T: WithDType>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
         .for_each(|(yc, xc)| {
             for (yv, &xv) in yc.iter_mut().zip(xc) {
                 *yv = f(xv);
+            }
+        });
+    y
+}
+
+/// `(a, b, f)` → `f(a[i], b[i])` for every `i` (as long as `a`), in parallel chunks.
+fn map_pairs<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::from_f64(0.0); a.len()];
+    y.par_chunks_mut(4096)
+        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+        .for_each(|(yc, (ac, bc))| {
+            for ((yv, &av), &bv) in yc.iter_mut().zip(ac).zip(bc) {
+                *yv = f(av, bv);
             }
         });
     y
@@ -1368,14 +1371,7 @@ impl CustomOp2 for ReluGrad {
             let y = typed::<T>(s1, l1, "relu backward")?;
             let g = typed::<T>(s2, l2, "relu backward")?;
             let zero = T::from_f64(0.0);
-            let mut dx = vec![zero; y.len()];
-            dx.par_chunks_mut(4096)
-                .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(oc, (yc, gc))| {
-                    for ((ov, yv), &gv) in oc.iter_mut().zip(yc).zip(gc) {
-                        *ov = if yv.to_f64() > 0.0 { gv } else { zero };
-                    }
-                });
+            let dx = map_pairs(y, g, |yv, gv| if yv.to_f64() > 0.0 { gv } else { zero });
             Ok(T::to_cpu_storage_owned(dx))
         }
         if l1.shape() != l2.shape() || s1.dtype() != s2.dtype() {
