@@ -27,7 +27,7 @@ pub struct Row {
     pub op: String,
     /// Result dtype.
     pub dtype: String,
-    /// Call site (innermost `icefm` frame; `""` when not taken).
+    /// Call site (the innermost frame in `model/src/`; `""` when not taken).
     pub site: String,
     /// The largest result shape among them, as the census ran.
     pub shape: String,
@@ -146,7 +146,7 @@ pub fn extrapolate(a: (usize, &[Row]), b: (usize, &[Row]), batch: usize) -> Resu
 /// Count the forward pass `forward` (to a scalar loss) and its backward: phases `forward` and
 /// `backward: <node>`.
 fn count(sites: bool, forward: impl FnOnce() -> Result<Tensor>) -> Result<Vec<Entry>> {
-    candle_core::census::start(sites.then_some("icefm"));
+    candle_core::census::start(sites.then_some("model/src/"));
     let counted = (|| {
         candle_core::census::phase("forward");
         let loss = forward()?;

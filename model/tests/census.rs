@@ -31,7 +31,7 @@ fn the_census_counts_each_operation_with_its_bytes_and_phase() {
     let b = Tensor::new(&[10f32, 20.0, 30.0], &dev).unwrap();
     // Nothing is counted before a census opens.
     let _ = (a.as_tensor() * 2.0).unwrap();
-    census::start(Some("census"));
+    census::start(Some("tests/census.rs"));
     census::phase("forward");
     let sum = a.as_tensor().broadcast_add(&b).unwrap(); // [2, 3] + [3]
     let t = a.as_tensor().t().unwrap().contiguous().unwrap(); // a strided copy
@@ -49,7 +49,7 @@ fn the_census_counts_each_operation_with_its_bytes_and_phase() {
     // The broadcast operand counts once: 6 + 3 values read, 6 written.
     assert_eq!((add.calls, add.bytes_read, add.bytes_written), (1, 36, 24));
     assert_eq!(add.shape, "[2, 3]");
-    assert!(add.site.contains("census"), "{}", add.site);
+    assert!(add.site.contains("census.rs:"), "{}", add.site);
     let copy = find(&entries, "forward", "copy (strided)");
     assert_eq!(
         (copy.calls, copy.bytes_read, copy.bytes_written),

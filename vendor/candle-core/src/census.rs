@@ -40,7 +40,7 @@ pub struct Entry {
     pub dtype: String,
     /// The result's shape (the copied shape for copies).
     pub shape: String,
-    /// The innermost stack frame naming the word [`start`] was given (`""` without one).
+    /// The innermost stack frame in the source files [`start`] named (`""` without them).
     pub site: String,
     /// How many ran.
     pub calls: u64,
@@ -53,9 +53,9 @@ pub struct Entry {
 }
 
 /// Open a census (clearing any earlier one) in phase `""`. `sites`: also record each
-/// operation's call site, the innermost frame of its stack whose function's path contains this
-/// word (a crate's name: a stack trace per operation, slow, and the names need the binary's
-/// symbols).
+/// operation's call site, the innermost frame of its stack in a source file whose path contains
+/// this (as `model/src/`: a stack trace per operation, slow, and it needs the binary's line
+/// tables).
 pub fn start(sites: Option<&str>) {
     let sites = sites.map(str::to_string);
     *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(State {
@@ -144,27 +144,21 @@ pub(crate) fn record(op: &str, dtype: DType, shape: &Shape, read: u64, written: 
     e.flops += flops + std::mem::take(&mut s.pending_flops);
 }
 
-/// The innermost stack frame whose function's path contains `word`, with its file and line.
-fn caller_site(word: &str) -> String {
+/// The innermost stack frame whose source file's path contains `place` (as `model/src/`), as
+/// `function (file:line)`. Frames name their functions without paths where the binary has only
+/// line tables, so the place is matched on the file.
+fn caller_site(place: &str) -> String {
     let bt = std::backtrace::Backtrace::force_capture().to_string();
-    let mut lines = bt.lines().map(str::trim);
-    while let Some(line) = lines.next() {
-        // Frames read `N: path::to::function`, their location on the next line.
-        let Some((_, name)) = line.split_once(": ") else {
+    let lines: Vec<&str> = bt.lines().map(str::trim).collect();
+    // Frames read `N: function`, their location on the next line as `at path:line:column`.
+    for pair in lines.windows(2) {
+        let (Some((_, name)), Some(at)) = (pair[0].split_once(": "), pair[1].strip_prefix("at "))
+        else {
             continue;
         };
-        if name.contains(word) {
-            let at = lines
-                .next()
-                .and_then(|l| l.strip_prefix("at "))
-                .and_then(|l| l.rsplit(['/', '\\']).next())
-                .unwrap_or("");
-            let name = name.rsplit_once("::h").map_or(name, |(n, _)| n);
-            return if at.is_empty() {
-                name.to_string()
-            } else {
-                format!("{name} ({at})")
-            };
+        if at.contains(place) {
+            let file = at.rsplit(['/', '\\']).next().unwrap_or(at);
+            return format!("{name} ({file})");
         }
     }
     String::new()
