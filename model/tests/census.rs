@@ -199,3 +199,30 @@ fn a_fine_tuning_step_census_extrapolates_exactly() {
         30.0
     );
 }
+
+#[test]
+fn a_product_with_a_constant_differentiates_only_the_variable() {
+    // The vendored backward skips the gradient of an operand that needs none (vendor/README.md).
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    let x = Var::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
+    let m = Tensor::new(&[[1f32, 0.0], [0.0, 2.0], [1.0, 1.0]], &dev).unwrap();
+    let probe = Tensor::new(&[[1f32, -1.0], [2.0, 0.5]], &dev).unwrap();
+    let loss = (x.as_tensor().matmul(&m).unwrap() * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    census::start(None);
+    let grads = loss.backward().unwrap();
+    let entries = census::finish();
+    let products: u64 = entries
+        .iter()
+        .filter(|e| e.op == "matmul")
+        .map(|e| e.calls)
+        .sum();
+    assert_eq!(products, 1, "{entries:#?}");
+    // d/dx = probe · mᵀ.
+    let gx = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(gx, [[1.0, -2.0, 0.0], [2.0, 1.0, 2.5]]);
+    assert!(grads.get(&m).is_none());
+}

@@ -164,6 +164,11 @@ impl Tensor {
 
     pub fn backward(&self) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
+        // icefm patch: the tensors whose gradients are wanted (the variables and every node
+        // between them and `self`), so that a product skips the gradient of an operand that
+        // needs none (a constant matrix: resampling, positional tables).
+        let tracked: std::collections::HashSet<TensorId> =
+            sorted_nodes.iter().map(|n| n.id()).collect();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
@@ -444,19 +449,24 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        // icefm patch: only the operands whose gradients are wanted.
+                        if zero_fill() || tracked.contains(&lhs.id()) {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
 
                         // icefm patch: when `rhs` is a transposed view (a linear layer's
                         // `w.t()`), compute its gradient as the transpose of `grad^T lhs`, so
                         // that the transpose's backward hands `w` a contiguous gradient instead
                         // of a strided view that `accumulate` has to copy element by element.
-                        let rhs_grad = if !zero_fill() && is_last_two_transpose(rhs) {
-                            grad.t()?.matmul(lhs)?.t()?
-                        } else {
-                            lhs.t()?.matmul(&grad)?
-                        };
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if zero_fill() || tracked.contains(&rhs.id()) {
+                            let rhs_grad = if !zero_fill() && is_last_two_transpose(rhs) {
+                                grad.t()?.matmul(lhs)?.t()?
+                            } else {
+                                lhs.t()?.matmul(&grad)?
+                            };
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
