@@ -145,7 +145,8 @@ pub fn resample_matrix(kind: Resample, out: usize, inp: usize) -> Vec<f32> {
 }
 
 /// Resize a channels-last map `[B, H, W, C]` to `[B, h, w, C]`: a product with a fixed matrix
-/// along each axis.
+/// along each axis, each a batched product whose left operand is the matrix broadcast over the
+/// batch (no transposed copies of the map either way; the matrices get no gradient).
 pub fn resize(x: &Tensor, h: usize, w: usize, kind: Resample) -> Result<Tensor> {
     let (b, h0, w0, c) = x.dims4()?;
     if (h0, w0) == (h, w) {
@@ -154,25 +155,13 @@ pub fn resize(x: &Tensor, h: usize, w: usize, kind: Resample) -> Result<Tensor> 
     let (dev, dt) = (x.device(), x.dtype());
     let mh = Tensor::from_vec(resample_matrix(kind, h, h0), (h, h0), dev)?.to_dtype(dt)?;
     let mw = Tensor::from_vec(resample_matrix(kind, w, w0), (w, w0), dev)?.to_dtype(dt)?;
-    // Rows: [B, H, W·C] → [B·W·C, H] · Mhᵀ → [B, h, W·C].
-    let y = x
-        .reshape((b, h0, w0 * c))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * w0 * c, h0))?
-        .matmul(&mh.t()?)?
-        .reshape((b, w0 * c, h))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    // Columns: [B·h, W, C] → [B·h·C, W] · Mwᵀ → [B, h, w, C].
-    y.reshape((b * h, w0, c))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * h * c, w0))?
-        .matmul(&mw.t()?)?
-        .reshape((b * h, c, w))?
-        .transpose(1, 2)?
-        .contiguous()?
+    // Rows: Mh [h, H] · x[b] [H, W·C] → [B, h, W·C].
+    let y = mh
+        .broadcast_as((b, h, h0))?
+        .matmul(&x.contiguous()?.reshape((b, h0, w0 * c))?)?;
+    // Columns: Mw [w, W] · y[b, i] [W, C] → [B·h, w, C].
+    mw.broadcast_as((b * h, w, w0))?
+        .matmul(&y.reshape((b * h, w0, c))?)?
         .reshape((b, h, w, c))
 }
 
