@@ -116,6 +116,8 @@ for s in (r for r in rows if r["kind"] == "train"):
     print(f"training from the store (ViT-B/16 MAE, 384 px, b{s['batch']}, bf16, {s['upload']} uploads): {s['images_per_s']:.1f} img/s over steps 3-{s['steps']}, {s['wall_s']:.0f} s in all")
 for s in (r for r in rows if r["kind"] == "seg_step"):
     print(f"\nfine-tuning step, {s['impl']}, {s['size']} px, b{s['batch']}, {s['precision']}: {s['ms_per_step']:.1f} ms/step, {s['images_per_s']:.1f} img/s, peak {s['peak_mem_gib']:.2f} GiB, loss falls: {s['loss_falls']}; forward+loss / backward / AdamW {s.get('forward_ms')} / {s.get('backward_ms')} / {s.get('optimizer_ms')} ms")
+    if "bound_ms" in s:
+        print(f"  census: {s['launches']:.0f} launches, {s['census_gb']} GB, bound {s['bound_ms']} ms; forward + backward at {s['of_bound']:.2f} of it")
 ks = [r for r in rows if r["kind"] in ("kernel", "copy")]
 if ks:
     print("\n| kernel | shape | fused ms | candle ms | speed-up | GB/s | of copy |\n|---|---|---|---|---|---|---|")

@@ -121,31 +121,14 @@ fn step_bench(args: &[String]) -> Res<()> {
         Ok(mae.forward(&images, &valid, &masking, None)?.loss)
     })?;
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
-    // What the step asks of the card (icefm_model::census): one more forward and backward
-    // counted, and the bound of their time at the card's copy bandwidth (measured here) and
-    // 600 TFLOP/s of products.
-    let copy = cuda::copy_bandwidth(&cd, 1 << 30, 5)?;
-    let census = {
+    let (launches, census_gb, bound_ms) = census_bound(&cd, || {
         let mut r = Rng::new(7, 2000);
         let noise: Vec<Vec<f32>> = (0..batch)
             .map(|_| (0..n).map(|_| r.unit() as f32).collect())
             .collect();
         let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-        candle_core::census::start(None);
-        candle_core::census::phase("forward");
-        let counted = mae
-            .forward(&images, &valid, &masking, None)
-            .and_then(|out| {
-                candle_core::census::phase("backward");
-                out.loss.backward()
-            });
-        let entries = candle_core::census::finish();
-        counted?;
-        icefm_model::census::rows(&entries)
-    };
-    let bound_s: f64 = census.iter().map(|r| r.seconds(copy * 1e9, 600e12)).sum();
-    let census_gb: f64 = census.iter().map(|r| r.bytes()).sum::<f64>() / 1e9;
-    let launches: f64 = census.iter().map(|r| r.calls).sum();
+        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
+    })?;
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
     // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
     // backward, the fused bias + GELU, the flash kernels' prefetching and the cuBLASLt bias
@@ -188,11 +171,25 @@ fn step_bench(args: &[String]) -> Res<()> {
         phase[0],
         phase[1],
         phase[2],
-        bound_s * 1e3,
-        bound_s / (phase[0] + phase[1]) * 1e3,
+        bound_ms,
+        bound_ms / (phase[0] + phase[1]),
         losses
     );
     Ok(())
+}
+
+/// What one more forward pass (`forward`, to a loss) and its backward ask of the card
+/// (icefm_model::census, docs/gpu.md): launches, GB moved, and the bound of their time in ms at
+/// the card's copy bandwidth (measured here) and 600 TFLOP/s of products.
+fn census_bound(
+    cd: &candle_core::CudaDevice,
+    forward: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> Res<(f64, f64, f64)> {
+    let copy = cuda::copy_bandwidth(cd, 1 << 30, 5)?;
+    let rows = icefm_model::census::rows(&icefm_model::census::count(false, forward)?);
+    let bound_s: f64 = rows.iter().map(|r| r.seconds(copy * 1e9, 600e12)).sum();
+    let gb = rows.iter().map(|r| r.bytes()).sum::<f64>() / 1e9;
+    Ok((rows.iter().map(|r| r.calls).sum(), gb, bound_s * 1e3))
 }
 
 /// One kernel's line; `bytes` 0 for a compute-bound one (no bandwidth figure).
@@ -289,15 +286,20 @@ fn seg_bench(args: &[String]) -> Res<()> {
         let outs = model.forward(&images, None)?;
         Ok(seg_loss(&outs, &labels, &cfg)?.total)
     })?;
+    let (launches, census_gb, bound_ms) = census_bound(&cd, || {
+        let outs = model.forward(&images, None)?;
+        Ok(seg_loss(&outs, &labels, &cfg)?.total)
+    })?;
     let ok = losses.iter().all(|l| l.is_finite()) && losses.last() < losses.first();
     println!(
-        "{{\"kind\":\"seg_step\",\"impl\":\"icefm ViT-{preset}/16 + UPerNet\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"loss_falls\":{ok},\"losses\":{losses:?}}}",
+        "{{\"kind\":\"seg_step\",\"impl\":\"icefm ViT-{preset}/16 + UPerNet\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"launches\":{launches},\"census_gb\":{census_gb:.2},\"bound_ms\":{bound_ms:.2},\"of_bound\":{:.3},\"loss_falls\":{ok},\"losses\":{losses:?}}}",
         s * 1e3,
         batch as f64 / s,
         peak as f64 / (1u64 << 30) as f64,
         phase[0],
         phase[1],
         phase[2],
+        bound_ms / (phase[0] + phase[1]),
     );
     if !ok {
         return Err("the fine-tuning loss did not fall on a repeated batch".into());

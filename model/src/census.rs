@@ -144,8 +144,8 @@ pub fn extrapolate(a: (usize, &[Row]), b: (usize, &[Row]), batch: usize) -> Resu
 }
 
 /// Count the forward pass `forward` (to a scalar loss) and its backward: phases `forward` and
-/// `backward: <node>`.
-fn count(sites: bool, forward: impl FnOnce() -> Result<Tensor>) -> Result<Vec<Entry>> {
+/// `backward: <node>`. `sites`: also each operation's call site in `model/src/`.
+pub fn count(sites: bool, forward: impl FnOnce() -> Result<Tensor>) -> Result<Vec<Entry>> {
     candle_core::census::start(sites.then_some("model/src/"));
     let counted = (|| {
         candle_core::census::phase("forward");
