@@ -1,6 +1,7 @@
-//! What one MAE training step asks of a device, counted on any device: every storage operation
-//! of the forward and backward passes (a kernel launch on a GPU) with the bytes it reads and
-//! writes and, for matrix products, its floating-point operations ([`candle_core::census`]).
+//! What one training step asks of a device (MAE pre-training, [`mae_step`], or fine-tuning,
+//! [`seg_step`]), counted on any device: every storage operation of the forward and backward
+//! passes (a kernel launch on a GPU) with the bytes it reads and writes and, for matrix
+//! products, its floating-point operations ([`candle_core::census`]).
 //!
 //! Run on the CPU with [`crate::fused::set_gpu_routes`] on, the count is the GPU step's: the
 //! same graph, the same ops, the ops that choose a path by device taking the GPU's (through
