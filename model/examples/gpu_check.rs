@@ -85,16 +85,20 @@ fn step_bench(args: &[String]) -> Res<()> {
     let images = random(&[batch, 2, px, px], 1, &dev, DType::F32)?;
     let valid = Tensor::ones((batch, px, px), DType::F32, &dev)?;
     let n = (px / 16).pow(2);
-    let mut losses = Vec::new();
-    let mut step = |i: u64| -> Res<f32> {
-        let mut r = Rng::new(7, i);
+    // The loss of a forward pass under the masking of random stream `stream` (seed 7).
+    let forward = |stream: u64| -> candle_core::Result<Tensor> {
+        let mut r = Rng::new(7, stream);
         let noise: Vec<Vec<f32>> = (0..batch)
             .map(|_| (0..n).map(|_| r.unit() as f32).collect())
             .collect();
         let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-        let out = mae.forward(&images, &valid, &masking, None)?;
-        let loss = out.loss.to_scalar::<f32>()?;
-        let grads = out.loss.backward()?;
+        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
+    };
+    let mut losses = Vec::new();
+    let mut step = |i: u64| -> Res<f32> {
+        let loss_t = forward(i)?;
+        let loss = loss_t.to_scalar::<f32>()?;
+        let grads = loss_t.backward()?;
         let (_, scale) = clip_scale(&grads, just_vars.iter(), 3.0)?;
         opt.step(&grads, 1e-4, scale)?;
         Ok(loss)
@@ -112,23 +116,9 @@ fn step_bench(args: &[String]) -> Res<()> {
     let s = t.elapsed().as_secs_f64() / steps as f64;
     let peak = cuda::pool_peak(&cd)?;
     // Where a step's time goes: three more steps, synchronised after each phase.
-    let phase = phase_ms(&dev, 3, &just_vars, &mut opt, |i| {
-        let mut r = Rng::new(7, 1000 + i);
-        let noise: Vec<Vec<f32>> = (0..batch)
-            .map(|_| (0..n).map(|_| r.unit() as f32).collect())
-            .collect();
-        let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
-    })?;
+    let phase = phase_ms(&dev, 3, &just_vars, &mut opt, |i| Ok(forward(1000 + i)?))?;
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
-    let (launches, census_gb, bound_ms) = census_bound(&cd, || {
-        let mut r = Rng::new(7, 2000);
-        let noise: Vec<Vec<f32>> = (0..batch)
-            .map(|_| (0..n).map(|_| r.unit() as f32).collect())
-            .collect();
-        let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
-    })?;
+    let (launches, census_gb, bound_ms) = census_bound(&cd, || forward(2000))?;
     // Which variant ran: candle's compositions, upstream candle's zero-filled gradient
     // accumulation (vendor/README.md), cudarc's event tracking, no flash forward, the flash
     // backward, the fused bias + GELU, the flash kernels' prefetching and the cuBLASLt bias
