@@ -22,6 +22,10 @@ struct State {
     phase: String,
     /// Operations a custom op declared while it ran ([`flops`]), for its record.
     pending_flops: u64,
+    /// Bytes a custom op declared it writes besides its result ([`written`]), for its record.
+    pending_written: u64,
+    /// The custom op now running launched nothing ([`launchless`]): no record.
+    pending_skip: bool,
     sites: Option<String>,
     entries: BTreeMap<Key, Entry>,
 }
@@ -99,6 +103,28 @@ pub fn flops(n: u64) {
     }
 }
 
+/// Declare, from inside a custom op's forward, bytes it writes besides its result (a second
+/// output it keeps for a later op): the census adds them to the op's record. Nothing when no
+/// census is open.
+pub fn written(n: u64) {
+    if on() {
+        if let Some(s) = STATE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            s.pending_written += n;
+        }
+    }
+}
+
+/// Declare, from inside a custom op's forward, that it launches nothing and moves nothing (it
+/// hands on a result an earlier op computed): the census does not record it. Nothing when no
+/// census is open.
+pub fn launchless() {
+    if on() {
+        if let Some(s) = STATE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            s.pending_skip = true;
+        }
+    }
+}
+
 /// Bytes of the distinct elements `l` addresses (dimensions of stride 0 count once).
 pub(crate) fn layout_bytes(l: &Layout, dtype: DType) -> u64 {
     let n: usize = l
@@ -119,6 +145,9 @@ pub(crate) fn shape_bytes(shape: &Shape, dtype: DType) -> u64 {
 pub(crate) fn record(op: &str, dtype: DType, shape: &Shape, read: u64, written: u64, flops: u64) {
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = guard.as_mut() else { return };
+    if std::mem::take(&mut s.pending_skip) {
+        return;
+    }
     let site = s.sites.as_deref().map(caller_site).unwrap_or_default();
     let key = (
         s.phase.clone(),
@@ -140,7 +169,7 @@ pub(crate) fn record(op: &str, dtype: DType, shape: &Shape, read: u64, written: 
     });
     e.calls += 1;
     e.bytes_read += read;
-    e.bytes_written += written;
+    e.bytes_written += written + std::mem::take(&mut s.pending_written);
     e.flops += flops + std::mem::take(&mut s.pending_flops);
 }
 
