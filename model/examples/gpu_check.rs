@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::rng::Rng;
 use icefm_model::config::TrainConfig;
-use icefm_model::fused::{self, LayerNormGradWB, LayerNormGradX};
+use icefm_model::fused::{self, LayerNormGrad, Stash};
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
 use icefm_model::seg::{SegConfig, SegModel, seg_loss};
@@ -353,12 +353,24 @@ fn kernels_bench() -> Res<()> {
             c,
             copy,
         );
-        let f = time_ms(&dev, 3, 20, || {
-            x.apply_op3_no_bwd(&w, &dy, &LayerNormGradX { eps })?;
-            x.apply_op3_no_bwd(&dy, &w, &LayerNormGradWB { eps })?
-                .sum(1)?;
-            Ok(())
-        })?;
+        // The fused backward's kernel (dx and the partial sums for the scale and shift), then
+        // with `with_sum` the sum of those partial sums, as the layer norm's backward runs.
+        let grad = |with_sum: bool| -> Res<f64> {
+            time_ms(&dev, 3, 20, || {
+                let parts = Stash::default();
+                let op = LayerNormGrad {
+                    eps,
+                    parts: parts.clone(),
+                };
+                x.apply_op3_no_bwd(&w, &dy, &op)?;
+                let parts = parts.take(&w)?;
+                if with_sum {
+                    parts.sum(1)?;
+                }
+                Ok(())
+            })
+        };
+        let f = grad(true)?;
         let xv = Var::from_tensor(&x)?;
         let wv = Var::from_tensor(&w)?;
         let bv = Var::from_tensor(&b)?;
@@ -373,31 +385,25 @@ fn kernels_bench() -> Res<()> {
             (y * &dy)?.backward()?;
             Ok(())
         })?;
-        // Fused backward: dx reads x, dy and writes dx; the scale/shift pass reads x and dy.
+        // Fused backward: one pass reads x, dy and writes dx (and the partial sums).
         kernel_line(
             "layer_norm bwd",
             &shape,
-            5.0 * (rows * d * 2) as f64,
+            3.0 * (rows * d * 2) as f64,
             f,
             c,
             copy,
         );
         // The wide-access kernels (16-byte loads, warps striding over rows) against the
-        // register-resident ones timed above: forward, and the dx kernel alone.
-        let dx_only = || -> Res<f64> {
-            time_ms(&dev, 3, 20, || {
-                x.apply_op3_no_bwd(&w, &dy, &LayerNormGradX { eps })?;
-                Ok(())
-            })
-        };
-        let dx_reg = dx_only()?;
+        // register-resident ones timed above: forward, and the backward's kernel alone.
+        let dx_reg = grad(false)?;
         let ln_v8_env = fused::ln_v8();
         fused::set_ln_v8(true);
         let fwd_v8 = time_ms(&dev, 3, 20, || {
             fused::layer_norm(&x, &w, &b, eps)?;
             Ok(())
         });
-        let dx_v8 = dx_only();
+        let dx_v8 = grad(false);
         fused::set_ln_v8(ln_v8_env);
         kernel_line(
             "layer_norm fwd, wide loads (vs register-resident)",
@@ -408,7 +414,7 @@ fn kernels_bench() -> Res<()> {
             copy,
         );
         kernel_line(
-            "layer_norm bwd dx, wide loads (vs register-resident)",
+            "layer_norm bwd kernel, wide loads (vs register-resident)",
             &shape,
             3.0 * (rows * d * 2) as f64,
             dx_v8?,

@@ -134,7 +134,7 @@ fn ln_kernel<T: Elem>(
         Some(q) => {
             let name = format!("{base}_bf16_q{q}");
             let f = func(dev, &name)?;
-            let cfg = persistent_row_cfg(dev, &f, &name, rows)?;
+            let cfg = persistent_row_cfg(dev, &f, &name, rows, 0)?;
             (f, cfg)
         }
         None => (
@@ -144,14 +144,15 @@ fn ln_kernel<T: Elem>(
     })
 }
 
-/// Blocks of 256 threads (8 warps) for kernel `name` (`f`), whose warps stride over `rows`
-/// rows: as many as are resident on the device at once (asked of the driver once per kernel
-/// and device), and no more than the rows need.
+/// Blocks of 256 threads (8 warps) and `shared` bytes of dynamic shared memory for kernel
+/// `name` (`f`), whose warps stride over `rows` rows: as many as are resident on the device at
+/// once (asked of the driver once per kernel and device), and no more than the rows need.
 fn persistent_row_cfg(
     dev: &CudaDevice,
     f: &CudaFunction,
     name: &str,
     rows: usize,
+    shared: usize,
 ) -> Result<LaunchConfig> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     static RESIDENT: Memo<(DeviceId, String), usize> = Memo::new();
@@ -162,7 +163,7 @@ fn persistent_row_cfg(
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .w()?;
         let per_sm = f
-            .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+            .occupancy_max_active_blocks_per_multiprocessor(256, shared, None)
             .w()?;
         Ok(sms.max(1) as usize * per_sm.max(1) as usize)
     })?;
@@ -170,7 +171,7 @@ fn persistent_row_cfg(
     Ok(LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared as u32,
     })
 }
 
@@ -318,9 +319,11 @@ pub fn layer_norm_fwd(
     Ok(wrap(&s1.device, slice))
 }
 
-/// Fused layer-norm backward for the input.
+/// Fused layer-norm backward, one pass over `x` (`s1`) and `dy` (`s3`) with the f32 weight
+/// (`s2`): `dx` in `x`'s dtype, and `[2, P, d]` f32 partial sums over `P` blocks of rows of
+/// `dy · x̂` (the scale's gradient) and `dy` (the shift's), with `P`.
 #[allow(clippy::too_many_arguments)]
-pub fn layer_norm_grad_x(
+pub fn layer_norm_grad(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -330,7 +333,7 @@ pub fn layer_norm_grad_x(
     rows: usize,
     d: usize,
     eps: f32,
-) -> Result<CudaStorage> {
+) -> Result<(CudaStorage, CudaStorage, usize)> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: Elem>(
         s1: &CudaStorage,
@@ -342,82 +345,51 @@ pub fn layer_norm_grad_x(
         rows: usize,
         d: usize,
         eps: f32,
-    ) -> Result<CudaStorageSlice> {
+    ) -> Result<(CudaStorageSlice, CudaSlice<f32>, usize)> {
         let dev = &s1.device;
         let x = typed::<T>(s1, l1)?;
         let w = f32_view(s2, l2, "layer norm weight")?;
         let dy = typed::<T>(s3, l3)?;
         let (r, c) = dims(rows, d)?;
-        let pairs = (ln_pairs(d, l1.start_offset()).is_some()
-            && l2.start_offset().is_multiple_of(2)
-            && l3.start_offset().is_multiple_of(2))
-        .then(|| ln_pairs(d, 0))
-        .flatten()
-        .map(|p| format!("p{p}"));
-        let (f, cfg) = ln_kernel::<T>(dev, "ln_grad_x", pairs, (rows, d), &[l1, l3], &[l2])?;
-        // SAFETY: every element is written by the kernel.
+        let shared = 2 * d * 4;
+        // The wide-access backward exists up to 4 loads per lane (kernels.cu: it spills at 5).
+        let (f, cfg) = match ln_quads::<T>(d, &[l1, l3], &[l2]).filter(|&q| q <= 4) {
+            Some(q) => {
+                let name = format!("ln_grad_bf16_q{q}");
+                let f = func(dev, &name)?;
+                let cfg = persistent_row_cfg(dev, &f, &name, rows, shared)?;
+                (f, cfg)
+            }
+            None => {
+                let pairs = (ln_pairs(d, l1.start_offset()).is_some()
+                    && l2.start_offset().is_multiple_of(2)
+                    && l3.start_offset().is_multiple_of(2))
+                .then(|| ln_pairs(d, 0))
+                .flatten()
+                .map(|p| format!("p{p}"));
+                let f = func(dev, &kernel_name("ln_grad", T::SUFFIX, pairs))?;
+                let cfg = LaunchConfig {
+                    grid_dim: (crate::fused::ln_grad_blocks(rows) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: shared as u32,
+                };
+                (f, cfg)
+            }
+        };
+        let p = cfg.grid_dim.0 as usize;
+        let rpb =
+            i32::try_from(rows.div_ceil(p)).map_err(|_| candle_core::Error::Msg("rows".into()))?;
+        // SAFETY: every element of both is written by the kernel (each block writes its whole
+        // slice of the partial sums).
         let dx = unsafe { dev.alloc::<T>(rows * d)? };
+        let parts = unsafe { dev.alloc::<f32>(2 * p * d)? };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&x)
             .arg(&w)
             .arg(&dy)
             .arg(&dx)
-            .arg(&r)
-            .arg(&c)
-            .arg(&eps);
-        // SAFETY: arguments match the kernel's signature.
-        unsafe { lb.launch(cfg) }.w()?;
-        Ok(T::wrap(dx))
-    }
-    let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, d, eps))?;
-    Ok(wrap(&s1.device, slice))
-}
-
-/// Fused layer-norm backward for scale and shift: `[2, P, d]` f32 partial sums and `P`.
-pub fn layer_norm_grad_wb(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    rows: usize,
-    d: usize,
-    eps: f32,
-) -> Result<(CudaStorage, usize)> {
-    #[allow(clippy::too_many_arguments)]
-    fn go<T: Elem>(
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        rows: usize,
-        d: usize,
-        eps: f32,
-        out: &CudaSlice<f32>,
-        p: usize,
-    ) -> Result<()> {
-        let dev = &s1.device;
-        let x = typed::<T>(s1, l1)?;
-        let dy = typed::<T>(s2, l2)?;
-        let (r, c) = dims(rows, d)?;
-        let rpb =
-            i32::try_from(rows.div_ceil(p)).map_err(|_| candle_core::Error::Msg("rows".into()))?;
-        let cfg = LaunchConfig {
-            grid_dim: (p as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (2 * d * 4) as u32,
-        };
-        let pairs = (ln_pairs(d, l1.start_offset()).is_some()
-            && l2.start_offset().is_multiple_of(2))
-        .then(|| ln_pairs(d, 0))
-        .flatten()
-        .map(|p| format!("p{p}"));
-        let f = func(dev, &kernel_name("ln_grad_wb", T::SUFFIX, pairs))?;
-        let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
-        lb.arg(&x)
-            .arg(&dy)
-            .arg(out)
+            .arg(&parts)
             .arg(&r)
             .arg(&c)
             .arg(&eps)
@@ -425,19 +397,14 @@ pub fn layer_norm_grad_wb(
         // SAFETY: arguments match the kernel's signature; shared memory is 2·d floats, under
         // 48 KiB for d ≤ 6144.
         unsafe { lb.launch(cfg) }.w()?;
-        Ok(())
+        Ok((T::wrap(dx), parts, p))
     }
     if d > 6144 {
         candle_core::bail!("fused layer norm backward: rows of {d} values are over 6144");
     }
     let dev = &s1.device;
-    // Enough blocks to fill the device, each over at least 32 rows.
-    let p = rows.div_ceil(32).clamp(1, 1024);
-    let p = rows.div_ceil(rows.div_ceil(p)).max(1);
-    // SAFETY: every element is written by the kernel (each block writes its whole slice).
-    let out = unsafe { dev.alloc::<f32>(2 * p * d)? };
-    with_elem!(s1, go(s1, l1, s2, l2, rows, d, eps, &out, p))?;
-    Ok((wrap(dev, CudaStorageSlice::F32(out)), p))
+    let (dx, parts, p) = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, d, eps))?;
+    Ok((wrap(dev, dx), wrap(dev, CudaStorageSlice::F32(parts)), p))
 }
 
 /// Fused softmax forward over rows.

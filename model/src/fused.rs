@@ -313,7 +313,8 @@ impl<X: Copy, B: Copy, Y, F: Fn(X, X, B) -> Y> pulp::WithSimd for RowsWithBias<'
     }
 }
 
-/// Fused layer norm (forward); its backward is [`LayerNormGradX`] and [`LayerNormGradWB`].
+/// Fused layer norm (forward); its backward is [`LayerNormGrad`] (one pass), then a sum of
+/// its partial sums for the scale and shift.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerNorm {
     /// Variance epsilon.
@@ -387,26 +388,41 @@ impl CustomOp3 for LayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormGradX { eps: self.eps })?;
+        let parts = Stash::default();
+        let op = LayerNormGrad {
+            eps: self.eps,
+            parts: parts.clone(),
+        };
+        let dx = x.apply_op3_no_bwd(w, &grad, &op)?;
         // [2, P, D] partial sums over row blocks → [2, D].
-        let wb = x
-            .apply_op3_no_bwd(&grad, w, &LayerNormGradWB { eps: self.eps })?
-            .sum(1)?
-            .to_dtype(w.dtype())?;
+        let wb = parts.take(w)?.sum(1)?.to_dtype(w.dtype())?;
         Ok((Some(dx), Some(wb.get(0)?), Some(wb.get(1)?)))
     }
 }
 
-/// Layer norm backward for the input: `(x, weight, dy) → dx`, with `x`'s dtype.
-#[derive(Debug, Clone, Copy)]
-pub struct LayerNormGradX {
-    /// Variance epsilon.
-    pub eps: f64,
+/// Blocks of rows of the layer norm's backward ([`LayerNormGrad`]): each writes one partial
+/// sum of the scale and shift gradients per column. Two or more rows per warp of 8, at most
+/// 2,048 blocks; the CUDA kernels' grid (but for the wide-access ones, `ICEFM_LN_V8`), and the
+/// CPU's split, so both hand on partial sums of the same shape.
+pub fn ln_grad_blocks(rows: usize) -> usize {
+    let p = rows.div_ceil(16).clamp(1, 2048);
+    rows.div_ceil(rows.div_ceil(p)).max(1)
 }
 
-impl CustomOp3 for LayerNormGradX {
+/// Layer norm backward in one pass over `x` and `dy`: `(x, weight, dy) → dx` in `x`'s dtype,
+/// and, left in [`Stash`] `parts` for the caller, `[2, P, D]` partial sums over `P` blocks of
+/// rows of `dy · x̂` (the scale's gradient) and `dy` (the shift's), in f32 (f64 for f64 input).
+#[derive(Debug, Clone)]
+pub struct LayerNormGrad {
+    /// Variance epsilon.
+    pub eps: f64,
+    /// Where the partial sums go.
+    pub parts: Stash,
+}
+
+impl CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
-        "icefm-layer-norm-grad-x"
+        "icefm-layer-norm-grad"
     }
 
     fn cpu_fwd(
@@ -425,16 +441,19 @@ impl CustomOp3 for LayerNormGradX {
             s3: &CpuStorage,
             l3: &Layout,
             eps: f64,
-        ) -> Result<CpuStorage> {
-            let (_, d) = rows_cols(l1);
+        ) -> Result<(CpuStorage, Vec<f64>, usize)> {
+            let (rows, d) = rows_cols(l1);
             let x = typed::<T>(s1, l1, "layer norm backward")?;
             let dy = typed::<T>(s3, l3, "layer norm backward")?;
             let mut dx = vec![T::from_f64(0.0); x.len()];
-            let chunk = rows_per_task(d) * d;
+            let p = ln_grad_blocks(rows);
+            let chunk = rows.div_ceil(p).max(1) * d;
             let n = d as f64;
-            dx.par_chunks_mut(chunk)
+            let sums: Vec<Vec<f64>> = dx
+                .par_chunks_mut(chunk)
                 .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-                .for_each(|(oc, (xc, gc))| {
+                .map(|(oc, (xc, gc))| {
+                    let mut acc = vec![0f64; 2 * d];
                     for ((o, xr), gr) in oc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
                         let (mean, rstd) = row_stats_t(xr, eps);
                         let (mut a, mut bsum) = (0f64, 0f64);
@@ -445,16 +464,35 @@ impl CustomOp3 for LayerNormGradX {
                         }
                         let (a, bsum) = (a / n, bsum / n);
                         for i in 0..d {
-                            let xhat = (xr[i].to_f64() - mean) * rstd;
-                            o[i] = T::from_f64(rstd * (gr[i].to_f64() * w[i] - a - xhat * bsum));
+                            let (gy, xhat) = (gr[i].to_f64(), (xr[i].to_f64() - mean) * rstd);
+                            o[i] = T::from_f64(rstd * (gy * w[i] - a - xhat * bsum));
+                            acc[i] += gy * xhat;
+                            acc[d + i] += gy;
                         }
                     }
-                });
-            Ok(T::to_cpu_storage_owned(dx))
+                    acc
+                })
+                .collect();
+            // [2, P, D]; blocks past the rows (none but for zero rows) stay 0.
+            let mut out = vec![0f64; 2 * p * d];
+            for (j, acc) in sums.iter().enumerate() {
+                out[j * d..(j + 1) * d].copy_from_slice(&acc[..d]);
+                out[(p + j) * d..(p + j + 1) * d].copy_from_slice(&acc[d..]);
+            }
+            Ok((T::to_cpu_storage_owned(dx), out, p))
         }
+        let (_, d) = rows_cols(l1);
         let w = cpu_f64(s2, l2, self.name())?;
-        let out = by_dtype!(s1.dtype(), go(s1, l1, &w, s3, l3, self.eps))?;
-        Ok((out, l1.shape().clone()))
+        let (dx, parts, p) = by_dtype!(s1.dtype(), go(s1, l1, &w, s3, l3, self.eps))?;
+        let dtype = if s1.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        candle_core::census::written((2 * p * d * dtype.size_in_bytes()) as u64);
+        self.parts
+            .put(Stashed::Cpu(cpu_from_f64(parts, dtype)?), (2, p, d).into());
+        Ok((dx, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -468,92 +506,73 @@ impl CustomOp3 for LayerNormGradX {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, d) = rows_cols(l1);
-        let out = crate::cuda::layer_norm_grad_x(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
-        Ok((out, l1.shape().clone()))
+        let (dx, parts, p) =
+            crate::cuda::layer_norm_grad(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
+        candle_core::census::written((2 * p * d * 4) as u64);
+        self.parts.put(Stashed::Cuda(parts), (2, p, d).into());
+        Ok((dx, l1.shape().clone()))
     }
 }
 
-/// Layer norm backward for scale and shift: `(x, dy, weight) → [2, P, D]` partial sums over
-/// `P` row blocks of `dy · x̂` (scale) and `dy` (shift), in f32 (f64 for f64 input); the caller
-/// sums over `P`. `weight` only sets nothing but the op's arity (its values are unused).
-#[derive(Debug, Clone, Copy)]
-pub struct LayerNormGradWB {
-    /// Variance epsilon.
-    pub eps: f64,
+/// A second result of a custom op (candle's ops have one), kept for the caller to take as a
+/// tensor with [`Stash::take`]: an op that launches nothing and hands the kept storage on.
+#[derive(Debug, Clone, Default)]
+pub struct Stash {
+    inner: std::sync::Arc<std::sync::Mutex<Option<(Stashed, Shape)>>>,
 }
 
-impl CustomOp3 for LayerNormGradWB {
+/// A kept storage, on the device that computed it.
+#[derive(Debug)]
+enum Stashed {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+}
+
+impl Stash {
+    fn put(&self, storage: Stashed, shape: Shape) {
+        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = Some((storage, shape));
+    }
+
+    fn get(&self) -> Result<(Stashed, Shape)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("stash: nothing kept, or taken twice".into()))
+    }
+
+    /// The kept result as a tensor on `like`'s device (no gradient). Once only.
+    pub fn take(&self, like: &Tensor) -> Result<Tensor> {
+        like.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Stash {
     fn name(&self) -> &'static str {
-        "icefm-layer-norm-grad-wb"
+        "icefm-stash"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        _s3: &CpuStorage,
-        _l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn go<T: WithDType>(
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            eps: f64,
-        ) -> Result<(Vec<f64>, usize)> {
-            let (rows, d) = rows_cols(l1);
-            let x = typed::<T>(s1, l1, "layer norm backward")?;
-            let dy = typed::<T>(s2, l2, "layer norm backward")?;
-            let rows_block = rows.div_ceil(64).max(1);
-            let parts: Vec<Vec<f64>> = x
-                .par_chunks(rows_block * d)
-                .zip(dy.par_chunks(rows_block * d))
-                .map(|(xc, gc)| {
-                    let mut acc = vec![0f64; 2 * d];
-                    for (xr, gr) in xc.chunks(d).zip(gc.chunks(d)) {
-                        let (mean, rstd) = row_stats_t(xr, eps);
-                        for i in 0..d {
-                            let g = gr[i].to_f64();
-                            acc[i] += g * (xr[i].to_f64() - mean) * rstd;
-                            acc[d + i] += g;
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            let p = parts.len().max(1);
-            let mut out = vec![0f64; 2 * p * d];
-            for (j, acc) in parts.iter().enumerate() {
-                out[j * d..(j + 1) * d].copy_from_slice(&acc[..d]);
-                out[(p + j) * d..(p + j + 1) * d].copy_from_slice(&acc[d..]);
-            }
-            Ok((out, p))
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::census::launchless();
+        match self.get()? {
+            (Stashed::Cpu(s), shape) => Ok((s, shape)),
+            #[cfg(feature = "cuda")]
+            _ => candle_core::bail!("stash: kept on a GPU, taken on the CPU"),
         }
-        let (_, d) = rows_cols(l1);
-        let (out, p) = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, self.eps))?;
-        let dtype = if s1.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        Ok((cpu_from_f64(out, dtype)?, Shape::from((2, p, d))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        _s3: &candle_core::CudaStorage,
-        _l3: &Layout,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = rows_cols(l1);
-        let (out, p) = crate::cuda::layer_norm_grad_wb(s1, l1, s2, l2, rows, d, self.eps as f32)?;
-        Ok((out, Shape::from((2, p, d))))
+        candle_core::census::launchless();
+        match self.get()? {
+            (Stashed::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("stash: kept on the CPU, taken on a GPU"),
+        }
     }
 }
 

@@ -52,36 +52,24 @@ __device__ void ln_fwd(const T* x, const float* w, const float* b, T* y, int row
     for (int i = lane; i < d; i += 32) st(yr, i, (ld(xr, i) - mean) * rstd * w[i] + b[i]);
 }
 
-// dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), g = dy · w.
-template <typename T>
-__device__ void ln_grad_x(const T* x, const float* w, const T* dy, T* dx, int rows, int d,
-                          float eps) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const T* xr = x + (long)row * d;
-    const T* gr = dy + (long)row * d;
-    T* o = dx + (long)row * d;
-    float mean, rstd;
-    row_stats(xr, d, lane, eps, mean, rstd);
-    float a = 0.f, bs = 0.f;
-    for (int i = lane; i < d; i += 32) {
-        float g = ld(gr, i) * w[i];
-        a += g;
-        bs += g * (ld(xr, i) - mean) * rstd;
-    }
-    a = warp_sum(a) / d;
-    bs = warp_sum(bs) / d;
-    for (int i = lane; i < d; i += 32) {
-        float xh = (ld(xr, i) - mean) * rstd;
-        st(o, i, rstd * (ld(gr, i) * w[i] - a - xh * bs));
+// The block's partial sums of the layer norm's scale and shift gradients, acc[0..2d) in
+// shared memory, to out[0][blockIdx][:] and out[1][blockIdx][:] (after a barrier).
+__device__ __forceinline__ void ln_write_partials(const float* acc, float* out, int d) {
+    __syncthreads();
+    long p = gridDim.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        out[(long)blockIdx.x * d + i] = acc[i];
+        out[(p + blockIdx.x) * d + i] = acc[d + i];
     }
 }
 
-// Partial sums of dy·x̂ and dy over a block of rows: out[0][blockIdx][:], out[1][blockIdx][:].
-// Each warp takes rows of the block's range in turn; shared-memory accumulators.
+// The layer norm's backward in one pass over x and dy: dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))
+// with g = dy · w, and the block's partial sums of dy · x̂ (for the scale) and dy (for the
+// shift) in out[0][blockIdx][:] and out[1][blockIdx][:]. Block b takes rows
+// [b · rows_per_block, (b + 1) · rows_per_block), its warps in turn; shared-memory atomics.
 template <typename T>
-__device__ void ln_grad_wb(const T* x, const T* dy, float* out, int rows, int d, float eps,
-                           int rows_per_block) {
+__device__ void ln_grad(const T* x, const float* w, const T* dy, T* dx, float* out, int rows,
+                        int d, float eps, int rows_per_block) {
     ICEFM_DYNAMIC_SHARED(float, acc);  // [2][d]
     for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
     __syncthreads();
@@ -91,20 +79,25 @@ __device__ void ln_grad_wb(const T* x, const T* dy, float* out, int rows, int d,
     for (int row = r0 + warp; row < r1; row += warps) {
         const T* xr = x + (long)row * d;
         const T* gr = dy + (long)row * d;
+        T* o = dx + (long)row * d;
         float mean, rstd;
         row_stats(xr, d, lane, eps, mean, rstd);
+        float a = 0.f, bs = 0.f;
         for (int i = lane; i < d; i += 32) {
-            float g = ld(gr, i);
-            atomicAdd(&acc[i], g * (ld(xr, i) - mean) * rstd);
-            atomicAdd(&acc[d + i], g);
+            float g = ld(gr, i) * w[i];
+            a += g;
+            bs += g * (ld(xr, i) - mean) * rstd;
+        }
+        a = warp_sum(a) / d;
+        bs = warp_sum(bs) / d;
+        for (int i = lane; i < d; i += 32) {
+            float gy = ld(gr, i), xh = (ld(xr, i) - mean) * rstd;
+            st(o, i, rstd * (gy * w[i] - a - xh * bs));
+            atomicAdd(&acc[i], gy * xh);
+            atomicAdd(&acc[d + i], gy);
         }
     }
-    __syncthreads();
-    long p = gridDim.x;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        out[(long)blockIdx.x * d + i] = acc[i];
-        out[(p + blockIdx.x) * d + i] = acc[d + i];
-    }
+    ln_write_partials(acc, out, d);
 }
 
 // Softmax over the first `valid` values of each row (the rest are padding: probability 0).
@@ -139,10 +132,9 @@ __device__ void softmax_grad(const T* y, const T* dy, T* dx, int rows, int d) {
 #define INSTANCES(T, SUF)                                                                     \
 extern "C" __global__ void ln_fwd_##SUF(const T* x, const float* w, const float* b, T* y,    \
         int rows, int d, float eps) { ln_fwd<T>(x, w, b, y, rows, d, eps); }                  \
-extern "C" __global__ void ln_grad_x_##SUF(const T* x, const float* w, const T* dy, T* dx,   \
-        int rows, int d, float eps) { ln_grad_x<T>(x, w, dy, dx, rows, d, eps); }             \
-extern "C" __global__ void ln_grad_wb_##SUF(const T* x, const T* dy, float* out, int rows,   \
-        int d, float eps, int rpb) { ln_grad_wb<T>(x, dy, out, rows, d, eps, rpb); }           \
+extern "C" __global__ void ln_grad_##SUF(const T* x, const float* w, const T* dy, T* dx,     \
+        float* out, int rows, int d, float eps, int rpb) {                                     \
+    ln_grad<T>(x, w, dy, dx, out, rows, d, eps, rpb); }                                        \
 extern "C" __global__ void softmax_fwd_##SUF(const T* x, T* y, int rows, int d, int valid) {  \
         softmax_fwd<T>(x, y, rows, d, valid); }                                                      \
 extern "C" __global__ void softmax_grad_##SUF(const T* y, const T* dy, T* dx, int rows,      \
@@ -207,50 +199,15 @@ __device__ void ln_fwd_reg(const T* x, const float* w, const float* b, T* y, int
     }
 }
 
+// [`ln_grad`] with each lane's share of a row in registers (P pairs, d = 64·P): the lane's
+// columns are the same in every row, so it sums dy · x̂ and dy over its rows in registers; the
+// block's warps then add theirs in shared memory one warp after another, so the partial sums
+// have the same bits whatever order the warps run in.
 template <typename T, int P>
-__device__ void ln_grad_x_reg(const T* x, const float* w, const T* dy, T* dx, int rows, float eps) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const int d = 64 * P;
-    const T* xr = x + (long)row * d;
-    const T* gr = dy + (long)row * d;
-    float v[2 * P], g[2 * P];
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-        ld2(xr, lane + 32 * k, v[2 * k], v[2 * k + 1]);
-        ld2(gr, lane + 32 * k, g[2 * k], g[2 * k + 1]);
-    }
-    float mean, rstd;
-    row_stats_reg<T, P>(v, d, eps, mean, rstd);
-    float a = 0.f, bs = 0.f;
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-        float2 wv = reinterpret_cast<const float2*>(w)[lane + 32 * k];
-        g[2 * k] *= wv.x;
-        g[2 * k + 1] *= wv.y;
-        v[2 * k] = (v[2 * k] - mean) * rstd;
-        v[2 * k + 1] = (v[2 * k + 1] - mean) * rstd;
-        a += g[2 * k] + g[2 * k + 1];
-        bs += g[2 * k] * v[2 * k] + g[2 * k + 1] * v[2 * k + 1];
-    }
-    a = warp_sum(a) / d;
-    bs = warp_sum(bs) / d;
-    T* o = dx + (long)row * d;
-#pragma unroll
-    for (int k = 0; k < P; ++k)
-        st2(o, lane + 32 * k, rstd * (g[2 * k] - a - v[2 * k] * bs),
-            rstd * (g[2 * k + 1] - a - v[2 * k + 1] * bs));
-}
-
-// Each warp accumulates its rows' dy·x̂ and dy in registers; the block's warps then add
-// theirs in shared memory once, and the block writes its partial sums.
-template <typename T, int P>
-__device__ void ln_grad_wb_reg(const T* x, const T* dy, float* out, int rows, float eps,
-                               int rows_per_block) {
+__device__ void ln_grad_reg(const T* x, const float* w, const T* dy, T* dx, float* out, int rows,
+                            float eps, int rows_per_block) {
     const int d = 64 * P;
     ICEFM_DYNAMIC_SHARED(float, acc);  // [2][d]
-    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
-    __syncthreads();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     int r0 = blockIdx.x * rows_per_block;
     int r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
@@ -268,26 +225,43 @@ __device__ void ln_grad_wb_reg(const T* x, const T* dy, float* out, int rows, fl
         }
         float mean, rstd;
         row_stats_reg<T, P>(v, d, eps, mean, rstd);
+        float a = 0.f, bs = 0.f;
 #pragma unroll
-        for (int k = 0; k < 2 * P; ++k) {
-            dw[k] += g[k] * (v[k] - mean) * rstd;
-            db[k] += g[k];
+        for (int k = 0; k < P; ++k) {
+            float2 wv = reinterpret_cast<const float2*>(w)[lane + 32 * k];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int m = 2 * k + j;
+                v[m] = (v[m] - mean) * rstd;
+                dw[m] += g[m] * v[m];
+                db[m] += g[m];
+                g[m] *= j ? wv.y : wv.x;
+                a += g[m];
+                bs += g[m] * v[m];
+            }
         }
-    }
+        a = warp_sum(a) / d;
+        bs = warp_sum(bs) / d;
+        T* o = dx + (long)row * d;
 #pragma unroll
-    for (int k = 0; k < P; ++k) {
-        int i = 2 * (lane + 32 * k);
-        atomicAdd(&acc[i], dw[2 * k]);
-        atomicAdd(&acc[i + 1], dw[2 * k + 1]);
-        atomicAdd(&acc[d + i], db[2 * k]);
-        atomicAdd(&acc[d + i + 1], db[2 * k + 1]);
+        for (int k = 0; k < P; ++k)
+            st2(o, lane + 32 * k, rstd * (g[2 * k] - a - v[2 * k] * bs),
+                rstd * (g[2 * k + 1] - a - v[2 * k + 1] * bs));
     }
-    __syncthreads();
-    long p = gridDim.x;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        out[(long)blockIdx.x * d + i] = acc[i];
-        out[(p + blockIdx.x) * d + i] = acc[d + i];
+    for (int s = 0; s < warps; ++s) {
+        if (warp == s) {
+#pragma unroll
+            for (int k = 0; k < P; ++k)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int i = 2 * (lane + 32 * k) + j;
+                    acc[i] = s ? acc[i] + dw[2 * k + j] : dw[2 * k + j];
+                    acc[d + i] = s ? acc[d + i] + db[2 * k + j] : db[2 * k + j];
+                }
+        }
+        __syncthreads();
     }
+    ln_write_partials(acc, out, d);
 }
 
 // Softmax with the row in registers: V values per lane (V ≥ ceil(d / 32)), bounds-checked.
@@ -344,10 +318,9 @@ __device__ void softmax_grad_reg(const T* y, const T* dy, T* dx, int rows, int d
 #define LN_REG(T, SUF, P)                                                                     \
 extern "C" __global__ void ln_fwd_##SUF##_p##P(const T* x, const float* w, const float* b,   \
         T* y, int rows, int d, float eps) { ln_fwd_reg<T, P>(x, w, b, y, rows, eps); }         \
-extern "C" __global__ void ln_grad_x_##SUF##_p##P(const T* x, const float* w, const T* dy,   \
-        T* dx, int rows, int d, float eps) { ln_grad_x_reg<T, P>(x, w, dy, dx, rows, eps); }   \
-extern "C" __global__ void ln_grad_wb_##SUF##_p##P(const T* x, const T* dy, float* out,      \
-        int rows, int d, float eps, int rpb) { ln_grad_wb_reg<T, P>(x, dy, out, rows, eps, rpb); }
+extern "C" __global__ void ln_grad_##SUF##_p##P(const T* x, const float* w, const T* dy,     \
+        T* dx, float* out, int rows, int d, float eps, int rpb) {                              \
+    ln_grad_reg<T, P>(x, w, dy, dx, out, rows, eps, rpb); }
 #define SM_REG(T, SUF, V)                                                                     \
 extern "C" __global__ void softmax_fwd_##SUF##_v##V(const T* x, T* y, int rows, int d,       \
         int valid) { softmax_fwd_reg<T, V>(x, y, rows, d, valid); }                                               \
@@ -426,11 +399,18 @@ __device__ void ln_fwd_v8(const bf16_t* x, const float* w, const float* b, bf16_
     }
 }
 
+// [`ln_grad`] with 16-byte accesses and persistent warps: each lane sums dy · x̂ and dy of its
+// columns over its rows in registers; the block's warps add theirs in warp order
+// (as `ln_grad_reg`), so block b's partial sums are over the rows of its warps.
 template <int Q>
-__device__ void ln_grad_x_v8(const bf16_t* x, const float* w, const bf16_t* dy, bf16_t* dx,
-                             int rows, float eps) {
+__device__ void ln_grad_v8(const bf16_t* x, const float* w, const bf16_t* dy, bf16_t* dx,
+                           float* out, int rows, float eps) {
     const int lane = threadIdx.x & 31, warps = (gridDim.x * blockDim.x) >> 5;
     const int d = 256 * Q;
+    ICEFM_DYNAMIC_SHARED(float, acc);  // [2][d]
+    float dw[8 * Q], db[8 * Q];
+#pragma unroll
+    for (int k = 0; k < 8 * Q; ++k) { dw[k] = 0.f; db[k] = 0.f; }
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     uint4 cx[Q], cg[Q];
     if (row < rows) {
@@ -460,8 +440,10 @@ __device__ void ln_grad_x_v8(const bf16_t* x, const float* w, const bf16_t* dy, 
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const int k = 8 * q + i;
-                g[k] *= wv[i];
                 v[k] = (v[k] - mean) * rstd;
+                dw[k] += g[k] * v[k];
+                db[k] += g[k];
+                g[k] *= wv[i];
                 a += g[k];
                 bs += g[k] * v[k];
             }
@@ -484,17 +466,33 @@ __device__ void ln_grad_x_v8(const bf16_t* x, const float* w, const bf16_t* dy, 
             }
         }
     }
+    const int warp = threadIdx.x >> 5, block_warps = blockDim.x >> 5;
+    for (int s = 0; s < block_warps; ++s) {
+        if (warp == s) {
+#pragma unroll
+            for (int k = 0; k < 8 * Q; ++k) {
+                const int i = (lane + 32 * (k / 8)) * 8 + k % 8;
+                acc[i] = s ? acc[i] + dw[k] : dw[k];
+                acc[d + i] = s ? acc[d + i] + db[k] : db[k];
+            }
+        }
+        __syncthreads();
+    }
+    ln_write_partials(acc, out, d);
 }
-#define LN_V8(Q)                                                                              \
+#define LN_V8_FWD(Q)                                                                          \
 extern "C" __global__ void ln_fwd_bf16_q##Q(const bf16_t* x, const float* w, const float* b,  \
-        bf16_t* y, int rows, int d, float eps) { ln_fwd_v8<Q>(x, w, b, y, rows, eps); }        \
-extern "C" __global__ void ln_grad_x_bf16_q##Q(const bf16_t* x, const float* w,               \
-        const bf16_t* dy, bf16_t* dx, int rows, int d, float eps) {                            \
-    ln_grad_x_v8<Q>(x, w, dy, dx, rows, eps); }
-LN_V8(2)
-LN_V8(3)
-LN_V8(4)
-LN_V8(5)
+        bf16_t* y, int rows, int d, float eps) { ln_fwd_v8<Q>(x, w, b, y, rows, eps); }
+// The backward up to Q = 4: at 5 its registers (a row of x and dy, the next row's loads and
+// the partial sums) spill.
+#define LN_V8_GRAD(Q)                                                                         \
+extern "C" __global__ void ln_grad_bf16_q##Q(const bf16_t* x, const float* w,                 \
+        const bf16_t* dy, bf16_t* dx, float* out, int rows, int d, float eps, int rpb) {       \
+    ln_grad_v8<Q>(x, w, dy, dx, out, rows, eps); }
+LN_V8_FWD(2) LN_V8_GRAD(2)
+LN_V8_FWD(3) LN_V8_GRAD(3)
+LN_V8_FWD(4) LN_V8_GRAD(4)
+LN_V8_FWD(5)
 
 
 // ---- Bias add, column sums, GELU, gradient norm.

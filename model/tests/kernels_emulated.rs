@@ -209,8 +209,17 @@ fn the_emulator_runs_threads_to_their_barriers_and_completes_shuffles() {
 // ---- Layer norm.
 
 type LnFwd = unsafe extern "C" fn(*const u16, *const f32, *const f32, *mut u16, i32, i32, f32);
-type LnGradX = unsafe extern "C" fn(*const u16, *const f32, *const u16, *mut u16, i32, i32, f32);
-type LnGradWb = unsafe extern "C" fn(*const u16, *const u16, *mut f32, i32, i32, f32, i32);
+type LnGrad = unsafe extern "C" fn(
+    *const u16,
+    *const f32,
+    *const u16,
+    *mut u16,
+    *mut f32,
+    i32,
+    i32,
+    f32,
+    i32,
+);
 
 /// Layer norm of bf16 rows in f64 (ops::layer_norm and candle's autograd): y, dx, dw, db.
 fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, dy: &Tensor) -> [Tensor; 4] {
@@ -227,9 +236,13 @@ fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, dy: &Tensor) -> [Ten
     [y, grad(&xv), grad(&wv), grad(&bv)]
 }
 
-/// The kernels of `ICEFM_LN_V8` (16-byte accesses, warps striding over rows) on grids of fewer
-/// warps than rows, one warp per row, and more warps than rows; and, as a check of the
-/// emulator, the register-resident and general kernels that passed on an H200.
+/// The layer norm's kernels: forward, and the backward's one pass (dx and per-block partial
+/// sums for the scale and shift). The wide-access ones of `ICEFM_LN_V8` (16-byte accesses,
+/// warps striding over rows) on grids of fewer warps than rows, one warp per row, and more
+/// warps than rows; the register-resident and general ones on cuda.rs's grids and on one
+/// block. Partial sums of the wide and register-resident kernels add their warps in a fixed
+/// order, so every output has the same bits in every thread order; the general kernel's
+/// partial sums use atomics, so only its dx must.
 #[test]
 fn layer_norm_kernels_match_the_reference_in_the_emulator() {
     let emu = emulator();
@@ -238,6 +251,7 @@ fn layer_norm_kernels_match_the_reference_in_the_emulator() {
         (21, 768, 2),
         (9, 1024, 3),
         (13, 1280, 4),
+        (70, 512, 5),
     ] {
         let x = random(&[rows, d], seed, 2.0, DType::BF16)
             .affine(1.0, 0.3)
@@ -254,69 +268,77 @@ fn layer_norm_kernels_match_the_reference_in_the_emulator() {
         );
         let (ri, di) = (rows as i32, d as i32);
         let q = d / 256;
-        // (kernel suffix, grid): the wide kernels with 1 and 2 blocks of 8 warps (rows per warp
-        // 2–5) and with a block per 8 rows (cuda.rs's cap); the others one warp per row.
-        let mut runs: Vec<(String, u32)> = [1, 2, rows.div_ceil(8) as u32]
+        let per_warp = rows.div_ceil(8) as u32;
+        let blocks = fused::ln_grad_blocks(rows) as u32;
+        // (kernel suffix, forward grid, backward grid): the wide kernels with 1 and 2 blocks of
+        // 8 warps (rows per warp 2–5) and with a block per 8 rows (cuda.rs's cap), up to 4
+        // loads per lane (the backward has no 5); the others one warp per row forward,
+        // cuda.rs's blocks or one block backward.
+        let wide_grad = if q <= 4 {
+            format!("bf16_q{q}")
+        } else {
+            format!("bf16_p{}", d / 64)
+        };
+        let mut runs: Vec<(String, u32, String, u32)> = [1, 2, per_warp]
             .into_iter()
-            .map(|g| (format!("bf16_q{q}"), g))
+            .map(|g| (format!("bf16_q{q}"), g, wide_grad.clone(), g))
             .collect();
-        runs.push((format!("bf16_p{}", d / 64), rows.div_ceil(8) as u32));
-        runs.push(("bf16".into(), rows.div_ceil(8) as u32));
-        for (suffix, grid) in runs {
+        for grad_grid in [blocks, 1] {
+            for suffix in [format!("bf16_p{}", d / 64), "bf16".into()] {
+                runs.push((suffix.clone(), per_warp, suffix, grad_grid));
+            }
+        }
+        for (suffix, grid, grad_suffix, grad_grid) in runs {
+            let p = grad_grid as usize;
+            let rpb = rows.div_ceil(p) as i32;
             let mut outs = Vec::new();
             for order in [Order::Forward, Order::Reverse, Order::Random(seed)] {
                 // SAFETY: the kernels' C signatures (kernels.cu).
-                let (fwd, bwd): (LnFwd, LnGradX) = unsafe {
+                let (fwd, bwd): (LnFwd, LnGrad) = unsafe {
                     (
                         emu.kernel(&format!("ln_fwd_{suffix}")),
-                        emu.kernel(&format!("ln_grad_x_{suffix}")),
+                        emu.kernel(&format!("ln_grad_{grad_suffix}")),
                     )
                 };
                 let mut y = Buffer::<u16>::output(rows * d);
                 let mut dx = Buffer::<u16>::output(rows * d);
-                let (yp, dxp) = (y.mut_ptr(), dx.mut_ptr());
+                let mut parts = Buffer::<f32>::output(2 * p * d);
+                let (yp, dxp, pp) = (y.mut_ptr(), dx.mut_ptr(), parts.mut_ptr());
                 emu.launch((grid, 1, 1), (256, 1, 1), 0, order, &|| {
                     // SAFETY: buffers of rows × d (x, y) and d (w, b), as the kernel reads.
                     unsafe { fwd(xb.ptr(), wb.ptr(), bb.ptr(), yp, ri, di, 1e-6) }
                 })
                 .unwrap();
-                emu.launch((grid, 1, 1), (256, 1, 1), 0, order, &|| {
-                    // SAFETY: as above.
-                    unsafe { bwd(xb.ptr(), wb.ptr(), gb.ptr(), dxp, ri, di, 1e-6) }
+                emu.launch((grad_grid, 1, 1), (256, 1, 1), 2 * d * 4, order, &|| {
+                    // SAFETY: as above; parts holds 2 × p × d partial sums.
+                    unsafe { bwd(xb.ptr(), wb.ptr(), gb.ptr(), dxp, pp, ri, di, 1e-6, rpb) }
                 })
                 .unwrap();
-                let what = format!("{suffix} {rows}×{d} grid {grid} {order:?}");
+                let what = format!(
+                    "{suffix}, {grad_suffix} {rows}×{d} grids {grid}, {grad_grid} {order:?}"
+                );
                 let y_t = u16::tensor(y.values(), &[rows, d]);
                 let dx_t = u16::tensor(dx.values(), &[rows, d]);
                 assert_close(&y_t, &y_ref, 1e-2, &format!("forward {what}"));
                 assert_close(&dx_t, &dx_ref, 2e-2, &format!("dx {what}"));
-                outs.push((y.values().to_vec(), dx.values().to_vec()));
+                let sums = f32::tensor(parts.values(), &[2, p, d]).sum(1).unwrap();
+                assert_close(&sums.get(0).unwrap(), &dw_ref, 1e-3, &format!("dw {what}"));
+                assert_close(&sums.get(1).unwrap(), &db_ref, 1e-3, &format!("db {what}"));
+                let atomics = grad_suffix == "bf16";
+                outs.push((
+                    y.values().to_vec(),
+                    dx.values().to_vec(),
+                    if atomics {
+                        Vec::new()
+                    } else {
+                        parts.values().to_vec()
+                    },
+                ));
             }
             assert!(
                 outs.iter().all(|o| *o == outs[0]),
                 "{suffix}: the thread order changed the bits"
             );
-        }
-        // dw, db: per-block partial sums in shared memory (atomics), as cuda.rs launches them.
-        let p = rows.div_ceil(32).clamp(1, 1024);
-        let p = rows.div_ceil(rows.div_ceil(p)).max(1);
-        let rpb = rows.div_ceil(p) as i32;
-        for suffix in [format!("bf16_p{}", d / 64), "bf16".into()] {
-            // SAFETY: the kernel's C signature.
-            let k: LnGradWb = unsafe { emu.kernel(&format!("ln_grad_wb_{suffix}")) };
-            for order in [Order::Forward, Order::Reverse] {
-                let mut out = Buffer::<f32>::output(2 * p * d);
-                let op = out.mut_ptr();
-                emu.launch((p as u32, 1, 1), (256, 1, 1), 2 * d * 4, order, &|| {
-                    // SAFETY: out holds 2 × p × d partial sums.
-                    unsafe { k(xb.ptr(), gb.ptr(), op, ri, di, 1e-6, rpb) }
-                })
-                .unwrap();
-                let parts = f32::tensor(out.values(), &[2, p, d]).sum(1).unwrap();
-                let what = format!("ln_grad_wb_{suffix} {rows}×{d} {order:?}");
-                assert_close(&parts.get(0).unwrap(), &dw_ref, 1e-3, &format!("dw {what}"));
-                assert_close(&parts.get(1).unwrap(), &db_ref, 1e-3, &format!("db {what}"));
-            }
         }
     }
 }

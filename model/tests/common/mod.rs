@@ -185,7 +185,8 @@ pub fn census_mae() -> MaeConfig {
 /// `a` equals `b` row by row, exactly but for the partial sums of the bias and layer-norm
 /// parameter gradients (written, then summed): their row blocks are the batch's rows rounded
 /// up, so their size is affine in the batch only up to a block (their calls match, their
-/// bytes to 60 %).
+/// bytes to 60 %; the layer norm's backward writes them beside its `dx`: its bytes written to
+/// 30 %, read exactly).
 pub fn assert_same_census(a: &[Row], b: &[Row]) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
@@ -193,16 +194,19 @@ pub fn assert_same_census(a: &[Row], b: &[Row]) {
             (&x.phase, &x.op, &x.dtype, x.calls),
             (&y.phase, &y.op, &y.dtype, y.calls)
         );
-        // The partial sums (bias and layer-norm gradients), and the sums over them.
-        let blocks = x.phase.starts_with("backward: icefm-")
-            && [
-                "custom icefm-column-sums",
-                "custom icefm-layer-norm-grad-wb",
-                "reduce Sum",
-            ]
-            .contains(&x.op.as_str());
-        for (u, v) in [(x.read, y.read), (x.written, y.written), (x.flops, y.flops)] {
-            let tol = if blocks { 0.6 * v } else { 1e-6 * v.max(1.0) };
+        // The partial sums (bias and layer-norm gradients), and the sums over them: relative
+        // tolerances of bytes read, bytes written and operations.
+        let partial = x.phase.starts_with("backward: icefm-");
+        let rel = match x.op.as_str() {
+            "custom icefm-column-sums" | "reduce Sum" if partial => [0.6; 3],
+            "custom icefm-layer-norm-grad" if partial => [1e-6, 0.3, 1e-6],
+            _ => [1e-6; 3],
+        };
+        for ((u, v), rel) in [(x.read, y.read), (x.written, y.written), (x.flops, y.flops)]
+            .into_iter()
+            .zip(rel)
+        {
+            let tol = rel * v.max(1.0);
             assert!((u - v).abs() <= tol, "{x:?} against {y:?}");
         }
     }
