@@ -1,6 +1,7 @@
 //! Time icefm's fused CPU kernels at the shapes of a ViT-tiny MAE step at 384 px (batch 8):
 //! the decoder's attention softmax `[8·16·577, 577]` and its backward, the MLP's bias + GELU
-//! `[4616, 2048]` both ways, GELU and layer norm. Best of 5, on a rayon worker, freed memory
+//! `[4616, 2048]` both ways, GELU and layer norm `[4616, 512]` both ways (the backward: its
+//! one pass and the sum of its partial sums for the scale and shift). Best of 5, on a rayon worker, freed memory
 //! kept (as `icefm train`). `cargo run --release -p icefm-model --example cpu_kernels`.
 #![allow(missing_docs, clippy::unwrap_used)]
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +16,7 @@ fn main() {
     let dy = Tensor::randn(0f32, 1.0, (4616, 2048), &dev).unwrap();
     let ln_x = Tensor::randn(0f32, 1.0, (4616, 512), &dev).unwrap();
     let w = Tensor::ones(512, DType::F32, &dev).unwrap();
+    let ln_dy = Tensor::randn(0f32, 1.0, (4616, 512), &dev).unwrap();
     icefm_model::threads::on_worker(true, || {
         for name in [
             "softmax",
@@ -22,6 +24,7 @@ fn main() {
             "bias_gelu",
             "bias_gelu_grad",
             "layer_norm",
+            "layer_norm_grad",
             "gelu",
         ] {
             let mut best = f64::MAX;
@@ -33,6 +36,15 @@ fn main() {
                     "bias_gelu" => fused::bias_gelu(&h, &b).unwrap(),
                     "bias_gelu_grad" => h.apply_op3_no_bwd(&b, &dy, &fused::BiasGeluGrad).unwrap(),
                     "layer_norm" => fused::layer_norm(&ln_x, &w, &w, 1e-6).unwrap(),
+                    "layer_norm_grad" => {
+                        let parts = fused::Stash::default();
+                        let op = fused::LayerNormGrad {
+                            eps: 1e-6,
+                            parts: parts.clone(),
+                        };
+                        ln_x.apply_op3_no_bwd(&w, &ln_dy, &op).unwrap();
+                        parts.take(&w).unwrap().sum(1).unwrap()
+                    }
                     _ => fused::gelu(&h).unwrap(),
                 };
                 best = best.min(t.elapsed().as_secs_f64());
