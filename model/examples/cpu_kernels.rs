@@ -1,8 +1,9 @@
 //! Time icefm's fused CPU kernels at the shapes of a ViT-tiny MAE step at 384 px (batch 8):
 //! the decoder's attention softmax `[8·16·577, 577]` and its backward, the MLP's bias + GELU
-//! `[4616, 2048]` both ways, GELU and layer norm `[4616, 512]` both ways (the backward: its
-//! one pass and the sum of its partial sums for the scale and shift). Best of 5, on a rayon worker, freed memory
-//! kept (as `icefm train`). `cargo run --release -p icefm-model --example cpu_kernels`.
+//! `[4616, 2048]` both ways (the backward with the bias's gradient), GELU, and layer norm
+//! `[4616, 512]` both ways (the backward: its one pass and the sum of its partial sums for the
+//! scale and shift). Best of 5, on a rayon worker, freed memory kept (as `icefm train`).
+//! `cargo run --release -p icefm-model --example cpu_kernels`.
 #![allow(missing_docs, clippy::unwrap_used)]
 use candle_core::{DType, Device, Tensor};
 use icefm_model::fused;
@@ -34,7 +35,12 @@ fn main() {
                     "softmax" => fused::softmax(&x).unwrap(),
                     "softmax_grad" => x.apply_op2_no_bwd(&x, &fused::SoftmaxGrad).unwrap(),
                     "bias_gelu" => fused::bias_gelu(&h, &b).unwrap(),
-                    "bias_gelu_grad" => h.apply_op3_no_bwd(&b, &dy, &fused::BiasGeluGrad).unwrap(),
+                    "bias_gelu_grad" => {
+                        let sums = fused::Stash::default();
+                        let op = fused::BiasGeluGrad { sums: sums.clone() };
+                        h.apply_op3_no_bwd(&b, &dy, &op).unwrap();
+                        sums.take(&b).unwrap().sum(0).unwrap()
+                    }
                     "layer_norm" => fused::layer_norm(&ln_x, &w, &w, 1e-6).unwrap(),
                     "layer_norm_grad" => {
                         let parts = fused::Stash::default();

@@ -573,9 +573,7 @@ pub fn column_sums(
         Ok(())
     }
     let dev = &s.device;
-    // About 64 rows per block, at most 256 row blocks.
-    let p = rows.div_ceil(64).clamp(1, 256);
-    let p = rows.div_ceil(rows.div_ceil(p)).max(1);
+    let p = crate::fused::column_blocks(rows);
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(p * c)? };
     with_elem!(s, go(s, l, rows, c, &out, p))?;
@@ -722,7 +720,9 @@ pub fn bias_gelu_fwd(
     Ok(wrap(&s1.device, slice))
 }
 
-/// Fused backward of `gelu(x + b)`: `(x, b, dy) → dx` (`b` f32, `dy` in `x`'s dtype).
+/// Fused backward of `gelu(x + b)`: `(x, b, dy) → dx` (`b` f32, `dy` in `x`'s dtype), and in
+/// the same pass `[P, c]` f32 partial column sums of `dx` over `P` blocks of rows
+/// ([`crate::fused::column_blocks`]), with `P`.
 #[allow(clippy::too_many_arguments)]
 pub fn bias_gelu_grad(
     s1: &CudaStorage,
@@ -733,7 +733,7 @@ pub fn bias_gelu_grad(
     l3: &Layout,
     rows: usize,
     c: usize,
-) -> Result<CudaStorage> {
+) -> Result<(CudaStorage, CudaStorage, usize)> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: Elem>(
         s1: &CudaStorage,
@@ -744,7 +744,7 @@ pub fn bias_gelu_grad(
         l3: &Layout,
         rows: usize,
         c: usize,
-    ) -> Result<CudaStorageSlice> {
+    ) -> Result<(CudaStorageSlice, CudaSlice<f32>, usize)> {
         let dev = &s1.device;
         let x = typed::<T>(s1, l1)?;
         let b = f32_view(s2, l2, "bias")?;
@@ -755,23 +755,38 @@ pub fn bias_gelu_grad(
             && l1.start_offset().is_multiple_of(2)
             && l3.start_offset().is_multiple_of(2);
         let pairs_i = i32::from(pairs);
-        // SAFETY: every element is written by the kernel.
+        let p = crate::fused::column_blocks(rows);
+        let rpb =
+            i32::try_from(rows.div_ceil(p)).map_err(|_| candle_core::Error::Msg("rows".into()))?;
+        let per_thread = if pairs { 2 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(256 * per_thread) as u32, p as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every element of both is written by the kernel (each (block row, column)
+        // of the sums by the thread of that column).
         let dx = unsafe { dev.alloc::<T>(rows * c)? };
+        let sums = unsafe { dev.alloc::<f32>(p * c)? };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&x)
             .arg(&b)
             .arg(&g)
             .arg(&dx)
+            .arg(&sums)
             .arg(&r)
             .arg(&c_i)
-            .arg(&pairs_i);
-        // SAFETY: as in `bias_gelu_fwd`, with `dy` checked as well.
-        unsafe { lb.launch(rowcol_cfg(rows, c, pairs)) }.w()?;
-        Ok(T::wrap(dx))
+            .arg(&pairs_i)
+            .arg(&rpb);
+        // SAFETY: as in `bias_gelu_fwd`, with `dy` checked as well; the grid covers every
+        // column (pair) and row block.
+        unsafe { lb.launch(cfg) }.w()?;
+        Ok((T::wrap(dx), sums, p))
     }
-    let slice = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, c))?;
-    Ok(wrap(&s1.device, slice))
+    let dev = &s1.device;
+    let (dx, sums, p) = with_elem!(s1, go(s1, l1, s2, l2, s3, l3, rows, c))?;
+    Ok((wrap(dev, dx), wrap(dev, CudaStorageSlice::F32(sums)), p))
 }
 
 /// Sum of squares of many contiguous f32 tensors on one CUDA device, in one launch (the

@@ -282,6 +282,48 @@ where
     y
 }
 
+/// [`map_rows_bias2`] in the [`column_blocks`] blocks of rows, each block's results summed per
+/// column while they are in cache: the results, and `[P, c]` partial column sums of them (f64)
+/// with `P`.
+fn map_rows_bias2_sums<X, B, Y>(
+    x: &[X],
+    g: &[X],
+    b: &[B],
+    c: usize,
+    f: impl Fn(X, X, B) -> Y + Sync,
+) -> (Vec<Y>, Vec<f64>, usize)
+where
+    X: Copy + Sync,
+    B: Copy + Sync,
+    Y: WithDType,
+{
+    let c = c.max(1);
+    let p = column_blocks(x.len() / c);
+    let chunk = (x.len() / c).div_ceil(p).max(1) * c;
+    let mut y = vec![Y::from_f64(0.0); x.len()];
+    // Blocks past the rows (none but for zero rows) stay 0.
+    let mut sums = vec![0f64; p * c];
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .zip(sums.par_chunks_mut(c))
+        .for_each(|((y, (x, g)), acc)| {
+            pulp::Arch::new().dispatch(RowsWithBias {
+                y,
+                x,
+                g,
+                b,
+                c,
+                f: &f,
+            });
+            for row in y.chunks(c) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
+            }
+        });
+    (y, sums, p)
+}
+
 /// One task of [`map_rows_bias2`]: a [`pulp::WithSimd`], so that its loop (and the inlined
 /// `f`) is compiled for AVX2 + FMA where the CPU has them; a closure handed to pulp's dispatch
 /// is not inlined into it, and the default target vectorises 4 wide (SSE2) only.
@@ -484,14 +526,9 @@ impl CustomOp3 for LayerNormGrad {
         let (_, d) = rows_cols(l1);
         let w = cpu_f64(s2, l2, self.name())?;
         let (dx, parts, p) = by_dtype!(s1.dtype(), go(s1, l1, &w, s3, l3, self.eps))?;
-        let dtype = if s1.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        candle_core::census::written((2 * p * d * dtype.size_in_bytes()) as u64);
-        self.parts
-            .put(Stashed::Cpu(cpu_from_f64(parts, dtype)?), (2, p, d).into());
+        let parts = partial_sums_storage(parts, s1.dtype())?;
+        candle_core::census::written((2 * p * d * parts.dtype().size_in_bytes()) as u64);
+        self.parts.put(Stashed::Cpu(parts), (2, p, d).into());
         Ok((dx, l1.shape().clone()))
     }
 
@@ -810,10 +847,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     bias_add(&x.matmul(&w.t()?)?, b)
 }
 
-/// `gelu(linear(x, w, b))`: the matrix product then [`bias_gelu`], or, where [`linear`] adds
-/// the bias in the product's epilogue, that then [`gelu`].
+/// `gelu(linear(x, w, b))`: the matrix product then [`bias_gelu`]; or, where [`linear`] adds
+/// the bias in the product's epilogue and `bias_gelu` has no fused kernels, that then
+/// [`gelu`]. Both make the same passes forward; backward, the fused `bias_gelu` sums the
+/// bias's gradient in its own pass, where the epilogue's route reads the gradient again.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if lt_bias_applies(x) {
+    if lt_bias_applies(x) && !bias_gelu_fuses(x) {
         return gelu(&linear_bias(x, w, b)?);
     }
     bias_gelu(&x.matmul(&w.t()?)?, b)
@@ -963,8 +1002,53 @@ fn bias_grad(d: &Tensor, b: &Tensor) -> Result<Tensor> {
         .to_dtype(b.dtype())
 }
 
+/// Blocks of rows of the column sums ([`ColumnSums`], [`BiasGeluGrad`]): about 64 rows each,
+/// at most 256. The CUDA kernels' grid and the CPU's split, so both hand on partial sums of
+/// the same shape.
+pub fn column_blocks(rows: usize) -> usize {
+    let p = rows.div_ceil(64).clamp(1, 256);
+    rows.div_ceil(rows.div_ceil(p)).max(1)
+}
+
+/// `[P, c]` partial column sums of `x`'s rows of `c` over the `P` = [`column_blocks`] blocks
+/// of rows, in f64 (row-major), with `P`.
+fn column_partial_sums<T: WithDType>(x: &[T], c: usize) -> (Vec<f64>, usize) {
+    let rows = x.len() / c.max(1);
+    let p = column_blocks(rows);
+    let sums: Vec<Vec<f64>> = x
+        .par_chunks(rows.div_ceil(p).max(1) * c.max(1))
+        .map(|chunk| {
+            let mut acc = vec![0f64; c];
+            for row in chunk.chunks(c) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
+            }
+            acc
+        })
+        .collect();
+    // Blocks past the rows (none but for zero rows) stay 0.
+    let mut out = vec![0f64; p * c];
+    for (j, acc) in sums.iter().enumerate() {
+        out[j * c..(j + 1) * c].copy_from_slice(acc);
+    }
+    (out, p)
+}
+
+/// f32 storage of partial sums (f64 where the input was f64).
+fn partial_sums_storage(sums: Vec<f64>, input: DType) -> Result<CpuStorage> {
+    cpu_from_f64(
+        sums,
+        if input == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        },
+    )
+}
+
 /// Column sums of `[rows, C]` (C the last dimension) as `[P, C]` partial sums over `P` row
-/// blocks, in f32 (f64 for f64 input); the caller sums over `P`.
+/// blocks ([`column_blocks`]), in f32 (f64 for f64 input); the caller sums over `P`.
 #[derive(Debug, Clone, Copy)]
 pub struct ColumnSums;
 
@@ -975,36 +1059,12 @@ impl CustomOp1 for ColumnSums {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn go<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<(Vec<f64>, usize)> {
-            let (rows, c) = rows_cols(l);
-            let x = typed::<T>(s, l, "column sums")?;
-            let rows_block = rows.div_ceil(64).max(1);
-            let parts: Vec<Vec<f64>> = x
-                .par_chunks(rows_block * c)
-                .map(|chunk| {
-                    let mut acc = vec![0f64; c];
-                    for row in chunk.chunks(c) {
-                        for (a, v) in acc.iter_mut().zip(row) {
-                            *a += v.to_f64();
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            let p = parts.len().max(1);
-            let mut out = vec![0f64; p * c];
-            for (j, acc) in parts.iter().enumerate() {
-                out[j * c..(j + 1) * c].copy_from_slice(acc);
-            }
-            Ok((out, p))
+            let (_, c) = rows_cols(l);
+            Ok(column_partial_sums(typed::<T>(s, l, "column sums")?, c))
         }
         let (_, c) = rows_cols(l);
         let (out, p) = by_dtype!(s.dtype(), go(s, l))?;
-        let dtype = if s.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        Ok((cpu_from_f64(out, dtype)?, Shape::from((p, c))))
+        Ok((partial_sums_storage(out, s.dtype())?, Shape::from((p, c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -1423,13 +1483,13 @@ impl CustomOp2 for ReluGrad {
 
 /// `gelu(x + b)` over the rows of `x` `[..., C]`, `b` `[C]`: a linear layer's bias add and the
 /// MLP's exact GELU as one op ([`BiasGelu`]). The forward reads `x` and writes the result once;
-/// the backward reads `x` and `dy` and writes `dx` once ([`BiasGeluGrad`]), then sums `dx`'s
-/// columns for `b`. The pre-activation `x + b` is never stored: one `[rows, C]` pass and one
+/// the backward reads `x` and `dy` and writes `dx` once, summing `dx`'s columns for `b` as it
+/// goes ([`BiasGeluGrad`]). The pre-activation `x + b` is never stored: one `[rows, C]` pass and one
 /// saved activation fewer per MLP than [`bias_add`] then [`gelu`], which is what this is with
 /// fusion off (and on a GPU until `ICEFM_BIAS_GELU_CUDA=1`: its kernels have not yet run on
 /// one, `model/tests/cuda.rs`).
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !fused() || (gpu_route(x) && !BIAS_GELU_CUDA.get()) {
+    if !bias_gelu_fuses(x) {
         return gelu(&bias_add(x, bias)?);
     }
     let c = x.dim(candle_core::D::Minus1)?;
@@ -1437,6 +1497,11 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         candle_core::bail!("bias_gelu: bias {:?} must be [{c}]", bias.dims());
     }
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
+}
+
+/// Whether [`bias_gelu`] of `x` is one fused op (on GPUs only with `ICEFM_BIAS_GELU_CUDA=1`).
+fn bias_gelu_fuses(x: &Tensor) -> bool {
+    fused() && (!gpu_route(x) || BIAS_GELU_CUDA.get())
 }
 
 /// Whether [`bias_gelu`] uses its fused kernels on GPUs (`ICEFM_BIAS_GELU_CUDA=1`).
@@ -1449,8 +1514,8 @@ pub fn set_bias_gelu_cuda(on: bool) {
     BIAS_GELU_CUDA.set(on);
 }
 
-/// `gelu(x + b)` (forward of [`bias_gelu`]); its backward is [`BiasGeluGrad`] and
-/// [`ColumnSums`].
+/// `gelu(x + b)` (forward of [`bias_gelu`]); its backward is [`BiasGeluGrad`], then a sum of
+/// its partial column sums for `b`.
 #[derive(Debug, Clone, Copy)]
 pub struct BiasGelu;
 
@@ -1512,16 +1577,33 @@ impl CustomOp2 for BiasGelu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluGrad)?;
-        let db = bias_grad(&dx, b)?;
+        let sums = Stash::default();
+        let op = BiasGeluGrad { sums: sums.clone() };
+        let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &op)?;
+        let db = sums.take(b)?.sum(0)?.to_dtype(b.dtype())?;
         Ok((Some(dx), Some(db)))
     }
 }
 
-/// [`BiasGelu`]'s backward: `(x, b, dy) → dy · (Φ(h) + h·φ(h))` with `h = x + b`, in `x`'s
-/// dtype.
-#[derive(Debug, Clone, Copy)]
-pub struct BiasGeluGrad;
+/// [`BiasGelu`]'s backward: `(x, b, dy) → dx = dy · (Φ(h) + h·φ(h))` with `h = x + b`, in
+/// `x`'s dtype, and, left in [`Stash`] `sums`, the bias's gradient as `[P, C]` partial column
+/// sums of `dx` over `P` = [`column_blocks`] blocks of rows (f32; f64 for f64 input), from
+/// the same pass (no second read of `dx`).
+#[derive(Debug, Clone, Default)]
+pub struct BiasGeluGrad {
+    /// Where the partial column sums go.
+    pub sums: Stash,
+}
+
+impl BiasGeluGrad {
+    /// Keep the CPU's partial sums `[p, c]` of an input of `dtype`, and count their bytes.
+    fn keep_sums(&self, sums: Vec<f64>, dtype: DType, p: usize, c: usize) -> Result<()> {
+        let storage = partial_sums_storage(sums, dtype)?;
+        candle_core::census::written((p * c * storage.dtype().size_in_bytes()) as u64);
+        self.sums.put(Stashed::Cpu(storage), (p, c).into());
+        Ok(())
+    }
+}
 
 impl CustomOp3 for BiasGeluGrad {
     fn name(&self) -> &'static str {
@@ -1543,27 +1625,28 @@ impl CustomOp3 for BiasGeluGrad {
             b: &[f64],
             s3: &CpuStorage,
             l3: &Layout,
-        ) -> Result<CpuStorage> {
+        ) -> Result<(CpuStorage, Vec<f64>, usize)> {
             let (_, c) = rows_cols(l1);
             let x = typed::<T>(s1, l1, "bias gelu backward")?;
             let g = typed::<T>(s3, l3, "bias gelu backward")?;
-            let dx = map_rows_bias2(x, g, b, c, T::from_f64(0.0), |xv, gv, bv| {
+            let (dx, sums, p) = map_rows_bias2_sums(x, g, b, c, |xv, gv, bv| {
                 let h = xv.to_f64() + bv;
                 let (cdf, pdf) = normal_cdf_pdf(h);
                 T::from_f64(gv.to_f64() * (cdf + h * pdf))
             });
-            Ok(T::to_cpu_storage_owned(dx))
+            Ok((T::to_cpu_storage_owned(dx), sums, p))
         }
         if let (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2, s3) {
             let (_, c) = rows_cols(l1);
             let x = typed::<f32>(s1, l1, "bias gelu backward")?;
             let b = typed::<f32>(s2, l2, "bias gelu backward")?;
             let g = typed::<f32>(s3, l3, "bias gelu backward")?;
-            let dx = map_rows_bias2(x, g, b, c, 0f32, |xv, gv, bv| {
+            let (dx, sums, p) = map_rows_bias2_sums(x, g, b, c, |xv, gv, bv| {
                 let h = xv + bv;
                 let (cdf, pdf) = normal_cdf_pdf_f32(h);
                 gv * (cdf + h * pdf)
             });
+            self.keep_sums(sums, DType::F32, p, c)?;
             return Ok((CpuStorage::F32(dx), l1.shape().clone()));
         }
         if s1.dtype() != s3.dtype() {
@@ -1574,7 +1657,8 @@ impl CustomOp3 for BiasGeluGrad {
             );
         }
         let b = cpu_f64(s2, l2, self.name())?;
-        let out = by_dtype!(s1.dtype(), go(s1, l1, &b, s3, l3))?;
+        let (out, sums, p) = by_dtype!(s1.dtype(), go(s1, l1, &b, s3, l3))?;
+        self.keep_sums(sums, s1.dtype(), p, rows_cols(l1).1)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -1589,10 +1673,10 @@ impl CustomOp3 for BiasGeluGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, c) = rows_cols(l1);
-        Ok((
-            crate::cuda::bias_gelu_grad(s1, l1, s2, l2, s3, l3, rows, c)?,
-            l1.shape().clone(),
-        ))
+        let (dx, sums, p) = crate::cuda::bias_gelu_grad(s1, l1, s2, l2, s3, l3, rows, c)?;
+        candle_core::census::written((p * c * 4) as u64);
+        self.sums.put(Stashed::Cuda(sums), (p, c).into());
+        Ok((dx, l1.shape().clone()))
     }
 }
 

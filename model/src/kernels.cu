@@ -574,24 +574,45 @@ __device__ void bias_gelu_fwd_k(const T* x, const float* b, T* y, int rows, int 
         }
     }
 }
+// The backward of gelu(x + b), dx = dy · gelu'(x + b), and the column sums of dx (the bias's
+// gradient) in the same pass: block (tile, chunk) takes rows [chunk · rpb, (chunk + 1) · rpb),
+// each thread one pair of columns (one column where the rows do not allow pairs) down those
+// rows, its sums in registers (of dx before rounding to T), written to out[chunk][:]. No
+// atomics: the sums have the same bits in any thread order.
 template <typename T>
-__device__ void bias_gelu_grad_k(const T* x, const float* b, const T* g, T* dx, int rows, int c,
-                                 int pairs) {
-    int step = gridDim.x * blockDim.x, j0 = blockIdx.x * blockDim.x + threadIdx.x;
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const T* xr = x + (long)r * c;
-        const T* gr = g + (long)r * c;
-        T* dr = dx + (long)r * c;
-        if (pairs) {
-            for (int j = j0; j < (c >> 1); j += step) {
-                float a, e, ga, ge;
-                ld2(xr, j, a, e);
-                ld2(gr, j, ga, ge);
-                st2(dr, j, ga * gelu_d(a + b[2 * j]), ge * gelu_d(e + b[2 * j + 1]));
-            }
-        } else {
-            for (int j = j0; j < c; j += step) st(dr, j, ld(gr, j) * gelu_d(ld(xr, j) + b[j]));
+__device__ void bias_gelu_grad_k(const T* x, const float* b, const T* g, T* dx, float* out,
+                                 int rows, int c, int pairs, int rpb) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int r0 = blockIdx.y * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
+    float* sums = out + (long)blockIdx.y * c;
+    if (pairs) {
+        if (j >= (c >> 1)) return;
+        const float b0 = b[2 * j], b1 = b[2 * j + 1];
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll 4
+        for (int r = r0; r < r1; ++r) {
+            float a, e, ga, ge;
+            ld2(x + (long)r * c, j, a, e);
+            ld2(g + (long)r * c, j, ga, ge);
+            const float d0 = ga * gelu_d(a + b0), d1 = ge * gelu_d(e + b1);
+            st2(dx + (long)r * c, j, d0, d1);
+            s0 += d0;
+            s1 += d1;
         }
+        sums[2 * j] = s0;
+        sums[2 * j + 1] = s1;
+    } else {
+        if (j >= c) return;
+        const float bj = b[j];
+        float s = 0.f;
+#pragma unroll 4
+        for (int r = r0; r < r1; ++r) {
+            const long i = (long)r * c + j;
+            const float d = ld(g, i) * gelu_d(ld(x, i) + bj);
+            st(dx, i, d);
+            s += d;
+        }
+        sums[j] = s;
     }
 }
 
@@ -609,7 +630,8 @@ extern "C" __global__ void relu_grad_##SUF(const T* y, const T* g, T* dx, long n
 extern "C" __global__ void bias_gelu_fwd_##SUF(const T* x, const float* b, T* y, int rows,   \
         int c, int pairs) { bias_gelu_fwd_k<T>(x, b, y, rows, c, pairs); }                     \
 extern "C" __global__ void bias_gelu_grad_##SUF(const T* x, const float* b, const T* g,      \
-        T* dx, int rows, int c, int pairs) { bias_gelu_grad_k<T>(x, b, g, dx, rows, c, pairs); }
+        T* dx, float* out, int rows, int c, int pairs, int rpb) {                              \
+    bias_gelu_grad_k<T>(x, b, g, dx, out, rows, c, pairs, rpb); }
 ELEM_INSTANCES(float, f32)
 ELEM_INSTANCES(bf16_t, bf16)
 

@@ -346,10 +346,11 @@ fn layer_norm_kernels_match_the_reference_in_the_emulator() {
 // ---- Bias + GELU, column sums, bias add.
 
 type BiasGeluFwd<T> = unsafe extern "C" fn(*const T, *const f32, *mut T, i32, i32, i32);
-type BiasGeluBwd<T> = unsafe extern "C" fn(*const T, *const f32, *const T, *mut T, i32, i32, i32);
+type BiasGeluBwd<T> =
+    unsafe extern "C" fn(*const T, *const f32, *const T, *mut T, *mut f32, i32, i32, i32, i32);
 type ColumnSums<T> = unsafe extern "C" fn(*const T, *mut f32, i32, i32, i32);
 
-fn bias_gelu_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
+fn bias_gelu_case<T: Host + PartialEq>(rows: usize, c: usize, seed: u64, tol: f64) {
     let emu = emulator();
     let suffix = if T::DTYPE == DType::F32 {
         "f32"
@@ -360,7 +361,11 @@ fn bias_gelu_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
     let b = random(&[c], seed + 1, 1.0, DType::F32);
     let g = random(&[rows, c], seed + 2, 1.0, T::DTYPE);
     let y_ref = x.apply_op2_no_bwd(&b, &fused::BiasGelu).unwrap();
-    let dx_ref = x.apply_op3_no_bwd(&b, &g, &fused::BiasGeluGrad).unwrap();
+    let dx_ref = x
+        .apply_op3_no_bwd(&b, &g, &fused::BiasGeluGrad::default())
+        .unwrap();
+    // The bias's gradient: the column sums of dx (in f64; the kernel sums dx before rounding).
+    let db_ref = dx_ref.to_dtype(DType::F64).unwrap().sum(0).unwrap();
     let (xb, bb, gb) = (
         Buffer::from(&T::of(&x)),
         Buffer::from(&f32::of(&b)),
@@ -373,38 +378,56 @@ fn bias_gelu_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
             emu.kernel(&format!("bias_gelu_grad_{suffix}")),
         )
     };
-    // cuda.rs's rowcol_cfg, with pairs where c is even; and a smaller grid (rows and columns
-    // strided) for both.
     let pair_modes: &[bool] = if c.is_multiple_of(2) {
         &[true, false]
     } else {
         &[false]
     };
+    let (r, ci) = (rows as i32, c as i32);
     for &pairs in pair_modes {
-        let per = if pairs { 2 } else { 1 };
+        let (per, pi) = (if pairs { 2 } else { 1 }, i32::from(pairs));
+        // Forward: cuda.rs's rowcol_cfg, and a smaller grid (rows and columns strided).
         for grid in [
             ((c.div_ceil(256 * per)) as u32, rows as u32, 1),
             (1, 3.min(rows) as u32, 1),
         ] {
             for order in [Order::Forward, Order::Reverse] {
                 let mut y = Buffer::<T>::output(rows * c);
-                let mut dx = Buffer::<T>::output(rows * c);
-                let (yp, dxp) = (y.mut_ptr(), dx.mut_ptr());
-                let (r, ci, pi) = (rows as i32, c as i32, i32::from(pairs));
+                let yp = y.mut_ptr();
                 emu.launch(grid, (256, 1, 1), 0, order, &|| {
                     // SAFETY: rows × c values (x, y), c (b).
                     unsafe { fwd(xb.ptr(), bb.ptr(), yp, r, ci, pi) }
                 })
                 .unwrap();
-                emu.launch(grid, (256, 1, 1), 0, order, &|| {
-                    // SAFETY: as above.
-                    unsafe { bwd(xb.ptr(), bb.ptr(), gb.ptr(), dxp, r, ci, pi) }
-                })
-                .unwrap();
                 let what = format!("{suffix} {rows}×{c} pairs {pairs} grid {grid:?} {order:?}");
                 assert_close(&T::tensor(y.values(), &[rows, c]), &y_ref, tol, &what);
-                assert_close(&T::tensor(dx.values(), &[rows, c]), &dx_ref, tol, &what);
             }
+        }
+        // Backward: a thread per column (pair) and a block row per P blocks of rows, cuda.rs's
+        // P, one and three; dx and the partial column sums, the same bits in every order.
+        for p in [fused::column_blocks(rows), 1, 3.min(rows)] {
+            let grid = ((c.div_ceil(256 * per)) as u32, p as u32, 1);
+            let rpb = rows.div_ceil(p) as i32;
+            let mut outs = Vec::new();
+            for order in [Order::Forward, Order::Reverse, Order::Random(seed)] {
+                let mut dx = Buffer::<T>::output(rows * c);
+                let mut sums = Buffer::<f32>::output(p * c);
+                let (dxp, sp) = (dx.mut_ptr(), sums.mut_ptr());
+                emu.launch(grid, (256, 1, 1), 0, order, &|| {
+                    // SAFETY: rows × c values (x, g, dx), c (b), p × c (sums).
+                    unsafe { bwd(xb.ptr(), bb.ptr(), gb.ptr(), dxp, sp, r, ci, pi, rpb) }
+                })
+                .unwrap();
+                let what = format!("backward {suffix} {rows}×{c} pairs {pairs} p {p} {order:?}");
+                assert_close(&T::tensor(dx.values(), &[rows, c]), &dx_ref, tol, &what);
+                let db = f32::tensor(sums.values(), &[p, c]).sum(0).unwrap();
+                assert_close(&db, &db_ref, tol, &format!("bias gradient {what}"));
+                outs.push((dx.values().to_vec(), sums.values().to_vec()));
+            }
+            assert!(
+                outs.iter().all(|o| *o == outs[0]),
+                "backward {suffix} p {p}: the thread order changed the bits"
+            );
         }
     }
     // Column sums (the bias's gradient): partial sums over blocks of rows, as cuda.rs; rows
@@ -444,7 +467,7 @@ fn bias_gelu_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
 #[test]
 fn bias_gelu_and_column_sums_match_the_cpu_in_the_emulator() {
     bias_gelu_case::<f32>(5, 3072, 11, 1e-5);
-    bias_gelu_case::<u16>(6, 768, 12, 1e-2);
+    bias_gelu_case::<u16>(70, 768, 12, 1e-2); // blocks of several rows
     bias_gelu_case::<f32>(3, 77, 13, 1e-5); // odd width: one value per thread
     bias_gelu_case::<u16>(4, 45, 14, 1e-2);
 }
