@@ -448,7 +448,7 @@ impl CustomOp3 for LayerNorm {
 /// CPU's split, so both hand on partial sums of the same shape.
 pub fn ln_grad_blocks(rows: usize) -> usize {
     let p = rows.div_ceil(16).clamp(1, 2048);
-    rows.div_ceil(rows.div_ceil(p)).max(1)
+    rows.div_ceil(rows.div_ceil(p).max(1)).max(1)
 }
 
 /// Layer norm backward in one pass over `x` and `dy`: `(x, weight, dy) → dx` in `x`'s dtype,
@@ -1007,7 +1007,7 @@ fn bias_grad(d: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// the same shape.
 pub fn column_blocks(rows: usize) -> usize {
     let p = rows.div_ceil(64).clamp(1, 256);
-    rows.div_ceil(rows.div_ceil(p)).max(1)
+    rows.div_ceil(rows.div_ceil(p).max(1)).max(1)
 }
 
 /// `[P, c]` partial column sums of `x`'s rows of `c` over the `P` = [`column_blocks`] blocks

@@ -29,6 +29,8 @@ fn fused_layer_norm_equals_the_composition_with_gradients() {
             (vec![3, 5, 17], 17usize),
             (vec![7, 96], 96),
             (vec![2, 33, 200], 200),
+            // More rows than the backward's 2,048 blocks take at 16 each; a short last block.
+            (vec![40_001, 8], 8),
         ] {
             let x =
                 Var::from_tensor(&random(&shape, 1, 3.0, dtype).affine(1.0, 0.5).unwrap()).unwrap();
@@ -46,6 +48,33 @@ fn fused_layer_norm_equals_the_composition_with_gradients() {
                 let err = max_rel(a, e);
                 assert!(err < tol * 10.0, "{dtype:?} {shape:?} d{name}: {err}");
             }
+        }
+    }
+}
+
+/// A batch of no rows: empty outputs and input gradients, zero gradients for the parameters
+/// (the backward's blocks of rows, of which there are none, must not divide by zero).
+#[test]
+fn empty_batches_give_zero_parameter_gradients() {
+    let x = Var::from_tensor(&Tensor::zeros((0, 17), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let w = Var::from_tensor(&random(&[17], 2, 1.0, DType::F32)).unwrap();
+    let b = Var::from_tensor(&random(&[17], 3, 1.0, DType::F32)).unwrap();
+    for one_op in [false, true] {
+        let y = if one_op {
+            fused::bias_gelu(x.as_tensor(), b.as_tensor()).unwrap()
+        } else {
+            fused::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap()
+        };
+        assert_eq!(y.dims(), [0, 17]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(x.as_tensor()).unwrap().dims(), [0, 17]);
+        let params: &[&Var] = if one_op { &[&b] } else { &[&w, &b] };
+        for v in params {
+            assert_eq!(
+                values(g.get(v.as_tensor()).unwrap()),
+                vec![0.0; 17],
+                "bias+gelu {one_op}"
+            );
         }
     }
 }
@@ -84,7 +113,8 @@ fn fused_bias_add_and_gelu_equal_candles_with_gradients() {
     // Two ops (bias add, then GELU) and one (bias_gelu), against candle's composition.
     for one_op in [false, true] {
         for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-            for shape in [vec![3, 7, 33], vec![200, 64], vec![5, 1]] {
+            // The last: more rows than the bias gradient's 256 blocks take at 64 each.
+            for shape in [vec![3, 7, 33], vec![200, 64], vec![5, 1], vec![20_001, 3]] {
                 let c = *shape.last().unwrap();
                 let x = Var::from_tensor(&random(&shape, 11, 3.0, dtype)).unwrap();
                 let b = Var::from_tensor(&random(&[c], 12, 1.0, dtype)).unwrap();
