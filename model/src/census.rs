@@ -230,6 +230,9 @@ pub fn seg_step(
             }
         })
         .collect();
+    // The steady state of training: what the first step makes and keeps (the resizes'
+    // resampling matrices) is made before the count, by a forward pass of one sample.
+    model.forward(&images.narrow(0, 0, 1)?, None)?;
     count(sites, || {
         let outs = model.forward(&images, None)?;
         Ok(seg_loss(&outs, &labels, cfg)?.total)

@@ -23,29 +23,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor};
 /// also builds it for the CPU).
 pub const SOURCE: &str = include_str!("kernels.cu");
 
-/// Values made on first use and kept for the process, by key (a device, a kernel).
-struct Memo<K, V>(OnceLock<std::sync::Mutex<Vec<(K, V)>>>);
-
-impl<K: PartialEq, V: Clone> Memo<K, V> {
-    const fn new() -> Self {
-        Self(OnceLock::new())
-    }
-
-    /// The value for `key`, made by `make` the first time (an error is returned, not kept).
-    fn get_or_make(&self, key: K, make: impl FnOnce() -> Result<V>) -> Result<V> {
-        let mut memo = self
-            .0
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("icefm kernels: a thread panicked".into()))?;
-        if let Some((_, v)) = memo.iter().find(|(k, _)| *k == key) {
-            return Ok(v.clone());
-        }
-        let v = make()?;
-        memo.push((key, v.clone()));
-        Ok(v)
-    }
-}
+use crate::memo::Memo;
 
 /// The PTX for this process's device, compiled once.
 fn ptx(dev: &CudaDevice) -> Result<&'static str> {

@@ -29,6 +29,7 @@ pub mod finetune;
 pub mod fused;
 pub mod import;
 pub mod mae;
+mod memo;
 pub mod metrics;
 pub mod ops;
 pub mod optim;

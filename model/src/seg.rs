@@ -17,13 +17,14 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
 use candle_nn::{Init, VarBuilder};
 use icefm_schemas::{IGNORE, Task};
 use rayon::prelude::*;
 
 use crate::fused::{bias_add, gelu};
+use crate::memo::{DeviceKey, Memo};
 use crate::vit::{Linear, Norm, Vit, VitConfig};
 
 /// Which head each task gets.
@@ -144,6 +145,17 @@ pub fn resample_matrix(kind: Resample, out: usize, inp: usize) -> Vec<f32> {
     m
 }
 
+/// [`resample_matrix`] on `dev` in `dt`, made once per process and device: built on the host
+/// at every call, each matrix was a copy to the GPU that waits for the queue to drain, and a
+/// cast, about a hundred of each per fine-tuning step.
+fn resample_on(kind: Resample, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Tensor> {
+    type Key = (Resample, usize, usize, DType, DeviceKey);
+    static MATRICES: Memo<Key, Tensor> = Memo::new();
+    MATRICES.get_or_make((kind, out, inp, dt, DeviceKey(dev.clone())), || {
+        Tensor::from_vec(resample_matrix(kind, out, inp), (out, inp), dev)?.to_dtype(dt)
+    })
+}
+
 /// Resize a channels-last map `[B, H, W, C]` to `[B, h, w, C]`: a product with a fixed matrix
 /// along each axis, each a batched product whose left operand is the matrix broadcast over the
 /// batch (no transposed copies of the map either way; the matrices get no gradient).
@@ -153,8 +165,8 @@ pub fn resize(x: &Tensor, h: usize, w: usize, kind: Resample) -> Result<Tensor> 
         return Ok(x.clone());
     }
     let (dev, dt) = (x.device(), x.dtype());
-    let mh = Tensor::from_vec(resample_matrix(kind, h, h0), (h, h0), dev)?.to_dtype(dt)?;
-    let mw = Tensor::from_vec(resample_matrix(kind, w, w0), (w, w0), dev)?.to_dtype(dt)?;
+    let mh = resample_on(kind, h, h0, dev, dt)?;
+    let mw = resample_on(kind, w, w0, dev, dt)?;
     // Rows: Mh [h, H] · x[b] [H, W·C] → [B, h, W·C].
     let y = mh
         .broadcast_as((b, h, h0))?

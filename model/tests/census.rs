@@ -226,3 +226,41 @@ fn a_product_with_a_constant_differentiates_only_the_variable() {
     assert_eq!(gx, [[1.0, -2.0, 0.0], [2.0, 1.0, 2.5]]);
     assert!(grads.get(&m).is_none());
 }
+
+/// A resize makes its two resampling matrices once per shape, device and dtype: a second
+/// resize of the same shapes counts its two products only (each had a cast of its matrix, and
+/// on a GPU a copy from the host that waits for the queue).
+#[test]
+fn resizing_again_reuses_its_resampling_matrices() {
+    use icefm_model::seg::{Resample, resize};
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // Sizes no other test resizes between (the matrices are kept for the process).
+    let x = random(&[2, 7, 5, 3], 1, 1.0, DType::BF16);
+    let count = || {
+        census::start(None);
+        let y = resize(&x, 11, 13, Resample::Bilinear).unwrap();
+        let entries = census::finish();
+        (y, entries)
+    };
+    let (first, entries) = count();
+    let casts = |e: &[Entry]| e.iter().filter(|e| e.op.starts_with("cast")).count();
+    let products = |e: &[Entry]| {
+        e.iter()
+            .filter(|e| e.op == "matmul")
+            .map(|e| e.calls)
+            .sum::<u64>()
+    };
+    // Other tests may have made these matrices already; at most the two casts the first time.
+    assert!(casts(&entries) <= 2, "{entries:#?}");
+    assert_eq!(products(&entries), 2);
+    let (again, entries) = count();
+    assert_eq!(casts(&entries), 0, "{entries:#?}");
+    assert_eq!(products(&entries), 2);
+    assert_eq!(max_rel(&first, &again), 0.0);
+    // Another shape makes its own.
+    census::start(None);
+    let other = resize(&x, 4, 2, Resample::AreaMean).unwrap();
+    let entries = census::finish();
+    assert_eq!(other.dims(), [2, 4, 2, 3]);
+    assert_eq!(casts(&entries), 2, "{entries:#?}");
+}
