@@ -198,6 +198,15 @@ pub fn mae_step(
         })
         .collect();
     let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+    // The steady state of training: what the first step makes and keeps (the position
+    // embeddings) is made before the count, by a forward pass of one sample.
+    let one = Masking::from_noise(&noise[..1], cfg.mask_ratio);
+    mae.forward(
+        &images.narrow(0, 0, 1)?,
+        &valid.narrow(0, 0, 1)?,
+        &one,
+        None,
+    )?;
     count(sites, || {
         Ok(mae.forward(&images, &valid, &masking, None)?.loss)
     })

@@ -6,7 +6,7 @@ use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::fused::{gather_tokens, masked_norm_pix_loss};
-use crate::vit::{Block, Linear, Norm, Vit, VitConfig, patchify, sincos_2d};
+use crate::vit::{Block, Linear, Norm, Vit, VitConfig, patchify, sincos_on};
 
 /// MAE shape and masking.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,7 +219,7 @@ impl Mae {
             .broadcast_as((b, n - k, dd))?;
         let shuffled = Tensor::cat(&[&x.narrow(1, 1, k)?, &mask_tokens], 1)?;
         let restored = gather_tokens(&shuffled, &masking.ids_restore)?;
-        let pos = Tensor::from_vec(sincos_2d(gh, gw, dd), (1, n, dd), dev)?.to_dtype(dtype)?;
+        let pos = sincos_on(gh, gw, dd, dtype, dev)?;
         let mut y = Tensor::cat(&[&x.narrow(1, 0, 1)?, &restored.broadcast_add(&pos)?], 1)?;
         for blk in &self.decoder_blocks {
             y = blk.forward(&y, None)?;

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::fused::{attention, layer_norm, linear, linear_gelu};
+use crate::memo::{DeviceKey, Memo};
 use crate::ops::drop_path;
 
 /// Encoder shape.
@@ -225,6 +226,17 @@ impl Block {
     }
 }
 
+/// [`sincos_2d`] as a `[1, h·w, dim]` tensor on `dev` in `dtype`, made once per grid, width,
+/// dtype and device and kept: made at every forward pass, it was a copy from the host (on a
+/// GPU one that waits for the queue to drain) and a cast.
+pub fn sincos_on(h: usize, w: usize, dim: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    type Key = (usize, usize, usize, DType, DeviceKey);
+    static TABLES: Memo<Key, Tensor> = Memo::new();
+    TABLES.get_or_make((h, w, dim, dtype, DeviceKey(dev.clone())), || {
+        Tensor::from_vec(sincos_2d(h, w, dim), (1, h * w, dim), dev)?.to_dtype(dtype)
+    })
+}
+
 /// Fixed 2-D sin-cos position embedding `[h·w, dim]` for a `h × w` token grid (row-major), in
 /// SAR-IceFM's (mmselfsup's) layout: `[sin(r·ω), cos(r·ω), sin(c·ω), cos(c·ω)]`, the first half
 /// encoding the row `r`, with `ω_k = 10000^(−k / (dim/4))`.
@@ -310,10 +322,9 @@ impl Vit {
         })
     }
 
-    /// Position embedding `[1, h·w, D]` for a token grid.
+    /// Position embedding `[1, h·w, D]` for a token grid ([`sincos_on`]).
     pub fn pos_embed(&self, h: usize, w: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-        Tensor::from_vec(sincos_2d(h, w, self.cfg.dim), (1, h * w, self.cfg.dim), dev)?
-            .to_dtype(dtype)
+        sincos_on(h, w, self.cfg.dim, dtype, dev)
     }
 
     /// Patch tokens with position embedding: `[B, C, H, W]` → `[B, N, D]`.

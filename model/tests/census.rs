@@ -264,3 +264,24 @@ fn resizing_again_reuses_its_resampling_matrices() {
     assert_eq!(other.dims(), [2, 4, 2, 3]);
     assert_eq!(casts(&entries), 2, "{entries:#?}");
 }
+
+/// The sin-cos position embeddings are made once per grid, width, dtype and device: asked for
+/// again, no cast (nor, on a GPU, a copy from the host), and the same values.
+#[test]
+fn position_embeddings_are_made_once() {
+    use icefm_model::vit::{sincos_2d, sincos_on};
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let take = || {
+        census::start(None);
+        let t = sincos_on(5, 7, 24, DType::BF16, &Device::Cpu).unwrap();
+        (t, census::finish())
+    };
+    let (first, entries) = take();
+    assert!(entries.len() <= 1, "{entries:#?}");
+    let (again, entries) = take();
+    assert!(entries.is_empty(), "{entries:#?}");
+    assert_eq!(max_rel(&first, &again), 0.0);
+    assert_eq!(first.dims(), [1, 35, 24]);
+    let want = Tensor::from_vec(sincos_2d(5, 7, 24), (1, 35, 24), &Device::Cpu).unwrap();
+    assert!(max_rel(&first, &want) < 1e-2);
+}
