@@ -36,20 +36,13 @@ fn main() {
                     "softmax_grad" => x.apply_op2_no_bwd(&x, &fused::SoftmaxGrad).unwrap(),
                     "bias_gelu" => fused::bias_gelu(&h, &b).unwrap(),
                     "bias_gelu_grad" => {
-                        let sums = fused::Stash::default();
-                        let op = fused::BiasGeluGrad { sums: sums.clone() };
-                        h.apply_op3_no_bwd(&b, &dy, &op).unwrap();
-                        sums.take(&b).unwrap().sum(0).unwrap()
+                        let (_, sums) = fused::bias_gelu_grad(&h, &b, &dy).unwrap();
+                        sums.sum(0).unwrap()
                     }
                     "layer_norm" => fused::layer_norm(&ln_x, &w, &w, 1e-6).unwrap(),
                     "layer_norm_grad" => {
-                        let parts = fused::Stash::default();
-                        let op = fused::LayerNormGrad {
-                            eps: 1e-6,
-                            parts: parts.clone(),
-                        };
-                        ln_x.apply_op3_no_bwd(&w, &ln_dy, &op).unwrap();
-                        parts.take(&w).unwrap().sum(1).unwrap()
+                        let (_, parts) = fused::layer_norm_grad(&ln_x, &w, &ln_dy, 1e-6).unwrap();
+                        parts.sum(1).unwrap()
                     }
                     _ => fused::gelu(&h).unwrap(),
                 };

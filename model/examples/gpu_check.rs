@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::rng::Rng;
 use icefm_model::config::TrainConfig;
-use icefm_model::fused::{self, LayerNormGrad, Stash};
+use icefm_model::fused;
 use icefm_model::mae::{Mae, MaeConfig, Masking};
 use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
 use icefm_model::seg::{SegConfig, SegModel, seg_loss};
@@ -357,13 +357,7 @@ fn kernels_bench() -> Res<()> {
         // with `with_sum` the sum of those partial sums, as the layer norm's backward runs.
         let grad = |with_sum: bool| -> Res<f64> {
             time_ms(&dev, 3, 20, || {
-                let parts = Stash::default();
-                let op = LayerNormGrad {
-                    eps,
-                    parts: parts.clone(),
-                };
-                x.apply_op3_no_bwd(&w, &dy, &op)?;
-                let parts = parts.take(&w)?;
+                let (_, parts) = fused::layer_norm_grad(&x, &w, &dy, eps)?;
                 if with_sum {
                     parts.sum(1)?;
                 }

@@ -297,7 +297,9 @@ where
     B: Copy + Sync,
     Y: WithDType,
 {
-    let c = c.max(1);
+    if c == 0 {
+        return (Vec::new(), Vec::new(), 1);
+    }
     let p = column_blocks(x.len() / c);
     let chunk = (x.len() / c).div_ceil(p).max(1) * c;
     let mut y = vec![Y::from_f64(0.0); x.len()];
@@ -315,11 +317,7 @@ where
                 c,
                 f: &f,
             });
-            for row in y.chunks(c) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v.to_f64();
-                }
-            }
+            add_rows(acc, y);
         });
     (y, sums, p)
 }
@@ -429,17 +427,23 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let parts = Stash::default();
-        let op = LayerNormGrad {
-            eps: self.eps,
-            parts: parts.clone(),
-        };
-        let dx = x.apply_op3_no_bwd(w, &grad, &op)?;
+        let (dx, parts) = layer_norm_grad(x, w, grad, self.eps)?;
         // [2, P, D] partial sums over row blocks → [2, D].
-        let wb = parts.take(w)?.sum(1)?.to_dtype(w.dtype())?;
+        let wb = parts.sum(1)?.to_dtype(w.dtype())?;
         Ok((Some(dx), Some(wb.get(0)?), Some(wb.get(1)?)))
     }
+}
+
+/// The layer norm's backward ([`LayerNormGrad`], no gradient of its own): `dx`, and the
+/// `[2, P, D]` partial sums whose sum over `P` is the scale's and the shift's gradients.
+pub fn layer_norm_grad(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let parts = Stash::default();
+    let op = LayerNormGrad {
+        eps,
+        parts: parts.clone(),
+    };
+    let dx = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
+    Ok((dx, parts.take(w)?))
 }
 
 /// Blocks of rows of the layer norm's backward ([`LayerNormGrad`]): each writes one partial
@@ -447,7 +451,12 @@ impl CustomOp3 for LayerNorm {
 /// 2,048 blocks; the CUDA kernels' grid (but for the wide-access ones, `ICEFM_LN_V8`), and the
 /// CPU's split, so both hand on partial sums of the same shape.
 pub fn ln_grad_blocks(rows: usize) -> usize {
-    let p = rows.div_ceil(16).clamp(1, 2048);
+    row_blocks(rows, 16, 2048)
+}
+
+/// Blocks of about `per` rows each, at most `cap`, evened out (at least one, for no rows too).
+fn row_blocks(rows: usize, per: usize, cap: usize) -> usize {
+    let p = rows.div_ceil(per).clamp(1, cap);
     rows.div_ceil(rows.div_ceil(p).max(1)).max(1)
 }
 
@@ -527,8 +536,7 @@ impl CustomOp3 for LayerNormGrad {
         let w = cpu_f64(s2, l2, self.name())?;
         let (dx, parts, p) = by_dtype!(s1.dtype(), go(s1, l1, &w, s3, l3, self.eps))?;
         let parts = partial_sums_storage(parts, s1.dtype())?;
-        candle_core::census::written((2 * p * d * parts.dtype().size_in_bytes()) as u64);
-        self.parts.put(Stashed::Cpu(parts), (2, p, d).into());
+        self.parts.keep(Stashed::Cpu(parts), (2, p, d).into());
         Ok((dx, l1.shape().clone()))
     }
 
@@ -545,8 +553,7 @@ impl CustomOp3 for LayerNormGrad {
         let (rows, d) = rows_cols(l1);
         let (dx, parts, p) =
             crate::cuda::layer_norm_grad(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
-        candle_core::census::written((2 * p * d * 4) as u64);
-        self.parts.put(Stashed::Cuda(parts), (2, p, d).into());
+        self.parts.keep(Stashed::Cuda(parts), (2, p, d).into());
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -567,7 +574,15 @@ enum Stashed {
 }
 
 impl Stash {
-    fn put(&self, storage: Stashed, shape: Shape) {
+    /// Keep `storage` of `shape`, written by the op now running: an open census counts its
+    /// bytes with that op's.
+    fn keep(&self, storage: Stashed, shape: Shape) {
+        let dtype = match &storage {
+            Stashed::Cpu(s) => s.dtype(),
+            #[cfg(feature = "cuda")]
+            Stashed::Cuda(s) => s.dtype(),
+        };
+        candle_core::census::written((shape.elem_count() * dtype.size_in_bytes()) as u64);
         *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = Some((storage, shape));
     }
 
@@ -1006,33 +1021,31 @@ fn bias_grad(d: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// at most 256. The CUDA kernels' grid and the CPU's split, so both hand on partial sums of
 /// the same shape.
 pub fn column_blocks(rows: usize) -> usize {
-    let p = rows.div_ceil(64).clamp(1, 256);
-    rows.div_ceil(rows.div_ceil(p).max(1)).max(1)
+    row_blocks(rows, 64, 256)
 }
 
 /// `[P, c]` partial column sums of `x`'s rows of `c` over the `P` = [`column_blocks`] blocks
 /// of rows, in f64 (row-major), with `P`.
 fn column_partial_sums<T: WithDType>(x: &[T], c: usize) -> (Vec<f64>, usize) {
-    let rows = x.len() / c.max(1);
-    let p = column_blocks(rows);
-    let sums: Vec<Vec<f64>> = x
-        .par_chunks(rows.div_ceil(p).max(1) * c.max(1))
-        .map(|chunk| {
-            let mut acc = vec![0f64; c];
-            for row in chunk.chunks(c) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v.to_f64();
-                }
-            }
-            acc
-        })
-        .collect();
-    // Blocks past the rows (none but for zero rows) stay 0.
-    let mut out = vec![0f64; p * c];
-    for (j, acc) in sums.iter().enumerate() {
-        out[j * c..(j + 1) * c].copy_from_slice(acc);
+    if c == 0 {
+        return (Vec::new(), 1);
     }
-    (out, p)
+    let p = column_blocks(x.len() / c);
+    // Blocks past the rows (none but for zero rows) stay 0.
+    let mut sums = vec![0f64; p * c];
+    x.par_chunks((x.len() / c).div_ceil(p).max(1) * c)
+        .zip(sums.par_chunks_mut(c))
+        .for_each(|(chunk, acc)| add_rows(acc, chunk));
+    (sums, p)
+}
+
+/// Add each row of `rows` (rows of `acc.len()` values) into `acc`, in f64.
+fn add_rows<T: WithDType>(acc: &mut [f64], rows: &[T]) {
+    for row in rows.chunks(acc.len().max(1)) {
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a += v.to_f64();
+        }
+    }
 }
 
 /// f32 storage of partial sums (f64 where the input was f64).
@@ -1577,12 +1590,19 @@ impl CustomOp2 for BiasGelu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let sums = Stash::default();
-        let op = BiasGeluGrad { sums: sums.clone() };
-        let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &op)?;
-        let db = sums.take(b)?.sum(0)?.to_dtype(b.dtype())?;
+        let (dx, sums) = bias_gelu_grad(x, b, grad)?;
+        let db = sums.sum(0)?.to_dtype(b.dtype())?;
         Ok((Some(dx), Some(db)))
     }
+}
+
+/// [`bias_gelu`]'s backward ([`BiasGeluGrad`], no gradient of its own): `dx`, and the `[P, C]`
+/// partial column sums whose sum over `P` is the bias's gradient.
+pub fn bias_gelu_grad(x: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let sums = Stash::default();
+    let op = BiasGeluGrad { sums: sums.clone() };
+    let dx = x.apply_op3_no_bwd(b, &dy.contiguous()?, &op)?;
+    Ok((dx, sums.take(b)?))
 }
 
 /// [`BiasGelu`]'s backward: `(x, b, dy) → dx = dy · (Φ(h) + h·φ(h))` with `h = x + b`, in
@@ -1596,11 +1616,10 @@ pub struct BiasGeluGrad {
 }
 
 impl BiasGeluGrad {
-    /// Keep the CPU's partial sums `[p, c]` of an input of `dtype`, and count their bytes.
+    /// Keep the CPU's partial sums `[p, c]` of an input of `dtype`.
     fn keep_sums(&self, sums: Vec<f64>, dtype: DType, p: usize, c: usize) -> Result<()> {
         let storage = partial_sums_storage(sums, dtype)?;
-        candle_core::census::written((p * c * storage.dtype().size_in_bytes()) as u64);
-        self.sums.put(Stashed::Cpu(storage), (p, c).into());
+        self.sums.keep(Stashed::Cpu(storage), (p, c).into());
         Ok(())
     }
 }
@@ -1674,8 +1693,7 @@ impl CustomOp3 for BiasGeluGrad {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, c) = rows_cols(l1);
         let (dx, sums, p) = crate::cuda::bias_gelu_grad(s1, l1, s2, l2, s3, l3, rows, c)?;
-        candle_core::census::written((p * c * 4) as u64);
-        self.sums.put(Stashed::Cuda(sums), (p, c).into());
+        self.sums.keep(Stashed::Cuda(sums), (p, c).into());
         Ok((dx, l1.shape().clone()))
     }
 }
