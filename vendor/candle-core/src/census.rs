@@ -125,6 +125,17 @@ pub fn launchless() {
     }
 }
 
+/// A copy between the host and the device: `upload` (a tensor made from host values) or
+/// `read back` (a tensor's values read on the host). On the CPU these are the copies the same
+/// code makes on a GPU, where an upload from pageable memory or a read back can make the host
+/// wait for the device's queue. icefm: a step should make none (its tests count them).
+pub(crate) fn transfer(op: &str, dtype: DType, elems: usize) {
+    if on() {
+        let bytes = (elems * dtype.size_in_bytes()) as u64;
+        record(op, dtype, &Shape::from(elems), bytes, bytes, 0);
+    }
+}
+
 /// Bytes of the distinct elements `l` addresses (dimensions of stride 0 count once).
 pub(crate) fn layout_bytes(l: &Layout, dtype: DType) -> u64 {
     let n: usize = l

@@ -467,6 +467,7 @@ impl Device {
     }
 
     pub(crate) fn storage_from_slice<D: WithDType>(&self, data: &[D]) -> Result<Storage> {
+        crate::census::transfer("upload", D::DTYPE, data.len());
         match self {
             Device::Cpu => Ok(Storage::Cpu(data.to_cpu_storage())),
             Device::Cuda(device) => {
@@ -481,15 +482,18 @@ impl Device {
     }
 
     pub(crate) fn storage<A: NdArray>(&self, array: A) -> Result<Storage> {
+        let storage = array.to_cpu_storage();
+        if crate::census::on() {
+            let dtype = crate::backend::BackendStorage::dtype(&storage);
+            crate::census::transfer("upload", dtype, array.shape()?.elem_count());
+        }
         match self {
-            Device::Cpu => Ok(Storage::Cpu(array.to_cpu_storage())),
+            Device::Cpu => Ok(Storage::Cpu(storage)),
             Device::Cuda(device) => {
-                let storage = array.to_cpu_storage();
                 let storage = device.storage_from_cpu_storage_owned(storage)?;
                 Ok(Storage::Cuda(storage))
             }
             Device::Metal(device) => {
-                let storage = array.to_cpu_storage();
                 let storage = device.storage_from_cpu_storage_owned(storage)?;
                 Ok(Storage::Metal(storage))
             }
@@ -497,6 +501,7 @@ impl Device {
     }
 
     pub(crate) fn storage_owned<S: WithDType>(&self, data: Vec<S>) -> Result<Storage> {
+        crate::census::transfer("upload", S::DTYPE, data.len());
         match self {
             Device::Cpu => Ok(Storage::Cpu(S::to_cpu_storage_owned(data))),
             Device::Cuda(device) => {

@@ -671,6 +671,7 @@ impl Tensor {
     /// Retrieves the single scalar value hold in the tensor. If the tensor contains multiple
     /// dimensions, an error is returned instead.
     pub fn to_scalar<S: crate::WithDType>(&self) -> Result<S> {
+        crate::census::transfer("read back", self.dtype(), self.elem_count());
         if self.rank() != 0 {
             Err(Error::UnexpectedNumberOfDims {
                 expected: 0,
@@ -1965,6 +1966,7 @@ impl Tensor {
 
     /// Returns the data contained in a 1D tensor as a vector of scalar values.
     pub fn to_vec1<S: crate::WithDType>(&self) -> Result<Vec<S>> {
+        crate::census::transfer("read back", self.dtype(), self.elem_count());
         if self.rank() != 1 {
             Err(Error::UnexpectedNumberOfDims {
                 expected: 1,
@@ -1990,6 +1992,7 @@ impl Tensor {
 
     /// Returns the data contained in a 2D tensor as a vector of vector of scalar values.
     pub fn to_vec2<S: crate::WithDType>(&self) -> Result<Vec<Vec<S>>> {
+        crate::census::transfer("read back", self.dtype(), self.elem_count());
         let (dim1, dim2) = self.dims2()?;
         let from_cpu_storage = |cpu_storage: &crate::CpuStorage| {
             let data = S::cpu_storage_as_slice(cpu_storage)?;
@@ -2021,6 +2024,7 @@ impl Tensor {
 
     /// Returns the data contained in a 3D tensor.
     pub fn to_vec3<S: crate::WithDType>(&self) -> Result<Vec<Vec<Vec<S>>>> {
+        crate::census::transfer("read back", self.dtype(), self.elem_count());
         let (dim1, dim2, dim3) = self.dims3()?;
         let from_cpu_storage = |cpu_storage: &crate::CpuStorage| {
             let data = S::cpu_storage_as_slice(cpu_storage)?;
