@@ -770,8 +770,19 @@ pub fn bias_gelu_grad(
 /// Sum of squares of many contiguous f32 tensors on one CUDA device, in one launch (the
 /// global gradient norm of clipping, with one read back).
 pub fn sum_squares(tensors: &[&Tensor]) -> Result<f64> {
+    match sum_squares_on_device(tensors)? {
+        Some(t) => t
+            .to_vec1::<f64>()
+            .map(|v| v.first().copied().unwrap_or(0.0)),
+        None => Ok(0.0),
+    }
+}
+
+/// [`sum_squares`] left on the device: an f64 tensor `[1]`, which [`adamw_step`] reads for
+/// clipping without a read back to the host (`None` for no tensors).
+pub fn sum_squares_on_device(tensors: &[&Tensor]) -> Result<Option<Tensor>> {
     let Some(first) = tensors.first() else {
-        return Ok(0.0);
+        return Ok(None);
     };
     let dev = first.device().as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
@@ -812,8 +823,12 @@ pub fn sum_squares(tensors: &[&Tensor]) -> Result<f64> {
     unsafe { lb.launch(cfg) }.w()?;
     drop(syncs);
     drop(guards);
-    let v = dev.clone_dtoh(&out)?;
-    Ok(v.first().copied().unwrap_or(0.0))
+    Ok(Some(Tensor::from_storage(
+        candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev)),
+        1,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )))
 }
 
 /// Per-patch masked norm-pix loss `[rows]` of `[rows, p]` predictions, targets and weights.
@@ -1006,8 +1021,10 @@ pub struct AdamStep {
     pub gscale: f32,
 }
 
-/// Update every slot in place with one kernel launch.
-pub fn adamw_step(slots: &[AdamSlot<'_>], h: AdamStep) -> Result<()> {
+/// Update every slot in place with one kernel launch. `clip`: the gradients' sum of squares
+/// on the device ([`sum_squares_on_device`]) and the norm to clip to; the kernel then
+/// computes the gradient scale itself and `h.gscale` is unused.
+pub fn adamw_step(slots: &[AdamSlot<'_>], h: AdamStep, clip: Option<(&Tensor, f64)>) -> Result<()> {
     let Some(first) = slots.first() else {
         return Ok(());
     };
@@ -1056,6 +1073,24 @@ pub fn adamw_step(slots: &[AdamSlot<'_>], h: AdamStep) -> Result<()> {
         }
     }
     let table_dev = dev.clone_htod(&table)?;
+    let clip_guard = clip.map(|(t, _)| t.storage_and_layout());
+    let (sumsq, max_norm, clip_sync) = match (&clip_guard, clip) {
+        (Some((storage, layout)), Some((t, max_norm))) => {
+            let candle_core::Storage::Cuda(cs) = &**storage else {
+                candle_core::bail!("fused AdamW: the sum of squares is not on the CUDA device");
+            };
+            if t.dtype() != candle_core::DType::F64 || t.elem_count() != 1 {
+                candle_core::bail!("fused AdamW: the sum of squares must be one f64");
+            }
+            let (ptr, sync) = cs.as_cuda_slice::<f64>()?.device_ptr(&stream);
+            (
+                ptr + (layout.start_offset() * 8) as u64,
+                max_norm,
+                Some(sync),
+            )
+        }
+        _ => (0u64, 0.0, None),
+    };
     let tensors = u32::try_from(slots.len())
         .map_err(|_| candle_core::Error::Msg("too many tensors".into()))?;
     let blocks = largest.div_ceil(256 * 4).clamp(1, 256) as u32;
@@ -1075,12 +1110,17 @@ pub fn adamw_step(slots: &[AdamSlot<'_>], h: AdamStep) -> Result<()> {
         .arg(&h.c2)
         .arg(&h.eps)
         .arg(&h.wd)
-        .arg(&h.gscale);
+        .arg(&h.gscale)
+        .arg(&sumsq)
+        .arg(&max_norm);
     // SAFETY: the table holds live device pointers (their storages are locked above) of `n`
     // f32 values each; weights and moments are owned by the optimizer and its variables and
-    // are not read by anything else while this stream runs the update.
+    // are not read by anything else while this stream runs the update. `sumsq` is 0 (null) or
+    // one live f64, locked above.
     unsafe { lb.launch(cfg) }.w()?;
     drop(syncs);
+    drop(clip_sync);
+    drop(clip_guard);
     drop(guards);
     Ok(())
 }

@@ -827,8 +827,17 @@ MOVE_INSTANCES(bf16_t, bf16)
 
 // AdamW over many tensors in one launch: table[t] = {w, m, v, g, n, decay} (6 words),
 // blockIdx.y = tensor. Same arithmetic, in the same order, as icefm_model::optim::AdamW.
+// With `sumsq` (the gradients' sum of squares, sum_squares_multi's result, still on the
+// device) the gradient scale is clipping's, max_norm / (norm + 1e-6) when the norm is over
+// max_norm > 0, else 1, in double as optim::scale_for: no read back between the backward
+// pass and the update. Without it (null), `gscale`.
 extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr, float b1,
-        float b2, float c1, float c2, float eps, float wd, float gscale) {
+        float b2, float c1, float c2, float eps, float wd, float gscale, const double* sumsq,
+        double max_norm) {
+    if (sumsq) {
+        double norm = sqrt(*sumsq);
+        gscale = (max_norm > 0.0 && norm > max_norm) ? (float)(max_norm / (norm + 1e-6)) : 1.f;
+    }
     const unsigned long long* e = table + 6 * blockIdx.y;
     float* w = (float*)e[0];
     float* m = (float*)e[1];

@@ -97,6 +97,20 @@ impl AdamW {
     /// One update with learning rate `lr`, the gradients scaled by `grad_scale` (clipping).
     /// A parameter without a gradient is an error: it would silently never train.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step_clipped(
+            grads,
+            lr,
+            &Clip::Host {
+                norm: f64::NAN,
+                scale: grad_scale,
+            },
+        )
+    }
+
+    /// [`AdamW::step`] with the scale of [`clip`]'s result. On a GPU whose clipping left the
+    /// sum of squares on the device, the update kernel computes the scale from it: nothing is
+    /// read back between the backward pass and the update.
+    pub fn step_clipped(&mut self, grads: &GradStore, lr: f64, clip: &Clip) -> Result<()> {
         #[cfg(feature = "cuda")]
         if crate::fused::fused()
             && self
@@ -105,8 +119,9 @@ impl AdamW {
                 .next()
                 .is_some_and(|s| s.var.as_tensor().device().is_cuda())
         {
-            return self.step_cuda(grads, lr, grad_scale);
+            return self.step_cuda(grads, lr, clip);
         }
+        let grad_scale = clip.scale()?;
         if crate::fused::fused() && self.cpu_f32() {
             return self.step_cpu(grads, lr, grad_scale);
         }
@@ -190,7 +205,11 @@ impl AdamW {
 
     /// [`AdamW::step`] as one launch of icefm's fused kernel over every parameter (CUDA).
     #[cfg(feature = "cuda")]
-    fn step_cuda(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    fn step_cuda(&mut self, grads: &GradStore, lr: f64, clip: &Clip) -> Result<()> {
+        let (grad_scale, on_device) = match clip {
+            Clip::Host { scale, .. } => (*scale, None),
+            Clip::Device { sumsq, max_norm } => (1.0, Some((sumsq, *max_norm))),
+        };
         let mut gs = Vec::with_capacity(self.slots.len());
         for (name, s) in &self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else {
@@ -225,6 +244,7 @@ impl AdamW {
                 wd: self.cfg.weight_decay as f32,
                 gscale: grad_scale as f32,
             },
+            on_device,
         )
     }
 
@@ -262,14 +282,77 @@ impl AdamW {
     }
 }
 
+/// The gradients' global L2 norm before clipping and the scale that clips it: on the host,
+/// or, on a GPU with icefm's kernels, the sum of squares still on the device, so that the
+/// backward pass, the norm and the update are queued with no read back between them.
+#[derive(Debug, Clone)]
+pub enum Clip {
+    /// Known on the host.
+    Host {
+        /// The norm.
+        norm: f64,
+        /// `max_norm / (norm + 1e-6)` when the norm is over `max_norm > 0`, else 1.
+        scale: f64,
+    },
+    /// Still on the device.
+    Device {
+        /// The gradients' sum of squares, f64 `[1]`.
+        sumsq: Tensor,
+        /// The norm clipped to (≤ 0: no clipping).
+        max_norm: f64,
+    },
+}
+
+impl Clip {
+    /// The norm (a read back, which waits for the backward pass, when it is on the device).
+    pub fn norm(&self) -> Result<f64> {
+        match self {
+            Self::Host { norm, .. } => Ok(*norm),
+            Self::Device { sumsq, .. } => Ok(sumsq.to_vec1::<f64>()?[0].sqrt()),
+        }
+    }
+
+    /// The norm as an f32 scalar tensor on `dev`, queued rather than read when it is on the
+    /// device (for a training record read later).
+    pub fn norm_tensor(&self, dev: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Self::Host { norm, .. } => Tensor::new(*norm as f32, dev),
+            Self::Device { sumsq, .. } => sumsq.sqrt()?.to_dtype(DType::F32)?.squeeze(0),
+        }
+    }
+
+    /// The clipping scale (a read back when the norm is on the device).
+    pub fn scale(&self) -> Result<f64> {
+        match self {
+            Self::Host { scale, .. } => Ok(*scale),
+            Self::Device { max_norm, .. } => Ok(scale_for(self.norm()?, *max_norm).1),
+        }
+    }
+}
+
 /// Global L2 norm of the gradients of `vars`, and the scale that clips it to `max_norm`
-/// (1 when under, or when `max_norm` ≤ 0).
+/// (1 when under, or when `max_norm` ≤ 0): [`clip`], read on the host.
 pub fn clip_scale<'a>(
     grads: &GradStore,
     vars: impl IntoIterator<Item = &'a Var>,
     max_norm: f64,
 ) -> Result<(f64, f64)> {
+    let c = clip(grads, vars, max_norm)?;
+    Ok((c.norm()?, c.scale()?))
+}
+
+/// [`clip_scale`] without the read back on a GPU with icefm's kernels ([`Clip::Device`]);
+/// elsewhere [`Clip::Host`].
+pub fn clip<'a>(
+    grads: &GradStore,
+    vars: impl IntoIterator<Item = &'a Var>,
+    max_norm: f64,
+) -> Result<Clip> {
     let vars: Vec<&Var> = vars.into_iter().collect();
+    let host = |norm: f64| {
+        let (norm, scale) = scale_for(norm, max_norm);
+        Clip::Host { norm, scale }
+    };
     #[cfg(feature = "cuda")]
     if crate::fused::fused()
         && vars
@@ -282,7 +365,10 @@ pub fn clip_scale<'a>(
             .map(|g| g.to_dtype(DType::F32)?.contiguous())
             .collect::<Result<_>>()?;
         let refs: Vec<&Tensor> = gs.iter().collect();
-        return Ok(scale_for(crate::cuda::sum_squares(&refs)?.sqrt(), max_norm));
+        return Ok(match crate::cuda::sum_squares_on_device(&refs)? {
+            Some(sumsq) => Clip::Device { sumsq, max_norm },
+            None => host(0.0),
+        });
     }
     if crate::fused::fused()
         && vars
@@ -293,10 +379,7 @@ pub fn clip_scale<'a>(
             .iter()
             .filter_map(|v| grads.get(v.as_tensor()))
             .collect();
-        return Ok(scale_for(
-            crate::fused::sum_squares_cpu(&gs)?.sqrt(),
-            max_norm,
-        ));
+        return Ok(host(crate::fused::sum_squares_cpu(&gs)?.sqrt()));
     }
     // One device-to-host read for all parameters (a read per parameter stalls a GPU each time).
     let mut parts = Vec::new();
@@ -310,7 +393,7 @@ pub fn clip_scale<'a>(
     } else {
         Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?
     };
-    Ok(scale_for(sq.sqrt(), max_norm))
+    Ok(host(sq.sqrt()))
 }
 
 /// The norm and the clipping scale for it.

@@ -183,6 +183,23 @@ fn a_micro_mae_has_the_same_loss_and_gradients_on_the_gpu() {
     }
 }
 
+/// `Σᵢ Σ (vᵢ · rᵢ)²` with `rᵢ` seeded random multipliers (seed `seed + i`) on `g`: a loss
+/// whose gradients differ per parameter and step.
+fn squared_products<'a>(vars: impl Iterator<Item = &'a Var>, seed: u64, g: &Device) -> Tensor {
+    let mut loss = Tensor::zeros((), DType::F32, g).unwrap();
+    for (i, v) in vars.enumerate() {
+        let t = random(v.dims(), seed + i as u64, 1.0).to_device(g).unwrap();
+        let term = (v.as_tensor() * t)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        loss = (loss + term).unwrap();
+    }
+    loss
+}
+
 #[test]
 fn the_fused_adamw_step_matches_the_composed_one() {
     let g = gpu();
@@ -203,20 +220,7 @@ fn the_fused_adamw_step_matches_the_composed_one() {
             .collect();
         let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
         for step in 0..3u64 {
-            let mut loss = Tensor::zeros((), DType::F32, &g).unwrap();
-            for (i, (_, v)) in vars.iter().enumerate() {
-                let t = random(v.dims(), 40 + step * 10 + i as u64, 1.0)
-                    .to_device(&g)
-                    .unwrap();
-                loss = (loss
-                    + (v.as_tensor() * t)
-                        .unwrap()
-                        .sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap())
-                .unwrap();
-            }
+            let loss = squared_products(vars.iter().map(|(_, v)| v), 40 + step * 10, &g);
             let grads = loss.backward().unwrap();
             opt.step(&grads, 1e-2, 0.7).unwrap();
         }

@@ -962,7 +962,9 @@ fn elementwise_kernels_match_the_cpu_in_the_emulator() {
 type NpxLoss<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
 type NpxGrad<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
 type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32, i32, i32, i32);
-type AdamWMulti = unsafe extern "C" fn(*const u64, f32, f32, f32, f32, f32, f32, f32, f32);
+/// `(table, lr, b1, b2, c1, c2, eps, wd, gscale, sumsq or null, max_norm)`.
+type AdamWMulti =
+    unsafe extern "C" fn(*const u64, f32, f32, f32, f32, f32, f32, f32, f32, *const f64, f64);
 type NormaliseAugment = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32, i32, i32);
 
 /// The norm-pix loss kernels for rows of `p`: the general ones and, for `p` up to 1,024, the
@@ -1099,74 +1101,89 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
             .collect();
         assert_eq!(back.values(), &want[..], "scatter, rows of {d}, vec {vec}");
     }
-    // AdamW over two tensors in one launch, one of them without weight decay.
+    // AdamW over two tensors in one launch, one of them without weight decay: the gradient
+    // scale given, and clipping's read from a sum of squares on the device, over and under
+    // the norm bound.
     let sizes = [1000usize, 37];
     let mk = |n: usize, s: u64, scale: f64| f32::of(&random(&[n], s, scale, DType::F32));
-    let mut bufs: Vec<[Buffer<f32>; 4]> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let s = 60 + 4 * i as u64;
-            let v: Vec<f32> = mk(n, s + 2, 1.0).iter().map(|x| x * x).collect();
-            [
-                Buffer::from(&mk(n, s, 1.0)),
-                Buffer::from(&mk(n, s + 1, 0.1)),
-                Buffer::from(&v),
-                Buffer::from(&mk(n, s + 3, 2.0)),
-            ]
-        })
-        .collect();
-    let before: Vec<[Vec<f32>; 4]> = bufs
-        .iter()
-        .map(|b| std::array::from_fn(|j| b[j].values().to_vec()))
-        .collect();
-    let table: Vec<u64> = bufs
-        .iter_mut()
-        .zip(&sizes)
-        .enumerate()
-        .flat_map(|(i, (b, &n))| {
-            let [w, m, v, g] = b;
-            [
-                w.mut_ptr() as u64,
-                m.mut_ptr() as u64,
-                v.mut_ptr() as u64,
-                g.ptr() as u64,
-                n as u64,
-                u64::from(i == 0),
-            ]
-        })
-        .collect();
-    let (lr, b1, b2, c1, c2, eps, wd, gs) = (
-        1e-3f32, 0.9f32, 0.95f32, 0.19f32, 0.0975f32, 1e-8f32, 0.05f32, 0.7f32,
+    let (lr, b1, b2, c1, c2, eps, wd) = (
+        1e-3f32, 0.9f32, 0.95f32, 0.19f32, 0.0975f32, 1e-8f32, 0.05f32,
     );
-    // SAFETY: the kernel's C signature.
-    let adamw: AdamWMulti = unsafe { emu.kernel("adamw_multi") };
-    let tp = table.as_ptr();
-    emu.launch((2, 2, 1), (256, 1, 1), 0, Order::Random(4), &|| {
-        // SAFETY: the table names live buffers of the sizes it gives.
-        unsafe { adamw(tp, lr, b1, b2, c1, c2, eps, wd, gs) }
-    })
-    .unwrap();
-    for (t, (b, [w0, m0, v0, g])) in bufs.iter().zip(&before).enumerate() {
-        for i in 0..sizes[t] {
-            let f = |x: f32| f64::from(x);
-            let gi = f(g[i]) * f(gs);
-            let m = f(m0[i]) * f(b1) + gi * (1.0 - f(b1));
-            let v = f(v0[i]) * f(b2) + gi * gi * (1.0 - f(b2));
-            let mut u = (m / f(c1)) / ((v / f(c2)).sqrt() + f(eps));
-            if t == 0 {
-                u += f(w0[i]) * f(wd);
-            }
-            let w = f(w0[i]) - u * f(lr);
-            for (name, got, want) in [
-                ("w", b[0].values()[i], w),
-                ("m", b[1].values()[i], m),
-                ("v", b[2].values()[i], v),
-            ] {
-                assert!(
-                    (f(got) - want).abs() <= 2e-6 * want.abs().max(0.1), // f32 arithmetic, cancellation
-                    "adamw tensor {t} {name}[{i}]: {got}, not {want}"
-                );
+    // (sum of squares on the device, max norm, the scale the kernel must use)
+    let cases = [
+        (None, 0.0, 0.7f32),
+        (Some(16.0f64), 1.5, (1.5 / (4.0 + 1e-6)) as f32),
+        (Some(16.0f64), 5.0, 1.0),
+    ];
+    for (sumsq, max_norm, gs) in cases {
+        let mut bufs: Vec<[Buffer<f32>; 4]> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let s = 60 + 4 * i as u64;
+                let v: Vec<f32> = mk(n, s + 2, 1.0).iter().map(|x| x * x).collect();
+                [
+                    Buffer::from(&mk(n, s, 1.0)),
+                    Buffer::from(&mk(n, s + 1, 0.1)),
+                    Buffer::from(&v),
+                    Buffer::from(&mk(n, s + 3, 2.0)),
+                ]
+            })
+            .collect();
+        let before: Vec<[Vec<f32>; 4]> = bufs
+            .iter()
+            .map(|b| std::array::from_fn(|j| b[j].values().to_vec()))
+            .collect();
+        let table: Vec<u64> = bufs
+            .iter_mut()
+            .zip(&sizes)
+            .enumerate()
+            .flat_map(|(i, (b, &n))| {
+                let [w, m, v, g] = b;
+                [
+                    w.mut_ptr() as u64,
+                    m.mut_ptr() as u64,
+                    v.mut_ptr() as u64,
+                    g.ptr() as u64,
+                    n as u64,
+                    u64::from(i == 0),
+                ]
+            })
+            .collect();
+        // With a sum of squares the kernel must not use the scale passed (a wrong one here).
+        let passed = if sumsq.is_some() { 123.0 } else { gs };
+        let sq: Option<Buffer<f64>> = sumsq.map(|v| Buffer::from(&[v][..]));
+        let sq_ptr = sq.as_ref().map_or(std::ptr::null(), |b| b.ptr());
+        // SAFETY: the kernel's C signature.
+        let adamw: AdamWMulti = unsafe { emu.kernel("adamw_multi") };
+        let tp = table.as_ptr();
+        emu.launch((2, 2, 1), (256, 1, 1), 0, Order::Random(4), &|| {
+            // SAFETY: the table names live buffers of the sizes it gives; `sq_ptr` is null or
+            // one live f64.
+            unsafe { adamw(tp, lr, b1, b2, c1, c2, eps, wd, passed, sq_ptr, max_norm) }
+        })
+        .unwrap();
+        for (t, (b, [w0, m0, v0, g])) in bufs.iter().zip(&before).enumerate() {
+            for i in 0..sizes[t] {
+                let f = |x: f32| f64::from(x);
+                let gi = f(g[i]) * f(gs);
+                let m = f(m0[i]) * f(b1) + gi * (1.0 - f(b1));
+                let v = f(v0[i]) * f(b2) + gi * gi * (1.0 - f(b2));
+                let mut u = (m / f(c1)) / ((v / f(c2)).sqrt() + f(eps));
+                if t == 0 {
+                    u += f(w0[i]) * f(wd);
+                }
+                let w = f(w0[i]) - u * f(lr);
+                for (name, got, want) in [
+                    ("w", b[0].values()[i], w),
+                    ("m", b[1].values()[i], m),
+                    ("v", b[2].values()[i], v),
+                ] {
+                    assert!(
+                        (f(got) - want).abs() <= 2e-6 * want.abs().max(0.1), // f32 arithmetic, cancellation
+                        "adamw (sum of squares {sumsq:?}, max {max_norm}) tensor {t} {name}[{i}]: {got}, not {want}"
+                    );
+                }
             }
         }
     }

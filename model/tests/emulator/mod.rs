@@ -232,6 +232,12 @@ impl Elem for f32 {
         u64::from(self.to_bits())
     }
 }
+impl Elem for f64 {
+    const GUARD: Self = f64::from_bits(0x7ff8_0000_dead_dead);
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+}
 impl Elem for u16 {
     const GUARD: Self = 0x7fde; // a bf16 NaN
     fn bits(self) -> u64 {
