@@ -10,6 +10,7 @@
 #      with the first two, with them and the flash kernels' prefetching, and with all; then
 #      with the switches that passed their tests and sped the step up (gpu_best_switches.py),
 #      timed as the default step is: the candidate new default;
+#      reading each loss and gradient norm as they are made (as the loop did before);
 #      without the flash attention forward; with candle's compositions; and PyTorch eager
 #      (+ SDPA), in the same run;
 #      end-to-end training from a store with page-locked and with pageable uploads; a
@@ -56,6 +57,7 @@ phase step_lnv8 60 env ICEFM_LN_V8=1 .gpu/gpu_check step --preset base --size 38
 phase step_new 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_newpf 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_all 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 ICEFM_LT_BIAS=1 ICEFM_LN_V8=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
+phase step_sync 60 env ICEFM_STEP_SYNC=1 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_noflash 60 env ICEFM_FLASH=0 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2
 phase step_composed 60 .gpu/gpu_check step --preset base --size 384 --batch 64 --mask 0.75 --precision bf16 --steps 5 --warmup 2 --composed
 # The switches whose CUDA tests passed and whose own phase beat the step they change, together,
@@ -107,6 +109,9 @@ if steps:
         vs = f"{s['images_per_s'] / base['images_per_s']:.2f}" if base else ""
         tf = s.get("tflops", s.get("achieved_tflops"))
         print(f"| {s['impl']} | {s.get('ms_per_step', 0):.1f} | {s['images_per_s']:.1f}{ratio} | {vs} | {tf if tf is None else round(tf, 1)} | {peak if peak is None else round(peak, 2)} |")
+        if "host_ms" in s:
+            # The host's time to queue a step: near ms/step, the host is the limit.
+            print(f"|   (host queues a step in, ms) | {s['host_ms']} | | | | |")
         if "forward_ms" in s:
             print(f"|   (forward / backward / AdamW, ms) | {s['forward_ms']} / {s['backward_ms']} / {s['optimizer_ms']} | | | | |")
         if "bound_ms" in s:

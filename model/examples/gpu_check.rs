@@ -22,7 +22,7 @@ use icefm_dataset::rng::Rng;
 use icefm_model::config::TrainConfig;
 use icefm_model::fused;
 use icefm_model::mae::{Mae, MaeConfig, Masking};
-use icefm_model::optim::{AdamW, AdamWConfig, clip_scale};
+use icefm_model::optim::{AdamW, AdamWConfig, clip, clip_scale};
 use icefm_model::seg::{SegConfig, SegModel, seg_loss};
 use icefm_model::train::{RunOptions, init_weights, named_vars, train_mae};
 use icefm_model::vit::VitConfig;
@@ -85,22 +85,40 @@ fn step_bench(args: &[String]) -> Res<()> {
     let images = random(&[batch, 2, px, px], 1, &dev, DType::F32)?;
     let valid = Tensor::ones((batch, px, px), DType::F32, &dev)?;
     let n = (px / 16).pow(2);
-    // The loss of a forward pass under the masking of random stream `stream` (seed 7).
-    let forward = |stream: u64| -> candle_core::Result<Tensor> {
+    // The masking of random stream `stream` (seed 7).
+    let masking = |stream: u64| {
         let mut r = Rng::new(7, stream);
         let noise: Vec<Vec<f32>> = (0..batch)
             .map(|_| (0..n).map(|_| r.unit() as f32).collect())
             .collect();
-        let masking = Masking::from_noise(&noise, cfg.mask_ratio);
-        Ok(mae.forward(&images, &valid, &masking, None)?.loss)
+        Masking::from_noise(&noise, cfg.mask_ratio)
     };
+    // The loss of a forward pass under that masking (its indices copied when it runs).
+    let forward = |stream: u64| -> candle_core::Result<Tensor> {
+        Ok(mae.forward(&images, &valid, &masking(stream), None)?.loss)
+    };
+    // A step as `icefm train` queues it: the masking's indices through page-locked memory,
+    // clipping and the update with the norm left on the device, nothing read back; the losses
+    // are read after the timed steps. `ICEFM_STEP_SYNC=1` reads each loss and the norm when
+    // they are made, as the loop did before.
+    let sync = std::env::var("ICEFM_STEP_SYNC").is_ok_and(|v| v == "1");
+    let mut indices = cuda::Uploader::<u32>::new(&cd)?;
     let mut losses = Vec::new();
-    let mut step = |i: u64| -> Res<f32> {
-        let loss_t = forward(i)?;
-        let loss = loss_t.to_scalar::<f32>()?;
-        let grads = loss_t.backward()?;
-        let (_, scale) = clip_scale(&grads, just_vars.iter(), 3.0)?;
-        opt.step(&grads, 1e-4, scale)?;
+    let mut step = |i: u64| -> Res<Tensor> {
+        let m = masking(i);
+        let packed = m.packed();
+        let len = packed.len();
+        let m = m.staged(indices.upload(&packed, len)?)?;
+        let loss = mae.forward(&images, &valid, &m, None)?.loss;
+        if sync {
+            loss.to_scalar::<f32>()?;
+        }
+        let grads = loss.backward()?;
+        let c = clip(&grads, just_vars.iter(), 3.0)?;
+        if sync {
+            c.norm()?;
+        }
+        opt.step_clipped(&grads, 1e-4, &c)?;
         Ok(loss)
     };
     for i in 0..warmup {
@@ -109,12 +127,19 @@ fn step_bench(args: &[String]) -> Res<()> {
     dev.synchronize()?;
     cuda::pool_peak_reset(&cd)?;
     let t = Instant::now();
+    // The host's time to queue one step, the first after the device drained its queue (so
+    // nothing in it waits for the device): near the step's own time, the host is the limit.
+    let mut host_s = 0.0;
     for i in 0..steps {
         losses.push(step((warmup + i) as u64)?);
+        if i == 0 {
+            host_s = t.elapsed().as_secs_f64();
+        }
     }
     dev.synchronize()?;
     let s = t.elapsed().as_secs_f64() / steps as f64;
     let peak = cuda::pool_peak(&cd)?;
+    let losses: Vec<f32> = Tensor::stack(&losses, 0)?.to_vec1()?;
     // Where a step's time goes: three more steps, synchronised after each phase.
     let phase = phase_ms(&dev, 3, &just_vars, &mut opt, |i| Ok(forward(1000 + i)?))?;
     let flops = 3.0 * cfg.forward_flops(px) * batch as f64;
@@ -124,7 +149,7 @@ fn step_bench(args: &[String]) -> Res<()> {
     // backward, the fused bias + GELU, the flash kernels' prefetching and the cuBLASLt bias
     // epilogue (off by default until they have run on a GPU).
     let label = format!(
-        "icefm{}{}{}{}{}{}{}{}{}",
+        "icefm{}{}{}{}{}{}{}{}{}{}",
         if composed { "-composed" } else { "" },
         if std::env::var("CANDLE_GRAD_ZERO_FILL").is_ok_and(|v| v == "1") {
             "-zerofill"
@@ -149,12 +174,14 @@ fn step_bench(args: &[String]) -> Res<()> {
             ""
         },
         if fused::lt_bias() { "-ltbias" } else { "" },
-        if fused::ln_v8() { "-lnv8" } else { "" }
+        if fused::ln_v8() { "-lnv8" } else { "" },
+        if sync { "-sync" } else { "" }
     );
     println!(
-        "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"launches\":{launches},\"census_gb\":{census_gb:.2},\"bound_ms\":{:.2},\"of_bound\":{:.3},\"losses\":{:?}}}",
+        "{{\"kind\":\"step\",\"impl\":\"{}\",\"preset\":\"{preset}\",\"size\":{px},\"batch\":{batch},\"precision\":\"{precision}\",\"params\":{params},\"ms_per_step\":{:.2},\"host_ms\":{:.2},\"images_per_s\":{:.1},\"tflops\":{:.1},\"peak_mem_gib\":{:.2},\"forward_ms\":{:.1},\"backward_ms\":{:.1},\"optimizer_ms\":{:.1},\"launches\":{launches},\"census_gb\":{census_gb:.2},\"bound_ms\":{:.2},\"of_bound\":{:.3},\"losses\":{:?}}}",
         label,
         s * 1e3,
+        host_s * 1e3,
         batch as f64 / s,
         flops / s / 1e12,
         peak as f64 / (1u64 << 30) as f64,

@@ -198,6 +198,10 @@ pub fn mae_step(
         })
         .collect();
     let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+    // Its indices on the device before the step, as `icefm train` stages them.
+    let packed = masking.packed();
+    let len = packed.len();
+    let masking = masking.staged(Tensor::from_vec(packed, len, dev)?)?;
     // The steady state of training: what the first step makes and keeps (the position
     // embeddings) is made before the count, by a forward pass of one sample.
     let one = Masking::from_noise(&noise[..1], cfg.mask_ratio);

@@ -1287,21 +1287,32 @@ pub fn event_tracking_requested() -> bool {
 /// kernels. Two slots alternate, so the batch of step s + 1 is copied while step s still reads
 /// its own; a slot is reused only after the device's copy out of it (an event) and the
 /// transfer out of its page-locked buffer (cudarc's event on that buffer) are done.
-pub struct Uploader {
+pub struct Uploader<T: Upload = f32> {
     dev: CudaDevice,
     copy: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    slots: [Option<Slot>; 2],
+    slots: [Option<Slot<T>>; 2],
     next: usize,
 }
 
-struct Slot {
-    pinned: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>,
-    staging: CudaSlice<f32>,
+/// Element types an [`Uploader`] carries: f32 (images) and u32 (token indices).
+pub trait Upload:
+    candle_core::cuda_backend::cudarc::driver::DeviceRepr
+    + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
+    + candle_core::cuda_backend::CudaDType
+    + Copy
+{
+}
+impl Upload for f32 {}
+impl Upload for u32 {}
+
+struct Slot<T> {
+    pinned: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<T>,
+    staging: CudaSlice<T>,
     /// Recorded on the device's stream after its copy out of `staging`.
     released: candle_core::cuda_backend::cudarc::driver::CudaEvent,
 }
 
-impl Uploader {
+impl<T: Upload> Uploader<T> {
     /// An uploader for `dev` (creates its copy stream).
     pub fn new(dev: &CudaDevice) -> Result<Self> {
         let copy = dev.cuda_stream().context().new_stream().w()?;
@@ -1313,9 +1324,9 @@ impl Uploader {
         })
     }
 
-    /// `data` as an f32 tensor of `shape` on the device; the copy is queued, not waited for
+    /// `data` as a tensor of `shape` on the device; the copy is queued, not waited for
     /// (work queued on the device afterwards sees the data).
-    pub fn upload(&mut self, data: &[f32], shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+    pub fn upload(&mut self, data: &[T], shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.elem_count() != data.len() {
             candle_core::bail!(
@@ -1337,9 +1348,9 @@ impl Uploader {
             let ctx = compute.context();
             // SAFETY: both buffers are written (the host copy below, then the transfer)
             // before anything reads them.
-            let pinned = unsafe { ctx.alloc_pinned::<f32>(n) }.w()?;
+            let pinned = unsafe { ctx.alloc_pinned::<T>(n) }.w()?;
             // SAFETY: as above.
-            let staging = unsafe { self.copy.alloc::<f32>(n) }.w()?;
+            let staging = unsafe { self.copy.alloc::<T>(n) }.w()?;
             let released = compute.record_event(None).w()?;
             self.slots[i] = Some(Slot {
                 pinned,
@@ -1358,7 +1369,7 @@ impl Uploader {
         let copied = self.copy.record_event(None).w()?;
         compute.wait(&copied).w()?;
         // SAFETY: the copy below writes all `n` values before any use.
-        let mut out = unsafe { compute.alloc::<f32>(n) }.w()?;
+        let mut out = unsafe { compute.alloc::<T>(n) }.w()?;
         compute.memcpy_dtod(&slot.staging, &mut out).w()?;
         slot.released.record(&compute).w()?;
         let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
@@ -1371,11 +1382,51 @@ impl Uploader {
     }
 }
 
-impl Drop for Uploader {
+impl<T: Upload> Drop for Uploader<T> {
     fn drop(&mut self) {
         // The slots' buffers are freed on the copy stream: let both streams finish with them.
         let _ = self.dev.cuda_stream().synchronize();
         let _ = self.copy.synchronize();
+    }
+}
+
+/// A small tensor's values on their way to the host: the copy is queued on the device's
+/// stream into page-locked memory, and [`Readback::finish`] waits for that copy only, not for
+/// the work queued after it. A training loop reads a step's loss and gradient norm this way
+/// once the next step is queued, so the device never waits for the host between steps.
+pub struct Readback {
+    pinned: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>,
+    n: usize,
+}
+
+impl Readback {
+    /// Queue the copy of `t` (any shape; its values as f32) to the host.
+    pub fn start(t: &Tensor) -> Result<Self> {
+        let dev = t.device().as_cuda_device()?.clone();
+        let stream = dev.cuda_stream();
+        let t = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .contiguous()?;
+        let n = t.elem_count();
+        // Cached (not write-combined) memory: the host reads it.
+        // SAFETY: the copy below writes all `n` values before `finish` reads them.
+        let mut pinned =
+            unsafe { stream.context().alloc_pinned_with_flags::<f32>(n.max(1), 0) }.w()?;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*storage else {
+            candle_core::bail!("readback: the tensor is not on the CUDA device");
+        };
+        let at = layout.start_offset();
+        let src = cs.as_cuda_slice::<f32>()?.slice(at..at + n);
+        // The source is freed in stream order after the copy (cudarc's stream-ordered frees).
+        stream.memcpy_dtoh(&src, &mut pinned).w()?;
+        Ok(Self { pinned, n })
+    }
+
+    /// The values, once their copy is done.
+    pub fn finish(self) -> Result<Vec<f32>> {
+        Ok(self.pinned.as_slice().w()?[..self.n].to_vec())
     }
 }
 

@@ -553,7 +553,8 @@ pub fn train_seg(
                 "step {step}: the loss is {value}; lower train.lr or check the data"
             )));
         }
-        let (grad_norm, lr) = optimise(&loss.total, &trained_vars, &mut opt, cfg, step)?;
+        let (clipped, lr) = optimise(&loss.total, &trained_vars, &mut opt, cfg, step)?;
+        let grad_norm = clipped.norm()?;
         let rec = StepRecord {
             step,
             loss: value,

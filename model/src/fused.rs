@@ -2244,11 +2244,6 @@ pub fn masked_norm_pix_loss(
         );
     }
     let counts = weight.sum_keepdim(candle_core::D::Minus1)?;
-    let patches = counts
-        .ge(2.0)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
     if !fused() {
         let ones = counts.ge(0.0)?.to_dtype(pred.dtype())?;
         let (t, w) = crate::mae::norm_pix(target, weight)?;
@@ -2264,8 +2259,29 @@ pub fn masked_norm_pix_loss(
     let base = pred
         .zeros_like()?
         .apply_op3_no_bwd(&target, &weight, &NormPixLoss)?;
-    let den = f64::from(patches.max(1.0));
-    Ok(((per_patch.sum_all()? / den)?, (base.sum_all()? / den)?))
+    // The patches that count, at least 1, left on the device: read on the host, the count
+    // would make the host wait for the forward pass.
+    let patches = counts
+        .ge(&filled(&counts, 2.0)?)?
+        .to_dtype(DType::F32)?
+        .sum_all()?;
+    let den = patches
+        .maximum(&filled(&patches, 1.0)?)?
+        .to_dtype(per_patch.dtype())?;
+    Ok((per_patch.sum_all()?.div(&den)?, base.sum_all()?.div(&den)?))
+}
+
+/// `v` in `like`'s shape, dtype and device, made on the device (a comparison with a number
+/// would copy the number from the host).
+pub fn filled(like: &Tensor, v: f64) -> Result<Tensor> {
+    let dev = like.device();
+    let one = match like.dtype() {
+        DType::F32 => Tensor::full(v as f32, (), dev)?,
+        DType::F64 => Tensor::full(v, (), dev)?,
+        DType::BF16 => Tensor::full(half::bf16::from_f64(v), (), dev)?,
+        dt => Tensor::full(v, (), dev)?.to_dtype(dt)?,
+    };
+    one.broadcast_as(like.shape())
 }
 
 /// Per-patch norm-pix squared error `[B, N]` (0 for a patch with fewer than 2 weighted values);
@@ -2460,7 +2476,7 @@ impl CustomOp3 for NormPixLossGrad {
 /// (zeros elsewhere) with no atomic adds, since a sample's indices are distinct. Falls back
 /// to candle's `gather` (an index tensor as wide as the tokens) when fusion is off.
 pub fn gather_tokens(x: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
-    let (b, n, d) = x.dims3()?;
+    let (b, n, _) = x.dims3()?;
     let k = ids.first().map_or(0, Vec::len);
     if ids.len() != b || ids.iter().any(|r| r.len() != k) {
         candle_core::bail!(
@@ -2478,7 +2494,22 @@ pub fn gather_tokens(x: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
         }
     }
     let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-    let idx = Tensor::from_vec(flat, (b, k), x.device())?;
+    gather_tokens_at(x, &Tensor::from_vec(flat, (b, k), x.device())?)
+}
+
+/// [`gather_tokens`] with the indices already on `x`'s device: `idx` u32 `[B, K]`, each row's
+/// indices distinct and below N (not checked here: [`crate::mae::Masking`] makes them so).
+pub fn gather_tokens_at(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let (ib, k) = idx.dims2()?;
+    if ib != b || idx.dtype() != DType::U32 {
+        candle_core::bail!(
+            "gather_tokens: {:?} indices {:?} for {b} samples",
+            idx.dtype(),
+            idx.dims()
+        );
+    }
+    let idx = idx.contiguous()?;
     if !fused() {
         let wide = idx.unsqueeze(2)?.broadcast_as((b, k, d))?.contiguous()?;
         return x.contiguous()?.gather(&wide, 1);

@@ -5,7 +5,7 @@
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::fused::{gather_tokens, masked_norm_pix_loss};
+use crate::fused::{gather_tokens_at, masked_norm_pix_loss};
 use crate::vit::{Block, Linear, Norm, Vit, VitConfig, patchify, sincos_on};
 
 /// MAE shape and masking.
@@ -105,20 +105,41 @@ pub struct MaeOutput {
     /// Encoder output on the kept tokens, class token first: `[B, 1 + K, D]`.
     pub latent: Tensor,
     /// The loss of predicting each patch's mean (0 in norm-pix units) on the same patches:
-    /// the baseline an MAE must beat (≈ 1).
-    pub baseline: f32,
+    /// the baseline an MAE must beat (≈ 1). An f32 scalar on the model's device, not read
+    /// here: a read would make the host wait for the forward pass.
+    pub baseline: Tensor,
     /// 1 where a token was masked, `[B, N]` (host copy).
     pub masked: Vec<Vec<bool>>,
 }
 
 /// The tokens each sample keeps: the first `keep` of a permutation ordered by the sample's noise
 /// (ascending, as MAE's `argsort(noise)`); `ids_restore` undoes the shuffle.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Masking {
     /// `[B][keep]` kept token indices.
     pub ids_keep: Vec<Vec<u32>>,
     /// `[B][N]` position of each token in the shuffled order.
     pub ids_restore: Vec<Vec<u32>>,
+    /// [`Masking::packed`] already on the device ([`Masking::staged`]).
+    staged: Option<Tensor>,
+}
+
+impl PartialEq for Masking {
+    /// The same indices (wherever a copy of them is).
+    fn eq(&self, other: &Self) -> bool {
+        self.ids_keep == other.ids_keep && self.ids_restore == other.ids_restore
+    }
+}
+
+/// A masking's indices on a device: kept tokens u32 `[B, K]`, restore positions u32 `[B, N]`,
+/// and 1 where a token is masked, u32 `[B, N]`.
+pub struct MaskingOn {
+    /// Kept token indices.
+    pub keep: Tensor,
+    /// Position of each token in the shuffled order.
+    pub restore: Tensor,
+    /// 1 for a masked token, 0 for a kept one.
+    pub masked: Tensor,
 }
 
 impl Masking {
@@ -141,7 +162,67 @@ impl Masking {
         Self {
             ids_keep,
             ids_restore,
+            staged: None,
         }
+    }
+
+    /// Samples, tokens per sample and kept tokens per sample.
+    fn dims(&self) -> (usize, usize, usize) {
+        let b = self.ids_keep.len();
+        let n = self.ids_restore.first().map_or(0, Vec::len);
+        let k = self.ids_keep.first().map_or(0, Vec::len);
+        (b, n, k)
+    }
+
+    /// The kept indices, the restore positions and the masked flags, `[B·K | B·N | B·N]`, in one
+    /// buffer: what [`Masking::staged`] takes uploaded.
+    pub fn packed(&self) -> Vec<u32> {
+        let (b, n, k) = self.dims();
+        let mut out = Vec::with_capacity(b * (k + 2 * n));
+        out.extend(self.ids_keep.iter().flatten());
+        out.extend(self.ids_restore.iter().flatten());
+        out.extend(
+            self.ids_restore
+                .iter()
+                .flatten()
+                .map(|&pos| u32::from(pos as usize >= k)),
+        );
+        out
+    }
+
+    /// With [`Masking::packed`] already on the device (as a page-locked upload queued beside
+    /// the previous step, [`crate::cuda::Uploader`]): the forward pass then copies nothing
+    /// from the host for its masking.
+    pub fn staged(mut self, packed: Tensor) -> Result<Self> {
+        let (b, n, k) = self.dims();
+        if packed.dtype() != DType::U32 || packed.dims() != [b * (k + 2 * n)] {
+            candle_core::bail!(
+                "masking: a staged copy is {:?} {:?}, not u32 [{}]",
+                packed.dtype(),
+                packed.dims(),
+                b * (k + 2 * n)
+            );
+        }
+        self.staged = Some(packed);
+        Ok(self)
+    }
+
+    /// The indices on `dev`: the staged copy's parts, or one upload of [`Masking::packed`].
+    pub fn on(&self, dev: &candle_core::Device) -> Result<MaskingOn> {
+        let (b, n, k) = self.dims();
+        let all = match &self.staged {
+            Some(t) if t.device().same_device(dev) => t.clone(),
+            _ => {
+                let packed = self.packed();
+                let len = packed.len();
+                Tensor::from_vec(packed, len, dev)?
+            }
+        };
+        Ok(MaskingOn {
+            keep: all.narrow(0, 0, b * k)?.reshape((b, k))?,
+            restore: all.narrow(0, b * k, b * n)?.reshape((b, n))?,
+            masked: all.narrow(0, b * (k + n), b * n)?.reshape((b, n))?,
+        })
     }
 
     /// Whether token `t` of sample `b` is masked.
@@ -204,9 +285,10 @@ impl Mae {
         let dev = images.device();
         let dtype = self.compute_dtype;
 
+        let ids = masking.on(dev)?;
         // Encoder on the kept tokens.
         let tokens = enc.embed(&images.to_dtype(dtype)?)?;
-        let kept = gather_tokens(&tokens, &masking.ids_keep)?;
+        let kept = gather_tokens_at(&tokens, &ids.keep)?;
         let latent = enc.encode(&kept, keep)?;
 
         // Decoder on all tokens: kept ones in their places, mask tokens elsewhere.
@@ -218,7 +300,7 @@ impl Mae {
             .to_dtype(dtype)?
             .broadcast_as((b, n - k, dd))?;
         let shuffled = Tensor::cat(&[&x.narrow(1, 1, k)?, &mask_tokens], 1)?;
-        let restored = gather_tokens(&shuffled, &masking.ids_restore)?;
+        let restored = gather_tokens_at(&shuffled, &ids.restore)?;
         let pos = sincos_on(gh, gw, dd, dtype, dev)?;
         let mut y = Tensor::cat(&[&x.narrow(1, 0, 1)?, &restored.broadcast_add(&pos)?], 1)?;
         for blk in &self.decoder_blocks {
@@ -246,16 +328,11 @@ impl Mae {
         let masked: Vec<Vec<bool>> = (0..b)
             .map(|i| (0..n).map(|t| masking.is_masked(i, t)).collect())
             .collect();
-        let m: Vec<f32> = masked
-            .iter()
-            .flatten()
-            .map(|&x| f32::from(u8::from(x)))
-            .collect();
-        let m = Tensor::from_vec(m, (b, n, 1), dev)?.to_dtype(dtype)?;
+        let m = ids.masked.to_dtype(dtype)?.unsqueeze(2)?;
         // Valid pixels of masked patches.
         let weight = vmask.broadcast_mul(&m)?;
         let (loss, baseline) = masked_norm_pix_loss(&pred, &target, &weight)?;
-        let baseline = baseline.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let baseline = baseline.to_dtype(DType::F32)?;
         Ok(MaeOutput {
             loss,
             pred,

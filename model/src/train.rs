@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
-use crate::optim::{AdamW, AdamWConfig, clip_scale, lr_at};
+use crate::optim::{AdamW, AdamWConfig, Clip, clip, lr_at};
 use crate::panel::{panel, write_png};
 use crate::threads::on_worker;
 
@@ -287,6 +287,8 @@ pub fn train_mae(
     let p = mcfg.encoder.patch;
     let n_tokens = (cfg.data.crop as usize / p).pow(2);
     let vars_only: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut pending: Option<PendingRecord> = None;
+    let mut last = Instant::now();
     for step in start..total {
         let t0 = Instant::now();
         let batch = feeder.next()?;
@@ -299,7 +301,7 @@ pub fn train_mae(
                 (0..n_tokens).map(|_| r.unit() as f32).collect()
             })
             .collect();
-        let masking = Masking::from_noise(&noise, mcfg.mask_ratio);
+        let masking = feeder.stage_masking(Masking::from_noise(&noise, mcfg.mask_ratio))?;
         let keep = drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b);
         let out = on_worker(dev.is_cpu(), || {
             mae.forward(images, valid, &masking, Some(&keep))
@@ -326,27 +328,42 @@ pub fn train_mae(
                 .join(format!("step_{:07}.png", step + 1));
             write_png(&path, w, h, &px).map_err(|e| io_err(&path, e))?;
         }
-        let loss = out.loss.to_scalar::<f32>()?;
-        if !loss.is_finite() {
-            return Err(TrainError::Setup(format!(
-                "step {step}: the loss is {loss}; lower train.lr or check the data"
-            )));
-        }
-        let (grad_norm, lr) = optimise(&out.loss, &vars_only, &mut opt, cfg, step)?;
+        let (clipped, lr) = optimise(&out.loss, &vars_only, &mut opt, cfg, step)?;
         let rec = StepRecord {
             step,
-            loss,
+            loss: f32::NAN,
             lr,
-            grad_norm,
-            images_per_s: b as f64 / t0.elapsed().as_secs_f64(),
+            grad_norm: f64::NAN,
+            images_per_s: 0.0,
             levels,
-            extra: vec![("baseline".into(), out.baseline)],
+            extra: vec![("baseline".into(), f32::NAN)],
         };
-        on_step(&rec);
-        records.push(rec);
+        let this = PendingRecord::new(rec, b, t0, &out.loss, &[out.baseline], &clipped)?;
+        // The previous step's values: its work is done (or nearly), this step's is queued.
+        if let Some(prev) = pending.take() {
+            let rec = prev.finish(&mut last)?;
+            on_step(&rec);
+            records.push(rec);
+        }
         steps_run += 1;
         let done = step + 1;
+        let mut this = Some(this);
+        if let Some(t) = this.take_if(|t| !t.queued()) {
+            let rec = t.finish(&mut last)?;
+            on_step(&rec);
+            records.push(rec);
+        }
         let stopping = stop.load(Ordering::SeqCst);
+        if let Some(t) = this {
+            // A checkpoint saves every record so far: read this step's now if one is due.
+            if checkpoint_due(cfg, done, stopping) {
+                let rec = t.finish(&mut last)?;
+                on_step(&rec);
+                records.push(rec);
+            } else {
+                pending = Some(t);
+            }
+        }
         if end_step(
             &mut run,
             cfg,
@@ -508,6 +525,9 @@ pub(crate) struct Feeder<'a> {
     staged: Option<DeviceBatch>,
     #[cfg(feature = "cuda")]
     uploader: Option<crate::cuda::Uploader>,
+    /// The masking's indices ([`Feeder::stage_masking`]).
+    #[cfg(feature = "cuda")]
+    indices: Option<crate::cuda::Uploader<u32>>,
 }
 
 impl<'a> Feeder<'a> {
@@ -520,6 +540,11 @@ impl<'a> Feeder<'a> {
             }
             _ => None,
         };
+        #[cfg(feature = "cuda")]
+        let indices = match (dev, &uploader) {
+            (Device::Cuda(cd), Some(_)) => Some(crate::cuda::Uploader::new(cd)?),
+            _ => None,
+        };
         Ok(Self {
             batches: loader.iter(start),
             loader,
@@ -527,7 +552,22 @@ impl<'a> Feeder<'a> {
             staged: None,
             #[cfg(feature = "cuda")]
             uploader,
+            #[cfg(feature = "cuda")]
+            indices,
         })
+    }
+
+    /// `masking` with its indices on their way to the device through page-locked memory (on
+    /// a GPU with page-locked uploads; elsewhere as it is, and the forward pass copies them).
+    pub fn stage_masking(&mut self, masking: Masking) -> Result<Masking, TrainError> {
+        #[cfg(feature = "cuda")]
+        if let Some(up) = self.indices.as_mut() {
+            let packed = masking.packed();
+            let len = packed.len();
+            let t = up.upload(&packed, len)?;
+            return Ok(masking.staged(t)?);
+        }
+        Ok(masking)
     }
 
     /// The next batch: the one [`Feeder::prefetch`] started, or a new one.
@@ -606,23 +646,127 @@ pub(crate) fn drop_draws(
         .collect()
 }
 
-/// Backward pass, clipping and one AdamW update of step `step`; returns the gradient norm
-/// before clipping and the learning rate.
+/// Backward pass, clipping and one AdamW update of step `step`; returns the clipping (the
+/// gradient norm before clipping, on a GPU still on the device) and the learning rate.
 pub(crate) fn optimise(
     loss: &Tensor,
     vars: &[Var],
     opt: &mut AdamW,
     cfg: &TrainConfig,
     step: u64,
-) -> Result<(f64, f64), TrainError> {
+) -> Result<(Clip, f64), TrainError> {
     let t = &cfg.train;
     let lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr);
     on_worker(loss.device().is_cpu(), || {
         let grads = loss.backward()?;
-        let (grad_norm, scale) = clip_scale(&grads, vars.iter(), t.clip_grad)?;
-        opt.step(&grads, lr, scale)?;
-        Ok((grad_norm, lr))
+        let c = clip(&grads, vars.iter(), t.clip_grad)?;
+        opt.step_clipped(&grads, lr, &c)?;
+        Ok((c, lr))
     })
+}
+
+/// A step's values still on its device: the loss, named extras and, where clipping left it
+/// there, the gradient norm. On a GPU their copy to the host is queued behind the step
+/// ([`crate::cuda::Readback`]) and read once the next step is queued, so that the device never
+/// waits for the host between steps; elsewhere they are read at once.
+pub(crate) struct PendingRecord {
+    record: StepRecord,
+    values: Deferred,
+    norm_queued: bool,
+    images: usize,
+    t0: Instant,
+}
+
+enum Deferred {
+    Ready(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Queued(crate::cuda::Readback),
+}
+
+impl PendingRecord {
+    /// `record` with its loss, extras' values (in `extras`' order) and gradient norm still to
+    /// come from `loss`, `extras` (scalars) and `clip`; `images` in the step, which began at
+    /// `t0`.
+    pub fn new(
+        record: StepRecord,
+        images: usize,
+        t0: Instant,
+        loss: &Tensor,
+        extras: &[Tensor],
+        clip: &Clip,
+    ) -> Result<Self, TrainError> {
+        let mut parts = vec![loss.to_dtype(DType::F32)?.reshape(1)?];
+        for e in extras {
+            parts.push(e.to_dtype(DType::F32)?.reshape(1)?);
+        }
+        let (mut record, norm_queued) = (record, matches!(clip, Clip::Device { .. }));
+        match clip {
+            Clip::Device { sumsq, .. } => parts.push(sumsq.sqrt()?.to_dtype(DType::F32)?),
+            Clip::Host { norm, .. } => record.grad_norm = *norm,
+        }
+        let all = Tensor::cat(&parts, 0)?;
+        #[cfg(feature = "cuda")]
+        if all.device().is_cuda() {
+            return Ok(Self {
+                record,
+                values: Deferred::Queued(crate::cuda::Readback::start(&all)?),
+                norm_queued,
+                images,
+                t0,
+            });
+        }
+        Ok(Self {
+            record,
+            values: Deferred::Ready(all.to_vec1::<f32>()?),
+            norm_queued,
+            images,
+            t0,
+        })
+    }
+
+    /// Whether its values are still on their way (a GPU), rather than read.
+    pub fn queued(&self) -> bool {
+        !matches!(self.values, Deferred::Ready(_))
+    }
+
+    /// The record, its values read (waiting for the step if it is still running). The step's
+    /// rate counts from its start or from `last`, the moment the previous record was read,
+    /// whichever is later; `last` becomes now. A loss that is not finite is an error.
+    pub fn finish(self, last: &mut Instant) -> Result<StepRecord, TrainError> {
+        // One variant only without the `cuda` feature.
+        #[allow(clippy::infallible_destructuring_match)]
+        let values = match self.values {
+            Deferred::Ready(v) => v,
+            #[cfg(feature = "cuda")]
+            Deferred::Queued(r) => r.finish()?,
+        };
+        let now = Instant::now();
+        let since = (*last).max(self.t0);
+        *last = now;
+        let mut record = self.record;
+        let loss = values[0];
+        if !loss.is_finite() {
+            return Err(TrainError::Setup(format!(
+                "step {}: the loss is {loss}; lower train.lr or check the data",
+                record.step
+            )));
+        }
+        record.loss = loss;
+        for ((_, v), x) in record.extra.iter_mut().zip(&values[1..]) {
+            *v = *x;
+        }
+        if self.norm_queued {
+            record.grad_norm = f64::from(values[values.len() - 1]);
+        }
+        record.images_per_s = self.images as f64 / (now - since).as_secs_f64();
+        Ok(record)
+    }
+}
+
+/// Whether a checkpoint is due after `done` steps: every `checkpoint_every` steps, after the
+/// last step, or when stopping.
+pub(crate) fn checkpoint_due(cfg: &TrainConfig, done: u64, stopping: bool) -> bool {
+    done == cfg.train.steps || stopping || done.is_multiple_of(cfg.train.checkpoint_every.max(1))
 }
 
 /// The end of a step: a checkpoint (with the metrics so far) when one is due, every
@@ -642,7 +786,7 @@ pub(crate) fn end_step(
 ) -> Result<bool, TrainError> {
     let total = cfg.train.steps;
     let loss = records.last().map_or(f32::NAN, |r| r.loss);
-    if done == total || stopping || done.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
+    if checkpoint_due(cfg, done, stopping) {
         *checkpoint = Some(save_checkpoint(
             out,
             done,

@@ -295,3 +295,70 @@ fn position_embeddings_are_made_once() {
     let want = Tensor::from_vec(sincos_2d(5, 7, 24), (1, 35, 24), &Device::Cpu).unwrap();
     assert!(max_rel(&first, &want) < 1e-2);
 }
+
+/// A training step must not make the host wait for the device: no read back and no copy from
+/// the host inside its forward and backward passes, once the masking's indices are staged on
+/// the device (as `icefm train` does through page-locked memory on a GPU). Without staging,
+/// the indices are the one copy, in one piece.
+#[test]
+fn an_mae_step_copies_nothing_between_host_and_device_once_its_masking_is_staged() {
+    use icefm_model::mae::{Mae, Masking};
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = common::census_mae();
+    let dev = Device::Cpu;
+    let (b, px) = (3usize, 64usize);
+    let vars = candle_nn::VarMap::new();
+    let mut mae = Mae::new(
+        candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &dev),
+        &cfg,
+    )
+    .unwrap();
+    mae.compute_dtype = DType::BF16;
+    let images = random(&[b, 2, px, px], 5, 1.0, DType::F32);
+    let valid = Tensor::ones((b, px, px), DType::F32, &dev).unwrap();
+    let n = (px / 16).pow(2);
+    let noise: Vec<Vec<f32>> = (0..b)
+        .map(|s| {
+            (0..n)
+                .map(|t| ((t * 37 + s * 11) % 97) as f32 / 97.0)
+                .collect()
+        })
+        .collect();
+    let masking = Masking::from_noise(&noise, cfg.mask_ratio);
+    let k = masking.ids_keep[0].len();
+    // The steady state: what the first step makes and keeps (position embeddings) is made.
+    mae.forward(&images, &valid, &masking, None).unwrap();
+    let transfers = |masking: &Masking| -> Vec<Entry> {
+        let entries = icefm_model::census::count(false, || {
+            Ok(mae.forward(&images, &valid, masking, None)?.loss)
+        })
+        .unwrap();
+        entries
+            .into_iter()
+            .filter(|e| e.op == "upload" || e.op == "read back")
+            .collect()
+    };
+    for gpu_routes in [true, false] {
+        fused::set_flash_bwd(gpu_routes);
+        fused::set_gpu_routes(gpu_routes);
+        let packed = masking.packed();
+        assert_eq!(packed.len(), b * (k + 2 * n));
+        let staged = masking
+            .clone()
+            .staged(Tensor::from_vec(packed, b * (k + 2 * n), &dev).unwrap())
+            .unwrap();
+        let none = transfers(&staged);
+        let one = transfers(&masking);
+        fused::set_gpu_routes(false);
+        fused::set_flash_bwd(false);
+        assert!(none.is_empty(), "gpu routes {gpu_routes}: {none:#?}");
+        assert_eq!(one.len(), 1, "gpu routes {gpu_routes}: {one:#?}");
+        assert_eq!(
+            (one[0].op.as_str(), one[0].calls, one[0].bytes_written),
+            ("upload", 1, (4 * b * (k + 2 * n)) as u64)
+        );
+    }
+    // A staged copy of another masking's size is refused.
+    let short = Tensor::from_vec(vec![0u32; 5], 5, &dev).unwrap();
+    assert!(masking.clone().staged(short).is_err());
+}

@@ -1,8 +1,9 @@
 //! icefm's CUDA kernels against their CPU references (feature `cuda`; needs a GPU, so CI does
 //! not run these: scripts/gpu-check.sh does). Random seeded inputs; values and gradients of the
 //! fused layer norm and softmax (f32 and bf16), the fused AdamW step against the composed one,
-//! a whole micro MAE's loss and gradients on the GPU against the CPU, and the page-locked
-//! uploader, and a step's census on the GPU against the CPU's. Run them on one thread
+//! a whole micro MAE's loss and gradients on the GPU against the CPU, the page-locked
+//! uploaders and queued readbacks, clipping on the device against clipping on the host, and a
+//! step's census on the GPU against the CPU's. Run them on one thread
 //! (`--test-threads=1`): the AdamW test switches fusion off and on for the whole process, and a
 //! census counts every thread's operations.
 #![cfg(feature = "cuda")]
@@ -524,6 +525,95 @@ fn the_uploader_delivers_every_batch_intact() {
         assert!(twice.iter().zip(data).all(|(a, b)| *a == 2.0 * b));
     }
     assert!(up.upload(&[1.0, 2.0, 3.0], (2, 2)).is_err());
+}
+
+#[test]
+fn index_uploads_and_queued_readbacks_carry_their_values() {
+    let g = gpu();
+    let cd = g.as_cuda_device().unwrap();
+    let mut up = icefm_model::cuda::Uploader::<u32>::new(cd).unwrap();
+    let noise: Vec<Vec<f32>> = (0..3)
+        .map(|s| {
+            (0..16)
+                .map(|t| ((t * 7 + s * 5) % 16) as f32 / 16.0)
+                .collect()
+        })
+        .collect();
+    let masking = Masking::from_noise(&noise, 0.75);
+    let packed = masking.packed();
+    let len = packed.len();
+    let staged = masking
+        .clone()
+        .staged(up.upload(&packed, len).unwrap())
+        .unwrap();
+    let on = staged.on(&g).unwrap();
+    let keep: Vec<Vec<u32>> = on.keep.to_vec2().unwrap();
+    let restore: Vec<Vec<u32>> = on.restore.to_vec2().unwrap();
+    assert_eq!(keep, masking.ids_keep);
+    assert_eq!(restore, masking.ids_restore);
+    let masked: Vec<Vec<u32>> = on.masked.to_vec2().unwrap();
+    for (b, row) in masked.iter().enumerate() {
+        for (t, &m) in row.iter().enumerate() {
+            assert_eq!(m == 1, masking.is_masked(b, t));
+        }
+    }
+    // A readback queued behind more work returns the values as they were when it was queued.
+    let t = Tensor::new(&[1.5f32, -2.0, 3.25], &g).unwrap();
+    let r = icefm_model::cuda::Readback::start(&t.affine(2.0, 0.0).unwrap()).unwrap();
+    let _more = t.exp().unwrap();
+    assert_eq!(r.finish().unwrap(), vec![3.0, -4.0, 6.5]);
+    let bf = Tensor::new(0.5f32, &g)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    assert_eq!(
+        icefm_model::cuda::Readback::start(&bf)
+            .unwrap()
+            .finish()
+            .unwrap(),
+        vec![0.5]
+    );
+}
+
+#[test]
+fn clipping_on_the_device_updates_as_clipping_on_the_host() {
+    let g = gpu();
+    fused::set_fused(true);
+    for max_norm in [0.5, 1e9, 0.0] {
+        let run = |on_device: bool| {
+            let shapes: [&[usize]; 3] = [&[300, 70], &[70], &[1000, 3]];
+            let vars: Vec<(String, Var)> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let v = Var::from_tensor(&random(s, 80 + i as u64, 1.0).to_device(&g).unwrap());
+                    (format!("p{i}.weight"), v.unwrap())
+                })
+                .collect();
+            let just: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+            let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+            let mut norms = Vec::new();
+            for step in 0..3u64 {
+                let loss = squared_products(just.iter(), 90 + step * 10, &g);
+                let grads = loss.backward().unwrap();
+                let c = icefm_model::optim::clip(&grads, just.iter(), max_norm).unwrap();
+                assert!(matches!(c, icefm_model::optim::Clip::Device { .. }));
+                norms.push(c.norm().unwrap());
+                if on_device {
+                    opt.step_clipped(&grads, 1e-2, &c).unwrap();
+                } else {
+                    opt.step(&grads, 1e-2, c.scale().unwrap()).unwrap();
+                }
+            }
+            let w: Vec<Vec<f64>> = just.iter().map(|v| host(v.as_tensor())).collect();
+            (w, norms)
+        };
+        let (dev_w, dev_norms) = run(true);
+        let (host_w, host_norms) = run(false);
+        assert_eq!(dev_norms, host_norms, "max norm {max_norm}");
+        // The same scale, computed in double on either side, then the same kernel.
+        assert_eq!(dev_w, host_w, "max norm {max_norm}");
+    }
 }
 
 #[test]
