@@ -341,25 +341,21 @@ pub fn train_mae(
         let this = PendingRecord::new(rec, b, t0, &out.loss, &[out.baseline], &clipped)?;
         // The previous step's values: its work is done (or nearly), this step's is queued.
         if let Some(prev) = pending.take() {
-            let rec = prev.finish(&mut last)?;
-            on_step(&rec);
-            records.push(rec);
+            prev.emit(&mut last, &mut records, on_step)?;
         }
         steps_run += 1;
         let done = step + 1;
-        let mut this = Some(this);
-        if let Some(t) = this.take_if(|t| !t.queued()) {
-            let rec = t.finish(&mut last)?;
-            on_step(&rec);
-            records.push(rec);
-        }
+        let this = if this.queued() {
+            Some(this)
+        } else {
+            this.emit(&mut last, &mut records, on_step)?;
+            None
+        };
         let stopping = stop.load(Ordering::SeqCst);
         if let Some(t) = this {
             // A checkpoint saves every record so far: read this step's now if one is due.
             if checkpoint_due(cfg, done, stopping) {
-                let rec = t.finish(&mut last)?;
-                on_step(&rec);
-                records.push(rec);
+                t.emit(&mut last, &mut records, on_step)?;
             } else {
                 pending = Some(t);
             }
@@ -760,6 +756,19 @@ impl PendingRecord {
         }
         record.images_per_s = self.images as f64 / (now - since).as_secs_f64();
         Ok(record)
+    }
+
+    /// [`PendingRecord::finish`], then the record to `on_step` and onto `records`.
+    pub fn emit(
+        self,
+        last: &mut Instant,
+        records: &mut Vec<StepRecord>,
+        on_step: &dyn Fn(&StepRecord),
+    ) -> Result<(), TrainError> {
+        let rec = self.finish(last)?;
+        on_step(&rec);
+        records.push(rec);
+        Ok(())
     }
 }
 
