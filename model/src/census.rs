@@ -11,7 +11,7 @@
 //! `examples/census.rs` prints the result; docs/gpu.md reads it.
 
 use crate::mae::{Mae, MaeConfig, Masking};
-use crate::seg::{SegConfig, SegModel, seg_loss};
+use crate::seg::{SegConfig, SegModel, seg_loss_staged};
 use crate::vit::VitConfig;
 use candle_core::census::Entry;
 use candle_core::{DType, Device, Result, Tensor};
@@ -244,10 +244,14 @@ pub fn seg_step(
         })
         .collect();
     // The steady state of training: what the first step makes and keeps (the resizes'
-    // resampling matrices) is made before the count, by a forward pass of one sample.
-    model.forward(&images.narrow(0, 0, 1)?, None)?;
+    // resampling matrices, the classes of the loss) is made before the count, by a forward
+    // pass and loss of one sample.
+    let outs = model.forward(&images.narrow(0, 0, 1)?, None)?;
+    seg_loss_staged(&outs, &labels[..3 * plane], None, cfg)?;
+    // The labels on the device before the step, as the fine-tuning loop stages them.
+    let staged = Tensor::from_slice(&labels, (batch, 3, plane), dev)?;
     count(sites, || {
         let outs = model.forward(&images, None)?;
-        Ok(seg_loss(&outs, &labels, cfg)?.total)
+        Ok(seg_loss_staged(&outs, &labels, Some(&staged), cfg)?.total)
     })
 }

@@ -1294,7 +1294,7 @@ pub struct Uploader<T: Upload = f32> {
     next: usize,
 }
 
-/// Element types an [`Uploader`] carries: f32 (images) and u32 (token indices).
+/// Element types an [`Uploader`] carries: f32 (images), u32 (token indices), u8 (labels).
 pub trait Upload:
     candle_core::cuda_backend::cudarc::driver::DeviceRepr
     + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
@@ -1304,6 +1304,7 @@ pub trait Upload:
 }
 impl Upload for f32 {}
 impl Upload for u32 {}
+impl Upload for u8 {}
 
 struct Slot<T> {
     pinned: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<T>,

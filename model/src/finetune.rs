@@ -26,12 +26,12 @@ use crate::config::TrainConfig;
 use crate::evaluate::{Blend, InferOptions, SceneResult, evaluate_scene, selection_score};
 use crate::metrics::{Evaluation, Scores};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::seg::{SegModel, seg_loss};
+use crate::seg::{SegModel, seg_loss_staged};
 use crate::threads::on_worker;
 use crate::train::{
-    Feeder, RunOptions, RunSummary, StepRecord, TrainError, checkpoints, drop_draws, end_step,
-    init_weights, io_err, level_mix, load_checkpoint, named_vars, open_loader, open_run, optimise,
-    read_metrics, write_parquet,
+    Feeder, PendingRecord, RunOptions, RunSummary, StepRecord, TrainError, checkpoint_due,
+    checkpoints, drop_draws, end_step, init_weights, io_err, level_mix, load_checkpoint,
+    named_vars, open_loader, open_run, optimise, read_metrics, write_parquet,
 };
 
 /// One validation pass.
@@ -533,51 +533,74 @@ pub fn train_seg(
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());
     let mut interrupted = false;
     let mut steps_run = 0;
-    let mut feeder = Feeder::new(&loader, start, &dev)?;
+    let mut feeder = Feeder::new(&loader, start, &dev)?.with_labels()?;
     let trained_vars: Vec<Var> = trained.iter().map(|(_, v)| v.clone()).collect();
+    let mut pending: Option<PendingRecord> = None;
+    let mut last = Instant::now();
     for step in start..total {
         let t0 = Instant::now();
         let batch = feeder.next()?;
         let b = batch.len();
         let levels = level_mix(&batch.samples);
-        let keep = drop_draws(cfg.train.seed, step, scfg.encoder.depth, b);
+        let keep = feeder.stage_draws(
+            drop_draws(cfg.train.seed, step, scfg.encoder.depth, b),
+            &model.encoder,
+        )?;
         let outs = on_worker(dev.is_cpu(), || model.forward(&batch.images, Some(&keep)))?;
         if step + 1 < total {
             // The next batch's copy runs beside this step's queued work.
             feeder.prefetch()?;
         }
-        let loss = on_worker(dev.is_cpu(), || seg_loss(&outs, &batch.labels, &scfg))?;
-        let value = loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(TrainError::Setup(format!(
-                "step {step}: the loss is {value}; lower train.lr or check the data"
-            )));
-        }
+        let loss = on_worker(dev.is_cpu(), || {
+            seg_loss_staged(&outs, &batch.labels, batch.labels_on.as_ref(), &scfg)
+        })?;
         let (clipped, lr) = optimise(&loss.total, &trained_vars, &mut opt, cfg, step)?;
-        let grad_norm = clipped.norm()?;
         let rec = StepRecord {
             step,
-            loss: value,
+            loss: f32::NAN,
             lr,
-            grad_norm,
-            images_per_s: b as f64 / t0.elapsed().as_secs_f64(),
+            grad_norm: f64::NAN,
+            images_per_s: 0.0,
             levels,
             extra: loss
-                .parts
+                .counts
                 .iter()
-                .map(|(t, v, _)| (format!("loss_{}", t.name()), *v))
+                .map(|(t, _)| (format!("loss_{}", t.name()), f32::NAN))
                 .collect(),
         };
-        on_step(&rec);
-        records.push(rec);
+        let parts = (0..loss.counts.len())
+            .map(|i| loss.values.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let this = PendingRecord::new(rec, b, t0, &loss.total, &parts, &clipped)?;
+        // The previous step's values: its work is done (or nearly), this step's is queued.
+        if let Some(prev) = pending.take() {
+            prev.emit(&mut last, &mut records, on_step)?;
+        }
         steps_run += 1;
         let done = step + 1;
+        let this = if this.queued() {
+            Some(this)
+        } else {
+            this.emit(&mut last, &mut records, on_step)?;
+            None
+        };
         let stopping = stop.load(Ordering::SeqCst);
         let every = seg.val_every;
+        let validating =
+            val.is_some() && (done == total || (every > 0 && done.is_multiple_of(every)));
+        if let Some(t) = this {
+            // A checkpoint saves every record so far, and a validation waits for the device
+            // anyway: read this step's now if either is due.
+            if validating || checkpoint_due(cfg, done, stopping) {
+                t.emit(&mut last, &mut records, on_step)?;
+            } else {
+                pending = Some(t);
+            }
+        }
         // A due validation runs even when stopping, so a resumed run keeps the same records
         // and best checkpoint as one that never stopped.
         if let Some((reader, scenes, iopts, score_level)) = &val
-            && (done == total || (every > 0 && done.is_multiple_of(every)))
+            && validating
         {
             let t1 = Instant::now();
             let (pooled, _) = evaluate_scenes(

@@ -275,7 +275,7 @@ impl Mae {
         images: &Tensor,
         valid: &Tensor,
         masking: &Masking,
-        keep: Option<&[(Vec<f32>, Vec<f32>)]>,
+        keep: Option<&crate::ops::Draws>,
     ) -> Result<MaeOutput> {
         let enc = &self.encoder;
         let (b, c, h, w) = images.dims4()?;

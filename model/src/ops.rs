@@ -34,9 +34,26 @@ pub fn drop_path(x: &Tensor, p: f64, keep: &[f32]) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let b = x.dim(0)?;
-    let scale: Vec<f32> = keep
-        .iter()
-        .take(b)
+    let s = Tensor::from_vec(drop_scales(p, &keep[..b.min(keep.len())]), b, x.device())?;
+    drop_path_scaled(x, p, &s)
+}
+
+/// [`drop_path`] with the per-sample scales already made (`scale` f32 `[B]`, [`drop_scales`];
+/// on a GPU, uploaded beside the step: nothing copied from the host here).
+pub fn drop_path_scaled(x: &Tensor, p: f64, scale: &Tensor) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let b = x.dim(0)?;
+    let mut shape = vec![b];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    x.broadcast_mul(&scale.to_dtype(x.dtype())?.reshape(shape)?)
+}
+
+/// Each sample's stochastic-depth scale at rate `p` from its uniform draw: `1 / (1 − p)` when
+/// the draw is at least `p`, else 0.
+pub fn drop_scales(p: f64, keep: &[f32]) -> Vec<f32> {
+    keep.iter()
         .map(|&u| {
             if f64::from(u) >= p {
                 (1.0 / (1.0 - p)) as f32
@@ -44,11 +61,79 @@ pub fn drop_path(x: &Tensor, p: f64, keep: &[f32]) -> Result<Tensor> {
                 0.0
             }
         })
-        .collect();
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-    let s = Tensor::from_vec(scale, shape, x.device())?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&s)
+        .collect()
+}
+
+/// A training step's stochastic-depth draws: per block, one uniform number in `[0, 1)` per
+/// sample for the attention branch and one for the MLP branch, and, once staged
+/// ([`crate::vit::Vit::drop_scales`], [`Draws::staged`]), the scales they give already on the
+/// device, so that the forward pass copies nothing from the host for them.
+#[derive(Debug, Clone)]
+pub struct Draws {
+    /// Per block: (attention branch, MLP branch), one draw per sample each.
+    pub per_block: Vec<(Vec<f32>, Vec<f32>)>,
+    /// f32 `[blocks, 2, B]`: each branch's scale per sample.
+    scales: Option<Tensor>,
+}
+
+impl Draws {
+    /// Draws on the host only.
+    pub fn new(per_block: Vec<(Vec<f32>, Vec<f32>)>) -> Self {
+        Self {
+            per_block,
+            scales: None,
+        }
+    }
+
+    /// With the scales on the device: `[blocks, 2, B]` f32, as [`crate::vit::Vit::drop_scales`]
+    /// lays them out.
+    pub fn staged(mut self, scales: Tensor) -> Result<Self> {
+        let b = self.per_block.first().map_or(0, |(a, _)| a.len());
+        if scales.dims() != [self.per_block.len(), 2, b] || scales.dtype() != DType::F32 {
+            candle_core::bail!(
+                "drop-path scales {:?} {:?}, not f32 [{}, 2, {b}]",
+                scales.dtype(),
+                scales.dims(),
+                self.per_block.len()
+            );
+        }
+        self.scales = Some(scales);
+        Ok(self)
+    }
+
+    /// Block `i`'s draws, with its staged scales (`[2, B]`) where there are some.
+    pub fn block(&self, i: usize) -> Result<Option<BlockDraws<'_>>> {
+        let Some((attn, mlp)) = self.per_block.get(i) else {
+            return Ok(None);
+        };
+        let scales = match &self.scales {
+            Some(s) => Some(s.get(i)?),
+            None => None,
+        };
+        Ok(Some(BlockDraws { attn, mlp, scales }))
+    }
+}
+
+/// One block's stochastic-depth draws ([`Draws::block`]).
+#[derive(Debug, Clone)]
+pub struct BlockDraws<'a> {
+    /// The attention branch's draw per sample.
+    pub attn: &'a [f32],
+    /// The MLP branch's draw per sample.
+    pub mlp: &'a [f32],
+    /// Both branches' scales on the device, f32 `[2, B]`, when staged.
+    pub scales: Option<Tensor>,
+}
+
+impl BlockDraws<'_> {
+    /// `x` through stochastic depth at rate `p` with branch `branch`'s draws (0 attention,
+    /// 1 MLP): from the staged scales, or from the host draws.
+    pub fn apply(&self, x: &Tensor, p: f64, branch: usize) -> Result<Tensor> {
+        match &self.scales {
+            Some(s) => drop_path_scaled(x, p, &s.get(branch)?),
+            None => drop_path(x, p, if branch == 0 { self.attn } else { self.mlp }),
+        }
+    }
 }
 
 /// Mean of `x` over the positions where `weight` is 1 (`weight` broadcastable to `x`); 0 when

@@ -672,7 +672,7 @@ impl SegModel {
     pub fn forward(
         &self,
         images: &Tensor,
-        keep: Option<&[(Vec<f32>, Vec<f32>)]>,
+        keep: Option<&crate::ops::Draws>,
     ) -> Result<Vec<(Task, Tensor)>> {
         let (b, _, h, w) = images.dims4()?;
         let p = self.cfg.encoder.patch;
@@ -715,8 +715,32 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 pub struct SegLoss {
     /// `Σ weight_t · loss_t`, differentiable.
     pub total: Tensor,
-    /// Per task: its unweighted loss and the labelled pixels it saw.
-    pub parts: Vec<(Task, f32, usize)>,
+    /// Per task, in `counts`' order: its unweighted loss, f32 `[tasks]`, on the outputs'
+    /// device (not read: a read would make the host wait for the forward pass).
+    pub values: Tensor,
+    /// Per task: the labelled pixels it saw.
+    pub counts: Vec<(Task, usize)>,
+}
+
+impl SegLoss {
+    /// Per task: its unweighted loss (read back) and the labelled pixels it saw.
+    pub fn parts(&self) -> Result<Vec<(Task, f32, usize)>> {
+        let values = self.values.to_vec1::<f32>()?;
+        Ok(self
+            .counts
+            .iter()
+            .zip(values)
+            .map(|(&(t, n), v)| (t, v, n))
+            .collect())
+    }
+}
+
+/// The class indices `0..k` as f32 on `dev`, made once (an `arange` copies them from the host).
+fn classes_on(k: usize, dev: &Device) -> Result<Tensor> {
+    static CLASSES: Memo<(usize, DeviceKey), Tensor> = Memo::new();
+    CLASSES.get_or_make((k, DeviceKey(dev.clone())), || {
+        Tensor::arange(0u32, k as u32, dev)?.to_dtype(DType::F32)
+    })
 }
 
 /// The multi-task loss of `outputs` ([`SegModel::forward`]) against `labels` `u8 [B, 3, H, W]`
@@ -724,11 +748,23 @@ pub struct SegLoss {
 /// cross-entropy, averaged over each task's labelled pixels. A task without a labelled pixel
 /// in the batch contributes 0.
 pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> Result<SegLoss> {
+    seg_loss_staged(outputs, labels, None, cfg)
+}
+
+/// [`seg_loss`] with `labels` already on the outputs' device (`staged`, u8 `[B, 3, H·W]`, as
+/// the training loop's page-locked upload leaves them): no copy from the host. The host copy
+/// `labels` still gives each task's labelled-pixel count and the class checks.
+pub fn seg_loss_staged(
+    outputs: &[(Task, Tensor)],
+    labels: &[u8],
+    staged: Option<&Tensor>,
+    cfg: &SegConfig,
+) -> Result<SegLoss> {
     let mut total: Option<Tensor> = None;
     let (mut values, mut counts) = (Vec::new(), Vec::new());
     // The labels go to the outputs' device once; masks, targets and one-hot codes are made
     // there (on a GPU the host would otherwise build and copy B·H·W·K floats per task).
-    let mut on_device: Option<Tensor> = None;
+    let mut on_device: Option<Tensor> = staged.cloned();
     for (task, y) in outputs {
         let (b, h, w, k) = y.dims4()?;
         let plane = h * w;
@@ -766,12 +802,13 @@ pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> R
                 .to_dtype(DType::F32)?
                 .reshape((b, h, w, 1))?;
             if k == 1 {
-                let m = lab.ne(f64::from(IGNORE))?.to_dtype(dt)?;
+                let ignore = crate::fused::filled(&lab, f64::from(IGNORE))?;
+                let m = lab.ne(&ignore)?.to_dtype(dt)?;
                 let t = (lab.to_dtype(dt)? * &m)?;
                 (((y - t)?.sqr()? * m)?.sum_all()? / n as f64)?
             } else {
                 // Ignored pixels (255) match no class: an all-zero row.
-                let classes = Tensor::arange(0u32, k as u32, dev)?.to_dtype(DType::F32)?;
+                let classes = classes_on(k, dev)?;
                 let t = lab.broadcast_eq(&classes)?.to_dtype(dt)?;
                 ((log_softmax(y)? * t)?.sum_all()? / -(n as f64))?
             }
@@ -788,14 +825,11 @@ pub fn seg_loss(outputs: &[(Task, Tensor)], labels: &[u8], cfg: &SegConfig) -> R
         Some(t) => t,
         None => candle_core::bail!("the model has no task"),
     };
-    // One read back for all tasks' values.
-    let values = Tensor::stack(&values, 0)?.to_vec1::<f32>()?;
-    let parts = counts
-        .into_iter()
-        .zip(values)
-        .map(|((t, n), v)| (t, v, n))
-        .collect();
-    Ok(SegLoss { total, parts })
+    Ok(SegLoss {
+        total,
+        values: Tensor::stack(&values, 0)?,
+        counts,
+    })
 }
 
 /// The class of one pixel from its outputs: the argmax of `K > 1` scores (first wins ties),

@@ -32,9 +32,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
+use crate::ops::Draws;
 use crate::optim::{AdamW, AdamWConfig, Clip, clip, lr_at};
 use crate::panel::{panel, write_png};
 use crate::threads::on_worker;
+use crate::vit::Vit;
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.
 const MASK_STREAM: u64 = 0x4D41_534B;
@@ -302,7 +304,10 @@ pub fn train_mae(
             })
             .collect();
         let masking = feeder.stage_masking(Masking::from_noise(&noise, mcfg.mask_ratio))?;
-        let keep = drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b);
+        let keep = feeder.stage_draws(
+            drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b),
+            &mae.encoder,
+        )?;
         let out = on_worker(dev.is_cpu(), || {
             mae.forward(images, valid, &masking, Some(&keep))
         })?;
@@ -495,6 +500,8 @@ pub(crate) struct DeviceBatch {
     pub valid: Tensor,
     /// `u8 [B, 3, n, n]` (the loader's labels).
     pub labels: Vec<u8>,
+    /// The labels already on the device, `u8 [B, 3, n·n]` ([`Feeder::with_labels`]).
+    pub labels_on: Option<Tensor>,
     pub samples: Vec<icefm_dataset::SampleInfo>,
     pub channels: usize,
     pub size: usize,
@@ -524,6 +531,12 @@ pub(crate) struct Feeder<'a> {
     /// The masking's indices ([`Feeder::stage_masking`]).
     #[cfg(feature = "cuda")]
     indices: Option<crate::cuda::Uploader<u32>>,
+    /// The batches' labels, when asked for ([`Feeder::with_labels`]).
+    #[cfg(feature = "cuda")]
+    labels: Option<crate::cuda::Uploader<u8>>,
+    /// Stochastic depth's scales ([`Feeder::stage_draws`]).
+    #[cfg(feature = "cuda")]
+    draws: Option<crate::cuda::Uploader<f32>>,
 }
 
 impl<'a> Feeder<'a> {
@@ -550,7 +563,44 @@ impl<'a> Feeder<'a> {
             uploader,
             #[cfg(feature = "cuda")]
             indices,
+            #[cfg(feature = "cuda")]
+            labels: None,
+            #[cfg(feature = "cuda")]
+            draws: None,
         })
+    }
+
+    /// `draws` with the scales they give `vit`'s blocks on their way to the device through
+    /// page-locked memory (a GPU with page-locked uploads, and a model with stochastic depth;
+    /// elsewhere as they are, and each block copies its scales from the host).
+    pub fn stage_draws(&mut self, draws: Draws, vit: &Vit) -> Result<Draws, TrainError> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(cd), Some(_)) = (&self.dev, &self.uploader)
+            && vit.cfg.drop_path > 0.0
+        {
+            if self.draws.is_none() {
+                self.draws = Some(crate::cuda::Uploader::new(cd)?);
+            }
+            if let Some(up) = self.draws.as_mut() {
+                let b = draws.per_block.first().map_or(0, |(a, _)| a.len());
+                let scales = up.upload(&vit.drop_scales(&draws), (draws.per_block.len(), 2, b))?;
+                return Ok(draws.staged(scales)?);
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = vit;
+        Ok(draws)
+    }
+
+    /// Also copy each batch's labels to the device beside the step (a GPU with page-locked
+    /// uploads: [`DeviceBatch::labels_on`]), for fine-tuning's loss.
+    pub fn with_labels(self) -> Result<Self, TrainError> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(cd), Some(_)) = (&self.dev, &self.uploader) {
+            let labels = Some(crate::cuda::Uploader::new(cd)?);
+            return Ok(Self { labels, ..self });
+        }
+        Ok(self)
     }
 
     /// `masking` with its indices on their way to the device through page-locked memory (on
@@ -600,9 +650,17 @@ impl<'a> Feeder<'a> {
             let valid: Vec<f32> = batch.valid.iter().map(|&v| f32::from(v)).collect();
             (images, Tensor::from_vec(valid, (b, n, n), &self.dev)?)
         };
+        #[cfg(feature = "cuda")]
+        let labels_on = match self.labels.as_mut() {
+            Some(up) => Some(up.upload(&batch.labels, (b, 3, n * n))?),
+            None => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let labels_on = None;
         let out = DeviceBatch {
             images,
             valid,
+            labels_on,
             labels: batch.labels.clone(),
             samples: batch.samples.clone(),
             channels: c,
@@ -627,19 +685,16 @@ impl<'a> Feeder<'a> {
 
 /// Stochastic-depth draws of step `step` for `depth` blocks and `b` samples (a function of the
 /// seed and the step alone, so a resumed run draws the same).
-pub(crate) fn drop_draws(
-    seed: u64,
-    step: u64,
-    depth: usize,
-    b: usize,
-) -> Vec<(Vec<f32>, Vec<f32>)> {
-    (0..depth)
-        .map(|i| {
-            let mut r = Rng::new(seed ^ DROP_STREAM, step * 1024 + i as u64);
-            let mut draw = || (0..b).map(|_| r.unit() as f32).collect::<Vec<f32>>();
-            (draw(), draw())
-        })
-        .collect()
+pub(crate) fn drop_draws(seed: u64, step: u64, depth: usize, b: usize) -> Draws {
+    Draws::new(
+        (0..depth)
+            .map(|i| {
+                let mut r = Rng::new(seed ^ DROP_STREAM, step * 1024 + i as u64);
+                let mut draw = || (0..b).map(|_| r.unit() as f32).collect::<Vec<f32>>();
+                (draw(), draw())
+            })
+            .collect(),
+    )
 }
 
 /// Backward pass, clipping and one AdamW update of step `step`; returns the clipping (the

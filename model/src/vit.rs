@@ -6,7 +6,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::fused::{attention, layer_norm, linear, linear_gelu};
 use crate::memo::{DeviceKey, Memo};
-use crate::ops::drop_path;
+use crate::ops::{BlockDraws, Draws, drop_scales};
 
 /// Encoder shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,16 +210,16 @@ impl Block {
 
     /// `x + attn(ln1(x))`, then `+ mlp(ln2(·))`; `keep` draws for stochastic depth (training
     /// only; `None` at inference).
-    pub fn forward(&self, x: &Tensor, keep: Option<(&[f32], &[f32])>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, keep: Option<BlockDraws<'_>>) -> Result<Tensor> {
         let a = self.attn.forward(&self.ln1.forward(x)?)?;
-        let a = match keep {
-            Some((k, _)) => drop_path(&a, self.drop_path, k)?,
+        let a = match &keep {
+            Some(k) => k.apply(&a, self.drop_path, 0)?,
             None => a,
         };
         let x = (x + a)?;
         let m = self.mlp.forward(&self.ln2.forward(&x)?)?;
-        let m = match keep {
-            Some((_, k)) => drop_path(&m, self.drop_path, k)?,
+        let m = match &keep {
+            Some(k) => k.apply(&m, self.drop_path, 1)?,
             None => m,
         };
         x + m
@@ -337,13 +337,29 @@ impl Vit {
 
     /// Prepend the class token (its position embedding is 0) and run the blocks and the final
     /// norm: `[B, N, D]` → `[B, 1 + N, D]`. `keep` gives stochastic-depth draws per block.
-    pub fn encode(&self, tokens: &Tensor, keep: Option<&[(Vec<f32>, Vec<f32>)]>) -> Result<Tensor> {
+    pub fn encode(&self, tokens: &Tensor, keep: Option<&Draws>) -> Result<Tensor> {
         let mut x = self.with_cls(tokens)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let k = keep.and_then(|k| k.get(i)).map(|(a, b)| (&a[..], &b[..]));
+            let k = match keep {
+                Some(k) => k.block(i)?,
+                None => None,
+            };
             x = blk.forward(&x, k)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// The stochastic-depth scales `draws` give, f32 `[blocks, 2, B]` (each block at its own
+    /// rate): what [`Draws::staged`] takes uploaded.
+    pub fn drop_scales(&self, draws: &Draws) -> Vec<f32> {
+        let mut out = Vec::new();
+        for (blk, (attn, mlp)) in self.blocks.iter().zip(&draws.per_block) {
+            // A block without stochastic depth ignores its scales.
+            let p = blk.drop_path.max(0.0);
+            out.extend(drop_scales(p, attn));
+            out.extend(drop_scales(p, mlp));
+        }
+        out
     }
 
     /// `[B, N, D]` → `[B, 1 + N, D]` with the class token first.
@@ -363,13 +379,16 @@ impl Vit {
         &self,
         tokens: &Tensor,
         layers: &[usize],
-        keep: Option<&[(Vec<f32>, Vec<f32>)]>,
+        keep: Option<&Draws>,
     ) -> Result<Vec<Tensor>> {
         let mut x = self.with_cls(tokens)?;
         let last = layers.iter().copied().max().unwrap_or(0);
         let mut outs: Vec<Option<Tensor>> = vec![None; self.blocks.len()];
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
-            let k = keep.and_then(|k| k.get(i)).map(|(a, b)| (&a[..], &b[..]));
+            let k = match keep {
+                Some(k) => k.block(i)?,
+                None => None,
+            };
             x = blk.forward(&x, k)?;
             if layers.contains(&i) {
                 outs[i] = Some(if i + 1 == self.blocks.len() {

@@ -198,6 +198,13 @@ fn a_fine_tuning_step_census_extrapolates_exactly() {
         calls("backward: icefm-conv3x3", "custom icefm-im2col3"),
         30.0
     );
+    // With its labels staged, as the fine-tuning loop stages them, the step copies nothing
+    // between host and device (the classes and resampling matrices are made once and kept).
+    let copies: Vec<&Row> = four
+        .iter()
+        .filter(|r| r.op == "upload" || r.op == "read back")
+        .collect();
+    assert!(copies.is_empty(), "{copies:#?}");
 }
 
 #[test]
@@ -361,4 +368,55 @@ fn an_mae_step_copies_nothing_between_host_and_device_once_its_masking_is_staged
     // A staged copy of another masking's size is refused.
     let short = Tensor::from_vec(vec![0u32; 5], 5, &dev).unwrap();
     assert!(masking.clone().staged(short).is_err());
+}
+
+/// Stochastic depth's scales staged on the device give the forward pass the host draws'
+/// values, and no copy from the host; from the host draws each block with a rate copies two.
+#[test]
+fn staged_drop_path_scales_copy_nothing_and_scale_as_the_host_draws() {
+    use icefm_model::ops::Draws;
+    use icefm_model::vit::{Vit, VitConfig};
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    let mut cfg = VitConfig::preset("tiny").unwrap();
+    cfg.depth = 2;
+    cfg.drop_path = 0.5; // linear over the blocks: 0 for the first, 0.5 for the second
+    let vars = candle_nn::VarMap::new();
+    let vit = Vit::new(
+        candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &dev),
+        &cfg,
+    )
+    .unwrap();
+    let draws = Draws::new(vec![(vec![0.1, 0.9, 0.6], vec![0.7, 0.2, 0.55]); 2]);
+    let scales = vit.drop_scales(&draws);
+    assert_eq!(
+        scales,
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 0.0, 2.0]
+    );
+    let staged = draws
+        .clone()
+        .staged(Tensor::from_vec(scales, (2, 2, 3), &dev).unwrap())
+        .unwrap();
+    let tokens = random(&[3, 4, cfg.dim], 9, 1.0, DType::F32);
+    let run = |d: &Draws| {
+        census::start(None);
+        let y = vit.encode(&tokens, Some(d)).unwrap();
+        let uploads = census::finish()
+            .iter()
+            .filter(|e| e.op == "upload")
+            .map(|e| e.calls)
+            .sum::<u64>();
+        (y, uploads)
+    };
+    let (from_host, host_copies) = run(&draws);
+    let (from_staged, staged_copies) = run(&staged);
+    assert_eq!((host_copies, staged_copies), (2, 0));
+    assert_eq!(max_rel(&from_host, &from_staged), 0.0);
+    // In the second block the first sample's attention branch and the second's MLP branch
+    // are dropped: the result differs from a run without stochastic depth.
+    let plain = vit.encode(&tokens, None).unwrap();
+    assert!(max_rel(&from_host, &plain) > 1e-3);
+    // Scales of another shape are refused.
+    let wrong = Tensor::zeros((2, 2, 4), DType::F32, &dev).unwrap();
+    assert!(draws.staged(wrong).is_err());
 }

@@ -101,8 +101,9 @@ fn every_parameter_of_both_heads_gets_a_finite_nonzero_gradient() {
                 assert_eq!(y.dims(), &[2, 16, 16, cfg.outputs(*t)], "{head:?} {t:?}");
             }
             let loss = seg_loss(&outs, &labels(2, 16, 16), &cfg).unwrap();
-            assert_eq!(loss.parts.len(), 3);
-            for (t, v, n) in &loss.parts {
+            let parts = loss.parts().unwrap();
+            assert_eq!(parts.len(), 3);
+            for (t, v, n) in &parts {
                 assert!(v.is_finite() && *v > 0.0, "{t:?} loss {v}");
                 assert_eq!(*n, 2 * 15 * 16, "{t:?} labelled pixels");
             }
@@ -137,7 +138,7 @@ fn a_batch_without_labels_of_a_task_gives_its_head_zero_gradients() {
         lab[sod..sod + plane].fill(IGNORE);
     }
     let loss = seg_loss(&m.forward(&images, None).unwrap(), &lab, &cfg).unwrap();
-    assert_eq!(loss.parts[1], (Task::Sod, 0.0, 0));
+    assert_eq!(loss.parts().unwrap()[1], (Task::Sod, 0.0, 0));
     let grads = loss.total.backward().unwrap();
     for (name, var) in named_vars(&vars) {
         let g = values(
@@ -355,7 +356,8 @@ fn the_loss_is_mse_on_sic_and_cross_entropy_elsewhere_over_labelled_pixels() {
         .sum::<f64>()
         / 3.0;
     let parts: Vec<(Task, f64, usize)> = loss
-        .parts
+        .parts()
+        .unwrap()
         .iter()
         .map(|&(t, v, n)| (t, f64::from(v), n))
         .collect();
