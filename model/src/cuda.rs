@@ -1410,10 +1410,7 @@ impl Readback {
             .flatten_all()?
             .contiguous()?;
         let n = t.elem_count();
-        // Cached (not write-combined) memory: the host reads it.
-        // SAFETY: the copy below writes all `n` values before `finish` reads them.
-        let mut pinned =
-            unsafe { stream.context().alloc_pinned_with_flags::<f32>(n.max(1), 0) }.w()?;
+        let mut pinned = spare_pinned(&stream, n.max(1))?;
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cuda(cs) = &*storage else {
             candle_core::bail!("readback: the tensor is not on the CUDA device");
@@ -1427,8 +1424,39 @@ impl Readback {
 
     /// The values, once their copy is done.
     pub fn finish(self) -> Result<Vec<f32>> {
-        Ok(self.pinned.as_slice().w()?[..self.n].to_vec())
+        let values = self.pinned.as_slice().w()?[..self.n].to_vec();
+        let mut spare = SPARE_PINNED.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < 8 {
+            spare.push(self.pinned);
+        }
+        Ok(values)
     }
+}
+
+/// Page-locked buffers of finished [`Readback`]s, for the next ones: allocating or freeing
+/// page-locked memory makes the driver wait for the device, which a readback every step must
+/// not (a few are kept; a run needs two at a time).
+static SPARE_PINNED: std::sync::Mutex<
+    Vec<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>>,
+> = std::sync::Mutex::new(Vec::new());
+
+/// A page-locked buffer of `n` f32 in `stream`'s context: a spare one, or a new one (cached,
+/// not write-combined, memory: the host reads it).
+fn spare_pinned(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    n: usize,
+) -> Result<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>> {
+    let ctx = stream.context();
+    let mut spare = SPARE_PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = spare
+        .iter()
+        .position(|p| p.len() == n && std::sync::Arc::ptr_eq(p.context(), ctx))
+    {
+        return Ok(spare.swap_remove(i));
+    }
+    drop(spare);
+    // SAFETY: the readback's copy writes all `n` values before `finish` reads them.
+    unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }.w()
 }
 
 /// Where the flash forward leaves its log-sum-exp for the backward of the same attention node.

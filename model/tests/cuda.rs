@@ -573,6 +573,11 @@ fn index_uploads_and_queued_readbacks_carry_their_values() {
             .unwrap(),
         vec![0.5]
     );
+    // Two at a time, in page-locked buffers the finished ones left for reuse.
+    let a = icefm_model::cuda::Readback::start(&t).unwrap();
+    let b = icefm_model::cuda::Readback::start(&t.neg().unwrap()).unwrap();
+    assert_eq!(b.finish().unwrap(), vec![-1.5, 2.0, -3.25]);
+    assert_eq!(a.finish().unwrap(), vec![1.5, -2.0, 3.25]);
 }
 
 #[test]
