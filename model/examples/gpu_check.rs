@@ -105,10 +105,7 @@ fn step_bench(args: &[String]) -> Res<()> {
     let mut indices = cuda::Uploader::<u32>::new(&cd)?;
     let mut losses = Vec::new();
     let mut step = |i: u64| -> Res<Tensor> {
-        let m = masking(i);
-        let packed = m.packed();
-        let len = packed.len();
-        let m = m.staged(indices.upload(&packed, len)?)?;
+        let m = masking(i).staged_through(&mut indices)?;
         let loss = mae.forward(&images, &valid, &m, None)?.loss;
         if sync {
             loss.to_scalar::<f32>()?;

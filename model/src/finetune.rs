@@ -568,10 +568,7 @@ pub fn train_seg(
                 .map(|(t, _)| (format!("loss_{}", t.name()), f32::NAN))
                 .collect(),
         };
-        let parts = (0..loss.counts.len())
-            .map(|i| loss.values.get(i))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let this = PendingRecord::new(rec, b, t0, &loss.total, &parts, &clipped)?;
+        let this = PendingRecord::new(rec, b, t0, &loss.total, &[loss.values], &clipped)?;
         // The previous step's values: its work is done (or nearly), this step's is queued.
         if let Some(prev) = pending.take() {
             prev.emit(&mut last, &mut records, on_step)?;

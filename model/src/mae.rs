@@ -207,6 +207,14 @@ impl Masking {
         Ok(self)
     }
 
+    /// [`Masking::staged`] through a page-locked upload queued on `up`'s stream.
+    #[cfg(feature = "cuda")]
+    pub fn staged_through(self, up: &mut crate::cuda::Uploader<u32>) -> Result<Self> {
+        let packed = self.packed();
+        let t = up.upload(&packed, packed.len())?;
+        self.staged(t)
+    }
+
     /// The indices on `dev`: the staged copy's parts, or one upload of [`Masking::packed`].
     pub fn on(&self, dev: &candle_core::Device) -> Result<MaskingOn> {
         let (b, n, k) = self.dims();

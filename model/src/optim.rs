@@ -312,15 +312,6 @@ impl Clip {
         }
     }
 
-    /// The norm as an f32 scalar tensor on `dev`, queued rather than read when it is on the
-    /// device (for a training record read later).
-    pub fn norm_tensor(&self, dev: &candle_core::Device) -> Result<Tensor> {
-        match self {
-            Self::Host { norm, .. } => Tensor::new(*norm as f32, dev),
-            Self::Device { sumsq, .. } => sumsq.sqrt()?.to_dtype(DType::F32)?.squeeze(0),
-        }
-    }
-
     /// The clipping scale (a read back when the norm is on the device).
     pub fn scale(&self) -> Result<f64> {
         match self {

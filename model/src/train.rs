@@ -549,11 +549,6 @@ impl<'a> Feeder<'a> {
             }
             _ => None,
         };
-        #[cfg(feature = "cuda")]
-        let indices = match (dev, &uploader) {
-            (Device::Cuda(cd), Some(_)) => Some(crate::cuda::Uploader::new(cd)?),
-            _ => None,
-        };
         Ok(Self {
             batches: loader.iter(start),
             loader,
@@ -562,7 +557,7 @@ impl<'a> Feeder<'a> {
             #[cfg(feature = "cuda")]
             uploader,
             #[cfg(feature = "cuda")]
-            indices,
+            indices: None,
             #[cfg(feature = "cuda")]
             labels: None,
             #[cfg(feature = "cuda")]
@@ -575,17 +570,12 @@ impl<'a> Feeder<'a> {
     /// elsewhere as they are, and each block copies its scales from the host).
     pub fn stage_draws(&mut self, draws: Draws, vit: &Vit) -> Result<Draws, TrainError> {
         #[cfg(feature = "cuda")]
-        if let (Device::Cuda(cd), Some(_)) = (&self.dev, &self.uploader)
-            && vit.cfg.drop_path > 0.0
+        if vit.cfg.drop_path > 0.0
+            && let Some(up) = side_uploader(&self.dev, self.uploader.is_some(), &mut self.draws)?
         {
-            if self.draws.is_none() {
-                self.draws = Some(crate::cuda::Uploader::new(cd)?);
-            }
-            if let Some(up) = self.draws.as_mut() {
-                let b = draws.per_block.first().map_or(0, |(a, _)| a.len());
-                let scales = up.upload(&vit.drop_scales(&draws), (draws.per_block.len(), 2, b))?;
-                return Ok(draws.staged(scales)?);
-            }
+            let b = draws.per_block.first().map_or(0, |(a, _)| a.len());
+            let scales = up.upload(&vit.drop_scales(&draws), (draws.per_block.len(), 2, b))?;
+            return Ok(draws.staged(scales)?);
         }
         #[cfg(not(feature = "cuda"))]
         let _ = vit;
@@ -594,12 +584,10 @@ impl<'a> Feeder<'a> {
 
     /// Also copy each batch's labels to the device beside the step (a GPU with page-locked
     /// uploads: [`DeviceBatch::labels_on`]), for fine-tuning's loss.
-    pub fn with_labels(self) -> Result<Self, TrainError> {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    pub fn with_labels(mut self) -> Result<Self, TrainError> {
         #[cfg(feature = "cuda")]
-        if let (Device::Cuda(cd), Some(_)) = (&self.dev, &self.uploader) {
-            let labels = Some(crate::cuda::Uploader::new(cd)?);
-            return Ok(Self { labels, ..self });
-        }
+        side_uploader(&self.dev, self.uploader.is_some(), &mut self.labels)?;
         Ok(self)
     }
 
@@ -607,11 +595,8 @@ impl<'a> Feeder<'a> {
     /// a GPU with page-locked uploads; elsewhere as it is, and the forward pass copies them).
     pub fn stage_masking(&mut self, masking: Masking) -> Result<Masking, TrainError> {
         #[cfg(feature = "cuda")]
-        if let Some(up) = self.indices.as_mut() {
-            let packed = masking.packed();
-            let len = packed.len();
-            let t = up.upload(&packed, len)?;
-            return Ok(masking.staged(t)?);
+        if let Some(up) = side_uploader(&self.dev, self.uploader.is_some(), &mut self.indices)? {
+            return Ok(masking.staged_through(up)?);
         }
         Ok(masking)
     }
@@ -683,6 +668,23 @@ impl<'a> Feeder<'a> {
     }
 }
 
+/// `slot`'s uploader beside the batches' (made on first use) when batches go up through
+/// page-locked memory (`page_locked`, a GPU); `None` elsewhere.
+#[cfg(feature = "cuda")]
+fn side_uploader<'s, T: crate::cuda::Upload>(
+    dev: &Device,
+    page_locked: bool,
+    slot: &'s mut Option<crate::cuda::Uploader<T>>,
+) -> Result<Option<&'s mut crate::cuda::Uploader<T>>, TrainError> {
+    let Device::Cuda(cd) = dev else {
+        return Ok(None);
+    };
+    if page_locked && slot.is_none() {
+        *slot = Some(crate::cuda::Uploader::new(cd)?);
+    }
+    Ok(slot.as_mut())
+}
+
 /// Stochastic-depth draws of step `step` for `depth` blocks and `b` samples (a function of the
 /// seed and the step alone, so a resumed run draws the same).
 pub(crate) fn drop_draws(seed: u64, step: u64, depth: usize, b: usize) -> Draws {
@@ -735,9 +737,9 @@ enum Deferred {
 }
 
 impl PendingRecord {
-    /// `record` with its loss, extras' values (in `extras`' order) and gradient norm still to
-    /// come from `loss`, `extras` (scalars) and `clip`; `images` in the step, which began at
-    /// `t0`.
+    /// `record` with its loss, extras' values (in order: `extras`' values, each tensor's
+    /// flattened) and gradient norm still to come from `loss`, `extras` and `clip`; `images` in
+    /// the step, which began at `t0`.
     pub fn new(
         record: StepRecord,
         images: usize,
@@ -748,7 +750,7 @@ impl PendingRecord {
     ) -> Result<Self, TrainError> {
         let mut parts = vec![loss.to_dtype(DType::F32)?.reshape(1)?];
         for e in extras {
-            parts.push(e.to_dtype(DType::F32)?.reshape(1)?);
+            parts.push(e.to_dtype(DType::F32)?.flatten_all()?);
         }
         let (mut record, norm_queued) = (record, matches!(clip, Clip::Device { .. }));
         match clip {
