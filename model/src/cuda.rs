@@ -1248,8 +1248,20 @@ pub fn normalise_augment(
         .arg(&b_i)
         .arg(&c_i)
         .arg(&n_i);
-    // SAFETY: arguments match the kernel's signature; sizes were checked by the caller.
-    unsafe { lb.launch(elem_cfg(b * n * n)) }.w()?;
+    let tiles = u32::try_from(n.div_ceil(32))
+        .map_err(|_| candle_core::Error::Msg("windows too large".into()))?;
+    let samples = u32::try_from(b)
+        .ok()
+        .filter(|&s| s <= 65_535)
+        .ok_or_else(|| candle_core::Error::Msg(format!("batch of {b}: at most 65,535")))?;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles, tiles, samples),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match the kernel's signature; sizes were checked by the caller; one
+    // block per 32 × 32 output tile of each sample, as the kernel expects.
+    unsafe { lb.launch(cfg) }.w()?;
     Ok(wrap(dev, CudaStorageSlice::F32(out)))
 }
 

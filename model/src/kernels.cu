@@ -861,27 +861,62 @@ extern "C" __global__ void adamw_multi(const unsigned long long* table, float lr
 // The loader's batch preparation on the device (icefm_model::fused::NormaliseAugment):
 // raw [B, C, n, n] (NaN invalid) and prm = {mean[C], inv_std[C], code[B]} → out [B, C+1, n, n],
 // inputs normalised (0 where invalid), each sample turned by its transform code (bit 0
-// transpose, 1 flip rows, 2 flip columns), channel C the validity mask. One thread per output
-// pixel (grid-stride); `v - v == 0` is false exactly for NaN and infinities.
-extern "C" __global__ void normalise_augment(const float* raw, const float* prm, float* out,
-        int B, int C, int n) {
-    long plane = (long)n * n;
-    for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < B * plane;
-         idx += (long)gridDim.x * blockDim.x) {
-        int b = (int)(idx / plane);
-        long p = idx % plane;
-        int i = (int)(p / n), j = (int)(p % n);
-        int code = (int)prm[2 * C + b];
-        int a = (code & 1) ? j : i, c2 = (code & 1) ? i : j;
-        int y = (code & 2) ? n - 1 - a : a, x = (code & 4) ? n - 1 - c2 : c2;
-        float ok = 1.f;
-        for (int c = 0; c < C; ++c) {
-            float v = raw[((long)b * C + c) * plane + (long)y * n + x];
-            bool finite = (v - v) == 0.f;
-            out[((long)b * (C + 1) + c) * plane + p] = finite ? (v - prm[c]) * prm[C + c] : 0.f;
-            if (!finite) ok = 0.f;
+// transpose, 1 flip rows, 2 flip columns), channel C the validity mask; `v - v == 0` is false
+// exactly for NaN and infinities. One block of 32 × 8 threads per 32 × 32 output tile
+// (grid: tiles across, tiles down, B). A transposed sample's output rows are source columns:
+// a warp reading them directly would touch 32 rows of the source, n values apart, so the
+// block reads the tile's source pixels along source rows into shared memory and writes the
+// output along output rows from there. Untransposed samples take the same steps (each thread
+// reads back the value it stored), so reads and writes go along rows in every case.
+#define NA_TILE 32
+#define NA_ROWS 8
+// Six blocks per SM asked: ptxas took 96 registers otherwise (2 blocks per SM), 38 with it.
+extern "C" __global__ void __launch_bounds__(NA_TILE * NA_ROWS, 6)
+normalise_augment(const float* raw, const float* prm, float* out, int B, int C, int n) {
+    __shared__ float tile[NA_TILE][NA_TILE + 1];  // + 1: column reads hit 32 distinct banks
+    const int b = blockIdx.z, tx = threadIdx.x, ty = threadIdx.y;
+    if (b >= B) return;  // the whole block: no barrier is skipped by only some threads
+    const int i0 = blockIdx.y * NA_TILE, j0 = blockIdx.x * NA_TILE;
+    const int code = (int)prm[2 * C + b];
+    const bool tr = code & 1, fy = code & 2, fx = code & 4;
+    const long plane = (long)n * n;
+    // The source offset of output pixel (i, j).
+    auto source = [&](int i, int j) -> long {
+        int a = tr ? j : i, c2 = tr ? i : j;
+        int y = fy ? n - 1 - a : a, x = fx ? n - 1 - c2 : c2;
+        return (long)y * n + x;
+    };
+    float ok[NA_TILE / NA_ROWS];
+    for (int k = 0; k < NA_TILE / NA_ROWS; ++k) ok[k] = 1.f;
+    for (int c = 0; c < C; ++c) {
+        const float* src = raw + ((long)b * C + c) * plane;
+        // Load: thread (tx, ty + 8k) fetches output pixel (i0 + r, j0 + tx) when untransposed,
+        // (i0 + tx, j0 + r) when transposed (r = ty + 8k): adjacent threads, adjacent source
+        // columns either way. Out-of-range pixels are neither read nor written.
+        for (int k = 0; k < NA_TILE / NA_ROWS; ++k) {
+            const int r = ty + k * NA_ROWS;
+            const int i = i0 + (tr ? tx : r), j = j0 + (tr ? r : tx);
+            if (i < n && j < n) tile[r][tx] = src[source(i, j)];
         }
-        out[((long)b * (C + 1) + C) * plane + p] = ok;
+        __syncthreads();
+        // Write: thread (tx, ty + 8k) writes output pixel (i0 + r, j0 + tx), loaded by thread
+        // (tx, r) when untransposed and by thread (r, tx) when transposed.
+        for (int k = 0; k < NA_TILE / NA_ROWS; ++k) {
+            const int r = ty + k * NA_ROWS;
+            const int i = i0 + r, j = j0 + tx;
+            if (i < n && j < n) {
+                const float v = tr ? tile[tx][r] : tile[r][tx];
+                const bool finite = (v - v) == 0.f;
+                out[((long)b * (C + 1) + c) * plane + (long)i * n + j] =
+                    finite ? (v - prm[c]) * prm[C + c] : 0.f;
+                if (!finite) ok[k] = 0.f;
+            }
+        }
+        __syncthreads();  // the tile is reloaded for the next channel
+    }
+    for (int k = 0; k < NA_TILE / NA_ROWS; ++k) {
+        const int i = i0 + ty + k * NA_ROWS, j = j0 + tx;
+        if (i < n && j < n) out[((long)b * (C + 1) + C) * plane + (long)i * n + j] = ok[k];
     }
 }
 // Flash attention forward (icefm_model::fused::FlashAttention): bf16 in and out, f32

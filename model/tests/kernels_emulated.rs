@@ -1187,36 +1187,47 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
             }
         }
     }
-    // Batch preparation: 2 samples of 2 channels of 5 × 5, NaN and infinite pixels invalid,
-    // all eight transforms across two launches.
-    let (bsz, c, side) = (2usize, 2usize, 5usize);
-    let mut raw = f32::of(&random(&[bsz, c, side, side], 71, 3.0, DType::F32));
-    raw[3] = f32::NAN;
-    raw[31] = f32::INFINITY;
-    let raw_t = f32::tensor(&raw, &[bsz, c, side, side]);
-    let rb = Buffer::from(&raw);
+    // Batch preparation: 2 samples of 2 channels, NaN and infinite pixels invalid, all eight
+    // transforms across four launches; 5 × 5 (one partial tile) and 37 × 37 (four tiles, three
+    // partial: a transposed tile's source is another tile), in three thread orders.
     // SAFETY: the kernel's C signature.
     let prep: NormaliseAugment = unsafe { emu.kernel("normalise_augment") };
-    for codes in [[0f32, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]] {
-        let prm = [0.5f32, -1.0, 2.0, 0.25, codes[0], codes[1]];
-        let want = raw_t
-            .apply_op2_no_bwd(&f32::tensor(&prm, &[6]), &fused::NormaliseAugment)
+    let (bsz, c) = (2usize, 2usize);
+    for side in [5usize, 37] {
+        let mut raw = f32::of(&random(&[bsz, c, side, side], 71, 3.0, DType::F32));
+        raw[3] = f32::NAN;
+        raw[31] = f32::INFINITY;
+        raw[2 * side * side + side + 4] = f32::NAN; // sample 1's, channel 0
+        let raw_t = f32::tensor(&raw, &[bsz, c, side, side]);
+        let rb = Buffer::from(&raw);
+        let tiles = side.div_ceil(32) as u32;
+        for (codes, order) in [
+            ([0f32, 1.0], Order::Reverse),
+            ([2.0, 3.0], Order::Forward),
+            ([4.0, 5.0], Order::Random(5)),
+            ([6.0, 7.0], Order::Reverse),
+        ] {
+            let prm = [0.5f32, -1.0, 2.0, 0.25, codes[0], codes[1]];
+            let want = raw_t
+                .apply_op2_no_bwd(&f32::tensor(&prm, &[6]), &fused::NormaliseAugment)
+                .unwrap();
+            let pb = Buffer::from(&prm);
+            let mut out = Buffer::<f32>::output(bsz * (c + 1) * side * side);
+            let op = out.mut_ptr();
+            // cuda.rs's launch: a block of 32 × 8 per 32 × 32 tile of each sample.
+            emu.launch((tiles, tiles, bsz as u32), (32, 8, 1), 0, order, &|| {
+                // SAFETY: raw [b, c, n, n], prm [2c + b], out [b, c + 1, n, n].
+                unsafe { prep(rb.ptr(), pb.ptr(), op, bsz as i32, c as i32, side as i32) }
+            })
             .unwrap();
-        let pb = Buffer::from(&prm);
-        let mut out = Buffer::<f32>::output(bsz * (c + 1) * side * side);
-        let op = out.mut_ptr();
-        emu.launch((1, 1, 1), (256, 1, 1), 0, Order::Reverse, &|| {
-            // SAFETY: raw [b, c, n, n], prm [2c + b], out [b, c + 1, n, n].
-            unsafe { prep(rb.ptr(), pb.ptr(), op, bsz as i32, c as i32, side as i32) }
-        })
-        .unwrap();
-        let got = f32::tensor(out.values(), want.dims());
-        assert_close(
-            &got,
-            &want,
-            1e-6,
-            &format!("normalise_augment codes {codes:?}"),
-        );
+            let got = f32::tensor(out.values(), want.dims());
+            assert_close(
+                &got,
+                &want,
+                1e-6,
+                &format!("normalise_augment {side} × {side}, codes {codes:?}"),
+            );
+        }
     }
 }
 
