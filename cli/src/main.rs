@@ -23,7 +23,39 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            if let Some(h) = hint(&e) {
+                eprintln!("hint: {h}");
+            }
             ExitCode::from(2)
         }
+    }
+}
+
+/// What to do next, for errors whose cause is plain but whose words are the driver's.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let said = |word: &str| e.chain().any(|c| c.to_string().contains(word));
+    (said("CUDA_ERROR_OUT_OF_MEMORY") || said("CUBLAS_STATUS_ALLOC_FAILED")).then_some(
+        "the GPU ran out of memory. A smaller batch (`--set data.batch_size=16`), bf16 \
+         (`--set train.precision=bf16`: activations take half the memory) or a smaller model \
+         needs less; `nvidia-smi` lists other processes holding the GPU's memory.",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hint;
+
+    #[test]
+    fn a_gpu_out_of_memory_error_gets_a_hint_and_others_do_not() {
+        // The driver's words as cudarc's DriverError writes them, under the context icefm adds.
+        let oom = anyhow::Error::msg(
+            "model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".to_string(),
+        )
+        .context("training step 3");
+        assert!(hint(&oom).is_some_and(|h| h.contains("data.batch_size")));
+        let cublas = anyhow::Error::msg("cublas: CUBLAS_STATUS_ALLOC_FAILED".to_string());
+        assert!(hint(&cublas).is_some());
+        let other = anyhow::Error::msg("store.zarr: no such file".to_string()).context("ingest");
+        assert_eq!(hint(&other), None);
     }
 }
