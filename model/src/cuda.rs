@@ -1536,21 +1536,22 @@ pub fn flash_attention(
     Ok(wrap(dev, CudaStorageSlice::BF16(out)))
 }
 
-/// [`crate::seg::Im2col3`] on the device (`adjoint` false: `[B, H, W, C]` → `[B, H, W, 9·C]`)
-/// and its backward (`adjoint` true: `[B, H, W, 9·C]` → `[B, H, W, C]`); `(b, h, w, c)` are the
-/// map's dimensions.
+/// [`crate::seg::Im2col3`] on the device (`adjoint` false: `[B, H, W, C]` → `[B, H, W, 9·C]`,
+/// the taps point-reflected where `mirrored`) and its backward (`adjoint` true:
+/// `[B, H, W, 9·C]` → `[B, H, W, C]`); `(b, h, w, c)` are the map's dimensions.
 pub fn im2col3(
     s: &CudaStorage,
     l: &Layout,
     (b, h, w, c): (usize, usize, usize, usize),
-    adjoint: bool,
+    op: crate::seg::Im2col3,
 ) -> Result<CudaStorage> {
     fn go<T: Elem>(
         s: &CudaStorage,
         l: &Layout,
         (b, h, w, c): (usize, usize, usize, usize),
-        adjoint: bool,
+        op: crate::seg::Im2col3,
     ) -> Result<CudaStorageSlice> {
+        let adjoint = op.adjoint;
         let dev = &s.device;
         let x = typed::<T>(s, l)?;
         let int = |v: usize| {
@@ -1570,11 +1571,15 @@ pub fn im2col3(
             .arg(&dims.1)
             .arg(&dims.2)
             .arg(&dims.3);
-        // SAFETY: arguments match the kernel's signature.
+        let mirror = i32::from(op.mirrored);
+        if !adjoint {
+            lb.arg(&mirror);
+        }
+        // SAFETY: arguments match the kernel's signature (`mirror` for im2col3 only).
         unsafe { lb.launch(elem_cfg(n)) }.w()?;
         Ok(T::wrap(y))
     }
-    let slice = with_elem!(s, go(s, l, (b, h, w, c), adjoint))?;
+    let slice = with_elem!(s, go(s, l, (b, h, w, c), op))?;
     Ok(wrap(&s.device, slice))
 }
 

@@ -1474,10 +1474,12 @@ extern "C" __global__ void ptx_probe(unsigned* out) {
 
 // 3 x 3 im2col on channels-last maps (icefm_model::seg::Im2col3): x [B, H, W, C] →
 // cols [B, H, W, 9·C], cols[.., (dy·3 + dx)·C + c] = x[b, y + dy − 1, x + dx − 1, c] (0 outside),
-// and its adjoint: each input value the sum of the nine places it was copied to. One thread
-// per output value (grid-stride), consecutive threads on consecutive channels.
+// or with `mirror` x[b, y − dy + 1, x − dx + 1, c] (the taps point-reflected: a convolution's
+// input gradient as a convolution of the output gradient), and the adjoint of the first: each
+// input value the sum of the nine places it was copied to. One thread per output value
+// (grid-stride), consecutive threads on consecutive channels.
 template <typename T>
-__device__ void im2col3_k(const T* x, T* cols, int B, int H, int W, int C) {
+__device__ void im2col3_k(const T* x, T* cols, int B, int H, int W, int C, int mirror) {
     long total = (long)B * H * W * 9 * C;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total;
          i += (long)gridDim.x * blockDim.x) {
@@ -1487,7 +1489,8 @@ __device__ void im2col3_k(const T* x, T* cols, int B, int H, int W, int C) {
         long p = r / 9;
         int px = (int)(p % W), py = (int)((p / W) % H);
         long b = p / ((long)W * H);
-        int sy = py + tap / 3 - 1, sx = px + tap % 3 - 1;
+        int oy = tap / 3 - 1, ox = tap % 3 - 1;
+        int sy = mirror ? py - oy : py + oy, sx = mirror ? px - ox : px + ox;
         float v = (sy >= 0 && sy < H && sx >= 0 && sx < W) ? ld(x, ((b * H + sy) * W + sx) * C + c) : 0.f;
         st(cols, i, v);
     }
@@ -1510,11 +1513,13 @@ __device__ void col2im3_k(const T* g, T* dx, int B, int H, int W, int C) {
         st(dx, i, acc);
     }
 }
-extern "C" __global__ void im2col3_f32(const float* x, float* y, int B, int H, int W, int C) {
-    im2col3_k<float>(x, y, B, H, W, C);
+extern "C" __global__ void im2col3_f32(const float* x, float* y, int B, int H, int W, int C,
+                                       int mirror) {
+    im2col3_k<float>(x, y, B, H, W, C, mirror);
 }
-extern "C" __global__ void im2col3_bf16(const bf16_t* x, bf16_t* y, int B, int H, int W, int C) {
-    im2col3_k<bf16_t>(x, y, B, H, W, C);
+extern "C" __global__ void im2col3_bf16(const bf16_t* x, bf16_t* y, int B, int H, int W, int C,
+                                        int mirror) {
+    im2col3_k<bf16_t>(x, y, B, H, W, C, mirror);
 }
 extern "C" __global__ void col2im3_f32(const float* g, float* y, int B, int H, int W, int C) {
     col2im3_k<float>(g, y, B, H, W, C);

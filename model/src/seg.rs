@@ -259,14 +259,20 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 /// [`Im2col3`] of a contiguous `[B, H, W, C]` map as `[B·H·W, 9·C]` rows.
 fn im2col3(x: &Tensor) -> Result<Tensor> {
+    columns(x, Im2col3::COLUMNS)
+}
+
+/// `op`'s columns of a contiguous `[B, H, W, C]` map as `[B·H·W, 9·C]` rows.
+fn columns(x: &Tensor, op: Im2col3) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
-    x.apply_op1_no_bwd(&Im2col3 { adjoint: false })?
-        .reshape((b * h * w, 9 * c))
+    x.apply_op1_no_bwd(&op)?.reshape((b * h * w, 9 * c))
 }
 
 /// [`conv3x3`]'s graph node `(x [B, H, W, C], k [9·C, C_out], y)`: forward passes the product
-/// `y` through; backward recomputes the columns of `x` for `dk = colsᵀ·dy` and returns
-/// `dx = col2im(dy·kᵀ)`. Peak memory is then one layer's columns, not every layer's.
+/// `y` through; backward recomputes the columns of `x` for `dk = colsᵀ·dy`, and returns
+/// `dx = col2im(dy·kᵀ)` or, with fewer output than input channels, `dx` as a convolution of
+/// `dy` (mirrored columns, `9·C_out` wide instead of `9·C`). Peak memory is then one layer's
+/// columns, not every layer's.
 #[derive(Debug, Clone, Copy)]
 struct Conv3Node;
 
@@ -312,10 +318,25 @@ impl CustomOp3 for Conv3Node {
         let out = k.dim(1)?;
         let g = grad.contiguous()?.reshape((b * h * w, out))?;
         let dk = im2col3(&x.detach())?.t()?.matmul(&g)?;
-        let dx = g
-            .matmul(&k.detach().t()?)?
-            .reshape((b, h, w, 9 * c))?
-            .apply_op1_no_bwd(&Im2col3 { adjoint: true })?;
+        let dx = if out < c {
+            // dx[p, c] = Σ_tap,o dy[p − offset(tap), o] · k[tap·C + c, o]: the mirrored columns
+            // of dy times k with each tap's block transposed ([9, C, C_out] → [9·C_out, C]).
+            // The columns are 9·C_out wide, where dy·kᵀ below is 9·C wide (the UPerNet fusion
+            // conv: 9 × 512 against 9 × 2048) and then read again by col2im.
+            let kt = k
+                .detach()
+                .reshape((9, c, out))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((9 * out, c))?;
+            columns(&g.reshape((b, h, w, out))?, Im2col3::MIRRORED)?
+                .matmul(&kt)?
+                .reshape((b, h, w, c))?
+        } else {
+            g.matmul(&k.detach().t()?)?
+                .reshape((b, h, w, 9 * c))?
+                .apply_op1_no_bwd(&Im2col3::ADJOINT)?
+        };
         Ok((Some(dx), Some(dk), None))
     }
 }
@@ -323,18 +344,41 @@ impl CustomOp3 for Conv3Node {
 /// 3 × 3 im2col of a channels-last map with zero padding 1: `[B, H, W, C]` → `[B, H, W, 9·C]`,
 /// value `(dy·3 + dx)·C + c` of pixel `(y, x)` = `x[y + dy − 1, x + dx − 1, c]` (0 outside the
 /// map), in one pass; its backward is the adjoint (`adjoint: true`: `[B, H, W, 9·C]` →
-/// `[B, H, W, C]`, each pixel the sum of its nine copies' gradients). CPU (rayon over pixels)
+/// `[B, H, W, C]`, each pixel the sum of its nine copies' gradients). `mirrored`: the taps
+/// point-reflected, `x[y − dy + 1, x − dx + 1, c]` (a convolution's input gradient is the
+/// output gradient's mirrored columns times the kernel; no backward). CPU (rayon over pixels)
 /// and CUDA ([`crate::cuda::im2col3`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Im2col3 {
     /// The backward direction.
     pub adjoint: bool,
+    /// The taps point-reflected (forward direction only).
+    pub mirrored: bool,
 }
 
 impl Im2col3 {
+    /// The columns.
+    pub const COLUMNS: Self = Self {
+        adjoint: false,
+        mirrored: false,
+    };
+    /// The columns' adjoint.
+    pub const ADJOINT: Self = Self {
+        adjoint: true,
+        mirrored: false,
+    };
+    /// The columns with the taps point-reflected.
+    pub const MIRRORED: Self = Self {
+        adjoint: false,
+        mirrored: true,
+    };
+
     /// The map's `(B, H, W, C)` from the input's layout.
     fn map(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
         let (b, h, w, c) = l.shape().dims4()?;
+        if self.adjoint && self.mirrored {
+            candle_core::bail!("col2im: there is no mirrored adjoint");
+        }
         if self.adjoint {
             if c % 9 != 0 {
                 candle_core::bail!("col2im: {c} channels are not 9 × C");
@@ -362,7 +406,7 @@ impl CustomOp1 for Im2col3 {
         fn go<T: WithDType>(
             x: &[T],
             (b, h, w, c): (usize, usize, usize, usize),
-            adjoint: bool,
+            Im2col3 { adjoint, mirrored }: Im2col3,
         ) -> CpuStorage {
             let pixel = |p: usize| (p / (h * w), (p / w) % h, p % w);
             let inside =
@@ -390,8 +434,9 @@ impl CustomOp1 for Im2col3 {
                 out.par_chunks_mut(9 * c).enumerate().for_each(|(p, o)| {
                     let (bi, y, xx) = pixel(p);
                     for (tap, ot) in o.chunks_mut(c).enumerate() {
-                        let sy = y as isize + (tap / 3) as isize - 1;
-                        let sx = xx as isize + (tap % 3) as isize - 1;
+                        let (oy, ox) = ((tap / 3) as isize - 1, (tap % 3) as isize - 1);
+                        let (oy, ox) = if mirrored { (-oy, -ox) } else { (oy, ox) };
+                        let (sy, sx) = (y as isize + oy, xx as isize + ox);
                         if inside(sy, sx) {
                             let src = ((bi * h + sy as usize) * w + sx as usize) * c;
                             ot.copy_from_slice(&x[src..src + c]);
@@ -403,10 +448,10 @@ impl CustomOp1 for Im2col3 {
         }
         let dims = (b, h, w, c);
         let out = match s {
-            CpuStorage::F32(v) => go(&v[a..z], dims, self.adjoint),
-            CpuStorage::F64(v) => go(&v[a..z], dims, self.adjoint),
-            CpuStorage::BF16(v) => go(&v[a..z], dims, self.adjoint),
-            CpuStorage::F16(v) => go(&v[a..z], dims, self.adjoint),
+            CpuStorage::F32(v) => go(&v[a..z], dims, *self),
+            CpuStorage::F64(v) => go(&v[a..z], dims, *self),
+            CpuStorage::BF16(v) => go(&v[a..z], dims, *self),
+            CpuStorage::F16(v) => go(&v[a..z], dims, *self),
             _ => candle_core::bail!("im2col: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, self.out_shape(dims)))
@@ -419,17 +464,16 @@ impl CustomOp1 for Im2col3 {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.map(l)?;
-        let out = crate::cuda::im2col3(s, l, dims, self.adjoint)?;
+        let out = crate::cuda::im2col3(s, l, dims, *self)?;
         Ok((out, self.out_shape(dims)))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if self.adjoint {
-            candle_core::bail!("col2im has no backward (second derivatives are not used)");
+        if self.adjoint || self.mirrored {
+            candle_core::bail!("col2im and mirrored columns have no backward (unused)");
         }
         Ok(Some(
-            grad.contiguous()?
-                .apply_op1_no_bwd(&Im2col3 { adjoint: true })?,
+            grad.contiguous()?.apply_op1_no_bwd(&Im2col3::ADJOINT)?,
         ))
     }
 }

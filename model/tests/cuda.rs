@@ -738,13 +738,14 @@ fn the_im2col_kernels_match_the_cpu() {
     let g = gpu();
     for dt in [DType::F32, DType::BF16] {
         let x = random(&[2, 5, 7, 6], 81, 2.0).to_dtype(dt).unwrap();
-        let fwd = Im2col3 { adjoint: false };
-        let cpu = x.apply_op1_no_bwd(&fwd).unwrap();
-        let gpu_cols = x.to_device(&g).unwrap().apply_op1_no_bwd(&fwd).unwrap();
-        assert_eq!(gpu_cols.dims(), &[2, 5, 7, 54]);
-        assert_eq!(host(&gpu_cols), host(&cpu));
+        for fwd in [Im2col3::COLUMNS, Im2col3::MIRRORED] {
+            let cpu = x.apply_op1_no_bwd(&fwd).unwrap();
+            let gpu_cols = x.to_device(&g).unwrap().apply_op1_no_bwd(&fwd).unwrap();
+            assert_eq!(gpu_cols.dims(), &[2, 5, 7, 54]);
+            assert_eq!(host(&gpu_cols), host(&cpu), "{fwd:?}");
+        }
         let gr = random(&[2, 5, 7, 54], 82, 1.0).to_dtype(dt).unwrap();
-        let adj = Im2col3 { adjoint: true };
+        let adj = Im2col3::ADJOINT;
         let cpu = gr.apply_op1_no_bwd(&adj).unwrap();
         let gpu_dx = gr.to_device(&g).unwrap().apply_op1_no_bwd(&adj).unwrap();
         assert_eq!(gpu_dx.dims(), &[2, 5, 7, 6]);

@@ -241,9 +241,16 @@ fn resampling_matches_pytorch() {
 
 #[test]
 fn the_3x3_convolution_equals_candles_conv2d_with_its_gradients() {
+    // Odd sizes, f64 for exact comparisons; more output than input channels (the input
+    // gradient through col2im), then fewer (through the output gradient's mirrored columns).
+    for (c, o) in [(3, 4), (5, 2)] {
+        conv3x3_against_conv2d(c, o);
+    }
+}
+
+fn conv3x3_against_conv2d(c: usize, o: usize) {
     use candle_core::Var;
-    // Odd sizes, more output than input channels, f64 for exact comparisons.
-    let (b, h, w, c, o) = (2, 5, 7, 3, 4);
+    let (b, h, w) = (2, 5, 7);
     let x = Var::from_tensor(&random(&[b, h, w, c], 301, 1.0, DType::F64)).unwrap();
     let k = Var::from_tensor(&random(&[o, c, 3, 3], 302, 0.5, DType::F64)).unwrap();
     let bias = Var::from_tensor(&random(&[o], 303, 0.5, DType::F64)).unwrap();
@@ -294,7 +301,7 @@ fn the_3x3_convolution_equals_candles_conv2d_with_its_gradients() {
             g1.get(v.as_tensor()).unwrap(),
             g2.get(v.as_tensor()).unwrap(),
         );
-        assert!(max_rel(a, b) < 1e-12, "{:?}", v.dims());
+        assert!(max_rel(a, b) < 1e-12, "{c} → {o} channels: {:?}", v.dims());
     }
 }
 
@@ -307,7 +314,7 @@ fn im2col_places_each_neighbour_and_its_adjoint_sums_them_back() {
         .map(|i| (100 * (i / (w * c)) + 10 * ((i / c) % w) + i % c) as f64)
         .collect();
     let x = Tensor::from_vec(v, (1, h, w, c), &Device::Cpu).unwrap();
-    let cols = values(&x.apply_op1_no_bwd(&Im2col3 { adjoint: false }).unwrap());
+    let cols = values(&x.apply_op1_no_bwd(&Im2col3::COLUMNS).unwrap());
     let at = |y: usize, xx: usize, tap: usize, ch: usize| cols[((y * w + xx) * 9 + tap) * c + ch];
     // Pixel (1, 2): tap (dy, dx) reads (y + dy − 1, x + dx − 1).
     assert_eq!(at(1, 2, 0, 1), 11.0);
@@ -317,9 +324,25 @@ fn im2col_places_each_neighbour_and_its_adjoint_sums_them_back() {
     assert_eq!(at(0, 0, 0, 0), 0.0);
     assert_eq!(at(0, 0, 2, 0), 0.0);
     assert_eq!(at(0, 0, 8, 1), 111.0);
+    // Mirrored: tap (dy, dx) reads (y − dy + 1, x − dx + 1), so the corner sees (1, 1) at tap 0.
+    let mirrored = values(&x.apply_op1_no_bwd(&Im2col3::MIRRORED).unwrap());
+    let at_m =
+        |y: usize, xx: usize, tap: usize, ch: usize| mirrored[((y * w + xx) * 9 + tap) * c + ch];
+    assert_eq!(at_m(1, 2, 0, 1), 231.0);
+    assert_eq!(at_m(1, 2, 4, 0), 120.0);
+    assert_eq!(at_m(1, 2, 8, 1), 11.0);
+    assert_eq!(at_m(0, 0, 0, 1), 111.0);
+    assert_eq!(at_m(0, 0, 8, 0), 0.0);
+    assert!(
+        x.apply_op1_no_bwd(&Im2col3 {
+            adjoint: true,
+            mirrored: true
+        })
+        .is_err()
+    );
     // Adjoint of ones: each pixel counts the neighbourhoods it is in (4 in a corner, 9 inside).
     let ones = Tensor::ones((1, h, w, 9 * c), DType::F64, &Device::Cpu).unwrap();
-    let back = values(&ones.apply_op1_no_bwd(&Im2col3 { adjoint: true }).unwrap());
+    let back = values(&ones.apply_op1_no_bwd(&Im2col3::ADJOINT).unwrap());
     assert_eq!(back[0], 4.0);
     assert_eq!(back[(w + 1) * c], 9.0);
     assert_eq!(back[c], 6.0);
