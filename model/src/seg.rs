@@ -269,10 +269,10 @@ fn columns(x: &Tensor, op: Im2col3) -> Result<Tensor> {
 }
 
 /// [`conv3x3`]'s graph node `(x [B, H, W, C], k [9·C, C_out], y)`: forward passes the product
-/// `y` through; backward recomputes the columns of `x` for `dk = colsᵀ·dy`, and returns
-/// `dx = col2im(dy·kᵀ)` or, with fewer output than input channels, `dx` as a convolution of
-/// `dy` (mirrored columns, `9·C_out` wide instead of `9·C`). Peak memory is then one layer's
-/// columns, not every layer's.
+/// `y` through; backward recomputes the columns of `x` for `dk = colsᵀ·dy` and returns
+/// `dx = col2im(dy·kᵀ)`, or, with fewer output than input channels, takes both from the
+/// mirrored columns of `dy` (`9·C_out` wide instead of `9·C`; `x`'s columns are not
+/// recomputed). Peak memory is then one layer's columns, not every layer's.
 #[derive(Debug, Clone, Copy)]
 struct Conv3Node;
 
@@ -317,26 +317,37 @@ impl CustomOp3 for Conv3Node {
         let (b, h, w, c) = x.dims4()?;
         let out = k.dim(1)?;
         let g = grad.contiguous()?.reshape((b * h * w, out))?;
-        let dk = im2col3(&x.detach())?.t()?.matmul(&g)?;
-        let dx = if out < c {
-            // dx[p, c] = Σ_tap,o dy[p − offset(tap), o] · k[tap·C + c, o]: the mirrored columns
-            // of dy times k with each tap's block transposed ([9, C, C_out] → [9·C_out, C]).
-            // The columns are 9·C_out wide, where dy·kᵀ below is 9·C wide (the UPerNet fusion
-            // conv: 9 × 512 against 9 × 2048) and then read again by col2im.
-            let kt = k
-                .detach()
-                .reshape((9, c, out))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((9 * out, c))?;
-            columns(&g.reshape((b, h, w, out))?, Im2col3::MIRRORED)?
-                .matmul(&kt)?
-                .reshape((b, h, w, c))?
-        } else {
-            g.matmul(&k.detach().t()?)?
+        if out >= c {
+            // dk = colsᵀ·dy from the recomputed columns of x; dx = col2im(dy·kᵀ).
+            let dk = im2col3(&x.detach())?.t()?.matmul(&g)?;
+            let dx = g
+                .matmul(&k.detach().t()?)?
                 .reshape((b, h, w, 9 * c))?
-                .apply_op1_no_bwd(&Im2col3::ADJOINT)?
-        };
+                .apply_op1_no_bwd(&Im2col3::ADJOINT)?;
+            return Ok((Some(dx), Some(dk), None));
+        }
+        // Fewer output than input channels (the UPerNet fusion conv: 2,048 → 512): both
+        // gradients from the mirrored columns of dy, m[p, tap·C_out + o] = dy[p − offset(tap), o],
+        // 9·C_out wide, where the columns of x and dy·kᵀ are 9·C wide:
+        //   dx[p, c] = Σ_tap,o m[p, tap·C_out + o] · k[tap·C + c, o] (k per tap transposed);
+        //   dk[tap·C + c, o] = Σ_p x[p, c] · m[p, tap·C_out + o] (xᵀ·m, per tap transposed back).
+        let m = columns(&g.reshape((b, h, w, out))?, Im2col3::MIRRORED)?;
+        let kt = k
+            .detach()
+            .reshape((9, c, out))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((9 * out, c))?;
+        let dx = m.matmul(&kt)?.reshape((b, h, w, c))?;
+        let dk = x
+            .detach()
+            .reshape((b * h * w, c))?
+            .t()?
+            .matmul(&m)?
+            .reshape((c, 9, out))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((9 * c, out))?;
         Ok((Some(dx), Some(dk), None))
     }
 }
