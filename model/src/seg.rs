@@ -270,7 +270,7 @@ fn columns(x: &Tensor, op: Im2col3) -> Result<Tensor> {
 
 /// [`conv3x3`]'s graph node `(x [B, H, W, C], k [9·C, C_out], y)`: forward passes the product
 /// `y` through; backward recomputes the columns of `x` for `dk = colsᵀ·dy` and returns
-/// `dx = col2im(dy·kᵀ)`, or, with fewer output than input channels, takes both from the
+/// `dx = col2im(dy·kᵀ)`, or, with no more output than input channels, takes both from the
 /// mirrored columns of `dy` (`9·C_out` wide instead of `9·C`; `x`'s columns are not
 /// recomputed). Peak memory is then one layer's columns, not every layer's.
 #[derive(Debug, Clone, Copy)]
@@ -317,7 +317,7 @@ impl CustomOp3 for Conv3Node {
         let (b, h, w, c) = x.dims4()?;
         let out = k.dim(1)?;
         let g = grad.contiguous()?.reshape((b * h * w, out))?;
-        if out >= c {
+        if out > c {
             // dk = colsᵀ·dy from the recomputed columns of x; dx = col2im(dy·kᵀ).
             let dk = im2col3(&x.detach())?.t()?.matmul(&g)?;
             let dx = g
@@ -326,9 +326,10 @@ impl CustomOp3 for Conv3Node {
                 .apply_op1_no_bwd(&Im2col3::ADJOINT)?;
             return Ok((Some(dx), Some(dk), None));
         }
-        // Fewer output than input channels (the UPerNet fusion conv: 2,048 → 512): both
-        // gradients from the mirrored columns of dy, m[p, tap·C_out + o] = dy[p − offset(tap), o],
-        // 9·C_out wide, where the columns of x and dy·kᵀ are 9·C wide:
+        // No more output than input channels (the UPerNet fusion conv: 2,048 → 512; its
+        // pyramid's: 512 → 512): both gradients from the mirrored columns of dy,
+        // m[p, tap·C_out + o] = dy[p − offset(tap), o], 9·C_out wide, written once and read
+        // twice, where the way above writes and reads x's columns and dy·kᵀ, each 9·C wide:
         //   dx[p, c] = Σ_tap,o m[p, tap·C_out + o] · k[tap·C + c, o] (k per tap transposed);
         //   dk[tap·C + c, o] = Σ_p x[p, c] · m[p, tap·C_out + o] (xᵀ·m, per tap transposed back).
         let m = columns(&g.reshape((b, h, w, out))?, Im2col3::MIRRORED)?;

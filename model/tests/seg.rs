@@ -241,9 +241,10 @@ fn resampling_matches_pytorch() {
 
 #[test]
 fn the_3x3_convolution_equals_candles_conv2d_with_its_gradients() {
-    // Odd sizes, f64 for exact comparisons; more output than input channels (the input
-    // gradient through col2im), then fewer (through the output gradient's mirrored columns).
-    for (c, o) in [(3, 4), (5, 2)] {
+    // Odd sizes, f64 for exact comparisons; more output than input channels (the gradients
+    // through x's columns and col2im), then as many and fewer (through the output gradient's
+    // mirrored columns).
+    for (c, o) in [(3, 4), (4, 4), (5, 2)] {
         conv3x3_against_conv2d(c, o);
     }
 }
