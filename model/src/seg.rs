@@ -249,17 +249,12 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     // The product on detached inputs, then one graph node whose backward recomputes the
     // columns: the [B·H·W, 9·C] columns are never kept for the backward pass.
-    let y = im2col3(&x.detach())?
+    let y = columns(&x.detach(), Im2col3::COLUMNS)?
         .matmul(&k.detach())?
         .reshape((b, h, w, out))?
         .contiguous()?;
     let y = x.apply_op3(&k, &y, Conv3Node)?;
     bias_add(&y, bias)
-}
-
-/// [`Im2col3`] of a contiguous `[B, H, W, C]` map as `[B·H·W, 9·C]` rows.
-fn im2col3(x: &Tensor) -> Result<Tensor> {
-    columns(x, Im2col3::COLUMNS)
 }
 
 /// `op`'s columns of a contiguous `[B, H, W, C]` map as `[B·H·W, 9·C]` rows.
@@ -319,7 +314,7 @@ impl CustomOp3 for Conv3Node {
         let g = grad.contiguous()?.reshape((b * h * w, out))?;
         if out > c {
             // dk = colsᵀ·dy from the recomputed columns of x; dx = col2im(dy·kᵀ).
-            let dk = im2col3(&x.detach())?.t()?.matmul(&g)?;
+            let dk = columns(&x.detach(), Im2col3::COLUMNS)?.t()?.matmul(&g)?;
             let dx = g
                 .matmul(&k.detach().t()?)?
                 .reshape((b, h, w, 9 * c))?
@@ -357,8 +352,8 @@ impl CustomOp3 for Conv3Node {
 /// value `(dy·3 + dx)·C + c` of pixel `(y, x)` = `x[y + dy − 1, x + dx − 1, c]` (0 outside the
 /// map), in one pass; its backward is the adjoint (`adjoint: true`: `[B, H, W, 9·C]` →
 /// `[B, H, W, C]`, each pixel the sum of its nine copies' gradients). `mirrored`: the taps
-/// point-reflected, `x[y − dy + 1, x − dx + 1, c]` (a convolution's input gradient is the
-/// output gradient's mirrored columns times the kernel; no backward). CPU (rayon over pixels)
+/// point-reflected, `x[y − dy + 1, x − dx + 1, c]` (a convolution's gradients, for input and
+/// kernel, both come from its output gradient's mirrored columns; no backward). CPU (rayon over pixels)
 /// and CUDA ([`crate::cuda::im2col3`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Im2col3 {
