@@ -130,6 +130,164 @@ fn ingest_killed_at_any_moment_resumes_to_the_same_store() {
     }
 }
 
+/// A store's files without the shard records and temporary files: what a sharded ingest must
+/// write exactly as an unsharded one does.
+fn store_bytes(store: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    tree_bytes(store)
+        .into_iter()
+        .filter(|(p, _)| {
+            !p.to_string_lossy().ends_with(".tmp") && !p.starts_with("manifests/shards")
+        })
+        .collect()
+}
+
+fn assert_same_store(a: &Path, b: &Path) {
+    let (x, y) = (store_bytes(a), store_bytes(b));
+    assert_eq!(
+        x.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        y.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    for ((p, u), (_, v)) in x.iter().zip(&y) {
+        assert!(u == v, "{} differs", p.display());
+    }
+}
+
+#[test]
+fn sharded_ingest_writes_the_store_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 5, "300x330", "cycle");
+    let ingest = |store: &Path, shard: &str| {
+        let mut c = icefm();
+        c.args([
+            "ingest", "--levels", "80,200", "--patch", "64", "--jobs", "1",
+        ]);
+        c.arg("--store").arg(store).arg(&scenes);
+        if !shard.is_empty() {
+            c.args(["--shard", shard]);
+        }
+        c
+    };
+    let clean = dir.path().join("clean.zarr");
+    ok(ingest(&clean, "").output().unwrap());
+
+    // Two shards at once, both creating the store.
+    let both = dir.path().join("both.zarr");
+    let children: Vec<_> = ["0/2", "1/2"]
+        .iter()
+        .map(|s| {
+            ingest(&both, s)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let stderrs: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = ok(c.wait_with_output().unwrap());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        })
+        .collect();
+    assert!(
+        stderrs[0].contains("shard 0/2: 3 of 5 inputs"),
+        "{}",
+        stderrs[0]
+    );
+    assert!(
+        stderrs[1].contains("shard 1/2: 2 of 5 inputs"),
+        "{}",
+        stderrs[1]
+    );
+    assert!(
+        stderrs
+            .iter()
+            .any(|e| e.contains("the manifests are merged")),
+        "{stderrs:?}"
+    );
+    assert_same_store(&clean, &both);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(both.join("manifests/shards/1-of-2.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["assigned"].as_array().unwrap().len(), 2);
+    assert_eq!(record["done"].as_array().unwrap().len(), 2);
+    assert_eq!(record["inputs_total"], 5);
+
+    // One task of a 3-task Slurm array (`--array=1-3`, task 2 = shard 1/3), alone.
+    let slurm = dir.path().join("slurm.zarr");
+    let out = ok(ingest(&slurm, "slurm")
+        .env("SLURM_ARRAY_TASK_ID", "2")
+        .env("SLURM_ARRAY_TASK_MIN", "1")
+        .env("SLURM_ARRAY_TASK_MAX", "3")
+        .env("SLURM_ARRAY_TASK_COUNT", "3")
+        .output()
+        .unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shard 1/3: 2 of 5 inputs"), "{stderr}");
+    assert!(
+        stderr.contains("waiting for shard(s) 0, 2 of 3"),
+        "{stderr}"
+    );
+    // Not merged yet: `inspect` says so, readers of the manifests refuse, and so does
+    // `manifest merge`.
+    let out = ok(icefm().arg("inspect").arg(&slurm).output().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .contains("a sharded ingest (3 shards) is not finished: shard(s) 0, 2 have no record")
+            && stdout.contains("2 scene(s) are complete but the manifests list 0"),
+        "{stdout}"
+    );
+    let out = icefm()
+        .args(["regime", "--name", "every", "--rule", "all", "--store"])
+        .arg(&slurm)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the manifests are not merged"), "{stderr}");
+    let merge = |partial: bool| {
+        let mut c = icefm();
+        c.args(["manifest", "merge", "--store"]).arg(&slurm);
+        if partial {
+            c.arg("--partial");
+        }
+        c.output().unwrap()
+    };
+    let out = merge(false);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("shard(s) 0, 2 have not finished"),
+        "{stderr}"
+    );
+    assert!(!slurm.join("manifests/scenes.parquet").exists());
+    let out = ok(merge(true));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 scene(s) in the manifests"), "{stderr}");
+    // The other two shards, one after the other: the last merges.
+    let out = ok(ingest(&slurm, "0/3").output().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("waiting for shard(s) 2 of 3"), "{stderr}");
+    let out = ok(ingest(&slurm, "2/3").output().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the manifests are merged"), "{stderr}");
+    assert_same_store(&clean, &slurm);
+    let out = ok(merge(false));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("5 inputs in 3 shards, 3 finished"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("5 scene(s) in the manifests"), "{stderr}");
+
+    // A shard beyond N is refused before anything is read.
+    let out = ingest(&slurm, "3/3").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected K/N"));
+}
+
 #[test]
 fn bad_inputs_exit_non_zero_and_name_the_file() {
     let dir = tempfile::tempdir().unwrap();

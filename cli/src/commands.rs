@@ -4,11 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Error, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use icefm_ingest::inspect::summarize;
 use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
+use icefm_ingest::shard::{Shard, list_shards};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::sigrid::MergeMode;
@@ -51,6 +52,10 @@ enum Command {
     /// Run a data-regime ablation grid (regimes × init × tasks × levels) from a TOML file:
     /// fine-tune, score, tabulate and plot; re-running resumes a half-done grid.
     Ablate(Box<crate::ablate::AblateArgs>),
+    /// Store manifests: `merge` rebuilds them from the scenes' committed parts once the shards
+    /// of a sharded ingest have finished.
+    #[command(subcommand)]
+    Manifest(crate::manifest::ManifestCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -79,6 +84,11 @@ struct IngestArgs {
     /// Rows per band read from each file [default: follow the file's chunking].
     #[arg(long)]
     band_rows: Option<usize>,
+    /// Ingest only shard K of N (0 <= K < N) of the inputs, sorted by file name, into a store
+    /// that the other shards write too; `slurm` takes K and N from a Slurm array task. The
+    /// last shard to finish merges the manifests (docs/ingest.md).
+    #[arg(long, value_name = "K/N|slurm")]
+    shard: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -151,6 +161,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Predict(a) => crate::eval::cmd_predict(*a).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => crate::import::cmd_import(*a).map(|_| ExitCode::SUCCESS),
         Command::Ablate(a) => crate::ablate::cmd_ablate(*a),
+        Command::Manifest(c) => crate::manifest::cmd_manifest(c),
     }
 }
 
@@ -223,6 +234,21 @@ fn print_summary(s: &Summary) {
         let _ = path;
         eprintln!("failed: {reason}");
     }
+    if let Some(o) = &s.shard {
+        let shard = o.plan.shard;
+        if o.waiting_for.is_empty() {
+            eprintln!(
+                "shard {shard}: every shard of the run has finished; the manifests are merged"
+            );
+        } else {
+            eprintln!(
+                "shard {shard}: finished; waiting for shard(s) {} of {}: the last to finish \
+                 merges the manifests (or `icefm manifest merge --store STORE`)",
+                list_shards(&o.waiting_for),
+                shard.count
+            );
+        }
+    }
 }
 
 pub(crate) fn do_ingest(
@@ -251,7 +277,23 @@ pub(crate) fn do_ingest(
 }
 
 fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
-    let inputs = expand_inputs(&a.inputs)?;
+    let mut inputs = expand_inputs(&a.inputs)?;
+    let shard = match a.shard.as_deref() {
+        None => None,
+        Some("slurm") => Some(Shard::from_slurm(|k| std::env::var(k).ok()).map_err(Error::msg)?),
+        Some(s) => Some(Shard::parse(s).map_err(Error::msg)?),
+    };
+    let plan = shard.map(|shard| {
+        let (mine, plan) = shard.plan(&inputs);
+        eprintln!(
+            "shard {shard}: {} of {} inputs (run {})",
+            mine.len(),
+            plan.total,
+            plan.digest
+        );
+        inputs = mine;
+        plan
+    });
     let levels = match &a.levels {
         Some(s) => Level::parse_list(s)?,
         None => Level::defaults(),
@@ -264,6 +306,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
             MergeMode::Sum
         },
         band_rows: a.band_rows,
+        shard: plan,
     };
     let summary = do_ingest(
         &inputs,

@@ -5,6 +5,7 @@ mod commands;
 mod demo;
 mod eval;
 mod import;
+mod manifest;
 mod progress;
 mod regime;
 mod train;

@@ -73,3 +73,24 @@ impl DatasetError {
         }
     }
 }
+
+/// A store without a scenes manifest: never ingested, or a sharded ingest not merged yet.
+pub(crate) fn no_scenes_manifest(store: &Path) -> DatasetError {
+    let parts = store.join(icefm_schemas::store::PARTS_DIR);
+    let committed = std::fs::read_dir(&parts).is_ok_and(|mut d| {
+        d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".scene.parquet")))
+    });
+    DatasetError::Store(if committed {
+        format!(
+            "{}: scenes are committed but the manifests are not merged (a sharded ingest still \
+             running?); `icefm manifest merge --store {}` merges them",
+            store.display(),
+            store.display()
+        )
+    } else {
+        format!(
+            "{}: no scenes manifest; is this an icefm store? run `icefm ingest` first",
+            store.display()
+        )
+    })
+}

@@ -630,10 +630,7 @@ fn tiles(
 fn complete_scenes(store: &Path) -> Result<Vec<String>, DatasetError> {
     let path = store.join(MANIFESTS_DIR).join(SCENES_FILE);
     if !path.exists() {
-        return Err(DatasetError::Store(format!(
-            "{}: no scenes manifest; run `icefm ingest` first",
-            store.display()
-        )));
+        return Err(crate::error::no_scenes_manifest(store));
     }
     let mut out = Vec::new();
     for b in read_batches(&path, &["scene_id"])? {

@@ -108,11 +108,7 @@ impl SceneTable {
         let scenes_path = dir.join(SCENES_FILE);
         let patches_path = dir.join(PATCHES_FILE);
         if !scenes_path.exists() {
-            return Err(DatasetError::Store(format!(
-                "{}: no scenes manifest ({}); is this an icefm store? run `icefm ingest` first",
-                store.display(),
-                scenes_path.display()
-            )));
+            return Err(crate::error::no_scenes_manifest(store));
         }
         let mut hasher = blake3::Hasher::new();
         for p in [&scenes_path, &patches_path] {

@@ -12,7 +12,8 @@ use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
 use icefm_schemas::store::MANIFESTS_DIR;
 
 use crate::error::StoreError;
-use crate::manifest::read_parquet;
+use crate::manifest::{committed_scenes, read_parquet};
+use crate::shard::{list_shards, shard_runs};
 use crate::store::Store;
 
 /// One scene as listed by `inspect`.
@@ -43,6 +44,10 @@ pub struct StoreSummary {
     pub levels: Vec<String>,
     /// Patch edge.
     pub patch: u32,
+    /// Complete scenes (committed parts), merged into the manifests or not.
+    pub committed: usize,
+    /// Sharded ingests with shards that have not finished: N and the missing shards.
+    pub unfinished_shards: Vec<(usize, Vec<usize>)>,
 }
 
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T, StoreError> {
@@ -62,6 +67,12 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
         patch: store.attrs.patch,
         ..Default::default()
     };
+    s.committed = committed_scenes(store_path)?.len();
+    s.unfinished_shards = shard_runs(store_path)?
+        .into_iter()
+        .filter(|r| !r.complete())
+        .map(|r| (r.of, r.missing))
+        .collect();
     let dir = store_path.join(MANIFESTS_DIR);
     let scenes_path = dir.join(SCENES_FILE);
     if !scenes_path.exists() {
@@ -131,6 +142,22 @@ impl StoreSummary {
             self.levels.join(", "),
             self.patch
         );
+        for (of, missing) in &self.unfinished_shards {
+            let _ = writeln!(
+                o,
+                "a sharded ingest ({of} shards) is not finished: shard(s) {} have no record yet",
+                list_shards(missing)
+            );
+        }
+        if self.committed != self.scenes.len() {
+            let _ = writeln!(
+                o,
+                "{} scene(s) are complete but the manifests list {}: `icefm manifest merge` \
+                 merges them",
+                self.committed,
+                self.scenes.len()
+            );
+        }
         let _ = writeln!(
             o,
             "\nscene                      kind  native shape    valid HH  unknown codes"

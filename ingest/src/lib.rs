@@ -1,5 +1,6 @@
 //! Ingest of AI4Arctic NetCDF scenes into the icefm Zarr v3 patch store with Parquet manifests.
 
+pub mod claim;
 pub mod error;
 pub mod inspect;
 pub mod labels;
@@ -11,6 +12,7 @@ pub mod quicklook;
 pub mod reader;
 pub mod resample;
 mod scene_writer;
+pub mod shard;
 pub mod store;
 pub mod submission;
 

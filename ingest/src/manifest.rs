@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_array::builder::{
     FixedSizeListBuilder, Float32Builder, Float64Builder, ListBuilder, StringBuilder,
@@ -322,6 +323,21 @@ pub fn patches_batch(
     RecordBatch::try_new(Arc::new(patches_schema()), cols)
 }
 
+/// A temporary file beside `path` for an atomic write, unique to this process and write: several
+/// processes may write the same file (the merged manifests of a sharded ingest) at once.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(
+        "{name}.{}-{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// Write batches to `path` atomically (temporary file, fsync, rename).
 pub fn write_parquet(
     path: &Path,
@@ -330,7 +346,7 @@ pub fn write_parquet(
 ) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-    let tmp = path.with_extension("parquet.tmp");
+    let tmp = temporary_path(path);
     let file = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
     let mut w = ArrowWriter::try_new(file, Arc::new(schema.clone()), Some(props()))
         .map_err(|e| StoreError::parquet(path, e))?;
@@ -421,35 +437,49 @@ pub fn committed_scenes(store: &Path) -> Result<Vec<CommittedScene>, StoreError>
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if !name.ends_with(".scene.parquet") {
-            continue;
-        }
-        for b in read_parquet(&path)? {
-            let col = |n: &str| -> Result<&StringArray, StoreError> {
-                b.column_by_name(n)
-                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                    .ok_or_else(|| StoreError::parquet(&path, format!("no string column {n}")))
-            };
-            let size = b
-                .column_by_name("source_size")
-                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
-                .ok_or_else(|| StoreError::parquet(&path, "no source_size column"))?;
-            let (id, name, sum) = (
-                col("scene_id")?,
-                col("source_name")?,
-                col("source_checksum")?,
-            );
-            for i in 0..b.num_rows() {
-                out.push(CommittedScene {
-                    scene_id: id.value(i).to_string(),
-                    source_name: name.value(i).to_string(),
-                    source_size: size.value(i),
-                    source_checksum: sum.value(i).to_string(),
-                });
-            }
+        if name.ends_with(".scene.parquet") {
+            out.extend(read_committed(&path)?);
         }
     }
     out.sort_by(|a, b| a.scene_id.cmp(&b.scene_id));
+    Ok(out)
+}
+
+/// The committed scene `scene_id` as it is on disk now (`None` if it is not committed).
+pub fn committed_scene(store: &Path, scene_id: &str) -> Result<Option<CommittedScene>, StoreError> {
+    let [_, _, path] = part_paths(store, scene_id);
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(read_committed(&path)?.into_iter().next())
+}
+
+fn read_committed(path: &Path) -> Result<Vec<CommittedScene>, StoreError> {
+    let mut out = Vec::new();
+    for b in read_parquet(path)? {
+        let col = |n: &str| -> Result<&StringArray, StoreError> {
+            b.column_by_name(n)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .ok_or_else(|| StoreError::parquet(path, format!("no string column {n}")))
+        };
+        let size = b
+            .column_by_name("source_size")
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+            .ok_or_else(|| StoreError::parquet(path, "no source_size column"))?;
+        let (id, name, sum) = (
+            col("scene_id")?,
+            col("source_name")?,
+            col("source_checksum")?,
+        );
+        for i in 0..b.num_rows() {
+            out.push(CommittedScene {
+                scene_id: id.value(i).to_string(),
+                source_name: name.value(i).to_string(),
+                source_size: size.value(i),
+                source_checksum: sum.value(i).to_string(),
+            });
+        }
+    }
     Ok(out)
 }
 
@@ -552,7 +582,13 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(ids.value(0), "a");
+        assert_eq!(
+            committed_scene(dir.path(), "a").unwrap().as_ref(),
+            Some(&c[0])
+        );
+        assert_eq!(c[0].source_name, "a.nc");
         remove_scene_parts(dir.path(), "a").unwrap();
+        assert_eq!(committed_scene(dir.path(), "a").unwrap(), None);
         assert_eq!(merge_manifests(dir.path()).unwrap(), 1);
         let p = read_parquet(&dir.path().join("manifests/patches.parquet")).unwrap();
         assert_eq!(p.iter().map(|b| b.num_rows()).sum::<usize>(), 1);

@@ -11,14 +11,16 @@ use std::time::Instant;
 use icefm_schemas::sigrid::MergeMode;
 use icefm_schemas::store::{Level, StoreAttrs};
 
+use crate::claim::Claim;
 use crate::error::{IngestError, SceneError, StoreError};
 use crate::manifest::{
-    CommittedScene, PolygonRecord, SceneRecord, commit_scene, committed_scenes, merge_manifests,
-    remove_scene_parts,
+    CommittedScene, PolygonRecord, SceneRecord, commit_scene, committed_scene, committed_scenes,
+    merge_manifests, remove_scene_parts,
 };
 use crate::netcdf_thread::on_netcdf_thread;
 use crate::reader::{SceneInfo, SceneReader};
 use crate::scene_writer::{Written, write_scene};
+use crate::shard::{self, ShardPlan, ShardRecord};
 use crate::store::Store;
 
 /// Runtime knobs of an ingest run.
@@ -30,6 +32,9 @@ pub struct IngestOptions {
     pub merge_mode: MergeMode,
     /// Rows per band; `None` follows the file's chunking.
     pub band_rows: Option<usize>,
+    /// This run is one shard of a sharded ingest: its inputs are the shard's share, and the
+    /// merged manifests are rebuilt only once every shard has finished.
+    pub shard: Option<ShardPlan>,
 }
 
 impl Default for IngestOptions {
@@ -38,6 +43,7 @@ impl Default for IngestOptions {
             jobs: DEFAULT_JOBS,
             merge_mode: MergeMode::Sum,
             band_rows: None,
+            shard: None,
         }
     }
 }
@@ -99,8 +105,22 @@ pub struct Summary {
     pub bytes: u64,
     /// Wall time in seconds.
     pub seconds: f64,
-    /// Scenes in the manifests after the run.
+    /// Complete scenes in the store after the run: those of the merged manifests, unless a
+    /// sharded run still waits for other shards (`shard.waiting_for`).
     pub scenes_in_store: usize,
+    /// How a sharded run ended.
+    pub shard: Option<ShardOutcome>,
+}
+
+/// The end of one shard's run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardOutcome {
+    /// The run's plan.
+    pub plan: ShardPlan,
+    /// This shard's inputs.
+    pub assigned: usize,
+    /// Shards of the run that have not finished (empty: this shard merged the manifests).
+    pub waiting_for: Vec<usize>,
 }
 
 /// Ingest `inputs` into the store at `store_path` (created with `attrs` if new).
@@ -113,6 +133,10 @@ pub fn ingest(
 ) -> Result<Summary, StoreError> {
     let start = Instant::now();
     let store = Store::open_or_create(store_path, attrs)?;
+    if let Some(plan) = &options.shard {
+        // Until this run ends, this shard has not finished.
+        shard::remove_record(store_path, plan.shard)?;
+    }
     let committed = committed_scenes(store_path)?;
     let state = RunState {
         store,
@@ -162,9 +186,62 @@ pub fn ingest(
             SceneOutcome::Failed(e) => summary.failed.push((inputs[i].clone(), e.to_string())),
         }
     }
-    summary.scenes_in_store = merge_manifests(store_path)?;
     summary.seconds = start.elapsed().as_secs_f64();
+    match &options.shard {
+        None => summary.scenes_in_store = merge_manifests(store_path)?,
+        Some(plan) => {
+            let outcome = end_shard(store_path, plan, inputs, &summary)?;
+            summary.scenes_in_store = if outcome.waiting_for.is_empty() {
+                merge_manifests(store_path)?
+            } else {
+                committed_scenes(store_path)?.len()
+            };
+            summary.shard = Some(outcome);
+        }
+    }
     Ok(summary)
+}
+
+/// Write a shard's record, then see whether it was the last of its run.
+fn end_shard(
+    store: &Path,
+    plan: &ShardPlan,
+    inputs: &[PathBuf],
+    summary: &Summary,
+) -> Result<ShardOutcome, StoreError> {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    shard::write_record(
+        store,
+        &ShardRecord {
+            shard: plan.shard.index,
+            of: plan.shard.count,
+            inputs_digest: plan.digest.clone(),
+            inputs_total: plan.total,
+            assigned: inputs.iter().map(|p| name(p)).collect(),
+            done: summary.done.clone(),
+            skipped: summary.skipped.clone(),
+            failed: summary
+                .failed
+                .iter()
+                .map(|(p, why)| (name(p), why.clone()))
+                .collect(),
+            seconds: summary.seconds,
+        },
+    )?;
+    let waiting_for = shard::shard_runs(store)?
+        .into_iter()
+        .find(|r| r.of == plan.shard.count && r.digest == plan.digest)
+        .map(|r| r.missing)
+        .unwrap_or_else(|| (0..plan.shard.count).collect());
+    Ok(ShardOutcome {
+        plan: plan.clone(),
+        assigned: inputs.len(),
+        waiting_for,
+    })
 }
 
 /// BLAKE3 of a file, hex.
@@ -215,23 +292,26 @@ impl RunState {
         }
         let owned = path.to_path_buf();
         let reader = Arc::new(on_netcdf_thread(move || SceneReader::open(&owned))?);
+        let outcome = self.write(path, size, checksum, &reader, reporter);
+        // Close the file on the netCDF thread too, however the scene ended.
+        on_netcdf_thread(move || drop(reader));
+        outcome
+    }
+
+    /// The rest of a scene once its file is open.
+    fn write(
+        &self,
+        path: &Path,
+        size: u64,
+        checksum: String,
+        reader: &Arc<SceneReader>,
+        reporter: &dyn Reporter,
+    ) -> Result<SceneOutcome, IngestError> {
         let info = reader.info().clone();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let Some(c) = self.committed.get(&info.scene_id)
-            && c.source_name != name
-        {
-            return Err(SceneError::file(
-                path,
-                format!(
-                    "scene {} is already in the store from {}; one store holds one file per scene",
-                    info.scene_id, c.source_name
-                ),
-            )
-            .into());
-        }
         {
             let mut claimed = self
                 .claimed
@@ -249,6 +329,26 @@ impl RunState {
                 .into());
             }
             claimed.insert(info.scene_id.clone(), path.to_path_buf());
+        }
+        // Held until the scene is committed or has failed: no other process writes it meanwhile.
+        let _claim = Claim::take(&self.store.path, &info.scene_id, path)?;
+        // What is committed now, not when this run started: another process may have written it.
+        if let Some(c) = committed_scene(&self.store.path, &info.scene_id)? {
+            if c.source_name != name {
+                return Err(SceneError::file(
+                    path,
+                    format!(
+                        "scene {} is already in the store from {}; one store holds one file per scene",
+                        info.scene_id, c.source_name
+                    ),
+                )
+                .into());
+            }
+            if c.source_checksum == checksum {
+                return Ok(SceneOutcome::Skipped {
+                    scene_id: c.scene_id,
+                });
+            }
         }
         for level in &self.store.attrs.levels {
             if f64::from(level.spacing_m()) < info.native_spacing_m - 1e-9 {
@@ -270,11 +370,9 @@ impl RunState {
             std::fs::remove_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
         reporter.scene_started(path, info.height);
-        let written = write_scene(&self.store, &reader, &self.options, |n| {
+        let written = write_scene(&self.store, reader, &self.options, |n| {
             reporter.rows_done(path, n)
         });
-        // Close the file on the netCDF thread too.
-        on_netcdf_thread(move || drop(reader));
         let written = match written {
             Ok(w) => w,
             Err(e) => {

@@ -125,12 +125,34 @@ impl Store {
                 reason: "exists, is not empty and is not a Zarr store".into(),
             });
         }
+        // The root is made beside the store and renamed into place: several processes (the
+        // shards of one ingest) may create the store at once, and none may see it half made.
+        let tmp = crate::manifest::temporary_path(path);
+        if let Some(parent) = tmp.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+        }
+        Self::write_root(&tmp, &attrs)?;
+        match std::fs::rename(&tmp, path) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                // Another process made it first: it must be the store this run asks for.
+                if root_meta.exists() {
+                    return Self::open_or_create(path, attrs);
+                }
+                return Err(StoreError::io(path, e));
+            }
+        }
+        Self::open(path)
+    }
+
+    fn write_root(path: &Path, attrs: &StoreAttrs) -> Result<(), StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::io(path, e))?;
         let fs = Arc::new(FilesystemStore::new(path).map_err(|e| StoreError::zarr(path, e))?);
         let mut root_attrs = Map::new();
         root_attrs.insert(
             "icefm".into(),
-            serde_json::to_value(&attrs).map_err(|e| StoreError::zarr(path, e))?,
+            serde_json::to_value(attrs).map_err(|e| StoreError::zarr(path, e))?,
         );
         let group: Group<FilesystemStore> = GroupBuilder::new()
             .attributes(root_attrs)
@@ -140,16 +162,11 @@ impl Store {
             .store_metadata()
             .map_err(|e| StoreError::zarr(path, e))?;
         let scenes = GroupBuilder::new()
-            .build(fs.clone(), &format!("/{SCENES_GROUP}"))
+            .build(fs, &format!("/{SCENES_GROUP}"))
             .map_err(|e| StoreError::zarr(path, e))?;
         scenes
             .store_metadata()
-            .map_err(|e| StoreError::zarr(path, e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            fs,
-            attrs,
-        })
+            .map_err(|e| StoreError::zarr(path, e))
     }
 
     /// Open an existing store (read its root attributes).
@@ -288,4 +305,60 @@ pub fn array_shape(store: &Path, node: &str) -> Result<Vec<u64>, StoreError> {
     let a = Array::open(fs, node)
         .map_err(|e| StoreError::zarr(store.join(node.trim_start_matches('/')), e))?;
     Ok(a.shape().to_vec())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_creating_one_store_at_once_all_open_it_or_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.zarr");
+        let attrs = |patch| {
+            new_attrs(
+                &Level::defaults(),
+                patch,
+                icefm_schemas::store::DEFAULT_CODEC,
+            )
+        };
+        let results: Vec<Result<Store, StoreError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let path = path.clone();
+                    s.spawn(move || {
+                        Store::open_or_create(&path, attrs(if i == 15 { 256 } else { 384 }))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let patch = Store::open(&path).unwrap().attrs.patch;
+        for (i, r) in results.iter().enumerate() {
+            let asked = if i == 15 { 256 } else { 384 };
+            match r {
+                Ok(store) => assert_eq!((store.attrs.patch, asked), (patch, patch)),
+                Err(e) => {
+                    assert_ne!(asked, patch);
+                    assert!(e.to_string().contains("use another store"), "{e}");
+                }
+            }
+        }
+        // One store, its scenes group, nothing left beside it.
+        assert!(path.join("scenes/zarr.json").exists());
+        let beside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(beside.len(), 1);
+        // A folder with other things in it is never taken for a store.
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "x").unwrap();
+        let e = Store::open_or_create(&other, attrs(384)).err().unwrap();
+        assert!(e.to_string().contains("is not a Zarr store"), "{e}");
+        // An empty folder becomes the store.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        Store::open_or_create(&empty, attrs(384)).unwrap();
+        assert!(empty.join("zarr.json").exists());
+    }
 }

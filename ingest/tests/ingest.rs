@@ -581,6 +581,62 @@ fn bad_inputs_fail_alone_with_one_clear_line() {
     assert_eq!(dirs, 1);
 }
 
+/// One store holds one file per scene: a second file of a scene in the same run, or in a later
+/// one, is refused, and so is a scene claimed by another ingest (another process's claim);
+/// the other inputs go on, and nothing is left of a refused scene.
+#[test]
+fn one_file_per_scene_and_other_ingests_claims_are_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = synth(&dir.path().join("raw"), SceneKind::Raw, 5, 0, "default");
+    let rtt = synth(&dir.path().join("rtt"), SceneKind::Rtt, 5, 0, "default");
+    let other = synth(&dir.path().join("o"), SceneKind::Raw, 6, 1, "default");
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let store = dir.path().join("s.zarr");
+    let s = run(&[raw.clone(), rtt.clone()], &store, "80,200", 64);
+    assert_eq!(s.done.len(), 1, "{:?}", s.failed);
+    let id = s.done[0].clone();
+    assert_eq!(s.failed.len(), 1);
+    // The two files run at once: whichever opens second is refused.
+    let (second, first) = if s.failed[0].0 == rtt {
+        (&rtt, &raw)
+    } else {
+        (&raw, &rtt)
+    };
+    assert_eq!(&s.failed[0].0, second);
+    let want = format!("scene {id} is also given as {}", first.display());
+    assert!(s.failed[0].1.contains(&want), "{}", s.failed[0].1);
+    // A later run with the scene's other file.
+    let s = run(std::slice::from_ref(second), &store, "80,200", 64);
+    let want = format!("scene {id} is already in the store from {}", name(first));
+    assert!(s.failed[0].1.contains(&want), "{:?}", s.failed);
+    // Another store where an ingest of another file holds the scene (its process is gone).
+    let store = dir.path().join("claimed.zarr");
+    let s = run(std::slice::from_ref(&other), &store, "80,200", 64);
+    assert_eq!(s.done.len(), 1, "{:?}", s.failed);
+    let claims = store.join("manifests/claims");
+    std::fs::create_dir_all(&claims).unwrap();
+    let claim = claims.join(format!("{id}.claim"));
+    std::fs::write(&claim, "ghost.nc\nnode-3\n12345\n").unwrap();
+    let s = run(&[raw.clone(), other.clone()], &store, "80,200", 64);
+    assert_eq!((s.done.len(), s.skipped.len()), (0, 1));
+    assert_eq!(s.failed.len(), 1);
+    let want = format!(
+        "{}: scene {id} is claimed by an ingest of ghost.nc (host node-3, process 12345); if no \
+         ingest of it is running, remove {}",
+        raw.display(),
+        claim.display()
+    );
+    assert_eq!(s.failed[0].1, want);
+    assert!(!store.join("scenes").join(&id).exists());
+    assert_eq!(s.scenes_in_store, 1);
+    // Once the claim is gone the scene goes in; the run leaves no claim behind.
+    std::fs::remove_file(&claim).unwrap();
+    let s = run(&[raw, other], &store, "80,200", 64);
+    assert_eq!((s.done.clone(), s.skipped.len()), (vec![id], 1));
+    assert_eq!(s.scenes_in_store, 2);
+    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
+}
+
 /// A code in no SIGRID-3 table (CT range code 12) becomes 255 for that polygon, and is counted
 /// and reported per scene instead of passed through.
 #[test]

@@ -23,6 +23,10 @@ pub const SCENES_GROUP: &str = "scenes";
 pub const MANIFESTS_DIR: &str = "manifests";
 /// Folder of the per-scene manifest parts (the commit records of complete scenes).
 pub const PARTS_DIR: &str = "manifests/parts";
+/// Folder of the shard records of a sharded ingest (`<K>-of-<N>.json`).
+pub const SHARDS_DIR: &str = "manifests/shards";
+/// Folder of the claims on scene ids held by running ingests (`<scene_id>.claim`).
+pub const CLAIMS_DIR: &str = "manifests/claims";
 /// Name of the 2 km grid array inside a scene group.
 pub const GRID2KM_ARRAY: &str = "grid2km";
 
