@@ -289,6 +289,56 @@ fn sharded_ingest_writes_the_store_one_process_writes() {
 }
 
 #[test]
+fn a_test_release_folder_ingests_its_scenes_with_their_reference_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = dir.path().join("test");
+    ok(icefm()
+        .args([
+            "synth",
+            "--count",
+            "2",
+            "--kind",
+            "rtt",
+            "--release",
+            "test",
+        ])
+        .args(["--size", "200x220", "--out"])
+        .arg(&test)
+        .output()
+        .unwrap());
+    let store = dir.path().join("t.zarr");
+    let ingest = |input: &Path| {
+        icefm()
+            .args(["ingest", "--levels", "80,160", "--patch", "64", "--store"])
+            .arg(&store)
+            .arg(input)
+            .output()
+            .unwrap()
+    };
+    let out = ok(ingest(&test));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 done, 0 skipped, 0 failed"), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("SIC class balance"), "{stdout}");
+    assert!(!stdout.contains("100.0% of"), "{stdout}");
+    // A reference file on its own is not a scene.
+    let reference = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("_prep_reference.nc"))
+        .unwrap();
+    let out = ingest(&reference);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("a test scene's reference charts, not a scene"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_inputs_exit_non_zero_and_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");
@@ -853,22 +903,64 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     let panels = std::fs::read_dir(eval.join("panels")).unwrap().count();
     assert_eq!(panels, 2);
 
-    // The AutoICE submission of one raw scene: its three charts on the 80 m grid.
+    // The AutoICE submission of one raw scene and one RTT scene of the test release (given as
+    // a glob gives them: with its reference charts, which are left out): their three charts on
+    // the 80 m grid.
     let scene = std::fs::read_dir(out.join("scenes"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.to_string_lossy().contains("icechart"))
         .unwrap();
-    let sub = dir.path().join("sub.nc");
+    let test = dir.path().join("test");
     ok(icefm()
+        .args([
+            "synth",
+            "--count",
+            "1",
+            "--kind",
+            "rtt",
+            "--release",
+            "test",
+        ])
+        .args(["--size", "300x330", "--seed", "77", "--out"])
+        .arg(&test)
+        .output()
+        .unwrap());
+    let mut test_files: Vec<PathBuf> = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    test_files.sort();
+    assert_eq!(test_files.len(), 2, "{test_files:?}");
+    let sub = dir.path().join("sub.nc");
+    let predicted = ok(icefm()
         .arg("predict")
         .arg(&scene)
+        .args(&test_files)
         .arg("--run")
         .arg(&ft)
         .arg("--out")
         .arg(&sub)
         .output()
         .unwrap());
+    let stderr = String::from_utf8_lossy(&predicted.stderr);
+    assert!(
+        stderr.contains("1 reference chart file(s) (…_reference.nc) are not scenes: left out"),
+        "{stderr}"
+    );
+    let rtt_stem = test_files[0]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches("_prep")
+        .to_string();
+    let rtt_sub = sub.clone();
+    let rtt_dims = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
+        let file = netcdf::open(&rtt_sub).unwrap();
+        let v = file.variable(&format!("{rtt_stem}_SOD")).unwrap();
+        v.dimensions().iter().map(|d| d.len()).collect::<Vec<_>>()
+    });
+    assert_eq!(rtt_dims, vec![300, 330]);
     let stem = scene.file_stem().unwrap().to_string_lossy().into_owned();
     let (names, charts) = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
         let file = netcdf::open(&sub).unwrap();
@@ -884,7 +976,7 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
             .collect();
         (names, charts)
     });
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
     for ((dims, values), classes) in charts.iter().zip([11u8, 6, 7]) {
         // Demo raw scenes are 1200 x 1250 at 40 m.
         assert_eq!(dims, &[600, 625]);

@@ -9,12 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use icefm_ingest::inspect::summarize;
 use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
+use icefm_ingest::reader::is_reference_file;
 use icefm_ingest::shard::{Shard, list_shards};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::sigrid::MergeMode;
 use icefm_schemas::store::{Codec, DEFAULT_PATCH};
-use icefm_synth::{Encoding, SceneKind, Service, SynthOptions, write_scene};
+use icefm_synth::{Encoding, Release, SceneKind, Service, SynthOptions, write_scene};
 
 use crate::progress::IngestBars;
 
@@ -84,6 +85,10 @@ struct IngestArgs {
     /// Rows per band read from each file [default: follow the file's chunking].
     #[arg(long)]
     band_rows: Option<usize>,
+    /// Another folder holding test scenes' reference charts (`<id>_prep_reference.nc` of the
+    /// AutoICE test release); the scene file's own folder is always searched first.
+    #[arg(long, value_name = "DIR")]
+    reference: Vec<PathBuf>,
     /// Ingest only shard K of N (0 <= K < N) of the inputs, sorted by file name, into a store
     /// that the other shards write too; `slurm` takes K and N from a Slurm array task. The
     /// last shard to finish merges the manifests (docs/ingest.md).
@@ -117,6 +122,16 @@ struct SynthArgs {
     /// Encoding name, `cycle` (scene i uses the i-th encoding) or `list` to print them.
     #[arg(long, default_value = "default")]
     encoding: String,
+    /// `test`: files as the test release has them, without charts (raw: no polygons; RTT:
+    /// the charts in `<id>_prep_reference.nc` beside each scene).
+    #[arg(long, value_enum, default_value = "train")]
+    release: ReleaseArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ReleaseArg {
+    Train,
+    Test,
 }
 
 #[derive(clap::Args, Debug)]
@@ -203,12 +218,20 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .with_context(|| format!("reading directory {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.extension().is_some_and(|x| x == "nc") && f.is_file())
+                // A test scene's reference charts go with their scene, not on their own.
+                .filter(|f| !is_reference_file(f))
                 .collect();
             if found.is_empty() {
                 bail!("{}: no .nc files in this directory", p.display());
             }
             found.sort();
             out.extend(found);
+        } else if is_reference_file(p) {
+            bail!(
+                "{}: a test scene's reference charts, not a scene; give the scene file \
+                 (`…_prep.nc`): its reference is read from beside it or from --reference",
+                p.display()
+            );
         } else if p.exists() {
             out.push(p.clone());
         } else {
@@ -306,6 +329,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
             MergeMode::Sum
         },
         band_rows: a.band_rows,
+        reference_dirs: a.reference,
         shard: plan,
     };
     let summary = do_ingest(
@@ -330,6 +354,7 @@ pub(crate) fn synth_scenes(
     size: (usize, usize),
     seed: u64,
     encoding: &str,
+    release: Release,
 ) -> Result<Vec<PathBuf>> {
     let named = Encoding::all_named();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -343,6 +368,7 @@ pub(crate) fn synth_scenes(
         };
         let mut o = SynthOptions::new(kind, h, w, seed + u64::from(i));
         o.index = i;
+        o.release = release;
         o.service = if i % 3 == 2 {
             Service::Cis
         } else {
@@ -364,6 +390,9 @@ pub(crate) fn synth_scenes(
             p.display(),
             started.elapsed().as_secs_f64()
         );
+        if let Some(r) = o.reference_file_name() {
+            eprintln!("       {} (its charts)", out.join(r).display());
+        }
         paths.push(p);
     }
     Ok(paths)
@@ -387,6 +416,10 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         parse_size(&a.size)?,
         a.seed,
         &a.encoding,
+        match a.release {
+            ReleaseArg::Train => Release::Train,
+            ReleaseArg::Test => Release::Test,
+        },
     )?;
     Ok(())
 }

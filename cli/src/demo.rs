@@ -69,7 +69,15 @@ pub fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         a.scenes,
         scenes_dir.display()
     );
-    let inputs = synth_scenes(&scenes_dir, a.scenes, None, size, 1, "cycle")?;
+    let inputs = synth_scenes(
+        &scenes_dir,
+        a.scenes,
+        None,
+        size,
+        1,
+        "cycle",
+        icefm_synth::Release::Train,
+    )?;
     eprintln!("2/{steps} ingesting into {}", store.display());
     let summary = do_ingest(
         &inputs,

@@ -9,6 +9,7 @@ use icefm_dataset::SceneReader;
 use icefm_dataset::store::ArrayKind;
 use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_confusion_png, write_eval_panel};
+use icefm_ingest::reader::is_reference_file;
 use icefm_ingest::store::new_attrs;
 use icefm_ingest::submission::{SceneMaps, write_submission};
 use icefm_model::evaluate::{
@@ -345,10 +346,22 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     if level != score {
         levels.push(level);
     }
-    let bar = scene_bar(a.scenes.len(), "predict");
+    // `test/*.nc` also matches the test release's reference charts: they are not scenes.
+    let (references, scenes): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        a.scenes.iter().partition(|p| is_reference_file(p));
+    if scenes.is_empty() {
+        bail!("no scenes to predict: the files given are all reference charts (…_reference.nc)");
+    }
+    if !references.is_empty() {
+        eprintln!(
+            "{} reference chart file(s) (…_reference.nc) are not scenes: left out",
+            references.len()
+        );
+    }
+    let bar = scene_bar(scenes.len(), "predict");
     let mut maps = Vec::new();
     let started = Instant::now();
-    for path in &a.scenes {
+    for path in scenes {
         bar.set_message(path.display().to_string());
         let patch = (cfg.data.crop).max(64);
         let summary = ingest(

@@ -18,7 +18,7 @@ use crate::manifest::{
     merge_manifests, remove_scene_parts,
 };
 use crate::netcdf_thread::on_netcdf_thread;
-use crate::reader::{SceneInfo, SceneReader};
+use crate::reader::{SceneInfo, SceneReader, reference_file};
 use crate::scene_writer::{Written, write_scene};
 use crate::shard::{self, ShardPlan, ShardRecord};
 use crate::store::Store;
@@ -32,6 +32,9 @@ pub struct IngestOptions {
     pub merge_mode: MergeMode,
     /// Rows per band; `None` follows the file's chunking.
     pub band_rows: Option<usize>,
+    /// More folders to look for test scenes' reference charts in (`<stem>_reference.nc`),
+    /// after the scene file's own folder.
+    pub reference_dirs: Vec<PathBuf>,
     /// This run is one shard of a sharded ingest: its inputs are the shard's share, and the
     /// merged manifests are rebuilt only once every shard has finished.
     pub shard: Option<ShardPlan>,
@@ -43,6 +46,7 @@ impl Default for IngestOptions {
             jobs: DEFAULT_JOBS,
             merge_mode: MergeMode::Sum,
             band_rows: None,
+            reference_dirs: Vec::new(),
             shard: None,
         }
     }
@@ -279,8 +283,18 @@ impl RunState {
         let size = std::fs::metadata(path)
             .map_err(|e| SceneError::file(path, format!("cannot read ({e})")))?
             .len();
-        let checksum = file_checksum(path)
+        let mut checksum = file_checksum(path)
             .map_err(|e| SceneError::file(path, format!("cannot read ({e})")))?;
+        // A test scene's charts are part of its source: a reference added or changed later
+        // makes the scene new again.
+        let reference = reference_file(path, &self.options.reference_dirs);
+        if let Some(r) = &reference {
+            let sum =
+                file_checksum(r).map_err(|e| SceneError::file(r, format!("cannot read ({e})")))?;
+            checksum = blake3::hash(format!("{checksum}+{sum}").as_bytes())
+                .to_hex()
+                .to_string();
+        }
         if let Some(c) = self
             .committed
             .values()
@@ -291,7 +305,9 @@ impl RunState {
             });
         }
         let owned = path.to_path_buf();
-        let reader = Arc::new(on_netcdf_thread(move || SceneReader::open(&owned))?);
+        let reader = Arc::new(on_netcdf_thread(move || {
+            SceneReader::open_with_reference(&owned, reference.as_deref())
+        })?);
         let outcome = self.write(path, size, checksum, &reader, reporter);
         // Close the file on the netCDF thread too, however the scene ended.
         on_netcdf_thread(move || drop(reader));

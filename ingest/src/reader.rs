@@ -128,6 +128,8 @@ pub struct SceneInfo {
     pub polygons: Vec<PolygonCode>,
     /// Whether the scene carries a chart at all.
     pub has_chart: bool,
+    /// The reference file its charts were read from (an RTT test scene).
+    pub reference: Option<PathBuf>,
     /// Tie points (raw).
     pub tie_points: Option<TiePoints>,
     /// The 2 km grids.
@@ -180,6 +182,10 @@ pub struct SceneReader {
     decodes: HashMap<&'static str, Decode>,
     /// Chart fill values other than 255, per chart variable.
     chart_fills: HashMap<&'static str, f64>,
+    /// The HDF5 handle of the reference file's chart datasets.
+    _h5_reference: Option<icefm_h5chunk::File>,
+    /// A test scene's reference file, where its charts are read from.
+    reference: Option<netcdf::File>,
     file: netcdf::File,
     info: SceneInfo,
 }
@@ -202,7 +208,7 @@ enum RawPart {
 /// The SAR-grid variables a band holds, by input kind (charts last).
 fn band_variables(kind: InputKind, has_chart: bool) -> &'static [&'static str] {
     match (kind, has_chart) {
-        (InputKind::Rtt, _) => &[
+        (InputKind::Rtt, true) => &[
             "nersc_sar_primary",
             "nersc_sar_secondary",
             "distance_map",
@@ -210,6 +216,12 @@ fn band_variables(kind: InputKind, has_chart: bool) -> &'static [&'static str] {
             "SIC",
             "SOD",
             "FLOE",
+        ],
+        (InputKind::Rtt, false) => &[
+            "nersc_sar_primary",
+            "nersc_sar_secondary",
+            "distance_map",
+            "sar_incidenceangle",
         ],
         (InputKind::Raw, true) => &[
             "nersc_sar_primary",
@@ -238,15 +250,42 @@ fn want_of(name: &str) -> Want {
 }
 
 const RAW_REQUIRED: [&str; 3] = ["nersc_sar_primary", "nersc_sar_secondary", "distance_map"];
-const RTT_REQUIRED: [&str; 7] = [
+const RTT_REQUIRED: [&str; 4] = [
     "nersc_sar_primary",
     "nersc_sar_secondary",
     "sar_incidenceangle",
     "distance_map",
-    "SIC",
-    "SOD",
-    "FLOE",
 ];
+/// An RTT scene's charts: all in the file (training release), or none (test release: in the
+/// reference file `<stem>_reference.nc`, or unknown).
+const CHARTS: [&str; 3] = ["SIC", "SOD", "FLOE"];
+
+fn is_chart(name: &str) -> bool {
+    CHARTS.contains(&name)
+}
+
+/// The reference file a test scene's charts are in, if there is one: `<stem>_reference.nc`
+/// beside the scene file, else in one of `dirs` (the AutoICE test release names them
+/// `<id>_prep_reference.nc`). A file that is itself a reference has none.
+pub fn reference_file(path: &Path, dirs: &[PathBuf]) -> Option<PathBuf> {
+    let stem = path.file_stem()?.to_string_lossy().into_owned();
+    if is_reference_file(path) {
+        return None;
+    }
+    let name = format!("{stem}_reference.nc");
+    path.parent()
+        .into_iter()
+        .map(Path::to_path_buf)
+        .chain(dirs.iter().cloned())
+        .map(|d| d.join(&name))
+        .find(|p| p.is_file())
+}
+
+/// Whether `path` is a test scene's reference file (`…_reference.nc`), not a scene.
+pub fn is_reference_file(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with("_reference.nc"))
+}
 
 /// Decoding of one variable: fill values, then scale and offset, then (RTT) standard scaling.
 #[derive(Debug, Clone, Copy)]
@@ -345,6 +384,12 @@ impl Decode {
 impl SceneReader {
     /// Open a scene, validate its variables and shapes and read everything but the bands.
     pub fn open(path: &Path) -> Result<Self, SceneError> {
+        Self::open_with_reference(path, None)
+    }
+
+    /// [`Self::open`], reading an RTT scene's charts from `reference` when the scene file has
+    /// none (the test release: [`reference_file`] finds it).
+    pub fn open_with_reference(path: &Path, reference: Option<&Path>) -> Result<Self, SceneError> {
         let meta = std::fs::metadata(path).map_err(|e| SceneError::file(path, e.to_string()))?;
         if meta.len() == 0 {
             return Err(SceneError::file(path, "empty file"));
@@ -378,8 +423,34 @@ impl SceneReader {
             ));
         }
         let (height, width) = (shape[0], shape[1]);
+        let mut reference_file = None;
         let has_chart = match kind {
-            InputKind::Rtt => true,
+            InputKind::Rtt => {
+                let present: Vec<&str> = CHARTS
+                    .into_iter()
+                    .filter(|n| file.variable(n).is_some())
+                    .collect();
+                match (present.len(), reference) {
+                    (3, _) => true,
+                    (0, None) => false,
+                    (0, Some(r)) => {
+                        reference_file = Some(open_reference(r, &shape)?);
+                        true
+                    }
+                    _ => {
+                        let missing = CHARTS.into_iter().find(|n| !present.contains(n));
+                        return Err(SceneError::variable(
+                            path,
+                            missing.unwrap_or("SIC"),
+                            format!(
+                                "missing while {} is present (an RTT file holds all three \
+                                 charts or none)",
+                                present.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
             InputKind::Raw => {
                 let ids = file.variable("polygon_icechart").is_some();
                 let codes = file.variable("polygon_codes").is_some();
@@ -405,7 +476,12 @@ impl SceneReader {
         };
         let mut grid_vars: Vec<&str> = vec!["nersc_sar_secondary", "distance_map"];
         match kind {
-            InputKind::Rtt => grid_vars.extend(["sar_incidenceangle", "SIC", "SOD", "FLOE"]),
+            InputKind::Rtt => {
+                grid_vars.push("sar_incidenceangle");
+                if has_chart && reference_file.is_none() {
+                    grid_vars.extend(CHARTS);
+                }
+            }
             InputKind::Raw if has_chart => grid_vars.push("polygon_icechart"),
             InputKind::Raw => {}
         }
@@ -451,6 +527,9 @@ impl SceneReader {
             native_spacing_m,
             polygons,
             has_chart,
+            reference: reference_file
+                .as_ref()
+                .and(reference.map(Path::to_path_buf)),
             tie_points,
             grid2km,
             band_rows,
@@ -458,8 +537,12 @@ impl SceneReader {
         let rtt = kind == InputKind::Rtt;
         let mut decodes = HashMap::new();
         let mut chart_fills = HashMap::new();
+        let source = |name: &str| match &reference_file {
+            Some(r) if is_chart(name) => r,
+            _ => &file,
+        };
         for &name in band_variables(kind, has_chart) {
-            let var = file
+            let var = source(name)
                 .variable(name)
                 .ok_or_else(|| SceneError::variable(path, name, "missing"))?;
             let scaled = rtt && !matches!(want_of(name), Want::U8);
@@ -475,18 +558,25 @@ impl SceneReader {
         // Raw-chunk path for every band variable HDF5 stores in a way decoded here; the rest
         // (contiguous, other filters, big-endian, …) is read through netCDF-C.
         let h5 = icefm_h5chunk::File::open(path).ok();
+        let h5_reference = reference
+            .filter(|_| reference_file.is_some())
+            .and_then(|r| icefm_h5chunk::File::open(r).ok());
         let mut chunked = HashMap::new();
-        if let Some(h) = &h5 {
-            for &name in band_variables(kind, has_chart) {
-                if let Ok(d) = h.dataset(name) {
-                    let accepts = match want_of(name) {
-                        Want::F32 => <f32 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
-                        Want::F64 => <f64 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
-                        Want::U8 => <u8 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
-                    };
-                    if accepts && d.layout().shape == [height, width] {
-                        chunked.insert(name, d);
-                    }
+        for &name in band_variables(kind, has_chart) {
+            let h = match (&h5_reference, &reference_file) {
+                (r, Some(_)) if is_chart(name) => r,
+                _ => &h5,
+            };
+            if let Some(h) = h
+                && let Ok(d) = h.dataset(name)
+            {
+                let accepts = match want_of(name) {
+                    Want::F32 => <f32 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
+                    Want::F64 => <f64 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
+                    Want::U8 => <u8 as icefm_h5chunk::Element>::accepts(d.layout().dtype),
+                };
+                if accepts && d.layout().shape == [height, width] {
+                    chunked.insert(name, d);
                 }
             }
         }
@@ -495,6 +585,8 @@ impl SceneReader {
             _h5: h5,
             decodes,
             chart_fills,
+            _h5_reference: h5_reference,
+            reference: reference_file,
             file,
             info,
         })
@@ -558,7 +650,7 @@ impl SceneReader {
             .map(|(name, part)| {
                 let err = |e: icefm_h5chunk::DecodeError| {
                     SceneError::variable(
-                        &self.info.path,
+                        self.path_of(name),
                         name,
                         format!("rows {row0}..{}: {e}; the file may be corrupt", row0 + rows),
                     )
@@ -605,14 +697,14 @@ impl SceneReader {
         );
         let incidence = f32s.remove("sar_incidenceangle");
         let labels = match (self.info.kind, self.info.has_chart) {
-            (InputKind::Rtt, _) => {
+            (InputKind::Rtt, true) => {
                 let mut chart = |n: &str| u8s.remove(n).unwrap_or_default();
                 BandLabels::Charts([chart("SIC"), chart("SOD"), chart("FLOE")])
             }
             (InputKind::Raw, true) => {
                 BandLabels::PolygonIds(f64s.remove("polygon_icechart").unwrap_or_default())
             }
-            (InputKind::Raw, false) => BandLabels::None,
+            (_, false) => BandLabels::None,
         };
         Ok(Band {
             row0,
@@ -626,14 +718,25 @@ impl SceneReader {
     }
 
     fn var(&self, name: &str) -> Result<Variable<'_>, SceneError> {
-        self.file
-            .variable(name)
-            .ok_or_else(|| SceneError::variable(&self.info.path, name, "missing"))
+        let file = match &self.reference {
+            Some(r) if is_chart(name) => r,
+            _ => &self.file,
+        };
+        file.variable(name)
+            .ok_or_else(|| SceneError::variable(self.path_of(name), name, "missing"))
+    }
+
+    /// The file a band variable is read from.
+    fn path_of(&self, name: &str) -> &Path {
+        match &self.info.reference {
+            Some(r) if is_chart(name) => r,
+            _ => &self.info.path,
+        }
     }
 
     fn read_err(&self, name: &str, row0: usize, rows: usize, e: netcdf::Error) -> SceneError {
         SceneError::variable(
-            &self.info.path,
+            self.path_of(name),
             name,
             format!(
                 "reading rows {row0}..{} failed ({e}); the file may be truncated",
@@ -695,6 +798,30 @@ impl SceneReader {
             }
         }
     }
+}
+
+/// Open a reference file and check that it holds the three charts on the scene's grid.
+fn open_reference(path: &Path, shape: &[usize]) -> Result<netcdf::File, SceneError> {
+    let file = netcdf::open(path).map_err(|e| {
+        SceneError::file(
+            path,
+            format!("reference charts: not a readable NetCDF-4/HDF5 file ({e})"),
+        )
+    })?;
+    for name in CHARTS {
+        let var = file
+            .variable(name)
+            .ok_or_else(|| SceneError::variable(path, name, "missing in the reference file"))?;
+        let s: Vec<usize> = var.dimensions().iter().map(|d| d.len()).collect();
+        if s != shape {
+            return Err(SceneError::variable(
+                path,
+                name,
+                format!("shape {s:?} does not match the scene's SAR grid {shape:?}"),
+            ));
+        }
+    }
+    Ok(file)
 }
 
 fn detect_kind(file: &netcdf::File) -> InputKind {

@@ -65,6 +65,26 @@ struct LevelOut {
     aux_buf: Vec<f32>,
 }
 
+/// A scene without a chart is ingested with every label 255: say so, and where an RTT test
+/// scene's charts would have been found.
+fn chart_warning(info: &SceneInfo) -> Option<String> {
+    if info.has_chart {
+        return None;
+    }
+    let stem = info
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Some(match info.kind {
+        InputKind::Rtt => format!(
+            "no ice chart in the file (SIC, SOD, FLOE) and no {stem}_reference.nc beside it or \
+             in --reference: labels are all 255"
+        ),
+        InputKind::Raw => "no ice chart in the file: labels are all 255".to_string(),
+    })
+}
+
 fn scene_attrs(info: &SceneInfo) -> Map<String, Value> {
     let name = info
         .path
@@ -77,6 +97,11 @@ fn scene_attrs(info: &SceneInfo) -> Map<String, Value> {
     m.insert("satellite".into(), json!(info.satellite));
     m.insert("source_name".into(), json!(name));
     m.insert("kind".into(), json!(info.kind.name()));
+    if let Some(r) = &info.reference {
+        // Only where charts came from a reference file: other scenes' attributes are as before.
+        let r = r.file_name().map(|n| n.to_string_lossy().into_owned());
+        m.insert("reference_name".into(), json!(r));
+    }
     m.insert("native_spacing_m".into(), json!(info.native_spacing_m));
     m.insert("native_shape".into(), json!([info.height, info.width]));
     m
@@ -329,9 +354,7 @@ pub(crate) fn write_scene(
             unknown.join("; ")
         ));
     }
-    if !info.has_chart {
-        warnings.push("no ice chart in the file: labels are all 255".into());
-    }
+    warnings.extend(chart_warning(&info));
     let level_shapes = levels.iter().map(|l| l.acc.shape()).collect();
     let patches = levels.into_iter().flat_map(|l| l.patches).collect();
     Ok(Written {

@@ -16,7 +16,7 @@ use icefm_ingest::store::{array_shape, new_attrs, read_f32, read_u8};
 use icefm_schemas::sigrid::{MergeMode, PolygonCode};
 use icefm_schemas::store::Codec;
 use icefm_schemas::{IGNORE, Level};
-use icefm_synth::{Defect, Encoding, SceneKind, SynthOptions, write_scene};
+use icefm_synth::{Defect, Encoding, Release, SceneKind, SynthOptions, write_scene};
 
 const H: usize = 260;
 const W: usize = 300;
@@ -346,6 +346,134 @@ fn every_encoding_gives_the_same_store_content() {
             }
         }
     }
+}
+
+/// Every array of a scene's level, labels as bytes and SAR/aux as bits.
+fn level_arrays(store: &Path, id: &str, level: &str) -> (Vec<u8>, Vec<u32>) {
+    let node = |a: &str| format!("/scenes/{id}/{level}/{a}");
+    let shape = array_shape(store, &node("labels")).unwrap();
+    let (h, w) = (shape[1], shape[2]);
+    let labels = read_u8(store, &node("labels"), [0..3, 0..h, 0..w]).unwrap();
+    let mut bits: Vec<u32> = Vec::new();
+    for a in ["sar", "aux"] {
+        let v = read_f32(store, &node(a), [0..2, 0..h, 0..w]).unwrap();
+        bits.extend(v.iter().map(|x| x.to_bits()));
+    }
+    (labels, bits)
+}
+
+/// The test release: an RTT scene file without charts and its `<stem>_reference.nc` holding
+/// them. In every encoding, ingest reads the charts from the reference (beside the scene or in
+/// a `--reference` folder) and writes exactly the store of the training-release file. Without
+/// its reference a scene is ingested with every label 255 and a warning; once the reference is
+/// there, the scene is new again (not skipped). A reference on another grid fails the scene.
+#[test]
+fn test_release_scenes_take_their_charts_from_reference_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |encoding: &str, release: Release| {
+        let mut o = SynthOptions::new(SceneKind::Rtt, H / 2 + 10, W / 2 + 10, 31);
+        o.index = 4;
+        o.encoding = Encoding::named(encoding).unwrap();
+        o.release = release;
+        o
+    };
+    let ingest_with = |inputs: &[PathBuf], store: &Path, dirs: Vec<PathBuf>| {
+        let attrs = new_attrs(
+            &Level::parse_list("80,200").unwrap(),
+            64,
+            Codec::Zstd { level: 3 },
+        );
+        let o = IngestOptions {
+            reference_dirs: dirs,
+            ..IngestOptions::default()
+        };
+        ingest(inputs, store, attrs, &o, &NoReporter).unwrap()
+    };
+    let train = write(&dir.path().join("train"), opts("default", Release::Train));
+    let s = run(
+        std::slice::from_ref(&train),
+        &dir.path().join("train.zarr"),
+        "80,200",
+        64,
+    );
+    let id = s.done[0].clone();
+    let want = [
+        level_arrays(&dir.path().join("train.zarr"), &id, "80m"),
+        level_arrays(&dir.path().join("train.zarr"), &id, "200m"),
+    ];
+    assert!(want[0].0.iter().filter(|&&l| l != IGNORE).count() > want[0].0.len() / 3);
+    for (name, _) in Encoding::all_named() {
+        let sub = dir.path().join(name);
+        let nc = write(&sub, opts(name, Release::Test));
+        let reference = sub.join(opts(name, Release::Test).reference_file_name().unwrap());
+        assert!(reference.is_file());
+        let f = netcdf::open(&nc).unwrap();
+        assert!(f.variable("SIC").is_none() && f.variable("nersc_sar_primary").is_some());
+        drop(f);
+        let store = sub.join("s.zarr");
+        let s = ingest_with(std::slice::from_ref(&nc), &store, Vec::new());
+        assert_eq!(s.done, vec![id.clone()], "{name}: {:?}", s.failed);
+        assert!(s.warnings.is_empty(), "{name}: {:?}", s.warnings);
+        for (k, level) in ["80m", "200m"].into_iter().enumerate() {
+            let got = level_arrays(&store, &id, level);
+            assert!(got.0 == want[k].0, "{name} {level}: labels differ");
+            assert!(got.1 == want[k].1, "{name} {level}: SAR or aux differ");
+        }
+    }
+    // The scene alone: ingested, every label 255, and said.
+    let alone = dir.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    let sub = dir.path().join("default");
+    let nc_name = opts("default", Release::Test).file_name();
+    let ref_name = opts("default", Release::Test)
+        .reference_file_name()
+        .unwrap();
+    std::fs::copy(sub.join(&nc_name), alone.join(&nc_name)).unwrap();
+    let nc = alone.join(&nc_name);
+    let store = dir.path().join("alone.zarr");
+    let s = ingest_with(std::slice::from_ref(&nc), &store, Vec::new());
+    assert_eq!(s.done, vec![id.clone()]);
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(
+        s.warnings[0].1.contains(&format!("no {}", ref_name)),
+        "{:?}",
+        s.warnings
+    );
+    let (labels, _) = level_arrays(&store, &id, "80m");
+    assert!(labels.iter().all(|&l| l == IGNORE));
+    // Its reference in another folder, given: the scene is new again and gets its charts.
+    let refs = dir.path().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::copy(sub.join(&ref_name), refs.join(&ref_name)).unwrap();
+    let s = ingest_with(std::slice::from_ref(&nc), &store, vec![refs.clone()]);
+    assert_eq!((s.done.clone(), s.skipped.len()), (vec![id.clone()], 0));
+    assert_eq!(level_arrays(&store, &id, "80m"), want[0]);
+    let s = ingest_with(std::slice::from_ref(&nc), &store, vec![refs.clone()]);
+    assert_eq!(s.skipped, vec![id.clone()]);
+    // A reference on another grid fails the scene, naming the reference.
+    let mut other = opts("default", Release::Test);
+    other.height += 6;
+    let odd = dir.path().join("odd");
+    write(&odd, other);
+    std::fs::rename(odd.join(&ref_name), refs.join(&ref_name)).unwrap();
+    let s = ingest_with(
+        std::slice::from_ref(&nc),
+        &dir.path().join("odd.zarr"),
+        vec![refs],
+    );
+    assert_eq!(s.failed.len(), 1);
+    let msg = &s.failed[0].1;
+    assert!(
+        msg.starts_with(&format!(
+            "{}: variable `SIC`: shape",
+            refs_path(dir.path(), &ref_name)
+        )) && msg.contains("does not match the scene's SAR grid"),
+        "{msg}"
+    );
+}
+
+fn refs_path(dir: &Path, name: &str) -> String {
+    dir.join("refs").join(name).display().to_string()
 }
 
 /// Bands read as raw HDF5 chunks inflated off the netCDF thread equal netCDF-C's own read,

@@ -48,7 +48,7 @@ pub use encoding::{
     PolygonIdEncoding, SAR_ADD_OFFSET, SAR_FILL, SAR_SCALE_FACTOR, SarPacking,
 };
 pub use error::SynthError;
-pub use options::{DEFAULT_SERVICE, Defect, MIN_SIZE, SceneKind, Service, SynthOptions};
+pub use options::{DEFAULT_SERVICE, Defect, MIN_SIZE, Release, SceneKind, Service, SynthOptions};
 
 /// Generate the scene `opts` describes and write it to `dir` (created if missing) under
 /// [`SynthOptions::file_name`]; returns the path written. The file appears only when complete
@@ -65,6 +65,25 @@ pub fn write_scene(dir: &Path, opts: &SynthOptions) -> Result<PathBuf, SynthErro
     let path = dir.join(&name);
     let partial = dir.join(format!(".{name}.partial"));
     let scene = scene::Scene::build(opts);
+    // A test scene's reference file first: the scene file appears last, when both are whole.
+    if let Some(reference) = opts.reference_file_name() {
+        let (file, o, s) = (
+            dir.join(format!(".{reference}.partial")),
+            opts.clone(),
+            scene.clone(),
+        );
+        let done = file.clone();
+        let written = on_netcdf_thread(move || rtt::write_reference(&file, &o, &s));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&done);
+            return Err(e);
+        }
+        let target = dir.join(&reference);
+        std::fs::rename(&done, &target).map_err(|source| SynthError::Io {
+            path: target,
+            source,
+        })?;
+    }
     // netCDF-C/HDF5 are not thread-safe: every call of the process goes to one thread.
     let (file, o) = (partial.clone(), opts.clone());
     let written = on_netcdf_thread(move || match o.kind {

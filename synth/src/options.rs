@@ -16,6 +16,18 @@ const INDEX_STEP_S: u64 = 3_200_003;
 /// 2018-01-01T00:00:00Z in Unix seconds.
 const WINDOW_START_UNIX: u64 = 1_514_764_800;
 
+/// Which release of the dataset a file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Release {
+    /// A training file, with its chart.
+    #[default]
+    Train,
+    /// A test file, without its chart: raw files lack `polygon_icechart` and `polygon_codes`;
+    /// RTT files lack `SIC`, `SOD` and `FLOE`, which are written to the reference file beside
+    /// them ([`SynthOptions::reference_file_name`]).
+    Test,
+}
+
 /// Which of the two AI4Arctic file kinds to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SceneKind {
@@ -137,6 +149,8 @@ pub struct SynthOptions {
     pub encoding: Encoding,
     /// Optional fault.
     pub defect: Option<Defect>,
+    /// Training or test release.
+    pub release: Release,
 }
 
 /// Acquisition time, broken down.
@@ -232,6 +246,7 @@ impl SynthOptions {
             index: 0,
             encoding: Encoding::default(),
             defect: None,
+            release: Release::Train,
         }
     }
 
@@ -300,6 +315,18 @@ impl SynthOptions {
     /// RTT name: `<YYYYMMDDTHHMMSS>_<dmi|cis>_prep.nc`.
     pub fn rtt_file_name(&self) -> String {
         format!("{}_{}_prep.nc", self.start_time(), self.service.name())
+    }
+
+    /// The reference file of an RTT test scene, `<YYYYMMDDTHHMMSS>_<dmi|cis>_prep_reference.nc`
+    /// (its `SIC`, `SOD` and `FLOE`); `None` for other files.
+    pub fn reference_file_name(&self) -> Option<String> {
+        (self.kind == SceneKind::Rtt && self.release == Release::Test).then(|| {
+            format!(
+                "{}_{}_prep_reference.nc",
+                self.start_time(),
+                self.service.name()
+            )
+        })
     }
 
     /// The chart id: the raw name's fields after the service (without `.nc`).

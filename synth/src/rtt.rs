@@ -7,10 +7,11 @@ use icefm_schemas::IGNORE;
 use icefm_schemas::norm::{MeanStd, mean_std};
 use netcdf::AttributeValue;
 
+use crate::backscatter::Planes;
 use crate::backscatter::incidence_deg;
 use crate::error::SynthError;
 use crate::geolocation::TIE_POINTS;
-use crate::options::{Defect, SceneKind, SynthOptions};
+use crate::options::{Defect, Release, SceneKind, SynthOptions};
 use crate::rng::{hash, tag};
 use crate::scene::{NO_POLYGON, Scene};
 use crate::writer::{GridVar, SceneWriter};
@@ -29,15 +30,72 @@ fn norm(name: &str) -> Result<MeanStd, SynthError> {
     mean_std(name).ok_or_else(|| SynthError::options(format!("no mean/std for {name}")))
 }
 
+const CHARTS: [&str; 3] = ["SIC", "SOD", "FLOE"];
+
+/// `SIC`, `SOD` and `FLOE`: each pixel's polygon's classes, 255 off the chart and where the
+/// SAR is invalid.
+fn write_charts(
+    out: &mut SceneWriter,
+    opts: &SynthOptions,
+    scene: &Scene,
+    planes: &Planes,
+) -> Result<(), SynthError> {
+    let (h, w) = (opts.height, opts.width);
+    let labels: Vec<[u8; 3]> = scene.polygons.iter().map(|p| p.labels).collect();
+    for (task, name) in CHARTS.into_iter().enumerate() {
+        out.grid(
+            GridVar {
+                name,
+                dims: SAR,
+                shape: [h, w],
+                sar_grid: true,
+                attrs: vec![("chart_fill_value", AttributeValue::from(IGNORE))],
+            },
+            None,
+            |y, o: &mut [u8]| {
+                for (x, d) in o.iter_mut().enumerate() {
+                    let k = y * w + x;
+                    let p = planes.poly[k];
+                    // "NaN masks aligned across full-resolution variables": HH decides.
+                    *d = if p == NO_POLYGON || planes.hh[k].is_nan() {
+                        IGNORE
+                    } else {
+                        labels[usize::from(p)][task]
+                    };
+                }
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The reference file of a test scene: its charts alone, on the SAR grid, in the same encoding.
+pub(crate) fn write_reference(
+    path: &Path,
+    opts: &SynthOptions,
+    scene: &Scene,
+) -> Result<(), SynthError> {
+    let planes = scene.render(opts.defect != Some(Defect::AllInvalid));
+    let mut out = SceneWriter::create(path, opts.encoding, Vec::new())?;
+    out.global("scene_id", opts.rtt_file_name())?;
+    out.dim(SAR[0], opts.height)?;
+    out.dim(SAR[1], opts.width)?;
+    write_charts(&mut out, opts, scene, &planes)?;
+    out.close()
+}
+
 pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(), SynthError> {
     let (h, w) = (opts.height, opts.width);
     let planes = scene.render(opts.defect != Some(Defect::AllInvalid));
     let grid = scene.grid2km(SceneKind::Rtt.grid2km_factor());
     let ties = scene.tie_points();
-    let skip = match opts.defect {
-        Some(Defect::MissingVariable(v)) => Some(v),
-        _ => None,
+    let mut skip: Vec<&'static str> = match opts.defect {
+        Some(Defect::MissingVariable(v)) => vec![v],
+        _ => Vec::new(),
     };
+    if opts.release == Release::Test {
+        skip.extend(CHARTS);
+    }
     let short = opts.defect == Some(Defect::MismatchedShape);
     // "NaN masks aligned across full-resolution variables": HH decides validity for all.
     let valid = |k: usize| !planes.hh[k].is_nan();
@@ -55,30 +113,7 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
     out.dim(GRID2D[0], TIE_POINTS)?;
     out.dim(GRID2D[1], TIE_POINTS)?;
 
-    let labels: Vec<[u8; 3]> = scene.polygons.iter().map(|p| p.labels).collect();
-    for (task, name) in ["SIC", "SOD", "FLOE"].into_iter().enumerate() {
-        out.grid(
-            GridVar {
-                name,
-                dims: SAR,
-                shape: [h, w],
-                sar_grid: true,
-                attrs: vec![("chart_fill_value", AttributeValue::from(IGNORE))],
-            },
-            None,
-            |y, o: &mut [u8]| {
-                for (x, d) in o.iter_mut().enumerate() {
-                    let k = y * w + x;
-                    let p = planes.poly[k];
-                    *d = if p == NO_POLYGON || !valid(k) {
-                        IGNORE
-                    } else {
-                        labels[usize::from(p)][task]
-                    };
-                }
-            },
-        )?;
-    }
+    write_charts(&mut out, opts, scene, &planes)?;
 
     let fill_attr = || vec![("variable_fill_value", AttributeValue::from(0.0f32))];
     let full = |name, attrs| GridVar {

@@ -36,15 +36,15 @@ pub(crate) struct SceneWriter {
     file: netcdf::FileMut,
     path: PathBuf,
     encoding: Encoding,
-    /// A variable left out on purpose (the `MissingVariable` defect).
-    skip: Option<&'static str>,
+    /// Variables left out on purpose (the `MissingVariable` defect, a test file's chart).
+    skip: Vec<&'static str>,
 }
 
 impl SceneWriter {
     pub(crate) fn create(
         path: &Path,
         encoding: Encoding,
-        skip: Option<&'static str>,
+        skip: Vec<&'static str>,
     ) -> Result<Self, SynthError> {
         let file = netcdf::create(path).map_err(|source| SynthError::Create {
             path: path.to_path_buf(),
@@ -60,7 +60,7 @@ impl SceneWriter {
 
     /// Whether `name` is to be left out.
     pub(crate) fn skips(&self, name: &str) -> bool {
-        self.skip == Some(name)
+        self.skip.contains(&name)
     }
 
     /// Rows and row dimension of `distance_map`: one row short, on its own dimension, for the
