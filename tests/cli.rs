@@ -961,6 +961,62 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         v.dimensions().iter().map(|d| d.len()).collect::<Vec<_>>()
     });
     assert_eq!(rtt_dims, vec![300, 330]);
+    // Scoring the test scene: with its reference charts it is scored; alone it has nothing to
+    // score, and eval says so.
+    let alone = dir.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(
+        &test_files[0],
+        alone.join(test_files[0].file_name().unwrap()),
+    )
+    .unwrap();
+    for (input, labelled) in [(&test, true), (&alone, false)] {
+        let store = input.with_extension("zarr");
+        ok(icefm()
+            .args([
+                "ingest",
+                "--levels",
+                "80,200,400",
+                "--patch",
+                "256",
+                "--store",
+            ])
+            .arg(&store)
+            .arg(input)
+            .output()
+            .unwrap());
+        ok(icefm()
+            .args(["regime", "--name", "t", "--rule", "all", "--store"])
+            .arg(&store)
+            .output()
+            .unwrap());
+        let eval = input.with_extension("eval");
+        let out = ok(icefm()
+            .args(["eval", "--regime", "t", "--run"])
+            .arg(&ft)
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(&eval)
+            .output()
+            .unwrap());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap())
+                .unwrap();
+        let pixels = metrics["scores"]["pixels"][1].as_u64().unwrap();
+        assert_eq!(pixels > 0, labelled, "{metrics}");
+        assert_eq!(
+            metrics["scores"]["combined"].is_f64(),
+            labelled,
+            "{metrics}"
+        );
+        assert_eq!(
+            stderr.contains("warning: no labelled SIC / SOD / FLOE pixel"),
+            !labelled,
+            "{stderr}"
+        );
+    }
     let stem = scene.file_stem().unwrap().to_string_lossy().into_owned();
     let (names, charts) = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
         let file = netcdf::open(&sub).unwrap();

@@ -248,6 +248,20 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
             "-".into()
         }
     );
+    let unlabelled: Vec<&str> = ["SIC", "SOD", "FLOE"]
+        .into_iter()
+        .zip(s.pixels)
+        .filter(|(_, n)| *n == 0)
+        .map(|(t, _)| t)
+        .collect();
+    if !unlabelled.is_empty() {
+        eprintln!(
+            "warning: no labelled {} pixel in these scenes, nothing to score; test-release \
+             scenes get their charts from their reference files (docs/ingest.md, \
+             \"The test release\")",
+            unlabelled.join(" / ")
+        );
+    }
     println!("outputs: {}", out.display());
     Ok(s)
 }
