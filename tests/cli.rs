@@ -286,6 +286,39 @@ fn sharded_ingest_writes_the_store_one_process_writes() {
     let out = ingest(&slurm, "3/3").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected K/N"));
+
+    // A shard given other files than the rest of its run: it says so, and so does the merge.
+    let fewer = dir.path().join("fewer");
+    std::fs::create_dir_all(&fewer).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&scenes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in &files[..4] {
+        std::fs::copy(f, fewer.join(f.file_name().unwrap())).unwrap();
+    }
+    let out = ok(icefm()
+        .args([
+            "ingest", "--levels", "80,200", "--patch", "64", "--shard", "0/3",
+        ])
+        .arg("--store")
+        .arg(&slurm)
+        .arg(&fewer)
+        .output()
+        .unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the records of shard(s) 1, 2 of 3 list other input files"),
+        "{stderr}"
+    );
+    let out = merge(false);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("2 sharded ingests of 3 shards were given different input files"),
+        "{stderr}"
+    );
 }
 
 #[test]

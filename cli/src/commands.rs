@@ -271,6 +271,15 @@ fn print_summary(s: &Summary) {
                 shard.count
             );
         }
+        if !o.other_inputs.is_empty() {
+            eprintln!(
+                "shard {shard}: the records of shard(s) {} of {} list other input files (an \
+                 earlier run, or shards given other files: every shard must be given the same \
+                 inputs; `icefm manifest merge` lists the runs)",
+                list_shards(&o.other_inputs),
+                shard.count
+            );
+        }
     }
 }
 

@@ -63,6 +63,18 @@ fn merge(a: &MergeArgs) -> Result<ExitCode> {
             eprintln!("  failed (shard {shard}): {file}: {why}");
         }
     }
+    let mut counts: Vec<usize> = runs.iter().map(|r| r.of).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for n in counts {
+        let digests = runs.iter().filter(|r| r.of == n).count();
+        if digests > 1 {
+            eprintln!(
+                "  {digests} sharded ingests of {n} shards were given different input files: if \
+                 they are one run, its shards were not all given the same inputs"
+            );
+        }
+    }
     if unfinished > 0 && !a.partial {
         bail!(
             "{}: not merged, {unfinished} sharded ingest(s) have shards that have not finished; \

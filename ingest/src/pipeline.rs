@@ -125,6 +125,9 @@ pub struct ShardOutcome {
     pub assigned: usize,
     /// Shards of the run that have not finished (empty: this shard merged the manifests).
     pub waiting_for: Vec<usize>,
+    /// Shards with `N` records whose inputs were other files: an older run's, or shards of
+    /// this run given other files (every shard must be given the same inputs).
+    pub other_inputs: Vec<usize>,
 }
 
 /// Ingest `inputs` into the store at `store_path` (created with `attrs` if new).
@@ -236,15 +239,20 @@ fn end_shard(
             seconds: summary.seconds,
         },
     )?;
-    let waiting_for = shard::shard_runs(store)?
-        .into_iter()
-        .find(|r| r.of == plan.shard.count && r.digest == plan.digest)
-        .map(|r| r.missing)
+    let runs = shard::shard_runs(store)?;
+    let same_count = runs.iter().filter(|r| r.of == plan.shard.count);
+    let (mine, others): (Vec<_>, Vec<_>) = same_count.partition(|r| r.digest == plan.digest);
+    let waiting_for = mine
+        .first()
+        .map(|r| r.missing.clone())
         .unwrap_or_else(|| (0..plan.shard.count).collect());
+    let mut other_inputs: Vec<usize> = others.iter().flat_map(|r| r.finished.clone()).collect();
+    other_inputs.sort_unstable();
     Ok(ShardOutcome {
         plan: plan.clone(),
         assigned: inputs.len(),
         waiting_for,
+        other_inputs,
     })
 }
 
