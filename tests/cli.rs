@@ -356,6 +356,31 @@ fn a_test_release_folder_ingests_its_scenes_with_their_reference_charts() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("SIC class balance"), "{stdout}");
     assert!(!stdout.contains("100.0% of"), "{stdout}");
+    assert!(!stdout.contains("have no label"), "{stdout}");
+    // A scene without its reference: ingested, and `inspect` shows it has no label.
+    let alone = dir.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    let scene = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("_prep.nc"))
+        .unwrap();
+    std::fs::copy(&scene, alone.join(scene.file_name().unwrap())).unwrap();
+    let lone = dir.path().join("lone.zarr");
+    let out = ok(icefm()
+        .args(["ingest", "--levels", "80,160", "--patch", "64", "--store"])
+        .arg(&lone)
+        .arg(&alone)
+        .output()
+        .unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("_prep_reference.nc beside it"), "{stderr}");
+    let out = ok(icefm().arg("inspect").arg(&lone).output().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("    0.0%  0\n1 scene(s) have no label"),
+        "{stdout}"
+    );
     // A reference file on its own is not a scene.
     let reference = std::fs::read_dir(&test)
         .unwrap()

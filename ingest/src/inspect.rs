@@ -29,6 +29,8 @@ pub struct SceneSummary {
     pub valid_fraction: f64,
     /// Codes outside the tables.
     pub unknown_codes: u32,
+    /// Share of the valid-HH pixels with a SIC label (0 for a scene without a chart).
+    pub labelled_fraction: f64,
 }
 
 /// Summary of a store.
@@ -93,8 +95,10 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
                 shape: (h.value(i), w.value(i)),
                 valid_fraction: valid.value(i) as f64 / px.max(1.0),
                 unknown_codes: unknown.value(i),
+                labelled_fraction: 0.0,
             });
         }
+        let first = s.scenes.len() - b.num_rows();
         for t in Task::ALL {
             let name = icefm_schemas::manifest::hist_column(t, "pixels");
             let l: &FixedSizeListArray = col(&b, &name, &scenes_path)?;
@@ -109,6 +113,13 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
             for i in 0..b.num_rows() {
                 for k in 0..n {
                     s.class_pixels[t.channel()][k] += vals.value(i * n + k);
+                }
+                if t == Task::Sic {
+                    let labelled: u64 = (0..n - 1).map(|k| vals.value(i * n + k)).sum();
+                    let sc = &mut s.scenes[first + i];
+                    let valid_px =
+                        sc.valid_fraction * f64::from(sc.shape.0) * f64::from(sc.shape.1);
+                    sc.labelled_fraction = labelled as f64 / valid_px.max(1.0);
                 }
             }
         }
@@ -160,18 +171,30 @@ impl StoreSummary {
         }
         let _ = writeln!(
             o,
-            "\nscene                      kind  native shape    valid HH  unknown codes"
+            "\nscene                      kind  native shape    valid HH  labelled  unknown codes"
         );
         for sc in &self.scenes {
             let _ = writeln!(
                 o,
-                "{:<26} {:<5} {:>6} x {:<6} {:>7.1}%  {}",
+                "{:<26} {:<5} {:>6} x {:<6} {:>7.1}%  {:>7.1}%  {}",
                 sc.scene_id,
                 sc.kind,
                 sc.shape.0,
                 sc.shape.1,
                 100.0 * sc.valid_fraction,
+                100.0 * sc.labelled_fraction,
                 sc.unknown_codes
+            );
+        }
+        let unlabelled = self
+            .scenes
+            .iter()
+            .filter(|sc| sc.labelled_fraction == 0.0)
+            .count();
+        if unlabelled > 0 {
+            let _ = writeln!(
+                o,
+                "{unlabelled} scene(s) have no label (test-release files without their charts)"
             );
         }
         let _ = writeln!(o, "\nlevel    patches  with >= 50% valid SAR");
