@@ -480,6 +480,23 @@ fn inspect_prints_balance_and_writes_a_quicklook() {
     assert!(text.contains("open water"), "{text}");
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(!text.contains("without a committed scene") && !text.contains("claimed"));
+    // What a killed ingest leaves: a scene folder without its commit, and its claim.
+    std::fs::create_dir_all(store.join("scenes/20990101T000000_dmi/80m")).unwrap();
+    std::fs::write(
+        store.join("manifests/claims/20990101T000000_dmi.claim"),
+        "x.nc\nnode\n7\n",
+    )
+    .unwrap();
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 scene folder(s) without a committed scene")
+            && text.contains("redoes them): 20990101T000000_dmi\n")
+            && text.contains("1 scene(s) claimed by an ingest")
+            && text.contains("`manifests/claims/`): 20990101T000000_dmi\n"),
+        "{text}"
+    );
     let out = icefm()
         .arg("inspect")
         .arg(&store)

@@ -9,7 +9,7 @@ use arrow_array::{
 };
 use icefm_schemas::Task;
 use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
-use icefm_schemas::store::MANIFESTS_DIR;
+use icefm_schemas::store::{CLAIMS_DIR, MANIFESTS_DIR, SCENES_GROUP};
 
 use crate::error::StoreError;
 use crate::manifest::{committed_scenes, read_parquet};
@@ -50,6 +50,11 @@ pub struct StoreSummary {
     pub committed: usize,
     /// Sharded ingests with shards that have not finished: N and the missing shards.
     pub unfinished_shards: Vec<(usize, Vec<usize>)>,
+    /// Scene folders without a committed scene: writes of stopped runs (redone when their
+    /// file is ingested again), or of a running ingest.
+    pub partial_scenes: Vec<String>,
+    /// Scene ids claimed by an ingest: running, or killed before it released them.
+    pub claims: Vec<String>,
 }
 
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T, StoreError> {
@@ -58,6 +63,24 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'
         .ok_or_else(|| {
             StoreError::parquet(path, format!("column {name} missing or of another type"))
         })
+}
+
+/// Sorted names of the folders (`dirs`) or files in `dir`; none if it does not exist.
+fn folder_names(dir: &Path, dirs: bool) -> Result<Vec<String>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| StoreError::io(dir, e))?;
+        if e.path().is_dir() == dirs {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Read a store's summary.
@@ -69,7 +92,20 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
         patch: store.attrs.patch,
         ..Default::default()
     };
-    s.committed = committed_scenes(store_path)?.len();
+    let committed = committed_scenes(store_path)?;
+    s.committed = committed.len();
+    s.partial_scenes = folder_names(&store_path.join(SCENES_GROUP), true)?
+        .into_iter()
+        .filter(|id| {
+            committed
+                .binary_search_by(|c| c.scene_id.as_str().cmp(id))
+                .is_err()
+        })
+        .collect();
+    s.claims = folder_names(&store_path.join(CLAIMS_DIR), false)?
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".claim").map(String::from))
+        .collect();
     s.unfinished_shards = shard_runs(store_path)?
         .into_iter()
         .filter(|r| !r.complete())
@@ -158,6 +194,23 @@ impl StoreSummary {
                 o,
                 "a sharded ingest ({of} shards) is not finished: shard(s) {} have no record yet",
                 list_shards(missing)
+            );
+        }
+        if !self.partial_scenes.is_empty() {
+            let _ = writeln!(
+                o,
+                "{} scene folder(s) without a committed scene (a running ingest, or a stopped \
+                 one: ingesting their files again redoes them): {}",
+                self.partial_scenes.len(),
+                self.partial_scenes.join(", ")
+            );
+        }
+        if !self.claims.is_empty() {
+            let _ = writeln!(
+                o,
+                "{} scene(s) claimed by an ingest (running, or killed: `manifests/claims/`): {}",
+                self.claims.len(),
+                self.claims.join(", ")
             );
         }
         if self.committed != self.scenes.len() {
