@@ -83,10 +83,22 @@ impl Shard {
         })
     }
 
-    /// This shard's inputs out of all of them, and the plan its record will carry.
-    pub fn plan(&self, all: &[PathBuf]) -> (Vec<PathBuf>, ShardPlan) {
+    /// This shard's inputs out of all of them, and the plan its record will carry. Two inputs
+    /// with one file name are refused: shards on two hosts could write that scene at once.
+    pub fn plan(&self, all: &[PathBuf]) -> Result<(Vec<PathBuf>, ShardPlan), String> {
         let mut sorted: Vec<&PathBuf> = all.iter().collect();
         sorted.sort_by(|a, b| file_name(a).cmp(&file_name(b)).then_with(|| a.cmp(b)));
+        if let Some(w) = sorted
+            .windows(2)
+            .find(|w| file_name(w[0]) == file_name(w[1]))
+        {
+            return Err(format!(
+                "{} is given twice ({} and {}); a sharded ingest takes each file once",
+                file_name(w[0]),
+                w[0].display(),
+                w[1].display()
+            ));
+        }
         let mut hasher = blake3::Hasher::new();
         for p in &sorted {
             hasher.update(file_name(p).as_bytes());
@@ -98,14 +110,14 @@ impl Shard {
             .filter(|(i, _)| i % self.count == self.index)
             .map(|(_, p)| (*p).clone())
             .collect();
-        (
+        Ok((
             mine,
             ShardPlan {
                 shard: *self,
                 total: all.len(),
                 digest: hasher.finalize().to_hex()[..16].to_string(),
             },
-        )
+        ))
     }
 }
 
@@ -371,9 +383,9 @@ mod tests {
         let mut digest = None;
         for k in 0..n {
             let shard = Shard { index: k, count: n };
-            let (mine, plan) = shard.plan(&all);
-            let (mine_rev, plan_rev) = shard.plan(&reversed);
-            let (mine_moved, plan_moved) = shard.plan(&moved);
+            let (mine, plan) = shard.plan(&all).unwrap();
+            let (mine_rev, plan_rev) = shard.plan(&reversed).unwrap();
+            let (mine_moved, plan_moved) = shard.plan(&moved).unwrap();
             assert_eq!(mine, mine_rev);
             assert_eq!(plan, plan_rev);
             assert_eq!(plan.digest, plan_moved.digest);
@@ -385,21 +397,30 @@ mod tests {
             seen.extend(names(&mine));
         }
         // Shard 0 takes the 1st, 4th and 7th names in order.
-        let (first, _) = Shard { index: 0, count: n }.plan(&all);
+        let (first, _) = Shard { index: 0, count: n }.plan(&all).unwrap();
         assert_eq!(first, paths(&["/b/s01.nc", "/b/s04.nc", "/a/s07.nc"]));
         seen.sort();
         let mut want: Vec<String> = all.iter().map(|p| file_name(p)).collect();
         want.sort();
         assert_eq!(seen, want);
         // Another input list is another run.
-        let (_, other) = Shard { index: 0, count: n }.plan(&all[1..]);
+        let (_, other) = Shard { index: 0, count: n }.plan(&all[1..]).unwrap();
         assert_ne!(other.digest, digest.unwrap());
+        // One file name twice (the same scene in two folders) is refused.
+        let mut twice = all.clone();
+        twice.push(PathBuf::from("/c/s03.nc"));
+        let e = Shard { index: 0, count: n }.plan(&twice).unwrap_err();
+        assert_eq!(
+            e,
+            "s03.nc is given twice (/a/s03.nc and /c/s03.nc); a sharded ingest takes each file once"
+        );
         // More shards than inputs: some shards get nothing.
         let (none, _) = Shard {
             index: 9,
             count: 10,
         }
-        .plan(&all);
+        .plan(&all)
+        .unwrap();
         assert!(none.is_empty());
     }
 
