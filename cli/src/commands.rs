@@ -10,7 +10,7 @@ use icefm_ingest::inspect::summarize;
 use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
 use icefm_ingest::reader::is_reference_file;
-use icefm_ingest::shard::{Shard, ShardPlan, list_shards};
+use icefm_ingest::shard::{Shard, list_shards};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::sigrid::MergeMode;
@@ -315,19 +315,18 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         Some("slurm") => Some(Shard::from_slurm(|k| std::env::var(k).ok()).map_err(Error::msg)?),
         Some(s) => Some(Shard::parse(s).map_err(Error::msg)?),
     };
-    let plan = shard
-        .map(|shard| -> Result<ShardPlan> {
-            let (mine, plan) = shard.plan(&inputs).map_err(Error::msg)?;
-            eprintln!(
-                "shard {shard}: {} of {} inputs (run {})",
-                mine.len(),
-                plan.total,
-                plan.digest
-            );
-            inputs = mine;
-            Ok(plan)
-        })
-        .transpose()?;
+    let mut plan = None;
+    if let Some(shard) = shard {
+        let (mine, p) = shard.plan(&inputs).map_err(Error::msg)?;
+        eprintln!(
+            "shard {shard}: {} of {} inputs (run {})",
+            mine.len(),
+            p.total,
+            p.digest
+        );
+        inputs = mine;
+        plan = Some(p);
+    }
     let levels = match &a.levels {
         Some(s) => Level::parse_list(s)?,
         None => Level::defaults(),

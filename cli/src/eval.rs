@@ -248,11 +248,11 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
             "-".into()
         }
     );
-    let unlabelled: Vec<&str> = ["SIC", "SOD", "FLOE"]
+    let unlabelled: Vec<&str> = Task::ALL
         .into_iter()
         .zip(s.pixels)
         .filter(|(_, n)| *n == 0)
-        .map(|(t, _)| t)
+        .map(|(t, _)| t.name())
         .collect();
     if !unlabelled.is_empty() {
         eprintln!(

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use icefm_schemas::store::CLAIMS_DIR;
 
 use crate::error::{IngestError, SceneError, StoreError};
+use crate::file_name;
 
 /// A held claim; dropping it releases the scene id.
 #[derive(Debug)]
@@ -83,10 +84,7 @@ impl Claim {
         let path = claim_path(store, scene_id);
         let dir = store.join(CLAIMS_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
-        let source = input
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let source = file_name(input);
         let me = Holder::me(&source);
         // Two tries: a claim released between our create and our read is simply taken.
         for _ in 0..2 {

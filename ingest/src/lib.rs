@@ -17,5 +17,13 @@ pub mod store;
 pub mod submission;
 
 pub use error::{IngestError, SceneError, StoreError};
+
+/// A path's file name as text (empty if it has none): how scenes, shards and claims name
+/// their inputs.
+pub(crate) fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
 /// Every netCDF call of the process runs on one thread (re-exported for callers of this crate).
 pub use icefm_netcdf_thread as netcdf_thread;

@@ -13,6 +13,7 @@ use icefm_schemas::store::{Level, StoreAttrs};
 
 use crate::claim::Claim;
 use crate::error::{IngestError, SceneError, StoreError};
+use crate::file_name;
 use crate::manifest::{
     CommittedScene, PolygonRecord, SceneRecord, commit_scene, committed_scene, committed_scenes,
     merge_manifests, remove_scene_parts,
@@ -121,8 +122,6 @@ pub struct Summary {
 pub struct ShardOutcome {
     /// The run's plan.
     pub plan: ShardPlan,
-    /// This shard's inputs.
-    pub assigned: usize,
     /// Shards of the run that have not finished (empty: this shard merged the manifests).
     pub waiting_for: Vec<usize>,
     /// Shards with `N` records whose inputs were other files: an older run's, or shards of
@@ -216,11 +215,6 @@ fn end_shard(
     inputs: &[PathBuf],
     summary: &Summary,
 ) -> Result<ShardOutcome, StoreError> {
-    let name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
     shard::write_record(
         store,
         &ShardRecord {
@@ -228,13 +222,13 @@ fn end_shard(
             of: plan.shard.count,
             inputs_digest: plan.digest.clone(),
             inputs_total: plan.total,
-            assigned: inputs.iter().map(|p| name(p)).collect(),
+            assigned: inputs.iter().map(|p| file_name(p)).collect(),
             done: summary.done.clone(),
             skipped: summary.skipped.clone(),
             failed: summary
                 .failed
                 .iter()
-                .map(|(p, why)| (name(p), why.clone()))
+                .map(|(p, why)| (file_name(p), why.clone()))
                 .collect(),
             seconds: summary.seconds,
         },
@@ -250,7 +244,6 @@ fn end_shard(
     other_inputs.sort_unstable();
     Ok(ShardOutcome {
         plan: plan.clone(),
-        assigned: inputs.len(),
         waiting_for,
         other_inputs,
     })
@@ -332,10 +325,7 @@ impl RunState {
         reporter: &dyn Reporter,
     ) -> Result<SceneOutcome, IngestError> {
         let info = reader.info().clone();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = file_name(path);
         {
             let mut claimed = self
                 .claimed

@@ -268,10 +268,10 @@ fn is_chart(name: &str) -> bool {
 /// beside the scene file, else in one of `dirs` (the AutoICE test release names them
 /// `<id>_prep_reference.nc`). A file that is itself a reference has none.
 pub fn reference_file(path: &Path, dirs: &[PathBuf]) -> Option<PathBuf> {
-    let stem = path.file_stem()?.to_string_lossy().into_owned();
     if is_reference_file(path) {
         return None;
     }
+    let stem = path.file_stem()?.to_string_lossy().into_owned();
     let name = format!("{stem}_reference.nc");
     path.parent()
         .into_iter()
@@ -527,9 +527,9 @@ impl SceneReader {
             native_spacing_m,
             polygons,
             has_chart,
-            reference: reference_file
-                .as_ref()
-                .and(reference.map(Path::to_path_buf)),
+            reference: reference
+                .filter(|_| reference_file.is_some())
+                .map(Path::to_path_buf),
             tie_points,
             grid2km,
             band_rows,
@@ -563,9 +563,10 @@ impl SceneReader {
             .and_then(|r| icefm_h5chunk::File::open(r).ok());
         let mut chunked = HashMap::new();
         for &name in band_variables(kind, has_chart) {
-            let h = match (&h5_reference, &reference_file) {
-                (r, Some(_)) if is_chart(name) => r,
-                _ => &h5,
+            let h = if reference_file.is_some() && is_chart(name) {
+                &h5_reference
+            } else {
+                &h5
             };
             if let Some(h) = h
                 && let Ok(d) = h.dataset(name)

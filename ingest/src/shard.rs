@@ -17,6 +17,7 @@ use icefm_schemas::store::SHARDS_DIR;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
+use crate::file_name;
 use crate::manifest::temporary_path;
 
 /// Shard `index` of `count` (0-based).
@@ -119,12 +120,6 @@ impl Shard {
             },
         ))
     }
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// What a sharded run knows about the run as a whole.
