@@ -60,6 +60,11 @@ pub struct LoaderOptions {
     /// sample's transform). Labels are still turned on the host; `valid` then marks only the
     /// pixels inside the scene.
     pub raw_inputs: bool,
+    /// This process's share of each batch in data-parallel training: `(rank, world)`. Batch
+    /// `i` is drawn whole (`batch_size` samples, the same as in one process) and rank `r`
+    /// reads samples `r·b/w .. (r+1)·b/w` of it, so `w` ranks together see exactly the samples
+    /// one process would. `batch_size` must be a multiple of `world`; random samplers only.
+    pub part: (usize, usize),
 }
 
 impl Default for LoaderOptions {
@@ -77,6 +82,7 @@ impl Default for LoaderOptions {
             prefetch: 2,
             cache_bytes: 512 << 20,
             raw_inputs: false,
+            part: (0, 1),
         }
     }
 }
@@ -210,6 +216,26 @@ impl Loader {
         let crop = if opts.crop == 0 { patch } else { opts.crop };
         if opts.batch_size == 0 {
             return Err(loader_error("batch size must be at least 1"));
+        }
+        let (rank, world) = opts.part;
+        if world == 0 || rank >= world {
+            return Err(loader_error(format!(
+                "rank {rank} of {world} does not exist"
+            )));
+        }
+        if world > 1 {
+            if !opts.batch_size.is_multiple_of(world) {
+                return Err(loader_error(format!(
+                    "batch size {} is not a multiple of the {world} ranks: each rank takes an \
+                     equal share of every batch",
+                    opts.batch_size
+                )));
+            }
+            if let Sampler::Sequential { .. } = opts.sampler {
+                return Err(loader_error(
+                    "the sequential sampler does not split batches between ranks",
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&opts.min_valid) {
             return Err(loader_error(format!(
@@ -384,6 +410,19 @@ impl Loader {
     pub fn windows(&self, index: u64) -> Result<Vec<SampleInfo>, DatasetError> {
         let i = &self.inner;
         Ok(i.plan(index)?.iter().map(|w| i.info(w)).collect())
+    }
+
+    /// The windows of the whole batch `index`, every rank's share in rank order
+    /// ([`LoaderOptions::part`]; [`Loader::windows`] with one rank), without reading anything.
+    pub fn whole_windows(&self, index: u64) -> Result<Vec<SampleInfo>, DatasetError> {
+        let i = &self.inner;
+        let b = i.opts.batch_size as u64;
+        if let Sampler::Sequential { .. } = i.opts.sampler {
+            return self.windows(index);
+        }
+        Ok((0..b)
+            .map(|j| i.info(&i.draw(&mut Rng::new(i.opts.seed, index * b + j))))
+            .collect())
     }
 
     /// Batches `start, start + 1, …`, computed ahead on a background thread (at most
@@ -786,7 +825,10 @@ impl Inner {
             }
             return Ok(self.tiles[start..(start + b).min(self.tiles.len())].to_vec());
         }
-        Ok((0..b as u64)
+        let (rank, world) = self.opts.part;
+        let share = (b / world) as u64;
+        let first = rank as u64 * share;
+        Ok((first..first + share)
             .map(|j| self.draw(&mut Rng::new(self.opts.seed, index * b as u64 + j)))
             .collect())
     }

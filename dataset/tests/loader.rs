@@ -145,6 +145,64 @@ fn batches_do_not_depend_on_threads_or_order() {
     assert!(s.hits > 0 && s.misses > 0, "{s:?}");
 }
 
+/// Data-parallel ranks each read their share of every batch, and together exactly the batch
+/// one process reads: samples, inputs, labels and validity in rank order.
+#[test]
+fn ranks_read_disjoint_shares_that_make_the_whole_batch() {
+    let store = store();
+    let whole = Loader::open(store, None, augmented()).unwrap();
+    for world in [2, 4] {
+        let parts: Vec<Loader> = (0..world)
+            .map(|rank| {
+                Loader::open(
+                    store,
+                    None,
+                    LoaderOptions {
+                        part: (rank, world),
+                        ..augmented()
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        for i in [0, 3] {
+            let all = whole.batch(i).unwrap();
+            let shares: Vec<Batch> = parts.iter().map(|l| l.batch(i).unwrap()).collect();
+            assert!(shares.iter().all(|b| b.len() == 8 / world), "{world} ranks");
+            let samples: Vec<_> = shares.iter().flat_map(|b| b.samples.clone()).collect();
+            assert_eq!(samples, all.samples, "{world} ranks, batch {i}");
+            for l in &parts {
+                assert_eq!(l.whole_windows(i).unwrap(), all.samples);
+            }
+            let inputs: Vec<f32> = shares.iter().flat_map(|b| b.inputs.clone()).collect();
+            assert_eq!(inputs, all.inputs);
+            let valid: Vec<u8> = shares.iter().flat_map(|b| b.valid.clone()).collect();
+            assert_eq!(valid, all.valid);
+            let labels: Vec<u8> = shares.iter().flat_map(|b| b.labels.clone()).collect();
+            assert_eq!(labels, all.labels);
+        }
+    }
+    // A batch that does not split evenly, a rank past the world and a sequential pass are
+    // refused.
+    let refused = |part, sampler| {
+        Loader::open(
+            store,
+            None,
+            LoaderOptions {
+                part,
+                sampler,
+                ..augmented()
+            },
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    };
+    assert!(refused((0, 3), Sampler::LevelWeighted).contains("not a multiple of the 3 ranks"));
+    assert!(refused((2, 2), Sampler::LevelWeighted).contains("rank 2 of 2 does not exist"));
+    assert!(refused((1, 2), Sampler::Sequential { overlap: 0 }).contains("does not split batches"));
+}
+
 /// The expected normalised input, label and validity planes of a window, read from the store
 /// through zarrs' array API (not the loader's chunk path).
 fn expected(
