@@ -801,6 +801,64 @@ fn train_writes_a_run_and_resumes() {
 }
 
 #[test]
+fn two_processes_train_one_run_with_dist() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.warmup_steps=1",
+        "data.threads=1",
+    ];
+    // Rank 1 through Slurm's variables, rank 0 through an explicit address; rank 1 first,
+    // so it waits for rank 0.
+    let mut one = micro_train(&store, &run, &sets, false);
+    one.args(["--dist", "slurm"])
+        .env("SLURM_PROCID", "1")
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_LOCALID", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string());
+    let one = one
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut zero = micro_train(&store, &run, &sets, false);
+    zero.args(["--dist", &format!("0/2@127.0.0.1:{port}")]);
+    let zero = ok(zero.output().unwrap());
+    let one = ok(one.wait_with_output().unwrap());
+    let text = String::from_utf8_lossy(&zero.stdout);
+    assert!(text.contains("trained 3 steps (now at 3 of 3)"), "{text}");
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(text.contains("rank 1 of 2: trained 3 steps"), "{text}");
+    assert!(
+        String::from_utf8_lossy(&one.stderr)
+            .contains("rank 1 of 2: meeting the other ranks at 127.0.0.1:")
+    );
+    assert!(
+        run.join("checkpoints/step_0000003/model.safetensors")
+            .exists()
+    );
+    // A bad --dist is one line.
+    let mut bad = micro_train(&store, &dir.path().join("bad"), &sets, false);
+    let out = bad
+        .args(["--dist", "2/2@localhost:29500"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 2 of 2 ranks does not exist"), "{err}");
+}
+
+#[test]
 fn train_names_what_is_wrong_with_a_device_or_a_precision() {
     let dir = tempfile::tempdir().unwrap();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
-use icefm_model::finetune::{ValRecord, train_seg};
-use icefm_model::train::{RunOptions, RunSummary, StepRecord, parse_device, train_mae};
+use icefm_model::dist::{DistSpec, Group, timeout_from_env};
+use icefm_model::finetune::{ValRecord, train_seg_in};
+use icefm_model::train::{RunOptions, RunSummary, StepRecord, parse_device, train_mae_in};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `icefm train`.
@@ -39,6 +40,11 @@ pub struct TrainArgs {
     /// The regime of training scenes; sets `data.regime`.
     #[arg(long)]
     regime: Option<String>,
+    /// Data-parallel training, one process per rank: `RANK/WORLD@HOST:PORT` (rank 0 listens
+    /// on PORT; every rank names rank 0's host), or `slurm` (rank, world and GPU from `srun`'s
+    /// variables). `data.batch_size` is the whole batch, split equally between the ranks.
+    #[arg(long, value_name = "RANK/WORLD@HOST:PORT|slurm")]
+    dist: Option<String>,
 }
 
 /// Run `icefm train`.
@@ -69,21 +75,56 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 .context("--config has no file name")?,
         ),
     };
+    let spec = a
+        .dist
+        .as_deref()
+        .map(DistSpec::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    // Under data-parallel training, `--device cuda` is the rank's GPU on its node.
+    let device = match &spec {
+        Some(s) if a.device == "cuda" => format!("cuda:{}", s.local_rank),
+        _ => a.device.clone(),
+    };
     let opts = RunOptions {
-        device: parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        device: parse_device(&device).map_err(anyhow::Error::msg)?,
         store: a.store,
         out: out.clone(),
         resume: a.resume,
     };
-    let summary = run_with_bar(&cfg, &opts, "train")?;
+    let mut group = match &spec {
+        Some(s) => {
+            let timeout = timeout_from_env();
+            eprintln!(
+                "rank {} of {}: meeting the other ranks at {} (waiting up to {:.0} s)",
+                s.rank,
+                s.world,
+                s.addr,
+                timeout.as_secs_f64()
+            );
+            Group::connect(s, timeout)?
+        }
+        None => Group::single(),
+    };
+    if !group.is_leader() {
+        // The other ranks train quietly; rank 0 shows the run and writes its directory.
+        let summary = run_quiet(&mut group, &cfg, &opts)?;
+        println!(
+            "rank {} of {}: {} {} steps (now at {} of {})",
+            group.rank(),
+            group.world(),
+            ended(&summary),
+            summary.steps_run,
+            summary.steps_done,
+            cfg.train.steps
+        );
+        return Ok(());
+    }
+    let summary = run_with_bar_in(&mut group, &cfg, &opts, "train")?;
     let last = summary.records.last();
     println!(
         "{} {} steps (now at {} of {}); last loss {}; run: {}",
-        if summary.interrupted {
-            "stopped after"
-        } else {
-            "trained"
-        },
+        ended(&summary),
         summary.steps_run,
         summary.steps_done,
         cfg.train.steps,
@@ -113,6 +154,15 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// How a run ended, for its last line.
+fn ended(summary: &RunSummary) -> &'static str {
+    if summary.interrupted {
+        "stopped after"
+    } else {
+        "trained"
+    }
+}
+
 /// Set by Ctrl-C: runs stop at their next step boundary and save.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -133,6 +183,26 @@ pub fn stop_flag() -> &'static AtomicBool {
 /// Run `cfg` (MAE, or fine-tuning with a `[seg]` section) with a progress bar labelled
 /// `prefix`; validation passes are printed above the bar.
 pub fn run_with_bar(cfg: &TrainConfig, opts: &RunOptions, prefix: &str) -> Result<RunSummary> {
+    run_with_bar_in(&mut Group::single(), cfg, opts, prefix)
+}
+
+/// A rank other than 0 of a data-parallel run: no bar, no output until it ends.
+fn run_quiet(group: &mut Group, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let stop = stop_flag();
+    Ok(if cfg.is_seg() {
+        train_seg_in(group, cfg, opts, stop, &|_| {}, &|_| {})
+    } else {
+        train_mae_in(group, cfg, opts, stop, &|_| {})
+    }?)
+}
+
+/// [`run_with_bar`] as rank 0 of `group`.
+fn run_with_bar_in(
+    group: &mut Group,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    prefix: &str,
+) -> Result<RunSummary> {
     let stop = stop_flag();
     let bar = ProgressBar::new(cfg.train.steps);
     bar.set_style(
@@ -164,9 +234,9 @@ pub fn run_with_bar(cfg: &TrainConfig, opts: &RunOptions, prefix: &str) -> Resul
         }
     };
     let summary = if cfg.is_seg() {
-        train_seg(cfg, opts, stop, &on_step, &on_val)
+        train_seg_in(group, cfg, opts, stop, &on_step, &on_val)
     } else {
-        train_mae(cfg, opts, stop, &on_step)
+        train_mae_in(group, cfg, opts, stop, &on_step)
     };
     bar.finish_and_clear();
     Ok(summary?)

@@ -23,14 +23,15 @@ use icefm_schemas::Level;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::dist::Group;
 use crate::evaluate::{Blend, InferOptions, SceneResult, evaluate_scene, selection_score};
 use crate::metrics::{Evaluation, Scores};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, seg_loss_staged};
 use crate::threads::on_worker;
 use crate::train::{
-    Feeder, PendingRecord, RunOptions, RunSummary, StepRecord, TrainError, checkpoint_due,
-    checkpoints, drop_draws, end_step, init_weights, io_err, level_mix, load_checkpoint,
+    Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord, TrainError, batch_levels,
+    checkpoint_due, checkpoints, drop_draws, end_step, init_weights, io_err, load_checkpoint,
     named_vars, open_loader, open_run, optimise, read_metrics, write_parquet,
 };
 
@@ -455,10 +456,25 @@ pub fn train_seg(
     on_step: &dyn Fn(&StepRecord),
     on_val: &dyn Fn(&ValRecord),
 ) -> Result<RunSummary, TrainError> {
+    train_seg_in(&mut Group::single(), cfg, opts, stop, on_step, on_val)
+}
+
+/// [`train_seg`] as one rank of `group` ([`crate::dist`]): this rank's share of each batch,
+/// gradients averaged over the ranks with equal weights (PyTorch DDP's rule: each task's loss
+/// is a mean over its rank's labelled pixels), validation and the run directory on rank 0
+/// alone.
+pub fn train_seg_in(
+    group: &mut Group,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    on_step: &dyn Fn(&StepRecord),
+    on_val: &dyn Fn(&ValRecord),
+) -> Result<RunSummary, TrainError> {
     let dev = opts.device.clone();
     let scfg = cfg.seg_config().map_err(|e| TrainError::Setup(e.0))?;
     let seg = cfg.seg.clone().unwrap_or_default();
-    let mut run = open_run(cfg, opts)?;
+    let mut run = open_run(cfg, opts, group)?;
     let existing = run.existing.clone();
 
     let vars = VarMap::new();
@@ -502,6 +518,7 @@ pub fn train_seg(
             }
             run.log(&format!("resumed from {} (step {start})", dir.display()))?;
         }
+        group.check_same("steps to resume from", &start.to_string())?;
     } else {
         let n: usize = named.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         run.log(&format!("new fine-tuning run: {n} parameters"))?;
@@ -513,8 +530,10 @@ pub fn train_seg(
         }
     }
 
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev)?;
-    let val = if seg.val_regime.is_empty() {
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    let share = Share::of(group, cfg);
+    // Rank 0 alone validates; the others wait for it at the next step's exchange.
+    let val = if seg.val_regime.is_empty() || !group.is_leader() {
         None
     } else {
         let reader = SceneReader::open(&opts.store, &cfg.data.channels)?;
@@ -540,10 +559,8 @@ pub fn train_seg(
     for step in start..total {
         let t0 = Instant::now();
         let batch = feeder.next()?;
-        let b = batch.len();
-        let levels = level_mix(&batch.samples);
         let keep = feeder.stage_draws(
-            drop_draws(cfg.train.seed, step, scfg.encoder.depth, b),
+            drop_draws(cfg.train.seed, step, scfg.encoder.depth, &share),
             &model.encoder,
         )?;
         let outs = on_worker(dev.is_cpu(), || model.forward(&batch.images, Some(&keep)))?;
@@ -554,7 +571,17 @@ pub fn train_seg(
         let loss = on_worker(dev.is_cpu(), || {
             seg_loss_staged(&outs, &batch.labels, batch.labels_on.as_ref(), &scfg)
         })?;
-        let (clipped, lr) = optimise(&loss.total, &trained_vars, &mut opt, cfg, step)?;
+        let (clipped, lr, values) = optimise(
+            &loss.total,
+            &[loss.total.clone(), loss.values.clone()],
+            None,
+            &trained_vars,
+            &mut opt,
+            cfg,
+            step,
+            group,
+        )?;
+        let levels = batch_levels(group, &loader, step, &batch.samples)?;
         let rec = StepRecord {
             step,
             loss: f32::NAN,
@@ -568,7 +595,7 @@ pub fn train_seg(
                 .map(|(t, _)| (format!("loss_{}", t.name()), f32::NAN))
                 .collect(),
         };
-        let this = PendingRecord::new(rec, b, t0, &loss.total, &[loss.values], &clipped)?;
+        let this = PendingRecord::new(rec, share.batch, t0, &values[0], &values[1..], &clipped)?;
         // The previous step's values: its work is done (or nearly), this step's is queued.
         if let Some(prev) = pending.take() {
             prev.emit(&mut last, &mut records, on_step)?;
@@ -581,7 +608,8 @@ pub fn train_seg(
             this.emit(&mut last, &mut records, on_step)?;
             None
         };
-        let stopping = stop.load(Ordering::SeqCst);
+        // Every rank stops at the step any of them is asked to.
+        let stopping = group.agree(stop.load(Ordering::SeqCst))?;
         let every = seg.val_every;
         let validating =
             val.is_some() && (done == total || (every > 0 && done.is_multiple_of(every)));
@@ -635,6 +663,7 @@ pub fn train_seg(
         }
         if end_step(
             &mut run,
+            group,
             cfg,
             &opts.out,
             done,

@@ -24,6 +24,7 @@ pub mod census;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dist;
 pub mod evaluate;
 pub mod finetune;
 pub mod fused;

@@ -110,6 +110,20 @@ pub struct MaeOutput {
     pub baseline: Tensor,
     /// 1 where a token was masked, `[B, N]` (host copy).
     pub masked: Vec<Vec<bool>>,
+    /// The loss's weights `[B, N, C·p·p]`: 1 on the valid pixels of masked patches
+    /// ([`loss_terms`] counts the patches the loss averages).
+    pub weight: Tensor,
+}
+
+/// The number of patches MAE's loss averages over, from its `weight` `[B, N, P]`: those with
+/// at least 2 weighted values. An f32 scalar on the weight's device (data-parallel ranks weigh
+/// their gradients by it).
+pub fn loss_terms(weight: &Tensor) -> Result<Tensor> {
+    weight
+        .sum(D::Minus1)?
+        .ge(2.0)?
+        .to_dtype(DType::F32)?
+        .sum_all()
 }
 
 /// The tokens each sample keeps: the first `keep` of a permutation ordered by the sample's noise
@@ -347,6 +361,7 @@ impl Mae {
             latent,
             baseline,
             masked,
+            weight,
         })
     }
 }

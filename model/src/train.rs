@@ -30,6 +30,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::dist::{Group, weights_digest};
 use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
 use crate::ops::Draws;
@@ -236,10 +237,24 @@ pub fn train_mae(
     stop: &AtomicBool,
     on_step: &dyn Fn(&StepRecord),
 ) -> Result<RunSummary, TrainError> {
+    train_mae_in(&mut Group::single(), cfg, opts, stop, on_step)
+}
+
+/// [`train_mae`] as one rank of `group` ([`crate::dist`]): this rank's share of each batch,
+/// gradients averaged over the ranks (weighted by each rank's count of loss terms, so the
+/// step is the one a single process takes on the whole batch), the run directory written by
+/// rank 0 alone.
+pub fn train_mae_in(
+    group: &mut Group,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    on_step: &dyn Fn(&StepRecord),
+) -> Result<RunSummary, TrainError> {
     let dev = opts.device.clone();
     let mcfg = cfg.mae_config().map_err(|e| TrainError::Setup(e.0))?;
 
-    let mut run = open_run(cfg, opts)?;
+    let mut run = open_run(cfg, opts, group)?;
     let existing = run.existing.clone();
 
     // Model and optimizer.
@@ -269,6 +284,7 @@ pub fn train_mae(
                 .collect();
             run.log(&format!("resumed from {} (step {start})", dir.display()))?;
         }
+        group.check_same("steps to resume from", &start.to_string())?;
     } else {
         run.log(&format!(
             "new run: {} parameters",
@@ -279,7 +295,8 @@ pub fn train_mae(
         ))?;
     }
 
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev)?;
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    let share = Share::of(group, cfg);
 
     let total = cfg.train.steps;
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());
@@ -296,16 +313,19 @@ pub fn train_mae(
         let batch = feeder.next()?;
         let (b, c, n) = (batch.len(), batch.channels, batch.size);
         let (images, valid) = (&batch.images, &batch.valid);
-        let levels = level_mix(&batch.samples);
-        let noise: Vec<Vec<f32>> = (0..b)
+        // Each sample's noise by its place in the whole batch, whichever rank takes it.
+        let noise: Vec<Vec<f32>> = (share.first..share.first + b)
             .map(|j| {
-                let mut r = Rng::new(cfg.train.seed ^ MASK_STREAM, step * b as u64 + j as u64);
+                let mut r = Rng::new(
+                    cfg.train.seed ^ MASK_STREAM,
+                    step * share.batch as u64 + j as u64,
+                );
                 (0..n_tokens).map(|_| r.unit() as f32).collect()
             })
             .collect();
         let masking = feeder.stage_masking(Masking::from_noise(&noise, mcfg.mask_ratio))?;
         let keep = feeder.stage_draws(
-            drop_draws(cfg.train.seed, step, mcfg.encoder.depth, b),
+            drop_draws(cfg.train.seed, step, mcfg.encoder.depth, &share),
             &mae.encoder,
         )?;
         let out = on_worker(dev.is_cpu(), || {
@@ -316,7 +336,7 @@ pub fn train_mae(
             feeder.prefetch()?;
         }
         let every = cfg.train.panel_every;
-        if every > 0 && (step + 1) % every == 0 {
+        if every > 0 && (step + 1) % every == 0 && group.is_leader() {
             let pred: Vec<Vec<Vec<f32>>> = out.pred.detach().to_vec3()?;
             let (w, h, px) = panel(
                 &images.flatten_all()?.to_vec1::<f32>()?,
@@ -333,7 +353,24 @@ pub fn train_mae(
                 .join(format!("step_{:07}.png", step + 1));
             write_png(&path, w, h, &px).map_err(|e| io_err(&path, e))?;
         }
-        let (clipped, lr) = optimise(&out.loss, &vars_only, &mut opt, cfg, step)?;
+        // Each rank's loss is a mean over its patches that count: weighed by their number,
+        // the ranks' mean gradient is the whole batch's.
+        let terms = if group.world() > 1 {
+            Some(crate::mae::loss_terms(&out.weight)?)
+        } else {
+            None
+        };
+        let (clipped, lr, values) = optimise(
+            &out.loss,
+            &[out.loss.clone(), out.baseline.clone()],
+            terms.as_ref(),
+            &vars_only,
+            &mut opt,
+            cfg,
+            step,
+            group,
+        )?;
+        let levels = batch_levels(group, &loader, step, &batch.samples)?;
         let rec = StepRecord {
             step,
             loss: f32::NAN,
@@ -343,7 +380,7 @@ pub fn train_mae(
             levels,
             extra: vec![("baseline".into(), f32::NAN)],
         };
-        let this = PendingRecord::new(rec, b, t0, &out.loss, &[out.baseline], &clipped)?;
+        let this = PendingRecord::new(rec, share.batch, t0, &values[0], &values[1..], &clipped)?;
         // The previous step's values: its work is done (or nearly), this step's is queued.
         if let Some(prev) = pending.take() {
             prev.emit(&mut last, &mut records, on_step)?;
@@ -356,7 +393,8 @@ pub fn train_mae(
             this.emit(&mut last, &mut records, on_step)?;
             None
         };
-        let stopping = stop.load(Ordering::SeqCst);
+        // Every rank stops at the step any of them is asked to.
+        let stopping = group.agree(stop.load(Ordering::SeqCst))?;
         if let Some(t) = this {
             // A checkpoint saves every record so far: read this step's now if one is due.
             if checkpoint_due(cfg, done, stopping) {
@@ -367,6 +405,7 @@ pub fn train_mae(
         }
         if end_step(
             &mut run,
+            group,
             cfg,
             &opts.out,
             done,
@@ -394,21 +433,106 @@ pub fn train_mae(
 pub(crate) struct RunDir {
     /// Checkpoints found, oldest first.
     pub existing: Vec<(u64, PathBuf)>,
-    log: File,
+    /// `log.txt` (rank 0 only; the other ranks of a data-parallel run write nothing).
+    log: Option<File>,
     log_path: PathBuf,
 }
 
 impl RunDir {
-    /// Append a line to `log.txt`.
+    /// Append a line to `log.txt` (nothing on ranks other than 0).
     pub fn log(&mut self, line: &str) -> Result<(), TrainError> {
-        writeln!(self.log, "{line}").map_err(|e| io_err(&self.log_path, e))
+        match self.log.as_mut() {
+            Some(f) => writeln!(f, "{line}").map_err(|e| io_err(&self.log_path, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One rank's share of each batch: samples `first .. first + batch / world` of `batch`.
+pub(crate) struct Share {
+    /// The whole batch (`data.batch_size`).
+    pub batch: usize,
+    /// This rank's first sample.
+    pub first: usize,
+    /// This rank's number of samples.
+    pub len: usize,
+}
+
+impl Share {
+    pub fn of(group: &Group, cfg: &TrainConfig) -> Self {
+        let batch = cfg.data.batch_size;
+        let len = batch / group.world();
+        Self {
+            batch,
+            first: group.rank() * len,
+            len,
+        }
     }
 }
 
 /// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
-/// configuration (only `train.steps` may change). Writes `config.toml` as resolved.
-pub(crate) fn open_run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunDir, TrainError> {
+/// configuration (only `train.steps` may change). Writes `config.toml` as resolved. In a
+/// data-parallel run every rank must have the same configuration; rank 0 alone checks and
+/// writes the directory, after which the others list its checkpoints.
+pub(crate) fn open_run(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    group: &mut Group,
+) -> Result<RunDir, TrainError> {
     let resolved = cfg.to_toml();
+    if group.world() > 1 {
+        let b = cfg.data.batch_size;
+        if !b.is_multiple_of(group.world()) {
+            return Err(TrainError::Setup(format!(
+                "data.batch_size {b} is not a multiple of the {} ranks: each rank takes an equal \
+                 share of every batch",
+                group.world()
+            )));
+        }
+        group.check_same("configurations", &resolved)?;
+        group.check_same("--resume", &opts.resume.to_string())?;
+        let path = group.attach(&opts.device)?;
+        // Rank 0 checks and writes the directory first; the others wait for its word.
+        let opened = if group.is_leader() {
+            open_run_dir(cfg, opts, &resolved).map(Some)
+        } else {
+            Ok(None)
+        };
+        let word = match &opened {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let all = group.all_gather(word.as_bytes())?;
+        let said = String::from_utf8_lossy(&all[0]).into_owned();
+        return match opened? {
+            Some(mut run) => {
+                run.log(&format!(
+                    "data-parallel: {} ranks, gradients summed {}",
+                    group.world(),
+                    if path == "nccl" {
+                        "by NCCL on the GPUs"
+                    } else {
+                        "on the hosts through rank 0"
+                    }
+                ))?;
+                Ok(run)
+            }
+            None if !said.is_empty() => Err(TrainError::Setup(format!("rank 0: {said}"))),
+            None => Ok(RunDir {
+                existing: checkpoints(&opts.out),
+                log: None,
+                log_path: opts.out.join("log.txt"),
+            }),
+        };
+    }
+    open_run_dir(cfg, opts, &resolved)
+}
+
+fn open_run_dir(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    resolved: &str,
+) -> Result<RunDir, TrainError> {
     // The run directory: new, or resumed with the same configuration (steps may grow).
     let existing = checkpoints(&opts.out);
     let config_path = opts.out.join("config.toml");
@@ -432,7 +556,7 @@ pub(crate) fn open_run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunDir, T
         )));
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
-    std::fs::write(&config_path, &resolved).map_err(|e| io_err(&config_path, e))?;
+    std::fs::write(&config_path, resolved).map_err(|e| io_err(&config_path, e))?;
     let log_path = opts.out.join("log.txt");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -441,18 +565,19 @@ pub(crate) fn open_run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunDir, T
         .map_err(|e| io_err(&log_path, e))?;
     Ok(RunDir {
         existing,
-        log,
+        log: Some(log),
         log_path,
     })
 }
 
 /// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
-/// `cfg`, seeded by `train.seed`.
+/// `cfg`, seeded by `train.seed`; `group`'s rank reads its share of each batch.
 pub(crate) fn open_loader(
     cfg: &TrainConfig,
     store: &Path,
     sampler: Sampler,
     dev: &Device,
+    group: &Group,
 ) -> Result<Loader, TrainError> {
     let regime = if cfg.data.regime.is_empty() {
         None
@@ -482,6 +607,7 @@ pub(crate) fn open_loader(
             min_valid: cfg.data.min_valid,
             threads: cfg.data.threads,
             raw_inputs: device_prepares(dev),
+            part: (group.rank(), group.world()),
             ..LoaderOptions::default()
         },
     )?)
@@ -685,36 +811,48 @@ fn side_uploader<'s, T: crate::cuda::Upload>(
     Ok(slot.as_mut())
 }
 
-/// Stochastic-depth draws of step `step` for `depth` blocks and `b` samples (a function of the
-/// seed and the step alone, so a resumed run draws the same).
-pub(crate) fn drop_draws(seed: u64, step: u64, depth: usize, b: usize) -> Draws {
+/// Stochastic-depth draws of step `step` for `depth` blocks and the samples of `share` (a
+/// function of the seed and the step alone, so a resumed run draws the same, and drawn for
+/// the whole batch, so each rank's share draws what one process would for those samples).
+pub(crate) fn drop_draws(seed: u64, step: u64, depth: usize, share: &Share) -> Draws {
+    let mine = share.first..share.first + share.len;
     Draws::new(
         (0..depth)
             .map(|i| {
                 let mut r = Rng::new(seed ^ DROP_STREAM, step * 1024 + i as u64);
-                let mut draw = || (0..b).map(|_| r.unit() as f32).collect::<Vec<f32>>();
+                let mut draw = || {
+                    let all: Vec<f32> = (0..share.batch).map(|_| r.unit() as f32).collect();
+                    all[mine.clone()].to_vec()
+                };
                 (draw(), draw())
             })
             .collect(),
     )
 }
 
-/// Backward pass, clipping and one AdamW update of step `step`; returns the clipping (the
-/// gradient norm before clipping, on a GPU still on the device) and the learning rate.
+/// Backward pass, the gradients' mean over `group`'s ranks ([`Group::reduce`], weighted by
+/// `terms`; `values` reduced with them), clipping and one AdamW update of step `step`;
+/// returns the clipping (the gradient norm before clipping, on a GPU still on the device),
+/// the learning rate and `values` over all ranks (as they are in one process).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn optimise(
     loss: &Tensor,
+    values: &[Tensor],
+    terms: Option<&Tensor>,
     vars: &[Var],
     opt: &mut AdamW,
     cfg: &TrainConfig,
     step: u64,
-) -> Result<(Clip, f64), TrainError> {
+    group: &mut Group,
+) -> Result<(Clip, f64, Vec<Tensor>), TrainError> {
     let t = &cfg.train;
     let lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr);
+    let mut grads = on_worker(loss.device().is_cpu(), || loss.backward())?;
+    let values = group.reduce(&mut grads, vars, values, terms)?;
     on_worker(loss.device().is_cpu(), || {
-        let grads = loss.backward()?;
         let c = clip(&grads, vars.iter(), t.clip_grad)?;
         opt.step_clipped(&grads, lr, &c)?;
-        Ok((c, lr))
+        Ok((c, lr, values))
     })
 }
 
@@ -841,6 +979,7 @@ pub(crate) fn checkpoint_due(cfg: &TrainConfig, done: u64, stopping: bool) -> bo
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn end_step(
     run: &mut RunDir,
+    group: &mut Group,
     cfg: &TrainConfig,
     out: &Path,
     done: u64,
@@ -852,7 +991,16 @@ pub(crate) fn end_step(
 ) -> Result<bool, TrainError> {
     let total = cfg.train.steps;
     let loss = records.last().map_or(f32::NAN, |r| r.loss);
-    if checkpoint_due(cfg, done, stopping) {
+    let due = checkpoint_due(cfg, done, stopping);
+    if due && group.world() > 1 {
+        // The ranks took the same steps from the same gradients: their weights must agree.
+        let weights: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        group.check_same(
+            &format!("weights after step {done}"),
+            &weights_digest(&weights)?,
+        )?;
+    }
+    if due && group.is_leader() {
         *checkpoint = Some(save_checkpoint(
             out,
             done,
@@ -1047,9 +1195,27 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
 
 /// Samples per level of a batch, `80m:12 200m:20`.
 pub(crate) fn level_mix(samples: &[icefm_dataset::SampleInfo]) -> String {
+    mix_of(samples.iter().map(|s| s.level.spacing_m()))
+}
+
+/// The level mix of step `step`'s whole batch: its samples in one process, every rank's
+/// samples in a data-parallel run.
+pub(crate) fn batch_levels(
+    group: &Group,
+    loader: &Loader,
+    step: u64,
+    samples: &[icefm_dataset::SampleInfo],
+) -> Result<String, TrainError> {
+    if group.world() == 1 {
+        return Ok(level_mix(samples));
+    }
+    Ok(level_mix(&loader.whole_windows(step)?))
+}
+
+fn mix_of(spacings: impl Iterator<Item = u32>) -> String {
     let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
-    for s in samples {
-        *counts.entry(s.level.spacing_m()).or_default() += 1;
+    for m in spacings {
+        *counts.entry(m).or_default() += 1;
     }
     counts
         .iter()

@@ -29,6 +29,30 @@ fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
     common::random(shape, seed, scale, DType::F32)
 }
 
+/// NCCL, as data-parallel training uses it ([`icefm_model::dist`]), with the one rank a
+/// one-GPU machine can hold (NCCL refuses two ranks on one device): a unique id, a
+/// communicator on candle's stream, and a sum that returns each value as it was.
+#[test]
+fn nccl_sums_on_the_device_with_one_rank() {
+    use icefm_model::cuda::Nccl;
+    assert!(
+        Nccl::available(),
+        "libnccl.so.2 is not on the library path (scripts/gpu-env.sh adds PyTorch's)"
+    );
+    let Device::Cuda(cd) = gpu() else {
+        unreachable!()
+    };
+    let id = Nccl::unique_id().unwrap();
+    assert_eq!(id.len(), 128);
+    let nccl = Nccl::new(&cd, 0, 1, &id).unwrap();
+    let x = random(&[3, 1001], 7, 2.0);
+    let on = x.to_device(&gpu()).unwrap();
+    // A view off its storage's start, as the gradients' flat buffer may be.
+    let sum = nccl.sum(&on.narrow(0, 1, 2).unwrap()).unwrap();
+    assert_eq!(sum.dims(), &[2, 1001]);
+    assert_eq!(host(&sum), host(&x.narrow(0, 1, 2).unwrap()));
+}
+
 #[test]
 fn layer_norm_kernels_match_the_cpu_reference() {
     let g = gpu();

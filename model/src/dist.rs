@@ -1,0 +1,894 @@
+//! Data-parallel training: one process per rank, each with the whole model and a share of
+//! every batch ([`icefm_dataset::LoaderOptions::part`]).
+//!
+//! The ranks meet at rank 0 over TCP ([`Group::connect`]): rank 0 listens, the others connect
+//! to it, and every message after that goes through rank 0 (a star). After each backward pass
+//! [`Group::reduce`] replaces every rank's gradients by their weighted mean over the ranks,
+//! summed by rank 0 in rank order, so every rank receives the same bits, takes the same
+//! AdamW step and keeps the same weights (checked at every checkpoint). Rank 0 alone writes
+//! the run directory. A stop asked of any rank (Ctrl-C, Slurm's signal) stops them all at the
+//! same step boundary ([`Group::agree`]); a rank that
+//! fails ends the others with an error rather than leaving them waiting.
+//!
+//! The star moves `2 · (world − 1)` copies of the gradients through rank 0 per step: right
+//! for a few ranks on CPUs or GPUs; the ranks' order of summation is fixed, so a run is
+//! reproducible for a given world size.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::train::TrainError;
+
+/// The first bytes of every rank's greeting.
+const MAGIC: &[u8; 8] = b"ICEFMDP1";
+
+/// Port used under Slurm when `MASTER_PORT` is not set: this plus the job id modulo 10,000,
+/// so that two jobs sharing a node do not meet on one port.
+pub const SLURM_BASE_PORT: u16 = 29500;
+
+/// How long ranks wait for each other at the start, unless `ICEFM_DIST_TIMEOUT` (seconds)
+/// says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn dist_err(msg: impl std::fmt::Display) -> TrainError {
+    TrainError::Setup(format!("data-parallel: {msg}"))
+}
+
+/// One rank of a data-parallel run: which rank, how many, and where rank 0 listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistSpec {
+    /// This process's rank, `0 .. world`.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// `HOST:PORT` of rank 0 (rank 0 listens on every interface at `PORT`).
+    pub addr: String,
+    /// Rank on this node: the GPU ordinal of `--device cuda` (Slurm's `SLURM_LOCALID`).
+    pub local_rank: usize,
+}
+
+impl DistSpec {
+    /// `RANK/WORLD@HOST:PORT` (e.g. `1/4@node01:29500`; the local rank is then `RANK`), or
+    /// `slurm` ([`DistSpec::from_slurm`] on this process's environment).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "slurm" {
+            return Self::from_slurm(&|k| std::env::var(k).ok());
+        }
+        let bad = || {
+            format!("--dist {s}: expected RANK/WORLD@HOST:PORT (e.g. 0/2@localhost:29500) or slurm")
+        };
+        let (ranks, addr) = s.split_once('@').ok_or_else(bad)?;
+        let (rank, world) = ranks.split_once('/').ok_or_else(bad)?;
+        let rank: usize = rank.trim().parse().map_err(|_| bad())?;
+        let world: usize = world.trim().parse().map_err(|_| bad())?;
+        Self::checked(rank, world, addr.trim(), rank).map_err(|e| format!("--dist {s}: {e}"))
+    }
+
+    /// From a Slurm task's variables (`get` reads one): rank `SLURM_PROCID` of `SLURM_NTASKS`,
+    /// local rank `SLURM_LOCALID`; rank 0 at `MASTER_ADDR` (default `SLURM_LAUNCH_NODE_IPADDR`,
+    /// the node where `srun` ran, which holds rank 0 under Slurm's default block placement)
+    /// and port `MASTER_PORT` (default [`SLURM_BASE_PORT`] + `SLURM_JOB_ID` mod 10,000).
+    pub fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let num = |k: &str| -> Result<usize, String> {
+            let v = get(k)
+                .ok_or_else(|| format!("--dist slurm: {k} is not set (run each rank with srun)"))?;
+            v.trim()
+                .parse()
+                .map_err(|_| format!("--dist slurm: {k}={v} is not a number"))
+        };
+        let rank = num("SLURM_PROCID")?;
+        let world = num("SLURM_NTASKS")?;
+        let local = get("SLURM_LOCALID")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let host = get("MASTER_ADDR")
+            .or_else(|| get("SLURM_LAUNCH_NODE_IPADDR"))
+            .ok_or("--dist slurm: neither MASTER_ADDR nor SLURM_LAUNCH_NODE_IPADDR is set")?;
+        let port = match get("MASTER_PORT") {
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| format!("--dist slurm: MASTER_PORT={p} is not a port"))?,
+            None => {
+                let job = num("SLURM_JOB_ID")?;
+                SLURM_BASE_PORT + (job % 10_000) as u16
+            }
+        };
+        Self::checked(rank, world, &format!("{}:{port}", host.trim()), local)
+            .map_err(|e| format!("--dist slurm: {e}"))
+    }
+
+    fn checked(rank: usize, world: usize, addr: &str, local_rank: usize) -> Result<Self, String> {
+        if world == 0 || rank >= world {
+            return Err(format!("rank {rank} of {world} ranks does not exist"));
+        }
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("{addr} is not HOST:PORT"));
+        }
+        Ok(Self {
+            rank,
+            world,
+            addr: addr.to_string(),
+            local_rank,
+        })
+    }
+
+    fn port(&self) -> u16 {
+        self.addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The wait at the start: `ICEFM_DIST_TIMEOUT` seconds, or [`DEFAULT_TIMEOUT`].
+pub fn timeout_from_env() -> Duration {
+    std::env::var("ICEFM_DIST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
+}
+
+enum Link {
+    /// One process: nothing to exchange.
+    Alone,
+    /// Rank 0: a connection to each other rank, by rank (`peers[k]` is rank `k + 1`).
+    Hub(Vec<TcpStream>),
+    /// Another rank: its connection to rank 0.
+    Spoke(TcpStream),
+}
+
+/// The ranks of a data-parallel run, as seen from one of them.
+pub struct Group {
+    rank: usize,
+    world: usize,
+    link: Link,
+    /// Reused receive buffer of rank 0's sums.
+    scratch: Vec<f32>,
+    /// On GPUs, gradients are summed by NCCL on the devices ([`Group::attach`]).
+    #[cfg(feature = "cuda")]
+    nccl: Option<crate::cuda::Nccl>,
+}
+
+impl Group {
+    /// A run of one process.
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            link: Link::Alone,
+            scratch: Vec::new(),
+            #[cfg(feature = "cuda")]
+            nccl: None,
+        }
+    }
+
+    /// Meet the other ranks of `spec`, waiting at most `timeout` for all of them. Rank 0
+    /// listens on `spec`'s port (every interface); the others connect to `spec.addr`,
+    /// trying again until rank 0 is up.
+    pub fn connect(spec: &DistSpec, timeout: Duration) -> Result<Self, TrainError> {
+        if spec.world == 1 {
+            return Ok(Self::single());
+        }
+        let link = if spec.rank == 0 {
+            Link::Hub(accept_ranks(spec, timeout)?)
+        } else {
+            Link::Spoke(reach_rank0(spec, timeout)?)
+        };
+        Ok(Self {
+            rank: spec.rank,
+            world: spec.world,
+            link,
+            scratch: Vec::new(),
+            #[cfg(feature = "cuda")]
+            nccl: None,
+        })
+    }
+
+    /// Where the gradients are summed, for a model on `dev`: on GPUs by NCCL, device to
+    /// device, when every rank can load it (and `ICEFM_NCCL` is not `0`); otherwise, and on
+    /// CPUs, on the host through rank 0. Returns which (`"nccl"`, `"host"`, or `"none"` for one
+    /// process). Every rank must call it.
+    pub fn attach(&mut self, dev: &Device) -> Result<&'static str, TrainError> {
+        if self.world == 1 {
+            return Ok("none");
+        }
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cd) = dev {
+            if self.nccl.is_some() {
+                return Ok("nccl");
+            }
+            let wanted = std::env::var("ICEFM_NCCL").map_or(true, |v| v != "0");
+            let able = wanted && crate::cuda::Nccl::available();
+            let all = self.all_gather(&[u8::from(able)])?;
+            if all.iter().all(|a| a.first() == Some(&1)) {
+                let id = if self.is_leader() {
+                    crate::cuda::Nccl::unique_id()?
+                } else {
+                    Vec::new()
+                };
+                let ids = self.all_gather(&id)?;
+                self.nccl = Some(crate::cuda::Nccl::new(cd, self.rank, self.world, &ids[0])?);
+                return Ok("nccl");
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = dev;
+        Ok("host")
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Rank 0, the one that writes the run directory.
+    pub fn is_leader(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Every rank's `mine`, by rank, on every rank.
+    pub fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, TrainError> {
+        match &mut self.link {
+            Link::Alone => Ok(vec![mine.to_vec()]),
+            Link::Hub(peers) => {
+                let mut all = vec![mine.to_vec()];
+                for (k, p) in peers.iter_mut().enumerate() {
+                    all.push(read_frame(p, k + 1)?);
+                }
+                let joined = join_frames(&all);
+                for (k, p) in peers.iter_mut().enumerate() {
+                    write_frame(p, &joined, k + 1)?;
+                }
+                Ok(all)
+            }
+            Link::Spoke(s) => {
+                write_frame(s, mine, 0)?;
+                split_frames(&read_frame(s, 0)?, self.world)
+            }
+        }
+    }
+
+    /// Fail, on every rank, unless every rank has the same `value` of `what`: naming the
+    /// ranks that differ from rank 0.
+    pub fn check_same(&mut self, what: &str, value: &str) -> Result<(), TrainError> {
+        let all = self.all_gather(value.as_bytes())?;
+        let differ: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| *v != &all[0])
+            .map(|(k, v)| {
+                let v = String::from_utf8_lossy(v);
+                let short: String = v.chars().take(80).collect();
+                format!("rank {k} has {short:?}")
+            })
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        let first = String::from_utf8_lossy(&all[0]);
+        let first: String = first.chars().take(80).collect();
+        Err(dist_err(format!(
+            "the ranks' {what} differ: rank 0 has {first:?}, {}",
+            differ.join(", ")
+        )))
+    }
+
+    /// Whether any rank says `yes` (every rank gets the same answer).
+    pub fn agree(&mut self, yes: bool) -> Result<bool, TrainError> {
+        if self.world == 1 {
+            return Ok(yes);
+        }
+        let all = self.all_gather(&[u8::from(yes)])?;
+        Ok(all.iter().any(|v| v.first() == Some(&1)))
+    }
+
+    /// `buf` replaced, on every rank, by the sum of every rank's `buf`, added in rank order
+    /// (the same bits on every rank). The ranks' buffers must have one length.
+    pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
+        match &mut self.link {
+            Link::Alone => Ok(()),
+            Link::Hub(peers) => {
+                self.scratch.resize(buf.len(), 0.0);
+                for (k, p) in peers.iter_mut().enumerate() {
+                    let n = read_len(p, k + 1)?;
+                    if n != std::mem::size_of_val(buf) as u64 {
+                        return Err(dist_err(format!(
+                            "rank {} sent {} gradient values, rank 0 has {}: the ranks' models differ",
+                            k + 1,
+                            n / 4,
+                            buf.len()
+                        )));
+                    }
+                    read_exact(p, bytemuck::cast_slice_mut(&mut self.scratch), k + 1)?;
+                    for (a, b) in buf.iter_mut().zip(&self.scratch) {
+                        *a += *b;
+                    }
+                }
+                for (k, p) in peers.iter_mut().enumerate() {
+                    write_frame(p, bytemuck::cast_slice(buf), k + 1)?;
+                }
+                Ok(())
+            }
+            Link::Spoke(s) => {
+                write_frame(s, bytemuck::cast_slice(buf), 0)?;
+                let n = read_len(s, 0)?;
+                if n != std::mem::size_of_val(buf) as u64 {
+                    return Err(dist_err(format!(
+                        "rank 0 sent {} values for {}",
+                        n / 4,
+                        buf.len()
+                    )));
+                }
+                read_exact(s, bytemuck::cast_slice_mut(buf), 0)
+            }
+        }
+    }
+
+    /// After a backward pass: each gradient of `vars` in `grads`, and each of `values` (the
+    /// step's loss and other figures, for its record), replaced by its mean over the ranks
+    /// weighted by `weight` (a scalar, e.g. the number of terms this rank's loss averages;
+    /// `None`: every rank weighs the same, PyTorch DDP's rule): `Σ wᵣ·gᵣ / Σ wᵣ`. With each
+    /// rank's loss a mean over its `wᵣ` terms, that is the gradient of the mean over all the
+    /// ranks' terms, the one process's gradient of the whole batch. Returns `values` reduced;
+    /// in a run of one process, `values` as they are and `grads` untouched.
+    pub fn reduce(
+        &mut self,
+        grads: &mut GradStore,
+        vars: &[Var],
+        values: &[Tensor],
+        weight: Option<&Tensor>,
+    ) -> Result<Vec<Tensor>, TrainError> {
+        if self.world == 1 {
+            return Ok(values.to_vec());
+        }
+        let mut parts = Vec::with_capacity(vars.len() + values.len() + 1);
+        let mut slots = Vec::with_capacity(vars.len());
+        for v in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                slots.push((v.as_tensor().clone(), g.dims().to_vec(), g.dtype()));
+                parts.push(g.flatten_all()?.to_dtype(DType::F32)?);
+            }
+        }
+        let dev = values
+            .first()
+            .or(parts.first())
+            .map(|t| t.device().clone())
+            .ok_or_else(|| dist_err("nothing to reduce"))?;
+        for v in values {
+            parts.push(v.flatten_all()?.to_dtype(DType::F32)?);
+        }
+        parts.push(Tensor::ones(1, DType::F32, &dev)?);
+        let mut flat = Tensor::cat(&parts, 0)?;
+        if let Some(w) = weight {
+            flat = flat.broadcast_mul(&w.to_dtype(DType::F32)?.reshape(1)?)?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(nccl) = &self.nccl {
+            // On the devices, queued behind the backward pass: the host does not wait.
+            let sum = nccl.sum(&flat)?;
+            let n = sum.elem_count();
+            // A total of 0 (no rank had a term) leaves the zero sums as they are.
+            let total = sum
+                .narrow(0, n - 1, 1)?
+                .clamp(f64::from(f32::MIN_POSITIVE), f64::MAX)?;
+            return Ok(split(&sum.broadcast_div(&total)?, slots, grads, values)?);
+        }
+        let mut host = flat.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut host)?;
+        let total = host.last().copied().unwrap_or(0.0);
+        // No rank had a term: the gradients are zero, as in one process.
+        if total > 0.0 {
+            host.iter_mut().for_each(|x| *x /= total);
+        } else {
+            host.fill(0.0);
+        }
+        let n = host.len();
+        Ok(split(
+            &Tensor::from_vec(host, n, &dev)?,
+            slots,
+            grads,
+            values,
+        )?)
+    }
+}
+
+/// The gradients of `slots` (tensor, shape, dtype) and then `values`' shapes, back out of
+/// the reduced `flat`: gradients into `grads`, values returned.
+fn split(
+    flat: &Tensor,
+    slots: Vec<(Tensor, Vec<usize>, DType)>,
+    grads: &mut GradStore,
+    values: &[Tensor],
+) -> candle_core::Result<Vec<Tensor>> {
+    let mut at = 0;
+    for (var, dims, dtype) in slots {
+        let len: usize = dims.iter().product();
+        let g = flat.narrow(0, at, len)?.reshape(dims)?.to_dtype(dtype)?;
+        grads.insert(&var, g);
+        at += len;
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        let len = v.elem_count();
+        out.push(
+            flat.narrow(0, at, len)?
+                .reshape(v.dims())?
+                .to_dtype(v.dtype())?,
+        );
+        at += len;
+    }
+    Ok(out)
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // Peers blocked on this rank see the end of the stream at once.
+        match &self.link {
+            Link::Alone => {}
+            Link::Hub(peers) => peers.iter().for_each(|p| {
+                let _ = p.shutdown(Shutdown::Both);
+            }),
+            Link::Spoke(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A checksum of weights' bits (FNV-1a over each tensor's f32 values, in order), to check
+/// that the ranks still hold the same weights.
+pub fn weights_digest(tensors: &[Tensor]) -> Result<String, TrainError> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in tensors {
+        for x in t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+            h = (h ^ u64::from(x.to_bits())).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Rank 0: accept one connection from each other rank before `timeout`.
+fn accept_ranks(spec: &DistSpec, timeout: Duration) -> Result<Vec<TcpStream>, TrainError> {
+    let port = spec.port();
+    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+        dist_err(format!(
+            "rank 0 cannot listen on port {port}: {e} (another run on this node? choose another port)"
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| dist_err(format!("port {port}: {e}")))?;
+    let deadline = Instant::now() + timeout;
+    let mut peers: Vec<Option<TcpStream>> = (1..spec.world).map(|_| None).collect();
+    while peers.iter().any(Option::is_none) {
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut hello = [0u8; 24];
+                if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
+                    // Not an icefm rank (a port scan, a stale client): ignore it.
+                    continue;
+                }
+                let field = |i: usize| {
+                    u64::from_le_bytes(hello[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]))
+                };
+                let (rank, world) = (field(0) as usize, field(1) as usize);
+                let problem = if world != spec.world {
+                    Some(format!(
+                        "rank {rank} (from {from}) was started with {world} ranks, rank 0 with {}",
+                        spec.world
+                    ))
+                } else if rank == 0 || rank >= spec.world {
+                    Some(format!(
+                        "a rank from {from} says it is rank {rank} of {world}"
+                    ))
+                } else if peers[rank - 1].is_some() {
+                    Some(format!(
+                        "two processes say they are rank {rank} (the second from {from})"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    let _ = write_frame(&mut s, p.as_bytes(), rank);
+                    return Err(dist_err(p));
+                }
+                let _ = s.set_read_timeout(None);
+                peers[rank - 1] = Some(s);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> = peers
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.is_none())
+                        .map(|(k, _)| (k + 1).to_string())
+                        .collect();
+                    return Err(dist_err(format!(
+                        "rank 0 waited {:.0} s on port {port} for ranks {} of {}: they never \
+                         connected (were they started, with --dist …@<this host>:{port}?)",
+                        timeout.as_secs_f64(),
+                        missing.join(", "),
+                        spec.world
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(dist_err(format!("port {port}: {e}"))),
+        }
+    }
+    let mut peers: Vec<TcpStream> = peers.into_iter().flatten().collect();
+    for (k, p) in peers.iter_mut().enumerate() {
+        write_frame(p, b"ok", k + 1)?;
+    }
+    Ok(peers)
+}
+
+/// Another rank: connect to rank 0, trying again until `timeout`, and introduce itself.
+fn reach_rank0(spec: &DistSpec, timeout: Duration) -> Result<TcpStream, TrainError> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no address");
+    let mut stream = loop {
+        let addrs: Vec<_> = match spec.addr.to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                last_error = e.to_string();
+                Vec::new()
+            }
+        };
+        let got = addrs.iter().find_map(|a| {
+            TcpStream::connect_timeout(a, Duration::from_secs(5))
+                .map_err(|e| last_error = e.to_string())
+                .ok()
+        });
+        if let Some(s) = got {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            return Err(dist_err(format!(
+                "rank {} could not reach rank 0 at {} within {:.0} s: {last_error}",
+                spec.rank,
+                spec.addr,
+                timeout.as_secs_f64()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = stream.set_nodelay(true);
+    let mut hello = MAGIC.to_vec();
+    hello.extend((spec.rank as u64).to_le_bytes());
+    hello.extend((spec.world as u64).to_le_bytes());
+    stream
+        .write_all(&hello)
+        .map_err(|e| dist_err(format!("rank {}: {e}", spec.rank)))?;
+    // Rank 0 answers once every rank is there.
+    let _ = stream.set_read_timeout(Some(timeout + Duration::from_secs(30)));
+    let reply = read_frame(&mut stream, 0)?;
+    if reply != b"ok" {
+        return Err(dist_err(String::from_utf8_lossy(&reply)));
+    }
+    let _ = stream.set_read_timeout(None);
+    Ok(stream)
+}
+
+fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
+    match e.kind() {
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => dist_err(format!(
+            "rank {peer} left the run (its own output says why)"
+        )),
+        _ => dist_err(format!("rank {peer}: {e}")),
+    }
+}
+
+fn write_frame(s: &mut TcpStream, bytes: &[u8], peer: usize) -> Result<(), TrainError> {
+    s.write_all(&(bytes.len() as u64).to_le_bytes())
+        .and_then(|()| s.write_all(bytes))
+        .map_err(|e| peer_err(peer, e))
+}
+
+fn read_len(s: &mut TcpStream, peer: usize) -> Result<u64, TrainError> {
+    let mut n = [0u8; 8];
+    read_exact(s, &mut n, peer)?;
+    Ok(u64::from_le_bytes(n))
+}
+
+fn read_exact(s: &mut TcpStream, buf: &mut [u8], peer: usize) -> Result<(), TrainError> {
+    s.read_exact(buf).map_err(|e| peer_err(peer, e))
+}
+
+fn read_frame(s: &mut TcpStream, peer: usize) -> Result<Vec<u8>, TrainError> {
+    let n = read_len(s, peer)?;
+    if n > 1 << 40 {
+        return Err(dist_err(format!("rank {peer} sent a frame of {n} bytes")));
+    }
+    let mut buf = vec![0u8; n as usize];
+    read_exact(s, &mut buf, peer)?;
+    Ok(buf)
+}
+
+fn join_frames(parts: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend((p.len() as u64).to_le_bytes());
+        out.extend(p);
+    }
+    out
+}
+
+fn split_frames(mut bytes: &[u8], count: usize) -> Result<Vec<Vec<u8>>, TrainError> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let bad = || dist_err("rank 0 sent a malformed message");
+        let (n, rest) = bytes.split_first_chunk::<8>().ok_or_else(bad)?;
+        let n = u64::from_le_bytes(*n) as usize;
+        if rest.len() < n {
+            return Err(bad());
+        }
+        out.push(rest[..n].to_vec());
+        bytes = &rest[n..];
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A port free a moment ago on this host.
+    pub(crate) fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn spec(rank: usize, world: usize, port: u16) -> DistSpec {
+        DistSpec::parse(&format!("{rank}/{world}@127.0.0.1:{port}")).unwrap()
+    }
+
+    /// `world` ranks in threads, each running `f` on its group.
+    fn ranks<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(&mut Group) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    let mut g =
+                        Group::connect(&spec(r, world, port), Duration::from_secs(20)).unwrap();
+                    assert_eq!((g.rank(), g.world(), g.is_leader()), (r, world, r == 0));
+                    f(&mut g)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn specs_parse_and_slurm_variables_give_rank_world_and_address() {
+        let s = DistSpec::parse("1/4@node01:29501").unwrap();
+        assert_eq!(
+            (s.rank, s.world, s.addr.as_str(), s.local_rank),
+            (1, 4, "node01:29501", 1)
+        );
+        for bad in [
+            "4/4@h:1",
+            "1/0@h:1",
+            "1/2",
+            "1/2@h",
+            "1/2@:5",
+            "a/2@h:1",
+            "1/2@h:99999",
+        ] {
+            assert!(DistSpec::parse(bad).is_err(), "{bad}");
+        }
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        const SLURM: [(&str, &str); 5] = [
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.7"),
+            ("SLURM_JOB_ID", "123456"),
+        ];
+        let s = DistSpec::from_slurm(&env(&SLURM)).unwrap();
+        assert_eq!(
+            (s.rank, s.world, s.local_rank, s.addr.as_str()),
+            (5, 8, 1, "10.0.0.7:32956")
+        );
+        const MASTER: [(&str, &str); 4] = [
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("MASTER_ADDR", "gpu17"),
+            ("MASTER_PORT", "40000"),
+        ];
+        let s = DistSpec::from_slurm(&env(&MASTER)).unwrap();
+        assert_eq!(
+            (s.rank, s.local_rank, s.addr.as_str()),
+            (0, 0, "gpu17:40000")
+        );
+        let e = DistSpec::from_slurm(&env(&[("SLURM_NTASKS", "2")])).unwrap_err();
+        assert!(e.contains("SLURM_PROCID is not set"), "{e}");
+        let e = DistSpec::from_slurm(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]))
+            .unwrap_err();
+        assert!(e.contains("MASTER_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn sums_are_added_in_rank_order_and_the_same_on_every_rank() {
+        // Values whose sum depends on the order of addition in f32.
+        let vals = [1e8f32, 1.0, -1e8, 0.5];
+        let out = ranks(4, move |g| {
+            let mut buf = vec![vals[g.rank()], g.rank() as f32, 2.0];
+            g.all_reduce_sum(&mut buf).unwrap();
+            buf
+        });
+        let expect = vec![((1e8f32 + 1.0) - 1e8) + 0.5, 6.0, 8.0];
+        for b in &out {
+            assert_eq!(b, &expect);
+        }
+    }
+
+    #[test]
+    fn gather_agree_and_check_same_see_every_rank() {
+        let out = ranks(3, |g| {
+            let all = g.all_gather(format!("r{}", g.rank()).as_bytes()).unwrap();
+            let empty = g.all_gather(&[]).unwrap();
+            let any = g.agree(g.rank() == 2).unwrap();
+            let none = g.agree(false).unwrap();
+            let same = g.check_same("seed", "7").is_ok();
+            let differ = g
+                .check_same("configuration", if g.rank() == 1 { "b" } else { "a" })
+                .unwrap_err()
+                .to_string();
+            (all, empty, any, none, same, differ)
+        });
+        for (all, empty, any, none, same, differ) in out {
+            assert_eq!(all, vec![b"r0".to_vec(), b"r1".to_vec(), b"r2".to_vec()]);
+            assert_eq!(empty, vec![Vec::<u8>::new(); 3]);
+            assert!(any && !none && same);
+            assert!(
+                differ.contains("configuration differ: rank 0 has \"a\", rank 1 has \"b\""),
+                "{differ}"
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_become_their_weighted_mean_over_the_ranks() {
+        let out = ranks(2, |g| {
+            let dev = Device::Cpu;
+            let a = Var::from_vec(vec![0f32; 4], (2, 2), &dev).unwrap();
+            let b = Var::from_vec(vec![0f32; 3], 3, &dev).unwrap();
+            let r = g.rank() as f32;
+            // Rank r's loss: (r + 1) · Σ a + (r + 2) · Σ b, a mean over w = 1 + 3r terms.
+            let loss = ((a.as_tensor().sum_all().unwrap() * f64::from(r + 1.0)).unwrap()
+                + (b.as_tensor().sum_all().unwrap() * f64::from(r + 2.0)).unwrap())
+            .unwrap();
+            let mut grads = loss.backward().unwrap();
+            let w = Tensor::new(1.0 + 3.0 * r, &dev).unwrap();
+            let vals = [Tensor::new(&[10.0 * (r + 1.0), r][..], &dev).unwrap()];
+            let red = g
+                .reduce(&mut grads, &[a.clone(), b.clone()], &vals, Some(&w))
+                .unwrap();
+            let ga = grads.get(a.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            (ga, gb, red[0].to_vec1::<f32>().unwrap())
+        });
+        // (1·1 + 4·2) / 5 for a, (1·2 + 4·3) / 5 for b; values (1·[10, 0] + 4·[20, 1]) / 5.
+        for (ga, gb, v) in out {
+            assert_eq!(ga, vec![vec![1.8f32; 2]; 2]);
+            assert_eq!(gb, vec![2.8f32; 3]);
+            assert_eq!(v, vec![18.0, 0.8]);
+        }
+    }
+
+    #[test]
+    fn wrong_worlds_twin_ranks_and_absent_ranks_fail_with_the_reason() {
+        let port = free_port();
+        let hub = std::thread::spawn(move || {
+            Group::connect(&spec(0, 3, port), Duration::from_secs(20))
+                .err()
+                .unwrap()
+                .to_string()
+        });
+        let one = std::thread::spawn(move || {
+            Group::connect(&spec(1, 3, port), Duration::from_secs(20))
+                .err()
+                .map(|e| e.to_string())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let twin = Group::connect(&spec(1, 3, port), Duration::from_secs(20))
+            .err()
+            .unwrap()
+            .to_string();
+        let hub = hub.join().unwrap();
+        assert!(hub.contains("two processes say they are rank 1"), "{hub}");
+        // One of the two rank 1s is told why; the other sees rank 0 go.
+        let one = one.join().unwrap().unwrap_or_default();
+        assert!(
+            twin.contains("two processes") || one.contains("two processes"),
+            "{twin} / {one}"
+        );
+
+        let port = free_port();
+        let hub = std::thread::spawn(move || {
+            Group::connect(&spec(0, 2, port), Duration::from_secs(20))
+                .err()
+                .unwrap()
+                .to_string()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let other = Group::connect(&spec(1, 3, port), Duration::from_secs(20))
+            .err()
+            .unwrap()
+            .to_string();
+        let hub = hub.join().unwrap();
+        assert!(
+            hub.contains("was started with 3 ranks, rank 0 with 2"),
+            "{hub}"
+        );
+        assert!(other.contains("was started with 3 ranks"), "{other}");
+
+        let port = free_port();
+        let alone = Group::connect(&spec(0, 3, port), Duration::from_millis(300))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            alone.contains("for ranks 1, 2 of 3: they never connected"),
+            "{alone}"
+        );
+        let unreachable = Group::connect(&spec(2, 3, free_port()), Duration::from_millis(300))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            unreachable.contains("rank 2 could not reach rank 0"),
+            "{unreachable}"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_leaves_ends_the_others_with_an_error() {
+        let out = ranks(3, |g| {
+            if g.rank() == 2 {
+                // Leaves before the exchange (drop closes its connection).
+                return String::new();
+            }
+            let mut buf = vec![1.0f32; 8];
+            g.all_reduce_sum(&mut buf).err().unwrap().to_string()
+        });
+        assert!(out[0].contains("rank 2 left the run"), "{}", out[0]);
+        assert!(out[1].contains("rank 0 left the run"), "{}", out[1]);
+    }
+}

@@ -1,0 +1,336 @@
+//! Data-parallel training on the CPU, ranks in threads meeting over TCP: two ranks take the
+//! steps one process takes on the whole batch, keep the same weights, write one run directory,
+//! stop together and resume exactly.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+mod common;
+
+use icefm_model::config::TrainConfig;
+use icefm_model::dist::{DistSpec, Group};
+use icefm_model::finetune::{train_seg, train_seg_in};
+use icefm_model::train::{
+    RunOptions, RunSummary, StepRecord, checkpoints, read_metrics, train_mae, train_mae_in,
+};
+
+fn store() -> &'static Path {
+    static STORE: OnceLock<PathBuf> = OnceLock::new();
+    STORE.get_or_init(|| common::rtt_store("dist-tests", 2, (260, 300), 23))
+}
+
+/// Samples with no-data pixels (`min_valid` 0.3), so that the ranks' shares hold different
+/// numbers of valid pixels.
+const MAE: &str = r#"
+[model]
+preset = "micro"
+[mae]
+decoder_dim = 8
+decoder_depth = 1
+decoder_heads = 2
+[data]
+levels = "80,160"
+crop = 32
+batch_size = 4
+min_valid = 0.3
+flips = true
+rot90 = true
+jitter = 8
+threads = 1
+[train]
+steps = 4
+lr = 1e-3
+warmup_steps = 1
+checkpoint_every = 2
+keep_last = 5
+panel_every = 2
+seed = 5
+"#;
+
+const SEG: &str = r#"
+[model]
+preset = "micro"
+[seg]
+head = "fcn"
+channels = 8
+[data]
+levels = "80,160"
+crop = 32
+batch_size = 4
+min_valid = 0.3
+threads = 1
+[train]
+steps = 4
+lr = 2e-3
+warmup_steps = 1
+checkpoint_every = 2
+keep_last = 5
+seed = 6
+"#;
+
+fn opts(out: &Path, resume: bool) -> RunOptions {
+    RunOptions {
+        device: candle_core::Device::Cpu,
+        store: store().to_path_buf(),
+        out: out.to_path_buf(),
+        resume,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `world` ranks of `cfg` (MAE, or fine-tuning with a `[seg]` section) in threads, rank `k`
+/// writing to `outs[k]`; rank `k`'s stop flag is `stops[k]`. Returns each rank's summary.
+fn ranks(
+    cfg: &TrainConfig,
+    outs: &[PathBuf],
+    resume: bool,
+    stops: &[bool],
+) -> Vec<Result<RunSummary, String>> {
+    let port = free_port();
+    let world = outs.len();
+    let handles: Vec<_> = (0..world)
+        .map(|r| {
+            let (cfg, out, stop) = (cfg.clone(), outs[r].clone(), stops[r]);
+            std::thread::spawn(move || {
+                let spec = DistSpec::parse(&format!("{r}/{world}@127.0.0.1:{port}")).unwrap();
+                let mut g = Group::connect(&spec, Duration::from_secs(60)).unwrap();
+                let stop = Arc::new(AtomicBool::new(stop));
+                let o = opts(&out, resume);
+                let run = if cfg.is_seg() {
+                    train_seg_in(&mut g, &cfg, &o, &stop, &|_| {}, &|_| {})
+                } else {
+                    train_mae_in(&mut g, &cfg, &o, &stop, &|_| {})
+                };
+                run.map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// The largest difference between two runs' final weights, relative to the largest weight.
+fn weights_gap(a: &Path, b: &Path) -> f32 {
+    let load = |o: &Path| {
+        let dir = checkpoints(o).last().unwrap().1.clone();
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.len(), b.len());
+    let (mut gap, mut top) = (0f32, 0f32);
+    for (name, x) in &a {
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (p, q) in x.iter().zip(&y) {
+            gap = gap.max((p - q).abs());
+            top = top.max(p.abs());
+        }
+    }
+    gap / top
+}
+
+fn losses(r: &[StepRecord]) -> Vec<f32> {
+    r.iter().map(|r| r.loss).collect()
+}
+
+#[test]
+fn two_mae_ranks_take_the_steps_one_process_takes_on_the_whole_batch() {
+    let cfg = TrainConfig::parse(MAE, &[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let one = train_mae(
+        &cfg,
+        &opts(&tmp.path().join("one"), false),
+        &AtomicBool::new(false),
+        &|_| {},
+    )
+    .unwrap();
+    let two_dir = tmp.path().join("two");
+    let r1_dir = tmp.path().join("rank1");
+    let two = ranks(&cfg, &[two_dir.clone(), r1_dir.clone()], false, &[false; 2]);
+    let (r0, r1) = (two[0].as_ref().unwrap(), two[1].as_ref().unwrap());
+    assert_eq!((r0.steps_done, r1.steps_done), (4, 4));
+    // Rank 0's records are the whole batch's: the same losses (to rounding), learning rates
+    // and images per step as one process's, and the other rank reports the same.
+    assert_eq!(r0.records.len(), 4);
+    for (a, b) in one.records.iter().zip(&r0.records) {
+        assert!(
+            (a.loss - b.loss).abs() <= 2e-6 * a.loss.abs(),
+            "{a:?}\n{b:?}"
+        );
+        assert!(
+            (a.value("baseline").unwrap() - b.value("baseline").unwrap()).abs() < 1e-5,
+            "{a:?}\n{b:?}"
+        );
+        assert_eq!(a.lr, b.lr);
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() <= 1e-4 * a.grad_norm,
+            "{a:?}\n{b:?}"
+        );
+    }
+    assert_eq!(losses(&r0.records), losses(&r1.records));
+    // The level mix is the whole batch's, every rank's samples.
+    let mix = |r: &[StepRecord]| r.iter().map(|r| r.levels.clone()).collect::<Vec<_>>();
+    assert_eq!(mix(&r0.records), mix(&one.records));
+    let gap = weights_gap(&tmp.path().join("one"), &two_dir);
+    assert!(gap < 1e-3, "weights differ by {gap}");
+    // Rank 0 alone wrote a run directory: checkpoints, metrics, panels, log.
+    assert_eq!(
+        checkpoints(&two_dir)
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        [2, 4]
+    );
+    assert_eq!(
+        losses(&read_metrics(&two_dir.join("metrics.parquet")).unwrap()),
+        losses(&r0.records)
+    );
+    assert!(two_dir.join("panels/step_0000004.png").exists());
+    assert!(two_dir.join("log.txt").exists() && !r1_dir.exists());
+}
+
+#[test]
+fn a_stop_on_any_rank_stops_both_and_the_resumed_run_equals_an_unstopped_one() {
+    let cfg = TrainConfig::parse(MAE, &[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let done = ranks(&cfg, &[full.clone(), full.clone()], false, &[false; 2]);
+    assert!(done.iter().all(Result::is_ok));
+
+    // Rank 1 is asked to stop before its first step: both stop after it, and rank 0 saves.
+    let part = tmp.path().join("part");
+    let stopped = ranks(&cfg, &[part.clone(), part.clone()], false, &[false, true]);
+    for r in &stopped {
+        let r = r.as_ref().unwrap();
+        assert_eq!((r.steps_done, r.interrupted), (1, true));
+    }
+    assert_eq!(checkpoints(&part).last().unwrap().0, 1);
+    let rest = ranks(&cfg, &[part.clone(), part.clone()], true, &[false; 2]);
+    let rest = rest[0].as_ref().unwrap();
+    assert_eq!((rest.steps_done, rest.steps_run), (4, 3));
+    let bytes = |o: &Path| {
+        std::fs::read(checkpoints(o).last().unwrap().1.join("model.safetensors")).unwrap()
+    };
+    assert_eq!(bytes(&part), bytes(&full));
+    assert_eq!(
+        losses(&read_metrics(&part.join("metrics.parquet")).unwrap()),
+        losses(&read_metrics(&full.join("metrics.parquet")).unwrap())
+    );
+}
+
+#[test]
+fn ranks_with_other_configurations_or_batches_that_do_not_split_are_refused() {
+    let cfg = TrainConfig::parse(MAE, &[]).unwrap();
+    let other = TrainConfig::parse(MAE, &["train.lr=2e-3".into()]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let run = |r: usize, cfg: TrainConfig, out: PathBuf| {
+        std::thread::spawn(move || {
+            let spec = DistSpec::parse(&format!("{r}/2@127.0.0.1:{port}")).unwrap();
+            let mut g = Group::connect(&spec, Duration::from_secs(60)).unwrap();
+            train_mae_in(
+                &mut g,
+                &cfg,
+                &opts(&out, false),
+                &AtomicBool::new(false),
+                &|_| {},
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        })
+    };
+    let a = run(0, cfg.clone(), tmp.path().join("a"));
+    let b = run(1, other, tmp.path().join("a"));
+    for e in [a.join().unwrap(), b.join().unwrap()] {
+        assert!(e.contains("the ranks' configurations differ"), "{e}");
+        assert!(e.contains("rank 1 has"), "{e}");
+    }
+    assert!(!tmp.path().join("a").exists());
+
+    let three = TrainConfig::parse(MAE, &["data.batch_size=3".into()]).unwrap();
+    let e = ranks(
+        &three,
+        &[tmp.path().join("b"), tmp.path().join("b")],
+        false,
+        &[false; 2],
+    );
+    for r in e {
+        let e = r.err().unwrap();
+        assert!(
+            e.contains("batch_size 3 is not a multiple of the 2 ranks"),
+            "{e}"
+        );
+    }
+
+    // A resume that rank 0 refuses (nothing to resume in a new directory is fine, but a new
+    // run into a directory with checkpoints is not) ends rank 1 too, with rank 0's reason.
+    let used = tmp.path().join("used");
+    train_mae(&cfg, &opts(&used, false), &AtomicBool::new(false), &|_| {}).unwrap();
+    let again = ranks(&cfg, &[used.clone(), used.clone()], false, &[false; 2]);
+    assert!(
+        again[0]
+            .as_ref()
+            .err()
+            .unwrap()
+            .contains("already holds checkpoints")
+    );
+    let e = again[1].as_ref().err().unwrap();
+    assert!(
+        e.contains("rank 0:") && e.contains("already holds checkpoints"),
+        "{e}"
+    );
+}
+
+#[test]
+fn two_fine_tuning_ranks_keep_one_set_of_weights() {
+    let cfg = TrainConfig::parse(SEG, &[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let one = train_seg(
+        &cfg,
+        &opts(&tmp.path().join("one"), false),
+        &AtomicBool::new(false),
+        &|_| {},
+        &|_| {},
+    )
+    .unwrap();
+    let two_dir = tmp.path().join("two");
+    let two = ranks(
+        &cfg,
+        &[two_dir.clone(), two_dir.clone()],
+        false,
+        &[false; 2],
+    );
+    let r0 = two[0].as_ref().unwrap();
+    assert_eq!(two[1].as_ref().unwrap().steps_done, 4);
+    // Each rank's task losses average its own labelled pixels, so the step is the one
+    // process's only where the ranks hold as many: close, not equal. The first step's loss
+    // (before any update) is the mean of the ranks' means.
+    for r in &r0.records {
+        assert!(r.loss.is_finite() && r.loss > 0.0);
+        for t in ["loss_SIC", "loss_SOD", "loss_FLOE"] {
+            assert!(r.value(t).is_some_and(f32::is_finite), "{t}");
+        }
+    }
+    let (a, b) = (one.records[0].loss, r0.records[0].loss);
+    assert!((a - b).abs() < 0.2 * a, "{a} vs {b}");
+    // The ranks checked their weights' digests at each checkpoint (a difference fails the
+    // run): both finished, and rank 0 saved.
+    assert_eq!(
+        checkpoints(&two_dir)
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        [2, 4]
+    );
+}
