@@ -27,12 +27,12 @@ use crate::dist::Group;
 use crate::evaluate::{Blend, InferOptions, SceneResult, evaluate_scene, selection_score};
 use crate::metrics::{Evaluation, Scores};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::seg::{SegModel, seg_loss_staged};
+use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
 use crate::train::{
-    Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord, TrainError, batch_levels,
-    checkpoint_due, checkpoints, drop_draws, end_step, init_weights, io_err, load_checkpoint,
-    named_vars, open_loader, open_run, optimise, read_metrics, write_parquet,
+    DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord, TrainError,
+    batch_levels, checkpoint_due, checkpoints, drop_draws, end_step, init_weights, io_err,
+    load_checkpoint, named_vars, open_loader, open_run, optimise, read_metrics, write_parquet,
 };
 
 /// One validation pass.
@@ -447,6 +447,27 @@ pub fn read_validation(path: &Path) -> Result<Vec<ValRecord>, TrainError> {
     Ok(out)
 }
 
+/// In a data-parallel run, each task's labelled pixels in the whole batch over the number of
+/// ranks ([`seg_loss_shared`]); `None` in one process.
+fn shared_counts(group: &mut Group, batch: &DeviceBatch) -> Result<Option<[f64; 3]>, TrainError> {
+    if group.world() == 1 {
+        return Ok(None);
+    }
+    let mine = label_counts(&batch.labels, batch.size * batch.size);
+    let bytes: Vec<u8> = mine
+        .iter()
+        .flat_map(|n| (*n as u64).to_le_bytes())
+        .collect();
+    let mut all = [0u64; 3];
+    for theirs in group.all_gather(&bytes)? {
+        for (a, c) in all.iter_mut().zip(theirs.chunks_exact(8)) {
+            *a += c.try_into().map(u64::from_le_bytes).unwrap_or(0);
+        }
+    }
+    let w = group.world() as f64;
+    Ok(Some(all.map(|n| n as f64 / w)))
+}
+
 /// Train (or resume) a segmentation model as `cfg` (with a `[seg]` section) says. `stop` is
 /// checked at every step boundary; `on_step` sees every step, `on_val` every validation.
 pub fn train_seg(
@@ -460,9 +481,9 @@ pub fn train_seg(
 }
 
 /// [`train_seg`] as one rank of `group` ([`crate::dist`]): this rank's share of each batch,
-/// gradients averaged over the ranks with equal weights (PyTorch DDP's rule: each task's loss
-/// is a mean over its rank's labelled pixels), validation and the run directory on rank 0
-/// alone.
+/// each task's loss divided by the whole batch's labelled pixels (shared between the ranks
+/// each step), so the ranks' mean gradient is the one process's step on the whole batch;
+/// validation and the run directory on rank 0 alone.
 pub fn train_seg_in(
     group: &mut Group,
     cfg: &TrainConfig,
@@ -568,8 +589,17 @@ pub fn train_seg_in(
             // The next batch's copy runs beside this step's queued work.
             feeder.prefetch()?;
         }
+        // Each task's loss a mean over the whole batch's labelled pixels, whichever rank
+        // holds them: the ranks' mean gradient is then one process's.
+        let shared = shared_counts(group, &batch)?;
         let loss = on_worker(dev.is_cpu(), || {
-            seg_loss_staged(&outs, &batch.labels, batch.labels_on.as_ref(), &scfg)
+            seg_loss_shared(
+                &outs,
+                &batch.labels,
+                batch.labels_on.as_ref(),
+                &scfg,
+                shared,
+            )
         })?;
         let (clipped, lr, values) = optimise(
             &loss.total,

@@ -811,6 +811,30 @@ pub fn seg_loss_staged(
     staged: Option<&Tensor>,
     cfg: &SegConfig,
 ) -> Result<SegLoss> {
+    seg_loss_shared(outputs, labels, staged, cfg, None)
+}
+
+/// The labelled (not 255) pixels of each task in `labels` (u8 `[B, 3, H·W]`, planes of
+/// `plane` = H·W pixels), by channel.
+pub fn label_counts(labels: &[u8], plane: usize) -> [usize; 3] {
+    let mut n = [0; 3];
+    for (k, p) in labels.chunks(plane.max(1)).enumerate() {
+        n[k % 3] += p.iter().filter(|&&l| l != IGNORE).count();
+    }
+    n
+}
+
+/// [`seg_loss_staged`] for one rank of a data-parallel run: each task's sum divided by
+/// `shared[channel]` in place of this rank's own labelled-pixel count. With `shared` the whole
+/// batch's count over the number of ranks, the ranks' mean loss (and gradient) is the whole
+/// batch's: each task a mean over all its labelled pixels, as in one process.
+pub fn seg_loss_shared(
+    outputs: &[(Task, Tensor)],
+    labels: &[u8],
+    staged: Option<&Tensor>,
+    cfg: &SegConfig,
+    shared: Option<[f64; 3]>,
+) -> Result<SegLoss> {
     let mut total: Option<Tensor> = None;
     let (mut values, mut counts) = (Vec::new(), Vec::new());
     // The labels go to the outputs' device once; masks, targets and one-hot codes are made
@@ -835,6 +859,7 @@ pub fn seg_loss_staged(
             candle_core::bail!("{} label {v} is not below its {k} classes", task.name());
         }
         let (dev, dt) = (y.device(), y.dtype());
+        let den = shared.map_or(n as f64, |d| d[ch]);
         let loss = if n == 0 {
             // Zero, with a zero gradient for the head: candle's backward skips a product with
             // the constant 0, which would leave the head without a gradient at all.
@@ -856,12 +881,12 @@ pub fn seg_loss_staged(
                 let ignore = crate::fused::filled(&lab, f64::from(IGNORE))?;
                 let m = lab.ne(&ignore)?.to_dtype(dt)?;
                 let t = (lab.to_dtype(dt)? * &m)?;
-                (((y - t)?.sqr()? * m)?.sum_all()? / n as f64)?
+                (((y - t)?.sqr()? * m)?.sum_all()? / den)?
             } else {
                 // Ignored pixels (255) match no class: an all-zero row.
                 let classes = classes_on(k, dev)?;
                 let t = lab.broadcast_eq(&classes)?.to_dtype(dt)?;
-                ((log_softmax(y)? * t)?.sum_all()? / -(n as f64))?
+                ((log_softmax(y)? * t)?.sum_all()? / -den)?
             }
         };
         values.push(loss.to_dtype(DType::F32)?);

@@ -18,7 +18,7 @@ use icefm_model::evaluate::{Blend, InferOptions, predict_level, upsample_nearest
 use icefm_model::finetune::{load_init, read_validation, train_seg};
 use icefm_model::mae::{Mae, MaeConfig};
 use icefm_model::seg::{
-    HeadKind, Resample, SegConfig, SegModel, SicLoss, class_of, resize, seg_loss,
+    HeadKind, Resample, SegConfig, SegModel, SicLoss, class_of, label_counts, resize, seg_loss,
 };
 use icefm_model::train::{RunOptions, StepRecord, checkpoints, init_weights, named_vars};
 use icefm_schemas::{IGNORE, Level, Task};
@@ -107,6 +107,7 @@ fn every_parameter_of_both_heads_gets_a_finite_nonzero_gradient() {
                 assert!(v.is_finite() && *v > 0.0, "{t:?} loss {v}");
                 assert_eq!(*n, 2 * 15 * 16, "{t:?} labelled pixels");
             }
+            assert_eq!(label_counts(&labels(2, 16, 16), 16 * 16), [2 * 15 * 16; 3]);
             let grads = loss.total.backward().unwrap();
             let named = named_vars(&vars);
             assert!(named.iter().any(|(n, _)| n.starts_with("heads.floe.")));
