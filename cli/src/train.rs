@@ -102,7 +102,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 s.addr,
                 timeout.as_secs_f64()
             );
-            Group::connect(s, timeout)?
+            let mut g = Group::connect(s, timeout)?;
+            g.allow_nccl(std::env::var("ICEFM_NCCL").map_or(true, |v| v != "0"));
+            g
         }
         None => Group::single(),
     };

@@ -153,6 +153,9 @@ pub struct Group {
     link: Link,
     /// Reused receive buffer of rank 0's sums.
     scratch: Vec<f32>,
+    /// Whether [`Group::attach`] may use NCCL.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    nccl_allowed: bool,
     /// On GPUs, gradients are summed by NCCL on the devices ([`Group::attach`]).
     #[cfg(feature = "cuda")]
     nccl: Option<crate::cuda::Nccl>,
@@ -166,6 +169,7 @@ impl Group {
             world: 1,
             link: Link::Alone,
             scratch: Vec::new(),
+            nccl_allowed: true,
             #[cfg(feature = "cuda")]
             nccl: None,
         }
@@ -188,15 +192,22 @@ impl Group {
             world: spec.world,
             link,
             scratch: Vec::new(),
+            nccl_allowed: true,
             #[cfg(feature = "cuda")]
             nccl: None,
         })
     }
 
+    /// Let [`Group::attach`] use NCCL on GPUs (the default) or not (`icefm train` reads
+    /// `ICEFM_NCCL=0`; two ranks on one GPU, which NCCL refuses, need it off).
+    pub fn allow_nccl(&mut self, allowed: bool) {
+        self.nccl_allowed = allowed;
+    }
+
     /// Where the gradients are summed, for a model on `dev`: on GPUs by NCCL, device to
-    /// device, when every rank can load it (and `ICEFM_NCCL` is not `0`); otherwise, and on
-    /// CPUs, on the host through rank 0. Returns which (`"nccl"`, `"host"`, or `"none"` for one
-    /// process). Every rank must call it.
+    /// device, when allowed ([`Group::allow_nccl`]) and every rank can load it; otherwise,
+    /// and on CPUs, on the host through rank 0. Returns which (`"nccl"`, `"host"`, or `"none"`
+    /// for one process). Every rank must call it.
     pub fn attach(&mut self, dev: &Device) -> Result<&'static str, TrainError> {
         if self.world == 1 {
             return Ok("none");
@@ -206,8 +217,7 @@ impl Group {
             if self.nccl.is_some() {
                 return Ok("nccl");
             }
-            let wanted = std::env::var("ICEFM_NCCL").map_or(true, |v| v != "0");
-            let able = wanted && crate::cuda::Nccl::available();
+            let able = self.nccl_allowed && crate::cuda::Nccl::available();
             let all = self.all_gather(&[u8::from(able)])?;
             if all.iter().all(|a| a.first() == Some(&1)) {
                 let id = if self.is_leader() {

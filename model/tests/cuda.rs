@@ -856,3 +856,83 @@ fn the_gpu_step_census_is_the_cpu_census_with_gpu_routes() {
     fused::set_gpu_routes(false);
     common::assert_same_census(&on_gpu, &rows(&on_cpu.unwrap()));
 }
+
+/// Data-parallel training on a GPU through the host route, on the GPU check's store (two ranks
+/// share the one GPU, which NCCL refuses, so NCCL is off): the gradients' flat buffer goes to the host and back, the
+/// fused AdamW and clipping read gradients that are views into it, and two ranks give one
+/// process's losses and weights.
+#[test]
+fn two_ranks_on_one_gpu_take_one_process_steps_through_the_host() {
+    use icefm_model::config::TrainConfig;
+    use icefm_model::dist::{DistSpec, Group};
+    use icefm_model::train::{RunOptions, checkpoints, train_mae, train_mae_in};
+    use std::sync::atomic::AtomicBool;
+    // The GPU check's small store (scripts/build-gpu-check.sh; this binary must not link
+    // netCDF, so it cannot make one).
+    let store = std::path::PathBuf::from(
+        std::env::var("ICEFM_GPU_STORE").unwrap_or_else(|_| ".gpu/store".into()),
+    );
+    assert!(
+        store.join("zarr.json").exists(),
+        "{}: no store (run from the repository root after scripts/build-gpu-check.sh, or set \
+         ICEFM_GPU_STORE)",
+        store.display()
+    );
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.panel_every=0",
+    ];
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let cfg = TrainConfig::parse(common::DIST_MAE, &sets).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = |out: &std::path::Path| RunOptions {
+        device: gpu(),
+        store: store.clone(),
+        out: out.to_path_buf(),
+        resume: false,
+    };
+    let one = train_mae(
+        &cfg,
+        &opts(&tmp.path().join("one")),
+        &AtomicBool::new(false),
+        &|_| {},
+    )
+    .unwrap();
+    let port = common::free_port();
+    let two = tmp.path().join("two");
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            let (cfg, o) = (cfg.clone(), opts(&two));
+            std::thread::spawn(move || {
+                let spec = DistSpec::parse(&format!("{r}/2@127.0.0.1:{port}")).unwrap();
+                let mut g = Group::connect(&spec, std::time::Duration::from_secs(60)).unwrap();
+                g.allow_nccl(false);
+                train_mae_in(&mut g, &cfg, &o, &AtomicBool::new(false), &|_| {}).unwrap()
+            })
+        })
+        .collect();
+    let two_runs: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    for (a, b) in one.records.iter().zip(&two_runs[0].records) {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-4 * a.loss.abs(),
+            "{a:?}\n{b:?}"
+        );
+    }
+    assert_eq!(two_runs[1].steps_done, 3);
+    let load = |o: &std::path::Path| {
+        let dir = checkpoints(o).last().unwrap().1.clone();
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    // Adam moves a weight whose gradient is near 0 by up to its learning rate either way, so
+    // the gap is taken against the largest weight of the model, not each tensor's.
+    let (a, b) = (load(&tmp.path().join("one")), load(&two));
+    let (mut gap, mut top) = (0f64, 0f64);
+    for (name, x) in &a {
+        for (p, q) in host(x).iter().zip(host(&b[name])) {
+            gap = gap.max((p - q).abs());
+            top = top.max(p.abs());
+        }
+    }
+    assert!(gap / top < 1e-3, "weights differ by {}", gap / top);
+}

@@ -22,34 +22,6 @@ fn store() -> &'static Path {
     STORE.get_or_init(|| common::rtt_store("dist-tests", 2, (260, 300), 23))
 }
 
-/// Samples with no-data pixels (`min_valid` 0.3), so that the ranks' shares hold different
-/// numbers of valid pixels.
-const MAE: &str = r#"
-[model]
-preset = "micro"
-[mae]
-decoder_dim = 8
-decoder_depth = 1
-decoder_heads = 2
-[data]
-levels = "80,160"
-crop = 32
-batch_size = 4
-min_valid = 0.3
-flips = true
-rot90 = true
-jitter = 8
-threads = 1
-[train]
-steps = 4
-lr = 1e-3
-warmup_steps = 1
-checkpoint_every = 2
-keep_last = 5
-panel_every = 2
-seed = 5
-"#;
-
 const SEG: &str = r#"
 [model]
 preset = "micro"
@@ -80,14 +52,6 @@ fn opts(out: &Path, resume: bool) -> RunOptions {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `world` ranks of `cfg` (MAE, or fine-tuning with a `[seg]` section) in threads, rank `k`
 /// writing to `outs[k]`; rank `k`'s stop flag is `stops[k]`. Returns each rank's summary.
 fn ranks(
@@ -96,7 +60,7 @@ fn ranks(
     resume: bool,
     stops: &[bool],
 ) -> Vec<Result<RunSummary, String>> {
-    let port = free_port();
+    let port = common::free_port();
     let world = outs.len();
     let handles: Vec<_> = (0..world)
         .map(|r| {
@@ -145,7 +109,7 @@ fn losses(r: &[StepRecord]) -> Vec<f32> {
 
 #[test]
 fn two_mae_ranks_take_the_steps_one_process_takes_on_the_whole_batch() {
-    let cfg = TrainConfig::parse(MAE, &[]).unwrap();
+    let cfg = TrainConfig::parse(common::DIST_MAE, &[]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let one = train_mae(
         &cfg,
@@ -201,7 +165,7 @@ fn two_mae_ranks_take_the_steps_one_process_takes_on_the_whole_batch() {
 
 #[test]
 fn a_stop_on_any_rank_stops_both_and_the_resumed_run_equals_an_unstopped_one() {
-    let cfg = TrainConfig::parse(MAE, &[]).unwrap();
+    let cfg = TrainConfig::parse(common::DIST_MAE, &[]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full");
     let done = ranks(&cfg, &[full.clone(), full.clone()], false, &[false; 2]);
@@ -230,10 +194,10 @@ fn a_stop_on_any_rank_stops_both_and_the_resumed_run_equals_an_unstopped_one() {
 
 #[test]
 fn ranks_with_other_configurations_or_batches_that_do_not_split_are_refused() {
-    let cfg = TrainConfig::parse(MAE, &[]).unwrap();
-    let other = TrainConfig::parse(MAE, &["train.lr=2e-3".into()]).unwrap();
+    let cfg = TrainConfig::parse(common::DIST_MAE, &[]).unwrap();
+    let other = TrainConfig::parse(common::DIST_MAE, &["train.lr=2e-3".into()]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let run = |r: usize, cfg: TrainConfig, out: PathBuf| {
         std::thread::spawn(move || {
             let spec = DistSpec::parse(&format!("{r}/2@127.0.0.1:{port}")).unwrap();
@@ -258,7 +222,7 @@ fn ranks_with_other_configurations_or_batches_that_do_not_split_are_refused() {
     }
     assert!(!tmp.path().join("a").exists());
 
-    let three = TrainConfig::parse(MAE, &["data.batch_size=3".into()]).unwrap();
+    let three = TrainConfig::parse(common::DIST_MAE, &["data.batch_size=3".into()]).unwrap();
     let e = ranks(
         &three,
         &[tmp.path().join("b"), tmp.path().join("b")],

@@ -211,3 +211,41 @@ pub fn assert_same_census(a: &[Row], b: &[Row]) {
         }
     }
 }
+
+/// The micro MAE of the data-parallel tests (`dist.rs`, and `cuda.rs` on a GPU): samples with
+/// no-data pixels (`min_valid` 0.3), so that the ranks' shares hold different numbers of
+/// valid pixels.
+pub const DIST_MAE: &str = r#"
+[model]
+preset = "micro"
+[mae]
+decoder_dim = 8
+decoder_depth = 1
+decoder_heads = 2
+[data]
+levels = "80,160"
+crop = 32
+batch_size = 4
+min_valid = 0.3
+flips = true
+rot90 = true
+jitter = 8
+threads = 1
+[train]
+steps = 4
+lr = 1e-3
+warmup_steps = 1
+checkpoint_every = 2
+keep_last = 5
+panel_every = 2
+seed = 5
+"#;
+
+/// A port free a moment ago on this host.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
