@@ -164,7 +164,7 @@ fn two_mae_ranks_take_the_steps_one_process_takes_on_the_whole_batch() {
 }
 
 #[test]
-fn a_stop_on_any_rank_stops_both_and_the_resumed_run_equals_an_unstopped_one() {
+fn a_stop_on_any_rank_stops_both_and_a_resume_with_any_number_of_ranks_continues_the_run() {
     let cfg = TrainConfig::parse(common::DIST_MAE, &[]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full");
@@ -190,6 +190,22 @@ fn a_stop_on_any_rank_stops_both_and_the_resumed_run_equals_an_unstopped_one() {
         losses(&read_metrics(&part.join("metrics.parquet")).unwrap()),
         losses(&read_metrics(&full.join("metrics.parquet")).unwrap())
     );
+
+    // The same stop, resumed by one process: the same samples, so the same steps (to
+    // rounding: the sums are added in another order).
+    let alone = tmp.path().join("alone");
+    let stopped = ranks(&cfg, &[alone.clone(), alone.clone()], false, &[true, false]);
+    assert!(stopped.iter().all(|r| r.as_ref().unwrap().steps_done == 1));
+    let rest = train_mae(&cfg, &opts(&alone, true), &AtomicBool::new(false), &|_| {}).unwrap();
+    assert_eq!((rest.steps_done, rest.steps_run), (4, 3));
+    let want = read_metrics(&full.join("metrics.parquet")).unwrap();
+    for (a, b) in want.iter().zip(&rest.records) {
+        assert!(
+            (a.loss - b.loss).abs() <= 2e-6 * a.loss.abs(),
+            "{a:?}\n{b:?}"
+        );
+    }
+    assert!(weights_gap(&alone, &full) < 1e-3);
 }
 
 #[test]
