@@ -226,7 +226,15 @@ impl Group {
                     Vec::new()
                 };
                 let ids = self.all_gather(&id)?;
-                self.nccl = Some(crate::cuda::Nccl::new(cd, self.rank, self.world, &ids[0])?);
+                let nccl =
+                    crate::cuda::Nccl::new(cd, self.rank, self.world, &ids[0]).map_err(|e| {
+                        dist_err(format!(
+                            "rank {}: {e} (NCCL takes one rank per GPU: ranks that share a GPU \
+                             need ICEFM_NCCL=0)",
+                            self.rank
+                        ))
+                    })?;
+                self.nccl = Some(nccl);
                 return Ok("nccl");
             }
         }
