@@ -12,14 +12,32 @@ mod common;
 
 use icefm_model::config::TrainConfig;
 use icefm_model::dist::{DistSpec, Group};
-use icefm_model::finetune::{train_seg, train_seg_in};
+use icefm_model::finetune::{ValRecord, train_seg, train_seg_in};
 use icefm_model::train::{
     RunOptions, RunSummary, StepRecord, checkpoints, read_metrics, train_mae, train_mae_in,
 };
 
+/// Two generated scenes, and a validation regime of one of them.
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| common::rtt_store("dist-tests", 2, (260, 300), 23))
+    STORE.get_or_init(|| {
+        use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw};
+        use icefm_dataset::table::SceneTable;
+        let store = common::rtt_store("dist-tests", 2, (260, 300), 23);
+        let table = SceneTable::from_store(&store).unwrap();
+        let spec = RegimeSpec {
+            name: "v".into(),
+            rule: Rule::Fraction,
+            percent: Some(50.0),
+            seed: 0,
+            role: Role::Val,
+            list: None,
+            exclude: vec![],
+        };
+        let val = draw(&table, &spec).unwrap();
+        val.write(&Regime::path_in(&store, "v")).unwrap();
+        store
+    })
 }
 
 const SEG: &str = r#"
@@ -28,6 +46,9 @@ preset = "micro"
 [seg]
 head = "fcn"
 channels = 8
+val_regime = "v"
+val_every = 2
+eval_level = "160"
 [data]
 levels = "80,160"
 crop = 32
@@ -314,4 +335,15 @@ fn two_fine_tuning_ranks_take_the_steps_one_process_takes_on_the_whole_batch() {
             .collect::<Vec<_>>(),
         [2, 4]
     );
+    // Rank 0 alone validated (the other rank waited), with one process's scores, and kept
+    // the best checkpoint.
+    let steps = |v: &[ValRecord]| v.iter().map(|v| v.step).collect::<Vec<_>>();
+    assert_eq!(steps(&r0.validation), [2, 4]);
+    assert!(two[1].as_ref().unwrap().validation.is_empty());
+    for (a, b) in one.validation.iter().zip(&r0.validation) {
+        assert!(a.combined.is_finite(), "{a:?}");
+        assert!((a.combined - b.combined).abs() < 0.5, "{a:?}\n{b:?}");
+    }
+    assert!(two_dir.join("checkpoints/best/model.safetensors").exists());
+    assert!(two_dir.join("validation.parquet").exists());
 }
