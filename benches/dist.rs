@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use icefm_model::dist::{DistSpec, Group};
+use icefm_model::dist::{DistSpec, Group, Weights};
 
 fn port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -97,8 +97,13 @@ fn reduce(c: &mut Criterion) {
         while let Ok(n) = rx.recv() {
             for _ in 0..n {
                 let mut grads = loss.backward().expect("backward");
-                g.reduce(&mut grads, &vars, std::slice::from_ref(&loss), Some(&w))
-                    .expect("reduce");
+                g.reduce(
+                    &mut grads,
+                    &vars,
+                    std::slice::from_ref(&loss),
+                    Weights::Scale(&w),
+                )
+                .expect("reduce");
             }
         }
     });
@@ -115,8 +120,13 @@ fn reduce(c: &mut Criterion) {
                 // The backward pass is the step's, not the sum's: timed apart and left out.
                 let mut grads = loss.backward().expect("backward");
                 let t = Instant::now();
-                g.reduce(&mut grads, &vars, std::slice::from_ref(&loss), Some(&w))
-                    .expect("reduce");
+                g.reduce(
+                    &mut grads,
+                    &vars,
+                    std::slice::from_ref(&loss),
+                    Weights::Scale(&w),
+                )
+                .expect("reduce");
                 spent += t.elapsed();
             }
             spent

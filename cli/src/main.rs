@@ -36,9 +36,11 @@ fn main() -> ExitCode {
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     let said = |word: &str| e.chain().any(|c| c.to_string().contains(word));
     (said("CUDA_ERROR_OUT_OF_MEMORY") || said("CUBLAS_STATUS_ALLOC_FAILED")).then_some(
-        "the GPU ran out of memory. A smaller batch (`--set data.batch_size=16`), bf16 \
-         (`--set train.precision=bf16`: activations take half the memory) or a smaller model \
-         needs less; `nvidia-smi` lists other processes holding the GPU's memory.",
+        "the GPU ran out of memory. Micro-batches (`--set train.accumulate=4`: the same \
+         steps from a quarter of the activations; a run continues so with --resume), bf16 \
+         (`--set train.precision=bf16`: activations take half the memory), a smaller batch \
+         (`--set data.batch_size=16`) or a smaller model needs less; `nvidia-smi` lists other \
+         processes holding the GPU's memory.",
     )
 }
 
@@ -53,7 +55,7 @@ mod tests {
             "model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".to_string(),
         )
         .context("training step 3");
-        assert!(hint(&oom).is_some_and(|h| h.contains("data.batch_size")));
+        assert!(hint(&oom).is_some_and(|h| h.contains("train.accumulate")));
         let cublas = anyhow::Error::msg("cublas: CUBLAS_STATUS_ALLOC_FAILED".to_string());
         assert!(hint(&cublas).is_some());
         let other = anyhow::Error::msg("store.zarr: no such file".to_string()).context("ingest");

@@ -133,6 +133,11 @@ pub struct TrainSection {
     /// Arithmetic of the model: `f32`, or `bf16` (matrix products and activations in bf16,
     /// master weights, optimizer, norms' statistics, softmax and the loss in f32).
     pub precision: String,
+    /// Micro-batches per step: each step's batch (each rank's share of it) runs forward and
+    /// backward in this many equal parts, their gradients added up before one AdamW update,
+    /// the same update as the whole batch's (activation memory of one part). `data.batch_size`
+    /// stays the whole batch and must be a multiple of it (times the ranks).
+    pub accumulate: u32,
 }
 
 impl Default for TrainSection {
@@ -149,6 +154,7 @@ impl Default for TrainSection {
             keep_last: 3,
             panel_every: 500,
             precision: "f32".into(),
+            accumulate: 1,
         }
     }
 }
@@ -282,6 +288,18 @@ impl TrainConfig {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// Whether a run of `self` may continue as a run of `other` (`--resume`): the same
+    /// configuration but for `train.steps`, which may grow, and `train.accumulate`, whose
+    /// micro-batches take the same steps (to rounding).
+    pub fn continues_as(&self, other: &TrainConfig) -> bool {
+        let (mut a, mut b) = (self.clone(), other.clone());
+        for c in [&mut a, &mut b] {
+            c.train.steps = 0;
+            c.train.accumulate = 1;
+        }
+        a == b
+    }
+
     /// The model shape this configuration asks for.
     pub fn mae_config(&self) -> Result<MaeConfig, ConfigError> {
         let m = &self.model;
@@ -403,6 +421,13 @@ impl TrainConfig {
             return Err(ConfigError(format!(
                 "train.precision `{}`: expected f32 or bf16",
                 self.train.precision
+            )));
+        }
+        let k = self.train.accumulate as usize;
+        if k == 0 || !self.data.batch_size.is_multiple_of(k) {
+            return Err(ConfigError(format!(
+                "train.accumulate {k}: expected at least 1, dividing data.batch_size {}",
+                self.data.batch_size
             )));
         }
         let e = |m: String| Err(ConfigError(m));

@@ -137,6 +137,19 @@ pub fn timeout_from_env() -> Duration {
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
 }
 
+/// How one rank's gradients weigh in [`Group::reduce`].
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    /// Every rank's gradients weigh 1 (PyTorch DDP's rule).
+    Equal,
+    /// This rank's gradients are to be multiplied by this scalar (e.g. the number of terms
+    /// its loss averages), which is also their weight.
+    Scale(&'a Tensor),
+    /// This rank's gradients are already a weighted sum (of its micro-batches' gradients);
+    /// this scalar is the sum of their weights.
+    Summed(&'a Tensor),
+}
+
 enum Link {
     /// One process: nothing to exchange.
     Alone,
@@ -356,22 +369,38 @@ impl Group {
         }
     }
 
-    /// After a backward pass: each gradient of `vars` in `grads`, and each of `values` (the
-    /// step's loss and other figures, for its record), replaced by its mean over the ranks
-    /// weighted by `weight` (a scalar, e.g. the number of terms this rank's loss averages;
-    /// `None`: every rank weighs the same, PyTorch DDP's rule): `Σ wᵣ·gᵣ / Σ wᵣ`. With each
-    /// rank's loss a mean over its `wᵣ` terms, that is the gradient of the mean over all the
-    /// ranks' terms, the one process's gradient of the whole batch. Returns `values` reduced;
-    /// in a run of one process, `values` as they are and `grads` untouched.
+    /// After the backward passes of a step: each gradient of `vars` in `grads`, and each of
+    /// `values` (the step's loss and other figures, for its record), replaced by its mean over
+    /// the ranks (and over each rank's micro-batches) as `weights` says: `Σ wᵣ·gᵣ / Σ wᵣ`.
+    /// With each rank's loss a mean over its `wᵣ` terms, that is the gradient of the mean over
+    /// all the ranks' terms, the one process's gradient of the whole batch. Returns `values`
+    /// reduced; in a run of one process with [`Weights::Equal`] or [`Weights::Scale`],
+    /// `values` as they are and `grads` untouched.
     pub fn reduce(
         &mut self,
         grads: &mut GradStore,
         vars: &[Var],
         values: &[Tensor],
-        weight: Option<&Tensor>,
+        weights: Weights<'_>,
     ) -> Result<Vec<Tensor>, TrainError> {
         if self.world == 1 {
-            return Ok(values.to_vec());
+            let Weights::Summed(total) = weights else {
+                return Ok(values.to_vec());
+            };
+            // One process, several micro-batches: the sums over its own weights.
+            let total = total
+                .to_dtype(DType::F32)?
+                .clamp(f64::from(f32::MIN_POSITIVE), f64::MAX)?;
+            for v in vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let mean = g.broadcast_div(&total.to_dtype(g.dtype())?)?;
+                    grads.insert(v.as_tensor(), mean);
+                }
+            }
+            return Ok(values
+                .iter()
+                .map(|v| v.broadcast_div(&total.to_dtype(v.dtype())?))
+                .collect::<candle_core::Result<_>>()?);
         }
         let mut parts = Vec::with_capacity(vars.len() + values.len() + 1);
         let mut slots = Vec::with_capacity(vars.len());
@@ -389,9 +418,12 @@ impl Group {
         for v in values {
             parts.push(v.flatten_all()?.to_dtype(DType::F32)?);
         }
-        parts.push(Tensor::ones(1, DType::F32, &dev)?);
+        parts.push(match weights {
+            Weights::Summed(w) => w.to_dtype(DType::F32)?.reshape(1)?,
+            _ => Tensor::ones(1, DType::F32, &dev)?,
+        });
         let mut flat = Tensor::cat(&parts, 0)?;
-        if let Some(w) = weight {
+        if let Weights::Scale(w) = weights {
             flat = flat.broadcast_mul(&w.to_dtype(DType::F32)?.reshape(1)?)?;
         }
         #[cfg(feature = "cuda")]
@@ -816,7 +848,12 @@ mod tests {
             let w = Tensor::new(1.0 + 3.0 * r, &dev).unwrap();
             let vals = [Tensor::new(&[10.0 * (r + 1.0), r][..], &dev).unwrap()];
             let red = g
-                .reduce(&mut grads, &[a.clone(), b.clone()], &vals, Some(&w))
+                .reduce(
+                    &mut grads,
+                    &[a.clone(), b.clone()],
+                    &vals,
+                    Weights::Scale(&w),
+                )
                 .unwrap();
             let ga = grads.get(a.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
             let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap();

@@ -30,9 +30,10 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
 use crate::train::{
-    DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord, TrainError,
-    batch_levels, checkpoint_due, checkpoints, drop_draws, end_step, init_weights, io_err,
-    load_checkpoint, named_vars, open_loader, open_run, optimise, read_metrics, write_parquet,
+    Accumulated, DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord,
+    TrainError, apply, batch_levels, checkpoint_due, checkpoints, drop_draws, end_step,
+    init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, read_metrics,
+    write_parquet,
 };
 
 /// One validation pass.
@@ -447,10 +448,14 @@ pub fn read_validation(path: &Path) -> Result<Vec<ValRecord>, TrainError> {
     Ok(out)
 }
 
-/// In a data-parallel run, each task's labelled pixels in the whole batch over the number of
-/// ranks ([`seg_loss_shared`]); `None` in one process.
-fn shared_counts(group: &mut Group, batch: &DeviceBatch) -> Result<Option<[f64; 3]>, TrainError> {
-    if group.world() == 1 {
+/// With several ranks or micro-batches (`k` a step), each task's labelled pixels in the whole
+/// batch over their number ([`seg_loss_shared`]); `None` for one micro-batch in one process.
+fn shared_counts(
+    group: &mut Group,
+    batch: &DeviceBatch,
+    k: usize,
+) -> Result<Option<[f64; 3]>, TrainError> {
+    if group.world() == 1 && k == 1 {
         return Ok(None);
     }
     let mine = label_counts(&batch.labels, batch.size * batch.size);
@@ -464,8 +469,8 @@ fn shared_counts(group: &mut Group, batch: &DeviceBatch) -> Result<Option<[f64; 
             *a += c.try_into().map(u64::from_le_bytes).unwrap_or(0);
         }
     }
-    let w = group.world() as f64;
-    Ok(Some(all.map(|n| n as f64 / w)))
+    let parts = (group.world() * k) as f64;
+    Ok(Some(all.map(|n| n as f64 / parts)))
 }
 
 /// Train (or resume) a segmentation model as `cfg` (with a `[seg]` section) says. `stop` is
@@ -580,37 +585,47 @@ pub fn train_seg_in(
     for step in start..total {
         let t0 = Instant::now();
         let batch = feeder.next()?;
-        let keep = feeder.stage_draws(
-            drop_draws(cfg.train.seed, step, scfg.encoder.depth, &share),
-            &model.encoder,
-        )?;
-        let outs = on_worker(dev.is_cpu(), || model.forward(&batch.images, Some(&keep)))?;
-        if step + 1 < total {
-            // The next batch's copy runs beside this step's queued work.
-            feeder.prefetch()?;
+        let k = cfg.train.accumulate as usize;
+        // Each task's loss a mean over the whole batch's labelled pixels, whichever rank and
+        // micro-batch hold them: the mean gradient over all of them is then one process's.
+        let shared = shared_counts(group, &batch, k)?;
+        let plane = batch.size * batch.size;
+        let mut acc = Accumulated::new();
+        let mut names = Vec::new();
+        for (m, part) in share.parts(k).into_iter().enumerate() {
+            let at = m * part.len;
+            let draws = drop_draws(cfg.train.seed, step, scfg.encoder.depth, &part);
+            // One micro-batch a step goes up through the page-locked staging.
+            let (images, keep, labels_on) = if k == 1 {
+                let keep = feeder.stage_draws(draws, &model.encoder)?;
+                (batch.images.clone(), keep, batch.labels_on.clone())
+            } else {
+                let on = match &batch.labels_on {
+                    Some(t) => Some(t.narrow(0, at, part.len)?),
+                    None => None,
+                };
+                (batch.images.narrow(0, at, part.len)?, draws, on)
+            };
+            let labels = &batch.labels[at * 3 * plane..(at + part.len) * 3 * plane];
+            let outs = on_worker(dev.is_cpu(), || model.forward(&images, Some(&keep)))?;
+            if m == 0 && step + 1 < total {
+                // The next batch's copy runs beside this step's queued work.
+                feeder.prefetch()?;
+            }
+            let loss = on_worker(dev.is_cpu(), || {
+                seg_loss_shared(&outs, labels, labels_on.as_ref(), &scfg, shared)
+            })?;
+            names = loss.counts.iter().map(|(t, _)| t.name()).collect();
+            acc.add(
+                &loss.total,
+                &trained_vars,
+                vec![loss.total.clone(), loss.values.clone()],
+                None,
+            )?;
         }
-        // Each task's loss a mean over the whole batch's labelled pixels, whichever rank
-        // holds them: the ranks' mean gradient is then one process's.
-        let shared = shared_counts(group, &batch)?;
-        let loss = on_worker(dev.is_cpu(), || {
-            seg_loss_shared(
-                &outs,
-                &batch.labels,
-                batch.labels_on.as_ref(),
-                &scfg,
-                shared,
-            )
-        })?;
-        let (clipped, lr, values) = optimise(
-            &loss.total,
-            &[loss.total.clone(), loss.values.clone()],
-            None,
-            &trained_vars,
-            &mut opt,
-            cfg,
-            step,
-            group,
-        )?;
+        let (grads, values) = acc.finish(group, &trained_vars)?;
+        let (clipped, lr) = apply(&grads, &trained_vars, &mut opt, cfg, step)?;
+        drop(grads);
         let levels = batch_levels(group, &loader, step, &batch.samples)?;
         let rec = StepRecord {
             step,
@@ -619,10 +634,9 @@ pub fn train_seg_in(
             grad_norm: f64::NAN,
             images_per_s: 0.0,
             levels,
-            extra: loss
-                .counts
+            extra: names
                 .iter()
-                .map(|(t, _)| (format!("loss_{}", t.name()), f32::NAN))
+                .map(|t| (format!("loss_{t}"), f32::NAN))
                 .collect(),
         };
         let this = PendingRecord::new(rec, share.batch, t0, &values[0], &values[1..], &clipped)?;

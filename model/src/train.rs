@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::regime::Regime;
@@ -30,7 +31,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::dist::{Group, weights_digest};
+use crate::dist::{Group, Weights, weights_digest};
 use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
 use crate::ops::Draws;
@@ -311,65 +312,84 @@ pub fn train_mae_in(
     for step in start..total {
         let t0 = Instant::now();
         let batch = feeder.next()?;
-        let (b, c, n) = (batch.len(), batch.channels, batch.size);
-        let (images, valid) = (&batch.images, &batch.valid);
-        // Each sample's noise by its place in the whole batch, whichever rank takes it.
-        let noise: Vec<Vec<f32>> = (share.first..share.first + b)
-            .map(|j| {
-                let mut r = Rng::new(
-                    cfg.train.seed ^ MASK_STREAM,
-                    step * share.batch as u64 + j as u64,
+        let (c, n) = (batch.channels, batch.size);
+        let k = cfg.train.accumulate as usize;
+        let mut acc = Accumulated::new();
+        for (m, part) in share.parts(k).into_iter().enumerate() {
+            let (images, valid) = if k == 1 {
+                (batch.images.clone(), batch.valid.clone())
+            } else {
+                let at = m * part.len;
+                (
+                    batch.images.narrow(0, at, part.len)?,
+                    batch.valid.narrow(0, at, part.len)?,
+                )
+            };
+            // Each sample's noise by its place in the whole batch, whichever rank and
+            // micro-batch take it.
+            let noise: Vec<Vec<f32>> = (part.first..part.first + part.len)
+                .map(|j| {
+                    let mut r = Rng::new(
+                        cfg.train.seed ^ MASK_STREAM,
+                        step * share.batch as u64 + j as u64,
+                    );
+                    (0..n_tokens).map(|_| r.unit() as f32).collect()
+                })
+                .collect();
+            let masking = Masking::from_noise(&noise, mcfg.mask_ratio);
+            let draws = drop_draws(cfg.train.seed, step, mcfg.encoder.depth, &part);
+            // One micro-batch a step goes up through the page-locked staging; several copy
+            // their masks and draws as the forward pass needs them.
+            let (masking, keep) = if k == 1 {
+                (
+                    feeder.stage_masking(masking)?,
+                    feeder.stage_draws(draws, &mae.encoder)?,
+                )
+            } else {
+                (masking, draws)
+            };
+            let out = on_worker(dev.is_cpu(), || {
+                mae.forward(&images, &valid, &masking, Some(&keep))
+            })?;
+            if m == 0 && step + 1 < total {
+                // The next batch's copy runs beside this step's queued work.
+                feeder.prefetch()?;
+            }
+            let every = cfg.train.panel_every;
+            if m == 0 && every > 0 && (step + 1) % every == 0 && group.is_leader() {
+                let pred: Vec<Vec<Vec<f32>>> = out.pred.detach().to_vec3()?;
+                let (w, h, px) = panel(
+                    &images.flatten_all()?.to_vec1::<f32>()?,
+                    &valid.flatten_all()?.to_vec1::<f32>()?,
+                    &pred,
+                    &masking,
+                    c,
+                    n,
+                    p,
                 );
-                (0..n_tokens).map(|_| r.unit() as f32).collect()
-            })
-            .collect();
-        let masking = feeder.stage_masking(Masking::from_noise(&noise, mcfg.mask_ratio))?;
-        let keep = feeder.stage_draws(
-            drop_draws(cfg.train.seed, step, mcfg.encoder.depth, &share),
-            &mae.encoder,
-        )?;
-        let out = on_worker(dev.is_cpu(), || {
-            mae.forward(images, valid, &masking, Some(&keep))
-        })?;
-        if step + 1 < total {
-            // The next batch's copy runs beside this step's queued work.
-            feeder.prefetch()?;
+                let path = opts
+                    .out
+                    .join("panels")
+                    .join(format!("step_{:07}.png", step + 1));
+                write_png(&path, w, h, &px).map_err(|e| io_err(&path, e))?;
+            }
+            // Each part's loss is a mean over its patches that count: weighed by their
+            // number, the parts' mean gradient over every rank is the whole batch's.
+            let terms = if group.world() > 1 || k > 1 {
+                Some(crate::mae::loss_terms(&out.weight)?)
+            } else {
+                None
+            };
+            acc.add(
+                &out.loss,
+                &vars_only,
+                vec![out.loss.clone(), out.baseline.clone()],
+                terms,
+            )?;
         }
-        let every = cfg.train.panel_every;
-        if every > 0 && (step + 1) % every == 0 && group.is_leader() {
-            let pred: Vec<Vec<Vec<f32>>> = out.pred.detach().to_vec3()?;
-            let (w, h, px) = panel(
-                &images.flatten_all()?.to_vec1::<f32>()?,
-                &valid.flatten_all()?.to_vec1::<f32>()?,
-                &pred,
-                &masking,
-                c,
-                n,
-                p,
-            );
-            let path = opts
-                .out
-                .join("panels")
-                .join(format!("step_{:07}.png", step + 1));
-            write_png(&path, w, h, &px).map_err(|e| io_err(&path, e))?;
-        }
-        // Each rank's loss is a mean over its patches that count: weighed by their number,
-        // the ranks' mean gradient is the whole batch's.
-        let terms = if group.world() > 1 {
-            Some(crate::mae::loss_terms(&out.weight)?)
-        } else {
-            None
-        };
-        let (clipped, lr, values) = optimise(
-            &out.loss,
-            &[out.loss.clone(), out.baseline.clone()],
-            terms.as_ref(),
-            &vars_only,
-            &mut opt,
-            cfg,
-            step,
-            group,
-        )?;
+        let (grads, values) = acc.finish(group, &vars_only)?;
+        let (clipped, lr) = apply(&grads, &vars_only, &mut opt, cfg, step)?;
+        drop(grads);
         let levels = batch_levels(group, &loader, step, &batch.samples)?;
         let rec = StepRecord {
             step,
@@ -459,6 +479,18 @@ pub(crate) struct Share {
 }
 
 impl Share {
+    /// This share in `k` equal consecutive parts (micro-batches).
+    pub fn parts(&self, k: usize) -> Vec<Share> {
+        let len = self.len / k.max(1);
+        (0..k.max(1))
+            .map(|m| Share {
+                batch: self.batch,
+                first: self.first + m * len,
+                len,
+            })
+            .collect()
+    }
+
     pub fn of(group: &Group, cfg: &TrainConfig) -> Self {
         let batch = cfg.data.batch_size;
         let len = batch / group.world();
@@ -482,10 +514,16 @@ pub(crate) fn open_run(
     let resolved = cfg.to_toml();
     if group.world() > 1 {
         let b = cfg.data.batch_size;
-        if !b.is_multiple_of(group.world()) {
+        let k = cfg.train.accumulate as usize;
+        if !b.is_multiple_of(group.world() * k) {
+            let parts = if k > 1 {
+                format!(" × {k} micro-batches (train.accumulate)")
+            } else {
+                String::new()
+            };
             return Err(TrainError::Setup(format!(
-                "data.batch_size {b} is not a multiple of the {} ranks: each rank takes an equal \
-                 share of every batch",
+                "data.batch_size {b} is not a multiple of the {} ranks{parts}: each rank takes \
+                 an equal share of every batch",
                 group.world()
             )));
         }
@@ -539,13 +577,12 @@ fn open_run_dir(
     if opts.resume {
         let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
         let saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
-        let mut a = saved.clone();
-        let mut b = cfg.clone();
-        a.train.steps = 0;
-        b.train.steps = 0;
-        if a != b {
+        // The steps may grow, and the micro-batches change (a run out of memory continues in
+        // smaller parts).
+        if !saved.continues_as(cfg) {
             return Err(TrainError::Setup(format!(
-                "{}: the configuration differs from the run's config.toml (only train.steps may change on --resume)",
+                "{}: the configuration differs from the run's config.toml (only train.steps and \
+                 train.accumulate may change on --resume)",
                 opts.out.display()
             )));
         }
@@ -631,12 +668,6 @@ pub(crate) struct DeviceBatch {
     pub samples: Vec<icefm_dataset::SampleInfo>,
     pub channels: usize,
     pub size: usize,
-}
-
-impl DeviceBatch {
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
 }
 
 /// A training loop's batches on its device, in the loader's order.
@@ -830,29 +861,147 @@ pub(crate) fn drop_draws(seed: u64, step: u64, depth: usize, share: &Share) -> D
     )
 }
 
-/// Backward pass, the gradients' mean over `group`'s ranks ([`Group::reduce`], weighted by
-/// `terms`; `values` reduced with them), clipping and one AdamW update of step `step`;
-/// returns the clipping (the gradient norm before clipping, on a GPU still on the device),
-/// the learning rate and `values` over all ranks (as they are in one process).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn optimise(
-    loss: &Tensor,
-    values: &[Tensor],
-    terms: Option<&Tensor>,
+/// A step's gradients over its micro-batches (`train.accumulate`) on this rank, each
+/// micro-batch's weighed by its number of loss terms (or 1): `Σ wₘ·gₘ`, the values likewise,
+/// and `Σ wₘ`. [`Accumulated::finish`] turns them into the weighted mean over every rank's
+/// micro-batches, the gradient of the whole batch. One micro-batch in one process costs
+/// nothing: its gradients are the step's as they are.
+pub(crate) struct Accumulated {
+    grads: Option<GradStore>,
+    values: Vec<Tensor>,
+    /// The weight of the only micro-batch so far, not yet applied to its gradients.
+    pending: Option<Tensor>,
+    /// `Σ wₘ` once more than one micro-batch is in.
+    total: Option<Tensor>,
+}
+
+impl Accumulated {
+    pub fn new() -> Self {
+        Self {
+            grads: None,
+            values: Vec::new(),
+            pending: None,
+            total: None,
+        }
+    }
+
+    /// The backward pass of a micro-batch's `loss` (its `values` for the record), weighed by
+    /// `weight` (a scalar; `None`: 1), added in.
+    pub fn add(
+        &mut self,
+        loss: &Tensor,
+        vars: &[Var],
+        values: Vec<Tensor>,
+        weight: Option<Tensor>,
+    ) -> Result<(), TrainError> {
+        let grads = on_worker(loss.device().is_cpu(), || loss.backward())?;
+        // Detached: a value that kept its graph would keep the micro-batch's activations
+        // alive until the step ends.
+        let values: Vec<Tensor> = values.iter().map(Tensor::detach).collect();
+        let Some(mut acc) = self.grads.take() else {
+            self.grads = Some(grads);
+            self.values = values;
+            self.pending = weight;
+            return Ok(());
+        };
+        let dev = loss.device();
+        let one = || Tensor::new(1f32, dev);
+        // The first micro-batch's weight, now that it is a sum.
+        let first = match self.pending.take() {
+            Some(w) => {
+                scale_grads(&mut acc, vars, &w)?;
+                self.values = scaled(&self.values, &w)?;
+                w
+            }
+            None => one()?,
+        };
+        let w = match weight {
+            Some(w) => w,
+            None => one()?,
+        };
+        on_worker(dev.is_cpu(), || -> candle_core::Result<()> {
+            for v in vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let gw = g.broadcast_mul(&w.to_dtype(g.dtype())?)?;
+                    let sum = match acc.get(v.as_tensor()) {
+                        Some(a) => (a + gw)?,
+                        None => gw,
+                    };
+                    acc.insert(v.as_tensor(), sum);
+                }
+            }
+            Ok(())
+        })?;
+        let more = scaled(&values, &w)?;
+        self.values = self
+            .values
+            .iter()
+            .zip(&more)
+            .map(|(a, b)| a + b)
+            .collect::<candle_core::Result<_>>()?;
+        let before = match self.total.take() {
+            Some(t) => t,
+            None => first,
+        };
+        self.total = Some((before.to_dtype(DType::F32)? + w.to_dtype(DType::F32)?)?);
+        self.grads = Some(acc);
+        Ok(())
+    }
+
+    /// The step's gradients of `vars` and its values: the weighted mean over every rank's
+    /// micro-batches ([`Group::reduce`]).
+    pub fn finish(
+        self,
+        group: &mut Group,
+        vars: &[Var],
+    ) -> Result<(GradStore, Vec<Tensor>), TrainError> {
+        let mut grads = self
+            .grads
+            .ok_or_else(|| TrainError::Setup("a step without a micro-batch".into()))?;
+        let weights = match (&self.total, &self.pending) {
+            (Some(t), _) => Weights::Summed(t),
+            (None, Some(w)) => Weights::Scale(w),
+            (None, None) => Weights::Equal,
+        };
+        let values = group.reduce(&mut grads, vars, &self.values, weights)?;
+        Ok((grads, values))
+    }
+}
+
+fn scale_grads(grads: &mut GradStore, vars: &[Var], w: &Tensor) -> candle_core::Result<()> {
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let gw = g.broadcast_mul(&w.to_dtype(g.dtype())?)?;
+            grads.insert(v.as_tensor(), gw);
+        }
+    }
+    Ok(())
+}
+
+fn scaled(values: &[Tensor], w: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    values
+        .iter()
+        .map(|v| v.broadcast_mul(&w.to_dtype(v.dtype())?))
+        .collect()
+}
+
+/// Clipping and one AdamW update of step `step` from the step's `grads`; returns the
+/// clipping (the gradient norm before clipping, on a GPU still on the device) and the
+/// learning rate.
+pub(crate) fn apply(
+    grads: &GradStore,
     vars: &[Var],
     opt: &mut AdamW,
     cfg: &TrainConfig,
     step: u64,
-    group: &mut Group,
-) -> Result<(Clip, f64, Vec<Tensor>), TrainError> {
+) -> Result<(Clip, f64), TrainError> {
     let t = &cfg.train;
     let lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr);
-    let mut grads = on_worker(loss.device().is_cpu(), || loss.backward())?;
-    let values = group.reduce(&mut grads, vars, values, terms)?;
-    on_worker(loss.device().is_cpu(), || {
-        let c = clip(&grads, vars.iter(), t.clip_grad)?;
-        opt.step_clipped(&grads, lr, &c)?;
-        Ok((c, lr, values))
+    let cpu = vars.first().is_none_or(|v| v.device().is_cpu());
+    on_worker(cpu, || {
+        let c = clip(grads, vars.iter(), t.clip_grad)?;
+        opt.step_clipped(grads, lr, &c)?;
+        Ok((c, lr))
     })
 }
 

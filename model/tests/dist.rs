@@ -347,3 +347,90 @@ fn two_fine_tuning_ranks_take_the_steps_one_process_takes_on_the_whole_batch() {
     assert!(two_dir.join("checkpoints/best/model.safetensors").exists());
     assert!(two_dir.join("validation.parquet").exists());
 }
+
+/// `train.accumulate`: each step's batch in micro-batches whose gradients are added up before
+/// one update, in one process and on each of two ranks, takes the whole batch's step, for
+/// MAE and for fine-tuning.
+#[test]
+fn micro_batches_take_the_whole_batchs_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    let close = |a: &[StepRecord], b: &[StepRecord], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x.loss - y.loss).abs() <= 2e-6 * x.loss.abs(),
+                "{what}\n{x:?}\n{y:?}"
+            );
+            for ((n, p), (_, q)) in x.extra.iter().zip(&y.extra) {
+                assert!(
+                    (p - q).abs() <= 2e-6 * p.abs().max(1e-3),
+                    "{what} {n}: {p} vs {q}"
+                );
+            }
+            assert_eq!(x.levels, y.levels, "{what}");
+        }
+    };
+    let mae = TrainConfig::parse(common::DIST_MAE, &[]).unwrap();
+    let mae2 = TrainConfig::parse(common::DIST_MAE, &["train.accumulate=2".into()]).unwrap();
+    let whole = train_mae(&mae, &opts(&tmp.path().join("m1"), false), &never, &|_| {}).unwrap();
+    let micro = train_mae(&mae2, &opts(&tmp.path().join("m2"), false), &never, &|_| {}).unwrap();
+    close(&whole.records, &micro.records, "MAE, 2 micro-batches");
+    assert!(weights_gap(&tmp.path().join("m1"), &tmp.path().join("m2")) < 1e-3);
+    // A run stopped after its first step continues in micro-batches (--resume may change
+    // train.accumulate), with the same steps.
+    let cut = tmp.path().join("cut");
+    let stop = AtomicBool::new(false);
+    let first = train_mae(&mae, &opts(&cut, false), &stop, &|_| {
+        stop.store(true, std::sync::atomic::Ordering::SeqCst)
+    })
+    .unwrap();
+    assert_eq!(first.steps_done, 1);
+    let rest = train_mae(&mae2, &opts(&cut, true), &never, &|_| {}).unwrap();
+    close(&whole.records, &rest.records, "resumed in 2 micro-batches");
+    let both = tmp.path().join("m22");
+    let two = ranks(&mae2, &[both.clone(), both.clone()], false, &[false; 2]);
+    close(
+        &whole.records,
+        &two[0].as_ref().unwrap().records,
+        "MAE, 2 ranks × 2",
+    );
+    assert!(weights_gap(&tmp.path().join("m1"), &both) < 1e-3);
+
+    let seg = TrainConfig::parse(SEG, &[]).unwrap();
+    let seg2 = TrainConfig::parse(SEG, &["train.accumulate=2".into()]).unwrap();
+    let quiet = |_: &StepRecord| {};
+    let whole = train_seg(
+        &seg,
+        &opts(&tmp.path().join("s1"), false),
+        &never,
+        &quiet,
+        &|_| {},
+    );
+    let micro = train_seg(
+        &seg2,
+        &opts(&tmp.path().join("s2"), false),
+        &never,
+        &quiet,
+        &|_| {},
+    );
+    close(
+        &whole.unwrap().records,
+        &micro.unwrap().records,
+        "fine-tuning, 2 micro-batches",
+    );
+    assert!(weights_gap(&tmp.path().join("s1"), &tmp.path().join("s2")) < 1e-3);
+
+    // Micro-batches that do not split the batch, or each rank's share of it, are refused.
+    let e = TrainConfig::parse(common::DIST_MAE, &["train.accumulate=3".into()]).unwrap_err();
+    assert!(e.to_string().contains("train.accumulate 3"), "{e}");
+    let four = TrainConfig::parse(common::DIST_MAE, &["train.accumulate=4".into()]).unwrap();
+    let bad = tmp.path().join("bad");
+    for r in ranks(&four, &[bad.clone(), bad.clone()], false, &[false; 2]) {
+        let e = r.err().unwrap();
+        assert!(
+            e.contains("not a multiple of the 2 ranks × 4 micro-batches"),
+            "{e}"
+        );
+    }
+}

@@ -529,18 +529,15 @@ fn check_run_dir(key: &str, dir: &Path, cfg: &TrainConfig) -> Result<()> {
             dir.display()
         )
     };
-    let mut a = TrainConfig::parse(&text, &[])
+    let saved = TrainConfig::parse(&text, &[])
         .map_err(|e| other(format!("holds an unreadable config.toml ({e})")))?;
-    let mut b = cfg.clone();
     if step > cfg.train.steps {
         return Err(other(format!(
             "was trained for {step} steps, more than the {} asked",
             cfg.train.steps
         )));
     }
-    a.train.steps = 0;
-    b.train.steps = 0;
-    if a != b {
+    if !saved.continues_as(cfg) {
         return Err(other("holds a run with another configuration".into()));
     }
     Ok(())
