@@ -26,6 +26,7 @@ bench: deps
 	cargo bench -p icefm-dataset --bench loader
 	cargo bench -p icefm-model --bench train_step
 	cargo bench -p icefm-model --bench eval_scene
+	cargo bench -p icefm-model --bench dist
 
 lint:
 	cargo fmt --all --check
