@@ -43,6 +43,7 @@ pub struct TrainArgs {
     /// Data-parallel training, one process per rank: `RANK/WORLD@HOST:PORT` (rank 0 listens
     /// on PORT; every rank names rank 0's host), or `slurm` (rank, world and GPU from `srun`'s
     /// variables). `data.batch_size` is the whole batch, split equally between the ranks.
+    /// `--device cuda` is then the rank's GPU: `cuda:RANK`, or Slurm's local rank.
     #[arg(long, value_name = "RANK/WORLD@HOST:PORT|slurm")]
     dist: Option<String>,
 }
