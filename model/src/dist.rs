@@ -137,6 +137,17 @@ pub fn timeout_from_env() -> Duration {
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
 }
 
+/// Where a group sums its gradients ([`Group::attach`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// One process: nothing to sum.
+    Alone,
+    /// On the hosts, through rank 0 over TCP.
+    Host,
+    /// By NCCL on the GPUs.
+    Nccl,
+}
+
 /// How one rank's gradients weigh in [`Group::reduce`].
 #[derive(Clone, Copy)]
 pub enum Weights<'a> {
@@ -219,16 +230,15 @@ impl Group {
 
     /// Where the gradients are summed, for a model on `dev`: on GPUs by NCCL, device to
     /// device, when allowed ([`Group::allow_nccl`]) and every rank can load it; otherwise,
-    /// and on CPUs, on the host through rank 0. Returns which (`"nccl"`, `"host"`, or `"none"`
-    /// for one process). Every rank must call it.
-    pub fn attach(&mut self, dev: &Device) -> Result<&'static str, TrainError> {
+    /// and on CPUs, on the host through rank 0. Returns which. Every rank must call it.
+    pub fn attach(&mut self, dev: &Device) -> Result<Route, TrainError> {
         if self.world == 1 {
-            return Ok("none");
+            return Ok(Route::Alone);
         }
         #[cfg(feature = "cuda")]
         if let Device::Cuda(cd) = dev {
             if self.nccl.is_some() {
-                return Ok("nccl");
+                return Ok(Route::Nccl);
             }
             let able = self.nccl_allowed && crate::cuda::Nccl::available();
             let all = self.all_gather(&[u8::from(able)])?;
@@ -248,12 +258,12 @@ impl Group {
                         ))
                     })?;
                 self.nccl = Some(nccl);
-                return Ok("nccl");
+                return Ok(Route::Nccl);
             }
         }
         #[cfg(not(feature = "cuda"))]
         let _ = dev;
-        Ok("host")
+        Ok(Route::Host)
     }
 
     /// This process's rank.

@@ -596,15 +596,16 @@ pub fn train_seg_in(
             let at = m * part.len;
             let draws = drop_draws(cfg.train.seed, step, scfg.encoder.depth, &part);
             // One micro-batch a step goes up through the page-locked staging.
-            let (images, keep, labels_on) = if k == 1 {
-                let keep = feeder.stage_draws(draws, &model.encoder)?;
-                (batch.images.clone(), keep, batch.labels_on.clone())
+            let keep = if k == 1 {
+                feeder.stage_draws(draws, &model.encoder)?
             } else {
-                let on = match &batch.labels_on {
-                    Some(t) => Some(t.narrow(0, at, part.len)?),
-                    None => None,
-                };
-                (batch.images.narrow(0, at, part.len)?, draws, on)
+                draws
+            };
+            // The whole batch when k = 1 (narrow then returns the tensor itself).
+            let images = batch.images.narrow(0, at, part.len)?;
+            let labels_on = match &batch.labels_on {
+                Some(t) => Some(t.narrow(0, at, part.len)?),
+                None => None,
             };
             let labels = &batch.labels[at * 3 * plane..(at + part.len) * 3 * plane];
             let outs = on_worker(dev.is_cpu(), || model.forward(&images, Some(&keep)))?;

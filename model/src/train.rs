@@ -31,7 +31,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::dist::{Group, Weights, weights_digest};
+use crate::dist::{Group, Route, Weights, weights_digest};
 use crate::fused::normalise_augment;
 use crate::mae::{Mae, Masking};
 use crate::ops::Draws;
@@ -316,15 +316,10 @@ pub fn train_mae_in(
         let k = cfg.train.accumulate as usize;
         let mut acc = Accumulated::new();
         for (m, part) in share.parts(k).into_iter().enumerate() {
-            let (images, valid) = if k == 1 {
-                (batch.images.clone(), batch.valid.clone())
-            } else {
-                let at = m * part.len;
-                (
-                    batch.images.narrow(0, at, part.len)?,
-                    batch.valid.narrow(0, at, part.len)?,
-                )
-            };
+            // The whole batch when k = 1 (narrow then returns the tensor itself).
+            let at = m * part.len;
+            let images = batch.images.narrow(0, at, part.len)?;
+            let valid = batch.valid.narrow(0, at, part.len)?;
             // Each sample's noise by its place in the whole batch, whichever rank and
             // micro-batch take it.
             let noise: Vec<Vec<f32>> = (part.first..part.first + part.len)
@@ -503,7 +498,7 @@ impl Share {
 }
 
 /// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
-/// configuration (only `train.steps` may change). Writes `config.toml` as resolved. In a
+/// configuration ([`TrainConfig::continues_as`]). Writes `config.toml` as resolved. In a
 /// data-parallel run every rank must have the same configuration; rank 0 alone checks and
 /// writes the directory, after which the others list its checkpoints.
 pub(crate) fn open_run(
@@ -547,7 +542,7 @@ pub(crate) fn open_run(
                 run.log(&format!(
                     "data-parallel: {} ranks, gradients summed {}",
                     group.world(),
-                    if path == "nccl" {
+                    if path == Route::Nccl {
                         "by NCCL on the GPUs"
                     } else {
                         "on the hosts through rank 0"

@@ -21,21 +21,8 @@ use icefm_model::train::{
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE.get_or_init(|| {
-        use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw};
-        use icefm_dataset::table::SceneTable;
         let store = common::rtt_store("dist-tests", 2, (260, 300), 23);
-        let table = SceneTable::from_store(&store).unwrap();
-        let spec = RegimeSpec {
-            name: "v".into(),
-            rule: Rule::Fraction,
-            percent: Some(50.0),
-            seed: 0,
-            role: Role::Val,
-            list: None,
-            exclude: vec![],
-        };
-        let val = draw(&table, &spec).unwrap();
-        val.write(&Regime::path_in(&store, "v")).unwrap();
+        common::write_val_regime(&store, "v", 50.0);
         store
     })
 }

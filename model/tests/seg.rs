@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw};
-use icefm_dataset::table::SceneTable;
 use icefm_dataset::{SceneLevel, SceneReader};
 use icefm_model::config::TrainConfig;
 use icefm_model::evaluate::{Blend, InferOptions, predict_level, upsample_nearest, window_starts};
@@ -568,21 +566,7 @@ fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE.get_or_init(|| {
         let store = common::rtt_store("seg-tests", 3, (200, 240), 31);
-        let table = SceneTable::from_store(&store).unwrap();
-        let val = draw(
-            &table,
-            &RegimeSpec {
-                name: "v".into(),
-                rule: Rule::Fraction,
-                percent: Some(34.0),
-                seed: 0,
-                role: Role::Val,
-                list: None,
-                exclude: vec![],
-            },
-        )
-        .unwrap();
-        val.write(&Regime::path_in(&store, "v")).unwrap();
+        common::write_val_regime(&store, "v", 34.0);
         store
     })
 }

@@ -249,3 +249,23 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A validation regime `name` of `percent` % of `store`'s scenes (seed 0), written into it.
+pub fn write_val_regime(store: &std::path::Path, name: &str, percent: f64) {
+    use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw};
+    use icefm_dataset::table::SceneTable;
+    let table = SceneTable::from_store(store).unwrap();
+    let spec = RegimeSpec {
+        name: name.into(),
+        rule: Rule::Fraction,
+        percent: Some(percent),
+        seed: 0,
+        role: Role::Val,
+        list: None,
+        exclude: vec![],
+    };
+    draw(&table, &spec)
+        .unwrap()
+        .write(&Regime::path_in(store, name))
+        .unwrap();
+}
