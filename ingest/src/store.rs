@@ -120,6 +120,10 @@ impl Store {
                 .next()
                 .is_some()
         {
+            // Another process may have renamed its new store into place since the first look.
+            if root_meta.exists() {
+                return Self::open_or_create(path, attrs);
+            }
             return Err(StoreError::Incompatible {
                 path: path.to_path_buf(),
                 reason: "exists, is not empty and is not a Zarr store".into(),
