@@ -158,16 +158,28 @@ fn grid_file(dir: &Path, name: &str, grid: &str) -> PathBuf {
     path
 }
 
-fn ablate(grid: &Path, out: &Path, extra: &[&str]) -> Output {
-    icefm()
-        .args(["ablate", "--store"])
+/// `icefm ablate` of `grid` into `out` on the fixture's store.
+fn ablate_command(grid: &Path, out: &Path) -> Command {
+    let mut c = icefm();
+    c.args(["ablate", "--store"])
         .arg(&fixture().store)
         .arg("--grid")
         .arg(grid)
         .arg("--out")
-        .arg(out)
-        .args(extra)
-        .output()
+        .arg(out);
+    c
+}
+
+fn ablate(grid: &Path, out: &Path, extra: &[&str]) -> Output {
+    ablate_command(grid, out).args(extra).output().unwrap()
+}
+
+/// `icefm ablate` started in the background, its output captured.
+fn spawn_ablate(grid: &Path, out: &Path) -> std::process::Child {
+    ablate_command(grid, out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap()
 }
 
@@ -216,26 +228,8 @@ fn mtime(path: &Path) -> SystemTime {
 
 #[test]
 fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
-    let f = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let grid = grid_file(
-        dir.path(),
-        "ladder",
-        &format!(
-            r#"
-base = "seg_micro.toml"
-mae = {:?}
-test_regime = "test"
-set = ["train.steps=3"]
-[grid]
-regimes = ["ft_25", "ft_50"]
-init = ["scratch", "mae"]
-tasks = ["multi"]
-levels = ["80"]
-"#,
-            f.mae.display().to_string()
-        ),
-    );
+    let grid = ladder_grid(dir.path(), "ladder");
     let out = dir.path().join("out");
     let keys = [
         "ft_25-scratch-multi-80",
@@ -537,17 +531,7 @@ init = ["mae", "scratch"]
     };
     let grid = grid_file(dir.path(), "stop", &body(1_000_000));
     let out = dir.path().join("out");
-    let child = icefm()
-        .args(["ablate", "--store"])
-        .arg(&f.store)
-        .arg("--grid")
-        .arg(&grid)
-        .arg("--out")
-        .arg(&out)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_ablate(&grid, &out);
     // Wait until the first run trains, then send SIGINT as a terminal's Ctrl-C does.
     let run = out.join("runs/ft_50-mae-multi-80");
     let t0 = std::time::Instant::now();
@@ -648,6 +632,10 @@ ft_50 = {:?}
         read_table(&out.join("ablation.parquet"))["key"],
         ["ft_25-mae-multi-80"]
     );
+    // The failure is marked for other workers running the grid now, with its reason.
+    let mark = out.join("claims/ft_50-mae-multi-80.failed");
+    let why = std::fs::read_to_string(&mark).unwrap();
+    assert!(why.contains("bad.safetensors"), "{why}");
     // With its weights fixed, a re-run trains only the failed cell.
     std::fs::write(&grid, body(&f.mae)).unwrap();
     let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
@@ -659,4 +647,133 @@ ft_50 = {:?}
         read_table(&out.join("ablation.parquet"))["key"],
         ["ft_25-mae-multi-80", "ft_50-mae-multi-80"]
     );
+    assert!(!mark.exists());
+}
+
+/// The 2 regimes × 2 inits grid of micro runs, `train.steps` = 3.
+fn ladder_grid(dir: &Path, name: &str) -> PathBuf {
+    grid_file(
+        dir,
+        name,
+        &format!(
+            r#"
+base = "seg_micro.toml"
+mae = {:?}
+test_regime = "test"
+set = ["train.steps=3"]
+[grid]
+regimes = ["ft_25", "ft_50"]
+init = ["scratch", "mae"]
+"#,
+            fixture().mae.display().to_string()
+        ),
+    )
+}
+
+#[test]
+fn a_cell_held_by_another_worker_is_left_to_it_and_taken_up_once_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = ladder_grid(dir.path(), "held");
+    let out = dir.path().join("out");
+    // Another worker holds the second cell: its lock, with its line.
+    let claims = out.join("claims");
+    std::fs::create_dir_all(&claims).unwrap();
+    let lock = std::fs::File::create(claims.join("ft_25-mae-multi-80.lock")).unwrap();
+    lock.lock().unwrap();
+    std::fs::write(
+        claims.join("ft_25-mae-multi-80.lock"),
+        "gpu-node-7 pid 1, cuda:3\n",
+    )
+    .unwrap();
+
+    let (stdout, _) = text(&ok(ablate(&grid, &out, &["--dry-run"])));
+    let held = "running in another worker (gpu-node-7 pid 1, cuda:3, for ";
+    let line = |stdout: &str, prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {stdout}"))
+            .to_string()
+    };
+    assert!(
+        line(&stdout, "cell 2/4 ft_25-mae-multi-80:").ends_with(&format!("{held}0 s)")),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches(": new").count(), 3, "{stdout}");
+
+    let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
+    assert!(
+        line(&stdout, "cell 2/4 ft_25-mae-multi-80:").contains(held),
+        "{stdout}"
+    );
+    for (i, k) in [(1, "ft_25-scratch"), (3, "ft_50-scratch"), (4, "ft_50-mae")] {
+        assert!(
+            stdout.contains(&format!("cell {i}/4 {k}-multi-80: finished")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("(3 trained, 0 skipped, 0 failed, 1 running in other workers)"),
+        "{stdout}"
+    );
+    assert!(!out.join("runs/ft_25-mae-multi-80/config.toml").exists());
+    assert_eq!(
+        read_table(&out.join("ablation.parquet"))["key"],
+        [
+            "ft_25-scratch-multi-80",
+            "ft_50-scratch-multi-80",
+            "ft_50-mae-multi-80"
+        ]
+    );
+    // The cells this worker ran are free again.
+    assert_eq!(
+        std::fs::read_to_string(claims.join("ft_25-scratch-multi-80.lock")).unwrap(),
+        ""
+    );
+
+    // The other worker dies: the operating system drops its lock, the file stays, and the
+    // next invocation runs the cell.
+    drop(lock);
+    let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
+    assert!(
+        stdout.contains("cell 2/4 ft_25-mae-multi-80: started"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(1 trained, 3 skipped, 0 failed)"),
+        "{stdout}"
+    );
+    assert_eq!(read_table(&out.join("ablation.parquet"))["key"].len(), 4);
+}
+
+#[test]
+fn two_workers_share_a_grid_train_each_cell_once_and_score_as_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = ladder_grid(dir.path(), "shared");
+    let alone = dir.path().join("alone");
+    ok(ablate(&grid, &alone, &[]));
+    let want = read_table(&alone.join("ablation.parquet"));
+
+    let out = dir.path().join("out");
+    let (a, b) = (spawn_ablate(&grid, &out), spawn_ablate(&grid, &out));
+    let logs: Vec<String> = [a, b]
+        .into_iter()
+        .map(|c| text(&ok(c.wait_with_output().unwrap())).0)
+        .collect();
+    let both = logs.concat();
+    for k in &want["key"] {
+        assert_eq!(
+            both.matches(&format!(" {k}: started")).count(),
+            1,
+            "{k}:\n{}\n---\n{}",
+            logs[0],
+            logs[1]
+        );
+        assert_eq!(both.matches(&format!(" {k}: finished")).count(), 1);
+    }
+    // Whichever worker finished last wrote the whole table: the one worker's scores.
+    let got = read_table(&out.join("ablation.parquet"));
+    for c in ["key", "sic_r2", "sod_f1", "floe_f1", "combined"] {
+        assert_eq!(got[c], want[c], "{c}");
+    }
 }

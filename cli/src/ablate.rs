@@ -2,11 +2,14 @@
 //! (multi / single) × levels, each cell fine-tuned from one base configuration, scored on whole
 //! test scenes, written to one Parquet table and one PNG plot. Cells with a result are skipped
 //! and runs with checkpoints resume, so re-running the same command finishes a half-done grid.
+//! Several processes may run one grid at once (one per GPU): each claims a cell before it runs
+//! it ([`claim`]).
 //!
 //! Output folder: `grid.toml` (the grid as given), `runs/<key>/` (a cell: its run, or for a
 //! single-task cell one run per task in `runs/<key>/<TASK>/`, and `result.json`),
-//! `ablation.parquet` and `ablation.png`.
+//! `ablation.parquet`, `ablation.png` and `claims/` (the workers' locks and failure marks).
 
+mod claim;
 mod grid;
 mod report;
 
@@ -23,6 +26,7 @@ use icefm_model::train::{RunOptions, checkpoints, parse_device};
 use icefm_schemas::Task;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use claim::{Claim, Claims, probe};
 use grid::{Cell, Run, TaskMode, levels_text, plan};
 use report::{CellResult, PLOT_FILE, TABLE_FILE, write_outputs};
 
@@ -76,31 +80,26 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
     let grid_text = std::fs::read_to_string(&a.grid)
         .map_err(|e| anyhow!("cannot read {}: {e}", a.grid.display()))?;
     let plan = plan(&a.grid, &grid_text, &a.store, &out)?;
-    let states: Vec<State> = plan.cells.iter().map(state).collect();
     let n = plan.cells.len();
     if a.dry_run {
+        let states: Vec<State> = plan.cells.iter().map(state).collect();
         println!(
             "{n} cells, scored on regime {}; output {}",
             plan.test_regime,
             out.display()
         );
         for (i, (c, s)) in plan.cells.iter().zip(&states).enumerate() {
-            let what = match s {
-                State::Done(r) => format!("done, combined {:.2}", r.combined()),
-                State::Partial(step) => format!("resumes at step {step}"),
-                State::New => "new".into(),
+            let what = match (s, probe(&out, &c.key)) {
+                (State::Done(r), _) => format!("done, combined {:.2}", r.combined()),
+                (_, Some(who)) => format!("running in another worker ({who})"),
+                (State::Partial(step), None) => format!("resumes at step {step}"),
+                (State::New, None) => "new".into(),
             };
             println!(
-                "cell {}/{n} {}: regime {} ({} scenes, {:.1} % of the pool), init {}, tasks {}, levels {}, {} steps, {} run(s): {what}",
+                "cell {}/{n} {}: {}, {} run(s): {what}",
                 i + 1,
                 c.key,
-                c.regime,
-                c.scenes,
-                100.0 * c.fraction,
-                c.init.name(),
-                c.tasks.name(),
-                levels_text(&c.levels),
-                c.steps,
+                describe(c),
                 c.runs.len(),
             );
         }
@@ -115,84 +114,144 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
     };
     std::fs::create_dir_all(out.join("runs"))
         .with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("grid.toml"), &grid_text)
-        .with_context(|| format!("writing {}", out.join("grid.toml").display()))?;
+    let mut claims = Claims::open(&out, &a.device)?;
+    {
+        let _outputs = claims.outputs()?;
+        write_atomic(&out.join("grid.toml"), grid_text.as_bytes())?;
+    }
 
+    // Other workers may share the grid: each cell is claimed before it runs, cells held by a
+    // live worker are left to it, and the pass repeats while it ran something, so a cell freed
+    // meanwhile (its worker killed) is taken up.
     let stop = crate::train::stop_flag();
-    let mut results: Vec<Option<CellResult>> = vec![None; n];
-    let mut skipped = 0;
-    let mut trained = 0;
+    let mut settled = vec![false; n];
+    let mut told_taken = vec![false; n];
+    let (mut skipped, mut trained) = (0, 0);
     let mut failed: Vec<String> = Vec::new();
-    for (i, (cell, s)) in plan.cells.iter().zip(states).enumerate() {
-        let head = format!("cell {}/{n} {}", i + 1, cell.key);
-        if let State::Done(r) = s {
-            println!(
-                "{head}: skipped, done before (combined {:.2})",
-                r.combined()
-            );
-            results[i] = Some(*r);
-            skipped += 1;
-            continue;
-        }
-        // Ctrl-C while a run was being scored: stop before the next cell trains a step.
-        if stop.load(Ordering::SeqCst) {
-            write_outputs(&out, &plan, &results)?;
-            println!(
-                "{head}: not started (interrupted); run the same command again to resume the grid"
-            );
-            return Ok(ExitCode::from(130));
-        }
-        println!(
-            "{head}: started (regime {}, {} scenes, {:.1} % of the pool, init {}, tasks {}, levels {}, {} steps{})",
-            cell.regime,
-            cell.scenes,
-            100.0 * cell.fraction,
-            cell.init.name(),
-            cell.tasks.name(),
-            levels_text(&cell.levels),
-            cell.steps,
-            match s {
-                State::Partial(step) => format!(", resuming at step {step}"),
-                _ => String::new(),
+    let mut first = true;
+    let elsewhere = loop {
+        let mut ran = false;
+        let mut taken = 0;
+        for (i, cell) in plan.cells.iter().enumerate() {
+            if settled[i] {
+                continue;
             }
-        );
-        match run_cell(cell, &plan.test_regime, &where_, stop) {
-            Ok(Some(r)) => {
-                println!(
-                    "{head}: finished, combined {:.2} (SIC R2 {:.3}, SOD F1 {:.3}, FLOE F1 {:.3}) in {:.1} s",
-                    r.combined(),
-                    r.sic_r2.unwrap_or(f64::NAN),
-                    r.sod_f1.unwrap_or(f64::NAN),
-                    r.floe_f1.unwrap_or(f64::NAN),
-                    r.seconds
-                );
-                results[i] = Some(r);
-                trained += 1;
-                write_outputs(&out, &plan, &results)?;
+            let head = format!("cell {}/{n} {}", i + 1, cell.key);
+            if let Some(r) = done_result(&cell.dir, cell.steps) {
+                let how = if first && !told_taken[i] {
+                    "skipped, done before"
+                } else {
+                    "done by another worker"
+                };
+                println!("{head}: {how} (combined {:.2})", r.combined());
+                settled[i] = true;
+                skipped += 1;
+                continue;
             }
-            // A cell fails alone (a diverging loss, unreadable weights): the grid goes on, and
-            // a re-run tries the cell again.
-            Err(e) => {
-                let causes: Vec<String> = e.chain().map(ToString::to_string).collect();
-                println!("{head}: FAILED: {}", causes.join(": "));
+            if let Some(why) = claims.failed_elsewhere(&cell.key) {
+                println!("{head}: FAILED in another worker: {why}");
+                settled[i] = true;
                 failed.push(cell.key.clone());
+                continue;
             }
-            Ok(None) => {
-                write_outputs(&out, &plan, &results)?;
+            // Ctrl-C while a run was being scored: stop before the next cell trains a step.
+            if stop.load(Ordering::SeqCst) {
+                rewrite_outputs(&out, &plan, &mut claims)?;
                 println!(
-                    "{head}: stopped (checkpoint saved); run the same command again to resume the grid"
+                    "{head}: not started (interrupted); run the same command again to resume the grid"
                 );
                 return Ok(ExitCode::from(130));
             }
+            let held = match claims.claim(&cell.key)? {
+                Claim::Taken(who) => {
+                    if !told_taken[i] {
+                        println!("{head}: running in another worker ({who})");
+                        told_taken[i] = true;
+                    }
+                    taken += 1;
+                    continue;
+                }
+                Claim::Mine(held) => held,
+            };
+            // What is on disk now: the cell may have been finished or begun by another worker
+            // since this one looked.
+            let s = state(cell);
+            if let State::Done(r) = s {
+                println!(
+                    "{head}: done by another worker (combined {:.2})",
+                    r.combined()
+                );
+                settled[i] = true;
+                skipped += 1;
+                continue;
+            }
+            ran = true;
+            settled[i] = true;
+            println!(
+                "{head}: started ({}{})",
+                describe(cell),
+                match s {
+                    State::Partial(step) => format!(", resuming at step {step}"),
+                    _ => String::new(),
+                }
+            );
+            match run_cell(cell, &plan.test_regime, &where_, stop) {
+                Ok(Some(r)) => {
+                    println!(
+                        "{head}: finished, combined {:.2} (SIC R2 {:.3}, SOD F1 {:.3}, FLOE F1 {:.3}) in {:.1} s",
+                        r.combined(),
+                        r.sic_r2.unwrap_or(f64::NAN),
+                        r.sod_f1.unwrap_or(f64::NAN),
+                        r.floe_f1.unwrap_or(f64::NAN),
+                        r.seconds
+                    );
+                    trained += 1;
+                    claims.clear_failed(&cell.key);
+                    drop(held);
+                    rewrite_outputs(&out, &plan, &mut claims)?;
+                }
+                // A cell fails alone (a diverging loss, unreadable weights): the grid goes on,
+                // and a re-run tries the cell again.
+                Err(e) => {
+                    let causes: Vec<String> = e.chain().map(ToString::to_string).collect();
+                    let why = causes.join(": ");
+                    println!("{head}: FAILED: {why}");
+                    claims.mark_failed(&cell.key, &why);
+                    failed.push(cell.key.clone());
+                }
+                Ok(None) => {
+                    drop(held);
+                    rewrite_outputs(&out, &plan, &mut claims)?;
+                    println!(
+                        "{head}: stopped (checkpoint saved); run the same command again to resume the grid"
+                    );
+                    return Ok(ExitCode::from(130));
+                }
+            }
         }
-    }
-    write_outputs(&out, &plan, &results)?;
+        first = false;
+        if taken == 0 || !ran {
+            break taken;
+        }
+    };
+    rewrite_outputs(&out, &plan, &mut claims)?;
+    let others = if elsewhere > 0 {
+        format!(", {elsewhere} running in other workers")
+    } else {
+        String::new()
+    };
     println!(
-        "{n} cells ({trained} trained, {skipped} skipped, {} failed): {} and {}",
+        "{n} cells ({trained} trained, {skipped} skipped, {} failed{others}): {} and {}",
         failed.len(),
         out.join(TABLE_FILE).display(),
         out.join(PLOT_FILE).display()
     );
+    if elsewhere > 0 {
+        println!(
+            "the table and the plot are complete once the other workers finish (the last one \
+             rewrites them)"
+        );
+    }
     if failed.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
@@ -202,6 +261,39 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
         );
         Ok(ExitCode::from(1))
     }
+}
+
+/// A cell's axes and size, as its lines print them.
+fn describe(c: &Cell) -> String {
+    format!(
+        "regime {}, {} scenes, {:.1} % of the pool, init {}, tasks {}, levels {}, {} steps",
+        c.regime,
+        c.scenes,
+        100.0 * c.fraction,
+        c.init.name(),
+        c.tasks.name(),
+        levels_text(&c.levels),
+        c.steps
+    )
+}
+
+/// Rewrite the table and the plot from every cell's result on disk (this worker's and any
+/// other's), one worker at a time.
+fn rewrite_outputs(out: &Path, plan: &grid::Plan, claims: &mut Claims) -> Result<()> {
+    let _outputs = claims.outputs()?;
+    let results: Vec<Option<CellResult>> = plan
+        .cells
+        .iter()
+        .map(|c| done_result(&c.dir, c.steps))
+        .collect();
+    write_outputs(out, plan, &results)
+}
+
+/// Write `bytes` to `path` through a temporary file renamed into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Whether `dir`'s result is there for `steps`.

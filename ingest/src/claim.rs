@@ -32,7 +32,8 @@ pub fn claim_path(store: &Path, scene_id: &str) -> PathBuf {
     store.join(CLAIMS_DIR).join(format!("{scene_id}.claim"))
 }
 
-fn host_name() -> String {
+/// This machine's name (Linux), else `unknown`.
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

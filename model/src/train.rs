@@ -588,7 +588,11 @@ fn open_run_dir(
         )));
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
-    std::fs::write(&config_path, resolved).map_err(|e| io_err(&config_path, e))?;
+    // Through a temporary file: `icefm ablate` workers read the config.toml of runs that
+    // another worker may be (re)starting.
+    let tmp = opts.out.join("config.toml.tmp");
+    std::fs::write(&tmp, resolved).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &config_path).map_err(|e| io_err(&config_path, e))?;
     let log_path = opts.out.join("log.txt");
     let log = std::fs::OpenOptions::new()
         .create(true)
