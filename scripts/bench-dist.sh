@@ -32,13 +32,17 @@ print(f"{statistics.median(ips):7.1f} img/s  last loss {t['loss'][-1]:.5f}")
 EOF
 }
 run() {
-  local name=$1 ranks=$2
-  local out=$work/run-$ranks
+  local name=$1 ranks=$2 mode=${3:-by-hand}
+  local out=$work/run-$ranks-$mode
   rm -rf "$out"
   local start end port=$((29600 + RANDOM % 1000))
   start=$(date +%s.%N)
   if [ "$ranks" = 1 ]; then
     RAYON_NUM_THREADS=$cores "$bin" train "${common[@]}" --out "$out" >"$out.log" 2>&1 ||
+      { cat "$out.log"; exit 1; }
+  elif [ "$mode" = local ]; then
+    # icefm starts the ranks itself, cores / ranks compute threads each.
+    "$bin" train "${common[@]}" --out "$out" --dist "local:$ranks" >"$out.log" 2>&1 ||
       { cat "$out.log"; exit 1; }
   else
     local pids=()
@@ -58,6 +62,7 @@ run() {
 echo "MAE ViT-tiny 96 px, batch 16, $steps steps, $cores cores"
 run "1 process, $cores threads" 1
 run "2 ranks, $((cores / 2 > 0 ? cores / 2 : 1)) thread(s) each" 2
+run "2 ranks by --dist local:2" 2 local
 accum() {
   local k=$1
   local out=$work/accum-$k

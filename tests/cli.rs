@@ -858,6 +858,80 @@ fn two_processes_train_one_run_with_dist() {
     assert!(err.contains("rank 2 of 2 ranks does not exist"), "{err}");
 }
 
+/// The `loss` column of a run's `metrics.parquet`.
+fn losses(run: &Path) -> Vec<f32> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Float32Type;
+    let file = std::fs::File::open(run.join("metrics.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let c = b.column_by_name("loss").unwrap();
+        out.extend(c.as_primitive::<Float32Type>().values().iter().copied());
+    }
+    out
+}
+
+#[test]
+fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.warmup_steps=1",
+        "data.threads=1",
+    ];
+    let alone = dir.path().join("alone");
+    ok(micro_train(&store, &alone, &sets, false).output().unwrap());
+    let run = dir.path().join("run");
+    let out = ok(micro_train(&store, &run, &sets, false)
+        .args(["--dist", "local:2"])
+        .output()
+        .unwrap());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stderr.contains("starting 2 ranks on this machine (rank 0 at 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("trained 3 steps (now at 3 of 3)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rank 1 of 2: trained 3 steps"), "{stdout}");
+    // Two ranks, one process's step: the same losses.
+    let (want, got) = (losses(&alone), losses(&run));
+    assert_eq!(want.len(), 3);
+    assert_eq!(got.len(), 3);
+    for (a, b) in want.iter().zip(&got) {
+        assert!(
+            (a - b).abs() < 2e-6 * a.abs().max(1.0),
+            "{want:?} vs {got:?}"
+        );
+    }
+    // A batch the ranks cannot share is said once, before any rank starts.
+    let out = micro_train(&store, &dir.path().join("odd"), &sets, false)
+        .args(["--dist=local:3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("is not a multiple of the 3 ranks").count(),
+        1,
+        "{err}"
+    );
+    assert!(!err.contains("starting"), "{err}");
+    assert!(!dir.path().join("odd").exists());
+}
+
 #[test]
 fn train_names_what_is_wrong_with_a_device_or_a_precision() {
     let dir = tempfile::tempdir().unwrap();

@@ -170,7 +170,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),
         Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
         Command::Regime(a) => crate::regime::cmd_regime(*a),
-        Command::Train(a) => crate::train::cmd_train(*a).map(|_| ExitCode::SUCCESS),
+        Command::Train(a) => crate::train::cmd_train(*a),
         Command::Demo(a) => crate::demo::cmd_demo(a),
         Command::Eval(a) => crate::eval::cmd_eval(*a).map(|_| ExitCode::SUCCESS),
         Command::Predict(a) => crate::eval::cmd_predict(*a).map(|()| ExitCode::SUCCESS),

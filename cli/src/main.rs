@@ -5,6 +5,7 @@ mod commands;
 mod demo;
 mod eval;
 mod import;
+mod launch;
 mod manifest;
 mod progress;
 mod regime;

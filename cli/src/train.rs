@@ -2,6 +2,7 @@
 //! has a `[seg]` section, from a store, with a progress bar and Ctrl-C at a step boundary.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -9,8 +10,12 @@ use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
 use icefm_model::dist::{DistSpec, Group, timeout_from_env};
 use icefm_model::finetune::{ValRecord, train_seg_in};
-use icefm_model::train::{RunOptions, RunSummary, StepRecord, parse_device, train_mae_in};
+use icefm_model::train::{
+    RunOptions, RunSummary, StepRecord, check_batch_split, parse_device, train_mae_in,
+};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::launch::{launch, local_world};
 
 /// Arguments of `icefm train`.
 #[derive(clap::Args, Debug)]
@@ -40,16 +45,17 @@ pub struct TrainArgs {
     /// The regime of training scenes; sets `data.regime`.
     #[arg(long)]
     regime: Option<String>,
-    /// Data-parallel training, one process per rank: `RANK/WORLD@HOST:PORT` (rank 0 listens
-    /// on PORT; every rank names rank 0's host), or `slurm` (rank, world and GPU from `srun`'s
+    /// Data-parallel training, one process per rank: `local:N` (icefm starts N ranks on this
+    /// machine, e.g. one per GPU), `RANK/WORLD@HOST:PORT` (one rank; rank 0 listens on PORT,
+    /// every rank names rank 0's host), or `slurm` (rank, world and GPU from `srun`'s
     /// variables). `data.batch_size` is the whole batch, split equally between the ranks.
     /// `--device cuda` is then the rank's GPU: `cuda:RANK`, or Slurm's local rank.
-    #[arg(long, value_name = "RANK/WORLD@HOST:PORT|slurm")]
+    #[arg(long, value_name = "local:N|RANK/WORLD@HOST:PORT|slurm")]
     dist: Option<String>,
 }
 
 /// Run `icefm train`.
-pub fn cmd_train(a: TrainArgs) -> Result<()> {
+pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("cannot read {}", a.config.display()))?;
     let mut set = a.set.clone();
@@ -76,6 +82,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 .context("--config has no file name")?,
         ),
     };
+    if let Some(world) = a.dist.as_deref().map(local_world).transpose()?.flatten() {
+        // Said once here rather than by every rank.
+        check_batch_split(&cfg, world).map_err(anyhow::Error::msg)?;
+        return launch(world, &a.device);
+    }
     let spec = a
         .dist
         .as_deref()
@@ -121,7 +132,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             summary.steps_done,
             cfg.train.steps
         );
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let summary = run_with_bar_in(&mut group, &cfg, &opts, "train")?;
     let last = summary.records.last();
@@ -154,7 +165,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How a run ended, for its last line.

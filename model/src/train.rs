@@ -497,6 +497,25 @@ impl Share {
     }
 }
 
+/// Whether `cfg`'s batch splits equally between `world` ranks and, on each, into its
+/// `train.accumulate` micro-batches; the message says why not.
+pub fn check_batch_split(cfg: &TrainConfig, world: usize) -> Result<(), String> {
+    let b = cfg.data.batch_size;
+    let k = cfg.train.accumulate as usize;
+    if b.is_multiple_of(world * k) {
+        return Ok(());
+    }
+    let parts = if k > 1 {
+        format!(" × {k} micro-batches (train.accumulate)")
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "data.batch_size {b} is not a multiple of the {world} ranks{parts}: each rank takes an \
+         equal share of every batch"
+    ))
+}
+
 /// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
 /// configuration ([`TrainConfig::continues_as`]). Writes `config.toml` as resolved. In a
 /// data-parallel run every rank must have the same configuration; rank 0 alone checks and
@@ -508,20 +527,7 @@ pub(crate) fn open_run(
 ) -> Result<RunDir, TrainError> {
     let resolved = cfg.to_toml();
     if group.world() > 1 {
-        let b = cfg.data.batch_size;
-        let k = cfg.train.accumulate as usize;
-        if !b.is_multiple_of(group.world() * k) {
-            let parts = if k > 1 {
-                format!(" × {k} micro-batches (train.accumulate)")
-            } else {
-                String::new()
-            };
-            return Err(TrainError::Setup(format!(
-                "data.batch_size {b} is not a multiple of the {} ranks{parts}: each rank takes \
-                 an equal share of every batch",
-                group.world()
-            )));
-        }
+        check_batch_split(cfg, group.world()).map_err(TrainError::Setup)?;
         group.check_same("configurations", &resolved)?;
         group.check_same("--resume", &opts.resume.to_string())?;
         let path = group.attach(&opts.device)?;

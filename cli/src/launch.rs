@@ -1,0 +1,190 @@
+//! `icefm train --dist local:N`: the ranks of a data-parallel run on this machine, started by
+//! icefm itself (as `torchrun` does for PyTorch). The command runs itself N times, as
+//! `--dist R/N@127.0.0.1:PORT` for R = 0 … N−1, and waits for them: rank 0 shows the run, the
+//! others train quietly. With `--device cuda` rank R uses `cuda:R`; on the CPU each rank gets an
+//! equal share of the cores (`RAYON_NUM_THREADS`, unless it is set).
+
+use std::ffi::OsString;
+use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// The most ranks `local:N` starts.
+const MAX_LOCAL: usize = 256;
+/// How long the other ranks may take to end after one failed (they notice at their next
+/// exchange, or when their wait for it times out) before they are killed.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// `Some(N)` for `--dist local:N`, `None` for the other forms; an error for a bad N.
+pub fn local_world(dist: &str) -> Result<Option<usize>> {
+    let Some(n) = dist.strip_prefix("local:") else {
+        return Ok(None);
+    };
+    match n.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_LOCAL).contains(&n) => Ok(Some(n)),
+        _ => bail!(
+            "--dist {dist}: expected local:N with N from 1 to {MAX_LOCAL}, the ranks to start \
+             on this machine"
+        ),
+    }
+}
+
+/// This command's arguments with the value of `--dist` replaced by `value`.
+fn with_dist(args: &[OsString], value: &str) -> Result<Vec<OsString>> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut replaced = false;
+    let mut iter = args.iter();
+    while let Some(a) = iter.next() {
+        if a == "--dist" {
+            iter.next();
+            out.push(a.clone());
+            out.push(value.into());
+            replaced = true;
+        } else if a.to_str().is_some_and(|s| s.starts_with("--dist=")) {
+            out.push(format!("--dist={value}").into());
+            replaced = true;
+        } else {
+            out.push(a.clone());
+        }
+    }
+    if !replaced {
+        return Err(anyhow!("--dist local:N is not among the arguments"));
+    }
+    Ok(out)
+}
+
+/// A free TCP port on the loopback for rank 0 (`MASTER_PORT` when set).
+fn port() -> Result<u16> {
+    if let Ok(p) = std::env::var("MASTER_PORT") {
+        return p
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("MASTER_PORT={p} is not a port"));
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Start `world` ranks of this very command and wait for them. The exit status is 0 when
+/// every rank ended well, else the first failed rank's.
+pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the icefm executable")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let port = port()?;
+    let threads = (device == "cpu" && std::env::var_os("RAYON_NUM_THREADS").is_none()).then(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / world).max(1)
+    });
+    eprintln!(
+        "starting {world} ranks on this machine (rank 0 at 127.0.0.1:{port}{})",
+        match threads {
+            Some(t) => format!(", {t} compute thread(s) each"),
+            None => String::new(),
+        }
+    );
+    // Ctrl-C reaches every rank from the terminal (one process group): the ranks agree on the
+    // step to stop at and rank 0 saves. The launcher waits for them; a second Ctrl-C ends it.
+    let _ = crate::train::stop_flag();
+    let mut children: Vec<Child> = Vec::with_capacity(world);
+    for rank in 0..world {
+        let mut c = Command::new(&exe);
+        c.args(with_dist(
+            &args,
+            &format!("{rank}/{world}@127.0.0.1:{port}"),
+        )?);
+        if let Some(t) = threads {
+            c.env("RAYON_NUM_THREADS", t.to_string());
+        }
+        match c.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                for mut ch in children {
+                    let _ = ch.kill();
+                    let _ = ch.wait();
+                }
+                return Err(anyhow!("starting rank {rank}: {e}"));
+            }
+        }
+    }
+    let statuses = wait_all(&mut children)?;
+    match statuses.iter().enumerate().find(|(_, s)| !s.success()) {
+        None => Ok(ExitCode::SUCCESS),
+        Some((rank, s)) => {
+            eprintln!("rank {rank} of {world} ended with {s}");
+            Ok(ExitCode::from(
+                s.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1),
+            ))
+        }
+    }
+}
+
+/// Wait for every child; once one has failed, the others get [`GRACE`] to end, then are
+/// killed.
+fn wait_all(children: &mut [Child]) -> Result<Vec<ExitStatus>> {
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
+    let mut failed_at: Option<Instant> = None;
+    while statuses.iter().any(Option::is_none) {
+        for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
+            if s.is_none()
+                && let Some(st) = c.try_wait().context("waiting for a rank")?
+            {
+                if !st.success() && failed_at.is_none() {
+                    failed_at = Some(Instant::now());
+                }
+                *s = Some(st);
+            }
+        }
+        if failed_at.is_some_and(|t| t.elapsed() > GRACE) {
+            for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
+                if s.is_none() {
+                    let _ = c.kill();
+                    *s = Some(c.wait().context("waiting for a rank")?);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(statuses.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_worlds_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(local_world("local:4").unwrap(), Some(4));
+        assert_eq!(local_world("0/2@localhost:29500").unwrap(), None);
+        assert_eq!(local_world("slurm").unwrap(), None);
+        for bad in ["local:0", "local:x", "local:", "local:257"] {
+            let e = local_world(bad).unwrap_err().to_string();
+            assert!(e.contains("expected local:N with N from 1 to 256"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_ranks_get_the_same_arguments_with_their_own_dist() {
+        let args: Vec<OsString> = ["train", "--store", "s", "--dist", "local:2", "--set", "a=1"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let got = with_dist(&args, "1/2@127.0.0.1:7").unwrap();
+        let want = [
+            "train",
+            "--store",
+            "s",
+            "--dist",
+            "1/2@127.0.0.1:7",
+            "--set",
+            "a=1",
+        ];
+        assert_eq!(got, want.map(OsString::from));
+        let eq: Vec<OsString> = ["train", "--dist=local:2"].map(OsString::from).to_vec();
+        assert_eq!(
+            with_dist(&eq, "0/2@h:1").unwrap(),
+            ["train", "--dist=0/2@h:1"].map(OsString::from)
+        );
+        assert!(with_dist(&args[..3], "0/2@h:1").is_err());
+    }
+}
