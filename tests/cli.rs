@@ -930,6 +930,15 @@ fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
     );
     assert!(!err.contains("starting"), "{err}");
     assert!(!dir.path().join("odd").exists());
+    // So is a device this build cannot use (no CUDA here).
+    let out = micro_train(&store, &dir.path().join("gpu"), &sets, false)
+        .args(["--dist", "local:2", "--device", "cuda"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("--features cuda").count(), 1, "{err}");
+    assert!(!err.contains("starting"), "{err}");
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use icefm_model::train::cuda_device_count;
 
 /// The most ranks `local:N` starts.
 const MAX_LOCAL: usize = 256;
@@ -54,6 +55,33 @@ fn with_dist(args: &[OsString], value: &str) -> Result<Vec<OsString>> {
     Ok(out)
 }
 
+/// Whether `world` ranks can run on `device`, said once here rather than by every rank. No
+/// GPU is opened: the launcher holds none.
+fn check_device(world: usize, device: &str) -> Result<()> {
+    let device = device.trim();
+    if device == "cpu" {
+        return Ok(());
+    }
+    let ordinal = match device {
+        "cuda" => None,
+        d => Some(
+            d.strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| anyhow!("--device `{d}`: expected cpu, cuda or cuda:N"))?,
+        ),
+    };
+    let gpus = cuda_device_count().map_err(|e| anyhow!("--device {device}: {e}"))?;
+    match ordinal {
+        None if world > gpus => bail!(
+            "--dist local:{world} --device cuda puts rank R on cuda:R, and this machine has \
+             {gpus} GPU(s): start at most {gpus} ranks, or share one GPU with --device cuda:0 \
+             and ICEFM_NCCL=0"
+        ),
+        Some(k) if k >= gpus => bail!("--device {device}: this machine has {gpus} GPU(s)"),
+        _ => Ok(()),
+    }
+}
+
 /// A free TCP port on the loopback for rank 0 (`MASTER_PORT` when set).
 fn port() -> Result<u16> {
     if let Ok(p) = std::env::var("MASTER_PORT") {
@@ -69,6 +97,7 @@ fn port() -> Result<u16> {
 /// Start `world` ranks of this very command and wait for them. The exit status is 0 when
 /// every rank ended well, else the first failed rank's.
 pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
+    check_device(world, device)?;
     let exe = std::env::current_exe().context("finding the icefm executable")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let port = port()?;
@@ -160,6 +189,23 @@ mod tests {
         for bad in ["local:0", "local:x", "local:", "local:257"] {
             let e = local_world(bad).unwrap_err().to_string();
             assert!(e.contains("expected local:N with N from 1 to 256"), "{e}");
+        }
+    }
+
+    #[test]
+    fn devices_are_checked_once_before_any_rank_starts() {
+        assert!(check_device(8, "cpu").is_ok());
+        let e = check_device(2, "gpu").unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+        // Without CUDA in this build (or without a GPU) `cuda` is refused with the reason.
+        if cuda_device_count().is_err() {
+            let e = check_device(2, "cuda").unwrap_err().to_string();
+            assert!(e.starts_with("--device cuda: "), "{e}");
+        }
+        if let Ok(n) = cuda_device_count() {
+            let e = check_device(n + 1, "cuda").unwrap_err().to_string();
+            assert!(e.contains(&format!("this machine has {n} GPU(s)")), "{e}");
+            assert!(check_device(2, &format!("cuda:{n}")).is_err());
         }
     }
 

@@ -230,6 +230,21 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     ))
 }
 
+/// GPUs this process sees (after `CUDA_VISIBLE_DEVICES`), counted without opening any: an
+/// error in a build without CUDA, or where the driver cannot be loaded.
+pub fn cuda_device_count() -> Result<usize, String> {
+    #[cfg(feature = "cuda")]
+    return candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+        .map(|n| usize::try_from(n).unwrap_or(0))
+        .map_err(|e| format!("cannot count the GPUs: {e}"));
+    #[cfg(not(feature = "cuda"))]
+    Err(
+        "this icefm was built without CUDA; build it with `--features cuda` \
+         (scripts/cuda-env.sh sets up the toolchain)"
+            .into(),
+    )
+}
+
 /// Train (or resume) an MAE as `cfg` says. `stop` is checked at every step boundary: when set,
 /// the run saves a checkpoint and returns. `on_step` sees every record (progress bars).
 pub fn train_mae(
