@@ -766,6 +766,14 @@ fn micro_train(store: &Path, run: &Path, sets: &[&str], resume: bool) -> Command
     c
 }
 
+/// (width, height) of a PNG file.
+fn png_size(path: &Path) -> (usize, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    (be(&bytes[16..20]), be(&bytes[20..24]))
+}
+
 #[test]
 fn train_writes_a_run_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -782,10 +790,12 @@ fn train_writes_a_run_and_resumes() {
         "config.toml",
         "log.txt",
         "metrics.parquet",
+        "loss.png",
         "checkpoints/step_0000003/model.safetensors",
     ] {
         assert!(run.join(f).exists(), "{f}");
     }
+    assert_eq!(png_size(&run.join("loss.png")), (1000, 600));
     let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(resolved.contains("preset = \"micro\""), "{resolved}");
     // Again without --resume: refused; with it and more steps: continues.
@@ -794,6 +804,34 @@ fn train_writes_a_run_and_resumes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     let out = ok(train("train.steps=5", true));
     assert!(String::from_utf8_lossy(&out.stdout).contains("trained 2 steps (now at 5 of 5)"));
+    // Curves: any column of the metrics, of one run or several; wrong names say what there is.
+    let plot = |args: &[&str]| {
+        icefm()
+            .arg("plot")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let runs = run.to_str().unwrap();
+    let out = ok(plot(&[runs, "--metric", "lr", "--smooth", "1"]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        run.join("lr.png").to_str().unwrap()
+    );
+    assert_eq!(png_size(&run.join("lr.png")), (1000, 600));
+    ok(plot(&[runs, runs, "--metric", "grad_norm"]));
+    assert_eq!(png_size(&dir.path().join("grad_norm.png")), (1000, 600));
+    let out = plot(&[runs, "--metric", "los"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has no column \"los\"; it has loss, lr, grad_norm"),
+        "{err}"
+    );
+    let err =
+        String::from_utf8_lossy(&plot(&[runs, "--metric", "val.combined"]).stderr).to_string();
+    assert!(err.contains("has no validation.parquet"), "{err}");
     // A typo in a key is one clear error.
     let out = train("train.stesp=5", false);
     assert_eq!(out.status.code(), Some(2));

@@ -50,6 +50,9 @@ enum Command {
     Predict(Box<crate::eval::PredictArgs>),
     /// Convert a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) into icefm safetensors.
     Import(Box<crate::import::ImportArgs>),
+    /// Training curves of runs as one PNG: loss, per-task losses, learning rate, gradient
+    /// norm, images/s, or validation scores (`--metric val.combined`).
+    Plot(Box<crate::plot::PlotArgs>),
     /// Run a data-regime ablation grid (regimes × init × tasks × levels) from a TOML file:
     /// fine-tune, score, tabulate and plot; re-running resumes a half-done grid.
     Ablate(Box<crate::ablate::AblateArgs>),
@@ -176,6 +179,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Predict(a) => crate::eval::cmd_predict(*a).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => crate::import::cmd_import(*a).map(|_| ExitCode::SUCCESS),
         Command::Ablate(a) => crate::ablate::cmd_ablate(*a),
+        Command::Plot(a) => crate::plot::cmd_plot(*a).map(|()| ExitCode::SUCCESS),
         Command::Manifest(c) => crate::manifest::cmd_manifest(c),
     }
 }

@@ -7,6 +7,7 @@ mod eval;
 mod import;
 mod launch;
 mod manifest;
+mod plot;
 mod progress;
 mod regime;
 mod train;

@@ -253,5 +253,13 @@ fn run_with_bar_in(
         train_mae_in(group, cfg, opts, stop, &on_step)
     };
     bar.finish_and_clear();
-    Ok(summary?)
+    let summary = summary?;
+    // The curve so far, at every end (a stop included). A plot that cannot be drawn costs the
+    // run nothing: the metrics are saved.
+    if opts.out.join("metrics.parquet").is_file()
+        && let Err(e) = crate::plot::write_loss_plot(&opts.out)
+    {
+        eprintln!("warning: no loss.png: {e:#}");
+    }
+    Ok(summary)
 }

@@ -81,6 +81,8 @@ pub enum Marker {
     Diamond,
     /// Filled triangle, point up.
     Triangle,
+    /// Nothing: a bare line (curves of many points).
+    None,
 }
 
 impl Marker {
@@ -96,6 +98,7 @@ impl Marker {
             Self::Diamond => dx.abs() + dy.abs() <= r,
             // Apex at -r, base at r - 1; half-width grows by one every two rows.
             Self::Triangle => (-r..r).contains(&dy) && 2 * dx.abs() <= dy + r,
+            Self::None => false,
         }
     }
 }
@@ -185,6 +188,21 @@ fn nice_step(span: f64) -> f64 {
         } else {
             10.0
         }
+}
+
+/// Ticks at multiples of a step of 1, 2 or 5 × 10^k, about six between `lo` and `hi`
+/// (for an x axis of many values, such as training steps).
+pub fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo.is_finite() && hi.is_finite()) || hi < lo {
+        return Vec::new();
+    }
+    if hi - lo <= 1e-9 * hi.abs().max(1.0) {
+        return vec![lo];
+    }
+    let step = nice_step(hi - lo);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|k| k as f64 * step).collect()
 }
 
 /// The y axis: its range and ticks, covering every finite y (0–100 with none).
@@ -544,11 +562,24 @@ mod tests {
     }
 
     #[test]
+    fn nice_ticks_fall_on_round_steps() {
+        assert_eq!(
+            nice_ticks(1.0, 1000.0),
+            [200.0, 400.0, 600.0, 800.0, 1000.0]
+        );
+        assert_eq!(nice_ticks(0.0, 3.0), [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]);
+        assert_eq!(nice_ticks(5.0, 5.0), [5.0]);
+        assert!(nice_ticks(2.0, 1.0).is_empty());
+        assert!(nice_ticks(f64::NAN, 1.0).is_empty());
+    }
+
+    #[test]
     fn markers_have_their_shapes() {
         assert!(Marker::Disc.covers(0, 5) && !Marker::Disc.covers(4, 4));
         assert!(Marker::Square.covers(4, 4) && !Marker::Square.covers(5, 0));
         assert!(Marker::Diamond.covers(0, 5) && !Marker::Diamond.covers(3, 3));
         assert!(Marker::Triangle.covers(0, -5) && !Marker::Triangle.covers(2, -5));
         assert!(Marker::Triangle.covers(4, 4));
+        assert!(!Marker::None.covers(0, 0));
     }
 }

@@ -1,0 +1,300 @@
+//! `icefm plot`: training curves of one or more runs as one PNG, from their `metrics.parquet`
+//! (loss, per-task losses, learning rate, gradient norm, images/s) or `validation.parquet`
+//! (`val.combined`, `val.sod_f1`, …). `icefm train` draws `loss.png` into each run it trains.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use icefm_ingest::plot::{Dash, LinePlot, Marker, Scale, Series, nice_ticks, write_line_plot};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// Okabe–Ito colours (safe for colour-blind readers), one per run, then again dashed.
+const COLOURS: [[u8; 3]; 8] = [
+    [0, 114, 178],
+    [213, 94, 0],
+    [0, 158, 115],
+    [230, 159, 0],
+    [204, 121, 167],
+    [86, 180, 233],
+    [0, 0, 0],
+    [240, 228, 66],
+];
+/// The default running mean spans this share of the longest run's steps.
+const SMOOTH_SHARE: usize = 50;
+/// Prefix of the columns of `validation.parquet`.
+const VAL: &str = "val.";
+
+/// Arguments of `icefm plot`.
+#[derive(clap::Args, Debug)]
+pub struct PlotArgs {
+    /// Run folders (`icefm train --out`), drawn one line each.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// What to draw: a column of metrics.parquet (`loss`, `loss_SIC`, `loss_SOD`, `loss_FLOE`,
+    /// `lr`, `grad_norm`, `images_per_s`), or `val.` and a column of validation.parquet
+    /// (`val.combined`, `val.sic_r2`, `val.sod_f1`, `val.floe_f1`).
+    #[arg(long, default_value = "loss")]
+    metric: String,
+    /// Steps in the running mean of metrics.parquet columns [default: a fiftieth of the
+    /// longest run]; 1 draws every step as it is.
+    #[arg(long)]
+    smooth: Option<usize>,
+    /// PNG to write [default: RUN/<metric>.png for one run, <metric>.png here for several].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Run `icefm plot`.
+pub fn cmd_plot(a: PlotArgs) -> Result<()> {
+    let out = match (&a.out, a.runs.as_slice()) {
+        (Some(o), _) => o.clone(),
+        (None, [run]) => run.join(format!("{}.png", a.metric)),
+        (None, _) => PathBuf::from(format!("{}.png", a.metric)),
+    };
+    let curves = a
+        .runs
+        .iter()
+        .map(|r| read_curve(r, &a.metric))
+        .collect::<Result<Vec<_>>>()?;
+    let window = smoothing(&a.metric, a.smooth, &curves)?;
+    draw(&a.runs, &a.metric, &curves, window, &out)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// `loss.png` in `run`, after `icefm train`: the loss with the default running mean.
+pub fn write_loss_plot(run: &Path) -> Result<PathBuf> {
+    let curve = read_curve(run, "loss")?;
+    let window = smoothing("loss", None, std::slice::from_ref(&curve))?;
+    let out = run.join("loss.png");
+    draw(&[run.to_path_buf()], "loss", &[curve], window, &out)?;
+    Ok(out)
+}
+
+/// The running mean's window: as asked, 1 for validation columns, else a fiftieth of the
+/// longest curve.
+fn smoothing(metric: &str, asked: Option<usize>, curves: &[Vec<(f64, f64)>]) -> Result<usize> {
+    match asked {
+        Some(0) => bail!("--smooth 0: give at least 1 (1 draws every step as it is)"),
+        Some(n) => Ok(n),
+        None if metric.starts_with(VAL) => Ok(1),
+        None => {
+            let longest = curves.iter().map(Vec::len).max().unwrap_or(0);
+            Ok((longest / SMOOTH_SHARE).max(1))
+        }
+    }
+}
+
+/// Draw `curves` (one per run) as `metric` against the step into `out`.
+fn draw(
+    runs: &[PathBuf],
+    metric: &str,
+    curves: &[Vec<(f64, f64)>],
+    window: usize,
+    out: &Path,
+) -> Result<()> {
+    let names = labels(runs);
+    let series = curves
+        .iter()
+        .zip(&names)
+        .enumerate()
+        .map(|(i, (c, name))| Series {
+            label: name.clone(),
+            colour: COLOURS[i % COLOURS.len()],
+            dash: Dash::ALL[(i / COLOURS.len()) % Dash::ALL.len()],
+            // A few points (validation passes) get markers; a curve of steps is a bare line.
+            marker: if c.len() <= 40 {
+                Marker::ALL[i % Marker::ALL.len()]
+            } else {
+                Marker::None
+            },
+            points: running_mean(c, window),
+        })
+        .collect();
+    let last = curves.iter().flatten().map(|p| p.0).fold(0.0, f64::max);
+    let first = curves
+        .iter()
+        .flatten()
+        .map(|p| p.0)
+        .fold(f64::INFINITY, f64::min);
+    let title = match names.as_slice() {
+        [one] => format!("{metric} of {one}"),
+        many => format!("{metric} of {} runs", many.len()),
+    };
+    let y_label = if window > 1 {
+        format!("{metric} (running mean of {window} steps)")
+    } else {
+        metric.to_string()
+    };
+    let plot = LinePlot {
+        title,
+        x_label: "step".into(),
+        y_label,
+        x_scale: Scale::Linear,
+        x_ticks: nice_ticks(first.min(last), last),
+        series,
+    };
+    write_line_plot(out, &plot).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// Legend names: each run's folder name, or the whole path where two runs share a name.
+fn labels(runs: &[PathBuf]) -> Vec<String> {
+    let short: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            r.file_name()
+                .map_or_else(|| r.display().to_string(), |n| n.to_string_lossy().into())
+        })
+        .collect();
+    short
+        .iter()
+        .zip(runs)
+        .map(|(s, r)| {
+            if short.iter().filter(|t| *t == s).count() > 1 {
+                r.display().to_string()
+            } else {
+                s.clone()
+            }
+        })
+        .collect()
+}
+
+/// The mean of each point's `window` last values (fewer at the start); the steps stay.
+/// Non-finite values are left out of the means.
+fn running_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let window = window.max(1);
+    (0..points.len())
+        .map(|i| {
+            let from = (i + 1).saturating_sub(window);
+            let (sum, n) = points[from..=i]
+                .iter()
+                .filter(|p| p.1.is_finite())
+                .fold((0.0, 0usize), |(s, n), p| (s + p.1, n + 1));
+            (points[i].0, if n > 0 { sum / n as f64 } else { f64::NAN })
+        })
+        .collect()
+}
+
+/// (step, value) of `metric` in `run`, in the file's order.
+fn read_curve(run: &Path, metric: &str) -> Result<Vec<(f64, f64)>> {
+    let (file, column) = match metric.strip_prefix(VAL) {
+        Some(c) => ("validation.parquet", c),
+        None => ("metrics.parquet", metric),
+    };
+    let path = run.join(file);
+    if !path.is_file() {
+        bail!(
+            "{} has no {file}{}",
+            run.display(),
+            if file == "validation.parquet" {
+                " (only fine-tuning runs with seg.val_regime validate)"
+            } else {
+                " (is it an icefm train run folder?)"
+            }
+        );
+    }
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+        .with_context(|| format!("reading {}", path.display()))?
+        .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+        let steps = values(&batch, "step", &path)?;
+        let ys = values(&batch, column, &path)?;
+        out.extend(steps.into_iter().zip(ys));
+    }
+    Ok(out)
+}
+
+/// A numeric column of `batch` as f64; the error lists the columns there are.
+fn values(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<f64>> {
+    let numeric =
+        |t: &DataType| matches!(t, DataType::Float32 | DataType::Float64 | DataType::UInt64);
+    let Some(c) = batch
+        .column_by_name(name)
+        .filter(|c| numeric(c.data_type()))
+    else {
+        let have: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .filter(|f| f.name() != "step" && numeric(f.data_type()))
+            .map(|f| f.name().clone())
+            .collect();
+        return Err(anyhow!(
+            "{} has no column {name:?}; it has {}",
+            path.display(),
+            have.join(", ")
+        ));
+    };
+    Ok(match c.data_type() {
+        DataType::Float32 => c
+            .as_primitive::<Float32Type>()
+            .iter()
+            .map(|v| v.map_or(f64::NAN, f64::from))
+            .collect(),
+        DataType::Float64 => c
+            .as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect(),
+        _ => c
+            .as_primitive::<UInt64Type>()
+            .iter()
+            .map(|v| v.map_or(f64::NAN, |v| v as f64))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_mean_averages_the_window_behind_each_step() {
+        let p = [
+            (1.0, 4.0),
+            (2.0, 2.0),
+            (3.0, f64::NAN),
+            (4.0, 6.0),
+            (5.0, 1.0),
+        ];
+        let m = running_mean(&p, 2);
+        let ys: Vec<f64> = m.iter().map(|q| q.1).collect();
+        assert_eq!(
+            m.iter().map(|q| q.0).collect::<Vec<_>>(),
+            [1.0, 2.0, 3.0, 4.0, 5.0]
+        );
+        // 4; (4+2)/2; 2 alone (NaN left out); 6 alone; (6+1)/2.
+        assert_eq!(ys, [4.0, 3.0, 2.0, 6.0, 3.5]);
+        assert_eq!(running_mean(&p[..2], 1), p[..2]);
+        assert!(running_mean(&[(1.0, f64::NAN)], 3)[0].1.is_nan());
+    }
+
+    #[test]
+    fn runs_of_the_same_name_are_told_apart_by_their_paths() {
+        let runs = [
+            PathBuf::from("a/ft"),
+            PathBuf::from("b/ft"),
+            PathBuf::from("b/mae"),
+        ];
+        assert_eq!(labels(&runs), ["a/ft", "b/ft", "mae"]);
+    }
+
+    #[test]
+    fn smoothing_defaults_to_a_fiftieth_of_the_longest_run() {
+        let c = vec![vec![(0.0, 0.0); 300], vec![(0.0, 0.0); 1000]];
+        assert_eq!(smoothing("loss", None, &c).unwrap(), 20);
+        assert_eq!(smoothing("loss", None, &c[..1]).unwrap(), 6);
+        assert_eq!(smoothing("loss", None, &[vec![(0.0, 0.0); 30]]).unwrap(), 1);
+        assert_eq!(smoothing("val.combined", None, &c).unwrap(), 1);
+        assert_eq!(smoothing("loss", Some(7), &c).unwrap(), 7);
+        assert!(smoothing("loss", Some(0), &c).is_err());
+    }
+}
