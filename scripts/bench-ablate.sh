@@ -9,13 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-60}
 work=${2:-target/bench-ablate}
-bin=target/release/icefm
-cargo build --release -q -p icefm
-mkdir -p "$work"
-store=$work/store.zarr
-if [ ! -d "$store" ]; then
-  "$bin" synth --out "$work/scenes" --count 3 --kind rtt --size 1200x1300 --seed 3 >/dev/null 2>&1
-  "$bin" ingest --store "$store" "$work/scenes" >"$work/ingest.log" 2>&1 || { cat "$work/ingest.log"; exit 1; }
+. scripts/bench-store.sh
+if $new_store; then
   "$bin" regime --store "$store" --name test --rule fraction --percent 34 --seed 1 --role test >/dev/null
   "$bin" regime --store "$store" --name ft --rule fraction --ladder 34,67 --exclude test --seed 1 >/dev/null
 fi

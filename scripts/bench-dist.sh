@@ -11,14 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-20}
 work=${2:-target/bench-dist}
-bin=target/release/icefm
-cargo build --release -q -p icefm
-mkdir -p "$work"
-store=$work/store.zarr
-if [ ! -d "$store" ]; then
-  "$bin" synth --out "$work/scenes" --count 3 --kind rtt --size 1200x1300 --seed 3 >/dev/null 2>&1
-  "$bin" ingest --store "$store" "$work/scenes" >"$work/ingest.log" 2>&1 || { cat "$work/ingest.log"; exit 1; }
-fi
+. scripts/bench-store.sh
 cores=$(nproc)
 common=(--store "$store" --config configs/mae_vit_tiny.toml --set "train.steps=$steps"
   --set train.checkpoint_every=1000000 --set train.panel_every=0 --set data.threads=1

@@ -28,7 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use claim::{Claim, Claims, probe};
 use grid::{Cell, Run, TaskMode, levels_text, plan};
-use report::{CellResult, PLOT_FILE, TABLE_FILE, write_outputs};
+use report::{CellResult, PLOT_FILE, TABLE_FILE, write_atomic, write_outputs};
 
 /// A cell's (or a single-task run's) result; its presence marks the cell done.
 pub const RESULT_FILE: &str = "result.json";
@@ -287,13 +287,6 @@ fn rewrite_outputs(out: &Path, plan: &grid::Plan, claims: &mut Claims) -> Result
         .map(|c| done_result(&c.dir, c.steps))
         .collect();
     write_outputs(out, plan, &results)
-}
-
-/// Write `bytes` to `path` through a temporary file renamed into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Whether `dir`'s result is there for `steps`.

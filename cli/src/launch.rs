@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use icefm_model::train::cuda_device_count;
+use icefm_model::train::{DeviceName, cuda_device_count};
 
 /// The most ranks `local:N` starts.
 const MAX_LOCAL: usize = 256;
@@ -57,19 +57,12 @@ fn with_dist(args: &[OsString], value: &str) -> Result<Vec<OsString>> {
 
 /// Whether `world` ranks can run on `device`, said once here rather than by every rank. No
 /// GPU is opened: the launcher holds none.
-fn check_device(world: usize, device: &str) -> Result<()> {
-    let device = device.trim();
-    if device == "cpu" {
-        return Ok(());
-    }
-    let ordinal = match device {
-        "cuda" => None,
-        d => Some(
-            d.strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| anyhow!("--device `{d}`: expected cpu, cuda or cuda:N"))?,
-        ),
+fn check_device(world: usize, device: &str) -> Result<DeviceName> {
+    let name = DeviceName::parse(device).map_err(anyhow::Error::msg)?;
+    let DeviceName::Cuda(ordinal) = name else {
+        return Ok(name);
     };
+    let device = device.trim();
     let gpus = cuda_device_count().map_err(|e| anyhow!("--device {device}: {e}"))?;
     match ordinal {
         None if world > gpus => bail!(
@@ -78,7 +71,7 @@ fn check_device(world: usize, device: &str) -> Result<()> {
              and ICEFM_NCCL=0"
         ),
         Some(k) if k >= gpus => bail!("--device {device}: this machine has {gpus} GPU(s)"),
-        _ => Ok(()),
+        _ => Ok(name),
     }
 }
 
@@ -97,14 +90,15 @@ fn port() -> Result<u16> {
 /// Start `world` ranks of this very command and wait for them. The exit status is 0 when
 /// every rank ended well, else the first failed rank's.
 pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
-    check_device(world, device)?;
+    let name = check_device(world, device)?;
     let exe = std::env::current_exe().context("finding the icefm executable")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let port = port()?;
-    let threads = (device == "cpu" && std::env::var_os("RAYON_NUM_THREADS").is_none()).then(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / world).max(1)
-    });
+    let threads = (name == DeviceName::Cpu && std::env::var_os("RAYON_NUM_THREADS").is_none())
+        .then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / world).max(1)
+        });
     eprintln!(
         "starting {world} ranks on this machine (rank 0 at 127.0.0.1:{port}{})",
         match threads {

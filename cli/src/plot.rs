@@ -5,12 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, UInt64Type};
-use arrow_array::{Array, RecordBatch};
-use arrow_schema::DataType;
 use icefm_ingest::plot::{Dash, LinePlot, Marker, Scale, Series, nice_ticks, write_line_plot};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use icefm_model::finetune::{ValRecord, read_validation};
+use icefm_model::train::{StepRecord, read_metrics};
 
 /// Okabe–Ito colours (safe for colour-blind readers), one per run, then again dashed.
 const COLOURS: [[u8; 3]; 8] = [
@@ -198,58 +195,52 @@ fn read_curve(run: &Path, metric: &str) -> Result<Vec<(f64, f64)>> {
             }
         );
     }
-    let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-        .with_context(|| format!("reading {}", path.display()))?
-        .build()?;
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.with_context(|| format!("reading {}", path.display()))?;
-        let steps = values(&batch, "step", &path)?;
-        let ys = values(&batch, column, &path)?;
-        out.extend(steps.into_iter().zip(ys));
-    }
-    Ok(out)
-}
-
-/// A numeric column of `batch` as f64; the error lists the columns there are.
-fn values(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<f64>> {
-    let numeric =
-        |t: &DataType| matches!(t, DataType::Float32 | DataType::Float64 | DataType::UInt64);
-    let Some(c) = batch
-        .column_by_name(name)
-        .filter(|c| numeric(c.data_type()))
-    else {
-        let have: Vec<String> = batch
-            .schema()
-            .fields()
-            .iter()
-            .filter(|f| f.name() != "step" && numeric(f.data_type()))
-            .map(|f| f.name().clone())
-            .collect();
-        return Err(anyhow!(
-            "{} has no column {name:?}; it has {}",
+    let missing = |have: &[&str]| {
+        anyhow!(
+            "{} has no column {column:?}; it has {}",
             path.display(),
             have.join(", ")
-        ));
+        )
     };
-    Ok(match c.data_type() {
-        DataType::Float32 => c
-            .as_primitive::<Float32Type>()
-            .iter()
-            .map(|v| v.map_or(f64::NAN, f64::from))
-            .collect(),
-        DataType::Float64 => c
-            .as_primitive::<Float64Type>()
-            .iter()
-            .map(|v| v.unwrap_or(f64::NAN))
-            .collect(),
-        _ => c
-            .as_primitive::<UInt64Type>()
-            .iter()
-            .map(|v| v.map_or(f64::NAN, |v| v as f64))
-            .collect(),
-    })
+    if file == "validation.parquet" {
+        let get: fn(&ValRecord) -> f64 = match column {
+            "sic_r2" => |r| r.sic_r2,
+            "sod_f1" => |r| r.sod_f1,
+            "floe_f1" => |r| r.floe_f1,
+            "combined" => |r| r.combined,
+            "score" => |r| r.score,
+            "seconds" => |r| r.seconds,
+            _ => {
+                return Err(missing(&[
+                    "sic_r2", "sod_f1", "floe_f1", "combined", "score", "seconds",
+                ]));
+            }
+        };
+        let records = read_validation(&path)?;
+        return Ok(records.iter().map(|r| (r.step as f64, get(r))).collect());
+    }
+    let records = read_metrics(&path)?;
+    // The fixed columns, then each record's extra values (`baseline`, `loss_SIC`, …).
+    let value = |r: &StepRecord| match column {
+        "loss" => Some(f64::from(r.loss)),
+        "lr" => Some(r.lr),
+        "grad_norm" => Some(r.grad_norm),
+        "images_per_s" => Some(r.images_per_s),
+        c => r.value(c).map(f64::from),
+    };
+    if let Some(first) = records.first()
+        && value(first).is_none()
+    {
+        let have: Vec<&str> = ["loss", "lr", "grad_norm", "images_per_s"]
+            .into_iter()
+            .chain(first.extra.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        return Err(missing(&have));
+    }
+    Ok(records
+        .iter()
+        .map(|r| (r.step as f64, value(r).unwrap_or(f64::NAN)))
+        .collect())
 }
 
 #[cfg(test)]

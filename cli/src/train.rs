@@ -11,7 +11,7 @@ use icefm_model::config::TrainConfig;
 use icefm_model::dist::{DistSpec, Group, timeout_from_env};
 use icefm_model::finetune::{ValRecord, train_seg_in};
 use icefm_model::train::{
-    RunOptions, RunSummary, StepRecord, check_batch_split, parse_device, train_mae_in,
+    DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, parse_device, train_mae_in,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -95,7 +95,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
     // Under data-parallel training, `--device cuda` is the rank's GPU on its node.
     let device = match &spec {
-        Some(s) if a.device == "cuda" => format!("cuda:{}", s.local_rank),
+        Some(s) if DeviceName::parse(&a.device) == Ok(DeviceName::Cuda(None)) => {
+            format!("cuda:{}", s.local_rank)
+        }
         _ => a.device.clone(),
     };
     let opts = RunOptions {

@@ -211,15 +211,36 @@ pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
+/// A device name as written: `cpu`, `cuda` (no ordinal: `cuda:0`, or under `--dist` the
+/// rank's GPU) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    /// `cpu`.
+    Cpu,
+    /// `cuda` (`None`) or `cuda:N`.
+    Cuda(Option<usize>),
+}
+
+impl DeviceName {
+    /// Read `name`; the error says what is expected.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name.trim() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(None)),
+            s => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(|n| Self::Cuda(Some(n)))
+                .ok_or_else(|| format!("--device `{s}`: expected cpu, cuda or cuda:N")),
+        }
+    }
+}
+
 /// A device from its name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device, String> {
-    let ordinal = match name.trim() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        s => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| format!("--device `{s}`: expected cpu, cuda or cuda:N"))?,
+    let ordinal = match DeviceName::parse(name)? {
+        DeviceName::Cpu => return Ok(Device::Cpu),
+        DeviceName::Cuda(n) => n.unwrap_or(0),
     };
     #[cfg(feature = "cuda")]
     return crate::cuda::device(ordinal).map_err(|e| format!("--device {name}: {e}"));

@@ -66,15 +66,22 @@ impl CellResult {
     }
 
     pub(super) fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+        write_atomic(path, serde_json::to_string_pretty(self)?.as_bytes())
     }
 
     pub(super) fn combined(&self) -> f64 {
         self.combined.unwrap_or(f64::NAN)
     }
+}
+
+/// Write `bytes` to `path` through a temporary file beside it, renamed into place: readers
+/// (other workers, `--dry-run`) never see half a file.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Rewrite the table and the plot from the cells done so far, in grid order.
