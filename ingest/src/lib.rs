@@ -1,5 +1,6 @@
 //! Ingest of AI4Arctic NetCDF scenes into the icefm Zarr v3 patch store with Parquet manifests.
 
+mod canvas;
 pub mod claim;
 pub mod error;
 pub mod inspect;

@@ -24,11 +24,11 @@
 
 use std::path::Path;
 
-use crate::error::StoreError;
-use crate::quicklook::{
+use crate::canvas::{
     ADVANCE, BLACK, Canvas, FRAME_COLOUR, GRID_COLOUR, LEGEND_ROW, LINE_HEIGHT, MARGIN,
     TEXT_HEIGHT, WHITE, text_width, write_png,
 };
+use crate::error::StoreError;
 
 /// Width of every plot, pixels.
 pub const PLOT_WIDTH: usize = 1000;

@@ -6,8 +6,8 @@
 //! The machines that run icefm have no fonts, so text is drawn with an embedded 5×7 bitmap font
 //! (printable ASCII, with descenders) at twice its size.
 
-use std::fs::File;
-use std::io::BufWriter;
+mod confusion;
+
 use std::ops::Range;
 use std::path::Path;
 
@@ -17,16 +17,18 @@ use icefm_schemas::{IGNORE, Level, Task};
 use crate::error::StoreError;
 use crate::store::{Store, array_shape, read_f32, read_u8};
 
+use crate::canvas::{
+    BLACK, Canvas, FRAME_COLOUR, LEGEND_ROW, LINE_HEIGHT, MARGIN, TEXT_HEIGHT, TEXT_SCALE, WHITE,
+    text_width, write_png,
+};
+pub use confusion::{CONFUSION_DARKEST, NO_SUPPORT_COLOUR, confusion_colour, write_confusion_png};
+
 /// Default [`QuicklookOptions::max_width`], pixels.
 pub const DEFAULT_MAX_WIDTH: usize = 600;
 /// HH grey scale: dB drawn black and white.
 pub const HH_DB_RANGE: (f32, f32) = (-30.0, 0.0);
 /// HV grey scale: dB drawn black and white (HV is ~10 dB darker than HH over ice).
 pub const HV_DB_RANGE: (f32, f32) = (-35.0, -10.0);
-/// Confusion-matrix colour of a cell holding its whole row (the ramp starts at white).
-pub const CONFUSION_DARKEST: [u8; 3] = [8, 48, 107];
-/// Confusion-matrix colour of the cells of a row without support (no pixel of that class).
-pub const NO_SUPPORT_COLOUR: [u8; 3] = [176, 176, 176];
 
 /// Options of a quicklook or an evaluation panel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,40 +128,6 @@ pub fn write_eval_panel(
     Ok((canvas.width, canvas.height))
 }
 
-/// Render the confusion matrix of `task` into the PNG file `out`. `counts` is row-major
-/// `[true class][predicted column]`, `classes` rows of `columns` counts; `columns` is `classes`
-/// or `classes + 1`, the last then counting pixels without a prediction ("none"). Each row is
-/// normalised by its support: cells run from white (0 %) to [`CONFUSION_DARKEST`] (100 %) and
-/// show their percentage of the row; rows without support are [`NO_SUPPORT_COLOUR`]. The support
-/// of each row is written beside it, the class names in a key. Returns (image width, image
-/// height).
-///
-/// Counts of another shape are an [`StoreError::Io`] of kind `InvalidInput`; nothing is
-/// written then.
-pub fn write_confusion_png(
-    out: &Path,
-    task: Task,
-    counts: &[u64],
-    classes: usize,
-    columns: usize,
-) -> Result<(usize, usize), StoreError> {
-    let extra = columns.checked_sub(classes);
-    if !matches!(extra, Some(0 | 1)) || classes.checked_mul(columns) != Some(counts.len()) {
-        return Err(invalid_input(
-            out,
-            format!(
-                "{} confusion: {} counts for {classes} classes x {columns} columns \
-                 (columns must be classes or classes + 1)",
-                task.name(),
-                counts.len()
-            ),
-        ));
-    }
-    let canvas = render_confusion(task, counts, classes, columns);
-    write_png(out, &canvas)?;
-    Ok((canvas.width, canvas.height))
-}
-
 /// Colour of a class of a task (RGB); [`IGNORE`] and any value out of the task's range give a
 /// neutral dark grey. SIC is a ramp from dark blue (0 %) to white (100 %); SOD and FLOE have
 /// qualitative palettes (SOD after the WMO stage colours) sharing the dark blue of open water.
@@ -196,25 +164,8 @@ pub fn db_to_grey(db: f32, lo: f32, hi: f32) -> u8 {
     (((db - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8
 }
 
-/// Confusion-matrix colour of a cell holding `share` (0–1, clamped) of its row: linear from
-/// white to [`CONFUSION_DARKEST`].
-pub fn confusion_colour(share: f64) -> [u8; 3] {
-    let t = if share.is_nan() {
-        0.0
-    } else {
-        share.clamp(0.0, 1.0)
-    };
-    CONFUSION_DARKEST.map(|c| (255.0 - t * (255.0 - f64::from(c))).round() as u8)
-}
-
 /// Colour of [`IGNORE`] labels.
 const IGNORE_COLOUR: [u8; 3] = [64, 64, 64];
-pub(crate) const WHITE: [u8; 3] = [255, 255, 255];
-pub(crate) const BLACK: [u8; 3] = [0, 0, 0];
-/// Frame around each panel, so white (SIC 100 %) stays visible on the white background.
-pub(crate) const FRAME_COLOUR: [u8; 3] = [128, 128, 128];
-/// Lines between confusion cells, so white (0 %) cells stay apart.
-pub(crate) const GRID_COLOUR: [u8; 3] = [224, 224, 224];
 const TITLES: [&str; 5] = ["HH (dB)", "HV (dB)", "SIC", "SOD", "FLOE"];
 /// Evaluation-panel columns: HH, HV, then truth and prediction of each chart in channel order.
 const EVAL_TITLES: [&str; 8] = [
@@ -228,76 +179,12 @@ const EVAL_TITLES: [&str; 8] = [
     "FLOE pred",
 ];
 
-/// Text is drawn at this multiple of the font's size.
-const TEXT_SCALE: usize = 2;
-/// Horizontal distance between glyph origins: 5 columns and 1 blank.
-pub(crate) const ADVANCE: usize = 6 * TEXT_SCALE;
-/// Height of drawn text, descenders included.
-pub(crate) const TEXT_HEIGHT: usize = 8 * TEXT_SCALE;
-/// Line height: 8 rows and 1 blank.
-pub(crate) const LINE_HEIGHT: usize = 9 * TEXT_SCALE;
-pub(crate) const MARGIN: usize = 16;
-const COLUMN_GAP: usize = 24;
+pub(super) const COLUMN_GAP: usize = 24;
 /// Between the truth and prediction columns of one chart in the evaluation panel.
 const PAIR_GAP: usize = 16;
 /// Legend swatches are as tall as capitals.
 const SWATCH: usize = 7 * TEXT_SCALE;
 const SWATCH_GAP: usize = 8;
-pub(crate) const LEGEND_ROW: usize = LINE_HEIGHT + 4;
-/// Side of a confusion cell, grid line included: room for "100" or "none" and a border.
-const CELL: usize = 48;
-
-/// The font for ' ' (0x20) to '~' (0x7E), 5×7 glyphs (Hitachi HD44780 shapes) in 5×8 cells whose
-/// last row takes descenders: one u64 a glyph, its highest byte the top row; in each row bit 4
-/// is the left column.
-#[rustfmt::skip]
-const FONT: [u64; 95] = [
-    0x00_00_00_00_00_00_00_00, 0x04_04_04_04_00_00_04_00, 0x0A_0A_0A_00_00_00_00_00, //   ! "
-    0x0A_0A_1F_0A_1F_0A_0A_00, 0x04_0F_14_0E_05_1E_04_00, 0x18_19_02_04_08_13_03_00, // # $ %
-    0x0C_12_14_08_15_12_0D_00, 0x0C_04_08_00_00_00_00_00, 0x02_04_08_08_08_04_02_00, // & ' (
-    0x08_04_02_02_02_04_08_00, 0x00_04_15_0E_15_04_00_00, 0x00_04_04_1F_04_04_00_00, // ) * +
-    0x00_00_00_00_00_0C_04_08, 0x00_00_00_1F_00_00_00_00, 0x00_00_00_00_00_0C_0C_00, // , - .
-    0x00_01_02_04_08_10_00_00, 0x0E_11_13_15_19_11_0E_00, 0x04_0C_04_04_04_04_0E_00, // / 0 1
-    0x0E_11_01_02_04_08_1F_00, 0x1F_02_04_02_01_11_0E_00, 0x02_06_0A_12_1F_02_02_00, // 2 3 4
-    0x1F_10_1E_01_01_11_0E_00, 0x06_08_10_1E_11_11_0E_00, 0x1F_01_02_04_08_08_08_00, // 5 6 7
-    0x0E_11_11_0E_11_11_0E_00, 0x0E_11_11_0F_01_02_0C_00, 0x00_0C_0C_00_0C_0C_00_00, // 8 9 :
-    0x00_0C_0C_00_0C_04_08_00, 0x02_04_08_10_08_04_02_00, 0x00_00_1F_00_1F_00_00_00, // ; < =
-    0x08_04_02_01_02_04_08_00, 0x0E_11_01_02_04_00_04_00, 0x0E_11_01_0D_15_15_0E_00, // > ? @
-    0x0E_11_11_11_1F_11_11_00, 0x1E_11_11_1E_11_11_1E_00, 0x0E_11_10_10_10_11_0E_00, // A B C
-    0x1C_12_11_11_11_12_1C_00, 0x1F_10_10_1E_10_10_1F_00, 0x1F_10_10_1E_10_10_10_00, // D E F
-    0x0E_11_10_17_11_11_0F_00, 0x11_11_11_1F_11_11_11_00, 0x0E_04_04_04_04_04_0E_00, // G H I
-    0x07_02_02_02_02_12_0C_00, 0x11_12_14_18_14_12_11_00, 0x10_10_10_10_10_10_1F_00, // J K L
-    0x11_1B_15_15_11_11_11_00, 0x11_11_19_15_13_11_11_00, 0x0E_11_11_11_11_11_0E_00, // M N O
-    0x1E_11_11_1E_10_10_10_00, 0x0E_11_11_11_15_12_0D_00, 0x1E_11_11_1E_14_12_11_00, // P Q R
-    0x0F_10_10_0E_01_01_1E_00, 0x1F_04_04_04_04_04_04_00, 0x11_11_11_11_11_11_0E_00, // S T U
-    0x11_11_11_11_11_0A_04_00, 0x11_11_11_15_15_15_0A_00, 0x11_11_0A_04_0A_11_11_00, // V W X
-    0x11_11_11_0A_04_04_04_00, 0x1F_01_02_04_08_10_1F_00, 0x0E_08_08_08_08_08_0E_00, // Y Z [
-    0x00_10_08_04_02_01_00_00, 0x0E_02_02_02_02_02_0E_00, 0x04_0A_11_00_00_00_00_00, // \ ] ^
-    0x00_00_00_00_00_00_1F_00, 0x08_04_02_00_00_00_00_00, 0x00_00_0E_01_0F_11_0F_00, // _ ` a
-    0x10_10_16_19_11_11_1E_00, 0x00_00_0E_10_10_11_0E_00, 0x01_01_0D_13_11_11_0F_00, // b c d
-    0x00_00_0E_11_1F_10_0E_00, 0x06_09_08_1C_08_08_08_00, 0x00_00_0F_11_11_0F_01_0E, // e f g
-    0x10_10_16_19_11_11_11_00, 0x04_00_0C_04_04_04_0E_00, 0x02_00_06_02_02_02_12_0C, // h i j
-    0x10_10_12_14_18_14_12_00, 0x0C_04_04_04_04_04_0E_00, 0x00_00_1A_15_15_11_11_00, // k l m
-    0x00_00_16_19_11_11_11_00, 0x00_00_0E_11_11_11_0E_00, 0x00_00_1E_11_11_1E_10_10, // n o p
-    0x00_00_0F_11_11_0F_01_01, 0x00_00_16_19_10_10_10_00, 0x00_00_0E_10_0E_01_1E_00, // q r s
-    0x08_08_1C_08_08_09_06_00, 0x00_00_11_11_11_13_0D_00, 0x00_00_11_11_11_0A_04_00, // t u v
-    0x00_00_11_11_15_15_0A_00, 0x00_00_11_0A_04_0A_11_00, 0x00_00_11_11_11_0F_01_0E, // w x y
-    0x00_00_1F_02_04_08_1F_00, 0x02_04_04_08_04_04_02_00, 0x04_04_04_04_04_04_04_00, // z { |
-    0x08_04_04_02_04_04_08_00, 0x00_00_08_15_02_00_00_00, // } ~
-];
-
-/// The glyph of `c`; '?' for characters outside printable ASCII.
-fn glyph(c: char) -> u64 {
-    let question_mark = FONT[usize::from(b'?') - 0x20];
-    FONT.get((c as usize).wrapping_sub(0x20))
-        .copied()
-        .unwrap_or(question_mark)
-}
-
-/// Width in pixels of `text` drawn by [`Canvas::text`] (no blank after the last glyph).
-pub(crate) fn text_width(text: &str) -> usize {
-    (text.chars().count() * ADVANCE).saturating_sub(TEXT_SCALE)
-}
 
 /// An `InvalidInput` error about the rendering to `out`.
 fn invalid_input(out: &Path, reason: String) -> StoreError {
@@ -549,70 +436,7 @@ impl Layout {
     }
 }
 
-/// An RGB image, row-major, 3 bytes a pixel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Canvas {
-    pub(crate) width: usize,
-    pub(crate) height: usize,
-    pub(crate) rgb: Vec<u8>,
-}
-
 impl Canvas {
-    pub(crate) fn new(width: usize, height: usize, colour: [u8; 3]) -> Self {
-        Self {
-            width,
-            height,
-            rgb: colour.repeat(width * height),
-        }
-    }
-
-    /// Set one pixel; pixels outside the canvas are dropped.
-    pub(crate) fn set(&mut self, x: usize, y: usize, colour: [u8; 3]) {
-        if x < self.width && y < self.height {
-            let i = 3 * (y * self.width + x);
-            self.rgb[i..i + 3].copy_from_slice(&colour);
-        }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn get(&self, x: usize, y: usize) -> [u8; 3] {
-        let i = 3 * (y * self.width + x);
-        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
-    }
-
-    pub(crate) fn fill_rect(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
-        for yy in y..y + h {
-            for xx in x..x + w {
-                self.set(xx, yy, colour);
-            }
-        }
-    }
-
-    /// Draw `text` with its top-left corner at (x, y).
-    pub(crate) fn text(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) {
-        for (n, c) in text.chars().enumerate() {
-            let g = glyph(c);
-            for row in 0..8 {
-                let bits = (g >> (8 * (7 - row))) & 0x1F;
-                for col in 0..5 {
-                    if bits & (1 << (4 - col)) != 0 {
-                        let (px, py) = (x + n * ADVANCE + col * TEXT_SCALE, y + row * TEXT_SCALE);
-                        self.fill_rect(px, py, TEXT_SCALE, TEXT_SCALE, colour);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Draw `text` downwards, one character a line, the first with its top-left corner at
-    /// (x, y) (the font has no rotated glyphs).
-    fn text_down(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) {
-        let mut buf = [0; 4];
-        for (n, c) in text.chars().enumerate() {
-            self.text(x, y + n * LINE_HEIGHT, c.encode_utf8(&mut buf), colour);
-        }
-    }
-
     /// Titles above and a 1-pixel frame just outside each panel of `layout`.
     fn titles_and_frames(&mut self, layout: &Layout, titles: &[&str]) {
         for (title, &x) in titles.iter().zip(&layout.column_x) {
@@ -705,209 +529,6 @@ fn render_eval(header: &str, planes: &EvalPlanes<'_>, stride: usize) -> Canvas {
     canvas
 }
 
-/// `n` in at most 4 characters: 999, 1.2k, 12k, 123k, 1.2M, …
-fn compact_count(n: u64) -> String {
-    if n < 1000 {
-        return n.to_string();
-    }
-    let mut value = n as f64;
-    for unit in ["k", "M", "G", "T", "P", "E"] {
-        value /= 1000.0;
-        // Rounding may carry into the next unit (999.6k is 1.0M).
-        if value < 9.95 {
-            return format!("{value:.1}{unit}");
-        }
-        if value < 999.5 {
-            return format!("{value:.0}{unit}");
-        }
-    }
-    format!("{value:.0}E")
-}
-
-/// Text of a confusion cell holding `count` of a row's `support` pixels: the rounded
-/// percentage, "<1" and ">99" where rounding would hide that the share is not 0 or all.
-fn percent_label(count: u64, support: u64) -> String {
-    if count == 0 || support == 0 {
-        return String::new();
-    }
-    let percent = 100.0 * count as f64 / support as f64;
-    match percent {
-        p if p < 0.5 => "<1".into(),
-        p if p >= 99.5 && count < support => ">99".into(),
-        p => format!("{p:.0}"),
-    }
-}
-
-/// Where everything of a confusion matrix of `classes` rows and `columns` columns goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ConfusionLayout {
-    /// "prediction", centred over the matrix.
-    axis_title_y: usize,
-    /// Column labels (predicted class, "none", "support").
-    column_label_y: usize,
-    /// "truth", written downwards left of the row labels.
-    truth_x: usize,
-    truth_y: usize,
-    /// Right edge of the row labels (true class).
-    row_label_right: usize,
-    /// Top-left corner of the matrix: the grid line above and left of cell (0, 0).
-    matrix_x: usize,
-    matrix_y: usize,
-    support_x: usize,
-    key_x: usize,
-    width: usize,
-    height: usize,
-}
-
-impl ConfusionLayout {
-    const SUPPORT: &str = "support";
-    const NONE: &str = "none";
-
-    fn new(title: &str, classes: usize, columns: usize, key: &[String]) -> Self {
-        let axis_title_y = MARGIN + LINE_HEIGHT + 12;
-        let column_label_y = axis_title_y + LINE_HEIGHT;
-        let matrix_y = column_label_y + LINE_HEIGHT;
-        let truth_x = MARGIN;
-        let row_label_width = text_width(&classes.saturating_sub(1).to_string());
-        let row_label_right = truth_x + 5 * TEXT_SCALE + 12 + row_label_width;
-        let matrix_x = row_label_right + 8;
-        let matrix_height = classes * CELL + 1;
-        let truth_height = "truth".len() * LINE_HEIGHT;
-        let truth_y = matrix_y + matrix_height.saturating_sub(truth_height) / 2;
-        let support_x = matrix_x + columns * CELL + 1 + 12;
-        let key_x = support_x + text_width(Self::SUPPORT) + COLUMN_GAP;
-        let key_width = key.iter().map(|k| text_width(k)).max().unwrap_or(0);
-        let width = (key_x + key_width + MARGIN).max(2 * MARGIN + text_width(title));
-        let bottom = (matrix_y + matrix_height)
-            .max(truth_y + truth_height)
-            .max(matrix_y + key.len() * LINE_HEIGHT);
-        Self {
-            axis_title_y,
-            column_label_y,
-            truth_x,
-            truth_y,
-            row_label_right,
-            matrix_x,
-            matrix_y,
-            support_x,
-            key_x,
-            width,
-            height: bottom + MARGIN,
-        }
-    }
-
-    /// Top-left pixel of cell (row, column), inside the grid lines; cells are `CELL - 1` wide.
-    fn cell(&self, row: usize, column: usize) -> (usize, usize) {
-        (
-            self.matrix_x + column * CELL + 1,
-            self.matrix_y + row * CELL + 1,
-        )
-    }
-}
-
-/// The title line and the class key of a confusion matrix.
-fn confusion_text(
-    task: Task,
-    counts: &[u64],
-    classes: usize,
-    columns: usize,
-) -> (String, Vec<String>) {
-    let total: u64 = counts.iter().sum();
-    let title = format!(
-        "{} confusion: % of each truth row, {} px",
-        task.name(),
-        compact_count(total)
-    );
-    let names = task.class_names();
-    let mut key: Vec<String> = (0..classes)
-        .map(|k| format!("{k} {}", names.get(k).copied().unwrap_or("")))
-        .collect();
-    if columns > classes {
-        key.push(format!("{}: no prediction", ConfusionLayout::NONE));
-    }
-    (title, key)
-}
-
-/// Draw the confusion matrix of `task` (see [`write_confusion_png`]; the shape is checked).
-fn render_confusion(task: Task, counts: &[u64], classes: usize, columns: usize) -> Canvas {
-    let (title, key) = confusion_text(task, counts, classes, columns);
-    let layout = ConfusionLayout::new(&title, classes, columns, &key);
-    let mut canvas = Canvas::new(layout.width, layout.height, WHITE);
-    canvas.text(MARGIN, MARGIN, &title, BLACK);
-    let prediction = "prediction";
-    let matrix_width = columns * CELL + 1;
-    let x = layout.matrix_x + matrix_width.saturating_sub(text_width(prediction)) / 2;
-    canvas.text(x, layout.axis_title_y, prediction, BLACK);
-    canvas.text_down(layout.truth_x, layout.truth_y, "truth", BLACK);
-    let inside = CELL - 1;
-    let centred = |text: &str| inside.saturating_sub(text_width(text)) / 2;
-    let middle = inside.saturating_sub(7 * TEXT_SCALE) / 2;
-    for column in 0..columns {
-        let label = if column < classes {
-            column.to_string()
-        } else {
-            ConfusionLayout::NONE.to_string()
-        };
-        let (x, _) = layout.cell(0, column);
-        canvas.text(x + centred(&label), layout.column_label_y, &label, BLACK);
-    }
-    canvas.text(
-        layout.support_x,
-        layout.column_label_y,
-        ConfusionLayout::SUPPORT,
-        BLACK,
-    );
-    canvas.fill_rect(
-        layout.matrix_x,
-        layout.matrix_y,
-        matrix_width,
-        classes * CELL + 1,
-        GRID_COLOUR,
-    );
-    for (row, counts) in counts.chunks_exact(columns.max(1)).enumerate() {
-        let support: u64 = counts.iter().sum();
-        let (_, y) = layout.cell(row, 0);
-        let label = row.to_string();
-        let x = layout.row_label_right.saturating_sub(text_width(&label));
-        canvas.text(x, y + middle, &label, BLACK);
-        canvas.text(layout.support_x, y + middle, &compact_count(support), BLACK);
-        for (column, &count) in counts.iter().enumerate() {
-            let (x, y) = layout.cell(row, column);
-            if support == 0 {
-                canvas.fill_rect(x, y, inside, inside, NO_SUPPORT_COLOUR);
-                continue;
-            }
-            let share = count as f64 / support as f64;
-            canvas.fill_rect(x, y, inside, inside, confusion_colour(share));
-            let text = percent_label(count, support);
-            if text_width(&text) + 4 <= inside {
-                let ink = if share > 0.5 { WHITE } else { BLACK };
-                canvas.text(x + centred(&text), y + middle, &text, ink);
-            }
-        }
-    }
-    for (line, text) in key.iter().enumerate() {
-        let y = layout.matrix_y + line * LINE_HEIGHT;
-        canvas.text(layout.key_x, y, text, BLACK);
-    }
-    canvas
-}
-
-/// Encode `canvas` as an 8-bit RGB PNG at `path`.
-pub(crate) fn write_png(path: &Path, canvas: &Canvas) -> Result<(), StoreError> {
-    let png_error = |e: png::EncodingError| StoreError::io(path, std::io::Error::other(e));
-    let too_big = |_| StoreError::io(path, std::io::Error::other("image too large for PNG"));
-    let width = u32::try_from(canvas.width).map_err(too_big)?;
-    let height = u32::try_from(canvas.height).map_err(too_big)?;
-    let file = File::create(path).map_err(|e| StoreError::io(path, e))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(png_error)?;
-    writer.write_image_data(&canvas.rgb).map_err(png_error)?;
-    writer.finish().map_err(png_error)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -964,42 +585,6 @@ mod tests {
         let (lo, hi) = HV_DB_RANGE;
         let grey = |db| db_to_grey(db, lo, hi);
         assert_eq!([-35.0, -10.0, -22.5].map(grey), [0, 255, 128]);
-    }
-
-    #[test]
-    fn font_glyphs_fit_5_columns_and_only_space_is_blank() {
-        for (c, &g) in (' '..='~').zip(&FONT) {
-            assert_eq!(g & !0x1F_1F_1F_1F_1F_1F_1F_1F, 0, "{c:?} too wide");
-            assert_eq!(g == 0, c == ' ', "{c:?}");
-        }
-        assert_eq!((' '..='~').count(), FONT.len());
-        assert_eq!(glyph('é'), glyph('?'));
-        assert_eq!(glyph('A'), 0x0E_11_11_11_1F_11_11_00);
-    }
-
-    #[test]
-    fn text_is_dark_inside_its_box_and_nowhere_else() {
-        let (x0, y0, text) = (5, 7, "Ab%9 (x)/.-_g");
-        let (xs, ys) = (x0..x0 + text_width(text), y0..y0 + TEXT_HEIGHT);
-        let mut canvas = Canvas::new(xs.end + 10, ys.end + 10, WHITE);
-        canvas.text(x0, y0, text, BLACK);
-        let mut dark = 0;
-        for (y, x) in (0..canvas.height).flat_map(|y| (0..canvas.width).map(move |x| (y, x))) {
-            let px = canvas.get(x, y);
-            assert!(px == WHITE || px == BLACK);
-            if px == BLACK {
-                assert!(xs.contains(&x) && ys.contains(&y), "({x}, {y})");
-                dark += 1;
-            }
-        }
-        assert!(dark > 100, "{dark}");
-        // The box is tight: 'A' reaches its left edge, 'b' its top, 'g' its bottom and right.
-        assert_eq!(canvas.get(x0, y0 + TEXT_HEIGHT / 2), BLACK);
-        assert!(xs.clone().any(|x| canvas.get(x, y0) == BLACK));
-        assert!(xs.clone().any(|x| canvas.get(x, ys.end - 1) == BLACK));
-        assert!(ys.clone().any(|y| canvas.get(xs.end - 1, y) == BLACK));
-        assert_eq!(text_width(""), 0);
-        assert_eq!(text_width("ab"), 2 * ADVANCE - TEXT_SCALE);
     }
 
     #[test]
@@ -1095,7 +680,7 @@ mod tests {
         let size = write_quicklook(&store, "s1", level, &out, &options).unwrap();
         let want = render("s1  200m  50x40 px, stride 3", &full.subsample(3));
         assert_eq!(size, (want.width, want.height));
-        let file = std::io::BufReader::new(File::open(&out).unwrap());
+        let file = std::io::BufReader::new(std::fs::File::open(&out).unwrap());
         let mut reader = png::Decoder::new(file).read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();
@@ -1212,111 +797,5 @@ mod tests {
             ..planes
         };
         assert!(planes.validate().unwrap_err().contains("`HV (dB)` has 4"));
-    }
-
-    #[test]
-    fn confusion_cells_shade_by_row_share_and_rows_without_support_are_grey() {
-        // SOD-like, 3 classes and "none": row 0 all right, row 1 empty, row 2 split 1:2:0:1.
-        let counts = [10, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 1];
-        let canvas = render_confusion(Task::Sod, &counts, 3, 4);
-        let (title, key) = confusion_text(Task::Sod, &counts, 3, 4);
-        assert_eq!(title, "SOD confusion: % of each truth row, 14 px");
-        assert_eq!(
-            key,
-            [
-                "0 open water",
-                "1 new ice",
-                "2 young ice",
-                "none: no prediction"
-            ]
-        );
-        let layout = ConfusionLayout::new(&title, 3, 4, &key);
-        assert_eq!((canvas.width, canvas.height), (layout.width, layout.height));
-        let cell = |row, column| {
-            let (x, y) = layout.cell(row, column);
-            let pixels = (y..y + CELL - 1).flat_map(|y| (x..x + CELL - 1).map(move |x| (x, y)));
-            pixels.map(|(x, y)| canvas.get(x, y)).collect::<Vec<_>>()
-        };
-        // A cell is its share's colour at the corner, with text only where the count is not 0.
-        let share = [[1.0, 0.0, 0.0, 0.0], [0.0; 4], [0.25, 0.5, 0.0, 0.25]];
-        for (row, shares) in share.iter().enumerate() {
-            for (column, &s) in shares.iter().enumerate() {
-                let pixels = cell(row, column);
-                let fill = match row {
-                    1 => NO_SUPPORT_COLOUR,
-                    _ => confusion_colour(s),
-                };
-                assert_eq!(pixels[0], fill, "cell ({row}, {column})");
-                let ink = if s > 0.5 { WHITE } else { BLACK };
-                let inked = pixels.iter().filter(|&&p| p == ink).count();
-                assert_eq!(
-                    inked > 0,
-                    s > 0.0,
-                    "cell ({row}, {column}): {inked} px of text"
-                );
-                assert!(pixels.iter().all(|&p| p == fill || p == ink));
-            }
-        }
-        assert_eq!(cell(0, 0)[0], CONFUSION_DARKEST);
-        // Grid lines around and between cells.
-        assert_eq!(canvas.get(layout.matrix_x, layout.matrix_y), GRID_COLOUR);
-        let (x, y) = layout.cell(2, 3);
-        assert_eq!(canvas.get(x - 1, y + 5), GRID_COLOUR);
-        assert_eq!(canvas.get(x + CELL - 1, y + CELL - 1), GRID_COLOUR);
-        // "truth" runs down the left; row labels, "none" and "support" are drawn.
-        let inked = |xs: Range<usize>, ys: Range<usize>| {
-            ys.flat_map(|y| xs.clone().map(move |x| (x, y)))
-                .any(|(x, y)| canvas.get(x, y) == BLACK)
-        };
-        let (tx, ty) = (layout.truth_x, layout.truth_y);
-        assert!(inked(tx..tx + 10, ty..ty + TEXT_HEIGHT));
-        assert!(inked(
-            tx..tx + 10,
-            ty + 4 * LINE_HEIGHT..ty + 5 * LINE_HEIGHT
-        ));
-        let label_y = layout.column_label_y..layout.column_label_y + TEXT_HEIGHT;
-        let none_x = layout.cell(0, 3).0;
-        assert!(inked(none_x..none_x + CELL - 1, label_y.clone()));
-        assert!(inked(layout.support_x..layout.key_x, label_y));
-        assert!(inked(
-            layout.matrix_x - 20..layout.matrix_x,
-            y..y + CELL - 1
-        ));
-    }
-
-    #[test]
-    fn confusion_colours_labels_and_counts_round_as_documented() {
-        assert_eq!(confusion_colour(0.0), WHITE);
-        assert_eq!(confusion_colour(1.0), CONFUSION_DARKEST);
-        assert_eq!(confusion_colour(f64::NAN), WHITE);
-        assert_eq!(confusion_colour(2.0), CONFUSION_DARKEST);
-        assert_eq!(confusion_colour(0.5), [132, 152, 181]);
-        let labels = [
-            (0, 10),
-            (1, 1000),
-            (1, 3),
-            (2, 3),
-            (999, 1000),
-            (1000, 1000),
-            (1, 0),
-        ];
-        let labels = labels.map(|(c, s)| percent_label(c, s));
-        assert_eq!(labels, ["", "<1", "33", "67", ">99", "100", ""]);
-        let counts = [
-            0,
-            999,
-            1000,
-            1_234,
-            9_960,
-            123_456,
-            999_600,
-            13_100_000_000,
-            u64::MAX,
-        ];
-        let counts = counts.map(compact_count);
-        let want = [
-            "0", "999", "1.0k", "1.2k", "10k", "123k", "1.0M", "13G", "18E",
-        ];
-        assert_eq!(counts, want);
     }
 }
