@@ -1,4 +1,4 @@
-// icefm's CUDA kernels. NVRTC compiles this file at first use (model/src/cuda.rs, `SOURCE`);
+// icefm's CUDA kernels. NVRTC compiles this file at first use (model/src/cuda/mod.rs, `SOURCE`);
 // the tests' CPU emulator (model/tests/emulator/) compiles it as C++ with ICEFM_EMULATOR defined,
 // which supplies the CUDA built-ins and replaces the two inline-PTX instructions below.
 #ifndef ICEFM_EMULATOR

@@ -2,7 +2,7 @@
 //! `tests/emulator/`, against the CPU references of their ops: the kernels' own source, so that
 //! a kernel written on a machine without a GPU has its indexing, tiling, barriers and
 //! warp-level arithmetic checked before any GPU time is spent on it. Every launch mirrors the
-//! configuration `model/src/cuda.rs` uses (or a smaller one that exercises the same loops);
+//! configuration `model/src/cuda/` uses (or a smaller one that exercises the same loops);
 //! buffers carry NaN guard zones and outputs start as NaN, so reads past an end, writes past an
 //! end and elements never written all fail. Kernels that have no atomics are also run with
 //! their threads in other orders between barriers, and must give the same bits. The flash
@@ -239,7 +239,7 @@ fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, dy: &Tensor) -> [Ten
 /// The layer norm's kernels: forward, and the backward's one pass (dx and per-block partial
 /// sums for the scale and shift). The wide-access ones of `ICEFM_LN_V8` (16-byte accesses,
 /// warps striding over rows) on grids of fewer warps than rows, one warp per row, and more
-/// warps than rows; the register-resident and general ones on cuda.rs's grids and on one
+/// warps than rows; the register-resident and general ones on the launchers' grids and on one
 /// block. Partial sums of the wide and register-resident kernels add their warps in a fixed
 /// order, so every output has the same bits in every thread order; the general kernel's
 /// partial sums use atomics, so only its dx must.
@@ -271,9 +271,9 @@ fn layer_norm_kernels_match_the_reference_in_the_emulator() {
         let per_warp = rows.div_ceil(8) as u32;
         let blocks = fused::ln_grad_blocks(rows) as u32;
         // (kernel suffix, forward grid, backward grid): the wide kernels with 1 and 2 blocks of
-        // 8 warps (rows per warp 2–5) and with a block per 8 rows (cuda.rs's cap), up to 4
+        // 8 warps (rows per warp 2–5) and with a block per 8 rows (the launchers' cap), up to 4
         // loads per lane (the backward has no 5); the others one warp per row forward,
-        // cuda.rs's blocks or one block backward.
+        // the launchers' blocks or one block backward.
         let wide_grad = if q <= 4 {
             format!("bf16_q{q}")
         } else {
@@ -384,7 +384,7 @@ fn bias_gelu_case<T: Host + PartialEq>(rows: usize, c: usize, seed: u64, tol: f6
     let (r, ci) = (rows as i32, c as i32);
     for &pairs in pair_modes {
         let (per, pi) = (if pairs { 2 } else { 1 }, i32::from(pairs));
-        // Forward: cuda.rs's rowcol_cfg, and a smaller grid (rows and columns strided).
+        // Forward: the launchers' rowcol_cfg, and a smaller grid (rows and columns strided).
         for grid in [
             ((c.div_ceil(256 * per)) as u32, rows as u32, 1),
             (1, 3.min(rows) as u32, 1),
@@ -401,7 +401,7 @@ fn bias_gelu_case<T: Host + PartialEq>(rows: usize, c: usize, seed: u64, tol: f6
                 assert_close(&T::tensor(y.values(), &[rows, c]), &y_ref, tol, &what);
             }
         }
-        // Backward: a thread per column (pair) and a block row per P blocks of rows, cuda.rs's
+        // Backward: a thread per column (pair) and a block row per P blocks of rows, the launchers'
         // P, one and three; dx and the partial column sums, the same bits in every order.
         for p in [fused::column_blocks(rows), 1, 3.min(rows)] {
             let grid = ((c.div_ceil(256 * per)) as u32, p as u32, 1);
@@ -428,7 +428,7 @@ fn bias_gelu_case<T: Host + PartialEq>(rows: usize, c: usize, seed: u64, tol: f6
             );
         }
     }
-    // Column sums (the bias's gradient): partial sums over blocks of rows, as cuda.rs; rows
+    // Column sums (the bias's gradient): partial sums over blocks of rows, as launched; rows
     // enough for every warp of a block to have some.
     let rows = 70;
     let x = random(&[rows, c], seed + 3, 3.0, T::DTYPE);
@@ -644,7 +644,7 @@ fn the_flash_backward_kernels_match_the_cpu_in_the_emulator() {
             // SAFETY: the kernels' C signatures.
             let (dq, dkv): (FlashDq, FlashDkv) = unsafe {
                 (
-                    // cuda.rs: no prefetching dq kernel at head width 64.
+                    // The launchers: no prefetching dq kernel at head width 64.
                     emu.kernel(&format!(
                         "flash_bwd_dq_{lse_kind}{hd}{}",
                         if hd == 32 { pf } else { "" }
@@ -737,7 +737,7 @@ fn im2col_case<T: Host>(tol: f64) {
         let xb = Buffer::from(&T::of(&x));
         let n = want.elem_count();
         let mirror = i32::from(op.mirrored);
-        // cuda.rs's elem_cfg, and one block striding over everything.
+        // The launchers' elem_cfg, and one block striding over everything.
         for grid in [n.div_ceil(256) as u32, 1] {
             let mut y = Buffer::<T>::output(n);
             let yp = y.mut_ptr();
@@ -925,7 +925,7 @@ fn elementwise_case<T: Host>(rows: usize, c: usize, seed: u64, tol: f64) {
         ["gelu_fwd", "relu_fwd"].map(|k| unsafe { emu.kernel(&format!("{k}_{suffix}")) });
     let [bwd, relu_bwd]: [Map2<T>; 2] =
         ["gelu_grad", "relu_grad"].map(|k| unsafe { emu.kernel(&format!("{k}_{suffix}")) });
-    // cuda.rs's elem_cfg, and two blocks striding over everything.
+    // The launchers' elem_cfg, and two blocks striding over everything.
     for grid in [n.div_ceil(256) as u32, 2] {
         let mut outs: Vec<Buffer<T>> = (0..5).map(|_| Buffer::output(n)).collect();
         let ptrs: Vec<*mut T> = outs.iter_mut().map(Buffer::mut_ptr).collect();
@@ -981,7 +981,7 @@ type AdamWMulti =
 type NormaliseAugment = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32, i32, i32);
 
 /// The norm-pix loss kernels for rows of `p`: the general ones and, for `p` up to 1,024, the
-/// register-resident ones of `v` values a lane that cuda.rs picks (the smallest that holds `p`).
+/// register-resident ones of `v` values a lane the launcher picks (the smallest that holds `p`).
 fn norm_pix_case<T: Host>(p: usize, v: usize, tol: f64) {
     let emu = emulator();
     let suffix = if T::DTYPE == DType::F32 {
@@ -1073,7 +1073,7 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
     norm_pix_case::<u16>(768, 24, 2e-2);
     // Token gather and scatter: 3 samples of 10 tokens, 4 kept (one block of 8 warps, half of
     // them idle); rows of 40 f32 moved 16 bytes at a time and one value at a time, rows of 6
-    // (24 bytes) one value at a time, as cuda.rs decides.
+    // (24 bytes) one value at a time, as the launchers decide.
     // SAFETY: the kernel's C signature.
     let moves: MoveTokens<f32> = unsafe { emu.kernel("move_tokens_f32") };
     for (d, vec) in [(40usize, 1), (40, 0), (6, 0)] {
@@ -1227,7 +1227,7 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
             let pb = Buffer::from(&prm);
             let mut out = Buffer::<f32>::output(bsz * (c + 1) * side * side);
             let op = out.mut_ptr();
-            // cuda.rs's launch: a block of 32 × 8 per 32 × 32 tile of each sample.
+            // As launched: a block of 32 × 8 per 32 × 32 tile of each sample.
             emu.launch((tiles, tiles, bsz as u32), (32, 8, 1), 0, order, &|| {
                 // SAFETY: raw [b, c, n, n], prm [2c + b], out [b, c + 1, n, n].
                 unsafe { prep(rb.ptr(), pb.ptr(), op, bsz as i32, c as i32, side as i32) }
