@@ -1,0 +1,162 @@
+//! Checkpoints: saved at the steps the config names and at a stop, listed, loaded for resume, pruned.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::dist::{Group, weights_digest};
+use crate::optim::AdamW;
+
+use super::{RunDir, StepRecord, TrainError, io_err, write_metrics};
+
+/// Checkpoint bookkeeping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    /// Steps done.
+    step: u64,
+    /// The run's seed.
+    seed: u64,
+    /// Loss of the last step.
+    loss: f32,
+}
+
+fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("step_{step:07}"))
+}
+
+/// Checkpoints of a run directory, oldest first.
+pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step_")?.parse().ok()?;
+            e.path()
+                .join("state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether a checkpoint is due after `done` steps: every `checkpoint_every` steps, after the
+/// last step, or when stopping.
+pub(crate) fn checkpoint_due(cfg: &TrainConfig, done: u64, stopping: bool) -> bool {
+    done == cfg.train.steps || stopping || done.is_multiple_of(cfg.train.checkpoint_every.max(1))
+}
+
+/// The end of a step: a checkpoint (with the metrics so far) when one is due, every
+/// `checkpoint_every` steps, after the last step, or when stopping. Returns `true` when the
+/// run stops here early.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn end_step(
+    run: &mut RunDir,
+    group: &mut Group,
+    cfg: &TrainConfig,
+    out: &Path,
+    done: u64,
+    stopping: bool,
+    records: &[StepRecord],
+    named: &[(String, Var)],
+    opt: &AdamW,
+    checkpoint: &mut Option<PathBuf>,
+) -> Result<bool, TrainError> {
+    let total = cfg.train.steps;
+    let loss = records.last().map_or(f32::NAN, |r| r.loss);
+    let due = checkpoint_due(cfg, done, stopping);
+    if due && group.world() > 1 {
+        // The ranks took the same steps from the same gradients: their weights must agree.
+        let weights: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        group.check_same(
+            &format!("weights after step {done}"),
+            &weights_digest(&weights)?,
+        )?;
+    }
+    if due && group.is_leader() {
+        *checkpoint = Some(save_checkpoint(
+            out,
+            done,
+            cfg.train.seed,
+            loss,
+            named,
+            opt,
+        )?);
+        write_metrics(&out.join("metrics.parquet"), records)?;
+        prune(out, cfg.train.keep_last.max(1))?;
+        run.log(&format!("step {done}: loss {loss:.5}, checkpoint saved"))?;
+    }
+    if stopping && done < total {
+        run.log(&format!("stopped at step {done} (interrupt)"))?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+pub(crate) fn save_checkpoint(
+    out: &Path,
+    step: u64,
+    seed: u64,
+    loss: f32,
+    named: &[(String, Var)],
+    opt: &AdamW,
+) -> Result<PathBuf, TrainError> {
+    let dir = checkpoint_dir(out, step);
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let weights: HashMap<String, Tensor> = named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))?;
+    let (_, moments) = opt.state();
+    let moments: HashMap<String, Tensor> = moments.into_iter().collect();
+    candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+    let state = serde_json::to_string_pretty(&CheckpointState { step, seed, loss })
+        .map_err(|e| io_err(&tmp, e))?;
+    std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
+    Ok(dir)
+}
+
+pub(crate) fn load_checkpoint(
+    dir: &Path,
+    named: &[(String, Var)],
+    opt: &mut AdamW,
+    dev: &Device,
+) -> Result<(), TrainError> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), dev)?;
+    for (n, v) in named {
+        let t = weights
+            .get(n)
+            .ok_or_else(|| io_err(dir, format!("the checkpoint has no weight {n}")))?;
+        v.set(t)?;
+    }
+    let moments: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("optimizer.safetensors"), dev)?
+            .into_iter()
+            .collect();
+    opt.load_state(state.step, &moments)?;
+    Ok(())
+}
+
+pub(crate) fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = checkpoints(out);
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(|e| io_err(p, e))?;
+        }
+    }
+    Ok(())
+}

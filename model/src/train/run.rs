@@ -1,0 +1,227 @@
+//! A run's folder and log, this process's share of the batch, and the loader a run reads from.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use icefm_dataset::regime::Regime;
+use icefm_dataset::sampler::parse_level_weights;
+use icefm_dataset::{Augment, Loader, LoaderOptions, Sampler};
+
+use crate::config::TrainConfig;
+use crate::dist::{Group, Route};
+
+use super::feeder::device_prepares;
+use super::{RunOptions, TrainError, checkpoints, io_err};
+
+/// An opened run directory: its checkpoints when it opened, and its log.
+pub(crate) struct RunDir {
+    /// Checkpoints found, oldest first.
+    pub existing: Vec<(u64, PathBuf)>,
+    /// `log.txt` (rank 0 only; the other ranks of a data-parallel run write nothing).
+    log: Option<File>,
+    log_path: PathBuf,
+}
+
+impl RunDir {
+    /// Append a line to `log.txt` (nothing on ranks other than 0).
+    pub fn log(&mut self, line: &str) -> Result<(), TrainError> {
+        match self.log.as_mut() {
+            Some(f) => writeln!(f, "{line}").map_err(|e| io_err(&self.log_path, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One rank's share of each batch: samples `first .. first + batch / world` of `batch`.
+pub(crate) struct Share {
+    /// The whole batch (`data.batch_size`).
+    pub batch: usize,
+    /// This rank's first sample.
+    pub first: usize,
+    /// This rank's number of samples.
+    pub len: usize,
+}
+
+impl Share {
+    /// This share in `k` equal consecutive parts (micro-batches).
+    pub fn parts(&self, k: usize) -> Vec<Share> {
+        let len = self.len / k.max(1);
+        (0..k.max(1))
+            .map(|m| Share {
+                batch: self.batch,
+                first: self.first + m * len,
+                len,
+            })
+            .collect()
+    }
+
+    pub fn of(group: &Group, cfg: &TrainConfig) -> Self {
+        let batch = cfg.data.batch_size;
+        let len = batch / group.world();
+        Self {
+            batch,
+            first: group.rank() * len,
+            len,
+        }
+    }
+}
+
+/// Whether `cfg`'s batch splits equally between `world` ranks and, on each, into its
+/// `train.accumulate` micro-batches; the message says why not.
+pub fn check_batch_split(cfg: &TrainConfig, world: usize) -> Result<(), String> {
+    let b = cfg.data.batch_size;
+    let k = cfg.train.accumulate as usize;
+    if b.is_multiple_of(world * k) {
+        return Ok(());
+    }
+    let parts = if k > 1 {
+        format!(" × {k} micro-batches (train.accumulate)")
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "data.batch_size {b} is not a multiple of the {world} ranks{parts}: each rank takes an \
+         equal share of every batch"
+    ))
+}
+
+/// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
+/// configuration ([`TrainConfig::continues_as`]). Writes `config.toml` as resolved. In a
+/// data-parallel run every rank must have the same configuration; rank 0 alone checks and
+/// writes the directory, after which the others list its checkpoints.
+pub(crate) fn open_run(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    group: &mut Group,
+) -> Result<RunDir, TrainError> {
+    let resolved = cfg.to_toml();
+    if group.world() > 1 {
+        check_batch_split(cfg, group.world()).map_err(TrainError::Setup)?;
+        group.check_same("configurations", &resolved)?;
+        group.check_same("--resume", &opts.resume.to_string())?;
+        let path = group.attach(&opts.device)?;
+        // Rank 0 checks and writes the directory first; the others wait for its word.
+        let opened = if group.is_leader() {
+            open_run_dir(cfg, opts, &resolved).map(Some)
+        } else {
+            Ok(None)
+        };
+        let word = match &opened {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let all = group.all_gather(word.as_bytes())?;
+        let said = String::from_utf8_lossy(&all[0]).into_owned();
+        return match opened? {
+            Some(mut run) => {
+                run.log(&format!(
+                    "data-parallel: {} ranks, gradients summed {}",
+                    group.world(),
+                    if path == Route::Nccl {
+                        "by NCCL on the GPUs"
+                    } else {
+                        "on the hosts through rank 0"
+                    }
+                ))?;
+                Ok(run)
+            }
+            None if !said.is_empty() => Err(TrainError::Setup(format!("rank 0: {said}"))),
+            None => Ok(RunDir {
+                existing: checkpoints(&opts.out),
+                log: None,
+                log_path: opts.out.join("log.txt"),
+            }),
+        };
+    }
+    open_run_dir(cfg, opts, &resolved)
+}
+
+fn open_run_dir(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    resolved: &str,
+) -> Result<RunDir, TrainError> {
+    // The run directory: new, or resumed with the same configuration (steps may grow).
+    let existing = checkpoints(&opts.out);
+    let config_path = opts.out.join("config.toml");
+    if opts.resume {
+        let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
+        let saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
+        // The steps may grow, and the micro-batches change (a run out of memory continues in
+        // smaller parts).
+        if !saved.continues_as(cfg) {
+            return Err(TrainError::Setup(format!(
+                "{}: the configuration differs from the run's config.toml (only train.steps and \
+                 train.accumulate may change on --resume)",
+                opts.out.display()
+            )));
+        }
+    } else if !existing.is_empty() {
+        return Err(TrainError::Setup(format!(
+            "{} already holds checkpoints: add --resume to continue it, or give another --out",
+            opts.out.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
+    // Through a temporary file: `icefm ablate` workers read the config.toml of runs that
+    // another worker may be (re)starting.
+    let tmp = opts.out.join("config.toml.tmp");
+    std::fs::write(&tmp, resolved).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &config_path).map_err(|e| io_err(&config_path, e))?;
+    let log_path = opts.out.join("log.txt");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io_err(&log_path, e))?;
+    Ok(RunDir {
+        existing,
+        log: Some(log),
+        log_path,
+    })
+}
+
+/// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
+/// `cfg`, seeded by `train.seed`; `group`'s rank reads its share of each batch.
+pub(crate) fn open_loader(
+    cfg: &TrainConfig,
+    store: &Path,
+    sampler: Sampler,
+    dev: &Device,
+    group: &Group,
+) -> Result<Loader, TrainError> {
+    let regime = if cfg.data.regime.is_empty() {
+        None
+    } else {
+        Some(Regime::open(Some(store), &cfg.data.regime)?)
+    };
+    let levels = if cfg.data.levels.trim().is_empty() {
+        Vec::new()
+    } else {
+        parse_level_weights(&cfg.data.levels)?
+    };
+    Ok(Loader::open(
+        store,
+        regime.as_ref(),
+        LoaderOptions {
+            levels,
+            crop: cfg.data.crop,
+            batch_size: cfg.data.batch_size,
+            channels: cfg.data.channels.clone(),
+            seed: cfg.train.seed,
+            sampler,
+            augment: Augment {
+                flips: cfg.data.flips,
+                rot90: cfg.data.rot90,
+                jitter: cfg.data.jitter,
+            },
+            min_valid: cfg.data.min_valid,
+            threads: cfg.data.threads,
+            raw_inputs: device_prepares(dev),
+            part: (group.rank(), group.world()),
+            ..LoaderOptions::default()
+        },
+    )?)
+}
