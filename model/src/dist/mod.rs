@@ -14,14 +14,19 @@
 //! for a few ranks on CPUs or GPUs; the ranks' order of summation is fixed, so a run is
 //! reproducible for a given world size.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::train::TrainError;
+
+mod connect;
+mod frames;
+
+use connect::{accept_ranks, reach_rank0};
+use frames::{join_frames, read_exact, read_frame, read_len, split_frames, write_frame};
 
 /// The first bytes of every rank's greeting.
 const MAGIC: &[u8; 8] = b"ICEFMDP1";
@@ -521,197 +526,11 @@ pub fn weights_digest(tensors: &[Tensor]) -> Result<String, TrainError> {
     Ok(format!("{h:016x}"))
 }
 
-/// Rank 0: accept one connection from each other rank before `timeout`.
-fn accept_ranks(spec: &DistSpec, timeout: Duration) -> Result<Vec<TcpStream>, TrainError> {
-    let port = spec.port();
-    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
-        dist_err(format!(
-            "rank 0 cannot listen on port {port}: {e} (another run on this node? choose another port)"
-        ))
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| dist_err(format!("port {port}: {e}")))?;
-    let deadline = Instant::now() + timeout;
-    let mut peers: Vec<Option<TcpStream>> = (1..spec.world).map(|_| None).collect();
-    while peers.iter().any(Option::is_none) {
-        match listener.accept() {
-            Ok((mut s, from)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_nodelay(true);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-                let mut hello = [0u8; 24];
-                if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
-                    // Not an icefm rank (a port scan, a stale client): ignore it.
-                    continue;
-                }
-                let field = |i: usize| {
-                    u64::from_le_bytes(hello[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]))
-                };
-                let (rank, world) = (field(0) as usize, field(1) as usize);
-                let problem = if world != spec.world {
-                    Some(format!(
-                        "rank {rank} (from {from}) was started with {world} ranks, rank 0 with {}",
-                        spec.world
-                    ))
-                } else if rank == 0 || rank >= spec.world {
-                    Some(format!(
-                        "a rank from {from} says it is rank {rank} of {world}"
-                    ))
-                } else if peers[rank - 1].is_some() {
-                    Some(format!(
-                        "two processes say they are rank {rank} (the second from {from})"
-                    ))
-                } else {
-                    None
-                };
-                if let Some(p) = problem {
-                    let _ = write_frame(&mut s, p.as_bytes(), rank);
-                    return Err(dist_err(p));
-                }
-                let _ = s.set_read_timeout(None);
-                peers[rank - 1] = Some(s);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<String> = peers
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| p.is_none())
-                        .map(|(k, _)| (k + 1).to_string())
-                        .collect();
-                    return Err(dist_err(format!(
-                        "rank 0 waited {:.0} s on port {port} for ranks {} of {}: they never \
-                         connected (were they started, with --dist …@<this host>:{port}?)",
-                        timeout.as_secs_f64(),
-                        missing.join(", "),
-                        spec.world
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(dist_err(format!("port {port}: {e}"))),
-        }
-    }
-    let mut peers: Vec<TcpStream> = peers.into_iter().flatten().collect();
-    for (k, p) in peers.iter_mut().enumerate() {
-        write_frame(p, b"ok", k + 1)?;
-    }
-    Ok(peers)
-}
-
-/// Another rank: connect to rank 0, trying again until `timeout`, and introduce itself.
-fn reach_rank0(spec: &DistSpec, timeout: Duration) -> Result<TcpStream, TrainError> {
-    let deadline = Instant::now() + timeout;
-    let mut last_error = String::from("no address");
-    let mut stream = loop {
-        let addrs: Vec<_> = match spec.addr.to_socket_addrs() {
-            Ok(a) => a.collect(),
-            Err(e) => {
-                last_error = e.to_string();
-                Vec::new()
-            }
-        };
-        let got = addrs.iter().find_map(|a| {
-            TcpStream::connect_timeout(a, Duration::from_secs(5))
-                .map_err(|e| last_error = e.to_string())
-                .ok()
-        });
-        if let Some(s) = got {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            return Err(dist_err(format!(
-                "rank {} could not reach rank 0 at {} within {:.0} s: {last_error}",
-                spec.rank,
-                spec.addr,
-                timeout.as_secs_f64()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = stream.set_nodelay(true);
-    let mut hello = MAGIC.to_vec();
-    hello.extend((spec.rank as u64).to_le_bytes());
-    hello.extend((spec.world as u64).to_le_bytes());
-    stream
-        .write_all(&hello)
-        .map_err(|e| dist_err(format!("rank {}: {e}", spec.rank)))?;
-    // Rank 0 answers once every rank is there.
-    let _ = stream.set_read_timeout(Some(timeout + Duration::from_secs(30)));
-    let reply = read_frame(&mut stream, 0)?;
-    if reply != b"ok" {
-        return Err(dist_err(String::from_utf8_lossy(&reply)));
-    }
-    let _ = stream.set_read_timeout(None);
-    Ok(stream)
-}
-
-fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
-    match e.kind() {
-        ErrorKind::UnexpectedEof
-        | ErrorKind::ConnectionReset
-        | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe => dist_err(format!(
-            "rank {peer} left the run (its own output says why)"
-        )),
-        _ => dist_err(format!("rank {peer}: {e}")),
-    }
-}
-
-fn write_frame(s: &mut TcpStream, bytes: &[u8], peer: usize) -> Result<(), TrainError> {
-    s.write_all(&(bytes.len() as u64).to_le_bytes())
-        .and_then(|()| s.write_all(bytes))
-        .map_err(|e| peer_err(peer, e))
-}
-
-fn read_len(s: &mut TcpStream, peer: usize) -> Result<u64, TrainError> {
-    let mut n = [0u8; 8];
-    read_exact(s, &mut n, peer)?;
-    Ok(u64::from_le_bytes(n))
-}
-
-fn read_exact(s: &mut TcpStream, buf: &mut [u8], peer: usize) -> Result<(), TrainError> {
-    s.read_exact(buf).map_err(|e| peer_err(peer, e))
-}
-
-fn read_frame(s: &mut TcpStream, peer: usize) -> Result<Vec<u8>, TrainError> {
-    let n = read_len(s, peer)?;
-    if n > 1 << 40 {
-        return Err(dist_err(format!("rank {peer} sent a frame of {n} bytes")));
-    }
-    let mut buf = vec![0u8; n as usize];
-    read_exact(s, &mut buf, peer)?;
-    Ok(buf)
-}
-
-fn join_frames(parts: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend((p.len() as u64).to_le_bytes());
-        out.extend(p);
-    }
-    out
-}
-
-fn split_frames(mut bytes: &[u8], count: usize) -> Result<Vec<Vec<u8>>, TrainError> {
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let bad = || dist_err("rank 0 sent a malformed message");
-        let (n, rest) = bytes.split_first_chunk::<8>().ok_or_else(bad)?;
-        let n = u64::from_le_bytes(*n) as usize;
-        if rest.len() < n {
-            return Err(bad());
-        }
-        out.push(rest[..n].to_vec());
-        bytes = &rest[n..];
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
     use candle_core::Device;
 
