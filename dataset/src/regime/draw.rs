@@ -1,0 +1,280 @@
+//! Drawing a regime's scenes: the pool a rule draws from, seeded random and stratified orders,
+//! SAR-IceFM's greedy class coverage, shares and ladders of nested regimes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field};
+use icefm_schemas::Task;
+
+use crate::error::DatasetError;
+use crate::rng::Rng;
+use crate::table::SceneTable;
+
+use super::{Regime, RegimeSpec, Rule, read_scene_list, regime_error};
+
+/// Candidate scene indices: the table minus the excluded regimes' scenes.
+fn pool(table: &SceneTable, exclude: &[Regime]) -> Vec<usize> {
+    let out: BTreeSet<&str> = exclude
+        .iter()
+        .flat_map(|r| r.scenes.iter().map(String::as_str))
+        .collect();
+    (0..table.scenes.len())
+        .filter(|&i| !out.contains(table.scenes[i].id.as_str()))
+        .collect()
+}
+
+/// Seeded random order.
+fn random_order(pool: &[usize], seed: u64) -> Vec<usize> {
+    let mut v = pool.to_vec();
+    Rng::new(seed, 0).shuffle(&mut v);
+    v
+}
+
+/// Seeded order whose every prefix is balanced over ice service × season: each step takes the
+/// next scene of the stratum furthest behind its proportional share.
+fn stratified_order(table: &SceneTable, pool: &[usize], seed: u64) -> Vec<usize> {
+    let mut strata: BTreeMap<(String, &'static str), Vec<usize>> = BTreeMap::new();
+    for &i in pool {
+        let e = &table.scenes[i];
+        strata
+            .entry((e.service.clone(), e.season()))
+            .or_default()
+            .push(i);
+    }
+    let lists: Vec<Vec<usize>> = strata
+        .into_values()
+        .enumerate()
+        .map(|(k, mut v)| {
+            Rng::new(seed, k as u64 + 1).shuffle(&mut v);
+            v
+        })
+        .collect();
+    let mut taken = vec![0usize; lists.len()];
+    let mut out = Vec::with_capacity(pool.len());
+    while out.len() < pool.len() {
+        let mut best: Option<(usize, f64)> = None;
+        for (k, l) in lists.iter().enumerate() {
+            if taken[k] < l.len() {
+                let ratio = (taken[k] as f64 + 1.0) / l.len() as f64;
+                if best.is_none_or(|(_, b)| ratio < b) {
+                    best = Some((k, ratio));
+                }
+            }
+        }
+        let Some((k, _)) = best else { break };
+        out.push(lists[k][taken[k]]);
+        taken[k] += 1;
+    }
+    out
+}
+
+/// SAR-IceFM's greedy class coverage. Each round takes, for each task in turn, the rarest class
+/// (fewest pixels over the candidates) that the picked scenes do not hold yet, and adds the
+/// candidate holding it that also holds the most other uncovered classes (ties: seeded random
+/// order). Rounds stop when every class present among the candidates is held; the rest follow in
+/// seeded random order. Returns the order and the length of its coverage part.
+fn coverage_order(table: &SceneTable, pool: &[usize], seed: u64) -> (Vec<usize>, usize) {
+    let random = random_order(pool, seed);
+    let totals = table.class_totals(pool.iter().copied());
+    // Uncovered classes: (task, class) present among the candidates.
+    let mut uncovered: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for t in Task::ALL {
+        let ch = t.channel();
+        let present = totals[ch][..t.n_classes()].iter().enumerate();
+        uncovered.extend(present.filter(|(_, p)| **p > 0).map(|(c, _)| (ch, c)));
+    }
+    let mut picked: Vec<usize> = Vec::new();
+    let mut used = BTreeSet::new();
+    while !uncovered.is_empty() {
+        for t in Task::ALL {
+            let ch = t.channel();
+            let rarest = uncovered
+                .iter()
+                .filter(|(k, _)| *k == ch)
+                .min_by_key(|&&(k, c)| (totals[k][c], c))
+                .copied();
+            let Some((_, class)) = rarest else { continue };
+            let gain = |i: usize| {
+                uncovered
+                    .iter()
+                    .filter(|&&(k, c)| table.scenes[i].pixels[k][c] > 0)
+                    .count()
+            };
+            // First maximum in the random order: the seeded tie-break.
+            let mut best: Option<(usize, usize)> = None;
+            for &i in &random {
+                if !used.contains(&i) && table.scenes[i].holds(t, class) {
+                    let g = gain(i);
+                    if best.is_none_or(|(_, bg)| g > bg) {
+                        best = Some((i, g));
+                    }
+                }
+            }
+            if let Some((i, _)) = best {
+                used.insert(i);
+                picked.push(i);
+                uncovered.retain(|&(k, c)| table.scenes[i].pixels[k][c] == 0);
+            }
+        }
+    }
+    let n = picked.len();
+    picked.extend(random.into_iter().filter(|i| !used.contains(i)));
+    (picked, n)
+}
+
+/// Number of scenes for `percent` of `total` (at least one).
+pub fn share_count(percent: f64, total: usize) -> usize {
+    ((percent / 100.0 * total as f64).round() as usize).max(1)
+}
+
+fn check_percent(p: f64) -> Result<f64, DatasetError> {
+    if p.is_finite() && p > 0.0 && p <= 100.0 {
+        Ok(p)
+    } else {
+        Err(regime_error(format!("--percent {p} is not in (0, 100]")))
+    }
+}
+
+/// Draw a regime of `percent` (or the spec's own) from `table`.
+pub fn draw(table: &SceneTable, spec: &RegimeSpec) -> Result<Regime, DatasetError> {
+    Ok(draw_ladder(table, spec, &[spec.percent])?.remove(0))
+}
+
+/// Draw nested regimes, one per percent (`None`: the spec's rule without a share), from one
+/// order. Names get `_<percent>` appended when there is more than one.
+pub fn draw_ladder(
+    table: &SceneTable,
+    spec: &RegimeSpec,
+    percents: &[Option<f64>],
+) -> Result<Vec<Regime>, DatasetError> {
+    if table.scenes.is_empty() {
+        return Err(regime_error(format!(
+            "{}: no scenes to draw from",
+            table.source.display()
+        )));
+    }
+    let candidates = pool(table, &spec.exclude);
+    let mut notes = Vec::new();
+    let (order, coverage_len) = match spec.rule {
+        Rule::All => (candidates.clone(), 0),
+        Rule::Fraction => (random_order(&candidates, spec.seed), 0),
+        Rule::Stratified => (stratified_order(table, &candidates, spec.seed), 0),
+        Rule::Coverage => coverage_order(table, &candidates, spec.seed),
+        Rule::Import => {
+            let path = spec
+                .list
+                .as_deref()
+                .ok_or_else(|| regime_error("rule import needs --list FILE"))?;
+            let ids = read_scene_list(path)?;
+            let missing: Vec<&str> = ids
+                .iter()
+                .filter(|id| table.index_of(id).is_none())
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+                return Err(regime_error(format!(
+                    "{}: {} of {} listed scenes are not in {}: {}{}",
+                    path.display(),
+                    missing.len(),
+                    ids.len(),
+                    table.source.display(),
+                    shown.join(", "),
+                    if missing.len() > 10 { ", …" } else { "" }
+                )));
+            }
+            let allowed: BTreeSet<usize> = candidates.iter().copied().collect();
+            let mut order = Vec::new();
+            for id in &ids {
+                let i = table.index_of(id).unwrap_or(usize::MAX);
+                if allowed.contains(&i) {
+                    order.push(i);
+                } else {
+                    notes.push(format!("{id} is excluded"));
+                }
+            }
+            (order, 0)
+        }
+    };
+    let multiple = percents.len() > 1;
+    let mut out = Vec::new();
+    for &p in percents {
+        let mut notes = notes.clone();
+        let n = match (spec.rule, p) {
+            (Rule::All | Rule::Import, Some(_)) => {
+                return Err(regime_error(format!(
+                    "rule {} takes no --percent",
+                    spec.rule.name()
+                )));
+            }
+            (Rule::All | Rule::Import, None) => order.len(),
+            (_, None) => {
+                return Err(regime_error(format!(
+                    "rule {} needs --percent (or --ladder)",
+                    spec.rule.name()
+                )));
+            }
+            (_, Some(p)) => {
+                let p = check_percent(p)?;
+                let want = share_count(p, table.scenes.len());
+                if want > order.len() {
+                    notes.push(format!(
+                        "{p} % of {} scenes is {want}, but only {} are candidates",
+                        table.scenes.len(),
+                        order.len()
+                    ));
+                }
+                if coverage_len > want {
+                    notes.push(format!(
+                        "covering every class took {coverage_len} scenes, more than the {want} of {p} %"
+                    ));
+                }
+                want.max(coverage_len).min(order.len())
+            }
+        };
+        if n == 0 {
+            return Err(regime_error(format!(
+                "regime {} would be empty ({} candidate scenes)",
+                spec.name,
+                order.len()
+            )));
+        }
+        let name = match p {
+            Some(p) if multiple => format!("{}_{}", spec.name, percent_label(p)),
+            _ => spec.name.clone(),
+        };
+        out.push(Regime {
+            name,
+            role: spec.role,
+            rule: spec.rule,
+            percent: p,
+            seed: spec.seed,
+            list: spec.list.as_ref().map(|l| l.display().to_string()),
+            excluded: spec.exclude.iter().map(|r| r.name.clone()).collect(),
+            source: table.source.display().to_string(),
+            source_hash: table.source_hash.clone(),
+            scenes: order[..n]
+                .iter()
+                .map(|&i| table.scenes[i].id.clone())
+                .collect(),
+            notes,
+            patch_filter: None,
+            patches: None,
+        });
+    }
+    Ok(out)
+}
+
+/// `1` → `01`, `5` → `05`, `40` → `40`, `0.5` → `0p5` (SAR-IceFM's list names use two digits).
+pub fn percent_label(p: f64) -> String {
+    if p.fract() == 0.0 {
+        format!("{:02}", p as u64)
+    } else {
+        p.to_string().replace('.', "p")
+    }
+}
+
+pub(super) fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, true)))
+}
