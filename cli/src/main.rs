@@ -1,5 +1,8 @@
 //! `icefm`: the command line of the icefm sea-ice foundation-model engine.
 
+// Doc comments of the options are clap's help texts, whose placeholders read `<name>`.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod ablate;
 mod commands;
 mod demo;
