@@ -6,26 +6,18 @@
 //! score, seconds) and `checkpoints/best/` (`model.safetensors`, `state.json` with the step and
 //! scores), kept apart from the rotating `step_*` checkpoints.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use arrow_array::{ArrayRef, Float64Array, RecordBatch, UInt64Array};
-use arrow_schema::{DataType, Field, Schema};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::regime::Regime;
-use icefm_dataset::sampler::parse_level_weights;
 use icefm_dataset::{Sampler, SceneReader};
-use icefm_schemas::Level;
-use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::dist::Group;
-use crate::evaluate::{Blend, InferOptions, SceneResult, evaluate_scene, selection_score};
-use crate::metrics::{Evaluation, Scores};
+use crate::evaluate::selection_score;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
@@ -33,42 +25,17 @@ use crate::train::{
     Accumulated, DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord,
     TrainError, apply, batch_levels, checkpoint_due, checkpoints, drop_draws, end_step,
     init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, read_metrics,
-    write_parquet,
 };
 
-/// One validation pass.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValRecord {
-    /// Steps done when it ran.
-    pub step: u64,
-    /// Pooled R² of SIC.
-    pub sic_r2: f64,
-    /// Pooled weighted F1 of SOD.
-    pub sod_f1: f64,
-    /// Pooled weighted F1 of FLOE.
-    pub floe_f1: f64,
-    /// AutoICE combined score × 100.
-    pub combined: f64,
-    /// The selection score ([`selection_score`]: the combined score for three tasks).
-    pub score: f64,
-    /// Seconds the pass took.
-    pub seconds: f64,
-}
+mod evaluation;
+mod validation;
 
-/// `checkpoints/best/state.json`.
-#[derive(Debug, Clone, Serialize)]
-struct BestState<'a> {
-    step: u64,
-    score: f64,
-    scores: &'a Scores,
-}
-
-/// What a run reads back of `checkpoints/best/state.json`.
-#[derive(Debug, Clone, Deserialize)]
-struct BestSeen {
-    step: u64,
-    score: f64,
-}
+pub use evaluation::{
+    EvalOverrides, RunEvaluation, eval_level, evaluate_run, evaluate_scenes, infer_options,
+    load_seg_model, run_config,
+};
+pub use validation::{ValRecord, read_validation, write_validation};
+use validation::{read_best, save_best};
 
 /// The safetensors file an `--init` path names: a `.safetensors` file, a checkpoint folder
 /// (its `model.safetensors`), or a run folder (its best checkpoint, else its newest).
@@ -155,297 +122,6 @@ pub fn load_init(
         set += 1;
     }
     Ok((file, set))
-}
-
-/// The level sliding-window inference runs at: `seg.eval_level`, else the finest level of
-/// `data.levels`, else the finest of `store_levels`.
-pub fn eval_level(cfg: &TrainConfig, store_levels: &[Level]) -> Result<Level, TrainError> {
-    let seg = cfg.seg.clone().unwrap_or_default();
-    let setup = |e: String| TrainError::Setup(e);
-    if !seg.eval_level.trim().is_empty() {
-        let l = Level::parse_list(&seg.eval_level)
-            .map_err(|e| setup(format!("seg.eval_level: {e}")))?;
-        return l
-            .first()
-            .copied()
-            .ok_or_else(|| setup("seg.eval_level is empty".into()));
-    }
-    if !cfg.data.levels.trim().is_empty() {
-        let mut l = parse_level_weights(&cfg.data.levels)?;
-        l.sort_by_key(|(l, _)| l.spacing_m());
-        if let Some((l, _)) = l.first() {
-            return Ok(*l);
-        }
-    }
-    store_levels
-        .iter()
-        .min_by_key(|l| l.spacing_m())
-        .copied()
-        .ok_or_else(|| setup("the store has no level".into()))
-}
-
-/// Inference options of a fine-tuning configuration at `level`.
-pub fn infer_options(cfg: &TrainConfig, level: Level) -> InferOptions {
-    let seg = cfg.seg.clone().unwrap_or_default();
-    let crop = cfg.data.crop as usize;
-    InferOptions {
-        level,
-        crop,
-        stride: if seg.eval_stride > 0 {
-            seg.eval_stride as usize
-        } else {
-            (crop / 2).max(1)
-        },
-        batch: cfg.data.batch_size.max(1),
-        blend: Blend::parse(&seg.eval_blend).unwrap_or(Blend::Taper),
-    }
-}
-
-/// Evaluate `model` on `scenes`: pooled metrics and one result per scene. `on_scene` sees
-/// each scene's result and maps as it is done.
-pub fn evaluate_scenes(
-    model: &SegModel,
-    reader: &SceneReader,
-    scenes: &[Arc<str>],
-    opts: &InferOptions,
-    score_level: Level,
-    dev: &Device,
-    on_scene: &mut dyn FnMut(&SceneResult, &crate::evaluate::ScoredMaps) -> Result<(), TrainError>,
-) -> Result<(Evaluation, Vec<SceneResult>), TrainError> {
-    let mut total = Evaluation::new();
-    let mut results = Vec::with_capacity(scenes.len());
-    for s in scenes {
-        let (r, maps) = evaluate_scene(model, reader, s, opts, score_level, dev)?;
-        total
-            .merge(&r.evaluation)
-            .map_err(|e| TrainError::Setup(e.to_string()))?;
-        on_scene(&r, &maps)?;
-        results.push(r);
-    }
-    Ok((total, results))
-}
-
-/// What [`evaluate_run`] may change of a run's own inference settings.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EvalOverrides {
-    /// Inference level (default: the run's `seg.eval_level` rule, [`eval_level`]).
-    pub level: Option<Level>,
-    /// Window stride in pixels (default: the run's `seg.eval_stride`, or half the crop).
-    pub stride: Option<usize>,
-    /// Blending (default: the run's `seg.eval_blend`).
-    pub blend: Option<Blend>,
-    /// Windows per forward pass (default: the run's `data.batch_size`).
-    pub batch: Option<usize>,
-}
-
-/// A whole evaluation of a fine-tuned model.
-#[derive(Debug, Clone)]
-pub struct RunEvaluation {
-    /// The run's configuration.
-    pub cfg: TrainConfig,
-    /// The weights evaluated.
-    pub weights: PathBuf,
-    /// Inference settings used.
-    pub opts: InferOptions,
-    /// The grid scored on (the store's finest level, 80 m for AI4Arctic stores).
-    pub score_level: Level,
-    /// All scenes' pixels pooled.
-    pub pooled: Evaluation,
-    /// Per scene.
-    pub scenes: Vec<SceneResult>,
-}
-
-/// Evaluate the model at `model` (a run folder: its best checkpoint, else its newest; or a
-/// checkpoint folder or weights file inside a run) on the scenes of `regime` in `store` (all
-/// its complete scenes when `None`). `on_scene` sees each scene as it is done.
-pub fn evaluate_run(
-    model: &Path,
-    store: &Path,
-    regime: Option<&str>,
-    overrides: &EvalOverrides,
-    dev: &Device,
-    on_scene: &mut dyn FnMut(&SceneResult, &crate::evaluate::ScoredMaps) -> Result<(), TrainError>,
-) -> Result<RunEvaluation, TrainError> {
-    let weights = resolve_weights(model)?;
-    let (cfg, seg) = load_seg_model(model, dev)?;
-    let reader = SceneReader::open(store, &cfg.data.channels)?;
-    let regime = regime.map(|r| Regime::open(Some(store), r)).transpose()?;
-    let scenes = reader.scenes(regime.as_ref())?;
-    let level = match overrides.level {
-        Some(l) => l,
-        None => eval_level(&cfg, &reader.levels())?,
-    };
-    let mut opts = infer_options(&cfg, level);
-    if let Some(s) = overrides.stride {
-        opts.stride = s.max(1);
-    }
-    if let Some(b) = overrides.blend {
-        opts.blend = b;
-    }
-    if let Some(b) = overrides.batch {
-        opts.batch = b.max(1);
-    }
-    let score_level = reader
-        .levels()
-        .first()
-        .copied()
-        .ok_or_else(|| TrainError::Setup("the store has no level".into()))?;
-    let (pooled, results) =
-        evaluate_scenes(&seg, &reader, &scenes, &opts, score_level, dev, on_scene)?;
-    Ok(RunEvaluation {
-        cfg,
-        weights,
-        opts,
-        score_level,
-        pooled,
-        scenes: results,
-    })
-}
-
-/// A fine-tuned model and its configuration from a run folder, a checkpoint folder (inside a
-/// run) or a run's `checkpoints/best`. Weights are plain tensors (no gradient tracking).
-pub fn load_seg_model(path: &Path, dev: &Device) -> Result<(TrainConfig, SegModel), TrainError> {
-    let weights = resolve_weights(path)?;
-    let cfg = run_config(path)?;
-    let scfg = cfg.seg_config().map_err(|e| TrainError::Setup(e.0))?;
-    let vb = tensors_varbuilder(&weights, dev)?;
-    let mut model = SegModel::new(vb, &scfg)?;
-    if cfg.train.precision == "bf16" && dev.is_cuda() {
-        model.compute_dtype = DType::BF16;
-    }
-    Ok((cfg, model))
-}
-
-/// The configuration of a fine-tuning run: `config.toml` of the run folder `path`, or of the
-/// run a checkpoint folder or weights file belongs to.
-pub fn run_config(path: &Path) -> Result<TrainConfig, TrainError> {
-    let run = path
-        .ancestors()
-        .take(4)
-        .find(|p| p.join("config.toml").is_file())
-        .ok_or_else(|| io_err(path, "no config.toml in this run or above this checkpoint"))?;
-    let cfg_path = run.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
-    let cfg = TrainConfig::parse(&text, &[]).map_err(|e| TrainError::Setup(e.0))?;
-    if !cfg.is_seg() {
-        return Err(TrainError::Setup(format!(
-            "{}: not a fine-tuning run (its config has no [seg] section)",
-            run.display()
-        )));
-    }
-    Ok(cfg)
-}
-
-/// A VarBuilder over the tensors of a safetensors file, read into memory.
-fn tensors_varbuilder(file: &Path, dev: &Device) -> Result<VarBuilder<'static>, TrainError> {
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(file, dev).map_err(|e| io_err(file, e))?;
-    Ok(VarBuilder::from_tensors(tensors, DType::F32, dev))
-}
-
-fn save_best(
-    out: &Path,
-    step: u64,
-    score: f64,
-    scores: &Scores,
-    named: &[(String, Var)],
-) -> Result<PathBuf, TrainError> {
-    let dir = out.join("checkpoints").join("best");
-    let tmp = out.join("checkpoints").join("best.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let weights: HashMap<String, Tensor> = named
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))?;
-    let state = serde_json::to_string_pretty(&BestState {
-        step,
-        score,
-        scores,
-    })
-    .map_err(|e| io_err(&tmp, e))?;
-    std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
-    Ok(dir)
-}
-
-fn read_best(out: &Path) -> Option<BestSeen> {
-    let text = std::fs::read_to_string(out.join("checkpoints/best/state.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-/// Write `validation.parquet`.
-pub fn write_validation(path: &Path, records: &[ValRecord]) -> Result<(), TrainError> {
-    let f = |name: &str| Field::new(name, DataType::Float64, false);
-    let schema = Schema::new(vec![
-        Field::new("step", DataType::UInt64, false),
-        f("sic_r2"),
-        f("sod_f1"),
-        f("floe_f1"),
-        f("combined"),
-        f("score"),
-        f("seconds"),
-    ]);
-    let col = |g: fn(&ValRecord) -> f64| -> ArrayRef {
-        Arc::new(Float64Array::from_iter_values(records.iter().map(g)))
-    };
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(
-            records.iter().map(|r| r.step),
-        )),
-        col(|r| r.sic_r2),
-        col(|r| r.sod_f1),
-        col(|r| r.floe_f1),
-        col(|r| r.combined),
-        col(|r| r.score),
-        col(|r| r.seconds),
-    ];
-    let batch = RecordBatch::try_new(Arc::new(schema), cols).map_err(|e| io_err(path, e))?;
-    write_parquet(path, &batch)
-}
-
-/// Read `validation.parquet` (empty when absent).
-pub fn read_validation(path: &Path) -> Result<Vec<ValRecord>, TrainError> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float64Type, UInt64Type};
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| io_err(path, e))?;
-    let mut out = Vec::new();
-    for b in reader {
-        let b = b.map_err(|e| io_err(path, e))?;
-        let bad = || io_err(path, "unexpected columns");
-        let c = |n: &str| {
-            b.column_by_name(n)
-                .and_then(|c| c.as_primitive_opt::<Float64Type>())
-                .ok_or_else(bad)
-        };
-        let step = b
-            .column_by_name("step")
-            .and_then(|c| c.as_primitive_opt::<UInt64Type>())
-            .ok_or_else(bad)?;
-        let (r2, sod, floe) = (c("sic_r2")?, c("sod_f1")?, c("floe_f1")?);
-        let (comb, score, secs) = (c("combined")?, c("score")?, c("seconds")?);
-        for i in 0..b.num_rows() {
-            out.push(ValRecord {
-                step: step.value(i),
-                sic_r2: r2.value(i),
-                sod_f1: sod.value(i),
-                floe_f1: floe.value(i),
-                combined: comb.value(i),
-                score: score.value(i),
-                seconds: secs.value(i),
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// With several ranks or micro-batches (`k` a step), each task's labelled pixels in the whole
