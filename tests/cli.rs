@@ -1006,6 +1006,75 @@ fn train_names_what_is_wrong_with_a_device_or_a_precision() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or bf16"));
 }
 
+/// Checkpoints `step_N` of a run, by step.
+fn checkpoint_steps(run: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            name.strip_prefix("step_")?.parse().ok()
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+#[test]
+fn sigterm_to_the_dist_local_launcher_alone_stops_every_rank_at_one_step_and_saves() {
+    // `kill PID` (SIGTERM), as a scheduler or a user sends it, to the launcher only: the ranks
+    // are not signalled by anyone else, so they stop only if the launcher passes it on.
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let sets = [
+        "train.steps=1000000",
+        "train.checkpoint_every=1000000",
+        "train.panel_every=0",
+        "data.threads=1",
+    ];
+    let child = micro_train(&store, &run, &sets, false)
+        .args(["--dist", "local:2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = run.join("log.txt");
+    let t0 = std::time::Instant::now();
+    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    // Both ranks stopped after the same step, and rank 0 saved it.
+    let steps = checkpoint_steps(&run);
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    let done = steps[0];
+    assert!((1..1_000_000).contains(&done), "{done}");
+    assert!(
+        stdout.contains(&format!("stopped after {done} steps")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("rank 1 of 2: stopped after {done} steps")),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("(interrupt)")
+    );
+}
+
 #[test]
 fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
     let dir = tempfile::tempdir().unwrap();

@@ -107,8 +107,9 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
         }
     );
     // Ctrl-C reaches every rank from the terminal (one process group): the ranks agree on the
-    // step to stop at and rank 0 saves. The launcher waits for them; a second Ctrl-C ends it.
-    let _ = crate::train::stop_flag();
+    // step to stop at and rank 0 saves. A stop signal sent to the launcher alone (`kill PID`,
+    // SIGTERM or SIGINT) is forwarded to the ranks; the launcher itself waits for them.
+    let _ = crate::train::stop_signals();
     let mut children: Vec<Child> = Vec::with_capacity(world);
     for rank in 0..world {
         let mut c = Command::new(&exe);
@@ -143,11 +144,22 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
 }
 
 /// Wait for every child; once one has failed, the others get [`GRACE`] to end, then are
-/// killed.
+/// killed. Each stop signal the launcher receives is passed on to the ranks still running, as
+/// SIGINT (a rank takes one that comes with the terminal's own as one stop).
 fn wait_all(children: &mut [Child]) -> Result<Vec<ExitStatus>> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
     let mut failed_at: Option<Instant> = None;
+    let mut forwarded = 0;
     while statuses.iter().any(Option::is_none) {
+        let signals = crate::train::stop_signals();
+        if signals > forwarded {
+            for (c, s) in children.iter().zip(&statuses) {
+                if s.is_none() {
+                    interrupt(c);
+                }
+            }
+            forwarded = signals;
+        }
         for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
             if s.is_none()
                 && let Some(st) = c.try_wait().context("waiting for a rank")?
@@ -169,6 +181,19 @@ fn wait_all(children: &mut [Child]) -> Result<Vec<ExitStatus>> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(statuses.into_iter().flatten().collect())
+}
+
+/// Send SIGINT to `child`.
+#[allow(unsafe_code)] // FFI: kill(2)
+fn interrupt(child: &Child) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of this process; `pid` is a child
+    // that has not been waited for, so its pid cannot have been reused.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
@@ -14,6 +15,8 @@ use icefm_model::train::{
     DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, parse_device, train_mae_in,
 };
 use indicatif::{ProgressBar, ProgressStyle};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::launch::{launch, local_world};
 
@@ -179,21 +182,55 @@ fn ended(summary: &RunSummary) -> &'static str {
     }
 }
 
-/// Set by Ctrl-C: runs stop at their next step boundary and save.
+/// Set by the first stop signal (Ctrl-C's SIGINT, or SIGTERM as `kill`, Slurm and container
+/// runtimes send): runs stop at their next step boundary and save.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Stop signals this process has received.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+/// When the first one came.
+static FIRST_SIGNAL: OnceLock<Instant> = OnceLock::new();
+/// A signal this soon after the first is the same stop, not a second one: a terminal's Ctrl-C
+/// reaches a `--dist local:N` rank both from the terminal and forwarded by the launcher.
+const SAME_STOP: Duration = Duration::from_secs(1);
 
-/// The Ctrl-C flag, with its handler installed once per process.
-pub fn stop_flag() -> &'static AtomicBool {
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
+/// Install the stop-signal handler once per process. `exit_on_second`: a later signal ends the
+/// process at once (exit status 130), for when saving takes too long.
+fn install_stop_handler(exit_on_second: bool) {
+    static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
-        // A second Ctrl-C while saving still ends the process the usual way.
-        let _ = ctrlc::set_handler(|| {
-            if STOP.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
+        // Without the handler (no thread to spare) the signals end the process as before.
+        let Ok(mut signals) = Signals::new([SIGINT, SIGTERM]) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("icefm-signals".into())
+            .spawn(move || {
+                for _ in signals.forever() {
+                    SIGNALS.fetch_add(1, Ordering::SeqCst);
+                    let first = *FIRST_SIGNAL.get_or_init(Instant::now);
+                    if STOP.swap(true, Ordering::SeqCst)
+                        && exit_on_second
+                        && first.elapsed() > SAME_STOP
+                    {
+                        std::process::exit(130);
+                    }
+                }
+            });
+        drop(spawned);
     });
+}
+
+/// The stop flag, with its handler installed.
+pub fn stop_flag() -> &'static AtomicBool {
+    install_stop_handler(true);
     &STOP
+}
+
+/// Stop signals received so far, the handler installed without exiting on a second one: the
+/// `--dist local:N` launcher forwards each to its ranks and waits for them to end.
+pub fn stop_signals() -> usize {
+    install_stop_handler(false);
+    SIGNALS.load(Ordering::SeqCst)
 }
 
 /// Run `cfg` (MAE, or fine-tuning with a `[seg]` section) with a progress bar labelled
