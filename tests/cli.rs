@@ -1006,6 +1006,52 @@ fn train_names_what_is_wrong_with_a_device_or_a_precision() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or bf16"));
 }
 
+/// The output of `child` once it ends; killed, with a failed test, if that takes over `limit`
+/// (a run that ignores its stop signal would otherwise train for ever), and with it every
+/// process whose command line holds `also_kill` (its ranks).
+fn wait_with_limit(mut child: std::process::Child, limit: Duration, also_kill: &Path) -> Output {
+    use std::io::Read;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = vec![];
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new("pkill").arg("-f").arg(also_kill).status();
+            panic!("still running {limit:?} after the stop signal");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
 /// Checkpoints `step_N` of a run, by step.
 fn checkpoint_steps(run: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
@@ -1049,7 +1095,7 @@ fn sigterm_to_the_dist_local_launcher_alone_stops_every_rank_at_one_step_and_sav
         .status()
         .unwrap();
     assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
+    let out = wait_with_limit(child, Duration::from_secs(120), &run);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
