@@ -1052,6 +1052,20 @@ fn wait_with_limit(mut child: std::process::Child, limit: Duration, also_kill: &
     }
 }
 
+/// Send `signal` (`-INT`, `-TERM`) to `child` once its run trains: `log` exists, then 1.5 s.
+fn signal_once_training(child: &std::process::Child, log: &Path, signal: &str) {
+    let t0 = std::time::Instant::now();
+    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
 /// Checkpoints `step_N` of a run, by step.
 fn checkpoint_steps(run: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
@@ -1085,16 +1099,7 @@ fn sigterm_to_the_dist_local_launcher_alone_stops_every_rank_at_one_step_and_sav
         .spawn()
         .unwrap();
     let log = run.join("log.txt");
-    let t0 = std::time::Instant::now();
-    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    signal_once_training(&child, &log, "-TERM");
     let out = wait_with_limit(child, Duration::from_secs(120), &run);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -1139,18 +1144,9 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until it trains, then send SIGINT as a terminal's Ctrl-C does.
+    // SIGINT, as a terminal's Ctrl-C sends.
     let log = run.join("log.txt");
-    let t0 = std::time::Instant::now();
-    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    signal_once_training(&child, &log, "-INT");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
@@ -1160,13 +1156,7 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
         "{text}"
     );
     // The checkpoint of the step it stopped at, and a resume that continues from it.
-    let ckpts: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.unwrap().file_name().to_string_lossy().to_string();
-            name.strip_prefix("step_")?.parse().ok()
-        })
-        .collect();
+    let ckpts = checkpoint_steps(&run);
     assert_eq!(ckpts.len(), 1, "{ckpts:?}");
     let done = ckpts[0];
     assert!((1..1_000_000).contains(&done), "{done}");
