@@ -1,0 +1,231 @@
+//! `icefm demo` end to end, with `icefm eval` and `icefm predict` on its run.
+
+use std::path::PathBuf;
+
+use super::*;
+
+/// The held-out line of `init` in the demo's output: (SIC R², SOD F1, FLOE F1, combined).
+fn demo_scores(stdout: &str, init: &str) -> [f64; 4] {
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(init) && l.contains("combined"))
+        .unwrap_or_else(|| panic!("no `{init}` line in:\n{stdout}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |key: &str| -> f64 {
+        let i = words.iter().position(|w| *w == key).unwrap();
+        words[i + 1].parse().unwrap()
+    };
+    [
+        after("R²"),
+        after("F1"),
+        {
+            let i = words.iter().rposition(|w| *w == "F1").unwrap();
+            words[i + 1].parse().unwrap()
+        },
+        after("combined"),
+    ]
+}
+
+#[test]
+fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let run = ok(icefm()
+        .args([
+            "demo",
+            "--scenes",
+            "8",
+            "--mae-steps",
+            "8",
+            "--ft-steps",
+            "12",
+            "--depth",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for init in ["scratch", "MAE"] {
+        let [r2, sod, floe, combined] = demo_scores(&stdout, init);
+        assert!(r2.is_finite() && r2 <= 1.0, "{init}: {stdout}");
+        assert!(
+            (0.0..=1.0).contains(&sod) && (0.0..=1.0).contains(&floe),
+            "{init}"
+        );
+        // The printed combined score is AutoICE's weighting of the printed parts (× 100).
+        let want = (2.0 * r2 + 2.0 * sod + floe) / 5.0 * 100.0;
+        assert!(
+            (combined - want).abs() < 0.1,
+            "{init}: {combined} vs {want}"
+        );
+    }
+    let ft = out.join("runs/ft-mae");
+    let log = std::fs::read_to_string(ft.join("log.txt")).unwrap();
+    assert!(
+        log.contains("tensors from") && log.contains("runs/mae"),
+        "{log}"
+    );
+    assert!(ft.join("checkpoints/best/model.safetensors").exists());
+    assert!(ft.join("validation.parquet").exists());
+    let eval = ft.join("eval-test");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["scenes"], 2);
+    assert_eq!(metrics["score_level"], "80m");
+    let [.., combined] = demo_scores(&stdout, "MAE");
+    let saved = metrics["scores"]["combined"].as_f64().unwrap();
+    assert!((saved - combined).abs() < 0.05, "{saved} vs {combined}");
+    assert!(metrics["windows"].as_u64().unwrap() >= 2);
+    for task in ["SIC", "SOD", "FLOE"] {
+        let csv = std::fs::read_to_string(eval.join(format!("confusion_{task}.csv"))).unwrap();
+        assert!(csv.starts_with("true\\pred,0,1,"), "{csv}");
+        assert!(eval.join(format!("confusion_{task}.png")).exists());
+    }
+    assert!(eval.join("scenes.parquet").exists());
+    let panels = std::fs::read_dir(eval.join("panels")).unwrap().count();
+    assert_eq!(panels, 2);
+
+    // The AutoICE submission of one raw scene and one RTT scene of the test release (given as
+    // a glob gives them: with its reference charts, which are left out): their three charts on
+    // the 80 m grid.
+    let scene = std::fs::read_dir(out.join("scenes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("icechart"))
+        .unwrap();
+    let test = dir.path().join("test");
+    ok(icefm()
+        .args([
+            "synth",
+            "--count",
+            "1",
+            "--kind",
+            "rtt",
+            "--release",
+            "test",
+        ])
+        .args(["--size", "300x330", "--seed", "77", "--out"])
+        .arg(&test)
+        .output()
+        .unwrap());
+    let mut test_files: Vec<PathBuf> = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    test_files.sort();
+    assert_eq!(test_files.len(), 2, "{test_files:?}");
+    let sub = dir.path().join("sub.nc");
+    let predicted = ok(icefm()
+        .arg("predict")
+        .arg(&scene)
+        .args(&test_files)
+        .arg("--run")
+        .arg(&ft)
+        .arg("--out")
+        .arg(&sub)
+        .output()
+        .unwrap());
+    let stderr = String::from_utf8_lossy(&predicted.stderr);
+    assert!(
+        stderr.contains("1 reference chart file(s) (…_reference.nc) are not scenes: left out"),
+        "{stderr}"
+    );
+    let rtt_stem = test_files[0]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches("_prep")
+        .to_string();
+    let rtt_sub = sub.clone();
+    let rtt_dims = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
+        let file = netcdf::open(&rtt_sub).unwrap();
+        let v = file.variable(&format!("{rtt_stem}_SOD")).unwrap();
+        v.dimensions().iter().map(|d| d.len()).collect::<Vec<_>>()
+    });
+    assert_eq!(rtt_dims, vec![300, 330]);
+    // Scoring the test scene: with its reference charts it is scored; alone it has nothing to
+    // score, and eval says so.
+    let alone = dir.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(
+        &test_files[0],
+        alone.join(test_files[0].file_name().unwrap()),
+    )
+    .unwrap();
+    for (input, labelled) in [(&test, true), (&alone, false)] {
+        let store = input.with_extension("zarr");
+        ok(icefm()
+            .args([
+                "ingest",
+                "--levels",
+                "80,200,400",
+                "--patch",
+                "256",
+                "--store",
+            ])
+            .arg(&store)
+            .arg(input)
+            .output()
+            .unwrap());
+        ok(icefm()
+            .args(["regime", "--name", "t", "--rule", "all", "--store"])
+            .arg(&store)
+            .output()
+            .unwrap());
+        let eval = input.with_extension("eval");
+        let out = ok(icefm()
+            .args(["eval", "--regime", "t", "--run"])
+            .arg(&ft)
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(&eval)
+            .output()
+            .unwrap());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap())
+                .unwrap();
+        let pixels = metrics["scores"]["pixels"][1].as_u64().unwrap();
+        assert_eq!(pixels > 0, labelled, "{metrics}");
+        assert_eq!(
+            metrics["scores"]["combined"].is_f64(),
+            labelled,
+            "{metrics}"
+        );
+        assert_eq!(
+            stderr.contains("warning: no labelled SIC / SOD / FLOE pixel"),
+            !labelled,
+            "{stderr}"
+        );
+    }
+    let stem = scene.file_stem().unwrap().to_string_lossy().into_owned();
+    let (names, charts) = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
+        let file = netcdf::open(&sub).unwrap();
+        let mut names: Vec<String> = file.variables().map(|v| v.name()).collect();
+        names.sort();
+        let charts: Vec<(Vec<usize>, Vec<u8>)> = ["SIC", "SOD", "FLOE"]
+            .iter()
+            .map(|c| {
+                let v = file.variable(&format!("{stem}_{c}")).unwrap();
+                let dims = v.dimensions().iter().map(|d| d.len()).collect();
+                (dims, v.get_values::<u8, _>(..).unwrap())
+            })
+            .collect();
+        (names, charts)
+    });
+    assert_eq!(names.len(), 6, "{names:?}");
+    for ((dims, values), classes) in charts.iter().zip([11u8, 6, 7]) {
+        // Demo raw scenes are 1200 x 1250 at 40 m.
+        assert_eq!(dims, &[600, 625]);
+        let predicted = values.iter().filter(|&&v| v != 255).count();
+        assert!(
+            predicted > values.len() / 2,
+            "{predicted} of {}",
+            values.len()
+        );
+        assert!(values.iter().all(|&v| v < classes || v == 255));
+    }
+}

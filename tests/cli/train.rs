@@ -1,0 +1,413 @@
+//! Training through the executable: a run and its resume, data-parallel ranks (by hand and
+//! `--dist local:N`), device and precision errors, Ctrl-C and SIGTERM.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use super::*;
+
+#[test]
+fn train_writes_a_run_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let train = |steps: &str, resume: bool| {
+        let sets = ["train.checkpoint_every=2", "train.warmup_steps=1", steps];
+        micro_train(&store, &run, &sets, resume).output().unwrap()
+    };
+    let out = ok(train("train.steps=3", false));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("trained 3 steps (now at 3 of 3)"), "{text}");
+    for f in [
+        "config.toml",
+        "log.txt",
+        "metrics.parquet",
+        "loss.png",
+        "checkpoints/step_0000003/model.safetensors",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    assert_eq!(png_size(&run.join("loss.png")), (1000, 600));
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(resolved.contains("preset = \"micro\""), "{resolved}");
+    // Again without --resume: refused; with it and more steps: continues.
+    let out = train("train.steps=3", false);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let out = ok(train("train.steps=5", true));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trained 2 steps (now at 5 of 5)"));
+    // Curves: any column of the metrics, of one run or several; wrong names say what there is.
+    let plot = |args: &[&str]| {
+        icefm()
+            .arg("plot")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let runs = run.to_str().unwrap();
+    let out = ok(plot(&[runs, "--metric", "lr", "--smooth", "1"]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        run.join("lr.png").to_str().unwrap()
+    );
+    assert_eq!(png_size(&run.join("lr.png")), (1000, 600));
+    ok(plot(&[runs, runs, "--metric", "grad_norm"]));
+    assert_eq!(png_size(&dir.path().join("grad_norm.png")), (1000, 600));
+    let out = plot(&[runs, "--metric", "los"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has no column \"los\"; it has loss, lr, grad_norm"),
+        "{err}"
+    );
+    let err =
+        String::from_utf8_lossy(&plot(&[runs, "--metric", "val.combined"]).stderr).to_string();
+    assert!(err.contains("has no validation.parquet"), "{err}");
+    // A typo in a key is one clear error.
+    let out = train("train.stesp=5", false);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stesp`"));
+}
+
+#[test]
+fn two_processes_train_one_run_with_dist() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.warmup_steps=1",
+        "data.threads=1",
+    ];
+    // Rank 1 through Slurm's variables, rank 0 through an explicit address; rank 1 first,
+    // so it waits for rank 0.
+    let mut one = micro_train(&store, &run, &sets, false);
+    one.args(["--dist", "slurm"])
+        .env("SLURM_PROCID", "1")
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_LOCALID", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string());
+    let one = one
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut zero = micro_train(&store, &run, &sets, false);
+    zero.args(["--dist", &format!("0/2@127.0.0.1:{port}")]);
+    let zero = ok(zero.output().unwrap());
+    let one = ok(one.wait_with_output().unwrap());
+    let text = String::from_utf8_lossy(&zero.stdout);
+    assert!(text.contains("trained 3 steps (now at 3 of 3)"), "{text}");
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(text.contains("rank 1 of 2: trained 3 steps"), "{text}");
+    assert!(
+        String::from_utf8_lossy(&one.stderr)
+            .contains("rank 1 of 2: meeting the other ranks at 127.0.0.1:")
+    );
+    assert!(
+        run.join("checkpoints/step_0000003/model.safetensors")
+            .exists()
+    );
+    // A bad --dist is one line.
+    let mut bad = micro_train(&store, &dir.path().join("bad"), &sets, false);
+    let out = bad
+        .args(["--dist", "2/2@localhost:29500"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 2 of 2 ranks does not exist"), "{err}");
+}
+
+/// The `loss` column of a run's `metrics.parquet`.
+fn losses(run: &Path) -> Vec<f32> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Float32Type;
+    let file = std::fs::File::open(run.join("metrics.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let c = b.column_by_name("loss").unwrap();
+        out.extend(c.as_primitive::<Float32Type>().values().iter().copied());
+    }
+    out
+}
+
+#[test]
+fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.warmup_steps=1",
+        "data.threads=1",
+    ];
+    let alone = dir.path().join("alone");
+    ok(micro_train(&store, &alone, &sets, false).output().unwrap());
+    let run = dir.path().join("run");
+    let out = ok(micro_train(&store, &run, &sets, false)
+        .args(["--dist", "local:2"])
+        .output()
+        .unwrap());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stderr.contains("starting 2 ranks on this machine (rank 0 at 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("trained 3 steps (now at 3 of 3)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rank 1 of 2: trained 3 steps"), "{stdout}");
+    // Two ranks, one process's step: the same losses.
+    let (want, got) = (losses(&alone), losses(&run));
+    assert_eq!(want.len(), 3);
+    assert_eq!(got.len(), 3);
+    for (a, b) in want.iter().zip(&got) {
+        assert!(
+            (a - b).abs() < 2e-6 * a.abs().max(1.0),
+            "{want:?} vs {got:?}"
+        );
+    }
+    // A batch the ranks cannot share is said once, before any rank starts.
+    let out = micro_train(&store, &dir.path().join("odd"), &sets, false)
+        .args(["--dist=local:3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("is not a multiple of the 3 ranks").count(),
+        1,
+        "{err}"
+    );
+    assert!(!err.contains("starting"), "{err}");
+    assert!(!dir.path().join("odd").exists());
+    // So is a device this build cannot use (no CUDA here).
+    let out = micro_train(&store, &dir.path().join("gpu"), &sets, false)
+        .args(["--dist", "local:2", "--device", "cuda"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("--features cuda").count(), 1, "{err}");
+    assert!(!err.contains("starting"), "{err}");
+}
+
+#[test]
+fn train_names_what_is_wrong_with_a_device_or_a_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mae_vit_tiny.toml");
+    let run = |extra: &[&str]| {
+        let mut c = icefm();
+        c.args(["train", "--store"])
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(dir.path().join("run"));
+        c.args(extra);
+        c.output().unwrap()
+    };
+    // A CPU-only build: CUDA is a rebuild away, and the message says how.
+    let out = run(&["--device", "cuda:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features cuda"), "{err}");
+    let out = run(&["--device", "gpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
+    let out = run(&["--set", "train.precision=fp16"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or bf16"));
+}
+
+/// The output of `child` once it ends; killed, with a failed test, if that takes over `limit`
+/// (a run that ignores its stop signal would otherwise train for ever), and with it every
+/// process whose command line holds `also_kill` (its ranks).
+fn wait_with_limit(mut child: std::process::Child, limit: Duration, also_kill: &Path) -> Output {
+    use std::io::Read;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = vec![];
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new("pkill").arg("-f").arg(also_kill).status();
+            panic!("still running {limit:?} after the stop signal");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Send `signal` (`-INT`, `-TERM`) to `child` once its run trains: `log` exists, then 1.5 s.
+fn signal_once_training(child: &std::process::Child, log: &Path, signal: &str) {
+    let t0 = std::time::Instant::now();
+    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+/// Checkpoints `step_N` of a run, by step.
+fn checkpoint_steps(run: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            name.strip_prefix("step_")?.parse().ok()
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+#[test]
+fn sigterm_to_the_dist_local_launcher_alone_stops_every_rank_at_one_step_and_saves() {
+    // `kill PID` (SIGTERM), as a scheduler or a user sends it, to the launcher only: the ranks
+    // are not signalled by anyone else, so they stop only if the launcher passes it on.
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let sets = [
+        "train.steps=1000000",
+        "train.checkpoint_every=1000000",
+        "train.panel_every=0",
+        "data.threads=1",
+    ];
+    let child = micro_train(&store, &run, &sets, false)
+        .args(["--dist", "local:2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = run.join("log.txt");
+    signal_once_training(&child, &log, "-TERM");
+    let out = wait_with_limit(child, Duration::from_secs(120), &run);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    // Both ranks stopped after the same step, and rank 0 saved it.
+    let steps = checkpoint_steps(&run);
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    let done = steps[0];
+    assert!((1..1_000_000).contains(&done), "{done}");
+    assert!(
+        stdout.contains(&format!("stopped after {done} steps")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("rank 1 of 2: stopped after {done} steps")),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("(interrupt)")
+    );
+}
+
+#[test]
+fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 1, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let train = |steps: &str, resume: bool| {
+        let sets = [
+            "train.checkpoint_every=1000000",
+            "train.panel_every=0",
+            steps,
+        ];
+        micro_train(&store, &run, &sets, resume)
+    };
+    let child = train("train.steps=1000000", false)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SIGINT, as a terminal's Ctrl-C sends.
+    let log = run.join("log.txt");
+    signal_once_training(&child, &log, "-INT");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("stopped after"), "{text}");
+    assert!(
+        text.contains("continue with: icefm train --resume"),
+        "{text}"
+    );
+    // The checkpoint of the step it stopped at, and a resume that continues from it.
+    let ckpts = checkpoint_steps(&run);
+    assert_eq!(ckpts.len(), 1, "{ckpts:?}");
+    let done = ckpts[0];
+    assert!((1..1_000_000).contains(&done), "{done}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("(interrupt)")
+    );
+    let out = ok(train(&format!("train.steps={}", done + 2), true)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "trained 2 steps (now at {} of {})",
+            done + 2,
+            done + 2
+        )),
+        "{text}"
+    );
+}
