@@ -198,7 +198,8 @@ const SAME_STOP: Duration = Duration::from_secs(1);
 fn install_stop_handler(exit_on_second: bool) {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
-        // Without the handler (no thread to spare) the signals end the process as before.
+        // If the handler cannot be registered, the default actions stay: a signal ends the
+        // process at once, without a checkpoint.
         let Ok(mut signals) = Signals::new([SIGINT, SIGTERM]) else {
             return;
         };
@@ -216,7 +217,13 @@ fn install_stop_handler(exit_on_second: bool) {
                     }
                 }
             });
-        drop(spawned);
+        if let Err(e) = spawned {
+            // The signals are registered but nothing reads them now: say so rather than
+            // leave Ctrl-C silently without effect.
+            eprintln!(
+                "warning: cannot watch for Ctrl-C and SIGTERM ({e}); stop this run with kill -9"
+            );
+        }
     });
 }
 
