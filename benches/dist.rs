@@ -1,16 +1,16 @@
 //! Data-parallel gradient sums on the CPU: [`Group::all_reduce_sum`] and [`Group::reduce`]
-//! (flatten, weigh, sum through rank 0, split back) between 2 ranks in threads over TCP on
-//! this host, for the gradients of ViT-tiny's MAE (6.0 M f32 with its 2-block decoder, the
-//! shape `configs/mae_vit_tiny.toml` trains) and of a ViT-B-sized 112 M buffer. Reports the
-//! time per sum and the bytes each rank sends and receives per second. Results:
-//! `docs/benchmarks.md`.
+//! (flatten, weigh, sum, split back) between ranks in threads over TCP on this host, for the
+//! gradients of ViT-tiny's MAE (6.0 M f32 with its 2-block decoder, the shape
+//! `configs/mae_vit_tiny.toml` trains) and of a ViT-B-sized 112 M buffer, by both
+//! [`SumPath`]s (down the chain and back, or through rank 0) with 2 and 3 ranks. Reports the
+//! time per sum and the buffer's bytes per second. Results: `docs/benchmarks.md`.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use icefm_model::dist::{DistSpec, Group, Weights};
+use icefm_model::dist::{DistSpec, Group, SumPath, Weights};
 
 fn port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -19,49 +19,62 @@ fn port() -> u16 {
         .unwrap_or(29777)
 }
 
-/// Rank 0 here and rank 1 in a thread that runs `n` sums of `len` values whenever asked.
-fn pair(len: usize) -> (Group, mpsc::Sender<u64>) {
+/// Rank 0 here and ranks 1 … `world − 1` in threads that each run `n` sums of `len` values
+/// whenever asked.
+fn ranks(len: usize, world: usize, sum: SumPath) -> (Group, Vec<mpsc::Sender<u64>>) {
     let p = port();
-    let (tx, rx) = mpsc::channel::<u64>();
-    std::thread::spawn(move || {
-        let spec = DistSpec::parse(&format!("1/2@127.0.0.1:{p}")).expect("spec");
-        let mut g = Group::connect(&spec, Duration::from_secs(30)).expect("rank 1");
-        let mut buf = vec![1.0f32; len];
-        while let Ok(n) = rx.recv() {
-            for _ in 0..n {
-                g.all_reduce_sum(&mut buf).expect("sum");
+    let mut asks = Vec::new();
+    for r in 1..world {
+        let (tx, rx) = mpsc::channel::<u64>();
+        asks.push(tx);
+        std::thread::spawn(move || {
+            let spec = DistSpec::parse(&format!("{r}/{world}@127.0.0.1:{p}")).expect("spec");
+            let mut g = Group::connect_with(&spec, Duration::from_secs(30), sum).expect("rank");
+            let mut buf = vec![1.0f32; len];
+            while let Ok(n) = rx.recv() {
+                for _ in 0..n {
+                    g.all_reduce_sum(&mut buf).expect("sum");
+                }
             }
-        }
-    });
-    let spec = DistSpec::parse(&format!("0/2@127.0.0.1:{p}")).expect("spec");
+        });
+    }
+    let spec = DistSpec::parse(&format!("0/{world}@127.0.0.1:{p}")).expect("spec");
     (
-        Group::connect(&spec, Duration::from_secs(30)).expect("rank 0"),
-        tx,
+        Group::connect_with(&spec, Duration::from_secs(30), sum).expect("rank 0"),
+        asks,
     )
 }
 
 fn sums(c: &mut Criterion) {
-    let mut group = c.benchmark_group("all_reduce_sum_2_ranks");
+    let mut group = c.benchmark_group("all_reduce_sum");
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(8));
-    for (name, len) in [
-        ("vit_tiny_mae_6.0M", 6_000_000usize),
-        ("vit_b_112M", 112_000_000),
+    for (world, sum) in [
+        (2, SumPath::Chain),
+        (2, SumPath::Star),
+        (3, SumPath::Chain),
+        (3, SumPath::Star),
     ] {
-        let (mut g, tx) = pair(len);
-        let mut buf = vec![1.0f32; len];
-        group.throughput(Throughput::Bytes((len * 4) as u64));
-        group.bench_function(name, |b| {
-            b.iter_custom(|n| {
-                tx.send(n).expect("rank 1");
-                let t = Instant::now();
-                for _ in 0..n {
-                    g.all_reduce_sum(&mut buf).expect("sum");
-                }
-                t.elapsed()
-            })
-        });
+        for (name, len) in [
+            ("vit_tiny_mae_6.0M", 6_000_000usize),
+            ("vit_b_112M", 112_000_000),
+        ] {
+            let (mut g, asks) = ranks(len, world, sum);
+            let mut buf = vec![1.0f32; len];
+            group.throughput(Throughput::Bytes((len * 4) as u64));
+            let id = format!("{sum:?}_{world}_ranks/{name}").to_lowercase();
+            group.bench_function(id, |b| {
+                b.iter_custom(|n| {
+                    asks.iter().for_each(|a| a.send(n).expect("rank"));
+                    let t = Instant::now();
+                    for _ in 0..n {
+                        g.all_reduce_sum(&mut buf).expect("sum");
+                    }
+                    t.elapsed()
+                })
+            });
+        }
     }
     group.finish();
 }

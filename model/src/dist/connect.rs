@@ -29,18 +29,10 @@ pub(super) fn accept_ranks(
     while peers.iter().any(Option::is_none) {
         match listener.accept() {
             Ok((mut s, from)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_nodelay(true);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-                let mut hello = [0u8; 24];
-                if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
+                let Some((rank, world)) = read_greeting(&mut s) else {
                     // Not an icefm rank (a port scan, a stale client): ignore it.
                     continue;
-                }
-                let field = |i: usize| {
-                    u64::from_le_bytes(hello[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]))
                 };
-                let (rank, world) = (field(0) as usize, field(1) as usize);
                 let problem = if world != spec.world {
                     Some(format!(
                         "rank {rank} (from {from}) was started with {world} ranks, rank 0 with {}",
@@ -61,7 +53,6 @@ pub(super) fn accept_ranks(
                     let _ = write_frame(&mut s, p.as_bytes(), rank);
                     return Err(dist_err(p));
                 }
-                let _ = s.set_read_timeout(None);
                 peers[rank - 1] = Some(s);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -123,11 +114,8 @@ pub(super) fn reach_rank0(spec: &DistSpec, timeout: Duration) -> Result<TcpStrea
         std::thread::sleep(Duration::from_millis(200));
     };
     let _ = stream.set_nodelay(true);
-    let mut hello = MAGIC.to_vec();
-    hello.extend((spec.rank as u64).to_le_bytes());
-    hello.extend((spec.world as u64).to_le_bytes());
     stream
-        .write_all(&hello)
+        .write_all(&greeting(spec.rank, spec.world))
         .map_err(|e| dist_err(format!("rank {}: {e}", spec.rank)))?;
     // Rank 0 answers once every rank is there.
     let _ = stream.set_read_timeout(Some(timeout + Duration::from_secs(30)));
@@ -137,4 +125,30 @@ pub(super) fn reach_rank0(spec: &DistSpec, timeout: Duration) -> Result<TcpStrea
     }
     let _ = stream.set_read_timeout(None);
     Ok(stream)
+}
+
+/// What a rank first sends on a connection: [`MAGIC`], its rank and the world size.
+pub(super) fn greeting(rank: usize, world: usize) -> Vec<u8> {
+    let mut hello = MAGIC.to_vec();
+    hello.extend((rank as u64).to_le_bytes());
+    hello.extend((world as u64).to_le_bytes());
+    hello
+}
+
+/// The rank and world size of a newly accepted connection's [`greeting`], with the stream
+/// made blocking, without Nagle's delay and (again) without a read timeout; `None` for a
+/// stranger or a connection that says nothing within 30 s.
+pub(super) fn read_greeting(s: &mut TcpStream) -> Option<(usize, usize)> {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut hello = [0u8; 24];
+    if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
+        return None;
+    }
+    let _ = s.set_read_timeout(None);
+    let field = |i: usize| {
+        u64::from_le_bytes(hello[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8])) as usize
+    };
+    Some((field(0), field(1)))
 }

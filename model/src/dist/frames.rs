@@ -7,7 +7,7 @@ use crate::train::TrainError;
 
 use super::dist_err;
 
-fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
+pub(super) fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
     match e.kind() {
         ErrorKind::UnexpectedEof
         | ErrorKind::ConnectionReset
@@ -31,7 +31,7 @@ pub(super) fn read_len(s: &mut TcpStream, peer: usize) -> Result<u64, TrainError
     Ok(u64::from_le_bytes(n))
 }
 
-pub(super) fn read_exact(s: &mut TcpStream, buf: &mut [u8], peer: usize) -> Result<(), TrainError> {
+pub(super) fn read_exact(s: &mut impl Read, buf: &mut [u8], peer: usize) -> Result<(), TrainError> {
     s.read_exact(buf).map_err(|e| peer_err(peer, e))
 }
 

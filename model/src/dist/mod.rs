@@ -2,16 +2,20 @@
 //! every batch ([`icefm_dataset::LoaderOptions::part`]).
 //!
 //! The ranks meet at rank 0 over TCP ([`Group::connect`]): rank 0 listens, the others connect
-//! to it, and every message after that goes through rank 0 (a star). After each backward pass
-//! [`Group::reduce`] replaces every rank's gradients by their weighted mean over the ranks,
-//! summed by rank 0 in rank order, so every rank receives the same bits, takes the same
-//! AdamW step and keeps the same weights (checked at every checkpoint). Rank 0 alone writes
-//! the run directory. A stop asked of any rank (Ctrl-C, Slurm's signal) stops them all at the
-//! same step boundary ([`Group::agree`]); a rank that
-//! fails ends the others with an error rather than leaving them waiting.
+//! to it, and the small messages of a run (agreements, checks) go through rank 0 (a star).
+//! After each backward pass [`Group::reduce`] replaces every rank's gradients by their
+//! weighted mean over the ranks. On the hosts the sum runs down a chain of the ranks and
+//! back ([`SumPath::Chain`], `chain.rs`); [`SumPath::Star`] sums through rank 0 instead, for
+//! networks where only rank 0's port is reachable. Both add the values in rank order, so
+//! every rank receives the same bits, the two paths give the same bits, and every rank takes
+//! the same AdamW step and keeps the same weights (checked at every checkpoint). Rank 0 alone
+//! writes the run directory. A stop asked of any rank (Ctrl-C, Slurm's signal) stops them all
+//! at the same step boundary ([`Group::agree`]); a rank that fails ends the others with an
+//! error rather than leaving them waiting.
 //!
-//! The star moves `2 · (world − 1)` copies of the gradients through rank 0 per step: right
-//! for a few ranks on CPUs or GPUs; the ranks' order of summation is fixed, so a run is
+//! Per step, the star moves `2 · (world − 1)` copies of the gradients through rank 0, one
+//! after another. On the chain a rank sends and receives at most two copies, both ways at
+//! once, whatever the number of ranks. The order of summation is fixed, so a run is
 //! reproducible for a given world size.
 
 use std::net::{Shutdown, TcpStream};
@@ -22,6 +26,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::train::TrainError;
 
+mod chain;
 mod connect;
 mod frames;
 
@@ -142,12 +147,50 @@ pub fn timeout_from_env() -> Duration {
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
 }
 
+/// How the ranks' gradients are summed on the hosts (`ICEFM_DIST_SUM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SumPath {
+    /// Down a chain of the ranks and back, every link busy both ways at once (the default):
+    /// each rank must reach the next one on a port it chooses.
+    #[default]
+    Chain,
+    /// Through rank 0: only rank 0's port need be reachable, but rank 0 receives and sends
+    /// `world − 1` copies of the gradients, one after another.
+    Star,
+}
+
+impl SumPath {
+    /// `ICEFM_DIST_SUM` (`chain` or `star`), or the default.
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("ICEFM_DIST_SUM") {
+            Err(_) => Ok(Self::default()),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    /// `chain` or `star`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "chain" | "" => Ok(Self::Chain),
+            "star" => Ok(Self::Star),
+            other => Err(format!("ICEFM_DIST_SUM={other}: expected chain or star")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Chain => "chain",
+            Self::Star => "star",
+        }
+    }
+}
+
 /// Where a group sums its gradients ([`Group::attach`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     /// One process: nothing to sum.
     Alone,
-    /// On the hosts, through rank 0 over TCP.
+    /// On the hosts, over TCP ([`SumPath`]).
     Host,
     /// By NCCL on the GPUs.
     Nccl,
@@ -182,6 +225,8 @@ pub struct Group {
     link: Link,
     /// Reused receive buffer of rank 0's sums.
     scratch: Vec<f32>,
+    /// The links of [`SumPath::Chain`]; none for the star or one process.
+    chain: Option<chain::Chain>,
     /// Whether [`Group::attach`] may use NCCL.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     nccl_allowed: bool,
@@ -198,16 +243,28 @@ impl Group {
             world: 1,
             link: Link::Alone,
             scratch: Vec::new(),
+            chain: None,
             nccl_allowed: true,
             #[cfg(feature = "cuda")]
             nccl: None,
         }
     }
 
+    /// Meet the other ranks of `spec`, waiting at most `timeout` for all of them, and sum
+    /// gradients the way `ICEFM_DIST_SUM` says ([`SumPath::from_env`]).
+    pub fn connect(spec: &DistSpec, timeout: Duration) -> Result<Self, TrainError> {
+        Self::connect_with(spec, timeout, SumPath::from_env().map_err(dist_err)?)
+    }
+
     /// Meet the other ranks of `spec`, waiting at most `timeout` for all of them. Rank 0
     /// listens on `spec`'s port (every interface); the others connect to `spec.addr`,
-    /// trying again until rank 0 is up.
-    pub fn connect(spec: &DistSpec, timeout: Duration) -> Result<Self, TrainError> {
+    /// trying again until rank 0 is up. With [`SumPath::Chain`] the ranks then link the
+    /// chain; every rank must choose the same `sum`.
+    pub fn connect_with(
+        spec: &DistSpec,
+        timeout: Duration,
+        sum: SumPath,
+    ) -> Result<Self, TrainError> {
         if spec.world == 1 {
             return Ok(Self::single());
         }
@@ -216,15 +273,21 @@ impl Group {
         } else {
             Link::Spoke(reach_rank0(spec, timeout)?)
         };
-        Ok(Self {
+        let mut group = Self {
             rank: spec.rank,
             world: spec.world,
             link,
             scratch: Vec::new(),
+            chain: None,
             nccl_allowed: true,
             #[cfg(feature = "cuda")]
             nccl: None,
-        })
+        };
+        match sum {
+            SumPath::Chain => group.link_chain(timeout)?,
+            SumPath::Star => group.check_same("gradient sums (ICEFM_DIST_SUM)", sum.name())?,
+        }
+        Ok(group)
     }
 
     /// Let [`Group::attach`] use NCCL on GPUs (the default) or not (`icefm train` reads
@@ -235,7 +298,7 @@ impl Group {
 
     /// Where the gradients are summed, for a model on `dev`: on GPUs by NCCL, device to
     /// device, when allowed ([`Group::allow_nccl`]) and every rank can load it; otherwise,
-    /// and on CPUs, on the host through rank 0. Returns which. Every rank must call it.
+    /// and on CPUs, on the hosts ([`SumPath`]). Returns which. Every rank must call it.
     pub fn attach(&mut self, dev: &Device) -> Result<Route, TrainError> {
         if self.world == 1 {
             return Ok(Route::Alone);
@@ -279,6 +342,16 @@ impl Group {
     /// Number of ranks.
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// How this group sums gradients on the hosts: [`SumPath::Chain`] once the chain is
+    /// linked, else [`SumPath::Star`] (also for one process, which sums nothing).
+    pub fn sum_path(&self) -> SumPath {
+        if self.chain.is_some() {
+            SumPath::Chain
+        } else {
+            SumPath::Star
+        }
     }
 
     /// Rank 0, the one that writes the run directory.
@@ -343,8 +416,12 @@ impl Group {
     }
 
     /// `buf` replaced, on every rank, by the sum of every rank's `buf`, added in rank order
-    /// (the same bits on every rank). The ranks' buffers must have one length.
+    /// (the same bits on every rank, by either [`SumPath`]). The ranks' buffers must have one
+    /// length.
     pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
+        if let Some(chain) = &mut self.chain {
+            return chain.sum(buf);
+        }
         match &mut self.link {
             Link::Alone => Ok(()),
             Link::Hub(peers) => {
@@ -502,6 +579,9 @@ fn split(
 impl Drop for Group {
     fn drop(&mut self) {
         // Peers blocked on this rank see the end of the stream at once.
+        if let Some(chain) = &self.chain {
+            chain.shutdown();
+        }
         match &self.link {
             Link::Alone => {}
             Link::Hub(peers) => peers.iter().for_each(|p| {
@@ -552,13 +632,23 @@ mod tests {
         world: usize,
         f: impl Fn(&mut Group) -> T + Send + Sync + Clone + 'static,
     ) -> Vec<T> {
+        ranks_with(world, SumPath::default(), f)
+    }
+
+    /// [`ranks`] with the gradient sums of `sum`.
+    fn ranks_with<T: Send + 'static>(
+        world: usize,
+        sum: SumPath,
+        f: impl Fn(&mut Group) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
         let port = free_port();
         let handles: Vec<_> = (0..world)
             .map(|r| {
                 let f = f.clone();
                 std::thread::spawn(move || {
                     let mut g =
-                        Group::connect(&spec(r, world, port), Duration::from_secs(20)).unwrap();
+                        Group::connect_with(&spec(r, world, port), Duration::from_secs(20), sum)
+                            .unwrap();
                     assert_eq!((g.rank(), g.world(), g.is_leader()), (r, world, r == 0));
                     f(&mut g)
                 })
@@ -626,14 +716,82 @@ mod tests {
     fn sums_are_added_in_rank_order_and_the_same_on_every_rank() {
         // Values whose sum depends on the order of addition in f32.
         let vals = [1e8f32, 1.0, -1e8, 0.5];
-        let out = ranks(4, move |g| {
-            let mut buf = vec![vals[g.rank()], g.rank() as f32, 2.0];
-            g.all_reduce_sum(&mut buf).unwrap();
-            buf
-        });
-        let expect = vec![((1e8f32 + 1.0) - 1e8) + 0.5, 6.0, 8.0];
-        for b in &out {
-            assert_eq!(b, &expect);
+        for sum in [SumPath::Chain, SumPath::Star] {
+            let out = ranks_with(4, sum, move |g| {
+                let mut buf = vec![vals[g.rank()], g.rank() as f32, 2.0];
+                g.all_reduce_sum(&mut buf).unwrap();
+                buf
+            });
+            let expect = vec![((1e8f32 + 1.0) - 1e8) + 0.5, 6.0, 8.0];
+            for b in &out {
+                assert_eq!(b, &expect, "{sum:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_chain_and_the_star_give_the_same_bits_over_several_chunks() {
+        // More than two of the chain's chunks, the last one partial; every rank's values
+        // differ in magnitude so that the order of addition shows in the bits.
+        let len = 2 * chain::CHUNK + 1_001;
+        let value = |r: usize, i: usize| -> f32 {
+            let x = ((i * 7_919 + r * 104_729) % 10_007) as f32 / 10_007.0 - 0.5;
+            x * 10f32.powi((r as i32 * 3 + (i % 5) as i32) % 9 - 4)
+        };
+        for world in [2usize, 3] {
+            let mut expect: Vec<f32> = (0..len).map(|i| value(0, i)).collect();
+            for r in 1..world {
+                expect
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, e)| *e += value(r, i));
+            }
+            for sum in [SumPath::Chain, SumPath::Star] {
+                let out = ranks_with(world, sum, move |g| {
+                    let mut buf: Vec<f32> = (0..len).map(|i| value(g.rank(), i)).collect();
+                    // Twice: the links are reused from one sum to the next.
+                    g.all_reduce_sum(&mut buf).unwrap();
+                    let first = buf.clone();
+                    let mut buf: Vec<f32> = (0..len).map(|i| value(g.rank(), i)).collect();
+                    g.all_reduce_sum(&mut buf).unwrap();
+                    (first, buf)
+                });
+                for (r, (first, second)) in out.iter().enumerate() {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(first) == bits(&expect) && bits(second) == bits(&expect),
+                        "{sum:?}, {world} ranks: rank {r}'s sums are not the rank-order sums"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sum_paths_parse_and_ranks_that_disagree_on_theirs_fail_with_the_reason() {
+        assert_eq!(SumPath::parse("star"), Ok(SumPath::Star));
+        assert_eq!(SumPath::parse(" chain "), Ok(SumPath::Chain));
+        let e = SumPath::parse("ring").unwrap_err();
+        assert!(e.contains("expected chain or star"), "{e}");
+        let port = free_port();
+        let handles: Vec<_> = [SumPath::Chain, SumPath::Star]
+            .into_iter()
+            .enumerate()
+            .map(|(r, sum)| {
+                std::thread::spawn(move || {
+                    Group::connect_with(&spec(r, 2, port), Duration::from_secs(20), sum)
+                        .err()
+                        .unwrap()
+                        .to_string()
+                })
+            })
+            .collect();
+        for h in handles {
+            let e = h.join().unwrap();
+            assert!(
+                e.contains("gradient sums (ICEFM_DIST_SUM) differ: rank 0 has \"chain\", rank 1 has \"star\""),
+                "{e}"
+            );
         }
     }
 
@@ -764,15 +922,41 @@ mod tests {
 
     #[test]
     fn a_rank_that_leaves_ends_the_others_with_an_error() {
-        let out = ranks(3, |g| {
-            if g.rank() == 2 {
-                // Leaves before the exchange (drop closes its connection).
-                return String::new();
-            }
-            let mut buf = vec![1.0f32; 8];
-            g.all_reduce_sum(&mut buf).err().unwrap().to_string()
-        });
-        assert!(out[0].contains("rank 2 left the run"), "{}", out[0]);
-        assert!(out[1].contains("rank 0 left the run"), "{}", out[1]);
+        for sum in [SumPath::Chain, SumPath::Star] {
+            let out = ranks_with(3, sum, |g| {
+                if g.rank() == 2 {
+                    // Leaves before the exchange (drop closes its connections).
+                    return String::new();
+                }
+                let mut buf = vec![1.0f32; 8];
+                g.all_reduce_sum(&mut buf).err().unwrap().to_string()
+            });
+            // The star: rank 0 sees rank 2 go, and rank 1 sees rank 0 go. The chain: each rank
+            // sees its successor go, back along the chain from rank 2.
+            let (zero, one) = match sum {
+                SumPath::Star => ("rank 2 left the run", "rank 0 left the run"),
+                SumPath::Chain => ("rank 1 left the run", "rank 2 left the run"),
+            };
+            assert!(out[0].contains(zero), "{sum:?}: {}", out[0]);
+            assert!(out[1].contains(one), "{sum:?}: {}", out[1]);
+        }
+    }
+
+    #[test]
+    fn ranks_whose_buffers_differ_in_length_fail_and_none_waits() {
+        for sum in [SumPath::Chain, SumPath::Star] {
+            let out = ranks_with(3, sum, |g| {
+                let mut buf = vec![1.0f32; if g.rank() == 2 { 9 } else { 8 }];
+                g.all_reduce_sum(&mut buf).err().unwrap().to_string()
+            });
+            let (who, why) = match sum {
+                SumPath::Chain => (
+                    2,
+                    "rank 1 sums 8 values, rank 2 9: the ranks' models differ",
+                ),
+                SumPath::Star => (0, "rank 2 sent 9 gradient values, rank 0 has 8"),
+            };
+            assert!(out[who].contains(why), "{sum:?}: {}", out[who]);
+        }
     }
 }

@@ -10,7 +10,7 @@ use icefm_dataset::sampler::parse_level_weights;
 use icefm_dataset::{Augment, Loader, LoaderOptions, Sampler};
 
 use crate::config::TrainConfig;
-use crate::dist::{Group, Route};
+use crate::dist::{Group, Route, SumPath};
 
 use super::feeder::device_prepares;
 use super::{RunOptions, TrainError, checkpoints, io_err};
@@ -119,10 +119,10 @@ pub(crate) fn open_run(
                 run.log(&format!(
                     "data-parallel: {} ranks, gradients summed {}",
                     group.world(),
-                    if path == Route::Nccl {
-                        "by NCCL on the GPUs"
-                    } else {
-                        "on the hosts through rank 0"
+                    match (path, group.sum_path()) {
+                        (Route::Nccl, _) => "by NCCL on the GPUs",
+                        (_, SumPath::Chain) => "on the hosts, down the chain of ranks and back",
+                        (_, SumPath::Star) => "on the hosts, through rank 0",
                     }
                 ))?;
                 Ok(run)
