@@ -107,9 +107,9 @@ enum KindArg {
 
 #[derive(clap::Args, Debug)]
 struct SynthArgs {
-    /// Output directory.
+    /// Output directory (not needed with `--encoding list`).
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Number of scenes.
     #[arg(long, default_value_t = 4)]
     count: u32,
@@ -415,16 +415,20 @@ pub(crate) fn synth_scenes(
 fn cmd_synth(a: SynthArgs) -> Result<()> {
     if a.encoding == "list" {
         for (n, e) in Encoding::all_named() {
-            println!("{n:<26} {e:?}");
+            println!("{n:<24} {e}");
         }
+        println!("cycle                    scene i takes the i-th encoding above");
         return Ok(());
     }
+    let Some(out) = &a.out else {
+        bail!("icefm synth needs --out DIR (where to write the scenes)");
+    };
     let kind = match a.kind {
         KindArg::Raw => SceneKind::Raw,
         KindArg::Rtt => SceneKind::Rtt,
     };
     synth_scenes(
-        &a.out,
+        out,
         a.count,
         Some(kind),
         parse_size(&a.size)?,

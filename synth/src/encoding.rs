@@ -90,6 +90,45 @@ impl Default for Encoding {
     }
 }
 
+impl std::fmt::Display for Encoding {
+    /// The short form of [`Encoding::all_named`]'s table, e.g. `ids f32 NaN, codes vlen,
+    /// deflate 4, chunks 1024 × 1024, SAR f32`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids = match self.polygon_ids {
+            PolygonIdEncoding::Float32Nan => "f32 NaN",
+            PolygonIdEncoding::Int32Fill => "i32 fill",
+        };
+        let codes = match self.codes {
+            CodesEncoding::VlenString => "vlen",
+            CodesEncoding::CharArray => "char",
+        };
+        let deflate = self
+            .deflate
+            .map_or_else(|| "none".to_string(), |d| d.to_string());
+        let chunks = match self.chunking {
+            Chunking::Contiguous => "contiguous".to_string(),
+            Chunking::Chunked { rows, cols } => {
+                let side = |n: usize| {
+                    if n == usize::MAX {
+                        "full width".to_string()
+                    } else {
+                        n.to_string()
+                    }
+                };
+                format!("{} × {}", side(rows), side(cols))
+            }
+        };
+        let sar = match self.sar_packing {
+            SarPacking::Float32 => "f32",
+            SarPacking::Int16Scaled => "i16 scaled",
+        };
+        write!(
+            f,
+            "ids {ids}, codes {codes}, deflate {deflate}, chunks {chunks}, SAR {sar}"
+        )
+    }
+}
+
 impl Encoding {
     /// The named presets, together covering every form above at least once:
     ///

@@ -672,3 +672,34 @@ fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
         .unwrap());
     assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
 }
+
+#[test]
+fn synth_lists_its_encodings_without_an_output_folder_and_asks_for_one_otherwise() {
+    let out = ok(icefm()
+        .args(["synth", "--encoding", "list"])
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 7, "{text}");
+    assert!(
+        lines[0].starts_with("default ")
+            && lines[0]
+                .ends_with("ids f32 NaN, codes vlen, deflate 4, chunks 1024 × 1024, SAR f32"),
+        "{text}"
+    );
+    assert!(
+        text.contains("chunks 16 × full width") && text.contains("deflate none"),
+        "{text}"
+    );
+    // Every listed name is accepted as an encoding.
+    let dir = tempfile::tempdir().unwrap();
+    for line in &lines[..6] {
+        let name = line.split_whitespace().next().unwrap();
+        synth(&dir.path().join(name), 1, "120x130", name);
+    }
+    let missing = icefm().args(["synth", "--count", "1"]).output().unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("icefm synth needs --out DIR"), "{err}");
+}
