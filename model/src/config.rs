@@ -240,45 +240,21 @@ pub struct ConfigError(pub String);
 
 impl TrainConfig {
     /// Parse TOML text, then apply `section.key=value` overrides (values in TOML syntax; bare
-    /// words are strings).
+    /// words are strings). A value of the wrong type or an unknown key is blamed on the
+    /// override that brought it (`--set train.steps=abc: …`) or on its line of the text
+    /// (`config line 4 (steps = "abc"): …`).
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut doc: toml::Table = text
+        let base: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| ConfigError(format!("config: {}", e.message())))?;
+            .map_err(|e: toml::de::Error| located(text, &e))?;
+        let mut doc = base.clone();
         for o in overrides {
-            let (path, raw) = o
-                .split_once('=')
-                .ok_or_else(|| ConfigError(format!("--set {o}: expected section.key=value")))?;
-            let (section, key) = path.trim().split_once('.').ok_or_else(|| {
-                ConfigError(format!(
-                    "--set {o}: expected section.key=value (e.g. train.steps=40)"
-                ))
-            })?;
-            // Keys whose value is text take the raw text (`data.levels=80` is "80").
-            let all = TrainConfig {
-                seg: Some(SegSection::default()),
-                ..TrainConfig::default()
-            };
-            let text_key = toml::Value::try_from(all)
-                .ok()
-                .and_then(|d| d.get(section)?.get(key).map(toml::Value::is_str))
-                .unwrap_or(false);
-            let raw = raw.trim();
-            let value = if text_key && !raw.starts_with(['"', '\'']) {
-                toml::Value::String(raw.to_string())
-            } else {
-                parse_value(raw)
-            };
-            let table = doc
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .ok_or_else(|| ConfigError(format!("--set {o}: `{section}` is not a section")))?;
-            table.insert(key.to_string(), value);
+            apply_override(&mut doc, o)?;
         }
-        let cfg: TrainConfig = toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError(format!("config: {}", e.message())))?;
+        let cfg = match decode(&doc) {
+            Ok(c) => c,
+            Err(message) => return Err(blame(text, &base, overrides, message)),
+        };
         cfg.check()?;
         Ok(cfg)
     }
@@ -476,6 +452,74 @@ impl TrainConfig {
     }
 }
 
+/// Apply one `section.key=value` override to `doc`.
+fn apply_override(doc: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
+    let (path, raw) = o
+        .split_once('=')
+        .ok_or_else(|| ConfigError(format!("--set {o}: expected section.key=value")))?;
+    let (section, key) = path.trim().split_once('.').ok_or_else(|| {
+        ConfigError(format!(
+            "--set {o}: expected section.key=value (e.g. train.steps=40)"
+        ))
+    })?;
+    // Keys whose value is text take the raw text (`data.levels=80` is "80").
+    let all = TrainConfig {
+        seg: Some(SegSection::default()),
+        ..TrainConfig::default()
+    };
+    let text_key = toml::Value::try_from(all)
+        .ok()
+        .and_then(|d| d.get(section)?.get(key).map(toml::Value::is_str))
+        .unwrap_or(false);
+    let raw = raw.trim();
+    let value = if text_key && !raw.starts_with(['"', '\'']) {
+        toml::Value::String(raw.to_string())
+    } else {
+        parse_value(raw)
+    };
+    let table = doc
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| ConfigError(format!("--set {o}: `{section}` is not a section")))?;
+    table.insert(key.to_string(), value);
+    Ok(())
+}
+
+fn decode(doc: &toml::Table) -> Result<TrainConfig, String> {
+    toml::Value::Table(doc.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().to_string())
+}
+
+/// The error of a configuration that does not decode, blamed on the text's line when the
+/// text alone fails, else on the first override that makes it fail.
+fn blame(text: &str, base: &toml::Table, overrides: &[String], message: String) -> ConfigError {
+    if let Err(e) = toml::from_str::<TrainConfig>(text) {
+        return located(text, &e);
+    }
+    let mut doc = base.clone();
+    for o in overrides {
+        if apply_override(&mut doc, o).is_err() {
+            break;
+        }
+        if let Err(m) = decode(&doc) {
+            return ConfigError(format!("--set {o}: {m}"));
+        }
+    }
+    ConfigError(format!("config: {message}"))
+}
+
+/// A TOML error of `text` with the line it points at, on one line.
+fn located(text: &str, e: &toml::de::Error) -> ConfigError {
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return ConfigError(format!("config: {}", e.message()));
+    };
+    let number = text[..at].matches('\n').count() + 1;
+    let line = text.lines().nth(number - 1).unwrap_or("").trim();
+    ConfigError(format!("config line {number} ({line}): {}", e.message()))
+}
+
 fn parse_value(raw: &str) -> toml::Value {
     // A TOML literal (number, bool, array, quoted string), else a bare string.
     format!("v = {raw}")
@@ -593,7 +637,26 @@ mod tests {
                 "",
                 "model.in_channels is 2",
             ),
-            ("", "train.steps=\"many\"", "invalid type"),
+            (
+                "",
+                "train.steps=\"many\"",
+                "--set train.steps=\"many\": invalid type",
+            ),
+            (
+                "[train]\nsteps = 4\n",
+                "train.stepz=3",
+                "--set train.stepz=3: unknown field `stepz`",
+            ),
+            (
+                "[model]\npreset = \"small\"\n[train]\nsteps = \"x\"\n",
+                "train.lr=2",
+                "config line 4 (steps = \"x\"): invalid type: string \"x\", expected u64",
+            ),
+            (
+                "[train]\nsteps = 3\nlr = = 2\n",
+                "",
+                "config line 3 (lr = = 2)",
+            ),
         ] {
             let sets: Vec<String> = if set.is_empty() {
                 vec![]
