@@ -79,6 +79,10 @@ struct DrawArgs {
     /// With --patches: levels to list (default: every level of the store), e.g. 80,200.
     #[arg(long, requires = "patches")]
     levels: Option<String>,
+    /// Replace a regime of the same name that lists other scenes (runs name regimes, so
+    /// this changes what they refer to).
+    #[arg(long)]
+    force: bool,
 }
 
 /// Run `icefm regime`.
@@ -164,18 +168,69 @@ fn draw_args(a: DrawArgs) -> Result<()> {
             list_patches(r, s, &levels, a.min_valid)?;
         }
     }
+    let mut paths = Vec::with_capacity(regimes.len());
     for r in &regimes {
-        let path = match (store, &a.out) {
+        paths.push(match (store, &a.out) {
             (Some(s), _) => Regime::path_in(s, &r.name),
             (None, Some(o)) if regimes.len() > 1 => o.join(format!("{}.parquet", r.name)),
             (None, Some(o)) => o.clone(),
             (None, None) => bail!("--out is required with --counts"),
-        };
-        r.write(&path)?;
+        });
+    }
+    // Nothing is written unless every regime may be.
+    let replaced = replaced_regimes(&regimes, &paths, a.force)?;
+    for (r, path) in regimes.iter().zip(&paths) {
+        r.write(path)?;
         print!("{}", summary(r, &table));
         println!("  written: {}", path.display());
     }
+    if let Some(s) = store {
+        for name in &replaced {
+            for other in list_regimes(s) {
+                let drawn_around = Regime::open(Some(s), &other)
+                    .is_ok_and(|o| o.excluded.iter().any(|e| e == name));
+                if drawn_around && !replaced.contains(&other) {
+                    eprintln!(
+                        "warning: regime {other} was drawn excluding {name}'s old scenes; \
+                         `icefm regime check {other} {name}` says whether they still differ"
+                    );
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The names of the regimes among `regimes` whose files (`paths`) exist with other scenes,
+/// role or patches: an error unless `force`. A file that reads back as the same regime
+/// (drawn again with the same rule and seed) is no change.
+fn replaced_regimes(regimes: &[Regime], paths: &[PathBuf], force: bool) -> Result<Vec<String>> {
+    let mut replaced = Vec::new();
+    for (r, path) in regimes.iter().zip(paths) {
+        if !path.exists() {
+            continue;
+        }
+        let same = Regime::read(path).is_ok_and(|old| {
+            old.scenes == r.scenes && old.role == r.role && old.patches == r.patches
+        });
+        if !same {
+            replaced.push(r.name.clone());
+        }
+    }
+    if !replaced.is_empty() && !force {
+        bail!(
+            "{} already exist{} with other scenes (runs and other regimes may name {}); \
+             choose another --name, or --force to replace {}",
+            replaced.join(", "),
+            if replaced.len() == 1 { "s" } else { "" },
+            if replaced.len() == 1 { "it" } else { "them" },
+            if replaced.len() == 1 { "it" } else { "them" },
+        );
+    }
+    for name in &replaced {
+        eprintln!("replacing regime {name} (--force)");
+    }
+    Ok(replaced)
 }
 
 /// `icefm inspect STORE --regime NAME`: the regime's summary against its store.

@@ -520,6 +520,53 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
         std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
         first
     );
+    // Another seed draws other scenes under names that exist: refused, nothing written.
+    let ladder_seed = |seed: &str, force: bool| {
+        let mut args = vec![
+            "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", seed,
+        ];
+        if force {
+            args.push("--force");
+        }
+        regime(&args)
+    };
+    let changed = (4..40)
+        .map(|s| s.to_string())
+        .find(|s| {
+            let out = ladder_seed(s, false);
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("ft_50")
+        })
+        .expect("some seed draws another ft_50");
+    // (A seed tried before it that drew the same scenes rewrote the files: no change.)
+    let before = std::fs::read(store.join("regimes/ft_50.parquet")).unwrap();
+    let out = ladder_seed(&changed, false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already exist") && err.contains("--force to replace"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        before
+    );
+    // --force replaces them, and names the regime drawn around the old ft_50.
+    let out = ok(ladder_seed(&changed, true));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replacing regime ft_50 (--force)"), "{err}");
+    assert!(
+        err.contains("warning: regime pt was drawn excluding ft_50's old scenes"),
+        "{err}"
+    );
+    assert_ne!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        first
+    );
+    // Back to seed 3 for the checks below.
+    ok(ladder_seed("3", true));
+    assert_eq!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        first
+    );
     let out = ok(icefm()
         .arg("inspect")
         .arg(&store)
