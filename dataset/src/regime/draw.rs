@@ -220,9 +220,15 @@ pub fn draw_ladder(
                 let want = share_count(p, table.scenes.len());
                 if want > order.len() {
                     notes.push(format!(
-                        "{p} % of {} scenes is {want}, but only {} are candidates",
+                        "{p} % of {} scenes is {want}, but only {} not excluded: the regime \
+                         takes {}",
                         table.scenes.len(),
-                        order.len()
+                        if order.len() == 1 {
+                            "1 scene is".to_string()
+                        } else {
+                            format!("{} scenes are", order.len())
+                        },
+                        if order.len() == 1 { "it" } else { "them all" }
                     ));
                 }
                 if coverage_len > want {
