@@ -215,7 +215,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "score_level": ev.score_level.name(),
         "crop": ev.opts.crop,
         "stride": ev.opts.stride,
-        "blend": format!("{:?}", ev.opts.blend).to_lowercase(),
+        "blend": ev.opts.blend.name(),
         "windows": windows,
         "windows_per_scene": windows as f64 / ev.scenes.len().max(1) as f64,
         "seconds": seconds,
@@ -227,12 +227,13 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "scored {} scenes at {} (crop {}, stride {}, {:?} blending): {} windows, {:.1} s, peak memory {}",
+        "scored {} scene{} at {} (crop {}, stride {}, {} blending): {} windows, {:.1} s, peak memory {}",
         ev.scenes.len(),
+        if ev.scenes.len() == 1 { "" } else { "s" },
         ev.opts.level,
         ev.opts.crop,
         ev.opts.stride,
-        ev.opts.blend,
+        ev.opts.blend.name(),
         windows,
         seconds,
         peak_rss_mib().map_or("-".into(), |m| format!("{m:.0} MiB"))

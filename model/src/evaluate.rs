@@ -39,6 +39,14 @@ impl Blend {
         }
     }
 
+    /// Its config name, `mean` or `taper`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::Taper => "taper",
+        }
+    }
+
     fn weights(self, crop: usize) -> Vec<f32> {
         match self {
             Self::Mean => vec![1.0; crop],
