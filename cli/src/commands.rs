@@ -50,6 +50,9 @@ enum Command {
     Predict(Box<crate::eval::PredictArgs>),
     /// Convert a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) into icefm safetensors.
     Import(Box<crate::import::ImportArgs>),
+    /// Write a run's encoder (and MAE decoder) under SAR-IceFM's / mmselfsup's names, as
+    /// safetensors for PyTorch: the inverse of `import`.
+    Export(Box<crate::import::ExportArgs>),
     /// Training curves of runs as one PNG: loss, per-task losses, learning rate, gradient
     /// norm, images/s, or validation scores (`--metric val.combined`).
     Plot(Box<crate::plot::PlotArgs>),
@@ -178,6 +181,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => crate::eval::cmd_eval(*a).map(|_| ExitCode::SUCCESS),
         Command::Predict(a) => crate::eval::cmd_predict(*a).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => crate::import::cmd_import(*a).map(|_| ExitCode::SUCCESS),
+        Command::Export(a) => crate::import::cmd_export(*a).map(|_| ExitCode::SUCCESS),
         Command::Ablate(a) => crate::ablate::cmd_ablate(*a),
         Command::Plot(a) => crate::plot::cmd_plot(*a).map(|()| ExitCode::SUCCESS),
         Command::Manifest(c) => crate::manifest::cmd_manifest(c),

@@ -1,14 +1,19 @@
-//! `icefm import`: a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) to icefm safetensors.
+//! `icefm import`: a SAR-IceFM / mmselfsup MAE checkpoint (`.pth`) to icefm safetensors, and
+//! `icefm export`, the way back.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use icefm_model::export::{ExportOptions, export_mmselfsup_file};
+use icefm_model::finetune::resolve_weights;
 use icefm_model::import::{ImportOptions, Imported, import_pth};
+use icefm_model::train::config_of_run;
 
 /// Arguments of `icefm import`.
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
-    /// The checkpoint: an mmengine `.pth` (`state_dict` entry) or a bare state dict.
+    /// The checkpoint: an mmengine `.pth` (`state_dict` entry), a bare state dict, or a
+    /// `.safetensors` of mmselfsup keys (as `icefm export` writes).
     checkpoint: PathBuf,
     /// Safetensors to write (the layout of a training checkpoint's `model.safetensors`).
     #[arg(long)]
@@ -107,4 +112,83 @@ fn print_summary(a: &ImportArgs, im: &Imported) {
         }
     }
     println!("wrote {}", a.out.display());
+}
+
+/// `icefm export`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A run folder (its best checkpoint, else its newest), or a checkpoint folder in one.
+    run: PathBuf,
+    /// Safetensors to write, under mmselfsup's keys.
+    #[arg(long)]
+    out: PathBuf,
+    /// Image size of the position embeddings, as mmselfsup's `img_size` [default: the run's
+    /// data.crop].
+    #[arg(long)]
+    image_size: Option<usize>,
+}
+
+/// Run `icefm export`.
+pub fn cmd_export(a: ExportArgs) -> Result<()> {
+    let weights_path = resolve_weights(&a.run)?;
+    let (run, cfg) = config_of_run(&weights_path)?;
+    let mae = cfg.mae_config().map_err(|e| anyhow::anyhow!("{}", e.0))?;
+    let (patch, in_channels) = (mae.encoder.patch, mae.encoder.in_channels);
+    let image = a.image_size.unwrap_or(cfg.data.crop as usize);
+    if image == 0 || !image.is_multiple_of(patch) {
+        bail!("image size {image} is not a multiple of the patch {patch}");
+    }
+    let opts = ExportOptions {
+        patch,
+        in_channels,
+        grid: image / patch,
+    };
+    let exported = export_mmselfsup_file(&weights_path, &opts)
+        .with_context(|| format!("cannot export {}", weights_path.display()))?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    exported
+        .write_safetensors(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let (backbone, neck) = exported.counts();
+    println!(
+        "read {} (run {}): width {}, blocks {}, heads {}, patch {patch}, channels {in_channels}",
+        weights_path.display(),
+        run.display(),
+        mae.encoder.dim,
+        mae.encoder.depth,
+        mae.encoder.heads,
+    );
+    println!(
+        "exported {} tensors ({backbone} backbone.*, {neck} neck.*); position embeddings for \
+         {image} px ({g}x{g} tokens)",
+        exported.tensors.len(),
+        g = opts.grid
+    );
+    let left_out = exported.skipped.len();
+    if left_out > 0 {
+        println!(
+            "  left out {left_out} tensors of the fine-tuning feature pyramid and heads \
+             (neck.*, heads.*): mmseg's are not icefm's"
+        );
+    }
+    println!(
+        "  backbone config: img_size={image}, patch_size={patch}, in_channels={in_channels}, \
+         embed_dims={}, num_layers={}, num_heads={}",
+        mae.encoder.dim, mae.encoder.depth, mae.encoder.heads
+    );
+    if neck > 0 {
+        println!(
+            "  neck config: decoder_embed_dim={}, decoder_depth={}, decoder_num_heads={}",
+            mae.decoder_dim, mae.decoder_depth, mae.decoder_heads
+        );
+    }
+    println!(
+        "  in PyTorch: sd = safetensors.torch.load_file(\"{}\"); \
+         torch.save({{\"state_dict\": sd}}, \"icefm_mae.pth\")",
+        a.out.display()
+    );
+    println!("wrote {}", a.out.display());
+    Ok(())
 }

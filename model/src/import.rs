@@ -275,9 +275,30 @@ pub fn read_pth(path: &Path) -> Result<(String, Vec<(String, Tensor)>), ImportEr
     Err(last.unwrap_or_else(|| read_err(path, "no state dict found")))
 }
 
-/// [`read_pth`] then [`import_state_dict`].
+/// A `.safetensors` file of mmselfsup keys (as `icefm export` writes, or
+/// `safetensors.torch.save_file` of a state dict): its tensors sorted by key.
+pub fn read_safetensors_state_dict(
+    path: &Path,
+) -> Result<(String, Vec<(String, Tensor)>), ImportError> {
+    if !path.is_file() {
+        return Err(read_err(path, "no such file"));
+    }
+    let mut out: Vec<(String, Tensor)> = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| read_err(path, e))?
+        .into_iter()
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(("safetensors state dict".to_string(), out))
+}
+
+/// [`read_pth`] (or [`read_safetensors_state_dict`] for a `.safetensors` file) then
+/// [`import_state_dict`].
 pub fn import_pth(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
-    let (layout, entries) = read_pth(path)?;
+    let (layout, entries) = if path.extension().is_some_and(|e| e == "safetensors") {
+        read_safetensors_state_dict(path)?
+    } else {
+        read_pth(path)?
+    };
     let mut imported = import_state_dict(entries, opts)?;
     imported.layout = layout;
     Ok(imported)
@@ -835,11 +856,18 @@ impl Imported {
     /// Write the tensors as safetensors, named as a training checkpoint's `model.safetensors`
     /// (`encoder.*`, `decoder.*`; f32).
     pub fn write_safetensors(&self, path: &Path) -> Result<(), ImportError> {
-        let map: HashMap<String, Tensor> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
-        candle_core::safetensors::save(&map, path).map_err(|e| read_err(path, e))
+        save_named(&self.tensors, path).map_err(|e| read_err(path, e))
     }
+}
+
+/// Named tensors as one safetensors file (shared with [`crate::export`]).
+pub(crate) fn save_named(
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> candle_core::Result<()> {
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)
 }

@@ -30,6 +30,7 @@ pub mod config;
 pub mod cuda;
 pub mod dist;
 pub mod evaluate;
+pub mod export;
 pub mod finetune;
 pub mod fused;
 pub mod import;

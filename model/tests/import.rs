@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use icefm_model::export::{ExportError, ExportOptions, export_mmselfsup};
 use icefm_model::import::{ImportError, ImportOptions, import_pth, import_state_dict, read_pth};
 use icefm_model::mae::{Mae, Masking};
 use icefm_model::train::named_vars;
@@ -308,4 +309,96 @@ fn the_safetensors_round_trips_in_a_training_checkpoints_layout() {
         assert_eq!(back[&name].dims(), var.as_tensor().dims(), "{name}");
         var.set(&back[&name]).unwrap();
     }
+}
+
+/// `icefm export`'s options for the fixture: patch, channels and token grid of the import.
+fn fixture_export_options(imported: &icefm_model::import::Imported) -> ExportOptions {
+    ExportOptions {
+        patch: imported.encoder.patch,
+        in_channels: imported.encoder.in_channels,
+        grid: imported.encoder.pos_grid.unwrap(),
+    }
+}
+
+#[test]
+fn export_writes_back_the_mmselfsup_checkpoint_it_was_imported_from() {
+    let (_, entries) = read_pth(&data("mmselfsup_tiny.pth")).unwrap();
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let exported = export_mmselfsup(&imported.tensors, &fixture_export_options(&imported)).unwrap();
+    // The same 50 keys PyTorch wrote, with their shapes and values: the weights bit for bit,
+    // the fixed position embeddings to f32 rounding (PyTorch computes them in f32).
+    let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+    let written: Vec<&str> = exported.tensors.keys().map(String::as_str).collect();
+    assert_eq!(written, keys);
+    assert_eq!(exported.counts(), (30, 20));
+    assert!(exported.skipped.is_empty());
+    for (key, original) in &entries {
+        let t = &exported.tensors[key];
+        assert_eq!(t.dims(), original.dims(), "{key}");
+        let (a, b) = (values(t), values(original));
+        if key.ends_with("pos_embed") {
+            let gap = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f64, f64::max);
+            assert!(gap < 1e-6, "{key}: {gap}");
+        } else {
+            assert_eq!(a, b, "{key}");
+        }
+    }
+}
+
+#[test]
+fn an_exported_safetensors_imports_to_the_same_icefm_weights() {
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let exported = export_mmselfsup(&imported.tensors, &fixture_export_options(&imported)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sar_icefm.safetensors");
+    exported.write_safetensors(&path).unwrap();
+    let again = import_pth(&path, &ImportOptions::default()).unwrap();
+    assert_eq!(again.layout, "safetensors state dict");
+    assert_eq!(
+        again.tensors.keys().collect::<Vec<_>>(),
+        imported.tensors.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &imported.tensors {
+        assert_eq!(values(&again.tensors[name]), values(t), "{name}");
+    }
+    assert_eq!(again.encoder.pos_grid, imported.encoder.pos_grid);
+}
+
+#[test]
+fn export_leaves_out_fine_tuning_heads_by_name_and_refuses_unknown_names() {
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let opts = fixture_export_options(&imported);
+    // A fine-tuning checkpoint: the encoder and heads, no decoder.
+    let mut weights: std::collections::BTreeMap<String, Tensor> = imported
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("encoder."))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    let t = Tensor::zeros((3, 16), DType::F32, &Device::Cpu).unwrap();
+    weights.insert("heads.sic.cls.weight".into(), t.clone());
+    let exported = export_mmselfsup(&weights, &opts).unwrap();
+    assert_eq!(exported.counts(), (30, 0));
+    assert_eq!(exported.skipped.len(), 1);
+    assert_eq!(exported.skipped[0].0, "heads.sic.cls.weight");
+    assert!(exported.tensors.contains_key("backbone.pos_embed"));
+    assert!(!exported.tensors.contains_key("neck.decoder_pos_embed"));
+    weights.insert("encoder.blocks.0.attn.gamma".into(), t);
+    let err = export_mmselfsup(&weights, &opts).unwrap_err();
+    assert!(matches!(err, ExportError::Unmapped(_)), "{err}");
+    assert!(
+        err.to_string().contains("encoder.blocks.0.attn.gamma"),
+        "{err}"
+    );
+    // A patch or channel count the kernel does not have.
+    let wrong = ExportOptions { patch: 8, ..opts };
+    let err = export_mmselfsup(&imported.tensors, &wrong).unwrap_err();
+    assert!(
+        err.to_string().contains("not [D, C·p·p] with C = 2, p = 8"),
+        "{err}"
+    );
 }

@@ -1,4 +1,4 @@
-//! Training through the executable: a run and its resume, data-parallel ranks (by hand and
+//! Training through the executable: a run, its resume and its export, data-parallel ranks (by hand and
 //! `--dist local:N`), device and precision errors, Ctrl-C and SIGTERM.
 
 use std::path::Path;
@@ -69,6 +69,33 @@ fn train_writes_a_run_and_resumes() {
     let out = train("train.stesp=5", false);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stesp`"));
+    // Export under mmselfsup's names, then import back: the newest checkpoint's weights file,
+    // byte for byte.
+    let exported = dir.path().join("exported.safetensors");
+    let out = ok(icefm()
+        .arg("export")
+        .arg(&run)
+        .arg("--out")
+        .arg(&exported)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("backbone config: img_size=32, patch_size=4, in_channels=2"),
+        "{text}"
+    );
+    let back = dir.path().join("back.safetensors");
+    ok(icefm()
+        .arg("import")
+        .arg(&exported)
+        .arg("--out")
+        .arg(&back)
+        .output()
+        .unwrap());
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(run.join("checkpoints/step_0000005/model.safetensors")).unwrap()
+    );
 }
 
 #[test]

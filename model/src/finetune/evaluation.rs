@@ -16,7 +16,7 @@ use crate::config::TrainConfig;
 use crate::evaluate::{Blend, InferOptions, SceneResult, evaluate_scene};
 use crate::metrics::Evaluation;
 use crate::seg::SegModel;
-use crate::train::{TrainError, io_err};
+use crate::train::{TrainError, config_of_run, io_err};
 
 use super::resolve_weights;
 
@@ -182,14 +182,7 @@ pub fn load_seg_model(path: &Path, dev: &Device) -> Result<(TrainConfig, SegMode
 /// The configuration of a fine-tuning run: `config.toml` of the run folder `path`, or of the
 /// run a checkpoint folder or weights file belongs to.
 pub fn run_config(path: &Path) -> Result<TrainConfig, TrainError> {
-    let run = path
-        .ancestors()
-        .take(4)
-        .find(|p| p.join("config.toml").is_file())
-        .ok_or_else(|| io_err(path, "no config.toml in this run or above this checkpoint"))?;
-    let cfg_path = run.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
-    let cfg = TrainConfig::parse(&text, &[]).map_err(|e| TrainError::Setup(e.0))?;
+    let (run, cfg) = config_of_run(path)?;
     if !cfg.is_seg() {
         return Err(TrainError::Setup(format!(
             "{}: not a fine-tuning run (its config has no [seg] section)",

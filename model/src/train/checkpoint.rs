@@ -27,6 +27,21 @@ fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
     out.join("checkpoints").join(format!("step_{step:07}"))
 }
 
+/// The run a path belongs to (a run folder, one of its checkpoint folders, or a weights file
+/// in one) and the run's configuration, from its `config.toml`.
+pub fn config_of_run(path: &Path) -> Result<(PathBuf, TrainConfig), TrainError> {
+    let run = path
+        .ancestors()
+        .take(4)
+        .find(|p| p.join("config.toml").is_file())
+        .ok_or_else(|| io_err(path, "no config.toml in this run or above this checkpoint"))?;
+    let cfg_path = run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
+    let cfg = TrainConfig::parse(&text, &[])
+        .map_err(|e| TrainError::Setup(format!("{}: {}", cfg_path.display(), e.0)))?;
+    Ok((run.to_path_buf(), cfg))
+}
+
 /// Checkpoints of a run directory, oldest first.
 pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
     let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out.join("checkpoints"))

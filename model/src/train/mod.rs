@@ -33,8 +33,8 @@ mod records;
 mod run;
 
 pub(crate) use accumulate::{Accumulated, apply};
-pub use checkpoint::checkpoints;
 pub(crate) use checkpoint::{checkpoint_due, end_step, load_checkpoint};
+pub use checkpoint::{checkpoints, config_of_run};
 pub use device::{DeviceName, cuda_device_count, parse_device};
 pub(crate) use feeder::{DeviceBatch, Feeder, drop_draws};
 pub(crate) use records::{PendingRecord, write_parquet};
