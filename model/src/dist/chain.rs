@@ -15,7 +15,7 @@
 //! to its successor. A rank whose sum fails shuts its links, so the ranks on either side
 //! fail at once rather than wait.
 
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::train::TrainError;
 
 use super::connect::{greeting, read_greeting};
-use super::frames::{peer_err, read_exact};
+use super::frames::{is_gone, peer_err};
 use super::{Group, Link, SumPath, dist_err};
 
 /// Values per chunk: 1 MiB of f32, small enough that the chain fills in a few milliseconds,
@@ -36,6 +36,7 @@ const LINK_TIMEOUT: Duration = Duration::from_secs(60);
 /// One rank's two links of the chain.
 pub(super) struct Chain {
     rank: usize,
+    world: usize,
     /// To rank `rank − 1`; none on rank 0.
     prev: Option<TcpStream>,
     /// To rank `rank + 1`; none on the last rank.
@@ -120,6 +121,7 @@ impl Group {
         };
         self.chain = Some(Chain {
             rank: self.rank,
+            world: self.world,
             prev,
             next,
             scratch: Vec::new(),
@@ -147,6 +149,16 @@ impl Chain {
 
     fn exchange(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
         let rank = self.rank;
+        let (before, after) = (
+            Neighbour {
+                rank: rank.saturating_sub(1),
+                last: rank == 1,
+            },
+            Neighbour {
+                rank: rank + 1,
+                last: rank + 2 == self.world,
+            },
+        );
         let (prev, next) = (self.prev.as_ref(), self.next.as_ref());
         let scratch = &mut self.scratch;
         scratch.resize(CHUNK.min(buf.len()), 0.0);
@@ -163,16 +175,16 @@ impl Chain {
             let up = scope.spawn(move || -> Result<(), TrainError> {
                 for chunk in finished {
                     if let Some(n) = next {
-                        recv(n, bytemuck::cast_slice_mut(chunk), rank + 1).map_err(fail)?;
+                        recv(n, bytemuck::cast_slice_mut(chunk), after).map_err(fail)?;
                     }
                     if let Some(p) = prev {
-                        send(p, bytemuck::cast_slice(chunk), rank - 1).map_err(fail)?;
+                        send(p, bytemuck::cast_slice(chunk), before).map_err(fail)?;
                     }
                 }
                 Ok(())
             });
             // Down the chain: the partial sums.
-            let down = down(rank, prev, next, scratch, buf, &done).map_err(fail);
+            let down = down([before, after], prev, next, scratch, buf, &done).map_err(fail);
             drop(done);
             let up = up
                 .join()
@@ -185,7 +197,7 @@ impl Chain {
 /// The partial sums' direction of [`Chain::exchange`]: the length check, then each chunk
 /// received, added to and passed on, and handed to the other direction once done with.
 fn down<'a>(
-    rank: usize,
+    [before, after]: [Neighbour; 2],
     prev: Option<&TcpStream>,
     next: Option<&TcpStream>,
     scratch: &mut [f32],
@@ -194,16 +206,17 @@ fn down<'a>(
 ) -> Result<(), TrainError> {
     let len = buf.len();
     if let Some(n) = next {
-        send(n, &(len as u64).to_le_bytes(), rank + 1)?;
+        send(n, &(len as u64).to_le_bytes(), after)?;
     }
     if let Some(p) = prev {
         let mut theirs = [0u8; 8];
-        recv(p, &mut theirs, rank - 1)?;
+        recv(p, &mut theirs, before)?;
         let theirs = u64::from_le_bytes(theirs);
         if theirs != len as u64 {
             return Err(dist_err(format!(
-                "rank {} sums {theirs} values, rank {rank} {len}: the ranks' models differ",
-                rank - 1
+                "rank {} sums {theirs} values, rank {} {len}: the ranks' models differ",
+                before.rank,
+                before.rank + 1
             )));
         }
     }
@@ -212,20 +225,20 @@ fn down<'a>(
         match (prev, next) {
             // Partial sum + own values (f32 addition commutes: the star's bits).
             (Some(p), Some(n)) => {
-                recv(p, bytemuck::cast_slice_mut(part), rank - 1)?;
+                recv(p, bytemuck::cast_slice_mut(part), before)?;
                 part.iter_mut()
                     .zip(chunk.iter())
                     .for_each(|(a, b)| *a += *b);
-                send(n, bytemuck::cast_slice(part), rank + 1)?;
+                send(n, bytemuck::cast_slice(part), after)?;
             }
             (Some(p), None) => {
-                recv(p, bytemuck::cast_slice_mut(part), rank - 1)?;
+                recv(p, bytemuck::cast_slice_mut(part), before)?;
                 chunk
                     .iter_mut()
                     .zip(part.iter())
                     .for_each(|(b, a)| *b += *a);
             }
-            (None, Some(n)) => send(n, bytemuck::cast_slice(chunk), rank + 1)?,
+            (None, Some(n)) => send(n, bytemuck::cast_slice(chunk), after)?,
             (None, None) => {}
         }
         if done.send(chunk).is_err() {
@@ -236,12 +249,36 @@ fn down<'a>(
     Ok(())
 }
 
-fn send(mut s: &TcpStream, bytes: &[u8], peer: usize) -> Result<(), TrainError> {
-    s.write_all(bytes).map_err(|e| peer_err(peer, e))
+/// A rank next to this one on the chain, as errors name it.
+#[derive(Clone, Copy)]
+struct Neighbour {
+    rank: usize,
+    /// No rank lies beyond it (rank 0, or the last rank).
+    last: bool,
 }
 
-fn recv(mut s: &TcpStream, bytes: &mut [u8], peer: usize) -> Result<(), TrainError> {
-    read_exact(&mut s, bytes, peer)
+impl Neighbour {
+    /// A failed send or receive: when the link is gone, the rank that left is this
+    /// neighbour or one beyond it, since a rank whose own sum fails shuts its links too.
+    fn err(self, e: std::io::Error) -> TrainError {
+        let r = self.rank;
+        match (is_gone(&e), self.last) {
+            (false, _) => dist_err(format!("rank {r}: {e}")),
+            (true, true) => dist_err(format!("rank {r} left the run (its own output says why)")),
+            (true, false) => dist_err(format!(
+                "rank {r}, or a rank beyond it on the chain, left the run (the output of the \
+                 rank that left says why)"
+            )),
+        }
+    }
+}
+
+fn send(mut s: &TcpStream, bytes: &[u8], to: Neighbour) -> Result<(), TrainError> {
+    s.write_all(bytes).map_err(|e| to.err(e))
+}
+
+fn recv(mut s: &TcpStream, bytes: &mut [u8], from: Neighbour) -> Result<(), TrainError> {
+    s.read_exact(bytes).map_err(|e| from.err(e))
 }
 
 /// A listener on a free port of `near`, the address this rank reaches rank 0 from.

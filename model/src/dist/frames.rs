@@ -7,15 +7,24 @@ use crate::train::TrainError;
 
 use super::dist_err;
 
-pub(super) fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
-    match e.kind() {
+/// Whether `e` says the other end of a connection is gone.
+pub(super) fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
         ErrorKind::UnexpectedEof
-        | ErrorKind::ConnectionReset
-        | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe => dist_err(format!(
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+    )
+}
+
+pub(super) fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
+    if is_gone(&e) {
+        dist_err(format!(
             "rank {peer} left the run (its own output says why)"
-        )),
-        _ => dist_err(format!("rank {peer}: {e}")),
+        ))
+    } else {
+        dist_err(format!("rank {peer}: {e}"))
     }
 }
 
@@ -31,7 +40,7 @@ pub(super) fn read_len(s: &mut TcpStream, peer: usize) -> Result<u64, TrainError
     Ok(u64::from_le_bytes(n))
 }
 
-pub(super) fn read_exact(s: &mut impl Read, buf: &mut [u8], peer: usize) -> Result<(), TrainError> {
+pub(super) fn read_exact(s: &mut TcpStream, buf: &mut [u8], peer: usize) -> Result<(), TrainError> {
     s.read_exact(buf).map_err(|e| peer_err(peer, e))
 }
 

@@ -325,11 +325,15 @@ fn a_rank_that_leaves_ends_the_others_with_an_error() {
             let mut buf = vec![1.0f32; 8];
             g.all_reduce_sum(&mut buf).err().unwrap().to_string()
         });
-        // The star: rank 0 sees rank 2 go, and rank 1 sees rank 0 go. The chain: each rank
-        // sees its successor go, back along the chain from rank 2.
+        // The star: rank 0 sees rank 2 go, and rank 1 sees rank 0 go. The chain: rank 1
+        // sees rank 2 go and shuts its links, so rank 0 loses rank 1, and says that rank 1
+        // or one beyond it left.
         let (zero, one) = match sum {
             SumPath::Star => ("rank 2 left the run", "rank 0 left the run"),
-            SumPath::Chain => ("rank 1 left the run", "rank 2 left the run"),
+            SumPath::Chain => (
+                "rank 1, or a rank beyond it on the chain, left the run",
+                "rank 2 left the run (its own output says why)",
+            ),
         };
         assert!(out[0].contains(zero), "{sum:?}: {}", out[0]);
         assert!(out[1].contains(one), "{sum:?}: {}", out[1]);
