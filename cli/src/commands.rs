@@ -142,7 +142,7 @@ enum ReleaseArg {
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct InspectArgs {
-    /// Store to inspect.
+    /// Store to inspect, or a training run's folder (where the run stands).
     pub store: PathBuf,
     /// Write a quicklook PNG (HH, HV, SIC, SOD, FLOE with legends) of one scene.
     #[arg(long)]
@@ -447,6 +447,15 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
 }
 
 pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    if crate::run_summary::is_run(&a.store) {
+        if a.png.is_some() || a.regime.is_some() {
+            bail!(
+                "{} is a training run: --png and --regime inspect a store",
+                a.store.display()
+            );
+        }
+        return crate::run_summary::inspect_run(&a.store);
+    }
     if let Some(name) = &a.regime {
         return crate::regime::inspect_regime(&a.store, name);
     }

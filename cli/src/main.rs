@@ -13,6 +13,7 @@ mod manifest;
 mod plot;
 mod progress;
 mod regime;
+mod run_summary;
 mod train;
 
 use std::process::ExitCode;

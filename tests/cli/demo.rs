@@ -86,6 +86,29 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     assert!(eval.join("scenes.parquet").exists());
     let panels = std::fs::read_dir(eval.join("panels")).unwrap().count();
     assert_eq!(panels, 2);
+    // `icefm inspect RUN`: where the run stands, its best validation and its evaluation, as
+    // the files hold them.
+    let out_inspect = ok(icefm().arg("inspect").arg(&ft).output().unwrap());
+    let summary = String::from_utf8_lossy(&out_inspect.stdout);
+    let steps = metrics_steps(&ft);
+    assert!(
+        summary.contains(&format!("steps: {steps} of {steps} (complete)")),
+        "{summary}"
+    );
+    assert!(summary.contains("validation on val every"), "{summary}");
+    assert!(summary.contains("(checkpoints/best)"), "{summary}");
+    assert!(
+        summary.contains(&format!(
+            "eval-test: 2 scene(s) at {}: SIC R² {:.3}",
+            metrics["level"].as_str().unwrap(),
+            metrics["scores"]["sic_r2"].as_f64().unwrap()
+        )),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("combined {saved:.2}")),
+        "{summary}"
+    );
 
     // The AutoICE submission of one raw scene and one RTT scene of the test release (given as
     // a glob gives them: with its reference charts, which are left out): their three charts on
@@ -228,4 +251,14 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         );
         assert!(values.iter().all(|&v| v < classes || v == 255));
     }
+}
+
+/// The number of steps in a run's `metrics.parquet` (its last 0-based step + 1).
+fn metrics_steps(run: &Path) -> u64 {
+    icefm_model::train::read_metrics(&run.join("metrics.parquet"))
+        .unwrap()
+        .last()
+        .unwrap()
+        .step
+        + 1
 }

@@ -69,6 +69,12 @@ fn train_writes_a_run_and_resumes() {
     let out = train("train.stesp=5", false);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stesp`"));
+    // Where the run stands.
+    let out = ok(icefm().arg("inspect").arg(&run).output().unwrap());
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("MAE pre-training, ViT micro"), "{summary}");
+    assert!(summary.contains("steps: 5 of 5 (complete)"), "{summary}");
+    assert!(summary.contains("(newest 5)"), "{summary}");
     // Export under mmselfsup's names, then import back: the newest checkpoint's weights file,
     // byte for byte.
     let exported = dir.path().join("exported.safetensors");

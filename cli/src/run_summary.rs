@@ -1,0 +1,185 @@
+//! `icefm inspect RUN`: where a training run stands, from its folder alone: what it trains,
+//! how far it got, its speed, checkpoints, validation and the evaluations made of it.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use icefm_model::config::TrainConfig;
+use icefm_model::finetune::{ValRecord, read_validation};
+use icefm_model::train::{StepRecord, checkpoints, read_metrics};
+
+/// Whether `path` is a run folder (it has the `config.toml` that `icefm train` writes).
+pub fn is_run(path: &Path) -> bool {
+    path.join("config.toml").is_file() && !path.join("zarr.json").exists()
+}
+
+/// Print the summary of the run folder `run`.
+pub fn inspect_run(run: &Path) -> Result<()> {
+    print!("{}", summarize_run(run)?);
+    Ok(())
+}
+
+/// The median of the last `n` values.
+fn median_of_last(values: &[f64], n: usize) -> Option<f64> {
+    let mut tail: Vec<f64> = values[values.len().saturating_sub(n)..]
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    tail.sort_by(f64::total_cmp);
+    tail.get(tail.len() / 2).copied()
+}
+
+fn scores_line(v: &ValRecord) -> String {
+    format!(
+        "SIC R² {:.3}  SOD F1 {:.3}  FLOE F1 {:.3}  combined {:.2}",
+        v.sic_r2, v.sod_f1, v.floe_f1, v.combined
+    )
+}
+
+/// The summary's text.
+pub fn summarize_run(run: &Path) -> Result<String> {
+    let cfg_path = run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let cfg =
+        TrainConfig::parse(&text, &[]).with_context(|| format!("in {}", cfg_path.display()))?;
+    let mut out = String::new();
+    let model = match &cfg.seg {
+        Some(s) => format!(
+            "fine-tuning {} with {} heads ({} channels), ViT {}{}",
+            s.tasks.join(", "),
+            s.head,
+            s.channels,
+            cfg.model.preset,
+            if s.init.is_empty() {
+                " from scratch".to_string()
+            } else {
+                format!(" from {}", s.init)
+            }
+        ),
+        None => format!(
+            "MAE pre-training, ViT {} (mask ratio {}, decoder {} wide, {} blocks)",
+            cfg.model.preset, cfg.mae.mask_ratio, cfg.mae.decoder_dim, cfg.mae.decoder_depth
+        ),
+    };
+    writeln!(out, "run {}: {model}", run.display())?;
+    writeln!(
+        out,
+        "data: levels {}, crop {} px, batch {}, regime {}",
+        cfg.data.levels,
+        cfg.data.crop,
+        cfg.data.batch_size,
+        if cfg.data.regime.is_empty() {
+            "(every scene)"
+        } else {
+            &cfg.data.regime
+        }
+    )?;
+
+    let records: Vec<StepRecord> = read_metrics(&run.join("metrics.parquet")).unwrap_or_default();
+    match records.last() {
+        Some(last) => {
+            let ips: Vec<f64> = records.iter().map(|r| r.images_per_s).collect();
+            let losses: Vec<f64> = records.iter().map(|r| f64::from(r.loss)).collect();
+            writeln!(
+                out,
+                "steps: {} of {}{}; loss {:.4} (median of the last 20: {:.4}); {:.1} images/s \
+                 (median of the last 50 steps)",
+                last.step + 1,
+                cfg.train.steps,
+                if last.step + 1 >= cfg.train.steps {
+                    " (complete)"
+                } else {
+                    ""
+                },
+                last.loss,
+                median_of_last(&losses, 20).unwrap_or(f64::NAN),
+                median_of_last(&ips, 50).unwrap_or(f64::NAN),
+            )?;
+        }
+        None => writeln!(out, "steps: none recorded yet (no metrics.parquet)")?,
+    }
+
+    let saved = checkpoints(run);
+    let names: Vec<String> = saved.iter().map(|(s, _)| s.to_string()).collect();
+    writeln!(
+        out,
+        "checkpoints: {}",
+        match names.len() {
+            0 => "none".to_string(),
+            1 => format!("step {}", names[0]),
+            _ => format!(
+                "steps {} (newest {})",
+                names.join(", "),
+                names.last().map_or("", String::as_str)
+            ),
+        }
+    )?;
+
+    if let Some(seg) = &cfg.seg {
+        let vals = read_validation(&run.join("validation.parquet")).unwrap_or_default();
+        let best = vals
+            .iter()
+            .filter(|v| v.score.is_finite())
+            .max_by(|a, b| a.score.total_cmp(&b.score));
+        match (vals.last(), best) {
+            (Some(last), Some(best)) => {
+                writeln!(
+                    out,
+                    "validation on {} every {} steps: {} record(s)",
+                    seg.val_regime,
+                    seg.val_every,
+                    vals.len()
+                )?;
+                writeln!(out, "  last, step {}: {}", last.step, scores_line(last))?;
+                writeln!(
+                    out,
+                    "  best, step {}: {}{}",
+                    best.step,
+                    scores_line(best),
+                    if run.join("checkpoints/best/model.safetensors").is_file() {
+                        "  (checkpoints/best)"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
+            _ if seg.val_regime.is_empty() => {
+                writeln!(out, "validation: none (no seg.val_regime)")?
+            }
+            _ => writeln!(out, "validation: none recorded yet")?,
+        }
+    }
+
+    let mut evals: Vec<(String, serde_json::Value)> = std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("eval-"))
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("metrics.json")).ok()?;
+            let json = serde_json::from_str(&text).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), json))
+        })
+        .collect();
+    evals.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, m) in &evals {
+        let s = &m["scores"];
+        let num = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+        writeln!(
+            out,
+            "{name}: {} scene(s) at {}: SIC R² {}  SOD F1 {}  FLOE F1 {}  combined {}",
+            m["scenes"].as_u64().unwrap_or(0),
+            m["level"].as_str().unwrap_or("?"),
+            num(&s["sic_r2"]),
+            num(&s["sod_f1"]),
+            num(&s["floe_f1"]),
+            s["combined"]
+                .as_f64()
+                .map_or("-".to_string(), |x| format!("{x:.2}")),
+        )?;
+    }
+    Ok(out)
+}
