@@ -101,6 +101,24 @@ pub(crate) fn read_batches(
     reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
 }
 
+/// BLAKE3 (hex) of a store's manifests, `scenes.parquet` then `patches.parquet`, each after
+/// its length: the `source_hash` that regimes drawn from the store record, and what a
+/// training run logs of its store.
+pub fn manifests_hash(store: &Path) -> Result<String, DatasetError> {
+    let dir = store.join(MANIFESTS_DIR);
+    let scenes_path = dir.join(SCENES_FILE);
+    if !scenes_path.exists() {
+        return Err(crate::error::no_scenes_manifest(store));
+    }
+    let mut hasher = blake3::Hasher::new();
+    for p in [&scenes_path, &dir.join(PATCHES_FILE)] {
+        let bytes = std::fs::read(p).map_err(|e| DatasetError::manifest(p, e.to_string()))?;
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(&bytes);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 impl SceneTable {
     /// The complete scenes of an ingested store (`manifests/scenes.parquet`, `patches.parquet`).
     pub fn from_store(store: &Path) -> Result<Self, DatasetError> {
@@ -110,12 +128,7 @@ impl SceneTable {
         if !scenes_path.exists() {
             return Err(crate::error::no_scenes_manifest(store));
         }
-        let mut hasher = blake3::Hasher::new();
-        for p in [&scenes_path, &patches_path] {
-            let bytes = std::fs::read(p).map_err(|e| DatasetError::manifest(p, e.to_string()))?;
-            hasher.update(&(bytes.len() as u64).to_le_bytes());
-            hasher.update(&bytes);
-        }
+        let source_hash = manifests_hash(store)?;
         let mut cols = vec!["scene_id", "ice_service", "acquired"];
         let hists: Vec<String> = Task::ALL
             .iter()
@@ -160,7 +173,7 @@ impl SceneTable {
         Ok(Self {
             scenes: scenes.into_values().collect(),
             source: store.to_path_buf(),
-            source_hash: hasher.finalize().to_hex().to_string(),
+            source_hash,
             has_patches: true,
         })
     }
@@ -273,14 +286,7 @@ impl SceneTable {
 
 /// Month (1–12) of a UTC timestamp in microseconds.
 fn month_of_micros(us: i64) -> u8 {
-    // Civil from days (H. Hinnant's algorithm).
-    let z = us.div_euclid(86_400_000_000) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    (if mp < 10 { mp + 3 } else { mp - 9 }) as u8
+    icefm_schemas::calendar::civil_from_days(us.div_euclid(86_400_000_000)).1 as u8
 }
 
 #[cfg(test)]

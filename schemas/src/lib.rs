@@ -8,6 +8,7 @@
 //! assert_eq!((l.sic, l.sod, l.floe), (9, 4, 5));
 //! ```
 
+pub mod calendar;
 pub mod classes;
 pub mod manifest;
 pub mod names;

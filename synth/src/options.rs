@@ -1,5 +1,7 @@
 //! What scene to make: kind, size, seed, ice service, encoding, defect; and its file names.
 
+use icefm_schemas::calendar::{civil_from_days, days_from_civil};
+
 use crate::encoding::Encoding;
 use crate::error::SynthError;
 use crate::rng::{SplitMix64, hash, tag};
@@ -194,30 +196,6 @@ impl Acquisition {
         let jan1 = days_from_civil(self.year, 1, 1);
         ((self.unix / 86_400) as i64 - jan1) as u32
     }
-}
-
-/// Days since 1970-01-01 → (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 const DMI_REGIONS: [&str; 9] = [

@@ -69,6 +69,27 @@ fn train_writes_a_run_and_resumes() {
     let out = train("train.stesp=5", false);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stesp`"));
+    // The log records each start (the first and the resume; the refused ones never opened
+    // the run): when, which icefm, the command, and the store by its manifests' hash.
+    let log = std::fs::read_to_string(run.join("log.txt")).unwrap();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!(" icefm {} on ", env!("CARGO_PKG_VERSION"))))
+        .collect();
+    assert_eq!(starts.len(), 2, "{log}");
+    assert!(
+        starts[0].starts_with("20") && starts[0].as_bytes()[19] == b'Z',
+        "{log}"
+    );
+    assert!(starts[0].ends_with("--set train.steps=3"), "{log}");
+    assert!(starts[1].contains(" --resume"), "{log}");
+    let hash = icefm_dataset::table::manifests_hash(&store).unwrap();
+    let store_line = format!(
+        "  store {}, manifests BLAKE3 {}; data.regime: every scene",
+        std::fs::canonicalize(&store).unwrap().display(),
+        &hash[..16]
+    );
+    assert_eq!(log.lines().filter(|l| *l == store_line).count(), 2, "{log}");
     // Where the run stands.
     let out = ok(icefm().arg("inspect").arg(&run).output().unwrap());
     let summary = String::from_utf8_lossy(&out.stdout);

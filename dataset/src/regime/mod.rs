@@ -328,6 +328,14 @@ fn regime_schema(with_patches: bool) -> Schema {
 }
 
 impl Regime {
+    /// BLAKE3 (hex) of the scene ids in pick order, one per line: what tells two regimes of
+    /// one name apart in a run's log.
+    pub fn scenes_hash(&self) -> String {
+        blake3::hash(self.scenes.join("\n").as_bytes())
+            .to_hex()
+            .to_string()
+    }
+
     /// Path of regime `name` in `store`.
     pub fn path_in(store: &Path, name: &str) -> PathBuf {
         store.join(REGIMES_DIR).join(format!("{name}.parquet"))
