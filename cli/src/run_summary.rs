@@ -78,6 +78,33 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         }
     )?;
 
+    // The log's start records: when the run began and how often it restarted, and the data
+    // of its latest start.
+    let log = std::fs::read_to_string(run.join("log.txt")).unwrap_or_default();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.len() > 20 && l.as_bytes()[19] == b'Z' && l.contains(" icefm "))
+        .collect();
+    if let (Some(first), Some(last)) = (starts.first(), starts.last()) {
+        writeln!(
+            out,
+            "started {}{}",
+            &first[..20],
+            if starts.len() > 1 {
+                format!(
+                    ", started again {} time(s), last {}",
+                    starts.len() - 1,
+                    &last[..20]
+                )
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    if let Some(data) = log.lines().rev().find(|l| l.starts_with("  store ")) {
+        writeln!(out, "{}", data.trim_start())?;
+    }
+
     let records: Vec<StepRecord> = read_metrics(&run.join("metrics.parquet")).unwrap_or_default();
     match records.last() {
         Some(last) => {

@@ -94,6 +94,14 @@ fn train_writes_a_run_and_resumes() {
     let out = ok(icefm().arg("inspect").arg(&run).output().unwrap());
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(summary.contains("MAE pre-training, ViT micro"), "{summary}");
+    assert!(
+        summary.contains(&format!(
+            "started {}, started again 1 time(s), last ",
+            &starts[0][..20]
+        )),
+        "{summary}"
+    );
+    assert!(summary.contains(store_line.trim_start()), "{summary}");
     assert!(summary.contains("steps: 5 of 5 (complete)"), "{summary}");
     assert!(summary.contains("(newest 5)"), "{summary}");
     // Export under mmselfsup's names, then import back: the newest checkpoint's weights file,
