@@ -6,13 +6,19 @@
 # Results: docs/benchmarks.md. Needs root, ip and tc (iproute2); the namespaces are removed
 # on exit.
 #
+# With TRAIN_STEPS=N it then trains ViT-tiny's MAE (96 px, batch 16, the store of
+# bench-dist.sh) for N steps with `icefm train --dist`, one rank per emulated node, by both
+# paths: wall time, median images/s and the last loss (the same bits either way).
+#
 #   scripts/bench-dist-net.sh [RATE]        # default 1gbit; e.g. 10gbit, 500mbit
 #   WORLDS="2 4 8" VALUES=112000000 REPEAT=3 scripts/bench-dist-net.sh 10gbit
+#   TRAIN_STEPS=20 WORLDS="2 4" scripts/bench-dist-net.sh
 set -euo pipefail
 RATE=${1:-1gbit}
 WORLDS=${WORLDS:-"2 3 4"}
 VALUES=${VALUES:-6000000}
 REPEAT=${REPEAT:-5}
+TRAIN_STEPS=${TRAIN_STEPS:-0}
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
@@ -66,5 +72,38 @@ for w in $WORLDS; do
     ip netns exec icefm-n0 "$BIN" "0/$w@10.77.0.1:$port" \
       --values "$VALUES" --sum "$sum" --repeat "$REPEAT"
     for p in "${pids[@]}"; do wait "$p"; done
+  done
+done
+
+[ "$TRAIN_STEPS" -gt 0 ] || exit 0
+work=target/bench-dist
+. scripts/bench-store.sh
+median() {
+  python3 - "$1" <<'PY'
+import sys, pyarrow.parquet as pq, statistics
+t = pq.read_table(sys.argv[1]).to_pydict()
+ips = t["images_per_s"][3:] or t["images_per_s"]
+print(f"{statistics.median(ips):7.1f} img/s  last loss {t['loss'][-1]:.5f}")
+PY
+}
+echo "icefm train --dist: MAE ViT-tiny 96 px, batch 16, $TRAIN_STEPS steps, one rank per node"
+for w in $WORLDS; do
+  for sum in chain star; do
+    port=$((port + 1))
+    out=$PWD/$work/net-$w-$sum
+    rm -rf "$out"
+    start=$(date +%s.%N)
+    pids=()
+    for k in $(seq 0 $((w - 1))); do
+      ICEFM_DIST_SUM=$sum RAYON_NUM_THREADS=1 ip netns exec "icefm-n$k" "$PWD/$bin" train \
+        --store "$PWD/$store" --config configs/mae_vit_tiny.toml --set "train.steps=$TRAIN_STEPS" \
+        --set train.checkpoint_every=1000000 --set train.panel_every=0 --set data.threads=1 \
+        --set data.levels=80,160 --out "$out" --dist "$k/$w@10.77.0.1:$port" >"$out.$k.log" 2>&1 &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || { cat "$out".*.log; exit 1; }; done
+    end=$(date +%s.%N)
+    printf '%-5s %d ranks  wall %6.1f s  %s\n' "$sum" "$w" "$(echo "$end - $start" | bc)" \
+      "$(median "$out/metrics.parquet")"
   done
 done
