@@ -173,7 +173,7 @@ pub fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     for (init, run) in outcomes {
         let scores = cmd_eval(EvalArgs {
             run: run.clone(),
-            store: store.clone(),
+            store: Some(store.clone()),
             regime: Some("test".into()),
             out: None,
             no_panels: false,

@@ -19,7 +19,7 @@ use icefm_model::finetune::{
     EvalOverrides, eval_level, evaluate_run, infer_options, load_seg_model, run_config,
 };
 use icefm_model::metrics::Scores;
-use icefm_model::train::{TrainError, parse_device};
+use icefm_model::train::{TrainError, config_of_run, parse_device, run_starts};
 use icefm_schemas::store::DEFAULT_CODEC;
 use icefm_schemas::{Level, Task};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,9 +33,10 @@ pub struct EvalArgs {
     /// Fine-tuning run (its best checkpoint, else its newest), or a checkpoint folder in one.
     #[arg(long)]
     pub run: PathBuf,
-    /// Store holding the scenes.
+    /// Store holding the scenes [default: the store of the run's latest start, from its
+    /// starts.jsonl].
     #[arg(long)]
-    pub store: PathBuf,
+    pub store: Option<PathBuf>,
     /// Regime of the scenes to score [default: every scene of the store].
     #[arg(long)]
     pub regime: Option<String>,
@@ -134,6 +135,30 @@ fn fmt_score(v: f64) -> String {
     }
 }
 
+/// The store the run at `run` (or a checkpoint in it) trained on at its latest start, which
+/// must still be there.
+fn trained_store(run: &Path) -> Result<PathBuf> {
+    let (dir, _) = config_of_run(run)?;
+    let start = run_starts(&dir).pop().with_context(|| {
+        format!(
+            "{} records no store (runs before starts.jsonl do not): give --store",
+            dir.display()
+        )
+    })?;
+    if !start.store.join("zarr.json").is_file() {
+        bail!(
+            "{} trained on {}, which is no longer a store there: give --store",
+            dir.display(),
+            start.store.display()
+        );
+    }
+    eprintln!(
+        "store: {} (the run's, from its starts.jsonl)",
+        start.store.display()
+    );
+    Ok(start.store)
+}
+
 /// Run `icefm eval`.
 pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let (dev, ov) = a.infer.resolve()?;
@@ -145,11 +170,15 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         .with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
     let cfg = run_config(&a.run)?;
-    let reader = SceneReader::open(&a.store, &cfg.data.channels)?;
+    let store = match &a.store {
+        Some(s) => s.clone(),
+        None => trained_store(&a.run)?,
+    };
+    let reader = SceneReader::open(&store, &cfg.data.channels)?;
     let regime = a
         .regime
         .as_deref()
-        .map(|r| icefm_dataset::regime::Regime::open(Some(&a.store), r))
+        .map(|r| icefm_dataset::regime::Regime::open(Some(&store), r))
         .transpose()?;
     let n = reader.scenes(regime.as_ref())?.len();
     let bar = scene_bar(n, "eval");
@@ -168,7 +197,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     };
     let ev = evaluate_run(
         &a.run,
-        &a.store,
+        &store,
         a.regime.as_deref(),
         &ov,
         &dev,
@@ -208,7 +237,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "scores": s,
         "tasks": ev.cfg.seg_config()?.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "weights": ev.weights.display().to_string(),
-        "store": a.store.display().to_string(),
+        "store": store.display().to_string(),
         "regime": a.regime,
         "scenes": ev.scenes.len(),
         "level": ev.opts.level.name(),

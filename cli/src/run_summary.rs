@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
 use icefm_model::finetune::{ValRecord, read_validation};
-use icefm_model::train::{StepRecord, checkpoints, read_metrics};
+use icefm_model::train::{StepRecord, checkpoints, read_metrics, run_starts};
 
 /// Whether `path` is a run folder (it has the `config.toml` that `icefm train` writes).
 pub fn is_run(path: &Path) -> bool {
@@ -78,30 +78,24 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         }
     )?;
 
-    // The log's start records: when the run began and how often it restarted, and the data
-    // of its latest start.
-    let log = std::fs::read_to_string(run.join("log.txt")).unwrap_or_default();
-    let starts: Vec<&str> = log
-        .lines()
-        .filter(|l| l.len() > 20 && l.as_bytes()[19] == b'Z' && l.contains(" icefm "))
-        .collect();
+    // When the run began, how often it started again, and the data of its latest start.
+    let starts = run_starts(run);
     if let (Some(first), Some(last)) = (starts.first(), starts.last()) {
         writeln!(
             out,
             "started {}{}",
-            &first[..20],
+            first.time,
             if starts.len() > 1 {
                 format!(
                     ", started again {} time(s), last {}",
                     starts.len() - 1,
-                    &last[..20]
+                    last.time
                 )
             } else {
                 String::new()
             }
         )?;
-    }
-    if let Some(data) = log.lines().rev().find(|l| l.starts_with("  store ")) {
+        let [_, data] = last.log_lines();
         writeln!(out, "{}", data.trim_start())?;
     }
 

@@ -86,6 +86,24 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     assert!(eval.join("scenes.parquet").exists());
     let panels = std::fs::read_dir(eval.join("panels")).unwrap().count();
     assert_eq!(panels, 2);
+    // `icefm eval` without --store scores on the store the run trained on, to the same scores.
+    let again = dir.path().join("eval-again");
+    let out_eval = ok(icefm()
+        .args(["eval", "--regime", "test", "--no-panels", "--run"])
+        .arg(&ft)
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap());
+    assert!(
+        String::from_utf8_lossy(&out_eval.stderr).contains("(the run's, from its starts.jsonl)"),
+        "{}",
+        String::from_utf8_lossy(&out_eval.stderr)
+    );
+    let rescored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(rescored["scores"], metrics["scores"]);
     // `icefm inspect RUN`: where the run stands, its best validation and its evaluation, as
     // the files hold them.
     let out_inspect = ok(icefm().arg("inspect").arg(&ft).output().unwrap());

@@ -90,6 +90,16 @@ fn train_writes_a_run_and_resumes() {
         &hash[..16]
     );
     assert_eq!(log.lines().filter(|l| *l == store_line).count(), 2, "{log}");
+    // The same starts, machine-readable.
+    let recorded = icefm_model::train::run_starts(&run);
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[1].store, std::fs::canonicalize(&store).unwrap());
+    assert_eq!(recorded[1].manifests_blake3.as_deref(), Some(hash.as_str()));
+    assert_eq!(
+        recorded[1].command.last().map(String::as_str),
+        Some("--resume")
+    );
+    assert_eq!(recorded[0].log_lines()[0], starts[0]);
     // Where the run stands.
     let out = ok(icefm().arg("inspect").arg(&run).output().unwrap());
     let summary = String::from_utf8_lossy(&out.stdout);

@@ -31,6 +31,7 @@ mod device;
 mod feeder;
 mod records;
 mod run;
+mod start;
 
 pub(crate) use accumulate::{Accumulated, apply};
 pub(crate) use checkpoint::{checkpoint_due, end_step, load_checkpoint};
@@ -41,6 +42,7 @@ pub(crate) use records::{PendingRecord, write_parquet};
 pub use records::{StepRecord, read_metrics, write_metrics};
 pub use run::check_batch_split;
 pub(crate) use run::{RunDir, Share, open_loader, open_run};
+pub use start::{RegimeRead, RunStart, STARTS_FILE, run_starts};
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.
 const MASK_STREAM: u64 = 0x4D41_534B;

@@ -4,19 +4,16 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use candle_core::{Device, DeviceLocation};
+use candle_core::Device;
 use icefm_dataset::regime::Regime;
 use icefm_dataset::sampler::parse_level_weights;
-use icefm_dataset::table::manifests_hash;
 use icefm_dataset::{Augment, Loader, LoaderOptions, Sampler};
-use icefm_schemas::calendar;
 
 use crate::config::TrainConfig;
 use crate::dist::{Group, Route, SumPath};
 
 use super::feeder::device_prepares;
+use super::start::RunStart;
 use super::{RunOptions, TrainError, checkpoints, io_err};
 
 /// An opened run directory: its checkpoints when it opened, and its log.
@@ -185,78 +182,12 @@ fn open_run_dir(
         log: Some(log),
         log_path,
     };
-    for line in provenance(cfg, opts) {
+    let start = RunStart::now(cfg, opts);
+    for line in start.log_lines() {
         run.log(&line)?;
     }
+    start.record(&opts.out)?;
     Ok(run)
-}
-
-/// What the log records each time a run starts or resumes: when, which icefm, where and how
-/// it was started, and the exact data, by the hashes of the store's manifests and of the
-/// regimes' scene lists (a regime redrawn under the same name shows as another hash).
-fn provenance(cfg: &TrainConfig, opts: &RunOptions) -> [String; 2] {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "an unnamed host".to_string());
-    let command: Vec<String> = std::env::args()
-        .map(|a| {
-            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            } else {
-                a
-            }
-        })
-        .collect();
-    let device = match opts.device.location() {
-        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        DeviceLocation::Cpu => "cpu".to_string(),
-        other => format!("{other:?}"),
-    };
-    let short = |h: &str| h.chars().take(16).collect::<String>();
-    let store = std::fs::canonicalize(&opts.store).unwrap_or_else(|_| opts.store.clone());
-    let manifests =
-        manifests_hash(&opts.store).map_or_else(|e| format!("unread ({e})"), |h| short(&h));
-    let mut regimes = Vec::new();
-    let named = [("data.regime", cfg.data.regime.as_str())]
-        .into_iter()
-        .chain(
-            cfg.seg
-                .as_ref()
-                .map(|s| ("seg.val_regime", s.val_regime.as_str())),
-        );
-    for (key, name) in named.filter(|(_, n)| !n.is_empty()) {
-        regimes.push(match Regime::open(Some(&opts.store), name) {
-            Ok(r) => format!(
-                "{key} {name}: {} scene{}, BLAKE3 {}",
-                r.scenes.len(),
-                if r.scenes.len() == 1 { "" } else { "s" },
-                short(&r.scenes_hash())
-            ),
-            Err(e) => format!("{key} {name}: unread ({e})"),
-        });
-    }
-    if cfg.data.regime.is_empty() {
-        regimes.insert(0, "data.regime: every scene".to_string());
-    }
-    [
-        format!(
-            "{} icefm {} on {host} (pid {}, device {device}): {}",
-            calendar::utc_stamp(now),
-            env!("CARGO_PKG_VERSION"),
-            std::process::id(),
-            command.join(" ")
-        ),
-        format!(
-            "  store {}, manifests BLAKE3 {manifests}; {}",
-            store.display(),
-            regimes.join("; ")
-        ),
-    ]
 }
 
 /// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
