@@ -192,7 +192,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
                 if drawn_around && !replaced.contains(&other) {
                     eprintln!(
                         "warning: regime {other} was drawn excluding {name}'s old scenes; \
-                         `icefm regime check {other} {name}` says whether they still differ"
+                         `icefm regime check {other} {name}` says whether they are still disjoint"
                     );
                 }
             }
