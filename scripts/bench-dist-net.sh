@@ -78,14 +78,6 @@ done
 [ "$TRAIN_STEPS" -gt 0 ] || exit 0
 work=target/bench-dist
 . scripts/bench-store.sh
-median() {
-  python3 - "$1" <<'PY'
-import sys, pyarrow.parquet as pq, statistics
-t = pq.read_table(sys.argv[1]).to_pydict()
-ips = t["images_per_s"][3:] or t["images_per_s"]
-print(f"{statistics.median(ips):7.1f} img/s  last loss {t['loss'][-1]:.5f}")
-PY
-}
 echo "icefm train --dist: MAE ViT-tiny 96 px, batch 16, $TRAIN_STEPS steps, one rank per node"
 for w in $WORLDS; do
   for sum in chain star; do

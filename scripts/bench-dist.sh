@@ -16,14 +16,6 @@ cores=$(nproc)
 common=(--store "$store" --config configs/mae_vit_tiny.toml --set "train.steps=$steps"
   --set train.checkpoint_every=1000000 --set train.panel_every=0 --set data.threads=1
   --set data.levels=80,160)
-median() {
-  python3 - "$1" <<'EOF'
-import sys, pyarrow.parquet as pq, statistics
-t = pq.read_table(sys.argv[1]).to_pydict()
-ips = t["images_per_s"][3:] or t["images_per_s"]
-print(f"{statistics.median(ips):7.1f} img/s  last loss {t['loss'][-1]:.5f}")
-EOF
-}
 run() {
   local name=$1 ranks=$2 mode=${3:-by-hand}
   local out=$work/run-$ranks-$mode

@@ -4,10 +4,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use icefm_model::config::TrainConfig;
+use anyhow::Result;
 use icefm_model::finetune::{ValRecord, read_validation};
-use icefm_model::train::{StepRecord, checkpoints, read_metrics, run_starts};
+use icefm_model::train::{StepRecord, checkpoints, config_of_run, read_metrics, run_starts};
 
 /// Whether `path` is a run folder (it has the `config.toml` that `icefm train` writes).
 pub fn is_run(path: &Path) -> bool {
@@ -40,11 +39,7 @@ fn scores_line(v: &ValRecord) -> String {
 
 /// The summary's text.
 pub fn summarize_run(run: &Path) -> Result<String> {
-    let cfg_path = run.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-    let cfg =
-        TrainConfig::parse(&text, &[]).with_context(|| format!("in {}", cfg_path.display()))?;
+    let (_, cfg) = config_of_run(run)?;
     let mut out = String::new();
     let model = match &cfg.seg {
         Some(s) => format!(
@@ -99,7 +94,8 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         writeln!(out, "{}", data.trim_start())?;
     }
 
-    let records: Vec<StepRecord> = read_metrics(&run.join("metrics.parquet")).unwrap_or_default();
+    // Both readers give nothing for a file not written yet.
+    let records: Vec<StepRecord> = read_metrics(&run.join("metrics.parquet"))?;
     match records.last() {
         Some(last) => {
             let ips: Vec<f64> = records.iter().map(|r| r.images_per_s).collect();
@@ -140,7 +136,7 @@ pub fn summarize_run(run: &Path) -> Result<String> {
     )?;
 
     if let Some(seg) = &cfg.seg {
-        let vals = read_validation(&run.join("validation.parquet")).unwrap_or_default();
+        let vals = read_validation(&run.join("validation.parquet"))?;
         let best = vals
             .iter()
             .filter(|v| v.score.is_finite())

@@ -131,23 +131,15 @@ impl Group {
 }
 
 impl Chain {
-    /// `buf` replaced by the sum over the chain, added in rank order. On failure the links
-    /// are shut, which ends the neighbours' sums too.
-    pub(super) fn sum(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
-        let out = self.exchange(buf);
-        if out.is_err() {
-            self.shutdown();
-        }
-        out
-    }
-
     pub(super) fn shutdown(&self) {
         for s in [&self.prev, &self.next].into_iter().flatten() {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
 
-    fn exchange(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
+    /// `buf` replaced by the sum over the chain, added in rank order. On failure the links
+    /// are shut, which ends the neighbours' sums too.
+    pub(super) fn sum(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
         let rank = self.rank;
         let (before, after) = (
             Neighbour {
@@ -188,13 +180,13 @@ impl Chain {
             drop(done);
             let up = up
                 .join()
-                .unwrap_or_else(|_| Err(dist_err("the chain's receiving thread panicked")));
+                .unwrap_or_else(|_| Err(fail(dist_err("the chain's receiving thread panicked"))));
             down.and(up)
         })
     }
 }
 
-/// The partial sums' direction of [`Chain::exchange`]: the length check, then each chunk
+/// The partial sums' direction of [`Chain::sum`]: the length check, then each chunk
 /// received, added to and passed on, and handed to the other direction once done with.
 fn down<'a>(
     [before, after]: [Neighbour; 2],
