@@ -5,6 +5,10 @@
 //! - `netcdf_random_crop`: what SAR-IceFM's ancestors did, opening the RTT NetCDF scene and
 //!   reading a random 384 × 384 window of HH, HV, SIC, SOD and FLOE per sample, normalised.
 //!
+//! Group `loader_http`: the same loader reading the store over HTTP from an in-process server
+//! (`tests/support/http_files.rs`), answering at once or after 20 ms, as an object store would
+//! (feature `object-store`).
+//!
 //! Results and machine: `docs/benchmarks.md`.
 
 use std::collections::{BTreeSet, HashMap};
@@ -29,6 +33,10 @@ use zarrs::filesystem::FilesystemStore;
 
 #[path = "common.rs"]
 mod common;
+#[cfg(feature = "object-store")]
+#[path = "../tests/support/http_files.rs"]
+#[allow(dead_code)]
+mod http_files;
 use common::{scale, scene, scene_number};
 
 const BATCH: usize = 32;
@@ -290,5 +298,66 @@ fn loader(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, loader);
+/// The loader over HTTP: cache off (every chunk a request) and training settings (cache on),
+/// with the loader's threads raised to hide the requests' latency.
+#[cfg(feature = "object-store")]
+fn loader_http(c: &mut Criterion) {
+    let store = store();
+    let mut g = c.benchmark_group("loader_http_32x2x384");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(2));
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for latency_ms in [0, 20] {
+        let server = http_files::HttpFiles::serve_with_latency(
+            store.parent().expect("folder"),
+            Duration::from_millis(latency_ms),
+        );
+        let name = store.file_name().expect("name").to_string_lossy();
+        let url = PathBuf::from(format!("{}/{name}", server.base));
+        for threads in [2, 8, 32] {
+            for (what, cache_bytes, augment) in [
+                ("nocache", 0, Augment::default()),
+                (
+                    "jitter_aug",
+                    LoaderOptions::default().cache_bytes,
+                    Augment {
+                        flips: true,
+                        rot90: true,
+                        jitter: CROP / 2,
+                    },
+                ),
+            ] {
+                let l = Loader::open(
+                    &url,
+                    None,
+                    LoaderOptions {
+                        cache_bytes,
+                        augment,
+                        ..options(threads)
+                    },
+                )
+                .expect("loader");
+                let mut i = 0;
+                g.bench_function(format!("{latency_ms}ms/{what}/{threads}t"), |b| {
+                    b.iter(|| {
+                        i += 1;
+                        let b = l.batch(i).expect("batch");
+                        let n = b.inputs.len();
+                        l.recycle(b);
+                        n
+                    })
+                });
+            }
+        }
+        let (requests, ranged) = server.counts();
+        eprintln!("{latency_ms} ms: {requests} requests, {ranged} of them byte ranges");
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "object-store"))]
+fn loader_http(_: &mut Criterion) {}
+
+criterion_group!(benches, loader, loader_http);
 criterion_main!(benches);

@@ -316,7 +316,22 @@ pub(crate) fn do_ingest(
     Ok(summary)
 }
 
+/// Refuse a store in object storage for a command that writes a store or reads its ingest
+/// records (local folders only).
+pub(crate) fn local_store(store: &Path, command: &str) -> Result<()> {
+    if icefm_dataset::location::is_url(store) {
+        bail!(
+            "{}: `icefm {command}` needs a local store; ingest into a folder, copy it to object \
+             storage (`aws s3 sync`, `gcloud storage rsync`, `rclone sync`, …), then train, \
+             evaluate and draw regimes from its URL (docs/object-store.md)",
+            store.display()
+        );
+    }
+    Ok(())
+}
+
 fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
+    local_store(&a.store, "ingest")?;
     let mut inputs = expand_inputs(&a.inputs)?;
     let shard = match a.shard.as_deref() {
         None => None,
@@ -459,6 +474,7 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if let Some(name) = &a.regime {
         return crate::regime::inspect_regime(&a.store, name);
     }
+    local_store(&a.store, "inspect")?;
     let s = summarize(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
     print!("{}", s.render());
     if let Some(png) = &a.png {

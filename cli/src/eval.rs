@@ -145,7 +145,7 @@ fn trained_store(run: &Path) -> Result<PathBuf> {
             dir.display()
         )
     })?;
-    if !start.store.join("zarr.json").is_file() {
+    if !icefm_dataset::location::exists(&start.store.join("zarr.json")).unwrap_or(false) {
         bail!(
             "{} trained on {}, which is no longer a store there: give --store",
             dir.display(),

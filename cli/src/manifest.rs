@@ -35,6 +35,7 @@ pub(crate) fn cmd_manifest(c: ManifestCommand) -> Result<ExitCode> {
 }
 
 fn merge(a: &MergeArgs) -> Result<ExitCode> {
+    crate::commands::local_store(&a.store, "manifest merge")?;
     Store::open(&a.store).context("manifest merge")?;
     let runs = shard_runs(&a.store)?;
     let mut unfinished = 0;

@@ -207,7 +207,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
 fn replaced_regimes(regimes: &[Regime], paths: &[PathBuf], force: bool) -> Result<Vec<String>> {
     let mut replaced = Vec::new();
     for (r, path) in regimes.iter().zip(paths) {
-        if !path.exists() {
+        if !icefm_dataset::location::exists(path)? {
             continue;
         }
         let same = Regime::read(path).is_ok_and(|old| {

@@ -16,9 +16,9 @@ use zarrs::array::{
     Array, ArrayBytes, ArrayMetadata, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
     CodecChain,
 };
-use zarrs::filesystem::FilesystemStore;
 use zarrs::metadata_ext::codec::sharding::ShardingCodecConfigurationV1;
 use zarrs::storage::byte_range::ByteRange;
+use zarrs::storage::{ReadableStorage, ReadableStorageTraits};
 
 use crate::error::DatasetError;
 
@@ -46,7 +46,7 @@ impl ArrayKind {
 
 /// One opened array with its shard-index cache.
 struct Opened {
-    array: Array<FilesystemStore>,
+    array: Array<dyn ReadableStorageTraits>,
     shards: ArrayShardedReadableExtCache,
     inner: Option<InnerCodecs>,
 }
@@ -60,7 +60,7 @@ struct InnerCodecs {
 impl InnerCodecs {
     /// The inner codec chain of an array whose only codec is `sharding_indexed` (what icefm
     /// writes); `None` for any other layout, which then takes zarrs' general path.
-    fn of(array: &Array<FilesystemStore>) -> Option<Self> {
+    fn of(array: &Array<dyn ReadableStorageTraits>) -> Option<Self> {
         let ArrayMetadata::V3(meta) = array.metadata() else {
             return None;
         };
@@ -92,28 +92,38 @@ impl Chunk {
     }
 }
 
+/// The root attributes of the store at `path` (a folder, or a URL into object storage), the
+/// format version checked.
+pub fn read_attrs(path: &Path) -> Result<StoreAttrs, DatasetError> {
+    let store_error =
+        |e: &dyn std::fmt::Display| DatasetError::Store(format!("{}: {e}", path.display()));
+    let bytes = crate::location::read(&path.join("zarr.json"))
+        .map_err(|e| store_error(&format!("not an icefm store (cannot read zarr.json: {e})")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| store_error(&format!("zarr.json: {e}")))?;
+    StoreAttrs::from_zarr_json(text).map_err(|e| store_error(&e))
+}
+
 /// A store opened for reading: its attributes and the arrays opened so far.
 pub struct StoreReader {
-    /// Root folder.
+    /// Root folder, or URL ([`crate::location`]).
     pub path: PathBuf,
     /// Root attributes.
     pub attrs: StoreAttrs,
-    fs: Arc<FilesystemStore>,
+    storage: ReadableStorage,
     opened: Mutex<HashMap<(String, Level, ArrayKind), Arc<Opened>>>,
     options: CodecOptions,
 }
 
 impl StoreReader {
-    /// Open the store at `path`.
+    /// Open the store at `path` (a folder, or a URL into object storage).
     pub fn open(path: &Path) -> Result<Self, DatasetError> {
-        let attrs = StoreAttrs::read(path)
-            .map_err(|e| DatasetError::Store(format!("{}: {e}", path.display())))?;
-        let fs = FilesystemStore::new(path)
+        let attrs = read_attrs(path)?;
+        let storage = crate::location::zarr_storage(path)
             .map_err(|e| DatasetError::Store(format!("{}: {e}", path.display())))?;
         Ok(Self {
             path: path.to_path_buf(),
             attrs,
-            fs: Arc::new(fs),
+            storage,
             opened: Mutex::new(HashMap::new()),
             // One chunk per call, decoded on the caller's thread: the loader spreads chunks over
             // its own threads.
@@ -150,7 +160,8 @@ impl StoreReader {
             return Ok(o.clone());
         }
         let node = Self::node(scene, level, kind);
-        let array = Array::open(self.fs.clone(), &node).map_err(|e| self.read_error(&node, e))?;
+        let array =
+            Array::open(self.storage.clone(), &node).map_err(|e| self.read_error(&node, e))?;
         let shards = ArrayShardedReadableExtCache::new(&array);
         let inner = InnerCodecs::of(&array);
         let o = Arc::new(Opened {

@@ -2,7 +2,6 @@
 //! study can be planned before ingest.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
@@ -79,13 +78,18 @@ pub struct SceneTable {
     pub has_patches: bool,
 }
 
+/// Whether the manifest at `path` exists (a file, or an object of a store in object storage).
+pub(crate) fn exists(path: &Path) -> Result<bool, DatasetError> {
+    crate::location::exists(path).map_err(|e| DatasetError::manifest(path, e.to_string()))
+}
+
 pub(crate) fn read_batches(
     path: &Path,
     columns: &[&str],
 ) -> Result<Vec<RecordBatch>, DatasetError> {
     let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
-    let file = File::open(path).map_err(|e| err(&e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(&e))?;
+    let bytes = crate::location::read(path).map_err(|e| err(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| err(&e))?;
     let schema = builder.parquet_schema();
     let mut roots = Vec::new();
     for c in columns {
@@ -107,12 +111,13 @@ pub(crate) fn read_batches(
 pub fn manifests_hash(store: &Path) -> Result<String, DatasetError> {
     let dir = store.join(MANIFESTS_DIR);
     let scenes_path = dir.join(SCENES_FILE);
-    if !scenes_path.exists() {
+    if !exists(&scenes_path)? {
         return Err(crate::error::no_scenes_manifest(store));
     }
     let mut hasher = blake3::Hasher::new();
     for p in [&scenes_path, &dir.join(PATCHES_FILE)] {
-        let bytes = std::fs::read(p).map_err(|e| DatasetError::manifest(p, e.to_string()))?;
+        let bytes =
+            crate::location::read(p).map_err(|e| DatasetError::manifest(p, e.to_string()))?;
         hasher.update(&(bytes.len() as u64).to_le_bytes());
         hasher.update(&bytes);
     }
@@ -125,7 +130,7 @@ impl SceneTable {
         let dir = store.join(MANIFESTS_DIR);
         let scenes_path = dir.join(SCENES_FILE);
         let patches_path = dir.join(PATCHES_FILE);
-        if !scenes_path.exists() {
+        if !exists(&scenes_path)? {
             return Err(crate::error::no_scenes_manifest(store));
         }
         let source_hash = manifests_hash(store)?;
@@ -160,7 +165,7 @@ impl SceneTable {
                 scenes.insert(e.id.clone(), e);
             }
         }
-        if patches_path.exists() {
+        if exists(&patches_path)? {
             for b in read_batches(&patches_path, &["scene_id"])? {
                 let ids = b.column(0).as_string::<i32>();
                 for i in 0..b.num_rows() {

@@ -7,49 +7,27 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use icefm_dataset::regime::{Regime, Role, Rule};
+use icefm_dataset::regime::Regime;
 use icefm_dataset::{Augment, Batch, Loader, LoaderOptions, Sampler, Transform};
-use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
-use icefm_ingest::store::{array_shape, new_attrs, read_f32, read_u8};
+use icefm_ingest::store::{array_shape, read_f32, read_u8};
 use icefm_schemas::norm::mean_std;
-use icefm_schemas::store::DEFAULT_CODEC;
 use icefm_schemas::{IGNORE, Level, Task};
-use icefm_synth::{SceneKind, SynthOptions, write_scene};
+use icefm_synth::SceneKind;
 
-const P: u32 = 64;
+mod common;
+use common::{P, ingest_scenes, regime};
 
 /// Two RTT scenes and one raw scene, ingested at 80 m and 160 m with 64-pixel patches; built
 /// once per test run.
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("loader-tests");
-        let _ = std::fs::remove_dir_all(&root);
-        let scenes = root.join("scenes");
-        let mut inputs = Vec::new();
-        for (i, (kind, h, w)) in [
+        let scenes = [
             (SceneKind::Rtt, 300, 330),
             (SceneKind::Rtt, 260, 200),
             (SceneKind::Raw, 540, 620),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let mut o = SynthOptions::new(kind, h, w, 11 + i as u64);
-            o.index = i as u32;
-            inputs.push(write_scene(&scenes, &o).unwrap());
-        }
-        let store = root.join("s.zarr");
-        let attrs = new_attrs(&Level::parse_list("80,160").unwrap(), P, DEFAULT_CODEC);
-        ingest(
-            &inputs,
-            &store,
-            attrs,
-            &IngestOptions::default(),
-            &NoReporter,
-        )
-        .unwrap();
-        store
+        ];
+        ingest_scenes("loader-tests", &scenes, 11)
     })
 }
 
@@ -76,24 +54,6 @@ fn augmented() -> LoaderOptions {
 
 fn all_scenes_regime(loader: &Loader) -> Vec<String> {
     loader.scenes().iter().map(|s| s.to_string()).collect()
-}
-
-fn regime(name: &str, scenes: Vec<String>) -> Regime {
-    Regime {
-        name: name.into(),
-        role: Role::Finetune,
-        rule: Rule::Import,
-        percent: None,
-        seed: 0,
-        list: None,
-        excluded: vec![],
-        source: String::new(),
-        source_hash: String::new(),
-        scenes,
-        notes: vec![],
-        patch_filter: None,
-        patches: None,
-    }
 }
 
 #[test]

@@ -181,7 +181,13 @@ impl StoreAttrs {
         let text = std::fs::read_to_string(&meta).map_err(|e| {
             StoreAttrsError(format!("not an icefm store (cannot read zarr.json: {e})"))
         })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        Self::from_zarr_json(&text)
+    }
+
+    /// The root attributes from the text of a store's root `zarr.json`, the format version
+    /// checked.
+    pub fn from_zarr_json(text: &str) -> Result<Self, StoreAttrsError> {
+        let v: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| StoreAttrsError(format!("zarr.json is not JSON: {e}")))?;
         let icefm = v.pointer("/attributes/icefm").cloned().ok_or_else(|| {
             StoreAttrsError("zarr.json has no attributes.icefm: not an icefm store".into())

@@ -241,6 +241,27 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
             !labelled,
             "{stderr}"
         );
+        if labelled {
+            // The same store served over HTTP, as from object storage: the same scores.
+            let server = http_files::HttpFiles::serve(input.parent().unwrap());
+            let url = format!(
+                "{}/{}",
+                server.base,
+                store.file_name().unwrap().to_string_lossy()
+            );
+            let remote = input.with_extension("eval-http");
+            ok(icefm()
+                .args(["eval", "--regime", "t", "--no-panels", "--run"])
+                .arg(&ft)
+                .args(["--store", &url, "--out"])
+                .arg(&remote)
+                .output()
+                .unwrap());
+            let text = std::fs::read_to_string(remote.join("metrics.json")).unwrap();
+            let over_http: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(over_http["scores"], metrics["scores"]);
+            assert!(server.counts().1 > 0, "{:?}", server.counts());
+        }
     }
     let stem = scene.file_stem().unwrap().to_string_lossy().into_owned();
     let (names, charts) = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {

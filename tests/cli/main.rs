@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod demo;
+#[path = "../support/http_files.rs"]
+mod http_files;
 mod ingest;
 mod train;
 

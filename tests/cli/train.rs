@@ -201,6 +201,61 @@ fn two_processes_train_one_run_with_dist() {
     assert!(err.contains("rank 2 of 2 ranks does not exist"), "{err}");
 }
 
+#[test]
+fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let url = format!("file://{}", store.display());
+    // A regime drawn from the URL lands in the store's regimes/ as one whole file.
+    ok(icefm()
+        .args([
+            "regime",
+            "--name",
+            "half",
+            "--rule",
+            "fraction",
+            "--percent",
+            "50",
+        ])
+        .args(["--seed", "1", "--store", &url])
+        .output()
+        .unwrap());
+    assert!(store.join("regimes/half.parquet").is_file());
+    // Trained from the folder, from the file:// URL and over HTTP: the same losses.
+    let server = http_files::HttpFiles::serve(dir.path());
+    let http = format!("{}/s.zarr", server.base);
+    let sets = ["train.steps=2", "train.warmup_steps=1", "data.regime=half"];
+    let mut runs = Vec::new();
+    for (name, at) in [
+        ("local", store.display().to_string()),
+        ("file", url),
+        ("http", http),
+    ] {
+        let run = dir.path().join(name);
+        ok(micro_train(Path::new(&at), &run, &sets, false)
+            .output()
+            .unwrap());
+        let log = std::fs::read_to_string(run.join("log.txt")).unwrap();
+        assert!(log.contains(&format!("store {at}")), "{log}");
+        runs.push(losses(&run));
+    }
+    assert_eq!(runs[0].len(), 2);
+    assert_eq!(runs[1], runs[0]);
+    assert_eq!(runs[2], runs[0]);
+    assert!(server.counts().1 > 0, "{:?}", server.counts());
+    // Commands that write a store or read its ingest records refuse a URL, saying what to do.
+    for args in [
+        vec!["ingest", "--store", "s3://bucket/a.zarr", "x.nc"],
+        vec!["inspect", "s3://bucket/a.zarr"],
+        vec!["manifest", "merge", "--store", "s3://bucket/a.zarr"],
+    ] {
+        let out = icefm().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("needs a local store"), "{args:?}: {err}");
+    }
+}
+
 /// The `loss` column of a run's `metrics.parquet`.
 fn losses(run: &Path) -> Vec<f32> {
     use arrow_array::cast::AsArray;

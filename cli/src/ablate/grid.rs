@@ -12,7 +12,6 @@ use icefm_model::config::TrainConfig;
 use icefm_model::finetune::resolve_weights;
 use icefm_model::train::checkpoints;
 use icefm_schemas::Task;
-use icefm_schemas::store::StoreAttrs;
 use serde::Deserialize;
 
 /// Version of the grid file format (`version = 1`, the default).
@@ -293,7 +292,7 @@ fn mae_paths(g: &str, grid_dir: &Path, grid: &GridFile) -> Result<BTreeMap<Strin
 
 /// Every `levels` value must be a level list of the store.
 fn check_levels(g: &str, store: &Path, levels: &[String]) -> Result<()> {
-    let attrs = StoreAttrs::read(store).map_err(|e| anyhow!("{}: {e}", store.display()))?;
+    let attrs = icefm_dataset::store::read_attrs(store)?;
     for l in levels.iter().filter(|l| !l.trim().is_empty()) {
         let parsed = parse_level_weights(l).map_err(|e| anyhow!("{g}: levels {l:?}: {e}"))?;
         if let Some((missing, _)) = parsed.iter().find(|(l, _)| !attrs.levels.contains(l)) {

@@ -48,7 +48,8 @@ pub struct LoaderOptions {
     /// Patches whose valid-SAR fraction (manifest `valid_fraction`, of the full patch area) is
     /// below this are never drawn (random samplers only). 1.0 is SAR-IceFM's rule (no NaN).
     pub min_valid: f32,
-    /// Decoding threads; 0 = all cores.
+    /// Decoding threads; 0 = all cores, and at least [`REMOTE_THREADS`] for a store in object
+    /// storage.
     pub threads: usize,
     /// Batches computed ahead by [`Loader::iter`].
     pub prefetch: usize,
@@ -199,13 +200,22 @@ struct Buffers {
     valid: Vec<u8>,
 }
 
+/// Loader threads for a store in object storage unless told otherwise: each request waits on the
+/// network (10–30 ms to the first byte), so threads beyond the cores keep requests in flight
+/// while others decode (`docs/object-store.md`).
+pub const REMOTE_THREADS: usize = 32;
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn loader_error(msg: impl Into<String>) -> DatasetError {
     DatasetError::Loader(msg.into())
 }
 
 impl Loader {
-    /// Open a loader on `store`, over the scenes of `regime` (all complete scenes of the store
-    /// when `None`).
+    /// Open a loader on `store` (a folder, or a URL into object storage: [`crate::location`]),
+    /// over the scenes of `regime` (all complete scenes of the store when `None`).
     pub fn open(
         store: &Path,
         regime: Option<&Regime>,
@@ -312,10 +322,10 @@ impl Loader {
             Sampler::Sequential { overlap } => tiles(&extents, crop, overlap)?,
             _ => Vec::new(),
         };
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism().map_or(1, usize::from)
-        } else {
-            opts.threads
+        let threads = match opts.threads {
+            0 if crate::location::is_url(store) => cores().max(REMOTE_THREADS),
+            0 => cores(),
+            n => n,
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -385,6 +395,11 @@ impl Loader {
     /// Crop edge in pixels.
     pub fn crop(&self) -> u32 {
         self.inner.crop
+    }
+
+    /// Threads the loader decodes on.
+    pub fn threads(&self) -> usize {
+        self.inner.pool.current_num_threads()
     }
 
     /// Cache hits and misses so far.

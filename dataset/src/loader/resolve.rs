@@ -198,7 +198,7 @@ pub(super) fn tiles(
 /// Scene ids of the store's scenes manifest (complete scenes only are listed there).
 fn complete_scenes(store: &Path) -> Result<Vec<String>, DatasetError> {
     let path = store.join(MANIFESTS_DIR).join(SCENES_FILE);
-    if !path.exists() {
+    if !crate::table::exists(&path)? {
         return Err(crate::error::no_scenes_manifest(store));
     }
     let mut out = Vec::new();

@@ -6,7 +6,6 @@
 //! construction, and the same table, rule and seed give the same file, byte for byte.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,7 +16,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
 use icefm_schemas::manifest::PATCHES_FILE;
 use icefm_schemas::names::parse_scene_name;
-use icefm_schemas::store::{MANIFESTS_DIR, StoreAttrs};
+use icefm_schemas::store::MANIFESTS_DIR;
 use icefm_schemas::{Level, Task};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -210,8 +209,7 @@ pub fn list_patches(
             "--min-valid {min_valid} is not in 0–1"
         )));
     }
-    let attrs = StoreAttrs::read(store)
-        .map_err(|e| DatasetError::Store(format!("{}: {e}", store.display())))?;
+    let attrs = crate::store::read_attrs(store)?;
     let levels: Vec<Level> = if levels.is_empty() {
         attrs.levels.clone()
     } else {
@@ -341,12 +339,10 @@ impl Regime {
         store.join(REGIMES_DIR).join(format!("{name}.parquet"))
     }
 
-    /// Write as Parquet (scene_id, rank, role; the description as key-value metadata), through a
-    /// temporary file and a rename, so a reader never sees half a regime.
+    /// Write as Parquet (scene_id, rank, role; the description as key-value metadata), whole
+    /// ([`crate::location::write`]: a temporary file and a rename, or one upload into object
+    /// storage), so a reader never sees half a regime.
     pub fn write(&self, path: &Path) -> Result<(), DatasetError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| DatasetError::write(dir, e))?;
-        }
         let meta = serde_json::to_string(self).map_err(|e| DatasetError::write(path, e))?;
         let n = self.scenes.len();
         let columns: Vec<ArrayRef> = vec![
@@ -385,20 +381,18 @@ impl Regime {
                 meta,
             )]))
             .build();
-        let tmp = path.with_extension("parquet.tmp");
-        let file = File::create(&tmp).map_err(|e| DatasetError::write(&tmp, e))?;
-        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
-            .map_err(|e| DatasetError::write(&tmp, e))?;
-        w.write(&batch).map_err(|e| DatasetError::write(&tmp, e))?;
-        w.close().map_err(|e| DatasetError::write(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| DatasetError::write(path, e))
+        let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
+            .map_err(|e| DatasetError::write(path, e))?;
+        w.write(&batch).map_err(|e| DatasetError::write(path, e))?;
+        let bytes = w.into_inner().map_err(|e| DatasetError::write(path, e))?;
+        crate::location::write(path, bytes).map_err(|e| DatasetError::write(path, e))
     }
 
     /// Read a regime file written by [`Regime::write`]; the scene column is authoritative.
     pub fn read(path: &Path) -> Result<Self, DatasetError> {
         let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
-        let file = File::open(path).map_err(|e| err(&e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(&e))?;
+        let bytes = crate::location::read(path).map_err(|e| err(&e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| err(&e))?;
         let meta = builder
             .metadata()
             .file_metadata()
@@ -459,7 +453,7 @@ impl Regime {
             )));
         };
         let path = Self::path_in(store, name_or_path);
-        if path.exists() {
+        if crate::table::exists(&path)? {
             return Self::read(&path);
         }
         let known = list_regimes(store);
@@ -475,18 +469,12 @@ impl Regime {
     }
 }
 
-/// Names of the regimes of a store, sorted.
+/// Names of the regimes of a store, sorted (none when they cannot be listed).
 pub fn list_regimes(store: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(store.join(REGIMES_DIR))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".parquet"))
-                .map(str::to_string)
-        })
+    let mut v: Vec<String> = crate::location::list(&store.join(REGIMES_DIR))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| n.strip_suffix(".parquet").map(str::to_string))
         .collect();
     v.sort();
     v

@@ -1,0 +1,227 @@
+//! Object storage through the object_store crate: one client per bucket (or host), built from
+//! the URL and the environment, shared by all reads; one small tokio runtime that the callers'
+//! threads block on.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload,
+};
+use url::Url;
+use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
+use zarrs::storage::{
+    MaybeBytes, MaybeBytesIterator, ReadableStorage, ReadableStorageTraits, StorageError, StoreKey,
+};
+
+/// Worker threads of the runtime: they only drive sockets and timers (the loader's threads
+/// block on the requests and decode on their own), so two keep many requests in flight.
+const RUNTIME_THREADS: usize = 2;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RUNTIME_THREADS)
+            .thread_name("icefm-object-store")
+            .enable_all()
+            .build()
+            // Building a runtime fails only when the OS refuses threads or an epoll instance.
+            .unwrap_or_else(|e| panic!("cannot start the object-store runtime: {e}"))
+    })
+}
+
+fn invalid(path: &Path, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{}: {e}", path.display()),
+    )
+}
+
+fn io_error(e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
+        e => io::Error::other(e),
+    }
+}
+
+/// The client for the bucket (or host) of `path`, and the object's path in it.
+fn locate(path: &Path) -> io::Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+    let text = path.to_str().ok_or_else(|| invalid(path, "not UTF-8"))?;
+    let url = Url::parse(text).map_err(|e| invalid(path, e))?;
+    let (_, object) = ObjectStoreScheme::parse(&url).map_err(|e| invalid(path, e))?;
+    // The client is that of the URL up to its path, and of the path's first segment where the
+    // scheme takes the bucket from there (Azure and path-style S3 over https).
+    let whole = ObjectPath::from_url_path(url.path()).map_err(|e| invalid(path, e))?;
+    let mut key = url[..url::Position::BeforePath].to_string();
+    if whole != object
+        && let Some(bucket) = whole.parts().next()
+    {
+        key.push('/');
+        key.push_str(bucket.as_ref());
+    }
+    static CLIENTS: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    // A panic while holding the map cannot leave it inconsistent (inserts are whole).
+    let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = clients.get(&key) {
+        return Ok((c.clone(), object));
+    }
+    // A URL that says http:// allows plain HTTP (object_store refuses it by default).
+    let mut options: Vec<(String, String)> = std::env::vars().collect();
+    if url.scheme() == "http" {
+        options.push(("allow_http".into(), "true".into()));
+    }
+    let (client, _) = object_store::parse_url_opts(&url, options)
+        .map_err(|e| invalid(path, format!("cannot open object storage: {e}")))?;
+    let client: Arc<dyn ObjectStore> = Arc::from(client);
+    clients.insert(key, client.clone());
+    Ok((client, object))
+}
+
+pub(super) fn read(path: &Path) -> io::Result<Bytes> {
+    let (client, object) = locate(path)?;
+    runtime()
+        .block_on(async {
+            let got = client.get(&object).await?;
+            got.bytes().await
+        })
+        .map_err(io_error)
+}
+
+pub(super) fn exists(path: &Path) -> io::Result<bool> {
+    let (client, object) = locate(path)?;
+    match runtime().block_on(client.head(&object)) {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+pub(super) fn list(dir: &Path) -> io::Result<Vec<String>> {
+    let (client, prefix) = locate(dir)?;
+    let listed = runtime()
+        .block_on(client.list_with_delimiter(Some(&prefix)))
+        .map_err(io_error)?;
+    let mut names: Vec<String> = listed
+        .objects
+        .iter()
+        .filter_map(|o| o.location.filename().map(str::to_string))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+pub(super) fn write(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
+    let (client, object) = locate(path)?;
+    runtime()
+        .block_on(client.put(&object, PutPayload::from(bytes)))
+        .map(|_| ())
+        .map_err(io_error)
+}
+
+pub(super) fn zarr_storage(root: &Path) -> io::Result<ReadableStorage> {
+    let (client, prefix) = locate(root)?;
+    Ok(Arc::new(ObjectStorage { client, prefix }))
+}
+
+/// A store's objects as zarrs storage, read-only, on the calling thread.
+///
+/// Each byte range is one ranged GET: zarrs asks for a chunk by offset and length, and for a
+/// shard's index as a suffix, and object storage serves both as they are. (zarrs' own
+/// object_store adapter asks for the object's size first, one more round trip per chunk.)
+struct ObjectStorage {
+    client: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+}
+
+impl ObjectStorage {
+    fn path(&self, key: &StoreKey) -> ObjectPath {
+        key.as_str()
+            .split('/')
+            .fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+}
+
+fn storage_error(e: object_store::Error) -> StorageError {
+    StorageError::Other(e.to_string())
+}
+
+/// Whether the object was there: `Ok(None)` for a missing one, as zarrs expects.
+fn found<T>(r: object_store::Result<T>) -> Result<Option<T>, StorageError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(storage_error(e)),
+    }
+}
+
+fn get_range(range: ByteRange) -> GetRange {
+    match range {
+        ByteRange::FromStart(offset, Some(length)) => GetRange::Bounded(offset..offset + length),
+        ByteRange::FromStart(offset, None) => GetRange::Offset(offset),
+        ByteRange::Suffix(length) => GetRange::Suffix(length),
+    }
+}
+
+impl ReadableStorageTraits for ObjectStorage {
+    fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
+        let path = self.path(key);
+        let got = runtime().block_on(async {
+            match self.client.get(&path).await {
+                Ok(g) => g.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        got.map_err(storage_error)
+    }
+
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        let path = self.path(key);
+        let ranges: Vec<ByteRange> = byte_ranges.collect();
+        let got = runtime().block_on(async {
+            let mut parts = Vec::with_capacity(ranges.len());
+            for r in &ranges {
+                let options = GetOptions {
+                    range: Some(get_range(*r)),
+                    ..GetOptions::default()
+                };
+                let g = self.client.get_opts(&path, options).await?;
+                parts.push(g.bytes().await?);
+            }
+            Ok(parts)
+        });
+        let Some(parts) = found(got)? else {
+            return Ok(None);
+        };
+        for (r, p) in ranges.iter().zip(&parts) {
+            if let ByteRange::FromStart(_, Some(length)) | ByteRange::Suffix(length) = *r
+                && p.len() as u64 != length
+            {
+                return Err(StorageError::Other(format!(
+                    "{path}: asked for {length} bytes ({r:?}), got {}",
+                    p.len()
+                )));
+            }
+        }
+        Ok(Some(Box::new(parts.into_iter().map(Ok))))
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        let path = self.path(key);
+        Ok(found(runtime().block_on(self.client.head(&path)))?.map(|m| m.size))
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        true
+    }
+}
