@@ -146,6 +146,10 @@ fn a_store_served_over_http_reads_as_its_folder() {
     );
     let e = SceneTable::from_store(&missing).unwrap_err().to_string();
     assert!(e.contains("no scenes manifest"), "{e}");
+    let e = Regime::open(Some(&missing), "first")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nothing.zarr: not an icefm store"), "{e}");
 }
 
 #[test]

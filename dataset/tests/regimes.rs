@@ -266,8 +266,10 @@ fn bad_requests_fail_with_one_clear_error() {
     .unwrap();
     let e = SceneTable::from_counts_csv(&p).unwrap_err().to_string();
     assert!(e.contains("line 3") && e.contains("`ICE`"), "{e}");
+    // A regime of a folder that is no store: the store is what is wrong.
     let e = Regime::open(Some(dir.path()), "nope")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("unknown regime `nope`"), "{e}");
+    assert!(e.contains("not an icefm store"), "{e}");
+    assert!(!e.contains("unknown regime"), "{e}");
 }

@@ -456,6 +456,8 @@ impl Regime {
         if crate::table::exists(&path)? {
             return Self::read(&path);
         }
+        // Not a store at all (a wrong path, a missing bucket): say that, not "unknown regime".
+        crate::store::read_attrs(store)?;
         let known = list_regimes(store);
         Err(regime_error(format!(
             "unknown regime `{name_or_path}` in {} (known: {})",
