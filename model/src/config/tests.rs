@@ -1,0 +1,138 @@
+//! Tests of `config`.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+#[test]
+fn shipped_presets_parse() {
+    let b = TrainConfig::parse(include_str!("../../../configs/mae_vit_b.toml"), &[]).unwrap();
+    let m = b.mae_config().unwrap();
+    assert_eq!(
+        (m.encoder.dim, m.encoder.depth, m.encoder.heads),
+        (768, 12, 12)
+    );
+    assert_eq!(
+        (m.decoder_dim, m.decoder_depth, m.decoder_heads),
+        (512, 8, 16)
+    );
+    assert_eq!(
+        (b.train.steps, b.train.warmup_steps, b.data.crop),
+        (30_000, 3000, 384)
+    );
+    assert_eq!(b.data.levels.split(',').count(), 9);
+    let t = TrainConfig::parse(include_str!("../../../configs/mae_vit_tiny.toml"), &[]).unwrap();
+    assert_eq!(t.mae_config().unwrap().encoder.dim, 192);
+}
+
+#[test]
+fn shipped_fine_tuning_presets_parse() {
+    let b = TrainConfig::parse(include_str!("../../../configs/seg_vit_b.toml"), &[]).unwrap();
+    let s = b.seg_config().unwrap();
+    assert_eq!((s.encoder.dim, s.layers), (768, [2, 5, 8, 11]));
+    assert_eq!(
+        (s.head, s.channels, s.sic_loss),
+        (HeadKind::UperNet, 512, SicLoss::Mse)
+    );
+    assert_eq!(s.tasks, Task::ALL.to_vec());
+    assert_eq!(s.task_weights, [1.0, 3.0, 3.0]);
+    let t = TrainConfig::parse(
+        include_str!("../../../configs/seg_vit_tiny.toml"),
+        &["seg.tasks=[\"sod\"]".into(), "seg.eval_level=200".into()],
+    )
+    .unwrap();
+    let s = t.seg_config().unwrap();
+    assert_eq!((s.head, s.tasks.clone()), (HeadKind::Fcn, vec![Task::Sod]));
+    assert_eq!(s.layers, SegConfig::default_layers(12));
+    assert_eq!(SegConfig::default_layers(12), [2, 5, 8, 11]);
+    assert_eq!(SegConfig::default_layers(2), [0, 0, 0, 1]);
+    assert_eq!(t.seg.unwrap().eval_level, "200");
+    // The MAE presets have no [seg] section and stay MAE runs.
+    let m = TrainConfig::parse(include_str!("../../../configs/mae_vit_tiny.toml"), &[]).unwrap();
+    assert!(!m.is_seg() && !m.to_toml().contains("[seg]"));
+}
+
+#[test]
+fn bad_fine_tuning_keys_are_one_line_errors() {
+    let base = include_str!("../../../configs/seg_vit_tiny.toml");
+    for (set, want) in [
+        ("seg.head=unet", "seg.head `unet`"),
+        (
+            "seg.tasks=[\"SIC\", \"ICE\"]",
+            "`ICE` is not SIC, SOD or FLOE",
+        ),
+        ("seg.tasks=[\"SOD\", \"SOD\"]", "names SOD twice"),
+        ("seg.layers=[1, 2]", "seg.layers has 2 entries"),
+        ("seg.layers=[1, 2, 3, 12]", "block 12 is not below"),
+        ("seg.sic_loss=huber", "seg.sic_loss `huber`"),
+        ("seg.eval_blend=max", "seg.eval_blend `max`"),
+        ("seg.colour=1", "unknown field `colour`"),
+    ] {
+        let e = TrainConfig::parse(base, &[set.to_string()]).unwrap_err().0;
+        assert!(e.contains(want), "{set}: {e}");
+    }
+}
+
+#[test]
+fn parse_override_and_reject() {
+    let text = "[model]\npreset = \"small\"\n[train]\nsteps = 10\nlr = 1e-3\n";
+    let c = TrainConfig::parse(
+        text,
+        &[
+            "train.steps=40".into(),
+            "data.regime=pt80".into(),
+            "data.levels=80".into(),
+            "data.channels=[\"HH\", \"HV\"]".into(),
+            "mae.mask_ratio=0.6".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.model.preset, "small");
+    assert_eq!(c.train.steps, 40);
+    assert_eq!(c.train.lr, 1e-3);
+    assert_eq!(c.data.regime, "pt80");
+    assert_eq!(c.data.levels, "80");
+    assert_eq!(c.mae.mask_ratio, 0.6);
+    assert_eq!(c.mae_config().unwrap().encoder.dim, 384);
+    // The resolved TOML parses back to the same configuration.
+    assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    for (text, set, want) in [
+        ("[train]\nstep = 3\n", "", "unknown field `step`"),
+        ("", "train.steps", "expected section.key=value"),
+        ("", "steps=3", "expected section.key=value"),
+        ("[model]\npreset = \"giant\"\n", "", "model.preset `giant`"),
+        ("[data]\ncrop = 100\n", "", "multiple of the patch 16"),
+        (
+            "[data]\nchannels = [\"HH\"]\n",
+            "",
+            "model.in_channels is 2",
+        ),
+        (
+            "",
+            "train.steps=\"many\"",
+            "--set train.steps=\"many\": invalid type",
+        ),
+        (
+            "[train]\nsteps = 4\n",
+            "train.stepz=3",
+            "--set train.stepz=3: unknown field `stepz`",
+        ),
+        (
+            "[model]\npreset = \"small\"\n[train]\nsteps = \"x\"\n",
+            "train.lr=2",
+            "config line 4 (steps = \"x\"): invalid type: string \"x\", expected u64",
+        ),
+        (
+            "[train]\nsteps = 3\nlr = = 2\n",
+            "",
+            "config line 3 (lr = = 2)",
+        ),
+    ] {
+        let sets: Vec<String> = if set.is_empty() {
+            vec![]
+        } else {
+            vec![set.into()]
+        };
+        let e = TrainConfig::parse(text, &sets).err().unwrap().to_string();
+        assert!(e.contains(want), "{text:?} {set:?}: {e}");
+    }
+}
