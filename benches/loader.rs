@@ -354,6 +354,40 @@ fn loader_http(c: &mut Criterion) {
         eprintln!("{latency_ms} ms: {requests} requests, {ranged} of them byte ranges");
     }
     g.finish();
+    // Whole scene levels, as `icefm eval` reads them: the first scene's 80 m level (HH, HV and
+    // labels), from the folder and over HTTP.
+    let mut g = c.benchmark_group("scene_read_http");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
+    let level = Level::new(80).expect("80 m");
+    let channels = ["HH".to_string(), "HV".to_string()];
+    let scene_id =
+        |reader: &icefm_dataset::SceneReader| reader.scenes(None).expect("scenes")[0].clone();
+    let local = icefm_dataset::SceneReader::open(&store, &channels).expect("store");
+    let id = scene_id(&local);
+    let [h, w] = {
+        let s = local.read(&id, level).expect("scene");
+        [s.height, s.width]
+    };
+    eprintln!("scene {id} at 80 m: {h} x {w} px");
+    g.throughput(Throughput::Elements((h * w) as u64));
+    g.bench_function("local", |b| {
+        b.iter(|| local.read(&id, level).expect("scene").height)
+    });
+    for latency_ms in [0, 20] {
+        let server = http_files::HttpFiles::serve_with_latency(
+            store.parent().expect("folder"),
+            Duration::from_millis(latency_ms),
+        );
+        let name = store.file_name().expect("name").to_string_lossy();
+        let url = PathBuf::from(format!("{}/{name}", server.base));
+        let reader = icefm_dataset::SceneReader::open(&url, &channels).expect("store");
+        g.bench_function(format!("{latency_ms}ms"), |b| {
+            b.iter(|| reader.read(&id, level).expect("scene").height)
+        });
+    }
+    g.finish();
 }
 
 #[cfg(not(feature = "object-store"))]

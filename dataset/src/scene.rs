@@ -40,14 +40,35 @@ pub struct SceneLevel {
 pub struct SceneReader {
     reader: StoreReader,
     channels: Vec<ChannelSource>,
+    /// For a store in object storage: threads that wait on its requests
+    /// ([`crate::loader::REMOTE_THREADS`]); a local store decodes on rayon's global pool.
+    remote_pool: Option<rayon::ThreadPool>,
 }
 
 impl SceneReader {
-    /// Open `store` for the input `channels` (names from the store's `sar` and `aux` channels).
+    /// Open `store` (a folder, or a URL into object storage) for the input `channels` (names
+    /// from the store's `sar` and `aux` channels).
     pub fn open(store: &Path, channels: &[String]) -> Result<Self, DatasetError> {
         let reader = StoreReader::open(store)?;
         let channels = resolve_channels(&reader, channels)?;
-        Ok(Self { reader, channels })
+        let remote_pool = if crate::location::is_url(store) {
+            let threads = rayon::current_num_threads().max(crate::loader::REMOTE_THREADS);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("icefm-scene-{i}"))
+                .build()
+                .map_err(|e| {
+                    DatasetError::Store(format!("cannot start the reading threads: {e}"))
+                })?;
+            Some(pool)
+        } else {
+            None
+        };
+        Ok(Self {
+            reader,
+            channels,
+            remote_pool,
+        })
     }
 
     /// The store's levels, finest first.
@@ -144,14 +165,20 @@ impl SceneReader {
         let [c, h, w] = self.reader.shape(scene, level, kind)?.map(|d| d as usize);
         let p = self.reader.attrs.patch as usize;
         let (rows, cols) = (h.div_ceil(p), w.div_ceil(p));
-        let chunks: Vec<((usize, usize), Vec<u8>)> = (0..rows * cols)
-            .into_par_iter()
-            .map(|i| {
-                let (r, q) = (i / cols, i % cols);
-                let chunk = self.reader.decode(scene, level, kind, r as u64, q as u64)?;
-                Ok(((r, q), chunk.0.to_vec()))
-            })
-            .collect::<Result<_, DatasetError>>()?;
+        let decode_all = || {
+            (0..rows * cols)
+                .into_par_iter()
+                .map(|i| {
+                    let (r, q) = (i / cols, i % cols);
+                    let chunk = self.reader.decode(scene, level, kind, r as u64, q as u64)?;
+                    Ok(((r, q), chunk.0.to_vec()))
+                })
+                .collect::<Result<Vec<((usize, usize), Vec<u8>)>, DatasetError>>()
+        };
+        let chunks = match &self.remote_pool {
+            Some(pool) => pool.install(decode_all)?,
+            None => decode_all()?,
+        };
         let Some(first) = chunks.first() else {
             return Ok((Vec::new(), [c, h, w]));
         };
