@@ -298,6 +298,18 @@ fn loader(c: &mut Criterion) {
     g.finish();
 }
 
+/// `store` served over HTTP, each answer `latency_ms` late: the server and the store's URL.
+#[cfg(feature = "object-store")]
+fn served(store: &Path, latency_ms: u64) -> (http_files::HttpFiles, PathBuf) {
+    let server = http_files::HttpFiles::serve_with_latency(
+        store.parent().expect("folder"),
+        Duration::from_millis(latency_ms),
+    );
+    let name = store.file_name().expect("name").to_string_lossy();
+    let url = PathBuf::from(format!("{}/{name}", server.base));
+    (server, url)
+}
+
 /// The loader over HTTP: cache off (every chunk a request) and training settings (cache on),
 /// with the loader's threads raised to hide the requests' latency.
 #[cfg(feature = "object-store")]
@@ -309,12 +321,7 @@ fn loader_http(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(2));
     g.throughput(Throughput::Elements(BATCH as u64));
     for latency_ms in [0, 20] {
-        let server = http_files::HttpFiles::serve_with_latency(
-            store.parent().expect("folder"),
-            Duration::from_millis(latency_ms),
-        );
-        let name = store.file_name().expect("name").to_string_lossy();
-        let url = PathBuf::from(format!("{}/{name}", server.base));
+        let (server, url) = served(&store, latency_ms);
         for threads in [2, 8, 32] {
             for (what, cache_bytes, augment) in [
                 ("nocache", 0, Augment::default()),
@@ -376,12 +383,7 @@ fn loader_http(c: &mut Criterion) {
         b.iter(|| local.read(&id, level).expect("scene").height)
     });
     for latency_ms in [0, 20] {
-        let server = http_files::HttpFiles::serve_with_latency(
-            store.parent().expect("folder"),
-            Duration::from_millis(latency_ms),
-        );
-        let name = store.file_name().expect("name").to_string_lossy();
-        let url = PathBuf::from(format!("{}/{name}", server.base));
+        let (_server, url) = served(&store, latency_ms);
         let reader = icefm_dataset::SceneReader::open(&url, &channels).expect("store");
         g.bench_function(format!("{latency_ms}ms"), |b| {
             b.iter(|| reader.read(&id, level).expect("scene").height)
