@@ -49,6 +49,7 @@ regime=(regime --name half --rule fraction --percent 50 --seed 1 --store)
 "$icefm" "${regime[@]}" "$url" | tail -1
 "$icefm" "${regime[@]}" "$data/s.zarr" | tail -1
 "$icefm" inspect "$url" --regime half | tail -1
+diff <("$icefm" inspect "$url") <("$icefm" inspect "$data/s.zarr") && echo "inspect: the bucket's summary is the folder's"
 sets=()
 for s in model.preset=micro mae.decoder_dim=8 mae.decoder_depth=1 mae.decoder_heads=2 \
     data.levels=80 data.crop=32 data.batch_size=2 train.steps=3 train.warmup_steps=1 \

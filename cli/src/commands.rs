@@ -6,15 +6,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Error, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use icefm_ingest::inspect::summarize;
+use icefm_ingest::inspect::{StoreSummary, summarize, summarize_manifests};
 use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
 use icefm_ingest::reader::is_reference_file;
 use icefm_ingest::shard::{Shard, list_shards};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
+use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
 use icefm_schemas::sigrid::MergeMode;
-use icefm_schemas::store::{Codec, DEFAULT_PATCH};
+use icefm_schemas::store::{Codec, DEFAULT_PATCH, MANIFESTS_DIR};
 use icefm_synth::{Encoding, Release, SceneKind, Service, SynthOptions, write_scene};
 
 use crate::progress::IngestBars;
@@ -461,6 +462,27 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
+/// The summary of a store in object storage, from its attributes and manifests (its ingest
+/// records are local to the machine that ingested it).
+fn summarize_remote(store: &Path) -> Result<StoreSummary> {
+    use icefm_dataset::table::read_manifest;
+    let attrs = icefm_dataset::store::read_attrs(store)?;
+    let dir = store.join(MANIFESTS_DIR);
+    let (scenes, patches) = (dir.join(SCENES_FILE), dir.join(PATCHES_FILE));
+    if !icefm_dataset::location::exists(&scenes)? {
+        bail!(
+            "{}: no scenes manifest (ingest into a folder and copy the whole store, manifests \
+             included)",
+            store.display()
+        );
+    }
+    Ok(summarize_manifests(
+        &attrs,
+        (&read_manifest(&scenes)?, &scenes),
+        (&read_manifest(&patches)?, &patches),
+    )?)
+}
+
 pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if crate::run_summary::is_run(&a.store) {
         if a.png.is_some() || a.regime.is_some() {
@@ -474,7 +496,15 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if let Some(name) = &a.regime {
         return crate::regime::inspect_regime(&a.store, name);
     }
-    local_store(&a.store, "inspect")?;
+    if icefm_dataset::location::is_url(&a.store) {
+        if a.png.is_some() {
+            local_store(&a.store, "inspect --png")?;
+        }
+        let s =
+            summarize_remote(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
+        print!("{}", s.render());
+        return Ok(());
+    }
     let s = summarize(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
     print!("{}", s.render());
     if let Some(png) = &a.png {

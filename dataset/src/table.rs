@@ -83,6 +83,17 @@ pub(crate) fn exists(path: &Path) -> Result<bool, DatasetError> {
     crate::location::exists(path).map_err(|e| DatasetError::manifest(path, e.to_string()))
 }
 
+/// Every row and column of the Parquet manifest at `path` (a file, or an object of a store in
+/// object storage).
+pub fn read_manifest(path: &Path) -> Result<Vec<RecordBatch>, DatasetError> {
+    let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
+    let bytes = crate::location::read(path).map_err(|e| err(&e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|b| b.build())
+        .map_err(|e| err(&e))?;
+    reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
+}
+
 pub(crate) fn read_batches(
     path: &Path,
     columns: &[&str],

@@ -9,7 +9,7 @@ use arrow_array::{
 };
 use icefm_schemas::Task;
 use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
-use icefm_schemas::store::{CLAIMS_DIR, MANIFESTS_DIR, SCENES_GROUP};
+use icefm_schemas::store::{CLAIMS_DIR, MANIFESTS_DIR, SCENES_GROUP, StoreAttrs};
 
 use crate::error::StoreError;
 use crate::manifest::{committed_scenes, read_parquet};
@@ -83,14 +83,19 @@ fn folder_names(dir: &Path, dirs: bool) -> Result<Vec<String>, StoreError> {
     Ok(out)
 }
 
-/// Read a store's summary.
+/// Read a store's summary: its manifests, and the records of ingests that have not finished.
 pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
     let store = Store::open(store_path)?;
-    let mut s = StoreSummary {
-        class_pixels: Task::ALL.map(|t| vec![0; t.hist_len()]),
-        levels: store.attrs.levels.iter().map(|l| l.name()).collect(),
-        patch: store.attrs.patch,
-        ..Default::default()
+    let dir = store_path.join(MANIFESTS_DIR);
+    let (scenes_path, patches_path) = (dir.join(SCENES_FILE), dir.join(PATCHES_FILE));
+    let mut s = if scenes_path.exists() {
+        summarize_manifests(
+            &store.attrs,
+            (&read_parquet(&scenes_path)?, &scenes_path),
+            (&read_parquet(&patches_path)?, &patches_path),
+        )?
+    } else {
+        summarize_manifests(&store.attrs, (&[], &scenes_path), (&[], &patches_path))?
     };
     let committed = committed_scenes(store_path)?;
     s.committed = committed.len();
@@ -111,18 +116,30 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
         .filter(|r| !r.complete())
         .map(|r| (r.of, r.missing))
         .collect();
-    let dir = store_path.join(MANIFESTS_DIR);
-    let scenes_path = dir.join(SCENES_FILE);
-    if !scenes_path.exists() {
-        return Ok(s);
-    }
-    for b in read_parquet(&scenes_path)? {
-        let id: &StringArray = col(&b, "scene_id", &scenes_path)?;
-        let kind: &StringArray = col(&b, "kind", &scenes_path)?;
-        let h: &UInt32Array = col(&b, "height", &scenes_path)?;
-        let w: &UInt32Array = col(&b, "width", &scenes_path)?;
-        let valid: &UInt64Array = col(&b, "valid_pixels", &scenes_path)?;
-        let unknown: &UInt32Array = col(&b, "unknown_code_count", &scenes_path)?;
+    Ok(s)
+}
+
+/// The summary of a store's root attributes and manifests alone (`scenes.parquet`,
+/// `patches.parquet`, read elsewhere: from object storage, say), each with its path for
+/// errors. Ingest records are not looked at: every listed scene counts as committed.
+pub fn summarize_manifests(
+    attrs: &StoreAttrs,
+    (scenes, scenes_path): (&[RecordBatch], &Path),
+    (patches, patches_path): (&[RecordBatch], &Path),
+) -> Result<StoreSummary, StoreError> {
+    let mut s = StoreSummary {
+        class_pixels: Task::ALL.map(|t| vec![0; t.hist_len()]),
+        levels: attrs.levels.iter().map(|l| l.name()).collect(),
+        patch: attrs.patch,
+        ..Default::default()
+    };
+    for b in scenes {
+        let id: &StringArray = col(b, "scene_id", scenes_path)?;
+        let kind: &StringArray = col(b, "kind", scenes_path)?;
+        let h: &UInt32Array = col(b, "height", scenes_path)?;
+        let w: &UInt32Array = col(b, "width", scenes_path)?;
+        let valid: &UInt64Array = col(b, "valid_pixels", scenes_path)?;
+        let unknown: &UInt32Array = col(b, "unknown_code_count", scenes_path)?;
         for i in 0..b.num_rows() {
             let px = f64::from(h.value(i)) * f64::from(w.value(i));
             s.scenes.push(SceneSummary {
@@ -137,13 +154,13 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
         let first = s.scenes.len() - b.num_rows();
         for t in Task::ALL {
             let name = icefm_schemas::manifest::hist_column(t, "pixels");
-            let l: &FixedSizeListArray = col(&b, &name, &scenes_path)?;
+            let l: &FixedSizeListArray = col(b, &name, scenes_path)?;
             let vals = l
                 .values()
                 .as_any()
                 .downcast_ref::<UInt64Array>()
                 .ok_or_else(|| {
-                    StoreError::parquet(&scenes_path, format!("{name} is not a list of u64"))
+                    StoreError::parquet(scenes_path, format!("{name} is not a list of u64"))
                 })?;
             let n = t.hist_len();
             for i in 0..b.num_rows() {
@@ -160,10 +177,9 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
             }
         }
     }
-    let patches_path = dir.join(PATCHES_FILE);
-    for b in read_parquet(&patches_path)? {
-        let level: &StringArray = col(&b, "level", &patches_path)?;
-        let vf: &Float32Array = col(&b, "valid_fraction", &patches_path)?;
+    for b in patches {
+        let level: &StringArray = col(b, "level", patches_path)?;
+        let vf: &Float32Array = col(b, "valid_fraction", patches_path)?;
         for i in 0..b.num_rows() {
             let e = s
                 .patches_per_level
@@ -175,6 +191,7 @@ pub fn summarize(store_path: &Path) -> Result<StoreSummary, StoreError> {
             }
         }
     }
+    s.committed = s.scenes.len();
     Ok(s)
 }
 

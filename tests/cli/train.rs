@@ -243,10 +243,15 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
     assert_eq!(runs[1], runs[0]);
     assert_eq!(runs[2], runs[0]);
     assert!(server.counts().1 > 0, "{:?}", server.counts());
+    // The store's summary over HTTP is the folder's.
+    let summary = |at: &str| ok(icefm().args(["inspect", at]).output().unwrap()).stdout;
+    let local = summary(&store.display().to_string());
+    assert_eq!(summary(&format!("{}/s.zarr", server.base)), local);
+    assert!(String::from_utf8_lossy(&local).contains("2 scene(s); levels 80m"));
     // Commands that write a store or read its ingest records refuse a URL, saying what to do.
     for args in [
         vec!["ingest", "--store", "s3://bucket/a.zarr", "x.nc"],
-        vec!["inspect", "s3://bucket/a.zarr"],
+        vec!["inspect", "s3://bucket/a.zarr", "--png", "q.png"],
         vec!["manifest", "merge", "--store", "s3://bucket/a.zarr"],
     ] {
         let out = icefm().args(&args).output().unwrap();
