@@ -424,6 +424,45 @@ levels = ["80,160"]
     );
 }
 
+#[test]
+fn a_grid_on_a_store_named_by_url_scores_as_on_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = grid_file(
+        dir.path(),
+        "url",
+        r#"
+base = "seg_micro.toml"
+test_regime = "test"
+[grid]
+regimes = ["ft_25"]
+init = ["scratch"]
+levels = ["80"]
+"#,
+    );
+    let store = &fixture().store;
+    let mut tables = Vec::new();
+    for (name, at) in [
+        ("folder", store.display().to_string()),
+        ("url", format!("file://{}", store.display())),
+    ] {
+        let out = dir.path().join(name);
+        ok(icefm()
+            .args(["ablate", "--store", &at, "--grid"])
+            .arg(&grid)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap());
+        tables.push(read_table(&out.join("ablation.parquet")));
+    }
+    assert_eq!(tables[1]["key"], ["ft_25-scratch-multi-80"]);
+    for c in ["sic_r2", "sod_f1", "floe_f1", "combined"] {
+        let (folder, url) = (floats(&tables[0], c), floats(&tables[1], c));
+        assert!(folder[0].is_finite(), "{c}: {folder:?}");
+        assert_eq!(url, folder, "{c}");
+    }
+}
+
 /// Exit status 2, one line on stderr holding every one of `want`, and no run folder made.
 fn fails_before_training(o: Output, out: &Path, want: &[&str]) {
     let (_, stderr) = text(&o);
