@@ -72,7 +72,10 @@ fn locate(path: &Path) -> io::Result<(Arc<dyn ObjectStore>, ObjectPath)> {
         return Ok((c.clone(), object));
     }
     // A URL that says http:// allows plain HTTP (object_store refuses it by default).
-    let mut options: Vec<(String, String)> = std::env::vars().collect();
+    // (`vars_os`: `vars` panics on a variable that is not UTF-8, which no key here is.)
+    let mut options: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
     if url.scheme() == "http" {
         options.push(("allow_http".into(), "true".into()));
     }
