@@ -5,7 +5,7 @@
 //! `https://host/…` or `file:///abs/ai4a.zarr`. Joining names onto such a path
 //! (`store.join("manifests")`) gives the URL of the object below it, so the code that builds paths
 //! under a store is the same for both; it reads and writes through [`read`], [`exists`],
-//! [`list`], [`write`] and [`zarr_storage`] instead of `std::fs`.
+//! [`list`], [`write()`] and [`zarr_storage`] instead of `std::fs`.
 //!
 //! Credentials and endpoints come from the environment, as the object_store crate names them:
 //! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` (S3-compatible
