@@ -4,18 +4,17 @@
 #   1. the CUDA tests (kernels against their CPU references, gradients of a micro MAE on the
 #      GPU against the CPU, the fused AdamW against the composed one);
 #   2. the ViT-B/16 MAE step (384 px, mask 0.75, batch 64, bf16): icefm's default step and
-#      PyTorch eager (+ SDPA), the goal's two figures; then icefm with each change that is off
-#      by default until verified here (the flash attention backward, the fused bias + GELU,
-#      the cuBLASLt bias epilogue, the wide-load layer norm), with the first two, and with
-#      them and the flash kernels' prefetching; then with the switches that passed their tests
-#      and sped the step up (gpu_best_switches.py), timed as the default step is: the
-#      candidate new default;
+#      PyTorch eager (+ SDPA), the goal's two figures; then icefm with each of the five changes
+#      that are on by default since they ran here turned off alone (the flash attention
+#      backward, the fused bias + GELU, the cuBLASLt bias epilogue, the wide-load layer norm,
+#      the flash kernels' prefetching); then with the ones whose tests failed or that no longer
+#      pay turned off (gpu_best_switches.py), timed as the default step is;
 #   3. the copy and matmul ceilings, and each kernel against the candle composition it
 #      replaces and against the measured copy bandwidth;
 #   4. the rest, least important last: the step reading each loss and gradient norm as it is
 #      made (as the loop did before), a resumed training run against an uninterrupted one, a
 #      ViT-B/16 + UPerNet fine-tuning step (b16), end-to-end training from a store, all
-#      switches together, a profile of the step's pieces, the step without the flash forward,
+#      five switches off, a profile of the step's pieces, the step without the flash forward,
 #      pageable uploads, candle's compositions;
 #   5. one table, last (scripts/gpu_table.py, which also rebuilds it from a run cut short).
 # Results land in $OUT (or /tmp/gpu-check); the whole run stays under 8 minutes (its budget,
@@ -67,19 +66,19 @@ phase torch 90 $py scripts/torch_mae_bench.py --device cuda --preset base --size
 if [ -f "$out/torch.json" ]; then
     $py -c 'import json,sys; r=json.load(open(sys.argv[1])); r["kind"]="step"; r["impl"]="pytorch-eager"; print(json.dumps(r))' "$out/torch.json" >>"$log"
 fi
-# Each switch that is off until measured here, then together.
-phase step_flashbwd 60 env ICEFM_FLASH_BWD=1 $step --steps 5 --warmup 2
-phase step_biasgelu 60 env ICEFM_BIAS_GELU_CUDA=1 $step --steps 5 --warmup 2
-phase step_ltbias 60 env ICEFM_LT_BIAS=1 $step --steps 5 --warmup 2
-phase step_lnv8 60 env ICEFM_LN_V8=1 $step --steps 5 --warmup 2
-phase step_new 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 $step --steps 5 --warmup 2
-phase step_newpf 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 $step --steps 5 --warmup 2
-# The switches whose CUDA tests passed and whose own phase beat the step they change, together,
-# timed like the default step: the step the defaults would give if those switches were flipped.
-best=$($py scripts/gpu_best_switches.py "$out")
-echo "# switches that passed their tests and sped up the step: ${best:-none}" | tee -a "$log" >&2
-if [ -n "$best" ]; then
-    phase step_best 90 env $best $step --steps 10 --warmup 3
+# The five changes that are on by default since they ran here (2026-11-28), each turned off
+# alone: a phase faster than the default says that change no longer pays.
+phase step_no_flashbwd 60 env ICEFM_FLASH_BWD=0 $step --steps 5 --warmup 2
+phase step_no_biasgelu 60 env ICEFM_BIAS_GELU_CUDA=0 $step --steps 5 --warmup 2
+phase step_no_ltbias 60 env ICEFM_LT_BIAS=0 $step --steps 5 --warmup 2
+phase step_no_lnv8 60 env ICEFM_LN_V8=0 $step --steps 5 --warmup 2
+phase step_no_prefetch 60 env ICEFM_FLASH_PREFETCH=0 $step --steps 5 --warmup 2
+# The switches to turn off: a change whose CUDA tests failed, or whose step is faster without
+# it; then the step with those off, timed as the default step is.
+worse=$($py scripts/gpu_best_switches.py "$out")
+echo "# switches to turn off (failed tests, or faster off): ${worse:-none}" | tee -a "$log" >&2
+if [ -n "$worse" ]; then
+    phase step_best 90 env $worse $step --steps 10 --warmup 3
 fi
 phase ceilings 60 $py scripts/torch_mae_bench.py --device cuda --copy-bandwidth --json "$out/ceilings.json"
 phase kernels 150 .gpu/gpu_check kernels
@@ -87,7 +86,7 @@ phase step_sync 60 env ICEFM_STEP_SYNC=1 $step --steps 5 --warmup 2
 phase resume 60 .gpu/gpu_check resume --store .gpu/store
 phase seg 90 .gpu/gpu_check seg --preset base --size 384 --batch 16 --precision bf16 --steps 8 --warmup 2
 phase train 120 .gpu/gpu_check train --store .gpu/store384 --steps 12
-phase step_all 60 env ICEFM_FLASH_BWD=1 ICEFM_BIAS_GELU_CUDA=1 ICEFM_FLASH_PREFETCH=1 ICEFM_LT_BIAS=1 ICEFM_LN_V8=1 $step --steps 5 --warmup 2
+phase step_none 60 env ICEFM_FLASH_BWD=0 ICEFM_BIAS_GELU_CUDA=0 ICEFM_FLASH_PREFETCH=0 ICEFM_LT_BIAS=0 ICEFM_LN_V8=0 $step --steps 5 --warmup 2
 phase profile 60 .gpu/gpu_check profile
 phase step_noflash 60 env ICEFM_FLASH=0 $step --steps 5 --warmup 2
 phase train_pageable 120 env ICEFM_UPLOAD=pageable .gpu/gpu_check train --store .gpu/store384 --steps 12

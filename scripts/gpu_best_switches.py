@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The off-by-default switches that earned their place in a GPU check run: each one whose CUDA
-tests passed and whose step phase beat the step it is compared with by more than 1 %. Prints
-them as `VAR=1` words for `env` (nothing if none), reading the phase logs in OUT.
+"""The on-by-default switches that a GPU check run says to turn off: each one whose CUDA tests
+failed, or whose step with it off beat the default step by more than 1 %. Prints them as
+`VAR=0` words for `env` (nothing if none), reading the phase logs in OUT.
 
     python3 scripts/gpu_best_switches.py /tmp/gpu-check
 """
@@ -12,14 +12,14 @@ import sys
 
 # (switch, its step phase, the phase it is compared with, the CUDA tests that cover it)
 RULES = [
-    ("ICEFM_FLASH_BWD", "step_flashbwd", "step",
+    ("ICEFM_FLASH_BWD", "step_no_flashbwd", "step",
      ["the_flash_attention_backward_kernels_match_the_cpu_reference"]),
-    ("ICEFM_BIAS_GELU_CUDA", "step_biasgelu", "step",
+    ("ICEFM_BIAS_GELU_CUDA", "step_no_biasgelu", "step",
      ["bias_add_gelu_and_column_sums_match_the_cpu_reference"]),
-    ("ICEFM_LT_BIAS", "step_ltbias", "step",
+    ("ICEFM_LT_BIAS", "step_no_ltbias", "step",
      ["the_cublaslt_bias_epilogue_matches_the_cpu_reference"]),
-    ("ICEFM_LN_V8", "step_lnv8", "step", ["layer_norm_kernels_match_the_cpu_reference"]),
-    ("ICEFM_FLASH_PREFETCH", "step_newpf", "step_new",
+    ("ICEFM_LN_V8", "step_no_lnv8", "step", ["layer_norm_kernels_match_the_cpu_reference"]),
+    ("ICEFM_FLASH_PREFETCH", "step_no_prefetch", "step",
      ["the_flash_attention_kernel_matches_the_cpu_reference",
       "the_flash_attention_backward_kernels_match_the_cpu_reference"]),
 ]
@@ -46,9 +46,10 @@ def winners(out):
     passed = set(re.findall(r"^test (\S+) \.\.\. ok", tests, re.M))
     chosen = []
     for var, phase, base, covering in RULES:
-        a, b = images_per_s(out, phase), images_per_s(out, base)
-        if a and b and a > 1.01 * b and all(t in passed and t not in failed for t in covering):
-            chosen.append(f"{var}=1")
+        off, default = images_per_s(out, phase), images_per_s(out, base)
+        broken = any(t in failed or t not in passed for t in covering)
+        if broken or (off and default and off > 1.01 * default):
+            chosen.append(f"{var}=0")
     return chosen
 
 

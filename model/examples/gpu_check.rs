@@ -116,7 +116,9 @@ fn step_bench(args: &[String]) -> Res<()> {
             c.norm()?;
         }
         opt.step_clipped(&grads, 1e-4, &c)?;
-        Ok(loss)
+        // Detached: a loss kept with its graph keeps the step's activations alive, and the
+        // peak would grow with every step kept (as `icefm train`'s records detach theirs).
+        Ok(loss.detach())
     };
     for i in 0..warmup {
         losses.push(step(i as u64)?);

@@ -85,7 +85,11 @@ fn an_mae_step_census_extrapolates_exactly_and_takes_the_gpu_routes() {
     let dev = Device::Cpu;
     let at = |b| rows(&mae_step(&cfg, 64, b, DType::BF16, &dev, false).unwrap());
 
+    // The flash forward alone differs between the routes below: the other GPU routes (on by
+    // default) are off here, and back on at the end.
     fused::set_flash_bwd(false);
+    fused::set_lt_bias(false);
+    fused::set_bias_gelu_cuda(false);
     fused::set_gpu_routes(true);
     let (two, three, five) = (at(2), at(3), at(5));
     // Batch 5 from batches 2 and 3, and batch 2 back from 3 and 5.
@@ -115,6 +119,9 @@ fn an_mae_step_census_extrapolates_exactly_and_takes_the_gpu_routes() {
     assert!(extrapolate((3, &three), (3, &three), 4).is_err());
     // Different graphs are refused.
     assert!(extrapolate((2, &two), (3, &cpu), 4).is_err());
+    fused::set_flash_bwd(true);
+    fused::set_lt_bias(true);
+    fused::set_bias_gelu_cuda(true);
 }
 
 #[test]
@@ -165,7 +172,7 @@ fn the_flash_node_on_gpu_routes_equals_the_composed_attention_with_gradients() {
             );
         }
     }
-    fused::set_flash_bwd(false);
+    fused::set_flash_bwd(true);
     fused::set_gpu_routes(false);
 }
 

@@ -90,11 +90,11 @@ impl Switch {
 
 static FUSED: Switch = Switch::new("ICEFM_FUSED");
 static FLASH: Switch = Switch::new("ICEFM_FLASH");
-static FLASH_BWD: Switch = Switch::off_by_default("ICEFM_FLASH_BWD");
-static BIAS_GELU_CUDA: Switch = Switch::off_by_default("ICEFM_BIAS_GELU_CUDA");
-static FLASH_PREFETCH: Switch = Switch::off_by_default("ICEFM_FLASH_PREFETCH");
-static LT_BIAS: Switch = Switch::off_by_default("ICEFM_LT_BIAS");
-static LN_V8: Switch = Switch::off_by_default("ICEFM_LN_V8");
+static FLASH_BWD: Switch = Switch::new("ICEFM_FLASH_BWD");
+static BIAS_GELU_CUDA: Switch = Switch::new("ICEFM_BIAS_GELU_CUDA");
+static FLASH_PREFETCH: Switch = Switch::new("ICEFM_FLASH_PREFETCH");
+static LT_BIAS: Switch = Switch::new("ICEFM_LT_BIAS");
+static LN_V8: Switch = Switch::new("ICEFM_LN_V8");
 static GPU_ROUTES: Switch = Switch::off_by_default("ICEFM_GPU_ROUTES");
 
 /// Whether the model uses the fused ops (default; `ICEFM_FUSED=0` in the environment turns them
@@ -127,7 +127,8 @@ fn gpu_route(t: &Tensor) -> bool {
     t.device().is_cuda() || gpu_routes()
 }
 
-/// Whether [`linear`] adds biases in cuBLASLt's epilogue on GPUs (`ICEFM_LT_BIAS=1`).
+/// Whether [`linear`] adds biases in cuBLASLt's epilogue on GPUs (default; `ICEFM_LT_BIAS=0`
+/// turns it off).
 pub fn lt_bias() -> bool {
     LT_BIAS.get()
 }
@@ -139,8 +140,8 @@ pub fn set_lt_bias(on: bool) {
 
 /// Whether the bf16 layer norm on GPUs uses its kernels with 16-byte accesses and warps that
 /// stride over rows, fetching the next row while they reduce the current one (rows of 512 to
-/// 1280 values in steps of 256). Off by default until the GPU check has compared them with the
-/// register-resident ones (`ICEFM_LN_V8=1`).
+/// 1280 values in steps of 256). On by default since the GPU check measured them faster than the
+/// register-resident ones on an H200 (`ICEFM_LN_V8=0` turns them off; `docs/benchmarks.md`).
 pub fn ln_v8() -> bool {
     LN_V8.get()
 }
@@ -150,7 +151,8 @@ pub fn set_ln_v8(on: bool) {
     LN_V8.set(on);
 }
 
-/// Whether [`bias_gelu`] uses its fused kernels on GPUs (`ICEFM_BIAS_GELU_CUDA=1`).
+/// Whether [`bias_gelu`] uses its fused kernels on GPUs (default; `ICEFM_BIAS_GELU_CUDA=0`
+/// turns them off there).
 pub fn bias_gelu_cuda() -> bool {
     BIAS_GELU_CUDA.get()
 }
@@ -171,8 +173,8 @@ pub fn set_flash(on: bool) {
     FLASH.set(on);
 }
 
-/// Whether [`attention`]'s backward pass may use the flash kernels. Off by default until they
-/// have run on a GPU (`ICEFM_FLASH_BWD=1` turns them on; `model/tests/cuda.rs` checks them).
+/// Whether [`attention`]'s backward pass may use the flash kernels (default since they passed
+/// `model/tests/cuda.rs` and halved the step on an H200; `ICEFM_FLASH_BWD=0` turns them off).
 pub fn flash_bwd() -> bool {
     FLASH_BWD.get()
 }
@@ -184,7 +186,7 @@ pub fn set_flash_bwd(on: bool) {
 
 /// Whether the flash kernels fetch the next key (or query) tile into registers while they
 /// compute on the current one: fewer stalls on memory, more registers and so fewer warps per
-/// SM. Off by default until the GPU check has compared the two (`ICEFM_FLASH_PREFETCH=1`).
+/// SM. On by default since the GPU check measured it faster (`ICEFM_FLASH_PREFETCH=0`).
 pub fn flash_prefetch() -> bool {
     FLASH_PREFETCH.get()
 }
