@@ -110,11 +110,6 @@ pub fn zarr_storage(root: &Path) -> io::Result<ReadableStorage> {
     Ok(Arc::new(fs))
 }
 
-/// `root` as shown to people: the URL as given, or the local path.
-pub fn display(root: &Path) -> String {
-    root.display().to_string()
-}
-
 #[cfg(feature = "object-store")]
 mod remote;
 

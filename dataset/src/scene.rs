@@ -52,9 +52,8 @@ impl SceneReader {
         let reader = StoreReader::open(store)?;
         let channels = resolve_channels(&reader, channels)?;
         let remote_pool = if crate::location::is_url(store) {
-            let threads = rayon::current_num_threads().max(crate::loader::REMOTE_THREADS);
             let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
+                .num_threads(crate::loader::all_threads(store))
                 .thread_name(|i| format!("icefm-scene-{i}"))
                 .build()
                 .map_err(|e| {

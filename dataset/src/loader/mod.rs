@@ -205,8 +205,15 @@ struct Buffers {
 /// while others decode (`docs/object-store.md`).
 pub const REMOTE_THREADS: usize = 32;
 
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+/// "All cores" for reading `store`: the cores, and at least [`REMOTE_THREADS`] for a store in
+/// object storage.
+pub(crate) fn all_threads(store: &Path) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if crate::location::is_url(store) {
+        cores.max(REMOTE_THREADS)
+    } else {
+        cores
+    }
 }
 
 fn loader_error(msg: impl Into<String>) -> DatasetError {
@@ -323,8 +330,7 @@ impl Loader {
             _ => Vec::new(),
         };
         let threads = match opts.threads {
-            0 if crate::location::is_url(store) => cores().max(REMOTE_THREADS),
-            0 => cores(),
+            0 => all_threads(store),
             n => n,
         };
         let pool = rayon::ThreadPoolBuilder::new()
