@@ -585,7 +585,7 @@ fn index_uploads_and_queued_readbacks_carry_their_values() {
     let t = Tensor::new(&[1.5f32, -2.0, 3.25], &g).unwrap();
     let r = icefm_model::cuda::Readback::start(&t.affine(2.0, 0.0).unwrap()).unwrap();
     let _more = t.exp().unwrap();
-    assert_eq!(r.finish().unwrap(), vec![3.0, -4.0, 6.5]);
+    assert_eq!(r.finish().unwrap().0, vec![3.0, -4.0, 6.5]);
     let bf = Tensor::new(0.5f32, &g)
         .unwrap()
         .to_dtype(DType::BF16)
@@ -594,14 +594,36 @@ fn index_uploads_and_queued_readbacks_carry_their_values() {
         icefm_model::cuda::Readback::start(&bf)
             .unwrap()
             .finish()
-            .unwrap(),
+            .unwrap()
+            .0,
         vec![0.5]
     );
     // Two at a time, in page-locked buffers the finished ones left for reuse.
     let a = icefm_model::cuda::Readback::start(&t).unwrap();
     let b = icefm_model::cuda::Readback::start(&t.neg().unwrap()).unwrap();
-    assert_eq!(b.finish().unwrap(), vec![-1.5, 2.0, -3.25]);
-    assert_eq!(a.finish().unwrap(), vec![1.5, -2.0, 3.25]);
+    let (vb, mark_b) = b.finish().unwrap();
+    let (va, mark_a) = a.finish().unwrap();
+    assert_eq!(vb, vec![-1.5, 2.0, -3.25]);
+    assert_eq!(va, vec![1.5, -2.0, 3.25]);
+    // Each readback's mark is behind its copy: a's comes first on the stream.
+    assert!(mark_a.secs_to(&mark_b).unwrap() >= 0.0);
+    // Device time between two marks is the work queued between them, whatever the host does
+    // after: a record read late (training's records) still gets its step's time.
+    let start = icefm_model::cuda::DeviceMark::record(g.as_cuda_device().unwrap()).unwrap();
+    let m = Tensor::ones((2048, 2048), DType::F32, &g).unwrap();
+    let host = std::time::Instant::now();
+    for _ in 0..20 {
+        m.matmul(&m).unwrap();
+    }
+    let r = icefm_model::cuda::Readback::start(&m.sum_all().unwrap()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (v, end) = r.finish().unwrap();
+    assert_eq!(v, vec![2048.0 * 2048.0]);
+    let secs = start.secs_to(&end).unwrap();
+    assert!(
+        secs > 0.0 && secs < host.elapsed().as_secs_f64() - 0.25,
+        "{secs} s"
+    );
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub use nccl::Nccl;
 pub use norm_pix::{norm_pix_loss, norm_pix_loss_grad};
 pub use softmax::{softmax_fwd, softmax_grad};
 pub use tokens::move_tokens;
-pub use upload::{Readback, Upload, Uploader};
+pub use upload::{DeviceMark, Readback, Upload, Uploader};
 
 /// The kernels' source (CUDA C, compiled by NVRTC at first use; `model/tests/emulator`
 /// also builds it for the CPU).

@@ -125,6 +125,24 @@ impl<T: Upload> Drop for Uploader<T> {
 pub struct Readback {
     pinned: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>,
     n: usize,
+    done: DeviceMark,
+}
+
+/// A point in a CUDA device's stream, timed: the moment the device reached the work queued
+/// before it. Two marks give the device time between them, whatever the host did meanwhile.
+pub struct DeviceMark(candle_core::cuda_backend::cudarc::driver::CudaEvent);
+
+impl DeviceMark {
+    /// A mark behind the work queued so far on `dev`'s stream.
+    pub fn record(dev: &CudaDevice) -> Result<Self> {
+        let flags = candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        Ok(Self(dev.cuda_stream().record_event(Some(flags)).w()?))
+    }
+
+    /// Seconds of device time from this mark to `end` (waits for both).
+    pub fn secs_to(&self, end: &DeviceMark) -> Result<f64> {
+        Ok(f64::from(self.0.elapsed_ms(&end.0).w()?) / 1e3)
+    }
 }
 
 impl Readback {
@@ -146,17 +164,18 @@ impl Readback {
         let src = cs.as_cuda_slice::<f32>()?.slice(at..at + n);
         // The source is freed in stream order after the copy (cudarc's stream-ordered frees).
         stream.memcpy_dtoh(&src, &mut pinned).w()?;
-        Ok(Self { pinned, n })
+        let done = DeviceMark::record(&dev)?;
+        Ok(Self { pinned, n, done })
     }
 
-    /// The values, once their copy is done.
-    pub fn finish(self) -> Result<Vec<f32>> {
+    /// The values, once their copy is done, and the mark of that moment on the device.
+    pub fn finish(self) -> Result<(Vec<f32>, DeviceMark)> {
         let values = self.pinned.as_slice().w()?[..self.n].to_vec();
         let mut spare = SPARE_PINNED.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < 8 {
             spare.push(self.pinned);
         }
-        Ok(values)
+        Ok((values, self.done))
     }
 }
 

@@ -23,7 +23,7 @@ use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
 use crate::train::{
     Accumulated, DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord,
-    TrainError, apply, batch_levels, checkpoint_due, checkpoints, drop_draws, end_step,
+    StepStart, TrainError, apply, batch_levels, checkpoint_due, checkpoints, drop_draws, end_step,
     init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, read_metrics,
 };
 
@@ -257,9 +257,8 @@ pub fn train_seg_in(
     let mut feeder = Feeder::new(&loader, start, &dev)?.with_labels()?;
     let trained_vars: Vec<Var> = trained.iter().map(|(_, v)| v.clone()).collect();
     let mut pending: Option<PendingRecord> = None;
-    let mut last = Instant::now();
     for step in start..total {
-        let t0 = Instant::now();
+        let t0 = StepStart::now(&dev)?;
         let batch = feeder.next()?;
         let k = cfg.train.accumulate as usize;
         // Each task's loss a mean over the whole batch's labelled pixels, whichever rank and
@@ -319,14 +318,14 @@ pub fn train_seg_in(
         let this = PendingRecord::new(rec, share.batch, t0, &values[0], &values[1..], &clipped)?;
         // The previous step's values: its work is done (or nearly), this step's is queued.
         if let Some(prev) = pending.take() {
-            prev.emit(&mut last, &mut records, on_step)?;
+            prev.emit(&mut records, on_step)?;
         }
         steps_run += 1;
         let done = step + 1;
         let this = if this.queued() {
             Some(this)
         } else {
-            this.emit(&mut last, &mut records, on_step)?;
+            this.emit(&mut records, on_step)?;
             None
         };
         // Every rank stops at the step any of them is asked to.
@@ -338,7 +337,7 @@ pub fn train_seg_in(
             // A checkpoint saves every record so far, and a validation waits for the device
             // anyway: read this step's now if either is due.
             if validating || checkpoint_due(cfg, done, stopping) {
-                t.emit(&mut last, &mut records, on_step)?;
+                t.emit(&mut records, on_step)?;
             } else {
                 pending = Some(t);
             }

@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -38,7 +37,7 @@ pub(crate) use checkpoint::{checkpoint_due, end_step, load_checkpoint};
 pub use checkpoint::{checkpoints, config_of_run};
 pub use device::{DeviceName, cuda_device_count, parse_device};
 pub(crate) use feeder::{DeviceBatch, Feeder, drop_draws};
-pub(crate) use records::{PendingRecord, write_parquet};
+pub(crate) use records::{PendingRecord, StepStart, write_parquet};
 pub use records::{StepRecord, read_metrics, write_metrics};
 pub use run::check_batch_split;
 pub(crate) use run::{RunDir, Share, open_loader, open_run};
@@ -231,9 +230,8 @@ pub fn train_mae_in(
     let n_tokens = (cfg.data.crop as usize / p).pow(2);
     let vars_only: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut pending: Option<PendingRecord> = None;
-    let mut last = Instant::now();
     for step in start..total {
-        let t0 = Instant::now();
+        let t0 = StepStart::now(&dev)?;
         let batch = feeder.next()?;
         let (c, n) = (batch.channels, batch.size);
         let k = cfg.train.accumulate as usize;
@@ -321,14 +319,14 @@ pub fn train_mae_in(
         let this = PendingRecord::new(rec, share.batch, t0, &values[0], &values[1..], &clipped)?;
         // The previous step's values: its work is done (or nearly), this step's is queued.
         if let Some(prev) = pending.take() {
-            prev.emit(&mut last, &mut records, on_step)?;
+            prev.emit(&mut records, on_step)?;
         }
         steps_run += 1;
         let done = step + 1;
         let this = if this.queued() {
             Some(this)
         } else {
-            this.emit(&mut last, &mut records, on_step)?;
+            this.emit(&mut records, on_step)?;
             None
         };
         // Every rank stops at the step any of them is asked to.
@@ -336,7 +334,7 @@ pub fn train_mae_in(
         if let Some(t) = this {
             // A checkpoint saves every record so far: read this step's now if one is due.
             if checkpoint_due(cfg, done, stopping) {
-                t.emit(&mut last, &mut records, on_step)?;
+                t.emit(&mut records, on_step)?;
             } else {
                 pending = Some(t);
             }

@@ -43,20 +43,52 @@ impl StepRecord {
     }
 }
 
+/// When a step began: the host's clock and, on a GPU, a timed mark queued on the device's
+/// stream, which the device passes once it has finished the work queued before the step (the
+/// previous step) and the host has begun queuing this one.
+pub(crate) struct StepStart {
+    at: Instant,
+    #[cfg(feature = "cuda")]
+    mark: Option<crate::cuda::DeviceMark>,
+}
+
+impl StepStart {
+    /// Now, on `dev`.
+    pub fn now(dev: &candle_core::Device) -> Result<Self, TrainError> {
+        #[cfg(feature = "cuda")]
+        let mark = match dev {
+            candle_core::Device::Cuda(d) => Some(crate::cuda::DeviceMark::record(d)?),
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = dev;
+        Ok(Self {
+            at: Instant::now(),
+            #[cfg(feature = "cuda")]
+            mark,
+        })
+    }
+}
+
 /// A step's values still on its device: the loss, named extras and, where clipping left it
 /// there, the gradient norm. On a GPU their copy to the host is queued behind the step
 /// ([`crate::cuda::Readback`]) and read once the next step is queued, so that the device never
 /// waits for the host between steps; elsewhere they are read at once.
+///
+/// The step's time is its own whenever the record is read: on the host, from its start to its
+/// values; on a GPU, the device's time from the step's start mark to the readback's mark. A
+/// record read late (beside the next one, at a checkpoint or the run's end) keeps its rate.
 pub(crate) struct PendingRecord {
     record: StepRecord,
     values: Deferred,
     norm_queued: bool,
     images: usize,
-    t0: Instant,
+    start: StepStart,
 }
 
 enum Deferred {
-    Ready(Vec<f32>),
+    /// The values and the moment they were ready.
+    Ready(Vec<f32>, Instant),
     #[cfg(feature = "cuda")]
     Queued(crate::cuda::Readback),
 }
@@ -64,11 +96,11 @@ enum Deferred {
 impl PendingRecord {
     /// `record` with its loss, extras' values (in order: `extras`' values, each tensor's
     /// flattened) and gradient norm still to come from `loss`, `extras` and `clip`; `images` in
-    /// the step, which began at `t0`.
+    /// the step, which began at `start`.
     pub fn new(
         record: StepRecord,
         images: usize,
-        t0: Instant,
+        start: StepStart,
         loss: &Tensor,
         extras: &[Tensor],
         clip: &Clip,
@@ -90,37 +122,39 @@ impl PendingRecord {
                 values: Deferred::Queued(crate::cuda::Readback::start(&all)?),
                 norm_queued,
                 images,
-                t0,
+                start,
             });
         }
+        let values = all.to_vec1::<f32>()?;
         Ok(Self {
             record,
-            values: Deferred::Ready(all.to_vec1::<f32>()?),
+            values: Deferred::Ready(values, Instant::now()),
             norm_queued,
             images,
-            t0,
+            start,
         })
     }
 
     /// Whether its values are still on their way (a GPU), rather than read.
     pub fn queued(&self) -> bool {
-        !matches!(self.values, Deferred::Ready(_))
+        !matches!(self.values, Deferred::Ready(..))
     }
 
-    /// The record, its values read (waiting for the step if it is still running). The step's
-    /// rate counts from its start or from `last`, the moment the previous record was read,
-    /// whichever is later; `last` becomes now. A loss that is not finite is an error.
-    pub fn finish(self, last: &mut Instant) -> Result<StepRecord, TrainError> {
-        // One variant only without the `cuda` feature.
-        #[allow(clippy::infallible_destructuring_match)]
-        let values = match self.values {
-            Deferred::Ready(v) => v,
+    /// The record, its values read (waiting for the step if it is still running), with the
+    /// step's own rate. A loss that is not finite is an error.
+    pub fn finish(self) -> Result<StepRecord, TrainError> {
+        let (values, secs) = match self.values {
+            Deferred::Ready(v, done) => (v, (done - self.start.at).as_secs_f64()),
             #[cfg(feature = "cuda")]
-            Deferred::Queued(r) => r.finish()?,
+            Deferred::Queued(r) => {
+                let (v, done) = r.finish()?;
+                let secs = match &self.start.mark {
+                    Some(start) => start.secs_to(&done)?,
+                    None => self.start.at.elapsed().as_secs_f64(),
+                };
+                (v, secs)
+            }
         };
-        let now = Instant::now();
-        let since = (*last).max(self.t0);
-        *last = now;
         let mut record = self.record;
         let loss = values[0];
         if !loss.is_finite() {
@@ -136,18 +170,17 @@ impl PendingRecord {
         if self.norm_queued {
             record.grad_norm = f64::from(values[values.len() - 1]);
         }
-        record.images_per_s = self.images as f64 / (now - since).as_secs_f64();
+        record.images_per_s = self.images as f64 / secs.max(1e-9);
         Ok(record)
     }
 
     /// [`PendingRecord::finish`], then the record to `on_step` and onto `records`.
     pub fn emit(
         self,
-        last: &mut Instant,
         records: &mut Vec<StepRecord>,
         on_step: &dyn Fn(&StepRecord),
     ) -> Result<(), TrainError> {
-        let rec = self.finish(last)?;
+        let rec = self.finish()?;
         on_step(&rec);
         records.push(rec);
         Ok(())
@@ -263,4 +296,72 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>, TrainError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    fn record(step: u64) -> StepRecord {
+        StepRecord {
+            step,
+            loss: f32::NAN,
+            lr: 1e-3,
+            grad_norm: f64::NAN,
+            images_per_s: 0.0,
+            levels: String::new(),
+            extra: vec![("baseline".into(), f32::NAN)],
+        }
+    }
+
+    /// Each record's rate is its own step's, however late it is read: two records read back
+    /// to back (as at a checkpoint or a run's end) once counted the second over the
+    /// microseconds between the reads.
+    #[test]
+    fn a_record_read_late_keeps_its_steps_rate() -> Result<(), TrainError> {
+        let dev = Device::Cpu;
+        let clip = Clip::Host {
+            norm: 2.5,
+            scale: 1.0,
+        };
+        let step = |n: u64, loss: f32| -> Result<PendingRecord, TrainError> {
+            let start = StepStart::now(&dev)?;
+            std::thread::sleep(Duration::from_millis(40));
+            let loss = Tensor::new(&[loss], &dev)?.reshape(())?;
+            let baseline = Tensor::new(&[1.5f32], &dev)?;
+            PendingRecord::new(record(n), 8, start, &loss, &[baseline], &clip)
+        };
+        let (a, b) = (step(0, 0.75)?, step(1, 0.5)?);
+        // Both are read well after their steps ended, one right after the other.
+        std::thread::sleep(Duration::from_millis(300));
+        let (a, b) = (a.finish()?, b.finish()?);
+        for (r, loss) in [(&a, 0.75), (&b, 0.5)] {
+            assert_eq!(r.loss, loss);
+            assert_eq!(r.value("baseline"), Some(1.5));
+            assert_eq!(r.grad_norm, 2.5);
+            // 8 images in a step of 40 ms and a little more: at most 200 images/s, and more
+            // than 8 / 0.3 s, which counting to the read would give at most.
+            let secs = 8.0 / r.images_per_s;
+            assert!((0.04..0.3).contains(&secs), "step {}: {secs} s", r.step);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_loss_that_is_not_finite_is_an_error() -> Result<(), TrainError> {
+        let dev = Device::Cpu;
+        let clip = Clip::Host {
+            norm: 1.0,
+            scale: 1.0,
+        };
+        let loss = Tensor::new(&[f32::INFINITY], &dev)?.reshape(())?;
+        let pending = PendingRecord::new(record(7), 4, StepStart::now(&dev)?, &loss, &[], &clip)?;
+        let err = pending.finish().unwrap_err().to_string();
+        assert!(err.contains("step 7: the loss is inf"), "{err}");
+        Ok(())
+    }
 }
