@@ -673,37 +673,44 @@ __device__ bool npx_stats(const T* t, const T* w, int p, int lane, float& mean, 
     cnt = c;
     return true;
 }
+// The loss writes out[row] (the patch's mean squared error) and aux[2·row], aux[2·row + 1]
+// (its baseline, the error of predicting 0, and 1 if the patch counts); all 0 for a patch of
+// fewer than 2 weighted values.
 template <typename T>
-__device__ void npx_loss(const T* pred, const T* t, const T* w, T* out, int rows, int p) {
+__device__ void npx_loss(const T* pred, const T* t, const T* w, T* out, T* aux, int rows, int p) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (row >= rows) return;
     long o = (long)row * p;
     float mean, rstd, cnt;
-    if (!npx_stats(t + o, w + o, p, lane, mean, rstd, cnt)) { if (lane == 0) st(out, row, 0.f); return; }
-    float se = 0.f;
+    if (!npx_stats(t + o, w + o, p, lane, mean, rstd, cnt)) {
+        if (lane == 0) { st(out, row, 0.f); st(aux, 2L * row, 0.f); st(aux, 2L * row + 1, 0.f); }
+        return;
+    }
+    float se = 0.f, bs = 0.f;
     for (int i = lane; i < p; i += 32) {
-        float e = ld(pred + o, i) - (ld(t + o, i) - mean) * rstd;
-        se += e * e * ld(w + o, i);
+        float z = (ld(t + o, i) - mean) * rstd, wi = ld(w + o, i), e = ld(pred + o, i) - z;
+        se += e * e * wi;
+        bs += z * z * wi;
     }
     se = warp_sum(se);
-    if (lane == 0) st(out, row, se / cnt);
+    bs = warp_sum(bs);
+    if (lane == 0) { st(out, row, se / cnt); st(aux, 2L * row, bs / cnt); st(aux, 2L * row + 1, 1.f); }
 }
-// wg rows hold p weights, then the patch's incoming gradient.
+// g holds each patch's incoming gradient.
 template <typename T>
-__device__ void npx_grad(const T* pred, const T* t, const T* wg, T* dp, int rows, int p) {
+__device__ void npx_grad(const T* pred, const T* t, const T* w, const T* g, T* dp, int rows, int p) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (row >= rows) return;
     long o = (long)row * p;
-    const T* w = wg + (long)row * (p + 1);
     float mean, rstd, cnt;
-    if (!npx_stats(t + o, w, p, lane, mean, rstd, cnt)) {
+    if (!npx_stats(t + o, w + o, p, lane, mean, rstd, cnt)) {
         for (int i = lane; i < p; i += 32) st(dp + o, i, 0.f);
         return;
     }
-    float g = ld(w, p);
+    float gr = ld(g, row);
     for (int i = lane; i < p; i += 32) {
         float e = ld(pred + o, i) - (ld(t + o, i) - mean) * rstd;
-        st(dp + o, i, 2.f * e * ld(w, i) * g / cnt);
+        st(dp + o, i, 2.f * e * ld(w + o, i) * gr / cnt);
     }
 }
 // Register-resident variants for rows of p ≤ 32·V: each lane loads its V values of the target,
@@ -741,45 +748,50 @@ __device__ __forceinline__ void npx_load_reg(const T* pred, const T* t, const T*
     }
 }
 template <typename T, int V>
-__device__ void npx_loss_reg(const T* pred, const T* t, const T* w, T* out, int rows, int p) {
+__device__ void npx_loss_reg(const T* pred, const T* t, const T* w, T* out, T* aux, int rows, int p) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (row >= rows) return;
     long o = (long)row * p;
     float pv[V], tv[V], wv[V];
     npx_load_reg<T, V>(pred + o, t + o, w + o, p, lane, pv, tv, wv);
     float mean, rstd, cnt;
-    if (!npx_stats_reg<V>(tv, wv, mean, rstd, cnt)) { if (lane == 0) st(out, row, 0.f); return; }
-    float se = 0.f;
+    if (!npx_stats_reg<V>(tv, wv, mean, rstd, cnt)) {
+        if (lane == 0) { st(out, row, 0.f); st(aux, 2L * row, 0.f); st(aux, 2L * row + 1, 0.f); }
+        return;
+    }
+    float se = 0.f, bs = 0.f;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-        float e = pv[k] - (tv[k] - mean) * rstd;
+        float z = (tv[k] - mean) * rstd, e = pv[k] - z;
         se += e * e * wv[k];
+        bs += z * z * wv[k];
     }
     se = warp_sum(se);
-    if (lane == 0) st(out, row, se / cnt);
+    bs = warp_sum(bs);
+    if (lane == 0) { st(out, row, se / cnt); st(aux, 2L * row, bs / cnt); st(aux, 2L * row + 1, 1.f); }
 }
 template <typename T, int V>
-__device__ void npx_grad_reg(const T* pred, const T* t, const T* wg, T* dp, int rows, int p) {
+__device__ void npx_grad_reg(const T* pred, const T* t, const T* w, const T* g, T* dp, int rows, int p) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (row >= rows) return;
     long o = (long)row * p;
-    const T* w = wg + (long)row * (p + 1);
     float pv[V], tv[V], wv[V];
-    npx_load_reg<T, V>(pred + o, t + o, w, p, lane, pv, tv, wv);
-    const float g = ld(w, p);
+    npx_load_reg<T, V>(pred + o, t + o, w + o, p, lane, pv, tv, wv);
+    const float gr = ld(g, row);
     float mean, rstd, cnt;
     const bool ok = npx_stats_reg<V>(tv, wv, mean, rstd, cnt);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         const int i = lane + 32 * k;
-        if (i < p) st(dp + o, i, ok ? 2.f * (pv[k] - (tv[k] - mean) * rstd) * wv[k] * g / cnt : 0.f);
+        if (i < p) st(dp + o, i, ok ? 2.f * (pv[k] - (tv[k] - mean) * rstd) * wv[k] * gr / cnt : 0.f);
     }
 }
 #define NPX_REG(T, SUF, V)                                                                    \
 extern "C" __global__ void norm_pix_loss_##SUF##_v##V(const T* pred, const T* t, const T* w,  \
-        T* out, int rows, int p) { npx_loss_reg<T, V>(pred, t, w, out, rows, p); }             \
+        T* out, T* aux, int rows, int p) { npx_loss_reg<T, V>(pred, t, w, out, aux, rows, p); } \
 extern "C" __global__ void norm_pix_loss_grad_##SUF##_v##V(const T* pred, const T* t,         \
-        const T* wg, T* dp, int rows, int p) { npx_grad_reg<T, V>(pred, t, wg, dp, rows, p); }
+        const T* w, const T* g, T* dp, int rows, int p) {                                     \
+    npx_grad_reg<T, V>(pred, t, w, g, dp, rows, p); }
 #define NPX_REG_ALL(T, SUF)                                                                   \
     NPX_REG(T, SUF, 4) NPX_REG(T, SUF, 8) NPX_REG(T, SUF, 12) NPX_REG(T, SUF, 16)             \
     NPX_REG(T, SUF, 24) NPX_REG(T, SUF, 32)
@@ -788,42 +800,69 @@ NPX_REG_ALL(bf16_t, bf16)
 
 #define NPX_INSTANCES(T, SUF)                                                                 \
 extern "C" __global__ void norm_pix_loss_##SUF(const T* pred, const T* t, const T* w, T* out, \
-        int rows, int p) { npx_loss<T>(pred, t, w, out, rows, p); }                           \
-extern "C" __global__ void norm_pix_loss_grad_##SUF(const T* pred, const T* t, const T* wg,  \
-        T* dp, int rows, int p) { npx_grad<T>(pred, t, wg, dp, rows, p); }
+        T* aux, int rows, int p) { npx_loss<T>(pred, t, w, out, aux, rows, p); }               \
+extern "C" __global__ void norm_pix_loss_grad_##SUF(const T* pred, const T* t, const T* w,   \
+        const T* g, T* dp, int rows, int p) { npx_grad<T>(pred, t, w, g, dp, rows, p); }
 NPX_INSTANCES(float, f32)
 NPX_INSTANCES(bf16_t, bf16)
 
 
-// ---- Token gather / scatter: out[b, dst][:] = in[b, src][:] for each index j of a sample;
-// gather: src = ids[j], dst = j; scatter: src = j, dst = ids[j] (distinct ids: no atomics).
-// One warp per (sample, j), 8 per block (blockIdx.x · 8 + warp = j); out is zero-filled first
-// for a scatter. With `vec` (the host checks: rows of a multiple of 16 bytes, both buffers
-// 16-byte aligned) each lane moves 16 bytes at a time; otherwise one value.
+// ---- Token gather / scatter by index, ids [B, K] (distinct per sample, each below N).
+// Gather: out[b, j] = in[b, ids[b, j]], [B, N, D] → [B, K, D]. Scatter (the gather's
+// backward): out[b, t] = in[b, j] where ids[b, j] = t, zeros in the rows no index names,
+// [B, K, D] → [B, N, D]: every output row is written once, so the output needs no zero fill
+// first. One warp per output row, 8 per block (blockIdx.x · 8 + warp); with `vec` (the host
+// checks: rows of a multiple of 16 bytes, both buffers 16-byte aligned) each lane moves 16
+// bytes at a time, otherwise one value.
 template <typename T>
-__device__ void move_tokens_k(const T* in, const unsigned int* ids, T* out, int k, int n, int d,
-                              int scatter, int vec) {
-    const int b = blockIdx.y, j = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (j >= k) return;
-    int t = (int)ids[(long)b * k + j];
-    int rows_in = scatter ? k : n, rows_out = scatter ? n : k;
-    int src = scatter ? j : t, dst = scatter ? t : j;
-    const T* f = in + ((long)b * rows_in + src) * d;
-    T* o = out + ((long)b * rows_out + dst) * d;
+__device__ __forceinline__ void token_row(const T* f, T* o, int d, int lane, int vec) {
     if (vec) {
         const int pieces = d * (int)sizeof(T) / 16;
-        for (int i = lane; i < pieces; i += 32)
-            reinterpret_cast<uint4*>(o)[i] = reinterpret_cast<const uint4*>(f)[i];
+        if (f) {
+            for (int i = lane; i < pieces; i += 32)
+                reinterpret_cast<uint4*>(o)[i] = reinterpret_cast<const uint4*>(f)[i];
+        } else {
+            for (int i = lane; i < pieces; i += 32) reinterpret_cast<uint4*>(o)[i] = make_uint4(0, 0, 0, 0);
+        }
     } else {
-        for (int i = lane; i < d; i += 32) o[i] = f[i];
+        for (int i = lane; i < d; i += 32) o[i] = f ? f[i] : (T)0;
     }
 }
-#define MOVE_INSTANCES(T, SUF)                                                                \
-extern "C" __global__ void move_tokens_##SUF(const T* in, const unsigned int* ids, T* out,   \
-        int k, int n, int d, int scatter, int vec) {                                          \
-    move_tokens_k<T>(in, ids, out, k, n, d, scatter, vec); }
-MOVE_INSTANCES(float, f32)
-MOVE_INSTANCES(bf16_t, bf16)
+template <typename T>
+__device__ void gather_tokens_k(const T* in, const unsigned int* ids, T* out, int k, int n, int d,
+                                int vec) {
+    const int b = blockIdx.y, j = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (j >= k) return;
+    const int t = (int)ids[(long)b * k + j];
+    token_row<T>(in + ((long)b * n + t) * d, out + ((long)b * k + j) * d, d, lane, vec);
+}
+// The block's 8 output rows find their sources in shared memory: every thread of the block
+// walks part of the sample's K indices and notes j for the rows of this block (-1: none).
+template <typename T>
+__device__ void scatter_tokens_k(const T* in, const unsigned int* ids, T* out, int k, int n,
+                                 int d, int vec) {
+    __shared__ int src[8];
+    const int b = blockIdx.y, t0 = blockIdx.x * 8, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x < 8) src[threadIdx.x] = -1;
+    __syncthreads();
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        const int r = (int)ids[(long)b * k + j] - t0;
+        if (r >= 0 && r < 8) src[r] = j;
+    }
+    __syncthreads();
+    const int t = t0 + warp;
+    if (t >= n) return;
+    const int j = src[warp];
+    token_row<T>(j >= 0 ? in + ((long)b * k + j) * d : nullptr, out + ((long)b * n + t) * d, d,
+                 lane, vec);
+}
+#define TOKEN_INSTANCES(T, SUF)                                                               \
+extern "C" __global__ void gather_tokens_##SUF(const T* in, const unsigned int* ids, T* out, \
+        int k, int n, int d, int vec) { gather_tokens_k<T>(in, ids, out, k, n, d, vec); }     \
+extern "C" __global__ void scatter_tokens_##SUF(const T* in, const unsigned int* ids, T* out,\
+        int k, int n, int d, int vec) { scatter_tokens_k<T>(in, ids, out, k, n, d, vec); }
+TOKEN_INSTANCES(float, f32)
+TOKEN_INSTANCES(bf16_t, bf16)
 
 // AdamW over many tensors in one launch: table[t] = {w, m, v, g, n, decay} (6 words),
 // blockIdx.y = tensor. Same arithmetic, in the same order, as icefm_model::optim::AdamW.

@@ -972,9 +972,12 @@ fn elementwise_kernels_match_the_cpu_in_the_emulator() {
     elementwise_case::<u16>(9, 768, 42, 1e-2);
 }
 
-type NpxLoss<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
-type NpxGrad<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32);
-type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32, i32, i32, i32);
+/// `(pred, target, weight, loss, aux, rows, p)`.
+type NpxLoss<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, *mut T, i32, i32);
+/// `(pred, target, weight, g, dpred, rows, p)`.
+type NpxGrad<T> = unsafe extern "C" fn(*const T, *const T, *const T, *const T, *mut T, i32, i32);
+/// `(in, ids, out, k, n, d, vec)`: `gather_tokens_*` and `scatter_tokens_*`.
+type MoveTokens<T> = unsafe extern "C" fn(*const T, *const u32, *mut T, i32, i32, i32, i32);
 /// `(table, lr, b1, b2, c1, c2, eps, wd, gscale, sumsq or null, max_norm)`.
 type AdamWMulti =
     unsafe extern "C" fn(*const u64, f32, f32, f32, f32, f32, f32, f32, f32, *const f64, f64);
@@ -1003,25 +1006,24 @@ fn norm_pix_case<T: Host>(p: usize, v: usize, tol: f64) {
         })
         .collect();
     let weight = f32::tensor(&w, &[b, n, p]).to_dtype(T::DTYPE).unwrap();
-    let loss_ref = pred
-        .apply_op3_no_bwd(&target, &weight, &fused::NormPixLoss)
-        .unwrap();
-    let up = random(&[rows, 1], 53, 1.0, T::DTYPE);
-    let wg = Tensor::cat(&[weight.reshape((rows, p)).unwrap(), up], 1).unwrap();
+    let op = fused::NormPixLoss::default();
+    let loss_ref = pred.apply_op3_no_bwd(&target, &weight, &op).unwrap();
+    let aux_ref = op.aux.take(&loss_ref).unwrap();
+    let up = random(&[rows], 53, 1.0, T::DTYPE);
     let grad_ref = pred
         .reshape((rows, p))
         .unwrap()
         .apply_op3_no_bwd(
             &target.reshape((rows, p)).unwrap(),
-            &wg,
-            &fused::NormPixLossGrad,
+            &weight.reshape((rows, p)).unwrap(),
+            &fused::NormPixLossGrad::new(&up).unwrap(),
         )
         .unwrap();
-    let (pb, tb, wb, wgb) = (
+    let (pb, tb, wb, gb) = (
         Buffer::from(&T::of(&pred)),
         Buffer::from(&T::of(&target)),
         Buffer::from(&T::of(&weight)),
-        Buffer::from(&T::of(&wg)),
+        Buffer::from(&T::of(&up)),
     );
     for variant in [String::new(), format!("_v{v}")] {
         // SAFETY: the kernels' C signatures.
@@ -1032,27 +1034,42 @@ fn norm_pix_case<T: Host>(p: usize, v: usize, tol: f64) {
             )
         };
         let mut out = Buffer::<T>::output(rows);
+        let mut aux = Buffer::<T>::output(2 * rows);
         let mut dp = Buffer::<T>::output(rows * p);
-        let (op, dpp) = (out.mut_ptr(), dp.mut_ptr());
+        let (op, ap, dpp) = (out.mut_ptr(), aux.mut_ptr(), dp.mut_ptr());
         let (ri, pi) = (rows as i32, p as i32);
         let grid = (rows.div_ceil(8) as u32, 1, 1);
         emu.launch(grid, (256, 1, 1), 0, Order::Reverse, &|| {
-            // SAFETY: rows × p values (pred, target, weight), rows (out).
-            unsafe { loss(pb.ptr(), tb.ptr(), wb.ptr(), op, ri, pi) }
+            // SAFETY: rows × p values (pred, target, weight), rows (out), 2 × rows (aux).
+            unsafe { loss(pb.ptr(), tb.ptr(), wb.ptr(), op, ap, ri, pi) }
         })
         .unwrap();
         emu.launch(grid, (256, 1, 1), 0, Order::Forward, &|| {
-            // SAFETY: wg holds rows × (p + 1).
-            unsafe { grad(pb.ptr(), tb.ptr(), wgb.ptr(), dpp, ri, pi) }
+            // SAFETY: rows × p values (pred, target, weight, dp), rows (g).
+            unsafe { grad(pb.ptr(), tb.ptr(), wb.ptr(), gb.ptr(), dpp, ri, pi) }
         })
         .unwrap();
         let what = format!("norm_pix_loss_{suffix}{variant}, rows of {p}");
-        let (loss_t, grad_t) = (
+        let (loss_t, aux_t, grad_t) = (
             T::tensor(out.values(), &[b, n]),
+            T::tensor(aux.values(), &[b, n, 2]),
             T::tensor(dp.values(), &[rows, p]),
         );
         assert_close(&loss_t, &loss_ref, tol, &what);
+        assert_close(&aux_t, &aux_ref, tol, &what);
         assert_close(&grad_t, &grad_ref, tol, &what);
+        // The patches kept whole (no weights) and the one with a single weighted pixel do not
+        // count, and their baselines are 0; the others count.
+        let a = common::values(&aux_t);
+        for row in 0..rows {
+            let counts = row % 4 != 1;
+            assert_eq!(
+                a[2 * row + 1],
+                f64::from(u8::from(counts)),
+                "{what}: patch {row}"
+            );
+            assert_eq!(a[2 * row] > 0.0, counts, "{what}: patch {row}");
+        }
         // The patch with one weighted pixel has too few for statistics: loss 0, gradient 0.
         assert_eq!(common::values(&loss_t)[5], 0.0, "{what}");
         assert!(
@@ -1073,22 +1090,48 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
     norm_pix_case::<u16>(768, 24, 2e-2);
     // Token gather and scatter: 3 samples of 10 tokens, 4 kept (one block of 8 warps, half of
     // them idle); rows of 40 f32 moved 16 bytes at a time and one value at a time, rows of 6
-    // (24 bytes) one value at a time, as the launchers decide.
-    // SAFETY: the kernel's C signature.
-    let moves: MoveTokens<f32> = unsafe { emu.kernel("move_tokens_f32") };
-    for (d, vec) in [(40usize, 1), (40, 0), (6, 0)] {
-        let (b, n, k) = (3usize, 10usize, 4usize);
+    // (24 bytes) one value at a time, as the launchers decide. Then 2 samples of 600 tokens,
+    // 300 kept: more indices than a block has threads. Outputs start as NaN: the scatter
+    // writes its zeros itself.
+    // SAFETY: the kernels' C signature.
+    let (gather, scatter): (MoveTokens<f32>, MoveTokens<f32>) = unsafe {
+        (
+            emu.kernel("gather_tokens_f32"),
+            emu.kernel("scatter_tokens_f32"),
+        )
+    };
+    let mut r = icefm_dataset::rng::Rng::new(54, 0);
+    let big: Vec<u32> = (0..2)
+        .flat_map(|_| {
+            let noise: Vec<f64> = (0..600).map(|_| r.unit()).collect();
+            let mut order: Vec<u32> = (0..600).collect();
+            order.sort_by(|&i, &j| noise[i as usize].total_cmp(&noise[j as usize]));
+            order.truncate(300);
+            order
+        })
+        .collect();
+    let small: Vec<u32> = vec![7, 0, 3, 9, 1, 2, 8, 5, 6, 4, 0, 9];
+    for (b, n, k, d, vec, ids) in [
+        (3usize, 10usize, 4usize, 40usize, 1, &small),
+        (3, 10, 4, 40, 0, &small),
+        (3, 10, 4, 6, 0, &small),
+        (2, 600, 300, 8, 1, &big),
+    ] {
         let x: Vec<f32> = (0..b * n * d).map(|i| i as f32 * 0.5 - 7.0).collect();
-        let ids: Vec<u32> = vec![7, 0, 3, 9, 1, 2, 8, 5, 6, 4, 0, 9];
-        let (xb, ib) = (Buffer::from(&x), Buffer::from(&ids));
+        let (xb, ib) = (Buffer::from(&x), Buffer::from(ids));
         let mut kept = Buffer::<f32>::output(b * k * d);
         let kp = kept.mut_ptr();
-        let grid = (k.div_ceil(8) as u32, b as u32, 1);
         let (ki, ni, di) = (k as i32, n as i32, d as i32);
-        emu.launch(grid, (256, 1, 1), 0, Order::Forward, &|| {
-            // SAFETY: x [b, n, d], ids [b, k], kept [b, k, d], 16-byte aligned (Buffer).
-            unsafe { moves(xb.ptr(), ib.ptr(), kp, ki, ni, di, 0, vec) }
-        })
+        emu.launch(
+            (k.div_ceil(8) as u32, b as u32, 1),
+            (256, 1, 1),
+            0,
+            Order::Forward,
+            &|| {
+                // SAFETY: x [b, n, d], ids [b, k], kept [b, k, d], 16-byte aligned (Buffer).
+                unsafe { gather(xb.ptr(), ib.ptr(), kp, ki, ni, di, vec) }
+            },
+        )
         .unwrap();
         let want: Vec<f32> = (0..b * k * d)
             .map(|i| {
@@ -1097,13 +1140,19 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
             })
             .collect();
         assert_eq!(kept.values(), &want[..], "gather, rows of {d}, vec {vec}");
-        // Scatter back into zeros: the kept rows in place, the others 0.
-        let mut back = Buffer::from(&vec![0f32; b * n * d]);
+        // Scatter back: the kept rows in place, the others 0.
+        let mut back = Buffer::<f32>::output(b * n * d);
         let (kb, bp) = (Buffer::from(kept.values()), back.mut_ptr());
-        emu.launch(grid, (256, 1, 1), 0, Order::Reverse, &|| {
-            // SAFETY: as above, the other way.
-            unsafe { moves(kb.ptr(), ib.ptr(), bp, ki, ni, di, 1, vec) }
-        })
+        emu.launch(
+            (n.div_ceil(8) as u32, b as u32, 1),
+            (256, 1, 1),
+            0,
+            Order::Reverse,
+            &|| {
+                // SAFETY: kept [b, k, d], ids [b, k], back [b, n, d], 16-byte aligned.
+                unsafe { scatter(kb.ptr(), ib.ptr(), bp, ki, ni, di, vec) }
+            },
+        )
         .unwrap();
         let want: Vec<f32> = (0..b * n * d)
             .map(|i| {
@@ -1112,7 +1161,11 @@ fn the_mae_loss_masking_optimizer_and_batch_kernels_match_the_cpu_in_the_emulato
                 if kept { x[i] } else { 0.0 }
             })
             .collect();
-        assert_eq!(back.values(), &want[..], "scatter, rows of {d}, vec {vec}");
+        assert_eq!(
+            back.values(),
+            &want[..],
+            "scatter, n {n}, rows of {d}, vec {vec}"
+        );
     }
     // AdamW over two tensors in one launch, one of them without weight decay: the gradient
     // scale given, and clipping's read from a sum of squares on the device, over and under

@@ -9,7 +9,8 @@ use super::func;
 use super::launch::{Elem, dims, typed, view, with_elem, wrap};
 
 /// Token gather (`scatter` false: `[B, N, D]` → `[B, K, D]`) or its backward scatter
-/// (`[B, K, D]` → zero-filled `[B, N, D]`) by `ids` `[B, K]` (u32, distinct per sample).
+/// (`[B, K, D]` → `[B, N, D]`, zeros in the rows no index names) by `ids` `[B, K]` (u32,
+/// distinct per sample). Both kernels write every output element once: no zero fill first.
 pub fn move_tokens(
     s1: &CudaStorage,
     l1: &Layout,
@@ -30,21 +31,26 @@ pub fn move_tokens(
     ) -> Result<CudaStorageSlice> {
         let dev = &s1.device;
         let x = typed::<T>(s1, l1)?;
-        let out_len = b * if scatter { n } else { k } * d;
-        // Zeros where no token lands (a scatter); a gather writes every element.
-        let out = dev.alloc_zeros::<T>(out_len)?;
+        let rows_out = if scatter { n } else { k };
+        // SAFETY: every element is written by the kernel (a scatter writes zeros where no
+        // token lands).
+        let out = unsafe { dev.alloc::<T>(b * rows_out * d)? };
         let (k_i, n_i) = dims(k, n)?;
         let d_i = i32::try_from(d).map_err(|_| candle_core::Error::Msg("width".into()))?;
-        let sc = i32::from(scatter);
         // 16-byte moves where every row starts 16-byte aligned (allocations are 256-byte
         // aligned; the input view may start further in).
         let size = std::mem::size_of::<T>();
         let vec = i32::from(
             (d * size).is_multiple_of(16) && (l1.start_offset() * size).is_multiple_of(16),
         );
-        let f = func(dev, &format!("move_tokens_{}", T::SUFFIX))?;
+        let kernel = if scatter {
+            "scatter_tokens"
+        } else {
+            "gather_tokens"
+        };
+        let f = func(dev, &format!("{kernel}_{}", T::SUFFIX))?;
         let cfg = LaunchConfig {
-            grid_dim: (k.div_ceil(8) as u32, b as u32, 1),
+            grid_dim: (rows_out.div_ceil(8) as u32, b as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -56,7 +62,6 @@ pub fn move_tokens(
             .arg(&k_i)
             .arg(&n_i)
             .arg(&d_i)
-            .arg(&sc)
             .arg(&vec);
         // SAFETY: arguments match the kernel's signature; the ids are below n (checked where
         // the index tensor is made); `vec` only with 16-byte aligned rows.

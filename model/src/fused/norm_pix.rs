@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::cpu::{by_dtype, rows_cols, typed};
 use super::fused;
+use super::stash::{Stash, Stashed};
 
 /// MAE's masked norm-pix loss in one pass per direction: `pred`, `target` `[B, N, P]` (raw
 /// patch values) and `weight` `[B, N, P]` (1 where a pixel is valid *and* its patch masked).
@@ -15,6 +16,10 @@ use super::fused;
 /// predicting 0 (each patch's mean), the baseline. Same arithmetic as
 /// [`crate::mae::norm_pix`] + [`crate::mae::patch_loss`], which it falls back to when fusion
 /// is off.
+///
+/// Fused, the forward pass reads the three arrays once (the loss, the baseline and whether the
+/// patch counts come out of one kernel per patch) and the backward pass reads them once more
+/// and writes the gradient: no other pass over `[B, N, P]`.
 pub fn masked_norm_pix_loss(
     pred: &Tensor,
     target: &Tensor,
@@ -28,8 +33,8 @@ pub fn masked_norm_pix_loss(
             weight.dims()
         );
     }
-    let counts = weight.sum_keepdim(candle_core::D::Minus1)?;
     if !fused() {
+        let counts = weight.sum_keepdim(candle_core::D::Minus1)?;
         let ones = counts.ge(0.0)?.to_dtype(pred.dtype())?;
         let (t, w) = crate::mae::norm_pix(target, weight)?;
         let loss = crate::mae::patch_loss(pred, &t, &w, &ones)?;
@@ -38,16 +43,15 @@ pub fn masked_norm_pix_loss(
     }
     let target = target.detach().contiguous()?;
     let weight = weight.detach().contiguous()?;
-    let per_patch = pred
-        .contiguous()?
-        .apply_op3(&target, &weight, NormPixLoss)?;
-    let base = pred
-        .zeros_like()?
-        .apply_op3_no_bwd(&target, &weight, &NormPixLoss)?;
+    let op = NormPixLoss::default();
+    let per_patch = pred.contiguous()?.apply_op3(&target, &weight, op.clone())?;
+    // [B, N, 2]: each patch's baseline, and 1 where it counts (2 weighted values or more).
+    let aux = op.aux.take(&per_patch)?;
+    let base = aux.narrow(candle_core::D::Minus1, 0, 1)?;
     // The patches that count, at least 1, left on the device: read on the host, the count
     // would make the host wait for the forward pass.
-    let patches = counts
-        .ge(&filled(&counts, 2.0)?)?
+    let patches = aux
+        .narrow(candle_core::D::Minus1, 1, 1)?
         .to_dtype(DType::F32)?
         .sum_all()?;
     let den = patches
@@ -70,9 +74,13 @@ pub fn filled(like: &Tensor, v: f64) -> Result<Tensor> {
 }
 
 /// Per-patch norm-pix squared error `[B, N]` (0 for a patch with fewer than 2 weighted values);
-/// its backward gives `pred`'s gradient.
-#[derive(Debug, Clone, Copy)]
-pub struct NormPixLoss;
+/// its backward gives `pred`'s gradient. Left in [`Stash`] `aux` for the caller: `[B, N, 2]`,
+/// each patch's baseline (its error when predicting 0) and 1 if the patch counts, else 0.
+#[derive(Debug, Clone, Default)]
+pub struct NormPixLoss {
+    /// The second result, `[B, N, 2]`.
+    pub aux: Stash,
+}
 
 /// A patch's normalised target value, weight and count: `(mean, 1/sqrt(var + eps), count)`.
 fn norm_pix_stats<T: WithDType>(t: &[T], w: &[T]) -> Option<(f64, f64, f64)> {
@@ -119,33 +127,38 @@ impl CustomOp3 for NormPixLoss {
             l2: &Layout,
             s3: &CpuStorage,
             l3: &Layout,
-        ) -> Result<CpuStorage> {
+        ) -> Result<(CpuStorage, CpuStorage)> {
             let (_, p) = rows_cols(l1);
             let pred = typed::<T>(s1, l1, "norm-pix loss")?;
             let t = typed::<T>(s2, l2, "norm-pix loss")?;
             let w = typed::<T>(s3, l3, "norm-pix loss")?;
-            let out: Vec<T> = pred
+            let (out, aux): (Vec<T>, Vec<[T; 2]>) = pred
                 .par_chunks(p)
                 .zip(t.par_chunks(p).zip(w.par_chunks(p)))
                 .map(|(pr, (tr, wr))| {
+                    let zero = T::from_f64(0.0);
                     let Some((mean, rstd, cnt)) = norm_pix_stats(tr, wr) else {
-                        return T::from_f64(0.0);
+                        return (zero, [zero; 2]);
                     };
-                    let se: f64 = pr
-                        .iter()
-                        .zip(tr.iter().zip(wr))
-                        .map(|(pv, (tv, wv))| {
-                            let e = pv.to_f64() - (tv.to_f64() - mean) * rstd;
-                            e * e * wv.to_f64()
-                        })
-                        .sum();
-                    T::from_f64(se / cnt)
+                    let (mut se, mut base) = (0.0, 0.0);
+                    for ((pv, tv), wv) in pr.iter().zip(tr).zip(wr) {
+                        let z = (tv.to_f64() - mean) * rstd;
+                        let (e, w) = (pv.to_f64() - z, wv.to_f64());
+                        se += e * e * w;
+                        base += z * z * w;
+                    }
+                    (
+                        T::from_f64(se / cnt),
+                        [T::from_f64(base / cnt), T::from_f64(1.0)],
+                    )
                 })
-                .collect();
-            Ok(T::to_cpu_storage_owned(out))
+                .unzip();
+            let aux: Vec<T> = aux.into_iter().flatten().collect();
+            Ok((T::to_cpu_storage_owned(out), T::to_cpu_storage_owned(aux)))
         }
         let dims = l1.dims();
-        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, s3, l3))?;
+        let (out, aux) = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, s3, l3))?;
+        self.aux.keep(Stashed::Cpu(aux), aux_shape(dims));
         Ok((out, Shape::from(&dims[..dims.len() - 1])))
     }
 
@@ -161,7 +174,8 @@ impl CustomOp3 for NormPixLoss {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, p) = rows_cols(l1);
         let dims = l1.dims();
-        let out = crate::cuda::norm_pix_loss(s1, l1, s2, l2, s3, l3, rows, p)?;
+        let (out, aux) = crate::cuda::norm_pix_loss(s1, l1, s2, l2, s3, l3, rows, p)?;
+        self.aux.keep(Stashed::Cuda(aux), aux_shape(dims));
         Ok((out, Shape::from(&dims[..dims.len() - 1])))
     }
 
@@ -173,23 +187,48 @@ impl CustomOp3 for NormPixLoss {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // grad [B, N] → [B, N, 1]: one scale per patch, after the patch's weights.
-        let g = grad
-            .unsqueeze(candle_core::D::Minus1)?
-            .to_dtype(weight.dtype())?;
-        let dpred = pred.apply_op3_no_bwd(
-            &target.detach(),
-            &Tensor::cat(&[&weight.detach(), &g], candle_core::D::Minus1)?,
-            &NormPixLossGrad,
-        )?;
+        let back = NormPixLossGrad::new(&grad.to_dtype(weight.dtype())?)?;
+        let dpred = pred.apply_op3_no_bwd(&target.detach(), &weight.detach(), &back)?;
         Ok((Some(dpred), None, None))
     }
 }
 
-/// [`NormPixLoss`] backward: `(pred, target, [weight | g])` → `2·(pred − t̂)·w·g / count`,
-/// the weights `[B, N, P + 1]` ending in each patch's incoming gradient `g` (three inputs).
-#[derive(Debug, Clone, Copy)]
-pub struct NormPixLossGrad;
+/// `[.., 2]` after the patch dimensions of `[.., P]`.
+fn aux_shape(dims: &[usize]) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = 2;
+    }
+    Shape::from(d)
+}
+
+/// [`NormPixLoss`] backward: `(pred, target, weight)` → `2·(pred − t̂)·w·g / count`, with `g`
+/// each patch's incoming gradient (a fourth input, held by the op: candle's ops take three).
+#[derive(Debug, Clone)]
+pub struct NormPixLossGrad {
+    g: Tensor,
+}
+
+impl NormPixLossGrad {
+    /// The backward for incoming gradients `g`, one per patch (`[B, N]`, or any shape of as many
+    /// values), in the dtype of the inputs it will be applied to.
+    pub fn new(g: &Tensor) -> Result<Self> {
+        Ok(Self {
+            g: g.detach().flatten_all()?.contiguous()?,
+        })
+    }
+
+    fn check(&self, rows: usize, dtype: DType) -> Result<()> {
+        if self.g.elem_count() != rows || self.g.dtype() != dtype {
+            candle_core::bail!(
+                "norm-pix loss backward: {} {:?} gradients for {rows} {dtype:?} patches",
+                self.g.elem_count(),
+                self.g.dtype()
+            );
+        }
+        Ok(())
+    }
+}
 
 impl CustomOp3 for NormPixLossGrad {
     fn name(&self) -> &'static str {
@@ -205,6 +244,7 @@ impl CustomOp3 for NormPixLossGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[allow(clippy::too_many_arguments)]
         fn go<T: WithDType>(
             s1: &CpuStorage,
             l1: &Layout,
@@ -212,23 +252,23 @@ impl CustomOp3 for NormPixLossGrad {
             l2: &Layout,
             s3: &CpuStorage,
             l3: &Layout,
+            gs: &CpuStorage,
+            gl: &Layout,
         ) -> Result<CpuStorage> {
+            let g = typed::<T>(gs, gl, "norm-pix loss backward")?;
             let (_, p) = rows_cols(l1);
             let pred = typed::<T>(s1, l1, "norm-pix loss backward")?;
             let t = typed::<T>(s2, l2, "norm-pix loss backward")?;
-            let wg = typed::<T>(s3, l3, "norm-pix loss backward")?;
+            let w = typed::<T>(s3, l3, "norm-pix loss backward")?;
             let mut dp = vec![T::from_f64(0.0); pred.len()];
             dp.par_chunks_mut(p)
-                .zip(
-                    pred.par_chunks(p)
-                        .zip(t.par_chunks(p).zip(wg.par_chunks(p + 1))),
-                )
-                .for_each(|(o, (pr, (tr, wgr)))| {
-                    let (wr, gr) = wgr.split_at(p);
+                .zip(pred.par_chunks(p).zip(t.par_chunks(p).zip(w.par_chunks(p))))
+                .zip(g.par_iter())
+                .for_each(|((o, (pr, (tr, wr))), g)| {
                     let Some((mean, rstd, cnt)) = norm_pix_stats(tr, wr) else {
                         return;
                     };
-                    let g = gr[0].to_f64();
+                    let g = g.to_f64();
                     for i in 0..p {
                         let e = pr[i].to_f64() - (tr[i].to_f64() - mean) * rstd;
                         o[i] = T::from_f64(2.0 * e * wr[i].to_f64() * g / cnt);
@@ -236,7 +276,12 @@ impl CustomOp3 for NormPixLossGrad {
                 });
             Ok(T::to_cpu_storage_owned(dp))
         }
-        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, s3, l3))?;
+        self.check(rows_cols(l1).0, s1.dtype())?;
+        let (gs, gl) = self.g.storage_and_layout();
+        let candle_core::Storage::Cpu(gs) = &*gs else {
+            candle_core::bail!("norm-pix loss backward: the gradients are not on the CPU");
+        };
+        let out = by_dtype!(s1.dtype(), go(s1, l1, s2, l2, s3, l3, gs, gl))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -251,7 +296,12 @@ impl CustomOp3 for NormPixLossGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, p) = rows_cols(l1);
-        let out = crate::cuda::norm_pix_loss_grad(s1, l1, s2, l2, s3, l3, rows, p)?;
+        self.check(rows, s1.dtype())?;
+        let (gs, gl) = self.g.storage_and_layout();
+        let candle_core::Storage::Cuda(gs) = &*gs else {
+            candle_core::bail!("norm-pix loss backward: the gradients are not on the GPU");
+        };
+        let out = crate::cuda::norm_pix_loss_grad(s1, l1, s2, l2, s3, l3, gs, gl, rows, p)?;
         Ok((out, l1.shape().clone()))
     }
 }
