@@ -61,12 +61,15 @@ for s in (r for r in rows if r["kind"] == "seg_step"):
         print(f"  census: {s['launches']:.0f} launches, {s['census_gb']} GB, bound {s['bound_ms']} ms; forward + backward at {s['of_bound']:.2f} of it")
 ks = [r for r in rows if r["kind"] in ("kernel", "copy")]
 if ks:
-    print("\n| kernel | shape | fused ms | candle ms | speed-up | GB/s | of copy |\n|---|---|---|---|---|---|---|")
+    # "of copy": against the 2 GiB copy; "of same-size copy": against copies moving as many
+    # bytes as the kernel (a launch's start and last wave paid alike).
+    print("\n| kernel | shape | fused ms | candle ms | speed-up | GB/s | of copy | of same-size copy |\n|---|---|---|---|---|---|---|---|")
+    dash = lambda v: "–" if v is None else v
     for k in ks:
         if k["kind"] == "copy":
-            print(f"| driver copy (2 GiB) | | | | | {k['gb_per_s']} | 1.00 |")
+            print(f"| driver copy (2 GiB) | | | | | {k['gb_per_s']} | 1.00 | |")
         else:
-            print(f"| {k['name']} | {k['shape']} | {k['fused_ms']} | {k['composed_ms']} | {k['speedup']} | {k['gb_per_s'] or '–'} | {k['of_copy'] or '–'} |")
+            print(f"| {k['name']} | {k['shape']} | {k['fused_ms']} | {dash(k['composed_ms'])} | {dash(k['speedup'])} | {dash(k['gb_per_s'])} | {dash(k['of_copy'])} | {dash(k.get('of_same_size_copy'))} |")
 ps = [r for r in rows if r["kind"] == "profile"]
 if ps:
     print("\n| piece (ViT-B MAE, b64, bf16) | forward ms | forward+backward ms |\n|---|---|---|")

@@ -13,16 +13,74 @@ use icefm_model::{cuda, ops};
 
 use super::{Res, random, time_ms};
 
-fn kernel_line(name: &str, shape: &str, bytes: f64, fused_ms: f64, composed_ms: f64, copy: f64) {
+/// The copy rates a kernel's bandwidth is set against: the driver's device-to-device copy of
+/// 2 GiB (the card's rate), and a copy moving as many bytes as the kernel does, whose rate at
+/// that size already pays for a launch's start and its last partial wave: what a kernel of
+/// that size could reach at best.
+struct Ceiling {
+    dev: candle_core::CudaDevice,
+    big: f64,
+    sizes: std::cell::RefCell<std::collections::HashMap<usize, f64>>,
+}
+
+impl Ceiling {
+    fn new(dev: &Device) -> Res<Self> {
+        let dev = dev.as_cuda_device()?.clone();
+        let big = cuda::copy_bandwidth(&dev, 1 << 31, 10)?;
+        Ok(Self {
+            dev,
+            big,
+            sizes: Default::default(),
+        })
+    }
+
+    /// GB/s (read + written) of copies moving `bytes` in all; NaN if it could not be measured.
+    fn same_size(&self, bytes: f64) -> f64 {
+        let half = ((bytes / 2.0) as usize).div_ceil(256) * 256;
+        if let Some(&r) = self.sizes.borrow().get(&half) {
+            return r;
+        }
+        // Some 4 GB in all, between 20 and 1,000 copies.
+        let reps = ((4e9 / bytes.max(1.0)) as usize).clamp(20, 1000);
+        let r = cuda::copy_bandwidth(&self.dev, half.max(256), reps).unwrap_or(f64::NAN);
+        self.sizes.borrow_mut().insert(half, r);
+        r
+    }
+}
+
+fn kernel_line(
+    name: &str,
+    shape: &str,
+    bytes: f64,
+    fused_ms: f64,
+    composed_ms: f64,
+    copy: &Ceiling,
+) {
     let gbs = bytes / (fused_ms * 1e-3) / 1e9;
-    let (gbs, of) = if bytes > 0.0 {
-        (format!("{gbs:.0}"), format!("{:.2}", gbs / copy))
-    } else {
-        ("null".into(), "null".into())
+    let num = |x: f64, digits: usize| {
+        if x.is_finite() {
+            format!("{x:.digits$}")
+        } else {
+            "null".to_string()
+        }
     };
+    let (gbs, of, same, of_same) = if bytes > 0.0 {
+        let same = copy.same_size(bytes);
+        (
+            num(gbs, 0),
+            num(gbs / copy.big, 2),
+            num(same, 0),
+            num(gbs / same, 2),
+        )
+    } else {
+        let null = || "null".to_string();
+        (null(), null(), null(), null())
+    };
+    // Rows without a candle composition to compare have no speed-up.
+    let (composed, speedup) = (num(composed_ms, 4), num(composed_ms / fused_ms, 2));
     println!(
-        "{{\"kind\":\"kernel\",\"name\":\"{name}\",\"shape\":\"{shape}\",\"fused_ms\":{fused_ms:.4},\"composed_ms\":{composed_ms:.4},\"speedup\":{:.2},\"gb_per_s\":{gbs},\"copy_gb_per_s\":{copy:.0},\"of_copy\":{of}}}",
-        composed_ms / fused_ms,
+        "{{\"kind\":\"kernel\",\"name\":\"{name}\",\"shape\":\"{shape}\",\"fused_ms\":{fused_ms:.4},\"composed_ms\":{composed},\"speedup\":{speedup},\"gb_per_s\":{gbs},\"copy_gb_per_s\":{:.0},\"of_copy\":{of},\"same_size_copy_gb_per_s\":{same},\"of_same_size_copy\":{of_same}}}",
+        copy.big,
     );
 }
 
@@ -38,8 +96,11 @@ fn fused_vs_composed(dev: &Device, mut f: impl FnMut() -> Res<()>) -> Res<(f64, 
 pub(super) fn kernels_bench() -> Res<()> {
     let dev = cuda::device(0)?;
     // Copy bandwidth: the driver's device-to-device copy of 2 GiB, bytes read + written.
-    let copy = cuda::copy_bandwidth(dev.as_cuda_device()?, 1 << 31, 10)?;
-    println!("{{\"kind\":\"copy\",\"gib\":2,\"gb_per_s\":{copy:.0}}}");
+    let copy = Ceiling::new(&dev)?;
+    println!(
+        "{{\"kind\":\"copy\",\"gib\":2,\"gb_per_s\":{:.0}}}",
+        copy.big
+    );
     let eps = 1e-6;
     for (rows, d, what) in [
         (64 * 145, 768usize, "ViT-B encoder"),
@@ -67,7 +128,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             2.0 * (rows * d * 2) as f64,
             f_fwd,
             c,
-            copy,
+            &copy,
         );
         // The fused backward's kernel (dx and the partial sums for the scale and shift), then
         // with `with_sum` the sum of those partial sums, as the layer norm's backward runs.
@@ -102,7 +163,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             3.0 * (rows * d * 2) as f64,
             f,
             c,
-            copy,
+            &copy,
         );
         // The wide-access kernels (16-byte loads, warps striding over rows) against the
         // register-resident ones timed above: forward, and the backward's kernel alone.
@@ -121,7 +182,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             2.0 * (rows * d * 2) as f64,
             fwd_v8?,
             f_fwd,
-            copy,
+            &copy,
         );
         kernel_line(
             "layer_norm bwd kernel, wide loads (vs register-resident)",
@@ -129,7 +190,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             3.0 * (rows * d * 2) as f64,
             dx_v8?,
             dx_reg,
-            copy,
+            &copy,
         );
     }
     for (shape_v, what) in [
@@ -148,7 +209,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             ops::softmax(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?;
             Ok(())
         })?;
-        kernel_line("softmax fwd", &shape, 2.0 * (el * 2) as f64, f, c, copy);
+        kernel_line("softmax fwd", &shape, 2.0 * (el * 2) as f64, f, c, &copy);
         let y = fused::softmax(&x)?;
         let f = time_ms(&dev, 3, 20, || {
             y.apply_op2_no_bwd(&dy, &fused::SoftmaxGrad)?;
@@ -160,7 +221,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             (y * &dy)?.backward()?;
             Ok(())
         })?;
-        kernel_line("softmax bwd", &shape, 3.0 * (el * 2) as f64, f, c, copy);
+        kernel_line("softmax bwd", &shape, 3.0 * (el * 2) as f64, f, c, &copy);
     }
     // The MLP's pieces in a ViT-B encoder block, forward + backward, fused vs candle's.
     let (rows, d) = (64 * 145, 3072usize);
@@ -179,14 +240,14 @@ pub(super) fn kernels_bench() -> Res<()> {
         (y * &dy)?.backward()?;
         Ok(())
     })?;
-    kernel_line("bias add fwd+bwd", &shape, 3.0 * el * 2.0, f, c, copy);
+    kernel_line("bias add fwd+bwd", &shape, 3.0 * el * 2.0, f, c, &copy);
     // Forward reads x, writes y; backward reads x and dy, writes dx: 5 passes.
     let (f, c) = fused_vs_composed(&dev, || {
         let y = fused::gelu(xv.as_tensor())?;
         (y * &dy)?.backward()?;
         Ok(())
     })?;
-    kernel_line("gelu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, copy);
+    kernel_line("gelu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, &copy);
     // ReLU: forward reads x, writes y; backward reads y and dy, writes dx: 5 passes (candle's
     // backward takes six launches).
     let (f, c) = fused_vs_composed(&dev, || {
@@ -194,7 +255,7 @@ pub(super) fn kernels_bench() -> Res<()> {
         (y * &dy)?.backward()?;
         Ok(())
     })?;
-    kernel_line("relu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, copy);
+    kernel_line("relu fwd+bwd", &shape, 5.0 * el * 2.0, f, c, &copy);
     // gelu(x + b) as one op against the two fused ops above (the "candle" column here):
     // forward reads x, writes y; backward reads x and dy, writes dx and sums its columns as
     // it goes: 5 passes.
@@ -214,7 +275,7 @@ pub(super) fn kernels_bench() -> Res<()> {
         5.0 * el * 2.0,
         one,
         two,
-        copy,
+        &copy,
     );
     // A linear layer's forward, x · wᵀ + b: one cuBLASLt product with the bias in its epilogue
     // against candle's product and the bias add (ViT-B's encoder qkv and decoder fc1 shapes).
@@ -240,7 +301,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             0.0,
             ms[0],
             ms[1],
-            copy,
+            &copy,
         );
     }
     // The attention core (head split, q·kᵀ, softmax, ·v, head merge), forward + backward: one
@@ -264,7 +325,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             0.0,
             f,
             c,
-            copy,
+            &copy,
         );
     }
     // The attention core's forward: the flash kernel against the materialised scores (split
@@ -317,7 +378,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             0.0,
             bwd[2],
             bwd[0],
-            copy,
+            &copy,
         );
         kernel_line(
             "flash attention fwd: prefetching (vs not)",
@@ -325,7 +386,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             0.0,
             fpf?,
             f,
-            copy,
+            &copy,
         );
         kernel_line(
             "attention node fwd+bwd: flash bwd (vs materialised)",
@@ -333,7 +394,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             0.0,
             bwd[0],
             bwd[1],
-            copy,
+            &copy,
         );
         kernel_line(
             "flash attention fwd (vs materialised)",
@@ -341,7 +402,7 @@ pub(super) fn kernels_bench() -> Res<()> {
             0.0,
             f,
             c?,
-            copy,
+            &copy,
         );
     }
     // MAE's masked norm-pix loss, forward + backward: pred, target, weight [64, 432, 512] f32
@@ -365,7 +426,36 @@ pub(super) fn kernels_bench() -> Res<()> {
         7.0 * el * 4.0,
         f,
         c,
-        copy,
+        &copy,
+    );
+    // Each direction alone, as a step runs it: the forward (the loss kernel and the few small
+    // reductions after it), and the backward of one loss (candle's backward over the small
+    // tensors, then the gradient kernel).
+    let fwd = time_ms(&dev, 3, 20, || {
+        fused::masked_norm_pix_loss(pred.as_tensor(), &target, &weight)?;
+        Ok(())
+    })?;
+    let (loss, _) = fused::masked_norm_pix_loss(pred.as_tensor(), &target, &weight)?;
+    let bwd = time_ms(&dev, 3, 20, || {
+        loss.backward()?;
+        Ok(())
+    })?;
+    let shape = format!("{shape_v:?} f32");
+    kernel_line(
+        "norm-pix loss fwd",
+        &shape,
+        3.0 * el * 4.0,
+        fwd,
+        f64::NAN,
+        &copy,
+    );
+    kernel_line(
+        "norm-pix loss bwd",
+        &shape,
+        4.0 * el * 4.0,
+        bwd,
+        f64::NAN,
+        &copy,
     );
     // Masking: the 144 kept tokens of 576 per sample, [64, 576, 768] bf16, forward (gather) and
     // backward (rows written back, zeros elsewhere).
@@ -382,19 +472,52 @@ pub(super) fn kernels_bench() -> Res<()> {
             order
         })
         .collect();
+    // The indices on the device, as a step has them (`gather_tokens` would check and upload
+    // them on every call).
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let idx = Tensor::from_vec(flat, (b, k), &dev)?;
     let (f, c) = fused_vs_composed(&dev, || {
-        let y = fused::gather_tokens(xv.as_tensor(), &ids)?;
+        let y = fused::gather_tokens_at(xv.as_tensor(), &idx)?;
         (y * &dy)?.backward()?;
         Ok(())
     })?;
-    // Gather reads and writes K rows; scatter reads K rows and writes all N.
+    // Gather reads and writes K rows; scatter reads K rows and writes all N. The time also
+    // holds the product with `dy` and its backward, which the bytes leave out.
+    let shape = format!("[{b}, {n}, {d}] bf16, keep {k}");
     kernel_line(
-        "token gather fwd+bwd",
-        &format!("[{b}, {n}, {d}] bf16, keep {k}"),
+        "token gather fwd+bwd (with a product)",
+        &shape,
         ((3 * k + n) * b * d * 2) as f64,
         f,
         c,
-        copy,
+        &copy,
+    );
+    // Each kernel alone.
+    let gather = time_ms(&dev, 3, 20, || {
+        fused::gather_tokens_at(xv.as_tensor(), &idx)?;
+        Ok(())
+    })?;
+    let back = fused::TokenRows { n, scatter: true };
+    let scatter = time_ms(&dev, 3, 20, || {
+        dy.apply_op2_no_bwd(&idx, &back)?;
+        Ok(())
+    })?;
+    let row = (b * d * 2) as f64;
+    kernel_line(
+        "token gather",
+        &shape,
+        2.0 * k as f64 * row,
+        gather,
+        f64::NAN,
+        &copy,
+    );
+    kernel_line(
+        "token scatter (gather bwd)",
+        &shape,
+        (k + n) as f64 * row,
+        scatter,
+        f64::NAN,
+        &copy,
     );
     // Batch preparation: raw windows [64, 2, 384, 384] f32 → inputs and validity mask,
     // flipped and turned, against the same op on the host (what the loader did before).
@@ -431,7 +554,7 @@ pub(super) fn kernels_bench() -> Res<()> {
         (2.0 + 3.0) * el * 4.0,
         f,
         c,
-        copy,
+        &copy,
     );
     // AdamW over ViT-B/16 MAE's parameters: fused (one launch) vs composed candle ops.
     let cfg = MaeConfig::new(VitConfig::preset("base").ok_or("preset")?);
@@ -460,7 +583,7 @@ pub(super) fn kernels_bench() -> Res<()> {
         28.0 * params as f64,
         times[0],
         times[1],
-        copy,
+        &copy,
     );
     Ok(())
 }
