@@ -42,8 +42,9 @@ def winners(out):
         return []
     if "test result:" not in tests:
         return []  # the tests did not run to the end: nothing is trusted
-    failed = set(re.findall(r"^test (\S+) \.\.\. FAILED", tests, re.M))
-    passed = set(re.findall(r"^test (\S+) \.\.\. ok", tests, re.M))
+    # Test names without their module (`kernels::…`).
+    failed = {t.split("::")[-1] for t in re.findall(r"^test (\S+) \.\.\. FAILED", tests, re.M)}
+    passed = {t.split("::")[-1] for t in re.findall(r"^test (\S+) \.\.\. ok", tests, re.M)}
     chosen = []
     for var, phase, base, covering in RULES:
         off, default = images_per_s(out, phase), images_per_s(out, base)

@@ -5,7 +5,7 @@
 //! needed to build icefm, only the NVRTC library at run time), once per process. They take
 //! float or bf16 tensors (bf16 as raw 16-bit words, so no CUDA header is needed) and compute
 //! in f32. Each has a CPU reference ([`crate::fused`], [`crate::optim`]); the tests in
-//! `model/tests/cuda.rs` compare the two on random inputs.
+//! `model/tests/cuda/` compare the two on random inputs.
 #![allow(unsafe_code)] // kernel launches and raw device pointers, each commented
 
 use std::sync::OnceLock;

@@ -236,7 +236,7 @@ impl CustomOp2 for ReluGrad {
 /// goes ([`BiasGeluGrad`]). The pre-activation `x + b` is never stored: one `[rows, C]` pass and one
 /// saved activation fewer per MLP than [`bias_add`] then [`gelu`], which is what this is with
 /// fusion off (and on a GPU until `ICEFM_BIAS_GELU_CUDA=1`: its kernels have not yet run on
-/// one, `model/tests/cuda.rs`).
+/// one, `model/tests/cuda/`).
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !bias_gelu_fuses(x) {
         return gelu(&bias_add(x, bias)?);

@@ -174,7 +174,7 @@ pub fn set_flash(on: bool) {
 }
 
 /// Whether [`attention`]'s backward pass may use the flash kernels (default since they passed
-/// `model/tests/cuda.rs` and halved the step on an H200; `ICEFM_FLASH_BWD=0` turns them off).
+/// `model/tests/cuda/` and halved the step on an H200; `ICEFM_FLASH_BWD=0` turns them off).
 pub fn flash_bwd() -> bool {
     FLASH_BWD.get()
 }
