@@ -390,8 +390,11 @@ fn train_bench(args: &[String]) -> Res<()> {
     let t = Instant::now();
     let s = train_mae(&cfg, &opts, &stop, &|_| {})?;
     let wall = t.elapsed().as_secs_f64();
+    // The rate over the timed steps: their images over the sum of their own times (each
+    // record's rate is its step's, images / its device time).
     let timed: Vec<f64> = s.records.iter().skip(2).map(|r| r.images_per_s).collect();
-    let mean = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+    let secs: f64 = timed.iter().map(|ips| batch as f64 / ips).sum();
+    let mean = (timed.len() * batch) as f64 / secs.max(1e-9);
     let upload = if std::env::var("ICEFM_UPLOAD").is_ok_and(|v| v == "pageable") {
         "pageable"
     } else {
