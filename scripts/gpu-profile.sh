@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Kernel-level profile of one ViT-B/16 MAE encoder block and one decoder block (batch 64,
-# bf16), forward and backward, with Nsight Compute's per-kernel durations, achieved occupancy
-# and registers per thread (clocks not locked). Needs .gpu/bundle.tar.xz
+# bf16), forward and backward, then the norm-pix loss, the token gather and scatter and the
+# batch preparation at the step's shapes, with Nsight Compute's per-kernel durations, achieved
+# occupancy and registers per thread (clocks not locked). Needs .gpu/bundle.tar.xz
 # (scripts/build-gpu-check.sh) and ncu. The switches of docs/gpu.md apply, e.g.
-#   ICEFM_FLASH_BWD=1 ICEFM_LT_BIAS=1 scripts/gpu-profile.sh
-# Writes $OUT/ncu.csv and prints the kernels by total time; then, for icefm's flash attention and
-# layer-norm kernels only, a second pass with Nsight Compute's speed-of-light, warp-state and
-# pipe sections ($OUT/ncu-stalls.csv): what bounds each (tensor pipe, the exp unit, shared or
-# global memory latency, barriers). ICEFM_PROFILE_KERNELS (a regex) picks other kernels.
+#   ICEFM_FLASH_BWD=0 scripts/gpu-profile.sh
+# Writes $OUT/ncu.csv and prints the kernels by total time; then, for icefm's flash attention,
+# layer-norm, norm-pix, token and batch-preparation kernels only, a second pass with Nsight
+# Compute's speed-of-light, warp-state and pipe sections ($OUT/ncu-stalls.csv): what bounds each
+# (tensor pipe, the exp unit, shared or global memory latency, barriers, DRAM throughput).
+# ICEFM_PROFILE_KERNELS (a regex) picks other kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-profile}"
@@ -55,7 +57,7 @@ PY
 # What bounds the attention and layer-norm kernels: the top stall reasons per issued
 # instruction and the busiest pipes, from sections (their metric names vary less than raw ones).
 timeout 120 "$ncu" --profile-from-start off --clock-control none \
-    --kernel-name "regex:${ICEFM_PROFILE_KERNELS:-flash|ln_}" \
+    --kernel-name "regex:${ICEFM_PROFILE_KERNELS:-flash|ln_|norm_pix|_tokens|normalise}" \
     --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
     --csv --page raw --log-file "$out/ncu-stalls.csv" .gpu/gpu_check profile-blocks
 echo "ncu (stalls) exit $?"

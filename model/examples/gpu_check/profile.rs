@@ -143,7 +143,8 @@ pub(super) fn profile() -> Res<()> {
 }
 
 /// One encoder and one decoder block of ViT-B/16 MAE (batch 64, bf16), forward and backward,
-/// bracketed by cuProfilerStart/Stop for a kernel-level profile under
+/// then the norm-pix loss, the token gather and scatter and the batch preparation at the step's
+/// shapes, bracketed by cuProfilerStart/Stop for a kernel-level profile under
 /// `ncu --profile-from-start off` (the warm-up pass stays outside).
 #[allow(unsafe_code)]
 pub(super) fn profile_blocks() -> Res<()> {
@@ -157,12 +158,41 @@ pub(super) fn profile_blocks() -> Res<()> {
     init_weights(&varmap, 3)?;
     let xe = Var::from_tensor(&random(&[64, 145, 768], 1, &dev, bf)?)?;
     let xd = Var::from_tensor(&random(&[64, 577, 512], 2, &dev, bf)?)?;
+    // The step's other memory-bound kernels at its shapes: the norm-pix loss both ways, the
+    // token gather and its scatter, and the batch preparation.
+    let pred = Var::from_tensor(&random(&[64, 432, 512], 3, &dev, DType::F32)?)?;
+    let target = random(&[64, 432, 512], 4, &dev, DType::F32)?;
+    let weight = random(&[64, 432, 512], 5, &dev, DType::F32)?
+        .ge(-0.8)?
+        .to_dtype(DType::F32)?;
+    let tokens = random(&[64, 576, 768], 6, &dev, bf)?;
+    let ids: Vec<u32> = (0..64u32)
+        .flat_map(|b| (0..144u32).map(move |j| (j * 4 + b % 4) % 576))
+        .collect();
+    let idx = Tensor::from_vec(ids, (64, 144), &dev)?;
+    let back = fused::TokenRows {
+        n: 576,
+        scatter: true,
+    };
+    let raw = random(&[64, 2, 384, 384], 7, &dev, DType::F32)?;
+    let transforms: Vec<icefm_dataset::Transform> = (0..64)
+        .map(|i| icefm_dataset::Transform {
+            transpose: i % 2 == 1,
+            flip_y: i % 4 >= 2,
+            flip_x: i % 8 >= 4,
+        })
+        .collect();
     let pass = || -> Res<()> {
         let ye = enc.forward(xe.as_tensor(), None)?;
         let yd = dec.forward(xd.as_tensor(), None)?;
         let loss = (ye.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sum_all()?
             + yd.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sum_all()?)?;
         loss.backward()?;
+        let (npx, _) = fused::masked_norm_pix_loss(pred.as_tensor(), &target, &weight)?;
+        npx.backward()?;
+        let kept = fused::gather_tokens_at(&tokens, &idx)?;
+        kept.apply_op2_no_bwd(&idx, &back)?;
+        fused::normalise_augment(&raw, &[-20.0, -25.0], &[0.2, 0.25], &transforms)?;
         Ok(())
     };
     pass()?;
