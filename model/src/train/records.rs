@@ -337,16 +337,16 @@ mod tests {
         };
         let (a, b) = (step(0, 0.75)?, step(1, 0.5)?);
         // Both are read well after their steps ended, one right after the other.
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1000));
         let (a, b) = (a.finish()?, b.finish()?);
         for (r, loss) in [(&a, 0.75), (&b, 0.5)] {
             assert_eq!(r.loss, loss);
             assert_eq!(r.value("baseline"), Some(1.5));
             assert_eq!(r.grad_norm, 2.5);
-            // 8 images in a step of 40 ms and a little more: at most 200 images/s, and more
-            // than 8 / 0.3 s, which counting to the read would give at most.
+            // 8 images in a step of 40 ms and a little more (a loaded machine may stretch it):
+            // counting to the read would give a second or more.
             let secs = 8.0 / r.images_per_s;
-            assert!((0.04..0.3).contains(&secs), "step {}: {secs} s", r.step);
+            assert!((0.04..0.8).contains(&secs), "step {}: {secs} s", r.step);
         }
         Ok(())
     }
