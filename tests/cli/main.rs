@@ -8,6 +8,7 @@ mod demo;
 #[path = "../support/http_files.rs"]
 mod http_files;
 mod ingest;
+mod store;
 mod train;
 
 fn icefm() -> Command {

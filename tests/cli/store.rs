@@ -1,0 +1,365 @@
+//! End-to-end: what a store offers once ingested (inspect, regimes, zarr-python and pyarrow)
+//! and `icefm synth`'s listing.
+
+use std::path::Path;
+use std::process::Command;
+
+use icefm_ingest::store::{array_shape, read_f32, read_u8};
+
+use super::*;
+
+#[test]
+fn inspect_prints_balance_and_writes_a_quicklook() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "400x420", "default", "80,200");
+    let png = dir.path().join("q.png");
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("2 scene(s); levels 80m, 200m; patch 64 px"),
+        "{text}"
+    );
+    assert!(text.contains("SOD class balance"), "{text}");
+    assert!(text.contains("open water"), "{text}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(!text.contains("without a committed scene") && !text.contains("claimed"));
+    // What a killed ingest leaves: a scene folder without its commit, and its claim.
+    std::fs::create_dir_all(store.join("scenes/20990101T000000_dmi/80m")).unwrap();
+    std::fs::write(
+        store.join("manifests/claims/20990101T000000_dmi.claim"),
+        "x.nc\nnode\n7\n",
+    )
+    .unwrap();
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 scene folder(s) without a committed scene")
+            && text.contains("redoes them): 20990101T000000_dmi\n")
+            && text.contains("1 scene(s) claimed by an ingest")
+            && text.contains("`manifests/claims/`): 20990101T000000_dmi\n"),
+        "{text}"
+    );
+    let out = icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--png", "x.png", "--level", "120"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("level 120m is not in the store"));
+}
+
+/// Regimes drawn from an ingested store: a ladder, an excluding pair, `check`, `inspect --regime`
+/// and the errors a researcher meets first.
+#[test]
+fn regimes_from_a_store_are_nested_disjoint_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 4, "200x220", "default", "80,400");
+    let regime = |args: &[&str]| {
+        icefm()
+            .arg("regime")
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .unwrap()
+    };
+    let out = ok(regime(&[
+        "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", "3",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("regime ft_25 (finetune, rule fraction 25 %, seed 3): 1 of 4 scenes"),
+        "{text}"
+    );
+    assert!(text.contains("of 4 scenes"), "{text}");
+    assert!(text.contains("patches"), "{text}");
+    let out = ok(regime(&[
+        "--name",
+        "pt",
+        "--rule",
+        "fraction",
+        "--percent",
+        "50",
+        "--role",
+        "pretrain",
+        "--exclude",
+        "ft_50",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 of 4 scenes"));
+    let check = |a: &str, b: &str| {
+        icefm()
+            .args(["regime", "check", a, b, "--store"])
+            .arg(&store)
+            .output()
+            .unwrap()
+    };
+    let out = check("ft_50", "pt");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("are disjoint"));
+    // The 25 % regime sits inside the 50 % one, so it overlaps itself-plus.
+    let out = check("ft_25", "ft_50");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("share 1 scene(s)"));
+    // Same store, rule and seed: the same bytes.
+    let first = std::fs::read(store.join("regimes/ft_50.parquet")).unwrap();
+    ok(regime(&[
+        "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", "3",
+    ]));
+    // Coverage takes as many scenes as holding every class needs, and says so.
+    let out = ok(regime(&[
+        "--name",
+        "cov",
+        "--rule",
+        "coverage",
+        "--percent",
+        "25",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("missing: none"), "{text}");
+    assert_eq!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        first
+    );
+    // Another seed draws other scenes under names that exist: refused, nothing written.
+    let ladder_seed = |seed: &str, force: bool| {
+        let mut args = vec![
+            "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", seed,
+        ];
+        if force {
+            args.push("--force");
+        }
+        regime(&args)
+    };
+    let changed = (4..40)
+        .map(|s| s.to_string())
+        .find(|s| {
+            let out = ladder_seed(s, false);
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("ft_50")
+        })
+        .expect("some seed draws another ft_50");
+    // (A seed tried before it that drew the same scenes rewrote the files: no change.)
+    let before = std::fs::read(store.join("regimes/ft_50.parquet")).unwrap();
+    let out = ladder_seed(&changed, false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already exist") && err.contains("--force to replace"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        before
+    );
+    // --force replaces them, and names the regime drawn around the old ft_50.
+    let out = ok(ladder_seed(&changed, true));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replacing regime ft_50 (--force)"), "{err}");
+    assert!(
+        err.contains("warning: regime pt was drawn excluding ft_50's old scenes"),
+        "{err}"
+    );
+    assert_ne!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        first
+    );
+    // Back to seed 3 for the checks below.
+    ok(ladder_seed("3", true));
+    assert_eq!(
+        std::fs::read(store.join("regimes/ft_50.parquet")).unwrap(),
+        first
+    );
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--regime", "pt"])
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("regime pt (pretrain, rule fraction 50 %"),
+        "{text}"
+    );
+    assert!(
+        text.contains("regimes in the store: cov, ft_25, ft_50, pt"),
+        "{text}"
+    );
+    let out = check("ft_50", "nope");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown regime `nope`") && err.contains("known: cov, ft_25, ft_50, pt"),
+        "{err}"
+    );
+    let out = regime(&["--name", "x", "--rule", "fraction"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --percent"));
+    // A regime listing its 80 m patches at least half valid; inspect reads the list back.
+    let out = ok(regime(&[
+        "--name",
+        "pp",
+        "--rule",
+        "all",
+        "--patches",
+        "--min-valid",
+        "0.5",
+        "--levels",
+        "80",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let listed = text
+        .split("; lists ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(listed > 0, "{text}");
+    assert!(text.contains("(valid SAR ≥ 50 % at 80m)"), "{text}");
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--regime", "pp"])
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("; lists {listed} patches")));
+    let out = regime(&[
+        "--name",
+        "x",
+        "--rule",
+        "all",
+        "--patches",
+        "--levels",
+        "120",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no level 120m"));
+}
+
+/// zarr-python, xarray and pyarrow read the store with no icefm code and agree with icefm.
+#[test]
+fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
+    let have = Command::new("python3")
+        .args(["-c", "import zarr, xarray, pyarrow, numpy"])
+        .status();
+    assert!(
+        have.is_ok_and(|s| s.success()),
+        "python3 with zarr, xarray, pyarrow and numpy is needed: run `make deps`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "300x340", "cycle", "80,200");
+    let ids: Vec<String> = std::fs::read_dir(store.join("scenes"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut arrays = Vec::new();
+    let mut patches = 0u64;
+    for id in &ids {
+        for level in ["80m", "200m"] {
+            for name in ["sar", "aux", "labels"] {
+                let node = format!("/scenes/{id}/{level}/{name}");
+                let shape = array_shape(&store, &node).unwrap();
+                let r = [0..shape[0], 0..shape[1], 0..shape[2]];
+                let (cy, cx) = (shape[1] / 2, shape[2] / 2);
+                let idx = |c: u64, y: u64, x: u64| ((c * shape[1] + y) * shape[2] + x) as usize;
+                let entry = if name == "labels" {
+                    let v = read_u8(&store, &node, r).unwrap();
+                    let mut hist = serde_json::Map::new();
+                    for k in 0..=255u8 {
+                        let n = v.iter().filter(|&&x| x == k).count();
+                        if n > 0 {
+                            hist.insert(k.to_string(), n.into());
+                        }
+                    }
+                    let window: Vec<serde_json::Value> = (0..4)
+                        .flat_map(|y| (0..4).map(move |x| (y, x)))
+                        .map(|(y, x)| v[idx(0, cy + y, cx + x)].into())
+                        .collect();
+                    serde_json::json!({"node": node, "shape": shape, "hist": hist, "window_at": [0, cy, cx], "window": window})
+                } else {
+                    let v = read_f32(&store, &node, r).unwrap();
+                    let nan = v.iter().filter(|x| x.is_nan()).count();
+                    let sum: f64 = v
+                        .iter()
+                        .filter(|x| !x.is_nan())
+                        .map(|&x| f64::from(x))
+                        .sum();
+                    let window: Vec<serde_json::Value> = (0..4)
+                        .flat_map(|y| (0..4).map(move |x| (y, x)))
+                        .map(|(y, x)| {
+                            let f = v[idx(1, cy + y, cx + x)];
+                            if f.is_nan() {
+                                serde_json::Value::Null
+                            } else {
+                                f64::from(f).into()
+                            }
+                        })
+                        .collect();
+                    serde_json::json!({"node": node, "shape": shape, "nan": nan, "sum": sum, "window_at": [1, cy, cx], "window": window})
+                };
+                arrays.push(entry);
+            }
+            let sh = array_shape(&store, &format!("/scenes/{id}/{level}/sar")).unwrap();
+            patches += sh[1].div_ceil(64) * sh[2].div_ceil(64);
+        }
+    }
+    let expected = serde_json::json!({
+        "levels": ["80m", "200m"],
+        "arrays": arrays,
+        "scene_ids": ids,
+        "manifest_rows": {"scenes": ids.len(), "patches": patches},
+    });
+    let exp = dir.path().join("expected.json");
+    std::fs::write(&exp, serde_json::to_vec(&expected).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/check_store.py");
+    let out = ok(Command::new("python3")
+        .arg(script)
+        .arg(&store)
+        .arg(&exp)
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checks passed"));
+}
+
+#[test]
+fn synth_lists_its_encodings_without_an_output_folder_and_asks_for_one_otherwise() {
+    let out = ok(icefm()
+        .args(["synth", "--encoding", "list"])
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 7, "{text}");
+    assert!(
+        lines[0].starts_with("default ")
+            && lines[0]
+                .ends_with("ids f32 NaN, codes vlen, deflate 4, chunks 1024 × 1024, SAR f32"),
+        "{text}"
+    );
+    assert!(
+        text.contains("chunks 16 × full width") && text.contains("deflate none"),
+        "{text}"
+    );
+    // Every listed name is accepted as an encoding.
+    let dir = tempfile::tempdir().unwrap();
+    for line in &lines[..6] {
+        let name = line.split_whitespace().next().unwrap();
+        synth(&dir.path().join(name), 1, "120x130", name);
+    }
+    let missing = icefm().args(["synth", "--count", "1"]).output().unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("icefm synth needs --out DIR"), "{err}");
+}
