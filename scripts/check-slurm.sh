@@ -64,16 +64,20 @@ PartitionName=check Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 echo "NodeName=$HOST Name=gpu File=$S/gpu[0-3]" >"$S"/gres.conf
 export SLURM_CONF=$S/slurm.conf
-if ! pgrep -x munged >/dev/null; then
+started_munge=
+if ! munge -n >/dev/null 2>&1; then
+    started_munge=1
     mkdir -p /run/munge
     chown munge:munge /run/munge 2>/dev/null || true
     [ -f /etc/munge/munge.key ] || mungekey --create 2>/dev/null || create-munge-key -f
-    munged --force 2>/dev/null
+    munged --force
+    munge -n >/dev/null || fail "munged did not start"
 fi
 stop_slurm() {
     for p in "$S"/slurmd.pid "$S"/slurmctld.pid; do
         [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
     done
+    [ -z "$started_munge" ] || pkill -x munged || true
 }
 trap stop_slurm EXIT
 slurmctld -c -i
