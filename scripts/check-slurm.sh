@@ -13,7 +13,10 @@
 #      limit): the ranks stop at one step, rank 0 saves, and the job submitted again resumes the
 #      run to its end;
 #   3. slurm-ablate.sbatch as a job array of 2 workers on one grid of 4 cells: every cell is
-#      trained and scored once, by one worker or the other, and the results table has all 4.
+#      trained and scored once, by one worker or the other, and the results table has all 4;
+#   4. `icefm ingest --shard slurm` as a job array numbered from 1 (docs/ingest.md): the last
+#      shard to finish merges the manifests, and the store equals one process's, byte for byte
+#      (but for the shard records).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -200,4 +203,17 @@ done
 w0=$(grep -c ": finished" "$W"/ablate-0.log || true)
 w1=$(grep -c ": finished" "$W"/ablate-1.log || true)
 echo "3. slurm-ablate.sbatch, array of 2: 4 cells, each once ($w0 by worker 0, $w1 by worker 1); ablation.parquet written"
+
+# ---- 4. Sharded ingest by a job array.
+"$ICEFM" ingest "$W"/scenes --store "$W"/one.zarr --levels 80,160 --patch 64 >/dev/null 2>&1
+sbatch --wait --array=1-2 --cpus-per-task=1 --output="$W/ingest-%a.log" \
+    --wrap "$ICEFM ingest $W/scenes --store $W/sharded.zarr --levels 80,160 --patch 64 --shard slurm" \
+    >/dev/null
+grep -q "the manifests are merged" "$W"/ingest-1.log "$W"/ingest-2.log ||
+    fail "no shard merged the manifests: $(cat "$W"/ingest-*.log)"
+for k in 0 1; do
+    [ -f "$W/sharded.zarr/manifests/shards/$k-of-2.json" ] || fail "no record of shard $k of 2"
+done
+d=$(diff -rq --exclude=shards "$W"/one.zarr "$W"/sharded.zarr) || fail "the stores differ: $d"
+echo "4. ingest --shard slurm, array 1-2: shards 0 and 1 of 2, manifests merged, the store equals one process's"
 echo PASS
