@@ -13,16 +13,16 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt64Type};
 use icefm_dataset::regime::{Regime, RegimeSpec, Role, Rule, draw, draw_ladder};
 use icefm_dataset::table::SceneTable;
-use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
 use icefm_ingest::plot::{PLOT_HEIGHT, PLOT_WIDTH};
-use icefm_ingest::store::new_attrs;
-use icefm_schemas::Level;
-use icefm_schemas::store::DEFAULT_CODEC;
-use icefm_synth::{SceneKind, SynthOptions, write_scene};
+use icefm_synth::SceneKind;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 mod grid;
 mod stops;
+#[path = "../support/synth_store.rs"]
+mod synth_store;
+
+use synth_store::synth_store;
 
 fn icefm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_icefm"))
@@ -60,25 +60,8 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ablate-tests");
-        let _ = std::fs::remove_dir_all(&root);
-        let mut inputs = Vec::new();
-        for i in 0..4u32 {
-            let mut o = SynthOptions::new(SceneKind::Rtt, 160, 180, 31 + u64::from(i));
-            o.index = i;
-            inputs.push(write_scene(&root.join("scenes"), &o).unwrap());
-        }
-        let store = root.join("s.zarr");
-        let attrs = new_attrs(&Level::parse_list("80,160").unwrap(), 64, DEFAULT_CODEC);
-        let summary = ingest(
-            &inputs,
-            &store,
-            attrs,
-            &IngestOptions::default(),
-            &NoReporter,
-        )
-        .unwrap();
-        assert_eq!(summary.scenes_in_store, 4);
+        let store = synth_store("ablate-tests", &[(SceneKind::Rtt, 160, 180); 4], 31, 64);
+        let root = store.parent().unwrap().to_path_buf();
         let table = SceneTable::from_store(&store).unwrap();
         let mut spec = RegimeSpec {
             name: "test".into(),

@@ -7,6 +7,9 @@ use icefm_model::census::Row;
 use icefm_model::mae::MaeConfig;
 use icefm_model::vit::VitConfig;
 
+#[path = "../../../tests/support/synth_store.rs"]
+mod synth_store;
+
 /// A seeded tensor on the CPU, uniform in `[-scale, scale)`, of `dtype`.
 pub fn random(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Tensor {
     let mut r = Rng::new(seed, 0);
@@ -87,32 +90,8 @@ pub fn check_var(name: &str, var: &Var, f: &dyn Fn() -> Tensor, limit: usize) {
 /// ingested at 80 and 160 m with 64-px patches, under the tests' temporary folder `name`
 /// (made afresh).
 pub fn rtt_store(name: &str, count: u32, (h, w): (usize, usize), seed: u64) -> std::path::PathBuf {
-    use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
-    use icefm_synth::{SceneKind, SynthOptions, write_scene};
-    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&root);
-    let inputs: Vec<_> = (0..count)
-        .map(|i| {
-            let mut o = SynthOptions::new(SceneKind::Rtt, h, w, seed + u64::from(i));
-            o.index = i;
-            write_scene(&root.join("scenes"), &o).unwrap()
-        })
-        .collect();
-    let store = root.join("s.zarr");
-    let attrs = icefm_ingest::store::new_attrs(
-        &icefm_schemas::Level::parse_list("80,160").unwrap(),
-        64,
-        icefm_schemas::store::DEFAULT_CODEC,
-    );
-    ingest(
-        &inputs,
-        &store,
-        attrs,
-        &IngestOptions::default(),
-        &NoReporter,
-    )
-    .unwrap();
-    store
+    let scenes = vec![(icefm_synth::SceneKind::Rtt, h, w); count as usize];
+    synth_store::synth_store(name, &scenes, seed, 64)
 }
 
 /// Checks the 320 words of the `ptx_probe` kernel (model/src/kernels.cu) against the PTX ISA's
