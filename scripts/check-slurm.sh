@@ -158,29 +158,7 @@ echo "2. interrupted at step $at (scancel --signal=INT), checkpoint saved; submi
 
 # ---- 3. An ablation grid by a job array of two workers.
 mkdir -p "$W"/grid
-cat >"$W"/grid/seg_micro.toml <<EOF
-[model]
-preset = "micro"
-[seg]
-head = "fcn"
-channels = 8
-eval_stride = 32
-[data]
-levels = "80"
-crop = 32
-batch_size = 2
-min_valid = 0.3
-jitter = 8
-threads = 1
-[train]
-steps = 3
-lr = 1e-3
-warmup_steps = 1
-checkpoint_every = 100
-keep_last = 1
-panel_every = 0
-seed = 1
-EOF
+cp "$ROOT"/tests/ablate/seg_micro.toml "$W"/grid/seg_micro.toml
 cat >"$W"/grid/grid.toml <<EOF
 version = 1
 base = "seg_micro.toml"

@@ -110,29 +110,7 @@ fn fixture() -> &'static Fixture {
 }
 
 /// The fine-tuning configuration of the tests: a micro ViT with an 8-wide FCN head.
-const SEG_MICRO: &str = r#"
-[model]
-preset = "micro"
-[seg]
-head = "fcn"
-channels = 8
-eval_stride = 32
-[data]
-levels = "80"
-crop = 32
-batch_size = 2
-min_valid = 0.3
-jitter = 8
-threads = 1
-[train]
-steps = 2
-lr = 1e-3
-warmup_steps = 1
-checkpoint_every = 100
-keep_last = 1
-panel_every = 0
-seed = 1
-"#;
+const SEG_MICRO: &str = include_str!("seg_micro.toml");
 
 /// A folder with `seg_micro.toml` and the grid file `name.toml` holding `grid`; the grid's path.
 fn grid_file(dir: &Path, name: &str, grid: &str) -> PathBuf {
