@@ -174,14 +174,7 @@ fn get_range(range: ByteRange) -> GetRange {
 impl ReadableStorageTraits for ObjectStorage {
     fn get(&self, key: &StoreKey) -> Result<MaybeBytes, StorageError> {
         let path = self.path(key);
-        let got = runtime().block_on(async {
-            match self.client.get(&path).await {
-                Ok(g) => g.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        });
-        got.map_err(storage_error)
+        found(runtime().block_on(async { self.client.get(&path).await?.bytes().await }))
     }
 
     fn get_partial_many<'a>(
