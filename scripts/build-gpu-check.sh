@@ -38,7 +38,13 @@ fi
 for b in .gpu/gpu_check .gpu/cuda_tests; do
     if ldd "$b" | grep -q netcdf; then echo "$b links netCDF: it would not run there" >&2; exit 1; fi
 done
+# What the binaries were built from (scripts/gpu-bundle-status.sh compares it with the tree):
+# the commit, then each file of the bundle's sources that differed from it.
+{
+    git rev-parse HEAD
+    git status --porcelain -- $(scripts/gpu-bundle-status.sh --sources) | sed 's/^/uncommitted: /'
+} >.gpu/bundle.rev
 # One compressed bundle (the candle kernels' PTX makes the binaries large; it packs about 6:1).
-tar -C .gpu -cf - gpu_check cuda_tests store store384 | xz -T0 -6 >.gpu/bundle.tar.xz
+tar -C .gpu -cf - gpu_check cuda_tests store store384 bundle.rev | xz -T0 -6 >.gpu/bundle.tar.xz
 du -sh .gpu/*
 echo "carry .gpu/bundle.tar.xz; on the GPU machine: scripts/gpu-check.sh"

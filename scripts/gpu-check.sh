@@ -27,6 +27,11 @@ log="$out/gpu-check.jsonl"
 : >"$log"
 . scripts/gpu-env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+# The commit the binaries were built from (scripts/gpu-bundle-status.sh checks it beforehand).
+if [ -f .gpu/bundle.rev ]; then
+    cp .gpu/bundle.rev "$out/bundle.rev"
+    echo "bundle built from $(head -1 .gpu/bundle.rev)$(grep -q '^uncommitted' .gpu/bundle.rev && echo ' with uncommitted changes')"
+fi
 
 # The whole run has a budget (GPU_CHECK_BUDGET seconds, default 450: a device call is cut at
 # 600): each phase gets its own limit or what is left of the budget, whichever is less, and a
