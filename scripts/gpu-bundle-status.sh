@@ -7,10 +7,12 @@
 #   scripts/gpu-bundle-status.sh --sources  # the paths whose changes make a bundle stale
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The crates the CUDA binaries are built from (cargo tree -p icefm-model --features cuda), the
-# workspace's manifest and lock, and the build's scripts. The stores in the bundle are made once,
-# by the CPU binary, and kept; delete .gpu/store* to remake them.
-sources=(model dataset schemas vendor Cargo.toml Cargo.lock scripts/build-gpu-check.sh scripts/cuda-env.sh)
+# The crates the CUDA binaries are built from (cargo tree -p icefm-model --features cuda -e
+# normal,build,dev: every workspace crate but the command line), the workspace's manifest and
+# lock, and the build's scripts. The stores in the bundle are made once, by the CPU binary, and
+# kept; delete .gpu/store* to remake them.
+sources=(model dataset schemas ingest synth h5chunk netcdf-thread vendor Cargo.toml Cargo.lock
+    scripts/build-gpu-check.sh scripts/cuda-env.sh)
 if [ "${1:-}" = --sources ]; then
     printf '%s\n' "${sources[@]}"
     exit 0

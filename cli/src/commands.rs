@@ -9,13 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use icefm_ingest::inspect::{StoreSummary, summarize, summarize_manifests};
 use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
-use icefm_ingest::reader::is_reference_file;
+use icefm_ingest::reader::{RAW_SPACING_M, is_reference_file};
 use icefm_ingest::shard::{Shard, list_shards};
 use icefm_ingest::store::new_attrs;
 use icefm_schemas::Level;
 use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
 use icefm_schemas::sigrid::MergeMode;
-use icefm_schemas::store::{Codec, DEFAULT_PATCH, MANIFESTS_DIR};
+use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH, MANIFESTS_DIR};
 use icefm_synth::{Encoding, Release, SceneKind, Service, SynthOptions, write_scene};
 
 use crate::progress::IngestBars;
@@ -83,9 +83,10 @@ struct IngestArgs {
     /// Scenes processed at once.
     #[arg(long, default_value_t = DEFAULT_JOBS)]
     jobs: usize,
-    /// Compression: `zstd:LEVEL` or `blosc-zstd:LEVEL` (zstd inside blosc, byte shuffle).
-    #[arg(long, default_value = "blosc-zstd:1")]
-    codec: String,
+    /// Compression: `zstd:LEVEL` or `blosc-zstd:LEVEL` (zstd inside blosc, byte shuffle)
+    /// [default: blosc-zstd:1 for a new store, the store's own when adding to one].
+    #[arg(long)]
+    codec: Option<String>,
     /// Merge equal partial concentrations as the AI4Arctic toolbox does (assign, not add).
     #[arg(long)]
     toolbox_merge: bool,
@@ -149,10 +150,10 @@ pub(crate) struct InspectArgs {
     #[arg(long)]
     pub png: Option<PathBuf>,
     /// Scene of the quicklook [default: the first].
-    #[arg(long)]
+    #[arg(long, requires = "png")]
     pub scene: Option<String>,
     /// Level of the quicklook [default: the coarsest].
-    #[arg(long)]
+    #[arg(long, requires = "png")]
     pub level: Option<String>,
     /// Summarise this regime of the store instead (scenes, patches, class pixels, missing classes).
     #[arg(long, conflicts_with_all = ["png", "scene", "level"])]
@@ -199,6 +200,35 @@ pub(crate) fn parse_size(s: &str) -> Result<(usize, usize)> {
             .parse()
             .with_context(|| format!("columns in {s:?}"))?,
     ))
+}
+
+/// `c` as `--codec` takes it.
+fn codec_text(c: Codec) -> String {
+    match c {
+        Codec::Zstd { level } => format!("zstd:{level}"),
+        Codec::BloscZstd { level } => format!("blosc-zstd:{level}"),
+    }
+}
+
+/// The codec of an ingest into `store`: `asked`, which an existing store must already use (its
+/// arrays' codec is fixed when it is made), else the existing store's, else the default.
+fn ingest_codec(store: &Path, asked: Option<&str>) -> Result<Codec> {
+    let asked = asked.map(parse_codec).transpose()?;
+    if !store.join("zarr.json").exists() {
+        return Ok(asked.unwrap_or(DEFAULT_CODEC));
+    }
+    let have = icefm_ingest::store::Store::open(store)
+        .with_context(|| format!("opening {}", store.display()))?
+        .attrs
+        .codec;
+    match asked {
+        Some(c) if c != have => bail!(
+            "{}: the store's arrays use {}, and a store has one codec; leave out --codec to add              to it, or ingest into another store",
+            store.display(),
+            codec_text(have)
+        ),
+        _ => Ok(have),
+    }
 }
 
 fn parse_codec(s: &str) -> Result<Codec> {
@@ -303,6 +333,13 @@ pub(crate) fn do_ingest(
     if patch < 16 {
         bail!("--patch {patch} is too small (at least 16)");
     }
+    // Checked here, before a store with these levels exists: every scene would fail, and the
+    // store would keep levels no scene can fill.
+    if let Some(l) = levels.iter().find(|l| l.spacing_m() < RAW_SPACING_M) {
+        bail!(
+            "level {l} is finer than any AI4Arctic scene's grid (raw scenes are {RAW_SPACING_M} m,              the ready-to-train release 80 m)"
+        );
+    }
     let bars = IngestBars::new(inputs.len());
     let summary = ingest(
         inputs,
@@ -371,7 +408,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         &a.store,
         levels,
         a.patch,
-        parse_codec(&a.codec)?,
+        ingest_codec(&a.store, a.codec.as_deref())?,
         &options,
     )?;
     Ok(if summary.failed.is_empty() {
@@ -505,9 +542,18 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
         print!("{}", s.render());
         return Ok(());
     }
-    let s = summarize(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
-    print!("{}", s.render());
-    if let Some(png) = &a.png {
+    let s = summarize(&a.store).with_context(|| {
+        if a.store.is_dir() && !a.store.join("zarr.json").exists() {
+            format!(
+                "inspect {}: neither a store (no zarr.json) nor a training run (no config.toml)",
+                a.store.display()
+            )
+        } else {
+            format!("inspect {}", a.store.display())
+        }
+    })?;
+    // The quicklook's scene and level are checked before anything is printed.
+    let quicklook = a.png.as_ref().map(|png| -> Result<_> {
         let scene = match &a.scene {
             Some(id) => {
                 if !s.scenes.iter().any(|x| &x.scene_id == id) {
@@ -538,6 +584,11 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
                 .context("the store has no levels")?
                 .parse()?,
         };
+        Ok((png, scene, level))
+    });
+    let quicklook = quicklook.transpose()?;
+    print!("{}", s.render());
+    if let Some((png, scene, level)) = quicklook {
         let (w, h) = write_quicklook(&a.store, &scene, level, png, &QuicklookOptions::default())?;
         println!(
             "\nquicklook of {scene} at {level}: {} ({w}x{h})",

@@ -166,8 +166,8 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         a.run
             .join(format!("eval-{}", a.regime.as_deref().unwrap_or("all")))
     });
-    std::fs::create_dir_all(out.join("panels"))
-        .with_context(|| format!("creating {}", out.display()))?;
+    // The output folder is made once there is something to write in it: a run, store, regime
+    // or level that does not exist leaves nothing behind.
     let started = Instant::now();
     let cfg = run_config(&a.run)?;
     let store = match &a.store {
@@ -187,7 +187,12 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         bar.inc(1);
         bar.set_message(format!("{} ({} windows)", r.scene, r.windows));
         if panels {
-            let path = out.join("panels").join(format!("{}.png", r.scene));
+            let dir = out.join("panels");
+            std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let path = dir.join(format!("{}.png", r.scene));
             write_panel(&reader, &path, r, maps).map_err(|e| TrainError::Io {
                 path: path.display().to_string(),
                 reason: format!("{e:#}"),
@@ -205,6 +210,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     );
     bar.finish_and_clear();
     let ev = ev?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let s = ev.pooled.scores();
     write_scene_table(&out.join("scenes.parquet"), &ev.scenes)?;
     for (task, conf) in [
@@ -278,10 +284,24 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
             "-".into()
         }
     );
+    // A task the run does not predict scores nothing, whatever the labels; say which, and warn
+    // only of trained tasks without a labelled pixel.
+    let trained = ev.cfg.seg_config()?.tasks;
+    let untrained: Vec<&str> = Task::ALL
+        .into_iter()
+        .filter(|t| !trained.contains(t))
+        .map(|t| t.name())
+        .collect();
+    if !untrained.is_empty() {
+        println!(
+            "{}: not trained by this run, not scored",
+            untrained.join(" / ")
+        );
+    }
     let unlabelled: Vec<&str> = Task::ALL
         .into_iter()
         .zip(s.pixels)
-        .filter(|(_, n)| *n == 0)
+        .filter(|(t, n)| *n == 0 && trained.contains(t))
         .map(|(t, _)| t.name())
         .collect();
     if !unlabelled.is_empty() {
@@ -417,7 +437,12 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         )
         .with_context(|| format!("reading {}", path.display()))?;
         if let Some((p, why)) = summary.failed.first() {
-            bail!("{}: {why}", p.display());
+            // A scene's own error names its file already.
+            let named = p.display().to_string();
+            if why.starts_with(&named) {
+                bail!("{why}");
+            }
+            bail!("{named}: {why}");
         }
         let id = summary
             .done

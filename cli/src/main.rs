@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    end_quietly_when_stdout_closes();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,
@@ -38,6 +39,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// A reader that stops early (`icefm export … | head`) closes the pipe, and Rust's print macros
+/// then panic with "failed printing to stdout: Broken pipe". End instead as a Unix tool that
+/// the closed pipe's SIGPIPE ended: silently, with status 141 (128 + SIGPIPE), so a pipeline
+/// under `set -o pipefail` still sees that the output was cut. (SIGPIPE itself stays ignored,
+/// as Rust sets it: writes to a closed socket or child remain errors, not a sudden end.)
+fn end_quietly_when_stdout_closes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if is_closed_stdout(message) {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
+/// Whether a panic's message is the print macros' on a closed standard output.
+fn is_closed_stdout(message: &str) -> bool {
+    // "Broken pipe (os error 32)", the OS's words for EPIPE.
+    message.starts_with("failed printing to stdout")
+        && message.to_ascii_lowercase().contains("broken pipe")
+}
+
 /// What to do next, for errors whose cause is plain but whose words are the driver's.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     let said = |word: &str| e.chain().any(|c| c.to_string().contains(word));
@@ -52,7 +81,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::hint;
+    use super::{hint, is_closed_stdout};
 
     #[test]
     fn a_gpu_out_of_memory_error_gets_a_hint_and_others_do_not() {
@@ -66,5 +95,22 @@ mod tests {
         assert!(hint(&cublas).is_some());
         let other = anyhow::Error::msg("store.zarr: no such file".to_string()).context("ingest");
         assert_eq!(hint(&other), None);
+    }
+
+    #[test]
+    fn only_a_print_to_a_closed_stdout_ends_quietly() {
+        // The message of std's print macros, with the error a write to a closed pipe gets.
+        let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
+        assert!(is_closed_stdout(&format!(
+            "failed printing to stdout: {epipe}"
+        )));
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(!is_closed_stdout(&format!(
+            "failed printing to stdout: {full}"
+        )));
+        assert!(!is_closed_stdout(&format!(
+            "failed printing to stderr: {epipe}"
+        )));
+        assert!(!is_closed_stdout("index out of bounds"));
     }
 }

@@ -206,23 +206,34 @@ fn draw_args(a: DrawArgs) -> Result<()> {
 /// (drawn again with the same rule and seed) is no change.
 fn replaced_regimes(regimes: &[Regime], paths: &[PathBuf], force: bool) -> Result<Vec<String>> {
     let mut replaced = Vec::new();
+    let mut differences = Vec::new();
     for (r, path) in regimes.iter().zip(paths) {
         if !icefm_dataset::location::exists(path)? {
             continue;
         }
-        let same = Regime::read(path).is_ok_and(|old| {
-            old.scenes == r.scenes && old.role == r.role && old.patches == r.patches
-        });
-        if !same {
+        // What differs, in words: the scenes, the role, the patch lists.
+        let differs: Vec<String> = match Regime::read(path) {
+            Ok(old) => [
+                (old.scenes != r.scenes).then(|| "other scenes".to_string()),
+                (old.role != r.role)
+                    .then(|| format!("another role ({}, not {})", old.role.name(), r.role.name())),
+                (old.patches != r.patches).then(|| "other patches".to_string()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Err(e) => vec![format!("a file that does not read as a regime ({e})")],
+        };
+        if !differs.is_empty() {
+            differences.push(format!("{} exists with {}", r.name, differs.join(" and ")));
             replaced.push(r.name.clone());
         }
     }
     if !replaced.is_empty() && !force {
         bail!(
-            "{} already exist{} with other scenes (runs and other regimes may name {}); \
-             choose another --name, or --force to replace {}",
-            replaced.join(", "),
-            if replaced.len() == 1 { "s" } else { "" },
+            "{} (runs and other regimes may name {}); choose another --name, or --force to \
+             replace {}",
+            differences.join("; "),
             if replaced.len() == 1 { "it" } else { "them" },
             if replaced.len() == 1 { "it" } else { "them" },
         );

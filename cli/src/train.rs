@@ -74,8 +74,13 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
         }
         set.push(format!("seg.init=\"{}\"", i.display()));
     }
-    let cfg =
-        TrainConfig::parse(&text, &set).with_context(|| format!("in {}", a.config.display()))?;
+    let cfg = TrainConfig::parse(&text, &set).with_context(|| {
+        if set.is_empty() {
+            format!("in {}", a.config.display())
+        } else {
+            format!("in {} or its --set overrides", a.config.display())
+        }
+    })?;
     let out = match a.out {
         Some(o) => o,
         None => PathBuf::from("runs").join(
@@ -165,12 +170,32 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
         );
     }
     if summary.interrupted {
+        // The run's config.toml is its configuration with every --set, --regime and --init
+        // applied: the one --resume must be given.
         println!(
-            "continue with: icefm train --resume --out {} …",
-            out.display()
+            "continue with: icefm train --resume --store {} --config {} --out {}{}",
+            shell_word(&opts.store.display().to_string()),
+            shell_word(&out.join("config.toml").display().to_string()),
+            shell_word(&out.display().to_string()),
+            if a.device == "cpu" {
+                String::new()
+            } else {
+                format!(" --device {}", shell_word(&a.device))
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `w` as one word of a POSIX shell command: as it is when it holds only characters no shell
+/// treats specially, else in single quotes.
+fn shell_word(w: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c);
+    if !w.is_empty() && w.chars().all(plain) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
 }
 
 /// How a run ended, for its last line.

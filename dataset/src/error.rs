@@ -14,7 +14,7 @@ pub enum DatasetError {
         reason: String,
     },
     /// A bad line in a class-count table or scene list.
-    #[error("{path}, line {line}: {reason}")]
+    #[error("{path}{}: {reason}", if *line == 0 { String::new() } else { format!(", line {line}") })]
     Table {
         /// The file.
         path: String,

@@ -97,8 +97,15 @@ impl Chunk {
 pub fn read_attrs(path: &Path) -> Result<StoreAttrs, DatasetError> {
     let store_error =
         |e: &dyn std::fmt::Display| DatasetError::Store(format!("{}: {e}", path.display()));
-    let bytes = crate::location::read(&path.join("zarr.json"))
-        .map_err(|e| store_error(&format!("not an icefm store (cannot read zarr.json: {e})")))?;
+    // Only a missing zarr.json makes the folder "not a store"; a refused or failed read of one
+    // says so.
+    let bytes = crate::location::read(&path.join("zarr.json")).map_err(|e| {
+        store_error(&if e.kind() == std::io::ErrorKind::NotFound {
+            format!("not an icefm store (no zarr.json: {e})")
+        } else {
+            format!("cannot read zarr.json: {e}")
+        })
+    })?;
     let text = std::str::from_utf8(&bytes).map_err(|e| store_error(&format!("zarr.json: {e}")))?;
     StoreAttrs::from_zarr_json(text).map_err(|e| store_error(&e))
 }

@@ -104,6 +104,32 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         serde_json::from_str(&std::fs::read_to_string(again.join("metrics.json")).unwrap())
             .unwrap();
     assert_eq!(rescored["scores"], metrics["scores"]);
+    assert!(!again.join("panels").exists(), "--no-panels made panels/");
+    // What cannot be scored writes no folder: a level the store lacks, an MAE run.
+    let bad = dir.path().join("eval-bad");
+    let out_bad = icefm()
+        .args(["eval", "--regime", "test", "--level", "120m", "--run"])
+        .arg(&ft)
+        .arg("--out")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out_bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out_bad.stderr);
+    assert!(
+        err.contains("level 120m is not in the store") && err.contains("(it has 80m, 200m, 400m)"),
+        "{err}"
+    );
+    let out_bad = icefm()
+        .args(["eval", "--run"])
+        .arg(out.join("runs/mae"))
+        .arg("--out")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out_bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out_bad.stderr).contains("not a fine-tuning run"));
+    assert!(!bad.exists());
     // `icefm inspect RUN`: where the run stands, its best validation and its evaluation, as
     // the files hold them.
     let out_inspect = ok(icefm().arg("inspect").arg(&ft).output().unwrap());

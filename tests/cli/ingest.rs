@@ -390,4 +390,38 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use another store"));
+    // So is another codec; without --codec an ingest takes the store's (the default here).
+    let ingest_with = |store: &Path, extra: &[&str]| {
+        icefm()
+            .args(["ingest", "--levels", "80", "--store"])
+            .arg(store)
+            .args(extra)
+            .arg(&scenes)
+            .output()
+            .unwrap()
+    };
+    let out = ingest_with(&store, &["--codec", "zstd:3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the store's arrays use blosc-zstd:1") && err.contains("leave out --codec"),
+        "{err}"
+    );
+    let out = ingest_with(&store, &["--codec", "blosc-zstd:1"]);
+    assert_eq!(out.status.code(), Some(1), "the same codec is accepted");
+    // Levels no AI4Arctic scene has are refused before a store exists.
+    let fine = dir.path().join("fine.zarr");
+    let out = icefm()
+        .args(["ingest", "--levels", "20,80", "--store"])
+        .arg(&fine)
+        .arg(&scenes)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("level 20m is finer than any AI4Arctic"),
+        "{err}"
+    );
+    assert!(!fine.exists());
 }

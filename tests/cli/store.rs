@@ -54,6 +54,19 @@ fn inspect_prints_balance_and_writes_a_quicklook() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("level 120m is not in the store"));
+    // A reader that has gone (`icefm inspect … | head -1` once head has its line): no panic
+    // message, the status of a process ended by SIGPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = icefm()
+        .arg("inspect")
+        .arg(&store)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Regimes drawn from an ingested store: a ladder, an excluding pair, `check`, `inspect --regime`
@@ -155,7 +168,7 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     let out = ladder_seed(&changed, false);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("already exist") && err.contains("--force to replace"),
+        err.contains("ft_50 exists with other scenes") && err.contains("--force to replace"),
         "{err}"
     );
     assert_eq!(

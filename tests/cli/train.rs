@@ -12,6 +12,19 @@ fn train_writes_a_run_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
     let run = dir.path().join("run");
+    // A run that cannot start (no such regime, no store) writes nothing: no folder that
+    // `inspect` would then report as a run, nor a start that a later run would count.
+    let out = micro_train(&store, &run, &["data.regime=nosuch"], false)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
+    assert!(!run.exists());
+    let out = micro_train(&dir.path().join("none.zarr"), &run, &[], false)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!run.exists());
     let train = |steps: &str, resume: bool| {
         let sets = ["train.checkpoint_every=2", "train.warmup_steps=1", steps];
         micro_train(&store, &run, &sets, resume).output().unwrap()
@@ -37,6 +50,16 @@ fn train_writes_a_run_and_resumes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     let out = ok(train("train.steps=5", true));
     assert!(String::from_utf8_lossy(&out.stdout).contains("trained 2 steps (now at 5 of 5)"));
+    // Fewer steps than it has run: refused, the run's config.toml untouched.
+    let config = std::fs::read(run.join("config.toml")).unwrap();
+    let out = train("train.steps=4", true);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the run is at step 5 already, past train.steps = 4"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
     // Curves: any column of the metrics, of one run or several; wrong names say what there is.
     let plot = |args: &[&str]| {
         icefm()
@@ -516,8 +539,25 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("stopped after"), "{text}");
-    assert!(
-        text.contains("continue with: icefm train --resume"),
+    // The printed command, whole: the run's own config.toml holds every --set.
+    let hint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("continue with: icefm "))
+        .unwrap_or_else(|| panic!("no resume command in {text}"));
+    let words: Vec<&str> = hint.split(' ').collect();
+    let config = run.join("config.toml");
+    assert_eq!(
+        words,
+        [
+            "train",
+            "--resume",
+            "--store",
+            store.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap()
+        ],
         "{text}"
     );
     // The checkpoint of the step it stopped at, and a resume that continues from it.
@@ -530,7 +570,10 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
             .unwrap()
             .contains("(interrupt)")
     );
-    let out = ok(train(&format!("train.steps={}", done + 2), true)
+    // The printed command runs as printed (two steps more, which --resume allows).
+    let out = ok(icefm()
+        .args(&words)
+        .args(["--set", &format!("train.steps={}", done + 2)])
         .output()
         .unwrap());
     let text = String::from_utf8_lossy(&out.stdout);

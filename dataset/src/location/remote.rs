@@ -45,8 +45,32 @@ fn invalid(path: &Path, e: impl std::fmt::Display) -> io::Error {
 fn io_error(e: object_store::Error) -> io::Error {
     match e {
         object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
+        e if about_credentials(&e) => {
+            io::Error::new(io::ErrorKind::PermissionDenied, with_credentials_hint(&e))
+        }
         e => io::Error::other(e),
     }
+}
+
+/// Whether `e` is the service refusing the request, or the client finding no credentials to
+/// sign it with: with none in the environment, the S3 and GCS clients ask the cloud's instance
+/// metadata service, whose refusal or absence then ends the request as a generic error.
+fn about_credentials(e: &object_store::Error) -> bool {
+    use object_store::Error::{PermissionDenied, Unauthenticated};
+    if matches!(e, PermissionDenied { .. } | Unauthenticated { .. }) {
+        return true;
+    }
+    let text = e.to_string().to_ascii_lowercase();
+    ["169.254.169.254", "metadata.google.internal", "credential"]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
+/// `e` led by what to check first, credentials.
+fn with_credentials_hint(e: &object_store::Error) -> String {
+    format!(
+        "no credentials found, or the service refused them (docs/object-store.md lists the          environment variables each service reads); the storage client said: {e}"
+    )
 }
 
 /// The client for the bucket (or host) of `path`, and the object's path in it.
@@ -151,7 +175,11 @@ impl ObjectStorage {
 }
 
 fn storage_error(e: object_store::Error) -> StorageError {
-    StorageError::Other(e.to_string())
+    StorageError::Other(if about_credentials(&e) {
+        with_credentials_hint(&e)
+    } else {
+        e.to_string()
+    })
 }
 
 /// Whether the object was there: `Ok(None)` for a missing one, as zarrs expects.
@@ -219,5 +247,50 @@ impl ReadableStorageTraits for ObjectStorage {
 
     fn supports_get_partial(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(text: &str) -> Box<dyn std::error::Error + Send + Sync> {
+        Box::new(io::Error::other(text.to_string()))
+    }
+
+    #[test]
+    fn credential_failures_say_so_first_and_other_failures_do_not() {
+        // The S3 client with no credentials in the environment, off the cloud: its fall-back
+        // to the instance metadata service fails.
+        let metadata = object_store::Error::Generic {
+            store: "S3",
+            source: source(
+                "Error performing token request: error sending request for url                  (http://169.254.169.254/latest/api/token)",
+            ),
+        };
+        let refused = object_store::Error::PermissionDenied {
+            path: "a.zarr/zarr.json".into(),
+            source: source("403 Forbidden"),
+        };
+        for e in [metadata, refused] {
+            let said = e.to_string();
+            let io = io_error(e);
+            assert_eq!(io.kind(), io::ErrorKind::PermissionDenied);
+            let text = io.to_string();
+            assert!(text.starts_with("no credentials found"), "{text}");
+            assert!(text.ends_with(&said), "{text}");
+        }
+        let timeout = object_store::Error::Generic {
+            store: "S3",
+            source: source("operation timed out"),
+        };
+        let io = io_error(timeout);
+        assert_eq!(io.kind(), io::ErrorKind::Other);
+        assert!(!io.to_string().contains("credentials"), "{io}");
+        let missing = object_store::Error::NotFound {
+            path: "a.zarr/zarr.json".into(),
+            source: source("404"),
+        };
+        assert_eq!(io_error(missing).kind(), io::ErrorKind::NotFound);
     }
 }

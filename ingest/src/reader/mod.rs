@@ -26,6 +26,10 @@ pub use scene::{Band, BandLabels, Grid2km, InputKind, SceneInfo, TiePoints};
 /// Default band height for unchunked (contiguous) variables.
 pub const DEFAULT_BAND_ROWS: usize = 512;
 
+/// Ground spacing of the raw AI4Arctic scenes' grid, metres: the finest grid of the dataset (the
+/// ready-to-train release is at 80 m).
+pub const RAW_SPACING_M: u32 = 40;
+
 /// An open scene file.
 pub struct SceneReader {
     /// Variables read as raw HDF5 chunks and inflated off the netCDF thread (declared before
@@ -270,7 +274,7 @@ impl SceneReader {
             None
         };
         let native_spacing_m = match kind {
-            InputKind::Raw => 40.0,
+            InputKind::Raw => f64::from(RAW_SPACING_M),
             InputKind::Rtt => global_f64(&file, "pixel_spacing").unwrap_or(80.0),
         };
         let grid2km = read_grid2km(&file, path, kind)?;

@@ -32,7 +32,10 @@ impl DistSpec {
             return Self::from_slurm(&|k| std::env::var(k).ok());
         }
         let bad = || {
-            format!("--dist {s}: expected RANK/WORLD@HOST:PORT (e.g. 0/2@localhost:29500) or slurm")
+            format!(
+                "--dist {s}: expected local:N (N ranks on this machine), RANK/WORLD@HOST:PORT \
+                 (e.g. 0/2@localhost:29500) or slurm"
+            )
         };
         let (ranks, addr) = s.split_once('@').ok_or_else(bad)?;
         let (rank, world) = ranks.split_once('/').ok_or_else(bad)?;

@@ -134,10 +134,18 @@ pub fn evaluate_run(
     let reader = SceneReader::open(store, &cfg.data.channels)?;
     let regime = regime.map(|r| Regime::open(Some(store), r)).transpose()?;
     let scenes = reader.scenes(regime.as_ref())?;
+    let have = reader.levels();
     let level = match overrides.level {
         Some(l) => l,
-        None => eval_level(&cfg, &reader.levels())?,
+        None => eval_level(&cfg, &have)?,
     };
+    if !have.contains(&level) {
+        return Err(TrainError::Setup(format!(
+            "level {level} is not in the store {} (it has {})",
+            store.display(),
+            have.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")
+        )));
+    }
     let mut opts = infer_options(&cfg, level);
     if let Some(s) = overrides.stride {
         opts.stride = s.max(1);

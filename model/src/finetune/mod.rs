@@ -23,8 +23,9 @@ use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
 use crate::train::{
     Accumulated, DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord,
-    StepStart, TrainError, apply, batch_levels, checkpoint_due, checkpoints, drop_draws, end_step,
-    init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, read_metrics,
+    StepStart, TrainError, agree_with_ranks, apply, batch_levels, checkpoint_due, checkpoints,
+    drop_draws, end_step, init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run,
+    read_metrics,
 };
 
 mod evaluation;
@@ -176,6 +177,28 @@ pub fn train_seg_in(
     let dev = opts.device.clone();
     let scfg = cfg.seg_config().map_err(|e| TrainError::Setup(e.0))?;
     let seg = cfg.seg.clone().unwrap_or_default();
+    // The store, regimes, levels and initial weights are checked before the run directory is
+    // written: a run that cannot start leaves no folder to mistake for one that did.
+    agree_with_ranks(cfg, opts, group)?;
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    // Rank 0 alone validates; the others wait for it at the next step's exchange.
+    let val = if seg.val_regime.is_empty() || !group.is_leader() {
+        None
+    } else {
+        let reader = SceneReader::open(&opts.store, &cfg.data.channels)?;
+        let regime = Regime::open(Some(&opts.store), &seg.val_regime)?;
+        let scenes = reader.scenes(Some(&regime))?;
+        let level = eval_level(cfg, &reader.levels())?;
+        let score_level = reader
+            .levels()
+            .first()
+            .copied()
+            .ok_or_else(|| TrainError::Setup("the store has no level".into()))?;
+        Some((reader, scenes, infer_options(cfg, level), score_level))
+    };
+    if !seg.init.is_empty() && !opts.resume {
+        resolve_weights(Path::new(&seg.init))?;
+    }
     let mut run = open_run(cfg, opts, group)?;
     let existing = run.existing.clone();
 
@@ -232,23 +255,7 @@ pub fn train_seg_in(
         }
     }
 
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
     let share = Share::of(group, cfg);
-    // Rank 0 alone validates; the others wait for it at the next step's exchange.
-    let val = if seg.val_regime.is_empty() || !group.is_leader() {
-        None
-    } else {
-        let reader = SceneReader::open(&opts.store, &cfg.data.channels)?;
-        let regime = Regime::open(Some(&opts.store), &seg.val_regime)?;
-        let scenes = reader.scenes(Some(&regime))?;
-        let level = eval_level(cfg, &reader.levels())?;
-        let score_level = reader
-            .levels()
-            .first()
-            .copied()
-            .ok_or_else(|| TrainError::Setup("the store has no level".into()))?;
-        Some((reader, scenes, infer_options(cfg, level), score_level))
-    };
 
     let total = cfg.train.steps;
     let mut checkpoint = existing.last().map(|(_, p)| p.clone());

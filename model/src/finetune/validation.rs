@@ -62,7 +62,7 @@ pub(super) fn save_best(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))?;
+    crate::files::save_safetensors(&weights, tmp.join("model.safetensors"))?;
     let state = serde_json::to_string_pretty(&BestState {
         step,
         score,

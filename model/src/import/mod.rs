@@ -405,5 +405,5 @@ pub(crate) fn save_named(
         .iter()
         .map(|(k, t)| (k.as_str(), t.clone()))
         .collect();
-    candle_core::safetensors::save(&map, path)
+    crate::files::save_safetensors(&map, path)
 }

@@ -130,10 +130,10 @@ pub(crate) fn save_checkpoint(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))?;
+    crate::files::save_safetensors(&weights, tmp.join("model.safetensors"))?;
     let (_, moments) = opt.state();
     let moments: HashMap<String, Tensor> = moments.into_iter().collect();
-    candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+    crate::files::save_safetensors(&moments, tmp.join("optimizer.safetensors"))?;
     let state = serde_json::to_string_pretty(&CheckpointState { step, seed, loss })
         .map_err(|e| io_err(&tmp, e))?;
     std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;

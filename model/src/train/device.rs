@@ -36,10 +36,13 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     #[cfg(feature = "cuda")]
     return crate::cuda::device(ordinal).map_err(|e| format!("--device {name}: {e}"));
     #[cfg(not(feature = "cuda"))]
-    Err(format!(
-        "--device {name}: this icefm was built without CUDA ({ordinal}); build it with \
-         `--features cuda` (scripts/cuda-env.sh sets up the toolchain)"
-    ))
+    {
+        let _ = ordinal;
+        Err(format!(
+            "--device {name}: this icefm was built without CUDA; build it with \
+             `--features cuda` (scripts/cuda-env.sh sets up the toolchain)"
+        ))
+    }
 }
 
 /// GPUs this process sees (after `CUDA_VISIBLE_DEVICES`), counted without opening any: an

@@ -40,7 +40,7 @@ pub(crate) use feeder::{DeviceBatch, Feeder, drop_draws};
 pub(crate) use records::{PendingRecord, StepStart, write_parquet};
 pub use records::{StepRecord, read_metrics, write_metrics};
 pub use run::check_batch_split;
-pub(crate) use run::{RunDir, Share, open_loader, open_run};
+pub(crate) use run::{RunDir, Share, agree_with_ranks, open_loader, open_run};
 pub use start::{RegimeRead, RunStart, STARTS_FILE, run_starts};
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.
@@ -177,6 +177,10 @@ pub fn train_mae_in(
     let dev = opts.device.clone();
     let mcfg = cfg.mae_config().map_err(|e| TrainError::Setup(e.0))?;
 
+    // The store, regime and levels are checked before the run directory is written: a run
+    // that cannot start leaves no folder to mistake for one that did.
+    agree_with_ranks(cfg, opts, group)?;
+    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
     let mut run = open_run(cfg, opts, group)?;
     let existing = run.existing.clone();
 
@@ -218,7 +222,6 @@ pub fn train_mae_in(
         ))?;
     }
 
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
     let share = Share::of(group, cfg);
 
     let total = cfg.train.steps;

@@ -88,9 +88,25 @@ pub fn check_batch_split(cfg: &TrainConfig, world: usize) -> Result<(), String> 
     ))
 }
 
+/// In a data-parallel run, check with the other ranks that all have the same configuration and
+/// `--resume`, and a batch that splits between them; first, so that a rank that differs is
+/// named as such rather than by what its configuration then makes fail.
+pub(crate) fn agree_with_ranks(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    group: &mut Group,
+) -> Result<(), TrainError> {
+    if group.world() > 1 {
+        check_batch_split(cfg, group.world()).map_err(TrainError::Setup)?;
+        group.check_same("configurations", &cfg.to_toml())?;
+        group.check_same("--resume", &opts.resume.to_string())?;
+    }
+    Ok(())
+}
+
 /// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
 /// configuration ([`TrainConfig::continues_as`]). Writes `config.toml` as resolved. In a
-/// data-parallel run every rank must have the same configuration; rank 0 alone checks and
+/// data-parallel run (the ranks agreed first: [`agree_with_ranks`]) rank 0 alone checks and
 /// writes the directory, after which the others list its checkpoints.
 pub(crate) fn open_run(
     cfg: &TrainConfig,
@@ -99,9 +115,6 @@ pub(crate) fn open_run(
 ) -> Result<RunDir, TrainError> {
     let resolved = cfg.to_toml();
     if group.world() > 1 {
-        check_batch_split(cfg, group.world()).map_err(TrainError::Setup)?;
-        group.check_same("configurations", &resolved)?;
-        group.check_same("--resume", &opts.resume.to_string())?;
         let path = group.attach(&opts.device)?;
         // Rank 0 checks and writes the directory first; the others wait for its word.
         let opened = if group.is_leader() {
@@ -157,6 +170,15 @@ fn open_run_dir(
                 "{}: the configuration differs from the run's config.toml (only train.steps and \
                  train.accumulate may change on --resume)",
                 opts.out.display()
+            )));
+        }
+        if let Some((at, _)) = existing.last()
+            && *at > cfg.train.steps
+        {
+            return Err(TrainError::Setup(format!(
+                "{}: the run is at step {at} already, past train.steps = {} (give at least {at})",
+                opts.out.display(),
+                cfg.train.steps
             )));
         }
     } else if !existing.is_empty() {

@@ -1,0 +1,72 @@
+//! Weight files written as the researcher's other files are.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::path::Path;
+
+use candle_core::Tensor;
+
+/// Save `tensors` as a safetensors file at `path`, with the permissions the process's umask
+/// gives a new file. The safetensors crate writes through a temporary file that it renames into
+/// place, and temporary files are private (0600): checkpoints, imports and exports would be
+/// unreadable to the rest of a group that shares its runs.
+pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
+    tensors: &HashMap<K, Tensor>,
+    path: impl AsRef<Path>,
+) -> candle_core::Result<()> {
+    let path = path.as_ref();
+    candle_core::safetensors::save(tensors, path)?;
+    set_new_file_mode(path)?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_new_file_mode(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask()))
+}
+
+#[cfg(not(unix))]
+fn set_new_file_mode(_path: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// The process's file-mode creation mask, as Linux reports it (`Umask:` of /proc/self/status,
+/// since 4.7); 022, the usual one, where it cannot be read. (umask(2) itself only reads the mask
+/// by setting it, which races with other threads creating files.)
+#[cfg(unix)]
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+        })
+        .unwrap_or(0o022)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn saved_weights_get_a_new_files_permissions_not_a_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // What the umask gives any new file: the reference.
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let want = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        assert_eq!(want, 0o666 & !umask());
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        save_safetensors(&HashMap::from([("w", t)]), &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{mode:o} vs {want:o}");
+        let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back["w"].to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+    }
+}
