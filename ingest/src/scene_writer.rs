@@ -231,81 +231,66 @@ pub(crate) fn write_scene(
     let mut valid_pixels = 0u64;
 
     let band_rows = options.band_rows.unwrap_or(info.band_rows).max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<Result<Band, SceneError>>(1);
-    let height = info.height;
-    std::thread::scope(|s| -> Result<(), IngestError> {
-        let reader = Arc::clone(reader);
-        s.spawn(move || {
-            let mut row0 = 0;
-            while row0 < height {
-                let rows = band_rows.min(height - row0);
-                let r = Arc::clone(&reader);
-                // Stored chunks on the netCDF thread, inflated here on all cores.
-                let band = on_netcdf_thread(move || r.read_band_raw(row0, rows))
-                    .and_then(|raw| reader.decode_band(raw));
-                let failed = band.is_err();
-                if tx.send(band).is_err() || failed {
-                    break;
-                }
-                row0 += rows;
+    let read_band = |row0: usize, rows: usize| -> Result<Band, SceneError> {
+        let r = Arc::clone(reader);
+        // Stored chunks on the netCDF thread, inflated here on all cores.
+        on_netcdf_thread(move || r.read_band_raw(row0, rows))
+            .and_then(|raw| reader.decode_band(raw))
+    };
+    band_pipeline(info.height, band_rows, read_band, |band| {
+        let w = info.width;
+        let (packed, counts) = labels_parallel(&band, table.as_ref(), w);
+        label_counts.add(&counts);
+        count_classes(&packed, &mut class_pixels);
+        valid_pixels += band.hh.iter().filter(|v| !v.is_nan()).count() as u64;
+        // Distance zones and land are piecewise constant: run-length encode them once.
+        let rows: Vec<(Vec<Run>, Vec<PieceRun>, Vec<PieceRun>)> = packed
+            .par_chunks(w)
+            .zip(band.distance.par_chunks(w))
+            .map(|(labels, distance)| {
+                let mut r = Vec::new();
+                runs_of(labels, &mut r);
+                let mut d = Vec::new();
+                piece_runs_of(distance, &mut d);
+                let land = d.iter().map(|&(s, n, v)| (s, n, land_of(v))).collect();
+                (r, d, land)
+            })
+            .collect();
+        let tie = info.tie_points.as_ref();
+        levels.par_iter_mut().for_each(|lv| {
+            if lv.error.is_some() {
+                return;
             }
+            for (r, (labels, distance, land)) in rows.iter().enumerate() {
+                let span = r * w..(r + 1) * w;
+                let hh = &band.hh[span.clone()];
+                let hv = &band.hv[span.clone()];
+                let with_inc;
+                let without_inc;
+                let dense: &[&[f32]] = match &band.incidence {
+                    Some(inc) => {
+                        with_inc = [hh, hv, &inc[span]];
+                        &with_inc
+                    }
+                    None => {
+                        without_inc = [hh, hv];
+                        &without_inc
+                    }
+                };
+                let piecewise = [distance.as_slice(), land.as_slice()];
+                let row = NativeRow {
+                    dense,
+                    piecewise: &piecewise,
+                    labels,
+                };
+                lv.acc.push_row(band.row0 + r, row);
+            }
+            flush_level(lv, tie, patch);
         });
-        for band in rx.iter() {
-            let band = band?;
-            let w = info.width;
-            let (packed, counts) = labels_parallel(&band, table.as_ref(), w);
-            label_counts.add(&counts);
-            count_classes(&packed, &mut class_pixels);
-            valid_pixels += band.hh.iter().filter(|v| !v.is_nan()).count() as u64;
-            // Distance zones and land are piecewise constant: run-length encode them once.
-            let rows: Vec<(Vec<Run>, Vec<PieceRun>, Vec<PieceRun>)> = packed
-                .par_chunks(w)
-                .zip(band.distance.par_chunks(w))
-                .map(|(labels, distance)| {
-                    let mut r = Vec::new();
-                    runs_of(labels, &mut r);
-                    let mut d = Vec::new();
-                    piece_runs_of(distance, &mut d);
-                    let land = d.iter().map(|&(s, n, v)| (s, n, land_of(v))).collect();
-                    (r, d, land)
-                })
-                .collect();
-            let tie = info.tie_points.as_ref();
-            levels.par_iter_mut().for_each(|lv| {
-                if lv.error.is_some() {
-                    return;
-                }
-                for (r, (labels, distance, land)) in rows.iter().enumerate() {
-                    let span = r * w..(r + 1) * w;
-                    let hh = &band.hh[span.clone()];
-                    let hv = &band.hv[span.clone()];
-                    let with_inc;
-                    let without_inc;
-                    let dense: &[&[f32]] = match &band.incidence {
-                        Some(inc) => {
-                            with_inc = [hh, hv, &inc[span]];
-                            &with_inc
-                        }
-                        None => {
-                            without_inc = [hh, hv];
-                            &without_inc
-                        }
-                    };
-                    let piecewise = [distance.as_slice(), land.as_slice()];
-                    let row = NativeRow {
-                        dense,
-                        piecewise: &piecewise,
-                        labels,
-                    };
-                    lv.acc.push_row(band.row0 + r, row);
-                }
-                flush_level(lv, tie, patch);
-            });
-            if let Some(e) = levels.iter_mut().find_map(|l| l.error.take()) {
-                return Err(e.into());
-            }
-            progress(band.rows);
+        if let Some(e) = levels.iter_mut().find_map(|l| l.error.take()) {
+            return Err(e.into());
         }
+        progress(band.rows);
         Ok(())
     })?;
     for lv in &mut levels {
@@ -371,6 +356,43 @@ pub(crate) fn write_scene(
 }
 
 /// Land indicator of a distance zone: 1 on land (zone 0), 0 at sea, NaN where unknown.
+/// The bands of a scene `height` rows high, `band_rows` at a time: `read` on a thread of their
+/// own, one band ahead of `consume` on this one. The first error of either ends both and is
+/// returned: the channel's receiving end goes with `consume`'s error, so a reader waiting to
+/// hand over its next band stops instead of waiting for ever (an ingest that filled the disk
+/// hung so).
+fn band_pipeline<B: Send>(
+    height: usize,
+    band_rows: usize,
+    read: impl Fn(usize, usize) -> Result<B, SceneError> + Sync,
+    mut consume: impl FnMut(B) -> Result<(), IngestError>,
+) -> Result<(), IngestError> {
+    let band_rows = band_rows.max(1);
+    let (tx, rx) = crossbeam_channel::bounded::<Result<B, SceneError>>(1);
+    std::thread::scope(|s| {
+        let read = &read;
+        s.spawn(move || {
+            let mut row0 = 0;
+            while row0 < height {
+                let rows = band_rows.min(height - row0);
+                let band = read(row0, rows);
+                let failed = band.is_err();
+                if tx.send(band).is_err() || failed {
+                    break;
+                }
+                row0 += rows;
+            }
+        });
+        // Owned here, so that it is dropped when this closure returns, before the scope waits
+        // for the reader.
+        let rx = rx;
+        for band in rx.iter() {
+            consume(band?)?;
+        }
+        Ok(())
+    })
+}
+
 fn land_of(distance: f32) -> f32 {
     if distance.is_nan() {
         f32::NAN
@@ -500,5 +522,82 @@ fn store_chunk_row(
 impl LevelOut {
     fn acc_ratio(&self) -> f64 {
         self.acc.ratio()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// `band_pipeline` on a scene of `height` rows in bands of one, `consume` failing at band
+    /// `fail_at`, on a thread of its own: its result, or `None` if it has not ended in 20 s.
+    fn run(height: usize, fail_at: usize) -> (Option<Result<(), String>>, usize) {
+        let read = std::sync::Arc::new(AtomicUsize::new(0));
+        let (done, result) = crossbeam_channel::bounded(1);
+        let counter = std::sync::Arc::clone(&read);
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            let r = band_pipeline(
+                height,
+                1,
+                |row0, _| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok(row0)
+                },
+                |row0| {
+                    assert_eq!(row0, seen, "bands in order");
+                    seen += 1;
+                    if row0 == fail_at {
+                        let e = std::io::Error::other("No space left on device");
+                        return Err(StoreError::io("store.zarr", e).into());
+                    }
+                    Ok(())
+                },
+            );
+            let _ = done.send(r.map_err(|e| e.to_string()));
+        });
+        let r = result.recv_timeout(Duration::from_secs(20)).ok();
+        (r, read.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_failed_band_ends_the_reader_too_instead_of_leaving_it_waiting() {
+        // A write that fails at the third of a million bands (the disk full): the error comes
+        // back, and the reader stopped at most two bands later (one in the channel, one held).
+        let (r, read) = run(1_000_000, 2);
+        let e = r.expect("band_pipeline did not end").unwrap_err();
+        assert!(e.contains("No space left on device"), "{e}");
+        assert!((3..=5).contains(&read), "{read} bands read");
+        // Without a failure, every band once, in order.
+        let (r, read) = run(50, usize::MAX);
+        assert_eq!(r, Some(Ok(())));
+        assert_eq!(read, 50);
+    }
+
+    #[test]
+    fn a_failed_read_ends_the_scene_with_its_error() {
+        let r = band_pipeline(
+            10,
+            3,
+            |row0, rows| {
+                if row0 >= 6 {
+                    Err(SceneError::file(
+                        "s.nc",
+                        format!("rows {row0}+{rows}: truncated"),
+                    ))
+                } else {
+                    Ok(rows)
+                }
+            },
+            |_| Ok(()),
+        );
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("s.nc") && e.contains("rows 6+3: truncated"),
+            "{e}"
+        );
     }
 }
