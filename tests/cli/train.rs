@@ -532,8 +532,24 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // SIGINT, as a terminal's Ctrl-C sends.
+    // A second training into the folder while the first writes it: refused, naming the
+    // first, and nothing of the first changed.
     let log = run.join("log.txt");
+    let t0 = std::time::Instant::now();
+    while !log.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = std::fs::read(run.join("config.toml")).unwrap();
+    let second = train("train.steps=7", false).output().unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("is being written by another training")
+            && err.contains(&format!("process {}", child.id())),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
+    // SIGINT, as a terminal's Ctrl-C sends.
     signal_once_training(&child, &log, "-INT");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

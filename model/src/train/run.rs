@@ -23,6 +23,54 @@ pub(crate) struct RunDir {
     /// `log.txt` (rank 0 only; the other ranks of a data-parallel run write nothing).
     log: Option<File>,
     log_path: PathBuf,
+    /// `run.lock`, locked while this process writes the run (rank 0 only): closed, and so
+    /// unlocked, when the run ends or its process dies.
+    _lock: Option<File>,
+}
+
+/// The lock file of a run folder ([`lock_run`]).
+const RUN_LOCK: &str = "run.lock";
+
+/// Lock the run folder `out` for this process: another `icefm train` into it would otherwise
+/// mix its checkpoints, log and configuration with this one's. An advisory lock (flock), which
+/// the system drops with its process, so a killed run leaves nothing to clean up.
+/// The inner error: the filesystem has no locks (the run goes on unguarded, and says so in its
+/// log).
+fn lock_run(out: &Path) -> Result<Result<File, std::io::Error>, TrainError> {
+    let path = out.join(RUN_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the message of a run that finds it taken.
+            let mut f = &file;
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            let _ = f
+                .set_len(0)
+                .and_then(|()| writeln!(f, "process {} on {host}", std::process::id()));
+            Ok(Ok(file))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(TrainError::Setup(format!(
+                "{} is being written by another training ({}); wait for it to end, or give \
+                 another --out",
+                out.display(),
+                match holder.trim() {
+                    "" => "its process did not say which",
+                    h => h,
+                }
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Ok(Err(e)),
+    }
 }
 
 impl RunDir {
@@ -146,6 +194,7 @@ pub(crate) fn open_run(
                 existing: checkpoints(&opts.out),
                 log: None,
                 log_path: opts.out.join("log.txt"),
+                _lock: None,
             }),
         };
     }
@@ -188,6 +237,7 @@ fn open_run_dir(
         )));
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
+    let lock = lock_run(&opts.out)?;
     // Through a temporary file: `icefm ablate` workers read the config.toml of runs that
     // another worker may be (re)starting.
     let tmp = opts.out.join("config.toml.tmp");
@@ -199,14 +249,26 @@ fn open_run_dir(
         .append(true)
         .open(&log_path)
         .map_err(|e| io_err(&log_path, e))?;
+    let (lock, unlocked) = match lock {
+        Ok(f) => (Some(f), None),
+        Err(e) => (None, Some(e)),
+    };
     let mut run = RunDir {
         existing,
         log: Some(log),
         log_path,
+        _lock: lock,
     };
     let start = RunStart::now(cfg, opts);
     for line in start.log_lines() {
         run.log(&line)?;
+    }
+    if let Some(e) = unlocked {
+        run.log(&format!(
+            "warning: cannot lock {} ({e}): nothing stops another training from writing this \
+             folder at the same time",
+            opts.out.join(RUN_LOCK).display()
+        ))?;
     }
     start.record(&opts.out)?;
     Ok(run)
