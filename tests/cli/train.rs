@@ -164,6 +164,17 @@ fn train_writes_a_run_and_resumes() {
         std::fs::read(&back).unwrap(),
         std::fs::read(run.join("checkpoints/step_0000005/model.safetensors")).unwrap()
     );
+    // A damaged checkpoint file is named, with the way out.
+    let moments = run.join("checkpoints/step_0000005/optimizer.safetensors");
+    std::fs::write(&moments, b"cut short").unwrap();
+    let out = train("train.steps=6", true);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&moments.display().to_string())
+            && err.contains("remove this checkpoint's folder to resume from the one before"),
+        "{err}"
+    );
 }
 
 #[test]

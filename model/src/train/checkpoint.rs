@@ -151,17 +151,24 @@ pub(crate) fn load_checkpoint(
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
     let state: CheckpointState = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
-    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), dev)?;
+    // A damaged file is named, with what is wrong with it.
+    let load = |name: &str| {
+        let path = dir.join(name);
+        candle_core::safetensors::load(&path, dev).map_err(|e| {
+            io_err(
+                &path,
+                format!("{e}; remove this checkpoint's folder to resume from the one before"),
+            )
+        })
+    };
+    let weights = load("model.safetensors")?;
     for (n, v) in named {
         let t = weights
             .get(n)
             .ok_or_else(|| io_err(dir, format!("the checkpoint has no weight {n}")))?;
         v.set(t)?;
     }
-    let moments: BTreeMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("optimizer.safetensors"), dev)?
-            .into_iter()
-            .collect();
+    let moments: BTreeMap<String, Tensor> = load("optimizer.safetensors")?.into_iter().collect();
     opt.load_state(state.step, &moments)?;
     Ok(())
 }
