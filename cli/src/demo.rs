@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use icefm_dataset::SceneReader;
 use icefm_dataset::regime::Regime;
 use icefm_ingest::pipeline::IngestOptions;
+use icefm_ingest::reader::RAW_SPACING_M;
 use icefm_model::config::TrainConfig;
 use icefm_model::metrics::{Evaluation, Scores};
 use icefm_model::train::{RunOptions, parse_device};
@@ -224,7 +225,7 @@ const MAE_COARSE_M: usize = 200;
 /// of `pt` carry that level.)
 fn check_demo_size((rows, cols): (usize, usize)) -> Result<()> {
     let patch = PATCH as usize;
-    let at_coarse = |n: usize| (n * 40 / MAE_COARSE_M).min(patch);
+    let at_coarse = |n: usize| (n * RAW_SPACING_M as usize / MAE_COARSE_M).min(patch);
     if 100 * at_coarse(rows) * at_coarse(cols) < 55 * patch * patch {
         bail!(
             "--size {rows}x{cols}: too small for the demo's MAE, which trains on {PATCH}-px \

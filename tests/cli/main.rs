@@ -10,6 +10,9 @@ mod http_files;
 mod ingest;
 mod store;
 mod train;
+#[path = "../support/tree.rs"]
+mod tree;
+use tree::tree_bytes;
 
 fn icefm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_icefm"))
@@ -55,26 +58,6 @@ fn synth_and_ingest(dir: &Path, count: u32, size: &str, encoding: &str, levels: 
         .output()
         .unwrap());
     store
-}
-
-fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((
-                    p.strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// `icefm train` of the micro MAE (tests' size) on `store` into `run`, with more `--set`s.

@@ -20,6 +20,9 @@ use icefm_synth::{Defect, Encoding, Release, SceneKind, SynthOptions, write_scen
 
 mod content;
 mod runs;
+#[path = "../../../tests/support/tree.rs"]
+mod tree;
+use tree::tree_bytes;
 
 const H: usize = 260;
 const W: usize = 300;
@@ -203,24 +206,4 @@ fn cell(
         IGNORE
     };
     (if n > 0.0 { (s / n) as f32 } else { f32::NAN }, label)
-}
-
-fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((
-                    p.strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
 }

@@ -13,7 +13,7 @@ use crate::config::TrainConfig;
 use crate::dist::{Group, Route, SumPath};
 
 use super::feeder::device_prepares;
-use super::start::RunStart;
+use super::start::{RunStart, host_name};
 use super::{RunOptions, TrainError, checkpoints, io_err};
 
 /// An opened run directory: its checkpoints when it opened, and its log.
@@ -49,12 +49,9 @@ fn lock_run(out: &Path) -> Result<Result<File, std::io::Error>, TrainError> {
         Ok(()) => {
             // Who holds it, for the message of a run that finds it taken.
             let mut f = &file;
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_default();
             let _ = f
                 .set_len(0)
-                .and_then(|()| writeln!(f, "process {} on {host}", std::process::id()));
+                .and_then(|()| writeln!(f, "process {} on {}", std::process::id(), host_name()));
             Ok(Ok(file))
         }
         Err(std::fs::TryLockError::WouldBlock) => {

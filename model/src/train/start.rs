@@ -61,17 +61,22 @@ fn short(h: &str) -> String {
     h.chars().take(16).collect()
 }
 
+/// This machine's name (Linux, else `$HOSTNAME`), for the records of who runs a run.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "an unnamed host".to_string())
+}
+
 impl RunStart {
     /// This process's start of a run of `cfg` with `opts`.
     pub(crate) fn now(cfg: &TrainConfig, opts: &RunOptions) -> Self {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_string())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "an unnamed host".to_string());
+        let host = host_name();
         let device = match opts.device.location() {
             DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             DeviceLocation::Cpu => "cpu".to_string(),
