@@ -102,6 +102,11 @@ struct IngestArgs {
     /// last shard to finish merges the manifests (docs/ingest.md).
     #[arg(long, value_name = "K/N|slurm")]
     shard: Option<String>,
+    /// Write the given scenes again even where the store already holds them from the same
+    /// file (to mend a scene whose chunks a read reported damaged). Without it they are
+    /// skipped.
+    #[arg(long)]
+    redo: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -293,8 +298,17 @@ fn print_summary(s: &Summary) {
         s.scenes_in_store
     );
     for (path, reason) in &s.failed {
-        let _ = path;
-        eprintln!("failed: {reason}");
+        // A scene's own errors name its file; a store's (a full disk, a read-only folder) name
+        // the store only, so say which input they stopped.
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        if reason.contains(&name) {
+            eprintln!("failed: {reason}");
+        } else {
+            eprintln!("failed: {}: {reason}", path.display());
+        }
     }
     if let Some(o) = &s.shard {
         let shard = o.plan.shard;
@@ -402,6 +416,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         band_rows: a.band_rows,
         reference_dirs: a.reference,
         shard: plan,
+        redo: a.redo,
     };
     let summary = do_ingest(
         &inputs,

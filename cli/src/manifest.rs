@@ -28,6 +28,15 @@ pub(crate) struct MergeArgs {
     partial: bool,
 }
 
+/// Say on stderr when `store`'s manifests are behind its committed scenes (an ingest running or
+/// stopped before its merge), so that what is read from them does not leave scenes out
+/// unnoticed. A store that cannot be read says nothing here: its reader reports that.
+pub(crate) fn warn_if_unmerged(store: &std::path::Path) {
+    if let Ok(Some(line)) = icefm_dataset::merged::unmerged(store) {
+        eprintln!("warning: {line}");
+    }
+}
+
 pub(crate) fn cmd_manifest(c: ManifestCommand) -> Result<ExitCode> {
     match c {
         ManifestCommand::Merge(a) => merge(&a),

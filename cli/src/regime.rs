@@ -120,7 +120,10 @@ fn check(a: &str, b: &str, store: Option<&Path>) -> Result<ExitCode> {
 
 fn draw_args(a: DrawArgs) -> Result<()> {
     let (table, store) = match (&a.store, &a.counts) {
-        (Some(s), None) => (SceneTable::from_store(s)?, Some(s.as_path())),
+        (Some(s), None) => {
+            crate::manifest::warn_if_unmerged(s);
+            (SceneTable::from_store(s)?, Some(s.as_path()))
+        }
         (None, Some(c)) => (SceneTable::from_counts_csv(c)?, None),
         _ => bail!("give --store STORE, or --counts CSV with --out FILE"),
     };

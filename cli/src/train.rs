@@ -108,6 +108,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
         }
         _ => a.device.clone(),
     };
+    if spec.as_ref().is_none_or(|s| s.rank == 0) {
+        crate::manifest::warn_if_unmerged(&a.store);
+    }
     let opts = RunOptions {
         device: parse_device(&device).map_err(anyhow::Error::msg)?,
         store: a.store,

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod error;
 pub mod loader;
 pub mod location;
+pub mod merged;
 pub mod regime;
 pub mod rng;
 pub mod sampler;

@@ -7,20 +7,23 @@ use std::sync::{Arc, Mutex};
 
 use icefm_schemas::Level;
 use icefm_schemas::norm::mean_std_of_store;
-use icefm_schemas::store::{SCENES_GROUP, StoreAttrs};
+use icefm_schemas::store::{ALL_SHARDS_ATTR, SCENES_GROUP, StoreAttrs};
 use std::num::NonZeroU64;
 use zarrs::array::CodecOptions;
 
 use zarrs::array::codec::api::ArrayToBytesCodecTraits;
 use zarrs::array::{
     Array, ArrayBytes, ArrayMetadata, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
-    CodecChain,
+    CodecChain, CodecError,
 };
 use zarrs::metadata_ext::codec::sharding::ShardingCodecConfigurationV1;
 use zarrs::storage::byte_range::ByteRange;
 use zarrs::storage::{ReadableStorage, ReadableStorageTraits};
 
 use crate::error::DatasetError;
+
+/// How to mend a scene whose stored chunks are damaged.
+const REDO: &str = "write the scene again with `icefm ingest --redo FILE --store STORE`";
 
 /// The three arrays of a level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,6 +52,9 @@ struct Opened {
     array: Array<dyn ReadableStorageTraits>,
     shards: ArrayShardedReadableExtCache,
     inner: Option<InnerCodecs>,
+    /// The array records that every shard file was written ([`ALL_SHARDS_ATTR`]): a missing one
+    /// is damage.
+    all_shards: bool,
 }
 
 /// How to decode one inner chunk of a sharded array from its stored bytes.
@@ -171,10 +177,13 @@ impl StoreReader {
             Array::open(self.storage.clone(), &node).map_err(|e| self.read_error(&node, e))?;
         let shards = ArrayShardedReadableExtCache::new(&array);
         let inner = InnerCodecs::of(&array);
+        let all_shards =
+            array.attributes().get(ALL_SHARDS_ATTR) == Some(&serde_json::Value::Bool(true));
         let o = Arc::new(Opened {
             array,
             shards,
             inner,
+            all_shards,
         });
         self.lock().insert(key, o.clone());
         Ok(o)
@@ -270,6 +279,14 @@ impl StoreReader {
             .subchunk_byte_range(&o.shards, &at)
             .map_err(|e| err(&e))?
         {
+            // No shard file. Arrays that record writing every shard hold none missing unless
+            // the store lost it: reading it as fill would score and train on an empty patch.
+            None if o.all_shards => {
+                return Err(err(&format!(
+                    "its shard file c/0/{row}/0 is missing, and this array was written with \
+                     every shard: the store is damaged; {REDO}"
+                )));
+            }
             Some(ByteRange::FromStart(offset, _)) if offset == u64::MAX => None,
             _ => o
                 .array
@@ -280,7 +297,13 @@ impl StoreReader {
             Some(encoded) => inner
                 .chain
                 .decode(encoded.into(), &inner.shape, data_type, fill, &self.options)
-                .map_err(|e| err(&e))?,
+                .map_err(|e| match e {
+                    CodecError::InvalidChecksum => err(&format!(
+                        "{e}: the chunk's bytes changed since they were written, so the store is \
+                         damaged; {REDO}"
+                    )),
+                    e => err(&e),
+                })?,
             // A chunk never written holds the fill value.
             None => ArrayBytes::new_fill_value(
                 data_type,

@@ -118,7 +118,8 @@ pub(crate) fn read_batches(
 
 /// BLAKE3 (hex) of a store's manifests, `scenes.parquet` then `patches.parquet`, each after
 /// its length: the `source_hash` that regimes drawn from the store record, and what a
-/// training run logs of its store.
+/// training run logs of its store. Err when they come from different merges
+/// ([`crate::merged`]).
 pub fn manifests_hash(store: &Path) -> Result<String, DatasetError> {
     let dir = store.join(MANIFESTS_DIR);
     let scenes_path = dir.join(SCENES_FILE);
@@ -126,12 +127,18 @@ pub fn manifests_hash(store: &Path) -> Result<String, DatasetError> {
         return Err(crate::error::no_scenes_manifest(store));
     }
     let mut hasher = blake3::Hasher::new();
-    for p in [&scenes_path, &dir.join(PATCHES_FILE)] {
+    let mut stamps = Vec::new();
+    for (file, p) in [
+        (SCENES_FILE, &scenes_path),
+        (PATCHES_FILE, &dir.join(PATCHES_FILE)),
+    ] {
         let bytes =
             crate::location::read(p).map_err(|e| DatasetError::manifest(p, e.to_string()))?;
         hasher.update(&(bytes.len() as u64).to_le_bytes());
         hasher.update(&bytes);
+        stamps.push((file, crate::merged::stamp_of_bytes(p, &bytes)?));
     }
+    crate::merged::check_one_merge(store, &stamps)?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 

@@ -18,12 +18,14 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::Schema;
 use icefm_schemas::Task;
 use icefm_schemas::manifest::{
-    PATCHES_FILE, POLYGONS_FILE, SCENES_FILE, patches_schema, polygons_schema, scenes_schema,
+    MERGE_STAMP_KEY, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE, patches_schema, polygons_schema,
+    scenes_schema,
 };
 use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::StoreError;
@@ -119,9 +121,12 @@ pub struct PatchRecord {
     pub hist: [Vec<u32>; 3],
 }
 
-fn props() -> WriterProperties {
+fn props(stamp: Option<&str>) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_key_value_metadata(
+            stamp.map(|s| vec![KeyValue::new(MERGE_STAMP_KEY.to_string(), s.to_string())]),
+        )
         .build()
 }
 
@@ -344,11 +349,21 @@ pub fn write_parquet(
     schema: &Schema,
     batches: &[RecordBatch],
 ) -> Result<(), StoreError> {
+    write_stamped(path, schema, batches, None)
+}
+
+/// [`write_parquet`], the footer stamped with a merge's [`MERGE_STAMP_KEY`].
+fn write_stamped(
+    path: &Path,
+    schema: &Schema,
+    batches: &[RecordBatch],
+    stamp: Option<&str>,
+) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
     let tmp = temporary_path(path);
     let file = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-    let mut w = ArrowWriter::try_new(file, Arc::new(schema.clone()), Some(props()))
+    let mut w = ArrowWriter::try_new(file, Arc::new(schema.clone()), Some(props(stamp)))
         .map_err(|e| StoreError::parquet(path, e))?;
     for b in batches {
         w.write(b).map_err(|e| StoreError::parquet(path, e))?;
@@ -361,7 +376,15 @@ pub fn write_parquet(
 /// Read every batch of a Parquet file.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+    parquet_batches(path, file)
+}
+
+/// Every batch of the Parquet file `path` as read through `input`.
+fn parquet_batches<R: parquet::file::reader::ChunkReader + 'static>(
+    path: &Path,
+    input: R,
+) -> Result<Vec<RecordBatch>, StoreError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(input)
         .map_err(|e| StoreError::parquet(path, e))?
         .build()
         .map_err(|e| StoreError::parquet(path, e))?;
@@ -488,17 +511,26 @@ pub fn merge_manifests(store: &Path) -> Result<usize, StoreError> {
     let scenes = committed_scenes(store)?;
     let dir = store.join(MANIFESTS_DIR);
     let mut by_kind: [Vec<RecordBatch>; 3] = Default::default();
+    // The stamp of this merge, in all three files: what they were built from.
+    let mut stamp = blake3::Hasher::new();
     for s in &scenes {
         let parts = part_paths(store, &s.scene_id);
         // parts = [polygons, patches, scene]; output order = [scenes, polygons, patches].
         for (slot, part) in [(1, &parts[0]), (2, &parts[1]), (0, &parts[2])] {
-            by_kind[slot].extend(read_parquet(part)?);
+            let bytes = std::fs::read(part).map_err(|e| StoreError::io(part, e))?;
+            stamp.update(&(bytes.len() as u64).to_le_bytes());
+            stamp.update(&bytes);
+            by_kind[slot].extend(parquet_batches(part, bytes::Bytes::from(bytes))?);
         }
     }
+    let stamp = stamp.finalize().to_hex();
+    let stamp = Some(stamp.as_str());
     let [s, p, q] = by_kind;
-    write_parquet(&dir.join(SCENES_FILE), &scenes_schema(), &s)?;
-    write_parquet(&dir.join(POLYGONS_FILE), &polygons_schema(), &p)?;
-    write_parquet(&dir.join(PATCHES_FILE), &patches_schema(), &q)?;
+    // Renamed one after another: a merge stopped between them leaves files of two merges,
+    // which readers tell by their stamps.
+    write_stamped(&dir.join(SCENES_FILE), &scenes_schema(), &s, stamp)?;
+    write_stamped(&dir.join(POLYGONS_FILE), &polygons_schema(), &p, stamp)?;
+    write_stamped(&dir.join(PATCHES_FILE), &patches_schema(), &q, stamp)?;
     Ok(scenes.len())
 }
 

@@ -39,6 +39,9 @@ pub struct IngestOptions {
     /// This run is one shard of a sharded ingest: its inputs are the shard's share, and the
     /// merged manifests are rebuilt only once every shard has finished.
     pub shard: Option<ShardPlan>,
+    /// Write the scenes again even where the store holds them from the same file (a scene
+    /// whose chunks a read found damaged); by default those are skipped.
+    pub redo: bool,
 }
 
 impl Default for IngestOptions {
@@ -49,6 +52,7 @@ impl Default for IngestOptions {
             band_rows: None,
             reference_dirs: Vec::new(),
             shard: None,
+            redo: false,
         }
     }
 }
@@ -300,6 +304,7 @@ impl RunState {
             .committed
             .values()
             .find(|c| c.source_checksum == checksum)
+            .filter(|_| !self.options.redo)
         {
             return Ok(SceneOutcome::Skipped {
                 scene_id: c.scene_id.clone(),
@@ -358,7 +363,7 @@ impl RunState {
                 )
                 .into());
             }
-            if c.source_checksum == checksum {
+            if c.source_checksum == checksum && !self.options.redo {
                 return Ok(SceneOutcome::Skipped {
                     scene_id: c.scene_id,
                 });

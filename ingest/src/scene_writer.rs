@@ -23,7 +23,7 @@ use crate::reader::{Band, InputKind, SceneInfo, SceneReader, TiePoints};
 use crate::resample::{
     ChunkRow, LevelAccumulator, NativeRow, PieceRun, Run, piece_runs_of, runs_of,
 };
-use crate::store::Store;
+use crate::store::{Store, write_options};
 
 /// What writing a scene produced besides its arrays.
 pub(crate) struct Written {
@@ -444,10 +444,12 @@ fn store_chunk_row(
     let plane = p * pw;
     let ratio = lv.acc_ratio();
     let idx = chunk.index as u64;
-    let zerr = |e: zarrs::array::ArrayError| StoreError::zarr(lv.sar.path().as_str(), e);
-    lv.sar
-        .store_chunk(&[0, idx, 0], &chunk.values[..2 * plane])
-        .map_err(zerr)?;
+    let options = write_options();
+    let store = |a: &Array<FilesystemStore>, data: &[f32]| {
+        a.store_chunk_opt(&[0, idx, 0], data, &options)
+            .map_err(|e| StoreError::zarr(a.path().as_str(), e))
+    };
+    store(&lv.sar, &chunk.values[..2 * plane])?;
     let mut aux = std::mem::take(&mut lv.aux_buf);
     aux.clear();
     aux.resize(2 * plane, f32::NAN);
@@ -467,11 +469,11 @@ fn store_chunk_row(
         None => aux[..plane].copy_from_slice(&chunk.values[CH_INC * plane..(CH_INC + 1) * plane]),
     }
     aux[plane..].copy_from_slice(&chunk.values[ch_dist * plane..(ch_dist + 1) * plane]);
-    lv.aux.store_chunk(&[0, idx, 0], &aux[..]).map_err(zerr)?;
+    store(&lv.aux, &aux[..])?;
     lv.aux_buf = aux;
     lv.labels
-        .store_chunk(&[0, idx, 0], &chunk.labels[..])
-        .map_err(zerr)?;
+        .store_chunk_opt(&[0, idx, 0], &chunk.labels[..], &options)
+        .map_err(|e| StoreError::zarr(lv.labels.path().as_str(), e))?;
     // Patch statistics for the manifest.
     let name = lv.level.name();
     let y0 = chunk.index * p;

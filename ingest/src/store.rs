@@ -10,17 +10,17 @@ use std::sync::Arc;
 
 use icefm_schemas::norm::GLOBAL_MEAN_STD;
 use icefm_schemas::store::{
-    AUX_CHANNELS, CONTINUOUS_RULE, Codec, FORMAT_VERSION, LABEL_CHANNELS, LABEL_RULE, Level,
-    SAR_CHANNELS, SCENES_GROUP, StoreAttrs,
+    ALL_SHARDS_ATTR, AUX_CHANNELS, CONTINUOUS_RULE, Codec, FORMAT_VERSION, LABEL_CHANNELS,
+    LABEL_RULE, Level, SAR_CHANNELS, SCENES_GROUP, StoreAttrs,
 };
 use icefm_schemas::{IGNORE, Task};
 use serde_json::{Map, Value, json};
 use zarrs::array::codec::{
-    BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode, ZstdCodec,
+    BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode, Crc32cCodec, ZstdCodec,
 };
 use zarrs::array::codec::{ShardingCodecOptions, SubchunkWriteOrder};
 use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
-use zarrs::array::{BytesToBytesCodecTraits, CodecSpecificOptions};
+use zarrs::array::{BytesToBytesCodecTraits, CodecOptions, CodecSpecificOptions};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::{Group, GroupBuilder};
 
@@ -88,6 +88,13 @@ fn codec_of(codec: Codec, type_size: usize) -> Result<Arc<dyn BytesToBytesCodecT
     })
 }
 
+/// How icefm stores a level array's chunk-rows: every shard file is written, an all-fill one too
+/// (zarrs would otherwise delete it), so that a missing shard file reads as damage
+/// ([`ALL_SHARDS_ATTR`]) rather than as a row of fill values.
+pub fn write_options() -> CodecOptions {
+    CodecOptions::default().with_store_empty_chunks(true)
+}
+
 impl Store {
     /// Open an existing icefm store, or create one with `attrs`. An existing store must have the
     /// same levels, patch size and format version.
@@ -131,12 +138,19 @@ impl Store {
         }
         // The root is made beside the store and renamed into place: several processes (the
         // shards of one ingest) may create the store at once, and none may see it half made.
-        let tmp = crate::manifest::temporary_path(path);
+        // A store path that is a link (say to an empty folder on a bigger disk) is made where the
+        // link points: a folder cannot be renamed onto the link itself.
+        let place = if path.is_symlink() {
+            std::fs::canonicalize(path).map_err(|e| StoreError::io(path, e))?
+        } else {
+            path.to_path_buf()
+        };
+        let tmp = crate::manifest::temporary_path(&place);
         if let Some(parent) = tmp.parent() {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
         }
         Self::write_root(&tmp, &attrs)?;
-        match std::fs::rename(&tmp, path) {
+        match std::fs::rename(&tmp, &place) {
             Ok(()) => {}
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -222,6 +236,7 @@ impl Store {
         let shape = vec![c, height as u64, width as u64];
         let mut attrs = attrs;
         attrs.insert("channels".into(), json!(channels));
+        attrs.insert(ALL_SHARDS_ATTR.into(), json!(true));
         let codec = codec_of(self.attrs.codec, if float { 4 } else { 1 })
             .map_err(|e| StoreError::zarr(&self.path, e))?;
         let mut builder = if float {
@@ -237,7 +252,9 @@ impl Store {
         let array = builder
             .subchunk_shape(vec![c, p, p])
             .codec_specific_options(ordered)
-            .bytes_to_bytes_codecs(vec![codec])
+            // Each chunk's compressed bytes end in their CRC-32C, checked on every read (the shard
+            // index has its own).
+            .bytes_to_bytes_codecs(vec![codec, Arc::new(Crc32cCodec::new())])
             .dimension_names(Some([channel_dim, "y", "x"]))
             .attributes(attrs)
             .build(self.fs.clone(), node)
@@ -270,7 +287,7 @@ impl Store {
             .map_err(|e| StoreError::zarr(&self.path, e))?;
         if !data.is_empty() {
             array
-                .store_chunk(&[0, 0, 0], data)
+                .store_chunk_opt(&[0, 0, 0], data, &write_options())
                 .map_err(|e| StoreError::zarr(self.path.join(node.trim_start_matches('/')), e))?;
         }
         Ok(())

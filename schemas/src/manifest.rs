@@ -13,6 +13,11 @@ pub const POLYGONS_FILE: &str = "polygons.parquet";
 /// Patches manifest.
 pub const PATCHES_FILE: &str = "patches.parquet";
 
+/// Key of the Parquet footer metadata that stamps the three merged manifests of one merge alike:
+/// BLAKE3 (hex) of the committed parts they were built from. Manifests whose stamps differ come
+/// from different merges (one stopped between its renames).
+pub const MERGE_STAMP_KEY: &str = "icefm.merge";
+
 /// Histogram column name of a task (`sic_hist`, …): one count per class, the last for 255.
 pub fn hist_column(task: Task, prefix: &str) -> String {
     format!("{}_{prefix}", task.name().to_lowercase())

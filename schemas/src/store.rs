@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 
 /// Store format version written to `zarr.json` (`attributes.icefm.format_version`).
 pub const FORMAT_VERSION: u32 = 1;
+/// Level-array attribute (`true`) of arrays whose every shard (chunk-row) file was written,
+/// all-fill rows included, and whose chunks end in a `crc32c` codec: a missing shard file there is
+/// damage, not "all fill". Arrays written before icefm 0.1 wrote it lack it; readers keep
+/// reading a missing shard of those as fill.
+pub const ALL_SHARDS_ATTR: &str = "all_shards_written";
 /// Default patch (= chunk) edge in pixels.
 pub const DEFAULT_PATCH: u32 = 384;
 /// SAR-IceFM's levels: 2 … 10 × 40 m.

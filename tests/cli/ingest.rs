@@ -424,4 +424,34 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         "{err}"
     );
     assert!(!fine.exists());
+    // A store's own error (here the scene's folder is a file) stops the scene with a line that
+    // names its input too, not only the store.
+    let good = std::fs::read_dir(&scenes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !p.ends_with("broken.nc"))
+        .unwrap();
+    let id = std::fs::read_dir(store.join("scenes"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_dir_all(&id).unwrap();
+    std::fs::write(&id, b"not a folder").unwrap();
+    let out = icefm()
+        .args(["ingest", "--levels", "80", "--redo", "--store"])
+        .arg(&store)
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = good.file_name().unwrap().to_string_lossy();
+    assert!(
+        err.lines().any(|l| l.starts_with("failed:")
+            && l.contains(&*name)
+            && l.contains(&*id.to_string_lossy())),
+        "{err}"
+    );
 }

@@ -334,6 +334,7 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     };
 
     // The store: its scenes, regimes and levels.
+    crate::manifest::warn_if_unmerged(store);
     let table = SceneTable::from_store(store)
         .map_err(|e| anyhow!("{}: not a readable store ({e})", store.display()))?;
     let open = |name: &str| Regime::open(Some(store), name).map_err(|e| anyhow!("{g}: {e}"));

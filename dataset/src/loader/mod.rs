@@ -25,7 +25,7 @@ mod resolve;
 
 pub(crate) use cut::normalise;
 use resolve::{balanced_weights, cumulative, read_patches, resolve_levels, tiles};
-pub(crate) use resolve::{resolve_channels, resolve_scenes};
+pub(crate) use resolve::{complete_scenes, resolve_channels, resolve_scenes};
 
 /// What to load.
 #[derive(Debug, Clone)]

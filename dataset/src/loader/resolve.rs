@@ -96,6 +96,8 @@ pub(crate) fn resolve_scenes(
     regime: Option<&Regime>,
 ) -> Result<Vec<Arc<str>>, DatasetError> {
     let complete = complete_scenes(store)?;
+    // Patches of scenes the scenes manifest lacks (or the reverse) would be read as they are.
+    crate::merged::check_manifests(store)?;
     let scenes: Vec<Arc<str>> = match regime {
         Some(r) => {
             if r.scenes.is_empty() {
@@ -196,7 +198,7 @@ pub(super) fn tiles(
 }
 
 /// Scene ids of the store's scenes manifest (complete scenes only are listed there).
-fn complete_scenes(store: &Path) -> Result<Vec<String>, DatasetError> {
+pub(crate) fn complete_scenes(store: &Path) -> Result<Vec<String>, DatasetError> {
     let path = store.join(MANIFESTS_DIR).join(SCENES_FILE);
     if !crate::table::exists(&path)? {
         return Err(crate::error::no_scenes_manifest(store));

@@ -17,6 +17,7 @@ use icefm_synth::SceneKind;
 #[path = "../common/mod.rs"]
 mod common;
 mod crops;
+mod damage;
 mod samplers;
 
 use common::{P, ingest_scenes, regime};

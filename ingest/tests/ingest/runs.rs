@@ -52,6 +52,81 @@ fn rerun_skips_and_interrupted_run_resumes_to_the_same_store() {
 }
 
 #[test]
+fn redo_writes_a_damaged_scene_again_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = synth(dir.path(), SceneKind::Rtt, 3, 0, "default");
+    let b = synth(dir.path(), SceneKind::Rtt, 4, 1, "default");
+    let store = dir.path().join("s.zarr");
+    let s = run(&[a.clone(), b.clone()], &store, "80,160", 64);
+    assert_eq!(s.done.len(), 2);
+    let before = tree_bytes(&store);
+    let id = &s.done[0];
+    let shard = store.join("scenes").join(id).join("80m/sar/c/0/1/0");
+    std::fs::remove_file(&shard).unwrap();
+    // Without --redo the committed scene is skipped, damage and all.
+    assert_eq!(
+        run(std::slice::from_ref(&a), &store, "80,160", 64).skipped,
+        vec![id.clone()]
+    );
+    assert!(!shard.exists());
+    let attrs = new_attrs(
+        &Level::parse_list("80,160").unwrap(),
+        64,
+        Codec::Zstd { level: 3 },
+    );
+    let redo = IngestOptions {
+        redo: true,
+        ..IngestOptions::default()
+    };
+    let s = ingest(&[a], &store, attrs, &redo, &NoReporter).unwrap();
+    assert_eq!(s.done, vec![id.clone()]);
+    assert_eq!(s.scenes_in_store, 2);
+    // Byte for byte the store it was, the other scene untouched.
+    let after = tree_bytes(&store);
+    assert_eq!(
+        before.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        after.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    for ((p, x), (_, y)) in before.iter().zip(&after) {
+        assert!(x == y, "{} differs after --redo", p.display());
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_new_store_through_a_link_to_an_empty_folder_is_made_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = synth(dir.path(), SceneKind::Rtt, 5, 0, "default");
+    let real = dir.path().join("disk/store.zarr");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = dir.path().join("s.zarr");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let s = run(std::slice::from_ref(&a), &link, "80", 64);
+    assert_eq!(s.done.len(), 1);
+    assert!(link.is_symlink(), "the link was replaced");
+    assert!(real.join("zarr.json").is_file());
+    assert!(real.join("manifests/scenes.parquet").is_file());
+    // A link to nothing says so.
+    let dangling = dir.path().join("gone.zarr");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    let attrs = new_attrs(
+        &Level::parse_list("80").unwrap(),
+        64,
+        Codec::Zstd { level: 3 },
+    );
+    let e = ingest(
+        &[a],
+        &dangling,
+        attrs,
+        &IngestOptions::default(),
+        &NoReporter,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("gone.zarr"), "{e}");
+}
+
+#[test]
 fn bad_inputs_fail_alone_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let good = synth(dir.path(), SceneKind::Raw, 3, 0, "default");
