@@ -174,6 +174,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         Some(s) => s.clone(),
         None => trained_store(&a.run)?,
     };
+    crate::manifest::warn_if_unmerged(&store);
     let reader = SceneReader::open(&store, &cfg.data.channels)?;
     let regime = a
         .regime
@@ -183,11 +184,18 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let n = reader.scenes(regime.as_ref())?.len();
     let bar = scene_bar(n, "eval");
     let panels = !a.no_panels;
+    // Everything is written into a folder beside `out` and moved into it once whole: a stopped
+    // or failed evaluation leaves an earlier one's outputs as they were, never mixed with its own.
+    let stage = Stage::new(&out);
     let mut on_scene = |r: &SceneResult, maps: &ScoredMaps| -> Result<(), TrainError> {
         bar.inc(1);
         bar.set_message(format!("{} ({} windows)", r.scene, r.windows));
         if panels {
-            let dir = out.join("panels");
+            let dir = stage.dir().map_err(|e| TrainError::Io {
+                path: stage.path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let dir = dir.join("panels");
             std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io {
                 path: dir.display().to_string(),
                 reason: e.to_string(),
@@ -210,18 +218,20 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     );
     bar.finish_and_clear();
     let ev = ev?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let staged = stage
+        .dir()
+        .with_context(|| format!("creating {}", stage.path.display()))?;
     let s = ev.pooled.scores();
-    write_scene_table(&out.join("scenes.parquet"), &ev.scenes)?;
+    write_scene_table(&staged.join("scenes.parquet"), &ev.scenes)?;
     for (task, conf) in [
         (Task::Sic, &ev.pooled.sic_confusion),
         (Task::Sod, &ev.pooled.sod),
         (Task::Floe, &ev.pooled.floe),
     ] {
-        let csv = out.join(format!("confusion_{}.csv", task.name()));
+        let csv = staged.join(format!("confusion_{}.csv", task.name()));
         std::fs::write(&csv, conf.to_csv())
             .with_context(|| format!("writing {}", csv.display()))?;
-        let png = out.join(format!("confusion_{}.png", task.name()));
+        let png = staged.join(format!("confusion_{}.png", task.name()));
         write_confusion_png(
             &png,
             task,
@@ -258,9 +268,10 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "peak_rss_mib": peak_rss_mib(),
         "unpredicted_labelled_pixels": unpredicted,
     });
-    let path = out.join("metrics.json");
+    let path = staged.join(METRICS_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    stage.publish(&out)?;
     println!(
         "scored {} scene{} at {} (crop {}, stride {}, {} blending): {} windows, {:.1} s, peak memory {}",
         ev.scenes.len(),
@@ -487,6 +498,95 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The file an evaluation writes last: a folder with it holds one whole evaluation.
+const METRICS_FILE: &str = "metrics.json";
+
+/// An evaluation's outputs while they are written: a hidden folder beside the output folder,
+/// made on first use and removed when dropped unless published.
+struct Stage {
+    path: PathBuf,
+    made: std::cell::Cell<bool>,
+}
+
+impl Stage {
+    fn new(out: &Path) -> Self {
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = out
+            .file_name()
+            .map_or_else(|| "eval".into(), |n| n.to_string_lossy().into_owned());
+        let prefix = format!(".{name}.eval-");
+        // Those of evaluations killed before they could remove them.
+        if let Ok(entries) = std::fs::read_dir(parent) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = n.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok())
+                    && !Path::new(&format!("/proc/{pid}")).exists()
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Self {
+            path: parent.join(format!("{prefix}{}", std::process::id())),
+            made: std::cell::Cell::new(false),
+        }
+    }
+
+    /// The folder, made if it is not yet.
+    fn dir(&self) -> std::io::Result<&Path> {
+        if !self.made.get() {
+            let _ = std::fs::remove_dir_all(&self.path);
+            std::fs::create_dir_all(&self.path)?;
+            self.made.set(true);
+        }
+        Ok(&self.path)
+    }
+
+    /// Move the outputs into `out`, replacing an earlier evaluation's: its `metrics.json` goes
+    /// first and the new one comes last, so `out` never holds a `metrics.json` beside another
+    /// evaluation's tables or panels.
+    fn publish(self, out: &Path) -> Result<()> {
+        let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
+        std::fs::create_dir_all(out).with_context(|| ctx("creating", out))?;
+        for old in [out.join(METRICS_FILE), out.join("panels")] {
+            let gone = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
+            match gone {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| ctx("removing the earlier", &old));
+                }
+                _ => {}
+            }
+        }
+        let mut names: Vec<_> = std::fs::read_dir(&self.path)
+            .with_context(|| ctx("reading", &self.path))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| ctx("reading", &self.path))?;
+        // metrics.json last.
+        names.sort_by_key(|n| n == METRICS_FILE);
+        for n in names {
+            let (from, to) = (self.path.join(&n), out.join(&n));
+            std::fs::rename(&from, &to).with_context(|| ctx("moving into place", &to))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        if self.made.get() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// A fresh scratch folder beside `out`.

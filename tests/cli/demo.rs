@@ -105,6 +105,29 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
             .unwrap();
     assert_eq!(rescored["scores"], metrics["scores"]);
     assert!(!again.join("panels").exists(), "--no-panels made panels/");
+    // Scoring again into a folder that holds an evaluation replaces it whole: its panels go
+    // with its metrics.json. The staging folder of a killed evaluation is swept away.
+    let killed = ft.join(".eval-test.eval-4000000000");
+    std::fs::create_dir_all(killed.join("panels")).unwrap();
+    ok(icefm()
+        .args(["eval", "--regime", "test", "--no-panels", "--run"])
+        .arg(&ft)
+        .output()
+        .unwrap());
+    assert!(
+        !eval.join("panels").exists(),
+        "an earlier evaluation's panels were kept"
+    );
+    let replaced: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(replaced["scores"], metrics["scores"]);
+    assert!(eval.join("scenes.parquet").exists());
+    let left: Vec<String> = std::fs::read_dir(&ft)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".eval-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // What cannot be scored writes no folder: a level the store lacks, an MAE run.
     let bad = dir.path().join("eval-bad");
     let out_bad = icefm()
