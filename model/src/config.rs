@@ -247,6 +247,15 @@ impl TrainConfig {
         let base: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| located(text, &e))?;
+        // Every key has a default, so an empty file (one cut short, say) would run as the
+        // defaults without a word.
+        if base.is_empty() && overrides.is_empty() {
+            return Err(ConfigError(
+                "the configuration is empty (no section, no key): a file cut short? start from \
+                 one of configs/*.toml"
+                    .into(),
+            ));
+        }
         let mut doc = base.clone();
         for o in overrides {
             apply_override(&mut doc, o)?;

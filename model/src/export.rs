@@ -187,7 +187,7 @@ pub fn export_mmselfsup(
 
 /// [`export_mmselfsup`] of a weights file (a checkpoint's `model.safetensors`).
 pub fn export_mmselfsup_file(path: &Path, opts: &ExportOptions) -> Result<Exported, ExportError> {
-    let weights: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
+    let weights: BTreeMap<String, Tensor> = crate::files::load_checked(path, &Device::Cpu)
         .map_err(|e| ExportError::Read {
             path: path.display().to_string(),
             reason: e.to_string(),

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// Save `tensors` as a safetensors file at `path`, with the permissions the process's umask
 /// gives a new file. The safetensors crate writes through a temporary file that it renames into
@@ -18,6 +18,59 @@ pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
     candle_core::safetensors::save(tensors, path)?;
     set_new_file_mode(path)?;
     Ok(())
+}
+
+/// Key of a checkpoint's `state.json` that maps each of its weight files to its BLAKE3 (hex).
+pub(crate) const HASHES_KEY: &str = "blake3";
+
+/// BLAKE3 (hex) of the file at `path`.
+pub(crate) fn file_blake3(path: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path)?)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// [`save_safetensors`] into a checkpoint folder, recording the file's BLAKE3 in `hashes`
+/// (written into the folder's `state.json`, [`load_checked`] checks it).
+pub(crate) fn save_hashed<K: AsRef<str> + Ord + Display>(
+    tensors: &HashMap<K, Tensor>,
+    dir: &Path,
+    name: &str,
+    hashes: &mut std::collections::BTreeMap<String, String>,
+) -> candle_core::Result<()> {
+    let path = dir.join(name);
+    save_safetensors(tensors, &path)?;
+    hashes.insert(name.to_string(), file_blake3(&path)?);
+    Ok(())
+}
+
+/// Load a safetensors file; when the `state.json` beside it (a checkpoint's) records the file's
+/// BLAKE3, the file is checked against it first, so that changed or damaged weights are an error
+/// instead of a model that scores or trains on them. Files without a record (checkpoints written
+/// before icefm recorded them, imports, other files) load unchecked.
+pub(crate) fn load_checked(
+    path: &Path,
+    dev: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    if let Some(want) = recorded_hash(path) {
+        let found = file_blake3(path)?;
+        if found != want {
+            return Err(candle_core::Error::msg(format!(
+                "the file is not the one this checkpoint wrote (BLAKE3 {found}, its state.json \
+                 records {want}): it was changed or damaged"
+            )));
+        }
+    }
+    candle_core::safetensors::load(path, dev)
+}
+
+/// The BLAKE3 that the `state.json` beside `path` records for it, if any.
+fn recorded_hash(path: &Path) -> Option<String> {
+    let state = path.parent()?.join("state.json");
+    let text = std::fs::read_to_string(state).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let name = path.file_name()?.to_str()?;
+    json.get(HASHES_KEY)?.get(name)?.as_str().map(String::from)
 }
 
 #[cfg(unix)]
@@ -48,8 +101,6 @@ fn umask() -> u32 {
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
-
-    use candle_core::Device;
 
     use super::*;
 

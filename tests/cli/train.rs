@@ -164,6 +164,37 @@ fn train_writes_a_run_and_resumes() {
         std::fs::read(&back).unwrap(),
         std::fs::read(run.join("checkpoints/step_0000005/model.safetensors")).unwrap()
     );
+    // Weights changed since the checkpoint was written (one byte of a tensor: the file still
+    // parses) are refused by what reads them, not trained or exported.
+    let weights = run.join("checkpoints/step_0000005/model.safetensors");
+    let state = std::fs::read_to_string(run.join("checkpoints/step_0000005/state.json")).unwrap();
+    assert!(
+        state.contains("\"blake3\"") && state.contains("\"model.safetensors\": \""),
+        "{state}"
+    );
+    let original = std::fs::read(&weights).unwrap();
+    let mut changed = original.clone();
+    *changed.last_mut().unwrap() ^= 0x01;
+    std::fs::write(&weights, &changed).unwrap();
+    for out in [
+        train("train.steps=6", true),
+        icefm()
+            .arg("export")
+            .arg(&run)
+            .arg("--out")
+            .arg(dir.path().join("x.safetensors"))
+            .output()
+            .unwrap(),
+    ] {
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&weights.display().to_string())
+                && err.contains("not the one this checkpoint wrote"),
+            "{err}"
+        );
+    }
+    std::fs::write(&weights, &original).unwrap();
     // A damaged checkpoint file is named, with the way out.
     let moments = run.join("checkpoints/step_0000005/optimizer.safetensors");
     std::fs::write(&moments, b"cut short").unwrap();

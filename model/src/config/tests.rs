@@ -98,6 +98,8 @@ fn parse_override_and_reject() {
     for (text, set, want) in [
         ("[train]\nstep = 3\n", "", "unknown field `step`"),
         ("", "train.steps", "expected section.key=value"),
+        ("", "", "the configuration is empty"),
+        ("# comments only\n\n", "", "the configuration is empty"),
         ("", "steps=3", "expected section.key=value"),
         ("[model]\npreset = \"giant\"\n", "", "model.preset `giant`"),
         ("[data]\ncrop = 100\n", "", "multiple of the patch 16"),

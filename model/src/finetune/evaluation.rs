@@ -203,6 +203,6 @@ pub fn run_config(path: &Path) -> Result<TrainConfig, TrainError> {
 /// A VarBuilder over the tensors of a safetensors file, read into memory.
 fn tensors_varbuilder(file: &Path, dev: &Device) -> Result<VarBuilder<'static>, TrainError> {
     let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(file, dev).map_err(|e| io_err(file, e))?;
+        crate::files::load_checked(file, dev).map_err(|e| io_err(file, e))?;
     Ok(VarBuilder::from_tensors(tensors, DType::F32, dev))
 }

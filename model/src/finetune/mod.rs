@@ -73,7 +73,7 @@ pub fn load_init(
     dev: &Device,
 ) -> Result<(PathBuf, usize), TrainError> {
     let file = resolve_weights(path)?;
-    let weights = candle_core::safetensors::load(&file, dev).map_err(|e| io_err(&file, e))?;
+    let weights = crate::files::load_checked(&file, dev).map_err(|e| io_err(&file, e))?;
     // Blocks of an encoder's variable names (`encoder.blocks.{i}.…`).
     let blocks = |names: &mut dyn Iterator<Item = &String>| {
         names

@@ -38,6 +38,8 @@ struct BestState<'a> {
     step: u64,
     score: f64,
     scores: &'a Scores,
+    /// BLAKE3 of `model.safetensors`, checked when it is loaded.
+    blake3: std::collections::BTreeMap<String, String>,
 }
 
 /// What a run reads back of `checkpoints/best/state.json`.
@@ -62,11 +64,13 @@ pub(super) fn save_best(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    crate::files::save_safetensors(&weights, tmp.join("model.safetensors"))?;
+    let mut blake3 = std::collections::BTreeMap::new();
+    crate::files::save_hashed(&weights, &tmp, "model.safetensors", &mut blake3)?;
     let state = serde_json::to_string_pretty(&BestState {
         step,
         score,
         scores,
+        blake3,
     })
     .map_err(|e| io_err(&tmp, e))?;
     std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;

@@ -21,6 +21,10 @@ struct CheckpointState {
     seed: u64,
     /// Loss of the last step.
     loss: f32,
+    /// BLAKE3 of each weight file, checked when the checkpoint is loaded (absent from
+    /// checkpoints written before icefm recorded them).
+    #[serde(default)]
+    blake3: BTreeMap<String, String>,
 }
 
 fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
@@ -130,12 +134,18 @@ pub(crate) fn save_checkpoint(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    crate::files::save_safetensors(&weights, tmp.join("model.safetensors"))?;
+    let mut blake3 = BTreeMap::new();
+    crate::files::save_hashed(&weights, &tmp, "model.safetensors", &mut blake3)?;
     let (_, moments) = opt.state();
     let moments: HashMap<String, Tensor> = moments.into_iter().collect();
-    crate::files::save_safetensors(&moments, tmp.join("optimizer.safetensors"))?;
-    let state = serde_json::to_string_pretty(&CheckpointState { step, seed, loss })
-        .map_err(|e| io_err(&tmp, e))?;
+    crate::files::save_hashed(&moments, &tmp, "optimizer.safetensors", &mut blake3)?;
+    let state = serde_json::to_string_pretty(&CheckpointState {
+        step,
+        seed,
+        loss,
+        blake3,
+    })
+    .map_err(|e| io_err(&tmp, e))?;
     std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
@@ -154,7 +164,7 @@ pub(crate) fn load_checkpoint(
     // A damaged file is named, with what is wrong with it.
     let load = |name: &str| {
         let path = dir.join(name);
-        candle_core::safetensors::load(&path, dev).map_err(|e| {
+        crate::files::load_checked(&path, dev).map_err(|e| {
             io_err(
                 &path,
                 format!("{e}; remove this checkpoint's folder to resume from the one before"),
