@@ -74,12 +74,14 @@ struct IngestArgs {
     /// Store to create or add to.
     #[arg(long)]
     store: PathBuf,
-    /// Levels as ground spacings in metres [default: 80,120,160,200,240,280,320,360,400].
+    /// Levels as ground spacings in metres [default: 80,120,160,200,240,280,320,360,400 for a
+    /// new store, the store's own when adding to one].
     #[arg(long)]
     levels: Option<String>,
-    /// Patch (= chunk) edge in pixels.
-    #[arg(long, default_value_t = DEFAULT_PATCH)]
-    patch: u32,
+    /// Patch (= chunk) edge in pixels [default: 384 for a new store, the store's own when
+    /// adding to one].
+    #[arg(long)]
+    patch: Option<u32>,
     /// Scenes processed at once.
     #[arg(long, default_value_t = DEFAULT_JOBS)]
     jobs: usize,
@@ -163,6 +165,10 @@ pub(crate) struct InspectArgs {
     /// Summarise this regime of the store instead (scenes, patches, class pixels, missing classes).
     #[arg(long, conflicts_with_all = ["png", "scene", "level"])]
     pub regime: Option<String>,
+    /// Read every chunk of every complete scene back (checksums, missing shard files) and check
+    /// the manifests; list what is damaged and how to mend it, exit status 1 if anything is.
+    #[arg(long, conflicts_with_all = ["png", "scene", "level", "regime"])]
+    pub verify: bool,
 }
 
 /// Run a command; `Ok` carries the exit status (1 when some scenes failed).
@@ -181,6 +187,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Ingest(a) => cmd_ingest(a),
         Command::Synth(a) => cmd_synth(a).map(|_| ExitCode::SUCCESS),
+        Command::Inspect(a) if a.verify => verify_store(&a.store),
         Command::Inspect(a) => cmd_inspect(a).map(|_| ExitCode::SUCCESS),
         Command::Regime(a) => crate::regime::cmd_regime(*a),
         Command::Train(a) => crate::train::cmd_train(*a),
@@ -402,10 +409,25 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         inputs = mine;
         plan = Some(p);
     }
-    let levels = match &a.levels {
-        Some(s) => Level::parse_list(s)?,
-        None => Level::defaults(),
+    // Adding to a store takes its levels and patch unless they are given (and then must match).
+    let existing = if a.store.join("zarr.json").exists() {
+        Some(
+            icefm_ingest::store::Store::open(&a.store)
+                .with_context(|| format!("opening {}", a.store.display()))?
+                .attrs,
+        )
+    } else {
+        None
     };
+    let levels = match (&a.levels, &existing) {
+        (Some(s), _) => Level::parse_list(s)?,
+        (None, Some(attrs)) => attrs.levels.clone(),
+        (None, None) => Level::defaults(),
+    };
+    let patch = a
+        .patch
+        .or(existing.as_ref().map(|attrs| attrs.patch))
+        .unwrap_or(DEFAULT_PATCH);
     let options = IngestOptions {
         jobs: a.jobs.max(1),
         merge_mode: if a.toolbox_merge {
@@ -422,7 +444,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         &inputs,
         &a.store,
         levels,
-        a.patch,
+        patch,
         ingest_codec(&a.store, a.codec.as_deref())?,
         &options,
     )?;
@@ -533,6 +555,89 @@ fn summarize_remote(store: &Path) -> Result<StoreSummary> {
         (&read_manifest(&scenes)?, &scenes),
         (&read_manifest(&patches)?, &patches),
     )?)
+}
+
+/// `icefm inspect STORE --verify`: every chunk read back, the damage listed with the files to
+/// ingest again.
+fn verify_store(store: &Path) -> Result<ExitCode> {
+    use icefm_dataset::verify::{chunk_count, verify};
+    let context = || format!("inspect --verify {}", store.display());
+    let total = chunk_count(store).with_context(context)?;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "  verify [{bar:30}] {pos}/{len} chunks  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let v = verify(store, &|n| bar.inc(n)).with_context(context)?;
+    bar.finish_and_clear();
+    println!(
+        "read {} chunk(s) of {} scene(s) back ({:.2} GB decoded) in {:.1} s",
+        v.chunks,
+        v.scenes,
+        v.decoded_bytes as f64 / 1e9,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(line) = &v.unmerged {
+        eprintln!("warning: {line}");
+    }
+    if v.damaged.is_empty() {
+        println!("no damage found");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut scenes: Vec<&str> = Vec::new();
+    for (scene, what) in &v.damaged {
+        if scene.is_empty() {
+            println!("damaged: {what}");
+        } else {
+            println!("damaged: {scene}: {what}");
+            if !scenes.contains(&scene.as_str()) {
+                scenes.push(scene);
+            }
+        }
+    }
+    if !scenes.is_empty() {
+        let sources = source_names(store).unwrap_or_default();
+        let files: Vec<String> = scenes
+            .iter()
+            .map(|s| {
+                sources
+                    .get(*s)
+                    .cloned()
+                    .unwrap_or_else(|| format!("<the file of {s}>"))
+            })
+            .collect();
+        println!(
+            "{} damaged scene(s); write them again from their files: icefm ingest --redo {} --store {}",
+            scenes.len(),
+            files.join(" "),
+            store.display()
+        );
+    }
+    Ok(ExitCode::from(1))
+}
+
+/// Scene id → source file name, from the store's scenes manifest.
+fn source_names(store: &Path) -> Result<std::collections::HashMap<String, String>> {
+    use arrow_array::cast::AsArray;
+    let path = store.join(MANIFESTS_DIR).join(SCENES_FILE);
+    let mut out = std::collections::HashMap::new();
+    for b in icefm_dataset::table::read_manifest(&path)? {
+        let (Some(ids), Some(names)) = (
+            b.column_by_name("scene_id"),
+            b.column_by_name("source_name"),
+        ) else {
+            continue;
+        };
+        let (ids, names) = (ids.as_string::<i32>(), names.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            out.insert(ids.value(i).to_string(), names.value(i).to_string());
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {

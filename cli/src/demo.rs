@@ -101,6 +101,7 @@ pub fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         scene: None,
         level: Some("200m".into()),
         regime: None,
+        verify: false,
     })?;
     eprintln!(
         "\n4/{steps} regimes: held-out test scenes, validation scenes, labelled scenes by class \

@@ -25,6 +25,7 @@ pub mod sampler;
 pub mod scene;
 pub mod store;
 pub mod table;
+pub mod verify;
 
 pub use error::DatasetError;
 pub use loader::{Batch, Batches, Loader, LoaderOptions, SampleInfo};

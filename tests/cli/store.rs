@@ -72,6 +72,72 @@ fn inspect_prints_balance_and_writes_a_quicklook() {
 /// Regimes drawn from an ingested store: a ladder, an excluding pair, `check`, `inspect --regime`
 /// and the errors a researcher meets first.
 #[test]
+fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "300x320", "default", "80");
+    let out = ok(icefm()
+        .args(["inspect", "--verify"])
+        .arg(&store)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("of 2 scene(s) back") && text.contains("no damage found"),
+        "{text}"
+    );
+    // One scene loses a shard file.
+    let scene_dir = std::fs::read_dir(store.join("scenes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let scene = scene_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    std::fs::remove_file(scene_dir.join("80m/aux/c/0/2/0")).unwrap();
+    let out = icefm()
+        .args(["inspect", "--verify"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let damaged: Vec<&str> = text.lines().filter(|l| l.starts_with("damaged:")).collect();
+    assert_eq!(damaged.len(), 1, "{text}");
+    assert!(
+        damaged[0].contains(&scene)
+            && damaged[0].contains("80m/aux")
+            && damaged[0].contains("c/0/2/0"),
+        "{text}"
+    );
+    // The command it prints names the scene's file; run as printed, it mends the store.
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("1 damaged scene(s); write them again from their files: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let command = line.split_once(": icefm ").unwrap().1;
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words[..2], ["ingest", "--redo"], "{line}");
+    let file = dir.path().join("scenes").join(words[2]);
+    assert!(file.is_file(), "{line}");
+    assert_eq!(words[3..], ["--store", &*store.to_string_lossy()], "{line}");
+    ok(icefm()
+        .args(["ingest", "--redo", "--store"])
+        .arg(&store)
+        .arg(&file)
+        .output()
+        .unwrap());
+    let out = ok(icefm()
+        .args(["inspect", "--verify"])
+        .arg(&store)
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no damage found"));
+}
+
+#[test]
 fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let store = synth_and_ingest(dir.path(), 4, "200x220", "default", "80,400");

@@ -2,6 +2,8 @@
 //! file gone, a chunk's bytes changed. Arrays written before every shard was kept still read a
 //! missing shard as fill.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use icefm_dataset::store::{ArrayKind, StoreReader};
 use icefm_schemas::Level;
 use icefm_schemas::store::ALL_SHARDS_ATTR;
@@ -255,5 +257,52 @@ fn manifests_behind_the_committed_scenes_are_reported() {
     assert!(
         line.contains("1 scene(s) they list are no longer committed") && line.contains(&first),
         "{line}"
+    );
+}
+
+#[test]
+fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
+    use icefm_dataset::verify::{chunk_count, verify};
+    let store = damaged_store("damage-verify");
+    // 200 x 260 at 80 m and 100 x 130 at 160 m in 64-pixel patches: 4 x 5 and 2 x 3 chunks,
+    // three arrays each.
+    assert_eq!(chunk_count(&store).unwrap(), 3 * (4 * 5 + 2 * 3));
+    let seen = AtomicU64::new(0);
+    let clean = verify(&store, &|n| {
+        seen.fetch_add(n, Ordering::Relaxed);
+    })
+    .unwrap();
+    assert_eq!(clean.chunks, 78);
+    assert_eq!(seen.load(Ordering::Relaxed), 78);
+    assert_eq!(clean.scenes, 1);
+    assert!(clean.damaged.is_empty(), "{:?}", clean.damaged);
+    // 26 chunks of each array: HH+HV and two aux channels f32, three label planes u8.
+    assert_eq!(clean.decoded_bytes, 26 * 64 * 64 * (2 * 4 + 2 * 4 + 3));
+
+    let (scene, sar) = array_dir(&store, ArrayKind::Sar);
+    std::fs::remove_file(sar.join("c/0/0/0")).unwrap();
+    let (_, labels) = array_dir(&store, ArrayKind::Labels);
+    let path = labels.join("c/0/3/0");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (offset, size) = shard_index(&bytes, 5)[4];
+    bytes[(offset + size / 2) as usize] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let v = verify(&store, &|_| {}).unwrap();
+    assert_eq!(v.chunks, 78);
+    assert_eq!(v.damaged.len(), 2, "{:?}", v.damaged);
+    assert!(v.damaged.iter().all(|(s, _)| *s == scene));
+    let text: Vec<&str> = v.damaged.iter().map(|(_, e)| e.as_str()).collect();
+    assert!(
+        text.iter().any(|e| e.contains("80m/sar")
+            && e.contains("c/0/0/0")
+            && e.contains("(5 chunks of this array are bad)")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|e| e.contains("80m/labels")
+            && e.contains("(3, 4)")
+            && e.contains("checksum")
+            && !e.contains("chunks of this array")),
+        "{text:?}"
     );
 }

@@ -1,0 +1,128 @@
+//! Reading a whole store back to find damage: every chunk of every level array of every
+//! complete scene is decoded (its CRC-32C checked, its shard file required where the array
+//! records writing them all), and the merged manifests are checked to come from one merge.
+//! What `icefm inspect STORE --verify` runs, e.g. after copying a store to a cluster.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use icefm_schemas::Level;
+use rayon::prelude::*;
+
+use crate::error::DatasetError;
+use crate::store::{ArrayKind, StoreReader};
+
+/// What a verification found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verified {
+    /// Complete scenes read.
+    pub scenes: usize,
+    /// Chunks decoded.
+    pub chunks: u64,
+    /// Bytes they decoded to.
+    pub decoded_bytes: u64,
+    /// The damage: scene id and what is wrong, one entry per damaged array (its first bad
+    /// chunk and how many are bad), in scene order. Scene id empty for the manifests.
+    pub damaged: Vec<(String, String)>,
+    /// The manifests are behind the committed scenes ([`crate::merged::unmerged`]).
+    pub unmerged: Option<String>,
+}
+
+/// One array to read: scene, level, kind and its chunk grid.
+struct ArrayJob {
+    scene: String,
+    level: Level,
+    kind: ArrayKind,
+    rows: u64,
+    cols: u64,
+}
+
+/// The number of chunks [`verify`] will decode (for a progress bar), and the jobs.
+fn plan(reader: &StoreReader, scenes: &[String]) -> (Vec<ArrayJob>, Vec<(String, String)>) {
+    let patch = u64::from(reader.attrs.patch);
+    let mut jobs = Vec::new();
+    let mut damaged = Vec::new();
+    for scene in scenes {
+        for &level in &reader.attrs.levels {
+            for kind in [ArrayKind::Sar, ArrayKind::Aux, ArrayKind::Labels] {
+                match reader.shape(scene, level, kind) {
+                    Ok([_, h, w]) => jobs.push(ArrayJob {
+                        scene: scene.clone(),
+                        level,
+                        kind,
+                        rows: h.div_ceil(patch),
+                        cols: w.div_ceil(patch),
+                    }),
+                    Err(e) => damaged.push((scene.clone(), e.to_string())),
+                }
+            }
+        }
+    }
+    (jobs, damaged)
+}
+
+/// Chunks a verification of `store` decodes; the count a progress bar needs before it starts.
+pub fn chunk_count(store: &Path) -> Result<u64, DatasetError> {
+    let reader = StoreReader::open(store)?;
+    let scenes = crate::loader::complete_scenes(store)?;
+    let (jobs, _) = plan(&reader, &scenes);
+    Ok(jobs.iter().map(|j| j.rows * j.cols).sum())
+}
+
+/// Decode every chunk of every complete scene of `store` on the current rayon pool, calling
+/// `progress(n)` as chunks are done. Damage is reported in [`Verified::damaged`], not as an
+/// error; an error is a store that cannot be read at all.
+pub fn verify(store: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Verified, DatasetError> {
+    let reader = StoreReader::open(store)?;
+    let scenes = crate::loader::complete_scenes(store)?;
+    let mut out = Verified {
+        scenes: scenes.len(),
+        unmerged: crate::merged::unmerged(store)?,
+        ..Verified::default()
+    };
+    if let Err(e) = crate::merged::check_manifests(store) {
+        out.damaged.push((String::new(), e.to_string()));
+    }
+    let (jobs, missing) = plan(&reader, &scenes);
+    out.damaged.extend(missing);
+    let decoded = AtomicU64::new(0);
+    let chunks = AtomicU64::new(0);
+    let found: Vec<Option<(String, String)>> = jobs
+        .par_iter()
+        .map(|j| {
+            let mut first = None;
+            let mut bad = 0u64;
+            for row in 0..j.rows {
+                let results: Vec<_> = (0..j.cols)
+                    .into_par_iter()
+                    .map(|col| reader.decode(&j.scene, j.level, j.kind, row, col))
+                    .collect();
+                for r in results {
+                    match r {
+                        Ok(c) => {
+                            decoded.fetch_add(c.bytes() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            bad += 1;
+                            first.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                chunks.fetch_add(j.cols, Ordering::Relaxed);
+                progress(j.cols);
+            }
+            first.map(|e| {
+                let more = if bad > 1 {
+                    format!(" ({bad} chunks of this array are bad)")
+                } else {
+                    String::new()
+                };
+                (j.scene.clone(), format!("{e}{more}"))
+            })
+        })
+        .collect();
+    out.damaged.extend(found.into_iter().flatten());
+    out.chunks = chunks.into_inner();
+    out.decoded_bytes = decoded.into_inner();
+    Ok(out)
+}
