@@ -1,8 +1,7 @@
 //! Loader throughput on a store ingested from the full-size synthetic scenes (one raw, one RTT;
 //! all nine levels; 384-pixel patches), batches of 32 × 2 × 384 × 384, beside:
 //! - `zarrs_alone`: decoding exactly the chunks the loader's batches touch with zarrs (shard
-//!   indexes cached, arrays opened once, the same threads), nothing else; `_crc_unchecked`
-//!   without verifying the chunks' CRC-32C, to show what the check costs;
+//!   indexes cached, arrays opened once, the same threads), nothing else;
 //! - `netcdf_random_crop`: what SAR-IceFM's ancestors did, opening the RTT NetCDF scene and
 //!   reading a random 384 × 384 window of HH, HV, SIC, SOD and FLOE per sample, normalised.
 //!
@@ -127,12 +126,9 @@ impl ZarrsAlone {
     }
 
     /// Decode the chunks: to typed vectors (`Vec<f32>`, `Vec<u8>`), as zarrs' API is usually
-    /// called, or to their bytes (no conversion copy; what the loader does). `checked`: verify
-    /// each chunk's CRC-32C, as the loader does (off only to measure what checking costs).
-    fn decode(&self, chunks: &[(String, u64, u64)], typed: bool, checked: bool) -> usize {
-        let opts = CodecOptions::default()
-            .with_concurrent_target(1)
-            .with_validate_checksums(checked);
+    /// called, or to their bytes (no conversion copy; what the loader does).
+    fn decode(&self, chunks: &[(String, u64, u64)], typed: bool) -> usize {
+        let opts = CodecOptions::default().with_concurrent_target(1);
         self.pool.install(|| {
             chunks
                 .par_iter()
@@ -229,11 +225,7 @@ fn loader(c: &mut Criterion) {
             })
         });
         let mut z = ZarrsAlone::new(&store, threads);
-        for (name, typed, checked) in [
-            ("zarrs_alone", true, true),
-            ("zarrs_alone_bytes", false, true),
-            ("zarrs_alone_bytes_crc_unchecked", false, false),
-        ] {
+        for (name, typed) in [("zarrs_alone", true), ("zarrs_alone_bytes", false)] {
             let mut i = 0;
             g.bench_function(format!("{name}/{threads}t"), |b| {
                 b.iter_custom(|iters| {
@@ -242,7 +234,7 @@ fn loader(c: &mut Criterion) {
                         i += 1;
                         let chunks = z.chunks(&l, i);
                         let start = std::time::Instant::now();
-                        std::hint::black_box(z.decode(&chunks, typed, checked));
+                        std::hint::black_box(z.decode(&chunks, typed));
                         t += start.elapsed();
                     }
                     t
