@@ -13,8 +13,8 @@ use zarrs::array::CodecOptions;
 
 use zarrs::array::codec::api::ArrayToBytesCodecTraits;
 use zarrs::array::{
-    Array, ArrayBytes, ArrayMetadata, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
-    CodecChain, CodecError,
+    Array, ArrayBytes, ArrayError, ArrayMetadata, ArrayShardedReadableExt,
+    ArrayShardedReadableExtCache, CodecChain, CodecError,
 };
 use zarrs::metadata_ext::codec::sharding::ShardingCodecConfigurationV1;
 use zarrs::storage::byte_range::ByteRange;
@@ -289,10 +289,18 @@ impl StoreReader {
         let at = [0, row, col];
         // zarrs 0.23 does not check a shard index's "no chunk" entry (offset and size u64::MAX)
         // before reading an encoded subchunk, so look first.
+        // A shard index (it has its own CRC-32C) that no longer matches is damage too.
+        let index_err = |e: ArrayError| match e {
+            ArrayError::CodecError(CodecError::InvalidChecksum) => err(&format!(
+                "the checksum of its shard's index (c/0/{row}/0) is invalid: the store is \
+                 damaged; {REDO}"
+            )),
+            e => err(&e),
+        };
         let stored = match o
             .array
             .subchunk_byte_range(&o.shards, &at)
-            .map_err(|e| err(&e))?
+            .map_err(index_err)?
         {
             // No shard file. Arrays that record writing every shard hold none missing unless
             // the store lost it: reading it as fill would score and train on an empty patch.
@@ -306,7 +314,7 @@ impl StoreReader {
             _ => o
                 .array
                 .retrieve_encoded_subchunk(&o.shards, &at)
-                .map_err(|e| err(&e))?,
+                .map_err(index_err)?,
         };
         let damaged = |what: &dyn std::fmt::Display| {
             err(&format!(

@@ -114,6 +114,21 @@ fn a_changed_byte_in_a_chunk_fails_its_checksum() {
     // Its neighbours in the same shard are intact.
     r.decode(&scene, level, ArrayKind::Labels, 2, 0).unwrap();
     r.decode(&scene, level, ArrayKind::Labels, 2, 2).unwrap();
+    // A changed byte in a shard's index (it has a CRC-32C of its own) is damage too.
+    let path = dir.join("c/0/0/0");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 4 - 16 * 5 + 3;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = StoreReader::open(&store)
+        .unwrap()
+        .decode(&scene, level, ArrayKind::Labels, 0, 3)
+        .expect_err("a changed shard index must not decode")
+        .to_string();
+    assert!(
+        e.contains("(0, 3)") && e.contains("shard's index") && e.contains("--redo"),
+        "{e}"
+    );
 }
 
 #[test]
