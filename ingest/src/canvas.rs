@@ -142,19 +142,28 @@ impl Canvas {
     }
 }
 
-/// Encode `canvas` as an 8-bit RGB PNG at `path`.
+/// Encode `canvas` as an 8-bit RGB PNG at `path`, through a temporary file renamed into place:
+/// a full disk or a kill never leaves a cut-off image (or an earlier one half overwritten).
 pub(crate) fn write_png(path: &Path, canvas: &Canvas) -> Result<(), StoreError> {
-    let png_error = |e: png::EncodingError| StoreError::io(path, std::io::Error::other(e));
     let too_big = |_| StoreError::io(path, std::io::Error::other("image too large for PNG"));
     let width = u32::try_from(canvas.width).map_err(too_big)?;
     let height = u32::try_from(canvas.height).map_err(too_big)?;
-    let file = File::create(path).map_err(|e| StoreError::io(path, e))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(png_error)?;
-    writer.write_image_data(&canvas.rgb).map_err(png_error)?;
-    writer.finish().map_err(png_error)
+    let tmp = crate::manifest::temporary_path(path);
+    let written = (|| {
+        let png_error = |e: png::EncodingError| StoreError::io(path, std::io::Error::other(e));
+        let file = File::create(&tmp).map_err(|e| StoreError::io(path, e))?;
+        let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(png_error)?;
+        writer.write_image_data(&canvas.rgb).map_err(png_error)?;
+        writer.finish().map_err(png_error)?;
+        std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]

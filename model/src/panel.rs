@@ -91,23 +91,51 @@ pub fn panel(
     (width, height, out)
 }
 
-/// Write a grey panel as PNG.
+/// Write a grey panel as PNG, through a temporary file renamed into place (a full disk or a
+/// kill never leaves a cut-off image).
 pub fn write_png(path: &Path, width: usize, height: usize, pixels: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
-    enc.set_color(png::ColorType::Grayscale);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc.write_header().map_err(std::io::Error::other)?;
-    w.write_image_data(pixels).map_err(std::io::Error::other)?;
-    w.finish().map_err(std::io::Error::other)
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(name);
+    let written = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(std::io::Error::other)?;
+        w.write_image_data(pixels).map_err(std::io::Error::other)?;
+        w.finish().map_err(std::io::Error::other)?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_png_write_leaves_the_earlier_image_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.png");
+        write_png(&path, 2, 2, &[0, 64, 128, 255]).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        assert_eq!(&before[..8], b"\x89PNG\r\n\x1a\n");
+        // Three pixels for a 2 x 2 image: the encoder fails part-way.
+        assert!(write_png(&path, 2, 2, &[1, 2, 3]).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["p.png"]);
+    }
 
     #[test]
     fn panel_columns_show_input_masked_and_reconstruction() {
