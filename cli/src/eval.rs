@@ -162,10 +162,10 @@ fn trained_store(run: &Path) -> Result<PathBuf> {
 /// Run `icefm eval`.
 pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let (dev, ov) = a.infer.resolve()?;
-    let out = a.out.clone().unwrap_or_else(|| {
-        a.run
-            .join(format!("eval-{}", a.regime.as_deref().unwrap_or("all")))
-    });
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&a.run, a.regime.as_deref()));
     // The output folder is made once there is something to write in it: a run, store, regime
     // or level that does not exist leaves nothing behind.
     let started = Instant::now();
@@ -500,6 +500,22 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where an evaluation goes without `--out`: `RUN/eval-<regime>`; for one of a run's
+/// checkpoints, `RUN/eval-<regime>-<checkpoint>`, since training removes old checkpoint folders
+/// and would take the evaluation with them.
+fn default_out(run: &Path, regime: Option<&str>) -> PathBuf {
+    let name = format!("eval-{}", regime.unwrap_or("all"));
+    let parent = run
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"));
+    match (parent.and_then(Path::parent), run.file_name()) {
+        (Some(root), Some(checkpoint)) => {
+            root.join(format!("{name}-{}", checkpoint.to_string_lossy()))
+        }
+        _ => run.join(name),
+    }
+}
+
 /// The file an evaluation writes last: a folder with it holds one whole evaluation.
 const METRICS_FILE: &str = "metrics.json";
 
@@ -549,21 +565,21 @@ impl Stage {
 
     /// Move the outputs into `out`, replacing an earlier evaluation's: its `metrics.json` goes
     /// first and the new one comes last, so `out` never holds a `metrics.json` beside another
-    /// evaluation's tables or panels.
+    /// evaluation's tables or panels. Of `panels/`, only an earlier evaluation's PNGs are
+    /// removed (when `out` holds one); other files there are left alone.
     fn publish(self, out: &Path) -> Result<()> {
         let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
         std::fs::create_dir_all(out).with_context(|| ctx("creating", out))?;
-        for old in [out.join(METRICS_FILE), out.join("panels")] {
-            let gone = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
-            match gone {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| ctx("removing the earlier", &old));
-                }
-                _ => {}
+        let metrics = out.join(METRICS_FILE);
+        let panels = out.join("panels");
+        if metrics.is_file() {
+            std::fs::remove_file(&metrics)
+                .with_context(|| ctx("removing the earlier", &metrics))?;
+            for png in list(&panels)?
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "png") && p.is_file())
+            {
+                std::fs::remove_file(&png).with_context(|| ctx("removing the earlier", &png))?;
             }
         }
         let mut names: Vec<_> = std::fs::read_dir(&self.path)
@@ -575,9 +591,31 @@ impl Stage {
         names.sort_by_key(|n| n == METRICS_FILE);
         for n in names {
             let (from, to) = (self.path.join(&n), out.join(&n));
+            if n == "panels" {
+                // One by one, into a `panels/` that may hold files of the user's.
+                std::fs::create_dir_all(&to).with_context(|| ctx("creating", &to))?;
+                for png in list(&from)? {
+                    let dest = to.join(png.file_name().unwrap_or_default());
+                    std::fs::rename(&png, &dest)
+                        .with_context(|| ctx("moving into place", &dest))?;
+                }
+                continue;
+            }
             std::fs::rename(&from, &to).with_context(|| ctx("moving into place", &to))?;
         }
         Ok(())
+    }
+}
+
+/// The entries of folder `dir` (none when there is no such folder).
+fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+        Ok(entries) => entries
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display())),
     }
 }
 
@@ -599,4 +637,27 @@ fn tempfile_dir(out: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_evaluation_of_a_checkpoint_goes_beside_the_checkpoints_not_into_one() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            default_out(&p("runs/ft"), Some("test")),
+            p("runs/ft/eval-test")
+        );
+        assert_eq!(default_out(&p("runs/ft/"), None), p("runs/ft/eval-all"));
+        assert_eq!(
+            default_out(&p("runs/ft/checkpoints/step_0000002"), None),
+            p("runs/ft/eval-all-step_0000002")
+        );
+        assert_eq!(
+            default_out(&p("/r/checkpoints/best/"), Some("val")),
+            p("/r/eval-val-best")
+        );
+    }
 }

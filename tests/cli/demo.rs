@@ -109,13 +109,20 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     // with its metrics.json. The staging folder of a killed evaluation is swept away.
     let killed = ft.join(".eval-test.eval-4000000000");
     std::fs::create_dir_all(killed.join("panels")).unwrap();
+    std::fs::write(eval.join("panels/notes.txt"), "mine").unwrap();
     ok(icefm()
         .args(["eval", "--regime", "test", "--no-panels", "--run"])
         .arg(&ft)
         .output()
         .unwrap());
-    assert!(
-        !eval.join("panels").exists(),
+    // Its panel PNGs, that is: a file of the user's in panels/ stays.
+    let left: Vec<String> = std::fs::read_dir(eval.join("panels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        ["notes.txt"],
         "an earlier evaluation's panels were kept"
     );
     let replaced: serde_json::Value =
