@@ -57,7 +57,7 @@ pub(crate) fn check_one_merge(
     known: &[(&str, Option<String>)],
 ) -> Result<(), DatasetError> {
     let dir = store.join(MANIFESTS_DIR);
-    let mut seen: Vec<(&str, String)> = Vec::new();
+    let mut seen: Vec<(&str, Option<String>)> = Vec::new();
     for file in [SCENES_FILE, PATCHES_FILE, POLYGONS_FILE] {
         let stamp = match known.iter().find(|(f, _)| *f == file) {
             Some((_, s)) => s.clone(),
@@ -69,10 +69,10 @@ pub(crate) fn check_one_merge(
                 stamp_at(&path)?
             }
         };
-        if let Some(s) = stamp {
-            seen.push((file, s));
-        }
+        seen.push((file, stamp));
     }
+    // All unstamped (merged before stamps) passes; a stamped file beside an unstamped one is a
+    // merge stopped between its renames in such a store.
     if let Some((first, a)) = seen.first()
         && let Some((other, _)) = seen.iter().find(|(_, b)| b != a)
     {
@@ -92,6 +92,25 @@ pub fn check_manifests(store: &Path) -> Result<(), DatasetError> {
     check_one_merge(store, &[])
 }
 
+/// The stamp that merging the parts committed in the local store `store` now would write:
+/// BLAKE3 over each committed scene's polygons, patches and scene parts, in scene-id order, each
+/// after its length, as `icefm_ingest::manifest::merge_manifests` computes it (a test holds the
+/// two to the same value).
+fn parts_stamp(store: &Path, committed: &BTreeSet<String>) -> Result<String, DatasetError> {
+    let parts = store.join(PARTS_DIR);
+    let mut h = blake3::Hasher::new();
+    for id in committed {
+        for kind in ["polygons", "patches", "scene"] {
+            let path = parts.join(format!("{id}.{kind}.parquet"));
+            let bytes =
+                std::fs::read(&path).map_err(|e| DatasetError::manifest(&path, e.to_string()))?;
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
 /// A line for the user when the scenes committed in `store` are not the scenes its merged
 /// manifests list: an ingest is running, or was stopped between committing scenes and merging,
 /// and what is read now leaves out (or still lists) those scenes. `None` when they agree.
@@ -109,7 +128,22 @@ pub fn unmerged(store: &Path) -> Result<Option<String>, DatasetError> {
     let new: Vec<&String> = committed.difference(&merged).collect();
     let gone: Vec<&String> = merged.difference(&committed).collect();
     if new.is_empty() && gone.is_empty() {
-        return Ok(None);
+        // The same scenes; for a local store, also the same parts (a scene written again from
+        // a changed file keeps its id).
+        let path = store.join(MANIFESTS_DIR).join(SCENES_FILE);
+        if crate::location::is_url(store) {
+            return Ok(None);
+        }
+        return Ok(match stamp_at(&path)? {
+            Some(s) if s != parts_stamp(store, &committed)? => Some(format!(
+                "{}: the manifests are behind the store: scenes were written again since they \
+                 were merged. An ingest is running, or stopped before its merge; once none runs, \
+                 `icefm manifest merge --store {}` brings them up to date",
+                store.display(),
+                store.display()
+            )),
+            _ => None,
+        });
     }
     let list = |v: &[&String]| {
         let mut s = v

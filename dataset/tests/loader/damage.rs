@@ -221,6 +221,26 @@ fn manifests_of_two_merges_are_refused_until_merged_again() {
     .unwrap();
     let e = check_manifests(&store).unwrap_err().to_string();
     assert!(e.contains("polygons.parquet"), "{e}");
+    // A stamped file beside an unstamped one (a stopped merge in a store merged before stamps)
+    // is refused too.
+    icefm_ingest::manifest::merge_manifests(&store).unwrap();
+    let patches = manifests(&store).join("patches.parquet");
+    let batches = icefm_ingest::manifest::read_parquet(&patches).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&patches).unwrap(),
+        batches[0].schema(),
+        None,
+    )
+    .unwrap();
+    for b in &batches {
+        w.write(b).unwrap();
+    }
+    w.close().unwrap();
+    let e = check_manifests(&store).unwrap_err().to_string();
+    assert!(
+        e.contains("patches.parquet") && e.contains("different merges"),
+        "{e}"
+    );
     // What the message says to run mends it.
     icefm_ingest::manifest::merge_manifests(&store).unwrap();
     check_manifests(&store).unwrap();
@@ -264,6 +284,21 @@ fn manifests_behind_the_committed_scenes_are_reported() {
 
     // A listed scene un-committed (being written again).
     icefm_ingest::manifest::merge_manifests(&store).unwrap();
+    assert_eq!(unmerged(&store).unwrap(), None);
+    // The same scenes, one of them committed again with other content since the merge (here
+    // another scene's patches part stands in for a changed file's).
+    let parts = store.join(icefm_schemas::store::PARTS_DIR);
+    let own = parts.join(format!("{first}.patches.parquet"));
+    let kept = std::fs::read(&own).unwrap();
+    std::fs::copy(parts.join(format!("{second}.patches.parquet")), &own).unwrap();
+    let line = unmerged(&store)
+        .unwrap()
+        .expect("a scene committed again is not merged");
+    assert!(
+        line.contains("scenes were written again since they were merged"),
+        "{line}"
+    );
+    std::fs::write(&own, kept).unwrap();
     assert_eq!(unmerged(&store).unwrap(), None);
     icefm_ingest::manifest::remove_scene_parts(&store, &first).unwrap();
     let line = unmerged(&store)
