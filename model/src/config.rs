@@ -238,6 +238,14 @@ pub struct TrainConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Whether a TOML table holds a key with a value anywhere (section headers alone do not count).
+fn has_key(t: &toml::Table) -> bool {
+    t.values().any(|v| match v {
+        toml::Value::Table(inner) => has_key(inner),
+        _ => true,
+    })
+}
+
 impl TrainConfig {
     /// Parse TOML text, then apply `section.key=value` overrides (values in TOML syntax; bare
     /// words are strings). A value of the wrong type or an unknown key is blamed on the
@@ -249,10 +257,10 @@ impl TrainConfig {
             .map_err(|e: toml::de::Error| located(text, &e))?;
         // Every key has a default, so an empty file (one cut short, say) would run as the
         // defaults without a word.
-        if base.is_empty() && overrides.is_empty() {
+        if !has_key(&base) && overrides.is_empty() {
             return Err(ConfigError(
-                "the configuration is empty (no section, no key): a file cut short? start from \
-                 one of configs/*.toml"
+                "the configuration is empty (no key): a file cut short? start from one of \
+                 configs/*.toml"
                     .into(),
             ));
         }

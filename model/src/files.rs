@@ -52,25 +52,51 @@ pub(crate) fn load_checked(
     path: &Path,
     dev: &Device,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
-    if let Some(want) = recorded_hash(path) {
-        let found = file_blake3(path)?;
-        if found != want {
-            return Err(candle_core::Error::msg(format!(
-                "the file is not the one this checkpoint wrote (BLAKE3 {found}, its state.json \
-                 records {want}): it was changed or damaged"
-            )));
-        }
-    }
+    check_recorded_hash(path)?;
     candle_core::safetensors::load(path, dev)
 }
 
-/// The BLAKE3 that the `state.json` beside `path` records for it, if any.
-fn recorded_hash(path: &Path) -> Option<String> {
-    let state = path.parent()?.join("state.json");
-    let text = std::fs::read_to_string(state).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let name = path.file_name()?.to_str()?;
-    json.get(HASHES_KEY)?.get(name)?.as_str().map(String::from)
+/// Err when the `state.json` beside the weights file `path` records a BLAKE3 for it that the
+/// file no longer has, or cannot be read although it is there (a damaged `state.json` must not
+/// switch the check off). Files without a `state.json`, or whose `state.json` predates the
+/// hashes (no `blake3` key), pass unchecked.
+pub(crate) fn check_recorded_hash(path: &Path) -> candle_core::Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    let state = dir.join("state.json");
+    let text = match std::fs::read_to_string(&state) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let unreadable = |why: &str| {
+        candle_core::Error::msg(format!(
+            "{} {why}, so the weights cannot be checked against it",
+            state.display()
+        ))
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| unreadable(&format!("is not JSON ({e})")))?;
+    let Some(hashes) = json.get(HASHES_KEY) else {
+        return Ok(());
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let want = hashes
+        .get(name)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| unreadable(&format!("records no {HASHES_KEY} hash of {name}")))?;
+    let found = file_blake3(path)?;
+    if found != want {
+        return Err(candle_core::Error::msg(format!(
+            "the file is not the one this checkpoint wrote (BLAKE3 {found}, its state.json \
+             records {want}): it was changed or damaged"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -103,6 +129,50 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn weights_are_checked_against_the_hash_their_state_json_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let mut hashes = std::collections::BTreeMap::new();
+        save_hashed(
+            &HashMap::from([("w", t)]),
+            dir.path(),
+            "model.safetensors",
+            &mut hashes,
+        )
+        .unwrap();
+        let path = dir.path().join("model.safetensors");
+        let state = dir.path().join("state.json");
+        let check = |text: &str| {
+            std::fs::write(&state, text).unwrap();
+            check_recorded_hash(&path).map_err(|e| e.to_string())
+        };
+        let good = serde_json::json!({ "step": 1, HASHES_KEY: hashes }).to_string();
+        assert_eq!(check(&good), Ok(()));
+        // Written before the hashes, or no state.json at all: unchecked.
+        assert_eq!(check(r#"{"step": 1}"#), Ok(()));
+        std::fs::remove_file(&state).unwrap();
+        assert!(check_recorded_hash(&path).is_ok());
+        // A state.json that cannot say does not switch the check off.
+        let e = check("not json").unwrap_err();
+        assert!(
+            e.contains("is not JSON") && e.contains("cannot be checked"),
+            "{e}"
+        );
+        let e = check(r#"{"blake3": {}}"#).unwrap_err();
+        assert!(
+            e.contains("records no blake3 hash of model.safetensors"),
+            "{e}"
+        );
+        // One changed byte of a tensor.
+        let mut bytes = std::fs::read(&path).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let e = check(&good).unwrap_err();
+        assert!(e.contains("not the one this checkpoint wrote"), "{e}");
+        assert!(load_checked(&path, &Device::Cpu).is_err());
+    }
 
     #[test]
     fn saved_weights_get_a_new_files_permissions_not_a_temporary_files() {

@@ -176,6 +176,8 @@ fn train_writes_a_run_and_resumes() {
     let mut changed = original.clone();
     *changed.last_mut().unwrap() ^= 0x01;
     std::fs::write(&weights, &changed).unwrap();
+    let seg = dir.path().join("seg");
+    let seg_config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml");
     for out in [
         train("train.steps=6", true),
         icefm()
@@ -183,6 +185,20 @@ fn train_writes_a_run_and_resumes() {
             .arg(&run)
             .arg("--out")
             .arg(dir.path().join("x.safetensors"))
+            .output()
+            .unwrap(),
+        // Fine-tuning from them is refused before its run folder is made.
+        icefm()
+            .args(["train", "--store"])
+            .arg(&store)
+            .arg("--config")
+            .arg(&seg_config)
+            .args(["--set", "model.preset=micro", "--set", "data.levels=80"])
+            .args(["--set", "data.crop=32", "--set", "data.batch_size=2"])
+            .args(["--set", "seg.channels=8", "--init"])
+            .arg(&weights)
+            .arg("--out")
+            .arg(&seg)
             .output()
             .unwrap(),
     ] {
@@ -194,6 +210,7 @@ fn train_writes_a_run_and_resumes() {
             "{err}"
         );
     }
+    assert!(!seg.exists(), "a refused fine-tuning left its run folder");
     std::fs::write(&weights, &original).unwrap();
     // A damaged checkpoint file is named, with the way out.
     let moments = run.join("checkpoints/step_0000005/optimizer.safetensors");

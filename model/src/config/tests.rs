@@ -100,6 +100,7 @@ fn parse_override_and_reject() {
         ("", "train.steps", "expected section.key=value"),
         ("", "", "the configuration is empty"),
         ("# comments only\n\n", "", "the configuration is empty"),
+        ("[model]\n[seg]\n", "", "the configuration is empty"),
         ("", "steps=3", "expected section.key=value"),
         ("[model]\npreset = \"giant\"\n", "", "model.preset `giant`"),
         ("[data]\ncrop = 100\n", "", "multiple of the patch 16"),

@@ -197,7 +197,9 @@ pub fn train_seg_in(
         Some((reader, scenes, infer_options(cfg, level), score_level))
     };
     if !seg.init.is_empty() && !opts.resume {
-        resolve_weights(Path::new(&seg.init))?;
+        // Checked against its checkpoint's hash before a run folder is made for it.
+        let file = resolve_weights(Path::new(&seg.init))?;
+        crate::files::check_recorded_hash(&file).map_err(|e| io_err(&file, e))?;
     }
     let mut run = open_run(cfg, opts, group)?;
     let existing = run.existing.clone();
