@@ -235,7 +235,8 @@ fn ingest_codec(store: &Path, asked: Option<&str>) -> Result<Codec> {
         .codec;
     match asked {
         Some(c) if c != have => bail!(
-            "{}: the store's arrays use {}, and a store has one codec; leave out --codec to add              to it, or ingest into another store",
+            "{}: the store's arrays use {}, and a store has one codec; leave out --codec to add \
+             to it, or ingest into another store",
             store.display(),
             codec_text(have)
         ),
@@ -606,15 +607,16 @@ fn verify_store(store: &Path) -> Result<ExitCode> {
             .map(|s| {
                 sources
                     .get(*s)
-                    .cloned()
+                    .map(|f| crate::train::shell_word(f))
                     .unwrap_or_else(|| format!("<the file of {s}>"))
             })
             .collect();
         println!(
-            "{} damaged scene(s); write them again from their files: icefm ingest --redo {} --store {}",
+            "{} damaged scene(s); write them again from their files (the names the store \
+             recorded; give each with its folder): icefm ingest --redo {} --store {}",
             scenes.len(),
             files.join(" "),
-            store.display()
+            crate::train::shell_word(&store.display().to_string())
         );
     }
     Ok(ExitCode::from(1))

@@ -192,7 +192,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
 
 /// `w` as one word of a POSIX shell command: as it is when it holds only characters no shell
 /// treats specially, else in single quotes.
-fn shell_word(w: &str) -> String {
+pub(crate) fn shell_word(w: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c);
     if !w.is_empty() && w.chars().all(plain) {
         w.to_string()

@@ -115,7 +115,7 @@ fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
     // The command it prints names the scene's file; run as printed, it mends the store.
     let line = text
         .lines()
-        .find(|l| l.starts_with("1 damaged scene(s); write them again from their files: "))
+        .find(|l| l.starts_with("1 damaged scene(s); write them again from their files "))
         .unwrap_or_else(|| panic!("{text}"));
     let command = line.split_once(": icefm ").unwrap().1;
     let words: Vec<&str> = command.split_whitespace().collect();
