@@ -23,7 +23,7 @@ use zarrs::storage::{ReadableStorage, ReadableStorageTraits};
 use crate::error::DatasetError;
 
 /// How to mend a scene whose stored chunks are damaged.
-const REDO: &str = "write the scene again with `icefm ingest --redo FILE --store STORE`";
+pub(crate) const REDO: &str = "write the scene again with `icefm ingest --redo FILE --store STORE`";
 
 /// The three arrays of a level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

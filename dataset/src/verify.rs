@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use icefm_schemas::Level;
 use rayon::prelude::*;
 
+use icefm_schemas::manifest::{PATCHES_FILE, POLYGONS_FILE, SCENES_FILE};
+use icefm_schemas::store::MANIFESTS_DIR;
+
 use crate::error::DatasetError;
 use crate::store::{ArrayKind, StoreReader};
 
@@ -69,6 +72,62 @@ pub fn chunk_count(store: &Path) -> Result<u64, DatasetError> {
     Ok(jobs.iter().map(|j| j.rows * j.cols).sum())
 }
 
+/// What is wrong with the rest of a scene: its group and level-group metadata, and its 2 km
+/// grid (one chunk, checksummed; it must be there where the array records writing it).
+fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
+    use icefm_schemas::store::{ALL_SHARDS_ATTR, GRID2KM_ARRAY, SCENES_GROUP};
+    use zarrs::array::{Array, ArrayBytes, CodecOptions};
+    let mut wrong = Vec::new();
+    let group = format!("{SCENES_GROUP}/{scene}");
+    let mut groups = vec![group.clone()];
+    groups.extend(reader.attrs.levels.iter().map(|l| format!("{group}/{l}")));
+    for g in groups {
+        let path = reader.path.join(&g).join("zarr.json");
+        let ok = crate::location::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+            });
+        if let Err(e) = ok {
+            wrong.push(format!("{}: {e}", path.display()));
+        }
+    }
+    let node = format!("/{group}/{GRID2KM_ARRAY}");
+    let path = reader.path.join(node.trim_start_matches('/'));
+    let storage = match crate::location::zarr_storage(&reader.path) {
+        Ok(s) => s,
+        Err(e) => return vec![e.to_string()],
+    };
+    let array = match Array::open(storage, &node) {
+        Ok(a) => a,
+        // Stores of every version have the array; a missing one is damage.
+        Err(e) => {
+            wrong.push(format!("{}: {e}", path.display()));
+            return wrong;
+        }
+    };
+    if array.shape().contains(&0) {
+        return wrong;
+    }
+    let written = array.attributes().get(ALL_SHARDS_ATTR) == Some(&serde_json::Value::Bool(true));
+    match array.retrieve_encoded_chunk(&[0, 0, 0]) {
+        Ok(None) if written => wrong.push(format!(
+            "{}: its chunk c/0/0/0 is missing, and this array was written with it",
+            path.display()
+        )),
+        Ok(_) => {
+            if let Err(e) = array.retrieve_chunk_opt::<ArrayBytes<'static>>(
+                &[0, 0, 0],
+                &CodecOptions::default().with_concurrent_target(1),
+            ) {
+                wrong.push(format!("{}: {e}", path.display()));
+            }
+        }
+        Err(e) => wrong.push(format!("{}: {e}", path.display())),
+    }
+    wrong
+}
+
 /// Decode every chunk of every complete scene of `store` on the current rayon pool, calling
 /// `progress(n)` as chunks are done. Damage is reported in [`Verified::damaged`], not as an
 /// error; an error is a store that cannot be read at all.
@@ -83,8 +142,27 @@ pub fn verify(store: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Verified,
     if let Err(e) = crate::merged::check_manifests(store) {
         out.damaged.push((String::new(), e.to_string()));
     }
+    for file in [SCENES_FILE, PATCHES_FILE, POLYGONS_FILE] {
+        let path = store.join(MANIFESTS_DIR).join(file);
+        if !crate::table::exists(&path)? {
+            out.damaged.push((
+                String::new(),
+                format!(
+                    "{} is missing; `icefm manifest merge --store {}` writes it again",
+                    path.display(),
+                    store.display()
+                ),
+            ));
+        }
+    }
     let (jobs, missing) = plan(&reader, &scenes);
     out.damaged.extend(missing);
+    for scene in &scenes {
+        for what in check_scene_rest(&reader, scene) {
+            out.damaged
+                .push((scene.clone(), format!("{what}; {}", crate::store::REDO)));
+        }
+    }
     let decoded = AtomicU64::new(0);
     let chunks = AtomicU64::new(0);
     let found: Vec<Option<(String, String)>> = jobs

@@ -276,8 +276,11 @@ impl Store {
         let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
         let chunk: Vec<u64> = shape.iter().map(|&s| s.max(1)).collect();
         let codec = codec_of(self.attrs.codec, 4).map_err(|e| StoreError::zarr(&self.path, e))?;
+        // Like the level arrays: the chunk checksummed, and written whenever there is data.
+        let mut attrs = attrs;
+        attrs.insert(ALL_SHARDS_ATTR.into(), json!(!data.is_empty()));
         let array = ArrayBuilder::new(shape, chunk, data_type::float32(), f32::NAN)
-            .bytes_to_bytes_codecs(vec![codec])
+            .bytes_to_bytes_codecs(vec![codec, Arc::new(Crc32cCodec::new())])
             .dimension_names(Some(["variable", "y", "x"]))
             .attributes(attrs)
             .build(self.fs.clone(), node)

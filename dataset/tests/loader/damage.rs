@@ -355,4 +355,32 @@ fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
             && !e.contains("chunks of this array")),
         "{text:?}"
     );
+
+    // The rest of a scene: its 2 km grid (one checksummed chunk), its group metadata, and the
+    // manifests.
+    let scene_dir = sar.parent().unwrap().parent().unwrap().to_path_buf();
+    let grid = scene_dir.join("grid2km/c/0/0/0");
+    let mut bytes = std::fs::read(&grid).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&grid, &bytes).unwrap();
+    std::fs::write(scene_dir.join("160m/zarr.json"), "{ cut").unwrap();
+    std::fs::remove_file(store.join("manifests/polygons.parquet")).unwrap();
+    let v = verify(&store, &|_| {}).unwrap();
+    let text: Vec<String> = v.damaged.iter().map(|(s, e)| format!("{s}: {e}")).collect();
+    assert_eq!(v.damaged.len(), 5, "{text:?}");
+    assert!(
+        text.iter()
+            .any(|e| e.contains("grid2km") && e.contains("checksum") && e.contains("--redo")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|e| e.contains("160m/zarr.json")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.contains("polygons.parquet is missing") && e.contains("manifest merge")),
+        "{text:?}"
+    );
 }
