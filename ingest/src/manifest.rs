@@ -506,10 +506,36 @@ fn read_committed(path: &Path) -> Result<Vec<CommittedScene>, StoreError> {
     Ok(out)
 }
 
-/// Rebuild `manifests/{scenes,polygons,patches}.parquet` from the committed parts.
+/// Temporary files older than this in `manifests/` and `manifests/parts/` are left by killed
+/// writers: a manifest is written in seconds. (Their process ids cannot tell: the store may be
+/// shared by the nodes of a sharded ingest.)
+pub const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Remove the temporary files (`….tmp`) of `dir` older than [`STALE_TEMPORARY`].
+fn sweep_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMPORARY);
+        if old && e.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Rebuild `manifests/{scenes,polygons,patches}.parquet` from the committed parts, removing
+/// temporary files that killed writers left there.
 pub fn merge_manifests(store: &Path) -> Result<usize, StoreError> {
-    let scenes = committed_scenes(store)?;
     let dir = store.join(MANIFESTS_DIR);
+    sweep_stale_temporaries(&dir);
+    sweep_stale_temporaries(&store.join(PARTS_DIR));
+    let scenes = committed_scenes(store)?;
     let mut by_kind: [Vec<RecordBatch>; 3] = Default::default();
     // The stamp of this merge, in all three files: what they were built from.
     let mut stamp = blake3::Hasher::new();
@@ -624,5 +650,35 @@ mod tests {
         assert_eq!(merge_manifests(dir.path()).unwrap(), 1);
         let p = read_parquet(&dir.path().join("manifests/patches.parquet")).unwrap();
         assert_eq!(p.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn merge_removes_temporary_files_of_killed_writers_only_once_they_are_old() {
+        let dir = tempfile::tempdir().unwrap();
+        commit_scene(dir.path(), &scene("a"), &[], &[]).unwrap();
+        let manifests = dir.path().join("manifests");
+        let old = [
+            manifests.join("polygons.parquet.4242-1.tmp"),
+            manifests.join("parts/b.scene.parquet.4242-7.tmp"),
+        ];
+        let fresh = manifests.join("patches.parquet.4243-0.tmp");
+        let two_hours_ago = std::time::SystemTime::now() - 2 * STALE_TEMPORARY;
+        for p in &old {
+            std::fs::write(p, b"cut short").unwrap();
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        // Another node's merge may be writing this one right now.
+        std::fs::write(&fresh, b"being written").unwrap();
+        assert_eq!(merge_manifests(dir.path()).unwrap(), 1);
+        for p in &old {
+            assert!(!p.exists(), "{} was kept", p.display());
+        }
+        assert!(fresh.exists());
+        assert!(manifests.join("scenes.parquet").exists());
     }
 }
