@@ -166,6 +166,13 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         .out
         .clone()
         .unwrap_or_else(|| default_out(&a.run, a.regime.as_deref()));
+    // Said before the scenes are scored, not after.
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: exists and is not a folder; give a folder for the evaluation's files",
+            out.display()
+        );
+    }
     // The output folder is made once there is something to write in it: a run, store, regime
     // or level that does not exist leaves nothing behind.
     let started = Instant::now();

@@ -160,6 +160,21 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     assert_eq!(out_bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out_bad.stderr).contains("not a fine-tuning run"));
     assert!(!bad.exists());
+    // An --out that is a file is refused before any scene is scored.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out_bad = icefm()
+        .args(["eval", "--regime", "test", "--no-panels", "--run"])
+        .arg(&ft)
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out_bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out_bad.stderr);
+    assert!(err.contains("exists and is not a folder"), "{err}");
+    let text = String::from_utf8_lossy(&out_bad.stdout);
+    assert!(!text.contains("scored"), "{text}");
     // `icefm inspect RUN`: where the run stands, its best validation and its evaluation, as
     // the files hold them.
     let out_inspect = ok(icefm().arg("inspect").arg(&ft).output().unwrap());
