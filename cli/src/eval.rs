@@ -548,7 +548,7 @@ impl Stage {
             for e in entries.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = n.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok())
-                    && !Path::new(&format!("/proc/{pid}")).exists()
+                    && !icefm_ingest::claim::process_alive(pid)
                 {
                     let _ = std::fs::remove_dir_all(e.path());
                 }

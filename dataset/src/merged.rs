@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use bytes::Bytes;
-use icefm_schemas::manifest::{MERGE_STAMP_KEY, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE};
+use icefm_schemas::manifest::{
+    MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE,
+};
 use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
@@ -92,23 +94,20 @@ pub fn check_manifests(store: &Path) -> Result<(), DatasetError> {
     check_one_merge(store, &[])
 }
 
-/// The stamp that merging the parts committed in the local store `store` now would write:
-/// BLAKE3 over each committed scene's polygons, patches and scene parts, in scene-id order, each
-/// after its length, as `icefm_ingest::manifest::merge_manifests` computes it (a test holds the
-/// two to the same value).
+/// The stamp that merging the parts committed in the local store `store` now would write
+/// ([`MergeStamp`], as ingest's merge computes it).
 fn parts_stamp(store: &Path, committed: &BTreeSet<String>) -> Result<String, DatasetError> {
     let parts = store.join(PARTS_DIR);
-    let mut h = blake3::Hasher::new();
+    let mut stamp = MergeStamp::default();
     for id in committed {
-        for kind in ["polygons", "patches", "scene"] {
+        for kind in PART_KINDS {
             let path = parts.join(format!("{id}.{kind}.parquet"));
             let bytes =
                 std::fs::read(&path).map_err(|e| DatasetError::manifest(&path, e.to_string()))?;
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(&bytes);
+            stamp.add_part(&bytes);
         }
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(stamp.finish())
 }
 
 /// A line for the user when the scenes committed in `store` are not the scenes its merged

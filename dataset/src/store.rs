@@ -159,6 +159,11 @@ impl StoreReader {
         })
     }
 
+    /// The store's Zarr storage, opened once.
+    pub(crate) fn storage(&self) -> ReadableStorage {
+        self.storage.clone()
+    }
+
     /// Mean and standard deviation (raw units) of a `sar` or `aux` channel, from the store's
     /// recorded normalisation.
     pub fn mean_std(&self, channel: &str) -> Result<(f32, f32), DatasetError> {

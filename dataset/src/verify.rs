@@ -94,11 +94,7 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
     }
     let node = format!("/{group}/{GRID2KM_ARRAY}");
     let path = reader.path.join(node.trim_start_matches('/'));
-    let storage = match crate::location::zarr_storage(&reader.path) {
-        Ok(s) => s,
-        Err(e) => return vec![e.to_string()],
-    };
-    let array = match Array::open(storage, &node) {
+    let array = match Array::open(reader.storage(), &node) {
         Ok(a) => a,
         // Stores of every version have the array; a missing one is damage.
         Err(e) => {

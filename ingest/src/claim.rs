@@ -32,6 +32,11 @@ pub fn claim_path(store: &Path, scene_id: &str) -> PathBuf {
     store.join(CLAIMS_DIR).join(format!("{scene_id}.claim"))
 }
 
+/// Whether process `pid` of this host is running (this one included; Linux's `/proc`).
+pub fn process_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
 /// This machine's name (Linux), else `unknown`.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -73,9 +78,7 @@ impl Holder {
 
     /// Whether the holder is a live process of this host (this one included).
     fn alive_here(&self) -> bool {
-        self.host == host_name()
-            && (self.pid == std::process::id()
-                || Path::new("/proc").join(self.pid.to_string()).exists())
+        self.host == host_name() && process_alive(self.pid)
     }
 }
 

@@ -18,8 +18,8 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::Schema;
 use icefm_schemas::Task;
 use icefm_schemas::manifest::{
-    MERGE_STAMP_KEY, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE, patches_schema, polygons_schema,
-    scenes_schema,
+    MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE,
+    patches_schema, polygons_schema, scenes_schema,
 };
 use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
 use parquet::arrow::ArrowWriter;
@@ -396,11 +396,7 @@ fn parquet_batches<R: parquet::file::reader::ChunkReader + 'static>(
 /// Paths of a scene's parts: (polygons, patches, scene).
 pub fn part_paths(store: &Path, scene_id: &str) -> [PathBuf; 3] {
     let d = store.join(PARTS_DIR);
-    [
-        d.join(format!("{scene_id}.polygons.parquet")),
-        d.join(format!("{scene_id}.patches.parquet")),
-        d.join(format!("{scene_id}.scene.parquet")),
-    ]
+    PART_KINDS.map(|kind| d.join(format!("{scene_id}.{kind}.parquet")))
 }
 
 /// Commit a scene: polygons and patches first, the scene row last.
@@ -538,18 +534,17 @@ pub fn merge_manifests(store: &Path) -> Result<usize, StoreError> {
     let scenes = committed_scenes(store)?;
     let mut by_kind: [Vec<RecordBatch>; 3] = Default::default();
     // The stamp of this merge, in all three files: what they were built from.
-    let mut stamp = blake3::Hasher::new();
+    let mut stamp = MergeStamp::default();
     for s in &scenes {
         let parts = part_paths(store, &s.scene_id);
         // parts = [polygons, patches, scene]; output order = [scenes, polygons, patches].
         for (slot, part) in [(1, &parts[0]), (2, &parts[1]), (0, &parts[2])] {
             let bytes = std::fs::read(part).map_err(|e| StoreError::io(part, e))?;
-            stamp.update(&(bytes.len() as u64).to_le_bytes());
-            stamp.update(&bytes);
+            stamp.add_part(&bytes);
             by_kind[slot].extend(parquet_batches(part, bytes::Bytes::from(bytes))?);
         }
     }
-    let stamp = stamp.finalize().to_hex();
+    let stamp = stamp.finish();
     let stamp = Some(stamp.as_str());
     let [s, p, q] = by_kind;
     // Renamed one after another: a merge stopped between them leaves files of two merges,

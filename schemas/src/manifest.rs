@@ -18,6 +18,29 @@ pub const PATCHES_FILE: &str = "patches.parquet";
 /// from different merges (one stopped between its renames).
 pub const MERGE_STAMP_KEY: &str = "icefm.merge";
 
+/// A scene's committed parts (`manifests/parts/<id>.<kind>.parquet`), in the order a merge reads
+/// them; the `scene` part is the commit and is written last.
+pub const PART_KINDS: [&str; 3] = ["polygons", "patches", "scene"];
+
+/// The [`MERGE_STAMP_KEY`] value of a merge: BLAKE3 over every committed scene's parts, scenes
+/// in id order and parts in [`PART_KINDS`] order, each after its length. Ingest's merge writes it
+/// and readers recompute it, so both use this.
+#[derive(Default)]
+pub struct MergeStamp(blake3::Hasher);
+
+impl MergeStamp {
+    /// Add the bytes of the next part.
+    pub fn add_part(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// The stamp (hex).
+    pub fn finish(&self) -> String {
+        self.0.finalize().to_hex().to_string()
+    }
+}
+
 /// Histogram column name of a task (`sic_hist`, …): one count per class, the last for 255.
 pub fn hist_column(task: Task, prefix: &str) -> String {
     format!("{}_{prefix}", task.name().to_lowercase())
