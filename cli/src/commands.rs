@@ -165,8 +165,9 @@ pub(crate) struct InspectArgs {
     /// Summarise this regime of the store instead (scenes, patches, class pixels, missing classes).
     #[arg(long, conflicts_with_all = ["png", "scene", "level"])]
     pub regime: Option<String>,
-    /// Read every chunk of every complete scene back (checksums, missing shard files) and check
-    /// the manifests; list what is damaged and how to mend it, exit status 1 if anything is.
+    /// Read every chunk of every complete scene back (checksums, missing or cut shard files) and
+    /// check the manifests and the scenes' committed parts; list what is damaged and how to
+    /// mend it, exit status 1 if anything is.
     #[arg(long, conflicts_with_all = ["png", "scene", "level", "regime"])]
     pub verify: bool,
 }

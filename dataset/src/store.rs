@@ -25,6 +25,19 @@ use crate::error::DatasetError;
 /// How to mend a scene whose stored chunks are damaged.
 pub(crate) const REDO: &str = "write the scene again with `icefm ingest --redo FILE --store STORE`";
 
+/// Whether `e` is a read that ended early: a file shorter than the shard index says.
+fn truncated(e: &ArrayError) -> bool {
+    use zarrs::storage::StorageError;
+    let eof = |s: &StorageError| matches!(s, StorageError::IOError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof);
+    match e {
+        ArrayError::StorageError(s) | ArrayError::CodecError(CodecError::StorageError(s)) => eof(s),
+        ArrayError::CodecError(CodecError::IOError(io)) => {
+            io.kind() == std::io::ErrorKind::UnexpectedEof
+        }
+        _ => false,
+    }
+}
+
 /// The three arrays of a level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ArrayKind {
@@ -55,6 +68,21 @@ struct Opened {
     /// The array records that every shard file was written ([`ALL_SHARDS_ATTR`]): a missing one
     /// is damage.
     all_shards: bool,
+}
+
+impl Opened {
+    /// The store key of the file holding chunk `(row, col)`: its shard file in a sharded array
+    /// (inner chunks of `inner.shape` in shards of the array's chunk shape).
+    fn file_of(&self, row: u64, col: u64) -> String {
+        let edge = |shape: &[NonZeroU64], axis: usize| shape.get(axis).map_or(1, |d| d.get());
+        let mut at = vec![0, row, col];
+        if let (Some(inner), Ok(outer)) = (&self.inner, self.array.chunk_shape(&[0, 0, 0])) {
+            for (axis, i) in at.iter_mut().enumerate().skip(1) {
+                *i = *i * edge(&inner.shape, axis) / edge(&outer, axis);
+            }
+        }
+        self.array.chunk_key(&at).to_string()
+    }
 }
 
 /// How to decode one inner chunk of a sharded array from its stored bytes.
@@ -214,16 +242,16 @@ impl StoreReader {
         self.opened.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// An error reading chunk `(row, col)`, naming the file that holds it (its shard file in
+    /// a sharded array).
     fn chunk_error(
         &self,
-        scene: &str,
-        level: Level,
-        kind: ArrayKind,
+        o: &Opened,
         [row, col]: [u64; 2],
         e: &dyn std::fmt::Display,
     ) -> DatasetError {
         self.read_error(
-            &Self::node(scene, level, kind),
+            o.file_of(row, col).as_str(),
             format!("chunk ({row}, {col}): {e}"),
         )
     }
@@ -276,7 +304,7 @@ impl StoreReader {
         let Some(inner) = &o.inner else {
             return self.decode_with_zarrs(scene, level, kind, row, col);
         };
-        let err = |e: &dyn std::fmt::Display| self.chunk_error(scene, level, kind, [row, col], e);
+        let err = |e: &dyn std::fmt::Display| self.chunk_error(&o, [row, col], e);
         let shape = o.array.shape();
         let grid = |axis: usize| {
             let edge = inner.shape.get(axis).map_or(1, |d| d.get());
@@ -294,13 +322,21 @@ impl StoreReader {
         let at = [0, row, col];
         // zarrs 0.23 does not check a shard index's "no chunk" entry (offset and size u64::MAX)
         // before reading an encoded subchunk, so look first.
-        // A shard index (it has its own CRC-32C) that no longer matches is damage too.
-        let index_err = |e: ArrayError| match e {
-            ArrayError::CodecError(CodecError::InvalidChecksum) => err(&format!(
-                "the checksum of its shard's index (c/0/{row}/0) is invalid: the store is \
-                 damaged; {REDO}"
-            )),
-            e => err(&e),
+        // A shard index (it has its own CRC-32C) that no longer matches is damage too, and so is
+        // a shard file shorter than its index says.
+        let index_err = |e: ArrayError| {
+            if matches!(e, ArrayError::CodecError(CodecError::InvalidChecksum)) {
+                err(&format!(
+                    "the checksum of its shard's index is invalid: the store is damaged; {REDO}"
+                ))
+            } else if truncated(&e) {
+                err(&format!(
+                    "the shard file is shorter than its index says ({e}): the store is \
+                     damaged; {REDO}"
+                ))
+            } else {
+                err(&e)
+            }
         };
         let stored = match o
             .array
@@ -311,8 +347,8 @@ impl StoreReader {
             // the store lost it: reading it as fill would score and train on an empty patch.
             None if o.all_shards => {
                 return Err(err(&format!(
-                    "its shard file c/0/{row}/0 is missing, and this array was written with \
-                     every shard: the store is damaged; {REDO}"
+                    "the shard file is missing, and this array was written with every shard: \
+                     the store is damaged; {REDO}"
                 )));
             }
             Some(ByteRange::FromStart(offset, _)) if offset == u64::MAX => None,
@@ -375,7 +411,7 @@ impl StoreReader {
     ) -> Result<Chunk, DatasetError> {
         let o = self.array(scene, level, kind)?;
         let at = [0, row, col];
-        let err = |e: &dyn std::fmt::Display| self.chunk_error(scene, level, kind, [row, col], e);
+        let err = |e: &dyn std::fmt::Display| self.chunk_error(&o, [row, col], e);
         let bytes = o
             .array
             .retrieve_subchunk_opt::<ArrayBytes<'static>>(&o.shards, &at, &self.options)

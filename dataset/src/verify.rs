@@ -1,6 +1,7 @@
 //! Reading a whole store back to find damage: every chunk of every level array of every
 //! complete scene is decoded (its CRC-32C checked, its shard file required where the array
-//! records writing them all), and the merged manifests are checked to come from one merge.
+//! records writing them all), the merged manifests are checked to come from one merge, and the
+//! committed parts they are merged from to be whole.
 //! What `icefm inspect STORE --verify` runs, e.g. after copying a store to a cluster.
 
 use std::path::Path;
@@ -9,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use icefm_schemas::Level;
 use rayon::prelude::*;
 
-use icefm_schemas::manifest::{PATCHES_FILE, POLYGONS_FILE, SCENES_FILE};
-use icefm_schemas::store::MANIFESTS_DIR;
+use icefm_schemas::manifest::{PART_KINDS, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE};
+use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
 
 use crate::error::DatasetError;
 use crate::store::{ArrayKind, StoreReader};
@@ -106,9 +107,10 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
         return wrong;
     }
     let written = array.attributes().get(ALL_SHARDS_ATTR) == Some(&serde_json::Value::Bool(true));
+    let path = reader.path.join(array.chunk_key(&[0, 0, 0]).as_str());
     match array.retrieve_encoded_chunk(&[0, 0, 0]) {
         Ok(None) if written => wrong.push(format!(
-            "{}: its chunk c/0/0/0 is missing, and this array was written with it",
+            "{}: the chunk file is missing, and this array was written with it",
             path.display()
         )),
         Ok(_) => {
@@ -124,6 +126,41 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
     wrong
 }
 
+/// What is wrong with the committed parts in `manifests/parts/` (what the next merge reads):
+/// each committed scene (one with a `.scene.parquet` part) needs all its parts, each a whole
+/// Parquet file. One entry per damaged scene.
+fn check_parts(store: &Path) -> Result<Vec<(String, String)>, DatasetError> {
+    let parts = store.join(PARTS_DIR);
+    let names =
+        crate::location::list(&parts).map_err(|e| DatasetError::manifest(&parts, e.to_string()))?;
+    let mut wrong = Vec::new();
+    for id in names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".scene.parquet"))
+    {
+        for kind in PART_KINDS {
+            let name = format!("{id}.{kind}.parquet");
+            let path = parts.join(&name);
+            let what = if !names.contains(&name) {
+                format!("{} is missing", path.display())
+            } else if let Err(e) = crate::table::read_manifest(&path) {
+                e.to_string()
+            } else {
+                continue;
+            };
+            wrong.push((
+                id.to_string(),
+                format!(
+                    "{what}: the next `icefm manifest merge` would fail; {}",
+                    crate::store::REDO
+                ),
+            ));
+            break;
+        }
+    }
+    Ok(wrong)
+}
+
 /// Decode every chunk of every complete scene of `store` on the current rayon pool, calling
 /// `progress(n)` as chunks are done. Damage is reported in [`Verified::damaged`], not as an
 /// error; an error is a store that cannot be read at all.
@@ -132,9 +169,13 @@ pub fn verify(store: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Verified,
     let scenes = crate::loader::complete_scenes(store)?;
     let mut out = Verified {
         scenes: scenes.len(),
-        unmerged: crate::merged::unmerged(store)?,
         ..Verified::default()
     };
+    out.damaged.extend(check_parts(store)?);
+    // Whether the manifests are behind the parts means nothing while a part is damaged (listed).
+    if out.damaged.is_empty() {
+        out.unmerged = crate::merged::unmerged(store)?;
+    }
     if let Err(e) = crate::merged::check_manifests(store) {
         out.damaged.push((String::new(), e.to_string()));
     }

@@ -441,13 +441,26 @@ pub struct CommittedScene {
     pub source_checksum: String,
 }
 
-/// Every committed scene of the store, sorted by id.
+/// Every committed scene of the store, sorted by id. Err if a scene's part cannot be read.
 pub fn committed_scenes(store: &Path) -> Result<Vec<CommittedScene>, StoreError> {
+    let (scenes, mut damaged) = readable_committed_scenes(store)?;
+    match damaged.pop() {
+        Some(e) => Err(e),
+        None => Ok(scenes),
+    }
+}
+
+/// The committed scenes of the store whose scene part can be read, sorted by id, and the errors
+/// of those that cannot (a damaged part: Parquet that does not parse).
+pub fn readable_committed_scenes(
+    store: &Path,
+) -> Result<(Vec<CommittedScene>, Vec<StoreError>), StoreError> {
     let dir = store.join(PARTS_DIR);
     let mut out = Vec::new();
+    let mut damaged = Vec::new();
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((out, damaged)),
         Err(e) => return Err(StoreError::io(&dir, e)),
     };
     for entry in entries {
@@ -457,11 +470,15 @@ pub fn committed_scenes(store: &Path) -> Result<Vec<CommittedScene>, StoreError>
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if name.ends_with(".scene.parquet") {
-            out.extend(read_committed(&path)?);
+            match read_committed(&path) {
+                Ok(c) => out.extend(c),
+                Err(e @ StoreError::Parquet { .. }) => damaged.push(e),
+                Err(e) => return Err(e),
+            }
         }
     }
     out.sort_by(|a, b| a.scene_id.cmp(&b.scene_id));
-    Ok(out)
+    Ok((out, damaged))
 }
 
 /// The committed scene `scene_id` as it is on disk now (`None` if it is not committed).

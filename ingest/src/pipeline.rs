@@ -16,7 +16,7 @@ use crate::error::{IngestError, SceneError, StoreError};
 use crate::file_name;
 use crate::manifest::{
     CommittedScene, PolygonRecord, SceneRecord, commit_scene, committed_scene, committed_scenes,
-    merge_manifests, remove_scene_parts,
+    merge_manifests, readable_committed_scenes, remove_scene_parts,
 };
 use crate::netcdf_thread::on_netcdf_thread;
 use crate::reader::{SceneInfo, SceneReader, reference_file};
@@ -147,7 +147,8 @@ pub fn ingest(
         // Until this run ends, this shard has not finished.
         shard::remove_record(store_path, plan.shard)?;
     }
-    let committed = committed_scenes(store_path)?;
+    // A scene whose committed part is damaged is not skipped: given again, it is written again.
+    let (committed, _) = readable_committed_scenes(store_path)?;
     let state = RunState {
         store,
         options: options.clone(),
@@ -351,8 +352,37 @@ impl RunState {
         }
         // Held until the scene is committed or has failed: no other process writes it meanwhile.
         let _claim = Claim::take(&self.store.path, &info.scene_id, path)?;
+        // The same file (by content) committed under another id: a copy under another name, which
+        // would be a second scene of the same data.
+        if let Some(c) = self
+            .committed
+            .values()
+            .find(|c| c.source_checksum == checksum && c.scene_id != info.scene_id)
+        {
+            return Err(SceneError::file(
+                path,
+                format!(
+                    "this file is already in the store as scene {} (from {}); one store holds \
+                     each file once. To write that scene again, give the file under its \
+                     recorded name with --redo",
+                    c.scene_id, c.source_name
+                ),
+            )
+            .into());
+        }
         // What is committed now, not when this run started: another process may have written it.
-        if let Some(c) = committed_scene(&self.store.path, &info.scene_id)? {
+        // A committed scene part that no longer parses is damage: the scene is written again.
+        let mut warnings = Vec::new();
+        let committed = match committed_scene(&self.store.path, &info.scene_id) {
+            Err(e @ StoreError::Parquet { .. }) => {
+                warnings.push(format!(
+                    "its committed record could not be read ({e}); the scene is written again"
+                ));
+                None
+            }
+            other => other?,
+        };
+        if let Some(c) = committed {
             if c.source_name != name {
                 return Err(SceneError::file(
                     path,
@@ -414,7 +444,7 @@ impl RunState {
             scene_id: info.scene_id.clone(),
             pixels: (info.height * info.width) as u64,
             bytes: size,
-            warnings: written.warnings,
+            warnings: warnings.into_iter().chain(written.warnings).collect(),
         })
     }
 }

@@ -59,6 +59,8 @@ struct LevelOut {
     sar: Array<FilesystemStore>,
     aux: Array<FilesystemStore>,
     labels: Array<FilesystemStore>,
+    /// The store's folder, for errors that name the file.
+    root: std::path::PathBuf,
     patches: Vec<PatchRecord>,
     error: Option<StoreError>,
     /// The aux chunk-row buffer, reused.
@@ -215,6 +217,7 @@ pub(crate) fn write_scene(
             sar,
             aux,
             labels,
+            root: store.path.clone(),
             patches: Vec::new(),
             error: None,
             aux_buf: Vec::new(),
@@ -445,9 +448,14 @@ fn store_chunk_row(
     let ratio = lv.acc_ratio();
     let idx = chunk.index as u64;
     let options = write_options();
+    // An error names the shard file, in the store's folder.
+    let root = lv.root.clone();
+    let fail = move |a: &Array<FilesystemStore>, e: zarrs::array::ArrayError| {
+        StoreError::zarr(root.join(a.chunk_key(&[0, idx, 0]).as_str()), e)
+    };
     let store = |a: &Array<FilesystemStore>, data: &[f32]| {
         a.store_chunk_opt(&[0, idx, 0], data, &options)
-            .map_err(|e| StoreError::zarr(a.path().as_str(), e))
+            .map_err(|e| fail(a, e))
     };
     store(&lv.sar, &chunk.values[..2 * plane])?;
     let mut aux = std::mem::take(&mut lv.aux_buf);
@@ -473,7 +481,7 @@ fn store_chunk_row(
     lv.aux_buf = aux;
     lv.labels
         .store_chunk_opt(&[0, idx, 0], &chunk.labels[..], &options)
-        .map_err(|e| StoreError::zarr(lv.labels.path().as_str(), e))?;
+        .map_err(|e| fail(&lv.labels, e))?;
     // Patch statistics for the manifest.
     let name = lv.level.name();
     let y0 = chunk.index * p;

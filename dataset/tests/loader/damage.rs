@@ -56,8 +56,12 @@ fn every_shard_file_is_written_and_a_missing_one_is_an_error() {
         .decode(&scene, level, ArrayKind::Sar, 1, 2)
         .expect_err("a missing shard must not read as fill")
         .to_string();
+    // The error names the file itself.
+    let file = dir.join("c/0/1/0").display().to_string();
     assert!(
-        e.contains("c/0/1/0") && e.contains("missing") && e.contains("--redo") && e.contains("sar"),
+        e.contains(&format!("{file}: chunk (1, 2)"))
+            && e.contains("missing")
+            && e.contains("--redo"),
         "{e}"
     );
     // Other rows still read.
@@ -126,9 +130,41 @@ fn a_changed_byte_in_a_chunk_fails_its_checksum() {
         .expect_err("a changed shard index must not decode")
         .to_string();
     assert!(
-        e.contains("(0, 3)") && e.contains("shard's index") && e.contains("--redo"),
+        e.contains(&format!("{}: chunk (0, 3)", path.display()))
+            && e.contains("shard's index")
+            && e.contains("--redo"),
         "{e}"
     );
+}
+
+#[test]
+fn a_truncated_shard_file_is_damage_with_the_redo_hint() {
+    let store = damaged_store("damage-truncated");
+    let (scene, dir) = array_dir(&store, ArrayKind::Aux);
+    let level = Level::new(80).unwrap();
+    let path = dir.join("c/0/3/0");
+    let len = std::fs::metadata(&path).unwrap().len();
+    // Cut shorter than the shard index at its end, then to nothing: a copy that stopped early.
+    for keep in [10, 0] {
+        assert!(keep < len);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        let e = StoreReader::open(&store)
+            .unwrap()
+            .decode(&scene, level, ArrayKind::Aux, 3, 4)
+            .expect_err("a truncated shard must not decode")
+            .to_string();
+        assert!(
+            e.contains(&format!("{}: chunk (3, 4)", path.display()))
+                && e.contains("shorter than its index says")
+                && e.contains("--redo"),
+            "{keep} bytes: {e}"
+        );
+    }
 }
 
 #[test]
@@ -382,5 +418,38 @@ fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
         text.iter()
             .any(|e| e.contains("polygons.parquet is missing") && e.contains("manifest merge")),
         "{text:?}"
+    );
+
+    // The committed parts the next merge reads: one cut short, then one gone.
+    let part = store.join(format!("manifests/parts/{scene}.patches.parquet"));
+    let len = std::fs::metadata(&part).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let parts_damage = |v: &icefm_dataset::verify::Verified| -> Vec<String> {
+        v.damaged
+            .iter()
+            .filter(|(s, e)| *s == scene && e.contains("manifest merge"))
+            .map(|(_, e)| e.clone())
+            .collect()
+    };
+    let v = verify(&store, &|_| {}).unwrap();
+    let found = parts_damage(&v);
+    assert_eq!(v.damaged.len(), 6, "{:?}", v.damaged);
+    assert!(
+        found.len() == 1
+            && found[0].contains(&part.display().to_string())
+            && found[0].contains("--redo"),
+        "{found:?}"
+    );
+    std::fs::remove_file(&part).unwrap();
+    let v = verify(&store, &|_| {}).unwrap();
+    let found = parts_damage(&v);
+    assert!(
+        found.len() == 1 && found[0].contains(&format!("{} is missing", part.display())),
+        "{found:?}"
     );
 }

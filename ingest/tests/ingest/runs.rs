@@ -51,6 +51,20 @@ fn rerun_skips_and_interrupted_run_resumes_to_the_same_store() {
     }
 }
 
+/// `icefm ingest --redo INPUT` into a store of levels 80 and 160 m, patch 64.
+fn redo(input: PathBuf, store: &Path) -> Summary {
+    let attrs = new_attrs(
+        &Level::parse_list("80,160").unwrap(),
+        64,
+        Codec::Zstd { level: 3 },
+    );
+    let options = IngestOptions {
+        redo: true,
+        ..IngestOptions::default()
+    };
+    ingest(&[input], store, attrs, &options, &NoReporter).unwrap()
+}
+
 #[test]
 fn redo_writes_a_damaged_scene_again_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,16 +83,7 @@ fn redo_writes_a_damaged_scene_again_as_it_was() {
         vec![id.clone()]
     );
     assert!(!shard.exists());
-    let attrs = new_attrs(
-        &Level::parse_list("80,160").unwrap(),
-        64,
-        Codec::Zstd { level: 3 },
-    );
-    let redo = IngestOptions {
-        redo: true,
-        ..IngestOptions::default()
-    };
-    let s = ingest(&[a], &store, attrs, &redo, &NoReporter).unwrap();
+    let s = redo(a, &store);
     assert_eq!(s.done, vec![id.clone()]);
     assert_eq!(s.scenes_in_store, 2);
     // Byte for byte the store it was, the other scene untouched.
@@ -90,6 +95,61 @@ fn redo_writes_a_damaged_scene_again_as_it_was() {
     for ((p, x), (_, y)) in before.iter().zip(&after) {
         assert!(x == y, "{} differs after --redo", p.display());
     }
+}
+
+#[test]
+fn a_damaged_scene_record_is_written_again_and_a_renamed_copy_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = synth(dir.path(), SceneKind::Raw, 6, 0, "default");
+    let b = synth(dir.path(), SceneKind::Raw, 7, 1, "default");
+    let store = dir.path().join("s.zarr");
+    let s = run(&[a.clone(), b.clone()], &store, "80,160", 64);
+    let id = s.done[0].clone();
+    let before = tree_bytes(&store);
+    // The scene's committed record cut short (a copy that stopped early): the next run cannot
+    // tell whether it is committed, so writes it again, saying why, and the store is as it was.
+    let part = store.join(format!("manifests/parts/{id}.scene.parquet"));
+    std::fs::File::options()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let s = run(std::slice::from_ref(&a), &store, "80,160", 64);
+    assert_eq!(s.done, vec![id.clone()]);
+    assert!(
+        s.warnings
+            .iter()
+            .any(|(scene, w)| *scene == id && w.contains("could not be read")),
+        "{:?}",
+        s.warnings
+    );
+    let after = tree_bytes(&store);
+    assert_eq!(before.len(), after.len());
+    for ((p, x), (q, y)) in before.iter().zip(&after) {
+        assert_eq!(p, q);
+        assert!(x == y, "{} differs", p.display());
+    }
+    // The same file under a name that does not parse as a scene name: skipped as the scene it
+    // is, and with --redo refused rather than written as a second scene of the same data.
+    let copy = dir.path().join("my-scene.nc");
+    std::fs::copy(&a, &copy).unwrap();
+    assert_eq!(
+        run(std::slice::from_ref(&copy), &store, "80,160", 64).skipped,
+        vec![id.clone()]
+    );
+    let s = redo(copy, &store);
+    assert!(s.done.is_empty());
+    assert_eq!(s.failed.len(), 1);
+    assert!(
+        s.failed[0]
+            .1
+            .contains(&format!("already in the store as scene {id}")),
+        "{:?}",
+        s.failed
+    );
+    assert_eq!(s.scenes_in_store, 2);
+    assert!(!store.join("scenes/my-scene").exists());
 }
 
 #[cfg(unix)]
