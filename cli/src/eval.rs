@@ -535,6 +535,9 @@ struct Stage {
 
 impl Stage {
     fn new(out: &Path) -> Self {
+        // `.`, `..` or `dir/.` have no name of their own: stage beside the folder they are.
+        let resolved = std::fs::canonicalize(out).or_else(|_| std::path::absolute(out));
+        let out = resolved.as_deref().unwrap_or(out);
         let parent = out
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -105,6 +105,29 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
             .unwrap();
     assert_eq!(rescored["scores"], metrics["scores"]);
     assert!(!again.join("panels").exists(), "--no-panels made panels/");
+    // `--out .` (no name of its own) stages beside the folder, never inside it.
+    let here = dir.path().join("eval-here");
+    std::fs::create_dir_all(&here).unwrap();
+    ok(icefm()
+        .current_dir(&here)
+        .args([
+            "eval",
+            "--regime",
+            "test",
+            "--no-panels",
+            "--out",
+            ".",
+            "--run",
+        ])
+        .arg(&ft)
+        .output()
+        .unwrap());
+    let inside: Vec<String> = std::fs::read_dir(&here)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(inside.contains(&"metrics.json".to_string()), "{inside:?}");
+    assert!(!inside.iter().any(|n| n.starts_with('.')), "{inside:?}");
     // Scoring again into a folder that holds an evaluation replaces it whole: its panels go
     // with its metrics.json. The staging folder of a killed evaluation is swept away.
     let killed = ft.join(".eval-test.eval-4000000000");
