@@ -88,7 +88,8 @@ fn port() -> Result<u16> {
 }
 
 /// Start `world` ranks of this very command and wait for them. The exit status is 0 when
-/// every rank ended well, else the first failed rank's.
+/// every rank trained to the end, 130 when they stopped on a signal, else the first failed
+/// rank's.
 pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
     let name = check_device(world, device)?;
     let exe = std::env::current_exe().context("finding the icefm executable")?;
@@ -132,7 +133,9 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
         }
     }
     let statuses = wait_all(&mut children)?;
-    match statuses.iter().enumerate().find(|(_, s)| !s.success()) {
+    match statuses.iter().enumerate().find(|(_, s)| failed(s)) {
+        // Every rank trained to the end, or stopped on a signal, saved (then all of them did).
+        None if statuses.iter().any(stopped) => Ok(ExitCode::from(crate::train::STOPPED)),
         None => Ok(ExitCode::SUCCESS),
         Some((rank, s)) => {
             eprintln!("rank {rank} of {world} ended with {s}");
@@ -141,6 +144,16 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
             ))
         }
     }
+}
+
+/// A rank that ended on a stop signal, at a step boundary and saved ([`crate::train::STOPPED`]).
+fn stopped(s: &ExitStatus) -> bool {
+    s.code() == Some(i32::from(crate::train::STOPPED))
+}
+
+/// A rank that ended with an error (or was killed), not trained to the end nor stopped.
+fn failed(s: &ExitStatus) -> bool {
+    !s.success() && !stopped(s)
 }
 
 /// Wait for every child; once one has failed, the others get [`GRACE`] to end, then are
@@ -164,7 +177,7 @@ fn wait_all(children: &mut [Child]) -> Result<Vec<ExitStatus>> {
             if s.is_none()
                 && let Some(st) = c.try_wait().context("waiting for a rank")?
             {
-                if !st.success() && failed_at.is_none() {
+                if failed(&st) && failed_at.is_none() {
                     failed_at = Some(Instant::now());
                 }
                 *s = Some(st);

@@ -27,9 +27,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain, once, on one line per cause.
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+            for line in error_lines(&e) {
+                eprintln!("{line}");
             }
             if let Some(h) = hint(&e) {
                 eprintln!("hint: {h}");
@@ -37,6 +36,22 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The lines that report `e`: the error, then each cause not already said. Errors that put
+/// their source's text in their own (`model: I/O error: …` over `I/O error: …` over the OS's
+/// words) would otherwise print one reason three times.
+fn error_lines(e: &anyhow::Error) -> Vec<String> {
+    let mut lines = vec![format!("error: {e}")];
+    let mut said = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            lines.push(format!("  caused by: {text}"));
+        }
+        said = text;
+    }
+    lines
 }
 
 /// A reader that stops early (`icefm export … | head`) closes the pipe, and Rust's print macros
@@ -70,6 +85,13 @@ fn is_closed_stdout(message: &str) -> bool {
 /// What to do next, for errors whose cause is plain but whose words are the driver's.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     let said = |word: &str| e.chain().any(|c| c.to_string().contains(word));
+    if said("No space left on device") {
+        return Some(
+            "the disk is full. Free space (or write elsewhere) and run the same command again: \
+             `icefm train --resume` continues a run from its last checkpoint, and ingest, eval \
+             and ablate start again where they left nothing half-written.",
+        );
+    }
     (said("CUDA_ERROR_OUT_OF_MEMORY") || said("CUBLAS_STATUS_ALLOC_FAILED")).then_some(
         "the GPU ran out of memory. Micro-batches (`--set train.accumulate=4`: the same \
          steps from a quarter of the activations; a run continues so with --resume), bf16 \
@@ -81,7 +103,31 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{hint, is_closed_stdout};
+    use super::{error_lines, hint, is_closed_stdout};
+
+    #[test]
+    fn a_cause_whose_words_were_already_said_is_not_printed_again() {
+        let os = std::io::Error::other("No space left on device (os error 28)");
+        let e = anyhow::Error::new(os)
+            .context("model: I/O error: No space left on device (os error 28)")
+            .context("saving checkpoints/step_0000003");
+        assert_eq!(
+            error_lines(&e),
+            [
+                "error: saving checkpoints/step_0000003",
+                "  caused by: model: I/O error: No space left on device (os error 28)"
+            ]
+        );
+        // Causes that say something new are all kept.
+        let e = anyhow::Error::msg("Permission denied").context("st/zarr.json: cannot read");
+        assert_eq!(
+            error_lines(&e),
+            [
+                "error: st/zarr.json: cannot read",
+                "  caused by: Permission denied"
+            ]
+        );
+    }
 
     #[test]
     fn a_gpu_out_of_memory_error_gets_a_hint_and_others_do_not() {
@@ -95,6 +141,10 @@ mod tests {
         assert!(hint(&cublas).is_some());
         let other = anyhow::Error::msg("store.zarr: no such file".to_string()).context("ingest");
         assert_eq!(hint(&other), None);
+        // A full disk, in the OS's words.
+        let full = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .context("writing run/checkpoints/step_0000003.tmp/model.safetensors");
+        assert!(hint(&full).is_some_and(|h| h.contains("disk is full") && h.contains("--resume")));
     }
 
     #[test]

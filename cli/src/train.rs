@@ -145,7 +145,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
             summary.steps_done,
             cfg.train.steps
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(exit_status(&summary));
     }
     let summary = run_with_bar_in(&mut group, &cfg, &opts, "train")?;
     let last = summary.records.last();
@@ -187,8 +187,22 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
             }
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(exit_status(&summary))
 }
+
+/// Exit status of a run: 0 when it trained to its last step, 130 when a stop signal ended it
+/// early (saved, and resumable), as `ablate` and `demo` do: a job chained on success
+/// (`&&`, Slurm's `afterok`) must not take a stopped run for a finished one.
+fn exit_status(summary: &RunSummary) -> ExitCode {
+    if summary.interrupted {
+        ExitCode::from(STOPPED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Exit status of a run stopped by a signal (128 + SIGINT, as shells report Ctrl-C).
+pub(crate) const STOPPED: u8 = 130;
 
 /// `w` as one word of a POSIX shell command: as it is when it holds only characters no shell
 /// treats specially, else in single quotes.

@@ -15,8 +15,11 @@ pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
     path: impl AsRef<Path>,
 ) -> candle_core::Result<()> {
     let path = path.as_ref();
-    candle_core::safetensors::save(tensors, path)?;
-    set_new_file_mode(path)?;
+    // candle's error says why ("No space left on device") but not which file.
+    let named =
+        |e: &dyn Display| candle_core::Error::msg(format!("writing {}: {e}", path.display()));
+    candle_core::safetensors::save(tensors, path).map_err(|e| named(&e))?;
+    set_new_file_mode(path).map_err(|e| named(&e))?;
     Ok(())
 }
 

@@ -1,13 +1,12 @@
 //! Validation passes as `validation.parquet`, and the best checkpoint by score
 //! (`checkpoints/best/`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Scores;
@@ -57,25 +56,15 @@ pub(super) fn save_best(
     named: &[(String, Var)],
 ) -> Result<PathBuf, TrainError> {
     let dir = out.join("checkpoints").join("best");
-    let tmp = out.join("checkpoints").join("best.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let weights: HashMap<String, Tensor> = named
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let mut blake3 = std::collections::BTreeMap::new();
-    crate::files::save_hashed(&weights, &tmp, "model.safetensors", &mut blake3)?;
-    let state = serde_json::to_string_pretty(&BestState {
-        step,
-        score,
-        scores,
-        blake3,
-    })
-    .map_err(|e| io_err(&tmp, e))?;
-    std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
+    let weights = crate::train::tensors_of(named);
+    crate::train::write_checkpoint_folder(&dir, &[("model.safetensors", &weights)], |blake3| {
+        serde_json::to_string_pretty(&BestState {
+            step,
+            score,
+            scores,
+            blake3,
+        })
+    })?;
     Ok(dir)
 }
 

@@ -127,29 +127,62 @@ pub(crate) fn save_checkpoint(
     opt: &AdamW,
 ) -> Result<PathBuf, TrainError> {
     let dir = checkpoint_dir(out, step);
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let weights: HashMap<String, Tensor> = named
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let mut blake3 = BTreeMap::new();
-    crate::files::save_hashed(&weights, &tmp, "model.safetensors", &mut blake3)?;
+    let weights = tensors_of(named);
     let (_, moments) = opt.state();
     let moments: HashMap<String, Tensor> = moments.into_iter().collect();
-    crate::files::save_hashed(&moments, &tmp, "optimizer.safetensors", &mut blake3)?;
-    let state = serde_json::to_string_pretty(&CheckpointState {
-        step,
-        seed,
-        loss,
-        blake3,
-    })
-    .map_err(|e| io_err(&tmp, e))?;
-    std::fs::write(tmp.join("state.json"), state).map_err(|e| io_err(&tmp, e))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
+    write_checkpoint_folder(
+        &dir,
+        &[
+            ("model.safetensors", &weights),
+            ("optimizer.safetensors", &moments),
+        ],
+        |blake3| {
+            serde_json::to_string_pretty(&CheckpointState {
+                step,
+                seed,
+                loss,
+                blake3,
+            })
+        },
+    )?;
     Ok(dir)
+}
+
+/// The tensors of `named`, by name.
+pub(crate) fn tensors_of(named: &[(String, Var)]) -> HashMap<String, Tensor> {
+    named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Write the checkpoint folder `dir` whole: each weights file, its BLAKE3 recorded, then the
+/// `state.json` that `state` makes of those hashes, all into `DIR.tmp`, which then takes the
+/// place of `dir`. On an error the temporary folder is removed: a full disk is not left fuller
+/// by a half-written checkpoint.
+pub(crate) fn write_checkpoint_folder(
+    dir: &Path,
+    files: &[(&str, &HashMap<String, Tensor>)],
+    state: impl FnOnce(BTreeMap<String, String>) -> serde_json::Result<String>,
+) -> Result<(), TrainError> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = (|| {
+        std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let mut blake3 = BTreeMap::new();
+        for (name, tensors) in files {
+            crate::files::save_hashed(tensors, &tmp, name, &mut blake3)?;
+        }
+        let state = state(blake3).map_err(|e| io_err(&tmp, e))?;
+        let path = tmp.join("state.json");
+        std::fs::write(&path, state).map_err(|e| io_err(&path, e))?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
 }
 
 pub(crate) fn load_checkpoint(
@@ -191,4 +224,45 @@ pub(crate) fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_checkpoint_write_leaves_nothing_behind_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("checkpoints/step_0000003");
+        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap();
+        let weights = HashMap::from([("w".to_string(), t)]);
+        // The second file cannot be written (its folder does not exist), as on a full disk.
+        let e = write_checkpoint_folder(
+            &ckpt,
+            &[
+                ("model.safetensors", &weights),
+                ("absent/optimizer.safetensors", &weights),
+            ],
+            |_| Ok("{}".to_string()),
+        )
+        .expect_err("the second file cannot be written");
+        assert!(
+            e.to_string()
+                .contains("step_0000003.tmp/absent/optimizer.safetensors"),
+            "{e}"
+        );
+        // Neither the folder nor its half-written temporary is left.
+        assert!(!ckpt.exists());
+        assert!(!ckpt.with_extension("tmp").exists());
+        // Written whole: the files, state.json with their hashes.
+        write_checkpoint_folder(&ckpt, &[("model.safetensors", &weights)], |h| {
+            assert_eq!(h.len(), 1);
+            serde_json::to_string(&h)
+        })
+        .unwrap();
+        let state = std::fs::read_to_string(ckpt.join("state.json")).unwrap();
+        let hash = crate::files::file_blake3(&ckpt.join("model.safetensors")).unwrap();
+        assert!(state.contains(&hash), "{state}");
+        assert!(!ckpt.with_extension("tmp").exists());
+    }
 }

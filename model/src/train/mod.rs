@@ -33,7 +33,9 @@ mod run;
 mod start;
 
 pub(crate) use accumulate::{Accumulated, apply};
-pub(crate) use checkpoint::{checkpoint_due, end_step, load_checkpoint};
+pub(crate) use checkpoint::{
+    checkpoint_due, end_step, load_checkpoint, tensors_of, write_checkpoint_folder,
+};
 pub use checkpoint::{checkpoints, config_of_run};
 pub use device::{DeviceName, cuda_device_count, parse_device};
 pub(crate) use feeder::{DeviceBatch, Feeder, drop_draws};
