@@ -159,6 +159,42 @@ fn trained_store(run: &Path) -> Result<PathBuf> {
     Ok(start.store)
 }
 
+/// The scenes of `scored` that the run of `cfg` trained on, as its `data.regime` (or every
+/// scene but the held-out ones) names them in `store`; none when that cannot be told (its
+/// regime is not in this store).
+fn seen_in_training(
+    cfg: &icefm_model::config::TrainConfig,
+    store: &Path,
+    scored: &[std::sync::Arc<str>],
+) -> Vec<String> {
+    use icefm_dataset::regime::{Regime, training_scenes};
+    let open = |name: &str| Regime::open(Some(store), name).ok();
+    let trained = match cfg.data.regime.as_str() {
+        // Its own regime as it is, whatever training would now say of it.
+        "" => {
+            let val = cfg
+                .seg
+                .as_ref()
+                .filter(|s| !s.val_regime.is_empty())
+                .and_then(|s| open(&s.val_regime));
+            match training_scenes(store, None, val.as_ref()) {
+                Ok(t) => t.regime.scenes,
+                Err(_) => return Vec::new(),
+            }
+        }
+        name => match open(name) {
+            Some(r) => r.scenes,
+            None => return Vec::new(),
+        },
+    };
+    let trained: std::collections::BTreeSet<&str> = trained.iter().map(String::as_str).collect();
+    scored
+        .iter()
+        .filter(|s| trained.contains(&***s))
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// Run `icefm eval`.
 pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let (dev, ov) = a.infer.resolve()?;
@@ -188,7 +224,19 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         .as_deref()
         .map(|r| icefm_dataset::regime::Regime::open(Some(&store), r))
         .transpose()?;
-    let n = reader.scenes(regime.as_ref())?.len();
+    let scored = reader.scenes(regime.as_ref())?;
+    let n = scored.len();
+    // Scores on scenes the run trained on are not held-out scores: say so, and record them.
+    let seen = seen_in_training(&cfg, &store, &scored);
+    if !seen.is_empty() {
+        eprintln!(
+            "warning: {} of the {n} scenes scored are among those the run trained on ({}{}); \
+             its scores on them are not held-out scores (metrics.json lists them)",
+            seen.len(),
+            seen.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if seen.len() > 5 { ", …" } else { "" }
+        );
+    }
     let bar = scene_bar(n, "eval");
     let panels = !a.no_panels;
     // Everything is written into a folder beside `out` and moved into it once whole: a stopped
@@ -274,6 +322,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "seconds_per_scene": ev.scenes.iter().map(|r| r.seconds).sum::<f64>() / ev.scenes.len().max(1) as f64,
         "peak_rss_mib": peak_rss_mib(),
         "unpredicted_labelled_pixels": unpredicted,
+        "scenes_seen_in_training": seen,
     });
     let path = staged.join(METRICS_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)

@@ -52,7 +52,8 @@ struct DrawArgs {
     /// all, fraction, stratified, coverage or import.
     #[arg(long, default_value = "fraction")]
     rule: String,
-    /// Share of all scenes, percent.
+    /// Share, percent, of the scenes a study draws from: the store's (or table's), less the
+    /// test release's and those of excluded val and test regimes (at least one scene).
     #[arg(long)]
     percent: Option<f64>,
     /// Seed of the random choices.
@@ -67,7 +68,12 @@ struct DrawArgs {
     /// pretrain, finetune, val or test.
     #[arg(long, default_value = "finetune")]
     role: String,
-    /// Write nested regimes NAME_01, NAME_05, … for these percents in one go.
+    /// Draw from the test release's scenes too (a test regime always does; others hold them
+    /// out, so that no training sees the AutoICE test scenes).
+    #[arg(long)]
+    include_test: bool,
+    /// Write nested regimes NAME_01, NAME_05, … for these percents in one go (with --counts,
+    /// --out is then a folder).
     #[arg(long, value_delimiter = ',')]
     ladder: Vec<f64>,
     /// Also list the regime's patches (with --store): the loader then draws only these.
@@ -152,6 +158,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         role: Role::parse(&a.role)?,
         list: a.list.clone(),
         exclude,
+        include_test: a.include_test,
     };
     let percents: Vec<Option<f64>> = if a.ladder.is_empty() {
         vec![a.percent]
@@ -161,7 +168,11 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         }
         a.ladder.iter().map(|&p| Some(p)).collect()
     };
-    let mut regimes = draw_ladder(&table, &spec, &percents)?;
+    let mut regimes = if a.ladder.is_empty() {
+        vec![draw(&table, &spec)?]
+    } else {
+        draw_ladder(&table, &spec, &percents)?
+    };
     if let (true, Some(s)) = (a.patches, store) {
         let levels = match &a.levels {
             Some(l) => Level::parse_list(l)?,
@@ -175,7 +186,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
     for r in &regimes {
         paths.push(match (store, &a.out) {
             (Some(s), _) => Regime::path_in(s, &r.name),
-            (None, Some(o)) if regimes.len() > 1 => o.join(format!("{}.parquet", r.name)),
+            (None, Some(o)) if !a.ladder.is_empty() => o.join(format!("{}.parquet", r.name)),
             (None, Some(o)) => o.clone(),
             (None, None) => bail!("--out is required with --counts"),
         });
@@ -275,15 +286,17 @@ pub fn inspect_regime(store: &Path, name: &str) -> Result<()> {
 }
 
 /// The demo's regimes, pairwise disjoint: `test` (a quarter of the scenes, held out), `val`
-/// (a sixth, for model selection), `ft` (a quarter by SAR-IceFM's class coverage: the labelled
-/// scenes) and `pt` (the rest, for pre-training).
+/// (a quarter of the rest, for model selection), `ft` (half of what is left then, by
+/// SAR-IceFM's class coverage: the labelled scenes) and `pt` (the rest, for pre-training). Of
+/// 12 scenes: 3, 2, 3 and 4. Shares count the scenes left once test and validation are held
+/// out.
 pub fn demo_regimes(store: &Path) -> Result<()> {
     let table = SceneTable::from_store(store)?;
     let mut drawn: Vec<Regime> = Vec::new();
     for (name, rule, percent, role) in [
         ("test", Rule::Fraction, Some(25.0), Role::Test),
-        ("val", Rule::Fraction, Some(17.0), Role::Val),
-        ("ft", Rule::Coverage, Some(25.0), Role::Finetune),
+        ("val", Rule::Fraction, Some(25.0), Role::Val),
+        ("ft", Rule::Coverage, Some(50.0), Role::Finetune),
         ("pt", Rule::All, None, Role::Pretrain),
     ] {
         let spec = RegimeSpec {
@@ -294,6 +307,7 @@ pub fn demo_regimes(store: &Path) -> Result<()> {
             role,
             list: None,
             exclude: drawn.clone(),
+            include_test: false,
         };
         let r = draw(&table, &spec)?;
         r.write(&Regime::path_in(store, &r.name))?;

@@ -8,7 +8,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMicrosecondType, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use icefm_schemas::Task;
-use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE, hist_column};
+use icefm_schemas::manifest::{PATCHES_FILE, RELEASE_COLUMN, SCENES_FILE, hist_column};
+use icefm_schemas::names::Release;
 use icefm_schemas::names::parse_scene_name;
 use icefm_schemas::store::MANIFESTS_DIR;
 use parquet::arrow::ProjectionMask;
@@ -29,6 +30,8 @@ pub struct SceneEntry {
     pub pixels: [Vec<u64>; 3],
     /// Patches of the scene in the store, all levels (0 for a class-count table).
     pub patches: u64,
+    /// Its release: test scenes are held out of training regimes unless asked for.
+    pub release: Release,
 }
 
 impl SceneEntry {
@@ -45,7 +48,13 @@ impl SceneEntry {
                 .unwrap_or(0),
             pixels: Task::ALL.map(|t| vec![0; t.hist_len()]),
             patches: 0,
+            release: Release::of_id(id),
         }
+    }
+
+    /// Whether the scene is of the test release (held out of training regimes).
+    pub fn is_test(&self) -> bool {
+        self.release == Release::Test
     }
 
     /// Meteorological season of the acquisition: `DJF`, `MAM`, `JJA`, `SON` (`unknown`).
@@ -92,6 +101,14 @@ pub fn read_manifest(path: &Path) -> Result<Vec<RecordBatch>, DatasetError> {
         .and_then(|b| b.build())
         .map_err(|e| err(&e))?;
     reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
+}
+
+/// Whether the Parquet manifest at `path` has the column `name`.
+pub(crate) fn has_column(path: &Path, name: &str) -> Result<bool, DatasetError> {
+    let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
+    let bytes = crate::location::read(path).map_err(|e| err(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| err(&e))?;
+    Ok(builder.schema().index_of(name).is_ok())
 }
 
 pub(crate) fn read_batches(
@@ -181,6 +198,26 @@ impl SceneTable {
                     e.pixels[t.channel()] = v.as_primitive::<UInt64Type>().values().to_vec();
                 }
                 scenes.insert(e.id.clone(), e);
+            }
+        }
+        // Stores ingested before the column have each scene's release from its id alone.
+        if has_column(&scenes_path, RELEASE_COLUMN)? {
+            for b in read_batches(&scenes_path, &["scene_id", RELEASE_COLUMN])? {
+                let (ids, releases) = (
+                    b.column(0).as_string::<i32>(),
+                    b.column(1).as_string::<i32>(),
+                );
+                for i in 0..b.num_rows() {
+                    let release = Release::parse(releases.value(i)).ok_or_else(|| {
+                        DatasetError::manifest(
+                            &scenes_path,
+                            format!("release `{}` is not train or test", releases.value(i)),
+                        )
+                    })?;
+                    if let Some(e) = scenes.get_mut(ids.value(i)) {
+                        e.release = release;
+                    }
+                }
             }
         }
         if exists(&patches_path)? {

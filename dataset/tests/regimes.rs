@@ -31,6 +31,7 @@ fn spec(name: &str, rule: Rule, percent: Option<f64>, seed: u64) -> RegimeSpec {
         role: Role::Finetune,
         list: None,
         exclude: vec![],
+        include_test: false,
     }
 }
 
@@ -138,14 +139,47 @@ fn same_table_rule_and_seed_give_a_byte_identical_file() {
 #[test]
 fn pretrain_and_finetune_drawn_with_exclude_are_disjoint() {
     let t = counts();
-    let ft = draw(&t, &spec("ft20", Rule::Coverage, Some(20.0), 1)).unwrap();
+    // SAR-IceFM's validation scenes, held out of both.
+    let mut v = spec("val", Rule::Import, None, 0);
+    v.role = Role::Val;
+    v.list = Some(data("sar_icefm_splits/val_file.txt"));
+    let val = draw(&t, &v).unwrap();
+    assert_eq!(val.scenes.len(), 20);
+    let mut f = spec("ft20", Rule::Coverage, Some(20.0), 1);
+    f.exclude = vec![val.clone()];
+    let ft = draw(&t, &f).unwrap();
     let mut s = spec("pt80", Rule::Fraction, Some(80.0), 1);
     s.role = Role::Pretrain;
-    s.exclude = vec![ft.clone()];
+    s.exclude = vec![val.clone(), ft.clone()];
     let pt = draw(&t, &s).unwrap();
     assert!(shared_scenes(&ft, &pt).is_empty());
-    assert_eq!(ft.scenes.len() + pt.scenes.len(), 513);
-    assert_eq!(pt.excluded, vec!["ft20".to_string()]);
+    assert!(shared_scenes(&val, &pt).is_empty() && shared_scenes(&val, &ft).is_empty());
+    assert_eq!(pt.excluded, vec!["val".to_string(), "ft20".to_string()]);
+    // Shares are of the 493 scenes left once validation is held out, counted down as
+    // SAR-IceFM counts them: the sizes of its finetune_20 and pretrain_80 lists.
+    let listed = |name: &str| {
+        read_scene_list(&data(&format!("sar_icefm_splits/{name}.txt")))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(ft.scenes.len(), listed("finetune_20"));
+    assert_eq!(pt.scenes.len(), listed("pretrain_80"));
+    // And its whole shuffled family, as a ladder.
+    let mut l = spec("ft", Rule::Fraction, None, 2);
+    l.exclude = vec![val.clone()];
+    let ladder = draw_ladder(&t, &l, &[Some(20.0), Some(40.0), Some(60.0), Some(80.0)]).unwrap();
+    for (r, p) in ladder.iter().zip([20, 40, 60, 80]) {
+        assert_eq!(
+            r.scenes.len(),
+            listed(&format!("finetune_{p}")),
+            "{}",
+            r.name
+        );
+    }
+    // A fine-tune regime (not validation) that is excluded still counts towards the share.
+    let mut s2 = spec("pt80b", Rule::Fraction, Some(80.0), 1);
+    s2.exclude = vec![ft.clone()];
+    assert_eq!(draw(&t, &s2).unwrap().scenes.len(), share_count(80.0, 513));
     // Without the exclusion they overlap.
     let pt_free = draw(&t, &spec("pt80", Rule::Fraction, Some(80.0), 1)).unwrap();
     assert!(!shared_scenes(&ft, &pt_free).is_empty());
@@ -175,6 +209,10 @@ fn every_shared_list_imports_and_sar_icefm_pairs_are_disjoint() {
     let test_ids = read_scene_list(&data("ai4arctic_test_scenes.json")).unwrap();
     let train_ids = read_scene_list(&data("ai4arctic_train_scenes.json")).unwrap();
     assert_eq!((test_ids.len(), train_ids.len()), (20, 512));
+    // The test release icefm holds out by id is this list.
+    let mut sorted = test_ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, icefm_schemas::names::AUTOICE_TEST_SCENES);
     // Everything named anywhere: the counts table plus the test scenes.
     let ids: Vec<String> = t
         .scenes
@@ -195,6 +233,17 @@ fn every_shared_list_imports_and_sar_icefm_pairs_are_disjoint() {
     for l in &lists {
         let mut s = spec("x", Rule::Import, None, 0);
         s.list = Some(l.clone());
+        let stem = l.file_stem().unwrap().to_string_lossy();
+        if stem.starts_with("test_file") || stem.starts_with("ai4arctic_test") {
+            // The test release is held out of every other role, by its scene ids.
+            let e = draw(&everything, &s).unwrap_err().to_string();
+            assert!(
+                e.contains("20 listed scene(s) are of the test release")
+                    && e.contains("--role test"),
+                "{e}"
+            );
+            s.role = Role::Test;
+        }
         let r = draw(&everything, &s).unwrap();
         let n = read_scene_list(l).unwrap().len();
         assert_eq!(r.scenes.len(), n, "{}", l.display());
@@ -272,4 +321,26 @@ fn bad_requests_fail_with_one_clear_error() {
         .to_string();
     assert!(e.contains("not an icefm store"), "{e}");
     assert!(!e.contains("unknown regime"), "{e}");
+}
+
+#[test]
+fn a_scene_named_twice_in_a_list_counts_once_and_is_noted() {
+    let t = counts();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("twice.txt");
+    let a = &t.scenes[0].id;
+    let b = &t.scenes[1].id;
+    // One scene by its id and its RTT file name, another twice.
+    std::fs::write(&list, format!("{a}\n{b}\n{a}_prep.nc\n{b}\n")).unwrap();
+    let mut s = spec("twice", Rule::Import, None, 0);
+    s.list = Some(list);
+    let r = draw(&t, &s).unwrap();
+    assert_eq!(r.scenes, [a.clone(), b.clone()]);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("2 scene(s) are named more than once")),
+        "{:?}",
+        r.notes
+    );
 }

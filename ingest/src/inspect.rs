@@ -8,7 +8,8 @@ use arrow_array::{
     Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
 use icefm_schemas::Task;
-use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
+use icefm_schemas::manifest::{PATCHES_FILE, RELEASE_COLUMN, SCENES_FILE};
+use icefm_schemas::names::Release;
 use icefm_schemas::store::{CLAIMS_DIR, MANIFESTS_DIR, SCENES_GROUP, StoreAttrs};
 
 use crate::error::StoreError;
@@ -31,6 +32,8 @@ pub struct SceneSummary {
     pub unknown_codes: u32,
     /// Share of the valid-HH pixels with a SIC label (0 for a scene without a chart).
     pub labelled_fraction: f64,
+    /// Its release (test scenes are held out of training regimes).
+    pub release: Release,
 }
 
 /// Summary of a store.
@@ -140,8 +143,15 @@ pub fn summarize_manifests(
         let w: &UInt32Array = col(b, "width", scenes_path)?;
         let valid: &UInt64Array = col(b, "valid_pixels", scenes_path)?;
         let unknown: &UInt32Array = col(b, "unknown_code_count", scenes_path)?;
+        // Stores ingested before the column: the release from the scene id.
+        let release = b
+            .column_by_name(RELEASE_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>());
         for i in 0..b.num_rows() {
             let px = f64::from(h.value(i)) * f64::from(w.value(i));
+            let release = release
+                .and_then(|r| Release::parse(r.value(i)))
+                .unwrap_or_else(|| Release::of_id(id.value(i)));
             s.scenes.push(SceneSummary {
                 scene_id: id.value(i).to_string(),
                 kind: kind.value(i).to_string(),
@@ -149,6 +159,7 @@ pub fn summarize_manifests(
                 valid_fraction: valid.value(i) as f64 / px.max(1.0),
                 unknown_codes: unknown.value(i),
                 labelled_fraction: 0.0,
+                release,
             });
         }
         let first = s.scenes.len() - b.num_rows();
@@ -241,14 +252,15 @@ impl StoreSummary {
         }
         let _ = writeln!(
             o,
-            "\nscene                      kind  native shape    valid HH  labelled  unknown codes"
+            "\nscene                      kind  release  native shape    valid HH  labelled  unknown codes"
         );
         for sc in &self.scenes {
             let _ = writeln!(
                 o,
-                "{:<26} {:<5} {:>6} x {:<6} {:>7.1}%  {:>7.1}%  {}",
+                "{:<26} {:<5} {:<8} {:>6} x {:<6} {:>7.1}%  {:>7.1}%  {}",
                 sc.scene_id,
                 sc.kind,
+                sc.release.name(),
                 sc.shape.0,
                 sc.shape.1,
                 100.0 * sc.valid_fraction,
@@ -265,6 +277,18 @@ impl StoreSummary {
             let _ = writeln!(
                 o,
                 "{unlabelled} scene(s) have no label (test-release files without their charts)"
+            );
+        }
+        let test = self
+            .scenes
+            .iter()
+            .filter(|sc| sc.release == Release::Test)
+            .count();
+        if test > 0 {
+            let _ = writeln!(
+                o,
+                "{test} scene(s) of the test release: held out of every regime but test ones \
+                 (unless drawn with --include-test) and of training without a regime"
             );
         }
         let _ = writeln!(o, "\nlevel    patches  with >= 50% valid SAR");

@@ -18,9 +18,10 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::Schema;
 use icefm_schemas::Task;
 use icefm_schemas::manifest::{
-    MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE,
-    patches_schema, polygons_schema, scenes_schema,
+    MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE, RELEASE_COLUMN,
+    SCENES_FILE, patches_schema, polygons_schema, scenes_schema,
 };
+use icefm_schemas::names::Release;
 use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -75,6 +76,8 @@ pub struct SceneRecord {
     pub unknown_codes: String,
     /// Native class pixel counts per task (classes, then 255).
     pub class_pixels: [Vec<u64>; 3],
+    /// The release the scene belongs to.
+    pub release: Release,
 }
 
 /// One row of `polygons.parquet`.
@@ -237,7 +240,27 @@ pub fn scenes_batch(rows: &[SceneRecord]) -> Result<RecordBatch, arrow_schema::A
             .collect();
         cols.push(fixed_list_u64(&v, t.hist_len() as i32));
     }
+    cols.push(s(|r| Some(r.release.name())));
     RecordBatch::try_new(Arc::new(scenes_schema()), cols)
+}
+
+/// A scene part as the current scenes schema has it: parts committed before the `release`
+/// column get it from their scene ids ([`Release::of_id`]).
+fn current_scene_part(path: &Path, batch: RecordBatch) -> Result<RecordBatch, StoreError> {
+    if batch.column_by_name(RELEASE_COLUMN).is_some() {
+        return Ok(batch);
+    }
+    let ids = batch
+        .column_by_name("scene_id")
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| StoreError::parquet(path, "no string column scene_id"))?;
+    let release: StringArray = ids
+        .iter()
+        .map(|id| id.map(|id| Release::of_id(id).name()))
+        .collect();
+    let mut cols = batch.columns().to_vec();
+    cols.push(Arc::new(release));
+    RecordBatch::try_new(Arc::new(scenes_schema()), cols).map_err(|e| StoreError::parquet(path, e))
 }
 
 /// Build the polygons batch of one scene.
@@ -558,7 +581,14 @@ pub fn merge_manifests(store: &Path) -> Result<usize, StoreError> {
         for (slot, part) in [(1, &parts[0]), (2, &parts[1]), (0, &parts[2])] {
             let bytes = std::fs::read(part).map_err(|e| StoreError::io(part, e))?;
             stamp.add_part(&bytes);
-            by_kind[slot].extend(parquet_batches(part, bytes::Bytes::from(bytes))?);
+            let batches = parquet_batches(part, bytes::Bytes::from(bytes))?;
+            if slot == 0 {
+                for b in batches {
+                    by_kind[0].push(current_scene_part(part, b)?);
+                }
+            } else {
+                by_kind[slot].extend(batches);
+            }
         }
     }
     let stamp = stamp.finish();
@@ -576,6 +606,7 @@ pub fn merge_manifests(store: &Path) -> Result<usize, StoreError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use icefm_schemas::names::AUTOICE_TEST_SCENES;
 
     fn scene(id: &str) -> SceneRecord {
         SceneRecord {
@@ -600,6 +631,7 @@ mod tests {
             unknown_code_count: 0,
             unknown_codes: String::new(),
             class_pixels: [vec![1; 12], vec![2; 7], vec![3; 8]],
+            release: Release::Train,
         }
     }
 
@@ -662,6 +694,37 @@ mod tests {
         assert_eq!(merge_manifests(dir.path()).unwrap(), 1);
         let p = read_parquet(&dir.path().join("manifests/patches.parquet")).unwrap();
         assert_eq!(p.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn parts_committed_before_the_release_column_get_it_from_their_ids_when_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        // An AutoICE test scene and another, committed by an icefm without the column.
+        let ids = [AUTOICE_TEST_SCENES[0], "20200101T000000_dmi"];
+        for id in ids {
+            commit_scene(dir.path(), &scene(id), &[], &[]).unwrap();
+            let [_, _, part] = part_paths(dir.path(), id);
+            let b = scenes_batch(&[scene(id)]).unwrap();
+            let old = b
+                .project(&(0..b.num_columns() - 1).collect::<Vec<_>>())
+                .unwrap();
+            assert!(old.column_by_name(RELEASE_COLUMN).is_none());
+            write_parquet(&part, old.schema().as_ref(), &[old]).unwrap();
+        }
+        assert_eq!(merge_manifests(dir.path()).unwrap(), 2);
+        let s = read_parquet(&dir.path().join("manifests/scenes.parquet")).unwrap();
+        let release = s[0]
+            .column_by_name(RELEASE_COLUMN)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (release.value(0), release.value(1)),
+            ("test", "train"),
+            "sorted by id: the test scene (2018) first"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use icefm_schemas::names::Release;
 use icefm_schemas::sigrid::MergeMode;
 use icefm_schemas::store::{Level, StoreAttrs};
 
@@ -479,6 +480,18 @@ fn scene_record(
         unknown_code_count: w.unknown_count,
         unknown_codes: w.unknown_text.clone(),
         class_pixels: w.class_pixels.clone(),
+        release: release_of(info),
+    }
+}
+
+/// The release of a scene: test for the AutoICE test scenes, for charts read from a test
+/// release's reference file, and for a scene without charts of its own (the raw test release
+/// has none); train otherwise.
+fn release_of(info: &SceneInfo) -> Release {
+    if info.reference.is_some() || !info.has_chart {
+        Release::Test
+    } else {
+        Release::of_id(&info.scene_id)
     }
 }
 

@@ -104,8 +104,13 @@ pub fn scenes_schema() -> Schema {
     for t in Task::ALL {
         f.push(hist_field(t, "pixels", DataType::UInt64));
     }
+    f.push(Field::new(RELEASE_COLUMN, DataType::Utf8, false));
     Schema::new(f)
 }
+
+/// The scenes manifest's column of each scene's release (`train` or `test`,
+/// [`crate::names::Release`]). Stores ingested before it lack it.
+pub const RELEASE_COLUMN: &str = "release";
 
 /// Every polygon of every raw scene: SIGRID fields as read, derived classes, pixel count.
 pub fn polygons_schema() -> Schema {

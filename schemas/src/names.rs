@@ -56,6 +56,70 @@ pub fn parse_scene_name(name: &str) -> Option<SceneName> {
     None
 }
 
+/// The scene ids of the AutoICE test release (`ai4arctic_test_scenes.json`, 20 scenes): held
+/// out of every training regime whatever files a store got them from.
+pub const AUTOICE_TEST_SCENES: [&str; 20] = [
+    "20180124T194759_dmi",
+    "20180623T114935_cis",
+    "20180707T113313_cis",
+    "20180716T110418_cis",
+    "20180903T123331_cis",
+    "20180917T121813_cis",
+    "20190406T102029_cis",
+    "20190810T110422_dmi",
+    "20191011T131651_cis",
+    "20200217T102731_cis",
+    "20200319T101935_cis",
+    "20200701T114012_cis",
+    "20200719T123046_cis",
+    "20201013T080448_dmi",
+    "20210328T202742_dmi",
+    "20210410T201933_dmi",
+    "20210430T205436_dmi",
+    "20210506T075557_dmi",
+    "20210512T214149_cis",
+    "20211212T211242_dmi",
+];
+
+/// The release a scene belongs to: `train` (charts in the file) or `test` (held out: the
+/// AutoICE test release, or a scene without charts of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Release {
+    /// Training release: may be drawn into pre-training, fine-tuning and validation regimes.
+    Train,
+    /// Test release: held out of those unless asked for.
+    Test,
+}
+
+impl Release {
+    /// Name in the scenes manifest's `release` column.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Test => "test",
+        }
+    }
+
+    /// Parse a `release` column value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "train" => Some(Self::Train),
+            "test" => Some(Self::Test),
+            _ => None,
+        }
+    }
+
+    /// The release of a scene from its id alone (stores ingested before the `release` column):
+    /// test for the AutoICE test scenes, else train.
+    pub fn of_id(scene_id: &str) -> Self {
+        if AUTOICE_TEST_SCENES.contains(&scene_id) {
+            Self::Test
+        } else {
+            Self::Train
+        }
+    }
+}
+
 /// Microseconds since the Unix epoch of a `YYYYMMDDTHHMMSS` UTC timestamp.
 pub fn timestamp_micros(s: &str) -> Option<i64> {
     if !is_timestamp(s) {

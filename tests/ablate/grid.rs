@@ -8,10 +8,10 @@ fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
     let grid = ladder_grid(dir.path(), "ladder");
     let out = dir.path().join("out");
     let keys = [
-        "ft_25-scratch-multi-80",
-        "ft_25-mae-multi-80",
-        "ft_50-scratch-multi-80",
-        "ft_50-mae-multi-80",
+        "ft_34-scratch-multi-80",
+        "ft_34-mae-multi-80",
+        "ft_67-scratch-multi-80",
+        "ft_67-mae-multi-80",
     ];
 
     // The dry run lists the cells and trains nothing.
@@ -54,7 +54,7 @@ fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
 
     let table = read_table(&out.join("ablation.parquet"));
     assert_eq!(table["key"], keys);
-    assert_eq!(table["regime"], ["ft_25", "ft_25", "ft_50", "ft_50"]);
+    assert_eq!(table["regime"], ["ft_34", "ft_34", "ft_67", "ft_67"]);
     assert_eq!(table["init"], ["scratch", "mae", "scratch", "mae"]);
     assert_eq!(table["tasks"], ["multi"; 4]);
     assert_eq!(table["levels"], ["80"; 4]);
@@ -119,7 +119,7 @@ fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
     assert!(stdout.contains("resumes at step 3"), "{stdout}");
     let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
     assert!(
-        stdout.contains("cell 4/4 ft_50-mae-multi-80: started"),
+        stdout.contains("cell 4/4 ft_67-mae-multi-80: started"),
         "{stdout}"
     );
     assert!(stdout.contains("resuming at step 3"), "{stdout}");
@@ -154,9 +154,9 @@ fn a_single_task_multi_scale_cell_merges_its_three_runs_into_one_row() {
         r#"
 base = "seg_micro.toml"
 test_regime = "test"
-pool = "ft_50"
+pool = "ft_67"
 [grid]
-regimes = ["ft_50"]
+regimes = ["ft_67"]
 init = ["scratch"]
 tasks = ["single"]
 levels = ["80,160"]
@@ -164,7 +164,7 @@ levels = ["80,160"]
     );
     let out = dir.path().join("out");
     let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
-    let key = "ft_50-scratch-single-80+160";
+    let key = "ft_67-scratch-single-80+160";
     assert!(
         stdout.contains(&format!("cell 1/1 {key}: finished")),
         "{stdout}"
@@ -210,7 +210,7 @@ fn a_grid_on_a_store_named_by_url_scores_as_on_its_folder() {
 base = "seg_micro.toml"
 test_regime = "test"
 [grid]
-regimes = ["ft_25"]
+regimes = ["ft_34"]
 init = ["scratch"]
 levels = ["80"]
 "#,
@@ -231,7 +231,7 @@ levels = ["80"]
             .unwrap());
         tables.push(read_table(&out.join("ablation.parquet")));
     }
-    assert_eq!(tables[1]["key"], ["ft_25-scratch-multi-80"]);
+    assert_eq!(tables[1]["key"], ["ft_34-scratch-multi-80"]);
     for c in ["sic_r2", "sod_f1", "floe_f1", "combined"] {
         let (folder, url) = (floats(&tables[0], c), floats(&tables[1], c));
         assert!(folder[0].is_finite(), "{c}: {folder:?}");

@@ -50,7 +50,7 @@ fn ok(out: Output) -> Output {
 }
 
 /// The shared fixture: a store of four generated scenes at 80 and 160 m (64-px patches) with
-/// regimes `test` (one scene) and the ladder `ft_25` (one scene), `ft_50` (two) drawn from the
+/// regimes `test` (one scene) and the ladder `ft_34` (one scene), `ft_67` (two) drawn from the
 /// others, and a micro MAE pre-trained for two steps.
 struct Fixture {
     store: PathBuf,
@@ -71,6 +71,7 @@ fn fixture() -> &'static Fixture {
             role: Role::Test,
             list: None,
             exclude: vec![],
+            include_test: false,
         };
         let test = draw(&table, &spec).unwrap();
         test.write(&Regime::path_in(&store, "test")).unwrap();
@@ -78,7 +79,7 @@ fn fixture() -> &'static Fixture {
         spec.percent = None;
         spec.role = Role::Finetune;
         spec.exclude = vec![test];
-        for r in draw_ladder(&table, &spec, &[Some(25.0), Some(50.0)]).unwrap() {
+        for r in draw_ladder(&table, &spec, &[Some(34.0), Some(67.0)]).unwrap() {
             r.write(&Regime::path_in(&store, &r.name)).unwrap();
         }
         let mae = root.join("mae");
@@ -202,7 +203,7 @@ mae = {:?}
 test_regime = "test"
 set = ["train.steps=3"]
 [grid]
-regimes = ["ft_25", "ft_50"]
+regimes = ["ft_34", "ft_67"]
 init = ["scratch", "mae"]
 "#,
             fixture().mae.display().to_string()

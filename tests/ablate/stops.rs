@@ -28,52 +28,52 @@ fn a_wrong_grid_fails_with_one_line_before_any_training() {
     let o = case(
         "missing",
         &format!(
-            "base = \"seg_micro.toml\"\nmae = {mae}\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_25\", \"ft_99\"]\n"
+            "base = \"seg_micro.toml\"\nmae = {mae}\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\", \"ft_99\"]\n"
         ),
     );
-    fails_before_training(o, &out, &["unknown regime `ft_99`", "ft_25, ft_50, test"]);
+    fails_before_training(o, &out, &["unknown regime `ft_99`", "ft_34, ft_67, test"]);
     // One MAE run per regime: each must be named, and only regimes of the grid.
     let per_regime = |entries: &str| {
         format!(
-            "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_25\", \"ft_50\"]\n[mae]\n{entries}"
+            "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\", \"ft_67\"]\n[mae]\n{entries}"
         )
     };
-    let o = case("permae", &per_regime(&format!("ft_25 = {mae}\n")));
-    fails_before_training(o, &out, &["names no MAE run for regime ft_50"]);
+    let o = case("permae", &per_regime(&format!("ft_34 = {mae}\n")));
+    fails_before_training(o, &out, &["names no MAE run for regime ft_67"]);
     let o = case(
         "permae",
-        &per_regime(&format!("ft_25 = {mae}\nft_50 = {mae}\nft_99 = {mae}\n")),
+        &per_regime(&format!("ft_34 = {mae}\nft_67 = {mae}\nft_99 = {mae}\n")),
     );
     fails_before_training(o, &out, &["mae.ft_99"]);
     let grid = grid_file(
         dir.path(),
         "permae",
-        &per_regime(&format!("ft_25 = {mae}\nft_50 = {mae}\n")),
+        &per_regime(&format!("ft_34 = {mae}\nft_67 = {mae}\n")),
     );
     let (stdout, _) = text(&ok(ablate(&grid, &out, &["--dry-run"])));
     assert!(stdout.starts_with("4 cells"), "{stdout}");
     // A misspelt key.
     let o = case(
         "typo",
-        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregime = [\"ft_25\"]\n",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregime = [\"ft_34\"]\n",
     );
     fails_before_training(o, &out, &["unknown field `regime`"]);
     // An init the grid cannot do: no MAE run named.
     let o = case(
         "nomae",
-        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_25\"]\ninit = [\"mae\"]\n",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\"]\ninit = [\"mae\"]\n",
     );
     fails_before_training(o, &out, &["no `mae` run"]);
     // `set` may not change an axis.
     let o = case(
         "axis",
-        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\nset = [\"data.regime=ft_50\"]\n[grid]\nregimes = [\"ft_25\"]\n",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\nset = [\"data.regime=ft_67\"]\n[grid]\nregimes = [\"ft_34\"]\n",
     );
     fails_before_training(o, &out, &["data.regime is an axis"]);
     // A level the store does not have.
     let o = case(
         "level",
-        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_25\"]\ninit = [\"scratch\"]\nlevels = [\"200\"]\n",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\"]\ninit = [\"scratch\"]\nlevels = [\"200\"]\n",
     );
     fails_before_training(o, &out, &["no level 200m"]);
     // The shipped example parses: run from the repository against this store, it stops at
@@ -101,7 +101,7 @@ mae = {:?}
 test_regime = "test"
 set = ["train.steps={steps}", "train.checkpoint_every=1000000", "data.batch_size=8"]
 [grid]
-regimes = ["ft_50"]
+regimes = ["ft_67"]
 init = ["mae", "scratch"]
 "#,
             f.mae.display().to_string()
@@ -111,7 +111,7 @@ init = ["mae", "scratch"]
     let out = dir.path().join("out");
     let child = spawn_ablate(&grid, &out);
     // Wait until the first run trains, then send SIGINT as a terminal's Ctrl-C does.
-    let run = out.join("runs/ft_50-mae-multi-80");
+    let run = out.join("runs/ft_67-mae-multi-80");
     let t0 = std::time::Instant::now();
     while !run.join("log.txt").exists() && t0.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -126,11 +126,11 @@ init = ["mae", "scratch"]
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(130), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("cell 1/2 ft_50-mae-multi-80: stopped (checkpoint saved)"),
+        stdout.contains("cell 1/2 ft_67-mae-multi-80: stopped (checkpoint saved)"),
         "{stdout}"
     );
     assert!(!stdout.contains("cell 2/2"), "{stdout}");
-    assert!(!out.join("runs/ft_50-scratch-multi-80").exists());
+    assert!(!out.join("runs/ft_67-scratch-multi-80").exists());
     let done: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .filter_map(|e| {
@@ -146,7 +146,7 @@ init = ["mae", "scratch"]
     let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
     assert!(
         stdout.contains(&format!(
-            "cell 1/2 ft_50-mae-multi-80: started (regime ft_50, 2 scenes, 66.7 % of the pool, init mae, tasks multi, levels 80, {} steps, resuming at step {done})",
+            "cell 1/2 ft_67-mae-multi-80: started (regime ft_67, 2 scenes, 66.7 % of the pool, init mae, tasks multi, levels 80, {} steps, resuming at step {done})",
             done + 1
         )),
         "{stdout}"
@@ -172,20 +172,20 @@ fn a_failing_cell_fails_alone_and_a_rerun_retries_it() {
     // trains, after the grid was checked.
     let bad = dir.path().join("bad.safetensors");
     std::fs::write(&bad, b"not a safetensors file").unwrap();
-    let body = |ft_50: &Path| {
+    let body = |ft_67: &Path| {
         format!(
             r#"
 base = "seg_micro.toml"
 test_regime = "test"
 [grid]
-regimes = ["ft_25", "ft_50"]
+regimes = ["ft_34", "ft_67"]
 init = ["mae"]
 [mae]
-ft_25 = {:?}
-ft_50 = {:?}
+ft_34 = {:?}
+ft_67 = {:?}
 "#,
             f.mae.display().to_string(),
-            ft_50.display().to_string()
+            ft_67.display().to_string()
         )
     };
     let grid = grid_file(dir.path(), "failing", &body(&bad));
@@ -194,12 +194,12 @@ ft_50 = {:?}
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("cell 1/2 ft_25-mae-multi-80: finished"),
+        stdout.contains("cell 1/2 ft_34-mae-multi-80: finished"),
         "{stdout}"
     );
     let failed = stdout
         .lines()
-        .find(|l| l.starts_with("cell 2/2 ft_50-mae-multi-80: FAILED: "))
+        .find(|l| l.starts_with("cell 2/2 ft_67-mae-multi-80: FAILED: "))
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(failed.contains("bad.safetensors"), "{failed}");
     assert!(
@@ -208,10 +208,10 @@ ft_50 = {:?}
     );
     assert_eq!(
         read_table(&out.join("ablation.parquet"))["key"],
-        ["ft_25-mae-multi-80"]
+        ["ft_34-mae-multi-80"]
     );
     // The failure is marked for other workers running the grid now, with its reason.
-    let mark = out.join("claims/ft_50-mae-multi-80.failed");
+    let mark = out.join("claims/ft_67-mae-multi-80.failed");
     let why = std::fs::read_to_string(&mark).unwrap();
     assert!(why.contains("bad.safetensors"), "{why}");
     // With its weights fixed, a re-run trains only the failed cell.
@@ -223,7 +223,7 @@ ft_50 = {:?}
     );
     assert_eq!(
         read_table(&out.join("ablation.parquet"))["key"],
-        ["ft_25-mae-multi-80", "ft_50-mae-multi-80"]
+        ["ft_34-mae-multi-80", "ft_67-mae-multi-80"]
     );
     assert!(!mark.exists());
 }
@@ -236,10 +236,10 @@ fn a_cell_held_by_another_worker_is_left_to_it_and_taken_up_once_free() {
     // Another worker holds the second cell: its lock, with its line.
     let claims = out.join("claims");
     std::fs::create_dir_all(&claims).unwrap();
-    let lock = std::fs::File::create(claims.join("ft_25-mae-multi-80.lock")).unwrap();
+    let lock = std::fs::File::create(claims.join("ft_34-mae-multi-80.lock")).unwrap();
     lock.lock().unwrap();
     std::fs::write(
-        claims.join("ft_25-mae-multi-80.lock"),
+        claims.join("ft_34-mae-multi-80.lock"),
         "gpu-node-7 pid 1, cuda:3\n",
     )
     .unwrap();
@@ -254,17 +254,17 @@ fn a_cell_held_by_another_worker_is_left_to_it_and_taken_up_once_free() {
             .to_string()
     };
     assert!(
-        line(&stdout, "cell 2/4 ft_25-mae-multi-80:").ends_with(&format!("{held}0 s)")),
+        line(&stdout, "cell 2/4 ft_34-mae-multi-80:").ends_with(&format!("{held}0 s)")),
         "{stdout}"
     );
     assert_eq!(stdout.matches(": new").count(), 3, "{stdout}");
 
     let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
     assert!(
-        line(&stdout, "cell 2/4 ft_25-mae-multi-80:").contains(held),
+        line(&stdout, "cell 2/4 ft_34-mae-multi-80:").contains(held),
         "{stdout}"
     );
-    for (i, k) in [(1, "ft_25-scratch"), (3, "ft_50-scratch"), (4, "ft_50-mae")] {
+    for (i, k) in [(1, "ft_34-scratch"), (3, "ft_67-scratch"), (4, "ft_67-mae")] {
         assert!(
             stdout.contains(&format!("cell {i}/4 {k}-multi-80: finished")),
             "{stdout}"
@@ -274,18 +274,18 @@ fn a_cell_held_by_another_worker_is_left_to_it_and_taken_up_once_free() {
         stdout.contains("(3 trained, 0 skipped, 0 failed, 1 running in other workers)"),
         "{stdout}"
     );
-    assert!(!out.join("runs/ft_25-mae-multi-80/config.toml").exists());
+    assert!(!out.join("runs/ft_34-mae-multi-80/config.toml").exists());
     assert_eq!(
         read_table(&out.join("ablation.parquet"))["key"],
         [
-            "ft_25-scratch-multi-80",
-            "ft_50-scratch-multi-80",
-            "ft_50-mae-multi-80"
+            "ft_34-scratch-multi-80",
+            "ft_67-scratch-multi-80",
+            "ft_67-mae-multi-80"
         ]
     );
     // The cells this worker ran are free again.
     assert_eq!(
-        std::fs::read_to_string(claims.join("ft_25-scratch-multi-80.lock")).unwrap(),
+        std::fs::read_to_string(claims.join("ft_34-scratch-multi-80.lock")).unwrap(),
         ""
     );
 
@@ -294,7 +294,7 @@ fn a_cell_held_by_another_worker_is_left_to_it_and_taken_up_once_free() {
     drop(lock);
     let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
     assert!(
-        stdout.contains("cell 2/4 ft_25-mae-multi-80: started"),
+        stdout.contains("cell 2/4 ft_34-mae-multi-80: started"),
         "{stdout}"
     );
     assert!(

@@ -128,6 +128,28 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         .collect();
     assert!(inside.contains(&"metrics.json".to_string()), "{inside:?}");
     assert!(!inside.iter().any(|n| n.starts_with('.')), "{inside:?}");
+    // The held-out test scenes are none of those the run trained on; its own `ft` scenes are,
+    // and an evaluation on them says so and lists them.
+    assert_eq!(metrics["scenes_seen_in_training"], serde_json::json!([]));
+    let seen = dir.path().join("eval-ft");
+    let out_seen = ok(icefm()
+        .args(["eval", "--regime", "ft", "--no-panels", "--run"])
+        .arg(&ft)
+        .arg("--out")
+        .arg(&seen)
+        .output()
+        .unwrap());
+    let err = String::from_utf8_lossy(&out_seen.stderr);
+    assert!(
+        err.contains("3 of the 3 scenes scored are among those the run trained on"),
+        "{err}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(seen.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(
+        m["scenes_seen_in_training"].as_array().map(Vec::len),
+        Some(3)
+    );
     // Scoring again into a folder that holds an evaluation replaces it whole: its panels go
     // with its metrics.json. The staging folder of a killed evaluation is swept away.
     let killed = ft.join(".eval-test.eval-4000000000");
@@ -307,6 +329,7 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         ok(icefm()
             .args(["regime", "--name", "t", "--rule", "all", "--store"])
             .arg(&store)
+            .args(["--role", "test"])
             .output()
             .unwrap());
         let eval = input.with_extension("eval");

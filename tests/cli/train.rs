@@ -108,7 +108,7 @@ fn train_writes_a_run_and_resumes() {
     assert!(starts[1].contains(" --resume"), "{log}");
     let hash = icefm_dataset::table::manifests_hash(&store).unwrap();
     let store_line = format!(
-        "  store {}, manifests BLAKE3 {}; data.regime: every scene",
+        "  store {}, manifests BLAKE3 {}; data.regime: every scene but the test release's and seg.val_regime's",
         std::fs::canonicalize(&store).unwrap().display(),
         &hash[..16]
     );

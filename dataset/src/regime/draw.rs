@@ -11,17 +11,59 @@ use crate::error::DatasetError;
 use crate::rng::Rng;
 use crate::table::SceneTable;
 
-use super::{Regime, RegimeSpec, Rule, read_scene_list, regime_error};
+use super::{Regime, RegimeSpec, Role, Rule, read_scene_list_with_repeats, regime_error};
 
-/// Candidate scene indices: the table minus the excluded regimes' scenes.
-fn pool(table: &SceneTable, exclude: &[Regime]) -> Vec<usize> {
-    let out: BTreeSet<&str> = exclude
+/// Whether a regime drawn by `spec` holds the test release's scenes out: every role but test,
+/// unless asked (`--include-test`).
+fn holds_test_out(spec: &RegimeSpec) -> bool {
+    spec.role != Role::Test && !spec.include_test
+}
+
+/// Which scenes of `table` a regime of `spec` may hold at all: a test regime the test
+/// release's (every scene when the table has none, to split a training release, and any scene
+/// an imported list names); other roles
+/// every scene but the test release's, unless `--include-test`.
+fn eligible(table: &SceneTable, spec: &RegimeSpec) -> Vec<bool> {
+    let has_test = table.scenes.iter().any(|e| e.is_test());
+    table
+        .scenes
+        .iter()
+        .map(|e| match spec.role {
+            // An imported test list is taken as it is.
+            Role::Test => spec.rule == Rule::Import || !has_test || e.is_test(),
+            _ => !holds_test_out(spec) || !e.is_test(),
+        })
+        .collect()
+}
+
+/// Candidate scene indices: the [`eligible`] scenes minus the excluded regimes' scenes.
+fn pool(table: &SceneTable, spec: &RegimeSpec) -> Vec<usize> {
+    let out: BTreeSet<&str> = spec
+        .exclude
         .iter()
         .flat_map(|r| r.scenes.iter().map(String::as_str))
         .collect();
+    let ok = eligible(table, spec);
     (0..table.scenes.len())
-        .filter(|&i| !out.contains(table.scenes[i].id.as_str()))
+        .filter(|&i| ok[i] && !out.contains(table.scenes[i].id.as_str()))
         .collect()
+}
+
+/// N, the number of scenes a share is of: the [`eligible`] scenes minus those of excluded
+/// validation and test regimes. A fine-tune share and its pre-train complement (drawn
+/// excluding it) then add up to the whole training pool, as SAR-IceFM's `finetune_XX` /
+/// `pretrain_(100−XX)` lists do.
+fn share_base(table: &SceneTable, spec: &RegimeSpec) -> usize {
+    let held: BTreeSet<&str> = spec
+        .exclude
+        .iter()
+        .filter(|r| matches!(r.role, Role::Val | Role::Test))
+        .flat_map(|r| r.scenes.iter().map(String::as_str))
+        .collect();
+    let ok = eligible(table, spec);
+    (0..table.scenes.len())
+        .filter(|&i| ok[i] && !held.contains(table.scenes[i].id.as_str()))
+        .count()
 }
 
 /// Seeded random order.
@@ -123,9 +165,11 @@ fn coverage_order(table: &SceneTable, pool: &[usize], seed: u64) -> (Vec<usize>,
     (picked, n)
 }
 
-/// Number of scenes for `percent` of `total` (at least one).
+/// Number of scenes for `percent` of `total`: ⌊P/100 × N⌋, as SAR-IceFM counts its shares
+/// (20 % of its 493 training scenes is its 98-scene `finetune_20`), and at least one.
 pub fn share_count(percent: f64, total: usize) -> usize {
-    ((percent / 100.0 * total as f64).round() as usize).max(1)
+    // The small term keeps a share that is whole in decimal whole in binary (29 % of 100).
+    ((percent * total as f64 / 100.0 + 1e-9).floor() as usize).max(1)
 }
 
 fn check_percent(p: f64) -> Result<f64, DatasetError> {
@@ -138,15 +182,26 @@ fn check_percent(p: f64) -> Result<f64, DatasetError> {
 
 /// Draw a regime of `percent` (or the spec's own) from `table`.
 pub fn draw(table: &SceneTable, spec: &RegimeSpec) -> Result<Regime, DatasetError> {
-    Ok(draw_ladder(table, spec, &[spec.percent])?.remove(0))
+    Ok(draw_shares(table, spec, &[spec.percent], false)?.remove(0))
 }
 
 /// Draw nested regimes, one per percent (`None`: the spec's rule without a share), from one
-/// order. Names get `_<percent>` appended when there is more than one.
+/// order, named `<name>_<percent>` (a ladder of one percent too, so that its name does not
+/// depend on how many were asked for).
 pub fn draw_ladder(
     table: &SceneTable,
     spec: &RegimeSpec,
     percents: &[Option<f64>],
+) -> Result<Vec<Regime>, DatasetError> {
+    draw_shares(table, spec, percents, true)
+}
+
+/// The regimes of `percents` from one order; `suffix`: name each `<name>_<percent>`.
+fn draw_shares(
+    table: &SceneTable,
+    spec: &RegimeSpec,
+    percents: &[Option<f64>],
+    suffix: bool,
 ) -> Result<Vec<Regime>, DatasetError> {
     if table.scenes.is_empty() {
         return Err(regime_error(format!(
@@ -154,8 +209,21 @@ pub fn draw_ladder(
             table.source.display()
         )));
     }
-    let candidates = pool(table, &spec.exclude);
+    let candidates = pool(table, spec);
+    let base = share_base(table, spec);
     let mut notes = Vec::new();
+    let tests = table.scenes.iter().filter(|e| e.is_test()).count();
+    if tests > 0 && spec.role == Role::Test && spec.rule != Rule::Import {
+        notes.push(format!(
+            "a test regime: drawn from the {tests} scene(s) of the test release"
+        ));
+    } else if tests > 0 && holds_test_out(spec) {
+        notes.push(format!(
+            "{tests} scene(s) of the test release are held out of this {} regime \
+             (--include-test draws from them too)",
+            spec.role.name()
+        ));
+    }
     let (order, coverage_len) = match spec.rule {
         Rule::All => (candidates.clone(), 0),
         Rule::Fraction => (random_order(&candidates, spec.seed), 0),
@@ -166,7 +234,21 @@ pub fn draw_ladder(
                 .list
                 .as_deref()
                 .ok_or_else(|| regime_error("rule import needs --list FILE"))?;
-            let ids = read_scene_list(path)?;
+            let (ids, repeats) = read_scene_list_with_repeats(path)?;
+            if !repeats.is_empty() {
+                notes.push(format!(
+                    "{} scene(s) are named more than once in {} and count once: {}{}",
+                    repeats.len(),
+                    path.display(),
+                    repeats
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if repeats.len() > 5 { ", …" } else { "" }
+                ));
+            }
             let missing: Vec<&str> = ids
                 .iter()
                 .filter(|id| table.index_of(id).is_none())
@@ -184,6 +266,30 @@ pub fn draw_ladder(
                     if missing.len() > 10 { ", …" } else { "" }
                 )));
             }
+            if holds_test_out(spec) {
+                let test: Vec<&str> = ids
+                    .iter()
+                    .filter(|id| {
+                        table
+                            .index_of(id)
+                            .is_some_and(|i| table.scenes[i].is_test())
+                    })
+                    .map(String::as_str)
+                    .collect();
+                if !test.is_empty() {
+                    let shown: Vec<&str> = test.iter().take(10).copied().collect();
+                    return Err(regime_error(format!(
+                        "{}: {} listed scene(s) are of the test release, which a {} regime \
+                         holds out: {}{} (--role test for a test regime; --include-test to \
+                         draw them anyway)",
+                        path.display(),
+                        test.len(),
+                        spec.role.name(),
+                        shown.join(", "),
+                        if test.len() > 10 { ", …" } else { "" }
+                    )));
+                }
+            }
             let allowed: BTreeSet<usize> = candidates.iter().copied().collect();
             let mut order = Vec::new();
             for id in &ids {
@@ -197,7 +303,6 @@ pub fn draw_ladder(
             (order, 0)
         }
     };
-    let multiple = percents.len() > 1;
     let mut out = Vec::new();
     for &p in percents {
         let mut notes = notes.clone();
@@ -217,12 +322,11 @@ pub fn draw_ladder(
             }
             (_, Some(p)) => {
                 let p = check_percent(p)?;
-                let want = share_count(p, table.scenes.len());
+                let want = share_count(p, base);
                 if want > order.len() {
                     notes.push(format!(
-                        "{p} % of {} scenes is {want}, but only {} not excluded: the regime \
+                        "{p} % of {base} scenes is {want}, but only {} not excluded: the regime \
                          takes {}",
-                        table.scenes.len(),
                         if order.len() == 1 {
                             "1 scene is".to_string()
                         } else {
@@ -240,14 +344,23 @@ pub fn draw_ladder(
             }
         };
         if n == 0 {
+            let held = if tests > 0 && holds_test_out(spec) {
+                format!(
+                    "; the {tests} scene(s) of the test release are held out of a {} regime \
+                     (--role test for a test regime, --include-test to draw them anyway)",
+                    spec.role.name()
+                )
+            } else {
+                String::new()
+            };
             return Err(regime_error(format!(
-                "regime {} would be empty ({} candidate scenes)",
+                "regime {} would be empty ({} candidate scenes){held}",
                 spec.name,
                 order.len()
             )));
         }
         let name = match p {
-            Some(p) if multiple => format!("{}_{}", spec.name, percent_label(p)),
+            Some(p) if suffix => format!("{}_{}", spec.name, percent_label(p)),
             _ => spec.name.clone(),
         };
         out.push(Regime {
@@ -265,6 +378,7 @@ pub fn draw_ladder(
                 .map(|&i| table.scenes[i].id.clone())
                 .collect(),
             notes,
+            include_test: spec.include_test && spec.role != Role::Test,
             patch_filter: None,
             patches: None,
         });

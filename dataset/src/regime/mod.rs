@@ -2,8 +2,10 @@
 //! class-count table), written as `STORE/regimes/<name>.parquet`.
 //!
 //! Every rule first orders the candidate scenes; a regime of P % is the first
-//! `round(P / 100 × all scenes)` of that order. So the regimes of a ladder are nested by
-//! construction, and the same table, rule and seed give the same file, byte for byte.
+//! `⌊P / 100 × N⌋` of that order, N the scenes a study draws from (the test release and excluded
+//! validation and test regimes left out). So the regimes of a ladder are nested by
+//! construction, and the same table, rule and seed give the same file, byte for byte. Scenes of
+//! the test release are held out of every regime but test ones unless asked for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -28,9 +30,11 @@ use crate::error::DatasetError;
 use crate::table::{SceneTable, read_batches};
 
 mod draw;
+mod held_out;
 
 use draw::list_of;
 pub use draw::{draw, draw_ladder, percent_label, share_count};
+pub use held_out::{EVERY_SCENE, TrainingScenes, training_scenes};
 
 /// Folder of a store that holds its regimes.
 pub const REGIMES_DIR: &str = "regimes";
@@ -140,6 +144,9 @@ pub struct RegimeSpec {
     pub list: Option<PathBuf>,
     /// Regimes whose scenes are excluded from the candidates (disjoint by construction).
     pub exclude: Vec<Regime>,
+    /// Draw from the test release's scenes too. A test regime always may; other roles hold
+    /// them out unless this is set.
+    pub include_test: bool,
 }
 
 /// A regime: its scenes in the order the rule picked them, and how it was drawn.
@@ -167,6 +174,9 @@ pub struct Regime {
     pub scenes: Vec<String>,
     /// Remarks made while drawing (e.g. coverage needing more than the share).
     pub notes: Vec<String>,
+    /// Drawn with `--include-test`: a non-test regime that may hold test-release scenes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_test: bool,
     /// How the patches were chosen, when the regime lists patches ([`list_patches`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_filter: Option<PatchFilter>,
@@ -277,6 +287,14 @@ fn regime_error(msg: impl Into<String>) -> DatasetError {
 /// ignored) or a JSON array of names. Raw file names, RTT file names and scene ids are all
 /// accepted and mapped to scene ids.
 pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
+    read_scene_list_with_repeats(path).map(|(ids, _)| ids)
+}
+
+/// [`read_scene_list`], and the scene ids named more than once (two names of one scene, such
+/// as its raw and RTT file names, or a line given twice), which the list counts once.
+pub fn read_scene_list_with_repeats(
+    path: &Path,
+) -> Result<(Vec<String>, Vec<String>), DatasetError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| DatasetError::table(path, 0, e.to_string()))?;
     let names: Vec<(usize, String)> = if text.trim_start().starts_with('[') {
@@ -293,6 +311,7 @@ pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
     };
     let mut seen = BTreeSet::new();
     let mut ids = Vec::new();
+    let mut repeats = Vec::new();
     for (line, n) in names {
         let id = match parse_scene_name(&n) {
             Some(p) => p.scene_id,
@@ -306,9 +325,11 @@ pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
         };
         if seen.insert(id.clone()) {
             ids.push(id);
+        } else if !repeats.contains(&id) {
+            repeats.push(id);
         }
     }
-    Ok(ids)
+    Ok((ids, repeats))
 }
 
 fn regime_schema(with_patches: bool) -> Schema {

@@ -10,6 +10,8 @@ use icefm_synth::SceneKind;
 #[path = "../../../tests/support/synth_store.rs"]
 mod synth_store;
 use synth_store::synth_store;
+#[allow(unused_imports)] // Not every test binary that includes this module draws test scenes.
+pub use synth_store::synth_store_of_releases;
 
 /// Patch edge of the tests' stores.
 pub const P: u32 = 64;
@@ -34,6 +36,7 @@ pub fn regime(name: &str, scenes: Vec<String>) -> Regime {
         source_hash: String::new(),
         scenes,
         notes: vec![],
+        include_test: false,
         patch_filter: None,
         patches: None,
     }

@@ -18,6 +18,7 @@ use icefm_synth::SceneKind;
 mod common;
 mod crops;
 mod damage;
+mod held_out;
 mod samplers;
 
 use common::{P, ingest_scenes, regime};

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use icefm_dataset::regime::Regime;
+use icefm_dataset::regime::{Regime, training_scenes};
 use icefm_dataset::sampler::parse_level_weights;
 use icefm_dataset::{Augment, Loader, LoaderOptions, Sampler};
 
@@ -280,11 +280,18 @@ pub(crate) fn open_loader(
     dev: &Device,
     group: &Group,
 ) -> Result<Loader, TrainError> {
-    let regime = if cfg.data.regime.is_empty() {
+    // Never a test or validation regime, never the validation scenes, and the test release
+    // only when the regime was drawn to hold it.
+    let given = if cfg.data.regime.is_empty() {
         None
     } else {
         Some(Regime::open(Some(store), &cfg.data.regime)?)
     };
+    let val = match cfg.seg.as_ref().map(|s| s.val_regime.as_str()) {
+        Some(v) if !v.is_empty() => Some(Regime::open(Some(store), v)?),
+        _ => None,
+    };
+    let regime = training_scenes(store, given, val.as_ref())?.regime;
     let levels = if cfg.data.levels.trim().is_empty() {
         Vec::new()
     } else {
@@ -292,7 +299,7 @@ pub(crate) fn open_loader(
     };
     Ok(Loader::open(
         store,
-        regime.as_ref(),
+        Some(&regime),
         LoaderOptions {
             levels,
             crop: cfg.data.crop,

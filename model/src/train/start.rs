@@ -142,7 +142,10 @@ impl RunStart {
             })
             .collect();
         if !self.regimes.iter().any(|r| r.key == "data.regime") {
-            regimes.insert(0, "data.regime: every scene".to_string());
+            regimes.insert(
+                0,
+                "data.regime: every scene but the test release's and seg.val_regime's".to_string(),
+            );
         }
         [
             format!(
