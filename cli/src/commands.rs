@@ -267,13 +267,24 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in inputs {
         if p.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+            let nc: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("reading directory {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.extension().is_some_and(|x| x == "nc") && f.is_file())
-                // A test scene's reference charts go with their scene, not on their own.
-                .filter(|f| !is_reference_file(f))
                 .collect();
+            // A test scene's reference charts go with their scene, not on their own.
+            let references = nc.iter().filter(|f| is_reference_file(f)).count();
+            let mut found: Vec<PathBuf> =
+                nc.into_iter().filter(|f| !is_reference_file(f)).collect();
+            if found.is_empty() && references > 0 {
+                bail!(
+                    "{}: holds only reference charts ({references} `…_reference.nc`), which are \
+                     not scenes; give the folder of the scenes (`…_prep.nc`), with \
+                     `--reference {}` if their charts are here",
+                    p.display(),
+                    p.display()
+                );
+            }
             if found.is_empty() {
                 bail!("{}: no .nc files in this directory", p.display());
             }
@@ -360,7 +371,8 @@ pub(crate) fn do_ingest(
     // store would keep levels no scene can fill.
     if let Some(l) = levels.iter().find(|l| l.spacing_m() < RAW_SPACING_M) {
         bail!(
-            "level {l} is finer than any AI4Arctic scene's grid (raw scenes are {RAW_SPACING_M} m,              the ready-to-train release 80 m)"
+            "level {l} is finer than any AI4Arctic scene's grid (raw scenes are {RAW_SPACING_M} m, \
+             the ready-to-train release 80 m)"
         );
     }
     let bars = IngestBars::new(inputs.len());

@@ -195,6 +195,18 @@ fn seen_in_training(
         .collect()
 }
 
+/// Err for a `--stride` longer than the run's crop: its windows would leave strips between
+/// them that no window predicts, scored as misses.
+fn check_stride(stride: Option<usize>, crop: usize) -> Result<()> {
+    match stride {
+        Some(s) if s > crop => bail!(
+            "--stride {s} is longer than the run's windows (data.crop = {crop}): the strips \
+             between them would have no prediction; give at most {crop}"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Run `icefm eval`.
 pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let (dev, ov) = a.infer.resolve()?;
@@ -213,6 +225,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     // or level that does not exist leaves nothing behind.
     let started = Instant::now();
     let cfg = run_config(&a.run)?;
+    check_stride(ov.stride, cfg.data.crop as usize)?;
     let store = match &a.store {
         Some(s) => s.clone(),
         None => trained_store(&a.run)?,
@@ -446,22 +459,29 @@ pub struct PredictArgs {
     pub infer: InferArgs,
 }
 
-/// The variable prefix of a scene in the submission: the input file's stem, without the
-/// ready-to-train release's `_prep` suffix.
+/// The name of a scene in the submission file: its scene id `<start>_<service>` (the
+/// ready-to-train release's file stem without `_prep`, which is what AutoICE names scenes by),
+/// for a raw file too, so that one file never mixes two naming schemes. A name that parses as
+/// neither is taken as its stem.
 pub fn submission_name(path: &Path) -> String {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    stem.strip_suffix("_prep")
-        .map(str::to_string)
-        .unwrap_or(stem)
+    icefm_schemas::names::parse_scene_name(&stem).map_or_else(
+        || {
+            stem.strip_suffix("_prep")
+                .map_or_else(|| stem.clone(), str::to_string)
+        },
+        |n| n.scene_id,
+    )
 }
 
 /// Run `icefm predict`.
 pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     let (dev, ov) = a.infer.resolve()?;
     let (cfg, model) = load_seg_model(&a.run, &dev)?;
+    check_stride(ov.stride, cfg.data.crop as usize)?;
     let score = Level::new(80)?;
     let tmp = tempfile_dir(&a.out)?;
     let store = a
@@ -701,6 +721,17 @@ fn tempfile_dir(out: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stride_longer_than_the_windows_is_refused() {
+        assert!(check_stride(None, 96).is_ok());
+        assert!(check_stride(Some(96), 96).is_ok());
+        let e = check_stride(Some(192), 96).unwrap_err().to_string();
+        assert!(
+            e.contains("--stride 192") && e.contains("at most 96"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn an_evaluation_of_a_checkpoint_goes_beside_the_checkpoints_not_into_one() {

@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    no_backtraces_in_error_messages();
     end_quietly_when_stdout_closes();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
@@ -52,6 +53,19 @@ fn error_lines(e: &anyhow::Error) -> Vec<String> {
         said = text;
     }
     lines
+}
+
+/// candle puts a stack backtrace into the text of every error it makes whenever
+/// `RUST_BACKTRACE` is set, as many shells set it: a one-line error, or an ablation's `FAILED:`
+/// line, would become thirty. Library backtraces follow `RUST_LIB_BACKTRACE` first, so unless
+/// that is set, it is set off here; panics still print theirs under `RUST_BACKTRACE`.
+#[allow(unsafe_code)] // set_var: see the SAFETY note
+fn no_backtraces_in_error_messages() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the first statement of main, before this process starts any thread, so no
+        // other thread can be reading the environment.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
 }
 
 /// A reader that stops early (`icefm export … | head`) closes the pipe, and Rust's print macros

@@ -32,9 +32,22 @@ fn median_of_last(values: &[f64], n: usize) -> Option<f64> {
 
 fn scores_line(v: &ValRecord) -> String {
     format!(
-        "SIC R² {:.3}  SOD F1 {:.3}  FLOE F1 {:.3}  combined {:.2}",
-        v.sic_r2, v.sod_f1, v.floe_f1, v.combined
+        "SIC R² {:.3}  SOD F1 {:.3}  FLOE F1 {:.3}  {}",
+        v.sic_r2,
+        v.sod_f1,
+        v.floe_f1,
+        selection(v)
     )
+}
+
+/// The score a run selects its best checkpoint by: the combined AutoICE score, or for a run of
+/// fewer tasks (whose combined score is undefined) the (2, 2, 1)-weighted score of its own.
+pub(crate) fn selection(v: &ValRecord) -> String {
+    if v.combined.is_finite() {
+        format!("combined {:.2}", v.combined)
+    } else {
+        format!("score {:.2} (its tasks' weighted score)", v.score)
+    }
 }
 
 /// The summary's text.
@@ -199,4 +212,26 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         )?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_fewer_tasks_is_reported_by_the_score_it_selects_by() {
+        let mut v = ValRecord {
+            step: 2,
+            sic_r2: f64::NAN,
+            sod_f1: 0.387,
+            floe_f1: f64::NAN,
+            combined: f64::NAN,
+            score: 7.74,
+            seconds: 0.1,
+        };
+        assert_eq!(selection(&v), "score 7.74 (its tasks' weighted score)");
+        assert!(scores_line(&v).ends_with("score 7.74 (its tasks' weighted score)"));
+        v.combined = 59.3;
+        assert_eq!(selection(&v), "combined 59.30");
+    }
 }

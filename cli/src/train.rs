@@ -168,8 +168,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
         .max_by(|a, b| a.score.total_cmp(&b.score))
     {
         println!(
-            "best validation: step {}, combined {:.2} (checkpoints/best)",
-            best.step, best.combined
+            "best validation: step {}, {} (checkpoints/best)",
+            best.step,
+            crate::run_summary::selection(best)
         );
     }
     if summary.interrupted {

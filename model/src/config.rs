@@ -293,6 +293,49 @@ impl TrainConfig {
         a == b
     }
 
+    /// The keys whose values differ between `self` and `other`, but for those `--resume` may
+    /// change ([`TrainConfig::continues_as`]): `key (self's value, other's value)`, in key order.
+    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        use std::collections::BTreeMap;
+        fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let table = |c: &TrainConfig| {
+            let mut out = BTreeMap::new();
+            if let Ok(v) = toml::Value::try_from(c) {
+                flatten("", &v, &mut out);
+            }
+            out.remove("train.steps");
+            out.remove("train.accumulate");
+            out
+        };
+        let (a, b) = (table(self), table(other));
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                let show = |m: &BTreeMap<String, String>| {
+                    m.get(k).cloned().unwrap_or_else(|| "(none)".into())
+                };
+                format!("{k} ({}, not {})", show(&a), show(&b))
+            })
+            .collect()
+    }
+
     /// The model shape this configuration asks for.
     pub fn mae_config(&self) -> Result<MaeConfig, ConfigError> {
         let m = &self.model;

@@ -161,7 +161,12 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("differs from the run's config.toml"), "{e}");
+    // It names the key, with the run's value and the one given.
+    assert!(
+        e.contains("differs from the run's config.toml in mae.mask_ratio (0.75, not 0.6)")
+            && e.contains("config.toml`, which holds every --set"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -380,7 +380,11 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
             assert!(server.counts().1 > 0, "{:?}", server.counts());
         }
     }
-    let stem = scene.file_stem().unwrap().to_string_lossy().into_owned();
+    // Named by scene id, as the RTT scenes are, not by the raw file's long stem.
+    let stem =
+        icefm_schemas::names::parse_scene_name(&scene.file_name().unwrap().to_string_lossy())
+            .unwrap()
+            .scene_id;
     let (names, charts) = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
         let file = netcdf::open(&sub).unwrap();
         let mut names: Vec<String> = file.variables().map(|v| v.name()).collect();

@@ -346,6 +346,23 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         err.contains("no .nc files") && err.contains("empty"),
         "{err}"
     );
+    // A folder of reference charts alone is said to be one.
+    let refs = dir.path().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::write(refs.join("20200101T000000_dmi_prep_reference.nc"), b"x").unwrap();
+    let out = icefm()
+        .args(["ingest", "--store"])
+        .arg(dir.path().join("s.zarr"))
+        .arg(&refs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("holds only reference charts (1 `…_reference.nc`)")
+            && err.contains("--reference"),
+        "{err}"
+    );
 
     let scenes = dir.path().join("scenes");
     synth(&scenes, 1, "300x320", "default");

@@ -298,7 +298,26 @@ impl Loader {
         }
         let sequential = matches!(opts.sampler, Sampler::Sequential { .. });
         if !sequential {
+            // Levels the regime's patch list does not cover at all.
+            let listed_levels: Option<Vec<Level>> = regime
+                .and_then(|r| r.patch_filter.as_ref())
+                .map(|f| f.levels.clone());
             for (li, p) in patches.iter().enumerate() {
+                if let (true, Some(r), Some(ls)) = (
+                    p.is_empty() && weighted[li].1 > 0.0,
+                    regime,
+                    listed_levels.as_ref(),
+                ) && !ls.contains(&levels[li])
+                {
+                    return Err(loader_error(format!(
+                        "level {}: regime `{}` lists patches at {} only; draw it again with \
+                         --levels covering {}, or give this level weight 0",
+                        levels[li],
+                        r.name,
+                        ls.iter().map(|l| l.name()).collect::<Vec<_>>().join(", "),
+                        levels[li]
+                    )));
+                }
                 if p.is_empty() && weighted[li].1 > 0.0 {
                     return Err(loader_error(format!(
                         "level {}: no {}patch of the {} scenes has at least {:.0} % valid SAR; \

@@ -69,7 +69,8 @@ fn about_credentials(e: &object_store::Error) -> bool {
 /// `e` led by what to check first, credentials.
 fn with_credentials_hint(e: &object_store::Error) -> String {
     format!(
-        "no credentials found, or the service refused them (docs/object-store.md lists the          environment variables each service reads); the storage client said: {e}"
+        "no credentials found, or the service refused them (docs/object-store.md lists the \
+         environment variables each service reads); the storage client said: {e}"
     )
 }
 

@@ -335,7 +335,11 @@ fn regimes_listing_patches_restrict_the_random_samplers() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("160m") && e.contains("listed"), "{e}");
+    assert!(
+        e.contains("level 160m: regime `listed` lists patches at 80m only")
+            && e.contains("--levels"),
+        "{e}"
+    );
     let e = list_patches(&mut r, store, &[Level::new(400).unwrap()], 0.5)
         .err()
         .unwrap()

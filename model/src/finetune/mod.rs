@@ -196,14 +196,6 @@ pub fn train_seg_in(
             .ok_or_else(|| TrainError::Setup("the store has no level".into()))?;
         Some((reader, scenes, infer_options(cfg, level), score_level))
     };
-    if !seg.init.is_empty() && !opts.resume {
-        // Checked against its checkpoint's hash before a run folder is made for it.
-        let file = resolve_weights(Path::new(&seg.init))?;
-        crate::files::check_recorded_hash(&file).map_err(|e| io_err(&file, e))?;
-    }
-    let mut run = open_run(cfg, opts, group)?;
-    let existing = run.existing.clone();
-
     let vars = VarMap::new();
     let mut model = SegModel::new(VarBuilder::from_varmap(&vars, DType::F32, &dev), &scfg)?;
     if cfg.train.precision == "bf16" {
@@ -212,6 +204,16 @@ pub fn train_seg_in(
     model.freeze_encoder = seg.freeze_encoder;
     init_weights(&vars, cfg.train.seed)?;
     let named = named_vars(&vars);
+    // The initial encoder is read, its hash and shapes checked, before a run folder is made
+    // for it (a resumed run with checkpoints takes its weights from them instead).
+    let resuming = opts.resume && !checkpoints(&opts.out).is_empty();
+    let initialised = if !seg.init.is_empty() && !resuming {
+        Some(load_init(Path::new(&seg.init), &named, &dev)?)
+    } else {
+        None
+    };
+    let mut run = open_run(cfg, opts, group)?;
+    let existing = run.existing.clone();
     let trained: Vec<(String, Var)> = named
         .iter()
         .filter(|(n, _)| !(seg.freeze_encoder && n.starts_with("encoder.")))
@@ -249,8 +251,7 @@ pub fn train_seg_in(
     } else {
         let n: usize = named.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         run.log(&format!("new fine-tuning run: {n} parameters"))?;
-        if !seg.init.is_empty() {
-            let (file, k) = load_init(Path::new(&seg.init), &named, &dev)?;
+        if let Some((file, k)) = &initialised {
             run.log(&format!("encoder: {k} tensors from {}", file.display()))?;
         } else {
             run.log("encoder: from scratch")?;

@@ -213,9 +213,12 @@ fn open_run_dir(
         // smaller parts).
         if !saved.continues_as(cfg) {
             return Err(TrainError::Setup(format!(
-                "{}: the configuration differs from the run's config.toml (only train.steps and \
-                 train.accumulate may change on --resume)",
-                opts.out.display()
+                "{}: the configuration differs from the run's config.toml in {} (the run's \
+                 value first; only train.steps and train.accumulate may change on --resume). \
+                 Continue it with `--config {}`, which holds every --set it started with",
+                opts.out.display(),
+                saved.differences(cfg).join(", "),
+                config_path.display()
             )));
         }
         if let Some((at, _)) = existing.last()

@@ -281,6 +281,30 @@ fn fine_tuning_starts_from_the_mae_encoder_it_is_given() {
         log.contains(&format!("{n} tensors from {}", file.display())),
         "{log}"
     );
+    // An encoder of another depth is refused before a run folder is made for it.
+    let deeper = tmp.path().join("deeper.safetensors");
+    candle_core::safetensors::save(&mae_weights(3, 77), &deeper).unwrap();
+    let cfg = TrainConfig::parse(
+        CONFIG,
+        &[
+            format!("seg.init=\"{}\"", deeper.display()),
+            "train.steps=1".into(),
+        ],
+    )
+    .unwrap();
+    let refused = tmp.path().join("refused");
+    let opts = RunOptions {
+        device: Device::Cpu,
+        store: store().to_path_buf(),
+        out: refused.clone(),
+        resume: false,
+    };
+    let Err(e) = train_seg(&cfg, &opts, &AtomicBool::new(false), &|_| {}, &|_| {}) else {
+        panic!("a deeper encoder must be refused");
+    };
+    let e = e.to_string();
+    assert!(e.contains("its encoder has 3 blocks, the model 2"), "{e}");
+    assert!(!refused.exists(), "a run that cannot start made its folder");
 }
 
 #[test]
