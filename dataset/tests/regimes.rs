@@ -344,3 +344,24 @@ fn a_scene_named_twice_in_a_list_counts_once_and_is_noted() {
         r.notes
     );
 }
+
+#[test]
+fn a_share_of_less_than_one_scene_takes_one_and_says_so() {
+    let t = counts();
+    let r = draw(&t, &spec("tiny", Rule::Fraction, Some(0.1), 0)).unwrap();
+    assert_eq!(r.scenes.len(), 1);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("0.1 % of 513 scenes is less than one scene")),
+        "{:?}",
+        r.notes
+    );
+    let r = draw(&t, &spec("one", Rule::Fraction, Some(1.0), 0)).unwrap();
+    assert_eq!(r.scenes.len(), 5);
+    assert!(
+        r.notes.iter().all(|n| !n.contains("less than one")),
+        "{:?}",
+        r.notes
+    );
+}

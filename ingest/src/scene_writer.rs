@@ -67,6 +67,29 @@ struct LevelOut {
     aux_buf: Vec<f32>,
 }
 
+/// A chart whose `polygon_codes` lists an id in more than one row: its pixels take the last
+/// row's classes (as a table keyed by id does), which the user should know of.
+fn repeated_ids_warning(codes: &[icefm_schemas::sigrid::PolygonCode]) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated: Vec<i64> = codes
+        .iter()
+        .filter(|c| !seen.insert(c.poly_id))
+        .map(|c| c.poly_id)
+        .collect();
+    repeated.sort_unstable();
+    repeated.dedup();
+    (!repeated.is_empty()).then(|| {
+        let shown: Vec<String> = repeated.iter().take(5).map(i64::to_string).collect();
+        format!(
+            "polygon_codes lists {} polygon id(s) in more than one row ({}{}): their pixels \
+             take the last such row's classes",
+            repeated.len(),
+            shown.join(", "),
+            if repeated.len() > 5 { ", …" } else { "" }
+        )
+    })
+}
+
 /// A scene without a chart is ingested with every label 255: say so, and where an RTT test
 /// scene's charts would have been found.
 fn chart_warning(info: &SceneInfo) -> Option<String> {
@@ -343,6 +366,9 @@ pub(crate) fn write_scene(
         ));
     }
     warnings.extend(chart_warning(&info));
+    if table.is_some() {
+        warnings.extend(repeated_ids_warning(&info.polygons));
+    }
     let level_shapes = levels.iter().map(|l| l.acc.shape()).collect();
     let patches = levels.into_iter().flat_map(|l| l.patches).collect();
     Ok(Written {
@@ -571,6 +597,27 @@ mod tests {
         });
         let r = result.recv_timeout(Duration::from_secs(20)).ok();
         (r, read.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_polygon_id_in_two_rows_is_warned_of() {
+        use icefm_schemas::sigrid::PolygonCode;
+        let code = |s: &str| PolygonCode::parse(s).unwrap();
+        let once = [
+            code("1;90;-9;93;07;-9;-9;-9;-9;-9;-9;-9;-9;07-9;I"),
+            code("2;02;-9;98;10;-9;-9;-9;-9;-9;-9;-9;-9;10-9;W"),
+        ];
+        assert_eq!(repeated_ids_warning(&once), None);
+        let twice = [
+            once[0].clone(),
+            once[1].clone(),
+            code("1;30;-9;93;07;-9;-9;-9;-9;-9;-9;-9;-9;07-9;I"),
+        ];
+        let w = repeated_ids_warning(&twice).unwrap();
+        assert!(
+            w.contains("1 polygon id(s) in more than one row (1)"),
+            "{w}"
+        );
     }
 
     #[test]

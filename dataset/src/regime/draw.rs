@@ -323,6 +323,11 @@ fn draw_shares(
             (_, Some(p)) => {
                 let p = check_percent(p)?;
                 let want = share_count(p, base);
+                if p * base as f64 / 100.0 + 1e-9 < 1.0 {
+                    notes.push(format!(
+                        "{p} % of {base} scenes is less than one scene: the regime takes one"
+                    ));
+                }
                 if want > order.len() {
                     notes.push(format!(
                         "{p} % of {base} scenes is {want}, but only {} not excluded: the regime \
