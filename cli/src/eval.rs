@@ -159,40 +159,72 @@ fn trained_store(run: &Path) -> Result<PathBuf> {
     Ok(start.store)
 }
 
-/// The scenes of `scored` that the run of `cfg` trained on, as its `data.regime` (or every
-/// scene but the held-out ones) names them in `store`; none when that cannot be told (its
-/// regime is not in this store).
-fn seen_in_training(
-    cfg: &icefm_model::config::TrainConfig,
-    store: &Path,
-    scored: &[std::sync::Arc<str>],
-) -> Vec<String> {
-    use icefm_dataset::regime::{Regime, training_scenes};
-    let open = |name: &str| Regime::open(Some(store), name).ok();
-    let trained = match cfg.data.regime.as_str() {
-        // Its own regime as it is, whatever training would now say of it.
-        "" => {
-            let val = cfg
-                .seg
-                .as_ref()
-                .filter(|s| !s.val_regime.is_empty())
-                .and_then(|s| open(&s.val_regime));
-            match training_scenes(store, None, val.as_ref()) {
-                Ok(t) => t.regime.scenes,
-                Err(_) => return Vec::new(),
+/// The scenes a run (a run folder, or a checkpoint or weights file in one) trained on, as its
+/// `starts.jsonl` records them (every start's); `None` where a start records none (started by
+/// an icefm older than the record) or the run has no record at all.
+fn trained_scenes_of(run: &Path) -> Option<(PathBuf, std::collections::BTreeSet<String>)> {
+    let (dir, _) = config_of_run(run).ok()?;
+    let starts = run_starts(&dir);
+    if starts.is_empty() {
+        return None;
+    }
+    let mut all = std::collections::BTreeSet::new();
+    for s in starts {
+        all.extend(s.trained_scenes?);
+    }
+    Some((dir, all))
+}
+
+/// What a run's scores on `scored` are not held out from: the scored scenes it trained on
+/// (`None`: its record does not say), and those its initial encoder's runs trained on, through
+/// every `seg.init` back (`None`: an encoder from outside icefm's runs, or no record).
+struct Seen {
+    by_run: Option<Vec<String>>,
+    by_init: Option<Vec<String>>,
+    /// The initial encoder's run, when there is one.
+    init: Option<String>,
+}
+
+fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
+    let among = |set: &std::collections::BTreeSet<String>| -> Vec<String> {
+        scored
+            .iter()
+            .filter(|s| set.contains(&***s))
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let by_run = trained_scenes_of(run).map(|(_, set)| among(&set));
+    // The chain of initial encoders: each run's seg.init, as its config.toml records it.
+    let mut init_seen = std::collections::BTreeSet::new();
+    let mut known = true;
+    let mut first = None;
+    let mut at = config_of_run(run).ok().map(|(_, cfg)| cfg);
+    for _ in 0..16 {
+        let Some(init) = at
+            .as_ref()
+            .and_then(|c| c.seg.as_ref())
+            .map(|s| s.init.clone())
+            .filter(|i| !i.is_empty())
+        else {
+            break;
+        };
+        first.get_or_insert_with(|| init.clone());
+        match trained_scenes_of(Path::new(&init)) {
+            Some((dir, set)) => {
+                init_seen.extend(set);
+                at = config_of_run(&dir).ok().map(|(_, cfg)| cfg);
+            }
+            None => {
+                known = false;
+                break;
             }
         }
-        name => match open(name) {
-            Some(r) => r.scenes,
-            None => return Vec::new(),
-        },
-    };
-    let trained: std::collections::BTreeSet<&str> = trained.iter().map(String::as_str).collect();
-    scored
-        .iter()
-        .filter(|s| trained.contains(&***s))
-        .map(|s| s.to_string())
-        .collect()
+    }
+    Seen {
+        by_run,
+        by_init: known.then(|| among(&init_seen)),
+        init: first,
+    }
 }
 
 /// Err for a `--stride` longer than the run's crop: its windows would leave strips between
@@ -239,15 +271,36 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         .transpose()?;
     let scored = reader.scenes(regime.as_ref())?;
     let n = scored.len();
-    // Scores on scenes the run trained on are not held-out scores: say so, and record them.
-    let seen = seen_in_training(&cfg, &store, &scored);
-    if !seen.is_empty() {
+    // Scores on scenes the run (or its initial encoder) trained on are not held-out scores:
+    // say so, and record them.
+    let seen = seen_in_training(&a.run, &scored);
+    let some = |v: &[String]| {
+        format!(
+            "{}{}",
+            v.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if v.len() > 5 { ", …" } else { "" }
+        )
+    };
+    match &seen.by_run {
+        Some(v) if !v.is_empty() => eprintln!(
+            "warning: {} of the {n} scenes scored are among those the run trained on ({}); its \
+             scores on them are not held-out scores (metrics.json lists them)",
+            v.len(),
+            some(v)
+        ),
+        Some(_) => {}
+        None => eprintln!(
+            "warning: the run's starts.jsonl does not record the scenes it trained on (it was \
+             started by an older icefm): whether these {n} scenes were among them is not known"
+        ),
+    }
+    if let Some(v) = seen.by_init.as_ref().filter(|v| !v.is_empty()) {
         eprintln!(
-            "warning: {} of the {n} scenes scored are among those the run trained on ({}{}); \
-             its scores on them are not held-out scores (metrics.json lists them)",
-            seen.len(),
-            seen.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
-            if seen.len() > 5 { ", …" } else { "" }
+            "warning: {} of the {n} scenes scored are among those its initial encoder ({}) \
+             was trained on ({}): not held out from pre-training (metrics.json lists them)",
+            v.len(),
+            seen.init.as_deref().unwrap_or("?"),
+            some(v)
         );
     }
     let bar = scene_bar(n, "eval");
@@ -335,7 +388,8 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "seconds_per_scene": ev.scenes.iter().map(|r| r.seconds).sum::<f64>() / ev.scenes.len().max(1) as f64,
         "peak_rss_mib": peak_rss_mib(),
         "unpredicted_labelled_pixels": unpredicted,
-        "scenes_seen_in_training": seen,
+        "scenes_seen_in_training": seen.by_run,
+        "scenes_seen_by_init": seen.by_init,
     });
     let path = staged.join(METRICS_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)

@@ -200,8 +200,15 @@ impl SceneTable {
                 scenes.insert(e.id.clone(), e);
             }
         }
-        // Stores ingested before the column have each scene's release from its id alone.
-        if has_column(&scenes_path, RELEASE_COLUMN)? {
+        // Stores ingested before the column: each scene's release from its record (its id,
+        // and whether it has a labelled pixel), as their next merge writes it.
+        if !has_column(&scenes_path, RELEASE_COLUMN)? {
+            for e in scenes.values_mut() {
+                let sic = &e.pixels[Task::Sic.channel()];
+                let labelled = sic[..sic.len().saturating_sub(1)].iter().sum();
+                e.release = Release::of_record(&e.id, labelled);
+            }
+        } else {
             for b in read_batches(&scenes_path, &["scene_id", RELEASE_COLUMN])? {
                 let (ids, releases) = (
                     b.column(0).as_string::<i32>(),

@@ -143,12 +143,14 @@ pub fn summarize_manifests(
         let w: &UInt32Array = col(b, "width", scenes_path)?;
         let valid: &UInt64Array = col(b, "valid_pixels", scenes_path)?;
         let unknown: &UInt32Array = col(b, "unknown_code_count", scenes_path)?;
-        // Stores ingested before the column: the release from the scene id.
+        // Stores ingested before the column: the release from the scene's record.
         let release = b
             .column_by_name(RELEASE_COLUMN)
             .and_then(|c| c.as_any().downcast_ref::<StringArray>());
+        let has_release = release.is_some();
         for i in 0..b.num_rows() {
             let px = f64::from(h.value(i)) * f64::from(w.value(i));
+            // Stores ingested before the column: set below from the labels.
             let release = release
                 .and_then(|r| Release::parse(r.value(i)))
                 .unwrap_or_else(|| Release::of_id(id.value(i)));
@@ -184,6 +186,9 @@ pub fn summarize_manifests(
                     let valid_px =
                         sc.valid_fraction * f64::from(sc.shape.0) * f64::from(sc.shape.1);
                     sc.labelled_fraction = labelled as f64 / valid_px.max(1.0);
+                    if !has_release {
+                        sc.release = Release::of_record(&sc.scene_id, labelled);
+                    }
                 }
             }
         }

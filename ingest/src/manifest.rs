@@ -245,7 +245,8 @@ pub fn scenes_batch(rows: &[SceneRecord]) -> Result<RecordBatch, arrow_schema::A
 }
 
 /// A scene part as the current scenes schema has it: parts committed before the `release`
-/// column get it from their scene ids ([`Release::of_id`]).
+/// column get it from their records ([`Release::of_record`]: the id, and whether the scene has
+/// a labelled pixel).
 fn current_scene_part(path: &Path, batch: RecordBatch) -> Result<RecordBatch, StoreError> {
     if batch.column_by_name(RELEASE_COLUMN).is_some() {
         return Ok(batch);
@@ -254,9 +255,21 @@ fn current_scene_part(path: &Path, batch: RecordBatch) -> Result<RecordBatch, St
         .column_by_name("scene_id")
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())
         .ok_or_else(|| StoreError::parquet(path, "no string column scene_id"))?;
-    let release: StringArray = ids
-        .iter()
-        .map(|id| id.map(|id| Release::of_id(id).name()))
+    let sic = icefm_schemas::manifest::hist_column(Task::Sic, "pixels");
+    let hist = batch
+        .column_by_name(&sic)
+        .and_then(|c| c.as_any().downcast_ref::<arrow_array::FixedSizeListArray>())
+        .ok_or_else(|| StoreError::parquet(path, format!("no column {sic}")))?;
+    let release: StringArray = (0..batch.num_rows())
+        .map(|i| {
+            let counts = hist.value(i);
+            let counts = counts.as_any().downcast_ref::<UInt64Array>()?;
+            // Every bin but the last (255, no label).
+            let labelled: u64 = counts.values()[..counts.len().saturating_sub(1)]
+                .iter()
+                .sum();
+            Some(Release::of_record(ids.value(i), labelled).name())
+        })
         .collect();
     let mut cols = batch.columns().to_vec();
     cols.push(Arc::new(release));
@@ -700,18 +713,31 @@ mod tests {
     fn parts_committed_before_the_release_column_get_it_from_their_ids_when_merged() {
         let dir = tempfile::tempdir().unwrap();
         // An AutoICE test scene and another, committed by an icefm without the column.
-        let ids = [AUTOICE_TEST_SCENES[0], "20200101T000000_dmi"];
+        // And one without a labelled pixel (a test file without its charts).
+        let ids = [
+            AUTOICE_TEST_SCENES[0],
+            "20200101T000000_dmi",
+            "20200202T000000_dmi",
+        ];
         for id in ids {
-            commit_scene(dir.path(), &scene(id), &[], &[]).unwrap();
+            let mut record = scene(id);
+            if id == ids[2] {
+                for h in &mut record.class_pixels {
+                    let n = h.len();
+                    h.iter_mut().for_each(|c| *c = 0);
+                    h[n - 1] = 12;
+                }
+            }
+            commit_scene(dir.path(), &record, &[], &[]).unwrap();
             let [_, _, part] = part_paths(dir.path(), id);
-            let b = scenes_batch(&[scene(id)]).unwrap();
+            let b = scenes_batch(std::slice::from_ref(&record)).unwrap();
             let old = b
                 .project(&(0..b.num_columns() - 1).collect::<Vec<_>>())
                 .unwrap();
             assert!(old.column_by_name(RELEASE_COLUMN).is_none());
             write_parquet(&part, old.schema().as_ref(), &[old]).unwrap();
         }
-        assert_eq!(merge_manifests(dir.path()).unwrap(), 2);
+        assert_eq!(merge_manifests(dir.path()).unwrap(), 3);
         let s = read_parquet(&dir.path().join("manifests/scenes.parquet")).unwrap();
         let release = s[0]
             .column_by_name(RELEASE_COLUMN)
@@ -720,10 +746,13 @@ mod tests {
             .downcast_ref::<StringArray>()
             .unwrap()
             .clone();
+        let all: Vec<&str> = (0..s.iter().map(|b| b.num_rows()).sum())
+            .map(|i| release.value(i))
+            .collect();
         assert_eq!(
-            (release.value(0), release.value(1)),
-            ("test", "train"),
-            "sorted by id: the test scene (2018) first"
+            all,
+            ["test", "train", "test"],
+            "sorted by id: the test scene (2018), a labelled one, one without labels"
         );
     }
 

@@ -109,8 +109,18 @@ impl Release {
         }
     }
 
-    /// The release of a scene from its id alone (stores ingested before the `release` column):
-    /// test for the AutoICE test scenes, else train.
+    /// The release of a scene recorded before the `release` column, from what its record says:
+    /// test for an AutoICE test scene or a scene without a labelled pixel (no charts: the
+    /// rule ingest follows), else train.
+    pub fn of_record(scene_id: &str, labelled_pixels: u64) -> Self {
+        if labelled_pixels == 0 {
+            Self::Test
+        } else {
+            Self::of_id(scene_id)
+        }
+    }
+
+    /// The release of a scene from its id alone: test for the AutoICE test scenes, else train.
     pub fn of_id(scene_id: &str) -> Self {
         if AUTOICE_TEST_SCENES.contains(&scene_id) {
             Self::Test

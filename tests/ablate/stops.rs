@@ -70,6 +70,12 @@ fn a_wrong_grid_fails_with_one_line_before_any_training() {
         "base = \"seg_micro.toml\"\ntest_regime = \"test\"\nset = [\"data.regime=ft_67\"]\n[grid]\nregimes = [\"ft_34\"]\n",
     );
     fails_before_training(o, &out, &["data.regime is an axis"]);
+    // A regime training would refuse: the test regime itself.
+    let o = case(
+        "trains-on-test",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\", \"test\"]\ninit = [\"scratch\"]\n",
+    );
+    fails_before_training(o, &out, &["regimes: data.regime `test` is a test regime"]);
     // A level the store does not have.
     let o = case(
         "level",

@@ -150,6 +150,34 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         m["scenes_seen_in_training"].as_array().map(Vec::len),
         Some(3)
     );
+    assert_eq!(m["scenes_seen_by_init"], serde_json::json!([]));
+    // The MAE's `pt` scenes: not trained on by the fine-tuning, but its initial encoder was
+    // pre-trained on them, and eval says so too.
+    let by_init = dir.path().join("eval-pt");
+    let out_init = ok(icefm()
+        .args(["eval", "--regime", "pt", "--no-panels", "--run"])
+        .arg(&ft)
+        .arg("--out")
+        .arg(&by_init)
+        .output()
+        .unwrap());
+    let err = String::from_utf8_lossy(&out_init.stderr);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(by_init.join("metrics.json")).unwrap())
+            .unwrap();
+    let n = m["scenes"].as_u64().unwrap();
+    assert!(n >= 1);
+    assert!(
+        err.contains(&format!(
+            "{n} of the {n} scenes scored are among those its initial encoder"
+        )),
+        "{err}"
+    );
+    assert_eq!(m["scenes_seen_in_training"], serde_json::json!([]));
+    assert_eq!(
+        m["scenes_seen_by_init"].as_array().map(Vec::len),
+        Some(n as usize)
+    );
     // Scoring again into a folder that holds an evaluation replaces it whole: its panels go
     // with its metrics.json. The staging folder of a killed evaluation is swept away.
     let killed = ft.join(".eval-test.eval-4000000000");

@@ -108,7 +108,7 @@ fn train_writes_a_run_and_resumes() {
     assert!(starts[1].contains(" --resume"), "{log}");
     let hash = icefm_dataset::table::manifests_hash(&store).unwrap();
     let store_line = format!(
-        "  store {}, manifests BLAKE3 {}; data.regime: every scene but the test release's and seg.val_regime's",
+        "  store {}, manifests BLAKE3 {}; data.regime: every scene, 2",
         std::fs::canonicalize(&store).unwrap().display(),
         &hash[..16]
     );
@@ -118,6 +118,8 @@ fn train_writes_a_run_and_resumes() {
     assert_eq!(recorded.len(), 2);
     assert_eq!(recorded[1].store, std::fs::canonicalize(&store).unwrap());
     assert_eq!(recorded[1].manifests_blake3.as_deref(), Some(hash.as_str()));
+    // And the scenes it trained on, by id: the store's two.
+    assert_eq!(recorded[1].trained_scenes.as_ref().map(Vec::len), Some(2));
     assert_eq!(
         recorded[1].command.last().map(String::as_str),
         Some("--resume")

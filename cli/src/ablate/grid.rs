@@ -349,6 +349,10 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     let mut regimes = Vec::new();
     for name in &axes.regimes {
         let r = open(name)?;
+        // What training would refuse (a test or val regime, one sharing the validation or a
+        // test regime's scenes, test-release scenes not drawn to), refused before anything runs.
+        icefm_dataset::regime::training_scenes(store, Some(r.clone()), val.as_ref())
+            .map_err(|e| anyhow!("{g}: regimes: {e}"))?;
         let shared = shared_scenes(&r, &test);
         if !shared.is_empty() {
             eprintln!(
@@ -361,7 +365,7 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
         regimes.push(r);
     }
     // The labelled fraction's 100 %: the pool regime, else every scene of the store that is
-    // neither a test nor a validation scene.
+    // neither of the test release nor a test or validation scene.
     let pool = match &grid.pool {
         Some(name) => open(name)?.scenes.len(),
         None => {
@@ -374,7 +378,7 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
             let n = table
                 .scenes
                 .iter()
-                .filter(|s| !held.contains(s.id.as_str()));
+                .filter(|s| !s.is_test() && !held.contains(s.id.as_str()));
             n.count()
         }
     };

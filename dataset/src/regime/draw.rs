@@ -209,13 +209,28 @@ fn draw_shares(
             table.source.display()
         )));
     }
+    if spec.include_test && spec.role == Role::Test {
+        return Err(regime_error(
+            "--include-test is for the other roles: a test regime draws from the test release \
+             already (from every scene when the store has none)",
+        ));
+    }
     let candidates = pool(table, spec);
     let base = share_base(table, spec);
     let mut notes = Vec::new();
+
     let tests = table.scenes.iter().filter(|e| e.is_test()).count();
     if tests > 0 && spec.role == Role::Test && spec.rule != Rule::Import {
         notes.push(format!(
             "a test regime: drawn from the {tests} scene(s) of the test release"
+        ));
+    } else if tests > 0 && spec.include_test {
+        let held = candidates
+            .iter()
+            .filter(|&&i| table.scenes[i].is_test())
+            .count();
+        notes.push(format!(
+            "drawn with --include-test: {held} of its candidates are of the test release"
         ));
     } else if tests > 0 && holds_test_out(spec) {
         notes.push(format!(
@@ -323,6 +338,14 @@ fn draw_shares(
             (_, Some(p)) => {
                 let p = check_percent(p)?;
                 let want = share_count(p, base);
+                if base != table.scenes.len() {
+                    notes.push(format!(
+                        "{p} % is of the {base} scene(s) a {} regime is drawn from (of {} in \
+                         all; docs/regimes.md)",
+                        spec.role.name(),
+                        table.scenes.len()
+                    ));
+                }
                 if p * base as f64 / 100.0 + 1e-9 < 1.0 {
                     notes.push(format!(
                         "{p} % of {base} scenes is less than one scene: the regime takes one"

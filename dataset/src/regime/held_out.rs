@@ -1,5 +1,6 @@
-//! What a training run may read: never a test or validation regime, never its own validation
-//! scenes, and, unless its regime was drawn to, never the test release.
+//! What a training run may read and select on: never the test release (unless its regime was
+//! drawn to hold it), never a test regime's scenes, never its own validation scenes; and no
+//! model selection on test scenes.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -7,18 +8,46 @@ use std::path::Path;
 use crate::error::DatasetError;
 use crate::table::SceneTable;
 
-use super::{Regime, Role, Rule, regime_error};
+use super::{Regime, Role, Rule, list_regimes, regime_error};
 
 /// The scenes a training run reads, and what was held out of them.
 #[derive(Debug, Clone)]
 pub struct TrainingScenes {
     /// The regime the loader reads: the run's own, or (without one) every scene of the store
-    /// but the held-out ones, as a regime named `every scene`.
+    /// but the held-out ones, as a regime named [`EVERY_SCENE`].
     pub regime: Regime,
     /// Scenes of the test release left out (without a regime of the run's own).
     pub held_out_test: usize,
+    /// Other scenes of the store's test regimes left out (without a regime of the run's own).
+    pub held_out_test_regimes: usize,
     /// Scenes of the validation regime left out (without a regime of the run's own).
     pub held_out_val: usize,
+}
+
+impl TrainingScenes {
+    /// What the run reads, in words, for its log: the regime, or every scene less what was
+    /// held out.
+    pub fn describe(&self) -> String {
+        if self.regime.name != EVERY_SCENE {
+            return format!("{} ({} scenes)", self.regime.name, self.regime.scenes.len());
+        }
+        let mut out = vec![];
+        for (n, what) in [
+            (self.held_out_test, "of the test release"),
+            (self.held_out_test_regimes, "of test regimes"),
+            (self.held_out_val, "of seg.val_regime"),
+        ] {
+            if n > 0 {
+                out.push(format!("{n} {what}"));
+            }
+        }
+        let but = if out.is_empty() {
+            String::new()
+        } else {
+            format!(" (held out: {})", out.join(", "))
+        };
+        format!("every scene, {}{but}", self.regime.scenes.len())
+    }
 }
 
 /// Name of the regime [`training_scenes`] makes when the run names none.
@@ -32,30 +61,114 @@ fn list(ids: &[&str]) -> String {
     s
 }
 
+/// The scenes of `r` that are in `set`, in `r`'s order.
+fn among<'a>(r: &'a Regime, set: &BTreeSet<&str>) -> Vec<&'a str> {
+    r.scenes
+        .iter()
+        .map(String::as_str)
+        .filter(|s| set.contains(s))
+        .collect()
+}
+
+/// The store's regimes of role test (those that can be read).
+fn test_regimes(store: &Path) -> Vec<Regime> {
+    list_regimes(store)
+        .iter()
+        .filter_map(|n| Regime::open(Some(store), n).ok())
+        .filter(|r| r.role == Role::Test)
+        .collect()
+}
+
+/// Err when `r` (a run's regime under `key`) shares scenes with a test regime of the store.
+fn check_not_test(key: &str, r: &Regime, tests: &[Regime]) -> Result<(), DatasetError> {
+    for t in tests.iter().filter(|t| t.name != r.name) {
+        let shared = among(r, &t.scenes.iter().map(String::as_str).collect());
+        if !shared.is_empty() {
+            return Err(regime_error(format!(
+                "{key} `{}` shares {} scene(s) with the test regime `{}` ({}): its scores would \
+                 not be held-out scores. Draw it with `--exclude {}`",
+                r.name,
+                shared.len(),
+                t.name,
+                list(&shared),
+                t.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Err when `r` (a run's regime under `key`) holds scenes of the test release without having
+/// been drawn to (`--include-test`).
+fn check_no_test_release(key: &str, r: &Regime, table: &SceneTable) -> Result<(), DatasetError> {
+    if r.include_test {
+        return Ok(());
+    }
+    let test: Vec<&str> = r
+        .scenes
+        .iter()
+        .map(String::as_str)
+        .filter(|s| table.index_of(s).is_some_and(|i| table.scenes[i].is_test()))
+        .collect();
+    if test.is_empty() {
+        return Ok(());
+    }
+    let remedy = if r.rule == Rule::Import {
+        "remove them from its list and import it again (`--force`)"
+    } else {
+        "draw it again (`icefm regime … --force` holds them out)"
+    };
+    Err(regime_error(format!(
+        "{key} `{}` holds {} scene(s) of the test release ({}), and was not drawn with \
+         --include-test: {remedy}, or draw it with --include-test if that is meant",
+        r.name,
+        test.len(),
+        list(&test)
+    )))
+}
+
 /// The scenes a run trains on, from `store`: `regime` (its `data.regime`), checked, or every
-/// complete scene but the test release's and `val`'s. Errors:
-/// - `regime` is a test or validation regime;
+/// complete scene but the test release's, the store's test regimes' and `val`'s. Errors:
+/// - `regime` is a test or validation regime, or `val` is a test regime;
 /// - `regime` shares scenes with `val` (model selection on scenes it trained on);
-/// - `regime` holds scenes of the test release but was not drawn with `--include-test` (a
-///   regime drawn before icefm held them out).
+/// - `regime` or `val` shares scenes with a test regime of the store;
+/// - `regime` or `val` holds scenes of the test release but was not drawn with
+///   `--include-test` (a regime drawn before icefm held them out).
 pub fn training_scenes(
     store: &Path,
     regime: Option<Regime>,
     val: Option<&Regime>,
 ) -> Result<TrainingScenes, DatasetError> {
     let table = SceneTable::from_store(store)?;
+    let tests = test_regimes(store);
+    if let Some(v) = val {
+        if v.role == Role::Test {
+            return Err(regime_error(format!(
+                "seg.val_regime `{}` is a test regime: the best checkpoint would be chosen on \
+                 the scenes it is scored on; give a val regime",
+                v.name
+            )));
+        }
+        check_no_test_release("seg.val_regime", v, &table)?;
+        check_not_test("seg.val_regime", v, &tests)?;
+    }
     let val_ids: BTreeSet<&str> = val
         .map(|v| v.scenes.iter().map(String::as_str).collect())
         .unwrap_or_default();
     let Some(regime) = regime else {
         let complete: BTreeSet<String> =
             crate::loader::complete_scenes(store)?.into_iter().collect();
-        let mut held_out_test = 0;
-        let mut held_out_val = 0;
+        let test_ids: BTreeSet<&str> = tests
+            .iter()
+            .flat_map(|t| t.scenes.iter().map(String::as_str))
+            .collect();
+        let (mut held_out_test, mut held_out_test_regimes, mut held_out_val) = (0, 0, 0);
         let mut scenes = Vec::new();
         for e in table.scenes.iter().filter(|e| complete.contains(&e.id)) {
             if e.is_test() {
                 held_out_test += 1;
+            } else if test_ids.contains(e.id.as_str()) {
+                held_out_test_regimes += 1;
             } else if val_ids.contains(e.id.as_str()) {
                 held_out_val += 1;
             } else {
@@ -64,8 +177,9 @@ pub fn training_scenes(
         }
         if scenes.is_empty() {
             return Err(regime_error(format!(
-                "{}: no scene to train on: its {} complete scene(s) are all of the test release \
-                 or the validation regime",
+                "{}: no scene to train on: its {} complete scene(s) are all of the test release, \
+                 of test regimes or of the validation regime. Train on a regime drawn with \
+                 --include-test if that is meant (`--regime NAME`)",
                 store.display(),
                 complete.len()
             )));
@@ -77,7 +191,11 @@ pub fn training_scenes(
             percent: None,
             seed: 0,
             list: None,
-            excluded: val.map(|v| v.name.clone()).into_iter().collect(),
+            excluded: tests
+                .iter()
+                .map(|t| t.name.clone())
+                .chain(val.map(|v| v.name.clone()))
+                .collect(),
             source: store.display().to_string(),
             source_hash: table.source_hash.clone(),
             scenes,
@@ -89,6 +207,7 @@ pub fn training_scenes(
         return Ok(TrainingScenes {
             regime,
             held_out_test,
+            held_out_test_regimes,
             held_out_val,
         });
     };
@@ -100,12 +219,7 @@ pub fn training_scenes(
             regime.role.name()
         )));
     }
-    let shared: Vec<&str> = regime
-        .scenes
-        .iter()
-        .map(String::as_str)
-        .filter(|s| val_ids.contains(s))
-        .collect();
+    let shared = among(&regime, &val_ids);
     if let (false, Some(v)) = (shared.is_empty(), val) {
         return Err(regime_error(format!(
             "data.regime `{}` and seg.val_regime `{}` share {} scene(s) ({}): the best \
@@ -118,27 +232,12 @@ pub fn training_scenes(
             v.name
         )));
     }
-    if !regime.include_test {
-        let test: Vec<&str> = regime
-            .scenes
-            .iter()
-            .map(String::as_str)
-            .filter(|s| table.index_of(s).is_some_and(|i| table.scenes[i].is_test()))
-            .collect();
-        if !test.is_empty() {
-            return Err(regime_error(format!(
-                "data.regime `{}` holds {} scene(s) of the test release ({}), and was not drawn \
-                 with --include-test: draw it again (`icefm regime … --force` holds them out), \
-                 or with --include-test if training on them is meant",
-                regime.name,
-                test.len(),
-                list(&test)
-            )));
-        }
-    }
+    check_no_test_release("data.regime", &regime, &table)?;
+    check_not_test("data.regime", &regime, &tests)?;
     Ok(TrainingScenes {
         regime,
         held_out_test: 0,
+        held_out_test_regimes: 0,
         held_out_val: 0,
     })
 }

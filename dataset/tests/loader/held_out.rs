@@ -74,6 +74,22 @@ fn the_test_release_is_recorded_and_held_out_of_training_regimes_and_runs() {
     s.include_test = true;
     let ptx = draw(&table, &s).unwrap();
     assert_eq!((ptx.scenes.len(), ptx.include_test), (5, true));
+    assert!(
+        ptx.notes
+            .iter()
+            .any(|n| n.contains("drawn with --include-test: 2 of its candidates")),
+        "{:?}",
+        ptx.notes
+    );
+    // It means nothing to a test regime, which says so.
+    let mut tx = spec("tx", Rule::All, None, Role::Test);
+    tx.include_test = true;
+    assert!(
+        draw(&table, &tx)
+            .unwrap_err()
+            .to_string()
+            .contains("--include-test is for")
+    );
     // Shares count the pool: 2/3 of the three training scenes.
     let two = draw(
         &table,
@@ -128,11 +144,53 @@ fn the_test_release_is_recorded_and_held_out_of_training_regimes_and_runs() {
     f.exclude = vec![val.clone()];
     let ft = draw(&table, &f).unwrap();
     assert_eq!(
-        training_scenes(&store, Some(ft), Some(&val))
+        training_scenes(&store, Some(ft.clone()), Some(&val))
             .unwrap()
             .regime
             .scenes
             .len(),
         2
     );
+    // No model selection on test scenes: a test regime as the validation one, or a validation
+    // regime holding test-release scenes.
+    let e = training_scenes(&store, None, Some(&t))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seg.val_regime `test` is a test regime"), "{e}");
+    let mut vx = spec("valx", Rule::All, None, Role::Val);
+    vx.include_test = true;
+    let mut leaky = draw(&table, &vx).unwrap();
+    leaky.include_test = false;
+    let e = training_scenes(&store, None, Some(&leaky))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("seg.val_regime `valx` holds 2 scene(s) of the test release"),
+        "{e}"
+    );
+    // A test regime of the store's own making (a store without a test release splits its
+    // training scenes so): held out of training without a regime, refused in one.
+    let mut own = spec("own_test", Rule::Import, None, Role::Test);
+    let list = store.parent().unwrap().join("own_test.txt");
+    std::fs::write(&list, &ft.scenes[0]).unwrap();
+    own.list = Some(list);
+    let own = draw(&table, &own).unwrap();
+    own.write(&Regime::path_in(&store, "own_test")).unwrap();
+    let every = training_scenes(&store, None, Some(&val)).unwrap();
+    assert_eq!(every.held_out_test_regimes, 1);
+    assert_eq!(every.regime.scenes.len(), 1);
+    assert!(
+        every
+            .describe()
+            .contains("2 of the test release, 1 of test regimes, 1 of seg.val_regime")
+    );
+    let e = training_scenes(&store, Some(ft), Some(&val))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shares 1 scene(s) with the test regime `own_test`")
+            && e.contains("--exclude own_test"),
+        "{e}"
+    );
+    std::fs::remove_file(Regime::path_in(&store, "own_test")).unwrap();
 }
