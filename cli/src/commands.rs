@@ -82,9 +82,9 @@ struct IngestArgs {
     /// adding to one].
     #[arg(long)]
     patch: Option<u32>,
-    /// Scenes processed at once.
-    #[arg(long, default_value_t = DEFAULT_JOBS)]
-    jobs: usize,
+    /// Scenes processed at once (at least 1).
+    #[arg(long, default_value_t = DEFAULT_JOBS as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: u16,
     /// Compression: `zstd:LEVEL` or `blosc-zstd:LEVEL` (zstd inside blosc, byte shuffle)
     /// [default: blosc-zstd:1 for a new store, the store's own when adding to one].
     #[arg(long)]
@@ -443,7 +443,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         .or(existing.as_ref().map(|attrs| attrs.patch))
         .unwrap_or(DEFAULT_PATCH);
     let options = IngestOptions {
-        jobs: a.jobs.max(1),
+        jobs: usize::from(a.jobs),
         merge_mode: if a.toolbox_merge {
             MergeMode::ToolboxAssign
         } else {

@@ -346,6 +346,15 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         err.contains("no .nc files") && err.contains("empty"),
         "{err}"
     );
+    // No scene would ever be processed with no job.
+    let out = icefm()
+        .args(["ingest", "--jobs", "0", "--store"])
+        .arg(dir.path().join("s.zarr"))
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'0' for '--jobs"));
     // A folder of reference charts alone is said to be one.
     let refs = dir.path().join("refs");
     std::fs::create_dir_all(&refs).unwrap();
