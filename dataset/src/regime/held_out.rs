@@ -20,7 +20,8 @@ pub struct TrainingScenes {
     pub held_out_test: usize,
     /// Other scenes of the store's test regimes left out (without a regime of the run's own).
     pub held_out_test_regimes: usize,
-    /// Scenes of the validation regime left out (without a regime of the run's own).
+    /// Scenes of the validation regime left out (without a regime of the run's own): its
+    /// `seg.val_regime`, or for a run without one every val regime of the store.
     pub held_out_val: usize,
 }
 
@@ -35,7 +36,7 @@ impl TrainingScenes {
         for (n, what) in [
             (self.held_out_test, "of the test release"),
             (self.held_out_test_regimes, "of test regimes"),
-            (self.held_out_val, "of seg.val_regime"),
+            (self.held_out_val, "of validation regimes"),
         ] {
             if n > 0 {
                 out.push(format!("{n} {what}"));
@@ -70,12 +71,12 @@ fn among<'a>(r: &'a Regime, set: &BTreeSet<&str>) -> Vec<&'a str> {
         .collect()
 }
 
-/// The store's regimes of role test (those that can be read).
-fn test_regimes(store: &Path) -> Vec<Regime> {
+/// The store's regimes of `role` (those that can be read).
+fn regimes_of(store: &Path, role: Role) -> Vec<Regime> {
     list_regimes(store)
         .iter()
         .filter_map(|n| Regime::open(Some(store), n).ok())
-        .filter(|r| r.role == Role::Test)
+        .filter(|r| r.role == role)
         .collect()
 }
 
@@ -128,7 +129,8 @@ fn check_no_test_release(key: &str, r: &Regime, table: &SceneTable) -> Result<()
 }
 
 /// The scenes a run trains on, from `store`: `regime` (its `data.regime`), checked, or every
-/// complete scene but the test release's, the store's test regimes' and `val`'s. Errors:
+/// complete scene but the test release's, the store's test regimes' and `val`'s (without
+/// `val`, the store's val regimes'). Errors:
 /// - `regime` is a test or validation regime, or `val` is a test regime;
 /// - `regime` shares scenes with `val` (model selection on scenes it trained on);
 /// - `regime` or `val` shares scenes with a test regime of the store;
@@ -140,7 +142,7 @@ pub fn training_scenes(
     val: Option<&Regime>,
 ) -> Result<TrainingScenes, DatasetError> {
     let table = SceneTable::from_store(store)?;
-    let tests = test_regimes(store);
+    let tests = regimes_of(store, Role::Test);
     if let Some(v) = val {
         if v.role == Role::Test {
             return Err(regime_error(format!(
@@ -156,6 +158,22 @@ pub fn training_scenes(
         .map(|v| v.scenes.iter().map(String::as_str).collect())
         .unwrap_or_default();
     let Some(regime) = regime else {
+        // Without a val regime of its own (an MAE run), the store's validation regimes are
+        // held out too: their scenes choose the fine-tuned models.
+        let store_vals = if val.is_none() {
+            regimes_of(store, Role::Val)
+        } else {
+            Vec::new()
+        };
+        let val_ids: BTreeSet<&str> = val_ids
+            .iter()
+            .copied()
+            .chain(
+                store_vals
+                    .iter()
+                    .flat_map(|v| v.scenes.iter().map(String::as_str)),
+            )
+            .collect();
         let complete: BTreeSet<String> =
             crate::loader::complete_scenes(store)?.into_iter().collect();
         let test_ids: BTreeSet<&str> = tests
@@ -195,6 +213,7 @@ pub fn training_scenes(
                 .iter()
                 .map(|t| t.name.clone())
                 .chain(val.map(|v| v.name.clone()))
+                .chain(store_vals.iter().map(|v| v.name.clone()))
                 .collect(),
             source: store.display().to_string(),
             source_hash: table.source_hash.clone(),

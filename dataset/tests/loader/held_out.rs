@@ -182,8 +182,13 @@ fn the_test_release_is_recorded_and_held_out_of_training_regimes_and_runs() {
     assert!(
         every
             .describe()
-            .contains("2 of the test release, 1 of test regimes, 1 of seg.val_regime")
+            .contains("2 of the test release, 1 of test regimes, 1 of validation regimes")
     );
+    // A run without a val regime of its own (an MAE) leaves the store's val regimes out too.
+    val.write(&Regime::path_in(&store, "val")).unwrap();
+    let mae = training_scenes(&store, None, None).unwrap();
+    assert_eq!((mae.held_out_val, mae.regime.scenes.len()), (1, 1));
+    std::fs::remove_file(Regime::path_in(&store, "val")).unwrap();
     let e = training_scenes(&store, Some(ft), Some(&val))
         .unwrap_err()
         .to_string();
