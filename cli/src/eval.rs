@@ -159,20 +159,27 @@ fn trained_store(run: &Path) -> Result<PathBuf> {
     Ok(start.store)
 }
 
-/// The scenes a run (a run folder, or a checkpoint or weights file in one) trained on, as its
-/// `starts.jsonl` records them (every start's); `None` where a start records none (started by
-/// an icefm older than the record) or the run has no record at all.
-fn trained_scenes_of(run: &Path) -> Option<(PathBuf, std::collections::BTreeSet<String>)> {
-    let (dir, _) = config_of_run(run).ok()?;
+/// The configuration of a run (a run folder, or a checkpoint or weights file in one) and the
+/// scenes it trained on, as its `starts.jsonl` records them (every start's): `None` where a
+/// start records none (started by an icefm older than the record) or there is no record.
+fn trained_scenes_of(
+    run: &Path,
+) -> Option<(
+    icefm_model::config::TrainConfig,
+    Option<std::collections::BTreeSet<String>>,
+)> {
+    let (dir, cfg) = config_of_run(run).ok()?;
     let starts = run_starts(&dir);
-    if starts.is_empty() {
-        return None;
-    }
-    let mut all = std::collections::BTreeSet::new();
-    for s in starts {
-        all.extend(s.trained_scenes?);
-    }
-    Some((dir, all))
+    let scenes = (!starts.is_empty())
+        .then(|| {
+            let mut all = std::collections::BTreeSet::new();
+            for s in starts {
+                all.extend(s.trained_scenes?);
+            }
+            Some(all)
+        })
+        .flatten();
+    Some((cfg, scenes))
 }
 
 /// What a run's scores on `scored` are not held out from: the scored scenes it trained on
@@ -193,12 +200,12 @@ fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
             .map(|s| s.to_string())
             .collect()
     };
-    let by_run = trained_scenes_of(run).map(|(_, set)| among(&set));
+    let (mut at, own) = trained_scenes_of(run).map_or((None, None), |(c, s)| (Some(c), s));
+    let by_run = own.as_ref().map(among);
     // The chain of initial encoders: each run's seg.init, as its config.toml records it.
     let mut init_seen = std::collections::BTreeSet::new();
     let mut known = true;
     let mut first = None;
-    let mut at = config_of_run(run).ok().map(|(_, cfg)| cfg);
     for _ in 0..16 {
         let Some(init) = at
             .as_ref()
@@ -210,11 +217,11 @@ fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
         };
         first.get_or_insert_with(|| init.clone());
         match trained_scenes_of(Path::new(&init)) {
-            Some((dir, set)) => {
+            Some((cfg, Some(set))) => {
                 init_seen.extend(set);
-                at = config_of_run(&dir).ok().map(|(_, cfg)| cfg);
+                at = Some(cfg);
             }
-            None => {
+            _ => {
                 known = false;
                 break;
             }
@@ -274,13 +281,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     // Scores on scenes the run (or its initial encoder) trained on are not held-out scores:
     // say so, and record them.
     let seen = seen_in_training(&a.run, &scored);
-    let some = |v: &[String]| {
-        format!(
-            "{}{}",
-            v.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
-            if v.len() > 5 { ", …" } else { "" }
-        )
-    };
+    let some = |v: &[String]| icefm_schemas::names::first_few(v, 5);
     match &seen.by_run {
         Some(v) if !v.is_empty() => eprintln!(
             "warning: {} of the {n} scenes scored are among those the run trained on ({}); its \

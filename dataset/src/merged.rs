@@ -14,6 +14,7 @@ use bytes::Bytes;
 use icefm_schemas::manifest::{
     MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE, SCENES_FILE,
 };
+use icefm_schemas::names::first_few;
 use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
@@ -144,18 +145,7 @@ pub fn unmerged(store: &Path) -> Result<Option<String>, DatasetError> {
             _ => None,
         });
     }
-    let list = |v: &[&String]| {
-        let mut s = v
-            .iter()
-            .take(3)
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        if v.len() > 3 {
-            s.push_str(", …");
-        }
-        s
-    };
+    let list = |v: &[&String]| first_few(v, 3);
     let mut what = Vec::new();
     if !new.is_empty() {
         what.push(format!(

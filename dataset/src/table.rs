@@ -204,9 +204,7 @@ impl SceneTable {
         // and whether it has a labelled pixel), as their next merge writes it.
         if !has_column(&scenes_path, RELEASE_COLUMN)? {
             for e in scenes.values_mut() {
-                let sic = &e.pixels[Task::Sic.channel()];
-                let labelled = sic[..sic.len().saturating_sub(1)].iter().sum();
-                e.release = Release::of_record(&e.id, labelled);
+                e.release = Release::of_record(&e.id, &e.pixels[Task::Sic.channel()]);
             }
         } else {
             for b in read_batches(&scenes_path, &["scene_id", RELEASE_COLUMN])? {

@@ -187,7 +187,8 @@ pub fn summarize_manifests(
                         sc.valid_fraction * f64::from(sc.shape.0) * f64::from(sc.shape.1);
                     sc.labelled_fraction = labelled as f64 / valid_px.max(1.0);
                     if !has_release {
-                        sc.release = Release::of_record(&sc.scene_id, labelled);
+                        let hist = &vals.values()[i * n..(i + 1) * n];
+                        sc.release = Release::of_record(&sc.scene_id, hist);
                     }
                 }
             }

@@ -264,11 +264,7 @@ fn current_scene_part(path: &Path, batch: RecordBatch) -> Result<RecordBatch, St
         .map(|i| {
             let counts = hist.value(i);
             let counts = counts.as_any().downcast_ref::<UInt64Array>()?;
-            // Every bin but the last (255, no label).
-            let labelled: u64 = counts.values()[..counts.len().saturating_sub(1)]
-                .iter()
-                .sum();
-            Some(Release::of_record(ids.value(i), labelled).name())
+            Some(Release::of_record(ids.value(i), counts.values()).name())
         })
         .collect();
     let mut cols = batch.columns().to_vec();

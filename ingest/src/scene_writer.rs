@@ -79,13 +79,11 @@ fn repeated_ids_warning(codes: &[icefm_schemas::sigrid::PolygonCode]) -> Option<
     repeated.sort_unstable();
     repeated.dedup();
     (!repeated.is_empty()).then(|| {
-        let shown: Vec<String> = repeated.iter().take(5).map(i64::to_string).collect();
         format!(
-            "polygon_codes lists {} polygon id(s) in more than one row ({}{}): their pixels \
+            "polygon_codes lists {} polygon id(s) in more than one row ({}): their pixels \
              take the last such row's classes",
             repeated.len(),
-            shown.join(", "),
-            if repeated.len() > 5 { ", …" } else { "" }
+            icefm_schemas::names::first_few(&repeated, 5)
         )
     })
 }

@@ -111,9 +111,12 @@ impl Release {
 
     /// The release of a scene recorded before the `release` column, from what its record says:
     /// test for an AutoICE test scene or a scene without a labelled pixel (no charts: the
-    /// rule ingest follows), else train.
-    pub fn of_record(scene_id: &str, labelled_pixels: u64) -> Self {
-        if labelled_pixels == 0 {
+    /// rule ingest follows), else train. `sic_pixels`: its SIC histogram (classes, then 255).
+    pub fn of_record(scene_id: &str, sic_pixels: &[u64]) -> Self {
+        let labelled: u64 = sic_pixels[..sic_pixels.len().saturating_sub(1)]
+            .iter()
+            .sum();
+        if labelled == 0 {
             Self::Test
         } else {
             Self::of_id(scene_id)
@@ -128,6 +131,21 @@ impl Release {
             Self::Train
         }
     }
+}
+
+/// The first `n` of `items` joined with `, `, and `, …` when there are more: scene ids and
+/// such in one-line messages.
+pub fn first_few<T: std::fmt::Display>(items: &[T], n: usize) -> String {
+    let mut s = items
+        .iter()
+        .take(n)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > n {
+        s.push_str(", …");
+    }
+    s
 }
 
 /// Microseconds since the Unix epoch of a `YYYYMMDDTHHMMSS` UTC timestamp.
@@ -161,6 +179,14 @@ pub fn timestamp_micros(s: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_few_names_say_when_there_are_more() {
+        assert_eq!(super::first_few(&["a", "b"], 3), "a, b");
+        assert_eq!(super::first_few(&["a", "b", "c", "d"], 3), "a, b, c, …");
+        assert_eq!(super::first_few(&[7_i64], 5), "7");
+        assert_eq!(super::first_few::<&str>(&[], 5), "");
+    }
 
     #[test]
     fn raw_and_rtt_names_map_to_one_id() {

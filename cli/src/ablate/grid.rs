@@ -346,12 +346,15 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
             .map_err(|e| anyhow!("{b}: seg.val_regime: {e}"))?;
         Some(v)
     };
+    let held_out = icefm_dataset::regime::HeldOut::of_store(store)
+        .map_err(|e| anyhow!("{}: not a readable store ({e})", store.display()))?;
     let mut regimes = Vec::new();
     for name in &axes.regimes {
         let r = open(name)?;
         // What training would refuse (a test or val regime, one sharing the validation or a
         // test regime's scenes, test-release scenes not drawn to), refused before anything runs.
-        icefm_dataset::regime::training_scenes(store, Some(r.clone()), val.as_ref())
+        held_out
+            .training_scenes(Some(r.clone()), val.as_ref())
             .map_err(|e| anyhow!("{g}: regimes: {e}"))?;
         let shared = shared_scenes(&r, &test);
         if !shared.is_empty() {

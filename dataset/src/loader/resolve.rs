@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, UInt32Type};
 use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE, hist_column};
+use icefm_schemas::names::first_few;
 use icefm_schemas::store::MANIFESTS_DIR;
 use icefm_schemas::{Level, Task};
 
@@ -113,12 +114,11 @@ pub(crate) fn resolve_scenes(
                 .collect();
             if !absent.is_empty() {
                 return Err(loader_error(format!(
-                    "regime `{}`: {} of its scenes are not in {}: {}{}",
+                    "regime `{}`: {} of its scenes are not in {}: {}",
                     r.name,
                     absent.len(),
                     store.display(),
-                    absent[..absent.len().min(5)].join(", "),
-                    if absent.len() > 5 { ", …" } else { "" }
+                    first_few(&absent, 5)
                 )));
             }
             r.scenes.iter().map(|s| Arc::from(s.as_str())).collect()

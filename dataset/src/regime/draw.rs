@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field};
 use icefm_schemas::Task;
+use icefm_schemas::names::first_few;
 
 use crate::error::DatasetError;
 use crate::rng::Rng;
@@ -36,31 +37,29 @@ fn eligible(table: &SceneTable, spec: &RegimeSpec) -> Vec<bool> {
         .collect()
 }
 
-/// Candidate scene indices: the [`eligible`] scenes minus the excluded regimes' scenes.
-fn pool(table: &SceneTable, spec: &RegimeSpec) -> Vec<usize> {
+/// Candidate scene indices: the `ok` ([`eligible`]) scenes minus the excluded regimes' scenes.
+fn pool(table: &SceneTable, spec: &RegimeSpec, ok: &[bool]) -> Vec<usize> {
     let out: BTreeSet<&str> = spec
         .exclude
         .iter()
         .flat_map(|r| r.scenes.iter().map(String::as_str))
         .collect();
-    let ok = eligible(table, spec);
     (0..table.scenes.len())
         .filter(|&i| ok[i] && !out.contains(table.scenes[i].id.as_str()))
         .collect()
 }
 
-/// N, the number of scenes a share is of: the [`eligible`] scenes minus those of excluded
-/// validation and test regimes. A fine-tune share and its pre-train complement (drawn
+/// N, the number of scenes a share is of: the `ok` ([`eligible`]) scenes minus those of
+/// excluded validation and test regimes. A fine-tune share and its pre-train complement (drawn
 /// excluding it) then add up to the whole training pool, as SAR-IceFM's `finetune_XX` /
 /// `pretrain_(100−XX)` lists do.
-fn share_base(table: &SceneTable, spec: &RegimeSpec) -> usize {
+fn share_base(table: &SceneTable, spec: &RegimeSpec, ok: &[bool]) -> usize {
     let held: BTreeSet<&str> = spec
         .exclude
         .iter()
         .filter(|r| matches!(r.role, Role::Val | Role::Test))
         .flat_map(|r| r.scenes.iter().map(String::as_str))
         .collect();
-    let ok = eligible(table, spec);
     (0..table.scenes.len())
         .filter(|&i| ok[i] && !held.contains(table.scenes[i].id.as_str()))
         .count()
@@ -215,8 +214,9 @@ fn draw_shares(
              already (from every scene when the store has none)",
         ));
     }
-    let candidates = pool(table, spec);
-    let base = share_base(table, spec);
+    let ok = eligible(table, spec);
+    let candidates = pool(table, spec, &ok);
+    let base = share_base(table, spec, &ok);
     let mut notes = Vec::new();
 
     let tests = table.scenes.iter().filter(|e| e.is_test()).count();
@@ -252,16 +252,10 @@ fn draw_shares(
             let (ids, repeats) = read_scene_list_with_repeats(path)?;
             if !repeats.is_empty() {
                 notes.push(format!(
-                    "{} scene(s) are named more than once in {} and count once: {}{}",
+                    "{} scene(s) are named more than once in {} and count once: {}",
                     repeats.len(),
                     path.display(),
-                    repeats
-                        .iter()
-                        .take(5)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    if repeats.len() > 5 { ", …" } else { "" }
+                    first_few(&repeats, 5)
                 ));
             }
             let missing: Vec<&str> = ids
@@ -270,15 +264,13 @@ fn draw_shares(
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {
-                let shown: Vec<&str> = missing.iter().take(10).copied().collect();
                 return Err(regime_error(format!(
-                    "{}: {} of {} listed scenes are not in {}: {}{}",
+                    "{}: {} of {} listed scenes are not in {}: {}",
                     path.display(),
                     missing.len(),
                     ids.len(),
                     table.source.display(),
-                    shown.join(", "),
-                    if missing.len() > 10 { ", …" } else { "" }
+                    first_few(&missing, 10)
                 )));
             }
             if holds_test_out(spec) {
@@ -292,16 +284,14 @@ fn draw_shares(
                     .map(String::as_str)
                     .collect();
                 if !test.is_empty() {
-                    let shown: Vec<&str> = test.iter().take(10).copied().collect();
                     return Err(regime_error(format!(
                         "{}: {} listed scene(s) are of the test release, which a {} regime \
-                         holds out: {}{} (--role test for a test regime; --include-test to \
+                         holds out: {} (--role test for a test regime; --include-test to \
                          draw them anyway)",
                         path.display(),
                         test.len(),
                         spec.role.name(),
-                        shown.join(", "),
-                        if test.len() > 10 { ", …" } else { "" }
+                        first_few(&test, 10)
                     )));
                 }
             }

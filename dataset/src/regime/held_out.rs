@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use icefm_schemas::names::first_few;
+
 use crate::error::DatasetError;
 use crate::table::SceneTable;
 
@@ -55,11 +57,7 @@ impl TrainingScenes {
 pub const EVERY_SCENE: &str = "every scene";
 
 fn list(ids: &[&str]) -> String {
-    let mut s = ids.iter().take(5).copied().collect::<Vec<_>>().join(", ");
-    if ids.len() > 5 {
-        s.push_str(", …");
-    }
-    s
+    first_few(ids, 5)
 }
 
 /// The scenes of `r` that are in `set`, in `r`'s order.
@@ -141,8 +139,48 @@ pub fn training_scenes(
     regime: Option<Regime>,
     val: Option<&Regime>,
 ) -> Result<TrainingScenes, DatasetError> {
-    let table = SceneTable::from_store(store)?;
-    let tests = regimes_of(store, Role::Test);
+    HeldOut::of_store(store)?.training_scenes(regime, val)
+}
+
+/// What a store holds out of training: its scenes' releases and its test and val regimes,
+/// read once for any number of [`HeldOut::training_scenes`] (an ablation grid's regimes).
+pub struct HeldOut {
+    store: std::path::PathBuf,
+    table: SceneTable,
+    tests: Vec<Regime>,
+    vals: Vec<Regime>,
+}
+
+impl HeldOut {
+    /// Read `store`'s scene table and regimes.
+    pub fn of_store(store: &Path) -> Result<Self, DatasetError> {
+        Ok(Self {
+            store: store.to_path_buf(),
+            table: SceneTable::from_store(store)?,
+            tests: regimes_of(store, Role::Test),
+            vals: regimes_of(store, Role::Val),
+        })
+    }
+
+    /// [`training_scenes`] in this store.
+    pub fn training_scenes(
+        &self,
+        regime: Option<Regime>,
+        val: Option<&Regime>,
+    ) -> Result<TrainingScenes, DatasetError> {
+        let (store, table, tests) = (self.store.as_path(), &self.table, &self.tests);
+        checked(store, table, tests, &self.vals, regime, val)
+    }
+}
+
+fn checked(
+    store: &Path,
+    table: &SceneTable,
+    tests: &[Regime],
+    store_vals: &[Regime],
+    regime: Option<Regime>,
+    val: Option<&Regime>,
+) -> Result<TrainingScenes, DatasetError> {
     if let Some(v) = val {
         if v.role == Role::Test {
             return Err(regime_error(format!(
@@ -151,8 +189,8 @@ pub fn training_scenes(
                 v.name
             )));
         }
-        check_no_test_release("seg.val_regime", v, &table)?;
-        check_not_test("seg.val_regime", v, &tests)?;
+        check_no_test_release("seg.val_regime", v, table)?;
+        check_not_test("seg.val_regime", v, tests)?;
     }
     let val_ids: BTreeSet<&str> = val
         .map(|v| v.scenes.iter().map(String::as_str).collect())
@@ -160,11 +198,7 @@ pub fn training_scenes(
     let Some(regime) = regime else {
         // Without a val regime of its own (an MAE run), the store's validation regimes are
         // held out too: their scenes choose the fine-tuned models.
-        let store_vals = if val.is_none() {
-            regimes_of(store, Role::Val)
-        } else {
-            Vec::new()
-        };
+        let store_vals = if val.is_none() { store_vals } else { &[] };
         let val_ids: BTreeSet<&str> = val_ids
             .iter()
             .copied()
@@ -174,15 +208,14 @@ pub fn training_scenes(
                     .flat_map(|v| v.scenes.iter().map(String::as_str)),
             )
             .collect();
-        let complete: BTreeSet<String> =
-            crate::loader::complete_scenes(store)?.into_iter().collect();
         let test_ids: BTreeSet<&str> = tests
             .iter()
             .flat_map(|t| t.scenes.iter().map(String::as_str))
             .collect();
         let (mut held_out_test, mut held_out_test_regimes, mut held_out_val) = (0, 0, 0);
         let mut scenes = Vec::new();
-        for e in table.scenes.iter().filter(|e| complete.contains(&e.id)) {
+        // The table is the scenes manifest's: the complete scenes.
+        for e in &table.scenes {
             if e.is_test() {
                 held_out_test += 1;
             } else if test_ids.contains(e.id.as_str()) {
@@ -199,7 +232,7 @@ pub fn training_scenes(
                  of test regimes or of the validation regime. Train on a regime drawn with \
                  --include-test if that is meant (`--regime NAME`)",
                 store.display(),
-                complete.len()
+                table.scenes.len()
             )));
         }
         let regime = Regime {
@@ -251,8 +284,8 @@ pub fn training_scenes(
             v.name
         )));
     }
-    check_no_test_release("data.regime", &regime, &table)?;
-    check_not_test("data.regime", &regime, &tests)?;
+    check_no_test_release("data.regime", &regime, table)?;
+    check_not_test("data.regime", &regime, tests)?;
     Ok(TrainingScenes {
         regime,
         held_out_test: 0,

@@ -34,7 +34,7 @@ mod held_out;
 
 use draw::list_of;
 pub use draw::{draw, draw_ladder, percent_label, share_count};
-pub use held_out::{EVERY_SCENE, TrainingScenes, training_scenes};
+pub use held_out::{EVERY_SCENE, HeldOut, TrainingScenes, training_scenes};
 
 /// Folder of a store that holds its regimes.
 pub const REGIMES_DIR: &str = "regimes";

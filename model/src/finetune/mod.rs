@@ -180,7 +180,7 @@ pub fn train_seg_in(
     // The store, regimes, levels and initial weights are checked before the run directory is
     // written: a run that cannot start leaves no folder to mistake for one that did.
     agree_with_ranks(cfg, opts, group)?;
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    let (loader, trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
     // Rank 0 alone validates; the others wait for it at the next step's exchange.
     let val = if seg.val_regime.is_empty() || !group.is_leader() {
         None
@@ -212,7 +212,7 @@ pub fn train_seg_in(
     } else {
         None
     };
-    let mut run = open_run(cfg, opts, group)?;
+    let mut run = open_run(cfg, opts, group, &trained)?;
     let existing = run.existing.clone();
     let trained: Vec<(String, Var)> = named
         .iter()

@@ -182,8 +182,8 @@ pub fn train_mae_in(
     // The store, regime and levels are checked before the run directory is written: a run
     // that cannot start leaves no folder to mistake for one that did.
     agree_with_ranks(cfg, opts, group)?;
-    let loader = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
-    let mut run = open_run(cfg, opts, group)?;
+    let (loader, trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    let mut run = open_run(cfg, opts, group, &trained)?;
     let existing = run.existing.clone();
 
     // Model and optimizer.

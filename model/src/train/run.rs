@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use icefm_dataset::regime::{Regime, training_scenes};
+use icefm_dataset::regime::{Regime, TrainingScenes, training_scenes};
 use icefm_dataset::sampler::parse_level_weights;
 use icefm_dataset::{Augment, Loader, LoaderOptions, Sampler};
 
@@ -157,13 +157,14 @@ pub(crate) fn open_run(
     cfg: &TrainConfig,
     opts: &RunOptions,
     group: &mut Group,
+    trained: &TrainingScenes,
 ) -> Result<RunDir, TrainError> {
     let resolved = cfg.to_toml();
     if group.world() > 1 {
         let path = group.attach(&opts.device)?;
         // Rank 0 checks and writes the directory first; the others wait for its word.
         let opened = if group.is_leader() {
-            open_run_dir(cfg, opts, &resolved).map(Some)
+            open_run_dir(cfg, opts, &resolved, trained).map(Some)
         } else {
             Ok(None)
         };
@@ -195,13 +196,14 @@ pub(crate) fn open_run(
             }),
         };
     }
-    open_run_dir(cfg, opts, &resolved)
+    open_run_dir(cfg, opts, &resolved, trained)
 }
 
 fn open_run_dir(
     cfg: &TrainConfig,
     opts: &RunOptions,
     resolved: &str,
+    trained: &TrainingScenes,
 ) -> Result<RunDir, TrainError> {
     // The run directory: new, or resumed with the same configuration (steps may grow).
     let existing = checkpoints(&opts.out);
@@ -259,7 +261,7 @@ fn open_run_dir(
         log_path,
         _lock: lock,
     };
-    let start = RunStart::now(cfg, opts);
+    let start = RunStart::now(cfg, opts, trained);
     for line in start.log_lines() {
         run.log(&line)?;
     }
@@ -275,14 +277,15 @@ fn open_run_dir(
 }
 
 /// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
-/// `cfg`, seeded by `train.seed`; `group`'s rank reads its share of each batch.
+/// `cfg`, seeded by `train.seed`; `group`'s rank reads its share of each batch. With it, the
+/// scenes it reads ([`training_scenes`]), which the run's start record keeps.
 pub(crate) fn open_loader(
     cfg: &TrainConfig,
     store: &Path,
     sampler: Sampler,
     dev: &Device,
     group: &Group,
-) -> Result<Loader, TrainError> {
+) -> Result<(Loader, TrainingScenes), TrainError> {
     // Never a test or validation regime, never the validation scenes, and the test release
     // only when the regime was drawn to hold it.
     let given = if cfg.data.regime.is_empty() {
@@ -294,15 +297,15 @@ pub(crate) fn open_loader(
         Some(v) if !v.is_empty() => Some(Regime::open(Some(store), v)?),
         _ => None,
     };
-    let regime = training_scenes(store, given, val.as_ref())?.regime;
+    let trained = training_scenes(store, given, val.as_ref())?;
     let levels = if cfg.data.levels.trim().is_empty() {
         Vec::new()
     } else {
         parse_level_weights(&cfg.data.levels)?
     };
-    Ok(Loader::open(
+    let loader = Loader::open(
         store,
-        Some(&regime),
+        Some(&trained.regime),
         LoaderOptions {
             levels,
             crop: cfg.data.crop,
@@ -321,5 +324,6 @@ pub(crate) fn open_loader(
             part: (group.rank(), group.world()),
             ..LoaderOptions::default()
         },
-    )?)
+    )?;
+    Ok((loader, trained))
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::DeviceLocation;
-use icefm_dataset::regime::{Regime, TrainingScenes, training_scenes};
+use icefm_dataset::regime::{Regime, TrainingScenes};
 use icefm_dataset::table::manifests_hash;
 use icefm_schemas::calendar;
 use serde::{Deserialize, Serialize};
@@ -55,8 +55,8 @@ pub struct RunStart {
     pub manifests_blake3: Option<String>,
     /// The regimes read (none: every scene of the store).
     pub regimes: Vec<RegimeRead>,
-    /// The scenes the run trains on from this start, by id ([`training_scenes`]); absent in
-    /// records older than it, or where they could not be told.
+    /// The scenes the run trains on from this start, by id
+    /// ([`icefm_dataset::regime::training_scenes`]); absent in records older than it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trained_scenes: Option<Vec<String>>,
     /// What `trained_scenes` are, in words (the regime, or every scene less the held-out ones).
@@ -79,7 +79,7 @@ pub(crate) fn host_name() -> String {
 
 impl RunStart {
     /// This process's start of a run of `cfg` with `opts`.
-    pub(crate) fn now(cfg: &TrainConfig, opts: &RunOptions) -> Self {
+    pub(crate) fn now(cfg: &TrainConfig, opts: &RunOptions, trained: &TrainingScenes) -> Self {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -96,19 +96,6 @@ impl RunStart {
                     .as_ref()
                     .map(|s| ("seg.val_regime", s.val_regime.as_str())),
             );
-        // What the loader reads (checked there; a run that fails the checks does not start).
-        let open = |name: &str| Regime::open(Some(&opts.store), name).ok();
-        let given = (!cfg.data.regime.is_empty()).then(|| open(&cfg.data.regime));
-        let val = cfg
-            .seg
-            .as_ref()
-            .filter(|s| !s.val_regime.is_empty())
-            .and_then(|s| open(&s.val_regime));
-        let trained = match given {
-            Some(None) => None,
-            Some(Some(r)) => training_scenes(&opts.store, Some(r), val.as_ref()).ok(),
-            None => training_scenes(&opts.store, None, val.as_ref()).ok(),
-        };
         let regimes = named
             .filter(|(_, n)| !n.is_empty())
             .map(|(key, name)| {
@@ -131,8 +118,8 @@ impl RunStart {
             store: std::fs::canonicalize(&opts.store).unwrap_or_else(|_| opts.store.clone()),
             manifests_blake3: manifests_hash(&opts.store).ok(),
             regimes,
-            trained_scenes: trained.as_ref().map(|t| t.regime.scenes.clone()),
-            trained_on: trained.as_ref().map(TrainingScenes::describe),
+            trained_scenes: Some(trained.regime.scenes.clone()),
+            trained_on: Some(trained.describe()),
         }
     }
 
