@@ -12,7 +12,8 @@ use icefm_model::config::TrainConfig;
 use icefm_model::dist::{DistSpec, Group, timeout_from_env};
 use icefm_model::finetune::{ValRecord, train_seg_in};
 use icefm_model::train::{
-    DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, parse_device, train_mae_in,
+    DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, parse_device,
+    scenes_to_train, train_mae_in,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -93,6 +94,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
     if let Some(world) = a.dist.as_deref().map(local_world).transpose()?.flatten() {
         // Said once here rather than by every rank.
         check_batch_split(&cfg, world).map_err(anyhow::Error::msg)?;
+        scenes_to_train(&cfg, &a.store)?;
         return launch(world, &a.device);
     }
     let spec = a

@@ -438,6 +438,32 @@ fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("--features cuda").count(), 1, "{err}");
     assert!(!err.contains("starting"), "{err}");
+    // And a regime training must not read: refused once, before any rank starts.
+    ok(icefm()
+        .args([
+            "regime",
+            "--name",
+            "exam",
+            "--rule",
+            "fraction",
+            "--percent",
+            "50",
+        ])
+        .args(["--role", "test", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap());
+    let mut sets_exam = sets.to_vec();
+    sets_exam.push("data.regime=exam");
+    let out = micro_train(&store, &dir.path().join("exam"), &sets_exam, false)
+        .args(["--dist", "local:2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("`exam` is a test regime").count(), 1, "{err}");
+    assert!(!err.contains("starting"), "{err}");
+    assert!(!dir.path().join("exam").exists());
 }
 
 #[test]

@@ -276,6 +276,24 @@ fn open_run_dir(
     Ok(run)
 }
 
+/// The scenes `cfg` trains on in `store` ([`training_scenes`]): `data.regime`'s, or every
+/// scene but the held-out ones. Never a test or validation regime, never the validation
+/// scenes, and the test release only when the regime was drawn to hold it: a refusal is an
+/// error. The `local:N` launcher asks once before it starts the ranks, so that a refusal is
+/// said once rather than by every rank.
+pub fn scenes_to_train(cfg: &TrainConfig, store: &Path) -> Result<TrainingScenes, TrainError> {
+    let given = if cfg.data.regime.is_empty() {
+        None
+    } else {
+        Some(Regime::open(Some(store), &cfg.data.regime)?)
+    };
+    let val = match cfg.seg.as_ref().map(|s| s.val_regime.as_str()) {
+        Some(v) if !v.is_empty() => Some(Regime::open(Some(store), v)?),
+        _ => None,
+    };
+    Ok(training_scenes(store, given, val.as_ref())?)
+}
+
 /// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
 /// `cfg`, seeded by `train.seed`; `group`'s rank reads its share of each batch. With it, the
 /// scenes it reads ([`training_scenes`]), which the run's start record keeps.
@@ -286,18 +304,7 @@ pub(crate) fn open_loader(
     dev: &Device,
     group: &Group,
 ) -> Result<(Loader, TrainingScenes), TrainError> {
-    // Never a test or validation regime, never the validation scenes, and the test release
-    // only when the regime was drawn to hold it.
-    let given = if cfg.data.regime.is_empty() {
-        None
-    } else {
-        Some(Regime::open(Some(store), &cfg.data.regime)?)
-    };
-    let val = match cfg.seg.as_ref().map(|s| s.val_regime.as_str()) {
-        Some(v) if !v.is_empty() => Some(Regime::open(Some(store), v)?),
-        _ => None,
-    };
-    let trained = training_scenes(store, given, val.as_ref())?;
+    let trained = scenes_to_train(cfg, store)?;
     let levels = if cfg.data.levels.trim().is_empty() {
         Vec::new()
     } else {
