@@ -4,14 +4,14 @@
 # slurm-wlm and munge, installed if missing; a controller and a node daemon with four fake GPUs,
 # GRES backed by empty files; all state under target/slurm-check). CPUs only: the jobs run with
 # DEVICE=cpu and --gpus-per-node=0 / --gpus=0 on sbatch's command line.
-#   sudo scripts/check-slurm.sh        # about 3 minutes on 2 cores; prints PASS last
+#   sudo scripts/check-slurm.sh        # under a minute on 2 cores (once installed); prints PASS last
 # Not in CI: it needs root and system packages. What it checks:
 #   1. slurm-train.sbatch, one node x 2 tasks: both ranks meet through Slurm's variables
 #      (--dist slurm) and train one run, whose losses match a one-process run of the same
 #      batch (to the 4 decimals `icefm inspect` prints);
 #   2. that job interrupted (scancel --signal=INT, as --signal=INT@300 sends before the time
-#      limit): the ranks stop at one step, rank 0 saves, and the job submitted again resumes the
-#      run to its end;
+#      limit): the ranks stop at one step, rank 0 saves, the job ends with exit code 130, and
+#      submitted again it resumes the run to its end (exit code 0);
 #   3. slurm-ablate.sbatch as a job array of 2 workers on one grid of 4 cells: every cell is
 #      trained and scored once, by one worker or the other, and the results table has all 4;
 #   4. `icefm ingest --shard slurm` as a job array numbered from 1 (docs/ingest.md): the last
@@ -151,10 +151,14 @@ stopped=$(grep -o '^stopped after [0-9]* steps (now at [0-9]* of 1500)' "$W"/lon
 at=$(echo "$stopped" | sed 's/.*now at \([0-9]*\) of.*/\1/')
 [ -d "$W/run_long/checkpoints/step_$(printf %07d "$at")" ] || fail "no checkpoint at step $at"
 grep -q "rank 1 of 2: stopped after" "$W"/long-1.log || fail "rank 1 did not stop at a step"
-submit_train "$W"/run_long "$W"/mae_long.toml "$W"/long-2.log --wait >/dev/null
+# A stopped run is not a finished one: the job ends with 130 (an `afterok` chain must not go on).
+exit_code() { scontrol show job "$1" | grep -o ' ExitCode=[0-9]*:[0-9]*' | head -1 | cut -d= -f2; }
+[ "$(exit_code "$job")" = 130:0 ] || fail "the stopped job's exit code: '$(exit_code "$job")', not 130:0"
+job2=$(submit_train "$W"/run_long "$W"/mae_long.toml "$W"/long-2.log --wait)
 grep -q "now at 1500 of 1500" "$W"/long-2.log || fail "the job again: $(cat "$W"/long-2.log)"
+[ "$(exit_code "$job2")" = 0:0 ] || fail "the finished job's exit code: '$(exit_code "$job2")', not 0:0"
 "$ICEFM" inspect "$W"/run_long | grep -q "started again 1 time(s)" || fail "not resumed"
-echo "2. interrupted at step $at (scancel --signal=INT), checkpoint saved; submitted again: 1500 of 1500"
+echo "2. interrupted at step $at (scancel --signal=INT), checkpoint saved, job exit 130; submitted again: 1500 of 1500, exit 0"
 
 # ---- 3. An ablation grid by a job array of two workers.
 mkdir -p "$W"/grid
