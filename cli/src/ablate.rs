@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use icefm_dataset::regime::Regime;
 use icefm_model::finetune::{EvalOverrides, evaluate_run};
-use icefm_model::metrics::combined;
+use icefm_model::metrics::{combined, score_text as text};
 use icefm_model::train::{RunOptions, checkpoints, parse_device};
 use icefm_schemas::Task;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -90,7 +90,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
         );
         for (i, (c, s)) in plan.cells.iter().zip(&states).enumerate() {
             let what = match (s, probe(&out, &c.key)) {
-                (State::Done(r), _) => format!("done, combined {:.2}", r.combined()),
+                (State::Done(r), _) => format!("done, combined {}", text(r.combined(), 2)),
                 (_, Some(who)) => format!("running in another worker ({who})"),
                 (State::Partial(step), None) => format!("resumes at step {step}"),
                 (State::New, None) => "new".into(),
@@ -143,7 +143,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
                 } else {
                     "done by another worker"
                 };
-                println!("{head}: {how} (combined {:.2})", r.combined());
+                println!("{head}: {how} (combined {})", text(r.combined(), 2));
                 settled[i] = true;
                 skipped += 1;
                 continue;
@@ -178,8 +178,8 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
             let s = state(cell);
             if let State::Done(r) = s {
                 println!(
-                    "{head}: done by another worker (combined {:.2})",
-                    r.combined()
+                    "{head}: done by another worker (combined {})",
+                    text(r.combined(), 2)
                 );
                 settled[i] = true;
                 skipped += 1;
@@ -198,11 +198,11 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
             match run_cell(cell, &plan.test_regime, &where_, stop) {
                 Ok(Some(r)) => {
                     println!(
-                        "{head}: finished, combined {:.2} (SIC R2 {:.3}, SOD F1 {:.3}, FLOE F1 {:.3}) in {:.1} s",
-                        r.combined(),
-                        r.sic_r2.unwrap_or(f64::NAN),
-                        r.sod_f1.unwrap_or(f64::NAN),
-                        r.floe_f1.unwrap_or(f64::NAN),
+                        "{head}: finished, combined {} (SIC R2 {}, SOD F1 {}, FLOE F1 {}) in {:.1} s",
+                        text(r.combined(), 2),
+                        text(r.sic_r2.unwrap_or(f64::NAN), 3),
+                        text(r.sod_f1.unwrap_or(f64::NAN), 3),
+                        text(r.floe_f1.unwrap_or(f64::NAN), 3),
                         r.seconds
                     );
                     trained += 1;

@@ -128,11 +128,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 fn fmt_score(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.4}")
-    } else {
-        "-".into()
-    }
+    icefm_model::metrics::score_text(v, 4)
 }
 
 /// The store the run at `run` (or a checkpoint in it) trained on at its latest start, which
@@ -190,6 +186,24 @@ struct Seen {
     by_init: Option<Vec<String>>,
     /// The initial encoder's run, when there is one.
     init: Option<String>,
+    /// Why `by_init` is `None` when there is an initial encoder: the encoder along the chain
+    /// that could not be followed, and why.
+    init_unknown: Option<String>,
+}
+
+/// Where the `seg.init` of the run at `run` is: as written when absolute or found from here,
+/// else below one of the run folder's ancestors (a relative path was written from the folder
+/// training ran in, which is usually one of them).
+fn find_init(init: &str, run: &Path) -> Option<PathBuf> {
+    let p = Path::new(init);
+    if p.exists() || p.is_absolute() {
+        return p.exists().then(|| p.to_path_buf());
+    }
+    let base = std::fs::canonicalize(run).ok()?;
+    base.ancestors()
+        .skip(1)
+        .map(|a| a.join(p))
+        .find(|c| c.exists())
 }
 
 fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
@@ -204,8 +218,9 @@ fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
     let by_run = own.as_ref().map(among);
     // The chain of initial encoders: each run's seg.init, as its config.toml records it.
     let mut init_seen = std::collections::BTreeSet::new();
-    let mut known = true;
+    let mut unknown = None;
     let mut first = None;
+    let mut from = run.to_path_buf();
     for _ in 0..16 {
         let Some(init) = at
             .as_ref()
@@ -216,21 +231,38 @@ fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
             break;
         };
         first.get_or_insert_with(|| init.clone());
-        match trained_scenes_of(Path::new(&init)) {
+        let Some(path) = find_init(&init, &from) else {
+            unknown = Some(format!(
+                "{init} is not found (from here, nor below the run's folders)"
+            ));
+            break;
+        };
+        match trained_scenes_of(&path) {
             Some((cfg, Some(set))) => {
                 init_seen.extend(set);
                 at = Some(cfg);
+                from = path;
             }
-            _ => {
-                known = false;
+            Some((_, None)) => {
+                unknown = Some(format!(
+                    "{init} does not record the scenes it trained on (started by an older icefm)"
+                ));
+                break;
+            }
+            None => {
+                unknown = Some(format!(
+                    "{init} is not an icefm run (an imported encoder, `icefm import`, records \
+                     no pre-training scenes)"
+                ));
                 break;
             }
         }
     }
     Seen {
         by_run,
-        by_init: known.then(|| among(&init_seen)),
+        by_init: unknown.is_none().then(|| among(&init_seen)),
         init: first,
+        init_unknown: unknown,
     }
 }
 
@@ -238,6 +270,10 @@ fn seen_in_training(run: &Path, scored: &[std::sync::Arc<str>]) -> Seen {
 /// them that no window predicts, scored as misses.
 fn check_stride(stride: Option<usize>, crop: usize) -> Result<()> {
     match stride {
+        Some(0) => bail!(
+            "--stride 0: windows must move on; give 1 to {crop}, or leave --stride out for the \
+             run's (seg.eval_stride, else half the crop)"
+        ),
         Some(s) if s > crop => bail!(
             "--stride {s} is longer than the run's windows (data.crop = {crop}): the strips \
              between them would have no prediction; give at most {crop}"
@@ -249,6 +285,13 @@ fn check_stride(stride: Option<usize>, crop: usize) -> Result<()> {
 /// Run `icefm eval`.
 pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let (dev, ov) = a.infer.resolve()?;
+    if a.out.is_none() && a.run.is_file() {
+        bail!(
+            "--run {} is a weights file, with no run folder to write the evaluation into: give \
+             --out FOLDER",
+            a.run.display()
+        );
+    }
     let out = a
         .out
         .clone()
@@ -265,6 +308,9 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let started = Instant::now();
     let cfg = run_config(&a.run)?;
     check_stride(ov.stride, cfg.data.crop as usize)?;
+    if let Some(note) = ov.level.and_then(|l| level_note(&cfg, l)) {
+        eprintln!("note: {note}");
+    }
     let store = match &a.store {
         Some(s) => s.clone(),
         None => trained_store(&a.run)?,
@@ -278,6 +324,17 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         .transpose()?;
     let scored = reader.scenes(regime.as_ref())?;
     let n = scored.len();
+    let val_regime = cfg.seg.as_ref().map_or("", |s| s.val_regime.as_str());
+    if let Some(r) = regime
+        .as_ref()
+        .filter(|r| !val_regime.is_empty() && r.name == val_regime)
+    {
+        eprintln!(
+            "warning: `{}` is the run's seg.val_regime: its best checkpoint was chosen on these \
+             scenes, so these are not held-out scores",
+            r.name
+        );
+    }
     // Scores on scenes the run (or its initial encoder) trained on are not held-out scores:
     // say so, and record them.
     let seen = seen_in_training(&a.run, &scored);
@@ -295,6 +352,12 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
              started by an older icefm): whether these {n} scenes were among them is not known"
         ),
     }
+    if let Some(why) = &seen.init_unknown {
+        eprintln!(
+            "note: whether these {n} scenes were among those the initial encoder was trained on \
+             is not known: {why}"
+        );
+    }
     if let Some(v) = seen.by_init.as_ref().filter(|v| !v.is_empty()) {
         eprintln!(
             "warning: {} of the {n} scenes scored are among those its initial encoder ({}) \
@@ -309,9 +372,21 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     // Everything is written into a folder beside `out` and moved into it once whole: a stopped
     // or failed evaluation leaves an earlier one's outputs as they were, never mixed with its own.
     let stage = Stage::new(&out);
+    let mut panel_names: Vec<String> = Vec::new();
+    let mut scored_so_far = 0;
     let mut on_scene = |r: &SceneResult, maps: &ScoredMaps| -> Result<(), TrainError> {
         bar.inc(1);
         bar.set_message(format!("{} ({} windows)", r.scene, r.windows));
+        scored_so_far += 1;
+        if bar.is_hidden() {
+            // No terminal (a batch job's log): a line per scene instead of the bar.
+            eprintln!(
+                "eval: {scored_so_far} of {n} scenes ({}, {} windows), {:.1} s",
+                r.scene,
+                r.windows,
+                started.elapsed().as_secs_f64()
+            );
+        }
         if panels {
             let dir = stage.dir().map_err(|e| TrainError::Io {
                 path: stage.path.display().to_string(),
@@ -322,11 +397,13 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
                 path: dir.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let path = dir.join(format!("{}.png", r.scene));
+            let name = format!("{}.png", r.scene);
+            let path = dir.join(&name);
             write_panel(&reader, &path, r, maps).map_err(|e| TrainError::Io {
                 path: path.display().to_string(),
                 reason: format!("{e:#}"),
             })?;
+            panel_names.push(name);
         }
         Ok(())
     };
@@ -391,6 +468,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "unpredicted_labelled_pixels": unpredicted,
         "scenes_seen_in_training": seen.by_run,
         "scenes_seen_by_init": seen.by_init,
+        "panels": panel_names,
     });
     let path = staged.join(METRICS_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
@@ -413,11 +491,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         fmt_score(s.sic_r2),
         fmt_score(s.sod_f1),
         fmt_score(s.floe_f1),
-        if s.combined.is_finite() {
-            format!("{:.2}", s.combined)
-        } else {
-            "-".into()
-        }
+        icefm_model::metrics::score_text(s.combined, 2)
     );
     // A task the run does not predict scores nothing, whatever the labels; say which, and warn
     // only of trained tasks without a labelled pixel.
@@ -445,6 +519,13 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
              scenes get their charts from their reference files (docs/ingest.md, \
              \"The test release\")",
             unlabelled.join(" / ")
+        );
+    }
+    if ev.score_level != Level::new(80)? {
+        eprintln!(
+            "note: scored at {}, the store's finest level: AutoICE scores at 80 m (ingest the \
+             scenes at 80m to score as it does)",
+            ev.score_level
         );
     }
     println!("outputs: {}", out.display());
@@ -535,28 +616,32 @@ pub fn submission_name(path: &Path) -> String {
 /// Run `icefm predict`.
 pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     let (dev, ov) = a.infer.resolve()?;
-    let (cfg, model) = load_seg_model(&a.run, &dev)?;
-    check_stride(ov.stride, cfg.data.crop as usize)?;
-    let score = Level::new(80)?;
-    let tmp = tempfile_dir(&a.out)?;
-    let store = a
-        .keep_store
-        .clone()
-        .unwrap_or_else(|| tmp.join("scenes.zarr"));
-    // The inference level: as asked, else the run's rule.
-    let level = match ov.level {
-        Some(l) => l,
-        None => eval_level(&cfg, &[score])?,
-    };
-    let mut levels = vec![score];
-    if level != score {
-        levels.push(level);
-    }
+    // Said before any scene is read: the inputs, the output, then the run.
     // `test/*.nc` also matches the test release's reference charts: they are not scenes.
     let (references, scenes): (Vec<&PathBuf>, Vec<&PathBuf>) =
         a.scenes.iter().partition(|p| is_reference_file(p));
     if scenes.is_empty() {
         bail!("no scenes to predict: the files given are all reference charts (…_reference.nc)");
+    }
+    check_scene_files(&scenes)?;
+    let replacing = check_submission_out(&a.out, &scenes)?;
+    let (cfg, model) = load_seg_model(&a.run, &dev)?;
+    check_stride(ov.stride, cfg.data.crop as usize)?;
+    let score = Level::new(80)?;
+    // The inference level: as asked, else the run's rule.
+    let level = match ov.level {
+        Some(l) => l,
+        None => eval_level(&cfg, &[score])?,
+    };
+    if let Some(note) = level_note(&cfg, level) {
+        eprintln!("note: {note}");
+    }
+    let untrained = untrained_tasks(&cfg)?;
+    if !untrained.is_empty() {
+        eprintln!(
+            "warning: this run does not predict {0}: the file's {0} charts are 255 (no              prediction) everywhere, so it is not a complete AutoICE submission",
+            untrained.join(" / ")
+        );
     }
     if !references.is_empty() {
         eprintln!(
@@ -564,14 +649,37 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
             references.len()
         );
     }
+    let mut levels = vec![score];
+    if level != score {
+        levels.push(level);
+    }
+    // The scenes' store: a scratch folder beside the output, removed however this ends, or the
+    // store asked for.
+    let scratch = match &a.keep_store {
+        Some(k) => {
+            if k.join("zarr.json").is_file() {
+                eprintln!(
+                    "note: --keep-store {} is an existing store: the scenes are added to it",
+                    k.display()
+                );
+            }
+            None
+        }
+        None => Some(Scratch::new(&a.out)?),
+    };
+    let store = match (&a.keep_store, &scratch) {
+        (Some(k), _) => k.clone(),
+        (None, Some(s)) => s.path.join("scenes.zarr"),
+        (None, None) => unreachable!("a scratch folder is made when no store is kept"),
+    };
     let bar = scene_bar(scenes.len(), "predict");
     let mut maps = Vec::new();
     let started = Instant::now();
-    for path in scenes {
+    for path in &scenes {
         bar.set_message(path.display().to_string());
         let patch = (cfg.data.crop).max(64);
         let summary = ingest(
-            std::slice::from_ref(path),
+            std::slice::from_ref(*path),
             &store,
             new_attrs(&levels, patch, DEFAULT_CODEC),
             &IngestOptions::default(),
@@ -596,7 +704,7 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         let data = reader.read(&id, level)?;
         let mut opts = infer_options(&cfg, level);
         if let Some(s) = ov.stride {
-            opts.stride = s.max(1);
+            opts.stride = s;
         }
         if let Some(b) = ov.blend {
             opts.blend = b;
@@ -616,26 +724,147 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
             floe,
         });
         bar.inc(1);
+        if bar.is_hidden() {
+            // No terminal (a batch job's log): a line per scene instead of the bar.
+            eprintln!(
+                "predict: {} of {} scenes ({}), {:.1} s",
+                maps.len(),
+                scenes.len(),
+                path.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     bar.finish_and_clear();
     write_submission(&a.out, &maps)?;
-    if a.keep_store.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
+    drop(scratch);
     println!(
-        "predicted {} scenes at {level} in {:.1} s: {}",
+        "predicted {} scene{} at {level} in {:.1} s: {}{}",
         maps.len(),
+        if maps.len() == 1 { "" } else { "s" },
         started.elapsed().as_secs_f64(),
-        a.out.display()
+        a.out.display(),
+        if replacing {
+            " (replacing the submission that was there)"
+        } else {
+            ""
+        }
     );
     Ok(())
+}
+
+/// The tasks `cfg`'s model has no head for, by name.
+fn untrained_tasks(cfg: &icefm_model::config::TrainConfig) -> Result<Vec<&'static str>> {
+    let trained = cfg.seg_config()?.tasks;
+    Ok(Task::ALL
+        .into_iter()
+        .filter(|t| !trained.contains(t))
+        .map(|t| t.name())
+        .collect())
+}
+
+/// A note when `level` is not one the run trained at (`data.levels`; a run without them
+/// trained at every level of its store): the model is then applied at another resolution.
+fn level_note(cfg: &icefm_model::config::TrainConfig, level: Level) -> Option<String> {
+    if cfg.data.levels.trim().is_empty() {
+        return None;
+    }
+    let trained = icefm_model::finetune::trained_levels(cfg).ok()?;
+    if trained.contains(&level) {
+        return None;
+    }
+    let names: Vec<String> = trained.iter().map(ToString::to_string).collect();
+    Some(format!(
+        "the run trained at {} (data.levels); inference at {level} applies it at another \
+         resolution",
+        names.join(", ")
+    ))
+}
+
+/// Err for scene paths that are not files, and for two paths of one scene (the submission
+/// names each scene once).
+fn check_scene_files(scenes: &[&PathBuf]) -> Result<()> {
+    let mut names: std::collections::HashMap<String, &PathBuf> = std::collections::HashMap::new();
+    for p in scenes {
+        if p.is_dir() {
+            bail!(
+                "{}: a folder, not a scene file (give its *.nc files)",
+                p.display()
+            );
+        }
+        if !p.is_file() {
+            bail!("{}: no such file", p.display());
+        }
+        if let Some(first) = names.insert(submission_name(p), p) {
+            bail!(
+                "scene `{}` is given twice ({} and {}): a submission names each scene once",
+                submission_name(p),
+                first.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Err for an `--out` that cannot take the submission: no file name, a folder, one of the
+/// scenes, or a file other than an earlier submission (which would be lost). `Ok(true)` when
+/// it replaces an earlier submission.
+fn check_submission_out(out: &Path, scenes: &[&PathBuf]) -> Result<bool> {
+    let named = out.file_name().is_some_and(|n| n != "." && n != "..")
+        && !out.as_os_str().to_string_lossy().ends_with('/');
+    if out.is_dir() || !named {
+        bail!(
+            "--out {}: a folder; name the submission file to write, e.g. {}",
+            out.display(),
+            out.join("submission.nc").display()
+        );
+    }
+    if !out.exists() {
+        return Ok(false);
+    }
+    for p in scenes {
+        if same_file(out, p) {
+            bail!(
+                "--out {} is one of the scenes to predict: the submission would replace it; \
+                 name another file",
+                out.display()
+            );
+        }
+    }
+    if !icefm_ingest::submission::is_submission(out) {
+        bail!(
+            "--out {}: exists and is not an AutoICE submission (uint8 `SCENE_SIC`, `_SOD`, \
+             `_FLOE` charts only); remove it or name another file, so that nothing is replaced \
+             by mistake",
+            out.display()
+        );
+    }
+    Ok(true)
+}
+
+/// Whether `a` and `b` are the same file (a link to it included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// Where an evaluation goes without `--out`: `RUN/eval-<regime>`; for one of a run's
 /// checkpoints, `RUN/eval-<regime>-<checkpoint>`, since training removes old checkpoint folders
 /// and would take the evaluation with them.
 fn default_out(run: &Path, regime: Option<&str>) -> PathBuf {
-    let name = format!("eval-{}", regime.unwrap_or("all"));
+    // A regime given as its file: by its name, not its path.
+    let regime = regime.map(|r| {
+        let p = Path::new(r);
+        match (p.extension(), p.file_stem()) {
+            (Some(e), Some(stem)) if e == "parquet" => stem.to_string_lossy().into_owned(),
+            _ => r.to_string(),
+        }
+    });
+    let name = format!("eval-{}", regime.as_deref().unwrap_or("all"));
     let parent = run
         .parent()
         .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"));
@@ -671,16 +900,7 @@ impl Stage {
             .map_or_else(|| "eval".into(), |n| n.to_string_lossy().into_owned());
         let prefix = format!(".{name}.eval-");
         // Those of evaluations killed before they could remove them.
-        if let Ok(entries) = std::fs::read_dir(parent) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if let Some(pid) = n.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok())
-                    && !icefm_ingest::claim::process_alive(pid)
-                {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        remove_left_by_dead(parent, &prefix);
         Self {
             path: parent.join(format!("{prefix}{}", std::process::id())),
             made: std::cell::Cell::new(false),
@@ -699,20 +919,18 @@ impl Stage {
 
     /// Move the outputs into `out`, replacing an earlier evaluation's: its `metrics.json` goes
     /// first and the new one comes last, so `out` never holds a `metrics.json` beside another
-    /// evaluation's tables or panels. Of `panels/`, only an earlier evaluation's PNGs are
-    /// removed (when `out` holds one); other files there are left alone.
+    /// evaluation's tables or panels. Of `panels/`, only the PNGs the earlier evaluation wrote
+    /// are removed ([`earlier_panels`]); other files there are left alone.
     fn publish(self, out: &Path) -> Result<()> {
         let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
         std::fs::create_dir_all(out).with_context(|| ctx("creating", out))?;
         let metrics = out.join(METRICS_FILE);
         let panels = out.join("panels");
         if metrics.is_file() {
+            let earlier = earlier_panels(&metrics, &panels)?;
             std::fs::remove_file(&metrics)
                 .with_context(|| ctx("removing the earlier", &metrics))?;
-            for png in list(&panels)?
-                .into_iter()
-                .filter(|p| p.extension().is_some_and(|e| e == "png") && p.is_file())
-            {
+            for png in earlier {
                 std::fs::remove_file(&png).with_context(|| ctx("removing the earlier", &png))?;
             }
         }
@@ -741,6 +959,42 @@ impl Stage {
     }
 }
 
+/// The panels an earlier evaluation wrote into `panels`: those its `metrics` lists, or for an
+/// evaluation by an icefm that did not list them, the PNGs named by a scene id. Other files
+/// there are the user's.
+fn earlier_panels(metrics: &Path, panels: &Path) -> Result<Vec<PathBuf>> {
+    let listed: Option<Vec<String>> = std::fs::read_to_string(metrics)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("panels")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+        });
+    let png = |p: &Path| p.extension().is_some_and(|e| e == "png") && p.is_file();
+    Ok(match listed {
+        // Plain file names only: never a path out of `panels`.
+        Some(names) => names
+            .iter()
+            .filter(|n| Path::new(n.as_str()).file_name() == Some(std::ffi::OsStr::new(n.as_str())))
+            .map(|n| panels.join(n))
+            .filter(|p| png(p))
+            .collect(),
+        None => list(panels)?
+            .into_iter()
+            .filter(|p| {
+                png(p)
+                    && p.file_stem().is_some_and(|s| {
+                        let s = s.to_string_lossy();
+                        icefm_schemas::names::parse_scene_name(&s).is_some_and(|n| n.scene_id == s)
+                    })
+            })
+            .collect(),
+    })
+}
+
 /// The entries of folder `dir` (none when there is no such folder).
 fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     match std::fs::read_dir(dir) {
@@ -761,16 +1015,51 @@ impl Drop for Stage {
     }
 }
 
-/// A fresh scratch folder beside `out`.
-fn tempfile_dir(out: &Path) -> Result<PathBuf> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let dir = parent.join(format!(".icefm-predict-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+/// Remove the folders `<prefix><PID>` in `parent` of processes no longer alive: what a killed
+/// evaluation or prediction left.
+fn remove_left_by_dead(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = n.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok())
+            && pid != std::process::id()
+            && !icefm_ingest::claim::process_alive(pid)
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// `predict`'s scratch folder beside `out`, `.icefm-predict-<PID>`: removed when dropped,
+/// however the command ends; those of processes killed before they could remove theirs are
+/// removed when the next one is made beside them.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new(out: &Path) -> Result<Self> {
+        const PREFIX: &str = ".icefm-predict-";
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        remove_left_by_dead(parent, PREFIX);
+        let path = parent.join(format!("{PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 #[cfg(test)]
@@ -804,5 +1093,41 @@ mod tests {
             default_out(&p("/r/checkpoints/best/"), Some("val")),
             p("/r/eval-val-best")
         );
+        // A regime given as its file is named by its name, not its path.
+        assert_eq!(
+            default_out(&p("runs/ft"), Some("/data/s.zarr/regimes/test.parquet")),
+            p("runs/ft/eval-test")
+        );
+    }
+
+    #[test]
+    fn a_relative_initial_encoder_is_found_below_the_runs_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("work");
+        std::fs::create_dir_all(root.join("runs/mae")).unwrap();
+        std::fs::create_dir_all(root.join("runs/ft")).unwrap();
+        // Written from `work/` (the folder training ran in); looked for from anywhere.
+        let found = find_init("runs/mae", &root.join("runs/ft")).unwrap();
+        assert_eq!(
+            std::fs::canonicalize(found).unwrap(),
+            std::fs::canonicalize(root.join("runs/mae")).unwrap()
+        );
+        assert_eq!(find_init("runs/nothing", &root.join("runs/ft")), None);
+        let abs = root.join("runs/mae");
+        assert_eq!(find_init(&abs.to_string_lossy(), Path::new("x")), Some(abs));
+        assert_eq!(find_init("/no/such/run", &root.join("runs/ft")), None);
+    }
+
+    #[test]
+    fn a_run_without_a_task_head_names_it() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml"),
+        )
+        .unwrap();
+        let cfg = icefm_model::config::TrainConfig::parse(&text, &["seg.tasks=[\"SOD\"]".into()])
+            .unwrap();
+        assert_eq!(untrained_tasks(&cfg).unwrap(), ["SIC", "FLOE"]);
+        let cfg = icefm_model::config::TrainConfig::parse(&text, &[]).unwrap();
+        assert!(untrained_tasks(&cfg).unwrap().is_empty());
     }
 }

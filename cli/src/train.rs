@@ -73,6 +73,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
                 a.config.display()
             );
         }
+        // Absolute, so that the run's config.toml names it from any folder (`icefm eval`
+        // follows it to the scenes the encoder was trained on).
+        let i = std::path::absolute(i).unwrap_or_else(|_| i.clone());
         set.push(format!("seg.init=\"{}\"", i.display()));
     }
     let cfg = TrainConfig::parse(&text, &set).with_context(|| {
@@ -327,9 +330,15 @@ fn run_with_bar_in(
         ));
     };
     let on_val = |v: &ValRecord| {
+        let text = |x: f64| icefm_model::metrics::score_text(x, 3);
         let line = format!(
-            "step {}: validation SIC R² {:.3}  SOD F1 {:.3}  FLOE F1 {:.3}  combined {:.1}  ({:.0} s)",
-            v.step, v.sic_r2, v.sod_f1, v.floe_f1, v.combined, v.seconds
+            "step {}: validation SIC R² {}  SOD F1 {}  FLOE F1 {}  {}  ({:.0} s)",
+            v.step,
+            text(v.sic_r2),
+            text(v.sod_f1),
+            text(v.floe_f1),
+            crate::run_summary::selection(v),
+            v.seconds
         );
         // Without a terminal the bar is hidden and prints nothing: say it on stderr.
         if bar.is_hidden() {

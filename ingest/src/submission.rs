@@ -156,6 +156,33 @@ pub fn write_submission(path: &Path, scenes: &[SceneMaps]) -> Result<(), Submiss
     })
 }
 
+/// Whether `path` is an upload package as [`write_submission`] writes it: a NetCDF file holding
+/// at least one variable, every one of them a `uint8` chart named `{scene}_{SIC|SOD|FLOE}`.
+/// False for anything else, a file that cannot be read included.
+pub fn is_submission(path: &Path) -> bool {
+    let owned = path.to_path_buf();
+    on_netcdf_thread(move || {
+        let Ok(file) = netcdf::open(&owned) else {
+            return false;
+        };
+        let mut any = false;
+        for v in file.variables() {
+            let name = v.name();
+            let chart = Task::ALL.iter().any(|t| {
+                name.strip_suffix(t.name())
+                    .is_some_and(|p| p.ends_with('_'))
+            });
+            if !chart
+                || v.vartype() != netcdf::types::NcVariableType::Int(netcdf::types::IntType::U8)
+            {
+                return false;
+            }
+            any = true;
+        }
+        any
+    })
+}
+
 /// Check every scene: a name not seen before, at least one pixel, `height × width` values in
 /// every chart.
 fn validate(scenes: &[SceneMaps]) -> Result<(), SubmissionError> {

@@ -345,6 +345,16 @@ impl R2 {
     }
 }
 
+/// A score for people to read: `decimals` places, or `-` for a task that has none (NaN: not
+/// trained, or no labelled pixel).
+pub fn score_text(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "-".into()
+    }
+}
+
 /// The combined AutoICE score: (2·R²(SIC) + 2·F1(SOD) + F1(FLOE)) / 5 × 100.
 pub fn combined(sic_r2: f64, sod_f1: f64, floe_f1: f64) -> f64 {
     (2.0 * sic_r2 + 2.0 * sod_f1 + floe_f1) / 5.0 * 100.0

@@ -183,20 +183,23 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     let killed = ft.join(".eval-test.eval-4000000000");
     std::fs::create_dir_all(killed.join("panels")).unwrap();
     std::fs::write(eval.join("panels/notes.txt"), "mine").unwrap();
+    std::fs::write(eval.join("panels/mine.png"), "mine").unwrap();
     ok(icefm()
         .args(["eval", "--regime", "test", "--no-panels", "--run"])
         .arg(&ft)
         .output()
         .unwrap());
-    // Its panel PNGs, that is: a file of the user's in panels/ stays.
-    let left: Vec<String> = std::fs::read_dir(eval.join("panels"))
+    // The PNGs it wrote, that is (its metrics.json lists them): the user's files in panels/,
+    // PNGs too, stay.
+    let mut left: Vec<String> = std::fs::read_dir(eval.join("panels"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
+    left.sort();
     assert_eq!(
         left,
-        ["notes.txt"],
-        "an earlier evaluation's panels were kept"
+        ["mine.png", "notes.txt"],
+        "an earlier evaluation's panels were kept, or the user's removed"
     );
     let replaced: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
@@ -439,6 +442,123 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         );
         assert!(values.iter().all(|&v| v < classes || v == 255));
     }
+    predict_refusals(dir.path(), &ft, &test_files[0]);
+    eval_notes(dir.path(), &ft);
+}
+
+/// What `icefm predict` refuses before any scene is read, and what it leaves beside its
+/// output: nothing of its own, whether it ends well or not.
+fn predict_refusals(dir: &Path, ft: &Path, scene: &Path) {
+    let predict = |scenes: &[&Path], out: &Path, extra: &[&str]| {
+        icefm()
+            .arg("predict")
+            .args(scenes)
+            .arg("--run")
+            .arg(ft)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = |o: &Output, what: &str| {
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(what), "{err}");
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("predicted"));
+    };
+    let scratch_left = || -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".icefm-predict-") || n.ends_with(".partial"))
+            .collect()
+    };
+    // The output is one of the scenes: the scene stays as it was.
+    let before = std::fs::read(scene).unwrap();
+    refused(
+        &predict(&[scene], scene, &[]),
+        "is one of the scenes to predict",
+    );
+    assert_eq!(std::fs::read(scene).unwrap(), before);
+    // A file that is not a submission is not replaced.
+    let file = dir.join("notes.nc");
+    std::fs::write(&file, "my notes").unwrap();
+    refused(
+        &predict(&[scene], &file, &[]),
+        "exists and is not an AutoICE submission",
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "my notes");
+    refused(
+        &predict(&[scene], dir, &[]),
+        "a folder; name the submission file to write",
+    );
+    refused(
+        &predict(&[scene, scene], &dir.join("twice.nc"), &[]),
+        "is given twice",
+    );
+    refused(
+        &predict(&[scene], &dir.join("s0.nc"), &["--stride", "0"]),
+        "--stride 0: windows must move on",
+    );
+    assert!(!dir.join("twice.nc").exists() && !dir.join("s0.nc").exists());
+    // A scene that cannot be read fails the run, which removes its scratch store; a killed
+    // run's is removed by the next run beside it.
+    let bad = dir.join("20200101T000000_dmi_prep.nc");
+    std::fs::write(&bad, "not netCDF").unwrap();
+    let out = predict(&[&bad], &dir.join("bad.nc"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(scratch_left(), Vec::<String>::new());
+    std::fs::create_dir_all(dir.join(".icefm-predict-4000000000/scenes.zarr")).unwrap();
+    // An earlier submission is replaced, with a word.
+    let out = ok(predict(&[scene], &dir.join("sub.nc"), &[]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("predicted 1 scene at ")
+            && text.contains("(replacing the submission that was there)"),
+        "{text}"
+    );
+    assert_eq!(scratch_left(), Vec::<String>::new());
+}
+
+/// `icefm eval`'s warnings on what a score is not: scenes that chose the best checkpoint, a
+/// level the run did not train at; and a weights file with nowhere to write.
+fn eval_notes(dir: &Path, ft: &Path) {
+    let out = ok(icefm()
+        .args([
+            "eval",
+            "--regime",
+            "val",
+            "--level",
+            "400m",
+            "--no-panels",
+            "--run",
+        ])
+        .arg(ft)
+        .arg("--out")
+        .arg(dir.join("eval-val"))
+        .output()
+        .unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`val` is the run's seg.val_regime: its best checkpoint was chosen on these"),
+        "{err}"
+    );
+    assert!(
+        err.contains("note: the run trained at 200m (data.levels); inference at 400m applies it"),
+        "{err}"
+    );
+    let out = icefm()
+        .args(["eval", "--regime", "test", "--run"])
+        .arg(ft.join("checkpoints/best/model.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is a weights file") && err.contains("give --out"),
+        "{err}"
+    );
 }
 
 /// The number of steps in a run's `metrics.parquet` (its last 0-based step + 1).

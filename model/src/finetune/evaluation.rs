@@ -33,18 +33,28 @@ pub fn eval_level(cfg: &TrainConfig, store_levels: &[Level]) -> Result<Level, Tr
             .copied()
             .ok_or_else(|| setup("seg.eval_level is empty".into()));
     }
-    if !cfg.data.levels.trim().is_empty() {
-        let mut l = parse_level_weights(&cfg.data.levels)?;
-        l.sort_by_key(|(l, _)| l.spacing_m());
-        if let Some((l, _)) = l.first() {
-            return Ok(*l);
-        }
+    if let Some(l) = trained_levels(cfg)?.first() {
+        return Ok(*l);
     }
     store_levels
         .iter()
         .min_by_key(|l| l.spacing_m())
         .copied()
         .ok_or_else(|| setup("the store has no level".into()))
+}
+
+/// The levels `cfg` trains at (`data.levels`, finest first); empty when it names none (a
+/// run then trains at every level of its store).
+pub fn trained_levels(cfg: &TrainConfig) -> Result<Vec<Level>, TrainError> {
+    if cfg.data.levels.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut l: Vec<Level> = parse_level_weights(&cfg.data.levels)?
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect();
+    l.sort_by_key(|l| l.spacing_m());
+    Ok(l)
 }
 
 /// Inference options of a fine-tuning configuration at `level`.
@@ -148,7 +158,7 @@ pub fn evaluate_run(
     }
     let mut opts = infer_options(&cfg, level);
     if let Some(s) = overrides.stride {
-        opts.stride = s.max(1);
+        opts.stride = s;
     }
     if let Some(b) = overrides.blend {
         opts.blend = b;

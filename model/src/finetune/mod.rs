@@ -33,7 +33,7 @@ mod validation;
 
 pub use evaluation::{
     EvalOverrides, RunEvaluation, eval_level, evaluate_run, evaluate_scenes, infer_options,
-    load_seg_model, run_config,
+    load_seg_model, run_config, trained_levels,
 };
 pub use validation::{ValRecord, read_validation, write_validation};
 use validation::{read_best, save_best};
@@ -378,9 +378,14 @@ pub fn train_seg_in(
                 score,
                 seconds: t1.elapsed().as_secs_f64(),
             };
+            let text = |v: f64, d: usize| crate::metrics::score_text(v, d);
             run.log(&format!(
-                "step {done}: validation SIC R² {:.4}, SOD F1 {:.4}, FLOE F1 {:.4}, combined {:.2}",
-                s.sic_r2, s.sod_f1, s.floe_f1, s.combined
+                "step {done}: validation SIC R² {}, SOD F1 {}, FLOE F1 {}, combined {}, score {}",
+                text(s.sic_r2, 4),
+                text(s.sod_f1, 4),
+                text(s.floe_f1, 4),
+                text(s.combined, 2),
+                text(score, 2)
             ))?;
             if score.is_finite() && best.is_none_or(|(_, b)| score > b) {
                 save_best(&opts.out, done, score, &s, &named)?;

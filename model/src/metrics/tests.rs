@@ -203,3 +203,11 @@ fn empty_evaluation_scores_nan_and_serialises_null() {
         r#"{"sic_r2":null,"sod_f1":null,"floe_f1":null,"combined":null,"pixels":[0,0,0]}"#
     );
 }
+
+#[test]
+fn scores_for_people_read_a_dash_where_there_is_none() {
+    assert_eq!(score_text(0.61234, 3), "0.612");
+    assert_eq!(score_text(63.2049, 2), "63.20");
+    assert_eq!(score_text(f64::NAN, 2), "-");
+    assert_eq!(score_text(f64::INFINITY, 1), "-");
+}
