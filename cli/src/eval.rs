@@ -584,7 +584,8 @@ pub struct PredictArgs {
     /// Fine-tuning run (its best checkpoint, else its newest), or a checkpoint folder in one.
     #[arg(long)]
     pub run: PathBuf,
-    /// The submission file to write.
+    /// The submission file to write (an earlier submission there is replaced; any other file
+    /// is refused).
     #[arg(long)]
     pub out: PathBuf,
     /// Keep the scenes' store here (by default a temporary store is removed afterwards).
@@ -781,8 +782,9 @@ fn level_note(cfg: &icefm_model::config::TrainConfig, level: Level) -> Option<St
     ))
 }
 
-/// Err for scene paths that are not files, and for two paths of one scene (the submission
-/// names each scene once).
+/// Err for scene paths that are not files, for two paths of one scene (the submission names
+/// each scene once), and for files that are not AI4Arctic scenes (not NetCDF, a variable
+/// missing).
 fn check_scene_files(scenes: &[&PathBuf]) -> Result<()> {
     let mut names: std::collections::HashMap<String, &PathBuf> = std::collections::HashMap::new();
     for p in scenes {
@@ -803,6 +805,13 @@ fn check_scene_files(scenes: &[&PathBuf]) -> Result<()> {
                 p.display()
             );
         }
+    }
+    // Each file's header and variables, as ingest checks them, before any scene's work.
+    for p in scenes {
+        let owned = p.to_path_buf();
+        icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
+            icefm_ingest::reader::SceneReader::open(&owned).map(drop)
+        })?;
     }
     Ok(())
 }

@@ -502,12 +502,22 @@ fn predict_refusals(dir: &Path, ft: &Path, scene: &Path) {
         "--stride 0: windows must move on",
     );
     assert!(!dir.join("twice.nc").exists() && !dir.join("s0.nc").exists());
-    // A scene that cannot be read fails the run, which removes its scratch store; a killed
-    // run's is removed by the next run beside it.
+    // A file that is not a scene is refused too.
     let bad = dir.join("20200101T000000_dmi_prep.nc");
     std::fs::write(&bad, "not netCDF").unwrap();
-    let out = predict(&[&bad], &dir.join("bad.nc"), &[]);
+    refused(
+        &predict(&[scene, &bad], &dir.join("bad.nc"), &[]),
+        "not a readable NetCDF-4/HDF5 file",
+    );
+    // A run that fails on the way removes its scratch store (this scene cannot be read at a
+    // level finer than its own); a killed run's is removed by the next run beside it.
+    let out = predict(&[scene], &dir.join("fine.nc"), &["--level", "40m"]);
     assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("finer than the scene's native 80 m grid"),
+        "{err}"
+    );
     assert_eq!(scratch_left(), Vec::<String>::new());
     std::fs::create_dir_all(dir.join(".icefm-predict-4000000000/scenes.zarr")).unwrap();
     // An earlier submission is replaced, with a word.
