@@ -199,6 +199,17 @@ pub(crate) fn open_run(
     open_run_dir(cfg, opts, &resolved, trained)
 }
 
+/// Whether `a` and `b` name one existing file or folder (both non-empty).
+fn same_path(a: &str, b: &str) -> bool {
+    if a.is_empty() || b.is_empty() {
+        return false;
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 fn open_run_dir(
     cfg: &TrainConfig,
     opts: &RunOptions,
@@ -210,7 +221,14 @@ fn open_run_dir(
     let config_path = opts.out.join("config.toml");
     if opts.resume {
         let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
-        let saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
+        let mut saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
+        // One initial encoder named two ways (`--init` is written absolute since; a run's
+        // config.toml may hold it relative) is the same.
+        if let (Some(a), Some(b)) = (saved.seg.as_mut(), cfg.seg.as_ref())
+            && same_path(&a.init, &b.init)
+        {
+            a.init.clone_from(&b.init);
+        }
         // The steps may grow, and the micro-batches change (a run out of memory continues in
         // smaller parts).
         if !saved.continues_as(cfg) {
@@ -333,4 +351,22 @@ pub(crate) fn open_loader(
         },
     )?;
     Ok((loader, trained))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_folder_named_relative_and_absolute_is_one_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("runs/mae");
+        std::fs::create_dir_all(&run).unwrap();
+        let abs = run.to_string_lossy().into_owned();
+        let rel = dir.path().join("runs/./mae/../mae");
+        assert!(same_path(&abs, &rel.to_string_lossy()));
+        assert!(!same_path(&abs, &dir.path().join("runs").to_string_lossy()));
+        assert!(!same_path(&abs, ""));
+        assert!(!same_path("/no/such/run", "/no/such/run"));
+    }
 }
