@@ -110,9 +110,22 @@ fn overrides(
 fn scene_bar(n: usize, prefix: &str) -> ProgressBar {
     let bar = ProgressBar::new(n as u64);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} scenes  {msg}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {pos}/{len} scenes  {elapsed} elapsed, {eta_text}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "eta_text",
+            // No estimate before the first scene ends (indicatif would say 0 s).
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = if s.pos() == 0 {
+                    write!(w, "eta after the first scene")
+                } else {
+                    write!(w, "eta {}", indicatif::HumanDuration(s.eta()))
+                };
+            },
+        )
+        .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_string());
     bar.enable_steady_tick(Duration::from_millis(500));
