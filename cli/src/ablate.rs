@@ -82,7 +82,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
     let plan = plan(&a.grid, &grid_text, &a.store, &out)?;
     let n = plan.cells.len();
     if a.dry_run {
-        let states: Vec<State> = plan.cells.iter().map(state).collect();
+        let states: Vec<State> = plan.cells.iter().map(|c| state(c, &plan)).collect();
         println!(
             "{n} cells, scored on regime {}; output {}",
             plan.test_regime,
@@ -93,7 +93,10 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
                 (State::Done(r), _) => format!("done, combined {}", text(r.combined(), 2)),
                 (_, Some(who)) => format!("running in another worker ({who})"),
                 (State::Partial(step), None) => format!("resumes at step {step}"),
-                (State::New, None) => "new".into(),
+                (State::New, None) => match claim::failed_before(&out, &c.key) {
+                    Some(why) => format!("failed before ({why}); runs again"),
+                    None => "new".into(),
+                },
             };
             println!(
                 "cell {}/{n} {}: {}, {} run(s): {what}",
@@ -117,8 +120,18 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
     let mut claims = Claims::open(&out, &a.device)?;
     {
         let _outputs = claims.outputs()?;
-        write_atomic(&out.join("grid.toml"), grid_text.as_bytes())?;
+        let grid_copy = out.join("grid.toml");
+        if std::fs::read_to_string(&grid_copy).is_ok_and(|t| t != grid_text) {
+            eprintln!(
+                "note: {} held another grid file; it is replaced by {}",
+                grid_copy.display(),
+                a.grid.display()
+            );
+        }
+        write_atomic(&grid_copy, grid_text.as_bytes())?;
     }
+    warn_of_other_cells(&out, &plan);
+    warn_of_raised_steps(&plan);
 
     // Other workers may share the grid: each cell is claimed before it runs, cells held by a
     // live worker are left to it, and the pass repeats while it ran something, so a cell freed
@@ -137,7 +150,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
                 continue;
             }
             let head = format!("cell {}/{n} {}", i + 1, cell.key);
-            if let Some(r) = done_result(&cell.dir, cell.steps) {
+            if let Some(r) = done_result(&cell.dir, cell.steps, &plan) {
                 let how = if first && !told_taken[i] {
                     "skipped, done before"
                 } else {
@@ -175,7 +188,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
             };
             // What is on disk now: the cell may have been finished or begun by another worker
             // since this one looked.
-            let s = state(cell);
+            let s = state(cell, &plan);
             if let State::Done(r) = s {
                 println!(
                     "{head}: done by another worker (combined {})",
@@ -195,7 +208,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
                     _ => String::new(),
                 }
             );
-            match run_cell(cell, &plan.test_regime, &where_, stop) {
+            match run_cell(cell, &plan, &where_, stop) {
                 Ok(Some(r)) => {
                     println!(
                         "{head}: finished, combined {} (SIC R2 {}, SOD F1 {}, FLOE F1 {}) in {:.1} s",
@@ -263,6 +276,62 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
     }
 }
 
+/// A note of the cell folders in `out/runs` that are not this grid's (an earlier grid's, into
+/// the same `--out`): their results stay on disk but leave the table and the plot.
+fn warn_of_other_cells(out: &Path, plan: &grid::Plan) {
+    let Ok(entries) = std::fs::read_dir(out.join("runs")) else {
+        return;
+    };
+    let mine: std::collections::BTreeSet<&str> =
+        plan.cells.iter().map(|c| c.key.as_str()).collect();
+    let mut others: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|k| !mine.contains(k.as_str()))
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    others.sort();
+    eprintln!(
+        "note: {} cell folder(s) in {} are not of this grid ({}): their results stay there but \
+         are not in {TABLE_FILE} or {PLOT_FILE}; give another --out to keep two grids apart",
+        others.len(),
+        out.join("runs").display(),
+        icefm_schemas::names::first_few(&others, 4)
+    );
+}
+
+/// A warning for runs trained before with fewer `train.steps` than asked now: they train on
+/// from their checkpoint, and their learning-rate schedule (over `train.steps`) changes
+/// mid-way, so their rows are not those of fresh runs of as many steps.
+fn warn_of_raised_steps(plan: &grid::Plan) {
+    let raised: Vec<String> = plan
+        .cells
+        .iter()
+        .filter(|c| {
+            c.runs.iter().any(|r| {
+                !checkpoints(&r.dir).is_empty()
+                    && icefm_model::train::config_of_run(&r.dir)
+                        .is_ok_and(|(_, cfg)| cfg.train.steps < c.steps)
+            })
+        })
+        .map(|c| c.key.clone())
+        .collect();
+    if !raised.is_empty() {
+        eprintln!(
+            "warning: {} cell(s) began with fewer train.steps ({}); they train on to {}, with \
+             their learning-rate schedule changed mid-way: not the same as fresh runs of {} \
+             steps (give another --out for those)",
+            raised.len(),
+            icefm_schemas::names::first_few(&raised, 4),
+            plan.cells[0].steps,
+            plan.cells[0].steps
+        );
+    }
+}
+
 /// A cell's axes and size, as its lines print them.
 fn describe(c: &Cell) -> String {
     format!(
@@ -281,22 +350,35 @@ fn describe(c: &Cell) -> String {
 /// other's), one worker at a time.
 fn rewrite_outputs(out: &Path, plan: &grid::Plan, claims: &mut Claims) -> Result<()> {
     let _outputs = claims.outputs()?;
+    // The labelled fraction is the plan's: the pool may have changed since a cell was scored.
     let results: Vec<Option<CellResult>> = plan
         .cells
         .iter()
-        .map(|c| done_result(&c.dir, c.steps))
+        .map(|c| {
+            done_result(&c.dir, c.steps, plan).map(|mut r| {
+                r.labelled_fraction = c.fraction;
+                r
+            })
+        })
         .collect();
     write_outputs(out, plan, &results)
 }
 
-/// Whether `dir`'s result is there for `steps`.
-fn done_result(dir: &Path, steps: u64) -> Option<CellResult> {
-    CellResult::read(&dir.join(RESULT_FILE)).filter(|r| r.steps == steps)
+/// `dir`'s result, when it is there for `steps` and was scored on the plan's test regime (the
+/// same scenes): a result of another test regime is scored again.
+fn done_result(dir: &Path, steps: u64, plan: &grid::Plan) -> Option<CellResult> {
+    CellResult::read(&dir.join(RESULT_FILE)).filter(|r| {
+        r.steps == steps
+            && r.test_regime == plan.test_regime
+            && r.test_scenes_hash
+                .as_ref()
+                .is_none_or(|h| *h == plan.test_hash)
+    })
 }
 
 /// What is on disk of `cell`.
-fn state(cell: &Cell) -> State {
-    if let Some(r) = done_result(&cell.dir, cell.steps) {
+fn state(cell: &Cell, plan: &grid::Plan) -> State {
+    if let Some(r) = done_result(&cell.dir, cell.steps, plan) {
         return State::Done(Box::new(r));
     }
     let newest = cell
@@ -317,19 +399,20 @@ fn bar_style(template: &str) -> ProgressStyle {
 /// Train (or resume) and score every run of `cell`; `None` when Ctrl-C stopped it.
 fn run_cell(
     cell: &Cell,
-    test_regime: &str,
+    plan: &grid::Plan,
     where_: &RunOptions,
     stop: &AtomicBool,
 ) -> Result<Option<CellResult>> {
+    let test_regime = plan.test_regime.as_str();
     let mut parts = Vec::new();
     for run in &cell.runs {
         if run.task.is_some()
-            && let Some(r) = done_result(&run.dir, cell.steps)
+            && let Some(r) = done_result(&run.dir, cell.steps, plan)
         {
             parts.push(r);
             continue;
         }
-        match run_one(cell, run, test_regime, where_, stop)? {
+        match run_one(cell, run, plan, where_, stop)? {
             Some(r) => parts.push(r),
             None => return Ok(None),
         }
@@ -360,6 +443,7 @@ fn run_cell(
         levels: cell.levels.clone(),
         steps: cell.steps,
         test_regime: test_regime.into(),
+        test_scenes_hash: Some(plan.test_hash.clone()),
         sic_r2: sic,
         sod_f1: sod,
         floe_f1: floe,
@@ -378,10 +462,11 @@ fn run_cell(
 fn run_one(
     cell: &Cell,
     run: &Run,
-    test_regime: &str,
+    plan: &grid::Plan,
     where_: &RunOptions,
     stop: &AtomicBool,
 ) -> Result<Option<CellResult>> {
+    let test_regime = plan.test_regime.as_str();
     let store = where_.store.as_path();
     let resume = !checkpoints(&run.dir).is_empty();
     let prefix = match run.task {
@@ -415,6 +500,7 @@ fn run_one(
     ));
     bar.set_prefix(prefix.clone());
     bar.enable_steady_tick(Duration::from_millis(500));
+    let mut told = false;
     let eval = evaluate_run(
         &run.dir,
         store,
@@ -424,10 +510,26 @@ fn run_one(
         &mut |s, _| {
             bar.inc(1);
             bar.set_message(s.scene.clone());
+            // A stop ends the scoring after the scene at hand; the next run scores the cell
+            // again from its last checkpoint.
+            if stop.load(Ordering::SeqCst) {
+                if !told {
+                    bar.println(format!(
+                        "{prefix}: stopping; the scoring ends here and is done again next time"
+                    ));
+                    told = true;
+                }
+                return Err(icefm_model::train::TrainError::Setup(
+                    SCORING_STOPPED.into(),
+                ));
+            }
             Ok(())
         },
     );
     bar.finish_and_clear();
+    if stop.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
     let eval = eval.with_context(|| format!("cell {prefix}: scoring on regime {test_regime}"))?;
     let s = eval.pooled.scores();
     let finite = |v: f64| Some(v).filter(|v| v.is_finite());
@@ -443,6 +545,7 @@ fn run_one(
         levels: cell.levels.clone(),
         steps: cell.steps,
         test_regime: test_regime.into(),
+        test_scenes_hash: Some(plan.test_hash.clone()),
         sic_r2: finite(s.sic_r2),
         sod_f1: finite(s.sod_f1),
         floe_f1: finite(s.floe_f1),
@@ -453,6 +556,10 @@ fn run_one(
     result.write(&run.dir.join(RESULT_FILE))?;
     Ok(Some(result))
 }
+
+/// The error that ends a cell's scoring on a stop signal (never shown: the cell is reported
+/// as stopped).
+const SCORING_STOPPED: &str = "stopped";
 
 /// Scenes of the test regime (for the scoring bar; 0 when unreadable).
 fn regime_scenes(store: &Path, regime: &str) -> u64 {

@@ -171,7 +171,7 @@ fn trained_store(run: &Path) -> Result<PathBuf> {
 /// The configuration of a run (a run folder, or a checkpoint or weights file in one) and the
 /// scenes it trained on, as its `starts.jsonl` records them (every start's): `None` where a
 /// start records none (started by an icefm older than the record) or there is no record.
-fn trained_scenes_of(
+pub(crate) fn trained_scenes_of(
     run: &Path,
 ) -> Option<(
     icefm_model::config::TrainConfig,

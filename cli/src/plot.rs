@@ -57,6 +57,33 @@ pub fn cmd_plot(a: PlotArgs) -> Result<()> {
         .iter()
         .map(|r| read_curve(r, &a.metric))
         .collect::<Result<Vec<_>>>()?;
+    // A curve of no value at all (`val.combined` of a single-task run) draws nothing: say so.
+    let empty: Vec<String> = a
+        .runs
+        .iter()
+        .zip(&curves)
+        .filter(|(_, c)| !c.iter().any(|p| p.1.is_finite()))
+        .map(|(r, _)| r.display().to_string())
+        .collect();
+    if empty.len() == curves.len() {
+        bail!(
+            "no value of {} in {}{}",
+            a.metric,
+            icefm_schemas::names::first_few(&empty, 3),
+            if a.metric == "val.combined" {
+                " (runs of fewer than three tasks have no combined score: plot val.score)"
+            } else {
+                ""
+            }
+        );
+    }
+    if !empty.is_empty() {
+        eprintln!(
+            "warning: no value of {} in {}: drawn without them",
+            a.metric,
+            icefm_schemas::names::first_few(&empty, 3)
+        );
+    }
     let window = smoothing(&a.metric, a.smooth, &curves)?;
     draw(&a.runs, &a.metric, &curves, window, &out)?;
     println!("{}", out.display());
@@ -191,7 +218,11 @@ fn read_curve(run: &Path, metric: &str) -> Result<Vec<(f64, f64)>> {
             if file == "validation.parquet" {
                 " (only fine-tuning runs with seg.val_regime validate)"
             } else {
-                " (is it an icefm train run folder?)"
+                if run.is_dir() {
+                    " (is it an icefm train run folder?)"
+                } else {
+                    ": no such folder"
+                }
             }
         );
     }

@@ -31,11 +31,12 @@ fn median_of_last(values: &[f64], n: usize) -> Option<f64> {
 }
 
 fn scores_line(v: &ValRecord) -> String {
+    let text = |x: f64| icefm_model::metrics::score_text(x, 3);
     format!(
-        "SIC R² {:.3}  SOD F1 {:.3}  FLOE F1 {:.3}  {}",
-        v.sic_r2,
-        v.sod_f1,
-        v.floe_f1,
+        "SIC R² {}  SOD F1 {}  FLOE F1 {}  {}",
+        text(v.sic_r2),
+        text(v.sod_f1),
+        text(v.floe_f1),
         selection(v)
     )
 }
@@ -48,6 +49,35 @@ pub(crate) fn selection(v: &ValRecord) -> String {
     } else {
         format!("score {:.2} (its tasks' weighted score)", v.score)
     }
+}
+
+/// Whether the run is training now, was stopped, failed or ended unrecorded: from its lock
+/// (held by a live process) and the last line of its `log.txt`. `None` for a complete run.
+fn run_state(run: &Path, complete: bool) -> Option<String> {
+    if let Some(who) = icefm_model::train::run_holder(run) {
+        return Some(format!(
+            "state: training now ({who}); steps are recorded at each checkpoint"
+        ));
+    }
+    let log = std::fs::read_to_string(run.join("log.txt")).unwrap_or_default();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    if let Some(why) = last.strip_prefix(icefm_model::train::FAILED_PREFIX) {
+        return Some(format!("state: failed: {why}"));
+    }
+    if complete {
+        return None;
+    }
+    Some(if last.starts_with("stopped at step") {
+        format!("state: {last}; continue it with --resume")
+    } else {
+        "state: not training, and its log records no end (killed, or a machine lost?); \
+         continue it with --resume"
+            .to_string()
+    })
 }
 
 /// The summary's text.
@@ -131,6 +161,12 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         }
         None => writeln!(out, "steps: none recorded yet (no metrics.parquet)")?,
     }
+    let complete = records
+        .last()
+        .is_some_and(|l| l.step + 1 >= cfg.train.steps);
+    if let Some(state) = run_state(run, complete) {
+        writeln!(out, "{state}")?;
+    }
 
     let saved = checkpoints(run);
     let names: Vec<String> = saved.iter().map(|(s, _)| s.to_string()).collect();
@@ -209,6 +245,25 @@ pub fn summarize_run(run: &Path) -> Result<String> {
             s["combined"]
                 .as_f64()
                 .map_or("-".to_string(), |x| format!("{x:.2}")),
+        )?;
+    }
+    // A run of an `icefm ablate` cell: its score on the grid's test regime.
+    if let Some(r) = std::fs::read_to_string(run.join("result.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    {
+        let num = |v: &serde_json::Value, d: usize| {
+            icefm_model::metrics::score_text(v.as_f64().unwrap_or(f64::NAN), d)
+        };
+        writeln!(
+            out,
+            "ablation result (result.json), on {} after {} steps: SIC R² {}  SOD F1 {}  FLOE F1 {}  combined {}",
+            r["test_regime"].as_str().unwrap_or("?"),
+            r["steps"].as_u64().unwrap_or(0),
+            num(&r["sic_r2"], 3),
+            num(&r["sod_f1"], 3),
+            num(&r["floe_f1"], 3),
+            num(&r["combined"], 2),
         )?;
     }
     Ok(out)

@@ -353,7 +353,11 @@ fn run_with_bar_in(
         train_mae_in(group, cfg, opts, stop, &on_step)
     };
     bar.finish_and_clear();
-    let summary = summary?;
+    let summary = summary.inspect_err(|e| {
+        if group.is_leader() {
+            icefm_model::train::record_failure(&opts.out, &e.to_string());
+        }
+    })?;
     // The curve so far, at every end (a stop included). A plot that cannot be drawn costs the
     // run nothing: the metrics are saved.
     if opts.out.join("metrics.parquet").is_file()

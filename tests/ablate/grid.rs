@@ -86,6 +86,20 @@ fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
         (PLOT_WIDTH, PLOT_HEIGHT)
     );
 
+    // `inspect` of a cell's run shows its result.
+    let (summary, _) = text(&ok(icefm()
+        .arg("inspect")
+        .arg(out.join("runs").join(keys[0]))
+        .output()
+        .unwrap()));
+    assert!(
+        summary.contains(&format!(
+            "ablation result (result.json), on test after 3 steps: SIC R² {:.3}",
+            sic[0]
+        )),
+        "{summary}"
+    );
+
     // Again: every cell is skipped, nothing is trained or scored, the table is the same.
     let results: Vec<PathBuf> = keys
         .iter()
@@ -133,6 +147,31 @@ fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
     }
     let log = std::fs::read_to_string(out.join("runs").join(keys[3]).join("log.txt")).unwrap();
     assert!(log.contains("resumed from"), "{log}");
+
+    // Scored on another test regime (here the same scenes under another name, in a file
+    // beside the grid): no result is taken for this grid's; every cell is scored again from
+    // its checkpoint, none trains a step, and the results name the regime they were scored on.
+    let mut exam = Regime::open(Some(&fixture().store), "test").unwrap();
+    exam.name = "exam".into();
+    exam.write(&dir.path().join("grids/exam.parquet")).unwrap();
+    let exam_text = std::fs::read_to_string(&grid)
+        .unwrap()
+        .replace("test_regime = \"test\"", "test_regime = \"exam.parquet\"");
+    let exam_grid = grid_file(dir.path(), "ladder_exam", &exam_text);
+    let (stdout, stderr) = text(&ok(ablate(&exam_grid, &out, &[])));
+    assert_eq!(stdout.matches("resuming at step 3").count(), 4, "{stdout}");
+    assert!(!stdout.contains("skipped, done before"), "{stdout}");
+    assert!(stderr.contains("held another grid file"), "{stderr}");
+    let rescored = read_table(&out.join("ablation.parquet"));
+    for c in ["key", "sic_r2", "sod_f1", "floe_f1", "combined"] {
+        assert_eq!(rescored[c], table[c], "{c}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&results[0]).unwrap()).unwrap();
+    assert!(
+        r["test_regime"].as_str().unwrap().ends_with("exam.parquet"),
+        "{r}"
+    );
 
     // Changing the runs' configuration under a finished grid is refused, not mixed in.
     let changed = std::fs::read_to_string(&grid)

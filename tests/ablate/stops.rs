@@ -76,6 +76,67 @@ fn a_wrong_grid_fails_with_one_line_before_any_training() {
         "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\", \"test\"]\ninit = [\"scratch\"]\n",
     );
     fails_before_training(o, &out, &["regimes: data.regime `test` is a test regime"]);
+    // A value of the wrong type: the line is named.
+    let o = case(
+        "type",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\n[grid]\nregimes = [\"ft_34\"]\ntasks = \"multi\"\n",
+    );
+    fails_before_training(
+        o,
+        &out,
+        &[
+            "type.toml: line 5 (tasks = \"multi\")",
+            "expected a sequence",
+        ],
+    );
+    // A misspelt key in `set`: the grid's, not the base's.
+    let o = case(
+        "settypo",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\nset = [\"train.stpes=5\"]\n[grid]\nregimes = [\"ft_34\"]\n",
+    );
+    fails_before_training(o, &out, &["settypo.toml: set: train.stpes=5"]);
+    // Validation on the scenes scored: each best checkpoint would be chosen on them.
+    let o = case(
+        "valtest",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\nset = [\"seg.val_regime=test\"]\n[grid]\nregimes = [\"ft_34\"]\ninit = [\"scratch\"]\n",
+    );
+    fails_before_training(
+        o,
+        &out,
+        &["the test regime test shares 1 scene(s) with seg.val_regime test"],
+    );
+    // A regime outside the pool: its fraction would be over 1.
+    let o = case(
+        "pool",
+        "base = \"seg_micro.toml\"\ntest_regime = \"test\"\npool = \"ft_34\"\n[grid]\nregimes = [\"ft_67\"]\ninit = [\"scratch\"]\n",
+    );
+    fails_before_training(
+        o,
+        &out,
+        &["regime ft_67 has 1 scene(s) outside the pool regime ft_34"],
+    );
+    // An `mae` that is not an MAE's weights: a fine-tuning run, a file of another kind, an
+    // encoder the base's model cannot take.
+    let ft = dir.path().join("ft-run");
+    std::fs::create_dir_all(&ft).unwrap();
+    let ft_config = icefm_model::config::TrainConfig::parse(SEG_MICRO, &[]).unwrap();
+    std::fs::write(ft.join("config.toml"), ft_config.to_toml()).unwrap();
+    std::fs::write(ft.join("model.safetensors"), "").unwrap();
+    let with_mae = |m: &str, set: &str| {
+        format!(
+            "base = \"seg_micro.toml\"\nmae = {m:?}\ntest_regime = \"test\"\nset = [{set}]\n[grid]\nregimes = [\"ft_34\"]\n"
+        )
+    };
+    let o = case("maeft", &with_mae(&ft.display().to_string(), ""));
+    fails_before_training(o, &out, &["a fine-tuning run, not an MAE"]);
+    let readme = repo().join("README.md");
+    let o = case("maefile", &with_mae(&readme.display().to_string(), ""));
+    fails_before_training(o, &out, &["README.md", "not a safetensors file"]);
+    let o = case(
+        "maedepth",
+        &with_mae(&f.mae.display().to_string(), "\"model.depth=3\""),
+    );
+    fails_before_training(o, &out, &["with 2 blocks", "with 3 blocks", "model.depth"]);
     // A level the store does not have.
     let o = case(
         "level",
@@ -174,10 +235,12 @@ init = ["mae", "scratch"]
 fn a_failing_cell_fails_alone_and_a_rerun_retries_it() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
-    // Weights that resolve but cannot be read: the cell that starts from them fails when it
-    // trains, after the grid was checked.
+    // Weights that resolve and whose header passes the grid's check, but whose tensors are
+    // cut short: the cell that starts from them fails when it trains, after the grid was
+    // checked.
     let bad = dir.path().join("bad.safetensors");
-    std::fs::write(&bad, b"not a safetensors file").unwrap();
+    let good = std::fs::read(icefm_model::finetune::resolve_weights(&f.mae).unwrap()).unwrap();
+    std::fs::write(&bad, &good[..good.len() - 64]).unwrap();
     let body = |ft_67: &Path| {
         format!(
             r#"

@@ -650,10 +650,29 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
         "{err}"
     );
     assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
+    // `inspect` says it is training now, and who trains it.
+    let state = |run: &Path| {
+        let out = ok(icefm().arg("inspect").arg(run).output().unwrap());
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("state: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no state line in {text}"))
+    };
+    let now = state(&run);
+    assert!(
+        now.starts_with(&format!("state: training now (process {} on ", child.id())),
+        "{now}"
+    );
     // SIGINT, as a terminal's Ctrl-C sends.
     signal_once_training(&child, &log, "-INT");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    let now = state(&run);
+    assert!(
+        now.starts_with("state: stopped at step ") && now.ends_with("continue it with --resume"),
+        "{now}"
+    );
     // A stopped run is not a finished one: `icefm train … && icefm eval …` stops here.
     assert_eq!(out.status.code(), Some(130), "{text}");
     assert!(text.contains("stopped after"), "{text}");
@@ -703,4 +722,28 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
         )),
         "{text}"
     );
+    assert!(
+        !icefm()
+            .arg("inspect")
+            .arg(&run)
+            .output()
+            .unwrap()
+            .stdout
+            .windows(7)
+            .any(|w| w == b"state: ")
+    );
+    // A run that fails says so in its log, and `inspect` says why.
+    let failed = dir.path().join("failed");
+    let out = micro_train(
+        &store,
+        &failed,
+        &["train.lr=1e30", "train.steps=5", "train.panel_every=0"],
+        false,
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let now = state(&failed);
+    assert!(now.starts_with("state: failed: step "), "{now}");
+    assert!(now.contains("the loss is NaN"), "{now}");
 }

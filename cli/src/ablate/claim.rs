@@ -207,6 +207,13 @@ pub(super) fn probe(out: &Path, key: &str) -> Option<String> {
     }
 }
 
+/// For `--dry-run`: why the cell `key` of `out` failed when it last ran, if it did (its
+/// `.failed` mark is there). Creates nothing.
+pub(super) fn failed_before(out: &Path, key: &str) -> Option<String> {
+    let why = std::fs::read_to_string(out.join(CLAIMS_DIR).join(format!("{key}.failed"))).ok()?;
+    Some(why.trim().to_string())
+}
+
 /// The holder's line of a held lock file and how long it has held it.
 fn holder(path: &Path) -> String {
     let who = std::fs::read_to_string(path).unwrap_or_default();

@@ -160,6 +160,8 @@ pub(super) struct Cell {
 pub(super) struct Plan {
     pub(super) cells: Vec<Cell>,
     pub(super) test_regime: String,
+    /// [`Regime::scenes_hash`] of the test regime.
+    pub(super) test_hash: String,
     /// Grid file stem, for titles.
     pub(super) name: String,
 }
@@ -219,7 +221,14 @@ fn resolve(grid_dir: &Path, p: &Path, what: &str) -> Result<PathBuf> {
 
 /// The grid file parsed, with its version, axes and overrides checked.
 fn read_grid(g: &str, text: &str) -> Result<GridFile> {
-    let grid: GridFile = toml::from_str(text).map_err(|e| anyhow!("{g}: {}", e.message()))?;
+    let grid: GridFile = toml::from_str(text).map_err(|e| match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let at = text.lines().nth(line - 1).unwrap_or("").trim();
+            anyhow!("{g}: line {line} ({at}): {}", e.message())
+        }
+        None => anyhow!("{g}: {}", e.message()),
+    })?;
     if grid.version != GRID_VERSION {
         bail!(
             "{g}: version {} is not supported (this icefm reads version {GRID_VERSION})",
@@ -326,7 +335,12 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     let base_text = std::fs::read_to_string(&base_path)
         .map_err(|e| anyhow!("cannot read {}: {e}", base_path.display()))?;
     let b = base_path.display();
-    let base = TrainConfig::parse(&base_text, &grid.set).map_err(|e| anyhow!("{b}: {e}"))?;
+    TrainConfig::parse(&base_text, &[]).map_err(|e| anyhow!("{b}: {e}"))?;
+    // The base reads; an error now is of the grid's `set`.
+    let base = TrainConfig::parse(&base_text, &grid.set).map_err(|e| {
+        let e = e.to_string();
+        anyhow!("{g}: set: {}", e.strip_prefix("--set ").unwrap_or(&e))
+    })?;
     let Some(seg) = &base.seg else {
         bail!(
             "{b}: no [seg] section: the base must be a fine-tuning configuration (configs/seg_vit_tiny.toml)"
@@ -338,7 +352,8 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     let table = SceneTable::from_store(store)
         .map_err(|e| anyhow!("{}: not a readable store ({e})", store.display()))?;
     let open = |name: &str| Regime::open(Some(store), name).map_err(|e| anyhow!("{g}: {e}"));
-    let test = open(&grid.test_regime)?;
+    let test_arg = regime_arg(grid_dir, &grid.test_regime);
+    let test = open(&test_arg)?;
     let val = if seg.val_regime.is_empty() {
         None
     } else {
@@ -348,8 +363,34 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     };
     let held_out = icefm_dataset::regime::HeldOut::of_store(store)
         .map_err(|e| anyhow!("{}: not a readable store ({e})", store.display()))?;
+    // The best checkpoint is chosen on the validation scenes: never on those scored.
+    if let Some(v) = &val {
+        let shared = shared_scenes(v, &test);
+        if !shared.is_empty() {
+            bail!(
+                "{g}: the test regime {} shares {} scene(s) with seg.val_regime {}: each run's \
+                 best checkpoint would be chosen on scenes it is scored on",
+                test.name,
+                shared.len(),
+                v.name
+            );
+        }
+    }
+    if test.role != icefm_dataset::regime::Role::Test {
+        eprintln!(
+            "warning: test_regime {} is a {} regime, not a test one: are these the held-out \
+             scenes?",
+            test.name,
+            test.role.name()
+        );
+    }
+    let regime_args: Vec<String> = axes
+        .regimes
+        .iter()
+        .map(|r| regime_arg(grid_dir, r))
+        .collect();
     let mut regimes = Vec::new();
-    for name in &axes.regimes {
+    for name in &regime_args {
         let r = open(name)?;
         // What training would refuse (a test or val regime, one sharing the validation or a
         // test regime's scenes, test-release scenes not drawn to), refused before anything runs.
@@ -370,7 +411,27 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     // The labelled fraction's 100 %: the pool regime, else every scene of the store that is
     // neither of the test release nor a test or validation scene.
     let pool = match &grid.pool {
-        Some(name) => open(name)?.scenes.len(),
+        Some(name) => {
+            let p = open(&regime_arg(grid_dir, name))?;
+            // A fraction of the pool is of scenes in it.
+            let inside: BTreeSet<&str> = p.scenes.iter().map(String::as_str).collect();
+            for r in &regimes {
+                let outside = r
+                    .scenes
+                    .iter()
+                    .filter(|s| !inside.contains(s.as_str()))
+                    .count();
+                if outside > 0 {
+                    bail!(
+                        "{g}: regime {} has {outside} scene(s) outside the pool regime {}: its \
+                         labelled fraction would not be a share of the pool",
+                        r.name,
+                        p.name
+                    );
+                }
+            }
+            p.scenes.len()
+        }
         None => {
             let held: BTreeSet<&str> = test
                 .scenes
@@ -398,9 +459,12 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     };
     check_levels(g, store, &levels)?;
     let mae = mae_paths(g, grid_dir, &grid)?;
+    for (regime, path) in &mae {
+        check_mae(g, regime, path, &base, &test)?;
+    }
 
     let mut cells = Vec::new();
-    for (regime_arg, regime) in axes.regimes.iter().zip(&regimes) {
+    for ((regime_arg, given), regime) in regime_args.iter().zip(&axes.regimes).zip(&regimes) {
         for &init in &axes.init {
             for &tasks in &axes.tasks {
                 for lv in &levels {
@@ -413,7 +477,7 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
                     );
                     let dir = out.join("runs").join(&key);
                     let init_path = match init {
-                        Init::Mae => mae.get(regime_arg).map(|p| p.display().to_string()),
+                        Init::Mae => mae.get(given).map(|p| p.display().to_string()),
                         Init::Scratch => None,
                     };
                     let mut set = grid.set.clone();
@@ -450,12 +514,105 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
     }
     Ok(Plan {
         cells,
-        test_regime: grid.test_regime.clone(),
+        test_regime: test_arg,
+        test_hash: test.scenes_hash(),
         name: grid_path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
     })
+}
+
+/// A regime named in the grid as the store knows it: its name, or a `.parquet` file given
+/// relative to the grid's folder (as every path of the grid may be) made absolute.
+fn regime_arg(grid_dir: &Path, regime: &str) -> String {
+    let p = Path::new(regime);
+    if regime.ends_with(".parquet") && !p.is_absolute() && grid_dir.join(p).is_file() {
+        return grid_dir.join(p).display().to_string();
+    }
+    regime.to_string()
+}
+
+/// The MAE weights at `path` (for `regime`'s cells) must be an encoder the base's model can
+/// take: not a fine-tuning run, of the base's width, depth and patch input; and a warning when
+/// the MAE was pre-trained on scenes of the test regime (its scores would not be held out).
+fn check_mae(g: &str, regime: &str, path: &Path, base: &TrainConfig, test: &Regime) -> Result<()> {
+    let what = || format!("{g}: mae of {regime} ({})", path.display());
+    if let Ok((_, cfg)) = icefm_model::train::config_of_run(path) {
+        if cfg.seg.is_some() {
+            bail!(
+                "{}: a fine-tuning run, not an MAE: give the MAE run it started from",
+                what()
+            );
+        }
+        if let Some(seen) = crate::eval::trained_scenes_of(path).and_then(|(_, s)| s) {
+            let n = test.scenes.iter().filter(|s| seen.contains(*s)).count();
+            if n > 0 {
+                eprintln!(
+                    "warning: {}: pre-trained on {n} scene(s) of the test regime {}: the MAE \
+                     cells' scores are not held out from pre-training",
+                    what(),
+                    test.name
+                );
+            }
+        }
+    }
+    let file = resolve_weights(path).map_err(|e| anyhow!("{}: {e}", what()))?;
+    let (dim, depth, patch_in) =
+        encoder_shape(&file).map_err(|e| anyhow!("{}: {}: {e}", what(), file.display()))?;
+    let enc = base
+        .mae_config()
+        .map_err(|e| anyhow!("{g}: base: {e}"))?
+        .encoder;
+    let want = (enc.dim, enc.depth, enc.in_channels * enc.patch * enc.patch);
+    if (dim, depth, patch_in) != want {
+        bail!(
+            "{}: its encoder is {dim} wide with {depth} blocks and {patch_in} values per patch; \
+             the base's model is {} wide with {} blocks and {}: make model.preset / model.depth \
+             (and the channels and patch) of the base match it",
+            what(),
+            want.0,
+            want.1,
+            want.2
+        );
+    }
+    Ok(())
+}
+
+/// Width, blocks and values per patch of the encoder in a safetensors file, from its header
+/// alone (`encoder.cls_token` [1, 1, D], `encoder.patch_embed.weight` [D, C·p·p],
+/// `encoder.blocks.{i}.…`).
+fn encoder_shape(file: &Path) -> Result<(usize, usize, usize)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| anyhow!("not a safetensors file (shorter than its header)"))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        bail!("not a safetensors file (a header of {len} bytes)");
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| anyhow!("not a safetensors file (its header is cut short)"))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| anyhow!("not a safetensors file (header: {e})"))?;
+    let shape = |name: &str| -> Option<Vec<usize>> {
+        header
+            .get(name)?
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_u64().map(|v| v as usize))
+            .collect()
+    };
+    let embed = shape("encoder.patch_embed.weight")
+        .filter(|s| s.len() == 2)
+        .ok_or_else(|| anyhow!("holds no encoder (no encoder.patch_embed.weight)"))?;
+    let depth = header.as_object().map_or(0, |o| {
+        icefm_model::finetune::encoder_blocks(o.keys().map(String::as_str))
+    });
+    Ok((embed[0], depth, embed[1]))
 }
 
 /// `data.regime` of a regime named in the grid: a regime given as a file is named by its
@@ -545,7 +702,10 @@ fn check_run_dir(key: &str, dir: &Path, cfg: &TrainConfig) -> Result<()> {
         )));
     }
     if !saved.continues_as(cfg) {
-        return Err(other("holds a run with another configuration".into()));
+        return Err(other(format!(
+            "holds a run with another configuration (the run's value first: {})",
+            saved.differences(cfg).join(", ")
+        )));
     }
     Ok(())
 }

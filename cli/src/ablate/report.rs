@@ -45,6 +45,11 @@ pub(super) struct CellResult {
     pub(super) steps: u64,
     /// The regime scored on.
     pub(super) test_regime: String,
+    /// [`icefm_dataset::regime::Regime::scenes_hash`] of the test regime's scenes (absent in
+    /// results of older icefm): a result scored on other scenes under the same name is not
+    /// this grid's.
+    #[serde(default)]
+    pub(super) test_scenes_hash: Option<String>,
     /// Pooled R² of SIC on the test scenes.
     pub(super) sic_r2: Option<f64>,
     /// Support-weighted F1 of SOD.

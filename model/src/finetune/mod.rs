@@ -64,6 +64,21 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, TrainError> {
     ))
 }
 
+/// Blocks of an encoder, from its variables' names (`encoder.blocks.{i}.…`): the highest `i`
+/// plus one, 0 for none.
+pub fn encoder_blocks<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names
+        .filter_map(|n| {
+            n.strip_prefix("encoder.blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
 /// Set every `encoder.*` variable from `path` ([`resolve_weights`]). All of them must be
 /// there with their shapes (the patch embedding included: nothing is re-initialised after
 /// loading). Returns the file read and the number of tensors set.
@@ -74,22 +89,9 @@ pub fn load_init(
 ) -> Result<(PathBuf, usize), TrainError> {
     let file = resolve_weights(path)?;
     let weights = crate::files::load_checked(&file, dev).map_err(|e| io_err(&file, e))?;
-    // Blocks of an encoder's variable names (`encoder.blocks.{i}.…`).
-    let blocks = |names: &mut dyn Iterator<Item = &String>| {
-        names
-            .filter_map(|n| {
-                n.strip_prefix("encoder.blocks.")?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max()
-            .map_or(0, |m| m + 1)
-    };
     let (have, want) = (
-        blocks(&mut weights.keys()),
-        blocks(&mut named.iter().map(|(n, _)| n)),
+        encoder_blocks(weights.keys().map(String::as_str)),
+        encoder_blocks(named.iter().map(|(n, _)| n.as_str())),
     );
     if have > 0 && have != want {
         return Err(io_err(

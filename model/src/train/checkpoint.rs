@@ -43,7 +43,28 @@ pub fn config_of_run(path: &Path) -> Result<(PathBuf, TrainConfig), TrainError> 
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
     let cfg = TrainConfig::parse(&text, &[])
         .map_err(|e| TrainError::Setup(format!("{}: {}", cfg_path.display(), e.0)))?;
+    if let Some(why) = cut_short(&text) {
+        // Parsing fills what is missing with defaults: a cut file would read as another run.
+        return Err(TrainError::Setup(format!(
+            "{}: damaged or cut short ({why}); a run's config.toml, as icefm writes it, holds \
+             every section, [model], [mae], [data] and [train]",
+            cfg_path.display()
+        )));
+    }
     Ok((run.to_path_buf(), cfg))
+}
+
+/// Why a run's `config.toml` text is not whole, if it is not: a section every run's file
+/// holds is missing, or the text ends mid-line (icefm writes it whole, through a rename).
+fn cut_short(text: &str) -> Option<String> {
+    let missing: Vec<&str> = ["[model]", "[mae]", "[data]", "[train]"]
+        .into_iter()
+        .filter(|s| !text.lines().any(|l| l.trim() == *s))
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!("no {} section", missing.join(", ")));
+    }
+    (!text.ends_with('\n')).then(|| "it ends mid-line".to_string())
 }
 
 /// Checkpoints of a run directory, oldest first.
@@ -229,6 +250,26 @@ pub(crate) fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_config_cut_short_is_refused_not_read_as_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = TrainConfig::parse("[seg]\ntasks = [\"SOD\"]\n", &[])
+            .unwrap()
+            .to_toml();
+        std::fs::write(dir.path().join("config.toml"), &whole).unwrap();
+        let (_, cfg) = config_of_run(dir.path()).unwrap();
+        assert!(cfg.is_seg());
+        // Cut after its first section, and cut mid-line.
+        for (cut, why) in [
+            (whole.find("[mae]").unwrap(), "no [mae], [data], [train]"),
+            (whole.len() - 1, "mid-line"),
+        ] {
+            std::fs::write(dir.path().join("config.toml"), &whole[..cut]).unwrap();
+            let e = config_of_run(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("damaged or cut short") && e.contains(why), "{e}");
+        }
+    }
 
     #[test]
     fn a_failed_checkpoint_write_leaves_nothing_behind_and_names_the_file() {

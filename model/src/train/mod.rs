@@ -41,8 +41,8 @@ pub use device::{DeviceName, cuda_device_count, parse_device};
 pub(crate) use feeder::{DeviceBatch, Feeder, drop_draws};
 pub(crate) use records::{PendingRecord, StepStart, write_parquet};
 pub use records::{StepRecord, read_metrics, write_metrics};
+pub use run::{FAILED_PREFIX, check_batch_split, record_failure, run_holder, scenes_to_train};
 pub(crate) use run::{RunDir, Share, agree_with_ranks, open_loader, open_run};
-pub use run::{check_batch_split, scenes_to_train};
 pub use start::{RegimeRead, RunStart, STARTS_FILE, run_starts};
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.

@@ -31,6 +31,46 @@ pub(crate) struct RunDir {
 /// The lock file of a run folder ([`lock_run`]).
 const RUN_LOCK: &str = "run.lock";
 
+/// Who is training into the run folder `out` now (its lock's line, `process PID on HOST`), if
+/// a process is: for `icefm inspect`. Creates nothing.
+pub fn run_holder(out: &Path) -> Option<String> {
+    let path = out.join(RUN_LOCK);
+    let file = File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let who = std::fs::read_to_string(&path).unwrap_or_default();
+            Some(match who.trim() {
+                "" => "a process that did not say which".to_string(),
+                w => w.to_string(),
+            })
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
+/// The line a failed run ends its `log.txt` with ([`record_failure`]).
+pub const FAILED_PREFIX: &str = "failed: ";
+
+/// Add `error` to the end of `out`'s `log.txt` when this process started the run there (its
+/// latest start's): a run that ended with an error then says so to `icefm inspect`. Nothing
+/// for a run this process refused before starting it.
+pub fn record_failure(out: &Path, error: &str) {
+    let started_here = super::run_starts(out)
+        .last()
+        .is_some_and(|s| s.pid == std::process::id());
+    if !started_here {
+        return;
+    }
+    let one_line = error.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .append(true)
+        .open(out.join("log.txt"))
+    {
+        let _ = writeln!(f, "{FAILED_PREFIX}{one_line}");
+    }
+}
+
 /// Lock the run folder `out` for this process: another `icefm train` into it would otherwise
 /// mix its checkpoints, log and configuration with this one's. An advisory lock (flock), which
 /// the system drops with its process, so a killed run leaves nothing to clean up.
