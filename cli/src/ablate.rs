@@ -551,7 +551,13 @@ fn run_one(
         floe_f1: finite(s.floe_f1),
         combined: finite(s.combined),
         seconds: train_seconds + t1.elapsed().as_secs_f64(),
-        weights: vec![eval.weights.display().to_string()],
+        // Absolute: the record holds wherever the grid is run from next.
+        weights: vec![
+            std::fs::canonicalize(&eval.weights)
+                .unwrap_or_else(|_| eval.weights.clone())
+                .display()
+                .to_string(),
+        ],
     };
     result.write(&run.dir.join(RESULT_FILE))?;
     Ok(Some(result))

@@ -340,9 +340,10 @@ fn run_with_bar_in(
             crate::run_summary::selection(v),
             v.seconds
         );
-        // Without a terminal the bar is hidden and prints nothing: say it on stderr.
+        // Without a terminal the bar is hidden and prints nothing: say it on stderr, named (an
+        // ablation worker's log interleaves its cells).
         if bar.is_hidden() {
-            eprintln!("{line}");
+            eprintln!("{prefix}: {line}");
         } else {
             bar.println(line);
         }

@@ -149,8 +149,18 @@ pub(super) fn write_table(path: &Path, rows: &[&CellResult]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// `80,200,400` → `80+200+400m`; "" → `all levels`.
+/// `80,200,400` → `80+200+400m`; `80:2,200:1` → `80m x2+200m x1`; "" → `all levels`.
 fn level_label(levels: &str) -> String {
+    if levels.contains(':') {
+        let parts: Vec<String> = levels
+            .split(',')
+            .map(|p| match p.trim().split_once(':') {
+                Some((l, w)) => format!("{}m x{}", l.trim().trim_end_matches('m'), w.trim()),
+                None => format!("{}m", p.trim().trim_end_matches('m')),
+            })
+            .collect();
+        return parts.join("+");
+    }
     match levels_key(levels).as_str() {
         "all" => "all levels".into(),
         k => format!("{k}m"),
@@ -236,4 +246,18 @@ pub(super) fn write_plot(path: &Path, plan: &Plan, rows: &[&CellResult]) -> Resu
     };
     write_line_plot(path, &plot).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn level_labels_read_as_levels_and_weights() {
+        assert_eq!(level_label("80,200,400"), "80+200+400m");
+        assert_eq!(level_label("200"), "200m");
+        assert_eq!(level_label(""), "all levels");
+        assert_eq!(level_label("80:2, 200:1"), "80m x2+200m x1");
+        assert_eq!(level_label("80m:2,200m:1"), "80m x2+200m x1");
+    }
 }
