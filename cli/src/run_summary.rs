@@ -98,7 +98,7 @@ pub fn summarize_run(run: &Path) -> Result<String> {
             }
         ),
         None => format!(
-            "MAE pre-training, ViT {} (mask ratio {}, decoder {} wide, {} blocks)",
+            "MAE pre-training, ViT {} (mask ratio {}, decoder {} wide, {} block(s))",
             cfg.model.preset, cfg.mae.mask_ratio, cfg.mae.decoder_dim, cfg.mae.decoder_depth
         ),
     };

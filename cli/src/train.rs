@@ -85,6 +85,21 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
             format!("in {} or its --set overrides", a.config.display())
         }
     })?;
+    let has_seg = text.lines().any(|l| l.trim() == "[seg]");
+    if !has_seg && let Some(s) = set.iter().find(|s| s.starts_with("seg.")) {
+        eprintln!(
+            "note: --set {s} makes this a fine-tuning run: {} has no [seg] section (an MAE \
+             configuration), so the rest of [seg] takes its defaults",
+            a.config.display()
+        );
+    }
+    if cfg.train.warmup_steps >= cfg.train.steps {
+        eprintln!(
+            "warning: train.warmup_steps {} is not below train.steps {}: the learning rate \
+             never reaches train.lr",
+            cfg.train.warmup_steps, cfg.train.steps
+        );
+    }
     let out = match a.out {
         Some(o) => o,
         None => PathBuf::from("runs").join(
@@ -322,12 +337,29 @@ fn run_with_bar_in(
     );
     bar.set_prefix(prefix.to_string());
     bar.enable_steady_tick(Duration::from_millis(500));
+    // Without a terminal the bar prints nothing: a line a minute instead (and the first and
+    // last steps), for batch logs.
+    let last_line = std::cell::Cell::new(None::<Instant>);
     let on_step = |r: &StepRecord| {
         bar.set_position(r.step + 1);
-        bar.set_message(format!(
+        let msg = format!(
             "loss {:.4}  {:.1} img/s  lr {:.2e}",
             r.loss, r.images_per_s, r.lr
-        ));
+        );
+        if bar.is_hidden()
+            && (last_line
+                .get()
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                || r.step + 1 == cfg.train.steps)
+        {
+            eprintln!(
+                "{prefix}: step {} of {}  {msg}",
+                r.step + 1,
+                cfg.train.steps
+            );
+            last_line.set(Some(Instant::now()));
+        }
+        bar.set_message(msg);
     };
     let on_val = |v: &ValRecord| {
         let text = |x: f64| icefm_model::metrics::score_text(x, 3);

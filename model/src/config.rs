@@ -429,6 +429,31 @@ impl TrainConfig {
                 s.task_weights
             )));
         }
+        // Weights in SIC, SOD, FLOE order: a run whose tasks all weigh 0 learns nothing.
+        let weighs = |name: &str| {
+            ["SIC", "SOD", "FLOE"]
+                .iter()
+                .position(|t| t.eq_ignore_ascii_case(name))
+                .is_some_and(|i| s.task_weights[i] > 0.0)
+        };
+        if !s.tasks.iter().any(|t| weighs(t)) {
+            return Err(ConfigError(format!(
+                "seg.task_weights {:?} give every task of seg.tasks {:?} weight 0: nothing \
+                 would be learnt",
+                s.task_weights, s.tasks
+            )));
+        }
+        if s.eval_stride > self.data.crop {
+            return Err(ConfigError(format!(
+                "seg.eval_stride {} is longer than data.crop {}: the strips between windows \
+                 would have no prediction (0 = half the crop)",
+                s.eval_stride, self.data.crop
+            )));
+        }
+        if !s.eval_level.trim().is_empty() {
+            icefm_schemas::Level::parse_list(&s.eval_level)
+                .map_err(|e| ConfigError(format!("seg.eval_level `{}`: {e}", s.eval_level)))?;
+        }
         if s.channels == 0 {
             return Err(ConfigError("seg.channels must be at least 1".into()));
         }
@@ -507,6 +532,59 @@ impl TrainConfig {
         }
         if self.train.steps == 0 || self.data.batch_size == 0 {
             return e("train.steps and data.batch_size must be at least 1".into());
+        }
+        if self.mae.decoder_heads == 0 {
+            return e("mae.decoder_heads must be at least 1".into());
+        }
+        let t = &self.train;
+        // 0 is allowed: a step that changes nothing (a test of what a run loads).
+        if !(t.lr.is_finite() && t.lr >= 0.0) {
+            return e(format!("train.lr {} must be a number of at least 0", t.lr));
+        }
+        if !(t.min_lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
+            return e(format!(
+                "train.min_lr {} must be from 0 to train.lr {}",
+                t.min_lr, t.lr
+            ));
+        }
+        for (key, v) in [
+            ("train.weight_decay", t.weight_decay),
+            ("train.clip_grad", t.clip_grad),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return e(format!("{key} {v} must be a number of at least 0"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.model.drop_path) {
+            return e(format!(
+                "model.drop_path {} is not in [0, 1)",
+                self.model.drop_path
+            ));
+        }
+        if t.keep_last == 0 {
+            return e("train.keep_last must be at least 1 (the checkpoint to resume from)".into());
+        }
+        if let Some(c) = self
+            .data
+            .channels
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| self.data.channels[..i].contains(c).then_some(c))
+        {
+            return e(format!("data.channels names {c} twice"));
+        }
+        if !self.is_seg() {
+            // MAE: at least one token seen and one to reconstruct in every crop.
+            let side = (self.data.crop / p) as usize;
+            let n = side * side;
+            let keep = ((n as f64) * (1.0 - self.mae.mask_ratio)) as usize;
+            if keep == 0 || keep >= n {
+                return e(format!(
+                    "mae.mask_ratio {} of a {}-px crop ({n} tokens of {p} px) keeps {keep} \
+                     token(s) visible: at least one must be seen and one masked",
+                    self.mae.mask_ratio, self.data.crop
+                ));
+            }
         }
         Ok(())
     }

@@ -444,6 +444,41 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     }
     predict_refusals(dir.path(), &ft, &test_files[0]);
     eval_notes(dir.path(), &ft);
+    fine_tuning_refusals(dir.path(), &out, &ft);
+}
+
+/// What a fine-tuning run refuses before its folder is made: a validation level the store
+/// lacks, an encoder trained on other channels.
+fn fine_tuning_refusals(dir: &Path, demo: &Path, ft: &Path) {
+    let train = |out: &str, sets: &[&str]| {
+        let mut c = icefm();
+        c.args(["train", "--store"])
+            .arg(demo.join("store.zarr"))
+            .arg("--config")
+            .arg(ft.join("config.toml"))
+            .arg("--out")
+            .arg(dir.join(out));
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        c.output().unwrap()
+    };
+    let refused = |o: &Output, want: &str, out: &str| {
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{err}");
+        assert!(!dir.join(out).exists());
+    };
+    refused(
+        &train("level", &["seg.eval_level=120"]),
+        "seg.eval_level 120m: the store",
+        "level",
+    );
+    refused(
+        &train("channels", &["data.channels=[\"HV\", \"HH\"]"]),
+        "its encoder was trained on data.channels [\"HH\", \"HV\"], this run reads [\"HV\", \"HH\"]",
+        "channels",
+    );
 }
 
 /// What `icefm predict` refuses before any scene is read, and what it leaves beside its

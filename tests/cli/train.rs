@@ -50,6 +50,12 @@ fn train_writes_a_run_and_resumes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     let out = ok(train("train.steps=5", true));
     assert!(String::from_utf8_lossy(&out.stdout).contains("trained 2 steps (now at 5 of 5)"));
+    // Its schedule is over train.steps: growing them is said.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: train.steps grew from 3 to 5"),
+        "{err}"
+    );
     // Fewer steps than it has run: refused, the run's config.toml untouched.
     let config = std::fs::read(run.join("config.toml")).unwrap();
     let out = train("train.steps=4", true);
@@ -746,4 +752,84 @@ fn ctrl_c_stops_training_at_a_step_boundary_and_saves() {
     let now = state(&failed);
     assert!(now.starts_with("state: failed: step "), "{now}");
     assert!(now.contains("the loss is NaN"), "{now}");
+}
+
+#[test]
+fn train_refuses_what_would_mix_two_runs_and_warns_of_what_changes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 3, "200x220", "default", "80");
+    let run = dir.path().join("run");
+    let sets = [
+        "train.checkpoint_every=2",
+        "train.warmup_steps=1",
+        "train.steps=2",
+    ];
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // --resume of a folder that holds no run.
+    let out = micro_train(&store, &run, &sets, true).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err(&out).contains("holds no run (no config.toml)"),
+        "{}",
+        err(&out)
+    );
+    // A folder with an earlier training's best checkpoint: a new run is refused.
+    std::fs::create_dir_all(run.join("checkpoints/best")).unwrap();
+    let out = micro_train(&store, &run, &sets, false).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err(&out).contains("holds the best checkpoint of an earlier training"),
+        "{}",
+        err(&out)
+    );
+    assert!(!run.join("config.toml").exists());
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    // A run on a regime, resumed after the regime was drawn again with other scenes: said.
+    let regime = |percent: &str, seed: &str| {
+        ok(icefm()
+            .args([
+                "regime", "--name", "pt", "--rule", "fraction", "--role", "pretrain",
+            ])
+            .args(["--percent", percent, "--seed", seed, "--force", "--store"])
+            .arg(&store)
+            .output()
+            .unwrap())
+    };
+    regime("34", "1");
+    ok(micro_train(
+        &store,
+        &run,
+        &[&sets[..], &["data.regime=pt"]].concat(),
+        false,
+    )
+    .output()
+    .unwrap());
+    regime("67", "2");
+    let more = [&sets[..2], &["train.steps=4", "data.regime=pt"]].concat();
+    let out = ok(micro_train(&store, &run, &more, true).output().unwrap());
+    assert!(
+        err(&out).contains(
+            "the scenes to train on are not those of the run's last start (2 added, 1 gone"
+        ),
+        "{}",
+        err(&out)
+    );
+    // Records lost since the checkpoint (a metrics.parquet written over): said.
+    std::fs::remove_file(run.join("metrics.parquet")).unwrap();
+    let longer = [&sets[..2], &["train.steps=6", "data.regime=pt"]].concat();
+    let out = ok(micro_train(&store, &run, &longer, true).output().unwrap());
+    assert!(
+        err(&out)
+            .contains("metrics.parquet holds records of 0 of the 4 steps before the checkpoint"),
+        "{}",
+        err(&out)
+    );
+    // A resume that finds no checkpoint starts at step 0, and says so.
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let out = ok(micro_train(&store, &run, &more, true).output().unwrap());
+    assert!(
+        err(&out).contains("holds no checkpoint; training starts at step 0"),
+        "{}",
+        err(&out)
+    );
 }

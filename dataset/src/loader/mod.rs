@@ -256,7 +256,7 @@ impl Loader {
         }
         if !(0.0..=1.0).contains(&opts.min_valid) {
             return Err(loader_error(format!(
-                "minimum valid fraction {} is not in 0–1",
+                "minimum valid fraction (data.min_valid) {} is not in 0–1",
                 opts.min_valid
             )));
         }
@@ -332,7 +332,7 @@ impl Loader {
         }
         let level_cum = cumulative(weighted.iter().map(|(_, w)| *w));
         if !sequential && level_cum.last().is_none_or(|&t| t <= 0.0) {
-            return Err(loader_error("every level has weight 0"));
+            return Err(loader_error("every level has weight 0 (data.levels)"));
         }
         let uniform_cum = cumulative(
             patches

@@ -85,7 +85,9 @@ pub(crate) fn resolve_channels(
         });
     }
     if channels.is_empty() {
-        return Err(loader_error("no input channel asked for"));
+        return Err(loader_error(
+            "no input channel asked for (data.channels is empty)",
+        ));
     }
     Ok(channels)
 }

@@ -139,3 +139,67 @@ fn parse_override_and_reject() {
         assert!(e.contains(want), "{text:?} {set:?}: {e}");
     }
 }
+
+#[test]
+fn values_a_run_cannot_train_with_are_refused_naming_the_key() {
+    let mae = include_str!("../../../configs/mae_vit_tiny.toml");
+    let seg = include_str!("../../../configs/seg_vit_tiny.toml");
+    let refused = |text: &str, set: &str, want: &str| {
+        let e = TrainConfig::parse(text, &[set.to_string()]).unwrap_err().0;
+        assert!(e.contains(want), "{set}: {e}");
+    };
+    refused(
+        mae,
+        "train.lr=-1",
+        "train.lr -1 must be a number of at least 0",
+    );
+    refused(mae, "train.lr=nan", "train.lr NaN must be");
+    refused(
+        mae,
+        "train.min_lr=1",
+        "train.min_lr 1 must be from 0 to train.lr",
+    );
+    refused(
+        mae,
+        "train.weight_decay=-1",
+        "train.weight_decay -1 must be",
+    );
+    refused(mae, "train.clip_grad=-1", "train.clip_grad -1 must be");
+    refused(
+        mae,
+        "model.drop_path=2",
+        "model.drop_path 2 is not in [0, 1)",
+    );
+    refused(
+        mae,
+        "train.keep_last=0",
+        "train.keep_last must be at least 1",
+    );
+    refused(
+        mae,
+        "mae.decoder_heads=0",
+        "mae.decoder_heads must be at least 1",
+    );
+    refused(
+        mae,
+        "data.channels=[\"HH\", \"HH\"]",
+        "data.channels names HH twice",
+    );
+    // An MAE crop must keep a token visible and mask one: the tiny crop has 36 tokens of 16 px.
+    refused(mae, "mae.mask_ratio=0", "keeps 36 token(s) visible");
+    refused(mae, "mae.mask_ratio=0.99", "keeps 0 token(s) visible");
+    assert!(TrainConfig::parse(mae, &["mae.mask_ratio=0.97".into()]).is_ok());
+    refused(
+        seg,
+        "seg.eval_stride=100000",
+        "seg.eval_stride 100000 is longer than data.crop",
+    );
+    refused(seg, "seg.eval_level=abc", "seg.eval_level `abc`");
+    refused(
+        seg,
+        "seg.task_weights=[0.0, 0.0, 0.0]",
+        "give every task of seg.tasks",
+    );
+    // A task that weighs 0 beside one that does not is a choice, not an error.
+    assert!(TrainConfig::parse(seg, &["seg.task_weights=[0.0, 1.0, 1.0]".into()]).is_ok());
+}

@@ -183,6 +183,18 @@ pub fn train_seg_in(
     // written: a run that cannot start leaves no folder to mistake for one that did.
     agree_with_ranks(cfg, opts, group)?;
     let (loader, trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    // A validation level the store lacks would fail at the first validation, its steps lost.
+    if !seg.eval_level.trim().is_empty() {
+        let have = icefm_dataset::store::read_attrs(&opts.store)?.levels;
+        let level = eval_level(cfg, &have)?;
+        if !have.contains(&level) {
+            return Err(TrainError::Setup(format!(
+                "seg.eval_level {level}: the store {} has no such level (it has {})",
+                opts.store.display(),
+                have.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
     // Rank 0 alone validates; the others wait for it at the next step's exchange.
     let val = if seg.val_regime.is_empty() || !group.is_leader() {
         None
@@ -210,6 +222,17 @@ pub fn train_seg_in(
     // for it (a resumed run with checkpoints takes its weights from them instead).
     let resuming = opts.resume && !checkpoints(&opts.out).is_empty();
     let initialised = if !seg.init.is_empty() && !resuming {
+        // An encoder trained on other input channels (or in another order) loads, and reads
+        // its inputs wrong: the run's config says which it was trained on.
+        if let Ok((_, icfg)) = crate::train::config_of_run(Path::new(&seg.init))
+            && icfg.data.channels != cfg.data.channels
+        {
+            return Err(TrainError::Setup(format!(
+                "seg.init {}: its encoder was trained on data.channels {:?}, this run reads {:?}; \
+                 give the same channels in the same order",
+                seg.init, icfg.data.channels, cfg.data.channels
+            )));
+        }
         Some(load_init(Path::new(&seg.init), &named, &dev)?)
     } else {
         None
@@ -231,7 +254,10 @@ pub fn train_seg_in(
     let mut records = Vec::new();
     let mut validation = Vec::new();
     let mut start = 0;
-    let mut best = read_best(&opts.out).map(|b| (b.step, b.score));
+    // A new run has no best yet (one left in the folder is refused before it starts).
+    let mut best = (opts.resume && !existing.is_empty())
+        .then(|| read_best(&opts.out).map(|b| (b.step, b.score)))
+        .flatten();
     if opts.resume && !existing.is_empty() {
         if let Some((step, dir)) = existing.last() {
             load_checkpoint(dir, &named, &mut opt, &dev)?;
@@ -240,6 +266,9 @@ pub fn train_seg_in(
                 .into_iter()
                 .filter(|r| r.step < start)
                 .collect();
+            if group.is_leader() {
+                run.warn_of_missing_records(&opts.out, records.len(), start)?;
+            }
             validation = read_validation(&opts.out.join("validation.parquet"))?
                 .into_iter()
                 .filter(|r| r.step <= start)

@@ -89,7 +89,9 @@ pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
 /// Whether a checkpoint is due after `done` steps: every `checkpoint_every` steps, after the
 /// last step, or when stopping.
 pub(crate) fn checkpoint_due(cfg: &TrainConfig, done: u64, stopping: bool) -> bool {
-    done == cfg.train.steps || stopping || done.is_multiple_of(cfg.train.checkpoint_every.max(1))
+    let every = cfg.train.checkpoint_every;
+    // 0: at the end (or a stop) only, as `seg.val_every = 0` validates at the end only.
+    done == cfg.train.steps || stopping || (every > 0 && done.is_multiple_of(every))
 }
 
 /// The end of a step: a checkpoint (with the metrics so far) when one is due, every

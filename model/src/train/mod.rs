@@ -211,6 +211,9 @@ pub fn train_mae_in(
                 .into_iter()
                 .filter(|r| r.step < start)
                 .collect();
+            if group.is_leader() {
+                run.warn_of_missing_records(&opts.out, records.len(), start)?;
+            }
             run.log(&format!("resumed from {} (step {start})", dir.display()))?;
         }
         group.check_same("steps to resume from", &start.to_string())?;

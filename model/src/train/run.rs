@@ -118,6 +118,26 @@ impl RunDir {
             None => Ok(()),
         }
     }
+
+    /// A warning (on stderr and in the log) when a resumed run's `metrics.parquet` in `out`
+    /// holds records of fewer than the `start` steps before its checkpoint (`have`).
+    pub(crate) fn warn_of_missing_records(
+        &mut self,
+        out: &Path,
+        have: usize,
+        start: u64,
+    ) -> Result<(), TrainError> {
+        if have as u64 == start {
+            return Ok(());
+        }
+        let w = format!(
+            "warning: {} holds records of {have} of the {start} steps before the checkpoint (a \
+             copy or a file written over?): the others are lost, and the run's curves have a gap",
+            out.join("metrics.parquet").display()
+        );
+        eprintln!("{w}");
+        self.log(&w)
+    }
 }
 
 /// One rank's share of each batch: samples `first .. first + batch / world` of `batch`.
@@ -259,7 +279,17 @@ fn open_run_dir(
     // The run directory: new, or resumed with the same configuration (steps may grow).
     let existing = checkpoints(&opts.out);
     let config_path = opts.out.join("config.toml");
+    let best = opts.out.join("checkpoints").join("best");
+    // Said as warnings once the run's log is open.
+    let mut warnings: Vec<String> = Vec::new();
     if opts.resume {
+        if !config_path.is_file() {
+            return Err(TrainError::Setup(format!(
+                "--resume: {} holds no run (no config.toml); leave --resume out to start one \
+                 there",
+                opts.out.display()
+            )));
+        }
         let saved = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
         let mut saved = TrainConfig::parse(&saved, &[]).map_err(|e| TrainError::Setup(e.0))?;
         // One initial encoder named two ways (`--init` is written absolute since; a run's
@@ -290,11 +320,64 @@ fn open_run_dir(
                 cfg.train.steps
             )));
         }
+        if existing.is_empty() {
+            if best.exists() {
+                return Err(TrainError::Setup(format!(
+                    "{}: no step checkpoint to resume from, only the earlier training's \
+                     checkpoints/best, which a run started over would be compared with; give \
+                     another --out, or delete checkpoints/best to start over there",
+                    opts.out.display()
+                )));
+            }
+            warnings.push(format!(
+                "--resume: {} holds no checkpoint; training starts at step 0",
+                opts.out.display()
+            ));
+        } else if saved.train.steps < cfg.train.steps {
+            warnings.push(format!(
+                "train.steps grew from {} to {}: the learning-rate schedule, over train.steps, \
+                 changes from this step on, so the run is not one of {} steps from the start",
+                saved.train.steps, cfg.train.steps, cfg.train.steps
+            ));
+        }
+        // The scenes of the last start: a store or regime changed since changes the run.
+        if !existing.is_empty()
+            && let Some(before) = super::run_starts(&opts.out)
+                .last()
+                .and_then(|s| s.trained_scenes.clone())
+        {
+            let before: std::collections::BTreeSet<&str> =
+                before.iter().map(String::as_str).collect();
+            let now: std::collections::BTreeSet<&str> =
+                trained.regime.scenes.iter().map(String::as_str).collect();
+            if before != now {
+                warnings.push(format!(
+                    "the scenes to train on are not those of the run's last start ({} added, {} \
+                     gone: the store or a regime changed since); the run goes on with them, and \
+                     its losses will not match an uninterrupted run's",
+                    now.difference(&before).count(),
+                    before.difference(&now).count()
+                ));
+            }
+        }
     } else if !existing.is_empty() {
         return Err(TrainError::Setup(format!(
             "{} already holds checkpoints: add --resume to continue it, or give another --out",
             opts.out.display()
         )));
+    } else if best.exists() {
+        return Err(TrainError::Setup(format!(
+            "{} holds the best checkpoint of an earlier training (checkpoints/best), which a \
+             new run would be compared with and `icefm eval` would score; give another --out, or \
+             delete checkpoints/best",
+            opts.out.display()
+        )));
+    } else if opts.out.join("metrics.parquet").is_file() {
+        warnings.push(format!(
+            "{}: the records of an earlier start that left no checkpoint (metrics.parquet) are \
+             replaced by this run's",
+            opts.out.display()
+        ));
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
     let lock = lock_run(&opts.out)?;
@@ -322,6 +405,10 @@ fn open_run_dir(
     let start = RunStart::now(cfg, opts, trained);
     for line in start.log_lines() {
         run.log(&line)?;
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+        run.log(&format!("warning: {w}"))?;
     }
     if let Some(e) = unlocked {
         run.log(&format!(
