@@ -678,7 +678,15 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     let s = summarize(&a.store).with_context(|| {
-        if a.store.is_dir() && !a.store.join("zarr.json").exists() {
+        if a.store.is_dir() && a.store.join("grid.toml").is_file() {
+            format!(
+                "inspect {}: an `icefm ablate` output (grid.toml): its results are in \
+                 ablation.parquet and ablation.png; inspect a cell's run with `icefm inspect \
+                 {}/runs/KEY`",
+                a.store.display(),
+                a.store.display()
+            )
+        } else if a.store.is_dir() && !a.store.join("zarr.json").exists() {
             format!(
                 "inspect {}: neither a store (no zarr.json) nor a training run (no config.toml)",
                 a.store.display()

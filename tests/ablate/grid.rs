@@ -100,6 +100,15 @@ fn a_grid_trains_scores_tabulates_plots_and_resumes_without_retraining() {
         "{summary}"
     );
 
+    // `inspect` of the grid's folder points at its results.
+    let o = icefm().arg("inspect").arg(&out).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let (_, err) = text(&o);
+    assert!(
+        err.contains("an `icefm ablate` output (grid.toml)"),
+        "{err}"
+    );
+
     // Again: every cell is skipped, nothing is trained or scored, the table is the same.
     let results: Vec<PathBuf> = keys
         .iter()
