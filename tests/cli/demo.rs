@@ -604,6 +604,20 @@ fn eval_notes(dir: &Path, ft: &Path) {
         err.contains("is a weights file") && err.contains("give --out"),
         "{err}"
     );
+    // A checkpoint's other files are not weights.
+    let out = icefm()
+        .args(["eval", "--regime", "test", "--run"])
+        .arg(ft.join("checkpoints/best/state.json"))
+        .arg("--out")
+        .arg(dir.join("eval-state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("state.json: not a safetensors file of weights"),
+        "{err}"
+    );
 }
 
 /// The number of steps in a run's `metrics.parquet` (its last 0-based step + 1).

@@ -42,6 +42,18 @@ use validation::{read_best, save_best};
 /// (its `model.safetensors`), or a run folder (its best checkpoint, else its newest).
 pub fn resolve_weights(path: &Path) -> Result<PathBuf, TrainError> {
     if path.is_file() {
+        // A checkpoint's state.json or optimizer file is not weights to start from.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.ends_with(".safetensors") || name == "optimizer.safetensors" {
+            return Err(io_err(
+                path,
+                "not a safetensors file of weights: give a run folder, a checkpoint folder or \
+                 its model.safetensors",
+            ));
+        }
         return Ok(path.to_path_buf());
     }
     let direct = path.join("model.safetensors");
