@@ -142,8 +142,51 @@ fn draw_args(a: DrawArgs) -> Result<()> {
             .to_string(),
         _ => bail!("--name is required"),
     };
-    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-        bail!("regime name {name:?} must be a plain file name");
+    // A name is a file name and an argument of other commands: letters, digits, `_-.+`.
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.ends_with(".parquet")
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'))
+    {
+        bail!(
+            "regime name {name:?}: use letters, digits and _ - . + (not first a dot, no \
+             .parquet ending)"
+        );
+    }
+    // Options that would be ignored are refused: they would be recorded, or taken as done.
+    if a.list.is_some() && Rule::parse(&a.rule)? != Rule::Import {
+        bail!(
+            "--list is for --rule import (this regime draws by rule {})",
+            a.rule
+        );
+    }
+    if store.is_some() && a.out.is_some() {
+        bail!(
+            "--out is for planning with --counts: a regime of a store is written to \
+             STORE/regimes/NAME.parquet"
+        );
+    }
+    if store.is_none() && (a.patches || a.levels.is_some()) {
+        bail!("--patches and --levels list a store's patches: give --store, not --counts");
+    }
+    if let (None, Some(o)) = (store, &a.out)
+        && a.ladder.is_empty()
+        && o.extension().is_none_or(|e| e != "parquet")
+    {
+        bail!(
+            "--out {}: a regime file ends in .parquet (other commands take it by that ending)",
+            o.display()
+        );
+    }
+    if let Some(p) = a
+        .ladder
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| a.ladder[..i].contains(p).then_some(p))
+    {
+        bail!("--ladder names {p} twice");
     }
     let exclude = a
         .exclude
@@ -173,6 +216,9 @@ fn draw_args(a: DrawArgs) -> Result<()> {
     } else {
         draw_ladder(&table, &spec, &percents)?
     };
+    if let Some(s) = store {
+        warn_of_held_out_overlap(s, &regimes, &a.exclude);
+    }
     if let (true, Some(s)) = (a.patches, store) {
         let levels = match &a.levels {
             Some(l) => Level::parse_list(l)?,
@@ -213,6 +259,45 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A warning for each drawn regime that `icefm train` would refuse for sharing scenes with a
+/// test or validation regime of the store (not excluded with `--exclude`): said now, not when
+/// a run starts.
+fn warn_of_held_out_overlap(store: &Path, regimes: &[Regime], excluded: &[String]) {
+    for other in list_regimes(store) {
+        let Ok(o) = Regime::open(Some(store), &other) else {
+            continue;
+        };
+        if excluded.contains(&other) || !matches!(o.role, Role::Test | Role::Val) {
+            continue;
+        }
+        let theirs: std::collections::BTreeSet<&str> =
+            o.scenes.iter().map(String::as_str).collect();
+        for r in regimes
+            .iter()
+            .filter(|r| r.name != o.name && r.role != Role::Test)
+        {
+            if r.role == Role::Val && o.role == Role::Val {
+                continue;
+            }
+            let n = r
+                .scenes
+                .iter()
+                .filter(|s| theirs.contains(s.as_str()))
+                .count();
+            if n > 0 {
+                eprintln!(
+                    "warning: regime {} shares {n} scene(s) with the {} regime {}: `icefm \
+                     train` refuses it; draw it with --exclude {}",
+                    r.name,
+                    o.role.name(),
+                    o.name,
+                    o.name
+                );
+            }
+        }
+    }
 }
 
 /// The names of the regimes among `regimes` whose files (`paths`) exist with other scenes,
@@ -262,12 +347,7 @@ fn replaced_regimes(regimes: &[Regime], paths: &[PathBuf], force: bool) -> Resul
 pub fn inspect_regime(store: &Path, name: &str) -> Result<()> {
     let table = SceneTable::from_store(store)?;
     let r = Regime::open(Some(store), name)?;
-    print!("{}", summary(&r, &table));
-    if r.source_hash != table.source_hash {
-        println!(
-            "  note: the store's manifests changed since this regime was drawn (scenes were added)"
-        );
-    }
+    // A regime of another store (or a plan) is refused before a summary of it would mislead.
     let missing: Vec<&String> = r
         .scenes
         .iter()
@@ -275,9 +355,18 @@ pub fn inspect_regime(store: &Path, name: &str) -> Result<()> {
         .collect();
     if !missing.is_empty() {
         bail!(
-            "regime {name} names {} scene(s) not in the store: {:?}",
+            "regime {name} names {} scene(s) not in the store ({}): drawn from another store \
+             or a class-count table ({})",
             missing.len(),
-            missing
+            icefm_schemas::names::first_few(&missing, 5),
+            r.source
+        );
+    }
+    print!("{}", summary(&r, &table));
+    if r.source_hash != table.source_hash {
+        println!(
+            "  note: the store's manifests changed since this regime was drawn (scenes added, \
+             removed or ingested again)"
         );
     }
     let others = list_regimes(store);

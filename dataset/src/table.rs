@@ -276,7 +276,18 @@ impl SceneTable {
                     .copied()
                     .ok_or_else(|| bad(format!("only {} fields", f.len())))
             };
-            let scene = get(cs)?;
+            // The scene id as a store names it: a raw or ready-to-train file name, or an id
+            // with its service in capitals, is the same scene (and a test scene is known as one).
+            let given = get(cs)?;
+            let scene = icefm_schemas::names::parse_scene_name(given)
+                .map(|n| n.scene_id)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "scene `{given}` is not a scene id (<YYYYMMDDTHHMMSS>_<service>) or an \
+                         AI4Arctic file name"
+                    ))
+                })?;
+            let scene = scene.as_str();
             let task = match get(cc)?.to_uppercase().as_str() {
                 "SIC" => Task::Sic,
                 "SOD" => Task::Sod,

@@ -315,6 +315,23 @@ fn bad_requests_fail_with_one_clear_error() {
     .unwrap();
     let e = SceneTable::from_counts_csv(&p).unwrap_err().to_string();
     assert!(e.contains("line 3") && e.contains("`ICE`"), "{e}");
+    // Scenes are named as a store names them: a file name or a capital service is the same
+    // scene (here an AutoICE test scene, then known as one); a name that is neither is an error.
+    std::fs::write(
+        &p,
+        "scene,chart,class,pixels\n20180124T194759_dmi_prep.nc,SIC,0,10\n20180124T194759_DMI,SIC,2,10\n",
+    )
+    .unwrap();
+    let t2 = SceneTable::from_counts_csv(&p).unwrap();
+    assert_eq!(t2.scenes.len(), 1);
+    assert_eq!(t2.scenes[0].id, "20180124T194759_dmi");
+    assert!(t2.scenes[0].is_test());
+    std::fs::write(&p, "scene,chart,class,pixels\nfoo,SIC,0,10\n").unwrap();
+    let e = SceneTable::from_counts_csv(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("line 2") && e.contains("scene `foo` is not a scene id"),
+        "{e}"
+    );
     // A regime of a folder that is no store: the store is what is wrong.
     let e = Regime::open(Some(dir.path()), "nope")
         .unwrap_err()

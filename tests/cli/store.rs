@@ -150,6 +150,34 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
             .output()
             .unwrap()
     };
+    // What would be ignored, or make an awkward file name, is refused.
+    for (args, want) in [
+        (
+            &["--name", "a b", "--percent", "50"][..],
+            "regime name \"a b\": use letters",
+        ),
+        (
+            &["--name", "x.parquet", "--percent", "50"][..],
+            "no .parquet ending",
+        ),
+        (
+            &["--name", "l", "--percent", "50", "--list", "x.txt"][..],
+            "--list is for --rule import",
+        ),
+        (
+            &["--name", "o", "--percent", "50", "--out", "o.parquet"][..],
+            "--out is for planning",
+        ),
+        (
+            &["--name", "d", "--ladder", "5,5"][..],
+            "--ladder names 5 twice",
+        ),
+    ] {
+        let out = regime(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
     let out = ok(regime(&[
         "--name", "ft", "--rule", "fraction", "--ladder", "25,50", "--seed", "3",
     ]));
@@ -323,6 +351,19 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no level 120m"));
+    // A training regime drawn over a test regime's scenes is said at once, not when a run
+    // refuses it.
+    ok(regime(&[
+        "--name", "exam", "--rule", "all", "--role", "test",
+    ]));
+    let out = ok(regime(&["--name", "late", "--rule", "all"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "regime late shares 4 scene(s) with the test regime exam: `icefm train` refuses it"
+        ),
+        "{err}"
+    );
 }
 
 /// zarr-python, xarray and pyarrow read the store with no icefm code and agree with icefm.

@@ -362,7 +362,11 @@ fn draw_shares(
             }
         };
         if n == 0 {
-            let held = if tests > 0 && holds_test_out(spec) {
+            let held = if spec.rule == Rule::Import {
+                "; the list leaves none: each scene it names is excluded or held out, or it \
+                 names none"
+                    .to_string()
+            } else if tests > 0 && holds_test_out(spec) {
                 format!(
                     "; the {tests} scene(s) of the test release are held out of a {} regime \
                      (--role test for a test regime, --include-test to draw them anyway)",

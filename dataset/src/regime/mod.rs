@@ -546,9 +546,12 @@ pub fn summary(regime: &Regime, table: &SceneTable) -> String {
     }
     if let (Some(lists), Some(f)) = (&regime.patches, &regime.patch_filter) {
         s.push_str(&format!(
-            "; lists {} patches (valid SAR ≥ {:.0} % at {})",
+            "; lists {} patches (valid SAR ≥ {} % at {})",
             lists.iter().map(Vec::len).sum::<usize>(),
-            100.0 * f.min_valid,
+            // 0.995 is 99.5 %, not a rounded 100 %.
+            format!("{:.2}", 100.0 * f.min_valid)
+                .trim_end_matches('0')
+                .trim_end_matches('.'),
             f.levels
                 .iter()
                 .map(|l| l.name())
@@ -577,6 +580,29 @@ pub fn summary(regime: &Regime, table: &SceneTable) -> String {
                 missing.join(", ")
             }
         ));
+    }
+    if let Some(lists) = &regime.patches {
+        // The class pixels above are the scenes' whole; the loader draws the listed patches only.
+        let empty: Vec<&str> = regime
+            .scenes
+            .iter()
+            .zip(lists)
+            .filter(|(_, l)| l.is_empty())
+            .map(|(s, _)| s.as_str())
+            .collect();
+        s.push_str(
+            "  note: the class pixels are of the scenes' whole; the loader draws the listed \
+             patches only\n",
+        );
+        if !empty.is_empty() {
+            s.push_str(&format!(
+                "  warning: {} of the {} scenes have no listed patch, so training never draws \
+                 them ({}); lower --min-valid or give other --levels\n",
+                empty.len(),
+                regime.scenes.len(),
+                icefm_schemas::names::first_few(&empty, 5)
+            ));
+        }
     }
     for n in &regime.notes {
         s.push_str(&format!("  note: {n}\n"));
