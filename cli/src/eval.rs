@@ -701,6 +701,26 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         )
         .with_context(|| format!("reading {}", path.display()))?;
         if let Some((p, why)) = summary.failed.first() {
+            // A scene without a valid SAR pixel has no prediction: its charts are 255, and the
+            // submission goes on with the other scenes.
+            if why.contains(icefm_ingest::NO_VALID_SAR) {
+                let (h, w) = grid_at(path, score)?;
+                eprintln!(
+                    "warning: {}: no valid SAR pixel; its charts in the submission are 255 (no \
+                     prediction)",
+                    path.display()
+                );
+                maps.push(SceneMaps {
+                    scene: submission_name(path),
+                    height: h,
+                    width: w,
+                    sic: vec![255; h * w],
+                    sod: vec![255; h * w],
+                    floe: vec![255; h * w],
+                });
+                bar.inc(1);
+                continue;
+            }
             // A scene's own error names its file already.
             let named = p.display().to_string();
             if why.starts_with(&named) {
@@ -765,6 +785,19 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// The rows and columns of scene file `path` at `level`, from its header.
+fn grid_at(path: &Path, level: Level) -> Result<(usize, usize)> {
+    let owned = path.to_path_buf();
+    let info = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
+        icefm_ingest::reader::SceneReader::open(&owned).map(|r| r.info().clone())
+    })?;
+    let ratio = f64::from(level.spacing_m()) / info.native_spacing_m;
+    Ok((
+        icefm_ingest::resample::out_len(info.height, ratio),
+        icefm_ingest::resample::out_len(info.width, ratio),
+    ))
 }
 
 /// The tasks `cfg`'s model has no head for, by name.

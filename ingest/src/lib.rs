@@ -13,6 +13,7 @@ pub mod quicklook;
 pub mod reader;
 pub mod resample;
 mod scene_writer;
+pub use scene_writer::NO_VALID_SAR;
 pub mod shard;
 pub mod store;
 pub mod submission;

@@ -33,6 +33,16 @@ pub struct AxisMap {
     spans: Vec<(u32, u32, f32, f32)>,
 }
 
+/// Cells of `ratio ≥ 1` native pixels that `native_len` pixels make: the last one partial.
+pub fn out_len(native_len: usize, ratio: f64) -> usize {
+    let rounded = ratio.round();
+    if (ratio - rounded).abs() < 1e-9 {
+        native_len.div_ceil(rounded as usize)
+    } else {
+        (native_len as f64 / ratio - 1e-9).ceil() as usize
+    }
+}
+
 impl AxisMap {
     /// Map `native_len` pixels into cells of `ratio ≥ 1` pixels.
     pub fn new(native_len: usize, ratio: f64) -> Self {
@@ -42,11 +52,7 @@ impl AxisMap {
         );
         let rounded = ratio.round();
         let integer = ((ratio - rounded).abs() < 1e-9).then_some(rounded as usize);
-        let out_len = if let Some(f) = integer {
-            native_len.div_ceil(f)
-        } else {
-            (native_len as f64 / ratio - 1e-9).ceil() as usize
-        };
+        let out_len = out_len(native_len, ratio);
         let mut first = Vec::with_capacity(native_len);
         let mut w0 = Vec::with_capacity(native_len);
         let mut w1 = Vec::with_capacity(native_len);

@@ -25,6 +25,10 @@ use crate::resample::{
 };
 use crate::store::{Store, write_options};
 
+/// The reason a scene with no valid SAR pixel fails ([`crate::pipeline::ingest`] reports it):
+/// `icefm predict` takes such a scene as one with no prediction.
+pub const NO_VALID_SAR: &str = "every pixel is invalid (no valid HH)";
+
 /// What writing a scene produced besides its arrays.
 pub(crate) struct Written {
     pub(crate) table: Option<PolygonTable>,
@@ -325,12 +329,7 @@ pub(crate) fn write_scene(
         }
     }
     if valid_pixels == 0 {
-        return Err(SceneError::variable(
-            &path,
-            "nersc_sar_primary",
-            "every pixel is invalid (no valid HH)",
-        )
-        .into());
+        return Err(SceneError::variable(&path, "nersc_sar_primary", NO_VALID_SAR).into());
     }
     let mut warnings = Vec::new();
     let mut unknown: Vec<String> = Vec::new();

@@ -564,6 +564,31 @@ fn predict_refusals(dir: &Path, ft: &Path, scene: &Path) {
         "{text}"
     );
     assert_eq!(scratch_left(), Vec::<String>::new());
+    // A scene without a valid SAR pixel has no prediction: 255 charts on its 80 m grid (a raw
+    // scene's halved, rounded up), and the others are predicted.
+    let mut o = icefm_synth::SynthOptions::new(icefm_synth::SceneKind::Raw, 201, 221, 5);
+    o.defect = Some(icefm_synth::Defect::AllInvalid);
+    let blank = icefm_synth::write_scene(&dir.join("blank"), &o).unwrap();
+    let blank_id =
+        icefm_schemas::names::parse_scene_name(&blank.file_name().unwrap().to_string_lossy())
+            .unwrap()
+            .scene_id;
+    let both = dir.join("both.nc");
+    let out = ok(predict(&[scene, &blank], &both, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no valid SAR pixel; its charts in the submission are 255"),
+        "{err}"
+    );
+    let blank_sic = icefm_ingest::netcdf_thread::on_netcdf_thread(move || {
+        let file = netcdf::open(&both).unwrap();
+        assert_eq!(file.variables().count(), 6);
+        let v = file.variable(&format!("{blank_id}_SIC")).unwrap();
+        let dims: Vec<usize> = v.dimensions().iter().map(|d| d.len()).collect();
+        (dims, v.get_values::<u8, _>(..).unwrap())
+    });
+    assert_eq!(blank_sic.0, vec![101, 111]);
+    assert!(blank_sic.1.iter().all(|&v| v == 255));
 }
 
 /// `icefm eval`'s warnings on what a score is not: scenes that chose the best checkpoint, a
