@@ -239,8 +239,29 @@ fn draw_args(a: DrawArgs) -> Result<()> {
     }
     // Nothing is written unless every regime may be.
     let replaced = replaced_regimes(&regimes, &paths, a.force)?;
+    // Every file is written before any summary is printed; a write that fails takes back the
+    // files this command made, so a ladder is written whole or not at all.
+    let mut made: Vec<&PathBuf> = Vec::new();
     for (r, path) in regimes.iter().zip(&paths) {
-        r.write(path)?;
+        let new = !icefm_dataset::location::exists(path).unwrap_or(true);
+        if let Err(e) = r.write(path) {
+            for m in &made {
+                let _ = std::fs::remove_file(m);
+            }
+            return Err(anyhow::Error::new(e).context(if made.is_empty() {
+                "nothing was written".to_string()
+            } else {
+                format!(
+                    "the {} regime file(s) written before it were removed",
+                    made.len()
+                )
+            }));
+        }
+        if new {
+            made.push(path);
+        }
+    }
+    for (r, path) in regimes.iter().zip(&paths) {
         print!("{}", summary(r, &table));
         println!("  written: {}", path.display());
     }

@@ -351,6 +351,16 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no level 120m"));
+    // A ladder is written whole or not at all: a member whose file cannot be written (its
+    // name too long here) takes back the ones before it.
+    let out = regime(&["--name", "long", "--ladder", "50,1e-300"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the 1 regime file(s) written before it were removed"),
+        "{err}"
+    );
+    assert!(!store.join("regimes/long_50.parquet").exists());
     // A training regime drawn over a test regime's scenes is said at once, not when a run
     // refuses it.
     ok(regime(&[
