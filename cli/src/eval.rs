@@ -509,11 +509,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     // A task the run does not predict scores nothing, whatever the labels; say which, and warn
     // only of trained tasks without a labelled pixel.
     let trained = ev.cfg.seg_config()?.tasks;
-    let untrained: Vec<&str> = Task::ALL
-        .into_iter()
-        .filter(|t| !trained.contains(t))
-        .map(|t| t.name())
-        .collect();
+    let untrained = untrained_tasks(&ev.cfg)?;
     if !untrained.is_empty() {
         println!(
             "{}: not trained by this run, not scored",
@@ -813,11 +809,8 @@ fn untrained_tasks(cfg: &icefm_model::config::TrainConfig) -> Result<Vec<&'stati
 /// A note when `level` is not one the run trained at (`data.levels`; a run without them
 /// trained at every level of its store): the model is then applied at another resolution.
 fn level_note(cfg: &icefm_model::config::TrainConfig, level: Level) -> Option<String> {
-    if cfg.data.levels.trim().is_empty() {
-        return None;
-    }
     let trained = icefm_model::finetune::trained_levels(cfg).ok()?;
-    if trained.contains(&level) {
+    if trained.is_empty() || trained.contains(&level) {
         return None;
     }
     let names: Vec<String> = trained.iter().map(ToString::to_string).collect();
@@ -879,7 +872,7 @@ fn check_submission_out(out: &Path, scenes: &[&PathBuf]) -> Result<bool> {
         return Ok(false);
     }
     for p in scenes {
-        if same_file(out, p) {
+        if icefm_model::files::same_file(out, p) {
             bail!(
                 "--out {} is one of the scenes to predict: the submission would replace it; \
                  name another file",
@@ -896,15 +889,6 @@ fn check_submission_out(out: &Path, scenes: &[&PathBuf]) -> Result<bool> {
         );
     }
     Ok(true)
-}
-
-/// Whether `a` and `b` are the same file (a link to it included).
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
 }
 
 /// Where an evaluation goes without `--out`: `RUN/eval-<regime>`; for one of a run's

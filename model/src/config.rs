@@ -577,7 +577,7 @@ impl TrainConfig {
             // MAE: at least one token seen and one to reconstruct in every crop.
             let side = (self.data.crop / p) as usize;
             let n = side * side;
-            let keep = ((n as f64) * (1.0 - self.mae.mask_ratio)) as usize;
+            let keep = crate::mae::kept_tokens(n, self.mae.mask_ratio);
             if keep == 0 || keep >= n {
                 return e(format!(
                     "mae.mask_ratio {} of a {}-px crop ({n} tokens of {p} px) keeps {keep} \

@@ -24,6 +24,16 @@ pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
 }
 
 /// Key of a checkpoint's `state.json` that maps each of its weight files to its BLAKE3 (hex).
+/// Whether `a` and `b` are one existing file or folder (a link or another spelling of its path
+/// included): the same device and inode.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 pub(crate) const HASHES_KEY: &str = "blake3";
 
 /// BLAKE3 (hex) of the file at `path`.

@@ -31,7 +31,7 @@ pub mod cuda;
 pub mod dist;
 pub mod evaluate;
 pub mod export;
-mod files;
+pub mod files;
 pub mod finetune;
 pub mod fused;
 pub mod import;

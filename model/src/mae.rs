@@ -156,6 +156,11 @@ pub struct MaskingOn {
     pub masked: Tensor,
 }
 
+/// Tokens of `n` an MAE keeps visible at mask `ratio`: ⌊n · (1 − ratio)⌋.
+pub fn kept_tokens(n: usize, ratio: f64) -> usize {
+    ((n as f64) * (1.0 - ratio)) as usize
+}
+
 impl Masking {
     /// From per-sample noise `[B][N]` in `[0, 1)` and the mask ratio.
     pub fn from_noise(noise: &[Vec<f32>], ratio: f64) -> Self {
@@ -163,7 +168,7 @@ impl Masking {
         let mut ids_restore = Vec::new();
         for row in noise {
             let n = row.len();
-            let keep = ((n as f64) * (1.0 - ratio)) as usize;
+            let keep = kept_tokens(n, ratio);
             let mut order: Vec<u32> = (0..n as u32).collect();
             order.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]).then(a.cmp(&b)));
             let mut restore = vec![0u32; n];

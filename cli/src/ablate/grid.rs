@@ -538,14 +538,14 @@ fn regime_arg(grid_dir: &Path, regime: &str) -> String {
 /// the MAE was pre-trained on scenes of the test regime (its scores would not be held out).
 fn check_mae(g: &str, regime: &str, path: &Path, base: &TrainConfig, test: &Regime) -> Result<()> {
     let what = || format!("{g}: mae of {regime} ({})", path.display());
-    if let Ok((_, cfg)) = icefm_model::train::config_of_run(path) {
+    if let Some((cfg, seen)) = crate::eval::trained_scenes_of(path) {
         if cfg.seg.is_some() {
             bail!(
                 "{}: a fine-tuning run, not an MAE: give the MAE run it started from",
                 what()
             );
         }
-        if let Some(seen) = crate::eval::trained_scenes_of(path).and_then(|(_, s)| s) {
+        if let Some(seen) = seen {
             let n = test.scenes.iter().filter(|s| seen.contains(*s)).count();
             if n > 0 {
                 eprintln!(

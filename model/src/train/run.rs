@@ -261,13 +261,7 @@ pub(crate) fn open_run(
 
 /// Whether `a` and `b` name one existing file or folder (both non-empty).
 fn same_path(a: &str, b: &str) -> bool {
-    if a.is_empty() || b.is_empty() {
-        return false;
-    }
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+    !a.is_empty() && !b.is_empty() && crate::files::same_file(Path::new(a), Path::new(b))
 }
 
 fn open_run_dir(
