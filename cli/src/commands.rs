@@ -156,7 +156,7 @@ pub(crate) struct InspectArgs {
     /// Write a quicklook PNG (HH, HV, SIC, SOD, FLOE with legends) of one scene.
     #[arg(long)]
     pub png: Option<PathBuf>,
-    /// Scene of the quicklook [default: the first].
+    /// Scene of the quicklook: its id or its raw or RTT file name [default: the first].
     #[arg(long, requires = "png")]
     pub scene: Option<String>,
     /// Level of the quicklook [default: the coarsest].
@@ -675,6 +675,7 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
         let s =
             summarize_remote(&a.store).with_context(|| format!("inspect {}", a.store.display()))?;
         print!("{}", s.render());
+        print!("{}", crate::regime::regimes_block(&a.store));
         return Ok(());
     }
     let s = summarize(&a.store).with_context(|| {
@@ -698,11 +699,21 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     // The quicklook's scene and level are checked before anything is printed.
     let quicklook = a.png.as_ref().map(|png| -> Result<_> {
         let scene = match &a.scene {
-            Some(id) => {
-                if !s.scenes.iter().any(|x| &x.scene_id == id) {
-                    bail!("scene {id:?} is not in {}", a.store.display());
+            Some(name) => {
+                // A scene id, or the name of its raw or RTT file.
+                let id = icefm_schemas::names::parse_scene_name(name)
+                    .map_or_else(|| name.clone(), |n| n.scene_id);
+                if !s.scenes.iter().any(|x| x.scene_id == id) {
+                    bail!(
+                        "scene {name:?} is not in {} (its scenes: {})",
+                        a.store.display(),
+                        icefm_schemas::names::first_few(
+                            &s.scenes.iter().map(|x| &x.scene_id).collect::<Vec<_>>(),
+                            5
+                        )
+                    );
                 }
-                id.clone()
+                id
             }
             None => s
                 .scenes
@@ -731,6 +742,7 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     });
     let quicklook = quicklook.transpose()?;
     print!("{}", s.render());
+    print!("{}", crate::regime::regimes_block(&a.store));
     if let Some((png, scene, level)) = quicklook {
         let (w, h) = write_quicklook(&a.store, &scene, level, png, &QuicklookOptions::default())?;
         println!(

@@ -59,7 +59,7 @@ struct DrawArgs {
     /// Seed of the random choices.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Scene list for --rule import (text, one name per line, or JSON array).
+    /// Scene list for --rule import (text, one name per line, a JSON array, or a regime .parquet).
     #[arg(long)]
     list: Option<PathBuf>,
     /// Leave out the scenes of these regimes (name in the store, or .parquet path).
@@ -433,4 +433,67 @@ pub fn demo_regimes(store: &Path) -> Result<()> {
     }
     println!("  test, val, ft and pt are pairwise disjoint (icefm regime check A B --store …)");
     Ok(())
+}
+
+/// The regimes of `store`, one line each (name, role, rule, scenes), for `icefm inspect
+/// STORE`; empty when it has none. A regime that cannot be read is listed as such.
+pub fn regimes_block(store: &Path) -> String {
+    use std::fmt::Write as _;
+    let dir = store.join(icefm_dataset::regime::REGIMES_DIR);
+    let url = store.to_string_lossy();
+    if url.starts_with("http://") || url.starts_with("https://") {
+        // A plain HTTP server lists no folder (the request fails after its retries).
+        return "\nregimes: not listed over HTTP, which lists no folder; `icefm inspect STORE \
+                --regime NAME` reads one by name\n"
+            .to_string();
+    }
+    if let Err(e) = icefm_dataset::location::list(&dir) {
+        // A plain HTTP server lists no folder; object stores and folders do.
+        // The first line only: a server's error may quote its whole HTML page.
+        let e = e.to_string();
+        let first: String = e.lines().next().unwrap_or("").chars().take(160).collect();
+        return format!(
+            "\nregimes: cannot be listed at {} ({}); `icefm inspect STORE --regime NAME` reads \
+             one by name\n",
+            dir.display(),
+            first.trim_end_matches([':', ' '])
+        );
+    }
+    let names = list_regimes(store);
+    if names.is_empty() {
+        return String::new();
+    }
+    let mut o = format!(
+        "\nregimes ({}; `icefm inspect STORE --regime NAME` for one):\n  {:<20} {:<9} {:<20} {:>6}\n",
+        names.len(),
+        "name",
+        "role",
+        "rule",
+        "scenes"
+    );
+    for name in names {
+        match Regime::open(Some(store), &name) {
+            Ok(r) => {
+                let mut rule = r.rule.name().to_string();
+                if let Some(p) = r.percent {
+                    let _ = write!(rule, " {p}%");
+                }
+                if r.patch_filter.is_some() {
+                    rule.push_str(", patches");
+                }
+                let _ = writeln!(
+                    o,
+                    "  {:<20} {:<9} {:<20} {:>6}",
+                    r.name,
+                    r.role.name(),
+                    rule,
+                    r.scenes.len()
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(o, "  {name:<20} cannot be read: {e}");
+            }
+        }
+    }
+    o
 }

@@ -85,21 +85,6 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
             format!("in {} or its --set overrides", a.config.display())
         }
     })?;
-    let has_seg = text.lines().any(|l| l.trim() == "[seg]");
-    if !has_seg && let Some(s) = set.iter().find(|s| s.starts_with("seg.")) {
-        eprintln!(
-            "note: --set {s} makes this a fine-tuning run: {} has no [seg] section (an MAE \
-             configuration), so the rest of [seg] takes its defaults",
-            a.config.display()
-        );
-    }
-    if cfg.train.warmup_steps >= cfg.train.steps {
-        eprintln!(
-            "warning: train.warmup_steps {} is not below train.steps {}: the learning rate \
-             never reaches train.lr",
-            cfg.train.warmup_steps, cfg.train.steps
-        );
-    }
     let out = match a.out {
         Some(o) => o,
         None => PathBuf::from("runs").join(
@@ -128,8 +113,28 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
         }
         _ => a.device.clone(),
     };
+    // Said by one process: the run's own, or rank 0 of a data-parallel one (the `local:N`
+    // launcher leaves it to its rank 0).
     if spec.as_ref().is_none_or(|s| s.rank == 0) {
         crate::manifest::warn_if_unmerged(&a.store);
+        let has_seg = text.lines().any(|l| l.trim() == "[seg]");
+        if !has_seg && let Some(s) = set.iter().find(|s| s.starts_with("seg.")) {
+            eprintln!(
+                "note: --set {s} makes this a fine-tuning run: {} has no [seg] section (an MAE \
+                 configuration), so the rest of [seg] takes its defaults",
+                a.config.display()
+            );
+        }
+        for n in cfg.ignored_settings() {
+            eprintln!("note: {n}");
+        }
+        if cfg.train.warmup_steps >= cfg.train.steps {
+            eprintln!(
+                "warning: train.warmup_steps {} is not below train.steps {}: the learning rate \
+                 never reaches train.lr",
+                cfg.train.warmup_steps, cfg.train.steps
+            );
+        }
     }
     let opts = RunOptions {
         device: parse_device(&device).map_err(anyhow::Error::msg)?,

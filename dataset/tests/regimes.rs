@@ -363,6 +363,38 @@ fn a_scene_named_twice_in_a_list_counts_once_and_is_noted() {
 }
 
 #[test]
+fn lists_with_a_byte_order_mark_and_regime_files_import_as_their_scenes() {
+    let t = counts();
+    let dir = tempfile::tempdir().unwrap();
+    let import = |name: &str, list: &Path| {
+        let mut s = spec(name, Rule::Import, None, 0);
+        s.list = Some(list.to_path_buf());
+        draw(&t, &s)
+    };
+    // A Windows editor's byte-order mark is not part of the first name (it made it unknown).
+    let (a, b) = (&t.scenes[3].id, &t.scenes[7].id);
+    let bom = dir.path().join("bom.txt");
+    std::fs::write(&bom, format!("\u{feff}{a}\r\n{b}\r\n")).unwrap();
+    assert_eq!(import("bom", &bom).unwrap().scenes, [a.clone(), b.clone()]);
+    // A regime written elsewhere (another store's, say) imports as its scenes in its order.
+    let drawn = draw(&t, &spec("ft10", Rule::Fraction, Some(10.0), 4)).unwrap();
+    assert_eq!(drawn.scenes.len(), 51);
+    let file = dir.path().join("ft10.parquet");
+    drawn.write(&file).unwrap();
+    assert_eq!(read_scene_list(&file).unwrap(), drawn.scenes);
+    let again = import("ft10_again", &file).unwrap();
+    assert_eq!(again.scenes, drawn.scenes);
+    // Bytes that are neither text nor a regime file are refused as such.
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let e = read_scene_list(&junk).unwrap_err().to_string();
+    assert!(
+        e.contains("not UTF-8 text, JSON or a regime .parquet"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_share_of_less_than_one_scene_takes_one_and_says_so() {
     let t = counts();
     let r = draw(&t, &spec("tiny", Rule::Fraction, Some(0.1), 0)).unwrap();

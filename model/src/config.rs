@@ -276,6 +276,38 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// Settings this configuration holds but its kind of run does not use, one line each: a
+    /// fine-tuning run has no MAE masking or decoder (`[mae]`) and writes no reconstruction
+    /// panels (`train.panel_every`). Values left at their defaults are not named, so that a
+    /// run's own resolved `config.toml` gives none.
+    pub fn ignored_settings(&self) -> Vec<String> {
+        if !self.is_seg() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let (mae, default) = (
+            toml::Value::try_from(&self.mae),
+            toml::Value::try_from(MaeSection::default()),
+        );
+        if let (Ok(toml::Value::Table(mae)), Ok(toml::Value::Table(default))) = (mae, default) {
+            for (key, value) in &mae {
+                if default.get(key) != Some(value) {
+                    out.push(format!(
+                        "mae.{key} = {value} is for MAE pre-training; fine-tuning ignores it"
+                    ));
+                }
+            }
+        }
+        let panels = self.train.panel_every;
+        if panels != 0 && panels != TrainSection::default().panel_every {
+            out.push(format!(
+                "train.panel_every = {panels}: fine-tuning writes no reconstruction panels \
+                 (`icefm eval` draws its chart panels)"
+            ));
+        }
+        out
+    }
+
     /// The resolved configuration as TOML (written to the run directory).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()

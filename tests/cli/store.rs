@@ -29,6 +29,28 @@ fn inspect_prints_balance_and_writes_a_quicklook() {
     assert!(text.contains("open water"), "{text}");
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // The quicklook's scene named by its file, as a researcher copies it from a listing.
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("scenes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let id = icefm_schemas::names::parse_scene_name(&files[1])
+        .unwrap()
+        .scene_id;
+    let out = ok(icefm()
+        .arg("inspect")
+        .arg(&store)
+        .arg("--png")
+        .arg(&png)
+        .args(["--scene", &files[1]])
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("quicklook of {id} at 200m")),
+        "{text}"
+    );
     assert!(!text.contains("without a committed scene") && !text.contains("claimed"));
     // What a killed ingest leaves: a scene folder without its commit, and its claim.
     std::fs::create_dir_all(store.join("scenes/20990101T000000_dmi/80m")).unwrap();
@@ -340,6 +362,15 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
         .output()
         .unwrap());
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("; lists {listed} patches")));
+    // The store's summary lists its regimes: the patch-listing one holds all 4 scenes.
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\nregimes (5; `icefm inspect STORE --regime NAME` for one):\n")
+            && text.contains("\n  pp                   finetune  all, patches              4\n")
+            && text.contains("\n  pt                   pretrain  fraction 50%              2\n"),
+        "{text}"
+    );
     let out = regime(&[
         "--name",
         "x",

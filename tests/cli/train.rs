@@ -345,11 +345,24 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
     assert_eq!(runs[1], runs[0]);
     assert_eq!(runs[2], runs[0]);
     assert!(server.counts().1 > 0, "{:?}", server.counts());
-    // The store's summary over HTTP is the folder's.
-    let summary = |at: &str| ok(icefm().args(["inspect", at]).output().unwrap()).stdout;
+    // The store's summary over HTTP is the folder's, but for its regimes, which a plain HTTP
+    // server cannot list (object stores can), and says so.
+    let summary = |at: &str| {
+        String::from_utf8(ok(icefm().args(["inspect", at]).output().unwrap()).stdout).unwrap()
+    };
     let local = summary(&store.display().to_string());
-    assert_eq!(summary(&format!("{}/s.zarr", server.base)), local);
-    assert!(String::from_utf8_lossy(&local).contains("2 scene(s); levels 80m"));
+    let remote = summary(&format!("{}/s.zarr", server.base));
+    let (local_head, local_regimes) = local.split_once("\nregimes (").unwrap();
+    assert_eq!(local_regimes.lines().count(), 3, "{local}");
+    assert!(local_regimes.contains("\n  half "), "{local}");
+    let (remote_head, remote_regimes) = remote.split_once("\nregimes: ").unwrap();
+    assert_eq!(remote_head, local_head);
+    assert!(
+        remote_regimes.starts_with("not listed over HTTP, which lists no folder")
+            && remote_regimes.contains("reads one by name"),
+        "{remote}"
+    );
+    assert!(local.contains("2 scene(s); levels 80m"));
     // Commands that write a store or read its ingest records refuse a URL, saying what to do.
     for args in [
         vec!["ingest", "--store", "s3://bucket/a.zarr", "x.nc"],
@@ -421,6 +434,22 @@ fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
             "{want:?} vs {got:?}"
         );
     }
+    // Windows larger than the scenes (100 x 110 px at 80 m) are padded: rank 0 alone warns,
+    // on stderr and in the run's log.
+    let padded = dir.path().join("padded");
+    let mut sets_big = sets.to_vec();
+    sets_big.push("data.crop=128");
+    let out = ok(micro_train(&store, &padded, &sets_big, false)
+        .args(["--dist", "local:2"])
+        .output()
+        .unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warning = "warning: level 80m: 2 of the 2 scenes drawn there are smaller than the 128 px \
+                   crop (the smallest 100 x 110 px): their windows are padded with no-data \
+                   pixels, up to 33 % of a window";
+    assert_eq!(err.matches(warning).count(), 1, "{err}");
+    let log = std::fs::read_to_string(padded.join("log.txt")).unwrap();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
     // A batch the ranks cannot share is said once, before any rank starts.
     let out = micro_train(&store, &dir.path().join("odd"), &sets, false)
         .args(["--dist=local:3"])

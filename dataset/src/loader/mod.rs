@@ -412,6 +412,51 @@ impl Loader {
             .collect()
     }
 
+    /// A line per drawn level at which some of the scenes the random samplers draw from are
+    /// smaller than the crop along an edge: their windows reach past the scene, and that part
+    /// is padding (no valid SAR, no label), which a patch's valid fraction does not see (it is
+    /// the stored patch's). Empty for the sequential sampler, whose tiles are the scenes'.
+    pub fn padding_notes(&self) -> Vec<String> {
+        let i = &self.inner;
+        if matches!(i.opts.sampler, Sampler::Sequential { .. }) {
+            return Vec::new();
+        }
+        let crop = u64::from(i.crop);
+        let mut notes = Vec::new();
+        for (li, patches) in i.patches.iter().enumerate() {
+            let below = if li == 0 { 0.0 } else { i.level_cum[li - 1] };
+            if i.level_cum[li] <= below {
+                continue; // weight 0: never drawn
+            }
+            let drawn: std::collections::BTreeSet<u32> = patches.iter().map(|p| p.scene).collect();
+            let small: Vec<(u32, u32)> = drawn
+                .iter()
+                .map(|&s| i.extents[s as usize][li])
+                .filter(|&(h, w)| h < i.crop || w < i.crop)
+                .collect();
+            // The smallest share of a window inside its scene.
+            let Some(&(h, w)) = small
+                .iter()
+                .min_by_key(|(h, w)| u64::from(*h).min(crop) * u64::from(*w).min(crop))
+            else {
+                continue;
+            };
+            let inside = (u64::from(h).min(crop) * u64::from(w).min(crop)) as f64;
+            let padded = 100.0 * (1.0 - inside / (crop * crop) as f64);
+            notes.push(format!(
+                "level {}: {} of the {} scenes drawn there are smaller than the {} px crop (the \
+                 smallest {h} x {w} px): their windows are padded with no-data pixels, up to \
+                 {padded:.0} % of a window; a smaller data.crop, or weight 0 for the level, \
+                 avoids it",
+                i.levels[li],
+                small.len(),
+                drawn.len(),
+                i.crop
+            ));
+        }
+        notes
+    }
+
     /// The scenes, in regime order.
     pub fn scenes(&self) -> &[Arc<str>] {
         &self.inner.scenes

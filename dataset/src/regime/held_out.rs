@@ -25,6 +25,10 @@ pub struct TrainingScenes {
     /// Scenes of the validation regime left out (without a regime of the run's own): its
     /// `seg.val_regime`, or for a run without one every val regime of the store.
     pub held_out_val: usize,
+    /// What the run should be told before it starts (on stderr and in its log): a
+    /// `seg.val_regime` not drawn as a val regime, say, and what the loader found
+    /// ([`crate::Loader::padding_notes`]).
+    pub warnings: Vec<String>,
 }
 
 impl TrainingScenes {
@@ -181,6 +185,7 @@ fn checked(
     regime: Option<Regime>,
     val: Option<&Regime>,
 ) -> Result<TrainingScenes, DatasetError> {
+    let mut warnings = Vec::new();
     if let Some(v) = val {
         if v.role == Role::Test {
             return Err(regime_error(format!(
@@ -191,6 +196,15 @@ fn checked(
         }
         check_no_test_release("seg.val_regime", v, table)?;
         check_not_test("seg.val_regime", v, tests)?;
+        if v.role != Role::Val {
+            warnings.push(format!(
+                "seg.val_regime `{}` is a {} regime, not a val one: training holds its scenes \
+                 out and chooses the best checkpoint on them; draw validation scenes with \
+                 `icefm regime … --role val` (then other regimes can --exclude them)",
+                v.name,
+                v.role.name()
+            ));
+        }
     }
     let val_ids: BTreeSet<&str> = val
         .map(|v| v.scenes.iter().map(String::as_str).collect())
@@ -261,6 +275,7 @@ fn checked(
             held_out_test,
             held_out_test_regimes,
             held_out_val,
+            warnings,
         });
     };
     if matches!(regime.role, Role::Test | Role::Val) {
@@ -291,5 +306,6 @@ fn checked(
         held_out_test: 0,
         held_out_test_regimes: 0,
         held_out_val: 0,
+        warnings,
     })
 }

@@ -284,8 +284,10 @@ fn regime_error(msg: impl Into<String>) -> DatasetError {
 }
 
 /// The scene ids of a list file: text with one name per line (`#` comments and blank lines
-/// ignored) or a JSON array of names. Raw file names, RTT file names and scene ids are all
-/// accepted and mapped to scene ids.
+/// ignored), a JSON array of names, or a regime's `.parquet` file (its scenes, in its order).
+/// Raw file names, RTT file names and scene ids are all accepted and mapped to scene ids; a
+/// UTF-8 byte-order mark at the start of a text file (as some Windows editors write) is not
+/// part of the first name.
 pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
     read_scene_list_with_repeats(path).map(|(ids, _)| ids)
 }
@@ -295,10 +297,21 @@ pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
 pub fn read_scene_list_with_repeats(
     path: &Path,
 ) -> Result<(Vec<String>, Vec<String>), DatasetError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| DatasetError::table(path, 0, e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| DatasetError::table(path, 0, e.to_string()))?;
+    if bytes.starts_with(b"PAR1") {
+        // A regime file: its scene ids, which it holds once each.
+        return Ok((Regime::read(path)?.scenes, Vec::new()));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        DatasetError::table(
+            path,
+            0,
+            format!("not UTF-8 text, JSON or a regime .parquet ({e})"),
+        )
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let names: Vec<(usize, String)> = if text.trim_start().starts_with('[') {
-        let v: Vec<String> = serde_json::from_str(&text).map_err(|e| {
+        let v: Vec<String> = serde_json::from_str(text).map_err(|e| {
             DatasetError::table(path, e.line(), format!("not a JSON array of names ({e})"))
         })?;
         v.into_iter().map(|n| (0, n)).collect()

@@ -57,6 +57,17 @@ fn crops_are_the_store_windows_normalised() {
             invalid += val.iter().filter(|&&v| v == 0).count();
         }
     }
+    // At 160 m the scenes are 150 x 165, 130 x 100 and 135 x 155 px: two are narrower than
+    // the crop somewhere, the smallest leaving 130 x 100 of a 150 x 150 window inside it.
+    assert_eq!(
+        l.padding_notes(),
+        vec![
+            "level 160m: 2 of the 3 scenes drawn there are smaller than the 150 px crop (the \
+             smallest 130 x 100 px): their windows are padded with no-data pixels, up to 42 % of \
+             a window; a smaller data.crop, or weight 0 for the level, avoids it"
+                .to_string()
+        ]
+    );
     assert!(straddling > 10, "{straddling}");
     assert!(invalid > 0, "the scenes have no-data areas");
     // Scenes smaller than the crop: padded with 0 / 255 / invalid past the edge.
@@ -70,6 +81,16 @@ fn crops_are_the_store_windows_normalised() {
         },
     )
     .unwrap();
+    // Every scene is smaller than 320 px: at most 130 x 100 of 320 x 320 is inside.
+    let notes = big.padding_notes();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("3 of the 3 scenes") && notes[0].contains("up to 87 % of a window"),
+        "{notes:?}"
+    );
+    // Small windows fit every scene: nothing to say.
+    let small = Loader::open(store, None, augmented()).unwrap();
+    assert!(small.padding_notes().is_empty());
     let b = big.batch(0).unwrap();
     // A batch made in a recycled buffer full of other values is the same.
     let mut dirty = b.clone();

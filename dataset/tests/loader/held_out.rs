@@ -111,6 +111,19 @@ fn the_test_release_is_recorded_and_held_out_of_training_regimes_and_runs() {
     assert_eq!(every.regime.scenes.len(), 2);
     assert!(!every.regime.scenes.contains(&val.scenes[0]));
     assert_eq!(every.held_out_val, 1);
+    assert!(every.warnings.is_empty(), "{:?}", every.warnings);
+    // A regime of another role as the validation one is held out all the same, with a
+    // warning that it is not a val regime.
+    let mut as_val = val.clone();
+    as_val.role = Role::Finetune;
+    let warned = training_scenes(&store, None, Some(&as_val)).unwrap();
+    assert_eq!(warned.regime.scenes, every.regime.scenes);
+    assert_eq!(warned.warnings.len(), 1, "{:?}", warned.warnings);
+    assert!(
+        warned.warnings[0].contains("seg.val_regime `val` is a finetune regime, not a val one"),
+        "{:?}",
+        warned.warnings
+    );
     // Refused: a test or validation regime to train on; a regime sharing the validation
     // scenes; one holding test scenes without having been drawn to.
     let refused = |r: Regime, val: Option<&Regime>| {

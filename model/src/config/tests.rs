@@ -203,3 +203,37 @@ fn values_a_run_cannot_train_with_are_refused_naming_the_key() {
     // A task that weighs 0 beside one that does not is a choice, not an error.
     assert!(TrainConfig::parse(seg, &["seg.task_weights=[0.0, 1.0, 1.0]".into()]).is_ok());
 }
+
+#[test]
+fn settings_a_fine_tuning_run_does_not_use_are_named() {
+    let seg = include_str!("../../../configs/seg_vit_tiny.toml");
+    let mae = include_str!("../../../configs/mae_vit_tiny.toml");
+    // The shipped configurations, and a run's own resolved config.toml, name none.
+    for text in [seg, mae] {
+        let c = TrainConfig::parse(text, &[]).unwrap();
+        assert_eq!(c.ignored_settings(), Vec::<String>::new());
+        let resolved = TrainConfig::parse(&c.to_toml(), &[]).unwrap();
+        assert_eq!(resolved.ignored_settings(), Vec::<String>::new());
+    }
+    let c = TrainConfig::parse(
+        seg,
+        &[
+            "mae.mask_ratio=0.6".into(),
+            "mae.decoder_depth=4".into(),
+            "train.panel_every=50".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        c.ignored_settings(),
+        [
+            "mae.decoder_depth = 4 is for MAE pre-training; fine-tuning ignores it",
+            "mae.mask_ratio = 0.6 is for MAE pre-training; fine-tuning ignores it",
+            "train.panel_every = 50: fine-tuning writes no reconstruction panels (`icefm eval` \
+             draws its chart panels)",
+        ]
+    );
+    // An MAE run uses them all.
+    let c = TrainConfig::parse(mae, &["mae.mask_ratio=0.6".into()]).unwrap();
+    assert!(c.ignored_settings().is_empty());
+}

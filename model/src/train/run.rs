@@ -275,7 +275,7 @@ fn open_run_dir(
     let config_path = opts.out.join("config.toml");
     let best = opts.out.join("checkpoints").join("best");
     // Said as warnings once the run's log is open.
-    let mut warnings: Vec<String> = Vec::new();
+    let mut warnings: Vec<String> = trained.warnings.clone();
     if opts.resume {
         if !config_path.is_file() {
             return Err(TrainError::Setup(format!(
@@ -443,7 +443,7 @@ pub(crate) fn open_loader(
     dev: &Device,
     group: &Group,
 ) -> Result<(Loader, TrainingScenes), TrainError> {
-    let trained = scenes_to_train(cfg, store)?;
+    let mut trained = scenes_to_train(cfg, store)?;
     let levels = if cfg.data.levels.trim().is_empty() {
         Vec::new()
     } else {
@@ -471,6 +471,7 @@ pub(crate) fn open_loader(
             ..LoaderOptions::default()
         },
     )?;
+    trained.warnings.extend(loader.padding_notes());
     Ok((loader, trained))
 }
 
