@@ -5,6 +5,7 @@
 //! equal share of the cores (`RAYON_NUM_THREADS`, unless it is set).
 
 use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -78,10 +79,17 @@ fn check_device(world: usize, device: &str) -> Result<DeviceName> {
 /// A free TCP port on the loopback for rank 0 (`MASTER_PORT` when set).
 fn port() -> Result<u16> {
     if let Ok(p) = std::env::var("MASTER_PORT") {
-        return p
+        let port: u16 = p
             .trim()
             .parse()
-            .map_err(|_| anyhow!("MASTER_PORT={p} is not a port"));
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| anyhow!("MASTER_PORT={p} is not a port (1 to 65535)"))?;
+        // Taken now, rank 0 would fail after the others had started and waited for it.
+        std::net::TcpListener::bind(("127.0.0.1", port)).with_context(|| {
+            format!("MASTER_PORT={port} is in use; choose another, or unset it")
+        })?;
+        return Ok(port);
     }
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
@@ -101,7 +109,8 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
             (cores / world).max(1)
         });
     eprintln!(
-        "starting {world} ranks on this machine (rank 0 at 127.0.0.1:{port}{})",
+        "starting {world} rank{} on this machine (rank 0 at 127.0.0.1:{port}{})",
+        if world == 1 { "" } else { "s" },
         match threads {
             Some(t) => format!(", {t} compute thread(s) each"),
             None => String::new(),
@@ -121,6 +130,8 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
         if let Some(t) = threads {
             c.env("RAYON_NUM_THREADS", t.to_string());
         }
+        end_with_parent(&mut c);
+        c.env(crate::train::LAUNCHED_AS, format!("local:{world}"));
         match c.spawn() {
             Ok(child) => children.push(child),
             Err(e) => {
@@ -132,68 +143,165 @@ pub fn launch(world: usize, device: &str) -> Result<ExitCode> {
             }
         }
     }
-    let statuses = wait_all(&mut children)?;
-    match statuses.iter().enumerate().find(|(_, s)| failed(s)) {
+    let ended = wait_all(&mut children)?;
+    let asked_to_stop = crate::train::stop_signals() > 0;
+    // The rank that failed first: the others fail after it, for want of it. One killed by a
+    // signal (the out-of-memory killer, say) is that rank, though the others, noticing at
+    // once, may be seen to end in the same moment.
+    let failures: Vec<(usize, &ExitStatus)> = ended
+        .order
+        .iter()
+        .map(|&r| (r, &ended.statuses[r]))
+        .filter(|(r, s)| !ended.killed.contains(r) && failed(s, asked_to_stop))
+        .collect();
+    let first_failed = failures
+        .iter()
+        .find(|(_, s)| s.signal().is_some())
+        .or(failures.first())
+        .copied();
+    match first_failed {
         // Every rank trained to the end, or stopped on a signal, saved (then all of them did).
-        None if statuses.iter().any(stopped) => Ok(ExitCode::from(crate::train::STOPPED)),
+        None if !ended.killed.is_empty()
+            || ended.statuses.iter().any(|s| stopped(s, asked_to_stop)) =>
+        {
+            Ok(ExitCode::from(crate::train::STOPPED))
+        }
         None => Ok(ExitCode::SUCCESS),
         Some((rank, s)) => {
-            eprintln!("rank {rank} of {world} ended with {s}");
-            Ok(ExitCode::from(
-                s.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1),
-            ))
+            let others = if world > 1 {
+                " (the other ranks ended for want of it)"
+            } else {
+                ""
+            };
+            match s.signal() {
+                Some(sig) => eprintln!(
+                    "rank {rank} of {world} was killed by signal {sig}{}{others}",
+                    match sig {
+                        libc::SIGKILL => " (SIGKILL: the out-of-memory killer, or kill -9)",
+                        libc::SIGSEGV => " (SIGSEGV)",
+                        _ => "",
+                    }
+                ),
+                None => eprintln!("rank {rank} of {world} failed first, with {s}{others}"),
+            }
+            let code = match (s.code(), s.signal()) {
+                (Some(c), _) => u8::try_from(c).unwrap_or(1),
+                (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(1),
+                (None, None) => 1,
+            };
+            Ok(ExitCode::from(code))
         }
     }
 }
 
-/// A rank that ended on a stop signal, at a step boundary and saved ([`crate::train::STOPPED`]).
-fn stopped(s: &ExitStatus) -> bool {
+/// A rank that ended on a stop signal, at a step boundary and saved ([`crate::train::STOPPED`]),
+/// or, when the launcher was asked to stop, one a stop signal ended before it could take it
+/// (at its start).
+fn stopped(s: &ExitStatus, asked_to_stop: bool) -> bool {
     s.code() == Some(i32::from(crate::train::STOPPED))
+        || (asked_to_stop && matches!(s.signal(), Some(libc::SIGINT | libc::SIGTERM)))
 }
 
 /// A rank that ended with an error (or was killed), not trained to the end nor stopped.
-fn failed(s: &ExitStatus) -> bool {
-    !s.success() && !stopped(s)
+fn failed(s: &ExitStatus, asked_to_stop: bool) -> bool {
+    !s.success() && !stopped(s, asked_to_stop)
+}
+
+/// How the ranks ended: each one's status, by rank, and the ranks in the order they ended.
+struct Ended {
+    statuses: Vec<ExitStatus>,
+    order: Vec<usize>,
+    /// Ranks the launcher killed: after a failure's grace, or on stop signals.
+    killed: Vec<usize>,
+}
+
+/// Make `c`'s process get SIGTERM when the launcher dies (killed with -9, say), so that no
+/// rank trains on, orphaned.
+#[allow(unsafe_code)] // FFI: prctl(2) in the child before exec
+fn end_with_parent(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and makes one async-signal-safe
+    // system call, touching no memory of the parent.
+    unsafe {
+        c.pre_exec(|| {
+            #[cfg(target_os = "linux")]
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
 }
 
 /// Wait for every child; once one has failed, the others get [`GRACE`] to end, then are
 /// killed. Each stop signal the launcher receives is passed on to the ranks still running, as
-/// SIGINT (a rank takes one that comes with the terminal's own as one stop).
-fn wait_all(children: &mut [Child]) -> Result<Vec<ExitStatus>> {
+/// SIGINT (a rank takes one that comes with the terminal's own as one stop). A second stop
+/// signal (a rank then ends without saving) gives the ranks [`GRACE`] too, and a third kills
+/// them at once: a rank that froze cannot hold the launcher.
+fn wait_all(children: &mut [Child]) -> Result<Ended> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
-    let mut failed_at: Option<Instant> = None;
+    let mut order = Vec::with_capacity(children.len());
+    let mut killed = Vec::new();
+    let mut deadline: Option<Instant> = None;
     let mut forwarded = 0;
+    let asked = || crate::train::stop_signals();
     while statuses.iter().any(Option::is_none) {
-        let signals = crate::train::stop_signals();
+        let signals = asked();
         if signals > forwarded {
             for (c, s) in children.iter().zip(&statuses) {
                 if s.is_none() {
                     interrupt(c);
                 }
             }
+            if signals >= 2 && forwarded < 2 {
+                eprintln!(
+                    "stopping without saving: ranks still running in {} s are killed (once more \
+                     to kill them now)",
+                    GRACE.as_secs()
+                );
+                deadline = deadline.or(Some(Instant::now() + GRACE));
+            }
+            if signals >= 3 {
+                deadline = Some(Instant::now());
+            }
             forwarded = signals;
         }
-        for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
+        for (k, (c, s)) in children.iter_mut().zip(statuses.iter_mut()).enumerate() {
             if s.is_none()
                 && let Some(st) = c.try_wait().context("waiting for a rank")?
             {
-                if failed(&st) && failed_at.is_none() {
-                    failed_at = Some(Instant::now());
+                if failed(&st, signals > 0) && deadline.is_none() {
+                    deadline = Some(Instant::now() + GRACE);
                 }
                 *s = Some(st);
+                order.push(k);
             }
         }
-        if failed_at.is_some_and(|t| t.elapsed() > GRACE) {
-            for (c, s) in children.iter_mut().zip(statuses.iter_mut()) {
+        if deadline.is_some_and(|t| Instant::now() >= t) {
+            for (k, (c, s)) in children.iter_mut().zip(statuses.iter_mut()).enumerate() {
                 if s.is_none() {
                     let _ = c.kill();
                     *s = Some(c.wait().context("waiting for a rank")?);
+                    order.push(k);
+                    killed.push(k);
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(statuses.into_iter().flatten().collect())
+    if !killed.is_empty() {
+        eprintln!(
+            "killed rank(s) {} after the wait",
+            killed
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(Ended {
+        statuses: statuses.into_iter().flatten().collect(),
+        order,
+        killed,
+    })
 }
 
 /// Send SIGINT to `child`.

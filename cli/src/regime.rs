@@ -308,9 +308,18 @@ fn warn_of_held_out_overlap(store: &Path, regimes: &[Regime], excluded: &[String
                 .filter(|s| theirs.contains(s.as_str()))
                 .count();
             if n > 0 {
+                // What training makes of it depends on the other regime's role.
+                let train = if o.role == Role::Test {
+                    "`icefm train` refuses it".to_string()
+                } else {
+                    format!(
+                        "`icefm train` refuses it with seg.val_regime = {}, and warns otherwise",
+                        o.name
+                    )
+                };
                 eprintln!(
-                    "warning: regime {} shares {n} scene(s) with the {} regime {}: `icefm \
-                     train` refuses it; draw it with --exclude {}",
+                    "warning: regime {} shares {n} scene(s) with the {} regime {}: {train}; draw \
+                     it with --exclude {}",
                     r.name,
                     o.role.name(),
                     o.name,

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use icefm_model::config::TrainConfig;
-use icefm_model::dist::{DistSpec, Group, timeout_from_env};
+use icefm_model::dist::{DistSpec, Group, SumPath, step_timeout_from_env, timeout_from_env};
 use icefm_model::finetune::{ValRecord, train_seg_in};
 use icefm_model::train::{
-    DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, parse_device,
-    scenes_to_train, train_mae_in,
+    DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, check_start, parse_device,
+    train_mae_in,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -97,7 +97,19 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
     if let Some(world) = a.dist.as_deref().map(local_world).transpose()?.flatten() {
         // Said once here rather than by every rank.
         check_batch_split(&cfg, world).map_err(anyhow::Error::msg)?;
-        scenes_to_train(&cfg, &a.store)?;
+        timeout_from_env().map_err(anyhow::Error::msg)?;
+        step_timeout_from_env().map_err(anyhow::Error::msg)?;
+        SumPath::from_env().map_err(anyhow::Error::msg)?;
+        check_start(
+            &cfg,
+            &RunOptions {
+                // Not opened: the checks read the store and the run folder only.
+                device: parse_device("cpu").map_err(anyhow::Error::msg)?,
+                store: a.store.clone(),
+                out: out.clone(),
+                resume: a.resume,
+            },
+        )?;
         return launch(world, &a.device);
     }
     let spec = a
@@ -144,7 +156,8 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
     };
     let mut group = match &spec {
         Some(s) => {
-            let timeout = timeout_from_env();
+            let timeout = timeout_from_env().map_err(anyhow::Error::msg)?;
+            let step_timeout = step_timeout_from_env().map_err(anyhow::Error::msg)?;
             eprintln!(
                 "rank {} of {}: meeting the other ranks at {} (waiting up to {:.0} s)",
                 s.rank,
@@ -153,6 +166,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
                 timeout.as_secs_f64()
             );
             let mut g = Group::connect(s, timeout)?;
+            g.set_exchange_timeout(step_timeout);
             g.allow_nccl(std::env::var("ICEFM_NCCL").map_or(true, |v| v != "0"));
             g
         }
@@ -201,8 +215,16 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
     if summary.interrupted {
         // The run's config.toml is its configuration with every --set, --regime and --init
         // applied: the one --resume must be given.
+        // A data-parallel run continues as it was started: `local:N` as such (its ranks are
+        // told by the launcher), Slurm's as `slurm`, ranks started by hand each with its own.
+        let dist = match (std::env::var(LAUNCHED_AS).ok(), a.dist.as_deref()) {
+            (Some(local), _) => format!(" --dist {local}"),
+            (None, Some("slurm")) => " --dist slurm".to_string(),
+            (None, Some(d)) => format!(" --dist {} (each rank with its own --dist)", shell_word(d)),
+            (None, None) => String::new(),
+        };
         println!(
-            "continue with: icefm train --resume --store {} --config {} --out {}{}",
+            "continue with: icefm train --resume --store {} --config {} --out {}{}{dist}",
             shell_word(&opts.store.display().to_string()),
             shell_word(&out.join("config.toml").display().to_string()),
             shell_word(&out.display().to_string()),
@@ -226,6 +248,9 @@ fn exit_status(summary: &RunSummary) -> ExitCode {
         ExitCode::SUCCESS
     }
 }
+
+/// Set by the `local:N` launcher in its ranks' environment: the `--dist` it was given.
+pub(crate) const LAUNCHED_AS: &str = "ICEFM_LAUNCHED_AS";
 
 /// Exit status of a run stopped by a signal (128 + SIGINT, as shells report Ctrl-C).
 pub(crate) const STOPPED: u8 = 130;

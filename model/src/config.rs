@@ -326,8 +326,27 @@ impl TrainConfig {
     }
 
     /// The keys whose values differ between `self` and `other`, but for those `--resume` may
-    /// change ([`TrainConfig::continues_as`]): `key (self's value, other's value)`, in key order.
+    /// change ([`TrainConfig::continues_as`]): `key (self's value, not other's value)`, in key
+    /// order.
     pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        self.differing_values(other, &["train.steps", "train.accumulate"])
+            .into_iter()
+            .map(|(k, a, b)| format!("{k} ({a}, not {b})"))
+            .collect()
+    }
+
+    /// Every key whose value differs between `self` and `other`, with `self`'s value and
+    /// `other`'s (`(none)` where one lacks it), in key order: the ranks of a data-parallel run
+    /// must agree on all.
+    pub fn all_differences(&self, other: &TrainConfig) -> Vec<(String, String, String)> {
+        self.differing_values(other, &[])
+    }
+
+    fn differing_values(
+        &self,
+        other: &TrainConfig,
+        skip: &[&str],
+    ) -> Vec<(String, String, String)> {
         use std::collections::BTreeMap;
         fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
             match v {
@@ -351,20 +370,19 @@ impl TrainConfig {
             if let Ok(v) = toml::Value::try_from(c) {
                 flatten("", &v, &mut out);
             }
-            out.remove("train.steps");
-            out.remove("train.accumulate");
+            for k in skip {
+                out.remove(*k);
+            }
             out
         };
         let (a, b) = (table(self), table(other));
         let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let show = |m: &BTreeMap<String, String>, k: &str| {
+            m.get(k).cloned().unwrap_or_else(|| "(none)".into())
+        };
         keys.into_iter()
             .filter(|k| a.get(*k) != b.get(*k))
-            .map(|k| {
-                let show = |m: &BTreeMap<String, String>| {
-                    m.get(k).cloned().unwrap_or_else(|| "(none)".into())
-                };
-                format!("{k} ({}, not {})", show(&a), show(&b))
-            })
+            .map(|k| (k.clone(), show(&a, k), show(&b, k)))
             .collect()
     }
 

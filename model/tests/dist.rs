@@ -241,8 +241,15 @@ fn ranks_with_other_configurations_or_batches_that_do_not_split_are_refused() {
     let a = run(0, cfg.clone(), tmp.path().join("a"));
     let b = run(1, other, tmp.path().join("a"));
     for e in [a.join().unwrap(), b.join().unwrap()] {
-        assert!(e.contains("the ranks' configurations differ"), "{e}");
-        assert!(e.contains("rank 1 has"), "{e}");
+        // The key that differs, with both values.
+        assert!(
+            e.contains(&format!(
+                "the ranks' configurations differ from rank 0's: rank 1 has train.lr = 0.002 \
+                 (rank 0: {})",
+                cfg.train.lr
+            )),
+            "{e}"
+        );
     }
     assert!(!tmp.path().join("a").exists());
 
@@ -419,5 +426,80 @@ fn micro_batches_take_the_whole_batchs_step() {
             e.contains("not a multiple of the 2 ranks × 4 micro-batches"),
             "{e}"
         );
+    }
+}
+
+/// `world` ranks of the MAE `cfg` in threads, rank `k` reading `stores[k]` into `outs[k]`,
+/// each returning its error.
+fn ranks_on(cfg: &TrainConfig, stores: &[PathBuf], outs: &[PathBuf], resume: bool) -> Vec<String> {
+    let port = common::free_port();
+    let world = outs.len();
+    let handles: Vec<_> = (0..world)
+        .map(|r| {
+            let (cfg, store, out) = (cfg.clone(), stores[r].clone(), outs[r].clone());
+            std::thread::spawn(move || {
+                let spec = DistSpec::parse(&format!("{r}/{world}@127.0.0.1:{port}")).unwrap();
+                let mut g = Group::connect(&spec, Duration::from_secs(60)).unwrap();
+                let o = RunOptions {
+                    store,
+                    ..opts(&out, resume)
+                };
+                train_mae_in(&mut g, &cfg, &o, &AtomicBool::new(false), &|_| {})
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn ranks_on_other_data_or_other_weights_are_refused_before_a_step() {
+    let cfg = TrainConfig::parse(common::DIST_MAE, &[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Rank 1 on another store: it would add its scenes' gradients to rank 0's.
+    let other = common::rtt_store("dist-tests-other", 2, (260, 300), 24);
+    let out = tmp.path().join("mixed");
+    let e = ranks_on(
+        &cfg,
+        &[store().to_path_buf(), other.clone()],
+        &[out.clone(), out.clone()],
+        false,
+    );
+    for e in &e {
+        assert!(
+            e.contains(
+                "the ranks would train on different data: rank 0 reads every scene, 1 \
+                        (held out: 1 of validation regimes)"
+            ) && e.contains("rank 1 reads every scene, 2 in"),
+            "{e}"
+        );
+    }
+    assert!(!out.exists());
+    // Two runs of one configuration at the same step, from other data: ranks resuming one
+    // from each agree on everything but their weights, which are compared at once.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let two = TrainConfig::parse(common::DIST_MAE, &["train.steps=2".into()]).unwrap();
+    train_mae(&two, &opts(&a, false), &AtomicBool::new(false), &|_| {}).unwrap();
+    let o = RunOptions {
+        store: other,
+        ..opts(&b, false)
+    };
+    train_mae(&two, &o, &AtomicBool::new(false), &|_| {}).unwrap();
+    let stores = [store().to_path_buf(), store().to_path_buf()];
+    let e = ranks_on(&cfg, &stores, &[a.clone(), b.clone()], true);
+    for e in &e {
+        assert!(
+            e.contains(
+                "weights at the start (from --out's checkpoint, seg.init or the seed) differ"
+            ),
+            "{e}"
+        );
+    }
+    // Nothing was trained: each still holds its 2 steps.
+    for dir in [&a, &b] {
+        assert_eq!(checkpoints(dir).last().unwrap().0, 2);
+        assert_eq!(read_metrics(&dir.join("metrics.parquet")).unwrap().len(), 2);
     }
 }

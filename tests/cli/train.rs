@@ -434,6 +434,20 @@ fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
             "{want:?} vs {got:?}"
         );
     }
+    // The run folder's refusals are said once too, before any rank starts.
+    let out = micro_train(&store, &run, &sets, false)
+        .args(["--dist", "local:2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("already holds checkpoints: add --resume")
+            .count(),
+        1,
+        "{err}"
+    );
+    assert!(!err.contains("starting"), "{err}");
     // Windows larger than the scenes (100 x 110 px at 80 m) are padded: rank 0 alone warns,
     // on stderr and in the run's log.
     let padded = dir.path().join("padded");
@@ -629,7 +643,20 @@ fn sigterm_to_the_dist_local_launcher_alone_stops_every_rank_at_one_step_and_sav
     );
     // Stopped, not finished: 130, as the ranks' own (not a rank's failure).
     assert_eq!(out.status.code(), Some(130), "{stdout}\n{stderr}");
-    assert!(!stderr.contains("ended with"), "{stderr}");
+    assert!(
+        !stderr.contains("failed first") && !stderr.contains("was killed"),
+        "{stderr}"
+    );
+    // It continues as it was started, on two ranks.
+    assert!(
+        stdout.contains(&format!(
+            "continue with: icefm train --resume --store {} --config {} --out {} --dist local:2\n",
+            store.display(),
+            run.join("config.toml").display(),
+            run.display()
+        )),
+        "{stdout}"
+    );
     // Both ranks stopped after the same step, and rank 0 saved it.
     let steps = checkpoint_steps(&run);
     assert_eq!(steps.len(), 1, "{steps:?}");
@@ -645,6 +672,86 @@ fn sigterm_to_the_dist_local_launcher_alone_stops_every_rank_at_one_step_and_sav
     );
     assert!(
         std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("(interrupt)")
+    );
+}
+
+#[test]
+fn a_rank_killed_outright_is_named_and_a_killed_launcher_takes_its_ranks_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "200x220", "default", "80");
+    let sets = [
+        "train.steps=1000000",
+        "train.checkpoint_every=1000000",
+        "train.panel_every=0",
+        "data.threads=1",
+    ];
+    let start = |run: &Path| {
+        micro_train(&store, run, &sets, false)
+            .args(["--dist", "local:2"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let pid_of = |pattern: &str| -> String {
+        let out = Command::new("pgrep")
+            .args(["-f", "--", pattern])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("no process {pattern}"))
+            .to_string()
+    };
+    // Rank 1 killed with -9 (as the out-of-memory killer does): the launcher names it, not
+    // rank 0 which ended for want of it, and exits as a shell reports a SIGKILL.
+    let run = dir.path().join("oom");
+    let child = start(&run);
+    signal_once_training(&child, &run.join("log.txt"), "-0");
+    let rank1 = pid_of(&format!("--out {} .*--dist 1/2@", run.display()));
+    assert!(
+        Command::new("kill")
+            .args(["-9", &rank1])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = wait_with_limit(child, Duration::from_secs(120), &run);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(137), "{stderr}");
+    assert!(
+        stderr.contains(
+            "rank 1 of 2 was killed by signal 9 (SIGKILL: the out-of-memory killer, \
+                         or kill -9) (the other ranks ended for want of it)"
+        ),
+        "{stderr}"
+    );
+    // The launcher killed with -9: its ranks are told (SIGTERM), stop at one step and save,
+    // instead of training on, orphaned.
+    let run = dir.path().join("orphans");
+    let mut child = start(&run);
+    signal_once_training(&child, &run.join("log.txt"), "-KILL");
+    let _ = child.wait();
+    let t0 = std::time::Instant::now();
+    let pattern = format!("--out {}", run.display());
+    while Command::new("pgrep")
+        .args(["-f", "--", &pattern])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the ranks still train without their launcher"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(checkpoint_steps(&run).len(), 1);
+    assert!(
+        std::fs::read_to_string(run.join("log.txt"))
             .unwrap()
             .contains("(interrupt)")
     );

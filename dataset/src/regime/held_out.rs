@@ -301,6 +301,27 @@ fn checked(
     }
     check_no_test_release("data.regime", &regime, table)?;
     check_not_test("data.regime", &regime, tests)?;
+    // The store's other val regimes: an MAE pre-trained on their scenes, or a model trained on
+    // them and validated elsewhere, is later chosen or scored on scenes it has seen.
+    for v in store_vals
+        .iter()
+        .filter(|v| val.is_none_or(|own| own.name != v.name))
+    {
+        let ids: BTreeSet<&str> = v.scenes.iter().map(String::as_str).collect();
+        let shared = among(&regime, &ids);
+        if !shared.is_empty() {
+            warnings.push(format!(
+                "data.regime `{}` shares {} scene(s) with the store's val regime `{}` ({}): \
+                 a model trained on them is later chosen or scored on scenes it has seen; draw \
+                 the regime with `--exclude {}` unless that is meant",
+                regime.name,
+                shared.len(),
+                v.name,
+                list(&shared),
+                v.name
+            ));
+        }
+    }
     Ok(TrainingScenes {
         regime,
         held_out_test: 0,

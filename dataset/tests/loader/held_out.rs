@@ -211,4 +211,18 @@ fn the_test_release_is_recorded_and_held_out_of_training_regimes_and_runs() {
         "{e}"
     );
     std::fs::remove_file(Regime::path_in(&store, "own_test")).unwrap();
+    val.write(&Regime::path_in(&store, "val")).unwrap();
+    // A regime of the run's own holding those val scenes trains, with a warning naming them.
+    let over = training_scenes(&store, Some(all.clone()), None).unwrap();
+    assert_eq!(over.regime.scenes.len(), 3);
+    assert_eq!(
+        over.warnings,
+        [format!(
+            "data.regime `pt` shares 1 scene(s) with the store's val regime `val` ({}): a model \
+             trained on them is later chosen or scored on scenes it has seen; draw the regime \
+             with `--exclude val` unless that is meant",
+            val.scenes[0]
+        )]
+    );
+    std::fs::remove_file(Regime::path_in(&store, "val")).unwrap();
 }

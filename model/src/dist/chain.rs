@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::train::TrainError;
 
 use super::connect::{greeting, read_greeting};
-use super::frames::{is_gone, peer_err};
+use super::frames::{is_gone, is_timeout, peer_err, silent};
 use super::{Group, Link, SumPath, dist_err};
 
 /// Values per chunk: 1 MiB of f32, small enough that the chain fills in a few milliseconds,
@@ -43,6 +43,13 @@ pub(super) struct Chain {
     next: Option<TcpStream>,
     /// One chunk of partial sums, reused.
     scratch: Vec<f32>,
+}
+
+impl Chain {
+    /// Its links, to the previous rank and the next.
+    pub(super) fn links(&self) -> impl Iterator<Item = &TcpStream> {
+        self.prev.iter().chain(self.next.iter())
+    }
 }
 
 impl Group {
@@ -254,6 +261,9 @@ impl Neighbour {
     /// neighbour or one beyond it, since a rank whose own sum fails shuts its links too.
     fn err(self, e: std::io::Error) -> TrainError {
         let r = self.rank;
+        if is_timeout(&e) {
+            return dist_err(silent(r));
+        }
         match (is_gone(&e), self.last) {
             (false, _) => dist_err(format!("rank {r}: {e}")),
             (true, true) => dist_err(format!("rank {r} left the run (its own output says why)")),

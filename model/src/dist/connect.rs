@@ -16,7 +16,15 @@ pub(super) fn accept_ranks(
     timeout: Duration,
 ) -> Result<Vec<TcpStream>, TrainError> {
     let port = spec.port();
-    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+    // Ranks that all run on this machine (`local:N`, or a loopback address) need no other
+    // interface; ranks on other nodes reach rank 0 on any.
+    let host = spec.addr.rsplit_once(':').map_or("", |(h, _)| h);
+    let bind: std::net::IpAddr = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => ip,
+        _ if host == "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+        _ => std::net::Ipv4Addr::UNSPECIFIED.into(),
+    };
+    let listener = TcpListener::bind((bind, port)).map_err(|e| {
         dist_err(format!(
             "rank 0 cannot listen on port {port}: {e} (another run on this node? choose another port)"
         ))

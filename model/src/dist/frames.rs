@@ -18,7 +18,25 @@ pub(super) fn is_gone(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether `e` is a wait that ran out ([`super::Group::set_exchange_timeout`]).
+pub(super) fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// The error of a wait for rank `peer` that ran out.
+pub(super) fn silent(peer: usize) -> String {
+    format!(
+        "no word from rank {peer} within the exchange time limit (ICEFM_DIST_STEP_TIMEOUT, \
+         default {} s): it froze (a stalled file system or GPU, a stopped process), or its work \
+         between two exchanges (rank 0's validation pass) took longer; raise the limit if so",
+        super::DEFAULT_STEP_TIMEOUT.as_secs()
+    )
+}
+
 pub(super) fn peer_err(peer: usize, e: std::io::Error) -> TrainError {
+    if is_timeout(&e) {
+        return dist_err(silent(peer));
+    }
     if is_gone(&e) {
         dist_err(format!(
             "rank {peer} left the run (its own output says why)"

@@ -35,7 +35,10 @@ mod tests;
 
 use connect::{accept_ranks, reach_rank0};
 use frames::{join_frames, read_exact, read_frame, read_len, split_frames, write_frame};
-pub use spec::{DEFAULT_TIMEOUT, DistSpec, SLURM_BASE_PORT, timeout_from_env};
+pub use spec::{
+    DEFAULT_STEP_TIMEOUT, DEFAULT_TIMEOUT, DistSpec, SLURM_BASE_PORT, step_timeout_from_env,
+    timeout_from_env,
+};
 
 fn dist_err(msg: impl std::fmt::Display) -> TrainError {
     TrainError::Setup(format!("data-parallel: {msg}"))
@@ -185,6 +188,23 @@ impl Group {
             SumPath::Star => group.check_same("gradient sums (ICEFM_DIST_SUM)", sum.name())?,
         }
         Ok(group)
+    }
+
+    /// Wait at most `limit` for another rank's word (and for a send to go through) from now
+    /// on: a rank that froze then ends the run with an error naming it.
+    pub fn set_exchange_timeout(&self, limit: Duration) {
+        let mut streams: Vec<&std::net::TcpStream> = match &self.link {
+            Link::Alone => Vec::new(),
+            Link::Hub(peers) => peers.iter().collect(),
+            Link::Spoke(s) => vec![s],
+        };
+        if let Some(c) = &self.chain {
+            streams.extend(c.links());
+        }
+        for s in streams {
+            let _ = s.set_read_timeout(Some(limit));
+            let _ = s.set_write_timeout(Some(limit));
+        }
     }
 
     /// Let [`Group::attach`] use NCCL on GPUs (the default) or not (`icefm train` reads

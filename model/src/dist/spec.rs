@@ -18,7 +18,8 @@ pub struct DistSpec {
     pub rank: usize,
     /// Number of ranks.
     pub world: usize,
-    /// `HOST:PORT` of rank 0 (rank 0 listens on every interface at `PORT`).
+    /// `HOST:PORT` of rank 0 (rank 0 listens at `PORT` on the loopback when `HOST` is a
+    /// loopback address or `localhost`, else on every interface).
     pub addr: String,
     /// Rank on this node: the GPU ordinal of `--device cuda` (Slurm's `SLURM_LOCALID`).
     pub local_rank: usize,
@@ -104,11 +105,48 @@ impl DistSpec {
     }
 }
 
-/// The wait at the start: `ICEFM_DIST_TIMEOUT` seconds, or [`DEFAULT_TIMEOUT`].
-pub fn timeout_from_env() -> Duration {
-    std::env::var("ICEFM_DIST_TIMEOUT")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
+/// The wait at the start: `ICEFM_DIST_TIMEOUT` seconds, or [`DEFAULT_TIMEOUT`]. A value
+/// that is not a positive number of seconds is an error, not the default.
+pub fn timeout_from_env() -> Result<Duration, String> {
+    seconds_from_env("ICEFM_DIST_TIMEOUT", DEFAULT_TIMEOUT)
+}
+
+/// How long a rank waits for another's word once training runs, unless
+/// `ICEFM_DIST_STEP_TIMEOUT` (seconds) says otherwise: a rank that froze (a stalled file
+/// system, a hung GPU, a stopped process) ends the run with an error instead of holding the
+/// others for ever. It must exceed the longest pause between exchanges: a step, and rank 0's
+/// validation pass.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// The wait between exchanges: `ICEFM_DIST_STEP_TIMEOUT` seconds, or
+/// [`DEFAULT_STEP_TIMEOUT`].
+pub fn step_timeout_from_env() -> Result<Duration, String> {
+    seconds_from_env("ICEFM_DIST_STEP_TIMEOUT", DEFAULT_STEP_TIMEOUT)
+}
+
+/// The longest wait a variable may ask for (a year: a socket timeout must be finite).
+const MOST_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+fn seconds_from_env(name: &str, default: Duration) -> Result<Duration, String> {
+    let v = std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    seconds(name, v.as_deref(), default)
+}
+
+/// The seconds variable `name` gives as `value` (unset: `default`).
+pub(super) fn seconds(
+    name: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, String> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    match v.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= MOST_SECONDS => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "{name}={v}: expected a number of seconds above 0 and at most {MOST_SECONDS:.0} \
+             (a year), or leave it unset for {} s",
+            default.as_secs()
+        )),
+    }
 }

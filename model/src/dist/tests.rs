@@ -357,3 +357,55 @@ fn ranks_whose_buffers_differ_in_length_fail_and_none_waits() {
         assert!(out[who].contains(why), "{sum:?}: {}", out[who]);
     }
 }
+
+#[test]
+fn a_rank_that_falls_silent_ends_the_others_after_the_exchange_time_limit() {
+    for sum in [SumPath::Star, SumPath::Chain] {
+        let out = ranks_with(3, sum, |g| {
+            g.set_exchange_timeout(Duration::from_millis(300));
+            // Rank 2 stops answering for longer than the limit (a frozen process).
+            if g.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(1500));
+                return String::new();
+            }
+            let t = std::time::Instant::now();
+            let mut buf = vec![1f32; 8];
+            let e = g.all_reduce_sum(&mut buf).unwrap_err().to_string();
+            assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+            e
+        });
+        // The rank waiting on rank 2 gives up after the limit; the other, waiting on it or
+        // on the limit, ends as well.
+        let silent = "within the exchange time limit (ICEFM_DIST_STEP_TIMEOUT, default 1800 s)";
+        assert!(
+            out[..2].iter().any(|e| e.contains(silent)),
+            "{sum:?}: {out:?}"
+        );
+        for e in &out[..2] {
+            assert!(
+                e.contains(silent) || e.contains("left the run"),
+                "{sum:?}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn time_limits_from_the_environment_are_positive_finite_seconds_or_errors() {
+    let d = Duration::from_secs(300);
+    assert_eq!(super::spec::seconds("X", None, d), Ok(d));
+    assert_eq!(
+        super::spec::seconds("X", Some(" 2.5 "), d),
+        Ok(Duration::from_millis(2500))
+    );
+    // Each of these fell back to the default without a word, or panicked (inf, 1e20).
+    for bad in ["inf", "1e20", "NaN", "0", "-3", "soon", ""] {
+        let e = super::spec::seconds("ICEFM_DIST_TIMEOUT", Some(bad), d).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "ICEFM_DIST_TIMEOUT={bad}: expected a number of seconds"
+            )),
+            "{e}"
+        );
+    }
+}

@@ -22,10 +22,10 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
 use crate::train::{
-    Accumulated, DeviceBatch, Feeder, PendingRecord, RunOptions, RunSummary, Share, StepRecord,
-    StepStart, TrainError, agree_with_ranks, apply, batch_levels, checkpoint_due, checkpoints,
-    drop_draws, end_step, init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run,
-    read_metrics,
+    Accumulated, DeviceBatch, Feeder, PendingRecord, RESUME_STEPS, RunOptions, RunSummary,
+    START_WEIGHTS, Share, StepRecord, StepStart, TrainError, agree_on_data, agree_on_weights,
+    agree_with_ranks, apply, batch_levels, checkpoint_due, checkpoints, drop_draws, end_step,
+    init_weights, io_err, load_checkpoint, named_vars, open_loader, open_run, read_metrics,
 };
 
 mod evaluation;
@@ -195,6 +195,7 @@ pub fn train_seg_in(
     // written: a run that cannot start leaves no folder to mistake for one that did.
     agree_with_ranks(cfg, opts, group)?;
     let (loader, trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    agree_on_data(group, &opts.store, &trained)?;
     // A validation level the store lacks would fail at the first validation, its steps lost.
     if !seg.eval_level.trim().is_empty() {
         let have = icefm_dataset::store::read_attrs(&opts.store)?.levels;
@@ -290,7 +291,7 @@ pub fn train_seg_in(
             }
             run.log(&format!("resumed from {} (step {start})", dir.display()))?;
         }
-        group.check_same("steps to resume from", &start.to_string())?;
+        group.check_same(RESUME_STEPS, &start.to_string())?;
     } else {
         let n: usize = named.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         run.log(&format!("new fine-tuning run: {n} parameters"))?;
@@ -300,6 +301,7 @@ pub fn train_seg_in(
             run.log("encoder: from scratch")?;
         }
     }
+    agree_on_weights(group, &named, START_WEIGHTS)?;
 
     let share = Share::of(group, cfg);
 

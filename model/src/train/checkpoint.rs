@@ -113,13 +113,9 @@ pub(crate) fn end_step(
     let total = cfg.train.steps;
     let loss = records.last().map_or(f32::NAN, |r| r.loss);
     let due = checkpoint_due(cfg, done, stopping);
-    if due && group.world() > 1 {
+    if due {
         // The ranks took the same steps from the same gradients: their weights must agree.
-        let weights: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-        group.check_same(
-            &format!("weights after step {done}"),
-            &weights_digest(&weights)?,
-        )?;
+        agree_on_weights(group, named, &format!("weights after step {done}"))?;
     }
     if due && group.is_leader() {
         *checkpoint = Some(save_checkpoint(
@@ -247,6 +243,22 @@ pub(crate) fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
         }
     }
     Ok(())
+}
+
+/// In a data-parallel run, fail on every rank unless all hold the same weights (`what`
+/// names when): at a checkpoint, and at the start, where ranks that loaded different
+/// checkpoints (an `--out` not shared between nodes) or initial encoders would otherwise train
+/// apart until the first checkpoint.
+pub(crate) fn agree_on_weights(
+    group: &mut Group,
+    named: &[(String, Var)],
+    what: &str,
+) -> Result<(), TrainError> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    let weights: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    group.check_same(what, &weights_digest(&weights)?)
 }
 
 #[cfg(test)]

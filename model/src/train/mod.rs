@@ -34,16 +34,27 @@ mod start;
 
 pub(crate) use accumulate::{Accumulated, apply};
 pub(crate) use checkpoint::{
-    checkpoint_due, end_step, load_checkpoint, tensors_of, write_checkpoint_folder,
+    agree_on_weights, checkpoint_due, end_step, load_checkpoint, tensors_of,
+    write_checkpoint_folder,
 };
 pub use checkpoint::{checkpoints, config_of_run};
 pub use device::{DeviceName, cuda_device_count, parse_device};
 pub(crate) use feeder::{DeviceBatch, Feeder, drop_draws};
 pub(crate) use records::{PendingRecord, StepStart, write_parquet};
 pub use records::{StepRecord, read_metrics, write_metrics};
-pub use run::{FAILED_PREFIX, check_batch_split, record_failure, run_holder, scenes_to_train};
-pub(crate) use run::{RunDir, Share, agree_with_ranks, open_loader, open_run};
+pub use run::{
+    FAILED_PREFIX, check_batch_split, check_start, record_failure, run_holder, scenes_to_train,
+};
+pub(crate) use run::{RunDir, Share, agree_on_data, agree_with_ranks, open_loader, open_run};
 pub use start::{RegimeRead, RunStart, STARTS_FILE, run_starts};
+
+/// What the ranks of a data-parallel run compare when they resume: the step of the checkpoint
+/// each found in `--out` (a folder every rank must see).
+pub(crate) const RESUME_STEPS: &str = "steps to resume from (each rank reads the checkpoints of --out, which must be one folder \
+     that every rank sees, shared between nodes)";
+/// What they compare once the weights are loaded or initialised.
+pub(crate) const START_WEIGHTS: &str =
+    "weights at the start (from --out's checkpoint, seg.init or the seed)";
 
 /// Random streams (xor-ed into the seed) of the things drawn per step.
 const MASK_STREAM: u64 = 0x4D41_534B;
@@ -183,6 +194,7 @@ pub fn train_mae_in(
     // that cannot start leaves no folder to mistake for one that did.
     agree_with_ranks(cfg, opts, group)?;
     let (loader, trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    agree_on_data(group, &opts.store, &trained)?;
     let mut run = open_run(cfg, opts, group, &trained)?;
     let existing = run.existing.clone();
 
@@ -216,7 +228,7 @@ pub fn train_mae_in(
             }
             run.log(&format!("resumed from {} (step {start})", dir.display()))?;
         }
-        group.check_same("steps to resume from", &start.to_string())?;
+        group.check_same(RESUME_STEPS, &start.to_string())?;
     } else {
         run.log(&format!(
             "new run: {} parameters",
@@ -226,6 +238,7 @@ pub fn train_mae_in(
                 .sum::<usize>()
         ))?;
     }
+    agree_on_weights(group, &named, START_WEIGHTS)?;
 
     let share = Share::of(group, cfg);
 

@@ -203,10 +203,93 @@ pub(crate) fn agree_with_ranks(
 ) -> Result<(), TrainError> {
     if group.world() > 1 {
         check_batch_split(cfg, group.world()).map_err(TrainError::Setup)?;
-        group.check_same("configurations", &cfg.to_toml())?;
+        let resolved = cfg.to_toml();
+        let all = group.all_gather(resolved.as_bytes())?;
+        let differ: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| *t != &all[0])
+            .map(|(k, t)| {
+                let parse = |b: &[u8]| TrainConfig::parse(&String::from_utf8_lossy(b), &[]);
+                let keys = match (parse(&all[0]), parse(t)) {
+                    (Ok(a), Ok(b)) => a.all_differences(&b),
+                    _ => Vec::new(),
+                };
+                if keys.is_empty() {
+                    return format!("rank {k}");
+                }
+                let keys: Vec<String> = keys
+                    .into_iter()
+                    .map(|(key, a, b)| format!("{key} = {b} (rank 0: {a})"))
+                    .collect();
+                format!("rank {k} has {}", keys.join(", "))
+            })
+            .collect();
+        if !differ.is_empty() {
+            return Err(TrainError::Setup(format!(
+                "the ranks' configurations differ from rank 0's: {} (give every rank the same \
+                 --config and --set)",
+                differ.join("; ")
+            )));
+        }
         group.check_same("--resume", &opts.resume.to_string())?;
     }
     Ok(())
+}
+
+/// In a data-parallel run, check that every rank reads the same data: the same store
+/// manifests (one store, or identical copies of it) and the same training scenes. Ranks on
+/// different stores, or on copies where a regime differs, would train one model on a mix,
+/// and the run's records name rank 0's data alone.
+pub(crate) fn agree_on_data(
+    group: &mut Group,
+    store: &Path,
+    trained: &TrainingScenes,
+) -> Result<(), TrainError> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    let manifests = icefm_dataset::table::manifests_hash(store).unwrap_or_default();
+    let mine = format!(
+        "{manifests}\n{}\n{} in {}",
+        trained.regime.scenes_hash(),
+        trained.describe(),
+        store.display()
+    );
+    let all = group.all_gather(mine.as_bytes())?;
+    let fields = |b: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(b)
+            .splitn(3, '\n')
+            .map(str::to_string)
+            .collect()
+    };
+    let first = fields(&all[0]);
+    let short = |h: &str| h.chars().take(12).collect::<String>();
+    let said = |k: usize, f: &[String]| {
+        format!(
+            "rank {k} reads {} (manifests {}, scene list {})",
+            f.get(2).map_or("?", String::as_str),
+            short(f.first().map_or("", String::as_str)),
+            short(f.get(1).map_or("", String::as_str))
+        )
+    };
+    let differ: Vec<String> = all
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(k, b)| (k, fields(b)))
+        .filter(|(_, f)| f[..f.len().min(2)] != first[..first.len().min(2)])
+        .map(|(k, f)| said(k, &f))
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Setup(format!(
+        "the ranks would train on different data: {}; {} (give every rank the same --store, or \
+         an identical copy, with the same regimes)",
+        said(0, &first),
+        differ.join("; ")
+    )))
 }
 
 /// Open the run directory of `opts`: new (no checkpoints in it), or resumed with the same
@@ -264,12 +347,17 @@ fn same_path(a: &str, b: &str) -> bool {
     !a.is_empty() && !b.is_empty() && crate::files::same_file(Path::new(a), Path::new(b))
 }
 
-fn open_run_dir(
+/// A run folder's step checkpoints: `(step, folder)`, oldest first.
+type Checkpoints = Vec<(u64, PathBuf)>;
+
+/// Whether a run of `cfg` may start in `opts.out`: new (no checkpoints there), or resumed
+/// with the same configuration (steps may grow). Reads only; returns the checkpoints found
+/// and the warnings to say once the run's log is open. A refusal is an error.
+fn check_run_dir(
     cfg: &TrainConfig,
     opts: &RunOptions,
-    resolved: &str,
     trained: &TrainingScenes,
-) -> Result<RunDir, TrainError> {
+) -> Result<(Checkpoints, Vec<String>), TrainError> {
     // The run directory: new, or resumed with the same configuration (steps may grow).
     let existing = checkpoints(&opts.out);
     let config_path = opts.out.join("config.toml");
@@ -373,6 +461,17 @@ fn open_run_dir(
             opts.out.display()
         ));
     }
+    Ok((existing, warnings))
+}
+
+fn open_run_dir(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    resolved: &str,
+    trained: &TrainingScenes,
+) -> Result<RunDir, TrainError> {
+    let (existing, warnings) = check_run_dir(cfg, opts, trained)?;
+    let config_path = opts.out.join("config.toml");
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
     let lock = lock_run(&opts.out)?;
     // Through a temporary file: `icefm ablate` workers read the config.toml of runs that
@@ -431,6 +530,22 @@ pub fn scenes_to_train(cfg: &TrainConfig, store: &Path) -> Result<TrainingScenes
         _ => None,
     };
     Ok(training_scenes(store, given, val.as_ref())?)
+}
+
+/// What a run of `cfg` with `opts` checks before it starts, without starting it or writing
+/// anything: its scenes ([`scenes_to_train`]), its loader (levels, channels, patches) and its
+/// run folder. The `local:N` launcher asks before it starts the ranks, so that a refusal is
+/// said once rather than by every rank.
+pub fn check_start(cfg: &TrainConfig, opts: &RunOptions) -> Result<(), TrainError> {
+    let (_, trained) = open_loader(
+        cfg,
+        &opts.store,
+        Sampler::LevelWeighted,
+        &Device::Cpu,
+        &Group::single(),
+    )?;
+    check_run_dir(cfg, opts, &trained)?;
+    Ok(())
 }
 
 /// The loader of a run: the store, `data.regime`, levels, crop, batch and augmentation of
