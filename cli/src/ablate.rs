@@ -226,8 +226,16 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
                 // A cell fails alone (a diverging loss, unreadable weights): the grid goes on,
                 // and a re-run tries the cell again.
                 Err(e) => {
-                    let causes: Vec<String> = e.chain().map(ToString::to_string).collect();
-                    let why = causes.join(": ");
+                    // Each cause once: an error that quotes its source already says it.
+                    let mut why = String::new();
+                    for c in e.chain().map(ToString::to_string) {
+                        if !why.contains(&c) {
+                            if !why.is_empty() {
+                                why.push_str(": ");
+                            }
+                            why.push_str(&c);
+                        }
+                    }
                     println!("{head}: FAILED: {why}");
                     claims.mark_failed(&cell.key, &why);
                     failed.push(cell.key.clone());

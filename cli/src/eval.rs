@@ -337,15 +337,27 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         .transpose()?;
     let scored = reader.scenes(regime.as_ref())?;
     let n = scored.len();
+    // The scenes that chose the run's best checkpoint, by content, whatever --regime is
+    // called (every scene of the store, by default, holds them).
     let val_regime = cfg.seg.as_ref().map_or("", |s| s.val_regime.as_str());
-    if let Some(r) = regime
-        .as_ref()
-        .filter(|r| !val_regime.is_empty() && r.name == val_regime)
-    {
+    let of_val: Option<Vec<String>> = (!val_regime.is_empty()).then(|| {
+        icefm_dataset::regime::Regime::open(Some(&store), val_regime)
+            .map(|v| {
+                scored
+                    .iter()
+                    .filter(|s| v.scenes.iter().any(|x| x.as_str() == &***s))
+                    .map(|s| s.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    if let Some(v) = of_val.as_ref().filter(|v| !v.is_empty()) {
         eprintln!(
-            "warning: `{}` is the run's seg.val_regime: its best checkpoint was chosen on these \
-             scenes, so these are not held-out scores",
-            r.name
+            "warning: {} of the {n} scenes scored are of the run's seg.val_regime `{val_regime}` \
+             ({}): its best checkpoint was chosen on them, so its scores on them are not \
+             held-out scores (metrics.json lists them)",
+            v.len(),
+            icefm_schemas::names::first_few(v, 5)
         );
     }
     // Scores on scenes the run (or its initial encoder) trained on are not held-out scores:
@@ -481,6 +493,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         "unpredicted_labelled_pixels": unpredicted,
         "scenes_seen_in_training": seen.by_run,
         "scenes_seen_by_init": seen.by_init,
+        "scenes_of_val_regime": of_val,
         "panels": panel_names,
     });
     let path = staged.join(METRICS_FILE);
@@ -649,7 +662,8 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     let untrained = untrained_tasks(&cfg)?;
     if !untrained.is_empty() {
         eprintln!(
-            "warning: this run does not predict {0}: the file's {0} charts are 255 (no              prediction) everywhere, so it is not a complete AutoICE submission",
+            "warning: this run does not predict {0}: the file's {0} charts are 255 (no \
+             prediction) everywhere, so it is not a complete AutoICE submission",
             untrained.join(" / ")
         );
     }

@@ -31,9 +31,10 @@ pub struct PlotArgs {
     /// Run folders (`icefm train --out`), drawn one line each.
     #[arg(required = true)]
     runs: Vec<PathBuf>,
-    /// What to draw: a column of metrics.parquet (`loss`, `loss_SIC`, `loss_SOD`, `loss_FLOE`,
-    /// `lr`, `grad_norm`, `images_per_s`), or `val.` and a column of validation.parquet
-    /// (`val.combined`, `val.sic_r2`, `val.sod_f1`, `val.floe_f1`).
+    /// What to draw: a column of metrics.parquet (`loss`, `lr`, `grad_norm`, `images_per_s`;
+    /// MAE runs `baseline`, fine-tuning runs `loss_SIC`, `loss_SOD`, `loss_FLOE`), or `val.`
+    /// and a column of validation.parquet (`val.combined`, `val.score`, `val.sic_r2`,
+    /// `val.sod_f1`, `val.floe_f1`, `val.seconds`).
     #[arg(long, default_value = "loss")]
     metric: String,
     /// Steps in the running mean of metrics.parquet columns [default: a fiftieth of the

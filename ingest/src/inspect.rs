@@ -303,6 +303,10 @@ impl StoreSummary {
         for (l, (n, good)) in levels {
             let _ = writeln!(o, "{l:<8} {n:>7}  {good:>7}");
         }
+        if self.class_pixels.iter().all(|h| h.iter().sum::<u64>() == 0) {
+            let _ = writeln!(o, "\nclass balance: no scene in the manifests yet");
+            return o;
+        }
         for t in Task::ALL {
             let h = &self.class_pixels[t.channel()];
             let total: u64 = h.iter().sum();

@@ -473,6 +473,20 @@ impl TrainConfig {
                 encoder.depth
             )));
         }
+        // Blocks after the last one read would take no part in the loss: no gradient, and
+        // the optimizer refuses a trained parameter without one.
+        let last = layers.iter().max().copied().unwrap_or(0);
+        if last + 1 < encoder.depth && !s.freeze_encoder {
+            return Err(ConfigError(format!(
+                "seg.layers {layers:?}: blocks {} to {} of the encoder come after the last block \
+                 read and would learn nothing; end the list at block {} (the last), or give \
+                 model.depth = {} to build the encoder without them",
+                last + 1,
+                encoder.depth - 1,
+                encoder.depth - 1,
+                last + 1
+            )));
+        }
         if s.task_weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
             return Err(ConfigError(format!(
                 "seg.task_weights {:?} must be finite and not negative",
@@ -491,6 +505,14 @@ impl TrainConfig {
                 "seg.task_weights {:?} give every task of seg.tasks {:?} weight 0: nothing \
                  would be learnt",
                 s.task_weights, s.tasks
+            )));
+        }
+        // A trained task of weight 0 has a head that learns nothing (no gradient).
+        if let Some(t) = s.tasks.iter().find(|t| !weighs(t)) {
+            return Err(ConfigError(format!(
+                "seg.task_weights {:?} give {t} weight 0: its head would learn nothing; leave \
+                 {t} out of seg.tasks instead",
+                s.task_weights
             )));
         }
         if s.eval_stride > self.data.crop {

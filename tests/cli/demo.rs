@@ -74,6 +74,8 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["scenes"], 2);
     assert_eq!(metrics["score_level"], "80m");
+    // Held-out scores: none of the test scenes chose the best checkpoint.
+    assert_eq!(metrics["scenes_of_val_regime"], serde_json::json!([]));
     let [.., combined] = demo_scores(&stdout, "MAE");
     let saved = metrics["scores"]["combined"].as_f64().unwrap();
     assert!((saved - combined).abs() < 0.05, "{saved} vs {combined}");
@@ -610,8 +612,20 @@ fn eval_notes(dir: &Path, ft: &Path) {
         .output()
         .unwrap());
     let err = String::from_utf8_lossy(&out.stderr);
+    // Every scene of `val` chose the best checkpoint: said, and listed in metrics.json.
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("eval-val").join("metrics.json")).unwrap())
+            .unwrap();
+    let n = metrics["scenes"].as_u64().unwrap();
+    assert!(n > 0);
+    assert_eq!(
+        metrics["scenes_of_val_regime"].as_array().unwrap().len() as u64,
+        n
+    );
     assert!(
-        err.contains("`val` is the run's seg.val_regime: its best checkpoint was chosen on these"),
+        err.contains(&format!(
+            "warning: {n} of the {n} scenes scored are of the run's seg.val_regime `val` ("
+        )) && err.contains("its best checkpoint was chosen on them"),
         "{err}"
     );
     assert!(

@@ -169,7 +169,9 @@ fn sharded_ingest_writes_the_store_one_process_writes() {
     assert!(
         stdout
             .contains("a sharded ingest (3 shards) is not finished: shard(s) 0, 2 have no record")
-            && stdout.contains("2 scene(s) are complete but the manifests list 0"),
+            && stdout.contains("2 scene(s) are complete but the manifests list 0")
+            && stdout.contains("\nclass balance: no scene in the manifests yet\n")
+            && !stdout.contains("0.0% of 0"),
         "{stdout}"
     );
     let out = icefm()

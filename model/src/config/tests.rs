@@ -63,6 +63,13 @@ fn bad_fine_tuning_keys_are_one_line_errors() {
         ("seg.tasks=[\"SOD\", \"SOD\"]", "names SOD twice"),
         ("seg.layers=[1, 2]", "seg.layers has 2 entries"),
         ("seg.layers=[1, 2, 3, 12]", "block 12 is not below"),
+        // Blocks 10 and 11 would get no gradient (the run failed at its first step).
+        (
+            "seg.layers=[2, 5, 8, 9]",
+            "seg.layers [2, 5, 8, 9]: blocks 10 to 11 of the encoder come after the last block \
+             read and would learn nothing; end the list at block 11 (the last), or give \
+             model.depth = 10",
+        ),
         ("seg.sic_loss=huber", "seg.sic_loss `huber`"),
         ("seg.eval_blend=max", "seg.eval_blend `max`"),
         ("seg.colour=1", "unknown field `colour`"),
@@ -70,6 +77,12 @@ fn bad_fine_tuning_keys_are_one_line_errors() {
         let e = TrainConfig::parse(base, &[set.to_string()]).unwrap_err().0;
         assert!(e.contains(want), "{set}: {e}");
     }
+    // With the encoder frozen its blocks learn nothing anyway: any four may be read.
+    let probe = [
+        "seg.layers=[2, 5, 8, 9]".into(),
+        "seg.freeze_encoder=true".into(),
+    ];
+    assert!(TrainConfig::parse(base, &probe).is_ok());
 }
 
 #[test]
@@ -200,8 +213,22 @@ fn values_a_run_cannot_train_with_are_refused_naming_the_key() {
         "seg.task_weights=[0.0, 0.0, 0.0]",
         "give every task of seg.tasks",
     );
-    // A task that weighs 0 beside one that does not is a choice, not an error.
-    assert!(TrainConfig::parse(seg, &["seg.task_weights=[0.0, 1.0, 1.0]".into()]).is_ok());
+    // A trained task of weight 0 beside others: its head would get no gradient, which failed
+    // the run at its first step, after its folder was made.
+    refused(
+        seg,
+        "seg.task_weights=[0.0, 1.0, 1.0]",
+        "give SIC weight 0: its head would learn nothing; leave SIC out of seg.tasks instead",
+    );
+    // Weight 0 for a task that is not trained is no matter.
+    let sod = TrainConfig::parse(
+        seg,
+        &[
+            "seg.task_weights=[0.0, 1.0, 0.0]".into(),
+            "seg.tasks=[\"SOD\"]".into(),
+        ],
+    );
+    assert!(sod.is_ok());
 }
 
 #[test]

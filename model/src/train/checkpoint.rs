@@ -51,6 +51,29 @@ pub fn config_of_run(path: &Path) -> Result<(PathBuf, TrainConfig), TrainError> 
             cfg_path.display()
         )));
     }
+    // Cut just before `[seg]`, a fine-tuning run's file reads as a whole MAE configuration:
+    // its start records say which it is.
+    let kind = if cfg.is_seg() {
+        super::start::FINE_TUNING_RUN
+    } else {
+        super::start::MAE_RUN
+    };
+    if let Some(recorded) = super::run_starts(run)
+        .last()
+        .and_then(|s| s.kind.clone())
+        .filter(|k| k != kind)
+    {
+        return Err(TrainError::Setup(format!(
+            "{}: damaged or cut short: it reads as a{} {kind} configuration, and the run's \
+             starts.jsonl records a {recorded} run",
+            cfg_path.display(),
+            if kind == super::start::MAE_RUN {
+                "n"
+            } else {
+                ""
+            }
+        )));
+    }
     Ok((run.to_path_buf(), cfg))
 }
 
@@ -283,6 +306,27 @@ mod tests {
             let e = config_of_run(dir.path()).unwrap_err().to_string();
             assert!(e.contains("damaged or cut short") && e.contains(why), "{e}");
         }
+        // Cut just before [seg], the last section: a whole MAE configuration to read, which
+        // the run's start record, of a fine-tuning run, gives away.
+        let mae = &whole[..whole.find("[seg]").unwrap()];
+        std::fs::write(dir.path().join("config.toml"), mae).unwrap();
+        assert!(!config_of_run(dir.path()).unwrap().1.is_seg());
+        let start = serde_json::json!({
+            "time": "2026-11-29T08:00:00Z", "icefm": "0", "host": "h", "pid": 1,
+            "device": "cpu", "command": [], "store": "s.zarr", "regimes": [],
+            "kind": "fine-tuning",
+        });
+        std::fs::write(dir.path().join("starts.jsonl"), format!("{start}\n")).unwrap();
+        let e = config_of_run(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "damaged or cut short: it reads as an mae configuration, and the run's \
+                        starts.jsonl records a fine-tuning run"
+            ),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("config.toml"), &whole).unwrap();
+        assert!(config_of_run(dir.path()).unwrap().1.is_seg());
     }
 
     #[test]

@@ -62,7 +62,17 @@ pub struct RunStart {
     /// What `trained_scenes` are, in words (the regime, or every scene less the held-out ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trained_on: Option<String>,
+    /// The kind of run: [`MAE_RUN`] or [`FINE_TUNING_RUN`] (absent in older records). A
+    /// `config.toml` cut just before its `[seg]` section reads as an MAE configuration; this
+    /// tells it from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
+
+/// [`RunStart::kind`] of MAE pre-training.
+pub const MAE_RUN: &str = "mae";
+/// [`RunStart::kind`] of fine-tuning.
+pub const FINE_TUNING_RUN: &str = "fine-tuning";
 
 fn short(h: &str) -> String {
     h.chars().take(16).collect()
@@ -120,6 +130,14 @@ impl RunStart {
             regimes,
             trained_scenes: Some(trained.regime.scenes.clone()),
             trained_on: Some(trained.describe()),
+            kind: Some(
+                if cfg.is_seg() {
+                    FINE_TUNING_RUN
+                } else {
+                    MAE_RUN
+                }
+                .to_string(),
+            ),
         }
     }
 
