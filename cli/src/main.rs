@@ -22,6 +22,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     no_backtraces_in_error_messages();
+    no_hdf5_file_locks();
     end_quietly_when_stdout_closes();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
@@ -65,6 +66,21 @@ fn no_backtraces_in_error_messages() {
         // SAFETY: the first statement of main, before this process starts any thread, so no
         // other thread can be reading the environment.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
+/// HDF5 (under netCDF-4) locks every file it opens with flock, unless `HDF5_USE_FILE_LOCKING`
+/// says otherwise. icefm reads scenes that nothing else writes, and writes its own files
+/// through temporary names and a rename, so the lock guards nothing here, while it fails: on
+/// file systems without flock (some NFS and Lustre mounts), and wherever another process holds
+/// a lock on the file, as a process inherits it from a parent that had the file open when it
+/// started it. netCDF then says only "NetCDF: HDF error". Off, unless the variable is set.
+#[allow(unsafe_code)] // set_var: see the SAFETY note
+fn no_hdf5_file_locks() {
+    if std::env::var_os("HDF5_USE_FILE_LOCKING").is_none() {
+        // SAFETY: at the start of main, before this process starts any thread or opens any
+        // file through HDF5, so no other thread can be reading the environment.
+        unsafe { std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE") };
     }
 }
 

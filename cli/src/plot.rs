@@ -85,10 +85,40 @@ pub fn cmd_plot(a: PlotArgs) -> Result<()> {
             icefm_schemas::names::first_few(&empty, 3)
         );
     }
+    if a.metric == "loss" {
+        warn_of_mixed_losses(&a.runs);
+    }
     let window = smoothing(&a.metric, a.smooth, &curves)?;
     draw(&a.runs, &a.metric, &curves, window, &out)?;
     println!("{}", out.display());
     Ok(())
+}
+
+/// A warning when `runs` mix MAE pre-training and fine-tuning: their `loss` columns are
+/// different quantities (a norm-pix reconstruction error; a weighted sum of task losses), so
+/// one y axis does not compare them.
+fn warn_of_mixed_losses(runs: &[PathBuf]) {
+    let kinds: Vec<(bool, String)> = runs
+        .iter()
+        .filter_map(|r| {
+            icefm_model::train::config_of_run(r)
+                .ok()
+                .map(|(_, c)| (c.is_seg(), r.display().to_string()))
+        })
+        .collect();
+    let (seg, mae): (Vec<_>, Vec<_>) = kinds.into_iter().partition(|(s, _)| *s);
+    if !seg.is_empty() && !mae.is_empty() {
+        let names = |v: &[(bool, String)]| {
+            icefm_schemas::names::first_few(&v.iter().map(|(_, n)| n).collect::<Vec<_>>(), 3)
+        };
+        eprintln!(
+            "warning: {} are MAE runs and {} fine-tuning runs: their losses are different \
+             quantities (norm-pix reconstruction error; weighted task losses), drawn on one axis \
+             but not comparable; plot each kind on its own",
+            names(&mae),
+            names(&seg)
+        );
+    }
 }
 
 /// `loss.png` in `run`, after `icefm train`: the loss with the default running mean.

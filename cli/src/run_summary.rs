@@ -121,8 +121,11 @@ pub fn summarize_run(run: &Path) -> Result<String> {
     if let (Some(first), Some(last)) = (starts.first(), starts.last()) {
         writeln!(
             out,
-            "started {}{}",
+            "started {}{}{}",
             first.time,
+            last.ranks.map_or(String::new(), |w| format!(
+                " (latest start: {w} data-parallel ranks)"
+            )),
             if starts.len() > 1 {
                 format!(
                     ", started again {} time(s), last {}",

@@ -94,6 +94,16 @@ pub fn cmd_train(a: TrainArgs) -> Result<ExitCode> {
                 .context("--config has no file name")?,
         ),
     };
+    // A step that cannot fit in this machine's memory is refused, not left to the kernel's
+    // out-of-memory killer: the ranks of `local:N` share the machine, others hold their share.
+    if DeviceName::parse(&a.device) == Ok(DeviceName::Cpu) {
+        let local = a.dist.as_deref().map(local_world).transpose()?.flatten();
+        let ranks_elsewhere = match (&a.dist, local) {
+            (Some(d), None) => DistSpec::parse(d).map_or(1, |s| s.world),
+            _ => 1,
+        };
+        check_memory(&cfg, ranks_elsewhere)?;
+    }
     if let Some(world) = a.dist.as_deref().map(local_world).transpose()?.flatten() {
         // Said once here rather than by every rank.
         check_batch_split(&cfg, world).map_err(anyhow::Error::msg)?;
@@ -247,6 +257,48 @@ fn exit_status(summary: &RunSummary) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Refuse a CPU run whose step needs more memory than this machine has available: its
+/// largest attention matrix alone ([`TrainConfig::largest_attention_bytes`], a floor), for
+/// this process's share of each batch (`ranks` processes on other machines share it).
+fn check_memory(cfg: &TrainConfig, ranks: usize) -> Result<()> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let images = (cfg.data.batch_size / ranks.max(1) / cfg.train.accumulate.max(1) as usize).max(1);
+    let need = cfg
+        .largest_attention_bytes(images)
+        .map_err(|e| anyhow::anyhow!(e.0))?;
+    if need > available {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        let patch = if cfg.is_seg() {
+            cfg.seg_config().map(|s| s.encoder.patch)
+        } else {
+            cfg.mae_config().map(|m| m.encoder.patch)
+        }
+        .map_err(|e| anyhow::anyhow!(e.0))?;
+        let side = cfg.data.crop as usize / patch;
+        anyhow::bail!(
+            "this step cannot fit in memory: one attention matrix of it alone is {:.1} GiB \
+             ({images} image(s) at a time, each of {} tokens: data.crop {} px / patch {patch} \
+             px, squared), and this machine has {:.1} GiB available; lower data.crop or \
+             data.batch_size, or raise train.accumulate (micro-batches of the step)",
+            gib(need),
+            side * side,
+            cfg.data.crop,
+            gib(available)
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (Linux; none elsewhere).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Set by the `local:N` launcher in its ranks' environment: the `--dist` it was given.

@@ -308,6 +308,27 @@ impl TrainConfig {
         out
     }
 
+    /// The bytes of the largest attention matrix one forward pass of `images` images makes
+    /// (images × heads × tokens² values, the class token included; 4 bytes each, 2 in
+    /// bf16): a floor under the step's memory, since the backward keeps it and more. MAE: the
+    /// encoder's visible tokens or the decoder's all; fine-tuning: the encoder's all.
+    pub fn largest_attention_bytes(&self, images: usize) -> Result<u64, ConfigError> {
+        let size = if self.train.precision == "bf16" { 2 } else { 4 };
+        let square = |heads: usize, tokens: usize| {
+            images as u64 * heads as u64 * (tokens as u64 + 1).pow(2) * size
+        };
+        Ok(if self.is_seg() {
+            let s = self.seg_config()?;
+            let tokens = (self.data.crop as usize / s.encoder.patch).pow(2);
+            square(s.encoder.heads, tokens)
+        } else {
+            let m = self.mae_config()?;
+            let tokens = (self.data.crop as usize / m.encoder.patch).pow(2);
+            let visible = crate::mae::kept_tokens(tokens, m.mask_ratio);
+            square(m.encoder.heads, visible).max(square(m.decoder_heads, tokens))
+        })
+    }
+
     /// The resolved configuration as TOML (written to the run directory).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()

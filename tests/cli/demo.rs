@@ -446,6 +446,25 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
     }
     predict_refusals(dir.path(), &ft, &test_files[0]);
     eval_notes(dir.path(), &ft);
+    // The MAE's loss and the fine-tuning's on one plot: drawn, with a warning that they are
+    // not one quantity; two fine-tuning runs' are.
+    let plot = |runs: &[&str]| {
+        let mut c = icefm();
+        c.arg("plot");
+        for r in runs {
+            c.arg(out.join("runs").join(r));
+        }
+        ok(c.arg("--out")
+            .arg(dir.path().join("p.png"))
+            .output()
+            .unwrap())
+    };
+    let err = String::from_utf8_lossy(&plot(&["mae", "ft-mae"]).stderr).into_owned();
+    assert!(
+        err.contains("are MAE runs and") && err.contains("their losses are different quantities"),
+        "{err}"
+    );
+    assert!(plot(&["ft-scratch", "ft-mae"]).stderr.is_empty());
     fine_tuning_refusals(dir.path(), &out, &ft);
 }
 

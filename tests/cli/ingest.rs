@@ -332,6 +332,63 @@ fn a_test_release_folder_ingests_its_scenes_with_their_reference_charts() {
 }
 
 #[test]
+fn a_scene_another_process_holds_locked_is_read() {
+    // Another process holds an exclusive flock on the scene, as one that inherited an HDF5
+    // writer's open file from its parent does: HDF5's own lock then failed the read with
+    // "NetCDF: HDF error". icefm reads with HDF5's locking off unless told otherwise.
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 1, "200x220", "default");
+    let scene = std::fs::read_dir(&scenes)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut holder = Command::new("flock")
+        .arg(&scene)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    // flock takes the lock before it runs sleep: wait for the lock to be there.
+    let t0 = std::time::Instant::now();
+    while Command::new("flock")
+        .args(["--nonblock"])
+        .arg(&scene)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "no lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ingest = |locking: Option<&str>, store: &str| {
+        let mut c = icefm();
+        c.args(["ingest", "--levels", "80", "--store"])
+            .arg(dir.path().join(store))
+            .arg(&scene);
+        if let Some(v) = locking {
+            c.env("HDF5_USE_FILE_LOCKING", v);
+        }
+        c.output().unwrap()
+    };
+    let out = ok(ingest(None, "a.zarr"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 done, 0 skipped, 0 failed"), "{text}");
+    // Asked for, HDF5's locking is used, and the lock makes the file unreadable.
+    let out = ingest(Some("TRUE"), "b.zarr");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NetCDF: HDF error"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
 fn bad_inputs_exit_non_zero_and_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");

@@ -424,6 +424,18 @@ fn dist_local_starts_the_ranks_itself_and_trains_as_one_process() {
         "{stdout}"
     );
     assert!(stdout.contains("rank 1 of 2: trained 3 steps"), "{stdout}");
+    // Its records say it ran on two ranks.
+    let log = std::fs::read_to_string(run.join("log.txt")).unwrap();
+    assert!(
+        log.contains(", rank 0 of 2 data-parallel ranks): "),
+        "{log}"
+    );
+    let out = ok(icefm().arg("inspect").arg(&run).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(" (latest start: 2 data-parallel ranks)"),
+        "{text}"
+    );
     // Two ranks, one process's step: the same losses.
     let (want, got) = (losses(&alone), losses(&run));
     assert_eq!(want.len(), 3);
@@ -540,6 +552,17 @@ fn train_names_what_is_wrong_with_a_device_or_a_precision() {
     let out = run(&["--set", "train.precision=fp16"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or bf16"));
+    // A step no machine's memory holds (the micro model's 4 px patches make a 4096 px crop a
+    // million tokens): refused before anything is read, not left to the out-of-memory killer.
+    let out = run(&["--set", "model.preset=micro", "--set", "data.crop=4096"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this step cannot fit in memory: one attention matrix of it alone is")
+            && err.contains("each of 1048576 tokens: data.crop 4096 px / patch 4 px, squared")
+            && err.contains("raise train.accumulate"),
+        "{err}"
+    );
 }
 
 /// The output of `child` once it ends; killed, with a failed test, if that takes over `limit`
@@ -739,6 +762,7 @@ fn a_rank_killed_outright_is_named_and_a_killed_launcher_takes_its_ranks_with_it
     let pattern = format!("--out {}", run.display());
     while Command::new("pgrep")
         .args(["-f", "--", &pattern])
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap()
         .success()

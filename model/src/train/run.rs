@@ -307,7 +307,7 @@ pub(crate) fn open_run(
         let path = group.attach(&opts.device)?;
         // Rank 0 checks and writes the directory first; the others wait for its word.
         let opened = if group.is_leader() {
-            open_run_dir(cfg, opts, &resolved, trained).map(Some)
+            open_run_dir(cfg, opts, &resolved, trained, group.world()).map(Some)
         } else {
             Ok(None)
         };
@@ -339,7 +339,7 @@ pub(crate) fn open_run(
             }),
         };
     }
-    open_run_dir(cfg, opts, &resolved, trained)
+    open_run_dir(cfg, opts, &resolved, trained, 1)
 }
 
 /// Whether `a` and `b` name one existing file or folder (both non-empty).
@@ -469,6 +469,7 @@ fn open_run_dir(
     opts: &RunOptions,
     resolved: &str,
     trained: &TrainingScenes,
+    world: usize,
 ) -> Result<RunDir, TrainError> {
     let (existing, warnings) = check_run_dir(cfg, opts, trained)?;
     let config_path = opts.out.join("config.toml");
@@ -495,7 +496,8 @@ fn open_run_dir(
         log_path,
         _lock: lock,
     };
-    let start = RunStart::now(cfg, opts, trained);
+    let mut start = RunStart::now(cfg, opts, trained);
+    start.ranks = (world > 1).then_some(world);
     for line in start.log_lines() {
         run.log(&line)?;
     }

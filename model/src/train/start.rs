@@ -67,6 +67,10 @@ pub struct RunStart {
     /// tells it from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// The ranks of a data-parallel start (absent for one process); the record is rank 0's,
+    /// its command rank 0's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
 }
 
 /// [`RunStart::kind`] of MAE pre-training.
@@ -138,6 +142,7 @@ impl RunStart {
                 }
                 .to_string(),
             ),
+            ranks: None,
         }
     }
 
@@ -179,12 +184,15 @@ impl RunStart {
         }
         [
             format!(
-                "{} icefm {} on {} (pid {}, device {}): {}",
+                "{} icefm {} on {} (pid {}, device {}{}): {}",
                 self.time,
                 self.icefm,
                 self.host,
                 self.pid,
                 self.device,
+                self.ranks.map_or(String::new(), |w| format!(
+                    ", rank 0 of {w} data-parallel ranks"
+                )),
                 command.join(" ")
             ),
             format!(
