@@ -492,11 +492,16 @@ fn run_one(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0.0);
     let t0 = Instant::now();
-    let summary = crate::train::run_with_bar(&run.cfg, &opts, &prefix)
-        .with_context(|| format!("cell {prefix}: training in {}", run.dir.display()))?;
+    let trained = crate::train::run_with_bar(&run.cfg, &opts, &prefix);
     let train_seconds = before + t0.elapsed().as_secs_f64();
-    std::fs::write(&seconds_path, format!("{train_seconds:.3}\n"))
-        .with_context(|| format!("writing {}", seconds_path.display()))?;
+    // A failed attempt's time counts too, where it left a run to go on from: a re-run resumes
+    // from its last checkpoint.
+    if trained.is_ok() || run.dir.join("config.toml").is_file() {
+        std::fs::write(&seconds_path, format!("{train_seconds:.3}\n"))
+            .with_context(|| format!("writing {}", seconds_path.display()))?;
+    }
+    let summary =
+        trained.with_context(|| format!("cell {prefix}: training in {}", run.dir.display()))?;
     if summary.interrupted || stop.load(Ordering::SeqCst) {
         return Ok(None);
     }

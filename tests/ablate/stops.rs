@@ -271,6 +271,11 @@ ft_67 = {:?}
         .find(|l| l.starts_with("cell 2/2 ft_67-mae-multi-80: FAILED: "))
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(failed.contains("bad.safetensors"), "{failed}");
+    // Refused before its run started: no training time to count.
+    assert!(
+        !out.join("runs/ft_67-mae-multi-80/train_seconds.txt")
+            .exists()
+    );
     assert!(
         stdout.contains("(1 trained, 0 skipped, 1 failed)"),
         "{stdout}"
