@@ -518,7 +518,10 @@ fn run_one(
         &run.dir,
         store,
         Some(test_regime),
-        &EvalOverrides::default(),
+        &EvalOverrides {
+            progress: Some(crate::eval::window_progress(&bar)),
+            ..EvalOverrides::default()
+        },
         &where_.device,
         &mut |s, _| {
             bar.inc(1);

@@ -104,7 +104,19 @@ fn overrides(
         stride,
         blend,
         batch: None,
+        progress: None,
     })
+}
+
+/// A [`WindowProgress`] that shows the scene at hand's windows in `bar`'s message: a scene
+/// takes minutes on a CPU, and the bar moves by whole scenes.
+pub(crate) fn window_progress(bar: &ProgressBar) -> icefm_model::evaluate::WindowProgress {
+    let bar = bar.clone();
+    icefm_model::evaluate::WindowProgress(std::sync::Arc::new(move |done, of| {
+        if done < of {
+            bar.set_message(format!("scene {}: {done}/{of} windows", bar.position() + 1));
+        }
+    }))
 }
 
 fn scene_bar(n: usize, prefix: &str) -> ProgressBar {
@@ -432,6 +444,10 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
         }
         Ok(())
     };
+    let ov = EvalOverrides {
+        progress: Some(window_progress(&bar)),
+        ..ov
+    };
     let ev = evaluate_run(
         &a.run,
         &store,
@@ -753,6 +769,7 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         if let Some(b) = ov.blend {
             opts.blend = b;
         }
+        opts.progress = Some(window_progress(&bar));
         let m = predict_level(&model, &data, &opts, &dev)?;
         let (_, (h, w)) = reader.read_labels(&id, score)?;
         let up: [Vec<u8>; 3] = std::array::from_fn(|t| {

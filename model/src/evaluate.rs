@@ -57,6 +57,25 @@ impl Blend {
     }
 }
 
+/// What a scene's sliding-window inference tells as it goes: window positions done (those
+/// skipped for want of a valid pixel included) of the level's positions, after each batch.
+/// Progress bars read it; results do not depend on it (two options differing only in it are
+/// equal).
+#[derive(Clone)]
+pub struct WindowProgress(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for WindowProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WindowProgress")
+    }
+}
+
+impl PartialEq for WindowProgress {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// How a scene is inferred.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferOptions {
@@ -70,6 +89,8 @@ pub struct InferOptions {
     pub batch: usize,
     /// Blending of overlaps.
     pub blend: Blend,
+    /// Told the windows done as they run (none: nobody asks).
+    pub progress: Option<WindowProgress>,
 }
 
 /// Start offsets of windows of `crop` along an axis of `len` pixels, every `stride`, the last
@@ -154,6 +175,8 @@ pub fn predict_level(
         acc.drain(..cut * kt);
         *lo = upto;
     };
+    let positions = ys.len() * xs.len();
+    let mut done = 0;
     for &y0 in &ys {
         decide(y0, &mut lo, &mut acc, &mut wsum);
         let rows_needed = (y0 + crop).min(h) - lo;
@@ -217,6 +240,13 @@ pub fn predict_level(
                 }
             }
             windows += b;
+            if let Some(p) = &opts.progress {
+                (p.0)(done + windows_before_in_row(&xs, group), positions);
+            }
+        }
+        done += xs.len();
+        if let Some(p) = &opts.progress {
+            (p.0)(done, positions);
         }
     }
     decide(h, &mut lo, &mut acc, &mut wsum);
@@ -226,6 +256,14 @@ pub fn predict_level(
         maps,
         windows,
     })
+}
+
+/// Window positions of a row `xs` up to the end of `group` (its last window's position).
+fn windows_before_in_row(xs: &[usize], group: &[usize]) -> usize {
+    group
+        .last()
+        .and_then(|last| xs.iter().position(|x| x == last))
+        .map_or(0, |i| i + 1)
 }
 
 /// Nearest-neighbour upsampling of a `h × w` map at `from` to a `height × width` grid at

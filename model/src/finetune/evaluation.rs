@@ -71,6 +71,7 @@ pub fn infer_options(cfg: &TrainConfig, level: Level) -> InferOptions {
         },
         batch: cfg.data.batch_size.max(1),
         blend: Blend::parse(&seg.eval_blend).unwrap_or(Blend::Taper),
+        progress: None,
     }
 }
 
@@ -109,6 +110,8 @@ pub struct EvalOverrides {
     pub blend: Option<Blend>,
     /// Windows per forward pass (default: the run's `data.batch_size`).
     pub batch: Option<usize>,
+    /// Told each scene's windows as they run ([`crate::evaluate::WindowProgress`]).
+    pub progress: Option<crate::evaluate::WindowProgress>,
 }
 
 /// A whole evaluation of a fine-tuned model.
@@ -166,6 +169,7 @@ pub fn evaluate_run(
     if let Some(b) = overrides.batch {
         opts.batch = b.max(1);
     }
+    opts.progress.clone_from(&overrides.progress);
     let score_level = reader
         .levels()
         .first()

@@ -82,9 +82,27 @@ fn sliding_windows_equal_the_model_on_each_window_and_skip_empty_ones() {
         stride: crop,
         batch: 4,
         blend: Blend::Mean,
+        progress: None,
     };
     let maps = predict_level(&m, &scene, &opts, &Device::Cpu).unwrap();
     assert_eq!(maps.windows, 6);
+    // Told as it goes: after each batch and each row of window positions, up to all 6.
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = told.clone();
+    let watched = InferOptions {
+        progress: Some(icefm_model::evaluate::WindowProgress(std::sync::Arc::new(
+            move |done, of| sink.lock().unwrap().push((done, of)),
+        ))),
+        ..opts.clone()
+    };
+    assert_eq!(
+        predict_level(&m, &scene, &watched, &Device::Cpu).unwrap(),
+        maps
+    );
+    let told = told.lock().unwrap().clone();
+    assert!(told.iter().all(|&(_, of)| of == 6), "{told:?}");
+    assert!(told.windows(2).all(|p| p[0].0 <= p[1].0), "{told:?}");
+    assert_eq!(told.last(), Some(&(6, 6)));
     // Each window on its own.
     for (wy, wx) in [(0, 0), (16, 32), (0, 16)] {
         let mut tile = vec![0f32; 2 * crop * crop];
