@@ -81,6 +81,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
         .map_err(|e| anyhow!("cannot read {}: {e}", a.grid.display()))?;
     let plan = plan(&a.grid, &grid_text, &a.store, &out)?;
     let n = plan.cells.len();
+    warn_of_equal_regimes(&plan);
     if a.dry_run {
         let states: Vec<State> = plan.cells.iter().map(|c| state(c, &plan)).collect();
         println!(
@@ -132,6 +133,8 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
     }
     warn_of_other_cells(&out, &plan);
     warn_of_raised_steps(&plan);
+    warn_of_warmup(&plan);
+    let inputs = check_inputs(&plan)?;
 
     // Other workers may share the grid: each cell is claimed before it runs, cells held by a
     // live worker are left to it, and the pass repeats while it ran something, so a cell freed
@@ -208,7 +211,7 @@ pub fn cmd_ablate(a: AblateArgs) -> Result<ExitCode> {
                     _ => String::new(),
                 }
             );
-            match run_cell(cell, &plan, &where_, stop) {
+            match run_cell(cell, &plan, &where_, &inputs, stop) {
                 Ok(Some(r)) => {
                     println!(
                         "{head}: finished, combined {} (SIC R2 {}, SOD F1 {}, FLOE F1 {}) in {:.1} s",
@@ -340,6 +343,122 @@ fn warn_of_raised_steps(plan: &grid::Plan) {
     }
 }
 
+/// A warning when the cells' `train.warmup_steps` is not below their `train.steps` (as
+/// `icefm train` warns of a run): their learning rate never reaches `train.lr`.
+fn warn_of_warmup(plan: &grid::Plan) {
+    if let Some(cfg) = plan
+        .cells
+        .iter()
+        .flat_map(|c| &c.runs)
+        .map(|r| &r.cfg)
+        .find(|c| c.train.warmup_steps >= c.train.steps)
+    {
+        eprintln!(
+            "warning: train.warmup_steps {} is not below train.steps {}: the cells' learning \
+             rate never reaches train.lr",
+            cfg.train.warmup_steps, cfg.train.steps
+        );
+    }
+}
+
+/// A note of the grid's regimes that hold the same scenes (a coverage ladder whose first
+/// rungs needed as many scenes as the later ones, say): their cells train on the same data,
+/// and their rows differ by nothing but the name.
+fn warn_of_equal_regimes(plan: &grid::Plan) {
+    let mut by_scenes: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for c in &plan.cells {
+        let names = by_scenes.entry(c.scene_set.as_str()).or_default();
+        if !names.contains(&c.regime.as_str()) {
+            names.push(&c.regime);
+        }
+    }
+    for same in by_scenes.values().filter(|v| v.len() > 1) {
+        eprintln!(
+            "note: regimes {} hold the same scenes: their cells train on the same data, so \
+             their rows differ by the name alone (a coverage ladder whose small shares needed \
+             as many scenes as the larger, on a small store)",
+            same.join(", ")
+        );
+    }
+}
+
+/// What a run of the grid starts from, recorded in its folder ([`INPUTS_FILE`]) when it
+/// starts: its initial encoder's weights file and their BLAKE3, and its training regime's
+/// scenes. A cell trained from other inputs than the grid now names (the MAE trained on, a
+/// regime drawn again, the store grown) would sit in one table with the others as if alike.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RunInputs {
+    /// `PATH (BLAKE3 …)` of the initial encoder's weights; none from scratch.
+    init: Option<String>,
+    /// The training regime and [`icefm_dataset::regime::Regime::scenes_hash`] of its scenes.
+    regime: String,
+}
+
+/// A run's record of what it started from.
+const INPUTS_FILE: &str = "inputs.json";
+
+/// The inputs of every run of `plan` as the grid names them now, by run folder; an error,
+/// before anything trains, when a run already started from other ones.
+fn check_inputs(plan: &grid::Plan) -> Result<std::collections::HashMap<PathBuf, RunInputs>> {
+    let mut weights: std::collections::HashMap<String, String> = Default::default();
+    let mut out = std::collections::HashMap::new();
+    let mut differ = Vec::new();
+    for c in &plan.cells {
+        for r in &c.runs {
+            let init = match r.cfg.seg.as_ref().map(|s| s.init.as_str()) {
+                Some(i) if !i.is_empty() => Some(match weights.get(i) {
+                    Some(w) => w.clone(),
+                    None => {
+                        let file = icefm_model::finetune::resolve_weights(Path::new(i))?;
+                        let bytes = std::fs::read(&file)
+                            .with_context(|| format!("reading {}", file.display()))?;
+                        let w = format!(
+                            "{} (BLAKE3 {})",
+                            std::fs::canonicalize(&file).unwrap_or(file).display(),
+                            &blake3::hash(&bytes).to_hex()[..16]
+                        );
+                        weights.insert(i.to_string(), w.clone());
+                        w
+                    }
+                }),
+                _ => None,
+            };
+            let regime = format!("{} (scenes BLAKE3 {})", c.regime, &c.scenes_hash[..16]);
+            let now = RunInputs { init, regime };
+            if let Some(before) = std::fs::read(r.dir.join(INPUTS_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RunInputs>(&b).ok())
+                && before != now
+            {
+                let what = if before.init != now.init {
+                    format!(
+                        "started from {}, the grid's mae is now {}",
+                        before.init.as_deref().unwrap_or("scratch"),
+                        now.init.as_deref().unwrap_or("scratch")
+                    )
+                } else {
+                    format!(
+                        "trained on {}, the grid's regime is now {}",
+                        before.regime, now.regime
+                    )
+                };
+                differ.push(format!("{}: {what}", c.key));
+            }
+            out.insert(r.dir.clone(), now);
+        }
+    }
+    if !differ.is_empty() {
+        anyhow::bail!(
+            "{} cell(s) of this --out started from other inputs than the grid names now, and \
+             the table would mix them: {}. Give another --out for the grid as it is now, or \
+             delete those cells' folders (--out/runs/KEY) to train them again from it",
+            differ.len(),
+            differ.join("; ")
+        );
+    }
+    Ok(out)
+}
+
 /// A cell's axes and size, as its lines print them.
 fn describe(c: &Cell) -> String {
     format!(
@@ -409,6 +528,7 @@ fn run_cell(
     cell: &Cell,
     plan: &grid::Plan,
     where_: &RunOptions,
+    inputs: &std::collections::HashMap<PathBuf, RunInputs>,
     stop: &AtomicBool,
 ) -> Result<Option<CellResult>> {
     let test_regime = plan.test_regime.as_str();
@@ -420,7 +540,7 @@ fn run_cell(
             parts.push(r);
             continue;
         }
-        match run_one(cell, run, plan, where_, stop)? {
+        match run_one(cell, run, plan, where_, inputs.get(&run.dir), stop)? {
             Some(r) => parts.push(r),
             None => return Ok(None),
         }
@@ -472,6 +592,7 @@ fn run_one(
     run: &Run,
     plan: &grid::Plan,
     where_: &RunOptions,
+    inputs: Option<&RunInputs>,
     stop: &AtomicBool,
 ) -> Result<Option<CellResult>> {
     let test_regime = plan.test_regime.as_str();
@@ -486,6 +607,15 @@ fn run_one(
         resume,
         ..where_.clone()
     };
+    // What a new run starts from, for later passes to compare with the grid's then.
+    if let (false, Some(i)) = (resume, inputs) {
+        std::fs::create_dir_all(&run.dir)
+            .with_context(|| format!("creating {}", run.dir.display()))?;
+        write_atomic(
+            &run.dir.join(INPUTS_FILE),
+            &serde_json::to_vec_pretty(i).context("inputs record")?,
+        )?;
+    }
     let seconds_path = run.dir.join(SECONDS_FILE);
     let before: f64 = std::fs::read_to_string(&seconds_path)
         .ok()
@@ -494,6 +624,11 @@ fn run_one(
     let t0 = Instant::now();
     let trained = crate::train::run_with_bar(&run.cfg, &opts, &prefix);
     let train_seconds = before + t0.elapsed().as_secs_f64();
+    // A run refused before it started leaves no record of inputs: the next pass may start it
+    // from others (its weights mended, say).
+    if !resume && !run.dir.join("config.toml").is_file() {
+        let _ = std::fs::remove_file(run.dir.join(INPUTS_FILE));
+    }
     // A failed attempt's time counts too, where it left a run to go on from: a re-run resumes
     // from its last checkpoint.
     if trained.is_ok() || run.dir.join("config.toml").is_file() {

@@ -409,3 +409,90 @@ fn two_workers_share_a_grid_train_each_cell_once_and_score_as_one_worker() {
         assert_eq!(got[c], want[c], "{c}");
     }
 }
+
+#[test]
+fn cells_started_from_another_mae_checkpoint_are_refused_not_mixed_into_one_table() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // An MAE run of the grid's own, which the researcher trains on after the first pass.
+    let mae = dir.path().join("mae");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(&f.mae)
+        .arg(&mae)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let body = |mae: &Path| {
+        format!(
+            r#"
+base = "seg_micro.toml"
+mae = {:?}
+test_regime = "test"
+[grid]
+regimes = ["ft_34"]
+init = ["mae"]
+"#,
+            mae.display().to_string()
+        )
+    };
+    let grid = grid_file(dir.path(), "pinned", &body(&mae));
+    let out = dir.path().join("out");
+    // A regime of the same scenes under another name (a ladder's equal rungs): noted.
+    let mut twin = Regime::read(&f.store.join("regimes/ft_34.parquet")).unwrap();
+    twin.name = "twin".into();
+    twin.write(&dir.path().join("grids/twin.parquet")).unwrap();
+    let twins = grid_file(
+        dir.path(),
+        "twins",
+        &body(&mae).replace(r#"["ft_34"]"#, r#"["ft_34", "twin.parquet"]"#),
+    );
+    let (_, stderr) = text(&ok(ablate(&twins, &dir.path().join("t"), &["--dry-run"])));
+    assert!(
+        stderr.contains("note: regimes ft_34, twin hold the same scenes"),
+        "{stderr}"
+    );
+    ok(ablate(&grid, &out, &[]));
+    let record = out.join("runs/ft_34-mae-multi-80/inputs.json");
+    let inputs = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        inputs.contains("step_0000002/model.safetensors (BLAKE3 ")
+            && inputs.contains("ft_34 (scenes BLAKE3 "),
+        "{inputs}"
+    );
+    // One step more: the grid's `mae` now resolves to another checkpoint.
+    ok(Command::new(env!("CARGO_BIN_EXE_icefm"))
+        .args(["train", "--resume", "--store"])
+        .arg(&f.store)
+        .arg("--config")
+        .arg(mae.join("config.toml"))
+        .arg("--out")
+        .arg(&mae)
+        .args(["--set", "train.steps=3"])
+        .output()
+        .unwrap());
+    let o = ablate(&grid, &out, &[]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr
+            .contains("1 cell(s) of this --out started from other inputs than the grid names now")
+            && stderr.contains("ft_34-mae-multi-80: started from ")
+            && stderr.contains("step_0000002/model.safetensors")
+            && stderr.contains("the grid's mae is now ")
+            && stderr.contains("step_0000003/model.safetensors"),
+        "{stderr}"
+    );
+    // Its folder deleted, the cell trains again from the MAE as it is now.
+    std::fs::remove_dir_all(out.join("runs/ft_34-mae-multi-80")).unwrap();
+    let (stdout, _) = text(&ok(ablate(&grid, &out, &[])));
+    assert!(
+        stdout.contains("(1 trained, 0 skipped, 0 failed)"),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::read_to_string(&record)
+            .unwrap()
+            .contains("step_0000003/model.safetensors (BLAKE3 ")
+    );
+}

@@ -147,6 +147,11 @@ pub(super) struct Cell {
     pub(super) fraction: f64,
     /// Scenes in the regime.
     pub(super) scenes: usize,
+    /// [`Regime::scenes_hash`] of the regime (its scenes in pick order).
+    pub(super) scenes_hash: String,
+    /// The regime's scene ids, sorted, one per line: two regimes of one set of scenes have
+    /// one.
+    pub(super) scene_set: String,
     pub(super) init: Init,
     pub(super) tasks: TaskMode,
     /// `data.levels` as given ("" = every store level).
@@ -493,6 +498,12 @@ pub(super) fn plan(grid_path: &Path, text: &str, store: &Path, out: &Path) -> Re
                         regime: regime.name.clone(),
                         fraction: regime.scenes.len() as f64 / pool as f64,
                         scenes: regime.scenes.len(),
+                        scenes_hash: regime.scenes_hash(),
+                        scene_set: {
+                            let mut ids = regime.scenes.clone();
+                            ids.sort();
+                            ids.join("\n")
+                        },
                         init,
                         tasks,
                         levels: lv.clone(),
