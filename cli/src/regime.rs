@@ -104,12 +104,16 @@ fn check(a: &str, b: &str, store: Option<&Path>) -> Result<ExitCode> {
     let rb = Regime::open(store, b)?;
     let shared = shared_scenes(&ra, &rb);
     if shared.is_empty() {
+        let n = |r: &Regime| {
+            let k = r.scenes.len();
+            format!("{k} scene{}", if k == 1 { "" } else { "s" })
+        };
         println!(
-            "{} ({} scenes) and {} ({} scenes) are disjoint",
+            "{} ({}) and {} ({}) are disjoint",
             ra.name,
-            ra.scenes.len(),
+            n(&ra),
             rb.name,
-            rb.scenes.len()
+            n(&rb)
         );
         Ok(ExitCode::SUCCESS)
     } else {

@@ -307,6 +307,15 @@ impl StoreSummary {
             let _ = writeln!(o, "\nclass balance: no scene in the manifests yet");
             return o;
         }
+        if self.scenes.iter().any(|s| s.kind == "raw")
+            && self.scenes.iter().any(|s| s.kind == "rtt")
+        {
+            let _ = writeln!(
+                o,
+                "\nnote: the class pixels below are native pixels of raw (40 m) and RTT (80 m) \
+                 scenes together: a raw pixel covers a quarter of an RTT pixel's area"
+            );
+        }
         for t in Task::ALL {
             let h = &self.class_pixels[t.channel()];
             let total: u64 = h.iter().sum();

@@ -292,6 +292,22 @@ fn a_test_release_folder_ingests_its_scenes_with_their_reference_charts() {
     assert!(stdout.contains("SIC class balance"), "{stdout}");
     assert!(!stdout.contains("100.0% of"), "{stdout}");
     assert!(!stdout.contains("have no label"), "{stdout}");
+    // RTT scenes alone: one pixel size, no note; with a raw scene, the note on pixel areas.
+    assert!(!stdout.contains("a raw pixel covers"), "{stdout}");
+    ok(icefm()
+        .args([
+            "synth", "--count", "1", "--size", "200x220", "--seed", "9", "--out",
+        ])
+        .arg(dir.path().join("raw"))
+        .output()
+        .unwrap());
+    ok(ingest(&dir.path().join("raw")));
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("raw (40 m) and RTT (80 m) scenes together: a raw pixel covers a quarter"),
+        "{stdout}"
+    );
     // A scene without its reference: ingested, and `inspect` shows it has no label.
     let alone = dir.path().join("alone");
     std::fs::create_dir_all(&alone).unwrap();

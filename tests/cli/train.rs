@@ -25,6 +25,28 @@ fn train_writes_a_run_and_resumes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!run.exists());
+    // A level where every scene is smaller than one patch (100 x 110 px at 80 m, 20 x 22 at
+    // 400 m, in 64-px patches): no patch is half valid, and the refusal says why.
+    let coarse = synth_and_ingest(
+        &dir.path().join("coarse"),
+        1,
+        "200x220",
+        "default",
+        "80,400",
+    );
+    let out = micro_train(&coarse, &run, &["data.levels=80,400"], false)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "level 400m: no patch of the 1 scene(s) has at least 50 % valid SAR (the largest \
+             scene is 20 x 22 px there, inside one 64-px patch"
+        ) && err.contains("a smaller `ingest --patch` fits such levels"),
+        "{err}"
+    );
+    assert!(!run.exists());
     let train = |steps: &str, resume: bool| {
         let sets = ["train.checkpoint_every=2", "train.warmup_steps=1", steps];
         micro_train(&store, &run, &sets, resume).output().unwrap()

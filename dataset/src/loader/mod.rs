@@ -319,9 +319,26 @@ impl Loader {
                     )));
                 }
                 if p.is_empty() && weighted[li].1 > 0.0 {
+                    // A patch's valid fraction is over its whole area: at a coarse level a
+                    // scene smaller than one patch has none that passes, however valid its SAR.
+                    let (h, w) = extents
+                        .iter()
+                        .map(|e| e[li])
+                        .max_by_key(|&(h, w)| u64::from(h) * u64::from(w))
+                        .unwrap_or((0, 0));
+                    let small = if h < patch && w < patch {
+                        format!(
+                            " (the largest scene is {h} x {w} px there, inside one {patch}-px \
+                             patch whose valid fraction counts its area outside the scene as \
+                             invalid: a smaller `ingest --patch` fits such levels)"
+                        )
+                    } else {
+                        String::new()
+                    };
                     return Err(loader_error(format!(
-                        "level {}: no {}patch of the {} scenes has at least {:.0} % valid SAR; \
-                         lower the minimum valid fraction or give this level weight 0",
+                        "level {}: no {}patch of the {} scene(s) has at least {:.0} % valid \
+                         SAR{small}; lower the minimum valid fraction (data.min_valid) or give \
+                         this level weight 0",
                         levels[li],
                         if listed.is_some() { "listed " } else { "" },
                         scenes.len(),
