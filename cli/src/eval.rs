@@ -352,17 +352,51 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     // The scenes that chose the run's best checkpoint, by content, whatever --regime is
     // called (every scene of the store, by default, holds them).
     let val_regime = cfg.seg.as_ref().map_or("", |s| s.val_regime.as_str());
-    let of_val: Option<Vec<String>> = (!val_regime.is_empty()).then(|| {
-        icefm_dataset::regime::Regime::open(Some(&store), val_regime)
-            .map(|v| {
-                scored
-                    .iter()
-                    .filter(|s| v.scenes.iter().any(|x| x.as_str() == &***s))
-                    .map(|s| s.to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
+    let of_val: Option<Vec<String>> = if val_regime.is_empty() {
+        None
+    } else {
+        match icefm_dataset::regime::Regime::open(Some(&store), val_regime) {
+            Ok(v) => {
+                // The regime as it is now must be the one the run validated on (its start
+                // records its scenes' hash): one drawn again since names other scenes.
+                let dir = config_of_run(&a.run).map(|(d, _)| d).ok();
+                let then = dir
+                    .map(|d| run_starts(&d))
+                    .unwrap_or_default()
+                    .last()
+                    .and_then(|s| {
+                        s.regimes
+                            .iter()
+                            .find(|r| r.key == "seg.val_regime")
+                            .and_then(|r| r.blake3.clone())
+                    });
+                if then.as_ref().is_some_and(|h| *h != v.scenes_hash()) {
+                    eprintln!(
+                        "warning: the run's seg.val_regime `{val_regime}` has been drawn again \
+                         since the run started (its scenes differ from those recorded in \
+                         starts.jsonl): which scored scenes chose its best checkpoint is not \
+                         known"
+                    );
+                    None
+                } else {
+                    Some(
+                        scored
+                            .iter()
+                            .filter(|s| v.scenes.iter().any(|x| x.as_str() == &***s))
+                            .map(|s| s.to_string())
+                            .collect(),
+                    )
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "note: the run's seg.val_regime `{val_regime}` cannot be read ({e}): which \
+                     scored scenes chose its best checkpoint is not known"
+                );
+                None
+            }
+        }
+    };
     if let Some(v) = of_val.as_ref().filter(|v| !v.is_empty()) {
         eprintln!(
             "warning: {} of the {n} scenes scored are of the run's seg.val_regime `{val_regime}` \
@@ -655,6 +689,17 @@ pub fn submission_name(path: &Path) -> String {
 /// Run `icefm predict`.
 pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     let (dev, ov) = a.infer.resolve()?;
+    // Both are written here, as local files: a URL would become a folder named `s3:`.
+    if let Some(k) = &a.keep_store {
+        crate::commands::local_store(k, "predict --keep-store")?;
+    }
+    if icefm_dataset::location::is_url(&a.out) {
+        bail!(
+            "--out {}: predict writes the submission as a local file; copy it to object storage \
+             afterwards",
+            a.out.display()
+        );
+    }
     // Said before any scene is read: the inputs, the output, then the run.
     // `test/*.nc` also matches the test release's reference charts: they are not scenes.
     let (references, scenes): (Vec<&PathBuf>, Vec<&PathBuf>) =

@@ -465,6 +465,34 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         "{err}"
     );
     assert!(plot(&["ft-scratch", "ft-mae"]).stderr.is_empty());
+    // The val regime drawn again since the run validated on it: eval cannot tell which scored
+    // scenes chose the best checkpoint, and says so rather than name the new ones.
+    ok(icefm()
+        .args([
+            "regime",
+            "--name",
+            "val",
+            "--rule",
+            "fraction",
+            "--percent",
+            "25",
+        ])
+        .args(["--role", "val", "--seed", "11", "--force", "--store"])
+        .arg(out.join("store.zarr"))
+        .output()
+        .unwrap());
+    let again = icefm()
+        .args(["eval", "--regime", "test", "--no-panels", "--run"])
+        .arg(&ft)
+        .arg("--out")
+        .arg(dir.path().join("eval-redrawn"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&ok(again).stderr).into_owned();
+    assert!(
+        err.contains("seg.val_regime `val` has been drawn again since the run started"),
+        "{err}"
+    );
     fine_tuning_refusals(dir.path(), &out, &ft);
 }
 
@@ -530,6 +558,17 @@ fn predict_refusals(dir: &Path, ft: &Path, scene: &Path) {
             .filter(|n| n.starts_with(".icefm-predict-") || n.ends_with(".partial"))
             .collect()
     };
+    // URLs are refused, not made into local folders named `s3:`.
+    let keep = ["--keep-store", "s3://bucket/kept.zarr"];
+    refused(
+        &predict(&[scene], &dir.join("k.nc"), &keep),
+        "needs a local store",
+    );
+    refused(
+        &predict(&[scene], Path::new("s3://bucket/sub.nc"), &[]),
+        "predict writes the submission as a local file",
+    );
+    assert!(!Path::new("s3:").exists());
     // The output is one of the scenes: the scene stays as it was.
     let before = std::fs::read(scene).unwrap();
     refused(

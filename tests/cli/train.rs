@@ -353,7 +353,7 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
     for (name, at) in [
         ("local", store.display().to_string()),
         ("file", url),
-        ("http", http),
+        ("http", http.clone()),
     ] {
         let run = dir.path().join(name);
         ok(micro_train(Path::new(&at), &run, &sets, false)
@@ -361,8 +361,33 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
             .unwrap());
         let log = std::fs::read_to_string(run.join("log.txt")).unwrap();
         assert!(log.contains(&format!("store {at}")), "{log}");
+        // Over plain HTTP the store's regimes cannot be listed: the named regime trains, said
+        // to be unchecked against the test and validation regimes.
+        assert_eq!(
+            log.contains("cannot be listed over HTTP")
+                && log.contains("data.regime `half` is not checked"),
+            name == "http",
+            "{name}: {log}"
+        );
         runs.push(losses(&run));
     }
+    // Without a regime, training there would take the test and val regimes' scenes: refused.
+    let out = micro_train(
+        Path::new(&http),
+        &dir.path().join("every"),
+        &sets[..2],
+        false,
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "so its test and validation regimes are not known: name the regime to train on"
+        ),
+        "{err}"
+    );
     assert_eq!(runs[0].len(), 2);
     assert_eq!(runs[1], runs[0]);
     assert_eq!(runs[2], runs[0]);

@@ -10,7 +10,7 @@ use icefm_schemas::names::first_few;
 use crate::error::DatasetError;
 use crate::table::SceneTable;
 
-use super::{Regime, Role, Rule, list_regimes, regime_error};
+use super::{Regime, Role, Rule, regime_error};
 
 /// The scenes a training run reads, and what was held out of them.
 #[derive(Debug, Clone)]
@@ -73,13 +73,43 @@ fn among<'a>(r: &'a Regime, set: &BTreeSet<&str>) -> Vec<&'a str> {
         .collect()
 }
 
-/// The store's regimes of `role` (those that can be read).
-fn regimes_of(store: &Path, role: Role) -> Vec<Regime> {
-    list_regimes(store)
+/// The store's regimes, read (one that cannot be read is an error: it may be a test or
+/// validation regime a run must hold out); `Ok(Err(why))` when they cannot be listed at all
+/// (a store over plain HTTP, an object-store key without the right to list).
+fn store_regimes(store: &Path) -> Result<Result<Vec<Regime>, String>, DatasetError> {
+    let url = store.to_string_lossy();
+    if url.starts_with("http://") || url.starts_with("https://") {
+        // A plain HTTP server lists no folder: its answer (an error, or nothing) says nothing
+        // of what is there.
+        return Ok(Err(format!(
+            "the regimes of {} cannot be listed over HTTP, so its test and validation regimes \
+             are not known",
+            store.display()
+        )));
+    }
+    let names = match crate::location::list(&store.join(super::REGIMES_DIR)) {
+        Ok(n) => n,
+        Err(e) => {
+            let e = e.to_string();
+            return Ok(Err(format!(
+                "the regimes of {} cannot be listed ({}), so its test and validation regimes are \
+                 not known",
+                store.display(),
+                e.lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(120)
+                    .collect::<String>()
+            )));
+        }
+    };
+    names
         .iter()
-        .filter_map(|n| Regime::open(Some(store), n).ok())
-        .filter(|r| r.role == role)
-        .collect()
+        .filter_map(|n| n.strip_suffix(".parquet"))
+        .map(|n| Regime::open(Some(store), n))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Ok)
 }
 
 /// Err when `r` (a run's regime under `key`) shares scenes with a test regime of the store.
@@ -153,16 +183,27 @@ pub struct HeldOut {
     table: SceneTable,
     tests: Vec<Regime>,
     vals: Vec<Regime>,
+    /// Why the store's regimes could not be listed, if they could not.
+    unlisted: Option<String>,
 }
 
 impl HeldOut {
     /// Read `store`'s scene table and regimes.
     pub fn of_store(store: &Path) -> Result<Self, DatasetError> {
+        let table = SceneTable::from_store(store)?;
+        let (regimes, unlisted) = match store_regimes(store)? {
+            Ok(r) => (r, None),
+            Err(why) => (Vec::new(), Some(why)),
+        };
+        let of = |role: Role| -> Vec<Regime> {
+            regimes.iter().filter(|r| r.role == role).cloned().collect()
+        };
         Ok(Self {
             store: store.to_path_buf(),
-            table: SceneTable::from_store(store)?,
-            tests: regimes_of(store, Role::Test),
-            vals: regimes_of(store, Role::Val),
+            table,
+            tests: of(Role::Test),
+            vals: of(Role::Val),
+            unlisted,
         })
     }
 
@@ -173,6 +214,22 @@ impl HeldOut {
         val: Option<&Regime>,
     ) -> Result<TrainingScenes, DatasetError> {
         let (store, table, tests) = (self.store.as_path(), &self.table, &self.tests);
+        if let Some(why) = &self.unlisted {
+            // Without them, every scene would include theirs; a named regime trains, unchecked
+            // against them.
+            let Some(r) = &regime else {
+                return Err(regime_error(format!(
+                    "{why}: name the regime to train on (--regime), or train from the store's \
+                     folder or an s3:// copy, which list their regimes"
+                )));
+            };
+            let mut t = checked(store, table, tests, &self.vals, regime.clone(), val)?;
+            t.warnings.push(format!(
+                "{why}: data.regime `{}` is not checked against them",
+                r.name
+            ));
+            return Ok(t);
+        }
         checked(store, table, tests, &self.vals, regime, val)
     }
 }
