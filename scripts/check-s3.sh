@@ -4,7 +4,8 @@
 # then through s3:// URLs draw a regime (an upload), inspect it (a listing), train the micro
 # MAE for 3 steps, and check that its weights are those of the same run from the local folder,
 # byte for byte. The tests (`cargo test`) cover http:// and file:// URLs; this covers S3's own
-# requests: signed GETs and HEADs, uploads and listings (docs/object-store.md).
+# requests: signed GETs and HEADs, uploads and listings (docs/object-store.md). The endpoint
+# is given as http:// without AWS_ALLOW_HTTP, which icefm takes as asking for plain HTTP.
 #
 #   scripts/check-s3.sh            # builds the release binary if needed; prints PASS or FAIL
 set -euo pipefail
@@ -21,7 +22,7 @@ icefm=$PWD/target/release/icefm
 "$work/venv/bin/moto_server" -p "$port" >"$work/moto.log" 2>&1 &
 moto=$!
 trap 'kill $moto 2>/dev/null' EXIT
-export AWS_ENDPOINT=http://127.0.0.1:$port AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+export AWS_ENDPOINT=http://127.0.0.1:$port AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID=check AWS_SECRET_ACCESS_KEY=check
 for _ in $(seq 50); do
     curl -s -o /dev/null "$AWS_ENDPOINT" && break

@@ -624,13 +624,24 @@ fn verify_store(store: &Path) -> Result<ExitCode> {
                     .unwrap_or_else(|| format!("<the file of {s}>"))
             })
             .collect();
-        println!(
-            "{} damaged scene(s); write them again from their files (the names the store \
-             recorded; give each with its folder): icefm ingest --redo {} --store {}",
-            scenes.len(),
-            files.join(" "),
-            crate::train::shell_word(&store.display().to_string())
-        );
+        if icefm_dataset::location::is_url(store) {
+            // Ingest writes local stores only: the mend is in the copy the bucket came from.
+            println!(
+                "{} damaged scene(s); write them again in the local store this one was copied \
+                 from (the names the store recorded; give each with its folder): icefm ingest \
+                 --redo {} --store LOCAL_STORE, then copy it here again",
+                scenes.len(),
+                files.join(" ")
+            );
+        } else {
+            println!(
+                "{} damaged scene(s); write them again from their files (the names the store \
+                 recorded; give each with its folder): icefm ingest --redo {} --store {}",
+                scenes.len(),
+                files.join(" "),
+                crate::train::shell_word(&store.display().to_string())
+            );
+        }
     }
     Ok(ExitCode::from(1))
 }

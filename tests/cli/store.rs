@@ -145,6 +145,20 @@ fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
     let file = dir.path().join("scenes").join(words[2]);
     assert!(file.is_file(), "{line}");
     assert_eq!(words[3..], ["--store", &*store.to_string_lossy()], "{line}");
+    // Named by URL, the store cannot be written by ingest: the mend is in its local copy.
+    let out = icefm()
+        .args(["inspect", "--verify"])
+        .arg(format!("file://{}", store.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "1 damaged scene(s); write them again in the local store this one was copied from"
+        ) && text.contains("--store LOCAL_STORE, then copy it here again"),
+        "{text}"
+    );
     ok(icefm()
         .args(["ingest", "--redo", "--store"])
         .arg(&store)

@@ -345,6 +345,18 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
         .output()
         .unwrap());
     assert!(store.join("regimes/half.parquet").is_file());
+    // A regime named by its URL reads as by its name (it was taken for a name in the store).
+    let by_url = format!("{url}/regimes/half.parquet");
+    let out = icefm()
+        .args(["regime", "check", &by_url, "half", "--store", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("half and half share 1 scene(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Trained from the folder, from the file:// URL and over HTTP: the same losses.
     let server = http_files::HttpFiles::serve(dir.path());
     let http = format!("{}/s.zarr", server.base);

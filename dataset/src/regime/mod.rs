@@ -297,7 +297,10 @@ pub fn read_scene_list(path: &Path) -> Result<Vec<String>, DatasetError> {
 pub fn read_scene_list_with_repeats(
     path: &Path,
 ) -> Result<(Vec<String>, Vec<String>), DatasetError> {
-    let bytes = std::fs::read(path).map_err(|e| DatasetError::table(path, 0, e.to_string()))?;
+    // A local file, or an object by its URL.
+    let bytes = crate::location::read(path)
+        .map(|b| b.to_vec())
+        .map_err(|e| DatasetError::table(path, 0, e.to_string()))?;
     if bytes.starts_with(b"PAR1") {
         // A regime file: its scene ids, which it holds once each.
         return Ok((Regime::read(path)?.scenes, Vec::new()));
@@ -479,6 +482,10 @@ impl Regime {
     pub fn open(store: Option<&Path>, name_or_path: &str) -> Result<Self, DatasetError> {
         let as_path = Path::new(name_or_path);
         if name_or_path.ends_with(".parquet") && as_path.exists() {
+            return Self::read(as_path);
+        }
+        // A regime file in object storage, by its URL.
+        if name_or_path.ends_with(".parquet") && crate::location::is_url(as_path) {
             return Self::read(as_path);
         }
         let Some(store) = store else {
