@@ -224,6 +224,27 @@ fn loader(c: &mut Criterion) {
                 n
             })
         });
+        // The same without the charts, as MAE pre-training reads: no label chunk decoded.
+        let nl = Loader::open(
+            &store,
+            None,
+            LoaderOptions {
+                cache_bytes: 0,
+                labels: false,
+                ..options(threads)
+            },
+        )
+        .expect("loader");
+        let mut i = 0;
+        g.bench_function(format!("loader_nocache_nolabels/{threads}t"), |b| {
+            b.iter(|| {
+                i += 1;
+                let b = nl.batch(i).expect("batch");
+                let n = b.inputs.len();
+                nl.recycle(b);
+                n
+            })
+        });
         let mut z = ZarrsAlone::new(&store, threads);
         for (name, typed) in [("zarrs_alone", true), ("zarrs_alone_bytes", false)] {
             let mut i = 0;

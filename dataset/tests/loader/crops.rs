@@ -208,3 +208,35 @@ fn direct_chunk_decoding_equals_zarrs() {
         .to_string();
     assert!(e.contains("sar") && e.contains("(99, 0)"), "{e}");
 }
+
+#[test]
+fn batches_without_labels_read_no_label_chunk_and_the_same_inputs() {
+    let store = store();
+    let with = Loader::open(store, None, augmented()).unwrap();
+    let without = Loader::open(
+        store,
+        None,
+        LoaderOptions {
+            labels: false,
+            ..augmented()
+        },
+    )
+    .unwrap();
+    for i in 0..3 {
+        let (a, b) = (with.batch(i).unwrap(), without.batch(i).unwrap());
+        assert_eq!(a.samples, b.samples);
+        assert_eq!(a.inputs.len(), b.inputs.len());
+        assert!(
+            a.inputs
+                .iter()
+                .zip(&b.inputs)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        assert_eq!(a.valid, b.valid);
+        assert!(a.labels.iter().any(|&l| l != IGNORE));
+        assert!(b.labels.iter().all(|&l| l == IGNORE));
+    }
+    // Two arrays' chunks (sar, labels) against one: fewer reads.
+    let (a, b) = (with.cache_stats(), without.cache_stats());
+    assert!(b.misses < a.misses, "{a:?} vs {b:?}");
+}

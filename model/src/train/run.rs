@@ -585,6 +585,8 @@ pub(crate) fn open_loader(
             threads: cfg.data.threads,
             raw_inputs: device_prepares(dev),
             part: (group.rank(), group.world()),
+            // Charts for fine-tuning's loss; MAE pre-training reads none.
+            labels: cfg.is_seg(),
             ..LoaderOptions::default()
         },
     )?;
