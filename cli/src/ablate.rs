@@ -410,12 +410,12 @@ fn check_inputs(plan: &grid::Plan) -> Result<std::collections::HashMap<PathBuf, 
                     Some(w) => w.clone(),
                     None => {
                         let file = icefm_model::finetune::resolve_weights(Path::new(i))?;
-                        let bytes = std::fs::read(&file)
+                        let hash = icefm_model::files::file_blake3(&file)
                             .with_context(|| format!("reading {}", file.display()))?;
                         let w = format!(
                             "{} (BLAKE3 {})",
                             std::fs::canonicalize(&file).unwrap_or(file).display(),
-                            &blake3::hash(&bytes).to_hex()[..16]
+                            &hash[..16]
                         );
                         weights.insert(i.to_string(), w.clone());
                         w

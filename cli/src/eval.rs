@@ -689,16 +689,9 @@ pub fn submission_name(path: &Path) -> String {
 /// Run `icefm predict`.
 pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     let (dev, ov) = a.infer.resolve()?;
-    // Both are written here, as local files: a URL would become a folder named `s3:`.
+    // Written here, as a local store: a URL would become a folder named `s3:`.
     if let Some(k) = &a.keep_store {
         crate::commands::local_store(k, "predict --keep-store")?;
-    }
-    if icefm_dataset::location::is_url(&a.out) {
-        bail!(
-            "--out {}: predict writes the submission as a local file; copy it to object storage \
-             afterwards",
-            a.out.display()
-        );
     }
     // Said before any scene is read: the inputs, the output, then the run.
     // `test/*.nc` also matches the test release's reference charts: they are not scenes.
@@ -935,6 +928,13 @@ fn check_scene_files(scenes: &[&PathBuf]) -> Result<()> {
 /// scenes, or a file other than an earlier submission (which would be lost). `Ok(true)` when
 /// it replaces an earlier submission.
 fn check_submission_out(out: &Path, scenes: &[&PathBuf]) -> Result<bool> {
+    if icefm_dataset::location::is_url(out) {
+        bail!(
+            "--out {}: predict writes the submission as a local file; copy it to object storage \
+             afterwards",
+            out.display()
+        );
+    }
     let named = out.file_name().is_some_and(|n| n != "." && n != "..")
         && !out.as_os_str().to_string_lossy().ends_with('/');
     if out.is_dir() || !named {

@@ -453,26 +453,32 @@ pub fn demo_regimes(store: &Path) -> Result<()> {
 pub fn regimes_block(store: &Path) -> String {
     use std::fmt::Write as _;
     let dir = store.join(icefm_dataset::regime::REGIMES_DIR);
-    let url = store.to_string_lossy();
-    if url.starts_with("http://") || url.starts_with("https://") {
-        // A plain HTTP server lists no folder (the request fails after its retries).
+    if !icefm_dataset::location::lists_folders(store) {
         return "\nregimes: not listed over HTTP, which lists no folder; `icefm inspect STORE \
                 --regime NAME` reads one by name\n"
             .to_string();
     }
-    if let Err(e) = icefm_dataset::location::list(&dir) {
-        // A plain HTTP server lists no folder; object stores and folders do.
-        // The first line only: a server's error may quote its whole HTML page.
-        let e = e.to_string();
-        let first: String = e.lines().next().unwrap_or("").chars().take(160).collect();
-        return format!(
-            "\nregimes: cannot be listed at {} ({}); `icefm inspect STORE --regime NAME` reads \
-             one by name\n",
-            dir.display(),
-            first.trim_end_matches([':', ' '])
-        );
-    }
-    let names = list_regimes(store);
+    let names = match icefm_dataset::location::list(&dir) {
+        Ok(files) => {
+            let mut names: Vec<String> = files
+                .iter()
+                .filter_map(|f| f.strip_suffix(".parquet").map(str::to_string))
+                .collect();
+            names.sort();
+            names
+        }
+        Err(e) => {
+            // The first line only: a server's error may quote its whole HTML page.
+            let e = e.to_string();
+            let first: String = e.lines().next().unwrap_or("").chars().take(160).collect();
+            return format!(
+                "\nregimes: cannot be listed at {} ({}); `icefm inspect STORE --regime NAME` \
+                 reads one by name\n",
+                dir.display(),
+                first.trim_end_matches([':', ' '])
+            );
+        }
+    };
     if names.is_empty() {
         return String::new();
     }

@@ -51,6 +51,13 @@ pub fn read(path: &Path) -> io::Result<Bytes> {
     }
 }
 
+/// Whether a folder at `path` can be listed: not over plain HTTP(S), whose servers list no
+/// folder (their answer, an error or nothing, says nothing of what is there).
+pub fn lists_folders(path: &Path) -> bool {
+    let s = path.to_string_lossy();
+    !(s.starts_with("http://") || s.starts_with("https://"))
+}
+
 /// Whether a file or object exists at `path`.
 pub fn exists(path: &Path) -> io::Result<bool> {
     if is_url(path) {

@@ -37,7 +37,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 pub(crate) const HASHES_KEY: &str = "blake3";
 
 /// BLAKE3 (hex) of the file at `path`.
-pub(crate) fn file_blake3(path: &Path) -> std::io::Result<String> {
+pub fn file_blake3(path: &Path) -> std::io::Result<String> {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(path)?)?;
     Ok(h.finalize().to_hex().to_string())

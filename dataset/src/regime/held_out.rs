@@ -77,10 +77,7 @@ fn among<'a>(r: &'a Regime, set: &BTreeSet<&str>) -> Vec<&'a str> {
 /// validation regime a run must hold out); `Ok(Err(why))` when they cannot be listed at all
 /// (a store over plain HTTP, an object-store key without the right to list).
 fn store_regimes(store: &Path) -> Result<Result<Vec<Regime>, String>, DatasetError> {
-    let url = store.to_string_lossy();
-    if url.starts_with("http://") || url.starts_with("https://") {
-        // A plain HTTP server lists no folder: its answer (an error, or nothing) says nothing
-        // of what is there.
+    if !crate::location::lists_folders(store) {
         return Ok(Err(format!(
             "the regimes of {} cannot be listed over HTTP, so its test and validation regimes \
              are not known",
