@@ -6,6 +6,8 @@
 # byte for byte. The tests (`cargo test`) cover http:// and file:// URLs; this covers S3's own
 # requests: signed GETs and HEADs, uploads and listings (docs/object-store.md). The endpoint
 # is given as http:// without AWS_ALLOW_HTTP, which icefm takes as asking for plain HTTP.
+# Last, the same bucket is read with no AWS_* variable but AWS_PROFILE, through a credentials
+# and a config file as `aws configure` writes them (keys, region, endpoint_url).
 #
 #   scripts/check-s3.sh            # builds the release binary if needed; prints PASS or FAIL
 set -euo pipefail
@@ -65,9 +67,27 @@ done
 loss() { "$icefm" inspect "$1" | grep -o 'loss [0-9.]*' | head -1; }
 echo "from S3: $(loss "$data/run-ai4a.zarr"); from the folder: $(loss "$data/run-s.zarr")"
 weights=checkpoints/step_0000003/model.safetensors
-if cmp -s "$data/run-ai4a.zarr/$weights" "$data/run-s.zarr/$weights"; then
-    echo "PASS: the weights after 3 steps are the same bytes"
-else
+if ! cmp -s "$data/run-ai4a.zarr/$weights" "$data/run-s.zarr/$weights"; then
     echo "FAIL: the weights after 3 steps differ"
     exit 1
 fi
+echo "the weights after 3 steps are the same bytes"
+
+# The AWS CLI's files instead of the environment.
+home=$data/home
+mkdir -p "$home/.aws"
+printf '[lab]\naws_access_key_id = check\naws_secret_access_key = check\n' >"$home/.aws/credentials"
+printf '[profile lab]\nregion = us-east-1\nendpoint_url = %s\n' "$AWS_ENDPOINT" >"$home/.aws/config"
+profile() { env -u AWS_ENDPOINT -u AWS_REGION -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY HOME="$home" "$@"; }
+if ! diff <(profile AWS_PROFILE=lab "$icefm" inspect "$url") <("$icefm" inspect "$data/s.zarr"); then
+    echo "FAIL: the bucket read through AWS_PROFILE=lab differs"
+    exit 1
+fi
+echo "AWS_PROFILE=lab: the bucket's summary is the folder's"
+if profile AWS_PROFILE=nope "$icefm" inspect "$url" 2>"$data/nope.txt" >/dev/null ||
+    ! grep -q "AWS_PROFILE=nope: no such profile" "$data/nope.txt"; then
+    echo "FAIL: an unknown AWS_PROFILE was not refused by name"
+    exit 1
+fi
+echo "AWS_PROFILE=nope: $(grep -o 'no such profile.*' "$data/nope.txt")"
+echo "PASS"

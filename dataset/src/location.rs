@@ -9,7 +9,9 @@
 //!
 //! Credentials and endpoints come from the environment, as the object_store crate names them:
 //! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` (S3-compatible
-//! services), `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, … (see
+//! services), `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, …, and
+//! for S3 from the AWS CLI's profile in `~/.aws` (`AWS_PROFILE`). A bucket that has answered
+//! once is waited for through an outage, up to `ICEFM_STORE_RETRY` seconds (see
 //! `docs/object-store.md`).
 //!
 //! ```

@@ -153,6 +153,32 @@ fn a_store_served_over_http_reads_as_its_folder() {
 }
 
 #[test]
+fn an_outage_of_a_store_that_answered_is_waited_out() {
+    let local = store();
+    let server = HttpFiles::serve(local.parent().unwrap());
+    let url = PathBuf::from(format!("{}/s.zarr", server.base));
+    let (r, u) = (
+        StoreReader::open(local).unwrap(),
+        StoreReader::open(&url).unwrap(),
+    );
+    let scene = SceneTable::from_store(local).unwrap().scenes[0].id.clone();
+    let level = r.attrs.levels[0];
+    // Down for longer than the object_store client's own tries (some 2–3 s): each of its
+    // requests fails, and icefm tries them again until the server answers.
+    server.set_down(true);
+    let want = r.decode(&scene, level, ArrayKind::Sar, 0, 0).unwrap();
+    let reading = std::thread::spawn(move || u.decode(&scene, level, ArrayKind::Sar, 0, 0));
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let dropped = server.dropped();
+    server.set_down(false);
+    assert_eq!(reading.join().unwrap().unwrap().0, want.0);
+    assert!(
+        dropped >= 2,
+        "{dropped} connections tried during the outage"
+    );
+}
+
+#[test]
 fn file_urls_read_the_store_and_write_its_regimes_whole() {
     let local = store();
     // A copy, so that this test's regimes do not show in the other's store.

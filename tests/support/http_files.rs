@@ -2,12 +2,13 @@
 //! a folder, with byte ranges (`bytes=a-b`, `bytes=a-`, `bytes=-n`), as a web server or a
 //! public bucket's endpoint serves them. It counts the requests it answers, so a test can prove
 //! the reads went through it. One thread per connection; each answer closes its connection.
+//! [`HttpFiles::set_down`] makes it drop every connection unanswered, as during an outage.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// A server running until the test process ends.
@@ -16,6 +17,8 @@ pub struct HttpFiles {
     pub base: String,
     requests: Arc<AtomicUsize>,
     ranged: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+    dropped: Arc<AtomicUsize>,
 }
 
 impl HttpFiles {
@@ -32,9 +35,21 @@ impl HttpFiles {
         let requests = Arc::new(AtomicUsize::new(0));
         let ranged = Arc::new(AtomicUsize::new(0));
         let root = root.to_path_buf();
-        let (r, g) = (requests.clone(), ranged.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (r, g, d, x) = (
+            requests.clone(),
+            ranged.clone(),
+            down.clone(),
+            dropped.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                if d.load(Ordering::SeqCst) {
+                    x.fetch_add(1, Ordering::SeqCst);
+                    drop(conn);
+                    continue;
+                }
                 let (root, r, g) = (root.clone(), r.clone(), g.clone());
                 std::thread::spawn(move || answer(conn, &root, latency, &r, &g));
             }
@@ -43,7 +58,21 @@ impl HttpFiles {
             base,
             requests,
             ranged,
+            down,
+            dropped,
         }
+    }
+
+    /// Drop every connection unanswered from now on (`true`), or answer again (`false`).
+    #[allow(dead_code)]
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Connections dropped unanswered while down.
+    #[allow(dead_code)]
+    pub fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
     }
 
     /// Requests answered so far, and how many of them asked for a byte range.
