@@ -305,9 +305,11 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The summary on stdout (the result, as other commands print theirs), each failure on stderr
+/// after it.
 fn print_summary(s: &Summary) {
-    eprintln!(
-        "\n{} done, {} skipped, {} failed; {:.1} Mpx from {:.1} MB in {:.1} s ({:.1} MB/s); {} scene(s) in the store",
+    println!(
+        "{} done, {} skipped, {} failed; {:.1} Mpx from {:.1} MB in {:.1} s ({:.1} MB/s); {} scene(s) in the store",
         s.done.len(),
         s.skipped.len(),
         s.failed.len(),
@@ -757,7 +759,7 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if let Some((png, scene, level)) = quicklook {
         let (w, h) = write_quicklook(&a.store, &scene, level, png, &QuicklookOptions::default())?;
         println!(
-            "\nquicklook of {scene} at {level}: {} ({w}x{h})",
+            "\nquicklook of {scene} at {level}: {} ({w} px wide, {h} high)",
             png.display()
         );
     }

@@ -526,7 +526,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
     let json = serde_json::json!({
         "scores": s,
         "tasks": ev.cfg.seg_config()?.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
-        "weights": ev.weights.display().to_string(),
+        "weights": icefm_dataset::location::recorded(&ev.weights),
         "store": store.display().to_string(),
         "regime": a.regime,
         "scenes": ev.scenes.len(),
@@ -624,8 +624,14 @@ fn write_panel(
     let plane = h * w;
     let truth: [&[u8]; 3] = std::array::from_fn(|t| &maps.truth[t * plane..(t + 1) * plane]);
     let pred: [&[u8]; 3] = std::array::from_fn(|t| &maps.pred[t][..]);
+    // The level shown and scored is the finest; the model may have run at a coarser one.
+    let at = if r.level == r.score_level {
+        format!("at {level}")
+    } else {
+        format!("run at {}, scored at {}", r.level, r.score_level)
+    };
     let header = format!(
-        "{}  at {level}: SIC R2 {}  SOD F1 {}  FLOE F1 {}",
+        "{}  {at}: SIC R2 {}  SOD F1 {}  FLOE F1 {}",
         r.scene,
         fmt_score(r.scores.sic_r2),
         fmt_score(r.scores.sod_f1),

@@ -19,7 +19,8 @@ pub fn inspect_run(run: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The median of the last `n` values.
+/// The median of the finite ones of the last `n` values (of an even count, the mean of the two
+/// middle ones).
 fn median_of_last(values: &[f64], n: usize) -> Option<f64> {
     let mut tail: Vec<f64> = values[values.len().saturating_sub(n)..]
         .iter()
@@ -27,7 +28,12 @@ fn median_of_last(values: &[f64], n: usize) -> Option<f64> {
         .filter(|v| v.is_finite())
         .collect();
     tail.sort_by(f64::total_cmp);
-    tail.get(tail.len() / 2).copied()
+    let k = tail.len();
+    match k {
+        0 => None,
+        _ if k % 2 == 1 => Some(tail[k / 2]),
+        _ => Some((tail[k / 2 - 1] + tail[k / 2]) / 2.0),
+    }
 }
 
 fn scores_line(v: &ValRecord) -> String {
@@ -275,6 +281,18 @@ pub fn summarize_run(run: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_of_even_counts_are_the_mean_of_the_middle_two() {
+        let v = [9.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(median_of_last(&v, 4), Some(2.5));
+        assert_eq!(median_of_last(&v, 5), Some(3.0));
+        assert_eq!(median_of_last(&v, 1), Some(3.0));
+        // Non-finite values (a diverged step) are left out, not counted.
+        assert_eq!(median_of_last(&[1.0, f64::NAN, 5.0], 3), Some(3.0));
+        assert_eq!(median_of_last(&[f64::NAN], 3), None);
+        assert_eq!(median_of_last(&[], 20), None);
+    }
 
     #[test]
     fn a_run_of_fewer_tasks_is_reported_by_the_score_it_selects_by() {

@@ -44,6 +44,19 @@ pub fn is_url(path: &Path) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
+/// `path` as a record names it: a URL as it is, a local path made absolute (against the
+/// current folder, without resolving links), so that it still names the same place when read
+/// from elsewhere.
+pub fn recorded(path: &Path) -> String {
+    if is_url(path) {
+        return path.display().to_string();
+    }
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 /// The whole content of the file or object at `path`.
 pub fn read(path: &Path) -> io::Result<Bytes> {
     if is_url(path) {
@@ -162,6 +175,17 @@ mod remote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_name_local_paths_absolutely_and_urls_as_given() {
+        assert_eq!(recorded(Path::new("s3://b/a.zarr")), "s3://b/a.zarr");
+        assert_eq!(recorded(Path::new("/data/a.zarr")), "/data/a.zarr");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            recorded(Path::new("s/a.zarr")),
+            cwd.join("s/a.zarr").display().to_string()
+        );
+    }
 
     #[test]
     fn urls_are_told_from_paths() {

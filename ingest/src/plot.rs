@@ -313,6 +313,33 @@ fn fit(text: &str, width: usize) -> String {
     s
 }
 
+/// `text` in at most two lines of `width` px, broken between words; what the second cannot
+/// hold is cut with `..`.
+fn wrap2(text: &str, width: usize) -> Vec<String> {
+    if text_width(text) <= width {
+        return vec![text.to_string()];
+    }
+    let words: Vec<&str> = text.split(' ').collect();
+    let mut first = String::new();
+    let mut taken = 0;
+    for w in &words {
+        let next = if first.is_empty() {
+            (*w).to_string()
+        } else {
+            format!("{first} {w}")
+        };
+        if text_width(&next) > width {
+            break;
+        }
+        first = next;
+        taken += 1;
+    }
+    if taken == 0 {
+        return vec![fit(text, width)];
+    }
+    vec![first, fit(&words[taken..].join(" "), width)]
+}
+
 /// Draw `plot` on a [`PLOT_WIDTH`] × [`PLOT_HEIGHT`] canvas.
 pub(crate) fn render(plot: &LinePlot) -> Canvas {
     let mut canvas = Canvas::new(PLOT_WIDTH, PLOT_HEIGHT, WHITE);
@@ -338,13 +365,15 @@ pub(crate) fn render(plot: &LinePlot) -> Canvas {
     let label_w = y_labels.iter().map(|l| text_width(l)).max().unwrap_or(0);
 
     // Title, then the y label above the axis; the x label and tick labels below.
-    let title = fit(&plot.title, PLOT_WIDTH - 2 * MARGIN);
-    let title_x = (PLOT_WIDTH - text_width(&title)) / 2;
-    canvas.text(title_x, MARGIN, &title, BLACK);
+    let title = wrap2(&plot.title, PLOT_WIDTH - 2 * MARGIN);
+    for (i, line) in title.iter().enumerate() {
+        let x = (PLOT_WIDTH - text_width(line)) / 2;
+        canvas.text(x, MARGIN + i * LINE_HEIGHT, line, BLACK);
+    }
     let frame = Frame {
         left: MARGIN + label_w + TICK + 6,
         right: PLOT_WIDTH - LEGEND_WIDTH - MARGIN,
-        top: MARGIN + 2 * LINE_HEIGHT + 24,
+        top: MARGIN + (1 + title.len()) * LINE_HEIGHT + 24,
         bottom: PLOT_HEIGHT - MARGIN - 2 * LINE_HEIGHT - TICK - 10,
     };
     let y_label = fit(&plot.y_label, PLOT_WIDTH - LEGEND_WIDTH - 2 * MARGIN);
@@ -492,6 +521,27 @@ mod tests {
         assert_eq!(Scale::auto(&[0.0, 50.0]), Scale::Linear);
         assert_eq!(Scale::auto(&[f64::NAN, 2.0, 40.0]), Scale::Log);
         assert_eq!(Scale::auto(&[]), Scale::Linear);
+    }
+
+    #[test]
+    fn long_titles_take_two_lines_broken_between_words() {
+        let width = 40 * ADVANCE;
+        assert_eq!(wrap2("short title", width), ["short title"]);
+        let long = "ablate_tiny: combined score vs labelled fraction (3-task, 80m, test regime \
+                    challenge_test)";
+        let lines = wrap2(long, width);
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|l| text_width(l) <= width), "{lines:?}");
+        assert_eq!(lines[0], "ablate_tiny: combined score vs labelled");
+        assert!(
+            lines[1].starts_with("fraction (3-task, 80m") && lines[1].ends_with(".."),
+            "{lines:?}"
+        );
+        // Nothing is lost when two lines hold it.
+        let two = "ablate_tiny: combined score vs labelled fraction (3-task)";
+        assert_eq!(wrap2(two, width).join(" "), two);
+        // A first word wider than the line is cut.
+        assert_eq!(wrap2(&"x".repeat(60), width).len(), 1);
     }
 
     #[test]

@@ -281,7 +281,9 @@ impl Store {
         attrs.insert(ALL_SHARDS_ATTR.into(), json!(!data.is_empty()));
         let array = ArrayBuilder::new(shape, chunk, data_type::float32(), f32::NAN)
             .bytes_to_bytes_codecs(vec![codec, Arc::new(Crc32cCodec::new())])
-            .dimension_names(Some(["variable", "y", "x"]))
+            // Not `y`, `x`: the level groups below the scene use those at their own sizes, and
+            // xarray's DataTree refuses a child whose dimensions clash with its parent's.
+            .dimension_names(Some(["variable", "y_2km", "x_2km"]))
             .attributes(attrs)
             .build(self.fs.clone(), node)
             .map_err(|e| StoreError::zarr(&self.path, e))?;

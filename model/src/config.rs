@@ -268,10 +268,23 @@ impl TrainConfig {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let cfg = match decode(&doc) {
+        let mut cfg = match decode(&doc) {
             Ok(c) => c,
             Err(message) => return Err(blame(text, &base, overrides, message)),
         };
+        // The micro preset's patch is 4 whatever `model.patch` says; the configuration then
+        // says so too (its `config.toml` records what the run uses).
+        if cfg.model.preset == "micro" {
+            let p = cfg.model.patch;
+            if p != MaeConfig::micro().encoder.patch && p != ModelSection::default().patch {
+                return Err(ConfigError(format!(
+                    "model.patch {p}: the micro preset's patch is {} (leave model.patch out, or \
+                     take another preset)",
+                    MaeConfig::micro().encoder.patch
+                )));
+            }
+            cfg.model.patch = MaeConfig::micro().encoder.patch;
+        }
         cfg.check()?;
         Ok(cfg)
     }

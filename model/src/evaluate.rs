@@ -302,8 +302,12 @@ pub struct SceneResult {
     pub windows: usize,
     /// Seconds of inference and scoring.
     pub seconds: f64,
+    /// Level the model was run at.
+    pub level: Level,
     /// Inference grid `(H, W)`.
     pub level_size: (usize, usize),
+    /// Level the predictions were scored at.
+    pub score_level: Level,
     /// Scoring grid `(H, W)`.
     pub score_size: (usize, usize),
     /// The scene's own pixels.
@@ -369,7 +373,9 @@ pub fn evaluate_scene(
             scene: scene.to_string(),
             windows: maps.windows,
             seconds: t0.elapsed().as_secs_f64(),
+            level: opts.level,
             level_size: (maps.height, maps.width),
+            score_level,
             score_size: (sh, sw),
             evaluation,
             scores,
@@ -404,9 +410,11 @@ pub fn selection_score(scores: &Scores, tasks: &[Task]) -> f64 {
     }
 }
 
-/// Write the per-scene table (`scenes.parquet`): scene, windows, seconds, the inference and
-/// scoring grids, the scene's own R² and F1 scores, its combined score and its labelled pixels
-/// per task.
+/// Write the per-scene table (`scenes.parquet`): `scene_id` (as the store's manifests name it),
+/// windows, seconds, the inference and scoring levels and grids, the scene's own R² and F1
+/// scores and its combined score (null where undefined: no labelled pixel of the task, or a
+/// task the model does not predict, as `metrics.json` writes them) and its labelled pixels per
+/// task.
 pub fn write_scene_table(
     path: &std::path::Path,
     scenes: &[SceneResult],
@@ -417,18 +425,22 @@ pub fn write_scene_table(
     use arrow_schema::{DataType, Field, Schema};
     let u = |name: &str| Field::new(name, DataType::UInt64, false);
     let f = |name: &str| Field::new(name, DataType::Float64, false);
+    let score = |name: &str| Field::new(name, DataType::Float64, true);
+    let text = |name: &str| Field::new(name, DataType::Utf8, false);
     let schema = Schema::new(vec![
-        Field::new("scene", DataType::Utf8, false),
+        text("scene_id"),
         u("windows"),
         f("seconds"),
+        text("level"),
         u("level_height"),
         u("level_width"),
+        text("score_level"),
         u("score_height"),
         u("score_width"),
-        f("sic_r2"),
-        f("sod_f1"),
-        f("floe_f1"),
-        f("combined"),
+        score("sic_r2"),
+        score("sod_f1"),
+        score("floe_f1"),
+        score("combined"),
         u("pixels_sic"),
         u("pixels_sod"),
         u("pixels_floe"),
@@ -439,20 +451,29 @@ pub fn write_scene_table(
     let fcol = |g: &dyn Fn(&SceneResult) -> f64| -> ArrayRef {
         Arc::new(Float64Array::from_iter_values(scenes.iter().map(g)))
     };
+    // Undefined scores (NaN) as nulls, which readers leave out of means.
+    let scol = |g: &dyn Fn(&SceneResult) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(
+            scenes.iter().map(|s| Some(g(s)).filter(|v| v.is_finite())),
+        ))
+    };
+    let tcol = |g: &dyn Fn(&SceneResult) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(scenes.iter().map(g)))
+    };
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(
-            scenes.iter().map(|s| s.scene.as_str()),
-        )),
+        tcol(&|s| s.scene.clone()),
         ucol(&|s| s.windows as u64),
         fcol(&|s| s.seconds),
+        tcol(&|s| s.level.name()),
         ucol(&|s| s.level_size.0 as u64),
         ucol(&|s| s.level_size.1 as u64),
+        tcol(&|s| s.score_level.name()),
         ucol(&|s| s.score_size.0 as u64),
         ucol(&|s| s.score_size.1 as u64),
-        fcol(&|s| s.scores.sic_r2),
-        fcol(&|s| s.scores.sod_f1),
-        fcol(&|s| s.scores.floe_f1),
-        fcol(&|s| s.scores.combined),
+        scol(&|s| s.scores.sic_r2),
+        scol(&|s| s.scores.sod_f1),
+        scol(&|s| s.scores.floe_f1),
+        scol(&|s| s.scores.combined),
         ucol(&|s| s.scores.pixels[0]),
         ucol(&|s| s.scores.pixels[1]),
         ucol(&|s| s.scores.pixels[2]),
@@ -460,4 +481,76 @@ pub fn write_scene_table(
     let batch =
         RecordBatch::try_new(Arc::new(schema), cols).map_err(|e| crate::train::io_err(path, e))?;
     crate::train::write_parquet(path, &batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Array, Float64Array, StringArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    fn result(scene: &str, scores: Scores) -> SceneResult {
+        SceneResult {
+            scene: scene.into(),
+            windows: 4,
+            seconds: 0.5,
+            level: Level::new(200).unwrap(),
+            level_size: (20, 21),
+            score_level: Level::new(80).unwrap(),
+            score_size: (50, 52),
+            evaluation: Evaluation::new(),
+            scores,
+        }
+    }
+
+    #[test]
+    fn the_scene_table_names_scenes_as_the_manifests_do_and_leaves_undefined_scores_null() {
+        let scored = Scores {
+            sic_r2: 0.5,
+            sod_f1: 0.25,
+            floe_f1: 0.75,
+            combined: 50.0,
+            pixels: [10, 20, 30],
+        };
+        // A test-release scene without its reference: nothing labelled, nothing defined.
+        let unlabelled = Scores {
+            sic_r2: f64::NAN,
+            sod_f1: f64::NAN,
+            floe_f1: f64::NAN,
+            combined: f64::NAN,
+            pixels: [0; 3],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scenes.parquet");
+        write_scene_table(&path, &[result("a", scored), result("b", unlabelled)]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let batch = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let text = |c: &str| -> Vec<String> {
+            let col = batch.column_by_name(c).unwrap();
+            let a = col.as_any().downcast_ref::<StringArray>().unwrap();
+            (0..a.len()).map(|i| a.value(i).to_string()).collect()
+        };
+        assert_eq!(text("scene_id"), ["a", "b"]);
+        assert_eq!(text("level"), ["200m", "200m"]);
+        assert_eq!(text("score_level"), ["80m", "80m"]);
+        for (c, want) in [
+            ("sic_r2", 0.5),
+            ("sod_f1", 0.25),
+            ("floe_f1", 0.75),
+            ("combined", 50.0),
+        ] {
+            let col = batch.column_by_name(c).unwrap();
+            let a = col.as_any().downcast_ref::<Float64Array>().unwrap();
+            assert_eq!(
+                (a.value(0), a.is_null(0), a.is_null(1)),
+                (want, false, true)
+            );
+        }
+    }
 }

@@ -72,6 +72,9 @@ pub struct Encoding {
     pub chunking: Chunking,
     /// Form of the SAR channels (raw only).
     pub sar_packing: SarPacking,
+    /// RTT's float variables carry `_FillValue` = NaN, as xarray writes them (they hold no NaN:
+    /// RTT marks invalid pixels 0). Raw files' float SAR and polygon ids always carry it.
+    pub float_fill: bool,
 }
 
 impl Default for Encoding {
@@ -86,6 +89,7 @@ impl Default for Encoding {
                 cols: DEFAULT_CHUNK,
             },
             sar_packing: SarPacking::Float32,
+            float_fill: false,
         }
     }
 }
@@ -122,9 +126,14 @@ impl std::fmt::Display for Encoding {
             SarPacking::Float32 => "f32",
             SarPacking::Int16Scaled => "i16 scaled",
         };
+        let fill = if self.float_fill {
+            ", RTT floats fill NaN"
+        } else {
+            ""
+        };
         write!(
             f,
-            "ids {ids}, codes {codes}, deflate {deflate}, chunks {chunks}, SAR {sar}"
+            "ids {ids}, codes {codes}, deflate {deflate}, chunks {chunks}, SAR {sar}{fill}"
         )
     }
 }
@@ -132,14 +141,14 @@ impl std::fmt::Display for Encoding {
 impl Encoding {
     /// The named presets, together covering every form above at least once:
     ///
-    /// | name | ids | codes | deflate | chunks | SAR |
-    /// |---|---|---|---|---|---|
-    /// | `default` | f32 NaN | vlen | 4 | 1024 × 1024 | f32 |
-    /// | `int-ids-char-codes` | i32 fill | char | 4 | 1024 × 1024 | f32 |
-    /// | `contiguous-uncompressed` | f32 NaN | vlen | – | contiguous | f32 |
-    /// | `packed-int16` | i32 fill | vlen | 4 | 512 × 512 | i16 scaled |
-    /// | `row-chunks` | f32 NaN | char | 1 | 16 × full width | f32 |
-    /// | `odd-chunks-uncompressed` | i32 fill | char | – | 333 × 777 | i16 scaled |
+    /// | name | ids | codes | deflate | chunks | SAR | RTT float `_FillValue` |
+    /// |---|---|---|---|---|---|---|
+    /// | `default` | f32 NaN | vlen | 4 | 1024 × 1024 | f32 | – |
+    /// | `int-ids-char-codes` | i32 fill | char | 4 | 1024 × 1024 | f32 | – |
+    /// | `contiguous-uncompressed` | f32 NaN | vlen | – | contiguous | f32 | – |
+    /// | `packed-int16` | i32 fill | vlen | 4 | 512 × 512 | i16 scaled | – |
+    /// | `row-chunks` | f32 NaN | char | 1 | 16 × full width | f32 | NaN |
+    /// | `odd-chunks-uncompressed` | i32 fill | char | – | 333 × 777 | i16 scaled | NaN |
     pub fn all_named() -> Vec<(&'static str, Encoding)> {
         use CodesEncoding::{CharArray, VlenString};
         use PolygonIdEncoding::{Float32Nan, Int32Fill};
@@ -151,6 +160,11 @@ impl Encoding {
             deflate,
             chunking,
             sar_packing,
+            float_fill: false,
+        };
+        let filled = |e: Encoding| Encoding {
+            float_fill: true,
+            ..e
         };
         vec![
             ("default", Encoding::default()),
@@ -174,17 +188,23 @@ impl Encoding {
             ),
             (
                 "row-chunks",
-                enc(
+                filled(enc(
                     Float32Nan,
                     CharArray,
                     Some(1),
                     chunked(16, usize::MAX),
                     Float32,
-                ),
+                )),
             ),
             (
                 "odd-chunks-uncompressed",
-                enc(Int32Fill, CharArray, None, chunked(333, 777), Int16Scaled),
+                filled(enc(
+                    Int32Fill,
+                    CharArray,
+                    None,
+                    chunked(333, 777),
+                    Int16Scaled,
+                )),
             ),
         ]
     }

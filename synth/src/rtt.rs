@@ -116,6 +116,8 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
     write_charts(&mut out, opts, scene, &planes)?;
 
     let fill_attr = || vec![("variable_fill_value", AttributeValue::from(0.0f32))];
+    // `_FillValue` of the float variables: NaN under an xarray-like encoding, none otherwise.
+    let nan_fill = opts.encoding.float_fill.then_some(f32::NAN);
     let full = |name, attrs| GridVar {
         name,
         dims: SAR,
@@ -128,7 +130,7 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
         ("nersc_sar_secondary", &planes.hv),
     ] {
         let ms = norm(name)?;
-        out.grid(full(name, fill_attr()), None, |y, o: &mut [f32]| {
+        out.grid(full(name, fill_attr()), nan_fill, |y, o: &mut [f32]| {
             for (d, &v) in o.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
                 *d = if v.is_nan() {
                     0.0
@@ -144,7 +146,7 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
         .collect();
     out.grid(
         full("sar_incidenceangle", fill_attr()),
-        None,
+        nan_fill,
         |y, o: &mut [f32]| {
             for (x, d) in o.iter_mut().enumerate() {
                 *d = if valid(y * w + x) { inc_row[x] } else { 0.0 };
@@ -162,7 +164,7 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
             sar_grid: true,
             attrs: fill_attr(),
         },
-        None,
+        nan_fill,
         |y, o: &mut [f32]| {
             for (x, d) in o.iter_mut().enumerate() {
                 let k = y * w + x;
@@ -188,7 +190,7 @@ pub(crate) fn write(path: &Path, opts: &SynthOptions, scene: &Scene) -> Result<(
                 sar_grid: false,
                 attrs: Vec::new(),
             },
-            None,
+            nan_fill,
             |y, o: &mut [f32]| {
                 for (d, &v) in o
                     .iter_mut()

@@ -39,8 +39,8 @@ fn ingest_killed_at_any_moment_resumes_to_the_same_store() {
         let _ = child.kill();
         let _ = child.wait();
         let out = ok(ingest_80_160_400(&store, &scenes).output().unwrap());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("0 failed"), "{stderr}");
+        let summary = String::from_utf8_lossy(&out.stdout);
+        assert!(summary.contains("0 failed"), "{summary}");
         // Temporary files of the killed run are the only thing allowed to differ.
         let strip = |v: Vec<(PathBuf, Vec<u8>)>| -> Vec<(PathBuf, Vec<u8>)> {
             v.into_iter()
@@ -285,7 +285,8 @@ fn a_test_release_folder_ingests_its_scenes_with_their_reference_charts() {
     };
     let out = ok(ingest(&test));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("2 done, 0 skipped, 0 failed"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 done, 0 skipped, 0 failed"), "{stdout}");
     assert!(!stderr.contains("warning"), "{stderr}");
     let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -460,7 +461,8 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("1 done, 0 skipped, 1 failed"), "{err}");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("1 done, 0 skipped, 1 failed"), "{summary}");
     // Per-scene lines reach a log even where no progress bar is drawn (not a terminal).
     assert!(err.lines().any(|l| l.starts_with("done ")), "{err}");
     assert!(
@@ -481,7 +483,7 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("0 done, 1 skipped, 1 failed"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 done, 1 skipped, 1 failed"));
     // A store made with other levels is refused with one line.
     let out = icefm()
         .args(["ingest", "--levels", "200", "--store"])

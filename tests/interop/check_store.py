@@ -49,6 +49,15 @@ def main() -> int:
     assert ds["labels"].dims == ("task", "y", "x"), ds["labels"].dims
     assert ds.sizes["y"] == ds["labels"].shape[1], dict(ds.sizes)
     checks += 1
+    # The whole store as one xarray DataTree: every scene's levels and its 2 km grid, whose
+    # dimensions do not clash with the levels' below it.
+    tree = xr.open_datatree(store, engine="zarr", consolidated=False)
+    for scene in expected["scene_ids"]:
+        node = tree["scenes"][scene]
+        assert set(expected["levels"]) <= set(node.children), (scene, list(node.children))
+        if "grid2km" in node.data_vars:
+            assert node["grid2km"].dims == ("variable", "y_2km", "x_2km"), node["grid2km"].dims
+    checks += 1
     # Manifests through pyarrow.
     for name, rows in expected["manifest_rows"].items():
         t = pq.read_table(f"{store}/manifests/{name}.parquet")

@@ -393,7 +393,7 @@ fn draw_shares(
             seed: spec.seed,
             list: spec.list.as_ref().map(|l| l.display().to_string()),
             excluded: spec.exclude.iter().map(|r| r.name.clone()).collect(),
-            source: table.source.display().to_string(),
+            source: crate::location::recorded(&table.source),
             source_hash: table.source_hash.clone(),
             scenes: order[..n]
                 .iter()

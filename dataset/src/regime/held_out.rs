@@ -316,7 +316,7 @@ fn checked(
                 .chain(val.map(|v| v.name.clone()))
                 .chain(store_vals.iter().map(|v| v.name.clone()))
                 .collect(),
-            source: store.display().to_string(),
+            source: crate::location::recorded(store),
             source_hash: table.source_hash.clone(),
             scenes,
             notes: Vec::new(),

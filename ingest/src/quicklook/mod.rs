@@ -86,7 +86,8 @@ pub fn write_quicklook(
             .map_err(|reason| StoreError::zarr(&node_path, reason))?;
         raster.append(rows.subsample(stride));
     }
-    let header = format!("{scene_id}  {level}  {width}x{height} px, stride {stride}");
+    // Rows x columns, as `inspect` gives scene shapes.
+    let header = format!("{scene_id}  {level}  {height} x {width} px, stride {stride}");
     let canvas = render(&header, &raster);
     write_png(out, &canvas)?;
     Ok((canvas.width, canvas.height))

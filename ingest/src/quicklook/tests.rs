@@ -147,7 +147,7 @@ fn write_quicklook_reads_bands_of_the_store_and_writes_the_rendered_png() {
     // Stride 3 over bands of 16 rows: the reads start at rows 0, 18 and 33.
     let options = QuicklookOptions { max_width: 20 };
     let size = write_quicklook(&store, "s1", level, &out, &options).unwrap();
-    let want = render("s1  200m  50x40 px, stride 3", &full.subsample(3));
+    let want = render("s1  200m  40 x 50 px, stride 3", &full.subsample(3));
     assert_eq!(size, (want.width, want.height));
     let file = std::io::BufReader::new(std::fs::File::open(&out).unwrap());
     let mut reader = png::Decoder::new(file).read_info().unwrap();

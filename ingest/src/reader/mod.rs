@@ -523,13 +523,17 @@ impl SceneReader {
             .map_err(|e| self.read_err(name, row0, rows, e))
     }
 
+    /// Decode `name`'s values in place ([`Decode`]); distance zones are then snapped to their
+    /// integers ([`snap_zones`]).
     fn apply_f32(&self, name: &str, v: &mut [f32]) {
         let Some(d) = self.decodes.get(name) else {
             return;
         };
         match *d {
             d if d.is_identity() => {}
-            // The RTT case (no fill value, no packing): a loop the compiler vectorises.
+            // The RTT case (no fill value, no packing): a loop the compiler vectorises, with
+            // the arithmetic of `Decode::apply` (f64, rounded once), so that a file with a
+            // `_FillValue` (as xarray writes one) decodes to the same bits.
             Decode {
                 fill: None,
                 missing: None,
@@ -537,10 +541,13 @@ impl SceneReader {
                 offset,
                 unscale: Some((mean, std)),
             } if scale == 1.0 && offset == 0.0 => {
-                let (mean, std) = (mean as f32, std as f32);
                 v.par_chunks_mut(1 << 16).for_each(|v| {
                     for x in v {
-                        *x = if *x == 0.0 { f32::NAN } else { *x * std + mean };
+                        *x = if *x == 0.0 {
+                            f32::NAN
+                        } else {
+                            (f64::from(*x) * std + mean) as f32
+                        };
                     }
                 });
             }
@@ -549,6 +556,9 @@ impl SceneReader {
                     *x = d.apply(*x);
                 }
             }),
+        }
+        if name == "distance_map" {
+            v.par_chunks_mut(1 << 16).for_each(snap_zones);
         }
     }
 
@@ -562,6 +572,23 @@ impl SceneReader {
             } else if d.scale != 1.0 || d.offset != 0.0 {
                 *x = (*x * d.scale + d.offset).round();
             }
+        }
+    }
+}
+
+/// How far from an integer a decoded distance zone may be and still be that zone.
+pub const ZONE_SNAP: f32 = 1e-3;
+
+/// Distance-to-land zones are integers (0 land … 41), but an RTT file stores them standard-scaled
+/// in float32, whose rounding brings them back as 2.000002 or, for land, ±7e-7, by encoding.
+/// Values within [`ZONE_SNAP`] of an integer are taken to be it; others (a mean across a zone
+/// edge) stay as they are.
+fn snap_zones(v: &mut [f32]) {
+    for x in v {
+        let r = x.round();
+        if (*x - r).abs() < ZONE_SNAP {
+            // `+ 0.0`: land rounded from a small negative value is 0, not -0.
+            *x = r + 0.0;
         }
     }
 }

@@ -202,6 +202,24 @@ fn test_release_scenes_take_their_charts_from_reference_files() {
         level_arrays(&dir.path().join("train.zarr"), &id, "200m"),
     ];
     assert!(want[0].0.iter().filter(|&&l| l != IGNORE).count() > want[0].0.len() / 3);
+    // Distance zones come back as the integers they are (the file stores them standard-scaled
+    // in float32, which alone gives 2.000002 and land as ±7e-7), land among them.
+    let store = dir.path().join("train.zarr");
+    let shape = array_shape(&store, &format!("/scenes/{id}/80m/aux")).unwrap();
+    let distance = read_f32(
+        &store,
+        &format!("/scenes/{id}/80m/aux"),
+        [1..2, 0..shape[1], 0..shape[2]],
+    )
+    .unwrap();
+    let zones: Vec<f32> = distance.into_iter().filter(|d| !d.is_nan()).collect();
+    assert!(zones.len() > 1000, "{}", zones.len());
+    assert!(
+        zones
+            .iter()
+            .all(|z| z.fract() == 0.0 && (0.0..=41.0).contains(z))
+    );
+    assert!(zones.contains(&0.0) && zones.iter().any(|&z| z > 1.0));
     for (name, _) in Encoding::all_named() {
         let sub = dir.path().join(name);
         let nc = write(&sub, opts(name, Release::Test));

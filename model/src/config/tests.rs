@@ -264,3 +264,31 @@ fn settings_a_fine_tuning_run_does_not_use_are_named() {
     let c = TrainConfig::parse(mae, &["mae.mask_ratio=0.6".into()]).unwrap();
     assert!(c.ignored_settings().is_empty());
 }
+
+#[test]
+fn the_micro_preset_records_the_patch_it_uses() {
+    let tiny = include_str!("../../../configs/mae_vit_tiny.toml");
+    let micro = |more: &[&str]| {
+        let mut o = vec!["model.preset=micro".to_string(), "data.crop=32".to_string()];
+        o.extend(more.iter().map(|s| s.to_string()));
+        TrainConfig::parse(tiny, &o)
+    };
+    let c = micro(&[]).unwrap();
+    assert_eq!(
+        (c.model.patch, c.mae_config().unwrap().encoder.patch),
+        (4, 4)
+    );
+    // Its config.toml says 4, and reads back the same.
+    let again = TrainConfig::parse(&c.to_toml(), &[]).unwrap();
+    assert_eq!(again.model.patch, 4);
+    assert!(c.to_toml().contains("patch = 4"));
+    assert_eq!(micro(&["model.patch=4"]).unwrap().model.patch, 4);
+    let e = micro(&["model.patch=8"]).unwrap_err().to_string();
+    assert!(
+        e.contains("model.patch 8: the micro preset's patch is 4"),
+        "{e}"
+    );
+    // Other presets keep the patch they are given.
+    let t = TrainConfig::parse(tiny, &["model.patch=8".to_string()]).unwrap();
+    assert_eq!(t.mae_config().unwrap().encoder.patch, 8);
+}
