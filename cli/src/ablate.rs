@@ -597,7 +597,10 @@ fn run_one(
 ) -> Result<Option<CellResult>> {
     let test_regime = plan.test_regime.as_str();
     let store = where_.store.as_path();
-    let resume = !checkpoints(&run.dir).is_empty();
+    // A run goes on from its checkpoints; one that saved a best before its first step
+    // checkpoint and stopped starts over as a resume, which replaces that best.
+    let resume = !checkpoints(&run.dir).is_empty()
+        || (run.dir.join("checkpoints/best").exists() && run.dir.join("config.toml").is_file());
     let prefix = match run.task {
         Some(t) => format!("{}/{}", cell.key, t.name()),
         None => cell.key.clone(),

@@ -755,6 +755,11 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     });
     let quicklook = quicklook.transpose()?;
     print!("{}", s.render());
+    // Manifests of two merges (one stopped between its renames) mix two stores' counts, which
+    // training, regimes and eval refuse: say so under the summary.
+    if let Err(e) = icefm_dataset::merged::check_manifests(&a.store) {
+        eprintln!("warning: the summary above mixes two merges' manifests: {e}");
+    }
     print!("{}", crate::regime::regimes_block(&a.store));
     if let Some((png, scene, level)) = quicklook {
         let (w, h) = write_quicklook(&a.store, &scene, level, png, &QuicklookOptions::default())?;

@@ -35,9 +35,25 @@ fn main() -> ExitCode {
             if let Some(h) = hint(&e) {
                 eprintln!("hint: {h}");
             }
+            if icefm_netcdf_thread::write_failed() {
+                end_now(2);
+            }
             ExitCode::from(2)
         }
     }
+}
+
+/// End the process with `code` without running exit handlers: after a failed write through
+/// HDF5 (a full disk) its handler would close the file it still holds, and loop or crash doing
+/// so (seen: "HDF5: infinite loop closing library", a segmentation fault). Output is flushed
+/// first; every file icefm writes is complete by then or was never put in place.
+#[allow(unsafe_code)] // _exit: see the SAFETY note
+fn end_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process at once; no Rust state is observed after it.
+    unsafe { libc::_exit(code) }
 }
 
 /// The lines that report `e`: the error, then each cause not already said. Errors that put

@@ -243,26 +243,45 @@ fn draw_args(a: DrawArgs) -> Result<()> {
     }
     // Nothing is written unless every regime may be.
     let replaced = replaced_regimes(&regimes, &paths, a.force)?;
-    // Every file is written before any summary is printed; a write that fails takes back the
-    // files this command made, so a ladder is written whole or not at all.
-    let mut made: Vec<&PathBuf> = Vec::new();
-    for (r, path) in regimes.iter().zip(&paths) {
-        let new = !icefm_dataset::location::exists(path).unwrap_or(true);
-        if let Err(e) = r.write(path) {
-            for m in &made {
-                let _ = std::fs::remove_file(m);
+    // Every file is written before any summary is printed; a write that fails takes back what
+    // this command wrote (new files removed, replaced ones restored), so a ladder is written
+    // whole or not at all. A new name is created only where no file is: of two commands
+    // drawing it at once, one fails.
+    let before = paths
+        .iter()
+        .map(|p| match icefm_dataset::location::exists(p)? {
+            true => icefm_dataset::location::read(p).map(Some),
+            false => Ok(None),
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("reading the regime files to be replaced")?;
+    for (k, (r, path)) in regimes.iter().zip(&paths).enumerate() {
+        let written = match &before[k] {
+            Some(_) => r.write(path),
+            None => r.write_new(path),
+        };
+        if let Err(e) = written {
+            let mut lost = Vec::new();
+            for (p, old) in paths.iter().zip(&before).take(k) {
+                let undone = match old {
+                    Some(bytes) => icefm_dataset::location::write(p, bytes.to_vec()),
+                    None => icefm_dataset::location::remove(p),
+                };
+                if let Err(u) = undone {
+                    lost.push(format!("{}: {u}", p.display()));
+                }
             }
-            return Err(anyhow::Error::new(e).context(if made.is_empty() {
-                "nothing was written".to_string()
-            } else {
-                format!(
-                    "the {} regime file(s) written before it were removed",
-                    made.len()
-                )
+            return Err(anyhow::Error::new(e).context(match (k, lost.is_empty()) {
+                (0, _) => "nothing was written".to_string(),
+                (_, true) => format!(
+                    "the {k} regime file(s) written before it were taken back (new ones \
+                     removed, replaced ones restored)"
+                ),
+                (_, false) => format!(
+                    "the {k} regime file(s) written before it could not all be taken back: {}",
+                    lost.join("; ")
+                ),
             }));
-        }
-        if new {
-            made.push(path);
         }
     }
     for (r, path) in regimes.iter().zip(&paths) {

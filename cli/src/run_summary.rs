@@ -228,19 +228,30 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         }
     }
 
-    let mut evals: Vec<(String, serde_json::Value)> = std::fs::read_dir(run)
+    // Each evaluation folder: its metrics, or `None` where it has none to read (an evaluation
+    // killed while moving its outputs into place leaves it so).
+    let mut evals: Vec<(String, Option<serde_json::Value>)> = std::fs::read_dir(run)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("eval-"))
-        .filter_map(|e| {
-            let text = std::fs::read_to_string(e.path().join("metrics.json")).ok()?;
-            let json = serde_json::from_str(&text).ok()?;
-            Some((e.file_name().to_string_lossy().into_owned(), json))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("eval-") && e.path().is_dir())
+        .map(|e| {
+            let json = std::fs::read_to_string(e.path().join("metrics.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            (e.file_name().to_string_lossy().into_owned(), json)
         })
         .collect();
     evals.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, m) in &evals {
+        let Some(m) = m else {
+            writeln!(
+                out,
+                "{name}: incomplete (no metrics.json: an evaluation stopped while moving its \
+                 outputs into place); evaluate again into it"
+            )?;
+            continue;
+        };
         let s = &m["scores"];
         let num = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
         writeln!(

@@ -105,22 +105,75 @@ pub fn list(dir: &Path) -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Write `bytes` to `path` whole: a local file through a temporary file and a rename, an object
-/// with one upload (object stores make an object visible only once it is complete). Either way a
-/// reader never sees part of it.
+/// Write `bytes` to `path` whole: a local file through a temporary file of this process and a
+/// rename, an object with one upload (object stores make an object visible only once it is
+/// complete). Either way a reader never sees part of it, and a failed write leaves no
+/// temporary file.
 pub fn write(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     if is_url(path) {
         return remote::write(path, bytes);
     }
+    let tmp = write_temporary(path, &bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// [`write()`], but only if nothing is at `path`: of two processes creating the same file at
+/// once, one succeeds and the other gets [`io::ErrorKind::AlreadyExists`] (a local file is
+/// linked into place, which fails where one exists; an object is put with the service's
+/// create-only condition, or, where it has none, after a check that leaves a short window).
+pub fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
+    if is_url(path) {
+        return remote::write_new(path, bytes);
+    }
+    let tmp = write_temporary(path, &bytes)?;
+    let linked = match std::fs::hard_link(&tmp, path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            // A file system without hard links: check, then rename.
+            if path.exists() {
+                Err(io::Error::from(io::ErrorKind::AlreadyExists))
+            } else {
+                std::fs::rename(&tmp, path)
+            }
+        }
+        r => r,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    linked.map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{}: made by another process meanwhile", path.display()),
+        ),
+        _ => e,
+    })
+}
+
+/// `bytes` in a temporary file beside `path`, named for this process, its folder made.
+fn write_temporary(path: &Path, bytes: &[u8]) -> io::Result<std::path::PathBuf> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)?;
     }
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(tmp)
+}
+
+/// Remove the file or object at `path`; nothing there is not an error.
+pub fn remove(path: &Path) -> io::Result<()> {
+    if is_url(path) {
+        return remote::remove(path);
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
 }
 
 /// The Zarr storage of the store at `root`, for reading.
@@ -164,6 +217,14 @@ mod remote {
     }
 
     pub(super) fn write(path: &Path, _: Vec<u8>) -> io::Result<()> {
+        Err(refused(path))
+    }
+
+    pub(super) fn write_new(path: &Path, _: Vec<u8>) -> io::Result<()> {
+        Err(refused(path))
+    }
+
+    pub(super) fn remove(path: &Path) -> io::Result<()> {
         Err(refused(path))
     }
 
@@ -222,6 +283,23 @@ mod tests {
         std::fs::create_dir(sub.join("folder")).unwrap();
         assert_eq!(list(&sub).unwrap(), ["a.parquet", "b.parquet"]);
         assert_eq!(&read(&sub.join("a.parquet")).unwrap()[..], b"one");
+        // Created once only; no temporary file is left either way.
+        let c = sub.join("c.parquet");
+        write_new(&c, b"first".to_vec()).unwrap();
+        let e = write_new(&c, b"second".to_vec()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(
+            e.to_string().contains("made by another process meanwhile"),
+            "{e}"
+        );
+        assert_eq!(&read(&c).unwrap()[..], b"first");
+        assert_eq!(list(&sub).unwrap(), ["a.parquet", "b.parquet", "c.parquet"]);
+        remove(&c).unwrap();
+        remove(&c).unwrap();
+        assert!(!exists(&c).unwrap());
+        // A write that fails (its target a folder) leaves no temporary file.
+        assert!(write(&sub.join("folder"), b"x".to_vec()).is_err());
+        assert_eq!(list(&sub).unwrap(), ["a.parquet", "b.parquet"]);
         assert!(exists(&sub.join("b.parquet")).unwrap());
         let missing = read(&sub.join("c.parquet")).unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);

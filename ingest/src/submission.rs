@@ -113,6 +113,20 @@ pub enum SubmissionError {
         /// Cause.
         source: netcdf::Error,
     },
+    /// Writing failed where the disk is (all but) full: netCDF says only "HDF error".
+    #[error(
+        "{cause} (the disk holding {} has {free} bytes free: No space left on device, most \
+         likely)",
+        path.display()
+    )]
+    Full {
+        /// The file being written.
+        path: PathBuf,
+        /// Bytes free there.
+        free: u64,
+        /// What netCDF said.
+        cause: Box<SubmissionError>,
+    },
     /// A filesystem operation failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -305,8 +319,37 @@ fn define_chart(
         .map_err(|e| (format!("variable {name} (values)"), e))
 }
 
-/// Write every chart of `scenes` (already validated) into a new file at `path`.
+/// Bytes free to a writer on the file system holding `path`'s folder.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Write every chart of `scenes` (already validated) into a new file at `path`. A failure is
+/// recorded for the process's exit ([`icefm_netcdf_thread::mark_write_failed`]), and said to be
+/// a full disk where the disk has less room left than the charts take uncompressed.
 fn write_file(path: &Path, scenes: &[SceneMaps]) -> Result<(), SubmissionError> {
+    write_charts(path, scenes).map_err(|e| {
+        icefm_netcdf_thread::mark_write_failed();
+        let charts: u64 = scenes.iter().map(|s| 3 * (s.height * s.width) as u64).sum();
+        match (&e, free_bytes(path)) {
+            (SubmissionError::NetCdf { .. }, Some(free)) if free < charts => {
+                SubmissionError::Full {
+                    path: path.to_path_buf(),
+                    free,
+                    cause: Box::new(e),
+                }
+            }
+            _ => e,
+        }
+    })
+}
+
+fn write_charts(path: &Path, scenes: &[SceneMaps]) -> Result<(), SubmissionError> {
     let mut file = ThreadFile::create(path)?;
     for s in scenes {
         for task in Task::ALL {

@@ -216,3 +216,61 @@ fn a_micro_mae_beats_predicting_each_patch_mean() {
         "loss {loss:.3} vs baseline {baseline:.3}"
     );
 }
+
+/// Whatever stops a run between its records and its checkpoint, a checkpoint never stands
+/// without the records of its steps: here writing `metrics.parquet` fails (its temporary name is
+/// taken by a folder, as a full disk would fail it) and no checkpoint of that step is left. A
+/// resume then gives every record; what stopped processes left in `checkpoints/` (half-written
+/// folders, a removal stopped half-way) is removed at the next start.
+#[test]
+fn records_come_before_their_checkpoint_and_leftovers_are_swept() {
+    let cfg = TrainConfig::parse(CONFIG, &[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    let quiet = |_: &icefm_model::train::StepRecord| {};
+    let opts = RunOptions {
+        device: candle_core::Device::Cpu,
+        store: store().to_path_buf(),
+        out: tmp.path().join("r"),
+        resume: false,
+    };
+    let blocker = opts.out.join("metrics.parquet.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let e = train_mae(&cfg, &opts, &never, &quiet).err().unwrap();
+    assert!(e.to_string().contains("metrics.parquet"), "{e}");
+    assert!(checkpoints(&opts.out).is_empty());
+    std::fs::remove_dir(&blocker).unwrap();
+
+    // Leftovers of stopped processes.
+    let ck = opts.out.join("checkpoints");
+    for left in ["step_0000003.tmp", "step_0000002", "best.tmp"] {
+        std::fs::create_dir_all(ck.join(left)).unwrap();
+        std::fs::write(ck.join(left).join("model.safetensors"), b"part").unwrap();
+    }
+    let resume = RunOptions {
+        resume: true,
+        ..opts.clone()
+    };
+    let done = train_mae(&cfg, &resume, &never, &quiet).unwrap();
+    assert_eq!((done.steps_done, done.steps_run), (6, 6));
+    let steps: Vec<u64> = read_metrics(&opts.out.join("metrics.parquet"))
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, (0..6).collect::<Vec<u64>>());
+    let mut left: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["step_0000003", "step_0000006"]);
+    let log = std::fs::read_to_string(opts.out.join("log.txt")).unwrap();
+    assert!(
+        log.contains(
+            "removed what a stopped process left in checkpoints/: best.tmp, step_0000002, \
+             step_0000003.tmp"
+        ),
+        "{log}"
+    );
+}

@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Sender, bounded, unbounded};
 
@@ -59,6 +60,21 @@ pub fn on_netcdf_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'stati
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
         Err(_) => panic!("the netCDF thread has stopped"),
     }
+}
+
+static WRITE_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Record that writing a file through HDF5 failed (a full disk, say). HDF5 may then hold that
+/// file open in a state its exit handler cannot close: at the process's exit it loops or
+/// crashes. A program that sees [`write_failed`] ends without running exit handlers, once its
+/// own output is flushed.
+pub fn mark_write_failed() {
+    WRITE_FAILED.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`mark_write_failed`] was called.
+pub fn write_failed() -> bool {
+    WRITE_FAILED.load(Ordering::SeqCst)
 }
 
 #[cfg(test)]

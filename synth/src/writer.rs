@@ -11,6 +11,8 @@ use crate::encoding::Encoding;
 use crate::error::SynthError;
 
 fn werr(path: &Path, item: String, source: netcdf::Error) -> SynthError {
+    // HDF5 may hold the file in a state its exit handler cannot close.
+    icefm_netcdf_thread::mark_write_failed();
     SynthError::Write {
         path: path.to_path_buf(),
         item,

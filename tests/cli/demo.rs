@@ -276,6 +276,16 @@ fn demo_fine_tunes_from_scratch_and_from_its_mae_then_scores_and_predicts() {
         summary.contains(&format!("combined {saved:.2}")),
         "{summary}"
     );
+    // An evaluation stopped while moving its outputs into place (no metrics.json) is said to be
+    // incomplete, not left out.
+    std::fs::create_dir_all(ft.join("eval-stopped/panels")).unwrap();
+    let out_inspect = ok(icefm().arg("inspect").arg(&ft).output().unwrap());
+    let summary = String::from_utf8_lossy(&out_inspect.stdout);
+    assert!(
+        summary.contains("eval-stopped: incomplete (no metrics.json"),
+        "{summary}"
+    );
+    std::fs::remove_dir_all(ft.join("eval-stopped")).unwrap();
 
     // The AutoICE submission of one raw scene and one RTT scene of the test release (given as
     // a glob gives them: with its reference charts, which are left out): their three charts on

@@ -8,6 +8,40 @@ use icefm_ingest::store::{array_shape, read_f32, read_u8};
 
 use super::*;
 
+/// A merge stopped between its renames leaves manifests of two merges: `inspect` prints the
+/// summary and says that it mixes them, naming the remedy.
+#[test]
+fn inspect_says_when_the_manifests_come_from_two_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 1, "200x220", "default", "80");
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    assert!(String::from_utf8_lossy(&out.stderr).is_empty());
+    let patches = store.join("manifests/patches.parquet");
+    let first = std::fs::read(&patches).unwrap();
+    let more = dir.path().join("more");
+    ok(icefm()
+        .args(["synth", "--count", "1", "--size", "200x220", "--seed", "9"])
+        .arg("--out")
+        .arg(&more)
+        .output()
+        .unwrap());
+    ok(icefm()
+        .args(["ingest", "--levels", "80", "--patch", "64", "--store"])
+        .arg(&store)
+        .arg(&more)
+        .output()
+        .unwrap());
+    std::fs::write(&patches, first).unwrap();
+    let out = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("2 scene(s)"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: the summary above mixes two merges' manifests")
+            && err.contains("icefm manifest merge --store"),
+        "{err}"
+    );
+}
+
 #[test]
 fn inspect_prints_balance_and_writes_a_quicklook() {
     let dir = tempfile::tempdir().unwrap();
@@ -402,10 +436,35 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("the 1 regime file(s) written before it were removed"),
+        err.contains(
+            "the 1 regime file(s) written before it were taken back (new ones removed, \
+             replaced ones restored)"
+        ),
         "{err}"
     );
     assert!(!store.join("regimes/long_50.parquet").exists());
+    // A member it replaced (--force) is restored as it was.
+    ok(regime(&["--name", "long_50", "--rule", "all"]));
+    let was = std::fs::read(store.join("regimes/long_50.parquet")).unwrap();
+    let out = regime(&["--name", "long", "--ladder", "50,1e-300", "--force"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("replacing regime long_50 (--force)")
+            && err.contains("replaced ones restored"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(store.join("regimes/long_50.parquet")).unwrap(),
+        was
+    );
+    let left: Vec<String> = std::fs::read_dir(store.join("regimes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    std::fs::remove_file(store.join("regimes/long_50.parquet")).unwrap();
     // A training regime drawn over a test regime's scenes is said at once, not when a run
     // refuses it.
     ok(regime(&[

@@ -1047,7 +1047,7 @@ fn train_refuses_what_would_mix_two_runs_and_warns_of_what_changes_one() {
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
     let out = ok(micro_train(&store, &run, &more, true).output().unwrap());
     assert!(
-        err(&out).contains("holds no checkpoint; training starts at step 0"),
+        err(&out).contains("holds no step checkpoint; training starts at step 0"),
         "{}",
         err(&out)
     );

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload,
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions,
+    PutPayload,
 };
 use url::Url;
 
@@ -301,6 +302,47 @@ pub(super) fn write(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     request(&client, || client.store.put(&object, payload.clone()))
         .map(|_| ())
         .map_err(io_error)
+}
+
+pub(super) fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
+    let (client, object) = locate(path)?;
+    let payload = PutPayload::from(bytes);
+    let create = || {
+        client.store.put_opts(
+            &object,
+            payload.clone(),
+            PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            },
+        )
+    };
+    match request(&client, create) {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{}: made by another process meanwhile", path.display()),
+        )),
+        // A service without create-only puts: check, then put.
+        Err(object_store::Error::NotImplemented { .. }) => {
+            if exists(path)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{}: made by another process meanwhile", path.display()),
+                ));
+            }
+            write(path, payload.into_iter().flat_map(|b| b.to_vec()).collect())
+        }
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+pub(super) fn remove(path: &Path) -> io::Result<()> {
+    let (client, object) = locate(path)?;
+    match request(&client, || client.store.delete(&object)) {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(io_error(e)),
+    }
 }
 
 pub(super) fn zarr_storage(root: &Path) -> io::Result<ReadableStorage> {

@@ -380,6 +380,19 @@ impl Regime {
     /// ([`crate::location::write`]: a temporary file and a rename, or one upload into object
     /// storage), so a reader never sees half a regime.
     pub fn write(&self, path: &Path) -> Result<(), DatasetError> {
+        let bytes = self.to_bytes(path)?;
+        crate::location::write(path, bytes).map_err(|e| DatasetError::write(path, e))
+    }
+
+    /// [`Regime::write`], but only where no file is: of two processes drawing the same new
+    /// name at once, one writes it and the other gets an error saying so.
+    pub fn write_new(&self, path: &Path) -> Result<(), DatasetError> {
+        let bytes = self.to_bytes(path)?;
+        crate::location::write_new(path, bytes).map_err(|e| DatasetError::write(path, e))
+    }
+
+    /// The regime as the bytes of its Parquet file (`path` for errors).
+    fn to_bytes(&self, path: &Path) -> Result<Vec<u8>, DatasetError> {
         let meta = serde_json::to_string(self).map_err(|e| DatasetError::write(path, e))?;
         let n = self.scenes.len();
         let columns: Vec<ArrayRef> = vec![
@@ -421,8 +434,7 @@ impl Regime {
         let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
             .map_err(|e| DatasetError::write(path, e))?;
         w.write(&batch).map_err(|e| DatasetError::write(path, e))?;
-        let bytes = w.into_inner().map_err(|e| DatasetError::write(path, e))?;
-        crate::location::write(path, bytes).map_err(|e| DatasetError::write(path, e))
+        w.into_inner().map_err(|e| DatasetError::write(path, e))
     }
 
     /// Read a regime file written by [`Regime::write`]; the scene column is authoritative.

@@ -38,6 +38,14 @@ pub use evaluation::{
 pub use validation::{ValRecord, read_validation, write_validation};
 use validation::{read_best, save_best};
 
+/// What validation reads: the store, the regime's scenes, how to infer and the level scored at.
+type ValSet = (
+    SceneReader,
+    Vec<std::sync::Arc<str>>,
+    crate::evaluate::InferOptions,
+    icefm_schemas::Level,
+);
+
 /// The safetensors file an `--init` path names: a `.safetensors` file, a checkpoint folder
 /// (its `model.safetensors`), or a run folder (its best checkpoint, else its newest).
 pub fn resolve_weights(path: &Path) -> Result<PathBuf, TrainError> {
@@ -60,12 +68,9 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, TrainError> {
     if direct.is_file() {
         return Ok(direct);
     }
-    let best = path
-        .join("checkpoints")
-        .join("best")
-        .join("model.safetensors");
-    if best.is_file() {
-        return Ok(best);
+    // The best, or the earlier best a replacement stopped half-way left set aside.
+    if let Some(best) = crate::train::whole_folder(&path.join("checkpoints").join("best")) {
+        return Ok(best.join("model.safetensors"));
     }
     if let Some((_, dir)) = checkpoints(path).last() {
         return Ok(dir.join("model.safetensors"));
@@ -302,6 +307,34 @@ pub fn train_seg_in(
         }
     }
     agree_on_weights(group, &named, START_WEIGHTS)?;
+    // The validation scenes' pooled scores under the model's weights now, and the score
+    // runs select by.
+    let validate = |(reader, scenes, iopts, score_level): &ValSet| -> Result<(crate::metrics::Scores, f64), TrainError> {
+        let (pooled, _) = evaluate_scenes(
+            &model,
+            reader,
+            scenes,
+            iopts,
+            *score_level,
+            &dev,
+            &mut |_, _| Ok(()),
+        )?;
+        let s = pooled.scores();
+        let score = selection_score(&s, &scfg.tasks);
+        Ok((s, score))
+    };
+    if let Some(set) = &val
+        && heal_best(&validation, start, best)
+    {
+        // The run stopped between the checkpoint it resumes from and saving that step's best:
+        // the weights loaded are that step's, scored again as they were.
+        let (s, score) = validate(set)?;
+        save_best(&opts.out, start, score, &s, &named)?;
+        best = Some((start, score));
+        run.log(&format!(
+            "step {start}: best score {score:.2} saved again (the run stopped before saving it)"
+        ))?;
+    }
 
     let share = Share::of(group, cfg);
 
@@ -399,21 +432,12 @@ pub fn train_seg_in(
         }
         // A due validation runs even when stopping, so a resumed run keeps the same records
         // and best checkpoint as one that never stopped.
-        if let Some((reader, scenes, iopts, score_level)) = &val
+        let mut new_best = None;
+        if let Some(set) = &val
             && validating
         {
             let t1 = Instant::now();
-            let (pooled, _) = evaluate_scenes(
-                &model,
-                reader,
-                scenes,
-                iopts,
-                *score_level,
-                &dev,
-                &mut |_, _| Ok(()),
-            )?;
-            let s = pooled.scores();
-            let score = selection_score(&s, &scfg.tasks);
+            let (s, score) = validate(set)?;
             let v = ValRecord {
                 step: done,
                 sic_r2: s.sic_r2,
@@ -433,15 +457,14 @@ pub fn train_seg_in(
                 text(score, 2)
             ))?;
             if score.is_finite() && best.is_none_or(|(_, b)| score > b) {
-                save_best(&opts.out, done, score, &s, &named)?;
+                new_best = Some((score, s));
                 best = Some((done, score));
-                run.log(&format!("step {done}: new best score {score:.2}"))?;
             }
             on_val(&v);
             validation.push(v);
             write_validation(&opts.out.join("validation.parquet"), &validation)?;
         }
-        if end_step(
+        let stop_here = end_step(
             &mut run,
             group,
             cfg,
@@ -452,7 +475,15 @@ pub fn train_seg_in(
             &named,
             &opt,
             &mut checkpoint,
-        )? {
+        )?;
+        // The best after the step's checkpoint: stopped in between, a resume from that
+        // checkpoint saves it again (`heal_best`); the other way round, a best would stand
+        // without the checkpoint to resume from.
+        if let Some((score, s)) = new_best.take() {
+            save_best(&opts.out, done, score, &s, &named)?;
+            run.log(&format!("step {done}: new best score {score:.2}"))?;
+        }
+        if stop_here {
             interrupted = true;
             break;
         }
@@ -465,4 +496,17 @@ pub fn train_seg_in(
         records,
         validation,
     })
+}
+
+/// Whether the best of the `validation` records up to `start` (the first of the highest finite
+/// scores, as training picks it) is at `start` itself while the saved best (`best`, its step
+/// and score) is not: a run stopped between step `start`'s checkpoint and saving its best.
+fn heal_best(validation: &[ValRecord], start: u64, best: Option<(u64, f64)>) -> bool {
+    let mut top: Option<&ValRecord> = None;
+    for v in validation.iter().filter(|v| v.step <= start) {
+        if v.score.is_finite() && top.is_none_or(|t| v.score > t.score) {
+            top = Some(v);
+        }
+    }
+    top.is_some_and(|t| t.step == start) && best.is_none_or(|(step, _)| step != start)
 }

@@ -141,6 +141,9 @@ pub(crate) fn end_step(
         agree_on_weights(group, named, &format!("weights after step {done}"))?;
     }
     if due && group.is_leader() {
+        // The records first: a checkpoint never exists without the records of its steps (a
+        // resume drops those past its checkpoint), whatever stops the process in between.
+        write_metrics(&out.join("metrics.parquet"), records)?;
         *checkpoint = Some(save_checkpoint(
             out,
             done,
@@ -149,7 +152,6 @@ pub(crate) fn end_step(
             named,
             opt,
         )?);
-        write_metrics(&out.join("metrics.parquet"), records)?;
         prune(out, cfg.train.keep_last.max(1))?;
         run.log(&format!("step {done}: loss {loss:.5}, checkpoint saved"))?;
     }
@@ -198,10 +200,42 @@ pub(crate) fn tensors_of(named: &[(String, Var)]) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// The name an earlier checkpoint folder `dir` holds while a new one takes its place.
+pub(crate) fn set_aside(dir: &Path) -> PathBuf {
+    dir.with_extension("old")
+}
+
+/// The checkpoint folder `dir` as a process stopped while replacing it left it: `dir` itself,
+/// or else the earlier folder it had set aside ([`set_aside`]).
+pub(crate) fn whole_folder(dir: &Path) -> Option<PathBuf> {
+    [dir.to_path_buf(), set_aside(dir)]
+        .into_iter()
+        .find(|d| d.join("state.json").is_file())
+}
+
+/// Put back an earlier checkpoint folder that a process stopped while replacing `dir` left
+/// set aside, and remove one set aside beside a whole `dir`.
+pub(crate) fn recover_folder(dir: &Path) -> Result<(), TrainError> {
+    let aside = set_aside(dir);
+    if !aside.exists() {
+        return Ok(());
+    }
+    if dir.join("state.json").is_file() {
+        std::fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, e))
+    } else {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        }
+        std::fs::rename(&aside, dir).map_err(|e| io_err(dir, e))
+    }
+}
+
 /// Write the checkpoint folder `dir` whole: each weights file, its BLAKE3 recorded, then the
 /// `state.json` that `state` makes of those hashes, all into `DIR.tmp`, which then takes the
-/// place of `dir`. On an error the temporary folder is removed: a full disk is not left fuller
-/// by a half-written checkpoint.
+/// place of `dir`. An earlier `dir` is renamed aside (`DIR.old`) first and removed once the new
+/// one is in place, so a whole folder is there at every moment ([`whole_folder`]). On an error
+/// the temporary folder is removed: a full disk is not left fuller by a half-written
+/// checkpoint.
 pub(crate) fn write_checkpoint_folder(
     dir: &Path,
     files: &[(&str, &HashMap<String, Tensor>)],
@@ -218,8 +252,16 @@ pub(crate) fn write_checkpoint_folder(
         let state = state(blake3).map_err(|e| io_err(&tmp, e))?;
         let path = tmp.join("state.json");
         std::fs::write(&path, state).map_err(|e| io_err(&path, e))?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+        let aside = set_aside(dir);
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(dir, &aside).map_err(|e| io_err(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, e))?;
+        }
+        Ok(())
     })();
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -262,10 +304,48 @@ pub(crate) fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
     let all = checkpoints(out);
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(p).map_err(|e| io_err(p, e))?;
+            remove_checkpoint(p)?;
         }
     }
     Ok(())
+}
+
+/// Remove a checkpoint folder: its `state.json` first, so that one stopped half-way is no
+/// longer a checkpoint, and [`sweep`] removes the rest.
+fn remove_checkpoint(dir: &Path) -> Result<(), TrainError> {
+    let state = dir.join("state.json");
+    match std::fs::remove_file(&state) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&state, e)),
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))
+}
+
+/// Tidy `out/checkpoints` at the start of a run that holds its lock: put back a best
+/// checkpoint a stopped replacement set aside ([`recover_folder`]), and remove what stopped
+/// processes left: half-written (`*.tmp`) folders and step folders without a `state.json` (a
+/// removal stopped half-way). The names removed, for the log.
+pub(crate) fn sweep(out: &Path) -> Result<Vec<String>, TrainError> {
+    let dir = out.join("checkpoints");
+    recover_folder(&dir.join("best"))?;
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let leftover = name.ends_with(".tmp")
+            || name.ends_with(".old")
+            || (name.starts_with("step_") && !path.join("state.json").is_file());
+        if leftover && path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(|e| io_err(&path, e))?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// In a data-parallel run, fail on every rank unless all hold the same weights (`what`
@@ -363,5 +443,49 @@ mod tests {
         let hash = crate::files::file_blake3(&ckpt.join("model.safetensors")).unwrap();
         assert!(state.contains(&hash), "{state}");
         assert!(!ckpt.with_extension("tmp").exists());
+    }
+
+    fn folder(dir: &Path, tag: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("state.json"), tag).unwrap();
+    }
+
+    fn tag(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("state.json")).unwrap()
+    }
+
+    #[test]
+    fn a_replacement_stopped_half_way_leaves_a_whole_folder_that_is_put_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let best = tmp.path().join("checkpoints/best");
+        // Replaced whole: the new folder, nothing set aside.
+        folder(&best, "old");
+        let tensors = HashMap::new();
+        write_checkpoint_folder(&best, &[("model.safetensors", &tensors)], |_| {
+            Ok("new".to_string())
+        })
+        .unwrap();
+        assert_eq!(tag(&best), "new");
+        assert!(!set_aside(&best).exists() && !best.with_extension("tmp").exists());
+
+        // Stopped between setting the earlier one aside and renaming the new one in: the
+        // earlier is the whole folder, and a run's start puts it back.
+        std::fs::rename(&best, set_aside(&best)).unwrap();
+        assert_eq!(whole_folder(&best), Some(set_aside(&best)));
+        sweep(tmp.path()).unwrap();
+        assert_eq!(
+            (tag(&best), set_aside(&best).exists()),
+            ("new".into(), false)
+        );
+
+        // Stopped before removing the one set aside: the new one stays, the other goes.
+        folder(&set_aside(&best), "older");
+        assert_eq!(whole_folder(&best), Some(best.clone()));
+        recover_folder(&best).unwrap();
+        assert_eq!(
+            (tag(&best), set_aside(&best).exists()),
+            ("new".into(), false)
+        );
+        assert_eq!(whole_folder(&tmp.path().join("nothing")), None);
     }
 }

@@ -34,7 +34,7 @@ mod start;
 
 pub(crate) use accumulate::{Accumulated, apply};
 pub(crate) use checkpoint::{
-    agree_on_weights, checkpoint_due, end_step, load_checkpoint, tensors_of,
+    agree_on_weights, checkpoint_due, end_step, load_checkpoint, tensors_of, whole_folder,
     write_checkpoint_folder,
 };
 pub use checkpoint::{checkpoints, config_of_run};

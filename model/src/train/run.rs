@@ -362,6 +362,8 @@ fn check_run_dir(
     let existing = checkpoints(&opts.out);
     let config_path = opts.out.join("config.toml");
     let best = opts.out.join("checkpoints").join("best");
+    // A best set aside by a replacement that stopped counts as there.
+    let best_there = best.exists() || super::checkpoint::whole_folder(&best).is_some();
     // Said as warnings once the run's log is open.
     let mut warnings: Vec<String> = trained.warnings.clone();
     if opts.resume {
@@ -403,16 +405,17 @@ fn check_run_dir(
             )));
         }
         if existing.is_empty() {
-            if best.exists() {
-                return Err(TrainError::Setup(format!(
-                    "{}: no step checkpoint to resume from, only the earlier training's \
-                     checkpoints/best, which a run started over would be compared with; give \
-                     another --out, or delete checkpoints/best to start over there",
-                    opts.out.display()
-                )));
-            }
+            // The configuration is the run's own (checked above): a best left without a step
+            // checkpoint is of this run's start that stopped before its first checkpoint, and
+            // starting over gives it again.
+            let best_too = if best_there {
+                ", and its checkpoints/best (of the start that stopped before its first \
+                 checkpoint) is replaced by this start's"
+            } else {
+                ""
+            };
             warnings.push(format!(
-                "--resume: {} holds no checkpoint; training starts at step 0",
+                "--resume: {} holds no step checkpoint; training starts at step 0{best_too}",
                 opts.out.display()
             ));
         } else if saved.train.steps < cfg.train.steps {
@@ -447,7 +450,7 @@ fn check_run_dir(
             "{} already holds checkpoints: add --resume to continue it, or give another --out",
             opts.out.display()
         )));
-    } else if best.exists() {
+    } else if best_there {
         return Err(TrainError::Setup(format!(
             "{} holds the best checkpoint of an earlier training (checkpoints/best), which a \
              new run would be compared with and `icefm eval` would score; give another --out, or \
@@ -490,6 +493,13 @@ fn open_run_dir(
         Ok(f) => (Some(f), None),
         Err(e) => (None, Some(e)),
     };
+    // What stopped processes left in checkpoints/, put back or removed while no other
+    // training can be writing there.
+    let swept = if lock.is_some() {
+        super::checkpoint::sweep(&opts.out)?
+    } else {
+        Vec::new()
+    };
     let mut run = RunDir {
         existing,
         log: Some(log),
@@ -504,6 +514,12 @@ fn open_run_dir(
     for w in &warnings {
         eprintln!("warning: {w}");
         run.log(&format!("warning: {w}"))?;
+    }
+    if !swept.is_empty() {
+        run.log(&format!(
+            "removed what a stopped process left in checkpoints/: {}",
+            swept.join(", ")
+        ))?;
     }
     if let Some(e) = unlocked {
         run.log(&format!(

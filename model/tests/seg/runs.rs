@@ -236,7 +236,29 @@ fn a_resumed_fine_tuning_equals_an_uninterrupted_one_and_keeps_the_best() {
     )
     .unwrap();
     assert_eq!((part.steps_done, part.interrupted), (3, true));
+    // As if stopped between step 3's checkpoint and saving its best (the first validation's):
+    // the resume scores step 3's weights again and saves them as the best.
+    let b_best = tmp.path().join("b/checkpoints/best");
+    let first_best = std::fs::read(b_best.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&b_best).unwrap();
     let rest = train_seg(&cfg, &opts("b", true), &never, &quiet, &|_| {}).unwrap();
+    let log = std::fs::read_to_string(tmp.path().join("b/log.txt")).unwrap();
+    assert!(
+        log.contains("step 3: best score") && log.contains("saved again"),
+        "{log}"
+    );
+    let a_best = |f: &str| std::fs::read(tmp.path().join("a/checkpoints/best").join(f)).unwrap();
+    assert_eq!(
+        std::fs::read(b_best.join("model.safetensors")).unwrap(),
+        a_best("model.safetensors")
+    );
+    assert_eq!(
+        std::fs::read(b_best.join("state.json")).unwrap(),
+        a_best("state.json")
+    );
+    if best.step == 3 {
+        assert_eq!(first_best, a_best("model.safetensors"));
+    }
     let losses = |r: &[StepRecord]| r.iter().map(|r| r.loss).collect::<Vec<_>>();
     assert_eq!(losses(&rest.records), losses(&full.records));
     assert_eq!(rest.validation, {
@@ -257,6 +279,46 @@ fn a_resumed_fine_tuning_equals_an_uninterrupted_one_and_keeps_the_best() {
         .unwrap()
     };
     assert_eq!(last("a"), last("b"));
+}
+
+/// A run that saved a best before its first step checkpoint and then stopped (its best at step
+/// 3, its first checkpoint due at 6) is resumed by starting over, which gives the same best
+/// again; a new run into that folder is still refused.
+#[test]
+fn a_best_without_a_step_checkpoint_is_started_over_by_a_resume() {
+    let cfg = TrainConfig::parse(CONFIG, &["train.checkpoint_every=6".into()]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    let opts = |resume| RunOptions {
+        device: Device::Cpu,
+        store: store().to_path_buf(),
+        out: tmp.path().join("c"),
+        resume,
+    };
+    train_seg(&cfg, &opts(false), &never, &|_| {}, &|_| {}).unwrap();
+    let best = tmp.path().join("c/checkpoints/best");
+    let want = std::fs::read(best.join("state.json")).unwrap();
+    for (_, dir) in checkpoints(&tmp.path().join("c")) {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    let e = train_seg(&cfg, &opts(false), &never, &|_| {}, &|_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("holds the best checkpoint of an earlier training"),
+        "{e}"
+    );
+    let again = train_seg(&cfg, &opts(true), &never, &|_| {}, &|_| {}).unwrap();
+    assert_eq!((again.steps_done, again.steps_run), (6, 6));
+    assert_eq!(std::fs::read(best.join("state.json")).unwrap(), want);
+    let log = std::fs::read_to_string(tmp.path().join("c/log.txt")).unwrap();
+    assert!(
+        log.contains(
+            "holds no step checkpoint; training starts at step 0, and its checkpoints/best"
+        ),
+        "{log}"
+    );
 }
 
 #[test]
