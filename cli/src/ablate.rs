@@ -35,6 +35,9 @@ pub const RESULT_FILE: &str = "result.json";
 /// Wall seconds a run has trained so far, summed over interrupted invocations.
 const SECONDS_FILE: &str = "train_seconds.txt";
 
+/// How often a training run's time so far is written to [`SECONDS_FILE`].
+const SECONDS_EVERY: Duration = Duration::from_secs(60);
+
 /// Arguments of `icefm ablate`.
 #[derive(clap::Args, Debug)]
 pub struct AblateArgs {
@@ -625,7 +628,25 @@ fn run_one(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0.0);
     let t0 = Instant::now();
-    let trained = crate::train::run_with_bar(&run.cfg, &opts, &prefix);
+    // While it trains, the time so far is written every minute once its run has started: a
+    // worker killed outright (kill -9, a node lost) loses at most a minute of it.
+    let training = AtomicBool::new(true);
+    let trained = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = Instant::now();
+            while training.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.elapsed() >= SECONDS_EVERY && run.dir.join("config.toml").is_file() {
+                    let so_far = before + t0.elapsed().as_secs_f64();
+                    let _ = write_atomic(&seconds_path, format!("{so_far:.3}\n").as_bytes());
+                    last = Instant::now();
+                }
+            }
+        });
+        let trained = crate::train::run_with_bar(&run.cfg, &opts, &prefix);
+        training.store(false, Ordering::SeqCst);
+        trained
+    });
     let train_seconds = before + t0.elapsed().as_secs_f64();
     // A run refused before it started leaves no record of inputs: the next pass may start it
     // from others (its weights mended, say).

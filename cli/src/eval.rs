@@ -470,9 +470,15 @@ pub fn cmd_eval(a: EvalArgs) -> Result<Scores> {
             })?;
             let name = format!("{}.png", r.scene);
             let path = dir.join(&name);
-            write_panel(&reader, &path, r, maps).map_err(|e| TrainError::Io {
-                path: path.display().to_string(),
-                reason: format!("{e:#}"),
+            write_panel(&reader, &path, r, maps).map_err(|e| {
+                let path = path.display().to_string();
+                // A write's error names the file already: its cause alone, not the file twice.
+                let reason = if e.to_string().starts_with(&path) {
+                    e.root_cause().to_string()
+                } else {
+                    format!("{e:#}")
+                };
+                TrainError::Io { path, reason }
             })?;
             panel_names.push(name);
         }

@@ -247,11 +247,17 @@ fn records_come_before_their_checkpoint_and_leftovers_are_swept() {
         std::fs::create_dir_all(ck.join(left)).unwrap();
         std::fs::write(ck.join(left).join("model.safetensors"), b"part").unwrap();
     }
+    // The first start's record cut short, as a crash or a full disk leaves it: the next start's
+    // record is a line of its own.
+    let starts = opts.out.join("starts.jsonl");
+    let text = std::fs::read(&starts).unwrap();
+    std::fs::write(&starts, &text[..text.len() - 2]).unwrap();
     let resume = RunOptions {
         resume: true,
         ..opts.clone()
     };
     let done = train_mae(&cfg, &resume, &never, &quiet).unwrap();
+    assert_eq!(icefm_model::train::run_starts(&opts.out).len(), 1);
     assert_eq!((done.steps_done, done.steps_run), (6, 6));
     let steps: Vec<u64> = read_metrics(&opts.out.join("metrics.parquet"))
         .unwrap()

@@ -210,11 +210,19 @@ impl RunStart {
     pub(crate) fn record(&self, run: &Path) -> Result<(), TrainError> {
         let path = run.join(STARTS_FILE);
         let line = serde_json::to_string(self).map_err(|e| io_err(&path, e))?;
+        // A last line cut short (a crash, a full disk) is ended first, so that this record is a
+        // line of its own and not lost with it.
+        let cut = std::fs::read(&path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}"))
+            .and_then(|mut f| {
+                if cut {
+                    writeln!(f)?;
+                }
+                writeln!(f, "{line}")
+            })
             .map_err(|e| io_err(&path, e))
     }
 }
