@@ -24,12 +24,12 @@ use object_store::{
     PutPayload,
 };
 use url::Url;
-
-mod aws_profile;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
     MaybeBytes, MaybeBytesIterator, ReadableStorage, ReadableStorageTraits, StorageError, StoreKey,
 };
+
+mod aws_profile;
 
 /// How long a request of a client that has answered before is tried again while it fails for a
 /// reason that may pass, unless `ICEFM_STORE_RETRY` says otherwise (seconds; 0: not at all).

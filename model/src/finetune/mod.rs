@@ -18,6 +18,7 @@ use icefm_dataset::{Sampler, SceneReader};
 use crate::config::TrainConfig;
 use crate::dist::Group;
 use crate::evaluate::selection_score;
+use crate::metrics::Scores;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::seg::{SegModel, label_counts, seg_loss_shared};
 use crate::threads::on_worker;
@@ -309,7 +310,8 @@ pub fn train_seg_in(
     agree_on_weights(group, &named, START_WEIGHTS)?;
     // The validation scenes' pooled scores under the model's weights now, and the score
     // runs select by.
-    let validate = |(reader, scenes, iopts, score_level): &ValSet| -> Result<(crate::metrics::Scores, f64), TrainError> {
+    let validate = |set: &ValSet| -> Result<(Scores, f64), TrainError> {
+        let (reader, scenes, iopts, score_level) = set;
         let (pooled, _) = evaluate_scenes(
             &model,
             reader,
