@@ -179,9 +179,16 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
         mae.encoder.dim, mae.encoder.depth, mae.encoder.heads
     );
     if neck > 0 {
+        // MAEPretrainDecoder's defaults (196 patches, 3 channels, 1024 wide) fit ImageNet's
+        // ViT-L, not this model: every setting its shapes depend on.
         println!(
-            "  neck config: decoder_embed_dim={}, decoder_depth={}, decoder_num_heads={}",
-            mae.decoder_dim, mae.decoder_depth, mae.decoder_heads
+            "  neck config: num_patches={}, patch_size={patch}, in_chans={in_channels}, \
+             embed_dim={}, decoder_embed_dim={}, decoder_depth={}, decoder_num_heads={}",
+            opts.grid * opts.grid,
+            mae.encoder.dim,
+            mae.decoder_dim,
+            mae.decoder_depth,
+            mae.decoder_heads
         );
     }
     println!(

@@ -118,6 +118,9 @@ pub struct TrainSection {
     pub min_lr: f64,
     /// Linear warm-up steps.
     pub warmup_steps: u64,
+    /// Share of `lr` the warm-up starts from, in [0, 1): 0 rises from nothing, 1/3 from a third
+    /// as mmengine's `LinearLR(start_factor=1/3)` in SAR-IceFM's recipes.
+    pub warmup_start: f64,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: none).
@@ -147,6 +150,7 @@ impl Default for TrainSection {
             lr: 2e-4,
             min_lr: 0.0,
             warmup_steps: 100,
+            warmup_start: 0.0,
             weight_decay: 0.05,
             clip_grad: 3.0,
             seed: 0,
@@ -665,6 +669,12 @@ impl TrainConfig {
             return e(format!(
                 "model.drop_path {} is not in [0, 1)",
                 self.model.drop_path
+            ));
+        }
+        if !(0.0..1.0).contains(&t.warmup_start) {
+            return e(format!(
+                "train.warmup_start {}: expected a share of train.lr in [0, 1)",
+                t.warmup_start
             ));
         }
         if t.keep_last == 0 {

@@ -397,11 +397,11 @@ fn scale_for(norm: f64, max_norm: f64) -> (f64, f64) {
     (norm, scale)
 }
 
-/// Learning rate at `step` (0-based): linear warm-up from 0 to `base` over `warmup` steps, then
-/// a half cosine from `base` to `min_lr` at `total`.
-pub fn lr_at(step: u64, base: f64, warmup: u64, total: u64, min_lr: f64) -> f64 {
+/// Learning rate at `step` (0-based): a linear warm-up over `warmup` steps from `start` × `base`
+/// (0: from nothing) to `base`, then a half cosine from `base` to `min_lr` at `total`.
+pub fn lr_at(step: u64, base: f64, warmup: u64, start: f64, total: u64, min_lr: f64) -> f64 {
     if step < warmup {
-        return base * (step + 1) as f64 / warmup as f64;
+        return base * (start + (1.0 - start) * (step + 1) as f64 / warmup as f64);
     }
     let span = total.saturating_sub(warmup).max(1) as f64;
     let t = ((step - warmup) as f64 / span).min(1.0);
@@ -534,11 +534,19 @@ mod tests {
         assert!(no_decay("encoder.blocks.0.ln1.weight", 1));
         assert!(!no_decay("encoder.blocks.0.attn.qkv.weight", 2));
         // Warm-up 10 steps to 1e-3, cosine to 0 at 110.
-        assert!((lr_at(0, 1e-3, 10, 110, 0.0) - 1e-4).abs() < 1e-12);
-        assert!((lr_at(9, 1e-3, 10, 110, 0.0) - 1e-3).abs() < 1e-12);
-        assert!((lr_at(10, 1e-3, 10, 110, 0.0) - 1e-3).abs() < 1e-12);
-        assert!((lr_at(60, 1e-3, 10, 110, 0.0) - 5e-4).abs() < 1e-12);
-        assert!(lr_at(110, 1e-3, 10, 110, 1e-5) - 1e-5 < 1e-12);
+        assert!((lr_at(0, 1e-3, 10, 0.0, 110, 0.0) - 1e-4).abs() < 1e-12);
+        assert!((lr_at(9, 1e-3, 10, 0.0, 110, 0.0) - 1e-3).abs() < 1e-12);
+        assert!((lr_at(10, 1e-3, 10, 0.0, 110, 0.0) - 1e-3).abs() < 1e-12);
+        assert!((lr_at(60, 1e-3, 10, 0.0, 110, 0.0) - 5e-4).abs() < 1e-12);
+        assert!(lr_at(110, 1e-3, 10, 0.0, 110, 1e-5) - 1e-5 < 1e-12);
+        // From a third (SAR-IceFM's LinearLR): 1/3 + 2/3 × 1/10 of lr at the first step, lr at
+        // the last warm-up step, the same cosine after.
+        assert!((lr_at(0, 9e-4, 10, 1.0 / 3.0, 110, 0.0) - 3.6e-4).abs() < 1e-12);
+        assert!((lr_at(9, 9e-4, 10, 1.0 / 3.0, 110, 0.0) - 9e-4).abs() < 1e-12);
+        assert_eq!(
+            lr_at(60, 1e-3, 10, 1.0 / 3.0, 110, 0.0),
+            lr_at(60, 1e-3, 10, 0.0, 110, 0.0)
+        );
         let dev = Device::Cpu;
         let x = Var::new(&[3.0f32, 4.0], &dev).unwrap();
         let grads = x

@@ -204,6 +204,38 @@ fn a_segmentation_checkpoint_imports_its_backbone_and_skips_its_heads() {
     assert!(imported.notes.iter().any(|n| n.contains("segmentation")));
 }
 
+/// mmcls's `ln2` beside `ln1` is the norm of the averaged tokens, not the encoder's final norm:
+/// skipped with its reason, the final norm taken from `ln1` alone.
+#[test]
+fn the_norm_of_averaged_tokens_is_skipped_not_taken_for_the_final_norm() {
+    let (_, mut entries) = read_pth(&data("mmselfsup_tiny_backbone.pth")).unwrap();
+    let ln1 = entries
+        .iter()
+        .find(|(k, _)| k.ends_with("backbone.ln1.weight"))
+        .map(|(_, t)| t.clone())
+        .unwrap();
+    let other = (ln1.clone() * 3.0).unwrap();
+    entries.push(("module.backbone.ln2.weight".into(), other.clone()));
+    entries.push(("module.backbone.ln2.bias".into(), other));
+    let imported = import_state_dict(
+        entries,
+        &ImportOptions {
+            heads: Some(2),
+            ..ImportOptions::default()
+        },
+    )
+    .unwrap();
+    let skipped: Vec<&str> = imported.skipped.iter().map(|s| s.key.as_str()).collect();
+    assert!(
+        skipped.contains(&"backbone.ln2.weight") && skipped.contains(&"backbone.ln2.bias"),
+        "{skipped:?}"
+    );
+    let norm = imported.tensors["encoder.norm.weight"]
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(norm, ln1.to_vec1::<f32>().unwrap());
+}
+
 #[test]
 fn an_unknown_key_is_an_error_naming_it() {
     let (_, mut entries) = read_pth(&data("mmselfsup_tiny.pth")).unwrap();

@@ -182,6 +182,11 @@ fn train_writes_a_run_and_resumes() {
         text.contains("backbone config: img_size=32, patch_size=4, in_channels=2"),
         "{text}"
     );
+    // Every neck setting its shapes depend on (MAEPretrainDecoder's defaults are ViT-L's).
+    assert!(
+        text.contains("neck config: num_patches=64, patch_size=4, in_chans=2, embed_dim=16,"),
+        "{text}"
+    );
     let back = dir.path().join("back.safetensors");
     ok(icefm()
         .arg("import")

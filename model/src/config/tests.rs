@@ -20,6 +20,14 @@ fn shipped_presets_parse() {
         (30_000, 3000, 384)
     );
     assert_eq!(b.data.levels.split(',').count(), 9);
+    assert_eq!(
+        (
+            b.model.drop_path,
+            b.train.weight_decay,
+            b.train.warmup_start
+        ),
+        (0.1, 0.01, 0.3333)
+    );
     let t = TrainConfig::parse(include_str!("../../../configs/mae_vit_tiny.toml"), &[]).unwrap();
     assert_eq!(t.mae_config().unwrap().encoder.dim, 192);
 }
@@ -31,10 +39,19 @@ fn shipped_fine_tuning_presets_parse() {
     assert_eq!((s.encoder.dim, s.layers), (768, [2, 5, 8, 11]));
     assert_eq!(
         (s.head, s.channels, s.sic_loss),
-        (HeadKind::UperNet, 512, SicLoss::Mse)
+        (HeadKind::UperNet, 768, SicLoss::Mse)
     );
     assert_eq!(s.tasks, Task::ALL.to_vec());
     assert_eq!(s.task_weights, [1.0, 3.0, 3.0]);
+    // SAR-IceFM's ft80 schedule: weight decay 0.01, warm-up over 5 % from a third of lr.
+    assert_eq!(
+        (
+            b.train.weight_decay,
+            b.train.warmup_steps,
+            b.train.warmup_start
+        ),
+        (0.01, 1500, 0.3333)
+    );
     let t = TrainConfig::parse(
         include_str!("../../../configs/seg_vit_tiny.toml"),
         &["seg.tasks=[\"sod\"]".into(), "seg.eval_level=200".into()],
@@ -182,6 +199,11 @@ fn values_a_run_cannot_train_with_are_refused_naming_the_key() {
         mae,
         "model.drop_path=2",
         "model.drop_path 2 is not in [0, 1)",
+    );
+    refused(
+        mae,
+        "train.warmup_start=1",
+        "train.warmup_start 1: expected a share of train.lr in [0, 1)",
     );
     refused(
         mae,

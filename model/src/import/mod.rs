@@ -155,7 +155,7 @@ pub const BLOCK_KEYS: [(&str, &str); 12] = [
 ];
 
 /// Keys outside the blocks: mmselfsup → icefm.
-pub const TOP_KEYS: [(&str, &str); 14] = [
+pub const TOP_KEYS: [(&str, &str); 12] = [
     (
         "backbone.patch_embed.projection.weight",
         "encoder.patch_embed.weight",
@@ -174,11 +174,11 @@ pub const TOP_KEYS: [(&str, &str); 14] = [
     ("neck.ln1.bias", "decoder.norm.bias"),
     ("neck.decoder_pred.weight", "decoder.pred.weight"),
     ("neck.decoder_pred.bias", "decoder.pred.bias"),
-    // mmcls names the final norm `ln2` instead when it pools (`out_type='avg_featmap'`); the
-    // tensor is the same layer norm after the last block.
-    ("backbone.ln2.weight", "encoder.norm.weight"),
-    ("backbone.ln2.bias", "encoder.norm.bias"),
 ];
+
+/// mmcls's and mmpretrain's norm of the averaged tokens (`out_type='avg_featmap'`): applied to
+/// the pooled token, not to each token as icefm's final norm is, so it is skipped, not mapped.
+const POOLED_NORM: &str = "backbone.ln2.";
 
 const ENCODER_POS: &str = "backbone.pos_embed";
 const DECODER_POS: &str = "neck.decoder_pos_embed";

@@ -11,7 +11,7 @@ use crate::vit::{VitConfig, sincos_2d};
 
 use super::{
     DECODER_POS, DecoderShape, ENCODER_POS, EncoderShape, ImportError, ImportOptions, Imported,
-    POS_EMBED_TOLERANCE, SEGMENTATION_PREFIXES, Skipped, icefm_name, preset_heads,
+    POOLED_NORM, POS_EMBED_TOLERANCE, SEGMENTATION_PREFIXES, Skipped, icefm_name, preset_heads,
 };
 
 /// Largest `|a − b|` over two equally long slices.
@@ -123,6 +123,15 @@ pub fn import_state_dict(
             if encoder_pos.replace(t).is_some() {
                 duplicates.insert(format!("{key} twice"));
             }
+            continue;
+        }
+        if key.starts_with(POOLED_NORM) {
+            skipped.push(Skipped {
+                key,
+                reason: "norm of the averaged tokens (mmcls/mmpretrain's avg_featmap), not \
+                         a per-token layer; icefm pools no tokens"
+                    .into(),
+            });
             continue;
         }
         if key.starts_with("data_preprocessor.") {

@@ -145,7 +145,14 @@ pub(crate) fn apply(
     step: u64,
 ) -> Result<(Clip, f64), TrainError> {
     let t = &cfg.train;
-    let lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr);
+    let lr = lr_at(
+        step,
+        t.lr,
+        t.warmup_steps,
+        t.warmup_start,
+        t.steps,
+        t.min_lr,
+    );
     let cpu = vars.first().is_none_or(|v| v.device().is_cpu());
     on_worker(cpu, || {
         let c = clip(grads, vars.iter(), t.clip_grad)?;
