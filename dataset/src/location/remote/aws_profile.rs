@@ -171,7 +171,8 @@ pub(super) fn options(
              --format env)\""
         ));
     }
-    if has_keys && get("aws_access_key_id").is_some() && get("aws_secret_access_key").is_none() {
+    if !env_has_keys && get("aws_access_key_id").is_some() && get("aws_secret_access_key").is_none()
+    {
         return Err(format!(
             "AWS profile `{name}` has aws_access_key_id but no aws_secret_access_key ({})",
             files.credentials.0.display()
@@ -321,9 +322,15 @@ mod tests {
             got(&with_keys, Some(CREDENTIALS), Some(CONFIG)).unwrap(),
             pairs(&[("aws_region", "eu-west-1")])
         );
-        // A key without its secret is an error, not half a credential.
-        let e = got(&[], Some("[default]\naws_access_key_id = A\n"), None).unwrap_err();
+        // A key without its secret is an error, not half a credential, unless the
+        // environment's keys are used instead.
+        let half = Some("[default]\naws_access_key_id = A\n");
+        let e = got(&[], half, None).unwrap_err();
         assert!(e.contains("no aws_secret_access_key"), "{e}");
+        assert_eq!(
+            got(&[("AWS_ACCESS_KEY_ID", "AKIAENV")], half, None).unwrap(),
+            Vec::new()
+        );
     }
 
     #[test]
