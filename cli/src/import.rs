@@ -31,6 +31,11 @@ pub struct ImportArgs {
     /// Import even if a position embedding is not the fixed sin-cos (the model will differ).
     #[arg(long)]
     allow_pos_embed_mismatch: bool,
+    /// The input channels the encoder was trained on, in order (SAR-IceFM's: HH,HV), recorded
+    /// in the file: fine-tuning from it then refuses other data.channels. Without it only their
+    /// number is checked.
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<String>>,
     /// Print every checkpoint key and its icefm name.
     #[arg(long)]
     show_map: bool,
@@ -53,9 +58,11 @@ pub fn cmd_import(a: ImportArgs) -> Result<()> {
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    imported
-        .write_safetensors(&a.out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    match &a.channels {
+        Some(channels) => imported.write_safetensors_with_channels(&a.out, channels),
+        None => imported.write_safetensors(&a.out),
+    }
+    .with_context(|| format!("cannot write {}", a.out.display()))?;
     print_summary(&a, &imported);
     Ok(())
 }

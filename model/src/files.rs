@@ -23,6 +23,55 @@ pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
     Ok(())
 }
 
+/// Key of a weight file's header metadata naming the input channels its encoder reads
+/// (a JSON array of names), as `icefm import` records them.
+pub const CHANNELS_KEY: &str = "icefm.channels";
+
+/// [`save_safetensors`] with `metadata` in the file's header.
+pub(crate) fn save_safetensors_with(
+    tensors: &HashMap<&str, Tensor>,
+    path: &Path,
+    metadata: HashMap<String, String>,
+) -> candle_core::Result<()> {
+    let named =
+        |e: &dyn Display| candle_core::Error::msg(format!("writing {}: {e}", path.display()));
+    let mut sorted: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
+    sorted.sort_by_key(|(k, _)| *k);
+    safetensors::serialize_to_file(sorted, Some(metadata), path).map_err(|e| named(&e))?;
+    set_new_file_mode(path).map_err(|e| named(&e))?;
+    Ok(())
+}
+
+/// The header metadata of the safetensors file at `path` (empty when it has none).
+pub fn safetensors_metadata(path: &Path) -> std::io::Result<HashMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        return Err(std::io::Error::other("not a safetensors header"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(std::io::Error::other)?;
+    Ok(json
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The input channels a weight file records ([`CHANNELS_KEY`]), if it records them.
+pub fn recorded_channels(path: &Path) -> Option<Vec<String>> {
+    let text = safetensors_metadata(path).ok()?.remove(CHANNELS_KEY)?;
+    serde_json::from_str(&text).ok()
+}
+
 /// Key of a checkpoint's `state.json` that maps each of its weight files to its BLAKE3 (hex).
 /// Whether `a` and `b` are one existing file or folder (a link or another spelling of its path
 /// included): the same device and inode.

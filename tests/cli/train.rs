@@ -199,6 +199,55 @@ fn train_writes_a_run_and_resumes() {
         std::fs::read(&back).unwrap(),
         std::fs::read(run.join("checkpoints/step_0000005/model.safetensors")).unwrap()
     );
+    // An import told its channels records them, and fine-tuning from it refuses others; their
+    // number must be the encoder's.
+    let import = |channels: &str, out: &Path| {
+        icefm()
+            .arg("import")
+            .arg(&exported)
+            .args(["--channels", channels, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let swapped = dir.path().join("swapped.safetensors");
+    ok(import("HV,HH", &swapped));
+    assert_eq!(
+        icefm_model::files::recorded_channels(&swapped),
+        Some(vec!["HV".to_string(), "HH".to_string()])
+    );
+    let one = import("HH", &dir.path().join("one.safetensors"));
+    assert_eq!(one.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&one.stderr);
+    assert!(
+        err.contains("1 channel name(s) given (HH), but the encoder reads 2 input channel(s)"),
+        "{err}"
+    );
+    // A micro fine-tuning run from `init` into `out`.
+    let seg_config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml");
+    let fine_tune = |init: &Path, out: &Path| {
+        icefm()
+            .args(["train", "--store"])
+            .arg(&store)
+            .arg("--config")
+            .arg(&seg_config)
+            .args(["--set", "model.preset=micro", "--set", "data.levels=80"])
+            .args(["--set", "data.crop=32", "--set", "data.batch_size=2"])
+            .args(["--set", "seg.channels=8", "--init"])
+            .arg(init)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let refused = fine_tune(&swapped, &dir.path().join("seg-swapped"));
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("its encoder was trained on data.channels [\"HV\", \"HH\"]"),
+        "{err}"
+    );
+    assert!(!dir.path().join("seg-swapped").exists());
     // Weights changed since the checkpoint was written (one byte of a tensor: the file still
     // parses) are refused by what reads them, not trained or exported.
     let weights = run.join("checkpoints/step_0000005/model.safetensors");
@@ -212,7 +261,6 @@ fn train_writes_a_run_and_resumes() {
     *changed.last_mut().unwrap() ^= 0x01;
     std::fs::write(&weights, &changed).unwrap();
     let seg = dir.path().join("seg");
-    let seg_config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml");
     for out in [
         train("train.steps=6", true),
         icefm()
@@ -223,19 +271,7 @@ fn train_writes_a_run_and_resumes() {
             .output()
             .unwrap(),
         // Fine-tuning from them is refused before its run folder is made.
-        icefm()
-            .args(["train", "--store"])
-            .arg(&store)
-            .arg("--config")
-            .arg(&seg_config)
-            .args(["--set", "model.preset=micro", "--set", "data.levels=80"])
-            .args(["--set", "data.crop=32", "--set", "data.batch_size=2"])
-            .args(["--set", "seg.channels=8", "--init"])
-            .arg(&weights)
-            .arg("--out")
-            .arg(&seg)
-            .output()
-            .unwrap(),
+        fine_tune(&weights, &seg),
     ] {
         assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);

@@ -243,13 +243,20 @@ pub fn train_seg_in(
     let initialised = if !seg.init.is_empty() && !resuming {
         // An encoder trained on other input channels (or in another order) loads, and reads
         // its inputs wrong: the run's config says which it was trained on.
-        if let Ok((_, icfg)) = crate::train::config_of_run(Path::new(&seg.init))
-            && icfg.data.channels != cfg.data.channels
+        // An `icefm import --channels` file records them in its header instead.
+        let trained_on = match crate::train::config_of_run(Path::new(&seg.init)) {
+            Ok((_, icfg)) => Some(icfg.data.channels),
+            Err(_) => resolve_weights(Path::new(&seg.init))
+                .ok()
+                .and_then(|f| crate::files::recorded_channels(&f)),
+        };
+        if let Some(channels) = trained_on
+            && channels != cfg.data.channels
         {
             return Err(TrainError::Setup(format!(
                 "seg.init {}: its encoder was trained on data.channels {:?}, this run reads {:?}; \
                  give the same channels in the same order",
-                seg.init, icfg.data.channels, cfg.data.channels
+                seg.init, channels, cfg.data.channels
             )));
         }
         Some(load_init(Path::new(&seg.init), &named, &dev)?)

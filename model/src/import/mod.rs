@@ -394,6 +394,35 @@ impl Imported {
     pub fn write_safetensors(&self, path: &Path) -> Result<(), ImportError> {
         save_named(&self.tensors, path).map_err(|e| read_err(path, e))
     }
+
+    /// [`Imported::write_safetensors`], recording the input `channels` the encoder reads in the
+    /// file's header ([`crate::files::CHANNELS_KEY`]): fine-tuning from it then checks its
+    /// `data.channels` against them, as it does against an icefm run's. Their number must be the
+    /// patch embedding's input channels.
+    pub fn write_safetensors_with_channels(
+        &self,
+        path: &Path,
+        channels: &[String],
+    ) -> Result<(), ImportError> {
+        if channels.len() != self.encoder.in_channels {
+            return Err(ImportError::Shape(format!(
+                "{} channel name(s) given ({}), but the encoder reads {} input channel(s)",
+                channels.len(),
+                channels.join(", "),
+                self.encoder.in_channels
+            )));
+        }
+        let map: HashMap<&str, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.clone()))
+            .collect();
+        let meta = HashMap::from([(
+            crate::files::CHANNELS_KEY.to_string(),
+            serde_json::to_string(channels).unwrap_or_default(),
+        )]);
+        crate::files::save_safetensors_with(&map, path, meta).map_err(|e| read_err(path, e))
+    }
 }
 
 /// Named tensors as one safetensors file (shared with [`crate::export`]).
