@@ -212,7 +212,7 @@ impl Exported {
     /// `safetensors.torch.load_file`, then `torch.save({"state_dict": sd}, "x.pth")` for
     /// mmengine's `load_checkpoint`).
     pub fn write_safetensors(&self, path: &Path) -> Result<(), ExportError> {
-        save_named(&self.tensors, path).map_err(|e| ExportError::Write {
+        save_named(&self.tensors, path, None).map_err(|e| ExportError::Write {
             path: path.display().to_string(),
             reason: e.to_string(),
         })

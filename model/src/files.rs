@@ -14,30 +14,24 @@ pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
     tensors: &HashMap<K, Tensor>,
     path: impl AsRef<Path>,
 ) -> candle_core::Result<()> {
-    let path = path.as_ref();
-    // candle's error says why ("No space left on device") but not which file.
-    let named =
-        |e: &dyn Display| candle_core::Error::msg(format!("writing {}: {e}", path.display()));
-    candle_core::safetensors::save(tensors, path).map_err(|e| named(&e))?;
-    set_new_file_mode(path).map_err(|e| named(&e))?;
-    Ok(())
+    save_safetensors_with(tensors, path.as_ref(), None)
 }
 
 /// Key of a weight file's header metadata naming the input channels its encoder reads
 /// (a JSON array of names), as `icefm import` records them.
 pub const CHANNELS_KEY: &str = "icefm.channels";
 
-/// [`save_safetensors`] with `metadata` in the file's header.
-pub(crate) fn save_safetensors_with(
-    tensors: &HashMap<&str, Tensor>,
+/// [`save_safetensors`] with `metadata` in the file's header (`None`: none, as candle's own
+/// `save` writes, byte for byte).
+pub(crate) fn save_safetensors_with<K: AsRef<str> + Ord + Display>(
+    tensors: &HashMap<K, Tensor>,
     path: &Path,
-    metadata: HashMap<String, String>,
+    metadata: Option<HashMap<String, String>>,
 ) -> candle_core::Result<()> {
+    // candle's error says why ("No space left on device") but not which file.
     let named =
         |e: &dyn Display| candle_core::Error::msg(format!("writing {}: {e}", path.display()));
-    let mut sorted: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
-    sorted.sort_by_key(|(k, _)| *k);
-    safetensors::serialize_to_file(sorted, Some(metadata), path).map_err(|e| named(&e))?;
+    safetensors::serialize_to_file(tensors, metadata, path).map_err(|e| named(&e))?;
     set_new_file_mode(path).map_err(|e| named(&e))?;
     Ok(())
 }

@@ -331,7 +331,9 @@ pub(super) fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
                     format!("{}: made by another process meanwhile", path.display()),
                 ));
             }
-            write(path, payload.into_iter().flat_map(|b| b.to_vec()).collect())
+            request(&client, || client.store.put(&object, payload.clone()))
+                .map(|_| ())
+                .map_err(io_error)
         }
         Err(e) => Err(io_error(e)),
     }

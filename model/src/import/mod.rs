@@ -392,7 +392,7 @@ impl Imported {
     /// Write the tensors as safetensors, named as a training checkpoint's `model.safetensors`
     /// (`encoder.*`, `decoder.*`; f32).
     pub fn write_safetensors(&self, path: &Path) -> Result<(), ImportError> {
-        save_named(&self.tensors, path).map_err(|e| read_err(path, e))
+        save_named(&self.tensors, path, None).map_err(|e| read_err(path, e))
     }
 
     /// [`Imported::write_safetensors`], recording the input `channels` the encoder reads in the
@@ -412,27 +412,24 @@ impl Imported {
                 self.encoder.in_channels
             )));
         }
-        let map: HashMap<&str, Tensor> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| (k.as_str(), t.clone()))
-            .collect();
         let meta = HashMap::from([(
             crate::files::CHANNELS_KEY.to_string(),
             serde_json::to_string(channels).unwrap_or_default(),
         )]);
-        crate::files::save_safetensors_with(&map, path, meta).map_err(|e| read_err(path, e))
+        save_named(&self.tensors, path, Some(meta)).map_err(|e| read_err(path, e))
     }
 }
 
-/// Named tensors as one safetensors file (shared with [`crate::export`]).
+/// Named tensors as one safetensors file, with `metadata` in its header (shared with
+/// [`crate::export`]).
 pub(crate) fn save_named(
     tensors: &BTreeMap<String, Tensor>,
     path: &Path,
+    metadata: Option<HashMap<String, String>>,
 ) -> candle_core::Result<()> {
     let map: HashMap<&str, Tensor> = tensors
         .iter()
         .map(|(k, t)| (k.as_str(), t.clone()))
         .collect();
-    crate::files::save_safetensors(&map, path)
+    crate::files::save_safetensors_with(&map, path, metadata)
 }
