@@ -73,17 +73,21 @@ pub fn chunk_count(store: &Path) -> Result<u64, DatasetError> {
     Ok(jobs.iter().map(|j| j.rows * j.cols).sum())
 }
 
-/// What is wrong with the rest of a scene: its group and level-group metadata, and its 2 km
-/// grid (one chunk, checksummed; it must be there where the array records writing it).
+/// The dimensions whose names a level group holds as coordinate arrays (one per level array).
+const LEVEL_NAME_ARRAYS: [&str; 3] = ["sar_channel", "aux_channel", "task"];
+
+/// What is wrong with the rest of a scene: its group and level-group metadata, its 2 km grid
+/// (one chunk, checksummed; it must be there where the array records writing it) and its name
+/// arrays (the 2 km grid's `variable`, each level's channel names), which stores ingested before
+/// they were added lack.
 fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
-    use icefm_schemas::store::{ALL_SHARDS_ATTR, GRID2KM_ARRAY, SCENES_GROUP};
-    use zarrs::array::{Array, ArrayBytes, CodecOptions};
+    use icefm_schemas::store::{GRID2KM_ARRAY, SCENES_GROUP};
     let mut wrong = Vec::new();
     let group = format!("{SCENES_GROUP}/{scene}");
     let mut groups = vec![group.clone()];
     groups.extend(reader.attrs.levels.iter().map(|l| format!("{group}/{l}")));
-    for g in groups {
-        let path = reader.path.join(&g).join("zarr.json");
+    for g in &groups {
+        let path = reader.path.join(g).join("zarr.json");
         let ok = crate::location::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| {
@@ -93,37 +97,60 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
             wrong.push(format!("{}: {e}", path.display()));
         }
     }
-    let node = format!("/{group}/{GRID2KM_ARRAY}");
-    let path = reader.path.join(node.trim_start_matches('/'));
-    let array = match Array::open(reader.storage(), &node) {
-        Ok(a) => a,
-        // Stores of every version have the array; a missing one is damage.
-        Err(e) => {
-            wrong.push(format!("{}: {e}", path.display()));
-            return wrong;
+    // Stores of every version have the 2 km grid; a missing one is damage.
+    wrong.extend(check_one_chunk(
+        reader,
+        &format!("{group}/{GRID2KM_ARRAY}"),
+        true,
+    ));
+    let mut names = vec![format!("{group}/variable")];
+    for g in &groups[1..] {
+        names.extend(LEVEL_NAME_ARRAYS.iter().map(|d| format!("{g}/{d}")));
+    }
+    for node in names {
+        wrong.extend(check_one_chunk(reader, &node, false));
+    }
+    wrong
+}
+
+/// What is wrong with an array stored in one chunk at `node` (relative to the store): its
+/// metadata, and its chunk, which must be there where the array records writing it. A missing
+/// array is damage when `required`.
+fn check_one_chunk(reader: &StoreReader, node: &str, required: bool) -> Option<String> {
+    use icefm_schemas::store::ALL_SHARDS_ATTR;
+    use zarrs::array::{Array, ArrayBytes, CodecOptions};
+    let path = reader.path.join(node);
+    if !required {
+        match crate::location::exists(&path.join("zarr.json")) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => return Some(format!("{}: {e}", path.display())),
         }
+    }
+    let array = match Array::open(reader.storage(), &format!("/{node}")) {
+        Ok(a) => a,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
     };
     if array.shape().contains(&0) {
-        return wrong;
+        return None;
     }
     let written = array.attributes().get(ALL_SHARDS_ATTR) == Some(&serde_json::Value::Bool(true));
-    let path = reader.path.join(array.chunk_key(&[0, 0, 0]).as_str());
-    match array.retrieve_encoded_chunk(&[0, 0, 0]) {
-        Ok(None) if written => wrong.push(format!(
+    let origin = vec![0; array.dimensionality()];
+    let path = reader.path.join(array.chunk_key(&origin).as_str());
+    match array.retrieve_encoded_chunk(&origin) {
+        Ok(None) if written => Some(format!(
             "{}: the chunk file is missing, and this array was written with it",
             path.display()
         )),
-        Ok(_) => {
-            if let Err(e) = array.retrieve_chunk_opt::<ArrayBytes<'static>>(
-                &[0, 0, 0],
+        Ok(_) => array
+            .retrieve_chunk_opt::<ArrayBytes<'static>>(
+                &origin,
                 &CodecOptions::default().with_concurrent_target(1),
-            ) {
-                wrong.push(format!("{}: {e}", path.display()));
-            }
-        }
-        Err(e) => wrong.push(format!("{}: {e}", path.display())),
+            )
+            .err()
+            .map(|e| format!("{}: {e}", path.display())),
+        Err(e) => Some(format!("{}: {e}", path.display())),
     }
-    wrong
 }
 
 /// What is wrong with the committed parts in `manifests/parts/` (what the next merge reads):

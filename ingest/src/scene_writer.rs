@@ -172,6 +172,10 @@ pub(crate) fn write_scene(
             gattrs,
         )
         .map_err(zerr)?;
+    let variables: Vec<&str> = g.variables.iter().map(String::as_str).collect();
+    store
+        .write_names(&format!("{scene_node}/variable"), &variables)
+        .map_err(zerr)?;
 
     let dense = if info.kind == InputKind::Rtt { 3 } else { 2 };
     let channels = dense + 2;
@@ -225,6 +229,16 @@ pub(crate) fn write_scene(
                 attrs("class"),
             )
             .map_err(zerr)?;
+        // The channel names as coordinates, one per first dimension above.
+        for (dim, names) in [
+            ("sar_channel", &SAR_CHANNELS[..]),
+            ("aux_channel", &AUX_CHANNELS[..]),
+            ("task", &LABEL_CHANNELS[..]),
+        ] {
+            store
+                .write_names(&format!("{node}/{dim}"), names)
+                .map_err(zerr)?;
+        }
         let incidence_cols = info
             .tie_points
             .as_ref()

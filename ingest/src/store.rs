@@ -265,6 +265,32 @@ impl Store {
         Ok(array)
     }
 
+    /// Write a coordinate array: the names along one dimension (`task` = SIC, SOD, FLOE), as a
+    /// 1-D `string` array (`vlen-utf8`, checksummed) whose one dimension is its own name, so
+    /// xarray takes it as that dimension's index (`ds.labels.sel(task="SOD")`).
+    pub fn write_names(&self, node: &str, names: &[&str]) -> Result<(), StoreError> {
+        let dim = node.rsplit('/').next().unwrap_or(node);
+        let n = names.len() as u64;
+        let at = self.path.join(node.trim_start_matches('/'));
+        let err = |e: &dyn std::fmt::Display| StoreError::zarr(&at, e);
+        let mut attrs = Map::new();
+        attrs.insert(ALL_SHARDS_ATTR.into(), json!(n > 0));
+        let array = ArrayBuilder::new(vec![n], vec![n.max(1)], data_type::string(), "")
+            .bytes_to_bytes_codecs(vec![Arc::new(Crc32cCodec::new())])
+            .dimension_names(Some([dim]))
+            .attributes(attrs)
+            .build(self.fs.clone(), node)
+            .map_err(|e| err(&e))?;
+        array.store_metadata().map_err(|e| err(&e))?;
+        if n > 0 {
+            let names: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
+            array
+                .store_chunk_opt(&[0], names, &write_options())
+                .map_err(|e| err(&e))?;
+        }
+        Ok(())
+    }
+
     /// Write a small array in one chunk (the 2 km grids).
     pub fn write_small_array(
         &self,

@@ -48,6 +48,14 @@ def main() -> int:
     assert ds["sar"].dims == ("sar_channel", "y", "x"), ds["sar"].dims
     assert ds["labels"].dims == ("task", "y", "x"), ds["labels"].dims
     assert ds.sizes["y"] == ds["labels"].shape[1], dict(ds.sizes)
+    # The channel names are coordinates: select a task or a channel by name.
+    assert ds["task"].values.tolist() == ["SIC", "SOD", "FLOE"], ds["task"].values
+    assert ds["sar_channel"].values.tolist() == ["HH", "HV"], ds["sar_channel"].values
+    assert ds["aux_channel"].values.tolist() == ["incidence_angle", "distance_map"]
+    sod = ds["labels"].sel(task="SOD").values
+    assert np.array_equal(sod, root[first + "/labels"][1]), first
+    hv = ds["sar"].sel(sar_channel="HV").values
+    assert np.array_equal(hv, root[first + "/sar"][1], equal_nan=True), first
     checks += 1
     # The whole store as one xarray DataTree: every scene's levels and its 2 km grid, whose
     # dimensions do not clash with the levels' below it.
@@ -57,6 +65,10 @@ def main() -> int:
         assert set(expected["levels"]) <= set(node.children), (scene, list(node.children))
         if "grid2km" in node.data_vars:
             assert node["grid2km"].dims == ("variable", "y_2km", "x_2km"), node["grid2km"].dims
+            names = node["variable"].values.tolist()
+            assert names == root[f"scenes/{scene}/grid2km"].attrs["variables"], names
+            first_var = node["grid2km"].sel(variable=names[0]).values
+            assert np.array_equal(first_var, node["grid2km"].values[0], equal_nan=True), scene
     checks += 1
     # Manifests through pyarrow.
     for name, rows in expected["manifest_rows"].items():
