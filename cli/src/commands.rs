@@ -156,8 +156,10 @@ pub(crate) struct InspectArgs {
     /// Write a quicklook PNG (HH, HV, SIC, SOD, FLOE with legends) of one scene.
     #[arg(long)]
     pub png: Option<PathBuf>,
-    /// Scene of the quicklook: its id or its raw or RTT file name [default: the first].
-    #[arg(long, requires = "png")]
+    /// A scene, by its id or its raw or RTT file name: without --png, print its record (file,
+    /// acquisition, levels, patches, largest polygons, regimes, class balance); with it, the
+    /// quicklook's scene [default: the first].
+    #[arg(long)]
     pub scene: Option<String>,
     /// Level of the quicklook [default: the coarsest].
     #[arg(long, requires = "png")]
@@ -670,9 +672,9 @@ fn source_names(store: &Path) -> Result<std::collections::HashMap<String, String
 
 pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if crate::run_summary::is_run(&a.store) {
-        if a.png.is_some() || a.regime.is_some() {
+        if a.png.is_some() || a.regime.is_some() || a.scene.is_some() {
             bail!(
-                "{} is a training run: --png and --regime inspect a store",
+                "{} is a training run: --png, --scene and --regime inspect a store",
                 a.store.display()
             );
         }
@@ -680,6 +682,12 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     }
     if let Some(name) = &a.regime {
         return crate::regime::inspect_regime(&a.store, name);
+    }
+    if let (Some(scene), None) = (&a.scene, &a.png) {
+        let report = crate::scene_info::scene_report(&a.store, scene)
+            .with_context(|| format!("inspect {} --scene {scene}", a.store.display()))?;
+        print!("{report}");
+        return Ok(());
     }
     if icefm_dataset::location::is_url(&a.store) {
         if a.png.is_some() {
@@ -713,20 +721,8 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let quicklook = a.png.as_ref().map(|png| -> Result<_> {
         let scene = match &a.scene {
             Some(name) => {
-                // A scene id, or the name of its raw or RTT file.
-                let id = icefm_schemas::names::parse_scene_name(name)
-                    .map_or_else(|| name.clone(), |n| n.scene_id);
-                if !s.scenes.iter().any(|x| x.scene_id == id) {
-                    bail!(
-                        "scene {name:?} is not in {} (its scenes: {})",
-                        a.store.display(),
-                        icefm_schemas::names::first_few(
-                            &s.scenes.iter().map(|x| &x.scene_id).collect::<Vec<_>>(),
-                            5
-                        )
-                    );
-                }
-                id
+                let ids: Vec<String> = s.scenes.iter().map(|x| x.scene_id.clone()).collect();
+                crate::scene_info::resolve_scene(name, &ids, &a.store)?
             }
             None => s
                 .scenes

@@ -14,6 +14,7 @@ mod plot;
 mod progress;
 mod regime;
 mod run_summary;
+mod scene_info;
 mod train;
 
 use std::process::ExitCode;

@@ -467,36 +467,47 @@ pub fn demo_regimes(store: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The regimes of `store`, one line each (name, role, rule, scenes), for `icefm inspect
-/// STORE`; empty when it has none. A regime that cannot be read is listed as such.
-pub fn regimes_block(store: &Path) -> String {
-    use std::fmt::Write as _;
+/// The names of a store's regimes, sorted; or, where they cannot be listed, the line that says
+/// why (`regimes: …`).
+pub fn regime_names(store: &Path) -> Result<Vec<String>, String> {
     let dir = store.join(icefm_dataset::regime::REGIMES_DIR);
     if !icefm_dataset::location::lists_folders(store) {
-        return "\nregimes: not listed over HTTP, which lists no folder; `icefm inspect STORE \
-                --regime NAME` reads one by name\n"
-            .to_string();
+        return Err(
+            "regimes: not listed over HTTP, which lists no folder; `icefm inspect STORE \
+                --regime NAME` reads one by name"
+                .to_string(),
+        );
     }
-    let names = match icefm_dataset::location::list(&dir) {
+    match icefm_dataset::location::list(&dir) {
         Ok(files) => {
             let mut names: Vec<String> = files
                 .iter()
                 .filter_map(|f| f.strip_suffix(".parquet").map(str::to_string))
                 .collect();
             names.sort();
-            names
+            Ok(names)
         }
         Err(e) => {
             // The first line only: a server's error may quote its whole HTML page.
             let e = e.to_string();
             let first: String = e.lines().next().unwrap_or("").chars().take(160).collect();
-            return format!(
-                "\nregimes: cannot be listed at {} ({}); `icefm inspect STORE --regime NAME` \
-                 reads one by name\n",
+            Err(format!(
+                "regimes: cannot be listed at {} ({}); `icefm inspect STORE --regime NAME` \
+                 reads one by name",
                 dir.display(),
                 first.trim_end_matches([':', ' '])
-            );
+            ))
         }
+    }
+}
+
+/// The regimes of `store`, one line each (name, role, rule, scenes), for `icefm inspect
+/// STORE`; empty when it has none. A regime that cannot be read is listed as such.
+pub fn regimes_block(store: &Path) -> String {
+    use std::fmt::Write as _;
+    let names = match regime_names(store) {
+        Ok(names) => names,
+        Err(line) => return format!("\n{line}\n"),
     };
     if names.is_empty() {
         return String::new();

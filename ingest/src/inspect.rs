@@ -316,27 +316,35 @@ impl StoreSummary {
                  scenes together: a raw pixel covers a quarter of an RTT pixel's area"
             );
         }
-        for t in Task::ALL {
-            let h = &self.class_pixels[t.channel()];
-            let total: u64 = h.iter().sum();
-            let valid: u64 = h[..t.n_classes()].iter().sum();
-            let _ = writeln!(
-                o,
-                "\n{} class balance (native pixels; {:.1}% of {} are 255):",
-                t.name(),
-                100.0 * h[t.n_classes()] as f64 / total.max(1) as f64,
-                total
-            );
-            for (k, name) in t.class_names().iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "  {k:>2} {name:<12} {:>12} {:>6.2}%{}",
-                    h[k],
-                    100.0 * h[k] as f64 / valid.max(1) as f64,
-                    if h[k] == 0 { "  (missing)" } else { "" }
-                );
-            }
-        }
+        o.push_str(&render_class_balance(&self.class_pixels));
         o
     }
+}
+
+/// The class balance of each task: native pixels per class (the last entry 255), with each
+/// class's share of the labelled pixels and the classes missing.
+pub fn render_class_balance(class_pixels: &[Vec<u64>; 3]) -> String {
+    let mut o = String::new();
+    for t in Task::ALL {
+        let h = &class_pixels[t.channel()];
+        let total: u64 = h.iter().sum();
+        let valid: u64 = h[..t.n_classes()].iter().sum();
+        let _ = writeln!(
+            o,
+            "\n{} class balance (native pixels; {:.1}% of {} are 255):",
+            t.name(),
+            100.0 * h[t.n_classes()] as f64 / total.max(1) as f64,
+            total
+        );
+        for (k, name) in t.class_names().iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  {k:>2} {name:<12} {:>12} {:>6.2}%{}",
+                h[k],
+                100.0 * h[k] as f64 / valid.max(1) as f64,
+                if h[k] == 0 { "  (missing)" } else { "" }
+            );
+        }
+    }
+    o
 }

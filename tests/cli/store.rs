@@ -42,6 +42,131 @@ fn inspect_says_when_the_manifests_come_from_two_merges() {
     );
 }
 
+/// The class pixels a balance block prints for `task`, its 255 count last.
+fn balance(text: &str, task: &str) -> Vec<u64> {
+    let head = format!("{task} class balance (native pixels; ");
+    let at = text.find(&head).unwrap_or_else(|| panic!("{text}"));
+    let block = &text[at..];
+    let first = block.lines().next().unwrap();
+    let total: u64 = first
+        .split(" of ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let counts: Vec<u64> = block
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| {
+            let skip = 1 + usize::from(l.ends_with("(missing)"));
+            l.split_whitespace()
+                .rev()
+                .nth(skip)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let labelled: u64 = counts.iter().sum();
+    [counts, vec![total - labelled]].concat()
+}
+
+/// `inspect STORE --scene ID` without `--png`: the scene's record, its levels' shapes and
+/// patches, its largest polygons, the regimes holding it, and its class balance, which summed
+/// over the scenes is the store's.
+#[test]
+fn inspect_scene_prints_its_record_levels_polygons_regimes_and_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 2, "400x420", "default", "80,200");
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("scenes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let ids: Vec<String> = files
+        .iter()
+        .map(|f| icefm_schemas::names::parse_scene_name(f).unwrap().scene_id)
+        .collect();
+    let list = dir.path().join("one.txt");
+    std::fs::write(&list, format!("{}\n", files[1])).unwrap();
+    ok(icefm()
+        .args(["regime", "--name", "just-one", "--rule", "import", "--list"])
+        .arg(&list)
+        .arg("--store")
+        .arg(&store)
+        .output()
+        .unwrap());
+    let inspect = |scene: &str| {
+        let out = ok(icefm()
+            .arg("inspect")
+            .arg(&store)
+            .args(["--scene", scene])
+            .output()
+            .unwrap());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let whole =
+        String::from_utf8_lossy(&ok(icefm().arg("inspect").arg(&store).output().unwrap()).stdout)
+            .into_owned();
+    let texts: Vec<String> = vec![inspect(&ids[0]), inspect(&files[1])];
+    for (k, text) in texts.iter().enumerate() {
+        assert!(
+            text.starts_with(&format!("scene {}\n  file         {} (", ids[k], files[k])),
+            "{text}"
+        );
+        assert!(text.contains("native 400 x 420 px at 40 m"), "{text}");
+        for level in ["80m", "200m"] {
+            let sh = array_shape(&store, &format!("/scenes/{}/{level}/sar", ids[k])).unwrap();
+            let patches = sh[1].div_ceil(64) * sh[2].div_ceil(64);
+            let row = format!(
+                "\n{level:<8} {:<13} {patches:>8}  ",
+                format!("{} x {}", sh[1], sh[2])
+            );
+            assert!(text.contains(&row), "{row:?} in {text}");
+        }
+        // The largest polygons, largest first.
+        let pixels: Vec<u64> = text
+            .split("largest polygons (")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .skip(2)
+            .take_while(|l| !l.is_empty())
+            .map(|l| l.split_whitespace().rev().nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(pixels.len(), 8, "{text}");
+        assert!(pixels.windows(2).all(|w| w[0] >= w[1]), "{pixels:?}");
+    }
+    assert!(texts[0].contains("\nin regimes: none\n"), "{}", texts[0]);
+    assert!(
+        texts[1].contains("\nin regimes: just-one (finetune)\n"),
+        "{}",
+        texts[1]
+    );
+    for task in ["SIC", "SOD", "FLOE"] {
+        let (a, b) = (balance(&texts[0], task), balance(&texts[1], task));
+        let sum: Vec<u64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(sum, balance(&whole, task), "{task}");
+        assert!(a.iter().sum::<u64>() == 400 * 420, "{task}: {a:?}");
+    }
+    let out = icefm()
+        .arg("inspect")
+        .arg(&store)
+        .args(["--scene", "20990101T000000_dmi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("scene \"20990101T000000_dmi\" is not in") && err.contains(&ids[0]),
+        "{err}"
+    );
+}
+
 #[test]
 fn inspect_prints_balance_and_writes_a_quicklook() {
     let dir = tempfile::tempdir().unwrap();

@@ -463,6 +463,41 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
         "{remote}"
     );
     assert!(local.contains("2 scene(s); levels 80m"));
+    // One scene's readout over HTTP is the folder's too, but for the regimes holding it.
+    let mut ids: Vec<String> = std::fs::read_dir(store.join("scenes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    let scene = |at: &str| {
+        String::from_utf8(
+            ok(icefm()
+                .args(["inspect", at, "--scene", &ids[1]])
+                .output()
+                .unwrap())
+            .stdout,
+        )
+        .unwrap()
+    };
+    let local = scene(&store.display().to_string());
+    let remote = scene(&format!("{}/s.zarr", server.base));
+    let (local_head, local_rest) = local.split_once("\nin regimes: ").unwrap();
+    let (remote_head, remote_rest) = remote
+        .split_once("\nregimes: not listed over HTTP")
+        .unwrap();
+    assert_eq!(remote_head, local_head);
+    assert!(
+        local_head.starts_with(&format!("scene {}\n", ids[1])),
+        "{local}"
+    );
+    assert!(
+        local_rest.starts_with("half (") || local_rest.starts_with("none"),
+        "{local}"
+    );
+    assert_eq!(
+        local_rest.split_once("\nSIC class balance").unwrap().1,
+        remote_rest.split_once("\nSIC class balance").unwrap().1
+    );
     // Commands that write a store or read its ingest records refuse a URL, saying what to do.
     for args in [
         vec!["ingest", "--store", "s3://bucket/a.zarr", "x.nc"],
