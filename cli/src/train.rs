@@ -15,7 +15,7 @@ use icefm_model::train::{
     DeviceName, RunOptions, RunSummary, StepRecord, check_batch_split, check_start, parse_device,
     train_mae_in,
 };
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -409,7 +409,11 @@ fn run_with_bar_in(
     prefix: &str,
 ) -> Result<RunSummary> {
     let stop = stop_flag();
-    let bar = ProgressBar::new(cfg.train.steps);
+    // The bar is drawn once the run has set up (its first step, or a second of set-up), so a
+    // refused configuration (a level or channel the store lacks, a run folder in the way) prints
+    // its error alone, without a bar flashing before it.
+    let terminal = !ProgressDrawTarget::stderr().is_hidden();
+    let bar = ProgressBar::with_draw_target(Some(cfg.train.steps), ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template(
             "{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta_precise}",
@@ -418,17 +422,26 @@ fn run_with_bar_in(
         .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_string());
-    bar.enable_steady_tick(Duration::from_millis(500));
+    let shown = Once::new();
+    let show = || {
+        if terminal {
+            shown.call_once(|| {
+                bar.set_draw_target(ProgressDrawTarget::stderr());
+                bar.enable_steady_tick(Duration::from_millis(500));
+            });
+        }
+    };
     // Without a terminal the bar prints nothing: a line a minute instead (and the first and
     // last steps), for batch logs.
     let last_line = std::cell::Cell::new(None::<Instant>);
     let on_step = |r: &StepRecord| {
+        show();
         bar.set_position(r.step + 1);
         let msg = format!(
             "loss {:.4}  {:.1} img/s  lr {:.2e}",
             r.loss, r.images_per_s, r.lr
         );
-        if bar.is_hidden()
+        if !terminal
             && (last_line
                 .get()
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
@@ -456,17 +469,32 @@ fn run_with_bar_in(
         );
         // Without a terminal the bar is hidden and prints nothing: say it on stderr, named (an
         // ablation worker's log interleaves its cells).
-        if bar.is_hidden() {
-            eprintln!("{prefix}: {line}");
-        } else {
+        if terminal {
+            show();
             bar.println(line);
+        } else {
+            eprintln!("{prefix}: {line}");
         }
     };
-    let summary = if cfg.is_seg() {
-        train_seg_in(group, cfg, opts, stop, &on_step, &on_val)
-    } else {
-        train_mae_in(group, cfg, opts, stop, &on_step)
-    };
+    let (set_up, waiting) = std::sync::mpsc::channel::<()>();
+    let summary = std::thread::scope(|scope| {
+        let show = &show;
+        scope.spawn(move || {
+            // A second of set-up without a step or an error: show the bar at 0.
+            if waiting.recv_timeout(Duration::from_secs(1))
+                == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            {
+                show();
+            }
+        });
+        let summary = if cfg.is_seg() {
+            train_seg_in(group, cfg, opts, stop, &on_step, &on_val)
+        } else {
+            train_mae_in(group, cfg, opts, stop, &on_step)
+        };
+        drop(set_up);
+        summary
+    });
     bar.finish_and_clear();
     let summary = summary.inspect_err(|e| {
         if group.is_leader() {
