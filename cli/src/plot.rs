@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use icefm_ingest::plot::{Dash, LinePlot, Marker, Scale, Series, nice_ticks, write_line_plot};
+use icefm_ingest::plot::{
+    Dash, LinePlot, MAE_COLOUR, Marker, SCRATCH_COLOUR, Scale, Series, nice_ticks, write_line_plot,
+};
 use icefm_model::finetune::{ValRecord, read_validation};
 use icefm_model::train::{StepRecord, read_metrics};
 
@@ -152,15 +154,31 @@ fn draw(
     window: usize,
     out: &Path,
 ) -> Result<()> {
-    let names = labels(runs);
+    let mut names = labels(runs);
+    let inits = inits_of(runs);
+    let styles = match &inits {
+        Some(inits) => by_init(inits),
+        None => (0..runs.len())
+            .map(|i| {
+                (
+                    COLOURS[i % COLOURS.len()],
+                    Dash::ALL[(i / COLOURS.len()) % Dash::ALL.len()],
+                )
+            })
+            .collect(),
+    };
+    for (name, &mae) in names.iter_mut().zip(inits.iter().flatten()) {
+        name.push_str(if mae { " (MAE)" } else { " (scratch)" });
+    }
     let series = curves
         .iter()
         .zip(&names)
+        .zip(styles)
         .enumerate()
-        .map(|(i, (c, name))| Series {
+        .map(|(i, ((c, name), (colour, dash)))| Series {
             label: name.clone(),
-            colour: COLOURS[i % COLOURS.len()],
-            dash: Dash::ALL[(i / COLOURS.len()) % Dash::ALL.len()],
+            colour,
+            dash,
             // A few points (validation passes) get markers; a curve of steps is a bare line.
             marker: if c.len() <= 40 {
                 Marker::ALL[i % Marker::ALL.len()]
@@ -195,6 +213,41 @@ fn draw(
     };
     write_line_plot(out, &plot).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
+}
+
+/// Whether each run was fine-tuned from an MAE encoder (`seg.init` set), when `runs` are
+/// fine-tuning runs of both kinds, from scratch and from an MAE, and no more than three of a
+/// kind: they are then told apart as `icefm ablate`'s plot tells them ([`by_init`]), their
+/// legend names marked `(MAE)` or `(scratch)`.
+fn inits_of(runs: &[PathBuf]) -> Option<Vec<bool>> {
+    let inits: Vec<bool> = runs
+        .iter()
+        .map(|r| {
+            let (_, cfg) = icefm_model::train::config_of_run(r).ok()?;
+            cfg.seg.map(|s| !s.init.trim().is_empty())
+        })
+        .collect::<Option<_>>()?;
+    let mae = inits.iter().filter(|&&m| m).count();
+    let scratch = inits.len() - mae;
+    (mae > 0 && scratch > 0 && mae.max(scratch) <= Dash::ALL.len()).then_some(inits)
+}
+
+/// Colour and dash of each run when [`inits_of`] tells them apart: the MAE colour or the scratch
+/// colour of `icefm ablate`'s plot, the runs of one kind dashed in turn.
+fn by_init(inits: &[bool]) -> Vec<([u8; 3], Dash)> {
+    let (mut mae, mut scratch) = (0, 0);
+    inits
+        .iter()
+        .map(|&m| {
+            let (colour, k) = if m {
+                (MAE_COLOUR, &mut mae)
+            } else {
+                (SCRATCH_COLOUR, &mut scratch)
+            };
+            *k += 1;
+            (colour, Dash::ALL[*k - 1])
+        })
+        .collect()
 }
 
 /// Legend names: each run's folder name, or the whole path where two runs share a name.
@@ -328,6 +381,49 @@ mod tests {
         assert_eq!(ys, [4.0, 3.0, 2.0, 6.0, 3.5]);
         assert_eq!(running_mean(&p[..2], 1), p[..2]);
         assert!(running_mean(&[(1.0, f64::NAN)], 3)[0].1.is_nan());
+    }
+
+    /// Fine-tuning runs from scratch and from an MAE take the colours `icefm ablate`'s plot
+    /// gives them, the runs of a kind dashed in turn; other mixes keep the palette.
+    #[test]
+    fn fine_tuning_runs_are_coloured_by_their_initialisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = include_str!("../../configs/seg_vit_tiny.toml");
+        let mae = include_str!("../../configs/mae_vit_tiny.toml");
+        let run = |name: &str, text: &str, sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| (*s).to_string()).collect();
+            let cfg = icefm_model::config::TrainConfig::parse(text, &sets).unwrap();
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            std::fs::write(path.join("config.toml"), cfg.to_toml()).unwrap();
+            path
+        };
+        let scratch = run("scratch", seg, &[]);
+        let from_mae = run("from-mae", seg, &["seg.init=runs/mae"]);
+        let from_mae2 = run("from-mae-2", seg, &["seg.init=runs/mae"]);
+        let pretrain = run("mae", mae, &[]);
+        let runs = [scratch.clone(), from_mae.clone(), from_mae2.clone()];
+        let inits = inits_of(&runs).unwrap();
+        assert_eq!(inits, [false, true, true]);
+        assert_eq!(
+            by_init(&inits),
+            [
+                (SCRATCH_COLOUR, Dash::Solid),
+                (MAE_COLOUR, Dash::Solid),
+                (MAE_COLOUR, Dash::Dashed)
+            ]
+        );
+        // One kind alone, an MAE run among them, or more of a kind than dashes: the palette.
+        assert_eq!(inits_of(&[from_mae.clone(), from_mae2.clone()]), None);
+        assert_eq!(
+            inits_of(&[scratch.clone(), from_mae.clone(), pretrain]),
+            None
+        );
+        let many: Vec<PathBuf> = (0..4)
+            .map(|i| run(&format!("m{i}"), seg, &["seg.init=runs/mae"]))
+            .chain([scratch])
+            .collect();
+        assert_eq!(inits_of(&many), None);
     }
 
     #[test]

@@ -103,6 +103,11 @@ impl Marker {
     }
 }
 
+/// Colour of runs fine-tuned from scratch, in every plot (Okabe–Ito vermillion).
+pub const SCRATCH_COLOUR: [u8; 3] = [213, 94, 0];
+/// Colour of runs fine-tuned from an MAE encoder, in every plot (Okabe–Ito blue).
+pub const MAE_COLOUR: [u8; 3] = [0, 114, 178];
+
 /// Line pattern of a series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dash {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
-use icefm_ingest::plot::{Dash, LinePlot, Marker, Scale, Series, write_line_plot};
+use icefm_ingest::plot::{
+    Dash, LinePlot, MAE_COLOUR, Marker, SCRATCH_COLOUR, Scale, Series, write_line_plot,
+};
 use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 
@@ -17,10 +19,6 @@ use super::grid::{Init, Plan, TaskMode, levels_key};
 pub(super) const TABLE_FILE: &str = "ablation.parquet";
 /// The plot in the output folder.
 pub(super) const PLOT_FILE: &str = "ablation.png";
-/// Colour of from-scratch series (Okabe–Ito vermillion).
-const SCRATCH_COLOUR: [u8; 3] = [213, 94, 0];
-/// Colour of MAE-initialised series (Okabe–Ito blue).
-const MAE_COLOUR: [u8; 3] = [0, 114, 178];
 
 /// What `result.json` holds: a cell, or one run of a single-task cell. Scores without
 /// pixels are `null`.
