@@ -58,7 +58,17 @@ pub fn cmd_import(a: ImportArgs) -> Result<()> {
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    match &a.channels {
+    // Channels given, or recorded in the header of a file `icefm export` wrote.
+    let channels = match (&a.channels, &imported.channels) {
+        (Some(given), Some(recorded)) if given != recorded => bail!(
+            "--channels {} but {} records {}: its encoder was trained on those",
+            given.join(","),
+            a.checkpoint.display(),
+            recorded.join(",")
+        ),
+        (given, recorded) => given.as_ref().or(recorded.as_ref()),
+    };
+    match channels {
         Some(channels) => imported.write_safetensors_with_channels(&a.out, channels),
         None => imported.write_safetensors(&a.out),
     }
@@ -155,8 +165,15 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // What the tensors do not tell, for `icefm import` of the file: mmselfsup's loaders ignore
+    // a safetensors header's metadata.
+    let record = icefm_model::files::Recorded {
+        channels: Some(cfg.data.channels.clone()),
+        heads: Some(mae.encoder.heads),
+        decoder_heads: (exported.counts().1 > 0).then_some(mae.decoder_heads),
+    };
     exported
-        .write_safetensors(&a.out)
+        .write_safetensors(&a.out, &record)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     let (backbone, neck) = exported.counts();
     println!(

@@ -20,7 +20,8 @@
 //!         .into_iter()
 //!         .collect();
 //! let opts = ExportOptions { patch: 16, in_channels: 2, grid: 24 };
-//! export_mmselfsup(&weights, &opts)?.write_safetensors("sar_icefm_mae.safetensors".as_ref())?;
+//! export_mmselfsup(&weights, &opts)?
+//!     .write_safetensors("sar_icefm_mae.safetensors".as_ref(), &Default::default())?;
 //! # Ok(())
 //! # }
 //! ```
@@ -211,8 +212,14 @@ impl Exported {
     /// Write the tensors as safetensors under their mmselfsup keys (PyTorch:
     /// `safetensors.torch.load_file`, then `torch.save({"state_dict": sd}, "x.pth")` for
     /// mmengine's `load_checkpoint`).
-    pub fn write_safetensors(&self, path: &Path) -> Result<(), ExportError> {
-        save_named(&self.tensors, path, None).map_err(|e| ExportError::Write {
+    /// `record` goes into the file's header (the run's channels and heads, which the tensors do
+    /// not tell): `icefm import` of the file takes them from there.
+    pub fn write_safetensors(
+        &self,
+        path: &Path,
+        record: &crate::files::Recorded,
+    ) -> Result<(), ExportError> {
+        save_named(&self.tensors, path, record.metadata()).map_err(|e| ExportError::Write {
             path: path.display().to_string(),
             reason: e.to_string(),
         })

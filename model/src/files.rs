@@ -60,10 +60,68 @@ pub fn safetensors_metadata(path: &Path) -> std::io::Result<HashMap<String, Stri
         .unwrap_or_default())
 }
 
+/// Key of a weight file's header metadata giving its encoder's attention heads, which the
+/// tensors' shapes do not tell, as `icefm export` records them.
+pub const HEADS_KEY: &str = "icefm.heads";
+/// Key of a weight file's header metadata giving its MAE decoder's attention heads.
+pub const DECODER_HEADS_KEY: &str = "icefm.decoder_heads";
+
+/// What a weight file's header records of the model beyond its tensors: the input channels
+/// (`icefm import --channels`, `icefm export`) and the attention heads (`icefm export`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Input channels of the encoder, in order ([`CHANNELS_KEY`]).
+    pub channels: Option<Vec<String>>,
+    /// Encoder attention heads ([`HEADS_KEY`]).
+    pub heads: Option<usize>,
+    /// MAE decoder attention heads ([`DECODER_HEADS_KEY`]).
+    pub decoder_heads: Option<usize>,
+}
+
+impl Recorded {
+    /// What the safetensors file at `path` records; nothing for a file without a header's
+    /// metadata, or one that cannot be read (its reader then says why).
+    pub fn read(path: &Path) -> Self {
+        let Ok(mut meta) = safetensors_metadata(path) else {
+            return Self::default();
+        };
+        let count = |key: &str, meta: &mut HashMap<String, String>| {
+            meta.remove(key)
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&h| h > 0)
+        };
+        Self {
+            channels: meta
+                .remove(CHANNELS_KEY)
+                .and_then(|t| serde_json::from_str(&t).ok()),
+            heads: count(HEADS_KEY, &mut meta),
+            decoder_heads: count(DECODER_HEADS_KEY, &mut meta),
+        }
+    }
+
+    /// The header metadata recording these (`None` when there is nothing to record, so the file
+    /// is what candle's own `save` writes).
+    pub fn metadata(&self) -> Option<HashMap<String, String>> {
+        let mut meta = HashMap::new();
+        if let Some(c) = &self.channels {
+            meta.insert(
+                CHANNELS_KEY.to_string(),
+                serde_json::to_string(c).unwrap_or_default(),
+            );
+        }
+        if let Some(h) = self.heads {
+            meta.insert(HEADS_KEY.to_string(), h.to_string());
+        }
+        if let Some(h) = self.decoder_heads {
+            meta.insert(DECODER_HEADS_KEY.to_string(), h.to_string());
+        }
+        (!meta.is_empty()).then_some(meta)
+    }
+}
+
 /// The input channels a weight file records ([`CHANNELS_KEY`]), if it records them.
 pub fn recorded_channels(path: &Path) -> Option<Vec<String>> {
-    let text = safetensors_metadata(path).ok()?.remove(CHANNELS_KEY)?;
-    serde_json::from_str(&text).ok()
+    Recorded::read(path).channels
 }
 
 /// Key of a checkpoint's `state.json` that maps each of its weight files to its BLAKE3 (hex).

@@ -387,7 +387,9 @@ fn an_exported_safetensors_imports_to_the_same_icefm_weights() {
     let exported = export_mmselfsup(&imported.tensors, &fixture_export_options(&imported)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sar_icefm.safetensors");
-    exported.write_safetensors(&path).unwrap();
+    exported
+        .write_safetensors(&path, &Default::default())
+        .unwrap();
     let again = import_pth(&path, &ImportOptions::default()).unwrap();
     assert_eq!(again.layout, "safetensors state dict");
     assert_eq!(
@@ -398,6 +400,73 @@ fn an_exported_safetensors_imports_to_the_same_icefm_weights() {
         assert_eq!(values(&again.tensors[name]), values(t), "{name}");
     }
     assert_eq!(again.encoder.pos_grid, imported.encoder.pos_grid);
+}
+
+/// What the tensors do not tell travels in the header: an exported file's heads (of any
+/// width, a preset's or not) and channels come back on import; a flag overrides a head count,
+/// with a note.
+#[test]
+fn an_exported_file_records_its_heads_and_channels_for_import() {
+    let imported = import_pth(&data("mmselfsup_tiny.pth"), &ImportOptions::default()).unwrap();
+    let decoder = imported.decoder.clone().unwrap();
+    let (dim, ddim) = (imported.encoder.dim, decoder.dim);
+    // Head counts no preset default would give: one per width, and the width's own count.
+    assert_ne!(Some(1), imported.encoder.heads);
+    let exported = export_mmselfsup(&imported.tensors, &fixture_export_options(&imported)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("recorded.safetensors");
+    let record = icefm_model::files::Recorded {
+        channels: Some(vec!["HH".into(), "HV".into()]),
+        heads: Some(1),
+        decoder_heads: Some(ddim),
+    };
+    exported.write_safetensors(&path, &record).unwrap();
+    assert_eq!(icefm_model::files::Recorded::read(&path), record);
+    let again = import_pth(&path, &ImportOptions::default()).unwrap();
+    assert_eq!(again.encoder.heads, Some(1));
+    assert_eq!(again.decoder.as_ref().unwrap().heads, Some(ddim));
+    assert_eq!(again.channels, record.channels);
+    assert!(
+        again
+            .notes
+            .iter()
+            .any(|n| n == "encoder heads 1, from the file's header (as icefm export records them)"),
+        "{:?}",
+        again.notes
+    );
+    let m = again.mae_config().unwrap();
+    assert_eq!(
+        (m.encoder.dim, m.encoder.heads, m.decoder_heads),
+        (dim, 1, ddim)
+    );
+    // A flag wins over the header, with a note; a file without a header records nothing.
+    let given = ImportOptions {
+        heads: Some(dim),
+        ..ImportOptions::default()
+    };
+    let flagged = import_pth(&path, &given).unwrap();
+    assert_eq!(flagged.encoder.heads, Some(dim));
+    assert!(
+        flagged.notes.contains(&format!(
+            "encoder heads {dim} as --heads gives them; the file's header records 1"
+        )),
+        "{:?}",
+        flagged.notes
+    );
+    let bare = dir.path().join("bare.safetensors");
+    exported
+        .write_safetensors(&bare, &Default::default())
+        .unwrap();
+    assert_eq!(
+        icefm_model::files::Recorded::read(&bare),
+        Default::default()
+    );
+    assert_eq!(
+        import_pth(&bare, &ImportOptions::default())
+            .unwrap()
+            .channels,
+        None
+    );
 }
 
 #[test]

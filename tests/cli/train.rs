@@ -167,8 +167,8 @@ fn train_writes_a_run_and_resumes() {
     assert!(summary.contains(store_line.trim_start()), "{summary}");
     assert!(summary.contains("steps: 5 of 5 (complete)"), "{summary}");
     assert!(summary.contains("(newest 5)"), "{summary}");
-    // Export under mmselfsup's names, then import back: the newest checkpoint's weights file,
-    // byte for byte.
+    // Export under mmselfsup's names, then import back: the newest checkpoint's tensors, byte
+    // for byte, and the run's channels and heads, which the export records in its header.
     let exported = dir.path().join("exported.safetensors");
     let out = ok(icefm()
         .arg("export")
@@ -187,24 +187,78 @@ fn train_writes_a_run_and_resumes() {
         text.contains("neck config: num_patches=64, patch_size=4, in_chans=2, embed_dim=16,"),
         "{text}"
     );
+    assert_eq!(
+        icefm_model::files::Recorded::read(&exported),
+        icefm_model::files::Recorded {
+            channels: Some(vec!["HH".into(), "HV".into()]),
+            heads: Some(2),
+            decoder_heads: Some(2),
+        }
+    );
     let back = dir.path().join("back.safetensors");
-    ok(icefm()
+    let out = ok(icefm()
         .arg("import")
         .arg(&exported)
         .arg("--out")
         .arg(&back)
         .output()
         .unwrap());
-    assert_eq!(
-        std::fs::read(&back).unwrap(),
-        std::fs::read(run.join("checkpoints/step_0000005/model.safetensors")).unwrap()
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("note: encoder heads 2, from the file's header")
+            && text.contains("note: decoder heads 2, from the file's header"),
+        "{text}"
     );
+    // The tensors follow the header: `u64` length, then the header.
+    let tensors = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + n..].to_vec()
+    };
+    assert_eq!(
+        tensors(&back),
+        tensors(&run.join("checkpoints/step_0000005/model.safetensors"))
+    );
+    assert_eq!(
+        icefm_model::files::recorded_channels(&back),
+        Some(vec!["HH".to_string(), "HV".to_string()])
+    );
+    // Channels other than those the exported file records are refused.
+    let refused = icefm()
+        .arg("import")
+        .arg(&exported)
+        .args(["--channels", "HV,HH", "--out"])
+        .arg(dir.path().join("refused.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--channels HV,HH but") && err.contains("records HH,HV"),
+        "{err}"
+    );
+    // The same file without its header's metadata, as a PyTorch checkpoint converted to
+    // safetensors has none.
+    let bare = dir.path().join("bare.safetensors");
+    let bytes = std::fs::read(&exported).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header.as_object_mut().unwrap().remove("__metadata__");
+    let mut text = serde_json::to_string(&header).unwrap();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut stripped = (text.len() as u64).to_le_bytes().to_vec();
+    stripped.extend_from_slice(text.as_bytes());
+    stripped.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&bare, stripped).unwrap();
+    assert_eq!(icefm_model::files::recorded_channels(&bare), None);
     // An import told its channels records them, and fine-tuning from it refuses others; their
     // number must be the encoder's.
     let import = |channels: &str, out: &Path| {
         icefm()
             .arg("import")
-            .arg(&exported)
+            .arg(&bare)
             .args(["--channels", channels, "--out"])
             .arg(out)
             .output()

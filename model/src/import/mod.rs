@@ -136,6 +136,9 @@ pub struct Imported {
     pub encoder: EncoderShape,
     /// Decoder shape; `None` when the checkpoint has no MAE decoder (e.g. a segmentation model).
     pub decoder: Option<DecoderShape>,
+    /// The input channels a `.safetensors` checkpoint's header records (`icefm export` writes
+    /// them); `None` for a `.pth`, which records none.
+    pub channels: Option<Vec<String>>,
 }
 
 /// The two block layouts: mmcls `TransformerEncoderLayer` suffix → icefm `Block` suffix.
@@ -297,13 +300,46 @@ pub fn read_safetensors_state_dict(
 /// [`read_pth`] (or [`read_safetensors_state_dict`] for a `.safetensors` file) then
 /// [`import_state_dict`].
 pub fn import_pth(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportError> {
-    let (layout, entries) = if path.extension().is_some_and(|e| e == "safetensors") {
+    let safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    let (layout, entries) = if safetensors {
         read_safetensors_state_dict(path)?
     } else {
         read_pth(path)?
     };
-    let mut imported = import_state_dict(entries, opts)?;
+    // What `icefm export` recorded in the header: the heads, which the shapes do not tell,
+    // where none are given, and the channels.
+    let record = if safetensors {
+        crate::files::Recorded::read(path)
+    } else {
+        crate::files::Recorded::default()
+    };
+    let effective = ImportOptions {
+        heads: opts.heads.or(record.heads),
+        decoder_heads: opts.decoder_heads.or(record.decoder_heads),
+        ..opts.clone()
+    };
+    let mut imported = import_state_dict(entries, &effective)?;
     imported.layout = layout;
+    for (what, flag, given, recorded) in [
+        ("encoder", "--heads", opts.heads, record.heads),
+        (
+            "decoder",
+            "--decoder-heads",
+            opts.decoder_heads,
+            record.decoder_heads,
+        ),
+    ] {
+        match (given, recorded) {
+            (None, Some(h)) => imported.notes.push(format!(
+                "{what} heads {h}, from the file's header (as icefm export records them)"
+            )),
+            (Some(g), Some(h)) if g != h => imported.notes.push(format!(
+                "{what} heads {g} as {flag} gives them; the file's header records {h}"
+            )),
+            _ => {}
+        }
+    }
+    imported.channels = record.channels;
     Ok(imported)
 }
 
@@ -412,11 +448,11 @@ impl Imported {
                 self.encoder.in_channels
             )));
         }
-        let meta = HashMap::from([(
-            crate::files::CHANNELS_KEY.to_string(),
-            serde_json::to_string(channels).unwrap_or_default(),
-        )]);
-        save_named(&self.tensors, path, Some(meta)).map_err(|e| read_err(path, e))
+        let record = crate::files::Recorded {
+            channels: Some(channels.to_vec()),
+            ..Default::default()
+        };
+        save_named(&self.tensors, path, record.metadata()).map_err(|e| read_err(path, e))
     }
 }
 

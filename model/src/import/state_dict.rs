@@ -373,6 +373,7 @@ pub fn import_state_dict(
         notes,
         encoder,
         decoder,
+        channels: None,
     })
 }
 
