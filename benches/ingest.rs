@@ -15,9 +15,9 @@ use common::scene;
 use icefm_ingest::netcdf_thread::on_netcdf_thread;
 use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
 use icefm_ingest::reader::SceneReader;
-use icefm_ingest::store::new_attrs;
+use icefm_ingest::store::{new_attrs, with_sar_resample};
 use icefm_schemas::Level;
-use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH};
+use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH, SarResample};
 use icefm_synth::SceneKind;
 
 /// The floor: read and decompress every SAR-grid variable ingest reads, band by band.
@@ -41,12 +41,16 @@ fn read_floor_here(path: &Path) -> usize {
 }
 
 fn ingest_once(path: &Path, levels: &[Level], codec: Codec) -> u64 {
+    ingest_with(path, levels, codec, SarResample::Area)
+}
+
+fn ingest_with(path: &Path, levels: &[Level], codec: Codec, sar: SarResample) -> u64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("s.zarr");
     let s = ingest(
         &[path.to_path_buf()],
         &store,
-        new_attrs(levels, DEFAULT_PATCH, codec),
+        with_sar_resample(new_attrs(levels, DEFAULT_PATCH, codec), sar),
         &IngestOptions::default(),
         &NoReporter,
     )
@@ -87,6 +91,10 @@ fn bench_scene(c: &mut Criterion, kind: SceneKind) {
     );
     g.bench_function("ingest_all_levels", |b| {
         b.iter(|| ingest_once(&path, &levels, DEFAULT_CODEC))
+    });
+    // HH and HV sampled bilinearly (`ingest --sar-resample bilinear`) instead of area means.
+    g.bench_function("ingest_all_levels_bilinear_sar", |b| {
+        b.iter(|| ingest_with(&path, &levels, DEFAULT_CODEC, SarResample::Bilinear))
     });
     g.finish();
 }

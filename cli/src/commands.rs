@@ -11,11 +11,11 @@ use icefm_ingest::pipeline::{DEFAULT_JOBS, IngestOptions, Summary, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_quicklook};
 use icefm_ingest::reader::{RAW_SPACING_M, is_reference_file};
 use icefm_ingest::shard::{Shard, list_shards};
-use icefm_ingest::store::new_attrs;
+use icefm_ingest::store::{new_attrs, with_sar_resample};
 use icefm_schemas::Level;
 use icefm_schemas::manifest::{PATCHES_FILE, SCENES_FILE};
 use icefm_schemas::sigrid::MergeMode;
-use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH, MANIFESTS_DIR};
+use icefm_schemas::store::{Codec, DEFAULT_CODEC, DEFAULT_PATCH, MANIFESTS_DIR, SarResample};
 use icefm_synth::{Encoding, Release, SceneKind, Service, SynthOptions, write_scene};
 
 use crate::progress::IngestBars;
@@ -109,6 +109,12 @@ struct IngestArgs {
     /// skipped.
     #[arg(long)]
     redo: bool,
+    /// How HH and HV are resampled to the levels: `area` (exact area means) or `bilinear`
+    /// (PyTorch's bilinear interpolate without antialiasing, as SAR-IceFM made its levels: for
+    /// an imported SAR-IceFM encoder) [default: area for a new store, the store's own when
+    /// adding to one].
+    #[arg(long, value_name = "area|bilinear")]
+    sar_resample: Option<SarResample>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -366,6 +372,7 @@ pub(crate) fn do_ingest(
     levels: Vec<Level>,
     patch: u32,
     codec: Codec,
+    sar_resample: SarResample,
     options: &IngestOptions,
 ) -> Result<Summary> {
     if patch < 16 {
@@ -383,7 +390,7 @@ pub(crate) fn do_ingest(
     let summary = ingest(
         inputs,
         store,
-        new_attrs(&levels, patch, codec),
+        with_sar_resample(new_attrs(&levels, patch, codec), sar_resample),
         options,
         &bars,
     )
@@ -446,6 +453,10 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         .patch
         .or(existing.as_ref().map(|attrs| attrs.patch))
         .unwrap_or(DEFAULT_PATCH);
+    let sar_resample = a
+        .sar_resample
+        .or(existing.as_ref().map(|attrs| attrs.sar_resample))
+        .unwrap_or_default();
     let options = IngestOptions {
         jobs: usize::from(a.jobs),
         merge_mode: if a.toolbox_merge {
@@ -464,6 +475,7 @@ fn cmd_ingest(a: IngestArgs) -> Result<ExitCode> {
         levels,
         patch,
         ingest_codec(&a.store, a.codec.as_deref())?,
+        sar_resample,
         &options,
     )?;
     Ok(if summary.failed.is_empty() {

@@ -89,6 +89,7 @@ pub fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         Level::parse_list("80,200,400")?,
         PATCH,
         DEFAULT_CODEC,
+        Default::default(),
         &IngestOptions::default(),
     )?;
     if !summary.failed.is_empty() {

@@ -10,7 +10,7 @@ use icefm_dataset::store::ArrayKind;
 use icefm_ingest::pipeline::{IngestOptions, NoReporter, ingest};
 use icefm_ingest::quicklook::{QuicklookOptions, write_confusion_png, write_eval_panel};
 use icefm_ingest::reader::is_reference_file;
-use icefm_ingest::store::new_attrs;
+use icefm_ingest::store::{new_attrs, with_sar_resample};
 use icefm_ingest::submission::{SceneMaps, write_submission};
 use icefm_model::evaluate::{
     Blend, SceneResult, ScoredMaps, predict_level, upsample_nearest, write_scene_table,
@@ -20,7 +20,7 @@ use icefm_model::finetune::{
 };
 use icefm_model::metrics::Scores;
 use icefm_model::train::{TrainError, config_of_run, parse_device, run_starts};
-use icefm_schemas::store::DEFAULT_CODEC;
+use icefm_schemas::store::{DEFAULT_CODEC, SarResample};
 use icefm_schemas::{Level, Task};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -743,6 +743,23 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     if level != score {
         levels.push(level);
     }
+    // Levels made as the run's store made them: HH and HV by area means, or bilinearly for a
+    // run trained on a store of `ingest --sar-resample bilinear`.
+    let sar_resample = config_of_run(&a.run)
+        .ok()
+        .and_then(|(run, _)| run_starts(&run).pop())
+        .and_then(|s| s.sar_resample)
+        .map(|m| m.parse::<SarResample>())
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
+    if !sar_resample.is_area() {
+        eprintln!(
+            "note: the run trained on a store whose levels resample HH and HV by {}: the scenes' \
+             levels are made the same way",
+            sar_resample.name()
+        );
+    }
     // The scenes' store: a scratch folder beside the output, removed however this ends, or the
     // store asked for.
     let scratch = match &a.keep_store {
@@ -771,7 +788,7 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         let summary = ingest(
             std::slice::from_ref(*path),
             &store,
-            new_attrs(&levels, patch, DEFAULT_CODEC),
+            with_sar_resample(new_attrs(&levels, patch, DEFAULT_CODEC), sar_resample),
             &IngestOptions::default(),
             &NoReporter,
         )

@@ -49,6 +49,8 @@ pub struct StoreSummary {
     pub levels: Vec<String>,
     /// Patch edge.
     pub patch: u32,
+    /// How the levels resample HH and HV.
+    pub sar_resample: icefm_schemas::store::SarResample,
     /// Complete scenes (committed parts), merged into the manifests or not.
     pub committed: usize,
     /// Sharded ingests with shards that have not finished: N and the missing shards.
@@ -134,6 +136,7 @@ pub fn summarize_manifests(
         class_pixels: Task::ALL.map(|t| vec![0; t.hist_len()]),
         levels: attrs.levels.iter().map(|l| l.name()).collect(),
         patch: attrs.patch,
+        sar_resample: attrs.sar_resample,
         ..Default::default()
     };
     for b in scenes {
@@ -218,10 +221,15 @@ impl StoreSummary {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "{} scene(s); levels {}; patch {} px",
+            "{} scene(s); levels {}; patch {} px{}",
             self.scenes.len(),
             self.levels.join(", "),
-            self.patch
+            self.patch,
+            match self.sar_resample {
+                icefm_schemas::store::SarResample::Area => "",
+                icefm_schemas::store::SarResample::Bilinear =>
+                    "; HH and HV resampled bilinearly, as SAR-IceFM made its levels",
+            }
         );
         for (of, missing) in &self.unfinished_shards {
             let _ = writeln!(

@@ -312,9 +312,121 @@ pub struct LevelAccumulator {
     chunk: ChunkRow,
     out: Vec<ChunkRow>,
     spare: Vec<ChunkRow>,
+    /// Bilinear sampling of the first dense channels instead of area means, when asked.
+    bilinear: Option<Bilinear>,
+}
+
+/// Where one output index samples the native axis under bilinear interpolation: the two
+/// native indices and the weight of the second (0 where they are one pixel).
+type Tap = (u32, u32, f32);
+
+/// The taps of `out_len` outputs over `native_len` pixels at `ratio` native pixels per output,
+/// as PyTorch's `interpolate(mode="bilinear", align_corners=False, antialias=False)` with
+/// `scale_factor = 1 / ratio` places them: source `max((k + ½)·ratio − ½, 0)`, its two
+/// neighbours, the second clamped to the last pixel (so cells past the scene edge repeat it).
+pub fn bilinear_taps(native_len: usize, out_len: usize, ratio: f64) -> Vec<Tap> {
+    let last = native_len.saturating_sub(1);
+    (0..out_len)
+        .map(|k| {
+            let src = ((k as f64 + 0.5) * ratio - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(last);
+            let i1 = (i0 + 1).min(last);
+            let lambda = if i1 == i0 { 0.0 } else { src - i0 as f64 };
+            (i0 as u32, i1 as u32, lambda as f32)
+        })
+        .collect()
+}
+
+/// `(1 − λ)·a + λ·b`, `a` alone where `λ` is 0: a NaN with a weight makes the result NaN (an
+/// invalid pixel spreads into every output it touches), one without weight does not.
+#[inline]
+fn blend(a: f32, b: f32, lambda: f32) -> f32 {
+    if lambda > 0.0 {
+        (1.0 - lambda) * a + lambda * b
+    } else {
+        a
+    }
+}
+
+/// Bilinear sampling of a level's first `channels` dense channels (SAR-IceFM's resampling of
+/// HH and HV), streamed: each output row is sampled when its second native row arrives, from
+/// that row and the one before it.
+#[derive(Debug)]
+struct Bilinear {
+    channels: usize,
+    rows: Vec<Tap>,
+    cols: Vec<Tap>,
+    /// The next output row to sample.
+    next: usize,
+    /// The previous native row's sampled channels, `[channel][native column]`.
+    prev: Vec<f32>,
+    /// Sampled output rows waiting for `finish_row`: (row, `[channel][column]`).
+    ready: std::collections::VecDeque<(usize, Vec<f32>)>,
+    spare: Vec<Vec<f32>>,
+}
+
+impl Bilinear {
+    /// Sample every output row whose second native row is `i`, from `dense` (row `i`) and the
+    /// previous row; then keep row `i` as the previous.
+    fn push(&mut self, i: usize, dense: &[&[f32]]) {
+        let nw = dense.first().map_or(0, |d| d.len());
+        let w = self.cols.len();
+        while let Some(&(r0, r1, ly)) = self.rows.get(self.next) {
+            if r1 as usize != i {
+                break;
+            }
+            let mut out = self.spare.pop().unwrap_or_default();
+            out.clear();
+            out.resize(self.channels * w, f32::NAN);
+            for c in 0..self.channels {
+                let cur = dense[c];
+                let first: &[f32] = if r0 as usize == i {
+                    cur
+                } else {
+                    &self.prev[c * nw..(c + 1) * nw]
+                };
+                for (o, &(c0, c1, lx)) in out[c * w..(c + 1) * w].iter_mut().zip(&self.cols) {
+                    let (c0, c1) = (c0 as usize, c1 as usize);
+                    let top = blend(first[c0], first[c1], lx);
+                    let bottom = blend(cur[c0], cur[c1], lx);
+                    *o = blend(top, bottom, ly);
+                }
+            }
+            self.ready.push_back((self.next, out));
+            self.next += 1;
+        }
+        self.prev.resize(self.channels * nw, f32::NAN);
+        for (prev, row) in self.prev.chunks_exact_mut(nw.max(1)).zip(dense) {
+            prev.copy_from_slice(row);
+        }
+    }
 }
 
 impl LevelAccumulator {
+    /// [`LevelAccumulator::new`], the first `channels` dense channels sampled bilinearly
+    /// ([`bilinear_taps`]) instead of averaged over each cell; the others as before.
+    pub fn with_bilinear(
+        height: usize,
+        width: usize,
+        ratio: f64,
+        channels_total: usize,
+        patch: usize,
+        channels: usize,
+    ) -> Self {
+        let mut acc = Self::new(height, width, ratio, channels_total, patch);
+        let (oh, ow) = acc.shape();
+        acc.bilinear = Some(Bilinear {
+            channels,
+            rows: bilinear_taps(height, oh, ratio),
+            cols: bilinear_taps(width, ow, ratio),
+            next: 0,
+            prev: Vec::new(),
+            ready: std::collections::VecDeque::new(),
+            spare: Vec::new(),
+        });
+        acc
+    }
+
     /// A level of `ratio` native pixels per cell over a `height × width` native grid with
     /// `channels` continuous channels, emitting chunk-rows of `patch` rows.
     pub fn new(height: usize, width: usize, ratio: f64, channels: usize, patch: usize) -> Self {
@@ -337,6 +449,7 @@ impl LevelAccumulator {
             dense: 0,
             out: Vec::new(),
             spare: Vec::new(),
+            bilinear: None,
         }
     }
 
@@ -374,6 +487,9 @@ impl LevelAccumulator {
         let (a, wa, wb) = self.rows.at(i);
         while self.cur < a {
             self.finish_row();
+        }
+        if let Some(b) = &mut self.bilinear {
+            b.push(i, row.dense);
         }
         self.accumulate(0, wa, row);
         if wb > 0.0 {
@@ -538,7 +654,25 @@ impl LevelAccumulator {
         let min_valid = MIN_VALID_LABEL_FRACTION * cell_area;
         self.reduce_columns();
         let acc = &self.acc[0];
-        for c in 0..self.channels {
+        // Bilinear channels take their sampled row (every output row is sampled by the time it
+        // is finished: its second native row lies inside its cell).
+        let sampled = match &mut self.bilinear {
+            Some(b) => {
+                let (row, values) = b
+                    .ready
+                    .pop_front()
+                    .expect("an output row is sampled before it is finished");
+                debug_assert_eq!(row, k);
+                for c in 0..b.channels {
+                    self.chunk.values[(c * p + r) * pw..(c * p + r) * pw + w]
+                        .copy_from_slice(&values[c * w..(c + 1) * w]);
+                }
+                b.spare.push(values);
+                b.channels
+            }
+            None => 0,
+        };
+        for c in sampled..self.channels {
             let dst = &mut self.chunk.values[(c * p + r) * pw..(c * p + r) * pw + w];
             let sum = &acc.sum[c * w..(c + 1) * w];
             let weight = &acc.weight[c * w..(c + 1) * w];

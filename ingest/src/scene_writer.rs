@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use icefm_schemas::Task;
 use icefm_schemas::store::{
-    AUX_CHANNELS, GRID2KM_ARRAY, LABEL_CHANNELS, Level, SAR_CHANNELS, SCENES_GROUP,
+    AUX_CHANNELS, GRID2KM_ARRAY, LABEL_CHANNELS, Level, SAR_CHANNELS, SCENES_GROUP, SarResample,
 };
 use rayon::prelude::*;
 use serde_json::{Map, Value, json};
@@ -183,7 +183,20 @@ pub(crate) fn write_scene(
     let mut levels = Vec::new();
     for &level in &store.attrs.levels {
         let ratio = f64::from(level.spacing_m()) / info.native_spacing_m;
-        let acc = LevelAccumulator::new(info.height, info.width, ratio, channels, patch);
+        let acc = match store.attrs.sar_resample {
+            SarResample::Area => {
+                LevelAccumulator::new(info.height, info.width, ratio, channels, patch)
+            }
+            // HH and HV, the first two dense channels.
+            SarResample::Bilinear => LevelAccumulator::with_bilinear(
+                info.height,
+                info.width,
+                ratio,
+                channels,
+                patch,
+                SAR_CHANNELS.len(),
+            ),
+        };
         let (h, w) = acc.shape();
         let node = format!("{scene_node}/{}", level.name());
         let mut la = Map::new();

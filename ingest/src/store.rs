@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use icefm_schemas::norm::GLOBAL_MEAN_STD;
 use icefm_schemas::store::{
-    ALL_SHARDS_ATTR, AUX_CHANNELS, CONTINUOUS_RULE, Codec, FORMAT_VERSION, LABEL_CHANNELS,
-    LABEL_RULE, Level, SAR_CHANNELS, SCENES_GROUP, StoreAttrs,
+    ALL_SHARDS_ATTR, AUX_CHANNELS, BILINEAR_SAR_RULE, CONTINUOUS_RULE, Codec, FORMAT_VERSION,
+    LABEL_CHANNELS, LABEL_RULE, Level, SAR_CHANNELS, SCENES_GROUP, SarResample, StoreAttrs,
 };
 use icefm_schemas::{IGNORE, Task};
 use serde_json::{Map, Value, json};
@@ -59,8 +59,20 @@ pub fn new_attrs(levels: &[Level], patch: u32, codec: Codec) -> StoreAttrs {
         label_rule: LABEL_RULE.to_string(),
         continuous_rule: CONTINUOUS_RULE.to_string(),
         codec,
+        sar_resample: Default::default(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
     }
+}
+
+/// `attrs` for a store whose levels resample HH and HV by `mode` (its rule recorded in
+/// `continuous_rule`).
+pub fn with_sar_resample(mut attrs: StoreAttrs, mode: SarResample) -> StoreAttrs {
+    attrs.sar_resample = mode;
+    attrs.continuous_rule = match mode {
+        SarResample::Area => CONTINUOUS_RULE.to_string(),
+        SarResample::Bilinear => format!("{BILINEAR_SAR_RULE}. Other channels: {CONTINUOUS_RULE}"),
+    };
+    attrs
 }
 
 /// Blosc block size: whole 1 MiB blocks. Blosc's automatic choice for level 1 is small, and each
@@ -116,6 +128,16 @@ impl Store {
                         existing.attrs.patch,
                         attrs.levels.iter().map(|l| l.name()).collect::<Vec<_>>(),
                         attrs.patch
+                    ),
+                });
+            }
+            if existing.attrs.sar_resample != attrs.sar_resample {
+                return Err(StoreError::Incompatible {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "the store's levels resample HH and HV by {}, this run asks for {};                          one store holds one kind of levels: use another store",
+                        existing.attrs.sar_resample.name(),
+                        attrs.sar_resample.name()
                     ),
                 });
             }

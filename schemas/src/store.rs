@@ -43,6 +43,47 @@ lower class; native pixels with invalid HH are 255 before resampling";
 pub const CONTINUOUS_RULE: &str = "exact area-weighted mean of the valid native pixels overlapping \
 each cell (non-integer ratios weight partly covered pixels by their overlap); NaN where no valid \
 pixel overlaps; cells past the scene edge cover only its remaining pixels";
+/// The rule of HH and HV in a store made with [`SarResample::Bilinear`] (the other continuous
+/// channels keep [`CONTINUOUS_RULE`]).
+pub const BILINEAR_SAR_RULE: &str = "HH and HV: bilinear interpolation of the native grid as PyTorch's interpolate(mode=bilinear, align_corners=False, antialias=False, scale_factor=1/ratio) samples it (source index max((k + 0.5) ratio - 0.5, 0), its two neighbours clamped to the scene), as SAR-IceFM made its levels; NaN where a neighbour with a weight is invalid";
+
+/// How a store's levels resample HH and HV from the native grid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SarResample {
+    /// The exact area mean of each cell ([`CONTINUOUS_RULE`]): icefm's default.
+    #[default]
+    Area,
+    /// Bilinear interpolation without antialiasing ([`BILINEAR_SAR_RULE`]): what SAR-IceFM's
+    /// encoders were pre-trained on.
+    Bilinear,
+}
+
+impl SarResample {
+    /// `area` or `bilinear`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Area => "area",
+            Self::Bilinear => "bilinear",
+        }
+    }
+
+    /// Whether this is the default (stores made with it do not record it).
+    pub fn is_area(&self) -> bool {
+        *self == Self::Area
+    }
+}
+
+impl FromStr for SarResample {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "area" => Ok(Self::Area),
+            "bilinear" => Ok(Self::Bilinear),
+            other => Err(format!("SAR resampling `{other}`: give area or bilinear")),
+        }
+    }
+}
 
 /// A pyramid level, named by its ground spacing in metres (`80m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -169,6 +210,10 @@ pub struct StoreAttrs {
     pub continuous_rule: String,
     /// Codec of the arrays.
     pub codec: Codec,
+    /// How HH and HV were resampled to the levels; absent (area means) in stores made without
+    /// `ingest --sar-resample bilinear`, which then read as before.
+    #[serde(default, skip_serializing_if = "SarResample::is_area")]
+    pub sar_resample: SarResample,
     /// icefm version that created the store.
     pub tool_version: String,
 }

@@ -558,3 +558,190 @@ fn bad_inputs_exit_non_zero_and_name_the_file() {
         "{err}"
     );
 }
+
+/// `--sar-resample bilinear`: HH and HV as PyTorch's bilinear `interpolate` samples them (at an
+/// odd ratio the cell's centre pixel, at 2 the mean of its 2 × 2 block), everything else as an
+/// area store has it; the store records the mode, keeps it when added to, refuses another; a
+/// run trained on it records it, and `predict` makes its levels the same way.
+#[test]
+fn bilinear_sar_levels_sample_the_native_grid_as_sar_icefm_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenes = dir.path().join("scenes");
+    synth(&scenes, 1, "203x211", "default");
+    let ingest = |store: &Path, levels: &str, extra: &[&str]| {
+        icefm()
+            .args(["ingest", "--levels", levels, "--patch", "64", "--store"])
+            .arg(store)
+            .args(extra)
+            .arg(&scenes)
+            .output()
+            .unwrap()
+    };
+    let area = dir.path().join("area.zarr");
+    let bil = dir.path().join("bilinear.zarr");
+    ok(ingest(&area, "40,80,200", &[]));
+    ok(ingest(&bil, "80,200", &["--sar-resample", "bilinear"]));
+    let root: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bil.join("zarr.json")).unwrap()).unwrap();
+    assert_eq!(root["attributes"]["icefm"]["sar_resample"], "bilinear");
+    assert!(
+        root["attributes"]["icefm"]["continuous_rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("HH and HV: bilinear interpolation")
+    );
+    let area_root = std::fs::read_to_string(area.join("zarr.json")).unwrap();
+    assert!(!area_root.contains("sar_resample"), "{area_root}");
+    let id = std::fs::read_dir(bil.join("scenes"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let sar = |store: &Path, level: &str| {
+        let node = format!("/scenes/{id}/{level}/sar");
+        let sh = icefm_ingest::store::array_shape(store, &node).unwrap();
+        let v = icefm_ingest::store::read_f32(store, &node, [0..2, 0..sh[1], 0..sh[2]]).unwrap();
+        (v, sh[1] as usize, sh[2] as usize)
+    };
+    let (native, nh, nw) = sar(&area, "40m");
+    assert_eq!((nh, nw), (203, 211));
+    // 200 m is 5 native pixels: each cell is its centre pixel, bit for bit (the last row and
+    // column, past the scene's edge, repeat its last pixel).
+    let (b200, h, w) = sar(&bil, "200m");
+    assert_eq!((h, w), (41, 43));
+    let mut compared = 0;
+    for c in 0..2 {
+        for y in 0..h {
+            for x in 0..w {
+                let (ny, nx) = ((5 * y + 2).min(nh - 1), (5 * x + 2).min(nw - 1));
+                let want = native[(c * nh + ny) * nw + nx];
+                let got = b200[(c * h + y) * w + x];
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "channel {c} ({y},{x}): {got} vs {want}"
+                );
+                compared += usize::from(!got.is_nan());
+            }
+        }
+    }
+    assert!(compared > 2 * h * w / 2, "{compared}");
+    // 80 m is 2 native pixels: the 2 × 2 mean, the area store's value where all four are valid.
+    let (b80, ..) = sar(&bil, "80m");
+    let (a80, ..) = sar(&area, "80m");
+    let mut same = 0;
+    for (i, (b, a)) in b80.iter().zip(&a80).enumerate() {
+        if !b.is_nan() {
+            assert!(
+                (b - a).abs() <= 1e-4 * a.abs().max(1.0),
+                "cell {i}: {b} vs {a}"
+            );
+            same += 1;
+        }
+    }
+    assert!(same > b80.len() / 2, "{same} of {}", b80.len());
+    // Labels and distances are the area store's, bit for bit; the incidence angle too, where
+    // it is given: where HH is (bilinear HH is invalid wherever an invalid pixel has a weight).
+    for level in ["80m", "200m"] {
+        let at = |array: &str| format!("/scenes/{id}/{level}/{array}");
+        let sh = icefm_ingest::store::array_shape(&bil, &at("labels")).unwrap();
+        let (h, w) = (sh[1], sh[2]);
+        assert_eq!(
+            icefm_ingest::store::read_u8(&bil, &at("labels"), [0..3, 0..h, 0..w]).unwrap(),
+            icefm_ingest::store::read_u8(&area, &at("labels"), [0..3, 0..h, 0..w]).unwrap()
+        );
+        let read = |s: &Path, array: &str| {
+            icefm_ingest::store::read_f32(s, &at(array), [0..2, 0..h, 0..w]).unwrap()
+        };
+        let (b_aux, a_aux, b_sar) = (read(&bil, "aux"), read(&area, "aux"), read(&bil, "sar"));
+        let plane = (h * w) as usize;
+        for i in 0..plane {
+            let (b, a) = (b_aux[i], a_aux[i]);
+            if b_sar[i].is_nan() {
+                assert!(b.is_nan(), "{level} incidence {i}: {b} where HH is invalid");
+            } else {
+                assert_eq!(b.to_bits(), a.to_bits(), "{level} incidence {i}");
+            }
+            let (b, a) = (b_aux[plane + i], a_aux[plane + i]);
+            assert!(
+                b.to_bits() == a.to_bits(),
+                "{level} distance {i}: {b} vs {a}"
+            );
+        }
+    }
+    let summary = ok(icefm().arg("inspect").arg(&bil).output().unwrap());
+    assert!(
+        String::from_utf8_lossy(&summary.stdout).starts_with(
+            "1 scene(s); levels 80m, 200m; patch 64 px; HH and HV resampled bilinearly"
+        ),
+        "{}",
+        String::from_utf8_lossy(&summary.stdout)
+    );
+    // Added to without the flag, the store keeps its mode; the other mode is refused.
+    let more = ingest(&bil, "80,200", &["--redo"]);
+    ok(more);
+    let refused = ingest(&bil, "80,200", &["--sar-resample", "area"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("the store's levels resample HH and HV by bilinear, this run asks for area"),
+        "{err}"
+    );
+    let (again, ..) = sar(&bil, "200m");
+    assert_eq!(
+        again.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b200.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    // A fine-tuning run on the store records the mode, and predict makes its levels so.
+    let seg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml");
+    let run = dir.path().join("ft");
+    ok(icefm()
+        .args(["train", "--store"])
+        .arg(&bil)
+        .arg("--config")
+        .arg(&seg)
+        .args(["--set", "model.preset=micro", "--set", "data.levels=80"])
+        .args(["--set", "data.crop=32", "--set", "data.batch_size=2"])
+        .args(["--set", "seg.channels=8", "--set", "train.steps=1"])
+        .args(["--set", "train.warmup_steps=0", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap());
+    let starts = std::fs::read_to_string(run.join("starts.jsonl")).unwrap();
+    assert!(starts.contains("\"sar_resample\":\"bilinear\""), "{starts}");
+    let kept = dir.path().join("kept.zarr");
+    let file = std::fs::read_dir(&scenes)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let predicted = ok(icefm()
+        .arg("predict")
+        .arg(&file)
+        .arg("--run")
+        .arg(&run)
+        .arg("--out")
+        .arg(dir.path().join("sub.nc"))
+        .arg("--keep-store")
+        .arg(&kept)
+        .output()
+        .unwrap());
+    let err = String::from_utf8_lossy(&predicted.stderr);
+    assert!(
+        err.contains("resample HH and HV by bilinear: the scenes' levels are made the same way"),
+        "{err}"
+    );
+    let kept_root = std::fs::read_to_string(kept.join("zarr.json")).unwrap();
+    assert!(
+        kept_root.contains("\"sar_resample\": \"bilinear\""),
+        "{kept_root}"
+    );
+    let (kept80, ..) = sar(&kept, "80m");
+    assert_eq!(
+        kept80.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b80.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+}

@@ -71,6 +71,10 @@ pub struct RunStart {
     /// its command rank 0's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranks: Option<usize>,
+    /// How the store's levels resample HH and HV, when not by area means (`bilinear`, a store
+    /// of `ingest --sar-resample bilinear`): `icefm predict` makes its levels the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sar_resample: Option<String>,
 }
 
 /// [`RunStart::kind`] of MAE pre-training.
@@ -143,6 +147,11 @@ impl RunStart {
                 .to_string(),
             ),
             ranks: None,
+            sar_resample: icefm_dataset::store::read_attrs(&opts.store)
+                .ok()
+                .map(|a| a.sar_resample)
+                .filter(|m| !m.is_area())
+                .map(|m| m.name().to_string()),
         }
     }
 
