@@ -694,10 +694,20 @@ fn bilinear_sar_levels_sample_the_native_grid_as_sar_icefm_did() {
         again.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
         b200.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     );
-    // A fine-tuning run on the store records the mode, and predict makes its levels so.
+    // A fine-tuning run on the store, from an MAE pre-trained on the area store, is warned of
+    // the other levels; it records its store's mode, and predict makes its levels so.
+    let mae = dir.path().join("mae");
+    ok(micro_train(
+        &area,
+        &mae,
+        &["train.steps=1", "train.warmup_steps=0"],
+        false,
+    )
+    .output()
+    .unwrap());
     let seg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml");
     let run = dir.path().join("ft");
-    ok(icefm()
+    let tuned = ok(icefm()
         .args(["train", "--store"])
         .arg(&bil)
         .arg("--config")
@@ -705,10 +715,20 @@ fn bilinear_sar_levels_sample_the_native_grid_as_sar_icefm_did() {
         .args(["--set", "model.preset=micro", "--set", "data.levels=80"])
         .args(["--set", "data.crop=32", "--set", "data.batch_size=2"])
         .args(["--set", "seg.channels=8", "--set", "train.steps=1"])
-        .args(["--set", "train.warmup_steps=0", "--out"])
+        .args(["--set", "train.warmup_steps=0", "--init"])
+        .arg(&mae)
+        .arg("--out")
         .arg(&run)
         .output()
         .unwrap());
+    let err = String::from_utf8_lossy(&tuned.stderr);
+    assert!(
+        err.contains(
+            "its encoder was pre-trained on a store whose levels resample HH and HV by area, \
+             this store's by bilinear"
+        ),
+        "{err}"
+    );
     let starts = std::fs::read_to_string(run.join("starts.jsonl")).unwrap();
     assert!(starts.contains("\"sar_resample\":\"bilinear\""), "{starts}");
     let kept = dir.path().join("kept.zarr");

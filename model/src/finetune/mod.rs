@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::regime::Regime;
 use icefm_dataset::{Sampler, SceneReader};
+use icefm_schemas::store::SarResample;
 
 use crate::config::TrainConfig;
 use crate::dist::Group;
@@ -200,7 +201,7 @@ pub fn train_seg_in(
     // The store, regimes, levels and initial weights are checked before the run directory is
     // written: a run that cannot start leaves no folder to mistake for one that did.
     agree_with_ranks(cfg, opts, group)?;
-    let (loader, trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
+    let (loader, mut trained) = open_loader(cfg, &opts.store, Sampler::LevelWeighted, &dev, group)?;
     agree_on_data(group, &opts.store, &trained)?;
     // A validation level the store lacks would fail at the first validation, its steps lost.
     if !seg.eval_level.trim().is_empty() {
@@ -245,7 +246,25 @@ pub fn train_seg_in(
         // its inputs wrong: the run's config says which it was trained on.
         // An `icefm import --channels` file records them in its header instead.
         let trained_on = match crate::train::config_of_run(Path::new(&seg.init)) {
-            Ok((_, icfg)) => Some(icfg.data.channels),
+            Ok((init_run, icfg)) => {
+                // An encoder pre-trained on levels made otherwise (area means against
+                // SAR-IceFM's bilinear sampling) sees other coarse inputs here.
+                let theirs = crate::train::run_starts(&init_run)
+                    .pop()
+                    .and_then(|s| s.sar_resample)
+                    .unwrap_or_else(|| SarResample::Area.name().to_string());
+                let ours = icefm_dataset::store::read_attrs(&opts.store)?.sar_resample;
+                if theirs != ours.name() {
+                    trained.warnings.push(format!(
+                        "seg.init {}: its encoder was pre-trained on a store whose levels \
+                         resample HH and HV by {theirs}, this store's by {} (`ingest \
+                         --sar-resample`): fine-tuning adapts it to these levels",
+                        seg.init,
+                        ours.name()
+                    ));
+                }
+                Some(icfg.data.channels)
+            }
             Err(_) => resolve_weights(Path::new(&seg.init))
                 .ok()
                 .and_then(|f| crate::files::recorded_channels(&f)),
