@@ -241,12 +241,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
             (None, None) => bail!("--out is required with --counts"),
         });
     }
-    // Nothing is written unless every regime may be.
-    let replaced = replaced_regimes(&regimes, &paths, a.force)?;
-    // Every file is written before any summary is printed; a write that fails takes back what
-    // this command wrote (new files removed, replaced ones restored), so a ladder is written
-    // whole or not at all. A new name is created only where no file is: of two commands
-    // drawing it at once, one fails.
+    // The files there now, read once: compared with the new regimes, and kept to restore.
     let before = paths
         .iter()
         .map(|p| match icefm_dataset::location::exists(p)? {
@@ -255,6 +250,12 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         })
         .collect::<std::io::Result<Vec<_>>>()
         .context("reading the regime files to be replaced")?;
+    // Nothing is written unless every regime may be.
+    let replaced = replaced_regimes(&regimes, &paths, &before, a.force)?;
+    // Every file is written before any summary is printed; a write that fails takes back what
+    // this command wrote (new files removed, replaced ones restored), so a ladder is written
+    // whole or not at all. A new name is created only where no file is: of two commands
+    // drawing it at once, one fails.
     for (k, (r, path)) in regimes.iter().zip(&paths).enumerate() {
         let written = match &before[k] {
             Some(_) => r.write(path),
@@ -353,18 +354,23 @@ fn warn_of_held_out_overlap(store: &Path, regimes: &[Regime], excluded: &[String
     }
 }
 
-/// The names of the regimes among `regimes` whose files (`paths`) exist with other scenes,
-/// role or patches: an error unless `force`. A file that reads back as the same regime
-/// (drawn again with the same rule and seed) is no change.
-fn replaced_regimes(regimes: &[Regime], paths: &[PathBuf], force: bool) -> Result<Vec<String>> {
+/// The names of the regimes among `regimes` whose files (`paths`, their bytes `before`, none
+/// where no file is) exist with other scenes, role or patches: an error unless `force`. A file
+/// that reads back as the same regime (drawn again with the same rule and seed) is no change.
+fn replaced_regimes(
+    regimes: &[Regime],
+    paths: &[PathBuf],
+    before: &[Option<bytes::Bytes>],
+    force: bool,
+) -> Result<Vec<String>> {
     let mut replaced = Vec::new();
     let mut differences = Vec::new();
-    for (r, path) in regimes.iter().zip(paths) {
-        if !icefm_dataset::location::exists(path)? {
+    for ((r, path), old) in regimes.iter().zip(paths).zip(before) {
+        let Some(old) = old else {
             continue;
-        }
+        };
         // What differs, in words: the scenes, the role, the patch lists.
-        let differs: Vec<String> = match Regime::read(path) {
+        let differs: Vec<String> = match Regime::from_bytes(path, old.clone()) {
             Ok(old) => [
                 (old.scenes != r.scenes).then(|| "other scenes".to_string()),
                 (old.role != r.role)

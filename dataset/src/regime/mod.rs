@@ -439,8 +439,14 @@ impl Regime {
 
     /// Read a regime file written by [`Regime::write`]; the scene column is authoritative.
     pub fn read(path: &Path) -> Result<Self, DatasetError> {
+        let bytes =
+            crate::location::read(path).map_err(|e| DatasetError::manifest(path, e.to_string()))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// A regime from the bytes of its file, read from `path` (named in errors).
+    pub fn from_bytes(path: &Path, bytes: bytes::Bytes) -> Result<Self, DatasetError> {
         let err = |e: &dyn std::fmt::Display| DatasetError::manifest(path, e.to_string());
-        let bytes = crate::location::read(path).map_err(|e| err(&e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| err(&e))?;
         let meta = builder
             .metadata()
