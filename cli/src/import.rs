@@ -59,7 +59,7 @@ pub fn cmd_import(a: ImportArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     // Channels given, or recorded in the header of a file `icefm export` wrote.
-    let channels = match (&a.channels, &imported.channels) {
+    let channels = match (&a.channels, &imported.recorded.channels) {
         (Some(given), Some(recorded)) if given != recorded => bail!(
             "--channels {} but {} records {}: its encoder was trained on those",
             given.join(","),

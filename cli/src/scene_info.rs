@@ -149,7 +149,12 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
         100.0 * valid as f64 / native_px.max(1) as f64,
         100.0 * labelled as f64 / valid.max(1) as f64
     );
-    if kind == "rtt" {
+    if labelled == 0 {
+        let _ = writeln!(
+            o,
+            "  chart        none: no pixel is labelled (a test-release file without its chart)"
+        );
+    } else if kind == "rtt" {
         let _ = writeln!(
             o,
             "  chart        rasters of SIC, SOD and FLOE (the ready-to-train release has no polygons)"
@@ -208,7 +213,7 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
     }
     let _ = writeln!(
         o,
-        "\nlevel    shape          patches  >= 50% valid SAR  labelled"
+        "\nlevel    shape          patches  >= 50% valid SAR  with a SIC label"
     );
     for (k, level) in levels.iter().enumerate() {
         let e = per_level.remove(level).unwrap_or_default();
@@ -219,7 +224,7 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
         );
         let _ = writeln!(
             o,
-            "{level:<8} {shape:<13} {:>8}  {:>16}  {:>8}",
+            "{level:<8} {shape:<13} {:>8}  {:>16}  {:>16}",
             e.patches, e.valid, e.labelled
         );
     }
@@ -263,7 +268,7 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
             let total: u64 = rows.iter().map(|r| r.0).sum();
             let _ = writeln!(
                 o,
-                "\nlargest polygons ({} of {}):\n{:>8} {:<5} {:<4} {:<6} {:<14} {:<14} {:>12} {:>6}",
+                "\nlargest polygons ({} of {}; share: of the chart's polygon pixels):\n{:>8} {:<5} {:<4} {:<6} {:<14} {:<14} {:>12} {:>6}",
                 rows.len().min(POLYGONS_LISTED),
                 rows.len(),
                 "poly_id",
@@ -317,6 +322,10 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
             let _ = writeln!(o, "\n{line}");
         }
     }
-    o.push_str(&icefm_ingest::inspect::render_class_balance(&class_pixels));
+    if labelled == 0 {
+        let _ = writeln!(o, "\nclass balance: no labelled pixel");
+    } else {
+        o.push_str(&icefm_ingest::inspect::render_class_balance(&class_pixels));
+    }
     Ok(o)
 }

@@ -524,7 +524,17 @@ fn store_chunk_row(
                 }
             }
         }
-        None => aux[..plane].copy_from_slice(&chunk.values[CH_INC * plane..(CH_INC + 1) * plane]),
+        None => {
+            // RTT: the resampled incidence angle, given where HH is (as the tie points' is), so
+            // that a level whose HH was sampled bilinearly has no angle where HH is invalid.
+            let inc = &chunk.values[CH_INC * plane..(CH_INC + 1) * plane];
+            let hh = &chunk.values[CH_HH * plane..(CH_HH + 1) * plane];
+            for ((a, &i), &h) in aux[..plane].iter_mut().zip(inc).zip(hh) {
+                if !h.is_nan() {
+                    *a = i;
+                }
+            }
+        }
     }
     aux[plane..].copy_from_slice(&chunk.values[ch_dist * plane..(ch_dist + 1) * plane]);
     store(&lv.aux, &aux[..])?;

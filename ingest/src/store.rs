@@ -135,7 +135,8 @@ impl Store {
                 return Err(StoreError::Incompatible {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "the store's levels resample HH and HV by {}, this run asks for {};                          one store holds one kind of levels: use another store",
+                        "the store's levels resample HH and HV by {}, this run asks for {}; \
+                         one store holds one kind of levels: use another store",
                         existing.attrs.sar_resample.name(),
                         attrs.sar_resample.name()
                     ),

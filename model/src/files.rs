@@ -82,21 +82,46 @@ impl Recorded {
     /// What the safetensors file at `path` records; nothing for a file without a header's
     /// metadata, or one that cannot be read (its reader then says why).
     pub fn read(path: &Path) -> Self {
-        let Ok(mut meta) = safetensors_metadata(path) else {
-            return Self::default();
+        Self::read_checked(path).0
+    }
+
+    /// [`Recorded::read`], with a note for each entry of icefm's that does not parse (it is
+    /// left out).
+    pub fn read_checked(path: &Path) -> (Self, Vec<String>) {
+        let Ok(meta) = safetensors_metadata(path) else {
+            return Default::default();
         };
-        let count = |key: &str, meta: &mut HashMap<String, String>| {
-            meta.remove(key)
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&h| h > 0)
+        let mut notes = Vec::new();
+        let mut ignored = |key: &str, value: &str, what: &str| {
+            notes.push(format!(
+                "the file's header has {key} = {value:?}, not {what}: ignored"
+            ));
         };
-        Self {
-            channels: meta
-                .remove(CHANNELS_KEY)
-                .and_then(|t| serde_json::from_str(&t).ok()),
-            heads: count(HEADS_KEY, &mut meta),
-            decoder_heads: count(DECODER_HEADS_KEY, &mut meta),
-        }
+        let mut count = |key: &str| {
+            let v = meta.get(key)?;
+            match v.parse::<usize>() {
+                Ok(h) if h > 0 => Some(h),
+                _ => {
+                    ignored(key, v, "a count of heads");
+                    None
+                }
+            }
+        };
+        let heads = count(HEADS_KEY);
+        let decoder_heads = count(DECODER_HEADS_KEY);
+        let channels = meta.get(CHANNELS_KEY).and_then(|t| {
+            serde_json::from_str(t)
+                .inspect_err(|_| ignored(CHANNELS_KEY, t, "a JSON array of channel names"))
+                .ok()
+        });
+        (
+            Self {
+                channels,
+                heads,
+                decoder_heads,
+            },
+            notes,
+        )
     }
 
     /// The header metadata recording these (`None` when there is nothing to record, so the file
@@ -243,6 +268,42 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    /// What a header records reads back; an entry that does not parse is left out with a note.
+    #[test]
+    fn a_header_records_channels_and_heads_and_malformed_entries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("w", t)]);
+        let path = dir.path().join("r.safetensors");
+        let record = Recorded {
+            channels: Some(vec!["HH".into(), "HV".into()]),
+            heads: Some(5),
+            decoder_heads: None,
+        };
+        save_safetensors_with(&tensors, &path, record.metadata()).unwrap();
+        assert_eq!(Recorded::read_checked(&path), (record, Vec::new()));
+        let bad = HashMap::from([
+            (HEADS_KEY.to_string(), "two".to_string()),
+            (DECODER_HEADS_KEY.to_string(), "0".to_string()),
+            (CHANNELS_KEY.to_string(), "HH,HV".to_string()),
+        ]);
+        save_safetensors_with(&tensors, &path, Some(bad)).unwrap();
+        let (read, notes) = Recorded::read_checked(&path);
+        assert_eq!(read, Recorded::default());
+        assert_eq!(
+            notes,
+            [
+                "the file's header has icefm.heads = \"two\", not a count of heads: ignored",
+                "the file's header has icefm.decoder_heads = \"0\", not a count of heads: ignored",
+                "the file's header has icefm.channels = \"HH,HV\", not a JSON array of channel \
+                 names: ignored",
+            ]
+        );
+        // No metadata at all: nothing recorded, nothing to say.
+        save_safetensors_with(&tensors, &path, None).unwrap();
+        assert_eq!(Recorded::read_checked(&path), Default::default());
+    }
 
     #[test]
     fn weights_are_checked_against_the_hash_their_state_json_records() {

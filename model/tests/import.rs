@@ -425,7 +425,7 @@ fn an_exported_file_records_its_heads_and_channels_for_import() {
     let again = import_pth(&path, &ImportOptions::default()).unwrap();
     assert_eq!(again.encoder.heads, Some(1));
     assert_eq!(again.decoder.as_ref().unwrap().heads, Some(ddim));
-    assert_eq!(again.channels, record.channels);
+    assert_eq!(again.recorded, record);
     assert!(
         again
             .notes
@@ -433,6 +433,23 @@ fn an_exported_file_records_its_heads_and_channels_for_import() {
             .any(|n| n == "encoder heads 1, from the file's header (as icefm export records them)"),
         "{:?}",
         again.notes
+    );
+    assert!(
+        again.notes.iter().any(|n| n
+            == "input channels HH, HV, from the file's header (recorded in the imported file too)"),
+        "{:?}",
+        again.notes
+    );
+    // A preset replaces the header's heads, and says what the header records.
+    let mut preset = again.clone();
+    preset.apply_preset("micro").unwrap();
+    assert!(
+        preset
+            .notes
+            .iter()
+            .any(|n| n == "encoder heads 2, from the micro preset; the file's header records 1"),
+        "{:?}",
+        preset.notes
     );
     let m = again.mae_config().unwrap();
     assert_eq!(
@@ -464,6 +481,7 @@ fn an_exported_file_records_its_heads_and_channels_for_import() {
     assert_eq!(
         import_pth(&bare, &ImportOptions::default())
             .unwrap()
+            .recorded
             .channels,
         None
     );

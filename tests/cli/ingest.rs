@@ -671,6 +671,70 @@ fn bilinear_sar_levels_sample_the_native_grid_as_sar_icefm_did() {
             );
         }
     }
+    // An RTT scene (80 m native, so 200 m is 2.5 pixels): its incidence angle, a resampled
+    // channel of the file, is given exactly where HH is, as the area store's where both are.
+    let rtt = dir.path().join("rtt");
+    ok(icefm()
+        .args([
+            "synth", "--kind", "rtt", "--count", "1", "--size", "151x163", "--out",
+        ])
+        .arg(&rtt)
+        .output()
+        .unwrap());
+    let (rtt_area, rtt_bil) = (
+        dir.path().join("rtt-area.zarr"),
+        dir.path().join("rtt-bil.zarr"),
+    );
+    for (store, extra) in [
+        (&rtt_area, &[][..]),
+        (&rtt_bil, &["--sar-resample", "bilinear"][..]),
+    ] {
+        ok(icefm()
+            .args(["ingest", "--levels", "200", "--patch", "64", "--store"])
+            .arg(store)
+            .args(extra)
+            .arg(&rtt)
+            .output()
+            .unwrap());
+    }
+    let rtt_id = std::fs::read_dir(rtt_bil.join("scenes"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let read = |s: &Path, array: &str| {
+        let node = format!("/scenes/{rtt_id}/200m/{array}");
+        let sh = icefm_ingest::store::array_shape(s, &node).unwrap();
+        icefm_ingest::store::read_f32(s, &node, [0..1, 0..sh[1], 0..sh[2]]).unwrap()
+    };
+    let (hh, inc, inc_area, hh_area) = (
+        read(&rtt_bil, "sar"),
+        read(&rtt_bil, "aux"),
+        read(&rtt_area, "aux"),
+        read(&rtt_area, "sar"),
+    );
+    let (mut invalid, mut both) = (0, 0);
+    for i in 0..hh.len() {
+        assert_eq!(
+            hh[i].is_nan(),
+            inc[i].is_nan(),
+            "cell {i}: HH {} angle {}",
+            hh[i],
+            inc[i]
+        );
+        invalid += usize::from(hh[i].is_nan());
+        if !hh[i].is_nan() && !hh_area[i].is_nan() {
+            assert_eq!(inc[i].to_bits(), inc_area[i].to_bits(), "cell {i}");
+            both += 1;
+        }
+    }
+    assert!(
+        invalid > 0 && both > hh.len() / 2,
+        "{invalid} invalid, {both} compared"
+    );
     let summary = ok(icefm().arg("inspect").arg(&bil).output().unwrap());
     assert!(
         String::from_utf8_lossy(&summary.stdout).starts_with(

@@ -153,6 +153,52 @@ fn inspect_scene_prints_its_record_levels_polygons_regimes_and_balance() {
         assert_eq!(sum, balance(&whole, task), "{task}");
         assert!(a.iter().sum::<u64>() == 400 * 420, "{task}: {a:?}");
     }
+    // A test-release file without its chart: said so, and no class table of zeros.
+    let test = dir.path().join("test");
+    ok(icefm()
+        .args([
+            "synth",
+            "--release",
+            "test",
+            "--count",
+            "1",
+            "--size",
+            "200x220",
+            "--out",
+        ])
+        .arg(&test)
+        .output()
+        .unwrap());
+    let test_store = dir.path().join("test.zarr");
+    ok(icefm()
+        .args(["ingest", "--levels", "80", "--patch", "64", "--store"])
+        .arg(&test_store)
+        .arg(&test)
+        .output()
+        .unwrap());
+    let test_file = std::fs::read_dir(&test)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = String::from_utf8_lossy(
+        &ok(icefm()
+            .arg("inspect")
+            .arg(&test_store)
+            .arg("--scene")
+            .arg(&test_file)
+            .output()
+            .unwrap())
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains("  chart        none: no pixel is labelled")
+            && text.ends_with("\nclass balance: no labelled pixel\n")
+            && text.contains("test release"),
+        "{text}"
+    );
     let out = icefm()
         .arg("inspect")
         .arg(&store)

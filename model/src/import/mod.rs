@@ -136,9 +136,9 @@ pub struct Imported {
     pub encoder: EncoderShape,
     /// Decoder shape; `None` when the checkpoint has no MAE decoder (e.g. a segmentation model).
     pub decoder: Option<DecoderShape>,
-    /// The input channels a `.safetensors` checkpoint's header records (`icefm export` writes
-    /// them); `None` for a `.pth`, which records none.
-    pub channels: Option<Vec<String>>,
+    /// What a `.safetensors` checkpoint's header records (`icefm export` writes the channels and
+    /// heads); nothing for a `.pth`.
+    pub recorded: crate::files::Recorded,
 }
 
 /// The two block layouts: mmcls `TransformerEncoderLayer` suffix → icefm `Block` suffix.
@@ -308,10 +308,10 @@ pub fn import_pth(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportE
     };
     // What `icefm export` recorded in the header: the heads, which the shapes do not tell,
     // where none are given, and the channels.
-    let record = if safetensors {
-        crate::files::Recorded::read(path)
+    let (record, malformed) = if safetensors {
+        crate::files::Recorded::read_checked(path)
     } else {
-        crate::files::Recorded::default()
+        Default::default()
     };
     let effective = ImportOptions {
         heads: opts.heads.or(record.heads),
@@ -339,7 +339,14 @@ pub fn import_pth(path: &Path, opts: &ImportOptions) -> Result<Imported, ImportE
             _ => {}
         }
     }
-    imported.channels = record.channels;
+    if let Some(c) = &record.channels {
+        imported.notes.push(format!(
+            "input channels {}, from the file's header (recorded in the imported file too)",
+            c.join(", ")
+        ));
+    }
+    imported.notes.extend(malformed);
+    imported.recorded = record;
     Ok(imported)
 }
 
@@ -410,8 +417,14 @@ impl Imported {
         }
         e.heads = Some(p.heads);
         self.notes.retain(|n| !n.starts_with("encoder heads"));
-        self.notes
-            .push(format!("encoder heads {}, from the {name} preset", p.heads));
+        let header = match self.recorded.heads {
+            Some(h) if h != p.heads => format!("; the file's header records {h}"),
+            _ => String::new(),
+        };
+        self.notes.push(format!(
+            "encoder heads {}, from the {name} preset{header}",
+            p.heads
+        ));
         Ok(())
     }
 

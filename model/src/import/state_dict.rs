@@ -373,7 +373,7 @@ pub fn import_state_dict(
         notes,
         encoder,
         decoder,
-        channels: None,
+        recorded: Default::default(),
     })
 }
 
