@@ -592,14 +592,18 @@ fn bilinear_sar_levels_sample_the_native_grid_as_sar_icefm_did() {
     );
     let area_root = std::fs::read_to_string(area.join("zarr.json")).unwrap();
     assert!(!area_root.contains("sar_resample"), "{area_root}");
-    let id = std::fs::read_dir(bil.join("scenes"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .into_owned();
+    // The id of a one-scene store's scene.
+    let only_scene = |store: &Path| {
+        std::fs::read_dir(store.join("scenes"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let id = only_scene(&bil);
     let sar = |store: &Path, level: &str| {
         let node = format!("/scenes/{id}/{level}/sar");
         let sh = icefm_ingest::store::array_shape(store, &node).unwrap();
@@ -697,14 +701,7 @@ fn bilinear_sar_levels_sample_the_native_grid_as_sar_icefm_did() {
             .output()
             .unwrap());
     }
-    let rtt_id = std::fs::read_dir(rtt_bil.join("scenes"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .into_owned();
+    let rtt_id = only_scene(&rtt_bil);
     let read = |s: &Path, array: &str| {
         let node = format!("/scenes/{rtt_id}/200m/{array}");
         let sh = icefm_ingest::store::array_shape(s, &node).unwrap();
