@@ -73,13 +73,16 @@ pub fn chunk_count(store: &Path) -> Result<u64, DatasetError> {
     Ok(jobs.iter().map(|j| j.rows * j.cols).sum())
 }
 
-/// The dimensions whose names a level group holds as coordinate arrays (one per level array).
-const LEVEL_NAME_ARRAYS: [&str; 3] = ["sar_channel", "aux_channel", "task"];
+/// A level group's coordinate arrays: the channel names of each level array's first
+/// dimension, and the rows' and columns' positions.
+const LEVEL_COORDINATES: [&str; 5] = ["sar_channel", "aux_channel", "task", "y", "x"];
+/// A scene group's coordinate arrays: the 2 km grid's variable names and positions.
+const SCENE_COORDINATES: [&str; 3] = ["variable", "y_2km", "x_2km"];
 
 /// What is wrong with the rest of a scene: its group and level-group metadata, its 2 km grid
-/// (one chunk, checksummed; it must be there where the array records writing it) and its name
-/// arrays (the 2 km grid's `variable`, each level's channel names), which stores ingested before
-/// they were added lack.
+/// (one chunk, checksummed; it must be there where the array records writing it) and its
+/// coordinate arrays (the 2 km grid's variable names and positions, each level's channel names
+/// and positions), which stores ingested before they were added lack.
 fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
     use icefm_schemas::store::{GRID2KM_ARRAY, SCENES_GROUP};
     let mut wrong = Vec::new();
@@ -103,9 +106,12 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
         &format!("{group}/{GRID2KM_ARRAY}"),
         true,
     ));
-    let mut names = vec![format!("{group}/variable")];
+    let mut names: Vec<String> = SCENE_COORDINATES
+        .iter()
+        .map(|d| format!("{group}/{d}"))
+        .collect();
     for g in &groups[1..] {
-        names.extend(LEVEL_NAME_ARRAYS.iter().map(|d| format!("{g}/{d}")));
+        names.extend(LEVEL_COORDINATES.iter().map(|d| format!("{g}/{d}")));
     }
     for node in names {
         wrong.extend(check_one_chunk(reader, &node, false));

@@ -48,6 +48,31 @@ const CH_HH: usize = 0;
 /// RTT only; raw scenes take the incidence angle from their tie points.
 const CH_INC: usize = 2;
 
+/// Centres of `n` cells of `size` metres from the grid's outer edge: `(k + ½)·size`.
+fn centres(n: usize, size: f64) -> Vec<f64> {
+    (0..n).map(|k| (k as f64 + 0.5) * size).collect()
+}
+
+/// Attributes of a position coordinate (`y` down the rows, `x` along the columns).
+fn position_attrs(along_rows: bool) -> Map<String, serde_json::Value> {
+    let (axis, what) = if along_rows {
+        ("Y", "row")
+    } else {
+        ("X", "column")
+    };
+    let mut m = Map::new();
+    m.insert("units".into(), json!("m"));
+    m.insert("axis".into(), json!(axis));
+    m.insert(
+        "long_name".into(),
+        json!(format!(
+            "distance of the cell's centre from the outer edge of the scene's first {what}, along \
+             the SAR grid (pixel spacing times index; not a map projection)"
+        )),
+    );
+    m
+}
+
 /// Channel indices of (distance, land) for a scene with `dense` dense channels.
 fn piecewise_channels(dense: usize) -> (usize, usize) {
     (dense, dense + 1)
@@ -176,6 +201,16 @@ pub(crate) fn write_scene(
     store
         .write_names(&format!("{scene_node}/variable"), &variables)
         .map_err(zerr)?;
+    let cell_m = g.native_pixels_per_cell as f64 * info.native_spacing_m;
+    for (dim, n) in [("y_2km", g.height), ("x_2km", g.width)] {
+        store
+            .write_positions(
+                &format!("{scene_node}/{dim}"),
+                centres(n, cell_m),
+                position_attrs(dim.starts_with('y')),
+            )
+            .map_err(zerr)?;
+    }
 
     let dense = if info.kind == InputKind::Rtt { 3 } else { 2 };
     let channels = dense + 2;
@@ -242,6 +277,18 @@ pub(crate) fn write_scene(
                 attrs("class"),
             )
             .map_err(zerr)?;
+        // Where each row and column lies, in metres along the grid: the same axes at every
+        // level and for the 2 km grid, so xarray aligns them.
+        let spacing = f64::from(level.spacing_m());
+        for (dim, n, along_rows) in [("y", h, true), ("x", w, false)] {
+            store
+                .write_positions(
+                    &format!("{node}/{dim}"),
+                    centres(n, spacing),
+                    position_attrs(along_rows),
+                )
+                .map_err(zerr)?;
+        }
         // The channel names as coordinates, one per first dimension above.
         for (dim, names) in [
             ("sar_channel", &SAR_CHANNELS[..]),

@@ -292,13 +292,37 @@ impl Store {
     /// 1-D `string` array (`vlen-utf8`, checksummed) whose one dimension is its own name, so
     /// xarray takes it as that dimension's index (`ds.labels.sel(task="SOD")`).
     pub fn write_names(&self, node: &str, names: &[&str]) -> Result<(), StoreError> {
+        let names: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
+        self.write_coordinate(node, names, data_type::string(), "", Map::new())
+    }
+
+    /// Write a coordinate array of positions (`y`, `x` of a level: metres along the grid), as
+    /// a 1-D float64 array (checksummed) whose one dimension is its own name, with `attrs`
+    /// (units, what it measures).
+    pub fn write_positions(
+        &self,
+        node: &str,
+        values: Vec<f64>,
+        attrs: Map<String, Value>,
+    ) -> Result<(), StoreError> {
+        self.write_coordinate(node, values, data_type::float64(), f64::NAN, attrs)
+    }
+
+    fn write_coordinate<T: zarrs::array::Element>(
+        &self,
+        node: &str,
+        values: Vec<T>,
+        data_type: zarrs::array::DataType,
+        fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>,
+        attrs: Map<String, Value>,
+    ) -> Result<(), StoreError> {
         let dim = node.rsplit('/').next().unwrap_or(node);
-        let n = names.len() as u64;
+        let n = values.len() as u64;
         let at = self.path.join(node.trim_start_matches('/'));
         let err = |e: &dyn std::fmt::Display| StoreError::zarr(&at, e);
-        let mut attrs = Map::new();
+        let mut attrs = attrs;
         attrs.insert(ALL_SHARDS_ATTR.into(), json!(n > 0));
-        let array = ArrayBuilder::new(vec![n], vec![n.max(1)], data_type::string(), "")
+        let array = ArrayBuilder::new(vec![n], vec![n.max(1)], data_type, fill)
             .bytes_to_bytes_codecs(vec![Arc::new(Crc32cCodec::new())])
             .dimension_names(Some([dim]))
             .attributes(attrs)
@@ -306,9 +330,8 @@ impl Store {
             .map_err(|e| err(&e))?;
         array.store_metadata().map_err(|e| err(&e))?;
         if n > 0 {
-            let names: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
             array
-                .store_chunk_opt(&[0], names, &write_options())
+                .store_chunk_opt(&[0], values, &write_options())
                 .map_err(|e| err(&e))?;
         }
         Ok(())

@@ -56,6 +56,12 @@ def main() -> int:
     assert np.array_equal(sod, root[first + "/labels"][1]), first
     hv = ds["sar"].sel(sar_channel="HV").values
     assert np.array_equal(hv, root[first + "/sar"][1], equal_nan=True), first
+    # Rows and columns are placed in metres along the grid, cell centres, at every level.
+    spacing = root[first].attrs["spacing_m"]
+    for dim in ("y", "x"):
+        want = (np.arange(ds.sizes[dim]) + 0.5) * spacing
+        assert np.array_equal(ds[dim].values, want), (dim, ds[dim].values[:3], want[:3])
+        assert ds[dim].attrs["units"] == "m", ds[dim].attrs
     checks += 1
     # The whole store as one xarray DataTree: every scene's levels and its 2 km grid, whose
     # dimensions do not clash with the levels' below it.
@@ -69,6 +75,14 @@ def main() -> int:
             assert names == root[f"scenes/{scene}/grid2km"].attrs["variables"], names
             first_var = node["grid2km"].sel(variable=names[0]).values
             assert np.array_equal(first_var, node["grid2km"].values[0], equal_nan=True), scene
+            # The 2 km cells on the levels' axes: a level's cell centre selects the 2 km cell
+            # that holds it.
+            cell = root[f"scenes/{scene}/grid2km"].attrs["cell_size_m"]
+            assert np.array_equal(node["y_2km"].values, (np.arange(node.sizes["y_2km"]) + 0.5) * cell)
+            level = node[expected["levels"][-1]]
+            picked = node["grid2km"].sel(y_2km=level["y"], x_2km=level["x"], method="nearest")
+            rows = np.minimum((level["y"].values // cell).astype(int), node.sizes["y_2km"] - 1)
+            assert np.array_equal(picked["y_2km"].values, (rows + 0.5) * cell), scene
     checks += 1
     # Manifests through pyarrow.
     for name, rows in expected["manifest_rows"].items():

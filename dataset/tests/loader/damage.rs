@@ -402,21 +402,31 @@ fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
     std::fs::write(&grid, &bytes).unwrap();
     std::fs::write(scene_dir.join("160m/zarr.json"), "{ cut").unwrap();
     std::fs::remove_file(store.join("manifests/polygons.parquet")).unwrap();
-    // The name arrays: a level's task names damaged, the 2 km grid's variable names' chunk gone,
-    // and a level's SAR channel names gone altogether, as in a store ingested before they were
-    // written (not damage).
+    // The coordinate arrays: a level's task names and row positions damaged, the 2 km grid's
+    // variable names' chunk gone, and a level's SAR channel names gone altogether, as in a store
+    // ingested before they were written (not damage).
     let names = scene_dir.join("80m/task/c/0");
     let mut bytes = std::fs::read(&names).unwrap();
     bytes[0] ^= 0x10;
     std::fs::write(&names, &bytes).unwrap();
     std::fs::remove_file(scene_dir.join("variable/c/0")).unwrap();
+    let rows = scene_dir.join("80m/y/c/0");
+    let mut bytes = std::fs::read(&rows).unwrap();
+    let last = bytes.len() - 5;
+    bytes[last] ^= 0x01;
+    std::fs::write(&rows, &bytes).unwrap();
     std::fs::remove_dir_all(scene_dir.join("160m/sar_channel")).unwrap();
     let v = verify(&store, &|_| {}).unwrap();
     let text: Vec<String> = v.damaged.iter().map(|(s, e)| format!("{s}: {e}")).collect();
-    assert_eq!(v.damaged.len(), 7, "{text:?}");
+    assert_eq!(v.damaged.len(), 8, "{text:?}");
     assert!(
         text.iter()
             .any(|e| e.contains("80m/task/c/0") && e.contains("checksum") && e.contains("--redo")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.contains("80m/y/c/0") && e.contains("checksum")),
         "{text:?}"
     );
     assert!(
@@ -458,7 +468,7 @@ fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
     };
     let v = verify(&store, &|_| {}).unwrap();
     let found = parts_damage(&v);
-    assert_eq!(v.damaged.len(), 8, "{:?}", v.damaged);
+    assert_eq!(v.damaged.len(), 9, "{:?}", v.damaged);
     assert!(
         found.len() == 1
             && found[0].contains(&part.display().to_string())
