@@ -167,8 +167,10 @@ pub(crate) struct InspectArgs {
     /// quicklook's scene [default: the first].
     #[arg(long)]
     pub scene: Option<String>,
-    /// Level of the quicklook [default: the coarsest].
-    #[arg(long, requires = "png")]
+    /// Level of the quicklook [default: the coarsest]; with --scene and without --png, read the
+    /// scene's arrays at this level back: valid shares, HH and HV in dB (mean, spread,
+    /// percentiles), the incidence angle's range, land and labelled shares.
+    #[arg(long)]
     pub level: Option<String>,
     /// Summarise this regime of the store instead (scenes, patches, class pixels, missing classes).
     #[arg(long, conflicts_with_all = ["png", "scene", "level"])]
@@ -684,9 +686,9 @@ fn source_names(store: &Path) -> Result<std::collections::HashMap<String, String
 
 pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if crate::run_summary::is_run(&a.store) {
-        if a.png.is_some() || a.regime.is_some() || a.scene.is_some() {
+        if a.png.is_some() || a.regime.is_some() || a.scene.is_some() || a.level.is_some() {
             bail!(
-                "{} is a training run: --png, --scene and --regime inspect a store",
+                "{} is a training run: --png, --scene, --level and --regime inspect a store",
                 a.store.display()
             );
         }
@@ -696,10 +698,16 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
         return crate::regime::inspect_regime(&a.store, name);
     }
     if let (Some(scene), None) = (&a.scene, &a.png) {
-        let report = crate::scene_info::scene_report(&a.store, scene)
-            .with_context(|| format!("inspect {} --scene {scene}", a.store.display()))?;
+        let report = match &a.level {
+            Some(level) => crate::scene_info::level_report(&a.store, scene, level),
+            None => crate::scene_info::scene_report(&a.store, scene),
+        }
+        .with_context(|| format!("inspect {} --scene {scene}", a.store.display()))?;
         print!("{report}");
         return Ok(());
+    }
+    if a.level.is_some() && a.png.is_none() {
+        bail!("--level needs --png (a quicklook's level) or --scene (a scene's arrays at it)");
     }
     if icefm_dataset::location::is_url(&a.store) {
         if a.png.is_some() {

@@ -43,18 +43,9 @@ pub fn resolve_scene(name: &str, ids: &[String], store: &Path) -> Result<String>
     Ok(id)
 }
 
-/// Per level of the scene: patches, those with ≥ 50 % valid SAR, those with a SIC label.
-#[derive(Default)]
-struct LevelPatches {
-    patches: u64,
-    valid: u64,
-    labelled: u64,
-}
-
-/// The readout of scene `name` (an id or a file name) of `store`.
-pub fn scene_report(store: &Path, name: &str) -> Result<String> {
-    let dir = store.join(MANIFESTS_DIR);
-    let scenes_path = dir.join(SCENES_FILE);
+/// The merged scenes manifest of `store` and its scene ids.
+fn scenes_manifest(store: &Path) -> Result<(Vec<RecordBatch>, Vec<String>)> {
+    let scenes_path = store.join(MANIFESTS_DIR).join(SCENES_FILE);
     if !icefm_dataset::location::exists(&scenes_path)? {
         bail!(
             "{}: no scenes manifest yet (an ingest that has not merged: `icefm manifest merge \
@@ -74,6 +65,22 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
                 .map(str::to_string),
         );
     }
+    Ok((batches, ids))
+}
+
+/// Per level of the scene: patches, those with ≥ 50 % valid SAR, those with a SIC label.
+#[derive(Default)]
+struct LevelPatches {
+    patches: u64,
+    valid: u64,
+    labelled: u64,
+}
+
+/// The readout of scene `name` (an id or a file name) of `store`.
+pub fn scene_report(store: &Path, name: &str) -> Result<String> {
+    let dir = store.join(MANIFESTS_DIR);
+    let scenes_path = dir.join(SCENES_FILE);
+    let (batches, ids) = scenes_manifest(store)?;
     let id = resolve_scene(name, &ids, store)?;
     let (b, i) = batches
         .iter()
@@ -327,5 +334,195 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
     } else {
         o.push_str(&icefm_ingest::inspect::render_class_balance(&class_pixels));
     }
+    Ok(o)
+}
+
+/// Histogram bins of the dB percentiles: 0.01 dB wide over [`DB_LOW`, `DB_HIGH`).
+const DB_BIN: f64 = 0.01;
+/// Lowest dB the percentile histogram resolves (lower values count in its first bin).
+const DB_LOW: f64 = -60.0;
+/// Highest dB the percentile histogram resolves (higher values count in its last bin).
+const DB_HIGH: f64 = 20.0;
+
+/// Valid count, sums, extremes and a fine histogram of one SAR channel's dB values.
+struct DbStats {
+    valid: u64,
+    sum: f64,
+    sum_sq: f64,
+    min: f32,
+    max: f32,
+    bins: Vec<u64>,
+}
+
+impl DbStats {
+    fn new() -> Self {
+        Self {
+            valid: 0,
+            sum: 0.0,
+            sum_sq: 0.0,
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            bins: vec![0; ((DB_HIGH - DB_LOW) / DB_BIN).round() as usize],
+        }
+    }
+
+    fn add(&mut self, v: f32) {
+        if v.is_nan() {
+            return;
+        }
+        self.valid += 1;
+        let x = f64::from(v);
+        self.sum += x;
+        self.sum_sq += x * x;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        let last = self.bins.len() - 1;
+        let b = (((x - DB_LOW) / DB_BIN).floor().max(0.0) as usize).min(last);
+        self.bins[b] += 1;
+    }
+
+    /// The `q`-quantile (0–1): the centre of the bin that holds it, within half a bin (the
+    /// extremes are exact).
+    fn quantile(&self, q: f64) -> f64 {
+        if q <= 0.0 {
+            return f64::from(self.min);
+        }
+        if q >= 1.0 {
+            return f64::from(self.max);
+        }
+        let rank = (q * self.valid as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, &n) in self.bins.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let centre = DB_LOW + (b as f64 + 0.5) * DB_BIN;
+                return centre.clamp(f64::from(self.min), f64::from(self.max));
+            }
+        }
+        f64::from(self.max)
+    }
+}
+
+/// `icefm inspect STORE --scene ID --level L`: the scene's arrays at one level, read back:
+/// per SAR channel the valid share and the dB distribution, the incidence angle's range, the
+/// land share, the labelled share per task. Reads every chunk of the level (over object storage
+/// too).
+pub fn level_report(store: &Path, name: &str, level: &str) -> Result<String> {
+    use icefm_dataset::store::{ArrayKind, StoreReader};
+    let reader = StoreReader::open(store)?;
+    let level: icefm_schemas::Level = level.parse()?;
+    if !reader.attrs.levels.contains(&level) {
+        bail!(
+            "level {level} is not in the store (it has {})",
+            reader
+                .attrs
+                .levels
+                .iter()
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let (_, ids) = scenes_manifest(store)?;
+    let id = resolve_scene(name, &ids, store)?;
+    let [_, h, w] = reader.shape(&id, level, ArrayKind::Sar)?;
+    let p = u64::from(reader.attrs.patch);
+    let (rows, cols) = (h.div_ceil(p), w.div_ceil(p));
+    let cells = h * w;
+    let mut sar = [DbStats::new(), DbStats::new()];
+    let (mut inc_min, mut inc_max) = (f32::INFINITY, f32::NEG_INFINITY);
+    let (mut land, mut with_distance) = (0u64, 0u64);
+    let mut labelled = [0u64; 3];
+    let plane = (p * p) as usize;
+    let floats = |c: &icefm_dataset::store::Chunk| -> Vec<f32> {
+        c.0.chunks_exact(4)
+            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    for row in 0..rows {
+        for col in 0..cols {
+            // The part of the chunk inside the array (the rest is fill).
+            let (ch, cw) = ((h - row * p).min(p) as usize, (w - col * p).min(p) as usize);
+            let s = floats(&reader.decode(&id, level, ArrayKind::Sar, row, col)?);
+            let a = floats(&reader.decode(&id, level, ArrayKind::Aux, row, col)?);
+            let l = reader.decode(&id, level, ArrayKind::Labels, row, col)?;
+            for y in 0..ch {
+                for x in 0..cw {
+                    let i = y * p as usize + x;
+                    sar[0].add(s[i]);
+                    sar[1].add(s[plane + i]);
+                    let inc = a[i];
+                    if !inc.is_nan() {
+                        inc_min = inc_min.min(inc);
+                        inc_max = inc_max.max(inc);
+                    }
+                    let d = a[plane + i];
+                    if !d.is_nan() {
+                        with_distance += 1;
+                        land += u64::from(d == 0.0);
+                    }
+                    for (t, n) in labelled.iter_mut().enumerate() {
+                        *n += u64::from(l.0[t * plane + i] != icefm_schemas::IGNORE);
+                    }
+                }
+            }
+        }
+    }
+    let share = |n: u64, of: u64| 100.0 * n as f64 / of.max(1) as f64;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "scene {id} at {level}: {h} x {w} cells, {rows} x {cols} patches of {p} px; HH and HV by {}",
+        if reader.attrs.sar_resample.is_area() {
+            "area means"
+        } else {
+            "bilinear sampling"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "\n      valid     mean      std       p1      p50      p99      min      max  (dB)"
+    );
+    for (name, st) in ["HH", "HV"].iter().zip(&sar) {
+        if st.valid == 0 {
+            let _ = writeln!(o, "{name:<4} {:>6.1}%  (no valid cell)", 0.0);
+            continue;
+        }
+        let n = st.valid as f64;
+        let mean = st.sum / n;
+        let std = (st.sum_sq / n - mean * mean).max(0.0).sqrt();
+        let _ = writeln!(
+            o,
+            "{name:<4} {:>6.1}% {mean:>8.2} {std:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            share(st.valid, cells),
+            st.quantile(0.01),
+            st.quantile(0.5),
+            st.quantile(0.99),
+            st.min,
+            st.max
+        );
+    }
+    let _ = writeln!(
+        o,
+        "(percentiles to within {} dB)\n\nincidence angle  {}",
+        DB_BIN / 2.0,
+        if inc_min <= inc_max {
+            format!("{inc_min:.2}° to {inc_max:.2}°")
+        } else {
+            "none given".to_string()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "land             {:.1}% of the {with_distance} cells with a distance (zone 0)",
+        share(land, with_distance)
+    );
+    let _ = writeln!(
+        o,
+        "labelled cells   SIC {:.1}%, SOD {:.1}%, FLOE {:.1}% of {cells}",
+        share(labelled[0], cells),
+        share(labelled[1], cells),
+        share(labelled[2], cells)
+    );
     Ok(o)
 }

@@ -153,6 +153,62 @@ fn inspect_scene_prints_its_record_levels_polygons_regimes_and_balance() {
         assert_eq!(sum, balance(&whole, task), "{task}");
         assert!(a.iter().sum::<u64>() == 400 * 420, "{task}: {a:?}");
     }
+    // One level's arrays read back: HH's valid share, mean, spread and percentiles as the
+    // array gives them.
+    let text = String::from_utf8_lossy(
+        &ok(icefm()
+            .arg("inspect")
+            .arg(&store)
+            .args(["--scene", &ids[0], "--level", "80"])
+            .output()
+            .unwrap())
+        .stdout,
+    )
+    .into_owned();
+    let node = format!("/scenes/{}/80m/sar", ids[0]);
+    let sh = array_shape(&store, &node).unwrap();
+    let hh = read_f32(&store, &node, [0..1, 0..sh[1], 0..sh[2]]).unwrap();
+    let mut valid: Vec<f64> = hh
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| f64::from(v))
+        .collect();
+    valid.sort_by(f64::total_cmp);
+    let n = valid.len() as f64;
+    let mean = valid.iter().sum::<f64>() / n;
+    let std = (valid.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n).sqrt();
+    let at = |q: f64| valid[((q * n).ceil() as usize).max(1) - 1];
+    assert!(
+        text.starts_with(&format!(
+            "scene {} at 80m: {} x {} cells, ",
+            ids[0], sh[1], sh[2]
+        )),
+        "{text}"
+    );
+    let row: Vec<f64> = text
+        .lines()
+        .find(|l| l.starts_with("HH "))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.trim_end_matches('%').parse().unwrap())
+        .collect();
+    let share = 100.0 * n / hh.len() as f64;
+    assert!((row[0] - share).abs() <= 0.05, "{row:?} {share}");
+    assert!(
+        (row[1] - mean).abs() <= 0.005 && (row[2] - std).abs() <= 0.006,
+        "{row:?} {mean} {std}"
+    );
+    for (got, q) in row[3..6].iter().zip([0.01, 0.5, 0.99]) {
+        assert!((got - at(q)).abs() <= 0.011, "p{q}: {got} vs {}", at(q));
+    }
+    assert_eq!(
+        (row[6], row[7]),
+        (
+            (valid[0] * 100.0).round() / 100.0,
+            (valid[valid.len() - 1] * 100.0).round() / 100.0
+        )
+    );
     // A test-release file without its chart: said so, and no class table of zeros.
     let test = dir.path().join("test");
     ok(icefm()

@@ -552,6 +552,23 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
         local_rest.split_once("\nSIC class balance").unwrap().1,
         remote_rest.split_once("\nSIC class balance").unwrap().1
     );
+    // Its arrays at a level, read back over HTTP: the folder's figures.
+    let arrays = |at: &str| {
+        String::from_utf8(
+            ok(icefm()
+                .args(["inspect", at, "--scene", &ids[1], "--level", "80"])
+                .output()
+                .unwrap())
+            .stdout,
+        )
+        .unwrap()
+    };
+    let local = arrays(&store.display().to_string());
+    assert!(
+        local.contains("\nHH ") && local.contains("labelled cells   SIC"),
+        "{local}"
+    );
+    assert_eq!(arrays(&format!("{}/s.zarr", server.base)), local);
     // Commands that write a store or read its ingest records refuse a URL, saying what to do.
     for args in [
         vec!["ingest", "--store", "s3://bucket/a.zarr", "x.nc"],
