@@ -241,6 +241,12 @@ fn draw_args(a: DrawArgs) -> Result<()> {
             (None, None) => bail!("--out is required with --counts"),
         });
     }
+    // One draw at a time writes a local store's regimes: another's files are not compared,
+    // replaced or restored under it (held to the end of this function).
+    let _lock = match store {
+        Some(s) => lock_regimes(s)?,
+        None => None,
+    };
     // The files there now, read once: compared with the new regimes, and kept to restore.
     let before = paths
         .iter()
@@ -352,6 +358,51 @@ fn warn_of_held_out_overlap(store: &Path, regimes: &[Regime], excluded: &[String
             }
         }
     }
+}
+
+/// The lock file of a local store's regime draws, in its regimes folder.
+pub(crate) const REGIMES_LOCK: &str = ".lock";
+
+/// An exclusive lock on a local store's regimes (`regimes/.lock`), taken before a draw reads the
+/// files it replaces and held until its files are written (or restored): two draws of one name
+/// at once run one after the other, so neither restores or replaces the other's files unseen.
+/// A draw that finds it taken says so and waits. None for a store in object storage, which has
+/// no such lock.
+fn lock_regimes(store: &Path) -> Result<Option<std::fs::File>> {
+    if icefm_dataset::location::is_url(store) {
+        return Ok(None);
+    }
+    let dir = store.join(icefm_dataset::regime::REGIMES_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(REGIMES_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "waiting for another regime draw on {} to finish ({})",
+                store.display(),
+                path.display()
+            );
+            file.lock()
+                .with_context(|| format!("locking {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            // A file system without locks: draw as before, unguarded.
+            eprintln!(
+                "warning: {} cannot be locked ({e}): a regime draw running at the same time \
+                 could replace this one's files",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(file))
 }
 
 /// The names of the regimes among `regimes` whose files (`paths`, their bytes `before`, none

@@ -42,6 +42,56 @@ fn inspect_says_when_the_manifests_come_from_two_merges() {
     );
 }
 
+/// A regime draw waits while another holds the store's regime lock, says so, and writes its
+/// file once the lock is released.
+#[test]
+fn a_regime_draw_waits_for_another_on_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = synth_and_ingest(dir.path(), 1, "200x220", "default", "80");
+    let regimes = store.join("regimes");
+    std::fs::create_dir_all(&regimes).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(regimes.join(".lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let log = dir.path().join("draw.err");
+    let mut child = icefm()
+        .args(["regime", "--name", "later", "--rule", "all", "--store"])
+        .arg(&store)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // It says it waits (however slowly it gets there), and does wait.
+    let said = (0..600).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("waiting for another regime draw on")
+    });
+    assert!(
+        said,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the draw did not wait");
+    assert!(!regimes.join("later.parquet").exists());
+    drop(lock);
+    assert!(child.wait().unwrap().success());
+    assert!(regimes.join("later.parquet").is_file());
+    // The lock file is not a regime.
+    let listed = ok(icefm().arg("inspect").arg(&store).output().unwrap());
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("regimes (1;") && !text.contains(".lock"),
+        "{text}"
+    );
+}
+
 /// The class pixels a balance block prints for `task`, its 255 count last.
 fn balance(text: &str, task: &str) -> Vec<u64> {
     let head = format!("{task} class balance (native pixels; ");
