@@ -375,12 +375,7 @@ fn lock_regimes(store: &Path) -> Result<Option<std::fs::File>> {
     let dir = store.join(icefm_dataset::regime::REGIMES_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(REGIMES_LOCK);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    let file = icefm_model::files::open_lock_file(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}

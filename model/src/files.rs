@@ -17,6 +17,17 @@ pub(crate) fn save_safetensors<K: AsRef<str> + Ord + Display>(
     save_safetensors_with(tensors, path.as_ref(), None)
 }
 
+/// Open (or make) the lock file at `path` for `File::lock`, keeping what it holds (a holder's
+/// note).
+pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// Key of a weight file's header metadata naming the input channels its encoder reads
 /// (a JSON array of names), as `icefm import` records them.
 pub const CHANNELS_KEY: &str = "icefm.channels";

@@ -78,13 +78,7 @@ pub fn record_failure(out: &Path, error: &str) {
 /// log).
 fn lock_run(out: &Path) -> Result<Result<File, std::io::Error>, TrainError> {
     let path = out.join(RUN_LOCK);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| io_err(&path, e))?;
+    let file = crate::files::open_lock_file(&path).map_err(|e| io_err(&path, e))?;
     match file.try_lock() {
         Ok(()) => {
             // Who holds it, for the message of a run that finds it taken.
