@@ -517,8 +517,15 @@ impl LevelAccumulator {
         std::mem::take(&mut self.out)
     }
 
+    /// Dense channels that take their values from the bilinear sampler (none in area mode):
+    /// the area sums skip them.
+    fn sampled(&self) -> usize {
+        self.bilinear.as_ref().map_or(0, |b| b.channels)
+    }
+
     fn accumulate(&mut self, slot: usize, wy: f32, row: NativeRow<'_>) {
         let w = self.cols.out_len;
+        let sampled = self.sampled();
         let acc = &mut self.acc[slot];
         let nd = row.dense.len();
         for (c, runs) in row.piecewise.iter().enumerate() {
@@ -537,7 +544,7 @@ impl LevelAccumulator {
             }
         }
         let nw = self.cols.first.len();
-        for (c, x) in row.dense.iter().enumerate() {
+        for (c, x) in row.dense.iter().enumerate().skip(sampled) {
             let vs = &mut acc.vsum[c * nw..(c + 1) * nw];
             let vw = &mut acc.vweight[c * nw..(c + 1) * nw];
             // Branch-free NaN skipping: NaN-heavy borders cost no mispredictions.
@@ -606,8 +613,9 @@ impl LevelAccumulator {
     /// Add the column sums of the dense channels' vertical sums into the output row's cells.
     fn reduce_columns(&mut self) {
         let (w, nw) = (self.cols.out_len, self.cols.first.len());
+        let sampled = self.sampled();
         let acc = &mut self.acc[0];
-        for c in 0..self.dense {
+        for c in sampled..self.dense {
             let vs = &acc.vsum[c * nw..(c + 1) * nw];
             let vw = &acc.vweight[c * nw..(c + 1) * nw];
             let sum = &mut acc.sum[c * w..(c + 1) * w];
