@@ -19,7 +19,7 @@ use icefm_model::finetune::{
     EvalOverrides, eval_level, evaluate_run, infer_options, load_seg_model, run_config,
 };
 use icefm_model::metrics::Scores;
-use icefm_model::train::{TrainError, config_of_run, parse_device, run_starts};
+use icefm_model::train::{TrainError, config_of_run, parse_device, run_sar_resample, run_starts};
 use icefm_schemas::store::{DEFAULT_CODEC, SarResample};
 use icefm_schemas::{Level, Task};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -745,14 +745,10 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     }
     // Levels made as the run's store made them: HH and HV by area means, or bilinearly for a
     // run trained on a store of `ingest --sar-resample bilinear`.
-    let sar_resample = config_of_run(&a.run)
-        .ok()
-        .and_then(|(run, _)| run_starts(&run).pop())
-        .and_then(|s| s.sar_resample)
-        .map(|m| m.parse::<SarResample>())
-        .transpose()
-        .map_err(anyhow::Error::msg)?
-        .unwrap_or_default();
+    let sar_resample: SarResample = match config_of_run(&a.run) {
+        Ok((run, _)) => run_sar_resample(&run).map_err(anyhow::Error::msg)?,
+        Err(_) => SarResample::Area,
+    };
     if !sar_resample.is_area() {
         eprintln!(
             "note: the run trained on a store whose levels resample HH and HV by {}: the scenes' \

@@ -14,7 +14,6 @@ use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
 use icefm_dataset::regime::Regime;
 use icefm_dataset::{Sampler, SceneReader};
-use icefm_schemas::store::SarResample;
 
 use crate::config::TrainConfig;
 use crate::dist::Group;
@@ -249,12 +248,12 @@ pub fn train_seg_in(
             Ok((init_run, icfg)) => {
                 // An encoder pre-trained on levels made otherwise (area means against
                 // SAR-IceFM's bilinear sampling) sees other coarse inputs here.
-                let theirs = crate::train::run_starts(&init_run)
-                    .pop()
-                    .and_then(|s| s.sar_resample)
-                    .unwrap_or_else(|| SarResample::Area.name().to_string());
                 let ours = icefm_dataset::store::read_attrs(&opts.store)?.sar_resample;
-                if theirs != ours.name() {
+                let other = match crate::train::run_sar_resample(&init_run) {
+                    Ok(theirs) => (theirs != ours).then(|| theirs.name().to_string()),
+                    Err(unknown) => Some(unknown),
+                };
+                if let Some(theirs) = other {
                     trained.warnings.push(format!(
                         "seg.init {}: its encoder was pre-trained on a store whose levels \
                          resample HH and HV by {theirs}, this store's by {} (`ingest \

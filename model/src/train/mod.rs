@@ -46,7 +46,7 @@ pub use run::{
     FAILED_PREFIX, check_batch_split, check_start, record_failure, run_holder, scenes_to_train,
 };
 pub(crate) use run::{RunDir, Share, agree_on_data, agree_with_ranks, open_loader, open_run};
-pub use start::{RegimeRead, RunStart, STARTS_FILE, run_starts};
+pub use start::{RegimeRead, RunStart, STARTS_FILE, run_sar_resample, run_starts};
 
 /// What the ranks of a data-parallel run compare when they resume: the step of the checkpoint
 /// each found in `--out` (a folder every rank must see).

@@ -236,6 +236,15 @@ impl RunStart {
     }
 }
 
+/// How the store of `run`'s last start resampled HH and HV ([`RunStart::sar_resample`]; area
+/// means for runs that record none). An error for a mode this icefm does not know.
+pub fn run_sar_resample(run: &Path) -> Result<icefm_schemas::store::SarResample, String> {
+    run_starts(run)
+        .pop()
+        .and_then(|s| s.sar_resample)
+        .map_or(Ok(Default::default()), |m| m.parse())
+}
+
 /// The starts recorded in a run folder, oldest first (none for runs older than the record;
 /// a line that does not parse is skipped).
 pub fn run_starts(run: &Path) -> Vec<RunStart> {
