@@ -607,10 +607,12 @@ fn verify_store(store: &Path) -> Result<ExitCode> {
     let v = verify(store, &|n| bar.inc(n)).with_context(context)?;
     bar.finish_and_clear();
     println!(
-        "read {} chunk(s) of {} scene(s) back ({:.2} GB decoded) in {:.1} s",
+        "read {} chunk(s) of level arrays and {} small array(s) (2 km grids, coordinates) of {} \
+         scene(s) back ({:.2} GB decoded) in {:.1} s",
         v.chunks,
+        v.small_arrays,
         v.scenes,
-        v.decoded_bytes as f64 / 1e9,
+        (v.decoded_bytes + v.small_bytes) as f64 / 1e9,
         started.elapsed().as_secs_f64()
     );
     if let Some(line) = &v.unmerged {

@@ -21,10 +21,15 @@ use crate::store::{ArrayKind, StoreReader};
 pub struct Verified {
     /// Complete scenes read.
     pub scenes: usize,
-    /// Chunks decoded.
+    /// Chunks of the level arrays decoded (what [`chunk_count`] counts and `progress` is told).
     pub chunks: u64,
-    /// Bytes they decoded to.
+    /// One-chunk arrays decoded besides: each scene's 2 km grid and the coordinate arrays of the
+    /// scene and its levels (channel names and positions).
+    pub small_arrays: u64,
+    /// Bytes the level arrays' chunks decoded to.
     pub decoded_bytes: u64,
+    /// Bytes the small arrays decoded to (strings with their offsets).
+    pub small_bytes: u64,
     /// The damage: scene id and what is wrong, one entry per damaged array (its first bad
     /// chunk and how many are bad), in scene order. Scene id empty for the manifests.
     pub damaged: Vec<(String, String)>,
@@ -79,13 +84,22 @@ const LEVEL_COORDINATES: [&str; 5] = ["sar_channel", "aux_channel", "task", "y",
 /// A scene group's coordinate arrays: the 2 km grid's variable names and positions.
 const SCENE_COORDINATES: [&str; 3] = ["variable", "y_2km", "x_2km"];
 
-/// What is wrong with the rest of a scene: its group and level-group metadata, its 2 km grid
-/// (one chunk, checksummed; it must be there where the array records writing it) and its
-/// coordinate arrays (the 2 km grid's variable names and positions, each level's channel names
-/// and positions), which stores ingested before they were added lack.
-fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
+/// The rest of a scene read back: the one-chunk arrays decoded, the bytes they decoded to, and
+/// what is wrong.
+#[derive(Default)]
+struct SceneRest {
+    arrays: u64,
+    bytes: u64,
+    wrong: Vec<String>,
+}
+
+/// Read the rest of a scene back: its group and level-group metadata, its 2 km grid (one chunk,
+/// checksummed; it must be there where the array records writing it) and its coordinate arrays
+/// (the 2 km grid's variable names and positions, each level's channel names and positions),
+/// which stores ingested before they were added lack.
+fn check_scene_rest(reader: &StoreReader, scene: &str) -> SceneRest {
     use icefm_schemas::store::{GRID2KM_ARRAY, SCENES_GROUP};
-    let mut wrong = Vec::new();
+    let mut rest = SceneRest::default();
     let group = format!("{SCENES_GROUP}/{scene}");
     let mut groups = vec![group.clone()];
     groups.extend(reader.attrs.levels.iter().map(|l| format!("{group}/{l}")));
@@ -97,54 +111,64 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> Vec<String> {
                 serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
             });
         if let Err(e) = ok {
-            wrong.push(format!("{}: {e}", path.display()));
+            rest.wrong.push(format!("{}: {e}", path.display()));
         }
     }
     // Stores of every version have the 2 km grid; a missing one is damage.
-    wrong.extend(check_one_chunk(
-        reader,
-        &format!("{group}/{GRID2KM_ARRAY}"),
-        true,
-    ));
-    let mut names: Vec<String> = SCENE_COORDINATES
-        .iter()
-        .map(|d| format!("{group}/{d}"))
-        .collect();
+    let mut names = vec![(format!("{group}/{GRID2KM_ARRAY}"), true)];
+    names.extend(
+        SCENE_COORDINATES
+            .iter()
+            .map(|d| (format!("{group}/{d}"), false)),
+    );
     for g in &groups[1..] {
-        names.extend(LEVEL_COORDINATES.iter().map(|d| format!("{g}/{d}")));
+        names.extend(
+            LEVEL_COORDINATES
+                .iter()
+                .map(|d| (format!("{g}/{d}"), false)),
+        );
     }
-    for node in names {
-        wrong.extend(check_one_chunk(reader, &node, false));
+    for (node, required) in names {
+        match check_one_chunk(reader, &node, required) {
+            Ok(Some(bytes)) => {
+                rest.arrays += 1;
+                rest.bytes += bytes;
+            }
+            Ok(None) => {}
+            Err(what) => rest.wrong.push(what),
+        }
     }
-    wrong
+    rest
 }
 
-/// What is wrong with an array stored in one chunk at `node` (relative to the store): its
-/// metadata, and its chunk, which must be there where the array records writing it. A missing
-/// array is damage when `required`.
-fn check_one_chunk(reader: &StoreReader, node: &str, required: bool) -> Option<String> {
+/// Read an array stored in one chunk at `node` (relative to the store) back: its metadata, and
+/// its chunk, which must be there where the array records writing it. The bytes it decoded to;
+/// `None` where it is empty, or absent and not `required`. An error says what is wrong.
+fn check_one_chunk(
+    reader: &StoreReader,
+    node: &str,
+    required: bool,
+) -> Result<Option<u64>, String> {
     use icefm_schemas::store::ALL_SHARDS_ATTR;
     use zarrs::array::{Array, ArrayBytes, CodecOptions};
     let path = reader.path.join(node);
     if !required {
         match crate::location::exists(&path.join("zarr.json")) {
             Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => return Some(format!("{}: {e}", path.display())),
+            Ok(false) => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
         }
     }
-    let array = match Array::open(reader.storage(), &format!("/{node}")) {
-        Ok(a) => a,
-        Err(e) => return Some(format!("{}: {e}", path.display())),
-    };
+    let array = Array::open(reader.storage(), &format!("/{node}"))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if array.shape().contains(&0) {
-        return None;
+        return Ok(None);
     }
     let written = array.attributes().get(ALL_SHARDS_ATTR) == Some(&serde_json::Value::Bool(true));
     let origin = vec![0; array.dimensionality()];
     let path = reader.path.join(array.chunk_key(&origin).as_str());
     match array.retrieve_encoded_chunk(&origin) {
-        Ok(None) if written => Some(format!(
+        Ok(None) if written => Err(format!(
             "{}: the chunk file is missing, and this array was written with it",
             path.display()
         )),
@@ -153,9 +177,9 @@ fn check_one_chunk(reader: &StoreReader, node: &str, required: bool) -> Option<S
                 &origin,
                 &CodecOptions::default().with_concurrent_target(1),
             )
-            .err()
-            .map(|e| format!("{}: {e}", path.display())),
-        Err(e) => Some(format!("{}: {e}", path.display())),
+            .map(|b| Some(b.size() as u64))
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
@@ -228,7 +252,10 @@ pub fn verify(store: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Verified,
     let (jobs, missing) = plan(&reader, &scenes);
     out.damaged.extend(missing);
     for scene in &scenes {
-        for what in check_scene_rest(&reader, scene) {
+        let rest = check_scene_rest(&reader, scene);
+        out.small_arrays += rest.arrays;
+        out.small_bytes += rest.bytes;
+        for what in rest.wrong {
             out.damaged
                 .push((scene.clone(), format!("{what}; {}", crate::store::REDO)));
         }

@@ -415,7 +415,10 @@ fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
         .unwrap());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("of 2 scene(s) back") && text.contains("no damage found"),
+        // Per scene: its 2 km grid, the grid's names and positions, and the 80 m level's
+        // channel and task names and positions.
+        text.contains("and 18 small array(s) (2 km grids, coordinates) of 2 scene(s) back")
+            && text.contains("no damage found"),
         "{text}"
     );
     // One scene loses a shard file.

@@ -364,6 +364,15 @@ fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
     assert!(clean.damaged.is_empty(), "{:?}", clean.damaged);
     // 26 chunks of each array: HH+HV and two aux channels f32, three label planes u8.
     assert_eq!(clean.decoded_bytes, 26 * 64 * 64 * (2 * 4 + 2 * 4 + 3));
+    // Besides: the 2 km grid, its variable names and positions, and each level's channel and
+    // task names and positions: 1 + 3 + 2 x 5 one-chunk arrays. Their bytes are at least the
+    // positions' (f64, 8 x 10 cells at 2 km, 200 x 260 at 80 m, 100 x 130 at 160 m).
+    assert_eq!(clean.small_arrays, 14);
+    assert!(
+        clean.small_bytes > 8 * (8 + 10 + 200 + 260 + 100 + 130),
+        "{}",
+        clean.small_bytes
+    );
 
     let (scene, sar) = array_dir(&store, ArrayKind::Sar);
     std::fs::remove_file(sar.join("c/0/0/0")).unwrap();
@@ -419,6 +428,8 @@ fn verify_reads_every_chunk_back_and_lists_each_damaged_array() {
     let v = verify(&store, &|_| {}).unwrap();
     let text: Vec<String> = v.damaged.iter().map(|(s, e)| format!("{s}: {e}")).collect();
     assert_eq!(v.damaged.len(), 8, "{text:?}");
+    // Four of the 14 small arrays damaged, one absent.
+    assert_eq!(v.small_arrays, 9);
     assert!(
         text.iter()
             .any(|e| e.contains("80m/task/c/0") && e.contains("checksum") && e.contains("--redo")),
