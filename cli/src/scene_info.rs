@@ -76,6 +76,58 @@ struct LevelPatches {
     labelled: u64,
 }
 
+/// A latitude as `71.52° N`.
+fn latitude_text(v: f64) -> String {
+    format!("{:.2}° {}", v.abs(), if v < 0.0 { 'S' } else { 'N' })
+}
+
+/// A longitude as `45.25° W`.
+fn longitude_text(v: f64) -> String {
+    format!("{:.2}° {}", v.abs(), if v < 0.0 { 'W' } else { 'E' })
+}
+
+/// Where row `i` of the scenes manifest `b` lies, from its footprint columns.
+fn location(b: &RecordBatch, i: usize, kind: &str, p: &Path) -> Result<String> {
+    use icefm_schemas::manifest::FOOTPRINT_COLUMNS;
+    if b.column_by_name(FOOTPRINT_COLUMNS[0]).is_none() {
+        return Ok(
+            "not recorded: the store was ingested before footprints were; \
+                   `icefm ingest --redo` records them"
+                .into(),
+        );
+    }
+    let mut v = [0.0; 6];
+    for (x, c) in v.iter_mut().zip(FOOTPRINT_COLUMNS) {
+        let a = column(b, c, p)?.as_primitive::<Float64Type>();
+        if !a.is_valid(i) {
+            return Ok("unknown: the file has no usable latitude and longitude".into());
+        }
+        *x = a.value(i);
+    }
+    let [lat, lon, south, north, west, east] = v;
+    let across = if west == -180.0 && east == 180.0 {
+        " (round the pole)"
+    } else if west > east {
+        " (across the antimeridian)"
+    } else {
+        ""
+    };
+    let centre = if kind == "rtt" {
+        "the tie-point grid's middle; the file gives no positions"
+    } else {
+        "the image's"
+    };
+    Ok(format!(
+        "centre {}, {} ({centre}); tie points {} to {}, {} to {}{across}",
+        latitude_text(lat),
+        longitude_text(lon),
+        latitude_text(south),
+        latitude_text(north),
+        longitude_text(west),
+        longitude_text(east),
+    ))
+}
+
 /// The readout of scene `name` (an id or a file name) of `store`.
 pub fn scene_report(store: &Path, name: &str) -> Result<String> {
     let dir = store.join(MANIFESTS_DIR);
@@ -150,6 +202,7 @@ pub fn scene_report(store: &Path, name: &str) -> Result<String> {
         text("satellite")?.unwrap_or_else(|| "an unknown satellite".into()),
         text("ice_service")?.unwrap_or_else(|| "an unknown service".into())
     );
+    let _ = writeln!(o, "  location     {}", location(b, i, &kind, p)?);
     let _ = writeln!(
         o,
         "  valid HH     {:.1}% of the native pixels; {:.1}% of them labelled (SIC)",

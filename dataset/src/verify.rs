@@ -81,8 +81,9 @@ pub fn chunk_count(store: &Path) -> Result<u64, DatasetError> {
 /// A level group's coordinate arrays: the channel names of each level array's first
 /// dimension, and the rows' and columns' positions.
 const LEVEL_COORDINATES: [&str; 5] = ["sar_channel", "aux_channel", "task", "y", "x"];
-/// A scene group's coordinate arrays: the 2 km grid's variable names and positions.
-const SCENE_COORDINATES: [&str; 3] = ["variable", "y_2km", "x_2km"];
+/// A scene group's coordinate arrays: the 2 km grid's variable names and positions, and its
+/// cells' latitude and longitude (raw scenes whose files have them).
+const SCENE_COORDINATES: [&str; 5] = ["variable", "y_2km", "x_2km", "latitude", "longitude"];
 
 /// The rest of a scene read back: the one-chunk arrays decoded, the bytes they decoded to, and
 /// what is wrong.
@@ -95,8 +96,8 @@ struct SceneRest {
 
 /// Read the rest of a scene back: its group and level-group metadata, its 2 km grid (one chunk,
 /// checksummed; it must be there where the array records writing it) and its coordinate arrays
-/// (the 2 km grid's variable names and positions, each level's channel names and positions),
-/// which stores ingested before they were added lack.
+/// (the 2 km grid's variable names, positions, latitude and longitude, each level's channel
+/// names and positions), which stores ingested before they were added lack.
 fn check_scene_rest(reader: &StoreReader, scene: &str) -> SceneRest {
     use icefm_schemas::store::{GRID2KM_ARRAY, SCENES_GROUP};
     let mut rest = SceneRest::default();

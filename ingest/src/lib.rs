@@ -3,6 +3,7 @@
 mod canvas;
 pub mod claim;
 pub mod error;
+pub mod geo;
 pub mod inspect;
 pub mod labels;
 pub mod manifest;

@@ -14,12 +14,14 @@ use arrow_array::builder::{
     FixedSizeListBuilder, Float32Builder, Float64Builder, ListBuilder, StringBuilder,
     TimestampMicrosecondBuilder, UInt8Builder, UInt32Builder, UInt64Builder,
 };
-use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt64Array};
+use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::Schema;
+
+use crate::geo::Footprint;
 use icefm_schemas::Task;
 use icefm_schemas::manifest::{
-    MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE, RELEASE_COLUMN,
-    SCENES_FILE, patches_schema, polygons_schema, scenes_schema,
+    FOOTPRINT_COLUMNS, MERGE_STAMP_KEY, MergeStamp, PART_KINDS, PATCHES_FILE, POLYGONS_FILE,
+    RELEASE_COLUMN, SCENES_FILE, patches_schema, polygons_schema, scenes_schema,
 };
 use icefm_schemas::names::Release;
 use icefm_schemas::store::{MANIFESTS_DIR, PARTS_DIR};
@@ -78,6 +80,8 @@ pub struct SceneRecord {
     pub class_pixels: [Vec<u64>; 3],
     /// The release the scene belongs to.
     pub release: Release,
+    /// Where the scene lies; `None` where its file has no latitude and longitude.
+    pub footprint: Option<Footprint>,
 }
 
 /// One row of `polygons.parquet`.
@@ -241,13 +245,41 @@ pub fn scenes_batch(rows: &[SceneRecord]) -> Result<RecordBatch, arrow_schema::A
         cols.push(fixed_list_u64(&v, t.hist_len() as i32));
     }
     cols.push(s(|r| Some(r.release.name())));
+    let corners: [fn(&Footprint) -> f64; 6] = [
+        |f| f.centre_latitude,
+        |f| f.centre_longitude,
+        |f| f.min_latitude,
+        |f| f.max_latitude,
+        |f| f.west_longitude,
+        |f| f.east_longitude,
+    ];
+    for get in corners {
+        let values: Float64Array = rows.iter().map(|r| r.footprint.as_ref().map(get)).collect();
+        cols.push(Arc::new(values));
+    }
     RecordBatch::try_new(Arc::new(scenes_schema()), cols)
 }
 
 /// A scene part as the current scenes schema has it: parts committed before the `release`
 /// column get it from their records ([`Release::of_record`]: the id, and whether the scene has
-/// a labelled pixel).
+/// a labelled pixel); parts committed before the footprint columns get nulls there (their
+/// files' tie points were not read; `ingest --redo` reads them).
 fn current_scene_part(path: &Path, batch: RecordBatch) -> Result<RecordBatch, StoreError> {
+    if batch.column_by_name(FOOTPRINT_COLUMNS[0]).is_some() {
+        return Ok(batch);
+    }
+    let batch = with_release(path, batch)?;
+    let rows = batch.num_rows();
+    let mut cols = batch.columns().to_vec();
+    for _ in FOOTPRINT_COLUMNS {
+        cols.push(Arc::new(Float64Array::new_null(rows)));
+    }
+    RecordBatch::try_new(Arc::new(scenes_schema()), cols).map_err(|e| StoreError::parquet(path, e))
+}
+
+/// A scene part with the `release` column, as [`current_scene_part`] (which adds the columns
+/// after it).
+fn with_release(path: &Path, batch: RecordBatch) -> Result<RecordBatch, StoreError> {
     if batch.column_by_name(RELEASE_COLUMN).is_some() {
         return Ok(batch);
     }
@@ -269,7 +301,15 @@ fn current_scene_part(path: &Path, batch: RecordBatch) -> Result<RecordBatch, St
         .collect();
     let mut cols = batch.columns().to_vec();
     cols.push(Arc::new(release));
-    RecordBatch::try_new(Arc::new(scenes_schema()), cols).map_err(|e| StoreError::parquet(path, e))
+    let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(
+        scenes_schema()
+            .field_with_name(RELEASE_COLUMN)
+            .map_err(|e| StoreError::parquet(path, e))?
+            .clone(),
+    ));
+    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), cols)
+        .map_err(|e| StoreError::parquet(path, e))
 }
 
 /// Build the polygons batch of one scene.
@@ -641,7 +681,58 @@ mod tests {
             unknown_codes: String::new(),
             class_pixels: [vec![1; 12], vec![2; 7], vec![3; 8]],
             release: Release::Train,
+            footprint: Some(Footprint {
+                centre_latitude: 71.5,
+                centre_longitude: -45.25,
+                min_latitude: 70.0,
+                max_latitude: 73.0,
+                west_longitude: 179.5,
+                east_longitude: -178.0,
+            }),
         }
+    }
+
+    /// A scenes manifest's column of floats, null as NaN.
+    fn floats(batches: &[RecordBatch], name: &str) -> Vec<f64> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = b
+                    .column_by_name(name)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .unwrap()
+                    .clone();
+                (0..c.len())
+                    .map(move |i| if c.is_null(i) { f64::NAN } else { c.value(i) })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parts_committed_before_the_footprint_columns_get_nulls_there_when_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = ("20200101T000000_dmi", "20200202T000000_dmi");
+        for id in [old, new] {
+            commit_scene(dir.path(), &scene(id), &[], &[]).unwrap();
+        }
+        // The older part as an icefm with the release column but not the footprint wrote it.
+        let [_, _, part] = part_paths(dir.path(), old);
+        let b = scenes_batch(&[scene(old)]).unwrap();
+        let cut = b
+            .project(&(0..b.num_columns() - FOOTPRINT_COLUMNS.len()).collect::<Vec<_>>())
+            .unwrap();
+        assert!(cut.column_by_name(RELEASE_COLUMN).is_some());
+        write_parquet(&part, cut.schema().as_ref(), &[cut]).unwrap();
+        assert_eq!(merge_manifests(dir.path()).unwrap(), 2);
+        let s = read_parquet(&dir.path().join("manifests/scenes.parquet")).unwrap();
+        let centre = floats(&s, "centre_latitude");
+        assert!(centre[0].is_nan() && centre[1] == 71.5, "{centre:?}");
+        let west = floats(&s, "west_longitude");
+        assert!(west[0].is_nan() && west[1] == 179.5, "{west:?}");
+        assert_eq!(floats(&s, "east_longitude")[1], -178.0);
     }
 
     #[test]
@@ -728,7 +819,7 @@ mod tests {
             let [_, _, part] = part_paths(dir.path(), id);
             let b = scenes_batch(std::slice::from_ref(&record)).unwrap();
             let old = b
-                .project(&(0..b.num_columns() - 1).collect::<Vec<_>>())
+                .project(&(0..b.num_columns() - 1 - FOOTPRINT_COLUMNS.len()).collect::<Vec<_>>())
                 .unwrap();
             assert!(old.column_by_name(RELEASE_COLUMN).is_none());
             write_parquet(&part, old.schema().as_ref(), &[old]).unwrap();

@@ -481,6 +481,10 @@ fn scene_record(
         unknown_codes: w.unknown_text.clone(),
         class_pixels: w.class_pixels.clone(),
         release: release_of(info),
+        footprint: match &info.geolocation {
+            Ok(Some(g)) => g.footprint(info.height, info.width),
+            _ => None,
+        },
     }
 }
 

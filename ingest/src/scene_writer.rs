@@ -13,6 +13,7 @@ use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
 
 use crate::error::{IngestError, SceneError, StoreError};
+use crate::geo::Geolocation;
 use crate::labels::{
     LabelCounts, PACKED_IGNORE, Packed, PolygonTable, count_classes, native_labels_into,
 };
@@ -51,6 +52,53 @@ const CH_INC: usize = 2;
 /// Centres of `n` cells of `size` metres from the grid's outer edge: `(k + ½)·size`.
 fn centres(n: usize, size: f64) -> Vec<f64> {
     (0..n).map(|k| (k as f64 + 0.5) * size).collect()
+}
+
+/// Write the latitude and longitude of each 2 km cell's centre (`latitude`, `longitude` over
+/// `y_2km`, `x_2km`), interpolated between the tie points in 3-D ([`Geolocation::at_pixel`]).
+fn write_cell_geolocation(
+    store: &Store,
+    scene_node: &str,
+    g: &crate::reader::Grid2km,
+    geo: &Geolocation,
+) -> Result<(), StoreError> {
+    let n = g.native_pixels_per_cell as f64;
+    let mut lat = Vec::with_capacity(g.height * g.width);
+    let mut lon = Vec::with_capacity(g.height * g.width);
+    for i in 0..g.height {
+        for j in 0..g.width {
+            // Cell (i, j) covers native pixels [n i, n i + n): its centre is half-way.
+            let centre = |k: usize| k as f64 * n + (n - 1.0) / 2.0;
+            let (a, o) = geo
+                .at_pixel(centre(i), centre(j))
+                .unwrap_or((f64::NAN, f64::NAN));
+            lat.push(a);
+            lon.push(o);
+        }
+    }
+    for (name, values, units, standard) in [
+        ("latitude", lat, "degrees_north", "latitude"),
+        ("longitude", lon, "degrees_east", "longitude"),
+    ] {
+        let mut m = Map::new();
+        m.insert("units".into(), json!(units));
+        m.insert("standard_name".into(), json!(standard));
+        m.insert(
+            "long_name".into(),
+            json!(format!(
+                "{standard} of the 2 km cell's centre, interpolated between the file's tie \
+                 points as unit vectors (bilinear in the tie points' pixel positions)"
+            )),
+        );
+        store.write_grid_f64(
+            &format!("{scene_node}/{name}"),
+            [g.height, g.width],
+            ["y_2km", "x_2km"],
+            values,
+            m,
+        )?;
+    }
+    Ok(())
 }
 
 /// Attributes of a position coordinate (`y` down the rows, `x` along the columns).
@@ -174,7 +222,13 @@ pub(crate) fn write_scene(
         .map_err(zerr)?;
     // 2 km grids, natively, with their pixel mapping.
     let g = &info.grid2km;
+    let located = g.height * g.width > 0
+        && matches!(&info.geolocation, Ok(Some(geo)) if geo.positions.is_some());
     let mut gattrs = Map::new();
+    if located {
+        // CF: xarray takes the cells' latitude and longitude as the grid's coordinates.
+        gattrs.insert("coordinates".into(), json!("latitude longitude"));
+    }
     gattrs.insert("variables".into(), json!(g.variables));
     gattrs.insert("cell_size_m".into(), json!(2000));
     gattrs.insert(
@@ -210,6 +264,9 @@ pub(crate) fn write_scene(
                 position_attrs(dim.starts_with('y')),
             )
             .map_err(zerr)?;
+    }
+    if located && let Ok(Some(geo)) = &info.geolocation {
+        write_cell_geolocation(store, &scene_node, g, geo).map_err(zerr)?;
     }
 
     let dense = if info.kind == InputKind::Rtt { 3 } else { 2 };
@@ -437,6 +494,12 @@ pub(crate) fn write_scene(
         ));
     }
     warnings.extend(chart_warning(&info));
+    if let Err(why) = &info.geolocation {
+        warnings.push(format!(
+            "latitude and longitude left out (the scenes manifest has no footprint, the 2 km \
+             grid no latitude and longitude): {why}"
+        ));
+    }
     if table.is_some() {
         warnings.extend(repeated_ids_warning(&info.polygons));
     }

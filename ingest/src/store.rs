@@ -293,7 +293,17 @@ impl Store {
     /// xarray takes it as that dimension's index (`ds.labels.sel(task="SOD")`).
     pub fn write_names(&self, node: &str, names: &[&str]) -> Result<(), StoreError> {
         let names: Vec<String> = names.iter().map(|s| (*s).to_string()).collect();
-        self.write_coordinate(node, names, data_type::string(), "", Map::new())
+        let dim = node.rsplit('/').next().unwrap_or(node);
+        let n = names.len();
+        self.write_one_chunk(
+            node,
+            &[n],
+            &[dim],
+            names,
+            data_type::string(),
+            "",
+            Map::new(),
+        )
     }
 
     /// Write a coordinate array of positions (`y`, `x` of a level: metres along the grid), as
@@ -305,33 +315,75 @@ impl Store {
         values: Vec<f64>,
         attrs: Map<String, Value>,
     ) -> Result<(), StoreError> {
-        self.write_coordinate(node, values, data_type::float64(), f64::NAN, attrs)
+        let dim = node.rsplit('/').next().unwrap_or(node);
+        let n = values.len();
+        self.write_one_chunk(
+            node,
+            &[n],
+            &[dim],
+            values,
+            data_type::float64(),
+            f64::NAN,
+            attrs,
+        )
     }
 
-    fn write_coordinate<T: zarrs::array::Element>(
+    /// Write a 2-D float64 array of `shape` over the dimensions `dims` in one checksummed chunk
+    /// (the 2 km grid's latitude and longitude), with `attrs`.
+    pub fn write_grid_f64(
         &self,
         node: &str,
+        shape: [usize; 2],
+        dims: [&str; 2],
+        values: Vec<f64>,
+        attrs: Map<String, Value>,
+    ) -> Result<(), StoreError> {
+        self.write_one_chunk(
+            node,
+            &shape,
+            &dims,
+            values,
+            data_type::float64(),
+            f64::NAN,
+            attrs,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_one_chunk<T: zarrs::array::Element>(
+        &self,
+        node: &str,
+        shape: &[usize],
+        dims: &[&str],
         values: Vec<T>,
         data_type: zarrs::array::DataType,
         fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>,
         attrs: Map<String, Value>,
     ) -> Result<(), StoreError> {
-        let dim = node.rsplit('/').next().unwrap_or(node);
-        let n = values.len() as u64;
         let at = self.path.join(node.trim_start_matches('/'));
         let err = |e: &dyn std::fmt::Display| StoreError::zarr(&at, e);
+        let n: usize = shape.iter().product();
+        if values.len() != n {
+            return Err(err(&format!(
+                "{} values for an array of shape {shape:?}",
+                values.len()
+            )));
+        }
         let mut attrs = attrs;
         attrs.insert(ALL_SHARDS_ATTR.into(), json!(n > 0));
-        let array = ArrayBuilder::new(vec![n], vec![n.max(1)], data_type, fill)
+        let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
+        let chunk: Vec<u64> = shape.iter().map(|&s| s.max(1)).collect();
+        let array = ArrayBuilder::new(shape, chunk, data_type, fill)
             .bytes_to_bytes_codecs(vec![Arc::new(Crc32cCodec::new())])
-            .dimension_names(Some([dim]))
+            .dimension_names(Some(dims.to_vec()))
             .attributes(attrs)
             .build(self.fs.clone(), node)
             .map_err(|e| err(&e))?;
         array.store_metadata().map_err(|e| err(&e))?;
         if n > 0 {
+            let origin = vec![0; dims.len()];
             array
-                .store_chunk_opt(&[0], values, &write_options())
+                .store_chunk_opt(&origin, values, &write_options())
                 .map_err(|e| err(&e))?;
         }
         Ok(())

@@ -105,8 +105,25 @@ pub fn scenes_schema() -> Schema {
         f.push(hist_field(t, "pixels", DataType::UInt64));
     }
     f.push(Field::new(RELEASE_COLUMN, DataType::Utf8, false));
+    for name in FOOTPRINT_COLUMNS {
+        f.push(Field::new(name, DataType::Float64, true));
+    }
     Schema::new(f)
 }
+
+/// The scenes manifest's columns of each scene's footprint in degrees, null where its file has
+/// no latitude and longitude (and in stores ingested before they were added): the image's
+/// centre, the southernmost and northernmost tie point, and the westernmost and easternmost
+/// (west greater than east where the scene crosses the antimeridian; -180 and 180 where its
+/// tie points go round the pole).
+pub const FOOTPRINT_COLUMNS: [&str; 6] = [
+    "centre_latitude",
+    "centre_longitude",
+    "min_latitude",
+    "max_latitude",
+    "west_longitude",
+    "east_longitude",
+];
 
 /// The scenes manifest's column of each scene's release (`train` or `test`,
 /// [`crate::names::Release`]). Stores ingested before it lack it.

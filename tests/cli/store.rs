@@ -191,6 +191,33 @@ fn inspect_scene_prints_its_record_levels_polygons_regimes_and_balance() {
         assert_eq!(pixels.len(), 8, "{text}");
         assert!(pixels.windows(2).all(|w| w[0] >= w[1]), "{pixels:?}");
     }
+    // Where each lies, as the scenes manifest records it.
+    let manifest = icefm_ingest::manifest::read_parquet(&store.join("manifests/scenes.parquet"))
+        .unwrap()
+        .remove(0);
+    let float = |name: &str, row: usize| {
+        manifest
+            .column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow_array::Float64Array>()
+            .unwrap()
+            .value(row)
+    };
+    for (k, text) in texts.iter().enumerate() {
+        let (lat, lon) = (float("centre_latitude", k), float("centre_longitude", k));
+        let (south, west) = (float("min_latitude", k), float("west_longitude", k));
+        // The synthetic scenes lie in Greenland's waters: north and west.
+        assert!(
+            lat > 50.0 && lon < 0.0 && south <= lat && west <= lon,
+            "{lat} {lon}"
+        );
+        let line = format!(
+            "\n  location     centre {:.2}° N, {:.2}° W (the image's); tie points {:.2}° N to ",
+            lat, -lon, south
+        );
+        assert!(text.contains(&line), "{line:?} in {text}");
+    }
     assert!(texts[0].contains("\nin regimes: none\n"), "{}", texts[0]);
     assert!(
         texts[1].contains("\nin regimes: just-one (finetune)\n"),
@@ -415,9 +442,9 @@ fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
         .unwrap());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        // Per scene: its 2 km grid, the grid's names and positions, and the 80 m level's
-        // channel and task names and positions.
-        text.contains("and 18 small array(s) (2 km grids, coordinates) of 2 scene(s) back")
+        // Per scene: its 2 km grid, the grid's names, positions, latitude and longitude, and
+        // the 80 m level's channel and task names and positions.
+        text.contains("and 22 small array(s) (2 km grids, coordinates) of 2 scene(s) back")
             && text.contains("no damage found"),
         "{text}"
     );
@@ -833,6 +860,8 @@ fn store_opens_in_zarr_python_and_pyarrow_with_the_same_values() {
         "levels": ["80m", "200m"],
         "arrays": arrays,
         "scene_ids": ids,
+        // Raw scenes: every one has its cells' latitude and longitude.
+        "located": ids.len(),
         "manifest_rows": {"scenes": ids.len(), "patches": patches},
     });
     let exp = dir.path().join("expected.json");

@@ -66,6 +66,10 @@ def main() -> int:
     # The whole store as one xarray DataTree: every scene's levels and its 2 km grid, whose
     # dimensions do not clash with the levels' below it.
     tree = xr.open_datatree(store, engine="zarr", consolidated=False)
+    footprints = {
+        r["scene_id"]: r for r in pq.read_table(f"{store}/manifests/scenes.parquet").to_pylist()
+    }
+    located = 0
     for scene in expected["scene_ids"]:
         node = tree["scenes"][scene]
         assert set(expected["levels"]) <= set(node.children), (scene, list(node.children))
@@ -83,6 +87,22 @@ def main() -> int:
             picked = node["grid2km"].sel(y_2km=level["y"], x_2km=level["x"], method="nearest")
             rows = np.minimum((level["y"].values // cell).astype(int), node.sizes["y_2km"] - 1)
             assert np.array_equal(picked["y_2km"].values, (rows + 0.5) * cell), scene
+        # Raw scenes: each 2 km cell's latitude and longitude, coordinates of the grid (CF
+        # `coordinates`), inside the tie points' bounds in the scenes manifest.
+        if "latitude" in root[f"scenes/{scene}"]:
+            grid = node["grid2km"]
+            assert {"latitude", "longitude"} <= set(grid.coords), list(grid.coords)
+            assert grid["latitude"].dims == ("y_2km", "x_2km"), grid["latitude"].dims
+            assert grid["latitude"].attrs["units"] == "degrees_north", grid["latitude"].attrs
+            lat = root[f"scenes/{scene}/latitude"][...]
+            lon = root[f"scenes/{scene}/longitude"][...]
+            assert np.array_equal(grid["latitude"].values, lat), scene
+            assert np.array_equal(grid["longitude"].values, lon), scene
+            row = footprints[scene]
+            assert row["min_latitude"] <= lat.min() and lat.max() <= row["max_latitude"], scene
+            assert row["west_longitude"] <= lon.min() and lon.max() <= row["east_longitude"], scene
+            located += 1
+    assert located == expected["located"], (located, expected["located"])
     checks += 1
     # Manifests through pyarrow.
     for name, rows in expected["manifest_rows"].items():

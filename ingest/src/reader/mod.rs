@@ -19,7 +19,8 @@ mod scene;
 
 use decode::{Decode, attr_f64, global_f64};
 use open::{
-    band_rows_for, detect_kind, identify, open_reference, read_codes, read_grid2km, read_tie_points,
+    band_rows_for, detect_kind, identify, open_reference, read_codes, read_grid2km,
+    read_tie_points, rtt_geolocation,
 };
 pub use scene::{Band, BandLabels, Grid2km, InputKind, SceneInfo, TiePoints};
 
@@ -273,6 +274,10 @@ impl SceneReader {
         } else {
             None
         };
+        let geolocation = match &tie_points {
+            Some(t) => t.geolocation.clone(),
+            None => rtt_geolocation(&file, path),
+        };
         let native_spacing_m = match kind {
             InputKind::Raw => f64::from(RAW_SPACING_M),
             InputKind::Rtt => global_f64(&file, "pixel_spacing").unwrap_or(80.0),
@@ -296,6 +301,7 @@ impl SceneReader {
                 .filter(|_| reference_file.is_some())
                 .map(Path::to_path_buf),
             tie_points,
+            geolocation,
             grid2km,
             band_rows,
         };

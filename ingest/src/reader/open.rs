@@ -13,6 +13,7 @@ use crate::names::{parse_scene_name, timestamp_micros};
 
 use super::decode::{Decode, global_str};
 use super::{CHARTS, DEFAULT_BAND_ROWS, Grid2km, InputKind, TiePoints};
+use crate::geo::Geolocation;
 
 /// Open a reference file and check that it holds the three charts on the scene's grid.
 pub(super) fn open_reference(path: &Path, shape: &[usize]) -> Result<netcdf::File, SceneError> {
@@ -198,10 +199,88 @@ pub(super) fn read_tie_points(file: &netcdf::File, path: &Path) -> Result<TiePoi
         incidence[i * samples.len() + j] = inc[k];
     }
     Ok(TiePoints {
+        geolocation: raw_geolocation(file, path, &line, &sample, &lines, &samples),
         lines,
         samples,
         incidence,
     })
+}
+
+/// Whether `file` has the variable `name`.
+fn has_variable(file: &netcdf::File, name: &str) -> bool {
+    file.variable(name).is_some()
+}
+
+/// A raw file's latitude and longitude at its tie points (`sar_grid_latitude`,
+/// `sar_grid_longitude`), placed on the regular grid of `lines × samples` the points'
+/// positions `line`, `sample` make. `Ok(None)` where the file has neither; an error says why
+/// they cannot be used.
+fn raw_geolocation(
+    file: &netcdf::File,
+    path: &Path,
+    line: &[f64],
+    sample: &[f64],
+    lines: &[f64],
+    samples: &[f64],
+) -> Result<Option<Geolocation>, String> {
+    let (lat, lon) = ("sar_grid_latitude", "sar_grid_longitude");
+    if !has_variable(file, lat) && !has_variable(file, lon) {
+        return Ok(None);
+    }
+    let read = |name| read_f64_all(file, path, name).map_err(|e| e.to_string());
+    let (la, lo) = (read(lat)?, read(lon)?);
+    if la.len() != line.len() || lo.len() != line.len() {
+        return Err(format!(
+            "{} latitude(s) and {} longitude(s) for {} tie points",
+            la.len(),
+            lo.len(),
+            line.len()
+        ));
+    }
+    let n = lines.len() * samples.len();
+    let (mut latitude, mut longitude) = (vec![f64::NAN; n], vec![f64::NAN; n]);
+    for k in 0..line.len() {
+        let i = lines.partition_point(|&a| a < line[k]);
+        let j = samples.partition_point(|&a| a < sample[k]);
+        latitude[i * samples.len() + j] = la[k];
+        longitude[i * samples.len() + j] = lo[k];
+    }
+    Geolocation::new(
+        lines.len(),
+        samples.len(),
+        Some((lines.to_vec(), samples.to_vec())),
+        latitude,
+        longitude,
+    )
+    .map(Some)
+}
+
+/// A ready-to-train file's latitude and longitude grid (`sar_grid2d_latitude`,
+/// `sar_grid2d_longitude`), which it gives without the points' positions. As
+/// [`raw_geolocation`].
+pub(super) fn rtt_geolocation(
+    file: &netcdf::File,
+    path: &Path,
+) -> Result<Option<Geolocation>, String> {
+    let (lat, lon) = ("sar_grid2d_latitude", "sar_grid2d_longitude");
+    if !has_variable(file, lat) && !has_variable(file, lon) {
+        return Ok(None);
+    }
+    let shape = |name: &str| -> Result<Vec<usize>, String> {
+        let var = file
+            .variable(name)
+            .ok_or_else(|| format!("{name} is missing beside the other"))?;
+        Ok(var.dimensions().iter().map(|d| d.len()).collect())
+    };
+    let (s, t) = (shape(lat)?, shape(lon)?);
+    let [rows, cols] = s[..] else {
+        return Err(format!("{lat} is {}-D, not 2-D", s.len()));
+    };
+    if s != t {
+        return Err(format!("{lat} is {s:?} and {lon} {t:?}"));
+    }
+    let read = |name| read_f64_all(file, path, name).map_err(|e| e.to_string());
+    Geolocation::new(rows, cols, None, read(lat)?, read(lon)?).map(Some)
 }
 
 pub(super) fn read_grid2km(

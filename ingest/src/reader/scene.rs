@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use icefm_schemas::sigrid::PolygonCode;
 
+use crate::geo::Geolocation;
+
 /// Which release a file belongs to, detected from its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
@@ -33,6 +35,9 @@ pub struct TiePoints {
     pub samples: Vec<f64>,
     /// Incidence angle, `[lines.len() * samples.len()]` row-major.
     pub incidence: Vec<f64>,
+    /// Latitude and longitude at the same points; `Ok(None)` where the file has none, an
+    /// error where they cannot be used (why).
+    pub geolocation: Result<Option<Geolocation>, String>,
 }
 
 impl TiePoints {
@@ -120,6 +125,10 @@ pub struct SceneInfo {
     pub reference: Option<PathBuf>,
     /// Tie points (raw).
     pub tie_points: Option<TiePoints>,
+    /// Latitude and longitude: a raw file's at its tie points, a ready-to-train file's grid of
+    /// them without positions. `Ok(None)` where the file has none; an error says why they
+    /// cannot be used (ingest goes on without them, and warns).
+    pub geolocation: Result<Option<Geolocation>, String>,
     /// The 2 km grids.
     pub grid2km: Grid2km,
     /// Rows per band that match the file's chunking.

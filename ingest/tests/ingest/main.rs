@@ -19,6 +19,7 @@ use icefm_schemas::{IGNORE, Level};
 use icefm_synth::{Defect, Encoding, Release, SceneKind, SynthOptions, write_scene};
 
 mod content;
+mod geolocation;
 mod runs;
 #[path = "../../../tests/support/tree.rs"]
 mod tree;
