@@ -68,11 +68,21 @@ pub fn cmd_import(a: ImportArgs) -> Result<()> {
         ),
         (given, recorded) => given.as_ref().or(recorded.as_ref()),
     };
-    match channels {
-        Some(channels) => imported.write_safetensors_with_channels(&a.out, channels),
-        None => imported.write_safetensors(&a.out),
-    }
-    .with_context(|| format!("cannot write {}", a.out.display()))?;
+    // Heads given, or recorded in the header, are recorded again, so fine-tuning refuses a
+    // model with others; heads only guessed from the width are not.
+    let given = a.heads.is_some() || a.preset.is_some() || imported.recorded.heads.is_some();
+    let record = icefm_model::files::Recorded {
+        channels: channels.cloned(),
+        heads: imported.encoder.heads.filter(|_| given),
+        decoder_heads: imported
+            .decoder
+            .as_ref()
+            .and_then(|d| d.heads)
+            .filter(|_| a.decoder_heads.is_some() || imported.recorded.decoder_heads.is_some()),
+    };
+    imported
+        .write_safetensors_recorded(&a.out, &record)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
     print_summary(&a, &imported);
     Ok(())
 }

@@ -96,7 +96,7 @@ pub fn summarize_run(run: &Path) -> Result<String> {
             s.tasks.join(", "),
             s.head,
             s.channels,
-            cfg.model.preset,
+            cfg.model.describe(),
             if s.init.is_empty() {
                 " from scratch".to_string()
             } else {
@@ -105,7 +105,10 @@ pub fn summarize_run(run: &Path) -> Result<String> {
         ),
         None => format!(
             "MAE pre-training, ViT {} (mask ratio {}, decoder {} wide, {} block(s))",
-            cfg.model.preset, cfg.mae.mask_ratio, cfg.mae.decoder_dim, cfg.mae.decoder_depth
+            cfg.model.describe(),
+            cfg.mae.mask_ratio,
+            cfg.mae.decoder_dim,
+            cfg.mae.decoder_depth
         ),
     };
     writeln!(out, "run {}: {model}", run.display())?;

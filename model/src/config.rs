@@ -24,6 +24,27 @@ pub struct ModelSection {
     pub drop_path: f64,
     /// Override the preset's depth (0: keep).
     pub depth: usize,
+    /// Override the preset's width (0: keep); a multiple of 4 and of the heads.
+    pub dim: usize,
+    /// Override the preset's attention heads (0: keep).
+    pub heads: usize,
+}
+
+impl ModelSection {
+    /// The encoder in words: the preset, and what overrides it (`tiny, 512 wide, 8 heads`).
+    pub fn describe(&self) -> String {
+        let mut out = self.preset.clone();
+        for (v, what) in [
+            (self.dim, "wide"),
+            (self.heads, "heads"),
+            (self.depth, "blocks"),
+        ] {
+            if v > 0 {
+                out.push_str(&format!(", {v} {what}"));
+            }
+        }
+        out
+    }
 }
 
 impl Default for ModelSection {
@@ -34,6 +55,8 @@ impl Default for ModelSection {
             patch: 16,
             drop_path: 0.0,
             depth: 0,
+            dim: 0,
+            heads: 0,
         }
     }
 }
@@ -445,6 +468,12 @@ impl TrainConfig {
         if m.depth > 0 {
             enc.depth = m.depth;
         }
+        if m.dim > 0 {
+            enc.dim = m.dim;
+        }
+        if m.heads > 0 {
+            enc.heads = m.heads;
+        }
         let a = &self.mae;
         Ok(MaeConfig {
             encoder: enc,
@@ -625,7 +654,8 @@ impl TrainConfig {
         }
         if mae.encoder.dim % 4 != 0 || mae.encoder.dim % mae.encoder.heads.max(1) != 0 {
             return e(format!(
-                "encoder width {} must be a multiple of 4 and of its {} heads",
+                "encoder width {} must be a multiple of 4 and of its {} heads (model.dim, \
+                 model.heads)",
                 mae.encoder.dim, mae.encoder.heads
             ));
         }

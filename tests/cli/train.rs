@@ -223,6 +223,14 @@ fn train_writes_a_run_and_resumes() {
         icefm_model::files::recorded_channels(&back),
         Some(vec!["HH".to_string(), "HV".to_string()])
     );
+    // The heads the header gave are recorded again, so fine-tuning can check them.
+    assert_eq!(
+        (
+            icefm_model::files::Recorded::read(&back).heads,
+            icefm_model::files::Recorded::read(&back).decoder_heads
+        ),
+        (Some(2), Some(2))
+    );
     // Channels other than those the exported file records are refused.
     let refused = icefm()
         .arg("import")
@@ -270,6 +278,17 @@ fn train_writes_a_run_and_resumes() {
         icefm_model::files::recorded_channels(&swapped),
         Some(vec!["HV".to_string(), "HH".to_string()])
     );
+    // Heads guessed from the width (no header, no --heads) are not recorded; given ones are.
+    assert_eq!(icefm_model::files::Recorded::read(&swapped).heads, None);
+    let given = dir.path().join("given.safetensors");
+    ok(icefm()
+        .arg("import")
+        .arg(&bare)
+        .args(["--heads", "4", "--out"])
+        .arg(&given)
+        .output()
+        .unwrap());
+    assert_eq!(icefm_model::files::Recorded::read(&given).heads, Some(4));
     let one = import("HH", &dir.path().join("one.safetensors"));
     assert_eq!(one.status.code(), Some(2));
     let err = String::from_utf8_lossy(&one.stderr);
@@ -279,7 +298,7 @@ fn train_writes_a_run_and_resumes() {
     );
     // A micro fine-tuning run from `init` into `out`.
     let seg_config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/seg_vit_tiny.toml");
-    let fine_tune = |init: &Path, out: &Path| {
+    let fine_tune_with = |init: &Path, out: &Path, more: &[&str]| {
         icefm()
             .args(["train", "--store"])
             .arg(&store)
@@ -287,6 +306,7 @@ fn train_writes_a_run_and_resumes() {
             .arg(&seg_config)
             .args(["--set", "model.preset=micro", "--set", "data.levels=80"])
             .args(["--set", "data.crop=32", "--set", "data.batch_size=2"])
+            .args(more.iter().flat_map(|m| ["--set", m]))
             .args(["--set", "seg.channels=8", "--init"])
             .arg(init)
             .arg("--out")
@@ -294,6 +314,43 @@ fn train_writes_a_run_and_resumes() {
             .output()
             .unwrap()
     };
+    let fine_tune = |init: &Path, out: &Path| fine_tune_with(init, out, &[]);
+    // Heads other than the encoder's, which its tensors' shapes do not tell: refused from the
+    // run's config and from the export's header alike.
+    for init in [&run, &exported] {
+        let refused = fine_tune_with(init, &dir.path().join("seg-heads"), &["model.heads=4"]);
+        assert_eq!(refused.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            err.contains("its encoder has 2 attention heads, this model 4; set model.heads = 2"),
+            "{err}"
+        );
+        assert!(!dir.path().join("seg-heads").exists());
+    }
+    // A width and heads of no preset train, and the export records them.
+    let wide = dir.path().join("wide");
+    let sets = ["model.dim=24", "model.heads=3", "train.steps=1"];
+    ok(micro_train(&store, &wide, &sets, false).output().unwrap());
+    let wide_file = dir.path().join("wide.safetensors");
+    let out = ok(icefm()
+        .arg("export")
+        .arg(&wide)
+        .arg("--out")
+        .arg(&wide_file)
+        .output()
+        .unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("embed_dim=24"), "{text}");
+    let out = ok(icefm().arg("inspect").arg(&wide).output().unwrap());
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("MAE pre-training, ViT micro, 24 wide, 3 heads (mask ratio"),
+        "{summary}"
+    );
+    assert_eq!(
+        icefm_model::files::Recorded::read(&wide_file).heads,
+        Some(3)
+    );
     let refused = fine_tune(&swapped, &dir.path().join("seg-swapped"));
     assert_eq!(refused.status.code(), Some(2));
     let err = String::from_utf8_lossy(&refused.stderr);

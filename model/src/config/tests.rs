@@ -125,6 +125,11 @@ fn parse_override_and_reject() {
     assert_eq!(c.mae_config().unwrap().encoder.dim, 384);
     // The resolved TOML parses back to the same configuration.
     assert_eq!(TrainConfig::parse(&c.to_toml(), &[]).unwrap(), c);
+    // A width and heads of no preset (an imported encoder's, say) over a preset's depth.
+    let wide = TrainConfig::parse(text, &["model.dim=512".into(), "model.heads=8".into()]).unwrap();
+    let e = wide.mae_config().unwrap().encoder;
+    assert_eq!((e.dim, e.heads, e.depth), (512, 8, 12));
+    assert_eq!(TrainConfig::parse(&wide.to_toml(), &[]).unwrap(), wide);
     for (text, set, want) in [
         ("[train]\nstep = 3\n", "", "unknown field `step`"),
         ("", "train.steps", "expected section.key=value"),
@@ -214,6 +219,17 @@ fn values_a_run_cannot_train_with_are_refused_naming_the_key() {
         mae,
         "mae.decoder_heads=0",
         "mae.decoder_heads must be at least 1",
+    );
+    // The tiny preset's 3 heads do not divide 256.
+    refused(
+        mae,
+        "model.dim=256",
+        "encoder width 256 must be a multiple of 4 and of its 3 heads (model.dim, model.heads)",
+    );
+    refused(
+        mae,
+        "model.heads=5",
+        "encoder width 192 must be a multiple of 4 and of its 5 heads",
     );
     refused(
         mae,

@@ -133,7 +133,8 @@ pub fn load_init(
             return Err(io_err(
                 &file,
                 format!(
-                    "{name} is {:?}, the model's is {:?} (another encoder size?)",
+                    "{name} is {:?}, the model's is {:?} (another encoder size? model.preset, or \
+                     model.dim and model.heads, give the model's)",
                     t.dims(),
                     var.as_tensor().dims()
                 ),
@@ -244,7 +245,9 @@ pub fn train_seg_in(
         // An encoder trained on other input channels (or in another order) loads, and reads
         // its inputs wrong: the run's config says which it was trained on.
         // An `icefm import --channels` file records them in its header instead.
-        let trained_on = match crate::train::config_of_run(Path::new(&seg.init)) {
+        // The heads too, which the tensors' shapes do not tell: the run's config, or the
+        // header of an `icefm export` (or of an import of one).
+        let (trained_on, init_heads) = match crate::train::config_of_run(Path::new(&seg.init)) {
             Ok((init_run, icfg)) => {
                 // An encoder pre-trained on levels made otherwise (area means against
                 // SAR-IceFM's bilinear sampling) sees other coarse inputs here.
@@ -262,12 +265,25 @@ pub fn train_seg_in(
                         ours.name()
                     ));
                 }
-                Some(icfg.data.channels)
+                let heads = icfg.mae_config().ok().map(|m| m.encoder.heads);
+                (Some(icfg.data.channels), heads)
             }
-            Err(_) => resolve_weights(Path::new(&seg.init))
-                .ok()
-                .and_then(|f| crate::files::recorded_channels(&f)),
+            Err(_) => {
+                let recorded = resolve_weights(Path::new(&seg.init))
+                    .map(|f| crate::files::Recorded::read(&f))
+                    .unwrap_or_default();
+                (recorded.channels, recorded.heads)
+            }
         };
+        if let Some(heads) = init_heads
+            && heads != scfg.encoder.heads
+        {
+            return Err(TrainError::Setup(format!(
+                "seg.init {}: its encoder has {heads} attention heads, this model {}; set \
+                 model.heads = {heads} (or the preset it was trained with)",
+                seg.init, scfg.encoder.heads
+            )));
+        }
         if let Some(channels) = trained_on
             && channels != cfg.data.channels
         {

@@ -444,16 +444,19 @@ impl Imported {
         save_named(&self.tensors, path, None).map_err(|e| read_err(path, e))
     }
 
-    /// [`Imported::write_safetensors`], recording the input `channels` the encoder reads in the
-    /// file's header ([`crate::files::CHANNELS_KEY`]): fine-tuning from it then checks its
-    /// `data.channels` against them, as it does against an icefm run's. Their number must be the
-    /// patch embedding's input channels.
-    pub fn write_safetensors_with_channels(
+    /// [`Imported::write_safetensors`], recording in the file's header what `record` gives:
+    /// the input channels the encoder reads ([`crate::files::CHANNELS_KEY`]; fine-tuning from
+    /// it then checks its `data.channels` against them, as it does against an icefm run's; their
+    /// number must be the patch embedding's input channels) and the attention heads (fine-tuning
+    /// refuses a model with others).
+    pub fn write_safetensors_recorded(
         &self,
         path: &Path,
-        channels: &[String],
+        record: &crate::files::Recorded,
     ) -> Result<(), ImportError> {
-        if channels.len() != self.encoder.in_channels {
+        if let Some(channels) = &record.channels
+            && channels.len() != self.encoder.in_channels
+        {
             return Err(ImportError::Shape(format!(
                 "{} channel name(s) given ({}), but the encoder reads {} input channel(s)",
                 channels.len(),
@@ -461,16 +464,10 @@ impl Imported {
                 self.encoder.in_channels
             )));
         }
-        let record = crate::files::Recorded {
-            channels: Some(channels.to_vec()),
-            ..Default::default()
-        };
         save_named(&self.tensors, path, record.metadata()).map_err(|e| read_err(path, e))
     }
 }
 
-/// Named tensors as one safetensors file, with `metadata` in its header (shared with
-/// [`crate::export`]).
 pub(crate) fn save_named(
     tensors: &BTreeMap<String, Tensor>,
     path: &Path,
