@@ -250,45 +250,55 @@ fn draw_args(a: DrawArgs) -> Result<()> {
     // The files there now, read once: compared with the new regimes, and kept to restore.
     let before = paths
         .iter()
-        .map(|p| match icefm_dataset::location::exists(p)? {
-            true => icefm_dataset::location::read(p).map(Some),
-            false => Ok(None),
-        })
+        .map(|p| icefm_dataset::location::read_seen(p))
         .collect::<std::io::Result<Vec<_>>>()
         .context("reading the regime files to be replaced")?;
     // Nothing is written unless every regime may be.
-    let replaced = replaced_regimes(&regimes, &paths, &before, a.force)?;
+    let old_bytes: Vec<Option<bytes::Bytes>> = before
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.bytes.clone()))
+        .collect();
+    let replaced = replaced_regimes(&regimes, &paths, &old_bytes, a.force)?;
     // Every file is written before any summary is printed; a write that fails takes back what
     // this command wrote (new files removed, replaced ones restored), so a ladder is written
-    // whole or not at all. A new name is created only where no file is: of two commands
-    // drawing it at once, one fails.
+    // whole or not at all. A new name is created only where no file is, and a file is
+    // replaced only while it is what was read (in object storage; a local store's draws take
+    // turns): of two commands drawing one name at once, the second to write fails.
+    let mut wrote = Vec::with_capacity(regimes.len());
     for (k, (r, path)) in regimes.iter().zip(&paths).enumerate() {
         let written = match &before[k] {
-            Some(_) => r.write(path),
-            None => r.write_new(path),
+            Some(seen) => r.write_replacing(path, seen).map(Some),
+            None => r.write_new(path).map(|()| None),
         };
-        if let Err(e) = written {
-            let mut lost = Vec::new();
-            for (p, old) in paths.iter().zip(&before).take(k) {
-                let undone = match old {
-                    Some(bytes) => icefm_dataset::location::write(p, bytes.to_vec()),
-                    None => icefm_dataset::location::remove(p),
-                };
-                if let Err(u) = undone {
-                    lost.push(format!("{}: {u}", p.display()));
+        match written {
+            Ok(w) => wrote.push(w),
+            Err(e) => {
+                let mut lost = Vec::new();
+                for ((p, old), ours) in paths.iter().zip(&before).zip(&wrote) {
+                    // A replaced file is restored only while it is what this command wrote.
+                    let undone = match (old, ours) {
+                        (Some(old), Some(ours)) => {
+                            icefm_dataset::location::write_replacing(p, old.bytes.to_vec(), ours)
+                                .map(|_| ())
+                        }
+                        _ => icefm_dataset::location::remove(p),
+                    };
+                    if let Err(u) = undone {
+                        lost.push(format!("{}: {u}", p.display()));
+                    }
                 }
-            }
-            return Err(anyhow::Error::new(e).context(match (k, lost.is_empty()) {
-                (0, _) => "nothing was written".to_string(),
-                (_, true) => format!(
-                    "the {k} regime file(s) written before it were taken back (new ones \
+                return Err(anyhow::Error::new(e).context(match (k, lost.is_empty()) {
+                    (0, _) => "nothing was written".to_string(),
+                    (_, true) => format!(
+                        "the {k} regime file(s) written before it were taken back (new ones \
                      removed, replaced ones restored)"
-                ),
-                (_, false) => format!(
-                    "the {k} regime file(s) written before it could not all be taken back: {}",
-                    lost.join("; ")
-                ),
-            }));
+                    ),
+                    (_, false) => format!(
+                        "the {k} regime file(s) written before it could not all be taken back: {}",
+                        lost.join("; ")
+                    ),
+                }));
+            }
         }
     }
     for (r, path) in regimes.iter().zip(&paths) {

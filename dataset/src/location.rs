@@ -119,6 +119,63 @@ pub fn write(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     })
 }
 
+/// What a read saw of a file or object, so that a write replaces exactly that
+/// ([`write_replacing`]): its bytes, and in object storage its ETag and version where the
+/// service gives them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Seen {
+    /// The content read (or written).
+    pub bytes: Bytes,
+    /// The object's ETag (object storage).
+    pub e_tag: Option<String>,
+    /// The object's version (object storage with versioning).
+    pub version: Option<String>,
+}
+
+/// The content at `path` with what a later [`write_replacing`] needs to replace exactly it;
+/// `None` where nothing is there.
+pub fn read_seen(path: &Path) -> io::Result<Option<Seen>> {
+    if is_url(path) {
+        return remote::read_seen(path);
+    }
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(Seen {
+            bytes: Bytes::from(b),
+            ..Seen::default()
+        })),
+        // A name the file system cannot hold has nothing there either (as [`exists`] says);
+        // writing it fails with the reason.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::InvalidFilename
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`write()`], but only if `path` still holds what `seen` read: of two processes replacing
+/// one object at once, the second to write gets an error saying another replaced it, and
+/// writes nothing. In object storage the upload is conditional on the ETag (or version) read,
+/// where the service supports that (S3, GCS and Azure do); elsewhere the object is read again
+/// and compared first, which leaves a short window. A local file is written as [`write()`]
+/// does: local writers take turns on a lock of their own (`regimes/.lock`). Returns what
+/// was written, for a later replacement of it.
+pub fn write_replacing(path: &Path, bytes: Vec<u8>, seen: &Seen) -> io::Result<Seen> {
+    if is_url(path) {
+        return remote::write_replacing(path, bytes, seen);
+    }
+    let written = Bytes::from(bytes);
+    write(path, written.to_vec())?;
+    Ok(Seen {
+        bytes: written,
+        ..Seen::default()
+    })
+}
+
 /// [`write()`], but only if nothing is at `path`: of two processes creating the same file at
 /// once, one succeeds and the other gets [`io::ErrorKind::AlreadyExists`] (a local file is
 /// linked into place, which fails where one exists; an object is put with the service's
@@ -221,6 +278,14 @@ mod remote {
     }
 
     pub(super) fn write_new(path: &Path, _: Vec<u8>) -> io::Result<()> {
+        Err(refused(path))
+    }
+
+    pub(super) fn read_seen(path: &Path) -> io::Result<Option<Seen>> {
+        Err(refused(path))
+    }
+
+    pub(super) fn write_replacing(path: &Path, _: Vec<u8>, _: &Seen) -> io::Result<Seen> {
         Err(refused(path))
     }
 

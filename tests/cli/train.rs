@@ -497,6 +497,41 @@ fn a_store_in_object_storage_takes_regimes_and_trains_as_its_folder() {
         .output()
         .unwrap());
     assert!(store.join("regimes/half.parquet").is_file());
+    // Replaced with --force through the URL: the upload is conditional on the file read (here
+    // read again and compared, as object_store's local files have no conditional put).
+    let first = std::fs::read(store.join("regimes/half.parquet")).unwrap();
+    let draw = |seed: &str| {
+        icefm()
+            .args(["regime", "--name", "half", "--rule", "fraction"])
+            .args([
+                "--percent",
+                "50",
+                "--force",
+                "--seed",
+                seed,
+                "--store",
+                &url,
+            ])
+            .output()
+            .unwrap()
+    };
+    let seed = (2..40)
+        .map(|s| s.to_string())
+        .find(|s| {
+            ok(draw(s));
+            std::fs::read(store.join("regimes/half.parquet")).unwrap() != first
+        })
+        .expect("a seed that draws the other scene");
+    let out = ok(draw("1"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replacing regime half (--force)"),
+        "seed {seed}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(store.join("regimes/half.parquet")).unwrap(),
+        first
+    );
     // A regime named by its URL reads as by its name (it was taken for a name in the store).
     let by_url = format!("{url}/regimes/half.parquet");
     let out = icefm()

@@ -339,6 +339,80 @@ pub(super) fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     }
 }
 
+/// The error of a [`write_replacing`] whose object another process replaced meanwhile.
+fn replaced_meanwhile(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{}: replaced by another process since this one read it; nothing was written over it",
+        path.display()
+    ))
+}
+
+pub(super) fn read_seen(path: &Path) -> io::Result<Option<super::Seen>> {
+    let (client, object) = locate(path)?;
+    let got = request(&client, || async {
+        let got = client.store.get(&object).await?;
+        let (e_tag, version) = (got.meta.e_tag.clone(), got.meta.version.clone());
+        Ok((got.bytes().await?, e_tag, version))
+    });
+    match got {
+        Ok((bytes, e_tag, version)) => Ok(Some(super::Seen {
+            bytes,
+            e_tag,
+            version,
+        })),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+pub(super) fn write_replacing(
+    path: &Path,
+    bytes: Vec<u8>,
+    seen: &super::Seen,
+) -> io::Result<super::Seen> {
+    let (client, object) = locate(path)?;
+    let bytes = Bytes::from(bytes);
+    let payload = PutPayload::from(bytes.clone());
+    let written = |r: object_store::PutResult| super::Seen {
+        bytes: bytes.clone(),
+        e_tag: r.e_tag,
+        version: r.version,
+    };
+    if seen.e_tag.is_some() || seen.version.is_some() {
+        let update = || {
+            client.store.put_opts(
+                &object,
+                payload.clone(),
+                PutOptions {
+                    mode: PutMode::Update(object_store::UpdateVersion {
+                        e_tag: seen.e_tag.clone(),
+                        version: seen.version.clone(),
+                    }),
+                    ..PutOptions::default()
+                },
+            )
+        };
+        match request(&client, update) {
+            Ok(r) => return Ok(written(r)),
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => {
+                return Err(replaced_meanwhile(path));
+            }
+            // A service without conditional updates: compare, then put (below).
+            Err(object_store::Error::NotImplemented { .. }) => {}
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+    match read_seen(path)? {
+        Some(now) if now.bytes == seen.bytes => {}
+        _ => return Err(replaced_meanwhile(path)),
+    }
+    request(&client, || client.store.put(&object, payload.clone()))
+        .map(written)
+        .map_err(io_error)
+}
+
 pub(super) fn remove(path: &Path) -> io::Result<()> {
     let (client, object) = locate(path)?;
     match request(&client, || client.store.delete(&object)) {
@@ -572,6 +646,44 @@ mod tests {
         assert!((2..=8).contains(&n), "{n} tries");
         // A window of 0 (ICEFM_STORE_RETRY=0) tries once.
         assert_eq!(tries(&c, Duration::ZERO, 3, unreachable).1, 1);
+    }
+
+    /// Two writers that read one object, then replace it: the second to write is refused and
+    /// writes nothing; one that read the first's result replaces it.
+    fn replacing_refuses_the_second_writer(path: &Path) {
+        super::super::write(path, b"first".to_vec()).unwrap();
+        let a = read_seen(path).unwrap().unwrap();
+        let b = read_seen(path).unwrap().unwrap();
+        assert_eq!(a.bytes, Bytes::from_static(b"first"));
+        let a_wrote = write_replacing(path, b"a's".to_vec(), &a).unwrap();
+        let e = write_replacing(path, b"b's".to_vec(), &b).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("replaced by another process since this one read it"),
+            "{e}"
+        );
+        assert_eq!(read(path).unwrap(), Bytes::from_static(b"a's"));
+        // What a's write returned replaces it (a's own undo, say).
+        write_replacing(path, b"first".to_vec(), &a_wrote).unwrap();
+        assert_eq!(read(path).unwrap(), Bytes::from_static(b"first"));
+        // An object removed meanwhile is not written again either.
+        let c = read_seen(path).unwrap().unwrap();
+        remove(path).unwrap();
+        assert!(read_seen(path).unwrap().is_none());
+        assert!(write_replacing(path, b"c's".to_vec(), &c).is_err());
+        assert!(read_seen(path).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_replacement_is_conditional_on_what_was_read() {
+        // In memory: conditional on the ETag, as S3, GCS and Azure do it.
+        let memory = Path::new("memory:///regimes/r.parquet");
+        replacing_refuses_the_second_writer(memory);
+        // A service without conditional updates (object_store's local files): read again and
+        // compared before the put.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/r.parquet", dir.path().display());
+        replacing_refuses_the_second_writer(Path::new(&url));
     }
 
     #[test]

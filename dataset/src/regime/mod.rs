@@ -391,6 +391,20 @@ impl Regime {
         crate::location::write_new(path, bytes).map_err(|e| DatasetError::write(path, e))
     }
 
+    /// [`Regime::write`], but only where the file is still what `seen` read
+    /// ([`crate::location::write_replacing`]): of two draws replacing one regime in object
+    /// storage at once, the second to write is refused and writes nothing. Returns what was
+    /// written.
+    pub fn write_replacing(
+        &self,
+        path: &Path,
+        seen: &crate::location::Seen,
+    ) -> Result<crate::location::Seen, DatasetError> {
+        let bytes = self.to_bytes(path)?;
+        crate::location::write_replacing(path, bytes, seen)
+            .map_err(|e| DatasetError::write(path, e))
+    }
+
     /// The regime as the bytes of its Parquet file (`path` for errors).
     fn to_bytes(&self, path: &Path) -> Result<Vec<u8>, DatasetError> {
         let meta = serde_json::to_string(self).map_err(|e| DatasetError::write(path, e))?;
