@@ -301,6 +301,10 @@ fn draw_args(a: DrawArgs) -> Result<()> {
             }
         }
     }
+    // Said once they are replaced: a draw that fails has replaced nothing.
+    for name in &replaced {
+        eprintln!("replaced regime {name} (--force)");
+    }
     for (r, path) in regimes.iter().zip(&paths) {
         print!("{}", summary(r, &table));
         println!("  written: {}", path.display());
@@ -376,12 +380,15 @@ pub(crate) const REGIMES_LOCK: &str = ".lock";
 /// An exclusive lock on a local store's regimes (`regimes/.lock`), taken before a draw reads the
 /// files it replaces and held until its files are written (or restored): two draws of one name
 /// at once run one after the other, so neither restores or replaces the other's files unseen.
-/// A draw that finds it taken says so and waits. None for a store in object storage, which has
-/// no such lock.
+/// A draw that finds it taken says so and waits. None for a store in object storage (but a
+/// `file://` one, a local folder), which has no such lock.
 fn lock_regimes(store: &Path) -> Result<Option<std::fs::File>> {
-    if icefm_dataset::location::is_url(store) {
-        return Ok(None);
-    }
+    // A `file://` URL names a local folder: its draws take turns on the same lock.
+    let store = match icefm_dataset::location::file_url_path(store) {
+        Some(local) => local,
+        None if icefm_dataset::location::is_url(store) => return Ok(None),
+        None => store.to_path_buf(),
+    };
     let dir = store.join(icefm_dataset::regime::REGIMES_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(REGIMES_LOCK);
@@ -451,9 +458,6 @@ fn replaced_regimes(
             if replaced.len() == 1 { "it" } else { "them" },
             if replaced.len() == 1 { "it" } else { "them" },
         );
-    }
-    for name in &replaced {
-        eprintln!("replacing regime {name} (--force)");
     }
     Ok(replaced)
 }

@@ -44,6 +44,23 @@ pub fn is_url(path: &Path) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
+/// The local path a `file://` URL names; `None` for other URLs and for local paths. Writers
+/// that take turns on a lock file (regime draws) take it there too, since such a store is a
+/// local folder.
+pub fn file_url_path(path: &Path) -> Option<std::path::PathBuf> {
+    let text = path.to_str()?;
+    let rest = text.strip_prefix("file://")?;
+    #[cfg(feature = "object-store")]
+    {
+        let _ = rest;
+        url::Url::parse(text).ok()?.to_file_path().ok()
+    }
+    #[cfg(not(feature = "object-store"))]
+    {
+        Some(std::path::PathBuf::from(rest))
+    }
+}
+
 /// `path` as a record names it: a URL as it is, a local path made absolute (against the
 /// current folder, without resolving links), so that it still names the same place when read
 /// from elsewhere.
@@ -200,7 +217,7 @@ pub fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     linked.map_err(|e| match e.kind() {
         io::ErrorKind::AlreadyExists => io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{}: made by another process meanwhile", path.display()),
+            "made by another process meanwhile",
         ),
         _ => e,
     })
@@ -301,6 +318,16 @@ mod remote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_url_names_its_local_folder() {
+        assert_eq!(
+            file_url_path(Path::new("file:///data/a.zarr")),
+            Some(std::path::PathBuf::from("/data/a.zarr"))
+        );
+        assert_eq!(file_url_path(Path::new("s3://b/a.zarr")), None);
+        assert_eq!(file_url_path(Path::new("/data/a.zarr")), None);
+    }
 
     #[test]
     fn records_name_local_paths_absolutely_and_urls_as_given() {

@@ -115,12 +115,26 @@ fn check_scene_rest(reader: &StoreReader, scene: &str) -> SceneRest {
             rest.wrong.push(format!("{}: {e}", path.display()));
         }
     }
-    // Stores of every version have the 2 km grid; a missing one is damage.
-    let mut names = vec![(format!("{group}/{GRID2KM_ARRAY}"), true)];
+    // Stores of every version have the 2 km grid; a missing one is damage. So is a missing
+    // array its `coordinates` attribute names (the cells' latitude and longitude).
+    let grid = format!("{group}/{GRID2KM_ARRAY}");
+    let named: Vec<String> = crate::location::read(&reader.path.join(&grid).join("zarr.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| {
+            let c = m
+                .get("attributes")?
+                .get("coordinates")?
+                .as_str()?
+                .to_string();
+            Some(c.split_whitespace().map(str::to_string).collect())
+        })
+        .unwrap_or_default();
+    let mut names = vec![(grid, true)];
     names.extend(
         SCENE_COORDINATES
             .iter()
-            .map(|d| (format!("{group}/{d}"), false)),
+            .map(|d| (format!("{group}/{d}"), named.iter().any(|n| n == d))),
     );
     for g in &groups[1..] {
         names.extend(

@@ -27,7 +27,8 @@ pub struct Footprint {
     pub centre_latitude: f64,
     /// Longitude of the image's centre, in [-180, 180).
     pub centre_longitude: f64,
-    /// Southernmost tie point.
+    /// Southernmost tie point (the centre may lie further north or south, between tie points
+    /// near the pole).
     pub min_latitude: f64,
     /// Northernmost tie point.
     pub max_latitude: f64,
@@ -101,6 +102,13 @@ impl Geolocation {
         if let Some(bad) = longitude.iter().find(|v| v.abs() > 360.0) {
             return Err(format!("longitude {bad} is outside ±360°"));
         }
+        if !latitude
+            .iter()
+            .zip(&longitude)
+            .any(|(a, o)| a.is_finite() && o.is_finite())
+        {
+            return Err("no tie point has a latitude and longitude (all are fill values)".into());
+        }
         if let Some((lines, samples)) = &positions {
             let ascending = |a: &[f64]| a.windows(2).all(|w| w[0] < w[1]);
             if lines.len() != rows || samples.len() != cols || !ascending(lines) {
@@ -149,7 +157,9 @@ impl Geolocation {
             (self.vector(i + 1, j + 1), fy * fx),
         ];
         let mut p = [0.0; 3];
-        for (c, w) in corners {
+        // A corner of no weight is left out, so that a missing one beside a point on the grid
+        // does not make it missing (0 × NaN).
+        for (c, w) in corners.into_iter().filter(|(_, w)| *w != 0.0) {
             for (a, b) in p.iter_mut().zip(c) {
                 *a += w * b;
             }
@@ -176,8 +186,8 @@ impl Geolocation {
         let mut out = Footprint {
             centre_latitude: lat,
             centre_longitude: lon,
-            min_latitude: lat,
-            max_latitude: lat,
+            min_latitude: f64::INFINITY,
+            max_latitude: f64::NEG_INFINITY,
             west_longitude: 0.0,
             east_longitude: 0.0,
         };
@@ -310,6 +320,31 @@ mod tests {
         }
         let f = holed.footprint(200, 150).unwrap();
         assert!((f.west_longitude + 39.92).abs() < 1e-9, "{f:?}");
+        // One beside the points the centre lies between (of no weight there: the middle of
+        // row 1) changes nothing.
+        let mut beside = rtt.clone();
+        beside.latitude[2 * 4 + 1] = f64::NAN;
+        let f = beside.footprint(1, 1).unwrap();
+        assert!(
+            (f.centre_latitude - mid.centre_latitude).abs() < 1e-12,
+            "{f:?}"
+        );
+        let (a, _) = g.at_index(1.0, 1.0);
+        let mut on = g.clone();
+        on.latitude[4 + 2] = f64::NAN;
+        assert_eq!(on.at_index(1.0, 1.0).0, a);
+        // The bounds are the tie points', not the centre's: a grid round the pole whose
+        // centre is the pole.
+        let ring =
+            Geolocation::new(2, 2, None, vec![89.0; 4], vec![-135.0, 135.0, -45.0, 45.0]).unwrap();
+        let f = ring.footprint(1, 1).unwrap();
+        assert!((f.centre_latitude - 90.0).abs() < 1e-9, "{f:?}");
+        assert_eq!((f.min_latitude, f.max_latitude), (89.0, 89.0));
+        assert_eq!((f.west_longitude, f.east_longitude), (-180.0, 180.0));
+        // Without the point the centre lies on, no footprint.
+        let mut missing = rtt.clone();
+        missing.latitude[4 + 1] = f64::NAN;
+        assert_eq!(missing.footprint(1, 1), None);
         let round = Geolocation::new(
             2,
             3,
@@ -328,6 +363,11 @@ mod tests {
         assert!(e.contains("3 latitude(s)"), "{e}");
         let e = Geolocation::new(2, 2, None, vec![0.0, 0.0, 91.0, 0.0], vec![0.0; 4]).unwrap_err();
         assert!(e.contains("outside ±90°"), "{e}");
+        let e = Geolocation::new(2, 2, None, vec![f64::NAN; 4], vec![0.0; 4]).unwrap_err();
+        assert!(
+            e.contains("no tie point has a latitude and longitude"),
+            "{e}"
+        );
         let positions = Some((vec![0.0, 0.0], vec![0.0, 1.0]));
         let e = Geolocation::new(2, 2, positions, vec![0.0; 4], vec![0.0; 4]).unwrap_err();
         assert!(e.contains("rows"), "{e}");

@@ -495,10 +495,14 @@ pub(crate) fn write_scene(
     }
     warnings.extend(chart_warning(&info));
     if let Err(why) = &info.geolocation {
-        warnings.push(format!(
-            "latitude and longitude left out (the scenes manifest has no footprint, the 2 km \
-             grid no latitude and longitude): {why}"
-        ));
+        let what = match info.kind {
+            InputKind::Raw => {
+                "the scenes manifest has no footprint, the 2 km grid no latitude \
+                               and longitude"
+            }
+            InputKind::Rtt => "the scenes manifest has no footprint",
+        };
+        warnings.push(format!("latitude and longitude left out ({what}): {why}"));
     }
     if table.is_some() {
         warnings.extend(repeated_ids_warning(&info.polygons));

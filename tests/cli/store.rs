@@ -460,6 +460,8 @@ fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
         .to_string_lossy()
         .into_owned();
     std::fs::remove_file(scene_dir.join("80m/aux/c/0/2/0")).unwrap();
+    // And its cells' latitude altogether: the 2 km grid's `coordinates` names it.
+    std::fs::remove_dir_all(scene_dir.join("latitude")).unwrap();
     let out = icefm()
         .args(["inspect", "--verify"])
         .arg(&store)
@@ -468,11 +470,17 @@ fn verify_finds_a_damaged_scene_and_its_redo_mends_it() {
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     let damaged: Vec<&str> = text.lines().filter(|l| l.starts_with("damaged:")).collect();
-    assert_eq!(damaged.len(), 1, "{text}");
+    assert_eq!(damaged.len(), 2, "{text}");
     assert!(
-        damaged[0].contains(&scene)
-            && damaged[0].contains("80m/aux")
-            && damaged[0].contains("c/0/2/0"),
+        damaged
+            .iter()
+            .any(|d| d.contains(&scene) && d.contains("latitude")),
+        "{text}"
+    );
+    assert!(
+        damaged
+            .iter()
+            .any(|d| d.contains(&scene) && d.contains("80m/aux") && d.contains("c/0/2/0")),
         "{text}"
     );
     // The command it prints names the scene's file; run as printed, it mends the store.
@@ -649,7 +657,7 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     // --force replaces them, and names the regime drawn around the old ft_50.
     let out = ok(ladder_seed(&changed, true));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("replacing regime ft_50 (--force)"), "{err}");
+    assert!(err.contains("replaced regime ft_50 (--force)"), "{err}");
     assert!(
         err.contains("warning: regime pt was drawn excluding ft_50's old scenes"),
         "{err}"
@@ -756,9 +764,9 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
     let out = regime(&["--name", "long", "--ladder", "50,1e-300", "--force"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
+    // A failed draw has replaced nothing, and does not say it has.
     assert!(
-        err.contains("replacing regime long_50 (--force)")
-            && err.contains("replaced ones restored"),
+        !err.contains("replaced regime long_50") && err.contains("replaced ones restored"),
         "{err}"
     );
     assert_eq!(

@@ -321,14 +321,14 @@ pub(super) fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
         Ok(_) => Ok(()),
         Err(object_store::Error::AlreadyExists { .. }) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{}: made by another process meanwhile", path.display()),
+            "made by another process meanwhile",
         )),
         // A service without create-only puts: check, then put.
         Err(object_store::Error::NotImplemented { .. }) => {
             if exists(path)? {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{}: made by another process meanwhile", path.display()),
+                    "made by another process meanwhile",
                 ));
             }
             request(&client, || client.store.put(&object, payload.clone()))
@@ -339,12 +339,12 @@ pub(super) fn write_new(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     }
 }
 
-/// The error of a [`write_replacing`] whose object another process replaced meanwhile.
-fn replaced_meanwhile(path: &Path) -> io::Error {
-    io::Error::other(format!(
-        "{}: replaced by another process since this one read it; nothing was written over it",
-        path.display()
-    ))
+/// The error of a [`write_replacing`] whose object another process replaced meanwhile (the
+/// callers name the object).
+fn replaced_meanwhile() -> io::Error {
+    io::Error::other(
+        "replaced by another process since this one read it; nothing was written over it",
+    )
 }
 
 pub(super) fn read_seen(path: &Path) -> io::Result<Option<super::Seen>> {
@@ -397,7 +397,7 @@ pub(super) fn write_replacing(
             Err(
                 object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
             ) => {
-                return Err(replaced_meanwhile(path));
+                return Err(replaced_meanwhile());
             }
             // A service without conditional updates: compare, then put (below).
             Err(object_store::Error::NotImplemented { .. }) => {}
@@ -406,7 +406,7 @@ pub(super) fn write_replacing(
     }
     match read_seen(path)? {
         Some(now) if now.bytes == seen.bytes => {}
-        _ => return Err(replaced_meanwhile(path)),
+        _ => return Err(replaced_meanwhile()),
     }
     request(&client, || client.store.put(&object, payload.clone()))
         .map(written)

@@ -275,15 +275,7 @@ pub fn train_seg_in(
                 (recorded.channels, recorded.heads)
             }
         };
-        if let Some(heads) = init_heads
-            && heads != scfg.encoder.heads
-        {
-            return Err(TrainError::Setup(format!(
-                "seg.init {}: its encoder has {heads} attention heads, this model {}; set \
-                 model.heads = {heads} (or the preset it was trained with)",
-                seg.init, scfg.encoder.heads
-            )));
-        }
+
         if let Some(channels) = trained_on
             && channels != cfg.data.channels
         {
@@ -293,7 +285,18 @@ pub fn train_seg_in(
                 seg.init, channels, cfg.data.channels
             )));
         }
-        Some(load_init(Path::new(&seg.init), &named, &dev)?)
+        let loaded = load_init(Path::new(&seg.init), &named, &dev)?;
+        // After the tensors loaded: a file that is no encoder at all is said first.
+        if let Some(heads) = init_heads
+            && heads != scfg.encoder.heads
+        {
+            return Err(TrainError::Setup(format!(
+                "seg.init {}: its encoder has {heads} attention heads, this model {}; set \
+                 model.heads = {heads} (or the preset it was trained with)",
+                seg.init, scfg.encoder.heads
+            )));
+        }
+        Some(loaded)
     } else {
         None
     };
