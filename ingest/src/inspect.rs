@@ -34,6 +34,9 @@ pub struct SceneSummary {
     pub labelled_fraction: f64,
     /// Its release (test scenes are held out of training regimes).
     pub release: Release,
+    /// Latitude and longitude of its centre (`None` where its file has none, or the store was
+    /// ingested before footprints were recorded).
+    pub centre: Option<(f64, f64)>,
 }
 
 /// Summary of a store.
@@ -151,7 +154,18 @@ pub fn summarize_manifests(
             .column_by_name(RELEASE_COLUMN)
             .and_then(|c| c.as_any().downcast_ref::<StringArray>());
         let has_release = release.is_some();
+        let float = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<arrow_array::Float64Array>())
+        };
+        let (lat, lon) = (float("centre_latitude"), float("centre_longitude"));
         for i in 0..b.num_rows() {
+            let centre = match (lat, lon) {
+                (Some(a), Some(o)) if a.is_valid(i) && o.is_valid(i) => {
+                    Some((a.value(i), o.value(i)))
+                }
+                _ => None,
+            };
             let px = f64::from(h.value(i)) * f64::from(w.value(i));
             // Stores ingested before the column: set below from the labels.
             let release = release
@@ -165,6 +179,7 @@ pub fn summarize_manifests(
                 unknown_codes: unknown.value(i),
                 labelled_fraction: 0.0,
                 release,
+                centre,
             });
         }
         let first = s.scenes.len() - b.num_rows();
@@ -266,12 +281,22 @@ impl StoreSummary {
         }
         let _ = writeln!(
             o,
-            "\nscene                      kind  release  native shape    valid HH  labelled  unknown codes"
+            "\nscene                      kind  release  native shape    valid HH  labelled  centre            unknown codes"
         );
         for sc in &self.scenes {
+            let centre = match sc.centre {
+                Some((a, o)) => format!(
+                    "{:>5.2}{} {:>6.2}{}",
+                    a.abs(),
+                    if a < 0.0 { 'S' } else { 'N' },
+                    o.abs(),
+                    if o < 0.0 { 'W' } else { 'E' }
+                ),
+                None => "-".into(),
+            };
             let _ = writeln!(
                 o,
-                "{:<26} {:<5} {:<8} {:>6} x {:<6} {:>7.1}%  {:>7.1}%  {}",
+                "{:<26} {:<5} {:<8} {:>6} x {:<6} {:>7.1}%  {:>7.1}%  {:<16}  {}",
                 sc.scene_id,
                 sc.kind,
                 sc.release.name(),
@@ -279,6 +304,7 @@ impl StoreSummary {
                 sc.shape.1,
                 100.0 * sc.valid_fraction,
                 100.0 * sc.labelled_fraction,
+                centre,
                 sc.unknown_codes
             );
         }

@@ -329,8 +329,9 @@ fn a_test_release_folder_ingests_its_scenes_with_their_reference_charts() {
     assert!(stderr.contains("_prep_reference.nc beside it"), "{stderr}");
     let out = ok(icefm().arg("inspect").arg(&lone).output().unwrap());
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // No label, and (its centre between) no unknown code.
     assert!(
-        stdout.contains("    0.0%  0\n1 scene(s) have no label"),
+        stdout.contains("    0.0%  ") && stdout.contains("W    0\n1 scene(s) have no label"),
         "{stdout}"
     );
     // A reference file on its own is not a scene.

@@ -217,6 +217,13 @@ fn inspect_scene_prints_its_record_levels_polygons_regimes_and_balance() {
             lat, -lon, south
         );
         assert!(text.contains(&line), "{line:?} in {text}");
+        // The store's listing gives the centre in its scene's row.
+        let row = whole
+            .lines()
+            .find(|l| l.starts_with(&ids[k]))
+            .unwrap_or_else(|| panic!("{whole}"));
+        let centre = format!("{:>5.2}N {:>6.2}W", lat, -lon);
+        assert!(row.contains(&centre), "{centre:?} in {row}");
     }
     assert!(texts[0].contains("\nin regimes: none\n"), "{}", texts[0]);
     assert!(
