@@ -52,8 +52,9 @@ struct DrawArgs {
     /// all, fraction, stratified, coverage or import.
     #[arg(long, default_value = "fraction")]
     rule: String,
-    /// Share, percent, of the scenes a study draws from: the store's (or table's), less the
-    /// test release's and those of excluded val and test regimes (at least one scene).
+    /// Share, percent, of the scenes a study draws from: the store's (or table's, or those of
+    /// --within), less the test release's and those of excluded val and test regimes (at least
+    /// one scene).
     #[arg(long)]
     percent: Option<f64>,
     /// Seed of the random choices.
@@ -65,6 +66,10 @@ struct DrawArgs {
     /// Leave out the scenes of these regimes (name in the store, or .parquet path).
     #[arg(long, visible_alias = "disjoint-from")]
     exclude: Vec<String>,
+    /// Draw only from the scenes of these regimes (name in the store, or .parquet path), e.g. a
+    /// region's scenes imported from a list; --percent is then a share of them.
+    #[arg(long)]
+    within: Vec<String>,
     /// pretrain, finetune, val or test.
     #[arg(long, default_value = "finetune")]
     role: String,
@@ -197,6 +202,11 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         .iter()
         .map(|e| Regime::open(store, e))
         .collect::<Result<Vec<_>, _>>()?;
+    let within = a
+        .within
+        .iter()
+        .map(|e| Regime::open(store, e))
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = RegimeSpec {
         name,
         rule: Rule::parse(&a.rule)?,
@@ -205,6 +215,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         role: Role::parse(&a.role)?,
         list: a.list.clone(),
         exclude,
+        within,
         include_test: a.include_test,
     };
     let percents: Vec<Option<f64>> = if a.ladder.is_empty() {
@@ -515,6 +526,7 @@ pub fn demo_regimes(store: &Path) -> Result<()> {
             role,
             list: None,
             exclude: drawn.clone(),
+            within: Vec::new(),
             include_test: false,
         };
         let r = draw(&table, &spec)?;

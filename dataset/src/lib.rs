@@ -7,7 +7,7 @@
 //! let table = SceneTable::from_ids(ids, std::path::Path::new("ids"));
 //! let spec = RegimeSpec {
 //!     name: "ft".into(), rule: Rule::Fraction, percent: None, seed: 1,
-//!     role: Role::Finetune, list: None, exclude: vec![], include_test: false,
+//!     role: Role::Finetune, list: None, exclude: vec![], within: vec![], include_test: false,
 //! };
 //! let ladder = draw_ladder(&table, &spec, &[Some(34.0), Some(67.0)]).unwrap();
 //! assert_eq!(ladder[0].name, "ft_34");

@@ -31,6 +31,7 @@ fn spec(name: &str, rule: Rule, percent: Option<f64>, seed: u64) -> RegimeSpec {
         role: Role::Finetune,
         list: None,
         exclude: vec![],
+        within: vec![],
         include_test: false,
     }
 }
@@ -183,6 +184,80 @@ fn pretrain_and_finetune_drawn_with_exclude_are_disjoint() {
     // Without the exclusion they overlap.
     let pt_free = draw(&t, &spec("pt80", Rule::Fraction, Some(80.0), 1)).unwrap();
     assert!(!shared_scenes(&ft, &pt_free).is_empty());
+}
+
+#[test]
+fn a_regime_drawn_within_another_holds_its_scenes_only_and_shares_are_of_them() {
+    let t = counts();
+    // The Canadian Ice Service's scenes, imported (as a region's list would be).
+    let cis: Vec<String> = t
+        .scenes
+        .iter()
+        .filter(|e| e.service == "cis")
+        .map(|e| e.id.clone())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("cis.txt");
+    std::fs::write(&list, cis.join("\n")).unwrap();
+    let mut c = spec("cis", Rule::Import, None, 0);
+    c.list = Some(list);
+    let region = draw(&t, &c).unwrap();
+    assert_eq!(region.scenes, cis);
+    assert!(cis.len() > 100 && cis.len() < 513, "{}", cis.len());
+    // SAR-IceFM's validation scenes held out, as a study would.
+    let mut v = spec("val", Rule::Import, None, 0);
+    v.role = Role::Val;
+    v.list = Some(data("sar_icefm_splits/val_file.txt"));
+    let val = draw(&t, &v).unwrap();
+    let held = cis.iter().filter(|s| val.scenes.contains(s)).count();
+    for rule in [Rule::Fraction, Rule::Stratified, Rule::Coverage] {
+        let mut w = spec("ft", rule, None, 5);
+        w.within = vec![region.clone()];
+        w.exclude = vec![val.clone()];
+        let ladder = draw_ladder(&t, &w, &[Some(10.0), Some(50.0)]).unwrap();
+        for (r, p) in ladder.iter().zip([10.0, 50.0]) {
+            assert!(r.scenes.iter().all(|s| cis.contains(s)), "{}", r.name);
+            assert!(shared_scenes(r, &val).is_empty(), "{}", r.name);
+            // The share is of the region's scenes less the held-out ones (coverage may take
+            // more, and says so).
+            let want = share_count(p, cis.len() - held);
+            match rule {
+                Rule::Coverage => assert!(r.scenes.len() >= want, "{}", r.name),
+                _ => assert_eq!(r.scenes.len(), want, "{}", r.name),
+            }
+            assert_eq!(r.within, vec!["cis".to_string()]);
+        }
+        assert!(ladder[1].scenes.starts_with(&ladder[0].scenes), "nested");
+    }
+    // Recorded in the file, and read back.
+    let mut w = spec("ft", Rule::Fraction, Some(10.0), 5);
+    w.within = vec![region.clone()];
+    let r = draw(&t, &w).unwrap();
+    let p = dir.path().join("ft.parquet");
+    r.write(&p).unwrap();
+    assert_eq!(Regime::read(&p).unwrap().within, vec!["cis".to_string()]);
+    // An import within the region leaves out what lies outside it, with a note.
+    let mut i = spec("mixed", Rule::Import, None, 0);
+    let dmi = t
+        .scenes
+        .iter()
+        .find(|e| e.service == "dmi")
+        .unwrap()
+        .id
+        .clone();
+    let mixed = dir.path().join("mixed.txt");
+    std::fs::write(&mixed, format!("{}\n{dmi}\n", cis[0])).unwrap();
+    i.list = Some(mixed);
+    i.within = vec![region.clone()];
+    let m = draw(&t, &i).unwrap();
+    assert_eq!(m.scenes, vec![cis[0].clone()]);
+    assert!(
+        m.notes
+            .iter()
+            .any(|n| n == &format!("{dmi} is outside --within, left out")),
+        "{:?}",
+        m.notes
+    );
 }
 
 #[test]

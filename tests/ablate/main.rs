@@ -71,6 +71,7 @@ fn fixture() -> &'static Fixture {
             role: Role::Test,
             list: None,
             exclude: vec![],
+            within: vec![],
             include_test: false,
         };
         let test = draw(&table, &spec).unwrap();

@@ -800,6 +800,41 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
         ),
         "{err}"
     );
+    // Drawn within a subset (two scenes imported as a region would be): half of it.
+    let two: Vec<String> = read_regime_scenes(&store.join("regimes/late.parquet"))[..2].to_vec();
+    let list = dir.path().join("two.txt");
+    std::fs::write(&list, two.join("\n")).unwrap();
+    ok(regime(
+        &["--name", "two", "--rule", "import", "--list"]
+            .into_iter()
+            .chain([list.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    ));
+    let out = ok(regime(&[
+        "--name",
+        "half",
+        "--percent",
+        "50",
+        "--within",
+        "two",
+        "--seed",
+        "4",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("regime half (finetune, rule fraction 50 %, seed 4, within two): 1 of 4"),
+        "{text}"
+    );
+    let half = read_regime_scenes(&store.join("regimes/half.parquet"));
+    assert!(
+        half.len() == 1 && two.contains(&half[0]),
+        "{half:?} of {two:?}"
+    );
+}
+
+/// A regime file's scenes, in order.
+fn read_regime_scenes(path: &Path) -> Vec<String> {
+    icefm_dataset::regime::Regime::read(path).unwrap().scenes
 }
 
 /// zarr-python, xarray and pyarrow read the store with no icefm code and agree with icefm.

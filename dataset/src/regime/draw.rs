@@ -24,15 +24,24 @@ fn holds_test_out(spec: &RegimeSpec) -> bool {
 /// release's (every scene when the table has none, to split a training release, and any scene
 /// an imported list names); other roles
 /// every scene but the test release's, unless `--include-test`.
+/// With `--within`, only the scenes of those regimes.
 fn eligible(table: &SceneTable, spec: &RegimeSpec) -> Vec<bool> {
     let has_test = table.scenes.iter().any(|e| e.is_test());
+    let within: BTreeSet<&str> = spec
+        .within
+        .iter()
+        .flat_map(|r| r.scenes.iter().map(String::as_str))
+        .collect();
     table
         .scenes
         .iter()
-        .map(|e| match spec.role {
-            // An imported test list is taken as it is.
-            Role::Test => spec.rule == Rule::Import || !has_test || e.is_test(),
-            _ => !holds_test_out(spec) || !e.is_test(),
+        .map(|e| {
+            (spec.within.is_empty() || within.contains(e.id.as_str()))
+                && match spec.role {
+                    // An imported test list is taken as it is.
+                    Role::Test => spec.rule == Rule::Import || !has_test || e.is_test(),
+                    _ => !holds_test_out(spec) || !e.is_test(),
+                }
         })
         .collect()
 }
@@ -301,6 +310,10 @@ fn draw_shares(
                 let i = table.index_of(id).unwrap_or(usize::MAX);
                 if allowed.contains(&i) {
                     order.push(i);
+                } else if !spec.within.is_empty()
+                    && !spec.within.iter().any(|r| r.scenes.contains(id))
+                {
+                    notes.push(format!("{id} is outside --within, left out"));
                 } else {
                     notes.push(format!("{id} is excluded"));
                 }
@@ -393,6 +406,7 @@ fn draw_shares(
             seed: spec.seed,
             list: spec.list.as_ref().map(|l| l.display().to_string()),
             excluded: spec.exclude.iter().map(|r| r.name.clone()).collect(),
+            within: spec.within.iter().map(|r| r.name.clone()).collect(),
             source: crate::location::recorded(&table.source),
             source_hash: table.source_hash.clone(),
             scenes: order[..n]

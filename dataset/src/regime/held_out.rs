@@ -316,6 +316,7 @@ fn checked(
                 .chain(val.map(|v| v.name.clone()))
                 .chain(store_vals.iter().map(|v| v.name.clone()))
                 .collect(),
+            within: Vec::new(),
             source: crate::location::recorded(store),
             source_hash: table.source_hash.clone(),
             scenes,

@@ -144,6 +144,10 @@ pub struct RegimeSpec {
     pub list: Option<PathBuf>,
     /// Regimes whose scenes are excluded from the candidates (disjoint by construction).
     pub exclude: Vec<Regime>,
+    /// Regimes whose scenes alone are candidates (their union; none: every scene), and the
+    /// base of `percent`: a subset to draw within, such as a region's scenes imported from a
+    /// list.
+    pub within: Vec<Regime>,
     /// Draw from the test release's scenes too. A test regime always may; other roles hold
     /// them out unless this is set.
     pub include_test: bool,
@@ -166,6 +170,9 @@ pub struct Regime {
     pub list: Option<String>,
     /// Names of the excluded regimes.
     pub excluded: Vec<String>,
+    /// Names of the regimes it was drawn within (`--within`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub within: Vec<String>,
     /// The store or table drawn from.
     pub source: String,
     /// BLAKE3 of the manifests (or table) drawn from.
@@ -581,7 +588,7 @@ pub fn summary(regime: &Regime, table: &SceneTable) -> String {
     let all = table.class_totals(0..table.scenes.len());
     let patches: u64 = idx.iter().map(|&i| table.scenes[i].patches).sum();
     let mut s = format!(
-        "regime {} ({}, rule {}{}, seed {}): {} of {} scenes",
+        "regime {} ({}, rule {}{}, seed {}{}): {} of {} scenes",
         regime.name,
         regime.role.name(),
         regime.rule.name(),
@@ -590,6 +597,11 @@ pub fn summary(regime: &Regime, table: &SceneTable) -> String {
             .map(|p| format!(" {p} %"))
             .unwrap_or_default(),
         regime.seed,
+        if regime.within.is_empty() {
+            String::new()
+        } else {
+            format!(", within {}", regime.within.join(" + "))
+        },
         regime.scenes.len(),
         table.scenes.len()
     );

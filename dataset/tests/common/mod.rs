@@ -32,6 +32,7 @@ pub fn regime(name: &str, scenes: Vec<String>) -> Regime {
         seed: 0,
         list: None,
         excluded: vec![],
+        within: vec![],
         source: String::new(),
         source_hash: String::new(),
         scenes,

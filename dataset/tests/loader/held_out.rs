@@ -33,6 +33,7 @@ fn spec(name: &str, rule: Rule, percent: Option<f64>, role: Role) -> RegimeSpec 
         role,
         list: None,
         exclude: vec![],
+        within: vec![],
         include_test: false,
     }
 }

@@ -244,6 +244,7 @@ pub fn write_val_regime(store: &std::path::Path, name: &str, percent: f64) {
         role: Role::Val,
         list: None,
         exclude: vec![],
+        within: vec![],
         include_test: false,
     };
     draw(&table, &spec)
