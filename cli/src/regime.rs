@@ -202,11 +202,17 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         .iter()
         .map(|e| Regime::open(store, e))
         .collect::<Result<Vec<_>, _>>()?;
-    let within = a
-        .within
-        .iter()
-        .map(|e| Regime::open(store, e))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut within: Vec<Regime> = Vec::new();
+    for w in &a.within {
+        let r = Regime::open(store, w)?;
+        // Named twice (or by name and by path): once.
+        if !within
+            .iter()
+            .any(|o| o.name == r.name && o.scenes == r.scenes)
+        {
+            within.push(r);
+        }
+    }
     let spec = RegimeSpec {
         name,
         rule: Rule::parse(&a.rule)?,
@@ -323,12 +329,23 @@ fn draw_args(a: DrawArgs) -> Result<()> {
     if let Some(s) = store {
         for name in &replaced {
             for other in list_regimes(s) {
-                let drawn_around = Regime::open(Some(s), &other)
-                    .is_ok_and(|o| o.excluded.iter().any(|e| e == name));
-                if drawn_around && !replaced.contains(&other) {
+                if replaced.contains(&other) {
+                    continue;
+                }
+                let Ok(o) = Regime::open(Some(s), &other) else {
+                    continue;
+                };
+                if o.excluded.iter().any(|e| e == name) {
                     eprintln!(
                         "warning: regime {other} was drawn excluding {name}'s old scenes; \
                          `icefm regime check {other} {name}` says whether they are still disjoint"
+                    );
+                }
+                if o.within.iter().any(|e| e == name) {
+                    eprintln!(
+                        "warning: regime {other} was drawn within {name}'s old scenes, and may \
+                         now hold scenes outside it; draw it again (--force) to draw it within \
+                         the new ones"
                     );
                 }
             }

@@ -258,6 +258,42 @@ fn a_regime_drawn_within_another_holds_its_scenes_only_and_shares_are_of_them() 
         "{:?}",
         m.notes
     );
+    // Scenes of the subset the table lacks are said, not dropped silently.
+    let mut stale = region.clone();
+    stale.scenes.push("20990101T000000_cis".into());
+    let mut w = spec("ft", Rule::Fraction, Some(10.0), 5);
+    w.within = vec![stale];
+    let r = draw(&t, &w).unwrap();
+    assert!(
+        r.notes.iter().any(
+            |n| n.starts_with("1 scene(s) of the --within regime(s) are not in")
+                && n.ends_with(": 20990101T000000_cis")
+        ),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(r.scenes.len(), share_count(10.0, cis.len()));
+    // A subset that leaves nothing says why.
+    let mut w = spec("none", Rule::Fraction, Some(10.0), 5);
+    w.within = vec![region.clone()];
+    w.exclude = vec![region.clone()];
+    let e = draw(&t, &w).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "(0 candidate scenes); the --within regime(s) hold {} scene(s) of",
+            cis.len()
+        )) && e.ends_with(": --exclude removes them"),
+        "{e}"
+    );
+    let mut gone = region.clone();
+    gone.scenes = vec!["20990101T000000_cis".into()];
+    let mut w = spec("none", Rule::Fraction, Some(10.0), 5);
+    w.within = vec![gone];
+    let e = draw(&t, &w).unwrap_err().to_string();
+    assert!(
+        e.contains("none of the 1 scene(s) of the --within regime(s) is in"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -830,6 +830,20 @@ fn regimes_from_a_store_are_nested_disjoint_and_checked() {
         half.len() == 1 && two.contains(&half[0]),
         "{half:?} of {two:?}"
     );
+    // Replacing the subset warns of the regimes drawn within it.
+    let others: Vec<String> = read_regime_scenes(&store.join("regimes/late.parquet"))[2..].to_vec();
+    std::fs::write(&list, others.join("\n")).unwrap();
+    let out = ok(regime(
+        &["--name", "two", "--rule", "import", "--force", "--list"]
+            .into_iter()
+            .chain([list.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: regime half was drawn within two's old scenes"),
+        "{err}"
+    );
 }
 
 /// A regime file's scenes, in order.

@@ -228,7 +228,32 @@ fn draw_shares(
     let base = share_base(table, spec, &ok);
     let mut notes = Vec::new();
 
-    let tests = table.scenes.iter().filter(|e| e.is_test()).count();
+    // With --within, the subset's scenes: the test release's among them, and those the table
+    // lacks (said, not dropped silently).
+    let within: BTreeSet<&str> = spec
+        .within
+        .iter()
+        .flat_map(|r| r.scenes.iter().map(String::as_str))
+        .collect();
+    let inside = |id: &str| spec.within.is_empty() || within.contains(id);
+    let absent: Vec<&str> = within
+        .iter()
+        .copied()
+        .filter(|id| table.index_of(id).is_none())
+        .collect();
+    if !absent.is_empty() {
+        notes.push(format!(
+            "{} scene(s) of the --within regime(s) are not in {} and are left out: {}",
+            absent.len(),
+            table.source.display(),
+            first_few(&absent, 10)
+        ));
+    }
+    let tests = table
+        .scenes
+        .iter()
+        .filter(|e| e.is_test() && inside(&e.id))
+        .count();
     if tests > 0 && spec.role == Role::Test && spec.rule != Rule::Import {
         notes.push(format!(
             "a test regime: drawn from the {tests} scene(s) of the test release"
@@ -375,10 +400,48 @@ fn draw_shares(
             }
         };
         if n == 0 {
-            let held = if spec.rule == Rule::Import {
-                "; the list leaves none: each scene it names is excluded or held out, or it \
-                 names none"
-                    .to_string()
+            let in_table = within.len() - absent.len();
+            let held = if !spec.within.is_empty() && in_table == 0 {
+                format!(
+                    "; none of the {} scene(s) of the --within regime(s) is in {}",
+                    within.len(),
+                    table.source.display()
+                )
+            } else if !spec.within.is_empty()
+                && candidates.is_empty()
+                && !(tests > 0 && holds_test_out(spec))
+            {
+                let has_test = table.scenes.iter().any(|e| e.is_test());
+                let mut why = Vec::new();
+                if !spec.exclude.is_empty() {
+                    why.push("--exclude removes them".to_string());
+                }
+                if spec.role == Role::Test && has_test && tests == 0 {
+                    why.push(
+                        "a test regime draws from the test release's scenes, and none is among \
+                         them"
+                            .to_string(),
+                    );
+                }
+                format!(
+                    "; the --within regime(s) hold {in_table} scene(s) of {}{}",
+                    table.source.display(),
+                    if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", why.join("; "))
+                    }
+                )
+            } else if spec.rule == Rule::Import {
+                format!(
+                    "; the list leaves none: each scene it names is excluded or held out{}, or \
+                     it names none",
+                    if spec.within.is_empty() {
+                        ""
+                    } else {
+                        " or outside --within"
+                    }
+                )
             } else if tests > 0 && holds_test_out(spec) {
                 format!(
                     "; the {tests} scene(s) of the test release are held out of a {} regime \
