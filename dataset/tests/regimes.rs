@@ -449,6 +449,14 @@ fn bad_requests_fail_with_one_clear_error() {
         .to_string();
     assert!(e.contains("not an icefm store"), "{e}");
     assert!(!e.contains("unknown regime"), "{e}");
+    // A regime file that is not there is named as a file, with or without a store.
+    let missing = dir.path().join("nosuch.parquet");
+    for store in [None, Some(dir.path())] {
+        let e = Regime::open(store, missing.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("nosuch.parquet: no such regime file"), "{e}");
+    }
 }
 
 #[test]

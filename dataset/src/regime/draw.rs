@@ -258,7 +258,7 @@ fn draw_shares(
         notes.push(format!(
             "a test regime: drawn from the {tests} scene(s) of the test release"
         ));
-    } else if tests > 0 && spec.include_test {
+    } else if tests > 0 && spec.include_test && spec.rule != Rule::Import {
         let held = candidates
             .iter()
             .filter(|&&i| table.scenes[i].is_test())
@@ -346,6 +346,15 @@ fn draw_shares(
             (order, 0)
         }
     };
+    // An imported list: the test-release scenes among those it names (said once they are
+    // known).
+    if tests > 0 && spec.include_test && spec.rule == Rule::Import && spec.role != Role::Test {
+        let held = order.iter().filter(|&&i| table.scenes[i].is_test()).count();
+        notes.push(format!(
+            "drawn with --include-test: {held} of the {} scene(s) it takes are of the test release",
+            order.len()
+        ));
+    }
     let mut out = Vec::new();
     for &p in percents {
         let mut notes = notes.clone();

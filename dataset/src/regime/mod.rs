@@ -527,6 +527,10 @@ impl Regime {
         if name_or_path.ends_with(".parquet") && crate::location::is_url(as_path) {
             return Self::read(as_path);
         }
+        // No regime's name ends in `.parquet`: this names a file, which is not there.
+        if name_or_path.ends_with(".parquet") {
+            return Err(regime_error(format!("{name_or_path}: no such regime file")));
+        }
         let Some(store) = store else {
             return Err(regime_error(format!(
                 "regime `{name_or_path}`: no such file (give a .parquet path or --store)"

@@ -82,6 +82,19 @@ fn the_test_release_is_recorded_and_held_out_of_training_regimes_and_runs() {
         "{:?}",
         ptx.notes
     );
+    // An imported list with --include-test: the test scenes among those it names.
+    let mut ix = spec("ix", Rule::Import, None, Role::Pretrain);
+    ix.include_test = true;
+    let list = store.parent().unwrap().join("one_test.txt");
+    std::fs::write(&list, format!("{}\n{}\n", test[0], ft.scenes[0])).unwrap();
+    ix.list = Some(list);
+    let ixr = draw(&table, &ix).unwrap();
+    assert!(
+        ixr.notes.iter().any(|n| n
+            == "drawn with --include-test: 1 of the 2 scene(s) it takes are of the test release"),
+        "{:?}",
+        ixr.notes
+    );
     // It means nothing to a test regime, which says so.
     let mut tx = spec("tx", Rule::All, None, Role::Test);
     tx.include_test = true;
