@@ -297,6 +297,47 @@ fn a_regime_drawn_within_another_holds_its_scenes_only_and_shares_are_of_them() 
 }
 
 #[test]
+fn a_regime_file_compressed_with_snappy_reads_as_written() {
+    // pandas and pyarrow write Parquet with snappy by default: a regime file rewritten so (a
+    // list made by hand from the manifests, say) reads as icefm's own.
+    use parquet::arrow::ArrowWriter;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::basic::Compression;
+    use parquet::file::properties::WriterProperties;
+    let t = counts();
+    let r = draw(&t, &spec("ft5", Rule::Fraction, Some(5.0), 2)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("ours.parquet");
+    r.write(&ours).unwrap();
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&ours).unwrap()).unwrap();
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned();
+    let schema = builder.schema().clone();
+    let batches: Vec<_> = builder.build().unwrap().map(Result::unwrap).collect();
+    let snappy = dir.path().join("snappy.parquet");
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_key_value_metadata(kv)
+        .build();
+    let mut w =
+        ArrowWriter::try_new(std::fs::File::create(&snappy).unwrap(), schema, Some(props)).unwrap();
+    for b in &batches {
+        w.write(b).unwrap();
+    }
+    w.close().unwrap();
+    assert_ne!(
+        std::fs::read(&snappy).unwrap(),
+        std::fs::read(&ours).unwrap()
+    );
+    assert_eq!(Regime::read(&snappy).unwrap(), r);
+    assert_eq!(read_scene_list(&snappy).unwrap(), r.scenes);
+}
+
+#[test]
 fn stratified_shares_follow_service_and_season() {
     let t = counts();
     let r = draw(&t, &spec("s", Rule::Stratified, Some(20.0), 5)).unwrap();
