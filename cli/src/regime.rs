@@ -271,11 +271,7 @@ fn draw_args(a: DrawArgs) -> Result<()> {
         .collect::<std::io::Result<Vec<_>>>()
         .context("reading the regime files to be replaced")?;
     // Nothing is written unless every regime may be.
-    let old_bytes: Vec<Option<bytes::Bytes>> = before
-        .iter()
-        .map(|s| s.as_ref().map(|s| s.bytes.clone()))
-        .collect();
-    let replaced = replaced_regimes(&regimes, &paths, &old_bytes, a.force)?;
+    let replaced = replaced_regimes(&regimes, &paths, &before, a.force)?;
     // Every file is written before any summary is printed; a write that fails takes back what
     // this command wrote (new files removed, replaced ones restored), so a ladder is written
     // whole or not at all. A new name is created only where no file is, and a file is
@@ -445,13 +441,14 @@ fn lock_regimes(store: &Path) -> Result<Option<std::fs::File>> {
     Ok(Some(file))
 }
 
-/// The names of the regimes among `regimes` whose files (`paths`, their bytes `before`, none
-/// where no file is) exist with other scenes, role or patches: an error unless `force`. A file
-/// that reads back as the same regime (drawn again with the same rule and seed) is no change.
+/// The names of the regimes among `regimes` whose files (`paths`, what was read of them
+/// `before`, none where no file is) exist with other scenes, role or patches: an error unless
+/// `force`. A file that reads back as the same regime (drawn again with the same rule and seed)
+/// is no change.
 fn replaced_regimes(
     regimes: &[Regime],
     paths: &[PathBuf],
-    before: &[Option<bytes::Bytes>],
+    before: &[Option<icefm_dataset::location::Seen>],
     force: bool,
 ) -> Result<Vec<String>> {
     let mut replaced = Vec::new();
@@ -461,7 +458,7 @@ fn replaced_regimes(
             continue;
         };
         // What differs, in words: the scenes, the role, the patch lists.
-        let differs: Vec<String> = match Regime::from_bytes(path, old.clone()) {
+        let differs: Vec<String> = match Regime::from_bytes(path, old.bytes.clone()) {
             Ok(old) => [
                 (old.scenes != r.scenes).then(|| "other scenes".to_string()),
                 (old.role != r.role)

@@ -48,16 +48,14 @@ pub fn is_url(path: &Path) -> bool {
 /// that take turns on a lock file (regime draws) take it there too, since such a store is a
 /// local folder.
 pub fn file_url_path(path: &Path) -> Option<std::path::PathBuf> {
-    let text = path.to_str()?;
-    let rest = text.strip_prefix("file://")?;
+    let text = path.to_str().filter(|t| t.starts_with("file://"))?;
     #[cfg(feature = "object-store")]
     {
-        let _ = rest;
         url::Url::parse(text).ok()?.to_file_path().ok()
     }
     #[cfg(not(feature = "object-store"))]
     {
-        Some(std::path::PathBuf::from(rest))
+        Some(std::path::PathBuf::from(&text["file://".len()..]))
     }
 }
 

@@ -222,10 +222,13 @@ pub(crate) fn write_scene(
         .map_err(zerr)?;
     // 2 km grids, natively, with their pixel mapping.
     let g = &info.grid2km;
-    let located = g.height * g.width > 0
-        && matches!(&info.geolocation, Ok(Some(geo)) if geo.positions.is_some());
+    // The cells' latitude and longitude, where the tie points have pixel positions (raw).
+    let cell_geo = match &info.geolocation {
+        Ok(Some(geo)) if geo.positions.is_some() && g.height * g.width > 0 => Some(geo),
+        _ => None,
+    };
     let mut gattrs = Map::new();
-    if located {
+    if cell_geo.is_some() {
         // CF: xarray takes the cells' latitude and longitude as the grid's coordinates.
         gattrs.insert("coordinates".into(), json!("latitude longitude"));
     }
@@ -265,7 +268,7 @@ pub(crate) fn write_scene(
             )
             .map_err(zerr)?;
     }
-    if located && let Ok(Some(geo)) = &info.geolocation {
+    if let Some(geo) = cell_geo {
         write_cell_geolocation(store, &scene_node, g, geo).map_err(zerr)?;
     }
 

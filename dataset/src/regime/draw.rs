@@ -27,11 +27,7 @@ fn holds_test_out(spec: &RegimeSpec) -> bool {
 /// With `--within`, only the scenes of those regimes.
 fn eligible(table: &SceneTable, spec: &RegimeSpec) -> Vec<bool> {
     let has_test = table.scenes.iter().any(|e| e.is_test());
-    let within: BTreeSet<&str> = spec
-        .within
-        .iter()
-        .flat_map(|r| r.scenes.iter().map(String::as_str))
-        .collect();
+    let within = within_scenes(spec);
     table
         .scenes
         .iter()
@@ -43,6 +39,14 @@ fn eligible(table: &SceneTable, spec: &RegimeSpec) -> Vec<bool> {
                     _ => !holds_test_out(spec) || !e.is_test(),
                 }
         })
+        .collect()
+}
+
+/// The scenes of the `--within` regimes (their union); empty without them.
+fn within_scenes(spec: &RegimeSpec) -> BTreeSet<&str> {
+    spec.within
+        .iter()
+        .flat_map(|r| r.scenes.iter().map(String::as_str))
         .collect()
 }
 
@@ -230,11 +234,7 @@ fn draw_shares(
 
     // With --within, the subset's scenes: the test release's among them, and those the table
     // lacks (said, not dropped silently).
-    let within: BTreeSet<&str> = spec
-        .within
-        .iter()
-        .flat_map(|r| r.scenes.iter().map(String::as_str))
-        .collect();
+    let within = within_scenes(spec);
     let inside = |id: &str| spec.within.is_empty() || within.contains(id);
     let absent: Vec<&str> = within
         .iter()
@@ -335,9 +335,7 @@ fn draw_shares(
                 let i = table.index_of(id).unwrap_or(usize::MAX);
                 if allowed.contains(&i) {
                     order.push(i);
-                } else if !spec.within.is_empty()
-                    && !spec.within.iter().any(|r| r.scenes.contains(id))
-                {
+                } else if !inside(id) {
                     notes.push(format!("{id} is outside --within, left out"));
                 } else {
                     notes.push(format!("{id} is excluded"));
